@@ -1,0 +1,38 @@
+"""Shared pieces of every backend: the L2 normalisation and the fixed-batch chunking helper."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from ..types import Backend, FloatArray
+
+__all__ = ["Backend", "l2_normalize", "run_in_chunks"]
+
+
+def l2_normalize(x: FloatArray) -> FloatArray:
+    """Row-wise unit L2 norm in float32; an all-zero row stays zero instead of becoming NaN."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+
+
+def run_in_chunks(
+    fn: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray, batch: int, pad: bool
+) -> np.ndarray:
+    """Call `fn` on slices of `inputs` of at most `batch` rows and concatenate the outputs.
+
+    With `pad=True` (fixed-batch engines) the last slice is padded to exactly `batch` rows by
+    repeating its last row, and the padding rows are dropped from the output.
+    """
+    n = inputs.shape[0]
+    outs = []
+    for start in range(0, n, batch):
+        chunk = inputs[start : start + batch]
+        rows = chunk.shape[0]
+        if pad and rows < batch:
+            filler = np.repeat(chunk[-1:], batch - rows, axis=0)
+            chunk = np.concatenate([chunk, filler], axis=0)
+        outs.append(np.asarray(fn(chunk))[:rows])
+    return np.concatenate(outs, axis=0) if outs else np.zeros((0,), dtype=np.float32)

@@ -1,0 +1,126 @@
+"""Shared fixtures: isolated cache dir, GPU skipping, a tiny random-weight CLIP, test data paths."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).parent
+DATA_DIR = TESTS_DIR / "data"
+REPO_ROOT = TESTS_DIR.parent
+
+
+def _patch_torchvision_ops() -> None:
+    """torchvision here is a CUDA build beside CPU torch: its C++ ops fail to load and
+    `import torchvision` dies on `torchvision::nms does not exist`. Declaring the two op schemas
+    first lets it import (we never call nms); open_clip and transformers import torchvision.
+    """
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("torchvision") is None:
+        return
+    import torch
+
+    try:
+        torch.ops.load_library(
+            str(Path(importlib.util.find_spec("torchvision").origin).parent / "_C.so")  # type: ignore[arg-type]
+        )
+        return
+    except (OSError, RuntimeError):
+        pass
+    try:
+        torch.ops.torchvision.nms  # noqa: B018 - already defined
+        return
+    except (AttributeError, RuntimeError):
+        pass
+    lib = torch.library.Library("torchvision", "FRAGMENT")
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _KEEP.append(lib)  # the Library object must outlive the session
+
+
+_KEEP: list[object] = []
+_patch_torchvision_ops()
+
+
+def _has_cuda() -> bool:
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _has_cuda():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own CLIPENGINE_HOME so nothing reads or writes the user's cache."""
+    home = tmp_path_factory.mktemp("clipengine_home")
+    monkeypatch.setenv("CLIPENGINE_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def clip_png() -> Path:
+    return DATA_DIR / "CLIP.png"
+
+
+@pytest.fixture(scope="session")
+def tiny_config():  # type: ignore[no-untyped-def]
+    """A CLIP small enough to run in milliseconds: ViT width 64, 2 layers, 32 px, embed 32."""
+    from clipengine.models.config import CLIPConfig, TextConfig, VisionConfig
+
+    return CLIPConfig(
+        embed_dim=32,
+        vision=VisionConfig(image_size=32, layers=2, width=64, patch_size=8),
+        text=TextConfig(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
+        quick_gelu=True,
+        name="tiny-vit",
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_resnet_config():  # type: ignore[no-untyped-def]
+    """A small ModifiedResNet CLIP: stem width 16, one block per stage, 64 px, embed 32."""
+    from clipengine.models.config import CLIPConfig, TextConfig, VisionConfig
+
+    return CLIPConfig(
+        embed_dim=32,
+        vision=VisionConfig(image_size=64, layers=(1, 1, 1, 1), width=16),
+        text=TextConfig(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
+        quick_gelu=True,
+        name="tiny-rn",
+    )
+
+
+def _seeded_model(cfg):  # type: ignore[no-untyped-def]
+    import torch
+
+    from clipengine.models.clip import build_model
+
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    # Random BatchNorm statistics so the ResNet tower's eval-mode BN is not an identity.
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_config):  # type: ignore[no-untyped-def]
+    return _seeded_model(tiny_config)
+
+
+@pytest.fixture(scope="session")
+def tiny_resnet_model(tiny_resnet_config):  # type: ignore[no-untyped-def]
+    return _seeded_model(tiny_resnet_config)
