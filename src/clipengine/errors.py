@@ -10,7 +10,9 @@ __all__ = [
     "DecodeError",
     "DownloadError",
     "DownloadNotAllowedError",
+    "DuplicateIdError",
     "ExportParityError",
+    "IndexFileError",
     "IndexMismatchError",
     "TextTooLongError",
     "UnknownModelError",
@@ -67,3 +69,11 @@ class IndexMismatchError(ClipEngineError):
 
 class DatasetError(ClipEngineError):
     """A dataset folder or file is missing or not in the expected format."""
+
+
+class IndexFileError(ClipEngineError):
+    """An index folder is missing, incomplete or corrupted (a file absent, truncated or unreadable)."""
+
+
+class DuplicateIdError(ClipEngineError, ValueError):
+    """Ids added to an index are already in it (or repeated within the batch)."""
