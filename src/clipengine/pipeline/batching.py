@@ -1,0 +1,267 @@
+"""Read + decode + preprocess images in worker processes, ahead of the backend, into fixed-size Batches.
+
+Workers receive plain data only (ids, paths, the PreprocessConfig as a dict) and return stacked
+float32 pixels, so any backend can run in the parent while the next batches are decoded. Chunks come
+back in submission order, so batches are identical whatever the worker count or timing. A bad input
+becomes a `Failure(id, reason)` on the batch where it was met; it never ends the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import DecodeError
+from ..types import Batch, Failure, FloatArray, ImageItem
+
+if TYPE_CHECKING:
+    from ..image.preprocess import PreprocessConfig
+
+__all__ = [
+    "LoadStats",
+    "default_workers",
+    "iter_batches",
+    "load_chunk",
+    "make_executor",
+    "warm_executor",
+]
+
+_log = logging.getLogger(__name__)
+
+# Chunks in flight per worker: one being decoded, one waiting, so a worker never idles between chunks.
+_PREFETCH_PER_WORKER = 2
+
+
+@dataclass
+class LoadStats:
+    """Seconds spent on each loading stage, summed over all workers (CPU cost, not wall time)."""
+
+    read_s: float = 0.0  # reading file bytes
+    decode_s: float = 0.0  # bytes -> RGB PIL image
+    preprocess_s: float = 0.0  # PIL image -> (3, H, W) float32
+    wait_s: float = 0.0  # parent blocked waiting for a decoded chunk (> 0 means the model starved)
+    images: int = 0  # items loaded successfully
+    failures: int = 0  # items turned into Failure records
+
+
+@dataclass
+class _Chunk:
+    """What a worker sends back for one chunk of items: plain, picklable data."""
+
+    ids: list[str]  # successfully loaded, aligned with rows of pixels
+    pixels: FloatArray  # (n, 3, H, W) float32
+    sizes: list[tuple[int, int]]  # original (width, height) per row
+    failures: list[Failure] = field(default_factory=list)
+    read_s: float = 0.0
+    decode_s: float = 0.0
+    preprocess_s: float = 0.0
+
+
+def default_workers() -> int:
+    """The CPU cores this process may use (the default for --workers)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def make_executor(workers: int) -> Executor | None:
+    """A process pool for `workers` > 0 (spawn context: safe beside torch/ORT threads), else None."""
+    if workers <= 0:
+        return None
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def warm_executor(executor: Executor, workers: int, cfg: dict[str, Any]) -> None:
+    """Start every worker and import the image modules there, so timings exclude process start-up."""
+    for fut in [executor.submit(load_chunk, [], cfg) for _ in range(2 * workers)]:
+        fut.result()
+
+
+@lru_cache(maxsize=4)
+def _config_from_json(cfg_json: str) -> PreprocessConfig:
+    from ..image.preprocess import PreprocessConfig
+
+    return PreprocessConfig.from_dict(json.loads(cfg_json))
+
+
+def load_chunk(items: Sequence[tuple[str, str | bytes]], cfg: dict[str, Any]) -> _Chunk:
+    """Read, decode and preprocess `(id, path_or_bytes)` pairs (top-level: runs in spawned workers).
+
+    Args:
+        items: ids and sources; a source is a file path or the encoded bytes.
+        cfg: `PreprocessConfig.to_dict()`.
+
+    Returns:
+        A chunk with the stacked pixels of the good items and a Failure per bad one.
+    """
+    from ..image.decode import decode_image
+    from ..image.preprocess import preprocess_image
+
+    config = _config_from_json(json.dumps(cfg, sort_keys=True))  # parsed once per worker
+    ids: list[str] = []
+    rows: list[FloatArray] = []
+    sizes: list[tuple[int, int]] = []
+    failures: list[Failure] = []
+    read_s = decode_s = preprocess_s = 0.0
+    for item_id, source in items:
+        t0 = time.perf_counter()
+        try:
+            if isinstance(source, bytes):
+                data = source
+            else:
+                with open(source, "rb") as f:
+                    data = f.read()
+            t1 = time.perf_counter()
+            read_s += t1 - t0
+            image = decode_image(data, name=item_id)
+            t2 = time.perf_counter()
+            decode_s += t2 - t1
+            pixels = preprocess_image(image, config)
+            preprocess_s += time.perf_counter() - t2
+        except DecodeError as e:
+            failures.append(Failure(item_id, e.reason))
+            continue
+        except OSError as e:
+            failures.append(Failure(item_id, f"cannot read file: {e.strerror or e}"))
+            continue
+        except Exception as e:  # any other per-image error is this image's failure, never the run's
+            _log.debug("failed to load %s", item_id, exc_info=True)
+            failures.append(Failure(item_id, f"{type(e).__name__}: {e}"))
+            continue
+        ids.append(item_id)
+        rows.append(np.asarray(pixels, dtype=np.float32))
+        sizes.append((int(image.width), int(image.height)))
+    stacked = np.stack(rows) if rows else np.zeros((0, 3, 0, 0), dtype=np.float32)
+    return _Chunk(ids, stacked, sizes, failures, read_s, decode_s, preprocess_s)
+
+
+def _chunks(items: Iterable[ImageItem], size: int) -> Iterator[list[tuple[str, str | bytes]]]:
+    chunk: list[tuple[str, str | bytes]] = []
+    for item in items:
+        source = item.source if isinstance(item.source, bytes) else os.fspath(item.source)
+        chunk.append((item.id, source))
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _loaded_chunks(
+    items: Iterable[ImageItem],
+    cfg: dict[str, Any],
+    chunk_size: int,
+    executor: Executor | None,
+    prefetch: int,
+    stats: LoadStats,
+) -> Iterator[_Chunk]:
+    """Chunks in input order; with an executor, up to `prefetch` chunks are decoded ahead."""
+    source = _chunks(items, chunk_size)
+    if executor is None:
+        for chunk in source:
+            yield load_chunk(chunk, cfg)
+        return
+    pending: deque[Future[_Chunk]] = deque()
+    try:
+        for chunk in source:
+            pending.append(executor.submit(load_chunk, chunk, cfg))
+            if len(pending) >= prefetch:
+                yield _result(pending.popleft(), stats)
+        while pending:
+            yield _result(pending.popleft(), stats)
+    finally:
+        for fut in pending:  # consumer stopped early (error or interrupt): drop queued work
+            fut.cancel()
+
+
+def _result(fut: Future[_Chunk], stats: LoadStats) -> _Chunk:
+    t0 = time.perf_counter()
+    chunk = fut.result()
+    stats.wait_s += time.perf_counter() - t0
+    return chunk
+
+
+def iter_batches(
+    items: Iterable[ImageItem],
+    preprocess_cfg: PreprocessConfig | dict[str, Any],
+    batch_size: int = 32,
+    *,
+    executor: Executor | None = None,
+    workers: int = 0,
+    chunk_size: int | None = None,
+    stats: LoadStats | None = None,
+) -> Iterator[Batch]:
+    """Decode + preprocess `items` into Batches of exactly `batch_size` good images (the last may be short).
+
+    Failed items do not shrink a batch: later images fill it, and each Failure rides on the batch
+    being filled when it was met (a final batch may hold only failures and zero rows).
+
+    Args:
+        items: what to load, in order.
+        preprocess_cfg: a PreprocessConfig or its `to_dict()`; sent to workers as plain data.
+        batch_size: rows per Batch.
+        executor: a process pool to decode in (see `make_executor`); shared across calls by callers
+            that run many partitions. If None, `workers` > 0 creates one for this call.
+        workers: used only when `executor` is None; 0 decodes in this process.
+        chunk_size: items per worker task (default: `batch_size`, clamped to 4..64).
+        stats: filled in with stage timings and counts.
+
+    Yields:
+        Batch(ids, pixels (n, 3, H, W) float32, sizes (width, height), failures).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    cfg = preprocess_cfg if isinstance(preprocess_cfg, dict) else preprocess_cfg.to_dict()
+    stats = stats if stats is not None else LoadStats()
+    chunk_size = chunk_size or max(4, min(batch_size, 64))
+    own = executor is None and workers > 0
+    pool = make_executor(workers) if own else executor
+    n_workers = getattr(pool, "_max_workers", 1) if pool is not None else 0
+    prefetch = max(2, _PREFETCH_PER_WORKER * n_workers)
+    try:
+        yield from _rebatch(_loaded_chunks(items, cfg, chunk_size, pool, prefetch, stats), batch_size, stats)
+    finally:
+        if own and pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _rebatch(chunks: Iterable[_Chunk], batch_size: int, stats: LoadStats) -> Iterator[Batch]:
+    ids: list[str] = []
+    rows: list[FloatArray] = []
+    sizes: list[tuple[int, int]] = []
+    failures: list[Failure] = []
+    n_rows = 0
+    for chunk in chunks:
+        stats.read_s += chunk.read_s
+        stats.decode_s += chunk.decode_s
+        stats.preprocess_s += chunk.preprocess_s
+        stats.images += len(chunk.ids)
+        stats.failures += len(chunk.failures)
+        failures.extend(chunk.failures)
+        if chunk.ids:
+            ids.extend(chunk.ids)
+            rows.append(chunk.pixels)
+            sizes.extend(chunk.sizes)
+            n_rows += len(chunk.ids)
+        while n_rows >= batch_size:
+            pixels = np.concatenate(rows) if len(rows) > 1 else rows[0]
+            yield Batch(ids[:batch_size], pixels[:batch_size], sizes[:batch_size], failures)
+            ids, sizes, failures = ids[batch_size:], sizes[batch_size:], []
+            rest = pixels[batch_size:]
+            rows = [rest] if len(rest) else []
+            n_rows -= batch_size
+    if n_rows or failures:
+        pixels = np.concatenate(rows) if rows else np.zeros((0, 3, 0, 0), dtype=np.float32)
+        yield Batch(ids, pixels, sizes, failures)

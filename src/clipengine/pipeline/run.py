@@ -1,0 +1,286 @@
+"""Run the pipeline: one partition (`run_partition`, reused by distributed engines) or a whole folder (`embed_folder`)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import IndexMismatchError
+from ..types import Backend, Failure, FloatArray, ImageItem
+from .batching import LoadStats, default_workers, iter_batches, make_executor
+from .embed import BackendSource, LazyBackend, embed_batch
+from .sinks import RUN_FILE, ShardSink, atomic_write_json, read_run_info
+from .sources import list_items, partitions
+
+if TYPE_CHECKING:
+    from concurrent.futures import Executor
+
+    from ..image.preprocess import PreprocessConfig
+
+__all__ = ["ProgressCallback", "RunStats", "embed_folder", "run_partition"]
+
+_log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int], None]  # called with the number of items just finished (embedded or failed)
+
+
+@dataclass
+class RunStats:
+    """Counts and stage timings of a run. Stage seconds are summed over workers; `wall_s` is elapsed time."""
+
+    images: int = 0  # input items covered (including resumed ones)
+    embedded: int = 0  # rows embedded by this run
+    failed: int = 0  # failures met by this run
+    skipped: int = 0  # items in shards already complete, not recomputed
+    failed_total: int = 0  # failures listed in OUT/failures.jsonl (this run + resumed shards)
+    shards_written: int = 0
+    shards_skipped: int = 0
+    batch_sizes: list[int] = field(default_factory=list)  # rows per backend call, in order
+    read_s: float = 0.0
+    decode_s: float = 0.0
+    preprocess_s: float = 0.0
+    infer_s: float = 0.0  # time inside backend.encode_images
+    write_s: float = 0.0
+    wait_s: float = 0.0  # time the backend sat idle waiting for decoded images
+    load_s: float = 0.0  # building the backend (model load)
+    wall_s: float = 0.0
+
+    @property
+    def processed(self) -> int:
+        """Items handled by this run (embedded + failed)."""
+        return self.embedded + self.failed
+
+    @property
+    def fps(self) -> float:
+        """Embedded images per wall-clock second."""
+        return self.embedded / self.wall_s if self.wall_s > 0 else 0.0
+
+    def per_image_ms(self) -> dict[str, float]:
+        """Milliseconds per processed image for each stage."""
+        n = max(self.processed, 1)
+        stages = ("read", "decode", "preprocess", "infer", "write", "wait")
+        return {s: 1000.0 * getattr(self, f"{s}_s") / n for s in stages}
+
+    def add(self, other: RunStats) -> None:
+        """Accumulate another partition's stats into this one (wall time excluded)."""
+        for name, value in asdict(other).items():
+            if name == "wall_s":
+                continue
+            if isinstance(value, list):
+                getattr(self, name).extend(value)
+            else:
+                setattr(self, name, getattr(self, name) + value)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (batch sizes summarised), with per-image ms and FPS."""
+        d = asdict(self)
+        sizes = d.pop("batch_sizes")
+        d["batches"] = len(sizes)
+        d["per_image_ms"] = self.per_image_ms()
+        d["fps"] = self.fps
+        return d
+
+
+def run_partition(
+    items: Sequence[ImageItem],
+    backend: BackendSource | LazyBackend,
+    sink: ShardSink,
+    *,
+    partition_id: int,
+    preprocess_cfg: PreprocessConfig | dict[str, Any],
+    batch_size: int = 32,
+    workers: int = 0,
+    executor: Executor | None = None,
+    progress: ProgressCallback | None = None,
+    skip_complete: bool = True,
+) -> RunStats:
+    """Embed one partition and write its shard (idempotent: a complete shard is kept, not recomputed).
+
+    Args:
+        items: the partition's items, in order (see `sources.partitions`).
+        backend: a Backend, or a zero-argument factory building one (built only if work is needed).
+        sink: where the shard goes.
+        partition_id: names the shard (``part-<id>``).
+        preprocess_cfg: the model's PreprocessConfig, or its `to_dict()`.
+        batch_size: images per backend call.
+        workers: decode processes when `executor` is None (0: decode in this process).
+        executor: a shared process pool (see `batching.make_executor`).
+        progress: called with the number of items finished after each batch.
+        skip_complete: keep an existing valid shard instead of recomputing it.
+
+    Returns:
+        RunStats for this partition.
+
+    Example:
+        >>> stats = run_partition(items, make_backend, ShardSink("out"), partition_id=3,
+        ...                       preprocess_cfg=cfg.to_dict())  # doctest: +SKIP
+    """
+    t_start = time.perf_counter()
+    lazy = backend if isinstance(backend, LazyBackend) else LazyBackend(backend)
+    stats = RunStats(images=len(items))
+    expected = [item.id for item in items]
+    dim = lazy.get().embed_dim if lazy.loaded else None
+    if skip_complete and sink.is_complete(partition_id, expected, embed_dim=dim):
+        stats.skipped, stats.shards_skipped = len(items), 1
+        if progress is not None:
+            progress(len(items))
+        stats.wall_s = time.perf_counter() - t_start
+        return stats
+
+    ids: list[str] = []
+    blocks: list[FloatArray] = []
+    sizes: list[tuple[int, int]] = []
+    failures: list[Failure] = []
+    loads = LoadStats()
+    batches = iter_batches(items, preprocess_cfg, batch_size, executor=executor, workers=workers, stats=loads)
+    for batch in batches:
+        failures.extend(batch.failures)
+        if batch.ids:
+            model = _get_backend(lazy, stats)
+            t0 = time.perf_counter()
+            emb = embed_batch(model, batch)
+            stats.infer_s += time.perf_counter() - t0
+            stats.batch_sizes.append(len(emb.ids))
+            ids.extend(emb.ids)
+            blocks.append(emb.vectors)
+            sizes.extend(batch.sizes)
+        if progress is not None:
+            progress(len(batch.ids) + len(batch.failures))
+    dim = _get_backend(lazy, stats).embed_dim
+    vectors = np.concatenate(blocks) if blocks else np.zeros((0, dim), dtype=np.float32)
+    stats.write_s = sink.write(partition_id, ids, vectors, sizes, failures)
+    stats.embedded, stats.failed, stats.shards_written = len(ids), len(failures), 1
+    stats.read_s, stats.decode_s, stats.preprocess_s = loads.read_s, loads.decode_s, loads.preprocess_s
+    stats.wait_s = loads.wait_s
+    stats.wall_s = time.perf_counter() - t_start
+    return stats
+
+
+def _get_backend(lazy: LazyBackend, stats: RunStats) -> Backend:
+    if lazy.loaded:
+        return lazy.get()
+    t0 = time.perf_counter()
+    backend = lazy.get()
+    stats.load_s += time.perf_counter() - t0
+    return backend
+
+
+def embed_folder(
+    source: str | Path | Sequence[ImageItem],
+    out_dir: str | Path,
+    backend_factory: BackendSource,
+    preprocess_cfg: PreprocessConfig | dict[str, Any],
+    *,
+    model: str | None = None,
+    batch_size: int = 32,
+    workers: int | None = None,
+    shard_size: int = 1000,
+    dtype: str = "float16",
+    progress: ProgressCallback | None = None,
+) -> RunStats:
+    """Embed every image of a folder or file list into ``out_dir`` (see `sinks` for the layout).
+
+    Re-running on the same ``out_dir`` resumes: complete shards are kept, the partition that was
+    being written when the run stopped is recomputed, and failures are merged without duplicates.
+
+    Args:
+        source: a folder (walked recursively), a file list, or ImageItems.
+        out_dir: output folder; created if needed.
+        backend_factory: zero-argument callable returning a Backend (or a Backend); built lazily.
+        preprocess_cfg: the model's PreprocessConfig (or its dict).
+        model: the model's name, recorded in run.json; a resume with another model is refused.
+        batch_size: images per backend call.
+        workers: decode processes (default: one per core; 0 decodes in this process).
+        shard_size: images per partition / shard.
+        dtype: "float16" or "float32" on disk.
+        progress: called with the number of items finished, as they finish.
+
+    Returns:
+        RunStats for the whole run (resumed shards counted in `skipped`).
+
+    Raises:
+        IndexMismatchError: ``out_dir`` holds a run with another model, embed_dim, dtype or shard size.
+        DatasetError: the source does not exist.
+    """
+    t_start = time.perf_counter()
+    out_dir = Path(out_dir)
+    items = list(source) if not isinstance(source, (str, Path)) else list_items(source)
+    cfg = preprocess_cfg if isinstance(preprocess_cfg, dict) else preprocess_cfg.to_dict()
+    parts = partitions(items, shard_size)
+    sink = ShardSink(out_dir, dtype)
+    previous = read_run_info(out_dir)
+    info: dict[str, Any] = {
+        "model": model,
+        "embed_dim": None,
+        "dtype": dtype,
+        "shard_size": shard_size,
+        "batch_size": batch_size,
+        "source": str(Path(source).resolve()) if isinstance(source, (str, Path)) else None,
+        "preprocess": cfg,
+        "partitions": len(parts),
+        "images": len(items),
+        "status": "running",
+    }
+    if previous is not None:
+        _check_compatible(out_dir, previous, info)
+        info["embed_dim"] = previous.get("embed_dim")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sink.clean_temp_files()
+    atomic_write_json(out_dir / RUN_FILE, info)
+
+    def on_load(backend: Backend) -> None:
+        _check_compatible(out_dir, info, {"embed_dim": backend.embed_dim})
+        if info["embed_dim"] is None:
+            info["embed_dim"] = backend.embed_dim
+            atomic_write_json(out_dir / RUN_FILE, info)
+
+    lazy = LazyBackend(backend_factory, on_load=on_load)
+    n_workers = default_workers() if workers is None else workers
+    executor = make_executor(n_workers)
+    total = RunStats()
+    try:
+        for part in parts:
+            stats = run_partition(
+                part.items, lazy, sink, partition_id=part.id, preprocess_cfg=cfg,
+                batch_size=batch_size, executor=executor, progress=progress,
+            )  # fmt: skip
+            total.add(stats)
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+    total.failed_total = sink.write_failures(len(parts))
+    total.wall_s = time.perf_counter() - t_start
+    info.update(status="complete", counts=_counts(total), timings=total.to_dict())
+    atomic_write_json(out_dir / RUN_FILE, info)
+    _log.info("embedded %d images (%d failed) into %s", total.embedded, total.failed, out_dir)
+    return total
+
+
+def _counts(stats: RunStats) -> dict[str, int]:
+    return {
+        "images": stats.images,
+        "embedded": stats.embedded + stats.skipped - (stats.failed_total - stats.failed),
+        "failed": stats.failed_total,
+    }
+
+
+def _check_compatible(out_dir: Path, previous: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse to mix runs: same model, embed_dim, dtype and shard size, or a clear error."""
+    for key, flag in (
+        ("model", "--model"),
+        ("embed_dim", "--model"),
+        ("dtype", "--dtype"),
+        ("shard_size", "--shard-size"),
+    ):
+        old, new = previous.get(key), current.get(key)
+        if key in current and old is not None and new is not None and old != new:
+            raise IndexMismatchError(
+                f"{out_dir} holds embeddings made with {key}={old!r}, but this run uses {key}={new!r}; "
+                f"use another output folder, delete {out_dir}, or pass {flag} {old}"
+            )

@@ -1,0 +1,241 @@
+"""Embedding shards on disk: atomic writes, completeness checks for resume, and reading them back.
+
+Layout of an output folder OUT::
+
+    OUT/run.json                            model, embed_dim, dtype, shard_size, counts, timings
+    OUT/failures.jsonl                      {"path", "reason"} per unreadable input (merged at the end)
+    OUT/shards/part-00000.npy               (n, D) float16|float32, unit-norm rows
+    OUT/shards/part-00000.jsonl             {"path", "index", "width", "height"} per row; index = row in .npy
+    OUT/shards/part-00000.failures.jsonl    this partition's failures (so a rerun never duplicates them)
+
+Every file is written to a hidden temp file in the same folder and moved into place with os.replace,
+so a reader (or a killed run) never sees a partial file. A shard's `.jsonl` is written last: it is
+the commit marker, and `ShardSink.is_complete` re-checks row counts and ids before a resume trusts it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import DatasetError
+from ..types import Failure, FloatArray
+
+__all__ = [
+    "DTYPES",
+    "FAILURES_FILE",
+    "RUN_FILE",
+    "SHARDS_DIR",
+    "ShardSink",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "read_embeddings",
+    "read_failures",
+    "read_run_info",
+    "shard_stem",
+]
+
+_log = logging.getLogger(__name__)
+
+SHARDS_DIR = "shards"
+FAILURES_FILE = "failures.jsonl"
+RUN_FILE = "run.json"
+DTYPES = ("float16", "float32")
+_TMP_PREFIX = ".tmp-"  # hidden, so globbing part-*.npy never matches an unfinished file
+
+
+def shard_stem(partition_id: int) -> str:
+    """``part-00042`` for partition 42: names sort in partition order."""
+    return f"part-{partition_id:05d}"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` via a hidden temp file in the same folder, fsync, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Atomically write `obj` as indented JSON."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def _jsonl(rows: Iterable[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class ShardSink:
+    """Writes one shard per partition under ``OUT/shards`` and tells which ones are already complete."""
+
+    def __init__(self, out_dir: str | Path, dtype: str = "float16") -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        self.out_dir = Path(out_dir)
+        self.shards_dir = self.out_dir / SHARDS_DIR
+        self.dtype = dtype
+
+    def paths(self, partition_id: int) -> tuple[Path, Path, Path]:
+        """(vectors .npy, rows .jsonl, failures .jsonl) of a partition."""
+        stem = self.shards_dir / shard_stem(partition_id)
+        return stem.with_suffix(".npy"), stem.with_suffix(".jsonl"), Path(f"{stem}.failures.jsonl")
+
+    def clean_temp_files(self) -> int:
+        """Delete temp files a killed run left behind; returns how many."""
+        n = 0
+        for folder in (self.out_dir, self.shards_dir):
+            if folder.is_dir():
+                for tmp in folder.glob(f"{_TMP_PREFIX}*"):
+                    tmp.unlink(missing_ok=True)
+                    n += 1
+        return n
+
+    def is_complete(
+        self, partition_id: int, expected_ids: Sequence[str], embed_dim: int | None = None
+    ) -> bool:
+        """True when the partition's shard exists and accounts for exactly `expected_ids`, in order.
+
+        Rows + failures must cover the expected ids once each; the .npy row count must equal the
+        .jsonl row count (and its width `embed_dim`, when given) and its dtype this sink's dtype.
+        """
+        npy, rows_path, fail_path = self.paths(partition_id)
+        if not (npy.is_file() and rows_path.is_file() and fail_path.is_file()):
+            return False
+        try:
+            rows = _read_jsonl(rows_path)
+            failed = {r["path"] for r in _read_jsonl(fail_path)}
+            vectors = np.load(npy, mmap_mode="r")
+        except (OSError, ValueError, KeyError) as e:
+            _log.warning("shard %s is unreadable, recomputing it: %s", shard_stem(partition_id), e)
+            return False
+        kept = [i for i in expected_ids if i not in failed]
+        ok = (
+            [r.get("path") for r in rows] == kept
+            and len(failed) + len(kept) == len(expected_ids)
+            and vectors.ndim == 2
+            and vectors.shape[0] == len(rows)
+            and str(vectors.dtype) == self.dtype
+            and (embed_dim is None or vectors.shape[1] == embed_dim)
+        )
+        if not ok:
+            _log.warning("shard %s does not match its partition, recomputing it", shard_stem(partition_id))
+        return ok
+
+    def write(
+        self,
+        partition_id: int,
+        ids: Sequence[str],
+        vectors: FloatArray,
+        sizes: Sequence[tuple[int, int]],
+        failures: Sequence[Failure],
+    ) -> float:
+        """Atomically write a partition's shard; returns the seconds it took.
+
+        Args:
+            ids: row ids, aligned with `vectors` (N, D) and `sizes` (width, height).
+            failures: the partition's bad inputs.
+        """
+        if not (len(ids) == len(vectors) == len(sizes)):
+            raise ValueError(f"{len(ids)} ids, {len(vectors)} vectors and {len(sizes)} sizes must match")
+        t0 = time.perf_counter()
+        npy, rows_path, fail_path = self.paths(partition_id)
+        atomic_write_bytes(fail_path, _jsonl({"path": f.id, "reason": f.reason} for f in failures))
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(vectors, dtype=self.dtype), allow_pickle=False)
+        atomic_write_bytes(npy, buf.getvalue())
+        rows = (
+            {"path": i, "index": k, "width": w, "height": h}
+            for k, (i, (w, h)) in enumerate(zip(ids, sizes, strict=True))
+        )
+        atomic_write_bytes(rows_path, _jsonl(rows))  # last: its presence marks the shard complete
+        return time.perf_counter() - t0
+
+    def write_failures(self, n_partitions: int) -> int:
+        """Merge the per-partition failure files into ``OUT/failures.jsonl``; returns the count."""
+        merged: list[dict[str, Any]] = []
+        for pid in range(n_partitions):
+            fail_path = self.paths(pid)[2]
+            if fail_path.is_file():
+                merged.extend(_read_jsonl(fail_path))
+        atomic_write_bytes(self.out_dir / FAILURES_FILE, _jsonl(merged))
+        return len(merged)
+
+
+def read_run_info(out_dir: str | Path) -> dict[str, Any] | None:
+    """The parsed ``OUT/run.json``, or None when there is none."""
+    path = Path(out_dir) / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        info: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{path}: unreadable run file ({e})") from e
+    return info
+
+
+def read_failures(out_dir: str | Path) -> list[Failure]:
+    """The failures of a finished run (``OUT/failures.jsonl``)."""
+    path = Path(out_dir) / FAILURES_FILE
+    if not path.is_file():
+        return []
+    return [Failure(r["path"], r["reason"]) for r in _read_jsonl(path)]
+
+
+def read_embeddings(out_dir: str | Path) -> tuple[list[str], FloatArray, dict[str, Any]]:
+    """Read every shard of an output folder back, in partition order.
+
+    Returns:
+        (ids, vectors (N, D) float32, meta): meta is ``run.json`` ({} if absent).
+
+    Raises:
+        DatasetError: no shards, a missing shard, or a shard whose .npy and .jsonl disagree.
+    """
+    out_dir = Path(out_dir)
+    meta = read_run_info(out_dir) or {}
+    shards_dir = out_dir / SHARDS_DIR
+    if "partitions" in meta:
+        stems = [shard_stem(i) for i in range(int(meta["partitions"]))]
+    else:
+        stems = sorted(
+            p.stem for p in shards_dir.glob("part-*.jsonl") if not p.name.endswith(".failures.jsonl")
+        )
+    if not stems:
+        raise DatasetError(f"{out_dir}: no embedding shards found (run `clipengine embed` first)")
+    ids: list[str] = []
+    blocks: list[FloatArray] = []
+    for stem in stems:
+        npy, rows_path = shards_dir / f"{stem}.npy", shards_dir / f"{stem}.jsonl"
+        if not (npy.is_file() and rows_path.is_file()):
+            raise DatasetError(f"{out_dir}: shard {stem} is missing; rerun `clipengine embed` to finish it")
+        rows = _read_jsonl(rows_path)
+        vectors = np.load(npy, allow_pickle=False)
+        if vectors.ndim != 2 or vectors.shape[0] != len(rows):
+            raise DatasetError(f"{npy}: {vectors.shape[0]} vectors but {len(rows)} rows in {rows_path.name}")
+        ids.extend(r["path"] for r in rows)
+        blocks.append(vectors.astype(np.float32))
+    dim = blocks[0].shape[1] if blocks else int(meta.get("embed_dim", 0))
+    vectors = np.concatenate(blocks) if blocks else np.zeros((0, dim), dtype=np.float32)
+    return ids, vectors, meta

@@ -1,0 +1,141 @@
+"""Where images come from: a folder walk or a file list -> stable, sorted ImageItems, cut into partitions."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import DatasetError
+from ..types import ImageItem
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "Partition",
+    "is_image_name",
+    "iter_items",
+    "list_folder",
+    "list_items",
+    "num_partitions",
+    "partition_items",
+    "partitions",
+    "read_file_list",
+]
+
+# Compared lower-cased, so "PHOTO.JPG" counts. Files with other extensions are ignored, not failures.
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
+)
+
+
+@dataclass(frozen=True)
+class Partition:
+    """A fixed slice of the sorted item list; its id names its output shard (part-<id>)."""
+
+    id: int  # 0-based; partition i holds items [i * size, (i + 1) * size)
+    items: tuple[ImageItem, ...]
+
+
+def is_image_name(name: str) -> bool:
+    """True when a file name has an image extension (case-insensitive) and is not hidden."""
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def list_folder(root: str | Path) -> list[ImageItem]:
+    """All images under `root`, recursively, hidden files and folders skipped.
+
+    Ids are POSIX relative paths (``"cats/01.jpg"``), sorted so every run sees the same order.
+
+    Raises:
+        DatasetError: `root` is not a folder.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a folder")
+    found: list[tuple[str, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # prune hidden folders in place
+        base = Path(dirpath)
+        for name in filenames:
+            if is_image_name(name):
+                path = base / name
+                found.append((path.relative_to(root).as_posix(), path))
+    found.sort(key=lambda pair: pair[0])
+    return [ImageItem(id=rel, source=str(path)) for rel, path in found]
+
+
+def read_file_list(list_file: str | Path) -> list[ImageItem]:
+    """Images named in a text file, one path per line, in file order (blank and `#` lines skipped).
+
+    Relative paths are resolved against the list file's folder; the id is the line as written, so a
+    missing or unreadable file still gets a stable id (it becomes a Failure later, not an error here).
+
+    Raises:
+        DatasetError: the list file cannot be read, or names the same path twice.
+    """
+    list_file = Path(list_file)
+    try:
+        lines = list_file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{list_file}: cannot read file list ({e})") from e
+    items: list[ImageItem] = []
+    seen: set[str] = set()
+    for line in lines:
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        if entry in seen:
+            raise DatasetError(f"{list_file}: {entry!r} is listed twice; ids must be unique")
+        seen.add(entry)
+        path = Path(entry).expanduser()
+        if not path.is_absolute():
+            path = list_file.parent / path
+        items.append(ImageItem(id=entry, source=str(path)))
+    return items
+
+
+def list_items(source: str | Path) -> list[ImageItem]:
+    """A folder (walked recursively) or a file list (`.txt`, one path per line) -> sorted items.
+
+    Raises:
+        DatasetError: `source` does not exist.
+    """
+    path = Path(source)
+    if path.is_dir():
+        return list_folder(path)
+    if path.is_file():
+        return read_file_list(path)
+    raise DatasetError(f"{source}: no such folder or file list")
+
+
+def iter_items(source: str | Path) -> Iterator[ImageItem]:
+    """Iterate the items of `source` (see `list_items`)."""
+    yield from list_items(source)
+
+
+def num_partitions(n_items: int, size: int) -> int:
+    """How many partitions of at most `size` items cover `n_items`."""
+    _check_size(size)
+    return -(-n_items // size)
+
+
+def partition_items(items: Sequence[ImageItem], partition_id: int, size: int) -> tuple[ImageItem, ...]:
+    """The items of partition `partition_id`: ``items[id * size:(id + 1) * size]``."""
+    _check_size(size)
+    if partition_id < 0:
+        raise ValueError(f"partition id must be >= 0, got {partition_id}")
+    return tuple(items[partition_id * size : (partition_id + 1) * size])
+
+
+def partitions(items: Sequence[ImageItem], size: int) -> list[Partition]:
+    """Cut `items` into consecutive partitions of `size` items (the last may be shorter)."""
+    return [
+        Partition(id=i, items=partition_items(items, i, size))
+        for i in range(num_partitions(len(items), size))
+    ]
+
+
+def _check_size(size: int) -> None:
+    if size < 1:
+        raise ValueError(f"partition size must be >= 1, got {size}")

@@ -1,0 +1,55 @@
+"""Pipeline fixtures: the fake Backend, a preprocess config for it, and folders of generated images."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+_FAKES_PATH = Path(__file__).with_name("fakes.py")
+
+
+def load_fakes() -> ModuleType:
+    """tests/pipeline/fakes.py as module `pipeline_fakes` (tests are not a package)."""
+    if "pipeline_fakes" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("pipeline_fakes", _FAKES_PATH)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["pipeline_fakes"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["pipeline_fakes"]
+
+
+@pytest.fixture(scope="session")
+def fakes() -> ModuleType:
+    return load_fakes()
+
+
+@pytest.fixture
+def fake_backend(fakes: ModuleType):  # type: ignore[no-untyped-def]
+    return fakes.FakeBackend(embed_dim=8, image_size=32)
+
+
+@pytest.fixture
+def fake_factory(fakes: ModuleType):  # type: ignore[no-untyped-def]
+    return fakes.FakeBackendFactory(embed_dim=8, image_size=32)
+
+
+@pytest.fixture(scope="session")
+def preprocess_cfg():  # type: ignore[no-untyped-def]
+    """32 px CLIP preprocessing (matches the fake backend's image_size)."""
+    from clipengine.image.preprocess import PreprocessConfig
+
+    return PreprocessConfig(image_size=32)
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path, fakes: ModuleType) -> Path:
+    """25 good JPEGs: 20 at the top level, 5 in a sub-folder."""
+    root = tmp_path / "images"
+    fakes.write_images(root, 20)
+    fakes.write_images(root / "sub", 5, prefix="deep", seed=1)
+    return root

@@ -1,0 +1,90 @@
+"""Shard files: atomic writes, completeness checks used by resume, reading back."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipengine.errors import DatasetError
+from clipengine.pipeline import sinks
+from clipengine.pipeline.sinks import ShardSink, atomic_write_bytes, read_embeddings, read_failures
+from clipengine.types import Failure
+
+
+def _vectors(n: int, d: int = 4) -> np.ndarray:
+    v = np.arange(n * d, dtype=np.float32).reshape(n, d) + 1
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_failed_atomic_write_leaves_old_file_and_no_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "part-00000.npy"
+    atomic_write_bytes(target, b"old")
+
+    def boom(src: str, dst: str) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(sinks.os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_bytes(target, b"new contents")
+    assert target.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["part-00000.npy"]
+
+
+def test_write_then_read_round_trip_and_index_is_row_in_shard(tmp_path: Path) -> None:
+    sink = ShardSink(tmp_path, dtype="float32")
+    sink.write(0, ["a.jpg", "b.jpg"], _vectors(2), [(10, 20), (30, 40)], [Failure("bad.jpg", "empty file")])
+    sink.write(1, ["c.jpg"], _vectors(1), [(5, 6)], [])
+    assert sink.write_failures(2) == 1
+    ids, vectors, meta = read_embeddings(tmp_path)
+    assert ids == ["a.jpg", "b.jpg", "c.jpg"]
+    np.testing.assert_array_equal(vectors, np.concatenate([_vectors(2), _vectors(1)]))
+    assert vectors.dtype == np.float32 and meta == {}
+    rows = (tmp_path / "shards" / "part-00000.jsonl").read_text().splitlines()
+    assert rows[1] == '{"path": "b.jpg", "index": 1, "width": 30, "height": 40}'
+    assert read_failures(tmp_path) == [Failure("bad.jpg", "empty file")]
+    assert not [p for p in (tmp_path / "shards").iterdir() if p.name.startswith(".")]
+
+
+def test_float16_shards_read_back_as_float32(tmp_path: Path) -> None:
+    sink = ShardSink(tmp_path, dtype="float16")
+    sink.write(0, ["a"], _vectors(1), [(1, 1)], [])
+    assert np.load(tmp_path / "shards" / "part-00000.npy").dtype == np.float16
+    _, vectors, _ = read_embeddings(tmp_path)
+    assert vectors.dtype == np.float32
+    np.testing.assert_allclose(vectors, _vectors(1), atol=1e-3)
+
+
+def test_is_complete_checks_ids_counts_dtype_and_dim(tmp_path: Path) -> None:
+    sink = ShardSink(tmp_path, dtype="float16")
+    assert not sink.is_complete(0, ["a", "b", "c"])
+    sink.write(0, ["a", "c"], _vectors(2), [(1, 1), (1, 1)], [Failure("b", "corrupt")])
+    assert sink.is_complete(0, ["a", "b", "c"], embed_dim=4)
+    assert not sink.is_complete(0, ["a", "b", "c"], embed_dim=8)  # another model's width
+    assert not sink.is_complete(0, ["a", "b", "c", "d"])  # the partition grew
+    assert not ShardSink(tmp_path, dtype="float32").is_complete(0, ["a", "b", "c"])
+    npy, rows, _ = sink.paths(0)
+    np.save(npy, _vectors(1).astype(np.float16))  # row count no longer matches the .jsonl
+    assert not sink.is_complete(0, ["a", "b", "c"])
+    rows.unlink()
+    assert not sink.is_complete(0, ["a", "b", "c"])
+
+
+def test_read_embeddings_names_a_missing_shard(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="no embedding shards"):
+        read_embeddings(tmp_path)
+    sink = ShardSink(tmp_path)
+    sink.write(0, ["a"], _vectors(1), [(1, 1)], [])
+    (tmp_path / "run.json").write_text('{"partitions": 2}')
+    with pytest.raises(DatasetError, match="part-00001 is missing"):
+        read_embeddings(tmp_path)
+
+
+def test_clean_temp_files_removes_leftovers_of_a_killed_run(tmp_path: Path) -> None:
+    sink = ShardSink(tmp_path)
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / ".tmp-part-00003.npy.abc").write_bytes(b"half")
+    assert sink.clean_temp_files() == 1
+    assert not list((tmp_path / "shards").iterdir())
