@@ -1,0 +1,8 @@
+"""HTTP service: FastAPI app with dynamic micro-batching, limits, metrics and a web page."""
+
+from __future__ import annotations
+
+from .app import create_app
+from .settings import ServeSettings
+
+__all__ = ["ServeSettings", "create_app"]

@@ -1,0 +1,413 @@
+"""The FastAPI application: routes, lifespan (start batchers, drain on shutdown) and middleware stack."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from .engine import InferenceService, SearchableIndex, ServableModel, check_index
+from .http_errors import ApiError, install_error_handlers
+from .inputs import (
+    NamedImage,
+    decode_base64_image,
+    parse_json_body,
+    read_form,
+    split_fields,
+    uploads_to_images,
+)
+from .metrics import CONTENT_TYPE, ServeMetrics
+from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestTracker, TrackingMiddleware
+from .schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
+    EmbeddingsResponse,
+    ErrorResponse,
+    ImagesRequest,
+    InfoResponse,
+    SearchRequest,
+    SearchResponse,
+    TextsRequest,
+)
+from .settings import ServeSettings
+from .thumbnails import image_roots, make_thumbnail, resolve_image
+
+__all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+API_PREFIX = "/v1/"
+PUBLIC_PATHS = ("/", "/healthz", "/readyz", "/favicon.ico")
+T = TypeVar("T")
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 429, 503, 504)
+}
+
+
+def _body_doc(json_model: type[Any], multipart: dict[str, Any]) -> dict[str, Any]:
+    """OpenAPI requestBody for routes that take JSON or multipart (parsed by hand in the route)."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": json_model.model_json_schema()},
+                "multipart/form-data": {"schema": {"type": "object", "properties": multipart}},
+            },
+        }
+    }
+
+
+_FILES = {"type": "array", "items": {"type": "string", "format": "binary"}}
+
+
+class _App:
+    """Route handlers bound to one model, index and settings (one instance per create_app call)."""
+
+    def __init__(self, model: ServableModel, index: SearchableIndex | None, settings: ServeSettings) -> None:
+        self.model = model
+        self.index = index
+        self.settings = settings
+        self.metrics = ServeMetrics()
+        self.service = InferenceService(model, settings, self.metrics)
+        self.tracker = RequestTracker(self.metrics)
+        self.roots = image_roots(index.image_roots) if index is not None else []
+        self.ready = False
+
+    # ---- helpers -------------------------------------------------------------------------------
+    async def timed(self, work: Awaitable[T]) -> T:
+        try:
+            return await asyncio.wait_for(work, self.settings.request_timeout_s)
+        except TimeoutError as e:
+            raise ApiError(
+                504, "timeout", f"the request took longer than {self.settings.request_timeout_s:g} s"
+            ) from e
+
+    def check_texts(self, texts: Sequence[str], field: str, limit: int) -> None:
+        if len(texts) > limit:
+            raise ApiError(422, "too_many_texts", f"{field}: {len(texts)} items, at most {limit} allowed")
+        for i, text in enumerate(texts):
+            if len(text) > self.settings.max_text_chars:
+                raise ApiError(
+                    422, "text_too_long",
+                    f"{field}[{i}]: {len(text)} characters, at most {self.settings.max_text_chars} allowed",
+                )
+
+    def check_images(self, images: Sequence[NamedImage]) -> None:
+        if not images:
+            raise ApiError(422, "invalid_request", "no image given: send file parts or base64 'images'")
+        if len(images) > self.settings.max_images:
+            raise ApiError(
+                422, "too_many_images", f"{len(images)} images, at most {self.settings.max_images} per request"
+            )
+
+    async def read_images_and_fields(self, request: Request) -> tuple[list[NamedImage], dict[str, list[Any]]]:
+        """Multipart body -> (file parts as images, the other fields by name)."""
+        ctype = request.headers.get("content-type", "")
+        if not ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+            raise ApiError(
+                415, "unsupported_media_type",
+                f"content type {ctype or '(none)'!r}: send application/json or multipart/form-data",
+            )
+        form = await read_form(request, self.settings.max_images)
+        files, fields = [], {}
+        for key, value in form.multi_items():
+            if isinstance(value, str):
+                fields.setdefault(key, []).append(value)
+            else:
+                files.append(value)
+        return await uploads_to_images(files, "files"), fields
+
+    @staticmethod
+    def is_json(request: Request) -> bool:
+        return request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json"
+
+    @staticmethod
+    def reject_unknown(fields: dict[str, list[Any]], allowed: set[str]) -> None:
+        unknown = sorted(set(fields) - allowed)
+        if unknown:
+            raise ApiError(422, "invalid_request", f"unknown form field(s) {unknown}; expected {sorted(allowed)}")
+
+    # ---- routes --------------------------------------------------------------------------------
+    async def embed_images(self, request: Request) -> JSONResponse:
+        started = time.perf_counter()
+        if self.is_json(request):
+            body = await parse_json_body(request, ImagesRequest)
+            images = [decode_base64_image(s, f"images[{i}]") for i, s in enumerate(body.images)]
+        else:
+            images, fields = await self.read_images_and_fields(request)
+            self.reject_unknown(fields, set())
+        self.check_images(images)
+        vectors = await self.timed(self.service.embed_images(images))
+        data = [{"index": i, "name": img.name, "embedding": v.tolist()} for i, (img, v) in enumerate(zip(images, vectors))]
+        return self._embeddings(data, started)
+
+    async def embed_texts(self, body: TextsRequest) -> JSONResponse:
+        started = time.perf_counter()
+        self.check_texts(body.texts, "texts", self.settings.max_texts)
+        vectors = await self.timed(self.service.embed_texts(body.texts))
+        return self._embeddings([{"index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)], started)
+
+    def _embeddings(self, data: list[dict[str, Any]], started: float) -> JSONResponse:
+        return JSONResponse(
+            {"model": self.model.name, "dim": int(self.model.embed_dim), "data": data, "elapsed_ms": _ms(started)}
+        )
+
+    async def classify(self, request: Request) -> JSONResponse:
+        started = time.perf_counter()
+        if self.is_json(request):
+            body = await parse_json_body(request, ClassifyRequest)
+            images = [decode_base64_image(s, f"images[{i}]") for i, s in enumerate(body.images)]
+            labels, templates = [s.strip() for s in body.labels], body.templates
+        else:
+            images, fields = await self.read_images_and_fields(request)
+            self.reject_unknown(fields, {"labels", "templates"})
+            labels = split_fields(fields.get("labels", []), "labels", ",")
+            templates = split_fields(fields.get("templates", []), "templates", "\n") or None
+        self.check_images(images)
+        if not labels or any(not label for label in labels):
+            raise ApiError(422, "invalid_request", "labels: give at least one non-empty label")
+        if len(set(labels)) != len(labels):
+            raise ApiError(422, "invalid_request", "labels: each label must appear once")
+        self.check_texts(labels, "labels", self.settings.max_texts)
+        if templates is not None:
+            self.check_texts(templates, "templates", self.settings.max_templates)
+            bad = [t for t in templates if "{}" not in t]
+            if bad or not templates:
+                raise ApiError(422, "invalid_request", f"templates: each needs '{{}}' where the label goes: {bad}")
+        ranked = await self.timed(self.service.classify(images, labels, templates))
+        results = [
+            {"index": i, "name": img.name, "labels": [{"label": lab, "probability": p} for lab, p in row]}
+            for i, (img, row) in enumerate(zip(images, ranked))
+        ]
+        return JSONResponse({"model": self.model.name, "results": results, "elapsed_ms": _ms(started)})
+
+    async def search(self, request: Request) -> JSONResponse:
+        started = time.perf_counter()
+        if self.is_json(request):
+            body = await parse_json_body(request, SearchRequest)
+            text, k = body.text, body.k
+            image = decode_base64_image(body.image, "image") if body.image is not None else None
+        else:
+            images, fields = await self.read_images_and_fields(request)
+            self.reject_unknown(fields, {"text", "k"})
+            text = fields["text"][0] if fields.get("text") else None
+            image = images[0] if images else None
+            k = _parse_int(fields.get("k", ["10"])[0], "k")
+        index = self.index
+        if index is None:
+            raise ApiError(404, "no_index", "no index is loaded; start the server with --index PATH")
+        if (text is None) == (image is None):
+            raise ApiError(422, "invalid_request", "give exactly one query: 'text' or 'image'")
+        if not 1 <= k <= self.settings.max_k:
+            raise ApiError(422, "invalid_request", f"k: {k} is out of range 1..{self.settings.max_k}")
+        if text is not None:
+            self.check_texts([text], "text", 1)
+
+        async def run() -> list[tuple[str, float]]:
+            if text is not None:
+                query = (await self.service.embed_texts([text]))[0]
+            else:
+                query = (await self.service.embed_images([image]))[0]  # type: ignore[list-item]
+            return await self.service.search(index, query, k)
+
+        hits = await self.timed(run())
+        results = [{"id": i, "score": s, "thumbnail_url": f"/v1/thumbnails/{quote(i)}"} for i, s in hits]
+        return JSONResponse({"model": self.model.name, "k": k, "results": results, "elapsed_ms": _ms(started)})
+
+    async def thumbnail(self, image_id: str) -> Response:
+        path = resolve_image(image_id, self.roots)
+        if path is None:
+            raise ApiError(404, "not_found", f"no image {image_id!r} under the index's image roots")
+        try:
+            data = await self.service.run_in_pool(make_thumbnail, path, self.settings.thumbnail_size)
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ApiError(404, "not_found", f"{image_id!r} is not a readable image ({e})") from e
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+    def info(self) -> dict[str, Any]:
+        s = self.settings
+        index = None
+        if self.index is not None:
+            index = {"model": self.index.model, "dim": int(self.index.dim), "size": _len_or_none(self.index)}
+        return {
+            "model": self.model.name,
+            "embed_dim": int(self.model.embed_dim),
+            "image_size": int(getattr(self.model, "image_size", 0)),
+            "index": index,
+            "limits": {
+                "max_upload_bytes": s.max_upload_bytes, "max_pixels": s.max_pixels, "max_images": s.max_images,
+                "max_texts": s.max_texts, "max_text_chars": s.max_text_chars, "max_templates": s.max_templates,
+                "max_k": s.max_k, "request_timeout_s": s.request_timeout_s, "max_batch": s.max_batch,
+                "max_wait_ms": s.max_wait_ms, "max_queue": s.max_queue,
+            },
+        }
+
+    def readiness(self) -> JSONResponse:
+        if self.tracker.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        if not self.ready or not (self.service.images.running and self.service.texts.running):
+            return JSONResponse({"status": "starting"}, status_code=503)
+        return JSONResponse({"status": "ready", "model": self.model.name})
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    async def warm_up(self) -> None:
+        """One tiny call per tower so the first real request does not pay for lazy initialisation."""
+        size = int(getattr(self.model, "image_size", 0))
+        if size > 0:
+            await asyncio.to_thread(self.model.encode_images, np.zeros((1, 3, size, size), np.float32))
+        await asyncio.to_thread(self.model.encode_texts, ["warm-up"])
+
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        self.tracker.draining = False
+        self.service.start()
+        await self.warm_up()
+        self.ready = True
+        log.info("serving %s (index: %s)", self.model.name, "yes" if self.index is not None else "no")
+        try:
+            yield
+        finally:
+            self.ready = False
+            if not await self.tracker.drain(self.settings.drain_timeout_s):
+                log.warning("shutdown: %d request(s) still in flight after %.0f s", self.tracker.in_flight,
+                            self.settings.drain_timeout_s)
+            await self.service.stop()
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000.0, 3)
+
+
+def _parse_int(value: Any, field: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError) as e:
+        raise ApiError(422, "invalid_request", f"{field}: {value!r} is not an integer") from e
+
+
+def _len_or_none(obj: Any) -> int | None:
+    try:
+        return len(obj)
+    except TypeError:
+        return None
+
+
+def create_app(
+    model: ServableModel, index: SearchableIndex | None = None, settings: ServeSettings | None = None
+) -> FastAPI:
+    """Build the HTTP app around a loaded model (and optionally an index of image embeddings).
+
+    Args:
+        model: a `clipengine.api.ClipModel` (or anything with the same encode/preprocess surface).
+        index: a `clipengine.index.Index` built with the same model; enables /v1/search and thumbnails.
+        settings: limits and batching knobs; defaults are safe for a single-user local server.
+
+    Raises:
+        IndexMismatchError: the index was built with another model or embedding size.
+
+    Example:
+        >>> app = create_app(clipengine.load("ViT-B-32", pretrained="openai"))
+        >>> uvicorn.run(app, host="127.0.0.1", port=8000)
+    """
+    settings = settings or ServeSettings()
+    if index is not None:
+        check_index(model, index)
+    state = _App(model, index, settings)
+    app = FastAPI(
+        title="clipengine",
+        summary="CLIP embeddings, zero-shot classification and image search over HTTP.",
+        version="1",
+        lifespan=state.lifespan,
+    )
+    app.state.clipengine = state
+    install_error_handlers(app, settings.retry_after_s)
+    _add_routes(app, state)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    # Added innermost first: the body limit sits inside the key check, tracking wraps everything.
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes)
+    app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key, public=PUBLIC_PATHS, public_prefixes=("/static/",))
+    app.add_middleware(
+        TrackingMiddleware, metrics=state.metrics, tracker=state.tracker,
+        retry_after_s=settings.retry_after_s, api_prefix=API_PREFIX,
+    )
+    return app
+
+
+def _add_routes(app: FastAPI, s: _App) -> None:
+    multipart_images = {"files": _FILES}
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    @app.get("/healthz", tags=["ops"], summary="Liveness: the process answers.")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"], summary="Readiness: model loaded and batchers running (503 otherwise).")
+    async def readyz() -> JSONResponse:
+        return s.readiness()
+
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics.", response_class=PlainTextResponse)
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(s.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/info", tags=["v1"], response_model=InfoResponse, summary="Model, index and limits.")
+    async def info() -> dict[str, Any]:
+        return s.info()
+
+    @app.post(
+        "/v1/embeddings/images", tags=["v1"], response_model=EmbeddingsResponse, responses=_ERRORS,
+        summary="Embed images (multipart files or base64 JSON).", openapi_extra=_body_doc(ImagesRequest, multipart_images),
+    )
+    async def embed_images(request: Request) -> JSONResponse:
+        return await s.embed_images(request)
+
+    @app.post("/v1/embeddings/texts", tags=["v1"], response_model=EmbeddingsResponse, responses=_ERRORS,
+              summary="Embed texts.")
+    async def embed_texts(body: TextsRequest) -> JSONResponse:
+        return await s.embed_texts(body)
+
+    @app.post(
+        "/v1/classify", tags=["v1"], response_model=ClassifyResponse, responses=_ERRORS,
+        summary="Zero-shot classification: labels sorted by probability, per image.",
+        openapi_extra=_body_doc(ClassifyRequest, {
+            **multipart_images,
+            "labels": {"type": "string", "description": "Comma-separated labels (field may repeat)."},
+            "templates": {"type": "string", "description": "Templates with '{}', one per line (optional)."},
+        }),
+    )
+    async def classify(request: Request) -> JSONResponse:
+        return await s.classify(request)
+
+    @app.post(
+        "/v1/search", tags=["v1"], response_model=SearchResponse, responses={**_ERRORS, 404: {"model": ErrorResponse}},
+        summary="Top-k index images for a text or image query.",
+        openapi_extra=_body_doc(SearchRequest, {
+            "text": {"type": "string"}, "files": _FILES, "k": {"type": "integer", "default": 10},
+        }),
+    )
+    async def search(request: Request) -> JSONResponse:
+        return await s.search(request)
+
+    @app.get("/v1/thumbnails/{image_id:path}", tags=["v1"], response_class=Response,
+             responses={200: {"content": {"image/jpeg": {}}}, 404: {"model": ErrorResponse}},
+             summary="JPEG thumbnail of an index image.")
+    async def thumbnail(image_id: str) -> Response:
+        return await s.thumbnail(image_id)
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        return Response(status_code=204)

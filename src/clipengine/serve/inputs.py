@@ -1,0 +1,108 @@
+"""Reading request inputs: images from multipart or base64 JSON, with size, pixel and format checks."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+
+from .http_errors import ApiError
+
+__all__ = [
+    "NamedImage",
+    "check_image_header",
+    "decode_base64_image",
+    "parse_json_body",
+    "read_form",
+    "split_fields",
+    "uploads_to_images",
+]
+
+
+@dataclass(frozen=True)
+class NamedImage:
+    """Encoded image bytes and the name the client gave them (file name, or `images[i]`)."""
+
+    name: str
+    data: bytes
+
+
+def decode_base64_image(value: str, name: str) -> NamedImage:
+    """Decode a base64 string (a `data:image/...;base64,` URL prefix is allowed) -> NamedImage."""
+    payload = value.split(",", 1)[1] if value.startswith("data:") and "," in value else value
+    try:
+        data = base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ApiError(422, "invalid_base64", f"{name}: not valid base64 ({e})") from e
+    return NamedImage(name, data)
+
+
+def check_image_header(image: NamedImage, max_pixels: int) -> None:
+    """Refuse empty, unreadable and oversized images from their header alone (no pixels decoded).
+
+    Raises:
+        ApiError: 400 `invalid_image` for empty or unidentifiable bytes, 413 `image_too_large` when
+            width * height exceeds `max_pixels` (decompression bombs included).
+    """
+    if not image.data:
+        raise ApiError(400, "invalid_image", f"{image.name}: empty file")
+    try:
+        with Image.open(io.BytesIO(image.data)) as probe:
+            width, height = probe.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # Pillow's own guard fired first; the warning arrives as an exception when warnings are errors.
+        raise ApiError(413, "image_too_large", f"{image.name}: {e}") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        # Pillow raises these for bytes that are not an image it can read.
+        raise ApiError(400, "invalid_image", f"{image.name}: not a readable image ({e})") from e
+    if width * height > max_pixels:
+        raise ApiError(
+            413,
+            "image_too_large",
+            f"{image.name}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}",
+        )
+
+
+async def read_form(request: Request, max_files: int) -> Any:
+    """Parse a multipart/urlencoded body; the upload size limit applies while it streams in."""
+    return await request.form(max_files=max_files, max_fields=max_files + 1000)
+
+
+async def uploads_to_images(values: list[Any], field: str) -> list[NamedImage]:
+    """Turn multipart `UploadFile`s into NamedImages; a plain text value where a file belongs is a 422."""
+    images = []
+    for i, value in enumerate(values):
+        if not isinstance(value, UploadFile):
+            raise ApiError(422, "invalid_request", f"{field}[{i}]: expected a file upload, got a text field")
+        images.append(NamedImage(value.filename or f"{field}[{i}]", await value.read()))
+    return images
+
+
+def split_fields(values: list[Any], field: str, sep: str) -> list[str]:
+    """Text form fields -> items: each value is split on `sep`, stripped, empty items dropped."""
+    items: list[str] = []
+    for value in values:
+        if not isinstance(value, str):
+            raise ApiError(422, "invalid_request", f"{field}: expected text, got a file upload")
+        items += [part.strip() for part in value.split(sep) if part.strip()]
+    return items
+
+
+async def parse_json_body(request: Request, model: type[BaseModel]) -> Any:
+    """Read a JSON body and validate it against `model`, reporting problems as 422s."""
+    try:
+        payload = await request.json()
+    except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError
+        raise ApiError(422, "invalid_json", f"request body is not valid JSON ({e})") from e
+    try:
+        return model.model_validate(payload)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False)) from e

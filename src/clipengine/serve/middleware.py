@@ -1,0 +1,191 @@
+"""Pure-ASGI middleware: request metrics and draining, API-key check, and the upload size limit."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .http_errors import ApiError, error_body
+from .metrics import ServeMetrics
+
+__all__ = ["ApiKeyMiddleware", "BodyLimitMiddleware", "RequestTracker", "TrackingMiddleware"]
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+    raw = json.dumps(body).encode()
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+    head += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": raw})
+
+
+class RequestTracker:
+    """Counts in-flight API requests and refuses new ones once draining starts (graceful shutdown)."""
+
+    def __init__(self, metrics: ServeMetrics) -> None:
+        self.in_flight = 0
+        self.draining = False
+        self._idle: Callable[[], None] | None = None
+        metrics.in_flight.set_function(lambda: float(self.in_flight))
+
+    def enter(self) -> None:
+        self.in_flight += 1
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._idle is not None:
+            self._idle()
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Stop admitting API requests and wait until none is in flight; False if the timeout hit."""
+        self.draining = True
+        if self.in_flight == 0:
+            return True
+        done = asyncio.Event()
+        self._idle = done.set
+        try:
+            await asyncio.wait_for(done.wait(), timeout_s)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._idle = None
+
+
+class TrackingMiddleware:
+    """Outermost layer: request counts and latency by route template and status; in-flight tracking."""
+
+    def __init__(
+        self, app: ASGIApp, metrics: ServeMetrics, tracker: RequestTracker, retry_after_s: int, api_prefix: str
+    ) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.tracker = tracker
+        self.retry_after = {"Retry-After": str(retry_after_s)}
+        self.api_prefix = api_prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        is_api = scope["path"].startswith(self.api_prefix)
+        try:
+            if is_api and self.tracker.draining:
+                await _send_json(
+                    send_wrapper, 503, error_body("shutting_down", "the server is stopping; retry later"),
+                    self.retry_after,
+                )
+                return
+            if is_api:
+                self.tracker.enter()
+            try:
+                await self.app(scope, receive, send_wrapper)
+            finally:
+                if is_api:
+                    self.tracker.leave()
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"  # never the raw path: bounded labels
+            method = scope.get("method", "GET")
+            self.metrics.requests.inc(method=method, route=template, status=str(status["code"]))
+            self.metrics.latency.observe(time.perf_counter() - started, method=method, route=template)
+
+
+class ApiKeyMiddleware:
+    """When a key is set, every path except the public ones needs `Authorization: Bearer` or `X-API-Key`."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, public: Iterable[str], public_prefixes: Iterable[str]) -> None:
+        self.app = app
+        self.key = api_key.encode() if api_key else None
+        self.public = frozenset(public)
+        self.public_prefixes = tuple(public_prefixes)
+
+    def _presented(self, scope: Scope) -> bytes | None:
+        headers = dict(scope.get("headers") or [])
+        if b"x-api-key" in headers:
+            return headers[b"x-api-key"].strip()
+        auth = headers.get(b"authorization", b"")
+        scheme, _, token = auth.partition(b" ")
+        if scheme.lower() == b"bearer" and token.strip():
+            return token.strip()
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.key is None:
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        if path in self.public or path.startswith(self.public_prefixes) or scope.get("method") == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        presented = self._presented(scope)
+        if presented is None:
+            await _send_json(
+                send, 401, error_body("unauthorized", "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key'"),
+                {"WWW-Authenticate": "Bearer"},
+            )
+            return
+        if not hmac.compare_digest(presented, self.key):
+            await _send_json(send, 401, error_body("unauthorized", "invalid API key"), {"WWW-Authenticate": "Bearer"})
+            return
+        await self.app(scope, receive, send)
+
+
+class BodyTooLargeError(ApiError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, "payload_too_large", f"request body exceeds the limit of {limit} bytes")
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over `limit` bytes: at once from Content-Length, else as soon as the stream passes it."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                too_big = int(declared) > self.limit
+            except ValueError:
+                await _send_json(send, 400, error_body("bad_request", "Content-Length is not a number"))
+                return
+            if too_big:
+                await _send_json(
+                    send, 413,
+                    error_body("payload_too_large", f"request body of {int(declared)} bytes exceeds the limit of {self.limit} bytes"),
+                )
+                return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    # Raised inside whatever is reading the body; FastAPI re-raises HTTPExceptions
+                    # untouched and the app's handler turns it into the JSON 413.
+                    raise BodyTooLargeError(self.limit)
+            return message
+
+        await self.app(scope, limited_receive, send)

@@ -1,0 +1,103 @@
+"""Request and response bodies of the HTTP API (pydantic models; they also feed the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "ClassifyRequest",
+    "ClassifyResponse",
+    "EmbeddingsResponse",
+    "ErrorResponse",
+    "ImagesRequest",
+    "InfoResponse",
+    "SearchRequest",
+    "SearchResponse",
+    "TextsRequest",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is a 422, not silently ignored
+
+
+class TextsRequest(_Strict):
+    texts: list[str] = Field(min_length=1, description="Texts to embed.")
+
+
+class ImagesRequest(_Strict):
+    images: list[str] = Field(min_length=1, description="Base64 images (a data: URL prefix is allowed).")
+
+
+class ClassifyRequest(_Strict):
+    images: list[str] = Field(min_length=1, description="Base64 images.")
+    labels: list[str] = Field(min_length=1, description="Candidate labels.")
+    templates: list[str] | None = Field(
+        default=None, description="Prompt templates with '{}' for the label, e.g. 'a photo of a {}.'"
+    )
+
+
+class SearchRequest(_Strict):
+    text: str | None = Field(default=None, description="Text query (give text or image).")
+    image: str | None = Field(default=None, description="Base64 image query (give text or image).")
+    k: int = Field(default=10, description="Number of results.")
+
+
+class EmbeddingItem(BaseModel):
+    index: int
+    name: str | None = None
+    embedding: list[float]
+
+
+class EmbeddingsResponse(BaseModel):
+    model: str
+    dim: int
+    data: list[EmbeddingItem]
+    elapsed_ms: float
+
+
+class LabelProbability(BaseModel):
+    label: str
+    probability: float
+
+
+class ClassifyResult(BaseModel):
+    index: int
+    name: str
+    labels: list[LabelProbability] = Field(description="Sorted by probability, highest first.")
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    results: list[ClassifyResult]
+    elapsed_ms: float
+
+
+class SearchHit(BaseModel):
+    id: str = Field(description="Image path relative to one of the index's image roots.")
+    score: float = Field(description="Cosine similarity.")
+    thumbnail_url: str
+
+
+class SearchResponse(BaseModel):
+    model: str
+    k: int
+    results: list[SearchHit]
+    elapsed_ms: float
+
+
+class InfoResponse(BaseModel):
+    model: str
+    embed_dim: int
+    image_size: int
+    index: dict[str, object] | None
+    limits: dict[str, object]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,187 @@
+// clipengine web page: zero-shot classification chart and text-to-image search. Plain DOM, no build step.
+(function () {
+  "use strict";
+
+  const $ = (id) => document.getElementById(id);
+  const keyInput = $("api-key");
+  let chosenFile = null;
+  const objectUrls = [];
+
+  keyInput.value = sessionStorage.getItem("clipengine-api-key") || "";
+  keyInput.addEventListener("change", () => {
+    sessionStorage.setItem("clipengine-api-key", keyInput.value.trim());
+    loadInfo();
+  });
+
+  function authHeaders() {
+    const key = keyInput.value.trim();
+    return key ? { Authorization: "Bearer " + key } : {};
+  }
+
+  // fetch + JSON with the API error shape {"error": {"code", "message"}} turned into an Error.
+  async function callApi(path, options) {
+    const opts = Object.assign({}, options || {});
+    opts.headers = Object.assign({}, authHeaders(), opts.headers || {});
+    const started = performance.now();
+    const response = await fetch(path, opts);
+    const roundTrip = performance.now() - started;
+    let body = null;
+    try { body = await response.json(); } catch (e) { body = null; }
+    if (!response.ok) {
+      const err = body && body.error ? body.error : { code: "http_" + response.status, message: response.statusText };
+      throw new Error(err.message + " (" + err.code + ", HTTP " + response.status + ")");
+    }
+    return { body: body, roundTrip: roundTrip };
+  }
+
+  function showError(el, err) {
+    el.textContent = err ? String(err.message || err) : "";
+    el.hidden = !err;
+  }
+
+  function formatTime(serverMs, roundTripMs) {
+    return "server " + serverMs.toFixed(1) + " ms · round trip " + roundTripMs.toFixed(1) + " ms";
+  }
+
+  async function loadInfo() {
+    try {
+      const { body } = await callApi("/v1/info");
+      $("model-badge").textContent = body.model + " · " + body.embed_dim + "-d";
+      $("index-badge").textContent = body.index ? "index: " + (body.index.size != null ? body.index.size + " images" : "loaded") : "no index";
+      $("no-index").hidden = !!body.index;
+      $("search-btn").disabled = !body.index;
+    } catch (err) {
+      $("model-badge").textContent = /unauthorized/.test(err.message) ? "API key needed" : "offline";
+    }
+  }
+
+  // ---- image picking ----------------------------------------------------------------------
+  const dropZone = $("drop-zone");
+  const fileInput = $("file-input");
+
+  function chooseFile(file) {
+    if (!file) return;
+    chosenFile = file;
+    const preview = $("preview");
+    if (preview.src) URL.revokeObjectURL(preview.src);
+    preview.src = URL.createObjectURL(file);
+    preview.alt = file.name;
+    preview.hidden = false;
+    $("drop-text").hidden = true;
+    dropZone.classList.add("has-image");
+  }
+
+  dropZone.addEventListener("click", () => fileInput.click());
+  dropZone.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") fileInput.click(); });
+  fileInput.addEventListener("change", () => chooseFile(fileInput.files[0]));
+  ["dragenter", "dragover"].forEach((t) => dropZone.addEventListener(t, (e) => { e.preventDefault(); dropZone.classList.add("over"); }));
+  ["dragleave", "drop"].forEach((t) => dropZone.addEventListener(t, (e) => { e.preventDefault(); dropZone.classList.remove("over"); }));
+  dropZone.addEventListener("drop", (e) => chooseFile(e.dataTransfer.files[0]));
+
+  // ---- classification ---------------------------------------------------------------------
+  function renderChart(labels) {
+    const chart = $("chart");
+    chart.textContent = "";
+    for (const item of labels) {
+      const row = document.createElement("div");
+      row.className = "bar-row";
+      const name = document.createElement("span");
+      name.className = "bar-label";
+      name.textContent = item.label;
+      name.title = item.label;
+      const track = document.createElement("div");
+      track.className = "bar-track";
+      const fill = document.createElement("div");
+      fill.className = "bar-fill";
+      fill.style.width = Math.max(0.5, item.probability * 100).toFixed(2) + "%";
+      track.appendChild(fill);
+      const value = document.createElement("span");
+      value.className = "bar-value";
+      value.textContent = (item.probability * 100).toFixed(1) + "%";
+      row.dataset.probability = String(item.probability);
+      row.append(name, track, value);
+      chart.appendChild(row);
+    }
+  }
+
+  $("classify-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const errorBox = $("classify-error");
+    showError(errorBox, null);
+    if (!chosenFile) { showError(errorBox, new Error("Choose an image first.")); return; }
+    const labels = $("labels").value.split(",").map((s) => s.trim()).filter(Boolean);
+    if (!labels.length) { showError(errorBox, new Error("Type at least one label.")); return; }
+    const form = new FormData();
+    form.append("files", chosenFile, chosenFile.name);
+    form.append("labels", labels.join(","));
+    const templates = $("templates").value.trim();
+    if (templates) form.append("templates", templates);
+    const button = $("classify-btn");
+    button.disabled = true;
+    try {
+      const { body, roundTrip } = await callApi("/v1/classify", { method: "POST", body: form });
+      renderChart(body.results[0].labels);
+      $("classify-time").textContent = formatTime(body.elapsed_ms, roundTrip);
+    } catch (err) {
+      showError(errorBox, err);
+    } finally {
+      button.disabled = false;
+    }
+  });
+
+  // ---- search -----------------------------------------------------------------------------
+  async function loadThumbnail(img, url) {
+    const response = await fetch(url, { headers: authHeaders() });
+    if (!response.ok) { img.alt = "unavailable"; return; }
+    const objectUrl = URL.createObjectURL(await response.blob());
+    objectUrls.push(objectUrl);
+    img.src = objectUrl;
+  }
+
+  $("search-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const errorBox = $("search-error");
+    showError(errorBox, null);
+    const text = $("search-text").value.trim();
+    if (!text) { showError(errorBox, new Error("Type what to look for.")); return; }
+    const button = $("search-btn");
+    button.disabled = true;
+    try {
+      const k = parseInt($("search-k").value, 10);
+      const { body, roundTrip } = await callApi("/v1/search", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ text: text, k: k }),
+      });
+      while (objectUrls.length) URL.revokeObjectURL(objectUrls.pop());
+      const grid = $("results");
+      grid.textContent = "";
+      for (const hit of body.results) {
+        const fig = document.createElement("figure");
+        fig.className = "thumb";
+        const img = document.createElement("img");
+        img.alt = hit.id;
+        img.loading = "lazy";
+        const cap = document.createElement("figcaption");
+        const id = document.createElement("span");
+        id.className = "id";
+        id.textContent = hit.id;
+        id.title = hit.id;
+        const score = document.createElement("span");
+        score.className = "score";
+        score.textContent = hit.score.toFixed(3);
+        cap.append(id, score);
+        fig.append(img, cap);
+        grid.appendChild(fig);
+        loadThumbnail(img, hit.thumbnail_url);
+      }
+      $("search-time").textContent = body.results.length + " results · " + formatTime(body.elapsed_ms, roundTrip);
+    } catch (err) {
+      showError(errorBox, err);
+    } finally {
+      button.disabled = false;
+    }
+  });
+
+  loadInfo();
+})();
