@@ -183,6 +183,7 @@ def embed_folder(
     shard_size: int = 1000,
     dtype: str = "float16",
     progress: ProgressCallback | None = None,
+    source_label: str | None = None,
 ) -> RunStats:
     """Embed every image of a folder or file list into ``out_dir`` (see `sinks` for the layout).
 
@@ -200,6 +201,7 @@ def embed_folder(
         shard_size: images per partition / shard.
         dtype: "float16" or "float32" on disk.
         progress: called with the number of items finished, as they finish.
+        source_label: what run.json records as the source when `source` is a list of items.
 
     Returns:
         RunStats for the whole run (resumed shards counted in `skipped`).
@@ -221,7 +223,7 @@ def embed_folder(
         "dtype": dtype,
         "shard_size": shard_size,
         "batch_size": batch_size,
-        "source": str(Path(source).resolve()) if isinstance(source, (str, Path)) else None,
+        "source": str(Path(source).resolve()) if isinstance(source, (str, Path)) else source_label,
         "preprocess": cfg,
         "partitions": len(parts),
         "images": len(items),

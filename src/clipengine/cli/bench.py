@@ -1,0 +1,74 @@
+"""`clipengine bench`: the seed's timing block plus a per-batch-size table, as text, JSON and a PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from . import embed as _embed
+
+__all__ = ["BENCH_TEXTS", "parse_batch_sizes", "register"]
+
+# The batch of 4 texts whose encode time the table reports.
+BENCH_TEXTS = ("a photo of a cat", "a photo of a dog", "a diagram", "a bowl of soup")
+
+_FOLDER_ARG = typer.Argument(..., help="Folder of images (walked recursively) or a file list.")
+
+_PLOT_OPT = typer.Option(None, "--plot", help="Write a throughput-vs-batch PNG here.")
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    """``"1,8,16,32"`` -> [1, 8, 16, 32]; the first size gives the headline block."""
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as e:
+        raise typer.BadParameter(f"--batch must be comma-separated integers, got {text!r}") from e
+    if not sizes or any(s < 1 for s in sizes):
+        raise typer.BadParameter(f"--batch sizes must be >= 1, got {text!r}")
+    return sizes
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `bench` command to `app`."""
+
+    @app.command("bench")
+    def bench_cmd(
+        folder: Path = _FOLDER_ARG,
+        batch: str = typer.Option("1,8,16,32", "--batch", help="Comma-separated batch sizes."),
+        model: str = _embed.MODEL_OPT,
+        pretrained: str | None = _embed.PRETRAINED_OPT,
+        checkpoint: Path | None = _embed.CHECKPOINT_OPT,
+        backend: str = _embed.BACKEND_OPT,
+        precision: str = _embed.PRECISION_OPT,
+        device: str = _embed.DEVICE_OPT,
+        download: bool = _embed.DOWNLOAD_OPT,
+        workers: int | None = typer.Option(None, "--workers", min=0, help=_embed.WORKERS_HELP),
+        warmup: int = typer.Option(2, "--warmup", min=0, help="Untimed backend calls per batch size."),
+        repeats: int = typer.Option(1, "--repeats", min=1, help="Timed passes per batch size (median kept)."),
+        limit: int | None = typer.Option(None, "--limit", min=1, help="Use only the first N images."),
+        as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+        plot: Path | None = _PLOT_OPT,
+    ) -> None:
+        """Time decode+preprocess, inference and text encoding per batch size over a folder of images."""
+        from ..bench.timing import bench_pipeline
+        from ..pipeline.batching import default_workers
+        from ..pipeline.sources import list_items
+        from ..report import plot_throughput, render_bench
+        from ..text.tokenizer import tokenize
+
+        sizes = parse_batch_sizes(batch)
+        opts = _embed.parse_model_options(model, pretrained, checkpoint, backend, precision, device, download)
+        items = list_items(folder)[:limit]
+        clip = _embed.load_clip(opts)
+        tokens = tokenize(list(BENCH_TEXTS), context_length=clip.backend.context_length)
+        result = bench_pipeline(
+            items, clip.backend, clip.preprocess_cfg, sizes,
+            workers=default_workers() if workers is None else workers,
+            warmup=warmup, repeats=repeats, text_tokens=tokens, model=opts.label,
+        )  # fmt: skip
+        typer.echo(render_bench(result, "json" if as_json else "text"))
+        if plot is not None:
+            path = plot_throughput(result, plot)
+            if not as_json:
+                typer.echo(f"Plot: {path}")
