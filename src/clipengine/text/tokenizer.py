@@ -1,0 +1,282 @@
+"""CLIP's byte-level BPE tokenizer: text -> (N, L) int64 token ids, identical to OpenAI's, without torch."""
+
+from __future__ import annotations
+
+import gzip
+import html
+import importlib.resources
+import logging
+import threading
+from collections.abc import Sequence
+from functools import lru_cache
+from itertools import pairwise
+from pathlib import Path
+from typing import Literal
+
+import ftfy
+import numpy as np
+import regex
+
+from clipengine.errors import TextTooLongError
+from clipengine.types import IntArray
+
+__all__ = [
+    "CONTEXT_LENGTH",
+    "EOT_TOKEN",
+    "SOT_TOKEN",
+    "VOCAB_SIZE",
+    "Tokenizer",
+    "get_tokenizer",
+    "tokenize",
+]
+
+logger = logging.getLogger(__name__)
+
+CONTEXT_LENGTH = 77  # L of every released CLIP text tower
+VOCAB_SIZE = 49408  # 256 bytes + 256 word-final bytes + 48894 merges + 2 specials
+SOT_TOKEN = 49406  # <|startoftext|>
+EOT_TOKEN = 49407  # <|endoftext|>; the text tower pools at its position (argmax of the ids)
+
+_SOT_TEXT = "<|startoftext|>"
+_EOT_TEXT = "<|endoftext|>"
+_WORD_END = "</w>"  # suffix marking the last symbol of a pre-token
+_N_MERGES = 49152 - 256 - 2  # OpenAI keeps this many merge rules of the file (line 1 is a header)
+_BPE_CACHE_SIZE = 1 << 16  # distinct pre-tokens remembered; prompts reuse a small vocabulary
+_WARN_TEXT_CHARS = 80  # how much of an over-long text a warning or error quotes
+
+# OpenAI's pre-tokenizer. The special-token alternatives mean a text that literally contains
+# "<|endoftext|>" gets the special id, exactly like the reference (kept for parity, see docs).
+_PRE_TOKEN = regex.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    regex.IGNORECASE,
+)
+_WHITESPACE = regex.compile(r"\s+")  # the `regex` module's \s, as OpenAI uses (differs from str.split)
+
+Truncate = bool | Literal["strict"]
+
+
+def _byte_symbols() -> dict[int, str]:
+    """Byte -> the printable character standing for it (GPT-2's reversible byte mapping).
+
+    Printable Latin-1 bytes stand for themselves; the other 68 (controls, space, ...) are shifted
+    to U+0100 and up, so every BPE symbol is a visible character and no byte is lost. The dict's
+    order (printable bytes first) is the order of the first 256 vocabulary ids.
+    """
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    symbols: dict[int, str] = {b: chr(b) for b in printable}
+    shifted = [b for b in range(256) if b not in symbols]
+    for offset, b in enumerate(shifted):
+        symbols[b] = chr(256 + offset)
+    return symbols
+
+
+# str.translate table applied to text decoded as Latin-1 (code point == byte value): bytes -> symbols.
+_BYTES_TO_SYMBOLS = _byte_symbols()
+_SYMBOLS_TO_BYTES = {s: b for b, s in _BYTES_TO_SYMBOLS.items()}
+
+
+def _clean(text: str) -> str:
+    """OpenAI's normalisation: ftfy, HTML-unescape twice, collapse whitespace, lowercase.
+
+    Printable ASCII without '&' is a fixed point of ftfy and html.unescape (ftfy only rewrites
+    non-ASCII, control characters and entities), so the common case skips the ~30 µs ftfy call;
+    tests/text check that shortcut against ftfy itself.
+    """
+    if text.isascii() and text.isprintable() and "&" not in text:
+        # Only ' ' can be whitespace here, so str.split agrees with the regex below.
+        return " ".join(text.split()).lower()
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    collapsed: str = _WHITESPACE.sub(" ", text)
+    return collapsed.strip().lower()
+
+
+def _read_bpe_file(path: Path | None) -> list[str]:
+    """Lines of the gzipped merges file; the bundled vocabulary unless `path` is given."""
+    if path is not None:
+        data = Path(path).read_bytes()
+    else:
+        data = (
+            importlib.resources.files("clipengine.assets")
+            .joinpath("bpe_simple_vocab_16e6.txt.gz")
+            .read_bytes()
+        )
+    return gzip.decompress(data).decode("utf-8").split("\n")
+
+
+class Tokenizer:
+    """CLIP's byte-level BPE with OpenAI's vocabulary, cleanup and special tokens.
+
+    Args:
+        bpe_path: gzipped merges file; defaults to the vocabulary bundled with clipengine.
+
+    Example:
+        >>> tok = Tokenizer()
+        >>> tok.encode("a diagram")
+        [320, 22697]
+        >>> tok(["a diagram", "a dog"]).shape
+        (2, 77)
+    """
+
+    def __init__(self, bpe_path: Path | None = None) -> None:
+        lines = _read_bpe_file(bpe_path)
+        merges = [tuple(line.split()) for line in lines[1 : _N_MERGES + 1]]
+        if len(merges) != _N_MERGES or any(len(m) != 2 for m in merges):
+            raise ValueError(
+                f"{bpe_path or 'bundled vocabulary'}: expected {_N_MERGES} merge lines of two symbols"
+            )
+        byte_symbols = list(_BYTES_TO_SYMBOLS.values())
+        vocab = [*byte_symbols, *(s + _WORD_END for s in byte_symbols)]
+        vocab += ["".join(m) for m in merges]
+        vocab += [_SOT_TEXT, _EOT_TEXT]
+        self._ids: dict[str, int] = {symbol: i for i, symbol in enumerate(vocab)}
+        self._symbols: list[str] = vocab
+        # Lower rank = merged earlier.
+        self._ranks: dict[tuple[str, str], int] = {(a, b): rank for rank, (a, b) in enumerate(merges)}
+        # Per-instance cache so two tokenizers with different vocabularies never share entries.
+        self._bpe_ids = lru_cache(maxsize=_BPE_CACHE_SIZE)(self._bpe_uncached)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._symbols)
+
+    def _merge(self, symbols: list[str]) -> list[str]:
+        """Apply merge rules to one pre-token until none applies, lowest rank first.
+
+        Each round merges every occurrence of the best-ranked adjacent pair, left to right and
+        without overlap ("a a a" + rule "a a" -> "aa a"), which is what the reference does.
+        """
+        ranks = self._ranks
+        while len(symbols) > 1:
+            best_rank, best = None, None
+            for pair in pairwise(symbols):
+                rank = ranks.get(pair)
+                if rank is not None and (best_rank is None or rank < best_rank):
+                    best_rank, best = rank, pair
+            if best is None:
+                break
+            first, second = best
+            merged: list[str] = []
+            i = 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and symbols[i] == first and symbols[i + 1] == second:
+                    merged.append(first + second)
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        return symbols
+
+    def _bpe_uncached(self, pre_token: str) -> tuple[int, ...]:
+        """Token ids of one byte-symbol pre-token (its last symbol carries the word-end mark)."""
+        if pre_token in (_SOT_TEXT, _EOT_TEXT):
+            return (self._ids[pre_token],)
+        symbols = [*pre_token[:-1], pre_token[-1] + _WORD_END]
+        return tuple(self._ids[s] for s in self._merge(symbols))
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` after cleanup, without start/end tokens."""
+        ids: list[int] = []
+        bpe_ids = self._bpe_ids
+        for pre_token in _PRE_TOKEN.findall(_clean(text)):
+            # UTF-8 bytes -> one symbol per byte (Latin-1 decoding maps byte b to code point b).
+            ids += bpe_ids(pre_token.encode("utf-8").decode("latin-1").translate(_BYTES_TO_SYMBOLS))
+        return ids
+
+    def decode(self, ids: Sequence[int] | IntArray) -> str:
+        """Text of token ids; word ends become spaces and invalid UTF-8 becomes U+FFFD (as OpenAI).
+
+        Special tokens decode to their names; padding zeros decode to "!", so pass only the ids
+        up to and including the end token of a `tokenize` row.
+        """
+        joined = "".join(self._symbols[int(i)] for i in ids)
+        return (
+            bytes(_SYMBOLS_TO_BYTES[c] for c in joined)
+            .decode("utf-8", errors="replace")
+            .replace(_WORD_END, " ")
+        )
+
+    def __call__(
+        self, texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH, truncate: Truncate = True
+    ) -> IntArray:
+        """Tokenize texts into a zero-padded (N, L) int64 array: SOT, ids, EOT, zeros.
+
+        Args:
+            texts: one text or a sequence of texts.
+            context_length: L, the number of positions per row (77 for all released CLIP models).
+            truncate: True cuts an over-long text to L positions ending in EOT (as open_clip and
+                OpenAI's `truncate=True` do) and logs a warning naming it; False or "strict"
+                raises instead.
+
+        Returns:
+            (N, L) int64 token ids.
+
+        Raises:
+            TextTooLongError: a text needs more than L positions and truncation is off.
+            ValueError: `context_length` < 2 or an unknown `truncate` value.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        if context_length < 2:
+            raise ValueError(
+                f"context_length must be >= 2 (room for start and end tokens), got {context_length}"
+            )
+        if truncate not in (True, False, "strict"):
+            raise ValueError(f"truncate must be True, False or 'strict', got {truncate!r}")
+        out = np.zeros((len(texts), context_length), dtype=np.int64)
+        for row, text in enumerate(texts):
+            ids = [SOT_TOKEN, *self.encode(text), EOT_TOKEN]
+            if len(ids) > context_length:
+                if truncate is not True:
+                    raise TextTooLongError(
+                        f"text {_quote(text)} is {len(ids)} tokens long (with start/end tokens), more than "
+                        f"the context length {context_length}; shorten it or pass truncate=True"
+                    )
+                logger.warning(
+                    "text %s is %d tokens long, truncated to the context length %d",
+                    _quote(text),
+                    len(ids),
+                    context_length,
+                )
+                ids = ids[:context_length]
+                ids[-1] = EOT_TOKEN
+            out[row, : len(ids)] = ids
+        return out
+
+
+def _quote(text: str) -> str:
+    """repr() of a text, shortened so a log line stays readable."""
+    if len(text) <= _WARN_TEXT_CHARS:
+        return repr(text)
+    return repr(text[: _WARN_TEXT_CHARS - 1] + "…")
+
+
+_lock = threading.Lock()
+_default: Tokenizer | None = None
+
+
+def get_tokenizer() -> Tokenizer:
+    """The shared tokenizer over the bundled vocabulary, built on first use (~0.3 s)."""
+    global _default
+    if _default is None:
+        with _lock:  # two threads asking at once build it once
+            if _default is None:
+                _default = Tokenizer()
+    return _default
+
+
+def tokenize(
+    texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH, truncate: Truncate = True
+) -> IntArray:
+    """Tokenize texts with the shared tokenizer; see `Tokenizer.__call__`.
+
+    Example:
+        >>> tokenize(["a diagram", "a dog"])[:, :4]
+        array([[49406,   320, 22697, 49407],
+               [49406,   320,  1929, 49407]])
+    """
+    return get_tokenizer()(texts, context_length=context_length, truncate=truncate)
