@@ -53,3 +53,18 @@ def image_folder(tmp_path: Path, fakes: ModuleType) -> Path:
     fakes.write_images(root, 20)
     fakes.write_images(root / "sub", 5, prefix="deep", seed=1)
     return root
+
+
+@pytest.fixture
+def mixed_folder(tmp_path: Path, fakes: ModuleType) -> tuple[Path, list[str], list[str]]:
+    """12 good JPEGs plus a truncated JPEG, an empty file and a text file named .jpg.
+
+    Returns (folder, good ids, bad ids), ids sorted.
+    """
+    root = tmp_path / "mixed"
+    good = fakes.write_images(root, 12)
+    (root / "bad-empty.jpg").write_bytes(b"")
+    (root / "bad-text.jpg").write_text("this is not an image\n" * 10)
+    (root / "bad-truncated.jpg").write_bytes(good[0].read_bytes()[:60])
+    good_ids = sorted(p.name for p in good)
+    return root, good_ids, ["bad-empty.jpg", "bad-text.jpg", "bad-truncated.jpg"]

@@ -64,7 +64,9 @@ class FakeBackendFactory:
         return backend
 
 
-def write_images(folder: Path, n: int, *, prefix: str = "img", ext: str = ".jpg", seed: int = 0) -> list[Path]:
+def write_images(
+    folder: Path, n: int, *, prefix: str = "img", ext: str = ".jpg", seed: int = 0
+) -> list[Path]:
     """Write `n` small distinct RGB images (varying sizes) named `<prefix>-0007<ext>`."""
     from PIL import Image
 

@@ -1,0 +1,86 @@
+"""`clipengine bench`: the seed's block with consistent arithmetic, the table, JSON and the plot."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
+import pytest
+from typer.testing import CliRunner
+
+from clipengine.cli import embed as embed_cli
+from clipengine.cli.app import app, main
+
+_TESTS = Path(__file__).parents[1]
+
+
+def _load(name: str, path: Path) -> ModuleType:
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    root = tmp_path / "imgs"
+    _load("pipeline_fakes", _TESTS / "pipeline" / "fakes.py").write_images(root, 10)
+    return root
+
+
+@pytest.fixture
+def fake_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    from clipengine.image.preprocess import PreprocessConfig
+
+    def load(opts: embed_cli.ModelOptions) -> SimpleNamespace:
+        backend = _load("pipeline_fakes", _TESTS / "pipeline" / "fakes.py").FakeBackend(image_size=32)
+        return SimpleNamespace(backend=backend, preprocess_cfg=PreprocessConfig(image_size=32), name="fake")
+
+    monkeypatch.setattr(embed_cli, "load_clip", load)
+
+
+def _check_seed_block(text: str, n: int) -> None:
+    lines = text.splitlines()
+    assert lines[0] == f"Total images: {n}"
+    total = float(re.fullmatch(r"Total time use: ([\d.]+)ms", lines[1]).group(1))  # type: ignore[union-attr]
+    avg = float(re.fullmatch(r"Avg time use: ([\d.]+)ms", lines[2]).group(1))  # type: ignore[union-attr]
+    fps = float(re.fullmatch(r"([\d.]+) FPS", lines[3]).group(1))  # type: ignore[union-attr]
+    assert total > 0
+    assert abs(avg * n - total) <= 0.00005 * n + 0.005  # avg x N = total, to the printed digits
+    assert abs(fps - 1000.0 / avg) <= 0.005 + 1000.0 * 0.00005 / avg**2  # FPS = 1000 / avg
+
+
+def test_bench_prints_seed_block_and_table(folder: Path, tmp_path: Path, fake_load) -> None:  # type: ignore[no-untyped-def]
+    plot = tmp_path / "bench.png"
+    result = CliRunner().invoke(
+        app, ["bench", str(folder), "--batch", "1,4", "--workers", "0", "--plot", str(plot)]
+    )
+    assert result.exit_code == 0, result.output
+    _check_seed_block(result.output, 10)
+    header = next(line for line in result.output.splitlines() if "decode+preprocess ms/img" in line)
+    assert "inference ms/img" in header and "end-to-end img/s" in header and "text x4 ms" in header
+    rows = result.output.split(header)[1].splitlines()[2:4]
+    assert [r.split()[0] for r in rows] == ["1", "4"]
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_json(folder: Path, fake_load, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["bench", str(folder), "--batch", "2", "--workers", "1", "--json", "--limit", "6"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["images"] == 6 and data["workers"] == 1
+    assert data["avg_ms"] * 6 == pytest.approx(data["total_ms"]) and data["fps"] == pytest.approx(
+        1000 / data["avg_ms"]
+    )
+    assert data["batches"][0]["text_batch4"]["n"] == 10
+
+
+def test_bad_batch_list_is_a_usage_error(folder: Path, fake_load) -> None:  # type: ignore[no-untyped-def]
+    assert main(["bench", str(folder), "--batch", "1,x"]) == 2
+    assert main(["bench", str(folder), "--batch", "0"]) == 2

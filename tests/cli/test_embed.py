@@ -1,0 +1,132 @@
+"""`clipengine embed` end to end: fake backend through the load hook, and the tiny CLIP checkpoint."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from clipengine.cli import embed as embed_cli
+from clipengine.cli.app import app, main
+from clipengine.pipeline.sinks import read_embeddings, read_failures
+
+_FAKES = Path(__file__).parents[1] / "pipeline" / "fakes.py"
+
+
+def _fakes() -> ModuleType:
+    if "pipeline_fakes" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("pipeline_fakes", _FAKES)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["pipeline_fakes"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["pipeline_fakes"]
+
+
+@pytest.fixture
+def fake_load(monkeypatch: pytest.MonkeyPatch) -> list[embed_cli.ModelOptions]:
+    """Replace model loading with the fake backend; returns the options each load was asked for."""
+    from clipengine.image.preprocess import PreprocessConfig
+
+    asked: list[embed_cli.ModelOptions] = []
+
+    def load(opts: embed_cli.ModelOptions) -> SimpleNamespace:
+        asked.append(opts)
+        backend = _fakes().FakeBackend(embed_dim=8, image_size=32)
+        return SimpleNamespace(backend=backend, preprocess_cfg=PreprocessConfig(image_size=32), name="fake")
+
+    monkeypatch.setattr(embed_cli, "load_clip", load)
+    return asked
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    root = tmp_path / "photos"
+    _fakes().write_images(root, 9)
+    _fakes().write_images(root / "NESTED", 2, prefix="UP", ext=".JPG")
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "readme.txt").write_text("not listed: not an image extension")
+    return root
+
+
+def test_embed_writes_shards_and_summary(folder: Path, tmp_path: Path, fake_load) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "out"
+    args = ["embed", str(folder), "-o", str(out), "--workers", "0", "--shard-size", "4", "--batch", "3"]
+    result = CliRunner().invoke(app, [*args, "--no-progress", "--model", "RN50", "--pretrained", "openai"])
+    assert result.exit_code == 0, result.output
+    assert "Embedded 11 images" in result.output
+    assert f"Failed: 1 (listed in {out / 'failures.jsonl'})" in result.output
+    assert fake_load[0].model == "RN50" and fake_load[0].label == "RN50@openai"
+    ids, vectors, meta = read_embeddings(out)
+    assert ids[:2] == ["NESTED/UP-0000.JPG", "NESTED/UP-0001.JPG"] and len(ids) == 11
+    assert vectors.shape == (11, 8) and meta["model"] == "RN50@openai" and meta["dtype"] == "float16"
+    assert meta["source"] == str(folder)
+    assert [f.id for f in read_failures(out)] == ["empty.jpg"]
+    assert sorted(p.name for p in (out / "shards").glob("*.npy")) == [f"part-0000{i}.npy" for i in range(3)]
+
+
+def test_embed_json_and_float32(folder: Path, tmp_path: Path, fake_load) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["embed", str(folder), "-o", str(out), "--workers", "1", "--dtype", "float32", "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert (
+        data["embedded"] == 11
+        and data["failed_total"] == 1
+        and data["failures_file"].endswith("failures.jsonl")
+    )
+    assert np.load(out / "shards" / "part-00000.npy").dtype == np.float32
+
+
+def test_file_list_source(folder: Path, tmp_path: Path, fake_load) -> None:  # type: ignore[no-untyped-def]
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{folder / 'img-0003.jpg'}\nphotos/img-0001.jpg\nphotos/missing.jpg\n")
+    out = tmp_path / "out"
+    assert main(["embed", str(listing), "-o", str(out), "--workers", "0", "--no-progress"]) == 0
+    ids, _, _ = read_embeddings(out)
+    assert ids == [str(folder / "img-0003.jpg"), "photos/img-0001.jpg"]
+    assert [f.id for f in read_failures(out)] == ["photos/missing.jpg"]
+
+
+def test_other_model_in_same_output_is_a_one_line_error(
+    folder: Path, tmp_path: Path, fake_load, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    out = str(tmp_path / "out")
+    assert main(["embed", str(folder), "-o", out, "--workers", "0", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert (
+        main(["embed", str(folder), "-o", out, "--workers", "0", "--no-progress", "--model", "ViT-L-14"]) == 1
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "model='ViT-B-32'" in err and "model='ViT-L-14'" in err
+
+
+def test_bad_options_are_usage_errors(folder: Path, tmp_path: Path, fake_load) -> None:  # type: ignore[no-untyped-def]
+    out = str(tmp_path / "out")
+    assert main(["embed", str(folder), "-o", out, "--dtype", "int8"]) == 2
+    assert main(["embed", str(folder), "-o", out, "--engine", "spark"]) == 2
+    assert main(["embed", str(tmp_path / "nowhere"), "-o", out]) == 1
+    assert fake_load == []  # nothing loaded for invalid input
+
+
+def test_embed_with_tiny_checkpoint(tiny_model, folder: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The real path: a torch.save(state_dict) checkpoint through clipengine.api.load."""
+    import torch
+
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(tiny_model.state_dict(), ckpt)
+    out = tmp_path / "out"
+    code = main(
+        ["embed", str(folder), "-o", str(out), "--checkpoint", str(ckpt), "--workers", "0", "--no-progress"]
+    )
+    assert code == 0
+    ids, vectors, meta = read_embeddings(out)
+    assert len(ids) == 11 and vectors.shape == (11, 32)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=2e-3)
+    assert meta["embed_dim"] == 32 and meta["model"] == str(ckpt.resolve())

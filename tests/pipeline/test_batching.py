@@ -1,0 +1,64 @@
+"""Parallel decode + preprocess into fixed-size batches; bad inputs become Failure records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipengine.pipeline.batching import LoadStats, iter_batches, load_chunk
+from clipengine.pipeline.sources import list_items
+from clipengine.types import Failure
+
+
+def test_batches_have_exact_sizes_and_keep_input_order(image_folder: Path, preprocess_cfg) -> None:  # type: ignore[no-untyped-def]
+    items = list_items(image_folder)
+    batches = list(iter_batches(items, preprocess_cfg, batch_size=8))
+    assert [len(b.ids) for b in batches] == [8, 8, 8, 1]
+    assert [i for b in batches for i in b.ids] == [i.id for i in items]
+    for b in batches:
+        assert b.pixels.shape == (len(b.ids), 3, 32, 32) and b.pixels.dtype == np.float32
+        assert len(b.sizes) == len(b.ids) and not b.failures
+
+
+def test_worker_processes_give_the_same_batches_as_in_process(image_folder: Path, preprocess_cfg) -> None:  # type: ignore[no-untyped-def]
+    items = list_items(image_folder)
+    inline = list(iter_batches(items, preprocess_cfg, batch_size=8, workers=0))
+    stats = LoadStats()
+    pooled = list(iter_batches(items, preprocess_cfg.to_dict(), batch_size=8, workers=2, stats=stats))
+    assert [b.ids for b in pooled] == [b.ids for b in inline]
+    assert [b.sizes for b in pooled] == [b.sizes for b in inline]
+    for a, b in zip(inline, pooled, strict=True):
+        np.testing.assert_array_equal(a.pixels, b.pixels)
+    assert stats.images == len(items) and stats.failures == 0
+    assert stats.decode_s > 0 and stats.preprocess_s > 0
+
+
+def test_bad_inputs_become_failures_and_do_not_shrink_batches(mixed_folder, preprocess_cfg) -> None:  # type: ignore[no-untyped-def]
+    root, good_ids, bad_ids = mixed_folder
+    stats = LoadStats()
+    batches = list(iter_batches(list_items(root), preprocess_cfg, batch_size=5, stats=stats))
+    assert [len(b.ids) for b in batches] == [5, 5, 2]  # 12 good images, batches refilled past the bad ones
+    assert [i for b in batches for i in b.ids] == good_ids
+    failures = [f for b in batches for f in b.failures]
+    assert sorted(f.id for f in failures) == bad_ids
+    assert all(isinstance(f, Failure) and f.reason for f in failures)
+    assert stats.failures == 3 and stats.images == 12
+
+
+def test_missing_file_and_bytes_sources(tmp_path: Path, image_folder: Path, preprocess_cfg) -> None:  # type: ignore[no-untyped-def]
+    good = next(image_folder.glob("*.jpg"))
+    chunk = load_chunk(
+        [("gone.jpg", str(tmp_path / "gone.jpg")), ("bytes.jpg", good.read_bytes()), ("junk", b"\x00\x01")],
+        preprocess_cfg.to_dict(),
+    )
+    assert chunk.ids == ["bytes.jpg"] and chunk.pixels.shape == (1, 3, 32, 32)
+    reasons = {f.id: f.reason for f in chunk.failures}
+    assert set(reasons) == {"gone.jpg", "junk"}
+    assert "cannot read file" in reasons["gone.jpg"]
+
+
+def test_batch_size_must_be_positive(preprocess_cfg) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match="batch_size"):
+        list(iter_batches([], preprocess_cfg, batch_size=0))

@@ -1,0 +1,90 @@
+"""Rendering of run stats and bench results; the seed block's arithmetic."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from clipengine.bench.timing import BatchBench, BenchResult, Timing
+from clipengine.pipeline.run import RunStats
+from clipengine.report import plot_throughput, render_bench, render_run_stats, seed_block
+
+
+def _result(images: int, total_ms: float) -> BenchResult:
+    rows = [
+        BatchBench(
+            b, images, total_ms / (i + 1), 1.25, 0.5 / (i + 1), Timing((1.0, 2.0, 3.0)), Timing((4.0,))
+        )
+        for i, b in enumerate((1, 8, 32))
+    ]
+    return BenchResult(images, 0, "fake", "cpu", "fp32", 2, rows, model="tiny")
+
+
+def parse_seed_block(text: str) -> tuple[int, float, float, float]:
+    """(images, total ms, avg ms, fps) from the seed's four lines."""
+    n = int(re.search(r"^Total images: (\d+)$", text, re.M).group(1))  # type: ignore[union-attr]
+    total = float(re.search(r"^Total time use: ([\d.]+)ms$", text, re.M).group(1))  # type: ignore[union-attr]
+    avg = float(re.search(r"^Avg time use: ([\d.]+)ms$", text, re.M).group(1))  # type: ignore[union-attr]
+    fps = float(re.search(r"^([\d.]+) FPS$", text, re.M).group(1))  # type: ignore[union-attr]
+    return n, total, avg, fps
+
+
+def check_seed_arithmetic(text: str) -> None:
+    """avg x N = total and FPS = 1000 / avg, up to the printed precision."""
+    n, total, avg, fps = parse_seed_block(text)
+    assert abs(avg * n - total) <= 0.00005 * n + 0.005
+    assert abs(fps - 1000.0 / avg) <= 0.005 + 1000.0 / avg * (0.00005 / avg)
+
+
+@pytest.mark.parametrize(("images", "total_ms"), [(1000, 12345.678), (3, 10.0), (7, 0.123), (1000, 987654.3)])
+def test_seed_block_arithmetic_is_consistent(images: int, total_ms: float) -> None:
+    text = seed_block(_result(images, total_ms))
+    assert text.splitlines()[0] == f"Total images: {images}"
+    check_seed_arithmetic(text)
+
+
+def test_bench_text_has_seed_block_then_a_row_per_batch_size() -> None:
+    text = render_bench(_result(1000, 5000.0))
+    lines = text.splitlines()
+    assert lines[:4] == [
+        "Total images: 1000",
+        "Total time use: 5000.00ms",
+        "Avg time use: 5.0000ms",
+        "200.00 FPS",
+    ]
+    header = next(line for line in lines if "decode+preprocess ms/img" in line)
+    assert "inference ms/img" in header and "end-to-end img/s" in header and "text x4 ms" in header
+    rows = [line.split() for line in lines[lines.index(header) + 2 :]]
+    assert [r[0] for r in rows] == ["1", "8", "32"]
+    assert rows[0][1:] == ["1.250", "0.500", "200.0", "4.000"]
+
+
+def test_bench_json_and_markdown() -> None:
+    result = _result(10, 50.0)
+    data = json.loads(render_bench(result, "json"))
+    assert (
+        data["images"] == 10 and data["avg_ms"] == pytest.approx(5.0) and data["fps"] == pytest.approx(200.0)
+    )
+    assert [b["batch_size"] for b in data["batches"]] == [1, 8, 32]
+    assert "| batch |" in render_bench(result, "markdown")
+    with pytest.raises(ValueError, match="unknown format"):
+        render_bench(result, "html")
+
+
+def test_run_stats_summary_names_failures_file(tmp_path: Path) -> None:
+    stats = RunStats(
+        images=10, embedded=8, failed=2, failed_total=2, infer_s=0.5, wall_s=2.0, shards_written=1
+    )
+    text = render_run_stats(stats, failures_path=tmp_path / "failures.jsonl")
+    assert "Embedded 8 images" in text and "4.0 img/s" in text
+    assert f"Failed: 2 (listed in {tmp_path / 'failures.jsonl'})" in text
+    data = json.loads(render_run_stats(stats, "json"))
+    assert data["fps"] == 4.0 and data["per_image_ms"]["infer"] == pytest.approx(50.0)
+
+
+def test_plot_writes_a_png(tmp_path: Path) -> None:
+    path = plot_throughput(_result(100, 1000.0), tmp_path / "plots" / "bench.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

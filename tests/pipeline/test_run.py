@@ -1,0 +1,122 @@
+"""run_partition / embed_folder: exact batching, failures, resume, refusing mixed runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipengine.errors import IndexMismatchError
+from clipengine.pipeline.run import embed_folder, run_partition
+from clipengine.pipeline.sinks import ShardSink, read_embeddings, read_failures
+from clipengine.pipeline.sources import list_items, partitions
+
+
+def test_run_partition_batch_sizes_per_partition(image_folder: Path, preprocess_cfg, fake_backend) -> None:  # type: ignore[no-untyped-def]
+    items = list_items(image_folder)  # 25 images
+    sink = ShardSink(image_folder.parent / "out")
+    per_partition = []
+    for part in partitions(items, 10):
+        before = len(fake_backend.calls)
+        stats = run_partition(
+            part.items, fake_backend, sink, partition_id=part.id, preprocess_cfg=preprocess_cfg, batch_size=4
+        )
+        per_partition.append(fake_backend.calls[before:])
+        assert stats.batch_sizes == per_partition[-1]
+        assert stats.embedded == len(part.items) and stats.shards_written == 1
+    assert per_partition == [[4, 4, 2], [4, 4, 2], [4, 1]]
+
+
+def test_run_partition_skips_a_complete_shard_without_building_the_backend(
+    image_folder: Path, preprocess_cfg, fake_factory
+) -> None:  # type: ignore[no-untyped-def]
+    items = list_items(image_folder)[:6]
+    sink = ShardSink(image_folder.parent / "out")
+    run_partition(items, fake_factory, sink, partition_id=0, preprocess_cfg=preprocess_cfg)
+    assert len(fake_factory.built) == 1
+    stats = run_partition(items, fake_factory, sink, partition_id=0, preprocess_cfg=preprocess_cfg)
+    assert (stats.shards_skipped, stats.skipped, stats.embedded) == (1, 6, 0)
+    assert len(fake_factory.built) == 1
+
+
+def test_embed_folder_embeds_every_good_image_and_lists_every_bad_one(
+    mixed_folder, tmp_path: Path, preprocess_cfg, fake_factory
+) -> None:  # type: ignore[no-untyped-def]
+    root, good_ids, bad_ids = mixed_folder
+    out = tmp_path / "out"
+    stats = embed_folder(root, out, fake_factory, preprocess_cfg, model="fake", workers=0, shard_size=4)
+    ids, vectors, meta = read_embeddings(out)
+    assert ids == good_ids and len(set(ids)) == len(ids)
+    assert vectors.shape == (12, 8)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=2e-3)  # float16 on disk
+    failures = read_failures(out)
+    assert sorted(f.id for f in failures) == bad_ids and all(f.reason for f in failures)
+    assert (stats.embedded, stats.failed, stats.failed_total) == (12, 3, 3)
+    assert meta["status"] == "complete" and meta["model"] == "fake" and meta["embed_dim"] == 8
+    assert meta["counts"] == {"images": 15, "embedded": 12, "failed": 3}
+    assert meta["partitions"] == 4
+    rows = [json.loads(line) for line in (out / "shards" / "part-00000.jsonl").read_text().splitlines()]
+    assert set(rows[0]) == {"path", "index", "width", "height"}
+
+
+def test_rerun_of_a_finished_output_recomputes_nothing(
+    image_folder: Path, tmp_path: Path, preprocess_cfg, fakes
+) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "out"
+    first = fakes.FakeBackendFactory()
+    embed_folder(image_folder, out, first, preprocess_cfg, model="fake", workers=0, shard_size=10)
+    again = fakes.FakeBackendFactory()
+    stats = embed_folder(image_folder, out, again, preprocess_cfg, model="fake", workers=0, shard_size=10)
+    assert (stats.shards_written, stats.shards_skipped, stats.skipped) == (0, 3, 25)
+    assert again.built == []  # no model loaded when there is nothing to do
+    assert read_embeddings(out)[0] == [i.id for i in list_items(image_folder)]
+
+
+def test_interrupted_run_resumes_to_the_same_result(
+    image_folder: Path, tmp_path: Path, preprocess_cfg, fakes
+) -> None:  # type: ignore[no-untyped-def]
+    reference = tmp_path / "ref"
+    embed_folder(image_folder, reference, fakes.FakeBackendFactory(), preprocess_cfg, model="fake", workers=0, shard_size=10, batch_size=4)  # fmt: skip
+    out = tmp_path / "out"
+    seen = []
+
+    def stop_in_second_partition(n: int) -> None:
+        seen.append(n)
+        if sum(seen) > 14:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        embed_folder(image_folder, out, fakes.FakeBackendFactory(), preprocess_cfg, model="fake", workers=0, shard_size=10, batch_size=4, progress=stop_in_second_partition)  # fmt: skip
+    stats = embed_folder(image_folder, out, fakes.FakeBackendFactory(), preprocess_cfg, model="fake", workers=0, shard_size=10, batch_size=4)  # fmt: skip
+    assert (stats.shards_skipped, stats.shards_written) == (1, 2)
+    ref_ids, ref_vectors, _ = read_embeddings(reference)
+    ids, vectors, _ = read_embeddings(out)
+    assert ids == ref_ids
+    np.testing.assert_array_equal(vectors, ref_vectors)
+
+
+def test_workers_do_not_change_the_result(image_folder: Path, tmp_path: Path, preprocess_cfg, fakes) -> None:  # type: ignore[no-untyped-def]
+    embed_folder(
+        image_folder, tmp_path / "a", fakes.FakeBackendFactory(), preprocess_cfg, workers=0, shard_size=7
+    )
+    stats = embed_folder(image_folder, tmp_path / "b", fakes.FakeBackendFactory(), preprocess_cfg, workers=2, shard_size=7)  # fmt: skip
+    a, b = read_embeddings(tmp_path / "a"), read_embeddings(tmp_path / "b")
+    assert a[0] == b[0]
+    np.testing.assert_array_equal(a[1], b[1])
+    assert stats.fps > 0 and stats.decode_s > 0 and stats.infer_s > 0
+
+
+def test_output_of_another_model_or_dim_is_refused(
+    image_folder: Path, tmp_path: Path, preprocess_cfg, fakes
+) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "out"
+    embed_folder(image_folder, out, fakes.FakeBackendFactory(), preprocess_cfg, model="fake", workers=0)
+    with pytest.raises(IndexMismatchError, match="model='fake'.*model='other'"):
+        embed_folder(image_folder, out, fakes.FakeBackendFactory(), preprocess_cfg, model="other", workers=0)
+    (out / "shards" / "part-00000.jsonl").unlink()  # force work so the backend gets built
+    with pytest.raises(IndexMismatchError, match="embed_dim=8.*embed_dim=16"):
+        embed_folder(image_folder, out, fakes.FakeBackendFactory(embed_dim=16), preprocess_cfg, model="fake", workers=0)  # fmt: skip
+    with pytest.raises(IndexMismatchError, match="--shard-size 1000"):
+        embed_folder(image_folder, out, fakes.FakeBackendFactory(), preprocess_cfg, model="fake", workers=0, shard_size=5)  # fmt: skip

@@ -1,0 +1,45 @@
+"""Benchmark primitives and the full-pipeline benchmark with the fake backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipengine.bench.timing import bench_pipeline, percentile, time_call
+from clipengine.pipeline.sources import list_items
+
+
+def test_time_call_warms_up_then_repeats() -> None:
+    calls = []
+    timing = time_call(lambda: calls.append(1), warmup=3, repeats=5)
+    assert len(calls) == 8 and len(timing.samples_ms) == 5
+    assert timing.p50_ms <= timing.p90_ms <= timing.p99_ms <= max(timing.samples_ms)
+
+
+def test_percentile_interpolates() -> None:
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([], 90) == 0.0
+
+
+def test_bench_pipeline_rows_per_batch_size(image_folder: Path, preprocess_cfg, fake_backend) -> None:  # type: ignore[no-untyped-def]
+    items = list_items(image_folder)
+    tokens = np.ones((4, 77), dtype=np.int64)
+    result = bench_pipeline(items, fake_backend, preprocess_cfg, [1, 8], warmup=1, text_tokens=tokens)
+    assert [b.batch_size for b in result.batches] == [1, 8]
+    assert result.images == 25 and result.failed == 0
+    assert result.total_ms == result.batches[0].wall_ms
+    assert result.avg_ms * 25 == pytest.approx(result.total_ms)
+    assert result.fps == pytest.approx(1000.0 / result.avg_ms)
+    eight = result.batches[1]
+    assert len(eight.infer_batch.samples_ms) == 4  # 8 + 8 + 8 + 1
+    assert eight.text is not None and len(eight.text.samples_ms) == 10
+    assert eight.decode_preprocess_ms_per_image > 0 and eight.end_to_end_fps > 0
+    # warm-up calls run on zeros of each batch size before the timed pass
+    assert fake_backend.calls[:1] == [1] and fake_backend.calls[26:27] == [8]
+
+
+def test_bench_rejects_bad_input(fake_backend) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match="no images"):
+        bench_pipeline([], fake_backend, {})
