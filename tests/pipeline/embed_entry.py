@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from clipengine.image.preprocess import PreprocessConfig
 from fakes import FakeBackendFactory  # this script's folder is on sys.path
 
-from clipengine.image.preprocess import PreprocessConfig
 from clipengine.pipeline.run import embed_folder
 
 

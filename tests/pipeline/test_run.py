@@ -113,10 +113,10 @@ def test_output_of_another_model_or_dim_is_refused(
 ) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "out"
     embed_folder(image_folder, out, fakes.FakeBackendFactory(), preprocess_cfg, model="fake", workers=0)
-    with pytest.raises(IndexMismatchError, match="model='fake'.*model='other'"):
+    with pytest.raises(IndexMismatchError, match=r"model='fake'.*model='other'"):
         embed_folder(image_folder, out, fakes.FakeBackendFactory(), preprocess_cfg, model="other", workers=0)
     (out / "shards" / "part-00000.jsonl").unlink()  # force work so the backend gets built
-    with pytest.raises(IndexMismatchError, match="embed_dim=8.*embed_dim=16"):
+    with pytest.raises(IndexMismatchError, match=r"embed_dim=8.*embed_dim=16"):
         embed_folder(image_folder, out, fakes.FakeBackendFactory(embed_dim=16), preprocess_cfg, model="fake", workers=0)  # fmt: skip
     with pytest.raises(IndexMismatchError, match="--shard-size 1000"):
         embed_folder(image_folder, out, fakes.FakeBackendFactory(), preprocess_cfg, model="fake", workers=0, shard_size=5)  # fmt: skip
