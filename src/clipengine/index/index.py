@@ -1,0 +1,414 @@
+"""The image index: faiss inner-product search over unit vectors, with ids, sizes and model identity beside it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from ..errors import DuplicateIdError, IndexFileError, IndexMismatchError
+from . import store
+from .ann import IndexParams, choose_params, create_faiss_index, search_parameters
+
+if TYPE_CHECKING:
+    import faiss
+
+    from ..types import FloatArray, ImageInput
+
+__all__ = ["Hit", "Index", "QueryModel", "sizes_from_rows"]
+
+log = logging.getLogger(__name__)
+
+Hit = tuple[str, float]  # (id, cosine similarity)
+# Header fields the Index itself owns; any other header field is kept in Index.extra.
+_HEADER_KEYS = frozenset(
+    {
+        "format",
+        "version",
+        "generation",
+        "files",
+        "sizes",
+        "kind",
+        "exact",
+        "params",
+        "count",
+        "dim",
+        "model",
+        "pretrained",
+        "image_roots",
+        "created",
+        "updated",
+    }
+)
+
+
+class QueryModel(Protocol):
+    """What searching by text or image needs from a model (clipengine.api.ClipModel satisfies it)."""
+
+    name: str
+    embed_dim: int
+
+    def encode_texts(self, texts: Sequence[str]) -> FloatArray: ...
+
+    def encode_images(self, images: Any, batch_size: int = 32) -> FloatArray: ...
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _as_unit_matrix(vectors: Any, dim: int | None, what: str) -> FloatArray:
+    x = np.asarray(vectors, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2:
+        raise ValueError(f"{what} must be a (N, D) matrix, got shape {x.shape}")
+    if dim is not None and x.shape[1] != dim:
+        raise IndexMismatchError(
+            f"{what} have dimension {x.shape[1]} but the index holds {dim}-d embeddings; "
+            "use the model the index was built with"
+        )
+    if not np.isfinite(x).all():
+        raise ValueError(f"{what} contain NaN or infinite values")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    # Inner product equals cosine only on unit vectors; re-normalise defensively (zero rows stay zero).
+    return np.ascontiguousarray(np.divide(x, norms, out=np.zeros_like(x), where=norms > 0))
+
+
+def _size_row(id_: str, size: tuple[int, int] | None) -> dict[str, Any]:
+    row: dict[str, Any] = {"id": id_}
+    if size is not None:
+        row["width"], row["height"] = int(size[0]), int(size[1])
+    return row
+
+
+class Index:
+    """A searchable set of image embeddings tied to the model that produced them.
+
+    Rows are positional: faiss label i is ids[i]. Ids are unique; `add` refuses (or skips) ids
+    already present instead of updating them, because approximate faiss structures cannot replace
+    a vector in place. Build with `Index.build`, extend with `add`, persist with `save`/`load`.
+
+    Example:
+        >>> idx = Index.build(ids, vectors, model="tiny-synth")
+        >>> idx.search_vectors(vectors[:1], k=5)[0][0][0] == ids[0]
+        True
+    """
+
+    def __init__(
+        self,
+        faiss_index: faiss.Index,
+        ids: list[str],
+        sizes: list[tuple[int, int] | None],
+        *,
+        model: str,
+        dim: int,
+        params: IndexParams,
+        pretrained: str | None = None,
+        image_roots: Sequence[str] = (),
+        created: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        if faiss_index.ntotal != len(ids) or len(ids) != len(sizes):
+            raise IndexFileError(
+                f"index holds {faiss_index.ntotal} vectors but {len(ids)} ids / {len(sizes)} size rows"
+            )
+        self._faiss = faiss_index
+        self._ids = list(ids)
+        self._sizes = list(sizes)
+        self._pos = {id_: i for i, id_ in enumerate(self._ids)}
+        if len(self._pos) != len(self._ids):
+            raise DuplicateIdError("index ids are not unique")
+        self.model = model
+        self.pretrained = pretrained
+        self.dim = int(dim)
+        self.params = params
+        self.image_roots = [str(r) for r in image_roots]
+        self.created = created or _now()
+        self.updated = self.created
+        self.extra = dict(extra or {})  # free-form header fields (e.g. precision) kept across save/load
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def build(
+        cls,
+        ids: Sequence[str],
+        vectors: Any,
+        *,
+        model: str,
+        pretrained: str | None = None,
+        sizes: Sequence[tuple[int, int] | None] | None = None,
+        image_roots: Sequence[str | Path] = (),
+        kind: str = "auto",
+        dim: int | None = None,
+        extra: dict[str, Any] | None = None,
+        **params: int | None,
+    ) -> Index:
+        """Build an index from (N, D) embeddings.
+
+        Args:
+            ids: N unique ids (usually image paths relative to one of `image_roots`).
+            vectors: (N, D) float32 embeddings (re-normalised to unit length here).
+            model: name of the model that produced them (ClipModel.name); queries must use the same.
+            pretrained: optional weights tag, recorded in the header.
+            sizes: optional original (width, height) per id.
+            image_roots: folders the ids are relative to (used by `resolve` and the server).
+            kind: "auto" (exact IndexFlatIP up to ann.AUTO_EXACT_MAX vectors, IVF-Flat above),
+                "flat", "ivf", "ivfpq" or "hnsw".
+            dim: expected D (required when N == 0).
+            extra: free-form header fields to keep.
+            **params: ann.IndexParams overrides (nlist, nprobe, pq_m, hnsw_m, ef_construction, ef_search).
+
+        Raises:
+            DuplicateIdError: repeated ids. IndexMismatchError: vectors of the wrong dim.
+        """
+        if dim is None:
+            arr = np.asarray(vectors)
+            if arr.ndim != 2:
+                raise ValueError(
+                    f"vectors must be a (N, D) matrix, got shape {arr.shape}; pass dim= for N == 0"
+                )
+            dim = int(arr.shape[1])
+        x = _as_unit_matrix(vectors, dim, "vectors") if len(ids) else np.zeros((0, dim), np.float32)
+        cls._check_rows(ids, x, sizes)
+        t0 = time.perf_counter()
+        chosen = choose_params(len(x), dim, kind, **params)
+        index = create_faiss_index(
+            dim, chosen, train_vectors=x if not chosen.exact and chosen.kind != "hnsw" else None
+        )
+        if len(x):
+            index.add(x)
+        log.info(
+            "built %s index of %d vectors (D=%d) in %.2fs", chosen.kind, len(x), dim, time.perf_counter() - t0
+        )
+        return cls(
+            index,
+            list(ids),
+            list(sizes) if sizes is not None else [None] * len(ids),
+            model=model,
+            dim=dim,
+            params=chosen,
+            pretrained=pretrained,
+            image_roots=[str(r) for r in image_roots],
+            extra=extra,
+        )
+
+    @staticmethod
+    def _check_rows(ids: Sequence[str], x: FloatArray, sizes: Sequence[Any] | None) -> None:
+        if len(ids) != len(x):
+            raise ValueError(f"{len(ids)} ids but {len(x)} vectors")
+        if sizes is not None and len(sizes) != len(ids):
+            raise ValueError(f"{len(ids)} ids but {len(sizes)} sizes")
+        if len(set(ids)) != len(ids):
+            seen: set[str] = set()
+            dup = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
+            raise DuplicateIdError(f"id {dup!r} appears more than once in the input")
+
+    def add(
+        self,
+        ids: Sequence[str],
+        vectors: Any,
+        *,
+        sizes: Sequence[tuple[int, int] | None] | None = None,
+        on_duplicate: str = "error",
+    ) -> int:
+        """Append embeddings without rebuilding (IVF keeps its trained centroids); return how many were added.
+
+        Args:
+            ids, vectors, sizes: as in `build`.
+            on_duplicate: "error" (raise DuplicateIdError naming the first id already present) or
+                "skip" (ignore rows whose id is already indexed, e.g. re-adding a grown embed folder).
+
+        Raises:
+            IndexMismatchError: vectors of another dimension. DuplicateIdError: see on_duplicate.
+        """
+        if on_duplicate not in ("error", "skip"):
+            raise ValueError(f"on_duplicate must be 'error' or 'skip', got {on_duplicate!r}")
+        x = _as_unit_matrix(vectors, self.dim, "vectors") if len(ids) else np.zeros((0, self.dim), np.float32)
+        self._check_rows(ids, x, sizes)
+        size_list = list(sizes) if sizes is not None else [None] * len(ids)
+        keep = [i for i, id_ in enumerate(ids) if id_ not in self._pos]
+        if len(keep) != len(ids) and on_duplicate == "error":
+            dup = next(id_ for id_ in ids if id_ in self._pos)
+            raise DuplicateIdError(
+                f"id {dup!r} is already in the index ({len(ids) - len(keep)} of {len(ids)} ids are); "
+                "pass on_duplicate='skip' to add only new ids"
+            )
+        if not keep:
+            return 0
+        self._faiss.add(np.ascontiguousarray(x[keep]))
+        for i in keep:
+            self._pos[ids[i]] = len(self._ids)
+            self._ids.append(ids[i])
+            self._sizes.append(size_list[i])
+        self.updated = _now()
+        return len(keep)
+
+    # ------------------------------------------------------------------ identity
+    def check_model(self, model: str, dim: int | None = None) -> None:
+        """Raise IndexMismatchError unless `model` (and `dim`) are the ones the index was built with."""
+        if model != self.model:
+            raise IndexMismatchError(
+                f"index was built with model {self.model!r} but {model!r} is in use; query with "
+                f"--model {self.model} (or rebuild the index with {model!r})"
+            )
+        if dim is not None and int(dim) != self.dim:
+            raise IndexMismatchError(f"index holds {self.dim}-d embeddings but the model produces {dim}-d")
+
+    # ------------------------------------------------------------------ searching
+    def search_vectors(
+        self, queries: Any, k: int = 10, *, nprobe: int | None = None, ef_search: int | None = None
+    ) -> list[list[Hit]]:
+        """Top-k (id, cosine) per query row of a (M, D) matrix (or one (D,) vector), best first.
+
+        Args:
+            queries: (M, D) query embeddings from the index's model.
+            k: hits per query (fewer if the index is smaller).
+            nprobe / ef_search: per-call recall/speed override for IVF / HNSW indexes.
+
+        Raises:
+            IndexMismatchError: queries of another dimension.
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        q = _as_unit_matrix(queries, self.dim, "queries")
+        if not len(self._ids) or not len(q):
+            return [[] for _ in range(len(q))]
+        kk = min(k, len(self._ids))
+        scores, labels = self._faiss.search(q, kk, params=search_parameters(self.params, nprobe, ef_search))
+        return [
+            [(self._ids[j], float(s)) for s, j in zip(srow, lrow, strict=True) if j >= 0]
+            for srow, lrow in zip(scores, labels, strict=True)
+        ]
+
+    def search_texts(self, model: QueryModel, texts: str | Sequence[str], k: int = 10) -> list[list[Hit]]:
+        """Embed `texts` with `model` (must be the index's model) and search; one hit list per text."""
+        self.check_model(model.name, model.embed_dim)
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return self.search_vectors(model.encode_texts(texts), k)
+
+    def search_images(
+        self, model: QueryModel, images: ImageInput | Sequence[ImageInput], k: int = 10
+    ) -> list[list[Hit]]:
+        """Embed query images with `model` (must be the index's model) and search; one hit list per image."""
+        self.check_model(model.name, model.embed_dim)
+        batch = list(images) if isinstance(images, (list, tuple)) else [images]
+        return self.search_vectors(model.encode_images(batch), k)
+
+    # ------------------------------------------------------------------ metadata
+    @property
+    def kind(self) -> str:
+        return self.params.kind
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, id_: object) -> bool:
+        return id_ in self._pos
+
+    def size_of(self, id_: str) -> tuple[int, int] | None:
+        """Original (width, height) of an indexed image, if the embed run recorded it."""
+        return self._sizes[self._pos[id_]]
+
+    def resolve(self, id_: str) -> Path | None:
+        """The image file for an id: the id itself if it is an existing path, else the first root holding it."""
+        p = Path(id_)
+        if p.is_absolute():
+            return p if p.exists() else None
+        for root in self.image_roots:
+            candidate = Path(root) / p
+            if candidate.exists():
+                return candidate
+        return p if p.exists() else None
+
+    def describe(self) -> dict[str, Any]:
+        """Plain-data summary: kind (and whether exact), params, count, dim, model, roots, timestamps."""
+        return {
+            "kind": self.kind,
+            "exact": self.params.exact,
+            "params": self.params.to_dict(),
+            "count": len(self),
+            "dim": self.dim,
+            "model": self.model,
+            "pretrained": self.pretrained,
+            "image_roots": list(self.image_roots),
+            "created": self.created,
+            "updated": self.updated,
+        }
+
+    def __repr__(self) -> str:
+        return f"Index(kind={self.kind!r}, count={len(self)}, dim={self.dim}, model={self.model!r})"
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path) -> Path:
+        """Write the index folder atomically (see clipengine.index.store); return its path."""
+        import faiss
+
+        header = {**self.extra, **self.describe()}
+        header.pop("exact")
+        store.write_generation(
+            Path(path),
+            header,
+            lambda tmp: faiss.write_index(self._faiss, str(tmp)),
+            (_size_row(i, s) for i, s in zip(self._ids, self._sizes, strict=True)),
+        )
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path, *, model: str | None = None, dim: int | None = None) -> Index:
+        """Open an index folder; with `model`/`dim`, refuse (IndexMismatchError) one built differently.
+
+        Raises:
+            IndexFileError: missing, incomplete or corrupted index. IndexMismatchError: see above.
+        """
+        import faiss
+
+        root = Path(path)
+        header = store.read_header(root)
+        rows = store.read_meta(root, header)
+        vec_path = root / header["files"]["vectors"]
+        try:
+            index = faiss.read_index(str(vec_path))
+        except RuntimeError as e:
+            raise IndexFileError(f"{vec_path} is not a readable faiss index ({e}); rebuild the index") from e
+        if index.ntotal != header["count"] or index.d != header["dim"]:
+            raise IndexFileError(
+                f"{vec_path} holds {index.ntotal} vectors of dim {index.d}, header says "
+                f"{header['count']} of dim {header['dim']}; rebuild the index"
+            )
+        obj = cls(
+            index,
+            [str(r["id"]) for r in rows],
+            [(int(r["width"]), int(r["height"])) if "width" in r and "height" in r else None for r in rows],
+            model=str(header["model"]),
+            dim=int(header["dim"]),
+            params=IndexParams.from_dict({"kind": header.get("kind", "flat"), **header["params"]}),
+            pretrained=header.get("pretrained"),
+            image_roots=header.get("image_roots", []),
+            created=header.get("created"),
+            extra={k: v for k, v in header.items() if k not in _HEADER_KEYS},
+        )
+        obj.updated = header.get("updated", obj.created)
+        if model is not None:
+            obj.check_model(model, dim)
+        elif dim is not None and dim != obj.dim:
+            raise IndexMismatchError(f"index holds {obj.dim}-d embeddings but {dim}-d were expected")
+        return obj
+
+
+def sizes_from_rows(rows: Iterable[dict[str, Any]]) -> list[tuple[int, int] | None]:
+    """(width, height) per metadata row, None where unknown (rows as in an embed shard's .jsonl)."""
+    out: list[tuple[int, int] | None] = []
+    for r in rows:
+        w, h = r.get("width"), r.get("height")
+        out.append((int(w), int(h)) if w is not None and h is not None else None)
+    return out

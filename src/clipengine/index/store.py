@@ -1,0 +1,220 @@
+"""On-disk layout of an index folder, written atomically: data files first, then the header that names them.
+
+    photos.index/
+      header.json            format, version, model, dim, kind, params, count, image_roots, files, ...
+      vectors-000003.faiss   the faiss structure (faiss.write_index)
+      meta-000003.jsonl      one row per vector, in faiss order: {"id": ..., "width": ..., "height": ...}
+
+A save writes the data files of a new *generation* (temp name + fsync + os.replace), then replaces
+header.json the same way; the header is the commit point. A crash at any moment leaves either the
+old header with its complete files or the new one with its complete files. Files of older
+generations and temp leftovers are removed after the commit (or on the next save). A brand-new
+index is assembled in a hidden sibling folder and renamed into place, so a half-written index
+folder is never visible under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from ..errors import IndexFileError
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "HEADER_NAME",
+    "read_header",
+    "read_meta",
+    "write_generation",
+]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "clipengine-index"
+FORMAT_VERSION = 1
+HEADER_NAME = "header.json"
+_TMP_MARK = ".tmp-"
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> int:
+    """Write via `write(tmp)` to a temp name beside `path`, fsync, os.replace; return the size."""
+    tmp = path.with_name(f"{path.name}{_TMP_MARK}{uuid.uuid4().hex[:8]}")
+    try:
+        write(tmp)
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path.stat().st_size
+
+
+def _write_text(text: str) -> Callable[[Path], None]:
+    def write(tmp: Path) -> None:
+        tmp.write_text(text, encoding="utf-8")
+
+    return write
+
+
+def _meta_lines(rows: Iterator[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n" for r in rows)
+
+
+def _check_target(root: Path) -> None:
+    if root.exists() and not root.is_dir():
+        raise IndexFileError(f"{root} exists and is not an index folder; choose another output path")
+    if (
+        root.is_dir()
+        and not (root / HEADER_NAME).exists()
+        and any(not p.name.startswith((".", "vectors-", "meta-", HEADER_NAME)) for p in root.iterdir())
+    ):
+        raise IndexFileError(
+            f"{root} is a folder with other files in it, not an index; refusing to write into it"
+        )
+
+
+def write_generation(
+    root: Path,
+    header: dict[str, Any],
+    write_faiss: Callable[[Path], None],
+    meta_rows: Iterator[dict[str, Any]],
+) -> dict[str, Any]:
+    """Save one generation of the index at `root` atomically; return the header as written.
+
+    Args:
+        root: the index folder (created if missing).
+        header: header fields; "generation", "files", "format" and "version" are filled in here.
+        write_faiss: writes the faiss structure to the path it is given.
+        meta_rows: one JSON-able dict per vector, in faiss order.
+    """
+    root = Path(root)
+    _check_target(root)
+    fresh = not root.exists()
+    previous = _peek_generation(root) if not fresh else 0
+    generation = previous + 1
+    workdir = root.with_name(f".{root.name}{_TMP_MARK}{uuid.uuid4().hex[:8]}") if fresh else root
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        files = {"vectors": f"vectors-{generation:06d}.faiss", "meta": f"meta-{generation:06d}.jsonl"}
+        sizes = {
+            "vectors": _write_atomic(workdir / files["vectors"], write_faiss),
+            "meta": _write_atomic(workdir / files["meta"], _write_text(_meta_lines(meta_rows))),
+        }
+        header = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            **header,
+            "generation": generation,
+            "files": files,
+            "sizes": sizes,
+        }
+        _write_atomic(
+            workdir / HEADER_NAME, _write_text(json.dumps(header, indent=2, ensure_ascii=False) + "\n")
+        )
+        if fresh:
+            os.rename(workdir, root)  # fails (and we clean up) if someone created `root` meanwhile
+    except BaseException:
+        if fresh:
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    _remove_stale(root, keep=set(files.values()) | {HEADER_NAME})
+    return header
+
+
+def _peek_generation(root: Path) -> int:
+    try:
+        return int(json.loads((root / HEADER_NAME).read_text(encoding="utf-8")).get("generation", 0))
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+def _remove_stale(root: Path, keep: set[str]) -> None:
+    for p in root.iterdir():
+        if p.name in keep or not p.is_file():
+            continue
+        if p.name.startswith(("vectors-", "meta-")) or _TMP_MARK in p.name:
+            p.unlink(missing_ok=True)
+            log.debug("removed stale index file %s", p)
+
+
+def read_header(root: Path) -> dict[str, Any]:
+    """Read and validate header.json; check the data files it names exist with the recorded sizes.
+
+    Raises:
+        IndexFileError: no such index, not an index, unreadable header, or missing/truncated files.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise IndexFileError(f"no index at {root}; create one with `clipengine index build`")
+    header_path = root / HEADER_NAME
+    if not root.is_dir() or not header_path.is_file():
+        raise IndexFileError(
+            f"{root} is not a clipengine index (no {HEADER_NAME}); an interrupted first save leaves nothing "
+            "under the final name, so this is another kind of file or folder"
+        )
+    try:
+        header = json.loads(header_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise IndexFileError(f"{header_path} is unreadable ({e}); rebuild the index") from e
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise IndexFileError(f"{header_path} is not a {FORMAT} header")
+    if int(header.get("version", 0)) > FORMAT_VERSION:
+        raise IndexFileError(
+            f"{root} uses index format version {header['version']}, newer than this clipengine "
+            f"understands ({FORMAT_VERSION}); upgrade clipengine"
+        )
+    for key in ("model", "dim", "count", "params", "files", "sizes"):
+        if key not in header:
+            raise IndexFileError(f"{header_path} lacks the {key!r} field; rebuild the index")
+    for role, name in header["files"].items():
+        path = root / name
+        if not path.is_file():
+            raise IndexFileError(f"{root}: {role} file {name} is missing; rebuild the index")
+        expected = header["sizes"].get(role)
+        if expected is not None and path.stat().st_size != expected:
+            raise IndexFileError(
+                f"{root}: {role} file {name} has {path.stat().st_size} bytes, header says {expected} "
+                "(truncated or modified); rebuild the index"
+            )
+    return header
+
+
+def read_meta(root: Path, header: dict[str, Any]) -> list[dict[str, Any]]:
+    """The metadata rows named by `header`, one per vector.
+
+    Raises:
+        IndexFileError: a malformed row, a row without "id", or a row count different from the header's.
+    """
+    path = Path(root) / header["files"]["meta"]
+    rows: list[dict[str, Any]] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise IndexFileError(
+                    f"{path}:{lineno}: malformed metadata row ({e}); rebuild the index"
+                ) from e
+            if not isinstance(row, dict) or "id" not in row:
+                raise IndexFileError(f"{path}:{lineno}: metadata row without an 'id'; rebuild the index")
+            rows.append(row)
+    if len(rows) != header["count"]:
+        raise IndexFileError(
+            f"{path} has {len(rows)} rows, header says {header['count']}; the index is inconsistent, rebuild it"
+        )
+    return rows

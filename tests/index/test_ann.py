@@ -1,0 +1,44 @@
+"""Choosing the faiss structure and its defaults."""
+
+from __future__ import annotations
+
+import pytest
+
+from clipengine.index.ann import AUTO_EXACT_MAX, IndexParams, choose_params
+
+
+def test_auto_is_exact_up_to_threshold_then_ivf() -> None:
+    assert choose_params(AUTO_EXACT_MAX, 512).kind == "flat"
+    big = choose_params(1_000_000, 512)
+    assert big.kind == "ivf"
+    assert big.nlist == 4000  # 4 * sqrt(N)
+    assert big.nprobe == 256  # ~nlist / 8, capped
+
+
+def test_nlist_never_starves_kmeans() -> None:
+    p = choose_params(2000, 64, "ivf")
+    assert p.nlist is not None and 2000 // p.nlist >= 39
+
+
+def test_overrides_win_and_unknown_ones_are_refused() -> None:
+    assert choose_params(50_000, 64, "ivf", nprobe=7).nprobe == 7
+    assert choose_params(10, 64, "hnsw", ef_search=200).ef_search == 200
+    with pytest.raises(ValueError, match="unknown index parameter"):
+        choose_params(10, 64, "flat", nprob=3)
+    with pytest.raises(ValueError, match="unknown index kind 'annoy'"):
+        choose_params(10, 64, "annoy")
+
+
+def test_ivf_with_too_few_vectors_is_refused() -> None:
+    with pytest.raises(ValueError, match="kind='flat'"):
+        choose_params(10, 64, "ivf", nlist=100)
+
+
+def test_ivfpq_sub_quantizers_divide_dim() -> None:
+    assert choose_params(20_000, 512, "ivfpq").pq_m == 128
+    assert 100 % choose_params(20_000, 100, "ivfpq").pq_m == 0  # type: ignore[operator]
+
+
+def test_params_round_trip_through_dict() -> None:
+    p = choose_params(50_000, 64, "hnsw")
+    assert IndexParams.from_dict(p.to_dict()) == p

@@ -1,0 +1,136 @@
+"""Index: exact search correctness, ANN recall, incremental add, duplicates, model identity."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipengine.errors import DuplicateIdError, IndexMismatchError
+from clipengine.index import Index
+
+from .conftest import FakeModel, clustered, unit
+
+
+def _brute_force(x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    scores = q @ x.T
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return top, np.take_along_axis(scores, top, axis=1)
+
+
+def test_exact_search_matches_numpy_brute_force(ids: list[str], vectors: np.ndarray) -> None:
+    index = Index.build(ids, vectors, model="fake")
+    assert index.kind == "flat" and index.describe()["exact"]
+    queries = unit(np.random.default_rng(1).standard_normal((20, 32)))
+    hits = index.search_vectors(queries, k=10)
+    top, scores = _brute_force(vectors, queries, 10)
+    for row, (t, s) in zip(hits, zip(top, scores, strict=True), strict=True):
+        assert [h[0] for h in row] == [ids[j] for j in t]
+        np.testing.assert_allclose([h[1] for h in row], s, atol=1e-5)
+
+
+def test_queries_are_normalised_and_k_is_capped(ids: list[str], vectors: np.ndarray) -> None:
+    index = Index.build(ids[:3], vectors[:3], model="fake")
+    hits = index.search_vectors(5.0 * vectors[0], k=10)  # one (D,) vector, not unit length
+    assert len(hits) == 1 and len(hits[0]) == 3
+    assert hits[0][0][0] == ids[0] and hits[0][0][1] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_empty_index_returns_no_hits() -> None:
+    index = Index.build([], np.zeros((0, 8), np.float32), model="fake")
+    assert index.search_vectors(np.ones((2, 8)), k=5) == [[], []]
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_incremental_add_finds_new_vectors(kind: str) -> None:
+    x = clustered(4000, 32, seed=2)
+    ids = [str(i) for i in range(len(x))]
+    index = Index.build(ids[:3000], x[:3000], model="fake", kind=kind)
+    assert index.add(ids[3000:], x[3000:]) == 1000
+    assert len(index) == 4000 and index.kind == kind
+    hits = index.search_vectors(x[3000:3100], k=1)
+    assert np.mean([h[0][0] == ids[3000 + i] for i, h in enumerate(hits)]) >= 0.95
+
+
+def test_incremental_add_equals_full_rebuild(ids: list[str], vectors: np.ndarray) -> None:
+    full = Index.build(ids, vectors, model="fake", kind="flat")
+    grown = Index.build(ids[:200], vectors[:200], model="fake", kind="flat")
+    grown.add(ids[200:350], vectors[200:350])
+    grown.add(ids[350:], vectors[350:])
+    q = unit(np.random.default_rng(3).standard_normal((50, 32)))
+    assert grown.ids == full.ids
+    assert grown.search_vectors(q, 10) == full.search_vectors(q, 10)
+
+
+def test_add_refuses_or_skips_duplicate_ids(ids: list[str], vectors: np.ndarray) -> None:
+    index = Index.build(ids[:10], vectors[:10], model="fake")
+    with pytest.raises(DuplicateIdError, match=r"'img/0003\.jpg' is already in the index"):
+        index.add([ids[3], ids[20]], vectors[[3, 20]])
+    assert len(index) == 10  # nothing half-added
+    assert index.add([ids[3], ids[20]], vectors[[3, 20]], on_duplicate="skip") == 1
+    assert ids[20] in index and len(index) == 11
+    with pytest.raises(DuplicateIdError, match="more than once"):
+        Index.build(["a", "a"], vectors[:2], model="fake")
+
+
+def test_wrong_dimension_is_a_mismatch(ids: list[str], vectors: np.ndarray) -> None:
+    index = Index.build(ids, vectors, model="fake")
+    with pytest.raises(IndexMismatchError, match="dimension 16 but the index holds 32-d"):
+        index.search_vectors(np.ones((1, 16)), k=3)
+    with pytest.raises(IndexMismatchError):
+        index.add(["new"], np.ones((1, 16)))
+
+
+def test_text_and_image_search_use_the_model_and_refuse_another(ids: list[str], vectors: np.ndarray) -> None:
+    index = Index.build(ids, vectors, model="fake", sizes=[(640, 480)] * len(ids))
+    model = FakeModel({"a dog": vectors[7], "q.jpg": vectors[9]})
+    assert index.search_texts(model, "a dog", k=1)[0][0][0] == ids[7]
+    assert index.search_images(model, "q.jpg", k=1)[0][0][0] == ids[9]
+    assert index.size_of(ids[7]) == (640, 480)
+    other = FakeModel({"a dog": vectors[7]}, name="ViT-B-32")
+    with pytest.raises(IndexMismatchError, match="built with model 'fake' but 'ViT-B-32'"):
+        index.search_texts(other, "a dog")
+
+
+def test_load_with_another_model_is_refused(tmp_path: Path, ids: list[str], vectors: np.ndarray) -> None:
+    Index.build(ids, vectors, model="fake").save(tmp_path / "p.index")
+    assert len(Index.load(tmp_path / "p.index", model="fake", dim=32)) == len(ids)
+    with pytest.raises(IndexMismatchError, match="--model fake"):
+        Index.load(tmp_path / "p.index", model="tiny-synth")
+    with pytest.raises(IndexMismatchError, match="64-d"):
+        Index.load(tmp_path / "p.index", dim=64)
+
+
+def test_save_load_round_trip_keeps_everything(tmp_path: Path, vectors: np.ndarray) -> None:
+    ids = ["b.jpg", "a.jpg", "c.jpg"]
+    index = Index.build(
+        ids, vectors[:3], model="fake", pretrained="tag", sizes=[(1, 2), None, (3, 4)],
+        image_roots=[str(tmp_path)], extra={"precision": "fp16"},
+    )  # fmt: skip
+    loaded = Index.load(index.save(tmp_path / "p.index"))
+    assert loaded.ids == ids and loaded.size_of("a.jpg") is None and loaded.size_of("c.jpg") == (3, 4)
+    assert loaded.describe() == index.describe()
+    assert loaded.extra == {"precision": "fp16"}
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    assert loaded.resolve("a.jpg") == tmp_path / "a.jpg" and loaded.resolve("b.jpg") is None
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_recall_at_10_vs_exact(kind: str, tmp_path: Path) -> None:
+    # 20k clustered 64-d vectors. Measured: ivf (nlist 512, nprobe 64) 0.96, hnsw (M 32, ef 64) 0.96;
+    # on structureless uniform random vectors (the worst case) ivf 0.50 / hnsw 0.89.
+    x, q = clustered(20_000, 64, seed=0), clustered(200, 64, seed=1)
+    ids = [str(i) for i in range(len(x))]
+    exact = Index.build(ids, x, model="fake", kind="flat").search_vectors(q, 10)
+    t0 = time.perf_counter()
+    ann = Index.build(ids, x, model="fake", kind=kind)
+    build_s = time.perf_counter() - t0
+    ann = Index.load(ann.save(tmp_path / "ann.index"))  # params (nprobe / efSearch) survive a round trip
+    found = ann.search_vectors(q, 10)
+    recall = np.mean(
+        [len({h for h, _ in a} & {h for h, _ in e}) / 10 for a, e in zip(found, exact, strict=True)]
+    )
+    print(f"{kind}: recall@10={recall:.3f} build={build_s:.2f}s {ann.describe()['params']}")
+    assert recall >= 0.9

@@ -1,0 +1,129 @@
+"""Index folder on disk: atomic saves, and clear errors for missing or corrupted files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipengine.errors import IndexFileError
+from clipengine.index import Index, store
+
+
+@pytest.fixture
+def saved(tmp_path: Path, ids: list[str], vectors: np.ndarray) -> Path:
+    return Index.build(ids[:100], vectors[:100], model="fake").save(tmp_path / "photos.index")
+
+
+def _header(path: Path) -> dict:
+    return json.loads((path / store.HEADER_NAME).read_text())
+
+
+def test_layout_is_header_plus_one_generation_of_files(saved: Path) -> None:
+    assert sorted(p.name for p in saved.iterdir()) == [
+        "header.json",
+        "meta-000001.jsonl",
+        "vectors-000001.faiss",
+    ]
+    index = Index.load(saved)
+    index.add(["new"], np.ones((1, 32)))
+    index.save(saved)
+    assert sorted(p.name for p in saved.iterdir()) == [
+        "header.json",
+        "meta-000002.jsonl",
+        "vectors-000002.faiss",
+    ]
+    assert _header(saved)["count"] == 101
+
+
+def _crash_on_header(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.replace
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        if Path(dst).name == store.HEADER_NAME:
+            raise OSError("simulated crash before the header commit")
+        real(src, dst)
+
+    monkeypatch.setattr(store.os, "replace", replace)
+
+
+def test_crash_during_update_leaves_previous_index_intact(
+    saved: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    index = Index.load(saved)
+    index.add(["new"], np.ones((1, 32)))
+    _crash_on_header(monkeypatch)
+    with pytest.raises(OSError, match="simulated crash"):
+        index.save(saved)
+    monkeypatch.undo()
+    again = Index.load(saved)
+    assert len(again) == 100 and "new" not in again
+    index.save(saved)  # the next save succeeds and sweeps the orphaned generation-2 files
+    assert len(Index.load(saved)) == 101
+    assert not [p for p in saved.iterdir() if ".tmp-" in p.name or p.name.endswith("000001.faiss")]
+
+
+def test_crash_during_first_save_leaves_nothing_under_the_name(
+    tmp_path: Path, ids: list[str], vectors: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _crash_on_header(monkeypatch)
+    with pytest.raises(OSError):
+        Index.build(ids, vectors, model="fake").save(tmp_path / "new.index")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda p: (p / "meta-000001.jsonl").unlink(), "meta file meta-000001.jsonl is missing"),
+        (lambda p: (p / "vectors-000001.faiss").unlink(), "vectors file vectors-000001.faiss is missing"),
+        (lambda p: (p / "header.json").unlink(), "not a clipengine index"),
+        (lambda p: (p / "header.json").write_text("{not json"), "header.json is unreadable"),
+        (
+            lambda p: (p / "vectors-000001.faiss").write_bytes(
+                (p / "vectors-000001.faiss").read_bytes()[:-100]
+            ),
+            "truncated or modified",
+        ),
+        (
+            lambda p: (p / "meta-000001.jsonl").write_text(
+                (p / "meta-000001.jsonl").read_text().replace('{"id"', '{"ix"', 1)
+            ),
+            "metadata row without an 'id'",
+        ),
+    ],
+    ids=[
+        "meta-missing",
+        "vectors-missing",
+        "header-missing",
+        "header-corrupt",
+        "vectors-truncated",
+        "meta-bad",
+    ],
+)
+def test_damaged_index_gives_a_clear_error(saved: Path, damage, message: str) -> None:  # type: ignore[no-untyped-def]
+    damage(saved)
+    with pytest.raises(IndexFileError, match=message):
+        Index.load(saved)
+
+
+def test_garbage_vectors_file_of_right_size_is_reported(saved: Path) -> None:
+    f = saved / "vectors-000001.faiss"
+    f.write_bytes(b"\0" * f.stat().st_size)
+    with pytest.raises(IndexFileError, match="not a readable faiss index"):
+        Index.load(saved)
+
+
+def test_missing_index_and_foreign_folder(tmp_path: Path, vectors: np.ndarray) -> None:
+    with pytest.raises(IndexFileError, match=r"no index at .*clipengine index build"):
+        Index.load(tmp_path / "nope.index")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "thesis.tex").write_text("x")
+    with pytest.raises(IndexFileError, match="refusing to write"):
+        Index.build(["a"], vectors[:1], model="fake").save(tmp_path / "docs")
+    (tmp_path / "file.index").write_text("x")
+    with pytest.raises(IndexFileError, match="not an index folder"):
+        Index.build(["a"], vectors[:1], model="fake").save(tmp_path / "file.index")
