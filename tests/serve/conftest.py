@@ -100,6 +100,9 @@ class FakeIndex:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def __contains__(self, id_: object) -> bool:
+        return id_ in self.ids
+
     def search_vectors(self, q: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
         scores = np.asarray(q, dtype=np.float32) @ self.vectors.T
         out = []

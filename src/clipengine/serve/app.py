@@ -120,14 +120,14 @@ class _App:
                 415, "unsupported_media_type",
                 f"content type {ctype or '(none)'!r}: send application/json or multipart/form-data",
             )
-        form = await read_form(request, self.settings.max_images)
-        files, fields = [], {}
-        for key, value in form.multi_items():
-            if isinstance(value, str):
-                fields.setdefault(key, []).append(value)
-            else:
-                files.append(value)
-        return await uploads_to_images(files, "files"), fields
+        async with read_form(request, self.settings.max_images) as form:  # closes the spooled files
+            files, fields = [], {}
+            for key, value in form.multi_items():
+                if isinstance(value, str):
+                    fields.setdefault(key, []).append(value)
+                else:
+                    files.append(value)
+            return await uploads_to_images(files, "files"), fields
 
     @staticmethod
     def is_json(request: Request) -> bool:
@@ -227,7 +227,8 @@ class _App:
         return JSONResponse({"model": self.model.name, "k": k, "results": results, "elapsed_ms": _ms(started)})
 
     async def thumbnail(self, image_id: str) -> Response:
-        path = resolve_image(image_id, self.roots)
+        listed = self.index is not None and (not hasattr(self.index, "__contains__") or image_id in self.index)
+        path = resolve_image(image_id, self.roots) if listed else None
         if path is None:
             raise ApiError(404, "not_found", f"no image {image_id!r} under the index's image roots")
         try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .http_errors import ApiError
 
@@ -71,9 +74,24 @@ def check_image_header(image: NamedImage, max_pixels: int) -> None:
         )
 
 
-async def read_form(request: Request, max_files: int) -> Any:
-    """Parse a multipart/urlencoded body; the upload size limit applies while it streams in."""
-    return await request.form(max_files=max_files, max_fields=max_files + 1000)
+@asynccontextmanager
+async def read_form(request: Request, max_files: int) -> AsyncIterator[Any]:
+    """`async with read_form(...) as form`: parse a multipart/urlencoded body, closing its files after.
+
+    The upload size limit applies while the body streams in (BodyLimitMiddleware).
+    """
+    try:
+        form = await request.form(max_files=max_files, max_fields=1000)
+    except ApiError:  # the upload size limit, raised while the body streamed in
+        raise
+    except StarletteHTTPException as e:  # Starlette reports multipart problems as plain 400s
+        if "too many files" in str(e.detail).lower():
+            raise ApiError(422, "too_many_images", f"more than {max_files} images in one request") from e
+        raise ApiError(400, "invalid_multipart", str(e.detail)) from e
+    try:
+        yield form
+    finally:
+        await form.close()
 
 
 async def uploads_to_images(values: list[Any], field: str) -> list[NamedImage]:

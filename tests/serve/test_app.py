@@ -1,0 +1,338 @@
+"""Every route, limit and bad input of the HTTP API, through the ASGI test client (fake model)."""
+
+from __future__ import annotations
+
+import base64
+import struct
+import threading
+import zlib
+from typing import Any
+
+import numpy as np
+import pytest
+
+from .conftest import FakeIndex, FakeModel, png_bytes
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that claims width x height but carries almost no pixel data (a decompression bomb header)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def _files(*blobs: bytes) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("files", (f"f{i}.png", b, "image/png")) for i, b in enumerate(blobs)]
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _error(response: Any, status: int, code: str | None = None) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    if code is not None:
+        assert body["error"]["code"] == code, body
+    return str(body["error"]["message"])
+
+
+# ---- happy paths ---------------------------------------------------------------------------------
+def test_health_ready_info_page_and_openapi(make_client: Any) -> None:
+    c = make_client()
+    assert c.get("/healthz").json() == {"status": "ok"}
+    assert c.get("/readyz").json()["status"] == "ready"
+    info = c.get("/v1/info").json()
+    assert info["model"] == "fake-clip" and info["embed_dim"] == 16 and info["index"]["size"] == 7
+    page = c.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "/static/app.js" in page.text and "http" not in page.text.replace("http-equiv", "")  # no CDN
+    for asset in ("/static/app.js", "/static/style.css"):
+        assert c.get(asset).status_code == 200
+    paths = c.get("/openapi.json").json()["paths"]
+    for route in ("/v1/embeddings/images", "/v1/embeddings/texts", "/v1/classify", "/v1/search", "/healthz"):
+        assert route in paths
+    assert "multipart/form-data" in paths["/v1/classify"]["post"]["requestBody"]["content"]
+
+
+def test_embed_images_multipart_and_base64_agree_with_the_model(make_client: Any, fake_model: FakeModel) -> None:
+    c = make_client()
+    blobs = [png_bytes(1), png_bytes(2)]
+    multipart = c.post("/v1/embeddings/images", files=_files(*blobs)).json()
+    as_json = c.post("/v1/embeddings/images", json={"images": [_b64(b) for b in blobs]}).json()
+    data_url = c.post("/v1/embeddings/images", json={"images": ["data:image/png;base64," + _b64(blobs[0])]}).json()
+    expected = fake_model.encode_images(np.stack([fake_model.preprocess(b) for b in blobs]))
+    assert multipart["dim"] == 16 and [d["name"] for d in multipart["data"]] == ["f0.png", "f1.png"]
+    got = np.array([d["embedding"] for d in multipart["data"]], dtype=np.float32)
+    np.testing.assert_array_equal(got, expected)
+    assert [d["embedding"] for d in as_json["data"]] == [d["embedding"] for d in multipart["data"]]
+    assert data_url["data"][0]["embedding"] == multipart["data"][0]["embedding"]
+
+
+def test_embed_texts_returns_one_row_per_text(make_client: Any, fake_model: FakeModel) -> None:
+    c = make_client()
+    body = c.post("/v1/embeddings/texts", json={"texts": ["a dog", "a cat", ""]}).json()
+    got = np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
+    np.testing.assert_array_equal(got, fake_model.encode_texts(["a dog", "a cat", ""]))
+    assert [d["index"] for d in body["data"]] == [0, 1, 2] and body["elapsed_ms"] >= 0
+
+
+def test_classify_sorts_labels_by_probability_per_image(make_client: Any, fake_model: FakeModel) -> None:
+    c = make_client()
+    labels = ["a dog", "a cat", "a diagram"]
+    r = c.post("/v1/classify", files=_files(png_bytes(1), png_bytes(2)), data={"labels": ", ".join(labels)})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert len(results) == 2
+    for i, res in enumerate(results):
+        probs = [x["probability"] for x in res["labels"]]
+        assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1.0)
+        assert sorted(x["label"] for x in res["labels"]) == sorted(labels)
+        img = fake_model.encode_images(fake_model.preprocess(png_bytes(i + 1))[None])
+        logits = 100.0 * img @ fake_model.encode_texts(labels).T
+        assert res["labels"][0]["label"] == labels[int(np.argmax(logits))]
+
+
+def test_classify_json_with_templates_averages_prompts(make_client: Any, fake_model: FakeModel) -> None:
+    c = make_client()
+    templates = ["a photo of {}.", "a drawing of {}."]
+    body = {"images": [_b64(png_bytes(3))], "labels": ["x", "y"], "templates": templates}
+    res = c.post("/v1/classify", json=body).json()["results"][0]["labels"]
+    img = fake_model.encode_images(fake_model.preprocess(png_bytes(3))[None])[0]
+    weights = []
+    for label in ("x", "y"):
+        w = fake_model.encode_texts([t.replace("{}", label) for t in templates]).mean(axis=0)
+        weights.append(w / np.linalg.norm(w))
+    logits = 100.0 * np.stack(weights) @ img
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    got = {x["label"]: x["probability"] for x in res}
+    assert got["x"] == pytest.approx(float(p[0]), abs=1e-5) and got["y"] == pytest.approx(float(p[1]), abs=1e-5)
+
+
+def test_classify_reuses_cached_label_embeddings(make_client: Any, fake_model: FakeModel) -> None:
+    c = make_client()
+    for _ in range(3):
+        assert c.post("/v1/classify", files=_files(png_bytes(1)), data={"labels": "a,b"}).status_code == 200
+    assert sum(fake_model.text_batches[1:]) == 2  # after warm-up, "a" and "b" were encoded once
+
+
+def test_search_by_text_and_by_image_returns_thumbnails(make_client: Any, fake_index: FakeIndex) -> None:
+    c = make_client()
+    body = c.post("/v1/search", json={"text": "noise", "k": 3}).json()
+    assert body["k"] == 3 and len(body["results"]) == 3
+    scores = [h["score"] for h in body["results"]]
+    assert scores == sorted(scores, reverse=True)
+    for hit in body["results"]:
+        assert hit["thumbnail_url"] == f"/v1/thumbnails/{hit['id']}"
+        thumb = c.get(hit["thumbnail_url"])
+        assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+        assert thumb.content[:2] == b"\xff\xd8"
+    # An indexed image finds itself first, by JSON and by multipart.
+    query = (fake_index.image_roots[0] / "sub" / "deep.png").read_bytes()
+    top = c.post("/v1/search", json={"image": _b64(query), "k": 1}).json()["results"][0]
+    assert top["id"] == "sub/deep.png" and top["score"] == pytest.approx(1.0, abs=1e-5)
+    top = c.post("/v1/search", files=_files(query), data={"k": "2"}).json()["results"][0]
+    assert top["id"] == "sub/deep.png"
+    assert c.get("/v1/thumbnails/sub/deep.png").status_code == 200
+
+
+def test_metrics_count_requests_by_route_and_status(make_client: Any) -> None:
+    c = make_client()
+    c.post("/v1/embeddings/texts", json={"texts": ["x"]})
+    c.post("/v1/embeddings/texts", json={"texts": 5})
+    c.get("/no/such/route")
+    r = c.get("/metrics")
+    assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    text = r.text
+    assert 'clipengine_http_requests_total{method="POST",route="/v1/embeddings/texts",status="200"} 1' in text
+    assert 'clipengine_http_requests_total{method="POST",route="/v1/embeddings/texts",status="422"} 1' in text
+    assert 'route="unmatched",status="404"' in text and "/no/such/route" not in text
+    assert 'clipengine_batch_size_count{queue="text"}' in text
+    assert 'clipengine_queue_depth{queue="image"} 0' in text
+
+
+# ---- bad inputs: never a 500 ----------------------------------------------------------------------
+BAD_IMAGE_UPLOADS = [
+    ("garbage", b"this is not an image at all", 400, "invalid_image"),
+    ("empty", b"", 400, "invalid_image"),
+    ("truncated", png_bytes(5)[:60], 400, "invalid_image"),
+    ("bomb_header", _png_header(20000, 20000), 413, "image_too_large"),
+    ("over_max_pixels", png_bytes(6, size=(300, 300)), 413, "image_too_large"),
+]
+
+
+@pytest.mark.parametrize(("case", "blob", "status", "code"), BAD_IMAGE_UPLOADS, ids=[c[0] for c in BAD_IMAGE_UPLOADS])
+@pytest.mark.parametrize("route", ["/v1/embeddings/images", "/v1/classify", "/v1/search"])
+def test_bad_images_are_client_errors(make_client: Any, route: str, case: str, blob: bytes, status: int, code: str) -> None:
+    c = make_client(max_pixels=200 * 200)
+    data = {"labels": "a,b"} if route == "/v1/classify" else None
+    message = _error(c.post(route, files=_files(blob), data=data), status, code)
+    assert "f0.png" in message  # the error names the bad upload
+    base64_body = {"images": [_b64(blob)]} if route != "/v1/search" else {"image": _b64(blob)}
+    if route == "/v1/classify":
+        base64_body["labels"] = ["a", "b"]
+    _error(c.post(route, json=base64_body), status, code)
+
+
+BAD_JSON = [
+    ("/v1/embeddings/texts", {"texts": "not a list"}, "invalid_request"),
+    ("/v1/embeddings/texts", {"texts": [1, 2]}, "invalid_request"),
+    ("/v1/embeddings/texts", {}, "invalid_request"),
+    ("/v1/embeddings/texts", {"texts": []}, "invalid_request"),
+    ("/v1/embeddings/texts", {"texts": ["a"], "typo": 1}, "invalid_request"),
+    ("/v1/embeddings/texts", ["a"], "invalid_request"),
+    ("/v1/embeddings/images", {"images": "abc"}, "invalid_request"),
+    ("/v1/embeddings/images", {"images": []}, "invalid_request"),
+    ("/v1/embeddings/images", {"images": ["%%%not-base64%%%"]}, "invalid_base64"),
+    ("/v1/embeddings/images", {"pictures": ["aGk="]}, "invalid_request"),
+    ("/v1/classify", {"images": [_b64(png_bytes(1))]}, "invalid_request"),
+    ("/v1/classify", {"images": [_b64(png_bytes(1))], "labels": []}, "invalid_request"),
+    ("/v1/classify", {"images": [_b64(png_bytes(1))], "labels": ["a", ""]}, "invalid_request"),
+    ("/v1/classify", {"images": [_b64(png_bytes(1))], "labels": ["a", "a"]}, "invalid_request"),
+    ("/v1/classify", {"images": [_b64(png_bytes(1))], "labels": ["a"], "templates": ["no slot"]}, "invalid_request"),
+    ("/v1/classify", {"images": [_b64(png_bytes(1))], "labels": ["a"], "templates": []}, "invalid_request"),
+    ("/v1/classify", {"images": [_b64(png_bytes(1))], "labels": "a,b"}, "invalid_request"),
+    ("/v1/search", {"text": "x", "k": 0}, "invalid_request"),
+    ("/v1/search", {"text": "x", "k": 101}, "invalid_request"),
+    ("/v1/search", {"text": "x", "k": "many"}, "invalid_request"),
+    ("/v1/search", {"text": "x", "k": 2.5}, "invalid_request"),
+    ("/v1/search", {"k": 3}, "invalid_request"),
+    ("/v1/search", {"text": "x", "image": _b64(png_bytes(1))}, "invalid_request"),
+    ("/v1/search", {"text": 7}, "invalid_request"),
+    ("/v1/search", {"image": "???"}, "invalid_base64"),
+]
+
+
+@pytest.mark.parametrize(("route", "body", "code"), BAD_JSON)
+def test_bad_fields_are_422_with_a_clear_message(make_client: Any, route: str, body: Any, code: str) -> None:
+    message = _error(make_client().post(route, json=body), 422, code)
+    assert message
+
+
+def test_invalid_json_and_wrong_content_type(make_client: Any) -> None:
+    c = make_client()
+    headers = {"content-type": "application/json"}
+    for route in ("/v1/embeddings/texts", "/v1/embeddings/images", "/v1/classify", "/v1/search"):
+        _error(c.post(route, content=b"{not json", headers=headers), 422)
+    for route in ("/v1/embeddings/images", "/v1/classify", "/v1/search"):
+        _error(c.post(route, content=b"hello", headers={"content-type": "text/plain"}), 415, "unsupported_media_type")
+
+
+def test_multipart_field_problems(make_client: Any) -> None:
+    c = make_client()
+    _error(c.post("/v1/classify", files=_files(png_bytes(1))), 422, "invalid_request")  # no labels
+    _error(c.post("/v1/classify", data={"labels": "a"}, files=[("x", ("", b"", "text/plain"))]), 422)
+    _error(c.post("/v1/classify", data={"labels": "a", "colour": "red"}, files=_files(png_bytes(1))), 422)
+    _error(c.post("/v1/embeddings/images", data={"files": "not a file"}), 422, "invalid_request")
+    _error(c.post("/v1/search", data={"text": "x", "k": "lots"}), 422, "invalid_request")
+    _error(c.post("/v1/search", data={"k": "3"}), 422, "invalid_request")
+
+
+def test_no_index_means_search_is_404(make_client: Any) -> None:
+    c = make_client(index=None)
+    _error(c.post("/v1/search", json={"text": "x"}), 404, "no_index")
+    _error(c.get("/v1/thumbnails/img0.png"), 404, "not_found")
+    assert c.get("/v1/info").json()["index"] is None
+
+
+# ---- limits ------------------------------------------------------------------------------------
+def test_text_limits(make_client: Any) -> None:
+    c = make_client(max_texts=3, max_text_chars=10)
+    _error(c.post("/v1/embeddings/texts", json={"texts": ["a"] * 4}), 422, "too_many_texts")
+    assert "texts[1]" in _error(c.post("/v1/embeddings/texts", json={"texts": ["ok", "x" * 11]}), 422, "text_too_long")
+    _error(c.post("/v1/classify", files=_files(png_bytes(1)), data={"labels": "a,b,c,d"}), 422, "too_many_texts")
+    _error(c.post("/v1/search", json={"text": "y" * 11}), 422, "text_too_long")
+    assert c.post("/v1/embeddings/texts", json={"texts": ["a", "b", "x" * 10]}).status_code == 200
+
+
+def test_too_many_images(make_client: Any) -> None:
+    c = make_client(max_images=2)
+    _error(c.post("/v1/embeddings/images", files=_files(*(png_bytes(i) for i in range(3)))), 422, "too_many_images")
+    _error(c.post("/v1/embeddings/images", json={"images": [_b64(png_bytes(1))] * 3}), 422, "too_many_images")
+
+
+def test_upload_limit_by_content_length_and_while_streaming(make_client: Any) -> None:
+    c = make_client(max_upload_bytes=2000)
+    big = png_bytes(9, size=(64, 64))
+    assert len(big) > 2000
+    _error(c.post("/v1/embeddings/images", files=_files(big)), 413, "payload_too_large")
+    _error(c.post("/v1/embeddings/texts", json={"texts": ["z" * 3000]}), 413, "payload_too_large")
+
+    def chunks() -> Any:  # no Content-Length: the limit must fire while the body streams in
+        for _ in range(10):
+            yield b"x" * 500
+
+    headers = {"content-type": "application/json"}
+    _error(c.post("/v1/embeddings/texts", content=chunks(), headers=headers), 413, "payload_too_large")
+    _error(c.post("/v1/embeddings/images", content=chunks(), headers=headers), 413, "payload_too_large")
+    boundary = "b0undary"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="big.png"\r\n\r\n'.encode()
+
+    def multipart_chunks() -> Any:
+        yield head
+        yield from chunks()
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    multipart = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    _error(c.post("/v1/classify", content=multipart_chunks(), headers=multipart), 413, "payload_too_large")
+    assert c.post("/v1/embeddings/images", files=_files(png_bytes(1, size=(8, 8)))).status_code == 200
+
+
+def test_request_timeout_is_504(make_client: Any, fake_model: FakeModel) -> None:
+    c = make_client(request_timeout_s=0.2)
+    fake_model.gate = threading.Event()  # the backend hangs until released
+    try:
+        _error(c.post("/v1/embeddings/texts", json={"texts": ["slow"]}), 504, "timeout")
+    finally:
+        fake_model.gate.set()
+    assert c.post("/v1/embeddings/texts", json={"texts": ["fast"]}).status_code == 200
+
+
+def test_backend_failure_is_a_json_500_not_a_crash(make_client: Any, fake_model: FakeModel) -> None:
+    c = make_client()
+    fake_model.fail_on_text = "boom"
+    _error(c.post("/v1/embeddings/texts", json={"texts": ["boom"]}), 500, "internal_error")
+    assert c.post("/v1/embeddings/texts", json={"texts": ["fine"]}).status_code == 200
+
+
+# ---- API key -----------------------------------------------------------------------------------
+def test_api_key_guards_everything_but_health_and_the_page(make_client: Any) -> None:
+    c = make_client(api_key="s3cret")
+    for path in ("/healthz", "/readyz", "/", "/static/app.js", "/static/style.css"):
+        assert c.get(path).status_code == 200, path
+    guarded = [("get", "/v1/info"), ("get", "/metrics"), ("get", "/openapi.json"), ("get", "/v1/thumbnails/img0.png"),
+               ("post", "/v1/embeddings/texts"), ("post", "/v1/classify"), ("post", "/v1/search"),
+               ("post", "/v1/embeddings/images")]
+    for method, path in guarded:
+        _error(getattr(c, method)(path), 401, "unauthorized")
+        _error(getattr(c, method)(path, headers={"Authorization": "Bearer wrong"}), 401, "unauthorized")
+        _error(getattr(c, method)(path, headers={"X-API-Key": "s3cret-not"}), 401, "unauthorized")
+    body = {"texts": ["hi"]}
+    assert c.post("/v1/embeddings/texts", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert c.post("/v1/embeddings/texts", json=body, headers={"X-API-Key": "s3cret"}).status_code == 200
+    assert c.get("/v1/thumbnails/img0.png", headers={"X-API-Key": "s3cret"}).status_code == 200
+    assert c.get("/v1/info", headers={"Authorization": "bearer s3cret"}).status_code == 200
+
+
+# ---- thumbnails ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/thumbnails/nope.png",
+        "/v1/thumbnails/..%2Fsecret.txt",
+        "/v1/thumbnails/%2E%2E/secret.txt",
+        "/v1/thumbnails/sub/%2E%2E/%2E%2E/secret.txt",
+        "/v1/thumbnails/%2Fetc%2Fpasswd",
+        "/v1/thumbnails//etc/passwd",
+        "/v1/thumbnails/..%5Csecret.txt",
+        "/v1/thumbnails/img0.png%00.txt",
+        "/v1/thumbnails/sub",
+    ],
+)
+def test_thumbnails_refuse_unknown_ids_and_path_traversal(make_client: Any, path: str) -> None:
+    _error(make_client().get(path), 404, "not_found")
