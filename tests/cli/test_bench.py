@@ -82,5 +82,7 @@ def test_bench_json(folder: Path, fake_load, capsys) -> None:  # type: ignore[no
 
 
 def test_bad_batch_list_is_a_usage_error(folder: Path, fake_load) -> None:  # type: ignore[no-untyped-def]
-    assert main(["bench", str(folder), "--batch", "1,x"]) == 2
-    assert main(["bench", str(folder), "--batch", "0"]) == 2
+    runner = CliRunner()
+    result = runner.invoke(app, ["bench", str(folder), "--batch", "1,x"])
+    assert result.exit_code == 2 and "comma-separated integers" in result.output
+    assert runner.invoke(app, ["bench", str(folder), "--batch", "0"]).exit_code == 2

@@ -107,11 +107,14 @@ def test_other_model_in_same_output_is_a_one_line_error(
     assert err.startswith("error: ") and "model='ViT-B-32'" in err and "model='ViT-L-14'" in err
 
 
-def test_bad_options_are_usage_errors(folder: Path, tmp_path: Path, fake_load) -> None:  # type: ignore[no-untyped-def]
+def test_bad_options_are_usage_errors(folder: Path, tmp_path: Path, fake_load, capsys) -> None:  # type: ignore[no-untyped-def]
     out = str(tmp_path / "out")
-    assert main(["embed", str(folder), "-o", out, "--dtype", "int8"]) == 2
-    assert main(["embed", str(folder), "-o", out, "--engine", "spark"]) == 2
+    runner = CliRunner()
+    bad_dtype = runner.invoke(app, ["embed", str(folder), "-o", out, "--dtype", "int8"])
+    assert bad_dtype.exit_code == 2 and "float16, float32" in bad_dtype.output
+    assert runner.invoke(app, ["embed", str(folder), "-o", out, "--engine", "spark"]).exit_code == 2
     assert main(["embed", str(tmp_path / "nowhere"), "-o", out]) == 1
+    assert "nowhere: no such folder or file list" in capsys.readouterr().err
     assert fake_load == []  # nothing loaded for invalid input
 
 

@@ -9,12 +9,12 @@ import argparse
 import json
 
 from clipengine.image.preprocess import PreprocessConfig
-from fakes import FakeBackendFactory  # this script's folder is on sys.path
-
 from clipengine.pipeline.run import embed_folder
 
 
 def main() -> None:
+    from fakes import FakeBackendFactory  # this script's folder is on sys.path
+
     parser = argparse.ArgumentParser()
     parser.add_argument("source")
     parser.add_argument("out")

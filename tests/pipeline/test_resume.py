@@ -62,7 +62,7 @@ def test_killed_run_resumes_without_duplicates_or_losses(tmp_path: Path, fakes, 
     proc = _embed(source, out, "--delay", "0.05", "--workers", str(workers))
     _wait_for(out / "shards" / "part-00001.jsonl", proc)
     os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    proc.communicate(timeout=30)  # reap it and close its stdout pipe
     shards = out / "shards"
     done = {p.name.split(".")[0] for p in shards.glob("part-*.jsonl") if ".failures" not in p.name}
     started = {p.name.split(".")[0] for p in shards.iterdir() if not p.name.startswith(".")}
