@@ -1,0 +1,514 @@
+"""Side-by-side speed of clipengine's fast paths vs open_clip, Hugging Face and ONNX Runtime (one run).
+
+Every contestant gets the *same* random ViT-B/32 (OpenAI architecture, QuickGELU) weights: open_clip's
+`ViT-B-32-quickgelu` random init, copied into clipengine's CLIP (same key names) and into a Hugging
+Face `CLIPModel` (key map below); ONNX graphs are exported from the clipengine fp32 module in this run.
+Measurements are interleaved (round-robin over contestants, several rounds) so that load from other
+processes hits everyone alike; the table shows the median throughput and the median over rounds of
+the ratio to the best *peer* in the same round, plus the minimum cosine to open_clip fp32.
+
+Usage:
+    python benchmarks/compare_peers.py [--quick] [--rounds 5] [--skip-onnx] [--skip-e2e] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SEED = 0
+_KEEP: list[object] = []
+
+
+def _patch_torchvision_ops() -> None:
+    """Same as tests/conftest.py: this torchvision build cannot load its C++ ops beside CPU torch;
+    declaring the two op schemas lets open_clip / transformers import it (nms is never called)."""
+    if importlib.util.find_spec("torchvision") is None:
+        return
+    import torch
+
+    try:
+        torch.ops.load_library(str(Path(importlib.util.find_spec("torchvision").origin).parent / "_C.so"))  # type: ignore[arg-type]
+        return
+    except (OSError, RuntimeError):
+        pass
+    try:
+        torch.ops.torchvision.nms  # noqa: B018
+        return
+    except (AttributeError, RuntimeError):
+        pass
+    lib = torch.library.Library("torchvision", "FRAGMENT")
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _KEEP.append(lib)
+
+
+_patch_torchvision_ops()
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from clipengine.backends.accel import optimize  # noqa: E402
+from clipengine.models.clip import CLIP, build_model  # noqa: E402
+from clipengine.models.config import get_config  # noqa: E402
+
+Fn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Contestant:
+    name: str
+    peer: bool  # True: a peer; False: clipengine
+    fn: Fn
+    precision: str
+    times: list[float] = field(default_factory=list)  # items/s per round
+    cosine: float = float("nan")
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def build_models(device: str) -> tuple[Any, CLIP, Any]:
+    """open_clip random ViT-B-32-quickgelu, and the same weights in clipengine's CLIP and HF CLIPModel."""
+    import open_clip
+
+    torch.manual_seed(SEED)
+    oc = open_clip.create_model("ViT-B-32-quickgelu").eval()
+    state = {k: v for k, v in oc.state_dict().items() if k != "attn_mask"}
+    ours = build_model(get_config("ViT-B-32"))
+    missing, unexpected = ours.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise SystemExit(f"open_clip -> clipengine key mismatch: missing={missing} unexpected={unexpected}")
+    hf = _to_hf(state)
+    return oc.to(device), ours.to(device), (hf.to(device) if hf is not None else None)
+
+
+def _to_hf(state: dict[str, torch.Tensor]) -> Any:
+    """OpenAI-named state dict -> transformers CLIPModel (quick_gelu, same shapes), every key checked."""
+    try:
+        from transformers import CLIPConfig as HFConfig
+        from transformers import CLIPModel
+    except ImportError:
+        return None
+    vis = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+               image_size=224, patch_size=32, hidden_act="quick_gelu", projection_dim=512)  # fmt: skip
+    txt = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
+               max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", projection_dim=512,
+               eos_token_id=49407)  # fmt: skip
+    cfg = HFConfig(text_config=txt, vision_config=vis, projection_dim=512)
+    hf = CLIPModel(cfg).eval()
+    out: dict[str, torch.Tensor] = {
+        "logit_scale": state["logit_scale"],
+        "text_projection.weight": state["text_projection"].t(),
+        "visual_projection.weight": state["visual.proj"].t(),
+        "text_model.embeddings.token_embedding.weight": state["token_embedding.weight"],
+        "text_model.embeddings.position_embedding.weight": state["positional_embedding"],
+        "text_model.final_layer_norm.weight": state["ln_final.weight"],
+        "text_model.final_layer_norm.bias": state["ln_final.bias"],
+        "vision_model.embeddings.class_embedding": state["visual.class_embedding"],
+        "vision_model.embeddings.patch_embedding.weight": state["visual.conv1.weight"],
+        "vision_model.embeddings.position_embedding.weight": state["visual.positional_embedding"],
+        "vision_model.pre_layrnorm.weight": state["visual.ln_pre.weight"],
+        "vision_model.pre_layrnorm.bias": state["visual.ln_pre.bias"],
+        "vision_model.post_layernorm.weight": state["visual.ln_post.weight"],
+        "vision_model.post_layernorm.bias": state["visual.ln_post.bias"],
+    }
+    for src, dst in (("transformer", "text_model.encoder"), ("visual.transformer", "vision_model.encoder")):
+        i = 0
+        while f"{src}.resblocks.{i}.ln_1.weight" in state:
+            s, d = f"{src}.resblocks.{i}", f"{dst}.layers.{i}"
+            for p in ("weight", "bias"):
+                for j, qkv in enumerate(state[f"{s}.attn.in_proj_{p}"].chunk(3)):
+                    out[f"{d}.self_attn.{'qkv'[j]}_proj.{p}"] = qkv
+                out[f"{d}.self_attn.out_proj.{p}"] = state[f"{s}.attn.out_proj.{p}"]
+                out[f"{d}.layer_norm1.{p}"] = state[f"{s}.ln_1.{p}"]
+                out[f"{d}.layer_norm2.{p}"] = state[f"{s}.ln_2.{p}"]
+                out[f"{d}.mlp.fc1.{p}"] = state[f"{s}.mlp.c_fc.{p}"]
+                out[f"{d}.mlp.fc2.{p}"] = state[f"{s}.mlp.c_proj.{p}"]
+            i += 1
+    target = hf.state_dict()
+    missing = sorted(k for k in target if k not in out and not k.endswith("position_ids"))
+    bad = sorted(k for k, v in out.items() if k not in target or target[k].shape != v.shape)
+    if missing or bad:
+        raise SystemExit(f"clipengine -> HF key map: missing={missing[:5]} bad={bad[:5]}")
+    hf.load_state_dict(out, strict=False)
+    return hf
+
+
+def bf16_copy(module: torch.nn.Module) -> torch.nn.Module:
+    # Weights cast, requires_grad left True: bf16 + requires_grad=False is a slow CPU path (pytorch#151934).
+    return copy.deepcopy(module).to(torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- contestants
+
+
+def _no_grad(fn: Fn) -> Fn:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return fn(x).float()
+
+    return run
+
+
+def _hf_fn(method: Callable[..., Any], arg: str, dtype: torch.dtype) -> Fn:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        out = method(**{arg: x.to(dtype) if x.is_floating_point() else x})
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    return _no_grad(run)
+
+
+def _compiled(fn: Fn) -> Fn:
+    return torch.compile(fn, options={"freezing": True}, dynamic=False)  # what a torch user would do
+
+
+def peers(tower: str, oc: Any, hf: Any, onnx_sessions: dict[str, Any], *, compile_peers: bool) -> list[Contestant]:
+    """fp32 / bf16 eager and compiled open_clip, HF fp32 / bf16, ORT fp32 / int8 for `tower`."""
+    image = tower == "image"
+    oc16 = bf16_copy(oc)
+    method = "encode_image" if image else "encode_text"
+    out = [
+        Contestant("open_clip eager fp32", True, _no_grad(getattr(oc, method)), "fp32"),
+        Contestant("open_clip eager bf16", True, _no_grad(lambda x: getattr(oc16, method)(x.to(torch.bfloat16) if image else x)), "bf16"),  # fmt: skip
+    ]
+    if compile_peers:
+        inner = _compiled(lambda x: getattr(oc16, method)(x.to(torch.bfloat16) if image else x))
+        out.append(Contestant("open_clip compile bf16", True, _no_grad(inner), "bf16"))
+    if hf is not None:
+        hf16 = bf16_copy(hf)
+        hm, arg = ("get_image_features", "pixel_values") if image else ("get_text_features", "input_ids")
+        out.append(Contestant("HF transformers fp32", True, _hf_fn(getattr(hf, hm), arg, torch.float32), "fp32"))
+        out.append(Contestant("HF transformers bf16", True, _hf_fn(getattr(hf16, hm), arg, torch.bfloat16), "bf16"))
+    for prec, sess in onnx_sessions.get(tower, {}).items():
+        out.append(Contestant(f"ONNX Runtime {prec}", True, _ort_fn(sess), prec))
+    return out
+
+
+def ours(tower: str, model: CLIP, *, quick: bool) -> list[Contestant]:
+    """clipengine fast paths (accel.optimize) for `tower`."""
+    variants: list[tuple[str, dict[str, Any]]] = [
+        ("clipengine eager bf16", dict(precision="bf16", compile=False)),
+        ("clipengine compile bf16", dict(precision="bf16", compile=True)),
+    ]
+    if not quick:
+        variants.insert(1, ("clipengine compile bf16 (no prune/trunc)", dict(precision="bf16", compile=True, prune=False, truncate_text=False)))  # fmt: skip
+    out = []
+    for name, kw in variants:
+        fast = optimize(model, device="cpu", **kw)
+        fn = fast.encode_image if tower == "image" else fast.encode_text
+        out.append(Contestant(name, False, fn, kw["precision"]))
+    return out
+
+
+# ----------------------------------------------------------------------------- ONNX Runtime
+
+
+class _ImageGraph(torch.nn.Module):
+    def __init__(self, model: CLIP) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels)
+
+
+class _TextGraph(_ImageGraph):
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.model.encode_text(tokens)
+
+
+def onnx_sessions(model: CLIP, workdir: Path, threads: int) -> dict[str, dict[str, Any]]:
+    """Export both towers (fp32, dynamic batch), quantize_dynamic to int8, open ORT CPU sessions."""
+    try:
+        import onnxruntime as ort
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError:
+        return {}
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    result: dict[str, dict[str, Any]] = {}
+    for tower, graph, example, name in (
+        ("image", _ImageGraph(model), torch.randn(2, 3, 224, 224), "pixels"),
+        ("text", _TextGraph(model), torch.randint(1, 49407, (2, 77)), "tokens"),
+    ):
+        fp32 = workdir / f"{tower}_fp32.onnx"
+        int8 = workdir / f"{tower}_int8.onnx"
+        if not fp32.exists():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(graph.eval(), (example,), str(fp32), input_names=[name], output_names=["features"],
+                                  dynamic_axes={name: {0: "batch"}, "features": {0: "batch"}}, opset_version=17,
+                                  dynamo=False)  # fmt: skip
+        if not int8.exists():
+            quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
+        result[tower] = {
+            p: ort.InferenceSession(str(f), opts, providers=["CPUExecutionProvider"])
+            for p, f in (("fp32", fp32), ("int8 dynamic", int8))
+        }
+    return result
+
+
+def _ort_fn(sess: Any) -> Fn:
+    name = sess.get_inputs()[0].name
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(sess.run(None, {name: x.numpy()})[0]).float()
+
+    return run
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def measure(contestants: list[Contestant], x: torch.Tensor, rounds: int, min_s: float, log: Callable[[str], None]) -> torch.Tensor:
+    """Warm up (compiles), take cosine vs the first contestant, then time round-robin."""
+    ref = None
+    calls: dict[str, int] = {}
+    for c in contestants:
+        t0 = time.perf_counter()
+        y = c.fn(x)
+        c.fn(x)
+        dt = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        y = c.fn(x)
+        one = time.perf_counter() - t1
+        calls[c.name] = max(1, math.ceil(min_s / max(one, 1e-4)))
+        if ref is None:
+            ref = y
+        c.cosine = float(F.cosine_similarity(y.float(), ref.float(), dim=-1).min())
+        log(f"  warm {c.name}: {dt:.1f}s, {one * 1000:.1f} ms/call, cos {c.cosine:.6f}")
+    for _ in range(rounds):
+        for c in contestants:
+            n = calls[c.name]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                c.fn(x)
+            c.times.append(n * x.shape[0] / (time.perf_counter() - t0))
+    assert ref is not None
+    return ref
+
+
+def table(title: str, contestants: list[Contestant], unit: str) -> tuple[str, list[dict[str, Any]]]:
+    rounds = len(contestants[0].times)
+    best_peer = [max(c.times[r] for c in contestants if c.peer) for r in range(rounds)]
+    rows = []
+    for c in contestants:
+        ratio = statistics.median(c.times[r] / best_peer[r] for r in range(rounds))
+        rows.append(dict(name=c.name, peer=c.peer, precision=c.precision, per_s=statistics.median(c.times),
+                         ratio_to_best_peer=ratio, min_cosine_vs_fp32=c.cosine))  # fmt: skip
+    lines = [f"\n### {title}", "", f"| contestant | {unit} (median) | x best peer | min cosine vs fp32 |", "| --- | ---: | ---: | ---: |"]  # fmt: skip
+    for r in rows:
+        mark = "" if r["peer"] else "**"
+        lines.append(f"| {mark}{r['name']}{mark} | {r['per_s']:.1f} | {r['ratio_to_best_peer']:.2f} | {r['min_cosine_vs_fp32']:.5f} |")  # fmt: skip
+    return "\n".join(lines), rows
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def prompt_tokens(n: int) -> torch.Tensor:
+    """`n` realistic zero-shot prompts ("a photo of a {class}.") tokenized to (n, 77)."""
+    from clipengine.text.tokenizer import tokenize
+
+    prompts = json.loads((Path(__file__).parents[1] / "src/clipengine/eval/prompts/zeroshot_prompts.json").read_text())
+    data = prompts["CIFAR100"]
+    classes, templates = data["classes"], data["templates"]
+    texts = [templates[i % len(templates)].format(classes[(7 * i) % len(classes)]) for i in range(n)]
+    return torch.from_numpy(tokenize(texts)).long()
+
+
+def long_tokens(n: int) -> torch.Tensor:
+    """(n, 77) texts that fill the whole context (worst case: truncation cannot help)."""
+    g = torch.Generator().manual_seed(SEED)
+    tok = torch.randint(1, 49405, (n, 77), generator=g)
+    tok[:, 0], tok[:, -1] = 49406, 49407
+    return tok
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def make_jpegs(folder: Path, count: int) -> list[Path]:
+    """Camera-size JPEGs (half 4032x3024, half 1920x1080): smooth noise plus random shapes."""
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(SEED)
+    paths = []
+    for i in range(count):
+        w, h = (4032, 3024) if i % 2 == 0 else (1920, 1080)
+        path = folder / f"img_{i:04d}_{w}x{h}.jpg"
+        paths.append(path)
+        if path.exists():
+            continue
+        small = rng.integers(0, 255, (h // 16, w // 16, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((w, h), Image.BILINEAR)
+        draw = ImageDraw.Draw(img)
+        for _ in range(12):
+            x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+            box = [x0, y0, x0 + int(rng.integers(50, w // 3)), y0 + int(rng.integers(50, h // 3))]
+            fill = tuple(int(c) for c in rng.integers(0, 255, 3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
+        noise = rng.normal(0, 6, (h, w, 3))
+        arr = np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(path, quality=90)
+    return paths
+
+
+def e2e_naive(paths: list[Path], oc16: Any, preprocess: Any, batch: int) -> tuple[float, np.ndarray]:
+    """The loop a user writes: PIL open, open_clip preprocess, stack, bf16 model; one process."""
+    from PIL import Image
+
+    t0 = time.perf_counter()
+    outs = []
+    with torch.no_grad():
+        for s in range(0, len(paths), batch):
+            x = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths[s : s + batch]])
+            outs.append(F.normalize(oc16.encode_image(x.to(torch.bfloat16)).float(), dim=-1))
+    return len(paths) / (time.perf_counter() - t0), torch.cat(outs).numpy()
+
+
+class _AccelBackend:
+    """A clipengine Backend (types.Backend) over accel.optimize, for the pipeline."""
+
+    name = "torch-accel"
+    device = "cpu"
+
+    def __init__(self, model: CLIP, **kw: Any) -> None:
+        self.fast = optimize(model, **kw)
+        self.precision = self.fast.precision
+        self.embed_dim = model.config.embed_dim
+        self.image_size = model.config.vision.image_size
+        self.context_length = model.context_length
+
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        y = self.fast.encode_image(torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)))
+        return F.normalize(y, dim=-1).numpy()
+
+    def encode_texts(self, tokens: np.ndarray) -> np.ndarray:
+        return F.normalize(self.fast.encode_text(torch.from_numpy(np.asarray(tokens, dtype=np.int64))), dim=-1).numpy()
+
+
+def e2e_pipeline(folder: Path, backend: Any, batch: int, workers: int | None) -> tuple[float, np.ndarray, dict[str, Any]]:
+    from clipengine.image.preprocess import PreprocessConfig
+    from clipengine.pipeline.run import embed_folder
+    from clipengine.pipeline.sinks import read_embeddings
+
+    with tempfile.TemporaryDirectory() as out:
+        stats = embed_folder(folder, Path(out) / "emb", backend, PreprocessConfig(), batch_size=batch,
+                             workers=workers, dtype="float32")  # fmt: skip
+        ids, vecs, _ = read_embeddings(Path(out) / "emb")
+    order = np.argsort([Path(i).name for i in ids])
+    return stats.embedded / stats.wall_s, vecs[order], stats.per_image_ms()
+
+
+def run_e2e(args: argparse.Namespace, oc: Any, model: CLIP, log: Callable[[str], None]) -> str:
+    import open_clip
+
+    count = 32 if args.quick else 128
+    folder = Path(args.jpeg_dir)
+    t0 = time.perf_counter()
+    paths = make_jpegs(folder, count)
+    log(f"e2e: {count} JPEGs in {folder} ({time.perf_counter() - t0:.0f}s to generate)")
+    preprocess = open_clip.image_transform(224, is_train=False)
+    oc16 = bf16_copy(oc)
+    lines = ["\n### End to end: JPEG folder -> embeddings (batch 32, decode and model share the cores)", "",
+             "| path | img/s | x naive | notes |", "| --- | ---: | ---: | --- |"]  # fmt: skip
+    e2e_naive(paths[:4], oc16, preprocess, 32)  # warm-up
+    naive, ref = e2e_naive(paths, oc16, preprocess, 32)
+    lines.append(f"| naive loop (PIL + open_clip preprocess + open_clip bf16, 1 process) | {naive:.1f} | 1.00 | |")
+    try:
+        for label, backend, workers in (
+            ("clipengine embed_folder + accel compile bf16", _AccelBackend(model, precision="bf16", compile=True), None),
+            ("clipengine embed_folder + accel eager bf16", _AccelBackend(model, precision="bf16", compile=False), None),
+        ):
+            backend.encode_images(np.zeros((32, 3, 224, 224), np.float32))  # compile outside the timing
+            fps, vecs, ms = e2e_pipeline(folder, backend, 32, workers)
+            cos = float((vecs * ref).sum(-1).min())
+            notes = f"min cos vs naive {cos:.4f}; ms/img " + ", ".join(f"{k} {v:.1f}" for k, v in ms.items() if v)
+            lines.append(f"| {label} | {fps:.1f} | {fps / naive:.2f} | {notes} |")
+    except ImportError as e:
+        lines.append(f"| clipengine pipeline | - | - | not available: {e} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="2 rounds, no torch.compile peer variants beyond one, 32 JPEGs")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds per table (default 5, quick 2)")
+    p.add_argument("--min-seconds", type=float, default=None, help="seconds per timed measurement (default 1.0)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--skip-onnx", action="store_true")
+    p.add_argument("--skip-e2e", action="store_true")
+    p.add_argument("--only", choices=["image1", "image32", "text", "textlong"], action="append")
+    p.add_argument("--jpeg-dir", default=str(Path(tempfile.gettempdir()) / "clipengine_bench_jpegs"))
+    p.add_argument("--json", type=Path, default=None, help="also write all rows as JSON here")
+    args = p.parse_args(argv)
+    rounds = args.rounds or (2 if args.quick else 5)
+    min_s = args.min_seconds or (0.5 if args.quick else 1.0)
+    torch.set_num_threads(args.threads)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    log(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    oc, model, hf = build_models("cpu")
+    sessions: dict[str, dict[str, Any]] = {}
+    if not args.skip_onnx:
+        t0 = time.perf_counter()
+        work = Path(tempfile.gettempdir()) / "clipengine_bench_onnx"
+        work.mkdir(exist_ok=True)
+        sessions = onnx_sessions(model, work, args.threads)
+        log(f"onnx export + int8 quantization: {time.perf_counter() - t0:.0f}s")
+    tables: list[str] = []
+    report: dict[str, Any] = {}
+    cases = [
+        ("image1", "image", "Image tower, batch 1", torch.randn(1, 3, 224, 224), "img/s"),
+        ("image32", "image", "Image tower, batch 32", torch.randn(32, 3, 224, 224), "img/s"),
+        ("text", "text", "Text tower, batch 32, zero-shot prompts (<= 20 tokens)", prompt_tokens(32), "seq/s"),
+        ("textlong", "text", "Text tower, batch 32, full 77-token texts (worst case)", long_tokens(32), "seq/s"),
+    ]
+    torch.manual_seed(SEED)
+    for key, tower, title, x, unit in cases:
+        if args.only and key not in args.only:
+            continue
+        if args.quick and key == "textlong":
+            continue
+        log(f"{title}:")
+        cs = peers(tower, oc, hf, sessions, compile_peers=True) + ours(tower, model, quick=args.quick)
+        measure(cs, x, rounds, min_s, log)
+        text, rows = table(title, cs, unit)
+        tables.append(text)
+        report[key] = rows
+        print(text, flush=True)
+    if not args.skip_e2e:
+        text = run_e2e(args, oc, model, log)
+        tables.append(text)
+        print(text, flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

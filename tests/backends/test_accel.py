@@ -1,0 +1,143 @@
+"""Numerical bounds of accel's fast paths vs the fp32 module (not their speed)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipengine.backends.accel import TEXT_LENGTH_BUCKET, AcceleratedCLIP, optimize
+from clipengine.errors import BackendError
+
+SOT, EOT = 49406, 49407
+
+
+def _tokens(lengths: list[int], context: int = 77, seed: int = 0) -> torch.Tensor:
+    """(N, context) token rows: SOT, random ids, EOT at position length-1, zero padding after."""
+    g = torch.Generator().manual_seed(seed)
+    tok = torch.zeros(len(lengths), context, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        tok[i, 0] = SOT
+        tok[i, 1 : n - 1] = torch.randint(1, 49000, (n - 2,), generator=g)
+        tok[i, n - 1] = EOT
+    return tok
+
+
+def _min_cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a.float(), b.float(), dim=-1).min())
+
+
+@pytest.fixture(scope="module")
+def inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(5, 3, 32, 32, generator=g), _tokens([3, 10, 21, 77, 9])
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, inputs):  # type: ignore[no-untyped-def]
+    pixels, tokens = inputs
+    with torch.no_grad():
+        return tiny_model.encode_image(pixels), tiny_model.encode_text(tokens)
+
+
+def test_fp32_prune_and_truncate_match_module_exactly_up_to_rounding(tiny_model, inputs, reference) -> None:  # type: ignore[no-untyped-def]
+    fast = optimize(tiny_model, precision="fp32")
+    img, txt = fast.encode_image(inputs[0]), fast.encode_text(inputs[1])
+    assert img.dtype == txt.dtype == torch.float32
+    torch.testing.assert_close(img, reference[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(txt, reference[1], atol=1e-5, rtol=1e-5)
+
+
+def test_text_truncation_is_exact_for_short_batches(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    tokens = _tokens([4, 7, 12], seed=3)
+    # Junk after EOT must not matter either: the causal mask hides it from the EOT position.
+    noisy = tokens.clone()
+    noisy[:, 20:] = torch.randint(1, 49000, (3, 57))
+    with torch.no_grad():
+        ref = tiny_model.encode_text(tokens)
+    fast = optimize(tiny_model, precision="fp32", prune=False)
+    torch.testing.assert_close(fast.encode_text(tokens), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.encode_text(noisy), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("needed", "available", "expected"),
+    [(1, 77, TEXT_LENGTH_BUCKET), (8, 77, 8), (9, 77, 16), (76, 77, 77), (77, 77, 77), (5, 4, 4)],
+)
+def test_text_length_rounds_up_to_bucket_and_caps_at_context(needed: int, available: int, expected: int) -> None:
+    assert AcceleratedCLIP.text_length(needed, available) == expected
+
+
+@pytest.mark.parametrize("prune", [True, False])
+def test_bf16_cosine_at_least_0999(tiny_model, inputs, reference, prune: bool) -> None:  # type: ignore[no-untyped-def]
+    fast = optimize(tiny_model, precision="bf16", prune=prune)
+    assert _min_cos(fast.encode_image(inputs[0]), reference[0]) >= 0.999
+    assert _min_cos(fast.encode_text(inputs[1]), reference[1]) >= 0.999
+
+
+def test_resnet_tower_bf16_cosine_at_least_0999(tiny_resnet_model) -> None:  # type: ignore[no-untyped-def]
+    pixels = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = tiny_resnet_model.encode_image(pixels)
+    fast = optimize(tiny_resnet_model, precision="bf16")
+    assert _min_cos(fast.encode_image(pixels), ref) >= 0.999
+
+
+def test_optimize_leaves_callers_module_untouched(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    before = copy.deepcopy(tiny_model.state_dict())
+    optimize(tiny_model, precision="bf16")
+    after = tiny_model.state_dict()
+    assert all(after[k].dtype == torch.float32 and torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_empty_batches(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    fast = optimize(tiny_model, precision="fp32")
+    assert fast.encode_text(torch.zeros(0, 77, dtype=torch.long)).shape == (0, 32)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(precision="int4"), dict(compile="fastest"), dict(cuda_graphs=True, device="cpu")],
+)
+def test_bad_options_raise_backend_error(tiny_model, kwargs) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(BackendError):
+        optimize(tiny_model, **kwargs)
+
+
+@pytest.mark.slow
+def test_compiled_bf16_cosine_at_least_0999(tiny_model, inputs, reference) -> None:  # type: ignore[no-untyped-def]
+    # torch.compile (inductor, frozen weights -> oneDNN bf16 kernels); tens of seconds on 2 cores.
+    fast = optimize(tiny_model, precision="bf16", compile=True)
+    assert _min_cos(fast.encode_image(inputs[0]), reference[0]) >= 0.999
+    assert _min_cos(fast.encode_text(inputs[1]), reference[1]) >= 0.999
+
+
+@pytest.mark.slow
+def test_vit_b32_bf16_cosine_at_least_0999() -> None:
+    # One full-size bound: bf16 error grows with depth and width, the tiny model would hide it.
+    from clipengine.models.clip import build_model
+    from clipengine.models.config import get_config
+
+    torch.manual_seed(0)
+    model = build_model(get_config("ViT-B-32"))
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    tokens = _tokens([6, 30], seed=5)
+    with torch.no_grad():
+        ref_img, ref_txt = model.encode_image(pixels), model.encode_text(tokens)
+    fast = optimize(model, precision="bf16")
+    assert _min_cos(fast.encode_image(pixels), ref_img) >= 0.999
+    assert _min_cos(fast.encode_text(tokens), ref_txt) >= 0.999
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+@pytest.mark.parametrize(("compile_mode", "graphs"), [(False, False), (False, True), ("max-autotune", False)])
+def test_cuda_paths_cosine_at_least_0999(tiny_model, inputs, reference, precision, compile_mode, graphs) -> None:  # type: ignore[no-untyped-def]
+    fast = optimize(tiny_model, device="cuda", precision=precision, compile=compile_mode, cuda_graphs=graphs)
+    for _ in range(2):  # second call replays the captured graph
+        img = fast.encode_image(inputs[0]).cpu()
+        txt = fast.encode_text(inputs[1]).cpu()
+    assert _min_cos(img, reference[0]) >= 0.999
+    assert _min_cos(txt, reference[1]) >= 0.999
