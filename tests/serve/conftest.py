@@ -152,3 +152,23 @@ def make_client(fake_model: FakeModel, fake_index: FakeIndex) -> Iterator[Any]:
     yield make
     for client in clients:
         client.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tiny_model: Any) -> Any:
+    """The shared tiny random-weight CLIP behind the real ClipModel API (torch backend, 32 px)."""
+    api = pytest.importorskip("clipengine.api", reason="clipengine.api is not built yet")
+    from clipengine.backends import create_backend
+    from clipengine.image.preprocess import PreprocessConfig
+
+    backend = create_backend("torch", tiny_model)
+    return api.ClipModel(backend, PreprocessConfig(image_size=32), "tiny-vit", 100.0, 77)
+
+
+@pytest.fixture
+def tiny_index(tiny_clip: Any, image_root: Path) -> Any:
+    """A real clipengine Index of the files under `image_root`, built with the tiny model."""
+    index_mod = pytest.importorskip("clipengine.index", reason="clipengine.index is not built yet")
+    ids = sorted(p.relative_to(image_root).as_posix() for p in image_root.rglob("*.png"))
+    vectors = tiny_clip.encode_images([str(image_root / i) for i in ids])
+    return index_mod.Index.build(ids, vectors, model=tiny_clip.name, image_roots=[image_root])

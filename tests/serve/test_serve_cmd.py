@@ -1,0 +1,82 @@
+"""`clipengine serve`: options become ServeSettings, the key comes from the env, the model source is picked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from clipengine.cli import serve_cmd
+from clipengine.cli.app import app
+
+from .conftest import FakeIndex, FakeModel
+
+
+@pytest.fixture
+def captured(monkeypatch: pytest.MonkeyPatch, fake_model: FakeModel, fake_index: FakeIndex) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+
+    def load_model(*args: Any) -> FakeModel:
+        seen["load_args"] = args
+        return fake_model
+
+    def run_server(web_app: Any, host: str, port: int, log_level: str, graceful_s: float) -> None:
+        seen.update(app=web_app, host=host, port=port, graceful_s=graceful_s)
+
+    monkeypatch.setattr(serve_cmd, "_load_model", load_model)
+    monkeypatch.setattr(serve_cmd, "_load_index", lambda path: fake_index)
+    monkeypatch.setattr(serve_cmd, "_run_server", run_server)
+    return seen
+
+
+def test_serve_builds_the_app_from_options(captured: dict[str, Any], tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app,
+        ["serve", "--model", "tiny", "--index", str(tmp_path), "--port", "8123", "--max-batch", "7",
+         "--max-wait-ms", "2", "--max-queue", "9", "--max-texts", "5", "--api-key", "k1"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "serving fake-clip on http://127.0.0.1:8123" in result.output and "7 images" in result.output
+    state = captured["app"].state.clipengine
+    s = state.settings
+    assert (s.max_batch, s.max_wait_ms, s.max_queue, s.max_texts, s.api_key) == (7, 2.0, 9, 5, "k1")
+    assert captured["load_args"][0] == "tiny" and state.index is not None
+    with TestClient(captured["app"]) as client:
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/v1/info").status_code == 401
+
+
+def test_api_key_can_come_from_the_environment(captured: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLIPENGINE_API_KEY", "from-env")
+    result = CliRunner().invoke(app, ["serve", "--model", "tiny"])
+    assert result.exit_code == 0, result.output
+    assert captured["app"].state.clipengine.settings.api_key == "from-env"
+    assert captured["app"].state.clipengine.index is None
+
+
+def test_public_host_without_key_warns(captured: dict[str, Any]) -> None:
+    result = CliRunner().invoke(app, ["serve", "--model", "tiny", "--host", "0.0.0.0"])
+    assert result.exit_code == 0
+    assert "without --api-key" in result.output
+
+
+def test_bad_backend_is_a_usage_error(captured: dict[str, Any]) -> None:
+    result = CliRunner().invoke(app, ["serve", "--model", "tiny", "--backend", "tpu"])
+    assert result.exit_code == 2
+    assert "--backend" in result.output
+
+
+def test_model_source_defaults_to_the_index_model(monkeypatch: pytest.MonkeyPatch, fake_index: FakeIndex) -> None:
+    api = pytest.importorskip("clipengine.api", reason="clipengine.api is not built yet")
+    calls: list[Any] = []
+    monkeypatch.setattr(api, "load", lambda *a, **k: calls.append((a, k)) or "model")
+    serve_cmd._load_model(None, None, None, None, "torch", "cpu", "fp32", False, fake_index)  # type: ignore[arg-type]
+    assert calls[0][0] == ("fake-clip",)
+    serve_cmd._load_model(None, None, None, tmp := Path("export"), "torch", "cpu", "fp32", False, None)
+    assert calls[1][0] == (str(tmp),) and calls[1][1]["backend"] == "onnx"
+    with pytest.raises(typer.BadParameter, match="--model"):
+        serve_cmd._load_model(None, None, None, None, "torch", "cpu", "fp32", False, None)
