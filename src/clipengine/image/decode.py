@@ -1,0 +1,229 @@
+"""Any image input (path, bytes, PIL image, array) -> an RGB PIL image, or DecodeError naming the source."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import threading
+import warnings
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from clipengine.errors import DecodeError
+from clipengine.types import ImageInput
+
+__all__ = ["MAX_IMAGE_PIXELS", "decode_image", "open_image", "source_name", "to_8bit", "to_rgb"]
+
+logger = logging.getLogger(__name__)
+
+# Refuse images above this many pixels before decoding them (a 1 kB PNG can claim 10^10 pixels).
+# 2 x Pillow's default warning threshold: the size at which Pillow itself raises
+# DecompressionBombError. Read at call time, so it can be changed (e.g. in tests).
+MAX_IMAGE_PIXELS = 2 * 89_478_485
+
+_EXIF_ORIENTATION = 0x0112
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# Pillow warns (not raises) between its limit and twice it, from inside Image.open. We enforce our
+# own limit instead, so that warning is suppressed around the header parse. warnings.catch_warnings
+# swaps process-global state; the lock keeps concurrent decodes from restoring each other's filters.
+_OPEN_LOCK = threading.Lock()
+
+
+def source_name(source: object) -> str:
+    """How errors and logs name an input: the path, or a short description of in-memory data."""
+    if isinstance(source, str | os.PathLike):
+        return os.fspath(source)
+    if isinstance(source, bytes | bytearray | memoryview):
+        return f"<{len(source)} bytes>"
+    if isinstance(source, Image.Image):
+        return f"<PIL image {source.mode} {source.width}x{source.height}>"
+    if isinstance(source, np.ndarray):
+        return f"<array {'x'.join(map(str, source.shape))} {source.dtype}>"
+    return f"<{type(source).__name__}>"
+
+
+def decode_image(
+    source: ImageInput, name: str | None = None, *, draft_size: tuple[int, int] | None = None
+) -> Image.Image:
+    """Decode an image into an RGB PIL image, oriented as its EXIF tag says.
+
+    Args:
+        source: a file path, encoded bytes, a PIL image, or an array in RGB order shaped (H, W),
+            (H, W, 1), (H, W, 3) or (H, W, 4); uint8, uint16 (scaled by 255/65535), bool, or
+            float in [0, 1].
+        name: how errors name the input (default: the path, or a description of the data).
+        draft_size: opt-in speed-up for JPEG files/bytes: let libjpeg decode at 1/2, 1/4 or 1/8
+            scale as long as both sides stay >= (width, height). Approximate (see docs).
+
+    Returns:
+        An RGB image (see `to_rgb`: alpha dropped, 16-bit grey scaled); animations give their
+        first frame.
+
+    Raises:
+        DecodeError: missing/empty/unreadable file, unknown format, truncated data, more than
+            MAX_IMAGE_PIXELS pixels, or an array of unsupported shape, dtype or range.
+        TypeError: `source` is none of the supported types.
+    """
+    label = name if name is not None else source_name(source)
+    return to_rgb(open_image(source, label, draft_size=draft_size), label)
+
+
+def open_image(
+    source: ImageInput, name: str | None = None, *, draft_size: tuple[int, int] | None = None
+) -> Image.Image:
+    """Like `decode_image` but keeps the decoded mode (RGBA, P, L, I;16, ...).
+
+    Preprocessing resizes in the original mode before converting to RGB, as OpenAI's transform
+    does; for images with alpha that order changes the result (see docs).
+    """
+    label = name if name is not None else source_name(source)
+    if isinstance(source, Image.Image):
+        return _oriented(source, copy=True)
+    if isinstance(source, np.ndarray):
+        return _from_array(source, label)
+    if isinstance(source, bytes | bytearray | memoryview):
+        if len(source) == 0:
+            raise DecodeError(label, "empty input (0 bytes)")
+        return _decode_stream(io.BytesIO(source), label, draft_size)
+    if isinstance(source, str | os.PathLike):
+        return _decode_file(Path(source), label, draft_size)
+    raise TypeError(
+        f"cannot decode an image from {type(source).__name__}; expected a path, bytes, PIL image or array"
+    )
+
+
+def _decode_file(path: Path, label: str, draft_size: tuple[int, int] | None) -> Image.Image:
+    try:
+        with path.open("rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise DecodeError(label, "empty file (0 bytes)")
+            return _decode_stream(f, label, draft_size)
+    except FileNotFoundError as e:
+        raise DecodeError(label, "file not found") from e
+    except IsADirectoryError as e:
+        raise DecodeError(label, "is a directory, not an image file") from e
+    except PermissionError as e:
+        raise DecodeError(label, "permission denied") from e
+    except OSError as e:  # other open/read failures (I/O error, bad link, ...)
+        raise DecodeError(label, f"cannot read file: {e}") from e
+
+
+def _decode_stream(
+    fp: io.BufferedIOBase | io.BytesIO, label: str, draft_size: tuple[int, int] | None
+) -> Image.Image:
+    """Open (header only), check the size, then decode the first frame fully while `fp` is open."""
+    try:
+        with _OPEN_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(fp)
+    except UnidentifiedImageError as e:
+        raise DecodeError(label, "not a recognised image format") from e
+    except Image.DecompressionBombError as e:  # only if the user lowered Image.MAX_IMAGE_PIXELS
+        raise DecodeError(label, f"decompression bomb: {e}") from e
+    except (OSError, SyntaxError, ValueError) as e:  # Pillow plugins signal bad headers all three ways
+        raise DecodeError(label, f"corrupt image header: {e}") from e
+    width, height = im.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise DecodeError(
+            label,
+            f"decompression bomb: {width}x{height} = {width * height} pixels is more than "
+            f"MAX_IMAGE_PIXELS = {MAX_IMAGE_PIXELS}",
+        )
+    if draft_size is not None and im.format == "JPEG":
+        im.draft("RGB", draft_size)  # picks the largest DCT reduction keeping both sides >= draft_size
+    try:
+        im.load()  # first frame only: we never seek
+    except (
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as e:  # GIF frames larger than the canvas
+        raise DecodeError(label, f"decompression bomb: {e}") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise DecodeError(label, f"truncated or corrupt image data: {e}") from e
+    return _oriented(im, copy=False)
+
+
+def _oriented(im: Image.Image, *, copy: bool) -> Image.Image:
+    """Apply the EXIF orientation tag, as browsers do; OpenAI's transform does not (see docs).
+
+    A caller's image is transposed into a new image (`copy=True`) so it is never modified.
+    """
+    try:
+        orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+    except (OSError, SyntaxError, ValueError) as e:  # unreadable EXIF never makes the pixels unusable
+        logger.debug("ignoring unreadable EXIF: %s", e)
+        return im
+    if orientation in (None, 1):
+        return im
+    if copy:
+        return ImageOps.exif_transpose(im)
+    ImageOps.exif_transpose(im, in_place=True)
+    return im
+
+
+def to_8bit(im: Image.Image, name: str = "<PIL image>") -> Image.Image:
+    """Scale high-bit-depth grey to 8-bit "L"; other modes are returned unchanged.
+
+    16-bit grey ("I;16*", and "I" as Pillow opens some 16-bit files) maps v -> round(v * 255 / 65535),
+    where Pillow's own conversion (and so OpenAI's transform) clips at 255 and turns most 16-bit
+    images white. "F" (32-bit float) is read as [0, 1], like float arrays.
+    """
+    if im.mode in _SIXTEEN_BIT_MODES:
+        return _from_array(np.clip(np.asarray(im), 0, 65535).astype(np.uint16), name)
+    if im.mode == "F":
+        return _from_array(np.asarray(im), name)
+    return im
+
+
+def to_rgb(im: Image.Image, name: str = "<PIL image>") -> Image.Image:
+    """Convert any Pillow mode to RGB as OpenAI's transform does (`convert("RGB")`), except high bit depths.
+
+    Alpha is dropped rather than composited; high bit depths go through `to_8bit` first.
+    """
+    im = to_8bit(im, name)
+    if im.mode == "RGB":
+        return im
+    if im.mode == "P" and "transparency" in im.info:
+        # Pillow warns on P -> RGB when the palette has per-entry alpha; via RGBA it does not,
+        # and the colours are the same palette entries.
+        return im.convert("RGBA").convert("RGB")
+    return im.convert("RGB")
+
+
+def _from_array(array: npt.NDArray[Any], label: str) -> Image.Image:
+    """(H, W[, C]) array -> an "L", "RGB" or "RGBA" image (C = 1, 3 or 4)."""
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    elif array.ndim != 2 and not (array.ndim == 3 and array.shape[2] in (3, 4)):
+        raise DecodeError(
+            label, f"array shape {array.shape} is not (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)"
+        )
+    if array.size == 0:
+        raise DecodeError(label, f"array shape {array.shape} has no pixels")
+    pixels = np.ascontiguousarray(_to_uint8(array, label))
+    return Image.fromarray(pixels)  # uint8 (H, W) / (H, W, 3) / (H, W, 4) -> "L" / "RGB" / "RGBA"
+
+
+def _to_uint8(array: npt.NDArray[Any], label: str) -> npt.NDArray[np.uint8]:
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * np.uint8(255)
+    if array.dtype == np.uint16:
+        wide = array.astype(np.uint32)
+        return ((wide * 255 + 32767) // 65535).astype(np.uint8)  # round(v * 255 / 65535), exact ints
+    if array.dtype.kind == "f":
+        lo, hi = float(np.min(array)), float(np.max(array))
+        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0.0 or hi > 1.0:
+            raise DecodeError(
+                label, f"float pixel values must be finite and in [0, 1], got range [{lo:g}, {hi:g}]"
+            )
+        return np.rint(array * 255.0).astype(np.uint8)
+    raise DecodeError(
+        label, f"unsupported array dtype {array.dtype} (use uint8, uint16, bool or float in [0, 1])"
+    )
