@@ -113,9 +113,7 @@ def _decode_file(path: Path, label: str, draft_size: tuple[int, int] | None) -> 
         raise DecodeError(label, f"cannot read file: {e}") from e
 
 
-def _decode_stream(
-    fp: io.BufferedIOBase | io.BytesIO, label: str, draft_size: tuple[int, int] | None
-) -> Image.Image:
+def _decode_stream(fp: IO[bytes], label: str, draft_size: tuple[int, int] | None) -> Image.Image:
     """Open (header only), check the size, then decode the first frame fully while `fp` is open."""
     try:
         with _OPEN_LOCK, warnings.catch_warnings():
