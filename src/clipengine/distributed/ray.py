@@ -1,0 +1,382 @@
+"""Embed on a Ray cluster: a Ray Data job mapping partitions through an actor pool into the local run's shards.
+
+Same partitions (`pipeline.sources.partitions`), same writer (`pipeline.run.run_partition` +
+`pipeline.sinks.ShardSink`), so a Ray output folder is byte-for-byte the layout of a local run and
+either engine can resume the other's. Ray is imported only inside functions (`clipengine[ray]`).
+
+Each Ray Data row is one partition: its id and its (id, source) pairs as JSON. `map_batches` sends
+rows through a pool of `_PartitionEmbedder` actors; each actor builds its backend ONCE from a
+picklable factory or a plain-data model spec (never a live model), decodes in-process and writes
+its shard. Partitions whose shard is already complete are filtered out on the driver, so a rerun
+after an interruption computes only what is missing. The output folder must be visible to every
+node (local disk on one machine; NFS / a shared mount on a cluster).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tarfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import BackendError, DatasetError, IndexMismatchError
+from ..pipeline.embed import LazyBackend
+from ..pipeline.run import RunStats, run_partition
+from ..pipeline.sinks import RUN_FILE, ShardSink, atomic_write_json, read_run_info
+from ..pipeline.sources import is_image_name, list_items, partitions
+from ..types import ImageItem
+
+if TYPE_CHECKING:
+    from ..image.preprocess import PreprocessConfig
+    from ..types import Backend
+
+__all__ = ["ModelSpec", "SpecBackendFactory", "embed_with_ray", "list_source"]
+
+log = logging.getLogger(__name__)
+
+_TAR_SCHEME = "tar://"  # private source encoding of a WebDataset member: tar://<tar path>::<member name>
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model as plain data, rebuilt inside each actor with `clipengine.load`."""
+
+    name: str  # registry name, checkpoint file or ONNX export folder
+    pretrained: str | None = None  # weights tag
+    checkpoint: str | None = None  # checkpoint file; overrides `name` as the thing loaded
+    backend: str = "torch"  # torch | onnx
+    precision: str = "fp32"
+    device: str = "cpu"  # "cuda" for GPU actors (num_gpus > 0)
+
+
+@dataclass(frozen=True)
+class SpecBackendFactory:
+    """Picklable zero-argument factory: `clipengine.load(spec...).backend`."""
+
+    spec: ModelSpec
+
+    def __call__(self) -> Backend:
+        from ..api import load
+
+        s = self.spec
+        return load(s.checkpoint or s.name, pretrained=s.pretrained, backend=s.backend, device=s.device,
+                    precision=s.precision).backend  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- sources
+def _tar_items(tars: Sequence[Path]) -> list[ImageItem]:
+    """Image members of WebDataset tar shards, ids ``<shard name>/<member>``, in shard then tar order."""
+    items: list[ImageItem] = []
+    for tar in sorted(tars):
+        try:
+            with tarfile.open(tar) as tf:
+                names = [m.name for m in tf.getmembers() if m.isfile() and is_image_name(Path(m.name).name)]
+        except (OSError, tarfile.TarError) as e:
+            raise DatasetError(f"{tar}: not a readable tar shard ({e})") from e
+        items.extend(ImageItem(f"{tar.name}/{n}", f"{_TAR_SCHEME}{tar.resolve()}::{n}") for n in names)
+    return items
+
+
+def _parquet_items(path: Path, column: str) -> list[ImageItem]:
+    """Paths from a Parquet column; relative paths resolve against the Parquet file's folder."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path, columns=[column])
+    except (OSError, KeyError, ValueError) as e:  # pyarrow raises ArrowInvalid (a ValueError) for bad columns
+        raise DatasetError(f"{path}: cannot read column {column!r} ({e})") from e
+    entries = [str(v) for v in table.column(column).to_pylist() if v is not None]
+    if len(set(entries)) != len(entries):
+        raise DatasetError(f"{path}: column {column!r} lists a path twice; ids must be unique")
+    return [
+        ImageItem(e, str(p if (p := Path(e).expanduser()).is_absolute() else path.parent / p))
+        for e in entries
+    ]
+
+
+def list_source(
+    source: str | Path | Sequence[ImageItem | str | Path], path_column: str = "path"
+) -> list[ImageItem]:
+    """Items of a folder, a file list (.txt), a Parquet file with a path column, or WebDataset .tar shards.
+
+    Args:
+        source: a folder of images (or of .tar shards), a .txt list, a .parquet file, a .tar shard,
+            a list of .tar shards, or ready ImageItems.
+        path_column: the Parquet column holding image paths.
+
+    Raises:
+        DatasetError: the source does not exist or cannot be read.
+    """
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.is_dir() and not any(is_image_name(p.name) for p in path.rglob("*")):
+            tars = sorted(path.glob("*.tar"))
+            if tars:
+                return _tar_items(tars)
+        if path.suffix == ".tar" and path.is_file():
+            return _tar_items([path])
+        if path.suffix == ".parquet" and path.is_file():
+            return _parquet_items(path, path_column)
+        return list_items(path)
+    entries = list(source)
+    if entries and all(isinstance(e, (str, Path)) and str(e).endswith(".tar") for e in entries):
+        return _tar_items([Path(e) for e in entries])  # type: ignore[arg-type]
+    if not all(isinstance(e, ImageItem) for e in entries):
+        raise DatasetError("a source list must hold ImageItems or .tar shard paths")
+    return entries  # type: ignore[return-value]
+
+
+def _materialise(pairs: list[list[str]]) -> list[ImageItem]:
+    """Turn encoded (id, source) pairs back into ImageItems, reading tar members as bytes (one open per tar)."""
+    by_tar: dict[str, list[str]] = {}
+    for _, src in pairs:
+        if src.startswith(_TAR_SCHEME):
+            tar, member = src[len(_TAR_SCHEME) :].split("::", 1)
+            by_tar.setdefault(tar, []).append(member)
+    blobs: dict[str, bytes] = {}
+    for tar, members in by_tar.items():
+        with tarfile.open(tar) as tf:
+            for m in members:
+                f = tf.extractfile(m)
+                blobs[f"{_TAR_SCHEME}{tar}::{m}"] = f.read() if f is not None else b""
+    return [ImageItem(i, blobs[s] if s.startswith(_TAR_SCHEME) else s) for i, s in pairs]
+
+
+# ---------------------------------------------------------------------------------------------- actors
+class _PartitionEmbedder:
+    """Ray Data actor UDF: loads the backend once, then embeds and writes one shard per input row."""
+
+    def __init__(
+        self,
+        backend_factory: Callable[[], Backend],
+        preprocess_cfg: dict[str, Any],
+        out_dir: str,
+        dtype: str,
+        batch_size: int,
+        expected_dim: int | None,
+    ) -> None:
+        t0 = time.perf_counter()
+        self.backend = LazyBackend(backend_factory).get()  # the one model load of this actor
+        self.load_s = time.perf_counter() - t0
+        if expected_dim is not None and self.backend.embed_dim != expected_dim:
+            raise IndexMismatchError(
+                f"{out_dir} holds {expected_dim}-d embeddings but the model makes {self.backend.embed_dim}-d"
+            )
+        self.sink = ShardSink(out_dir, dtype)
+        self.cfg, self.batch_size = preprocess_cfg, batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        stats_out: list[str] = []
+        for pid, pairs in zip(batch["partition_id"], batch["items"], strict=True):
+            stats = run_partition(
+                _materialise(json.loads(pairs)), self.backend, self.sink, partition_id=int(pid),
+                preprocess_cfg=self.cfg, batch_size=self.batch_size, workers=0,
+            )  # fmt: skip
+            stats.load_s, self.load_s = self.load_s, 0.0  # charge the model load to the first partition
+            stats_out.append(json.dumps(asdict(stats)))
+        return {
+            "partition_id": np.asarray(batch["partition_id"]),
+            "stats": np.asarray(stats_out, dtype=object),
+            "embed_dim": np.full(len(stats_out), self.backend.embed_dim),
+        }
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def _ensure_ray(address: str | None, num_cpus: int | None) -> bool:
+    """Connect to (or start) Ray; returns True when this call started it (and should shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address is None:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(address=address, log_to_driver=False)
+    return True
+
+
+def _check_previous(out_dir: Path, previous: dict[str, Any], info: dict[str, Any]) -> None:
+    # Same rule as the local runner: never mix models, dtypes or partitionings in one folder.
+    for key in ("model", "dtype", "shard_size"):
+        old, new = previous.get(key), info.get(key)
+        if old is not None and new is not None and old != new:
+            raise IndexMismatchError(
+                f"{out_dir} holds embeddings made with {key}={old!r}, but this run uses {key}={new!r}; "
+                f"use another output folder or delete {out_dir}"
+            )
+
+
+def _as_factory(
+    model: Callable[[], Backend] | ModelSpec | Mapping[str, Any], num_gpus: float
+) -> Callable[[], Backend]:
+    if isinstance(model, Mapping):
+        fields = dict(model)
+        if num_gpus > 0:
+            fields.setdefault("device", "cuda")
+        model = ModelSpec(**fields)
+    if isinstance(model, ModelSpec):
+        return SpecBackendFactory(model)
+    if not callable(model):
+        raise TypeError(f"model must be a backend factory or a model spec, got {type(model).__name__}")
+    return model
+
+
+def embed_with_ray(
+    source: str | Path | Sequence[ImageItem | str | Path],
+    out_dir: str | Path,
+    backend_factory: Callable[[], Backend] | ModelSpec | Mapping[str, Any],
+    preprocess_cfg: PreprocessConfig | dict[str, Any],
+    *,
+    model: str | None = None,
+    address: str | None = None,
+    num_actors: int = 2,
+    num_cpus: float = 1,
+    num_gpus: float = 0,
+    batch_size: int = 32,
+    shard_size: int = 1000,
+    dtype: str = "float16",
+    path_column: str = "path",
+    source_label: str | None = None,
+    progress: Callable[[int], None] | None = None,
+    **compat: Any,
+) -> RunStats:
+    """Embed `source` into `out_dir` with a Ray Data job; same shards, run.json and failures as `embed_folder`.
+
+    Args:
+        source: folder, .txt file list, .parquet with a `path_column`, WebDataset .tar shard(s), or ImageItems.
+        out_dir: output folder (shared storage on a multi-node cluster).
+        backend_factory: a picklable zero-argument backend factory (e.g. cli.embed.BackendFactory), a
+            ModelSpec, or a dict of ModelSpec fields. Each actor builds its backend from it once.
+        preprocess_cfg: the model's PreprocessConfig (or its dict).
+        model: the model's name, recorded in run.json (what resume and `clipengine index` compare).
+        address: None starts a local Ray instance (unless one is running), "auto" joins the local
+            cluster, "ray://host:10001" a remote one.
+        num_actors: actor pool size. num_cpus / num_gpus: resources per actor.
+        batch_size: images per backend call. shard_size: images per partition (must match a resumed run).
+        dtype: "float16" or "float32" on disk.
+        progress: called with the number of items of each finished partition.
+        **compat: `workers=` is accepted (and ignored) for call compatibility with `embed_folder`;
+            decoding happens inside each actor.
+
+    Returns:
+        RunStats summed over partitions (`wall_s` is the driver's elapsed time).
+
+    Raises:
+        IndexMismatchError: out_dir holds a run with another model, dim, dtype or shard size.
+        DatasetError: unreadable source. BackendError: the Ray job failed.
+    """
+    t_start = time.perf_counter()
+    unknown = set(compat) - {"workers"}
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
+    out = Path(out_dir)
+    items = list_source(source, path_column)
+    parts = partitions(items, shard_size)
+    cfg = preprocess_cfg if isinstance(preprocess_cfg, dict) else preprocess_cfg.to_dict()
+    sink = ShardSink(out, dtype)
+    info: dict[str, Any] = {
+        "model": model, "embed_dim": None, "dtype": dtype, "shard_size": shard_size,
+        "batch_size": batch_size, "preprocess": cfg, "partitions": len(parts), "images": len(items),
+        "source": str(Path(source).resolve()) if isinstance(source, (str, Path)) else source_label,
+        "engine": "ray", "status": "running",
+    }  # fmt: skip
+    previous = read_run_info(out)
+    if previous is not None:
+        _check_previous(out, previous, info)
+        info["embed_dim"] = previous.get("embed_dim")
+    out.mkdir(parents=True, exist_ok=True)
+    sink.clean_temp_files()
+    atomic_write_json(out / RUN_FILE, info)
+
+    total = RunStats()
+    todo = []
+    for p in parts:
+        if sink.is_complete(p.id, [i.id for i in p.items], embed_dim=info["embed_dim"]):
+            total.add(RunStats(images=len(p.items), skipped=len(p.items), shards_skipped=1))
+            if progress is not None:
+                progress(len(p.items))
+        else:
+            todo.append(p)
+    log.info("ray embed: %d partitions, %d already complete", len(parts), len(parts) - len(todo))
+    if todo:
+        _run_job(todo, out, _as_factory(backend_factory, num_gpus), cfg, info, total, progress,
+                 address=address, num_actors=num_actors, num_cpus=num_cpus, num_gpus=num_gpus,
+                 dtype=dtype, batch_size=batch_size)  # fmt: skip
+    total.failed_total = sink.write_failures(len(parts))
+    total.wall_s = time.perf_counter() - t_start
+    embedded = total.embedded + total.skipped - (total.failed_total - total.failed)
+    info.update(status="complete", counts={"images": total.images, "embedded": embedded, "failed": total.failed_total},
+                timings=total.to_dict())  # fmt: skip
+    atomic_write_json(out / RUN_FILE, info)
+    return total
+
+
+def _run_job(
+    todo: Sequence[Any],
+    out: Path,
+    factory: Callable[[], Backend],
+    cfg: dict[str, Any],
+    info: dict[str, Any],
+    total: RunStats,
+    progress: Callable[[int], None] | None,
+    *,
+    address: str | None,
+    num_actors: int,
+    num_cpus: float,
+    num_gpus: float,
+    dtype: str,
+    batch_size: int,
+) -> None:
+    """Submit the missing partitions as one Ray Data job and fold each finished partition into `total`."""
+    import ray
+    import ray.data
+
+    started = _ensure_ray(address, max(int(num_actors * num_cpus), 1) if address is None else None)
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        rows = [
+            {"partition_id": p.id, "items": json.dumps([[i.id, _encode(i)] for i in p.items])} for p in todo
+        ]
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+            _PartitionEmbedder,
+            batch_size=1,
+            concurrency=max(1, min(num_actors, len(rows))),
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            fn_constructor_kwargs={
+                "backend_factory": factory, "preprocess_cfg": cfg, "out_dir": str(out.resolve()),
+                "dtype": dtype, "batch_size": batch_size, "expected_dim": info["embed_dim"],
+            },
+        )  # fmt: skip
+        for row in ds.iter_rows():
+            stats = RunStats(**json.loads(row["stats"]))
+            total.add(stats)
+            dim = int(row["embed_dim"])
+            if info["embed_dim"] is None:
+                info["embed_dim"] = dim
+                atomic_write_json(out / RUN_FILE, info)
+            if progress is not None:
+                progress(stats.images)
+    except ray.exceptions.RayError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, IndexMismatchError):
+            raise cause from e
+        raise BackendError(f"Ray embedding job failed: {e}") from e
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _encode(item: ImageItem) -> str:
+    if isinstance(item.source, bytes):
+        raise DatasetError(
+            f"{item.id}: in-memory bytes cannot be sent to Ray actors; pass a path or tar shard"
+        )
+    return str(item.source)

@@ -1,0 +1,58 @@
+"""Ray fixtures: one local 2-CPU Ray instance per session, the fake backend, folders of images."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+_FAKES_PATH = Path(__file__).with_name("fakes.py")
+
+
+def load_fakes() -> ModuleType:
+    """tests/distributed/fakes.py as module `distributed_fakes` (tests are not a package)."""
+    if "distributed_fakes" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("distributed_fakes", _FAKES_PATH)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["distributed_fakes"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["distributed_fakes"]
+
+
+@pytest.fixture(scope="session")
+def fakes() -> ModuleType:
+    return load_fakes()
+
+
+@pytest.fixture(scope="session")
+def ray_local(fakes: ModuleType) -> Iterator[None]:
+    """A local Ray instance (2 CPUs, no dashboard) shared by the session's Ray tests."""
+    ray = pytest.importorskip("ray")
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(fakes)  # actors cannot import the test module by name
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def preprocess_cfg():  # type: ignore[no-untyped-def]
+    from clipengine.image.preprocess import PreprocessConfig
+
+    return PreprocessConfig(image_size=32)
+
+
+@pytest.fixture
+def mixed_folder(tmp_path: Path, fakes: ModuleType) -> Path:
+    """12 good JPEGs, a truncated one and an empty one."""
+    root = tmp_path / "images"
+    good = fakes.write_images(root, 12)
+    (root / "bad-empty.jpg").write_bytes(b"")
+    (root / "bad-truncated.jpg").write_bytes(good[0].read_bytes()[:60])
+    return root

@@ -1,0 +1,143 @@
+"""Ray engine: same shards as the local run, resume after interruption, tar / Parquet sources."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+from clipengine.distributed.ray import (
+    ModelSpec,
+    SpecBackendFactory,
+    _materialise,
+    embed_with_ray,
+    list_source,
+)
+from clipengine.errors import DatasetError, IndexMismatchError
+from clipengine.pipeline import embed_folder, read_embeddings, read_failures
+
+
+def _shard_names(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "shards").iterdir())
+
+
+@pytest.mark.integration
+def test_ray_run_equals_local_run_and_resumes(
+    ray_local: None, fakes: ModuleType, mixed_folder: Path, tmp_path: Path, preprocess_cfg
+) -> None:  # type: ignore[no-untyped-def]
+    factory = fakes.FakeFactory()
+    local = tmp_path / "local"
+    embed_folder(mixed_folder, local, factory, preprocess_cfg, model="fake", shard_size=5, workers=0)
+    out = tmp_path / "ray"
+    seen: list[int] = []
+    stats = embed_with_ray(
+        mixed_folder,
+        out,
+        factory,
+        preprocess_cfg,
+        model="fake",
+        shard_size=5,
+        num_actors=2,
+        progress=seen.append,
+    )
+    assert (stats.embedded, stats.failed, stats.shards_written) == (12, 2, 3) and sum(seen) == 14
+    assert _shard_names(out) == _shard_names(local)
+    ids_l, vec_l, _ = read_embeddings(local)
+    ids_r, vec_r, meta_r = read_embeddings(out)
+    assert ids_r == ids_l and np.array_equal(vec_r, vec_l)
+    assert read_failures(out) == read_failures(local) and len(read_failures(out)) == 2
+    assert meta_r["model"] == "fake" and meta_r["embed_dim"] == 8 and meta_r["status"] == "complete"
+
+    # Interruption: one shard lost its commit marker, another left a temp file behind.
+    (out / "shards" / "part-00001.jsonl").unlink()
+    (out / "shards" / ".tmp-part-00002.npy.x").write_bytes(b"partial")
+    again = embed_with_ray(mixed_folder, out, factory, preprocess_cfg, model="fake", shard_size=5)
+    assert (again.shards_written, again.shards_skipped, again.embedded) == (1, 2, 5)
+    ids_2, vec_2, _ = read_embeddings(out)
+    assert ids_2 == ids_l and np.array_equal(vec_2, vec_l)
+    assert not list((out / "shards").glob(".tmp-*"))
+
+    # The local engine resumes a Ray folder (and vice versa): nothing left to do.
+    assert (
+        embed_folder(mixed_folder, out, factory, preprocess_cfg, model="fake", shard_size=5).shards_written
+        == 0
+    )
+
+
+@pytest.mark.integration
+def test_tar_shards_embed_like_the_files(
+    ray_local: None, fakes: ModuleType, mixed_folder: Path, tmp_path: Path, preprocess_cfg
+) -> None:  # type: ignore[no-untyped-def]
+    shards = tmp_path / "wds"
+    shards.mkdir()
+    files = sorted(mixed_folder.iterdir())
+    for k, chunk in enumerate((files[:7], files[7:])):
+        with tarfile.open(shards / f"shard-{k:03d}.tar", "w") as tf:
+            for f in chunk:
+                tf.add(f, arcname=f.name)
+                info = tarfile.TarInfo(f.stem + ".txt")  # WebDataset caption beside the image: ignored
+                info.size = 3
+                tf.addfile(info, io.BytesIO(b"cap"))
+    out = tmp_path / "out"
+    stats = embed_with_ray(shards, out, fakes.FakeFactory(), preprocess_cfg, model="fake", shard_size=4)
+    assert (stats.embedded, stats.failed) == (12, 2)
+    ids, vectors, _ = read_embeddings(out)
+    ref_ids, ref, _ = read_embeddings(_local(fakes, mixed_folder, tmp_path, preprocess_cfg))
+    by_name = dict(zip([i.split("/", 1)[1] for i in ids], vectors, strict=True))
+    assert ids[0].startswith("shard-000.tar/") and ids[-1].startswith("shard-001.tar/")
+    assert np.array_equal(np.stack([by_name[i] for i in ref_ids]), ref)
+
+
+def _local(fakes: ModuleType, folder: Path, tmp_path: Path, cfg) -> Path:  # type: ignore[no-untyped-def]
+    out = tmp_path / "local-ref"
+    embed_folder(folder, out, fakes.FakeFactory(), cfg, model="fake", workers=0)
+    return out
+
+
+def test_another_model_in_the_same_folder_is_refused_before_ray_starts(
+    fakes: ModuleType, mixed_folder: Path, tmp_path: Path, preprocess_cfg
+) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "out"
+    embed_folder(
+        mixed_folder, out, fakes.FakeFactory(), preprocess_cfg, model="fake", shard_size=5, workers=0
+    )
+    with pytest.raises(IndexMismatchError, match="model='fake'"):
+        embed_with_ray(mixed_folder, out, fakes.FakeFactory(), preprocess_cfg, model="other", shard_size=5)
+
+
+def test_parquet_source_resolves_relative_paths(tmp_path: Path, fakes: ModuleType) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fakes.write_images(tmp_path / "imgs", 3)
+    pq.write_table(
+        pa.table({"path": ["imgs/img-000.jpg", "imgs/img-002.jpg"], "x": [1, 2]}), tmp_path / "l.parquet"
+    )
+    items = list_source(tmp_path / "l.parquet")
+    assert [i.id for i in items] == ["imgs/img-000.jpg", "imgs/img-002.jpg"]
+    assert Path(str(items[1].source)) == tmp_path / "imgs" / "img-002.jpg"
+    with pytest.raises(DatasetError, match="column 'file'"):
+        list_source(tmp_path / "l.parquet", path_column="file")
+
+
+def test_tar_members_are_read_as_bytes(tmp_path: Path) -> None:
+    tar = tmp_path / "a.tar"
+    with tarfile.open(tar, "w") as tf:
+        info = tarfile.TarInfo("x/1.jpg")
+        info.size = 4
+        tf.addfile(info, io.BytesIO(b"abcd"))
+    (item,) = list_source(tar)
+    assert item.id == "a.tar/x/1.jpg"
+    (back,) = _materialise([[item.id, str(item.source)]])
+    assert back.source == b"abcd"
+
+
+def test_model_spec_is_plain_data() -> None:
+    import pickle
+
+    factory = SpecBackendFactory(ModelSpec(name="tiny-synth", precision="fp32"))
+    assert pickle.loads(pickle.dumps(factory)) == factory
