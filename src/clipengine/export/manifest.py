@@ -1,0 +1,199 @@
+"""The export folder's `manifest.json`: what was built, from what, and how well each engine matches.
+
+NumPy-free and torch-free so the ONNX Runtime path can read it anywhere. Layout of a folder:
+
+    models/ViT-B-32/
+      manifest.json
+      image_fp32_b1.onnx  image_fp32_b8.onnx ...   (or image_fp32_dyn.onnx)
+      text_fp32_b4.onnx                            (or text_fp32_dyn.onnx)
+      text_projection_512_512.npy                  (only with split_projection)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import BackendError
+
+__all__ = [
+    "MANIFEST_FILE",
+    "MANIFEST_VERSION",
+    "PRECISIONS",
+    "TOWERS",
+    "EngineInfo",
+    "Manifest",
+    "Parity",
+    "TensorSpec",
+    "atomic_path",
+    "engine_file_name",
+    "file_sha256",
+    "projection_file_name",
+    "read_manifest",
+    "write_manifest",
+]
+
+MANIFEST_FILE = "manifest.json"
+MANIFEST_VERSION = 1
+PRECISIONS = ("fp32", "fp16", "int8")
+TOWERS = ("image", "text")
+
+
+def engine_file_name(tower: str, precision: str, batch: int | None) -> str:
+    """`image_fp16_b8.onnx`, `text_fp32_dyn.onnx` (batch None = dynamic batch axis)."""
+    return f"{tower}_{precision}_{'dyn' if batch is None else f'b{batch}'}.onnx"
+
+
+def projection_file_name(width: int, embed_dim: int) -> str:
+    """`text_projection_<W>_<D>.npy`, the seed's name for the split-off text projection."""
+    return f"text_projection_{width}_{embed_dim}.npy"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output; a str in `shape` is a symbolic (dynamic) axis."""
+
+    name: str
+    shape: list[int | str]
+    dtype: str  # numpy dtype name: "float32", "int64"
+
+
+@dataclass(frozen=True)
+class Parity:
+    """An engine compared with the fp32 PyTorch reference on L2-normalised embeddings."""
+
+    max_abs: float  # largest |engine - reference| over all samples and dims
+    min_cos: float  # lowest cosine between engine and reference rows
+    bound: dict[str, float]  # {"max_abs": 1e-4} or {"min_cos": 0.999}
+    passed: bool
+    samples: int = 0  # rows compared
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """One ONNX file: a tower at one precision and batch size."""
+
+    tower: str  # "image" | "text"
+    precision: str  # "fp32" | "fp16" | "int8"
+    batch: int | None  # fixed batch size, None = dynamic
+    file: str  # relative to the folder
+    sha256: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    split_projection: bool = False  # text only: graph returns (N, L, W) token states
+    quantization: str | None = None  # int8 only: "dynamic" | "static"
+    external_data: str | None = None  # weights file beside `file` for models > 2 GB
+    external_data_sha256: str | None = None
+    parity: Parity | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EngineInfo:
+        d = dict(d)
+        d["inputs"] = [TensorSpec(**t) for t in d.get("inputs", [])]
+        d["outputs"] = [TensorSpec(**t) for t in d.get("outputs", [])]
+        if d.get("parity") is not None:
+            d["parity"] = Parity(**d["parity"])
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a runtime needs besides the ONNX files: model identity, preprocessing, engines."""
+
+    model: str  # architecture / model name, e.g. "ViT-B-32"
+    pretrained: str | None  # weights tag ("openai", "laion2b_s34b_b79k") or None (custom checkpoint)
+    architecture: dict[str, Any]  # CLIPConfig.to_dict()
+    preprocess: dict[str, Any]  # PreprocessConfig.to_dict()
+    context_length: int  # L
+    logit_scale: float  # the multiplier exp(module.logit_scale), e.g. 100.0
+    embed_dim: int  # D
+    image_size: int  # H == W
+    engines: list[EngineInfo]
+    text_projection: dict[str, Any] | None = None  # {"file", "sha256", "shape": [W, D]} when split
+    tool_versions: dict[str, str] = field(default_factory=dict)
+    export_seconds: float | None = None
+    format_version: int = MANIFEST_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        d = dict(d)
+        d["engines"] = [EngineInfo.from_dict(e) for e in d.get("engines", [])]
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def select(self, tower: str, precision: str) -> list[EngineInfo]:
+        """Engines of one tower and precision, fixed batches ascending, dynamic last."""
+        found = [e for e in self.engines if e.tower == tower and e.precision == precision]
+        return sorted(found, key=lambda e: (e.batch is None, e.batch or 0))
+
+    @property
+    def precisions(self) -> list[str]:
+        return [p for p in PRECISIONS if any(e.precision == p for e in self.engines)]
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; rename it over `final` only if the block succeeds."""
+    final = Path(final)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_manifest(manifest: Manifest, folder: str | Path) -> Path:
+    """Write `folder/manifest.json` atomically (readers never see a half-written file)."""
+    final = Path(folder) / MANIFEST_FILE
+    with atomic_path(final) as tmp:
+        tmp.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return final
+
+
+def read_manifest(folder: str | Path) -> Manifest:
+    """Read `folder/manifest.json` (or the manifest file itself).
+
+    Raises:
+        BackendError: no manifest, unreadable JSON, or a newer format than this version reads.
+    """
+    path = Path(folder)
+    if path.is_dir():
+        path = path / MANIFEST_FILE
+    if not path.is_file():
+        raise BackendError(f"{path}: no export manifest here; create one with `clipengine export`")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        manifest = Manifest.from_dict(data)
+    except (json.JSONDecodeError, TypeError, KeyError) as e:
+        raise BackendError(f"{path}: not a valid clipengine export manifest ({e})") from e
+    if manifest.format_version > MANIFEST_VERSION:
+        raise BackendError(
+            f"{path}: manifest format {manifest.format_version} is newer than this clipengine reads "
+            f"({MANIFEST_VERSION}); upgrade clipengine"
+        )
+    return manifest

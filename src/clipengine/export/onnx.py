@@ -1,0 +1,324 @@
+"""Export a CLIP module to ONNX engines (per tower, precision and batch size), verified against PyTorch.
+
+Exporter: `torch.onnx.export(..., dynamo=True)` (torch.export + onnxscript). On torch 2.13 the
+legacy TorchScript exporter still works but is deprecated and gives ~1.7x more nodes (Shape /
+Gather / Constant chains for every view); the dynamo graphs are clean, static shapes stay static,
+and `Dim("batch")` gives a real symbolic batch axis. EOT pooling is exported as Cast(int32) ->
+ArgMax -> GatherND: ArgMax never sees int64 (unsupported by ORT's CUDA and TensorRT providers).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import DatasetError
+from ..types import ImageInput
+from . import quantize
+from .manifest import (
+    MANIFEST_FILE,
+    PRECISIONS,
+    EngineInfo,
+    Manifest,
+    TensorSpec,
+    engine_file_name,
+    file_sha256,
+    projection_file_name,
+    write_manifest,
+)
+from .verify import calibration_texts, check_parity, raise_on_failures, sample_images, sample_texts
+
+if TYPE_CHECKING:
+    from ..image.preprocess import PreprocessConfig
+    from ..models.clip import CLIP
+
+__all__ = ["DEFAULT_IMAGE_BATCHES", "DEFAULT_TEXT_BATCHES", "OPSET", "export_model"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_IMAGE_BATCHES = (1, 8, 16, 32)  # the seed's image engines
+DEFAULT_TEXT_BATCHES = (4,)  # the seed's text engine
+OPSET = 18  # LayerNormalization (17+) as one op; supported by ORT >= 1.14 and TensorRT 8.6+
+_DYNAMIC_EXAMPLE_BATCH = 2  # example rows for dynamic export (1 would specialise the axis)
+Progress = Callable[[str], None]
+
+
+class _ImageGraph(nn.Module):
+    """(N, 3, H, W) float32 pixels -> (N, D) unnormalised image features."""
+
+    def __init__(self, model: CLIP) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels)
+
+
+class _TextGraph(nn.Module):
+    """(N, L) int64 tokens -> (N, D) features, or (N, L, W) token states when split."""
+
+    def __init__(self, model: CLIP, split: bool) -> None:
+        super().__init__()
+        self.model, self.split = model, split
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.split:
+            return self.model.encode_text_tokens(tokens)
+        return self.model.encode_text(tokens)
+
+
+def _tower_bytes(model: CLIP, tower: str) -> int:
+    params = model.visual.parameters() if tower == "image" else (
+        p for n, p in model.named_parameters() if not n.startswith("visual.")
+    )
+    return sum(p.numel() * 4 for p in params)
+
+
+def _export_graph(model: CLIP, tower: str, batch: int | None, split: bool, path: Path) -> str | None:
+    """torch.onnx.export one tower to `path`; returns the external-data file name (models > 2 GB)."""
+    cfg = model.config
+    rows = batch or _DYNAMIC_EXAMPLE_BATCH
+    if tower == "image":
+        graph: nn.Module = _ImageGraph(model)
+        size = cfg.vision.image_size
+        example = torch.zeros(rows, 3, size, size)
+        names = (["pixels"], ["embeddings"])
+    else:
+        graph = _TextGraph(model, split)
+        example = torch.zeros(rows, cfg.text.context_length, dtype=torch.int64)
+        example[:, 0], example[:, 1] = 49406, 49407  # SOT, EOT
+        names = (["tokens"], ["token_states" if split else "embeddings"])
+    dynamic = None if batch else ({0: torch.export.Dim("batch", min=1, max=65536)},)
+    program = torch.onnx.export(
+        graph.eval(), (example,), None, input_names=names[0], output_names=names[1],
+        opset_version=OPSET, dynamo=True, dynamic_shapes=dynamic, verbose=False, optimize=True,
+    )
+    assert program is not None  # dynamo=True always returns the ONNXProgram
+    return quantize.save_onnx(program.model_proto, path)
+
+
+def _tensor_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    dtypes = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64", onnx.TensorProto.FLOAT16: "float16"}
+
+    def spec(v: Any) -> TensorSpec:
+        t = v.type.tensor_type
+        shape: list[int | str] = [d.dim_param or d.dim_value for d in t.shape.dim]
+        return TensorSpec(name=v.name, shape=shape, dtype=dtypes.get(t.elem_type, str(t.elem_type)))
+
+    return [spec(v) for v in model.graph.input], [spec(v) for v in model.graph.output]
+
+
+def _tool_versions() -> dict[str, str]:
+    versions = {"python": sys.version.split()[0]}
+    for dist in ("clipengine", "torch", "onnx", "onnxruntime", "onnxscript", "onnxconverter-common"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _calibration_pixels(images: Any, cfg: PreprocessConfig) -> np.ndarray | None:
+    """Calibration images -> (N, 3, H, W): a folder, a list of image inputs, or an array as is."""
+    if images is None:
+        return None
+    if isinstance(images, np.ndarray):
+        return images.astype(np.float32)
+    from ..image.preprocess import preprocess
+
+    if isinstance(images, (str, Path)):
+        folder = Path(images)
+        images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp", ".bmp"})
+        if not images:
+            raise DatasetError(f"{folder}: no .jpg/.png/.webp/.bmp images to calibrate INT8 on")
+    return np.stack([preprocess(source, cfg) for source in images]).astype(np.float32)
+
+
+def _move(work: Path, out: Path, names: Sequence[str | None]) -> None:
+    """Rename finished files into the export folder (weights data before the graph that needs it)."""
+    for name in reversed([n for n in names if n]):
+        shutil.move(str(work / name), str(out / name))  # same filesystem: an atomic rename
+
+
+def export_model(
+    module: CLIP,
+    out_dir: str | Path,
+    *,
+    precisions: Sequence[str] = ("fp32",),
+    image_batches: Sequence[int] | None = DEFAULT_IMAGE_BATCHES,
+    text_batches: Sequence[int] | None = DEFAULT_TEXT_BATCHES,
+    split_text_projection: bool = False,
+    calibration_images: str | Path | Sequence[ImageInput] | np.ndarray | None = None,
+    sample_images_from: Sequence[ImageInput] | None = None,
+    model_name: str | None = None,
+    pretrained: str | None = None,
+    preprocess_cfg: PreprocessConfig | None = None,
+    verify: bool = True,
+    progress: Progress | None = None,
+) -> Manifest:
+    """Export both towers of `module` to ONNX engines in `out_dir` and verify each one.
+
+    Args:
+        module: an fp32 CLIP (a copy is exported; the module is not changed).
+        out_dir: the export folder (created); an old manifest.json there is removed first.
+        precisions: any of "fp32", "fp16", "int8".
+        image_batches / text_batches: fixed batch sizes, or None for one dynamic-batch engine.
+        split_text_projection: the text graph returns (N, L, W) token states and the (W, D)
+            projection is saved as `text_projection_<W>_<D>.npy` (the seed's layout).
+        calibration_images: a folder, image inputs or (N, 3, H, W) pixels: INT8 image engines are
+            then quantized statically (QDQ) with these; otherwise dynamically.
+        sample_images_from: extra verification images (each adds 4 views: as is, mirrored,
+            cropped, grayscale) beside random and synthetic ones.
+        model_name / pretrained / preprocess_cfg: recorded in the manifest.
+        verify: compare every engine with the fp32 PyTorch reference (strongly recommended).
+        progress: called with one line per step (the CLI prints them).
+
+    Returns:
+        The manifest written to `out_dir/manifest.json`.
+
+    Raises:
+        ExportParityError: an engine misses its precision's bound (see verify.BOUNDS); the message
+            names each engine and its measured error; `parity_report.json` holds the details.
+    """
+    from ..image.preprocess import PreprocessConfig
+
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown or not precisions:
+        raise ValueError(f"unknown precision(s) {unknown}; choose from {', '.join(PRECISIONS)}")
+    started = time.perf_counter()
+    say = progress or (lambda line: log.info("%s", line))
+    model = copy.deepcopy(module).float().eval()
+    cfg = model.config
+    pre = preprocess_cfg or PreprocessConfig(image_size=cfg.vision.image_size)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST_FILE).unlink(missing_ok=True)  # a half-rewritten folder must not look complete
+
+    samples = {"image": sample_images(pre, sample_images_from), "text": sample_texts(cfg.text.context_length)}
+    with torch.no_grad():
+        reference = {
+            "image": model.encode_image(torch.from_numpy(samples["image"])).numpy(),
+            "text": model.encode_text(torch.from_numpy(samples["text"])).numpy(),
+        }
+    calibration = {"image": _calibration_pixels(calibration_images, pre), "text": None}
+    if calibration["image"] is not None:
+        calibration["text"] = calibration_texts(cfg.text.context_length)
+    projection = None
+    if split_text_projection:
+        w, d = model.text_projection.shape
+        projection = {"file": projection_file_name(w, d), "shape": [w, d]}
+
+    engines: list[EngineInfo] = []
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=out) as tmp:
+        work = Path(tmp)
+        if projection is not None:
+            np.save(work / projection["file"], model.text_projection.detach().numpy().astype(np.float32))
+            projection["sha256"] = file_sha256(work / projection["file"])
+        batches = {"image": image_batches, "text": text_batches}
+        for tower in ("image", "text"):
+            for batch in list(batches[tower] or [None]):
+                engines += _build_engines(
+                    model, tower, batch, precisions, split_text_projection and tower == "text",
+                    work, out, samples[tower], reference[tower], calibration[tower], verify, say,
+                )
+        failed = [e for e in engines if e.parity is not None and not e.parity.passed]
+        if projection is not None and not failed:
+            _move(work, out, [projection["file"]])
+
+    manifest = Manifest(
+        model=model_name or cfg.name,
+        pretrained=pretrained,
+        architecture=cfg.to_dict(),
+        preprocess=pre.to_dict(),
+        context_length=cfg.text.context_length,
+        logit_scale=float(model.logit_scale.detach().exp()),
+        embed_dim=cfg.embed_dim,
+        image_size=cfg.vision.image_size,
+        engines=engines,
+        text_projection=projection,
+        tool_versions=_tool_versions(),
+        export_seconds=round(time.perf_counter() - started, 2),
+    )
+    if failed:
+        write_manifest(manifest, out)
+        (out / MANIFEST_FILE).rename(out / "parity_report.json")
+        raise_on_failures(engines, out)
+    write_manifest(manifest, out)
+    say(f"wrote {out / MANIFEST_FILE} ({len(engines)} engines, {manifest.export_seconds:.1f} s)")
+    return manifest
+
+
+def _build_engines(
+    model: CLIP,
+    tower: str,
+    batch: int | None,
+    precisions: Sequence[str],
+    split: bool,
+    work: Path,
+    out: Path,
+    inputs: np.ndarray,
+    reference: np.ndarray,
+    calibration: np.ndarray | None,
+    verify: bool,
+    say: Progress,
+) -> list[EngineInfo]:
+    """Export one tower at one batch size in fp32, derive the other precisions, verify, move in."""
+    from ..backends.onnx_backend import OnnxEngine
+
+    fp32 = work / engine_file_name(tower, "fp32", batch)
+    label = f"{tower} {'dynamic batch' if batch is None else f'batch {batch}'}"
+    t0 = time.perf_counter()
+    fp32_data = _export_graph(model, tower, batch, split, fp32)
+    say(f"exported {label} in {time.perf_counter() - t0:.1f} s")
+    projection_path = work / projection_file_name(*model.text_projection.shape)
+    projection = np.load(projection_path) if split else None
+    engines = []
+    # fp32 last: its file is moved into the folder once verified, and the others are derived from it.
+    for precision in sorted(precisions, key=lambda p: p == "fp32"):
+        path = work / engine_file_name(tower, precision, batch)
+        data, quant = fp32_data, None
+        if precision == "fp16":
+            data = quantize.convert_fp16(fp32, path)
+        elif precision == "int8":
+            input_name = "pixels" if tower == "image" else "tokens"
+            quant, data = quantize.quantize_int8(
+                fp32, path, calibration=calibration, input_name=input_name, batch=batch
+            )
+        inputs_spec, outputs_spec = _tensor_specs(path)
+        info = EngineInfo(
+            tower=tower, precision=precision, batch=batch, file=path.name, sha256=file_sha256(path),
+            inputs=inputs_spec, outputs=outputs_spec, split_projection=split, quantization=quant,
+            external_data=data, external_data_sha256=file_sha256(work / data) if data else None,
+        )
+        if verify:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            engine = OnnxEngine(path, info, ["CPUExecutionProvider"], options, projection)
+            info = replace(info, parity=check_parity(engine, inputs, reference))
+            del engine
+            p = info.parity
+            assert p is not None
+            say(f"  {path.name}: max-abs {p.max_abs:.2e}, min cos {p.min_cos:.6f} "
+                f"{'ok' if p.passed else 'FAILED'}")
+        if info.parity is None or info.parity.passed:
+            _move(work, out, [path.name, data])
+        engines.append(info)
+    return engines
