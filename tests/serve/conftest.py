@@ -172,3 +172,36 @@ def tiny_index(tiny_clip: Any, image_root: Path) -> Any:
     ids = sorted(p.relative_to(image_root).as_posix() for p in image_root.rglob("*.png"))
     vectors = tiny_clip.encode_images([str(image_root / i) for i in ids])
     return index_mod.Index.build(ids, vectors, model=tiny_clip.name, image_roots=[image_root])
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ThreadedServer:
+    """uvicorn running `app` on 127.0.0.1:<free port> in a daemon thread; `stop()` = what SIGTERM does."""
+
+    def __init__(self, app: Any) -> None:
+        import time
+
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 import time
+import threading
 from typing import Any
 
 import httpx
@@ -13,7 +13,7 @@ import pytest
 
 from clipengine.serve import ServeSettings, create_app
 
-from .conftest import FakeIndex, FakeModel
+from .conftest import FakeIndex, FakeModel, ThreadedServer
 
 
 async def _until(cond: Any) -> None:
@@ -54,26 +54,21 @@ def test_lifespan_shutdown_drains_in_flight_requests(fake_model: FakeModel, fake
     asyncio.run(asyncio.wait_for(main(), timeout=60))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _wait_until_refusing(port: int) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            return
+        time.sleep(0.02)
+    raise AssertionError("server kept accepting connections after should_exit")
 
 
 @pytest.mark.integration
 def test_uvicorn_exit_finishes_the_request_in_flight(fake_model: FakeModel, fake_index: FakeIndex) -> None:
-    import uvicorn
-
-    port = _free_port()
-    app = create_app(fake_model, fake_index, ServeSettings(max_wait_ms=1))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
+    server = ThreadedServer(create_app(fake_model, fake_index, ServeSettings(max_wait_ms=1)))
+    base = server.url
     fake_model.gate = threading.Event()
     fake_model.entered.clear()
     result: dict[str, Any] = {}
@@ -85,10 +80,12 @@ def test_uvicorn_exit_finishes_the_request_in_flight(fake_model: FakeModel, fake
     client_thread = threading.Thread(target=slow_request)
     client_thread.start()
     assert fake_model.entered.wait(timeout=30)
-    server.should_exit = True  # what SIGTERM/SIGINT do
+    server.server.should_exit = True  # what SIGTERM/SIGINT do
+    _wait_until_refusing(server.port)  # shutdown has begun: no new connections...
+    assert client_thread.is_alive()  # ...while the request is still held in the backend
     fake_model.gate.set()
     client_thread.join(timeout=30)
-    thread.join(timeout=30)
-    assert not thread.is_alive()
+    server.thread.join(timeout=30)
+    assert not server.thread.is_alive()
     assert result["response"].status_code == 200
     assert len(result["response"].json()["data"]) == 1
