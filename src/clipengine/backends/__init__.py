@@ -1,0 +1,50 @@
+"""Runtimes that turn pixels and tokens into embeddings; `create_backend` imports each one lazily."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import BackendError
+from ..types import Backend
+
+__all__ = ["BACKEND_KINDS", "Backend", "create_backend"]
+
+BACKEND_KINDS = ("torch", "onnx")
+
+
+def create_backend(
+    kind: str, model_or_path: Any, *, device: str = "cpu", precision: str = "fp32", **opts: Any
+) -> Backend:
+    """Build a backend of `kind`.
+
+    Args:
+        kind: "torch" (model_or_path is a `clipengine.models.clip.CLIP`) or "onnx" (an export folder).
+        device: "cpu", "cuda" or "cuda:N".
+        precision: "fp32", "bf16", "fp16" (torch), or what the export folder holds (onnx).
+        **opts: backend-specific options, passed through.
+
+    Raises:
+        BackendError: unknown kind, wrong model type, or options the backend rejects.
+    """
+    if kind == "torch":
+        from ..models.clip import CLIP
+        from .torch_backend import TorchBackend
+
+        if not isinstance(model_or_path, CLIP):
+            raise BackendError(
+                f"backend 'torch' needs a clipengine CLIP module, got {type(model_or_path).__name__}"
+            )
+        try:
+            return TorchBackend(model_or_path, device=device, precision=precision, **opts)
+        except TypeError as e:
+            raise BackendError(f"backend 'torch': bad options {sorted(opts)} ({e})") from e
+    if kind == "onnx":
+        from .onnx_backend import OnnxBackend  # optional dependency: onnxruntime
+
+        if not isinstance(model_or_path, (str, Path)):
+            raise BackendError(
+                f"backend 'onnx' needs an export folder path, got {type(model_or_path).__name__}"
+            )
+        return OnnxBackend(model_or_path, device=device, precision=precision, **opts)  # type: ignore[no-any-return]
+    raise BackendError(f"unknown backend {kind!r}; choose one of {', '.join(BACKEND_KINDS)}")

@@ -1,0 +1,189 @@
+"""Public API: `load()` a model by name, checkpoint, HF folder or export folder into a `ClipModel`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import BackendError
+from .image.preprocess import PreprocessConfig, preprocess
+from .text.tokenizer import tokenize
+from .types import Backend, FloatArray, ImageInput
+
+__all__ = ["ClipModel", "load"]
+
+_EXPORT_MANIFEST = "manifest.json"
+
+
+def _softmax(x: FloatArray) -> FloatArray:
+    z = np.exp(x - x.max(axis=-1, keepdims=True))
+    return (z / z.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _normalize(x: FloatArray) -> FloatArray:
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+class ClipModel:
+    """A CLIP model behind any Backend: preprocess, encode, classify. Embeddings are unit-norm (N, D).
+
+    Example:
+        >>> model = clipengine.load("ViT-B-32")
+        >>> model.classify("cat.jpg", ["a cat", "a dog"])
+        [[('a cat', 0.98), ('a dog', 0.02)]]
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        preprocess_cfg: PreprocessConfig,
+        name: str,
+        logit_scale: float,
+        context_length: int = 77,
+    ) -> None:
+        if preprocess_cfg.image_size != backend.image_size:
+            raise BackendError(
+                f"preprocessing makes {preprocess_cfg.image_size} px images but the backend expects "
+                f"{backend.image_size} px"
+            )
+        self._backend = backend
+        self.preprocess_cfg = preprocess_cfg
+        self.name = name
+        self.logit_scale = float(logit_scale)  # exp()'d temperature, 100 for released CLIPs
+        self.context_length = context_length
+
+    def __repr__(self) -> str:
+        b = self._backend
+        return f"ClipModel({self.name!r}, backend={b.name}, device={b.device}, precision={b.precision})"
+
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
+    @property
+    def embed_dim(self) -> int:
+        return self._backend.embed_dim
+
+    @property
+    def image_size(self) -> int:
+        return self._backend.image_size
+
+    def preprocess(self, image: ImageInput) -> FloatArray:
+        """Decode and preprocess one image -> (3, H, W) float32. Raises DecodeError naming it."""
+        return preprocess(image, self.preprocess_cfg)
+
+    def _pixels(self, images: ImageInput | Sequence[ImageInput]) -> FloatArray:
+        """Accept one image, a list of images, or an already preprocessed (N, 3, H, W) array."""
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            expected = (3, self.image_size, self.image_size)
+            if images.shape[1:] != expected:
+                raise BackendError(
+                    f"preprocessed images must be (N, 3, {self.image_size}, {self.image_size})"
+                )
+            return np.asarray(images, dtype=np.float32)
+        if isinstance(images, (list, tuple)):
+            items = list(images)
+        else:
+            items = [images]  # a path, bytes, PIL image or (H, W[, C]) array
+        if not items:
+            return np.zeros((0, 3, self.image_size, self.image_size), dtype=np.float32)
+        return np.stack([self.preprocess(item) for item in items])
+
+    def encode_images(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 32) -> FloatArray:
+        """Images -> (N, D) float32 unit-norm embeddings, run `batch_size` at a time."""
+        if batch_size < 1:
+            raise BackendError(f"batch_size must be >= 1, got {batch_size}")
+        pixels = self._pixels(images)
+        return self._in_batches(self._backend.encode_images, pixels, batch_size)
+
+    def encode_texts(self, texts: str | Sequence[str], batch_size: int = 256) -> FloatArray:
+        """Texts -> (N, D) float32 unit-norm embeddings (long texts are cut with a warning)."""
+        tokens = tokenize(texts, context_length=self.context_length)
+        return self._in_batches(self._backend.encode_texts, tokens, batch_size)
+
+    def _in_batches(self, fn: Any, inputs: np.ndarray, batch_size: int) -> FloatArray:
+        if inputs.shape[0] == 0:
+            return np.zeros((0, self.embed_dim), dtype=np.float32)
+        outs = [fn(inputs[i : i + batch_size]) for i in range(0, inputs.shape[0], batch_size)]
+        return np.concatenate(outs, axis=0).astype(np.float32, copy=False)
+
+    def text_classifier(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> FloatArray:
+        """(C, D) unit-norm class embeddings; with templates, the renormalised mean over prompts.
+
+        Templates use "{}" for the label (e.g. "a photo of a {}.").
+        """
+        if not labels:
+            raise BackendError("classify needs at least one label")
+        if not templates:
+            return self.encode_texts(list(labels))
+        prompts = [t.format(label) for label in labels for t in templates]
+        emb = self.encode_texts(prompts).reshape(len(labels), len(templates), -1)
+        return _normalize(emb.mean(axis=1))
+
+    def classify(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        labels: Sequence[str],
+        templates: Sequence[str] | None = None,
+    ) -> list[list[tuple[str, float]]]:
+        """Zero-shot: per image, (label, probability) sorted by probability, highest first.
+
+        probs = softmax(logit_scale * cosine(image, label)).
+        """
+        classifier = self.text_classifier(labels, templates)
+        image_emb = self.encode_images(images)
+        probs = _softmax((self.logit_scale * image_emb @ classifier.T).astype(np.float32))
+        results = []
+        for row in probs:
+            order = np.argsort(-row, kind="stable")
+            results.append([(labels[i], float(row[i])) for i in order])
+        return results
+
+
+def load(
+    name_or_path: str | Path,
+    *,
+    pretrained: str | None = None,
+    backend: str = "torch",
+    device: str = "cpu",
+    precision: str = "fp32",
+    allow_download: bool = False,
+    **opts: Any,
+) -> ClipModel:
+    """Load a CLIP model ready for inference.
+
+    Args:
+        name_or_path: model name ("ViT-B-32", "ViT-B-32@laion2b_s34b_b79k", "hf-hub:org/name"),
+            checkpoint file, transformers/open_clip/clipengine folder, or an ONNX export folder
+            (one with manifest.json).
+        pretrained: tag, alternative to "NAME@TAG".
+        backend: "torch" (checkpoints) or "onnx" (export folders).
+        device: "cpu", "cuda", "cuda:N".
+        precision: "fp32", "bf16", "fp16" (CUDA only) for torch; what the export holds for onnx.
+        allow_download: fetch missing registered weights (never otherwise).
+        **opts: passed to the backend (or `arch=` to the checkpoint loader).
+
+    Raises:
+        UnknownModelError, CheckpointError, DownloadNotAllowedError, DownloadError, BackendError.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and (path / _EXPORT_MANIFEST).is_file():
+        from .export.loader import load_export
+
+        return load_export(path, device=device, precision=precision, **opts)  # type: ignore[no-any-return]
+    if backend != "torch":
+        raise BackendError(
+            f"backend {backend!r} runs export folders (with {_EXPORT_MANIFEST}); "
+            f"{name_or_path} is not one: create it with `clipengine export`, or use backend='torch'"
+        )
+    from .backends import create_backend
+    from .models.load import load_model
+
+    loaded = load_model(name_or_path, pretrained, allow_download=allow_download, arch=opts.pop("arch", None))
+    logit_scale = float(loaded.module.logit_scale.detach().float().exp())
+    engine = create_backend("torch", loaded.module, device=device, precision=precision, **opts)
+    return ClipModel(engine, loaded.preprocess, loaded.name, logit_scale, loaded.config.text.context_length)

@@ -1,0 +1,100 @@
+"""PyTorch backend: runs a CLIP module on CPU or CUDA in fp32 / bf16 / fp16, returns unit-norm float32."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ..errors import BackendError
+from ..types import FloatArray, IntArray
+
+if TYPE_CHECKING:
+    from ..models.clip import CLIP
+
+__all__ = ["PRECISIONS", "TorchBackend"]
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _resolve_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise BackendError(f"bad device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BackendError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise BackendError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise BackendError(f"unsupported device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+    return dev
+
+
+class TorchBackend:
+    """Arrays in, L2-normalised float32 embeddings out, through a CLIP nn.Module.
+
+    Reduced precision casts the *weights* (no autocast: on CPU autocast is several times slower
+    than bf16 weights). The backend takes ownership of `model`: it is moved / cast in place.
+    Parameters keep `requires_grad=True`: with bf16 weights, `requires_grad_(False)` sends CPU
+    linear layers down a slow path that re-packs the weights on every call (pytorch#151934);
+    gradients are never built anyway because every call runs under `torch.inference_mode()`.
+
+    Subclasses (e.g. compiled variants) can replace `_encode_image_fn` / `_encode_text_fn`.
+    """
+
+    name = "torch"
+
+    def __init__(self, model: CLIP, device: str = "cpu", precision: str = "fp32") -> None:
+        if precision not in PRECISIONS:
+            raise BackendError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        dev = _resolve_device(device)
+        if precision == "fp16" and dev.type != "cuda":
+            raise BackendError(
+                "fp16 needs a CUDA device (CPU kernels for fp16 are slow or missing); use bf16"
+            )
+        self.device = str(dev)
+        self.precision = precision
+        self.dtype = PRECISIONS[precision]
+        self.model = model.eval().to(device=dev, dtype=self.dtype)
+        cfg = model.config
+        self.embed_dim = cfg.embed_dim
+        self.image_size = cfg.vision.image_size
+        self.context_length = cfg.text.context_length
+        self._encode_image_fn = self.model.encode_image
+        self._encode_text_fn = self.model.encode_text
+
+    def __repr__(self) -> str:
+        return f"TorchBackend({self.model.config.name}, device={self.device!r}, precision={self.precision!r})"
+
+    def encode_images(self, pixels: FloatArray) -> FloatArray:
+        """(N, 3, H, W) float32 preprocessed pixels -> (N, D) float32, unit L2 norm."""
+        arr = np.asarray(pixels)
+        expected = (3, self.image_size, self.image_size)
+        if arr.ndim != 4 or arr.shape[1:] != expected:
+            raise BackendError(f"pixels must be (N, {', '.join(map(str, expected))}); got {arr.shape}")
+        x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(self.device, self.dtype)
+        return self._run(self._encode_image_fn, x)
+
+    def encode_texts(self, tokens: IntArray) -> FloatArray:
+        """(N, L) int64 token ids -> (N, D) float32, unit L2 norm."""
+        arr = np.asarray(tokens)
+        if arr.ndim != 2 or arr.shape[1] != self.context_length or not np.issubdtype(arr.dtype, np.integer):
+            raise BackendError(
+                f"tokens must be integer (N, {self.context_length}); got {arr.dtype} {arr.shape}"
+            )
+        x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64)).to(self.device)
+        return self._run(self._encode_text_fn, x)
+
+    def _run(self, fn: object, x: torch.Tensor) -> FloatArray:
+        if x.shape[0] == 0:
+            return np.zeros((0, self.embed_dim), dtype=np.float32)
+        with torch.inference_mode():
+            features = fn(x).float()  # type: ignore[operator]
+            features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return features.cpu().numpy().astype(np.float32, copy=False)

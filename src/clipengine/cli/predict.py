@@ -1,0 +1,126 @@
+"""`clipengine predict`: zero-shot rank texts for an image or a folder, with per-stage timings."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+if TYPE_CHECKING:
+    from ..api import ClipModel
+
+__all__ = ["IMAGE_SUFFIXES", "list_images", "register"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def list_images(target: Path) -> list[Path]:
+    """The image itself, or a folder's files with image suffixes (non-recursive, sorted by name)."""
+    if target.is_file():
+        return [target]
+    if not target.is_dir():
+        raise typer.BadParameter(f"no such file or folder: {target}", param_hint="IMAGE_OR_FOLDER")
+    return sorted(p for p in target.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+@dataclass
+class _Timings:
+    preprocess_s: list[float] = field(default_factory=list)  # per image
+    image_s: float = 0.0  # whole batch
+    text_s: float = 0.0  # all texts
+
+
+def _predict(model: ClipModel, paths: list[Path], texts: list[str]) -> tuple[list, list, _Timings]:
+    """Preprocess each image (bad ones reported, not fatal), encode, rank texts per image."""
+    import numpy as np
+
+    from ..errors import DecodeError
+
+    timings, pixels, names, failures = _Timings(), [], [], []
+    for path in paths:
+        start = time.perf_counter()
+        try:
+            pixels.append(model.preprocess(path))
+        except DecodeError as e:
+            failures.append((path.name, e.reason))
+            continue
+        timings.preprocess_s.append(time.perf_counter() - start)
+        names.append(path.name)
+    model.encode_texts(texts[:1])  # warm-up: first calls pay one-off allocation / kernel selection
+    if pixels:
+        model.encode_images(pixels[0][None])
+    start = time.perf_counter()
+    text_emb = model.encode_texts(texts)
+    timings.text_s = time.perf_counter() - start
+    if not names:
+        return [], failures, timings
+    start = time.perf_counter()
+    image_emb = model.encode_images(np.stack(pixels))
+    timings.image_s = time.perf_counter() - start
+    logits = model.logit_scale * image_emb @ text_emb.T
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    ranked = [
+        (name, [(texts[i], float(row[i])) for i in np.argsort(-row, kind="stable")])
+        for name, row in zip(names, probs, strict=True)
+    ]
+    return ranked, failures, timings
+
+
+def _ms(total_s: float, count: int) -> str:
+    return f"{1000 * total_s / max(count, 1):.1f} ms"
+
+
+def register(app: typer.Typer) -> None:
+    @app.command(
+        context_settings={"allow_extra_args": True},
+        epilog='Example: clipengine predict photo.jpg --text "a diagram" "a dog" "a cat"',
+    )
+    def predict(
+        ctx: typer.Context,
+        target: Annotated[Path, typer.Argument(metavar="IMAGE_OR_FOLDER", help="An image file or a folder.")],
+        text: Annotated[
+            list[str],
+            typer.Option("--text", "-t", help="Candidate texts: --text A B C, or --text A --text B."),
+        ],
+        model: Annotated[str, typer.Option("--model", "-m", help="Model name.")] = "ViT-B-32",
+        pretrained: Annotated[str | None, typer.Option(help="Weights tag (default: openai).")] = None,
+        checkpoint: Annotated[
+            Path | None, typer.Option(help="Checkpoint file or model folder (overrides --model).")
+        ] = None,
+        backend: Annotated[str, typer.Option(help="torch | onnx (needs an export folder).")] = "torch",
+        precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16 (CUDA).")] = "fp32",
+        device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N.")] = "cpu",
+        download: Annotated[bool, typer.Option("--download", help="Download missing weights.")] = False,
+    ) -> None:
+        """Rank TEXTS by how well they describe each image (softmax over CLIP similarities)."""
+        from ..api import load
+
+        texts = [*text, *ctx.args]  # values after a single --text arrive as extra arguments
+        paths = list_images(target)
+        clip = load(
+            checkpoint if checkpoint is not None else model,
+            pretrained=pretrained if checkpoint is None else None,
+            backend=backend,
+            device=device,
+            precision=precision,
+            allow_download=download,
+        )
+        ranked, failures, timings = _predict(clip, paths, texts)
+        for name, reason in failures:
+            typer.echo(f"Skipped: {name}: {reason}", err=True)
+        for name, scores in ranked:
+            typer.echo(f"Filename: {name}")
+            for label, prob in scores:
+                typer.echo(f"Text: {label}, Similarity: {prob:.4f}")
+            typer.echo("")
+        n = len(ranked)
+        typer.echo(f"Average preprocess time: {_ms(sum(timings.preprocess_s), n)} per image")
+        typer.echo(f"Average image-encode time: {_ms(timings.image_s, n)} per image")
+        typer.echo(f"Average text-encode time: {_ms(timings.text_s, len(texts))} per text")
+        if not ranked:
+            typer.echo(f"error: no readable images in {target}", err=True)
+            raise typer.Exit(1)

@@ -1,0 +1,238 @@
+"""Weights cache: where each registered file lives, and an explicit, checksummed, resumable download."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+
+from ..errors import CheckpointError, DownloadError, DownloadNotAllowedError
+from ..paths import CACHE_ENV, weights_dir
+from .registry import WeightSource
+
+__all__ = [
+    "ProgressCallback",
+    "cache_path",
+    "download",
+    "fetch",
+    "fetch_hub",
+    "hub_dir",
+    "is_cached",
+    "sha256_file",
+]
+
+log = logging.getLogger(__name__)
+
+# progress(bytes_done, bytes_total or None): called after every chunk; the CLI draws a tqdm bar.
+ProgressCallback = Callable[[int, int | None], None]
+_CHUNK = 1 << 20
+_TIMEOUT_S = 30.0
+_VERIFIED_SUFFIX = ".sha256"  # sidecar "<hex> <size> <mtime_ns>": skip re-hashing an unchanged file
+
+
+def cache_path(source: WeightSource) -> Path:
+    """Where `source`'s file lives: `weights_dir()/ARCH/TAG/FILENAME`, or inside the package."""
+    if source.package_dir is not None:
+        return Path(str(resources.files("clipengine") / source.package_dir)) / source.filename
+    return weights_dir() / source.arch / source.tag / source.filename
+
+
+def is_cached(source: WeightSource) -> bool:
+    """True if the file is present locally (not checksummed here)."""
+    return cache_path(source).is_file()
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _stamp(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size} {st.st_mtime_ns}"
+
+
+def _verify_cached(path: Path, expected: str) -> None:
+    """Check a cached (maybe hand-placed) file once; remember the result in a sidecar file."""
+    marker = path.with_name(path.name + _VERIFIED_SUFFIX)
+    if marker.is_file() and marker.read_text().strip() == f"{expected} {_stamp(path)}":
+        return
+    actual = sha256_file(path)
+    if actual != expected:
+        raise CheckpointError(
+            f"{path} has SHA-256 {actual}, expected {expected}: the file is corrupt or a different "
+            "release; delete it and download again"
+        )
+    marker.write_text(f"{expected} {_stamp(path)}\n")
+
+
+def fetch(
+    source: WeightSource, *, allow_download: bool = False, progress: ProgressCallback | None = None
+) -> Path:
+    """Local path of `source`'s weights, downloading them only if `allow_download` is True.
+
+    A cached file with a known checksum is verified (once; the result is remembered).
+
+    Raises:
+        DownloadNotAllowedError: not cached and downloading was not allowed; the message gives the
+            URL and the exact path to put the file by hand.
+        DownloadError: the download failed (offline, HTTP error, checksum mismatch).
+        CheckpointError: a cached file fails its checksum, or packaged weights are missing.
+    """
+    path = cache_path(source)
+    if path.is_file():
+        if source.sha256:
+            _verify_cached(path, source.sha256)
+        return path
+    if source.url is None:
+        raise CheckpointError(f"weights for {source.key} should ship with clipengine but {path} is missing")
+    if not allow_download:
+        raise DownloadNotAllowedError(
+            f"weights for {source.key} are not in the cache; run `clipengine download {source.key}` "
+            f"(or pass --download / allow_download=True), or put {source.url} at {path} by hand "
+            f"(cache root: ${CACHE_ENV})"
+        )
+    return download(source.url, path, sha256=source.sha256, progress=progress)
+
+
+def download(
+    url: str,
+    target: Path,
+    *,
+    sha256: str | None = None,
+    progress: ProgressCallback | None = None,
+    timeout: float = _TIMEOUT_S,
+) -> Path:
+    """Download `url` to `target` via `target.part` (resumed with an HTTP Range request when the
+    server supports it), check the SHA-256 if known, then rename atomically.
+
+    Raises:
+        DownloadError: one line naming the URL, the reason and where to put the file by hand.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
+    by_hand = f"put the file at {target} by hand"
+    try:
+        digest = _stream(url, part, progress, timeout)
+    except urllib.error.HTTPError as e:
+        raise DownloadError(f"download failed: {url}: HTTP {e.code} {e.reason}; {by_hand}") from e
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise DownloadError(f"download failed: {url}: {reason}; {by_hand}") from e
+    if sha256 and digest != sha256:
+        part.unlink(missing_ok=True)
+        raise DownloadError(
+            f"checksum mismatch for {url}: got SHA-256 {digest}, expected {sha256}; the file was "
+            f"discarded; retry, or {by_hand}"
+        )
+    os.replace(part, target)
+    if sha256:
+        target.with_name(target.name + _VERIFIED_SUFFIX).write_text(f"{sha256} {_stamp(target)}\n")
+    log.info("downloaded %s -> %s", url, target)
+    return target
+
+
+_HUB_URL = "https://huggingface.co/{repo}/resolve/main/{filename}"
+# Alternatives per hub layout, tried in order; the first file of each group must exist.
+_HUB_LAYOUTS = (
+    (("open_clip_config.json",), ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")),
+    (("config.json",), ("model.safetensors", "pytorch_model.bin"), ("preprocessor_config.json",)),
+)
+
+
+def hub_dir(repo: str) -> Path:
+    """Cache folder for `hf-hub:ORG/NAME`: `weights_dir()/hf-hub/ORG--NAME/`."""
+    return weights_dir() / "hf-hub" / repo.replace("/", "--")
+
+
+def _is_404(error: DownloadError) -> bool:
+    cause = error.__cause__
+    return isinstance(cause, urllib.error.HTTPError) and cause.code == 404
+
+
+def fetch_hub(repo: str, *, allow_download: bool = False, progress: ProgressCallback | None = None) -> Path:
+    """Local folder for a Hugging Face hub repo holding open_clip or transformers CLIP weights.
+
+    Downloads `open_clip_config.json` + weights, else `config.json` + weights (+ preprocessor
+    config) into `hub_dir(repo)`, only if `allow_download`. No checksums are published for these.
+
+    Raises:
+        DownloadNotAllowedError, DownloadError: as for `fetch`.
+    """
+    folder = hub_dir(repo)
+    if folder.is_dir() and any(folder.iterdir()):
+        return folder
+    if not allow_download:
+        raise DownloadNotAllowedError(
+            f"hf-hub:{repo} is not in the cache; pass --download / allow_download=True, or put the repo's "
+            f"open_clip_config.json + open_clip_model.safetensors (or config.json + model.safetensors) "
+            f"in {folder} by hand"
+        )
+    for layout in _HUB_LAYOUTS:
+        try:
+            _download_group(repo, folder, layout[0], progress)
+        except DownloadError as e:
+            if _is_404(e):
+                continue
+            raise
+        for group in layout[1:]:
+            _download_group(repo, folder, group, progress, optional=group is layout[-1] and len(layout) > 2)
+        return folder
+    raise DownloadError(
+        f"hf-hub:{repo} has neither open_clip_config.json nor config.json; put files in {folder}"
+    )
+
+
+def _download_group(
+    repo: str, folder: Path, names: tuple[str, ...], progress: ProgressCallback | None, optional: bool = False
+) -> None:
+    """Download the first of `names` that exists on the hub (404 -> try the next)."""
+    for name in names:
+        try:
+            download(_HUB_URL.format(repo=repo, filename=name), folder / name, progress=progress)
+            return
+        except DownloadError as e:
+            if not _is_404(e):
+                raise
+            last = e
+    if not optional:
+        raise last
+
+
+def _stream(url: str, part: Path, progress: ProgressCallback | None, timeout: float) -> str:
+    """Append the remaining bytes of `url` to `part`; return the SHA-256 of the whole file."""
+    have = part.stat().st_size if part.is_file() else 0
+    request = urllib.request.Request(url, headers={"User-Agent": "clipengine"})
+    if have:
+        request.add_header("Range", f"bytes={have}-")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        resumed = have > 0 and response.status == 206
+        digest = hashlib.sha256()
+        if resumed:
+            with part.open("rb") as f:
+                while chunk := f.read(_CHUNK):
+                    digest.update(chunk)
+        else:
+            have = 0  # server ignored the Range header: start over
+        length = response.headers.get("Content-Length")
+        total = have + int(length) if length is not None else None
+        done = have
+        with part.open("ab" if resumed else "wb") as out:
+            while chunk := response.read(_CHUNK):
+                out.write(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, total)
+    if total is not None and done != total:
+        raise OSError(f"connection closed after {done} of {total} bytes (rerun to resume)")
+    return digest.hexdigest()
