@@ -1,0 +1,159 @@
+"""decode_image: every input kind, awkward formats handled, bad inputs -> DecodeError with a clear reason."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipengine.errors import DecodeError
+from clipengine.image import decode
+from clipengine.image.decode import decode_image, open_image
+
+BAD = Path(__file__).parents[1] / "data" / "bad"
+
+
+@pytest.mark.parametrize(
+    ("filename", "reason"),
+    [
+        ("empty.jpg", "empty file (0 bytes)"),
+        ("text.jpg", "not a recognised image format"),
+        ("truncated.jpg", "truncated or corrupt image data: image file is truncated"),
+        ("truncated.png", "truncated or corrupt image data"),
+        ("bomb.png", "decompression bomb: Image size (400000000 pixels) exceeds limit"),
+        ("does_not_exist.jpg", "file not found"),
+    ],
+)
+def test_bad_file_raises_decode_error_naming_file_and_reason(filename: str, reason: str) -> None:
+    path = BAD / filename
+    with pytest.raises(DecodeError) as info:
+        decode_image(path)
+    assert info.value.source == str(path)
+    assert info.value.reason.startswith(reason)
+    assert str(info.value).startswith(f"{path}: {reason}")
+
+
+@pytest.mark.parametrize("filename", ["empty.jpg", "text.jpg", "truncated.jpg", "bomb.png"])
+def test_bad_bytes_raise_the_same_errors_with_given_name(filename: str) -> None:
+    with pytest.raises(DecodeError) as info:
+        decode_image((BAD / filename).read_bytes(), name="upload-7")
+    assert info.value.source == "upload-7"
+
+
+def test_own_pixel_limit_applies_without_leaking_pillows_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 12000x12000 is past Pillow's warning threshold but under its error threshold; with warnings
+    # as errors (our pytest config) a leaked DecompressionBombWarning would fail this test.
+    monkeypatch.setattr(decode, "MAX_IMAGE_PIXELS", 100_000_000)
+    with pytest.raises(DecodeError, match=r"decompression bomb: 12000x12000 = 144000000 pixels is more than"):
+        decode_image(BAD / "bomb_warning_range.png")
+
+
+def test_directory_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(DecodeError, match="is a directory"):
+        decode_image(tmp_path)
+
+
+def test_wrong_type_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="cannot decode an image from int"):
+        decode_image(42)  # type: ignore[arg-type]
+
+
+def _rgb(path_or_image: object) -> np.ndarray:
+    im = decode_image(path_or_image)  # type: ignore[arg-type]
+    assert im.mode == "RGB"
+    return np.asarray(im)
+
+
+def test_cmyk_jpeg_becomes_rgb() -> None:
+    assert open_image(BAD / "cmyk.jpg").mode == "CMYK"
+    np.testing.assert_array_equal(_rgb(BAD / "cmyk.jpg")[0, 0], [0, 255, 255])  # pure cyan
+
+
+def test_16_bit_png_is_scaled_not_clipped() -> None:
+    assert open_image(BAD / "gray16.png").mode == "I;16"
+    row = _rgb(BAD / "gray16.png")[0, :, 0]
+    expected = np.rint(np.linspace(0, 65535, 64).astype(np.uint16) / 65535.0 * 255)
+    np.testing.assert_array_equal(row, expected)  # a full 0..255 ramp, not mostly 255
+
+
+def test_animated_gif_gives_first_frame() -> None:
+    np.testing.assert_array_equal(_rgb(BAD / "animated.gif")[8, 8], [255, 0, 0])
+
+
+def test_exif_orientation_is_applied() -> None:
+    pixels = _rgb(BAD / "exif_rotated.jpg")  # stored 40x20 red|blue, orientation 6
+    assert pixels.shape == (40, 20, 3)
+    assert pixels[2, 10, 0] > 200 and pixels[2, 10, 2] < 50  # top: red
+    assert pixels[-3, 10, 2] > 200 and pixels[-3, 10, 0] < 50  # bottom: blue
+
+
+def test_exif_orientation_of_a_callers_image_does_not_modify_it() -> None:
+    original = Image.open(BAD / "exif_rotated.jpg")
+    assert decode_image(original).size == (20, 40)
+    assert original.size == (40, 20)
+
+
+def test_palette_with_per_entry_alpha_converts_without_warning() -> None:
+    np.testing.assert_array_equal(_rgb(BAD / "palette_transparency.png")[0, 0], [200, 100, 50])
+
+
+def test_alpha_is_dropped_not_composited() -> None:
+    np.testing.assert_array_equal(_rgb(BAD / "gray_alpha.png")[0, 0], [90, 90, 90])  # alpha 10 ignored
+    rgba = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
+    np.testing.assert_array_equal(_rgb(rgba)[0, 0], [10, 20, 30])
+
+
+def test_encoded_bytes_equal_file(clip_png: Path) -> None:
+    np.testing.assert_array_equal(_rgb(clip_png.read_bytes()), _rgb(clip_png))
+    np.testing.assert_array_equal(_rgb(bytearray(clip_png.read_bytes())), _rgb(str(clip_png)))
+
+
+_RAMP = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+
+
+@pytest.mark.parametrize(
+    ("array", "expected"),
+    [
+        (_RAMP, np.dstack([_RAMP] * 3)),
+        (_RAMP[:, :, None], np.dstack([_RAMP] * 3)),
+        (np.dstack([_RAMP, _RAMP + 1, _RAMP + 2]), np.dstack([_RAMP, _RAMP + 1, _RAMP + 2])),
+        (np.dstack([_RAMP, _RAMP, _RAMP, np.zeros_like(_RAMP)]), np.dstack([_RAMP] * 3)),
+        (_RAMP / 255.0, np.dstack([_RAMP] * 3)),
+        ((_RAMP / 255.0).astype(np.float32), np.dstack([_RAMP] * 3)),
+        (_RAMP.astype(np.uint16) * 257, np.dstack([_RAMP] * 3)),
+        (_RAMP > 100, np.dstack([(_RAMP > 100) * 255] * 3)),
+        (np.dstack([_RAMP] * 3)[:, ::-1], np.dstack([_RAMP] * 3)[:, ::-1]),  # non-contiguous view
+    ],
+    ids=["HxW", "HxWx1", "HxWx3", "HxWx4", "float64", "float32", "uint16", "bool", "strided"],
+)
+def test_arrays_of_each_supported_layout(array: np.ndarray, expected: np.ndarray) -> None:
+    np.testing.assert_array_equal(_rgb(array), expected)
+
+
+@pytest.mark.parametrize(
+    ("array", "reason"),
+    [
+        (np.zeros((2, 2, 2), np.uint8), "array shape (2, 2, 2) is not"),
+        (np.zeros((2, 2, 3, 1), np.uint8), "array shape (2, 2, 3, 1) is not"),
+        (np.zeros((0, 5), np.uint8), "array shape (0, 5) has no pixels"),
+        (np.full((2, 2), 1.5), "float pixel values must be finite and in [0, 1], got range [1.5, 1.5]"),
+        (np.full((2, 2), np.nan, np.float32), "float pixel values must be finite"),
+        (np.zeros((2, 2), np.int64), "unsupported array dtype int64"),
+    ],
+)
+def test_bad_arrays_raise_decode_error(array: np.ndarray, reason: str) -> None:
+    with pytest.raises(DecodeError) as info:
+        decode_image(array)
+    assert info.value.reason.startswith(reason)
+    assert info.value.source.startswith("<array ")
+
+
+def test_draft_size_decodes_large_jpeg_at_reduced_scale() -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (1600, 1200), (40, 80, 120)).save(buf, "JPEG")
+    im = decode_image(buf.getvalue(), draft_size=(300, 300))
+    assert im.size == (400, 300) and im.mode == "RGB"  # 1/4 scale keeps both sides >= 300
+    assert decode_image(buf.getvalue()).size == (1600, 1200)  # off unless asked
