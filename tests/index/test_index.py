@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from clipengine.errors import DuplicateIdError, IndexMismatchError
-from clipengine.index import Index
+from clipengine.index import Index, same_model
 
 from .conftest import FakeModel, clustered, unit
 
@@ -134,3 +134,17 @@ def test_approximate_recall_at_10_vs_exact(kind: str, tmp_path: Path) -> None:
     )
     print(f"{kind}: recall@10={recall:.3f} build={build_s:.2f}s {ann.describe()['params']}")
     assert recall >= 0.9
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "same"),
+    [
+        ("ViT-B-32@openai", "ViT-B-32", True),
+        ("ViT-B-32", "ViT-B-32@openai", True),
+        ("ViT-B-32@openai", "ViT-B-32@laion2b_s34b_b79k", False),
+        ("ViT-B-32", "ViT-B-16", False),
+        ("tiny-synth", "tiny-synth", True),
+    ],
+)
+def test_same_model_ignores_a_missing_tag_only(a: str, b: str, same: bool) -> None:
+    assert same_model(a, b) is same

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .ann import AUTO_EXACT_MAX, KINDS, IndexParams, choose_params
-from .index import Hit, Index, QueryModel, sizes_from_rows
+from .index import Hit, Index, QueryModel, same_model, sizes_from_rows
 
 __all__ = [
     "AUTO_EXACT_MAX",
@@ -13,5 +13,6 @@ __all__ = [
     "IndexParams",
     "QueryModel",
     "choose_params",
+    "same_model",
     "sizes_from_rows",
 ]

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     from ..types import FloatArray, ImageInput
 
-__all__ = ["Hit", "Index", "QueryModel", "sizes_from_rows"]
+__all__ = ["Hit", "Index", "QueryModel", "same_model", "sizes_from_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,18 @@ class QueryModel(Protocol):
     def encode_texts(self, texts: Sequence[str]) -> FloatArray: ...
 
     def encode_images(self, images: Any, batch_size: int = 32) -> FloatArray: ...
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two model names denote the same weights: equal, or equal names where one omits the @tag.
+
+    "ViT-B-32@openai" matches "ViT-B-32" (ClipModel.name carries no tag) but not "ViT-B-32@laion2b_s34b_b79k".
+    """
+    if a == b:
+        return True
+    name_a, _, tag_a = a.partition("@")
+    name_b, _, tag_b = b.partition("@")
+    return name_a == name_b and not (tag_a and tag_b)
 
 
 def _now() -> str:
@@ -252,7 +264,7 @@ class Index:
     # ------------------------------------------------------------------ identity
     def check_model(self, model: str, dim: int | None = None) -> None:
         """Raise IndexMismatchError unless `model` (and `dim`) are the ones the index was built with."""
-        if model != self.model:
+        if not same_model(model, self.model):
             raise IndexMismatchError(
                 f"index was built with model {self.model!r} but {model!r} is in use; query with "
                 f"--model {self.model} (or rebuild the index with {model!r})"

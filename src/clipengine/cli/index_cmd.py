@@ -1,0 +1,244 @@
+"""`clipengine index build|add|info` and `clipengine search`: embeddings -> faiss index -> text/image queries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from . import embed as embed_cli
+
+if TYPE_CHECKING:
+    from ..index import Index
+
+__all__ = ["register"]
+
+_KINDS_HELP = "auto (exact up to 100k vectors, IVF above), flat, ivf, ivfpq or hnsw."
+_SOURCE_HELP = "An `clipengine embed` output folder, or images (folder / file list) to embed first."
+
+
+def _is_embed_dir(path: Path) -> bool:
+    return path.is_dir() and ((path / "run.json").is_file() or (path / "shards").is_dir())
+
+
+def _sizes(embed_dir: Path, ids: list[str]) -> list[tuple[int, int] | None]:
+    """(width, height) per id from the shard .jsonl rows (pipeline shard format)."""
+    found: dict[str, tuple[int, int]] = {}
+    for rows in sorted((embed_dir / "shards").glob("part-*.jsonl")):
+        if rows.name.endswith(".failures.jsonl"):
+            continue
+        for line in rows.read_text(encoding="utf-8").splitlines():
+            r = json.loads(line)
+            if r.get("width") is not None and r.get("height") is not None:
+                found[r["path"]] = (int(r["width"]), int(r["height"]))
+    return [found.get(i) for i in ids]
+
+
+def _image_roots(meta: dict[str, Any]) -> list[str]:
+    src = meta.get("source")
+    if not src:
+        return []
+    p = Path(src)
+    return [str(p)] if p.is_dir() else [str(p.parent)]  # a file list's ids are relative to its folder
+
+
+def _embeddings(
+    source: Path, opts: embed_cli.ModelOptions | None, embed_dir: Path, batch: int, engine: str
+) -> tuple[Path, str]:
+    """The embed folder for `source` (embedding it first when it is images) and its model label."""
+    if _is_embed_dir(source):
+        return source, ""
+    if opts is None:
+        raise typer.BadParameter("embedding images needs --model (or --checkpoint)")
+    from ..pipeline.sources import list_items
+
+    clip = embed_cli.load_clip(opts)
+    items = list_items(source)
+    kwargs: dict[str, Any] = {"model": opts.label, "batch_size": batch, "source_label": str(source.resolve())}
+    if engine == "ray":
+        from ..distributed.ray import embed_with_ray
+
+        embed_with_ray(source, embed_dir, embed_cli.BackendFactory(opts), clip.preprocess_cfg, **kwargs)
+    else:
+        from ..pipeline.run import embed_folder
+
+        embed_folder(items, embed_dir, lambda: clip.backend, clip.preprocess_cfg, **kwargs)
+    return embed_dir, opts.label
+
+
+def _read(embed_dir: Path, label: str, expect: str | None) -> tuple[list[str], Any, str, dict[str, Any]]:
+    from ..errors import IndexMismatchError
+    from ..index import same_model
+    from ..pipeline.sinks import read_embeddings
+
+    ids, vectors, meta = read_embeddings(embed_dir)
+    model = str(meta.get("model") or label or "")
+    if not model:
+        raise typer.BadParameter(f"{embed_dir}/run.json names no model; pass --model")
+    if expect and not same_model(expect, model):
+        raise IndexMismatchError(f"{embed_dir} was embedded with {model!r}, not {expect!r}")
+    return ids, vectors, model, meta
+
+
+def _opts(model: str | None, pretrained: str | None, checkpoint: Path | None, backend: str, precision: str,
+          device: str, download: bool) -> embed_cli.ModelOptions | None:  # fmt: skip
+    if model is None and checkpoint is None:
+        return None
+    return embed_cli.parse_model_options(
+        model or "", pretrained, checkpoint, backend, precision, device, download
+    )
+
+
+def _echo_index(index: Index, path: Path, as_json: bool, **extra: Any) -> None:
+    info = {"path": str(path), **index.describe(), **extra}
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    how = "exact" if info["exact"] else "approximate"
+    params = ", ".join(f"{k}={v}" for k, v in info["params"].items() if k != "kind")
+    typer.echo(f"{path}: {info['count']} images, {info['kind']} ({how}{'; ' + params if params else ''}), "
+               f"dim {info['dim']}, model {info['model']}" + "".join(f", {k} {v}" for k, v in extra.items()))  # fmt: skip
+
+
+def _print_hits(hits: list[tuple[str, float]], index: Index, as_json: bool, query: str) -> None:
+    rows = [
+        {"rank": r + 1, "id": i, "path": str(index.resolve(i) or i), "score": round(s, 6)}
+        for r, (i, s) in enumerate(hits)
+    ]
+    if as_json:
+        typer.echo(json.dumps({"query": query, "model": index.model, "results": rows}, indent=2))
+        return
+    for row in rows:
+        typer.echo(f"{row['score']:.4f}  {row['path']}")
+
+
+_M = typer.Option(
+    None, "--model", "-m", help="Model name or ONNX export folder (default: from run.json / the index)."
+)
+_P = typer.Option(None, "--pretrained", help="Pretrained weights tag.")
+_C = typer.Option(None, "--checkpoint", help="Checkpoint file (overrides --model).")
+_B = typer.Option("torch", "--backend", help="torch or onnx.")
+_PR = typer.Option("fp32", "--precision", help="fp32, fp16, bf16 (backend dependent).")
+_D = typer.Option("cpu", "--device", help="cpu, cuda, ...")
+_DL = typer.Option(False, "--download", help="Allow downloading weights that are not cached.")
+_BATCH = typer.Option(32, "--batch", min=1, help="Images per backend call when embedding.")
+_ENGINE = typer.Option("local", "--engine", help="Embedding engine for image folders: local or ray.")
+_EMB = typer.Option(
+    None, "--embeddings", help="Where to keep embeddings of images (default: INDEX.embeddings)."
+)
+_JSON = typer.Option(False, "--json", help="Print JSON.")
+_SOURCE_ARG = typer.Argument(..., exists=True, help=_SOURCE_HELP)
+_OUTPUT = typer.Option(..., "--output", "-o", help="Index folder to write (e.g. photos.index).")
+_KIND = typer.Option("auto", "--kind", help=_KINDS_HELP)
+_NLIST = typer.Option(None, "--nlist", min=1, help="IVF lists (default 4*sqrt(N)).")
+_NPROBE = typer.Option(None, "--nprobe", min=1, help="IVF lists searched per query.")
+_EF = typer.Option(None, "--ef-search", min=1, help="HNSW search breadth.")
+_INDEX_ARG = typer.Argument(..., help="Index folder (e.g. photos.index).")
+_QUERY = typer.Argument(None, help='Text query, e.g. "a dog on the beach".')
+_IMAGE = typer.Option(None, "--image", exists=True, help="Search by this image instead.")
+_K = typer.Option(10, "-k", "--top-k", min=1, help="Number of results.")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `index build`, `index add`, `index info` and `search` to `app`."""
+    index_app = typer.Typer(help="Build and extend a faiss image index.", no_args_is_help=True)
+    app.add_typer(index_app, name="index")
+
+    @index_app.command("build")
+    def build_cmd(
+        source: Path = _SOURCE_ARG,
+        output: Path = _OUTPUT,
+        kind: str = _KIND,
+        nlist: int | None = _NLIST,
+        nprobe: int | None = _NPROBE,
+        ef_search: int | None = _EF,
+        model: str | None = _M, pretrained: str | None = _P, checkpoint: Path | None = _C, backend: str = _B,
+        precision: str = _PR, device: str = _D, download: bool = _DL, batch: int = _BATCH, engine: str = _ENGINE,
+        embeddings: Path | None = _EMB, as_json: bool = _JSON,
+    ) -> None:  # fmt: skip
+        """Build an index from embeddings (or from images, embedding them first)."""
+        import time
+
+        from ..index import Index
+
+        opts = _opts(model, pretrained, checkpoint, backend, precision, device, download)
+        emb_dir, label = _embeddings(
+            source, opts, embeddings or output.with_name(output.name + ".embeddings"), batch, engine
+        )
+        ids, vectors, model_name, meta = _read(emb_dir, label, opts.label if opts else None)
+        t0 = time.perf_counter()
+        try:
+            index = Index.build(ids, vectors, model=model_name, sizes=_sizes(emb_dir, ids), image_roots=_image_roots(meta),
+                                kind=kind, nlist=nlist, nprobe=nprobe, ef_search=ef_search)  # fmt: skip
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from e
+        index.save(output)
+        _echo_index(index, output, as_json, build_s=round(time.perf_counter() - t0, 3))
+
+    @index_app.command("add")
+    def add_cmd(
+        index_path: Path = _INDEX_ARG,
+        source: Path = _SOURCE_ARG,
+        pretrained: str | None = _P, backend: str = _B, precision: str = _PR, device: str = _D,
+        download: bool = _DL, batch: int = _BATCH, engine: str = _ENGINE, embeddings: Path | None = _EMB,
+        as_json: bool = _JSON,
+    ) -> None:  # fmt: skip
+        """Append new images to an index without rebuilding it (ids already indexed are skipped)."""
+        from ..index import Index
+
+        index = Index.load(index_path)
+        opts = embed_cli.parse_model_options(
+            index.model, pretrained, None, backend, precision, device, download
+        )
+        default_dir = index_path.with_name(index_path.name + ".embeddings")
+        emb_dir, label = _embeddings(source, opts, embeddings or default_dir, batch, engine)
+        ids, vectors, _, meta = _read(emb_dir, label, index.model)
+        added = index.add(ids, vectors, sizes=_sizes(emb_dir, ids), on_duplicate="skip")
+        index.image_roots += [r for r in _image_roots(meta) if r not in index.image_roots]
+        index.save(index_path)
+        _echo_index(index, index_path, as_json, added=added, skipped=len(ids) - added)
+
+    @index_app.command("info")
+    def info_cmd(index_path: Path = _INDEX_ARG, as_json: bool = _JSON) -> None:
+        """Show an index's kind, size, model and parameters."""
+        from ..index import Index
+
+        _echo_index(Index.load(index_path), index_path, as_json)
+
+    @app.command("search")
+    def search_cmd(
+        index_path: Path = _INDEX_ARG,
+        query: str | None = _QUERY,
+        image: Path | None = _IMAGE,
+        k: int = _K,
+        nprobe: int | None = _NPROBE,
+        model: str | None = _M, pretrained: str | None = _P, checkpoint: Path | None = _C, backend: str = _B,
+        precision: str = _PR, device: str = _D, download: bool = _DL, as_json: bool = _JSON,
+    ) -> None:  # fmt: skip
+        """Print the k best matches (score, path) for a text or an image query."""
+        from ..errors import IndexMismatchError
+        from ..index import Index, same_model
+
+        if (query is None) == (image is None):
+            raise typer.BadParameter("give a text query or --image (exactly one)")
+        index = Index.load(index_path)
+        opts = _opts(model, pretrained, checkpoint, backend, precision, device, download)
+        override = opts is not None
+        if opts is None:  # the model comes from the index header
+            opts = embed_cli.parse_model_options(
+                index.model, None, None, backend, precision, device, download
+            )
+        clip = embed_cli.load_clip(opts)
+        if override and not (same_model(opts.label, index.model) or same_model(clip.name, index.model)):
+            raise IndexMismatchError(
+                f"{index_path} was built with model {index.model!r}, not {opts.label!r}; "
+                "drop --model to use the index's own model"
+            )
+        q = clip.encode_images([image]) if image is not None else clip.encode_texts([query or ""])
+        if q.shape[1] != index.dim:
+            raise IndexMismatchError(
+                f"{index_path} holds {index.dim}-d vectors; {clip.name} makes {q.shape[1]}-d"
+            )
+        _print_hits(index.search_vectors(q, k, nprobe=nprobe)[0], index, as_json, str(image or query))

@@ -1,0 +1,152 @@
+"""`clipengine index build|add|info` and `clipengine search` end to end with a fake model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from clipengine.cli import embed as embed_cli
+from clipengine.cli.app import app, main
+
+_FAKES = Path(__file__).parents[1] / "distributed" / "fakes.py"
+
+
+def _fakes() -> ModuleType:
+    if "distributed_fakes" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("distributed_fakes", _FAKES)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["distributed_fakes"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["distributed_fakes"]
+
+
+class _FakeClip:
+    """ClipModel stand-in: images through the fake backend; a text names an image file of `root`."""
+
+    def __init__(self, root: Path, name: str = "fake") -> None:
+        from clipengine.image.preprocess import PreprocessConfig, preprocess
+
+        self.backend = _fakes().FakeBackend(embed_dim=8)
+        self.preprocess_cfg = PreprocessConfig(image_size=32)
+        self._pre, self.root, self.name, self.embed_dim = preprocess, root, name, 8
+
+    def encode_images(self, images: list[Path], batch_size: int = 32) -> np.ndarray:
+        return self.backend.encode_images(np.stack([self._pre(p, self.preprocess_cfg) for p in images]))
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        return self.encode_images([self.root / t for t in texts])
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    root = tmp_path / "photos"
+    _fakes().write_images(root, 10)
+    (root / "broken.jpg").write_bytes(b"")
+    return root
+
+
+@pytest.fixture
+def fake_load(monkeypatch: pytest.MonkeyPatch, folder: Path) -> list[embed_cli.ModelOptions]:
+    asked: list[embed_cli.ModelOptions] = []
+
+    def load(opts: embed_cli.ModelOptions) -> SimpleNamespace:
+        asked.append(opts)
+        return _FakeClip(folder, name=opts.model)  # type: ignore[return-value]
+
+    monkeypatch.setattr(embed_cli, "load_clip", load)
+    return asked
+
+
+def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_build_from_embed_output_then_search_by_text_and_image(
+    folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    emb, idx = tmp_path / "emb", tmp_path / "photos.index"
+    assert (
+        _run(capsys, "embed", folder, "-o", emb, "--model", "fake", "--workers", "0", "--no-progress")[0] == 0
+    )
+    code, out, _ = _run(capsys, "index", "build", emb, "-o", idx)
+    assert code == 0 and "10 images, flat (exact)" in out and "model fake" in out
+
+    code, out, _ = _run(capsys, "search", idx, "img-004.jpg", "-k", "3")
+    assert code == 0
+    first = out.splitlines()[0].split()
+    assert float(first[0]) == pytest.approx(1.0, abs=1e-3) and first[1] == str(folder / "img-004.jpg")
+    assert len(out.splitlines()) == 3
+
+    code, out, _ = _run(capsys, "search", idx, "--image", folder / "img-007.jpg", "--json", "-k", "2")
+    data = json.loads(out)
+    assert code == 0 and data["model"] == "fake" and [r["rank"] for r in data["results"]] == [1, 2]
+    assert data["results"][0]["id"] == "img-007.jpg" and data["results"][0]["path"] == str(
+        folder / "img-007.jpg"
+    )
+    assert fake_load[-1].model == "fake"  # the query model came from the index header
+
+    code, out, _ = _run(capsys, "index", "info", idx, "--json")
+    info = json.loads(out)
+    assert code == 0 and info["count"] == 10 and info["image_roots"] == [str(folder)] and info["exact"]
+
+
+def test_build_from_images_then_add_new_ones(
+    folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    idx = tmp_path / "p.index"
+    code, out, _ = _run(
+        capsys, "index", "build", folder, "-o", idx, "--model", "fake", "--kind", "hnsw", "--json"
+    )
+    assert code == 0 and json.loads(out)["kind"] == "hnsw" and json.loads(out)["count"] == 10
+    assert (tmp_path / "p.index.embeddings" / "run.json").is_file()
+
+    _fakes().write_images(folder / "new", 3, seed=5)
+    code, out, _ = _run(capsys, "index", "add", idx, folder, "--json")
+    data = json.loads(out)
+    assert code == 0 and (data["added"], data["skipped"], data["count"]) == (3, 10, 13)
+    code, out, _ = _run(capsys, "search", idx, "new/img-001.jpg", "-k", "1")
+    assert code == 0 and out.split()[1] == str(folder / "new" / "img-001.jpg")
+
+
+def test_model_mismatch_and_bad_usage_are_refused(
+    folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    idx = tmp_path / "p.index"
+    assert _run(capsys, "index", "build", folder, "-o", idx, "--model", "fake")[0] == 0
+    code, _, err = _run(capsys, "search", idx, "img-001.jpg", "--model", "ViT-B-32")
+    assert code == 1 and "error:" in err and "built with model 'fake', not 'ViT-B-32'" in err
+    code, _, err = _run(
+        capsys, "index", "build", tmp_path / "p.index.embeddings", "-o", tmp_path / "q", "--model", "RN50"
+    )
+    assert code == 1 and "embedded with 'fake', not 'RN50'" in err
+    # Usage errors (exit 2) go through click's standalone handling, as a console script does.
+    runner = CliRunner()
+    result = runner.invoke(app, ["search", str(idx)])
+    assert result.exit_code == 2 and "exactly one" in result.output
+    emb = str(tmp_path / "p.index.embeddings")
+    result = runner.invoke(
+        app, ["index", "build", emb, "-o", str(tmp_path / "r"), "--kind", "ivf", "--nlist", "50"]
+    )
+    assert result.exit_code == 2 and "kind='flat'" in result.output
+
+
+def test_damaged_or_missing_index_is_a_one_line_error(
+    folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = _run(capsys, "search", tmp_path / "none.index", "x")
+    assert code == 1 and err.startswith("error: no index at")
+    idx = tmp_path / "p.index"
+    assert _run(capsys, "index", "build", folder, "-o", idx, "--model", "fake")[0] == 0
+    next(idx.glob("meta-*.jsonl")).unlink()
+    code, _, err = _run(capsys, "search", idx, "img-001.jpg")
+    assert code == 1 and "meta file" in err and "is missing" in err and len(err.strip().splitlines()) == 1
