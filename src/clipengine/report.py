@@ -65,9 +65,10 @@ def render_run_stats(stats: RunStats, fmt: str = "text", *, failures_path: str |
     stage_rows = [(s, f"{getattr(stats, f'{s}_s'):.3f}", f"{per[s]:.3f}") for s in per]
     head = (
         f"Embedded {stats.embedded} images in {stats.wall_s:.2f}s ({stats.fps:.1f} img/s); "
-        f"{stats.skipped} resumed from finished shards; "
-        f"{stats.shards_written} shards written, {stats.shards_skipped} kept."
+        f"{stats.shards_written} shards written"
     )
+    if stats.shards_skipped:
+        head += f"; {stats.skipped} inputs resumed from {stats.shards_skipped} finished shards"
     n_failed = max(stats.failed_total, stats.failed)
     fail = f"Failed: {n_failed}" + (f" (listed in {failures_path})" if n_failed and failures_path else "")
     table = _table(("stage", "total s", "ms/img"), stage_rows, markdown=fmt == "markdown")
@@ -136,7 +137,8 @@ def plot_throughput(result: BenchResult, path: str | Path) -> Path:
         ax.set_xticks(sizes, [str(s) for s in sizes])
         ax.set_xlabel("batch size")
         ax.set_ylabel("images / s")
-        ax.set_title(f"{result.model or 'model'}: {result.backend} {result.device} {result.precision}")
+        label = Path(result.model).name if result.model else "model"  # a checkpoint path -> its file name
+        ax.set_title(f"{label}: {result.backend} {result.device} {result.precision}")
         ax.grid(True, alpha=0.3)
         ax.legend()
         fig.tight_layout()

@@ -133,3 +133,10 @@ def test_embed_with_tiny_checkpoint(tiny_model, folder: Path, tmp_path: Path) ->
     assert len(ids) == 11 and vectors.shape == (11, 32)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=2e-3)
     assert meta["embed_dim"] == 32 and meta["model"] == str(ckpt.resolve())
+    result = CliRunner().invoke(
+        app, ["embed", str(folder), "-o", str(out), "--checkpoint", str(ckpt), "--workers", "0"]
+    )
+    assert (
+        result.exit_code == 0 and "12 inputs resumed from 1 finished shards" in result.output
+    )  # nothing recomputed
+    np.testing.assert_array_equal(read_embeddings(out)[1], vectors)
