@@ -140,3 +140,30 @@ def test_embed_with_tiny_checkpoint(tiny_model, folder: Path, tmp_path: Path) ->
         result.exit_code == 0 and "12 inputs resumed from 1 finished shards" in result.output
     )  # nothing recomputed
     np.testing.assert_array_equal(read_embeddings(out)[1], vectors)
+
+
+def test_engine_ray_dispatches_with_a_picklable_factory(
+    folder: Path, tmp_path: Path, fake_load, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    import pickle
+
+    import clipengine.distributed.ray as ray_engine
+    from clipengine.pipeline.run import RunStats
+
+    calls: list[tuple[tuple[object, ...], dict[str, object]]] = []
+
+    def fake_embed_with_ray(*args: object, **kwargs: object) -> RunStats:
+        calls.append((args, kwargs))
+        return RunStats(images=12, embedded=11, failed=1, failed_total=1, wall_s=1.0)
+
+    monkeypatch.setattr(ray_engine, "embed_with_ray", fake_embed_with_ray)
+    out = tmp_path / "out"
+    args = ["embed", str(folder), "-o", str(out), "--engine", "ray", "--checkpoint", str(tmp_path / "c.pt")]
+    result = CliRunner().invoke(app, [*args, "--shard-size", "7", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    (items, out_dir, factory, _cfg), kwargs = calls[0]
+    assert len(items) == 12 and out_dir == out  # type: ignore[arg-type]
+    assert kwargs["shard_size"] == 7 and kwargs["source_label"] == str(folder)
+    restored = pickle.loads(pickle.dumps(factory))
+    assert restored.opts.checkpoint == str(tmp_path / "c.pt")
+    assert "Embedded 11 images" in result.output

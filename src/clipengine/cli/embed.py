@@ -142,27 +142,28 @@ def register(app: typer.Typer) -> None:
         items = list_items(source)
         clip = load_clip(opts)
         run_kwargs: dict[str, Any] = dict(
-            model=opts.label, batch_size=batch, workers=workers, shard_size=shard_size, dtype=dtype
-        )
+            model=opts.label, batch_size=batch, workers=workers, shard_size=shard_size, dtype=dtype,
+            source_label=str(source),
+        )  # fmt: skip
         with tqdm(total=len(items), unit="img", disable=not progress or as_json, leave=False) as bar:
-            if engine == "ray":
+            if engine == "ray":  # one actor per partition worker; helper module imports ray lazily
                 from ..distributed.ray import embed_with_ray
 
+                factory: Any = BackendFactory(opts)  # plain data: each actor loads its own model
                 stats = embed_with_ray(
-                    items,
-                    output,
-                    BackendFactory(opts),
-                    clip.preprocess_cfg,
-                    progress=bar.update,
-                    **run_kwargs,
+                    items, output, factory, clip.preprocess_cfg, progress=bar.update, **run_kwargs
                 )
             else:
                 from ..pipeline.run import embed_folder
 
                 stats = embed_folder(
-                    items, output, lambda: clip.backend, clip.preprocess_cfg,
-                    progress=bar.update, source_label=str(source), **run_kwargs,
-                )  # fmt: skip
+                    items,
+                    output,
+                    lambda: clip.backend,
+                    clip.preprocess_cfg,
+                    progress=bar.update,
+                    **run_kwargs,
+                )
         fmt = "json" if as_json else "text"
         typer.echo(render_run_stats(stats, fmt, failures_path=output / FAILURES_FILE))
         if not as_json:
