@@ -91,9 +91,9 @@ def test_exif_orientation_is_applied() -> None:
 
 
 def test_exif_orientation_of_a_callers_image_does_not_modify_it() -> None:
-    original = Image.open(BAD / "exif_rotated.jpg")
-    assert decode_image(original).size == (20, 40)
-    assert original.size == (40, 20)
+    with Image.open(BAD / "exif_rotated.jpg") as original:
+        assert decode_image(original).size == (20, 40)
+        assert original.size == (40, 20)
 
 
 def test_palette_with_per_entry_alpha_converts_without_warning() -> None:

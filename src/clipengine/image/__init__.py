@@ -1,4 +1,8 @@
-"""Image side of CLIP: decoding any input to a PIL image, and preprocessing to model pixels (no torch)."""
+"""Image side of CLIP: decoding any input to a PIL image, and preprocessing to model pixels (no torch).
+
+The `preprocess` function is not re-exported here: it would shadow the `preprocess` submodule
+(`import clipengine.image.preprocess as p` would then bind the function).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,6 @@ from clipengine.image.preprocess import (
     OPENAI_MEAN,
     OPENAI_STD,
     PreprocessConfig,
-    preprocess,
     preprocess_batch,
     preprocess_image,
 )
@@ -19,7 +22,6 @@ __all__ = [
     "PreprocessConfig",
     "decode_image",
     "open_image",
-    "preprocess",
     "preprocess_batch",
     "preprocess_image",
 ]
