@@ -51,15 +51,30 @@ def _serve(args: argparse.Namespace) -> None:
         from clipengine.models.config import get_config
 
         torch.manual_seed(0)
-        cfg = get_config(args.random_arch)
+        cfg = _TINY() if args.random_arch == "tiny" else get_config(args.random_arch)
         backend = create_backend("torch", build_model(cfg), device=args.device)
-        model: Any = ClipModel(backend, PreprocessConfig(image_size=cfg.vision.image_size), args.random_arch, 100.0)
+        model: Any = ClipModel(
+            backend, PreprocessConfig(image_size=cfg.vision.image_size), args.random_arch, 100.0
+        )
     else:
         from clipengine.api import load
 
         model = load(args.model, device=args.device)
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=4096)
     uvicorn.run(create_app(model, None, settings), host="127.0.0.1", port=args.port, log_level="warning")
+
+
+def _TINY() -> Any:
+    """The tests' tiny CLIP (ViT width 64, 2 layers, 32 px): request overhead dominates, not compute."""
+    from clipengine.models.config import CLIPConfig, TextConfig, VisionConfig
+
+    return CLIPConfig(
+        embed_dim=32,
+        vision=VisionConfig(image_size=32, layers=2, width=64, patch_size=8),
+        text=TextConfig(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
+        quick_gelu=True,
+        name="tiny",
+    )
 
 
 def _free_port() -> int:
@@ -70,8 +85,19 @@ def _free_port() -> int:
 
 def _start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
-    cmd = [sys.executable, __file__, "--_serve", "--port", str(port), "--max-batch", str(args.max_batch),
-           "--max-wait-ms", str(args.max_wait_ms), "--device", args.device]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--_serve",
+        "--port",
+        str(port),
+        "--max-batch",
+        str(args.max_batch),
+        "--max-wait-ms",
+        str(args.max_wait_ms),
+        "--device",
+        args.device,
+    ]
     cmd += ["--random-arch", args.random_arch] if args.random_arch else ["--model", args.model]
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
@@ -94,7 +120,9 @@ def _png(i: int, size: int = 256) -> bytes:
     from PIL import Image
 
     rng = np.random.default_rng(i)
-    img = Image.fromarray(rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)).resize((size, size))
+    img = Image.fromarray(rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)).resize(
+        (size, size)
+    )
     out = io.BytesIO()
     img.save(out, format="PNG")
     return out.getvalue()
@@ -112,7 +140,10 @@ class _Payloads:
             return "/v1/search", {"json": {"text": f"a photo of object number {i}", "k": 10}}
         files = [("files", (f"{i}.png", self.images[i % len(self.images)], "image/png"))]
         if self.route == "classify":
-            return "/v1/classify", {"files": files, "data": {"labels": f"a cat, a dog, a car, label {i % 50}"}}
+            return "/v1/classify", {
+                "files": files,
+                "data": {"labels": f"a cat, a dog, a car, label {i % 50}"},
+            }
         return "/v1/embeddings/images", {"files": files}
 
 
@@ -126,8 +157,9 @@ def _batch_stats(metrics: str) -> dict[str, tuple[float, float]]:
     return out
 
 
-async def _level(url: str, payloads: _Payloads, clients: int, total: int, max_seconds: float,
-                 headers: dict[str, str]) -> dict[str, Any]:
+async def _level(
+    url: str, payloads: _Payloads, clients: int, total: int, max_seconds: float, headers: dict[str, str]
+) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits, headers=headers) as client:
         before = _batch_stats((await client.get("/metrics")).text)
@@ -154,12 +186,18 @@ async def _level(url: str, payloads: _Payloads, clients: int, total: int, max_se
     lat = np.array(latencies) * 1000.0
     batches = {
         q: round((after[q][1] - before[q][1]) / (after[q][0] - before[q][0]), 2)
-        for q in after if after[q][0] > before[q][0]
+        for q in after
+        if after[q][0] > before[q][0]
     }
     return {
-        "clients": clients, "requests": len(latencies), "errors": errors, "seconds": round(elapsed, 2),
-        "rps": round(len(latencies) / elapsed, 1), "p50_ms": round(float(np.percentile(lat, 50)), 1),
-        "p99_ms": round(float(np.percentile(lat, 99)), 1), "mean_batch": batches,
+        "clients": clients,
+        "requests": len(latencies),
+        "errors": errors,
+        "seconds": round(elapsed, 2),
+        "rps": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(float(np.percentile(lat, 50)), 1),
+        "p99_ms": round(float(np.percentile(lat, 99)), 1),
+        "mean_batch": batches,
     }
 
 
@@ -167,7 +205,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", help="A running server on loopback (otherwise one is started).")
     p.add_argument("--model", default="tiny-synth", help="Model for the started server (clipengine.load).")
-    p.add_argument("--random-arch", help="Start the server with random weights of this architecture.")
+    p.add_argument(
+        "--random-arch",
+        help="Start the server with random weights of this architecture ('tiny' = test model).",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--route", choices=["texts", "images", "classify", "search"], default="texts")
     p.add_argument("--concurrency", default="1,8,64", help="Comma-separated client counts.")
@@ -198,8 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         payloads = _Payloads(args.route)
         asyncio.run(_level(url, payloads, 4, 8, 30.0, headers))  # warm-up
-        rows = [asyncio.run(_level(url, payloads, int(c), args.requests, args.max_seconds, headers))
-                for c in args.concurrency.split(",")]
+        rows = [
+            asyncio.run(_level(url, payloads, int(c), args.requests, args.max_seconds, headers))
+            for c in args.concurrency.split(",")
+        ]
     finally:
         if proc is not None:
             proc.terminate()
@@ -209,10 +252,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"model": model, "route": args.route, "max_batch": args.max_batch, "levels": rows}))
         return 0
     print(f"model={model} route={args.route} max_batch={args.max_batch} max_wait_ms={args.max_wait_ms}")
-    print(f"{'clients':>7} {'requests':>8} {'errors':>6} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}  mean batch")
+    print(
+        f"{'clients':>7} {'requests':>8} {'errors':>6} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}  mean batch"
+    )
     for r in rows:
-        print(f"{r['clients']:>7} {r['requests']:>8} {r['errors']:>6} {r['rps']:>8} {r['p50_ms']:>8} "
-              f"{r['p99_ms']:>8}  {r['mean_batch']}")
+        print(
+            f"{r['clients']:>7} {r['requests']:>8} {r['errors']:>6} {r['rps']:>8} {r['p50_ms']:>8} "
+            f"{r['p99_ms']:>8}  {r['mean_batch']}"
+        )
     return 0
 
 

@@ -21,7 +21,12 @@ def _png_header(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _files(*blobs: bytes) -> list[tuple[str, tuple[str, bytes, str]]]:
@@ -59,12 +64,16 @@ def test_health_ready_info_page_and_openapi(make_client: Any) -> None:
     assert "multipart/form-data" in paths["/v1/classify"]["post"]["requestBody"]["content"]
 
 
-def test_embed_images_multipart_and_base64_agree_with_the_model(make_client: Any, fake_model: FakeModel) -> None:
+def test_embed_images_multipart_and_base64_agree_with_the_model(
+    make_client: Any, fake_model: FakeModel
+) -> None:
     c = make_client()
     blobs = [png_bytes(1), png_bytes(2)]
     multipart = c.post("/v1/embeddings/images", files=_files(*blobs)).json()
     as_json = c.post("/v1/embeddings/images", json={"images": [_b64(b) for b in blobs]}).json()
-    data_url = c.post("/v1/embeddings/images", json={"images": ["data:image/png;base64," + _b64(blobs[0])]}).json()
+    data_url = c.post(
+        "/v1/embeddings/images", json={"images": ["data:image/png;base64," + _b64(blobs[0])]}
+    ).json()
     expected = fake_model.encode_images(np.stack([fake_model.preprocess(b) for b in blobs]))
     assert multipart["dim"] == 16 and [d["name"] for d in multipart["data"]] == ["f0.png", "f1.png"]
     got = np.array([d["embedding"] for d in multipart["data"]], dtype=np.float32)
@@ -111,7 +120,9 @@ def test_classify_json_with_templates_averages_prompts(make_client: Any, fake_mo
     p = np.exp(logits - logits.max())
     p /= p.sum()
     got = {x["label"]: x["probability"] for x in res}
-    assert got["x"] == pytest.approx(float(p[0]), abs=1e-5) and got["y"] == pytest.approx(float(p[1]), abs=1e-5)
+    assert got["x"] == pytest.approx(float(p[0]), abs=1e-5) and got["y"] == pytest.approx(
+        float(p[1]), abs=1e-5
+    )
 
 
 def test_classify_reuses_cached_label_embeddings(make_client: Any, fake_model: FakeModel) -> None:
@@ -166,9 +177,13 @@ BAD_IMAGE_UPLOADS = [
 ]
 
 
-@pytest.mark.parametrize(("case", "blob", "status", "code"), BAD_IMAGE_UPLOADS, ids=[c[0] for c in BAD_IMAGE_UPLOADS])
+@pytest.mark.parametrize(
+    ("case", "blob", "status", "code"), BAD_IMAGE_UPLOADS, ids=[c[0] for c in BAD_IMAGE_UPLOADS]
+)
 @pytest.mark.parametrize("route", ["/v1/embeddings/images", "/v1/classify", "/v1/search"])
-def test_bad_images_are_client_errors(make_client: Any, route: str, case: str, blob: bytes, status: int, code: str) -> None:
+def test_bad_images_are_client_errors(
+    make_client: Any, route: str, case: str, blob: bytes, status: int, code: str
+) -> None:
     c = make_client(max_pixels=200 * 200)
     data = {"labels": "a,b"} if route == "/v1/classify" else None
     message = _error(c.post(route, files=_files(blob), data=data), status, code)
@@ -194,7 +209,11 @@ BAD_JSON = [
     ("/v1/classify", {"images": [_b64(png_bytes(1))], "labels": []}, "invalid_request"),
     ("/v1/classify", {"images": [_b64(png_bytes(1))], "labels": ["a", ""]}, "invalid_request"),
     ("/v1/classify", {"images": [_b64(png_bytes(1))], "labels": ["a", "a"]}, "invalid_request"),
-    ("/v1/classify", {"images": [_b64(png_bytes(1))], "labels": ["a"], "templates": ["no slot"]}, "invalid_request"),
+    (
+        "/v1/classify",
+        {"images": [_b64(png_bytes(1))], "labels": ["a"], "templates": ["no slot"]},
+        "invalid_request",
+    ),
     ("/v1/classify", {"images": [_b64(png_bytes(1))], "labels": ["a"], "templates": []}, "invalid_request"),
     ("/v1/classify", {"images": [_b64(png_bytes(1))], "labels": "a,b"}, "invalid_request"),
     ("/v1/search", {"text": "x", "k": 0}, "invalid_request"),
@@ -220,7 +239,11 @@ def test_invalid_json_and_wrong_content_type(make_client: Any) -> None:
     for route in ("/v1/embeddings/texts", "/v1/embeddings/images", "/v1/classify", "/v1/search"):
         _error(c.post(route, content=b"{not json", headers=headers), 422)
     for route in ("/v1/embeddings/images", "/v1/classify", "/v1/search"):
-        _error(c.post(route, content=b"hello", headers={"content-type": "text/plain"}), 415, "unsupported_media_type")
+        _error(
+            c.post(route, content=b"hello", headers={"content-type": "text/plain"}),
+            415,
+            "unsupported_media_type",
+        )
 
 
 def test_multipart_field_problems(make_client: Any) -> None:
@@ -244,15 +267,23 @@ def test_no_index_means_search_is_404(make_client: Any) -> None:
 def test_text_limits(make_client: Any) -> None:
     c = make_client(max_texts=3, max_text_chars=10)
     _error(c.post("/v1/embeddings/texts", json={"texts": ["a"] * 4}), 422, "too_many_texts")
-    assert "texts[1]" in _error(c.post("/v1/embeddings/texts", json={"texts": ["ok", "x" * 11]}), 422, "text_too_long")
-    _error(c.post("/v1/classify", files=_files(png_bytes(1)), data={"labels": "a,b,c,d"}), 422, "too_many_texts")
+    assert "texts[1]" in _error(
+        c.post("/v1/embeddings/texts", json={"texts": ["ok", "x" * 11]}), 422, "text_too_long"
+    )
+    _error(
+        c.post("/v1/classify", files=_files(png_bytes(1)), data={"labels": "a,b,c,d"}), 422, "too_many_texts"
+    )
     _error(c.post("/v1/search", json={"text": "y" * 11}), 422, "text_too_long")
     assert c.post("/v1/embeddings/texts", json={"texts": ["a", "b", "x" * 10]}).status_code == 200
 
 
 def test_too_many_images(make_client: Any) -> None:
     c = make_client(max_images=2)
-    _error(c.post("/v1/embeddings/images", files=_files(*(png_bytes(i) for i in range(3)))), 422, "too_many_images")
+    _error(
+        c.post("/v1/embeddings/images", files=_files(*(png_bytes(i) for i in range(3)))),
+        422,
+        "too_many_images",
+    )
     _error(c.post("/v1/embeddings/images", json={"images": [_b64(png_bytes(1))] * 3}), 422, "too_many_images")
 
 
@@ -271,7 +302,9 @@ def test_upload_limit_by_content_length_and_while_streaming(make_client: Any) ->
     _error(c.post("/v1/embeddings/texts", content=chunks(), headers=headers), 413, "payload_too_large")
     _error(c.post("/v1/embeddings/images", content=chunks(), headers=headers), 413, "payload_too_large")
     boundary = "b0undary"
-    head = f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="big.png"\r\n\r\n'.encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="big.png"\r\n\r\n'.encode()
+    )
 
     def multipart_chunks() -> Any:
         yield head
@@ -305,15 +338,25 @@ def test_api_key_guards_everything_but_health_and_the_page(make_client: Any) -> 
     c = make_client(api_key="s3cret")
     for path in ("/healthz", "/readyz", "/", "/static/app.js", "/static/style.css"):
         assert c.get(path).status_code == 200, path
-    guarded = [("get", "/v1/info"), ("get", "/metrics"), ("get", "/openapi.json"), ("get", "/v1/thumbnails/img0.png"),
-               ("post", "/v1/embeddings/texts"), ("post", "/v1/classify"), ("post", "/v1/search"),
-               ("post", "/v1/embeddings/images")]
+    guarded = [
+        ("get", "/v1/info"),
+        ("get", "/metrics"),
+        ("get", "/openapi.json"),
+        ("get", "/v1/thumbnails/img0.png"),
+        ("post", "/v1/embeddings/texts"),
+        ("post", "/v1/classify"),
+        ("post", "/v1/search"),
+        ("post", "/v1/embeddings/images"),
+    ]
     for method, path in guarded:
         _error(getattr(c, method)(path), 401, "unauthorized")
         _error(getattr(c, method)(path, headers={"Authorization": "Bearer wrong"}), 401, "unauthorized")
         _error(getattr(c, method)(path, headers={"X-API-Key": "s3cret-not"}), 401, "unauthorized")
     body = {"texts": ["hi"]}
-    assert c.post("/v1/embeddings/texts", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert (
+        c.post("/v1/embeddings/texts", json=body, headers={"Authorization": "Bearer s3cret"}).status_code
+        == 200
+    )
     assert c.post("/v1/embeddings/texts", json=body, headers={"X-API-Key": "s3cret"}).status_code == 200
     assert c.get("/v1/thumbnails/img0.png", headers={"X-API-Key": "s3cret"}).status_code == 200
     assert c.get("/v1/info", headers={"Authorization": "bearer s3cret"}).status_code == 200

@@ -124,7 +124,7 @@ def test_a_failing_item_fails_only_its_own_request() -> None:
         await b.close()
         return tuple(results)
 
-    blocker, good, bad = _run(main())
+    _blocker, good, bad = _run(main())
     assert good.tolist() == [[1, 1]]  # retried alone after the shared batch failed
     assert isinstance(bad, ValueError)
 
@@ -173,10 +173,31 @@ def test_close_finishes_queued_work_then_refuses_new_items() -> None:
 
 def test_backend_returning_wrong_shape_is_an_error() -> None:
     async def main() -> None:
-        b = MicroBatcher("bad", lambda items: np.zeros((len(items) + 1, 2)), max_batch=4, max_wait_s=0, max_queue=4)
+        b = MicroBatcher(
+            "bad", lambda items: np.zeros((len(items) + 1, 2)), max_batch=4, max_wait_s=0, max_queue=4
+        )
         b.start()
         with pytest.raises(RuntimeError, match="returned shape"):
             await b.submit([1])
         await b.close()
 
     _run(main())
+
+
+def test_lone_request_skips_the_wait_when_no_one_else_is_in_flight() -> None:
+    backend = _Backend()
+    seen: list[int] = []
+
+    def others_active(waiting: int) -> bool:
+        seen.append(waiting)
+        return False  # the app has no other request in progress
+
+    async def main() -> np.ndarray:
+        b = _batcher(backend, max_wait_s=1000.0, others_active=others_active)  # would wait ~forever
+        b.start()
+        out = await b.submit([3])
+        await b.close()
+        return out
+
+    assert _run(main()).tolist() == [[3, 1]]
+    assert seen == [1]

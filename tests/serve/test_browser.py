@@ -17,8 +17,14 @@ from .conftest import ThreadedServer
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 API_KEY = "browser-test-key"
 
@@ -50,8 +56,9 @@ def server(tiny_clip: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     root = tmp_path_factory.mktemp("gallery")
     _gallery(root)
     ids = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
-    index = Index.build(ids, tiny_clip.encode_images([str(root / i) for i in ids]), model=tiny_clip.name,
-                        image_roots=[root])
+    index = Index.build(
+        ids, tiny_clip.encode_images([str(root / i) for i in ids]), model=tiny_clip.name, image_roots=[root]
+    )
     srv = ThreadedServer(create_app(tiny_clip, index, ServeSettings(api_key=API_KEY, max_wait_ms=2)))
     yield srv
     srv.stop()
@@ -83,7 +90,12 @@ def test_page_classifies_an_upload_and_searches_the_index(
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     external: list[str] = []
-    page.on("request", lambda r: None if r.url.startswith(server.url) or r.url.startswith("blob:") else external.append(r.url))
+    page.on(
+        "request",
+        lambda r: (
+            None if r.url.startswith(server.url) or r.url.startswith("blob:") else external.append(r.url)
+        ),
+    )
     page.goto(server.url + "/")
     page.wait_for_function("document.getElementById('model-badge').textContent.includes('API key needed')")
 
@@ -103,10 +115,15 @@ def test_page_classifies_an_upload_and_searches_the_index(
     page.click("#classify-btn")
     page.wait_for_selector("#chart .bar-row")
     rows = page.query_selector_all("#chart .bar-row")
-    shown = [(r.query_selector(".bar-label").inner_text(), float(r.get_attribute("data-probability"))) for r in rows]
+    shown = [
+        (r.query_selector(".bar-label").inner_text(), float(r.get_attribute("data-probability")))
+        for r in rows
+    ]
     with httpx.Client(base_url=server.url, headers={"X-API-Key": API_KEY}) as api:
         files = [("files", ("CLIP.png", clip_png.read_bytes(), "image/png"))]
-        want = api.post("/v1/classify", files=files, data={"labels": ",".join(labels)}).json()["results"][0]["labels"]
+        want = api.post("/v1/classify", files=files, data={"labels": ",".join(labels)}).json()["results"][0][
+            "labels"
+        ]
     assert [lab for lab, _ in shown] == [w["label"] for w in want]
     assert [p for _, p in shown] == pytest.approx([w["probability"] for w in want], abs=1e-6)
     top_width = page.eval_on_selector("#chart .bar-row .bar-fill", "e => e.style.width")

@@ -71,17 +71,23 @@ def test_64_concurrent_clients_get_their_own_answers(fake_model: FakeModel, fake
         return singles, together, metrics
 
     singles, together, metrics = asyncio.run(asyncio.wait_for(main(), timeout=120))
-    for i, (alone, crowded) in enumerate(zip(singles, together)):
-        np.testing.assert_array_equal(np.array(crowded), np.array(alone), err_msg=f"client {i} got another answer")
+    for i, (alone, crowded) in enumerate(zip(singles, together, strict=True)):
+        np.testing.assert_array_equal(
+            np.array(crowded), np.array(alone), err_msg=f"client {i} got another answer"
+        )
     assert _batches_over_one(metrics, "text") > 0
     assert _batches_over_one(metrics, "image") > 0
     assert max(fake_model.text_batches) > 1 and max(fake_model.image_batches) > 1
     assert max(fake_model.text_batches + fake_model.image_batches) <= 16
-    statuses = re.findall(r'clipengine_http_requests_total{method="POST",route="[^"]+",status="(\d+)"}', metrics)
+    statuses = re.findall(
+        r'clipengine_http_requests_total{method="POST",route="[^"]+",status="(\d+)"}', metrics
+    )
     assert set(statuses) == {"200"}
 
 
-def test_concurrent_classify_and_search_match_single_requests(fake_model: FakeModel, fake_index: FakeIndex) -> None:
+def test_concurrent_classify_and_search_match_single_requests(
+    fake_model: FakeModel, fake_index: FakeIndex
+) -> None:
     app = create_app(fake_model, fake_index, ServeSettings(max_batch=8, max_wait_ms=10))
 
     async def classify(client: httpx.AsyncClient, i: int) -> Any:

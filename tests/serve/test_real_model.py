@@ -22,13 +22,18 @@ def test_real_model_routes_match_the_library(tiny_clip: Any, tiny_index: Any, cl
     with TestClient(app) as client:
         r = client.post("/v1/embeddings/images", files=[("files", ("CLIP.png", blob, "image/png"))])
         assert r.status_code == 200, r.text
-        np.testing.assert_allclose(r.json()["data"][0]["embedding"], tiny_clip.encode_images(blob)[0], atol=1e-5)
+        np.testing.assert_allclose(
+            r.json()["data"][0]["embedding"], tiny_clip.encode_images(blob)[0], atol=1e-5
+        )
         r = client.post("/v1/embeddings/texts", json={"texts": ["a diagram", "a dog"]})
         got = np.array([d["embedding"] for d in r.json()["data"]])
         np.testing.assert_allclose(got, tiny_clip.encode_texts(["a diagram", "a dog"]), atol=1e-5)
         labels = ["a diagram", "a dog", "a cat"]
-        r = client.post("/v1/classify", files=[("files", ("CLIP.png", blob, "image/png"))],
-                        data={"labels": ",".join(labels), "templates": "a photo of {}.\na drawing of {}."})
+        r = client.post(
+            "/v1/classify",
+            files=[("files", ("CLIP.png", blob, "image/png"))],
+            data={"labels": ",".join(labels), "templates": "a photo of {}.\na drawing of {}."},
+        )
         served = [(x["label"], x["probability"]) for x in r.json()["results"][0]["labels"]]
         library = tiny_clip.classify(blob, labels, templates=["a photo of {}.", "a drawing of {}."])[0]
         assert [lab for lab, _ in served] == [lab for lab, _ in library]
@@ -47,7 +52,9 @@ def test_real_model_concurrent_requests_match_single_requests(tiny_clip: Any, ti
         if i % 2:
             r = await client.post("/v1/embeddings/texts", json={"texts": [f"text number {i}"]})
         else:
-            r = await client.post("/v1/embeddings/images", files=[("files", (f"{i}.png", png_bytes(i), "image/png"))])
+            r = await client.post(
+                "/v1/embeddings/images", files=[("files", (f"{i}.png", png_bytes(i), "image/png"))]
+            )
         assert r.status_code == 200, r.text
         return np.array(r.json()["data"][0]["embedding"])
 
@@ -60,7 +67,7 @@ def test_real_model_concurrent_requests_match_single_requests(tiny_clip: Any, ti
         return alone, list(together)
 
     alone, together = asyncio.run(asyncio.wait_for(main(), timeout=120))
-    for i, (a, b) in enumerate(zip(alone, together)):
+    for i, (a, b) in enumerate(zip(alone, together, strict=True)):
         np.testing.assert_allclose(b, a, atol=1e-5, err_msg=f"client {i}")  # batched vs single: fp tolerance
 
 

@@ -36,8 +36,25 @@ def captured(monkeypatch: pytest.MonkeyPatch, fake_model: FakeModel, fake_index:
 def test_serve_builds_the_app_from_options(captured: dict[str, Any], tmp_path: Path) -> None:
     result = CliRunner().invoke(
         app,
-        ["serve", "--model", "tiny", "--index", str(tmp_path), "--port", "8123", "--max-batch", "7",
-         "--max-wait-ms", "2", "--max-queue", "9", "--max-texts", "5", "--api-key", "k1"],
+        [
+            "serve",
+            "--model",
+            "tiny",
+            "--index",
+            str(tmp_path),
+            "--port",
+            "8123",
+            "--max-batch",
+            "7",
+            "--max-wait-ms",
+            "2",
+            "--max-queue",
+            "9",
+            "--max-texts",
+            "5",
+            "--api-key",
+            "k1",
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "serving fake-clip on http://127.0.0.1:8123" in result.output and "7 images" in result.output
@@ -50,7 +67,9 @@ def test_serve_builds_the_app_from_options(captured: dict[str, Any], tmp_path: P
         assert client.get("/v1/info").status_code == 401
 
 
-def test_api_key_can_come_from_the_environment(captured: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_api_key_can_come_from_the_environment(
+    captured: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("CLIPENGINE_API_KEY", "from-env")
     result = CliRunner().invoke(app, ["serve", "--model", "tiny"])
     assert result.exit_code == 0, result.output
@@ -70,7 +89,9 @@ def test_bad_backend_is_a_usage_error(captured: dict[str, Any]) -> None:
     assert "--backend" in result.output
 
 
-def test_model_source_defaults_to_the_index_model(monkeypatch: pytest.MonkeyPatch, fake_index: FakeIndex) -> None:
+def test_model_source_defaults_to_the_index_model(
+    monkeypatch: pytest.MonkeyPatch, fake_index: FakeIndex
+) -> None:
     api = pytest.importorskip("clipengine.api", reason="clipengine.api is not built yet")
     calls: list[Any] = []
     monkeypatch.setattr(api, "load", lambda *a, **k: calls.append((a, k)) or "model")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
 import threading
+import time
 from typing import Any
 
 import httpx
@@ -33,7 +33,8 @@ def test_lifespan_shutdown_drains_in_flight_requests(fake_model: FakeModel, fake
             fake_model.gate = threading.Event()
             fake_model.entered.clear()
             inflight = [
-                asyncio.create_task(client.post("/v1/embeddings/texts", json={"texts": [f"t{i}"]})) for i in range(3)
+                asyncio.create_task(client.post("/v1/embeddings/texts", json={"texts": [f"t{i}"]}))
+                for i in range(3)
             ]
             await _until(lambda: fake_model.entered.is_set() and state.tracker.in_flight == 3)
             shutdown = asyncio.create_task(lifespan.__aexit__(None, None, None))

@@ -15,11 +15,23 @@ if TYPE_CHECKING:
 __all__ = ["register"]
 
 LOOPBACK_HOSTS = ("localhost",)
+_CHECKPOINT_OPT = typer.Option(None, "--checkpoint", exists=True, help="Checkpoint file.")
+_ENGINE_OPT = typer.Option(
+    None, "--engine", exists=True, file_okay=False, help="ONNX export folder (has manifest.json)."
+)
+_INDEX_OPT = typer.Option(None, "--index", exists=True, help="Index folder to search (enables /v1/search).")
 
 
 def _load_model(
-    model: str | None, pretrained: str | None, checkpoint: Path | None, engine: Path | None,
-    backend: str, device: str, precision: str, download: bool, index: Index | None,
+    model: str | None,
+    pretrained: str | None,
+    checkpoint: Path | None,
+    engine: Path | None,
+    backend: str,
+    device: str,
+    precision: str,
+    download: bool,
+    index: Index | None,
 ) -> ClipModel:
     """Pick the model source (engine folder > checkpoint > name > the index's own model) and load it."""
     from ..api import load
@@ -36,9 +48,18 @@ def _load_model(
     elif index is not None and index.model:
         source, pretrained = index.model, pretrained or getattr(index, "pretrained", None)
     else:
-        raise typer.BadParameter("give --model, --checkpoint or --engine (or --index to use the index's model)")
-    return load(source, pretrained=pretrained, backend="onnx" if engine else backend, device=device,
-                precision=precision, allow_download=download, **opts)
+        raise typer.BadParameter(
+            "give --model, --checkpoint or --engine (or --index to use the index's model)"
+        )
+    return load(
+        source,
+        pretrained=pretrained,
+        backend="onnx" if engine else backend,
+        device=device,
+        precision=precision,
+        allow_download=download,
+        **opts,
+    )
 
 
 def _load_index(path: Path) -> Index:
@@ -68,25 +89,47 @@ def register(app: typer.Typer) -> None:
 
     @app.command("serve")
     def serve(
-        model: str | None = typer.Option(None, "--model", "-m", help="Model name (e.g. ViT-B-32), or the architecture of --checkpoint."),
-        pretrained: str | None = typer.Option(None, "--pretrained", help="Pretrained weights tag, e.g. openai."),
-        checkpoint: Path | None = typer.Option(None, "--checkpoint", exists=True, help="Checkpoint file."),
-        engine: Path | None = typer.Option(None, "--engine", exists=True, file_okay=False, help="ONNX export folder (has manifest.json)."),
+        model: str | None = typer.Option(
+            None, "--model", "-m", help="Model name (e.g. ViT-B-32), or the architecture of --checkpoint."
+        ),
+        pretrained: str | None = typer.Option(
+            None, "--pretrained", help="Pretrained weights tag, e.g. openai."
+        ),
+        checkpoint: Path | None = _CHECKPOINT_OPT,
+        engine: Path | None = _ENGINE_OPT,
         backend: str = typer.Option("torch", "--backend", help="torch or onnx."),
         device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ..."),
-        precision: str = typer.Option("fp32", "--precision", help="fp32, fp16, bf16 or int8 (backend dependent)."),
-        download: bool = typer.Option(False, "--download", help="Allow downloading weights that are not cached."),
-        index_path: Path | None = typer.Option(None, "--index", exists=True, help="Index folder to search (enables /v1/search)."),
-        host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; keep 127.0.0.1 unless --api-key is set."),
+        precision: str = typer.Option(
+            "fp32", "--precision", help="fp32, fp16, bf16 or int8 (backend dependent)."
+        ),
+        download: bool = typer.Option(
+            False, "--download", help="Allow downloading weights that are not cached."
+        ),
+        index_path: Path | None = _INDEX_OPT,
+        host: str = typer.Option(
+            "127.0.0.1", "--host", help="Address to bind; keep 127.0.0.1 unless --api-key is set."
+        ),
         port: int = typer.Option(8000, "--port", min=0, max=65535),
         max_batch: int = typer.Option(32, "--max-batch", min=1, help="Most items per backend call."),
-        max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0, help="How long a request waits for batch company."),
+        max_wait_ms: float = typer.Option(
+            5.0, "--max-wait-ms", min=0, help="How long a request waits for batch company."
+        ),
         max_queue: int = typer.Option(256, "--max-queue", min=1, help="Items waiting per queue before 429."),
         max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.001, help="Largest request body."),
-        max_pixels: int = typer.Option(40_000_000, "--max-pixels", min=1, help="Largest image (width x height)."),
+        max_pixels: int = typer.Option(
+            40_000_000, "--max-pixels", min=1, help="Largest image (width x height)."
+        ),
         max_texts: int = typer.Option(256, "--max-texts", min=1, help="Most texts or labels per request."),
-        request_timeout: float = typer.Option(30.0, "--request-timeout", min=0.001, help="Seconds before a 504."),
-        api_key: str | None = typer.Option(None, "--api-key", envvar="CLIPENGINE_API_KEY", help="Require this key (Bearer or X-API-Key).", show_default=False),
+        request_timeout: float = typer.Option(
+            30.0, "--request-timeout", min=0.001, help="Seconds before a 504."
+        ),
+        api_key: str | None = typer.Option(
+            None,
+            "--api-key",
+            envvar="CLIPENGINE_API_KEY",
+            help="Require this key (Bearer or X-API-Key).",
+            show_default=False,
+        ),
         log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
     ) -> None:
         """Serve embeddings, zero-shot classification and image search over HTTP, with a web page at /."""
@@ -95,15 +138,22 @@ def register(app: typer.Typer) -> None:
         if backend not in ("torch", "onnx"):
             raise typer.BadParameter(f"--backend must be torch or onnx, got {backend!r}")
         settings = ServeSettings(
-            max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
-            max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels, max_texts=max_texts,
-            request_timeout_s=request_timeout, api_key=api_key or None,
+            max_batch=max_batch,
+            max_wait_ms=max_wait_ms,
+            max_queue=max_queue,
+            max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+            max_pixels=max_pixels,
+            max_texts=max_texts,
+            request_timeout_s=request_timeout,
+            api_key=api_key or None,
         )
         index = _load_index(index_path) if index_path is not None else None
         clip = _load_model(model, pretrained, checkpoint, engine, backend, device, precision, download, index)
         web_app = create_app(clip, index, settings)
         if not _is_loopback(host) and settings.api_key is None:
-            typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
+            typer.echo(
+                f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True
+            )
         where = f"{len(index)} images" if index is not None else "none"
         typer.echo(f"serving {clip.name} on http://{host}:{port}  (index: {where}; docs: /docs)")
         _run_server(web_app, host, port, log_level, settings.drain_timeout_s)

@@ -80,8 +80,10 @@ class _App:
         self.index = index
         self.settings = settings
         self.metrics = ServeMetrics()
-        self.service = InferenceService(model, settings, self.metrics)
         self.tracker = RequestTracker(self.metrics)
+        self.service = InferenceService(
+            model, settings, self.metrics, in_flight=lambda: self.tracker.in_flight
+        )
         self.roots = image_roots(index.image_roots) if index is not None else []
         self.ready = False
 
@@ -100,7 +102,8 @@ class _App:
         for i, text in enumerate(texts):
             if len(text) > self.settings.max_text_chars:
                 raise ApiError(
-                    422, "text_too_long",
+                    422,
+                    "text_too_long",
                     f"{field}[{i}]: {len(text)} characters, at most {self.settings.max_text_chars} allowed",
                 )
 
@@ -109,7 +112,9 @@ class _App:
             raise ApiError(422, "invalid_request", "no image given: send file parts or base64 'images'")
         if len(images) > self.settings.max_images:
             raise ApiError(
-                422, "too_many_images", f"{len(images)} images, at most {self.settings.max_images} per request"
+                422,
+                "too_many_images",
+                f"{len(images)} images, at most {self.settings.max_images} per request",
             )
 
     async def read_images_and_fields(self, request: Request) -> tuple[list[NamedImage], dict[str, list[Any]]]:
@@ -117,11 +122,13 @@ class _App:
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
             raise ApiError(
-                415, "unsupported_media_type",
+                415,
+                "unsupported_media_type",
                 f"content type {ctype or '(none)'!r}: send application/json or multipart/form-data",
             )
         async with read_form(request, self.settings.max_images) as form:  # closes the spooled files
-            files, fields = [], {}
+            files: list[Any] = []
+            fields: dict[str, list[Any]] = {}
             for key, value in form.multi_items():
                 if isinstance(value, str):
                     fields.setdefault(key, []).append(value)
@@ -137,7 +144,9 @@ class _App:
     def reject_unknown(fields: dict[str, list[Any]], allowed: set[str]) -> None:
         unknown = sorted(set(fields) - allowed)
         if unknown:
-            raise ApiError(422, "invalid_request", f"unknown form field(s) {unknown}; expected {sorted(allowed)}")
+            raise ApiError(
+                422, "invalid_request", f"unknown form field(s) {unknown}; expected {sorted(allowed)}"
+            )
 
     # ---- routes --------------------------------------------------------------------------------
     async def embed_images(self, request: Request) -> JSONResponse:
@@ -150,18 +159,28 @@ class _App:
             self.reject_unknown(fields, set())
         self.check_images(images)
         vectors = await self.timed(self.service.embed_images(images))
-        data = [{"index": i, "name": img.name, "embedding": v.tolist()} for i, (img, v) in enumerate(zip(images, vectors))]
+        data = [
+            {"index": i, "name": img.name, "embedding": v.tolist()}
+            for i, (img, v) in enumerate(zip(images, vectors, strict=True))
+        ]
         return self._embeddings(data, started)
 
     async def embed_texts(self, body: TextsRequest) -> JSONResponse:
         started = time.perf_counter()
         self.check_texts(body.texts, "texts", self.settings.max_texts)
         vectors = await self.timed(self.service.embed_texts(body.texts))
-        return self._embeddings([{"index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)], started)
+        return self._embeddings(
+            [{"index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)], started
+        )
 
     def _embeddings(self, data: list[dict[str, Any]], started: float) -> JSONResponse:
         return JSONResponse(
-            {"model": self.model.name, "dim": int(self.model.embed_dim), "data": data, "elapsed_ms": _ms(started)}
+            {
+                "model": self.model.name,
+                "dim": int(self.model.embed_dim),
+                "data": data,
+                "elapsed_ms": _ms(started),
+            }
         )
 
     async def classify(self, request: Request) -> JSONResponse:
@@ -185,11 +204,13 @@ class _App:
             self.check_texts(templates, "templates", self.settings.max_templates)
             bad = [t for t in templates if "{}" not in t]
             if bad or not templates:
-                raise ApiError(422, "invalid_request", f"templates: each needs '{{}}' where the label goes: {bad}")
+                raise ApiError(
+                    422, "invalid_request", f"templates: each needs '{{}}' where the label goes: {bad}"
+                )
         ranked = await self.timed(self.service.classify(images, labels, templates))
         results = [
             {"index": i, "name": img.name, "labels": [{"label": lab, "probability": p} for lab, p in row]}
-            for i, (img, row) in enumerate(zip(images, ranked))
+            for i, (img, row) in enumerate(zip(images, ranked, strict=True))
         ]
         return JSONResponse({"model": self.model.name, "results": results, "elapsed_ms": _ms(started)})
 
@@ -224,10 +245,14 @@ class _App:
 
         hits = await self.timed(run())
         results = [{"id": i, "score": s, "thumbnail_url": f"/v1/thumbnails/{quote(i)}"} for i, s in hits]
-        return JSONResponse({"model": self.model.name, "k": k, "results": results, "elapsed_ms": _ms(started)})
+        return JSONResponse(
+            {"model": self.model.name, "k": k, "results": results, "elapsed_ms": _ms(started)}
+        )
 
     async def thumbnail(self, image_id: str) -> Response:
-        listed = self.index is not None and (not hasattr(self.index, "__contains__") or image_id in self.index)
+        listed = self.index is not None and (
+            not hasattr(self.index, "__contains__") or image_id in self.index
+        )
         path = resolve_image(image_id, self.roots) if listed else None
         if path is None:
             raise ApiError(404, "not_found", f"no image {image_id!r} under the index's image roots")
@@ -248,10 +273,17 @@ class _App:
             "image_size": int(getattr(self.model, "image_size", 0)),
             "index": index,
             "limits": {
-                "max_upload_bytes": s.max_upload_bytes, "max_pixels": s.max_pixels, "max_images": s.max_images,
-                "max_texts": s.max_texts, "max_text_chars": s.max_text_chars, "max_templates": s.max_templates,
-                "max_k": s.max_k, "request_timeout_s": s.request_timeout_s, "max_batch": s.max_batch,
-                "max_wait_ms": s.max_wait_ms, "max_queue": s.max_queue,
+                "max_upload_bytes": s.max_upload_bytes,
+                "max_pixels": s.max_pixels,
+                "max_images": s.max_images,
+                "max_texts": s.max_texts,
+                "max_text_chars": s.max_text_chars,
+                "max_templates": s.max_templates,
+                "max_k": s.max_k,
+                "request_timeout_s": s.request_timeout_s,
+                "max_batch": s.max_batch,
+                "max_wait_ms": s.max_wait_ms,
+                "max_queue": s.max_queue,
             },
         }
 
@@ -282,8 +314,11 @@ class _App:
         finally:
             self.ready = False
             if not await self.tracker.drain(self.settings.drain_timeout_s):
-                log.warning("shutdown: %d request(s) still in flight after %.0f s", self.tracker.in_flight,
-                            self.settings.drain_timeout_s)
+                log.warning(
+                    "shutdown: %d request(s) still in flight after %.0f s",
+                    self.tracker.in_flight,
+                    self.settings.drain_timeout_s,
+                )
             await self.service.stop()
 
 
@@ -338,10 +373,15 @@ def create_app(
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # Added innermost first: the body limit sits inside the key check, tracking wraps everything.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes)
-    app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key, public=PUBLIC_PATHS, public_prefixes=("/static/",))
     app.add_middleware(
-        TrackingMiddleware, metrics=state.metrics, tracker=state.tracker,
-        retry_after_s=settings.retry_after_s, api_prefix=API_PREFIX,
+        ApiKeyMiddleware, api_key=settings.api_key, public=PUBLIC_PATHS, public_prefixes=("/static/",)
+    )
+    app.add_middleware(
+        TrackingMiddleware,
+        metrics=state.metrics,
+        tracker=state.tracker,
+        retry_after_s=settings.retry_after_s,
+        api_prefix=API_PREFIX,
     )
     return app
 
@@ -370,42 +410,72 @@ def _add_routes(app: FastAPI, s: _App) -> None:
         return s.info()
 
     @app.post(
-        "/v1/embeddings/images", tags=["v1"], response_model=EmbeddingsResponse, responses=_ERRORS,
-        summary="Embed images (multipart files or base64 JSON).", openapi_extra=_body_doc(ImagesRequest, multipart_images),
+        "/v1/embeddings/images",
+        tags=["v1"],
+        response_model=EmbeddingsResponse,
+        responses=_ERRORS,
+        summary="Embed images (multipart files or base64 JSON).",
+        openapi_extra=_body_doc(ImagesRequest, multipart_images),
     )
     async def embed_images(request: Request) -> JSONResponse:
         return await s.embed_images(request)
 
-    @app.post("/v1/embeddings/texts", tags=["v1"], response_model=EmbeddingsResponse, responses=_ERRORS,
-              summary="Embed texts.")
+    @app.post(
+        "/v1/embeddings/texts",
+        tags=["v1"],
+        response_model=EmbeddingsResponse,
+        responses=_ERRORS,
+        summary="Embed texts.",
+    )
     async def embed_texts(body: TextsRequest) -> JSONResponse:
         return await s.embed_texts(body)
 
     @app.post(
-        "/v1/classify", tags=["v1"], response_model=ClassifyResponse, responses=_ERRORS,
+        "/v1/classify",
+        tags=["v1"],
+        response_model=ClassifyResponse,
+        responses=_ERRORS,
         summary="Zero-shot classification: labels sorted by probability, per image.",
-        openapi_extra=_body_doc(ClassifyRequest, {
-            **multipart_images,
-            "labels": {"type": "string", "description": "Comma-separated labels (field may repeat)."},
-            "templates": {"type": "string", "description": "Templates with '{}', one per line (optional)."},
-        }),
+        openapi_extra=_body_doc(
+            ClassifyRequest,
+            {
+                **multipart_images,
+                "labels": {"type": "string", "description": "Comma-separated labels (field may repeat)."},
+                "templates": {
+                    "type": "string",
+                    "description": "Templates with '{}', one per line (optional).",
+                },
+            },
+        ),
     )
     async def classify(request: Request) -> JSONResponse:
         return await s.classify(request)
 
     @app.post(
-        "/v1/search", tags=["v1"], response_model=SearchResponse, responses={**_ERRORS, 404: {"model": ErrorResponse}},
+        "/v1/search",
+        tags=["v1"],
+        response_model=SearchResponse,
+        responses={**_ERRORS, 404: {"model": ErrorResponse}},
         summary="Top-k index images for a text or image query.",
-        openapi_extra=_body_doc(SearchRequest, {
-            "text": {"type": "string"}, "files": _FILES, "k": {"type": "integer", "default": 10},
-        }),
+        openapi_extra=_body_doc(
+            SearchRequest,
+            {
+                "text": {"type": "string"},
+                "files": _FILES,
+                "k": {"type": "integer", "default": 10},
+            },
+        ),
     )
     async def search(request: Request) -> JSONResponse:
         return await s.search(request)
 
-    @app.get("/v1/thumbnails/{image_id:path}", tags=["v1"], response_class=Response,
-             responses={200: {"content": {"image/jpeg": {}}}, 404: {"model": ErrorResponse}},
-             summary="JPEG thumbnail of an index image.")
+    @app.get(
+        "/v1/thumbnails/{image_id:path}",
+        tags=["v1"],
+        response_class=Response,
+        responses={200: {"content": {"image/jpeg": {}}}, 404: {"model": ErrorResponse}},
+        summary="JPEG thumbnail of an index image.",
+    )
     async def thumbnail(image_id: str) -> Response:
         return await s.thumbnail(image_id)
 

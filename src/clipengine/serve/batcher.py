@@ -53,6 +53,10 @@ class MicroBatcher(Generic[T]):
         max_queue: most items waiting; a request that does not fit raises QueueFullError (a request
             larger than the whole queue is still admitted when the queue is empty).
         metrics: where batch sizes, call times, queue depth and rejections are recorded.
+        others_active: optional hint, called with the number of requests waiting in this batcher;
+            True when other requests are in flight elsewhere in the app and may soon add items.
+            When it says False the batch is sent at once instead of waiting `max_wait_s`, so a lone
+            client never pays the batching delay.
     """
 
     def __init__(
@@ -64,6 +68,7 @@ class MicroBatcher(Generic[T]):
         max_wait_s: float,
         max_queue: int,
         metrics: ServeMetrics | None = None,
+        others_active: Callable[[int], bool] | None = None,
     ) -> None:
         self.name = name
         self._fn = fn
@@ -76,6 +81,8 @@ class MicroBatcher(Generic[T]):
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._closing = False
+        self._others_active = others_active
+        self._waiting_requests = 0  # submit() calls not yet answered
         if metrics is not None:
             metrics.queue_depth.set_function(lambda: float(self.depth), queue=name)
 
@@ -123,6 +130,7 @@ class MicroBatcher(Generic[T]):
         loop = asyncio.get_running_loop()
         entries = [_Entry(item, loop.create_future()) for item in items]
         self._pending.extend(entries)
+        self._waiting_requests += 1
         self._wakeup.set()
         try:
             rows = await asyncio.gather(*(e.future for e in entries))
@@ -130,6 +138,8 @@ class MicroBatcher(Generic[T]):
             for e in entries:  # timeout or client gone: the collector skips cancelled entries
                 e.future.cancel()
             raise
+        finally:
+            self._waiting_requests -= 1
         return np.stack(rows)
 
     async def _run(self) -> None:
@@ -154,6 +164,8 @@ class MicroBatcher(Generic[T]):
         assert self._wakeup is not None
         deadline = self._pending[0].enqueued + self.max_wait_s
         while len(self._pending) < self.max_batch and not self._closing:
+            if self._others_active is not None and not self._others_active(self._waiting_requests):
+                return  # every request in flight is already queued here: waiting cannot help
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
@@ -172,7 +184,9 @@ class MicroBatcher(Generic[T]):
             if len(batch) > 1:
                 # One bad item must not fail its neighbours: retry one by one, so each request gets
                 # its own result or its own error.
-                log.warning("%s batch of %d failed (%s); retrying items one by one", self.name, len(batch), error)
+                log.warning(
+                    "%s batch of %d failed (%s); retrying items one by one", self.name, len(batch), error
+                )
                 for entry in batch:
                     await self._dispatch([entry])
                 return
@@ -181,7 +195,7 @@ class MicroBatcher(Generic[T]):
         if self._metrics is not None:
             self._metrics.batch_size.observe(len(batch), queue=self.name)
             self._metrics.batch_latency.observe(time.perf_counter() - started, queue=self.name)
-        for entry, row in zip(batch, out):
+        for entry, row in zip(batch, out, strict=True):
             if not entry.future.done():
                 entry.future.set_result(row)
 

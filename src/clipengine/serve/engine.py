@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -49,18 +49,31 @@ class ServableModel(Protocol):
 class SearchableIndex(Protocol):
     """What the service needs from an index: `clipengine.index.Index` satisfies it."""
 
-    model: str | None
-    dim: int
-    image_roots: Any  # sequence of folders that ids are relative to
+    @property
+    def model(self) -> str | None:
+        """Name of the model that built the index."""
+        ...
 
-    def search_vectors(self, q: np.ndarray, k: int) -> list[list[tuple[str, float]]]: ...
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def image_roots(self) -> Any:
+        """The folders ids are relative to (one path or a sequence)."""
+        ...
+
+    def search_vectors(self, q: Any, k: int, /) -> list[list[tuple[str, float]]]:
+        """(M, D) unit queries -> per query, up to k (id, cosine) best first."""
+        ...
 
 
 def check_index(model: ServableModel, index: SearchableIndex) -> None:
     """Refuse an index built with another embedding size or another model than the one served."""
     dim = int(model.embed_dim)
     if int(index.dim) != dim:
-        raise IndexMismatchError(f"index vectors have {index.dim} dimensions but model {model.name!r} has {dim}")
+        raise IndexMismatchError(
+            f"index vectors have {index.dim} dimensions but model {model.name!r} has {dim}"
+        )
     if index.model and model.name and str(index.model) != str(model.name):
         raise IndexMismatchError(
             f"index was built with model {index.model!r} but the server loaded {model.name!r}; "
@@ -71,18 +84,28 @@ def check_index(model: ServableModel, index: SearchableIndex) -> None:
 class InferenceService:
     """Owns the decode thread pool and the two micro-batchers; every method is called on the event loop."""
 
-    def __init__(self, model: ServableModel, settings: ServeSettings, metrics: ServeMetrics) -> None:
+    def __init__(
+        self,
+        model: ServableModel,
+        settings: ServeSettings,
+        metrics: ServeMetrics,
+        in_flight: Callable[[], int] | None = None,
+    ) -> None:
+        """`in_flight()` counts the app's API requests in progress: the batchers wait for company only
+        while some of those are not queued yet (MicroBatcher `others_active`)."""
         self.model = model
         self.settings = settings
         wait = settings.max_wait_ms / 1000.0
-        self.images: MicroBatcher[np.ndarray] = MicroBatcher(
-            "image", self._encode_pixels, max_batch=settings.max_batch, max_wait_s=wait,
-            max_queue=settings.max_queue, metrics=metrics,
-        )
-        self.texts: MicroBatcher[str] = MicroBatcher(
-            "text", self._encode_texts, max_batch=settings.max_batch, max_wait_s=wait,
-            max_queue=settings.max_queue, metrics=metrics,
-        )
+        hint = (lambda waiting: in_flight() > waiting) if in_flight is not None else None
+        common: dict[str, Any] = {
+            "max_batch": settings.max_batch,
+            "max_wait_s": wait,
+            "max_queue": settings.max_queue,
+            "metrics": metrics,
+            "others_active": hint,
+        }
+        self.images: MicroBatcher[np.ndarray] = MicroBatcher("image", self._encode_pixels, **common)
+        self.texts: MicroBatcher[str] = MicroBatcher("text", self._encode_texts, **common)
         self._pool: ThreadPoolExecutor | None = None
         self._label_cache: OrderedDict[str, np.ndarray] = OrderedDict()
 
@@ -93,7 +116,9 @@ class InferenceService:
         return np.asarray(self.model.encode_texts(list(texts)), dtype=np.float32)
 
     def start(self) -> None:
-        self._pool = ThreadPoolExecutor(self.settings.preprocess_threads, thread_name_prefix="clipengine-decode")
+        self._pool = ThreadPoolExecutor(
+            self.settings.preprocess_threads, thread_name_prefix="clipengine-decode"
+        )
         self.images.start()
         self.texts.start()
 
@@ -129,13 +154,15 @@ class InferenceService:
 
     async def label_weights(self, labels: Sequence[str], templates: Sequence[str] | None) -> np.ndarray:
         """Zero-shot classifier weights (C, D): per label, the normalised mean of its template prompts."""
-        prompts = {label: [t.replace("{}", label) for t in templates] if templates else [label] for label in labels}
+        prompts = {
+            label: [t.replace("{}", label) for t in templates] if templates else [label] for label in labels
+        }
         wanted = list(dict.fromkeys(p for ps in prompts.values() for p in ps))
         known = {p: self._label_cache[p] for p in wanted if p in self._label_cache}
         missing = [p for p in wanted if p not in known]
         if missing:
             vectors = await self.embed_texts(missing)
-            known.update(zip(missing, vectors))
+            known.update(zip(missing, vectors, strict=True))
         for prompt in wanted:  # refresh LRU order, add new prompts, evict the oldest
             self._label_cache[prompt] = known[prompt]
             self._label_cache.move_to_end(prompt)
@@ -143,7 +170,8 @@ class InferenceService:
             self._label_cache.popitem(last=False)
         weights = np.stack([np.mean([known[p] for p in prompts[label]], axis=0) for label in labels])
         norms = np.linalg.norm(weights, axis=1, keepdims=True)
-        return (weights / np.maximum(norms, 1e-12)).astype(np.float32)
+        unit: np.ndarray = (weights / np.maximum(norms, 1e-12)).astype(np.float32)
+        return unit
 
     async def classify(
         self, images: Sequence[NamedImage], labels: Sequence[str], templates: Sequence[str] | None

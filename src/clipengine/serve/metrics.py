@@ -27,7 +27,7 @@ def _escape(value: str) -> str:
 
 
 def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
-    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values)]
+    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)]
     if extra:
         parts.append(extra)
     return "{" + ",".join(parts) + "}" if parts else ""
@@ -93,7 +93,7 @@ class Histogram(_Metric):
         self, name: str, help: str, labelnames: Sequence[str] = (), buckets: Iterable[float] = LATENCY_BUCKETS
     ) -> None:
         super().__init__(name, help, labelnames)
-        self.buckets = tuple(sorted(float(b) for b in buckets)) + (math.inf,)
+        self.buckets = (*tuple(sorted(float(b) for b in buckets)), math.inf)
         self._counts: dict[LabelValues, list[int]] = {}
         self._sums: dict[LabelValues, float] = {}
 
@@ -114,7 +114,7 @@ class Histogram(_Metric):
             counts = list(self._counts.get(key, [0] * len(self.buckets)))
             total = self._sums.get(key, 0.0)
         cumulative, running = [], 0
-        for bound, c in zip(self.buckets, counts):
+        for bound, c in zip(self.buckets, counts, strict=True):
             running += c
             cumulative.append((bound, running))
         return cumulative, total, running
@@ -124,7 +124,7 @@ class Histogram(_Metric):
             keys = sorted(self._counts)
         lines = []
         for key in keys:
-            labels = dict(zip(self.labelnames, key))
+            labels = dict(zip(self.labelnames, key, strict=True))
             cumulative, total, count = self.snapshot(**labels)
             for bound, c in cumulative:
                 le = 'le="' + _number(bound) + '"'
@@ -182,7 +182,9 @@ class ServeMetrics:
     def __init__(self) -> None:
         self.registry = Registry()
         self.requests = Counter(
-            "clipengine_http_requests_total", "HTTP requests by route and status.", ("method", "route", "status")
+            "clipengine_http_requests_total",
+            "HTTP requests by route and status.",
+            ("method", "route", "status"),
         )
         self.latency = Histogram(
             "clipengine_http_request_duration_seconds", "HTTP request latency by route.", ("method", "route")
@@ -199,8 +201,13 @@ class ServeMetrics:
             "clipengine_rejected_total", "Items refused because a queue was full, by queue.", ("queue",)
         )
         for metric in (
-            self.requests, self.latency, self.batch_size, self.batch_latency,
-            self.queue_depth, self.in_flight, self.rejected,
+            self.requests,
+            self.latency,
+            self.batch_size,
+            self.batch_latency,
+            self.queue_depth,
+            self.in_flight,
+            self.rejected,
         ):
             self.registry.register(metric)
 

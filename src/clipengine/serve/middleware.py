@@ -17,7 +17,9 @@ from .metrics import ServeMetrics
 __all__ = ["ApiKeyMiddleware", "BodyLimitMiddleware", "RequestTracker", "TrackingMiddleware"]
 
 
-async def _send_json(send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+async def _send_json(
+    send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> None:
     raw = json.dumps(body).encode()
     head = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
     head += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
@@ -62,7 +64,12 @@ class TrackingMiddleware:
     """Outermost layer: request counts and latency by route template and status; in-flight tracking."""
 
     def __init__(
-        self, app: ASGIApp, metrics: ServeMetrics, tracker: RequestTracker, retry_after_s: int, api_prefix: str
+        self,
+        app: ASGIApp,
+        metrics: ServeMetrics,
+        tracker: RequestTracker,
+        retry_after_s: int,
+        api_prefix: str,
     ) -> None:
         self.app = app
         self.metrics = metrics
@@ -86,7 +93,9 @@ class TrackingMiddleware:
         try:
             if is_api and self.tracker.draining:
                 await _send_json(
-                    send_wrapper, 503, error_body("shutting_down", "the server is stopping; retry later"),
+                    send_wrapper,
+                    503,
+                    error_body("shutting_down", "the server is stopping; retry later"),
                     self.retry_after,
                 )
                 return
@@ -108,14 +117,16 @@ class TrackingMiddleware:
 class ApiKeyMiddleware:
     """When a key is set, every path except the public ones needs `Authorization: Bearer` or `X-API-Key`."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None, public: Iterable[str], public_prefixes: Iterable[str]) -> None:
+    def __init__(
+        self, app: ASGIApp, api_key: str | None, public: Iterable[str], public_prefixes: Iterable[str]
+    ) -> None:
         self.app = app
         self.key = api_key.encode() if api_key else None
         self.public = frozenset(public)
         self.public_prefixes = tuple(public_prefixes)
 
     def _presented(self, scope: Scope) -> bytes | None:
-        headers = dict(scope.get("headers") or [])
+        headers: dict[bytes, bytes] = dict(scope.get("headers") or [])
         if b"x-api-key" in headers:
             return headers[b"x-api-key"].strip()
         auth = headers.get(b"authorization", b"")
@@ -135,12 +146,18 @@ class ApiKeyMiddleware:
         presented = self._presented(scope)
         if presented is None:
             await _send_json(
-                send, 401, error_body("unauthorized", "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key'"),
+                send,
+                401,
+                error_body(
+                    "unauthorized", "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key'"
+                ),
                 {"WWW-Authenticate": "Bearer"},
             )
             return
         if not hmac.compare_digest(presented, self.key):
-            await _send_json(send, 401, error_body("unauthorized", "invalid API key"), {"WWW-Authenticate": "Bearer"})
+            await _send_json(
+                send, 401, error_body("unauthorized", "invalid API key"), {"WWW-Authenticate": "Bearer"}
+            )
             return
         await self.app(scope, receive, send)
 
@@ -171,8 +188,12 @@ class BodyLimitMiddleware:
                 return
             if too_big:
                 await _send_json(
-                    send, 413,
-                    error_body("payload_too_large", f"request body of {int(declared)} bytes exceeds the limit of {self.limit} bytes"),
+                    send,
+                    413,
+                    error_body(
+                        "payload_too_large",
+                        f"request body of {int(declared)} bytes exceeds the limit of {self.limit} bytes",
+                    ),
                 )
                 return
         seen = 0

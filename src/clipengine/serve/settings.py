@@ -31,8 +31,17 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         for name in (
-            "max_batch", "max_queue", "max_upload_bytes", "max_pixels", "max_images", "max_texts",
-            "max_text_chars", "max_templates", "max_k", "preprocess_threads", "thumbnail_size",
+            "max_batch",
+            "max_queue",
+            "max_upload_bytes",
+            "max_pixels",
+            "max_images",
+            "max_texts",
+            "max_text_chars",
+            "max_templates",
+            "max_k",
+            "preprocess_threads",
+            "thumbnail_size",
         ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"ServeSettings.{name} must be >= 1, got {getattr(self, name)!r}")

@@ -39,10 +39,10 @@ def resolve_image(image_id: str, roots: list[Path]) -> Path | None:
 
 def make_thumbnail(path: Path, size: int) -> bytes:
     """JPEG bytes of the image at `path`, longest side at most `size` pixels, EXIF orientation applied."""
-    with Image.open(path) as img:
-        img.draft("RGB", (size, size))  # JPEG: decode at reduced scale, much faster for big photos
-        img = ImageOps.exif_transpose(img)
-        img.thumbnail((size, size))
+    with Image.open(path) as src:
+        src.draft("RGB", (size, size))  # JPEG: decode at reduced scale, much faster for big photos
+        thumb = ImageOps.exif_transpose(src)
+        thumb.thumbnail((size, size))
         out = io.BytesIO()
-        img.convert("RGB").save(out, format="JPEG", quality=85)
+        thumb.convert("RGB").save(out, format="JPEG", quality=85)
     return out.getvalue()
