@@ -56,3 +56,20 @@ def mixed_folder(tmp_path: Path, fakes: ModuleType) -> Path:
     (root / "bad-empty.jpg").write_bytes(b"")
     (root / "bad-truncated.jpg").write_bytes(good[0].read_bytes()[:60])
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Path:  # type: ignore[no-untyped-def]
+    """The shared tiny CLIP saved as a clipengine model folder (config.json + model.safetensors)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-vit"
+    folder.mkdir()
+    config = {**tiny_model.config.to_dict(), "preprocess": {"image_size": 32}}
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file(
+        {k: v.contiguous() for k, v in tiny_model.state_dict().items()}, str(folder / "model.safetensors")
+    )
+    return folder

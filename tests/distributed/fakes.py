@@ -29,11 +29,17 @@ class FakeBackend:
 
 @dataclass(frozen=True)
 class FakeFactory:
-    """Picklable builder, as the real BackendFactory; counts nothing, loads nothing."""
+    """Picklable builder, as the real BackendFactory; with `calls_dir`, each build leaves a file there."""
 
     embed_dim: int = 8
+    calls_dir: str | None = None  # counts model loads across processes
 
     def __call__(self) -> FakeBackend:
+        if self.calls_dir is not None:
+            import os
+            import uuid
+
+            Path(self.calls_dir, f"{os.getpid()}-{uuid.uuid4().hex}").touch()
         return FakeBackend(self.embed_dim)
 
 

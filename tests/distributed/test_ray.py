@@ -92,6 +92,29 @@ def test_tar_shards_embed_like_the_files(
     assert np.array_equal(np.stack([by_name[i] for i in ref_ids]), ref)
 
 
+@pytest.mark.integration
+def test_real_model_spec_matches_local_run_and_direct_encoding(
+    ray_local: None, tiny_model_dir: Path, mixed_folder: Path, tmp_path: Path
+) -> None:
+    import clipengine
+
+    spec = ModelSpec(name=str(tiny_model_dir))  # plain data: each actor runs clipengine.load itself
+    clip = clipengine.load(str(tiny_model_dir))
+    local = tmp_path / "local"
+    embed_folder(mixed_folder, local, SpecBackendFactory(spec), clip.preprocess_cfg, model=clip.name,
+                 shard_size=7, workers=0, dtype="float32")  # fmt: skip
+    out = tmp_path / "ray"
+    stats = embed_with_ray(mixed_folder, out, {"name": str(tiny_model_dir)}, clip.preprocess_cfg,
+                           model=clip.name, shard_size=7, dtype="float32", num_actors=2)  # fmt: skip
+    assert stats.load_s > 0 and stats.shards_written == 2
+    ids_l, vec_l, _ = read_embeddings(local)
+    ids_r, vec_r, meta = read_embeddings(out)
+    assert ids_r == ids_l and meta["embed_dim"] == 32
+    np.testing.assert_allclose(vec_r, vec_l, atol=1e-5)
+    direct = clip.encode_images([mixed_folder / i for i in ids_l[:3]])
+    np.testing.assert_allclose(vec_r[:3], direct, atol=1e-5)
+
+
 def _local(fakes: ModuleType, folder: Path, tmp_path: Path, cfg) -> Path:  # type: ignore[no-untyped-def]
     out = tmp_path / "local-ref"
     embed_folder(folder, out, fakes.FakeFactory(), cfg, model="fake", workers=0)
