@@ -1,0 +1,96 @@
+"""`clipengine export`: a model -> verified ONNX engines + manifest.json, with a parity summary table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+if TYPE_CHECKING:
+    from ..export.manifest import Manifest
+
+__all__ = ["format_summary", "parse_batches", "parse_precisions", "register"]
+
+
+def parse_precisions(value: str) -> list[str]:
+    from ..export.manifest import PRECISIONS
+
+    items = [p.strip().lower() for p in value.split(",") if p.strip()]
+    bad = [p for p in items if p not in PRECISIONS]
+    if bad or not items:
+        raise typer.BadParameter(f"{value!r}: use a comma list of {', '.join(PRECISIONS)}")
+    return list(dict.fromkeys(items))
+
+
+def parse_batches(value: str) -> list[int]:
+    try:
+        items = sorted({int(b) for b in value.split(",") if b.strip()})
+    except ValueError as e:
+        raise typer.BadParameter(f"{value!r}: use a comma list of positive integers, e.g. 1,8,16,32") from e
+    if not items or items[0] < 1:
+        raise typer.BadParameter(f"{value!r}: batch sizes must be positive integers")
+    return items
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.2e}" if value == value else "nan"  # NaN != NaN
+
+
+def format_summary(manifest: Manifest) -> str:
+    """One row per engine: file, tower, precision, batch, size, parity numbers and verdict."""
+    rows = [("engine", "tower", "prec", "batch", "max-abs", "min-cos", "bound", "ok")]
+    for e in manifest.engines:
+        p = e.parity
+        bound = ", ".join(f"{'abs<=' if k == 'max_abs' else 'cos>='}{v:g}" for k, v in (p.bound if p else {}).items())
+        rows.append((
+            e.file, e.tower, e.precision + (f"/{e.quantization}" if e.quantization else ""),
+            "dyn" if e.batch is None else str(e.batch),
+            _fmt(p.max_abs) if p else "-", f"{p.min_cos:.6f}" if p else "-", bound or "-",
+            ("yes" if p.passed else "NO") if p else "unverified",
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("export")
+    def export(
+        model: str = typer.Argument(..., help="Model name (ViT-B-32, RN50@openai, ...), checkpoint or folder."),
+        output: Path = typer.Option(..., "--output", "-o", help="Export folder, e.g. models/ViT-B-32/."),
+        pretrained: str | None = typer.Option(None, "--pretrained", help="Weights tag, e.g. openai."),
+        checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Checkpoint file instead of MODEL's weights."),
+        precision: str = typer.Option("fp32", "--precision", help="Comma list of fp32, fp16, int8."),
+        image_batch: str = typer.Option("1,8,16,32", "--image-batch", help="Fixed image engine batch sizes."),
+        text_batch: str = typer.Option("4", "--text-batch", help="Fixed text engine batch sizes."),
+        dynamic: bool = typer.Option(False, "--dynamic", help="One dynamic-batch engine per tower instead."),
+        split_text_projection: bool = typer.Option(
+            False, "--split-text-projection", help="Text graph outputs token states; projection saved as .npy."
+        ),
+        calibration_dir: Path | None = typer.Option(
+            None, "--calibration-dir", help="Images for static INT8 calibration (default: dynamic INT8)."
+        ),
+        sample_dir: Path | None = typer.Option(None, "--sample-dir", help="Extra images to verify parity on."),
+        no_verify: bool = typer.Option(False, "--no-verify", help="Skip parity checks (not recommended)."),
+        download: bool = typer.Option(False, "--download", help="Allow downloading missing weights."),
+    ) -> None:
+        """Export MODEL to ONNX engines, verify each against PyTorch, and write manifest.json."""
+        from ..export.onnx import export_model
+        from ..models.load import load_model
+
+        precisions = parse_precisions(precision)
+        image_batches = None if dynamic else parse_batches(image_batch)
+        text_batches = None if dynamic else parse_batches(text_batch)
+        samples = sorted(p for p in sample_dir.iterdir() if p.is_file()) if sample_dir else None
+        typer.echo(f"loading {checkpoint or model}" + (f" @ {pretrained}" if pretrained else ""))
+        loaded = load_model(checkpoint or model, pretrained, allow_download=download,
+                            arch=model if checkpoint else None)
+        manifest = export_model(
+            loaded.module, output, precisions=precisions, image_batches=image_batches,
+            text_batches=text_batches, split_text_projection=split_text_projection,
+            calibration_images=calibration_dir, sample_images_from=samples, model_name=loaded.name,
+            pretrained=loaded.pretrained, preprocess_cfg=loaded.preprocess, verify=not no_verify,
+            progress=typer.echo,
+        )
+        typer.echo("")
+        typer.echo(format_summary(manifest))

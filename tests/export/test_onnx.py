@@ -1,0 +1,179 @@
+"""export_model: files, manifest, graph formulation, precisions, split projection, parity failures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from clipengine.errors import ExportParityError
+from clipengine.export import onnx as onnx_export
+from clipengine.export.loader import load_export
+from clipengine.export.manifest import file_sha256, read_manifest
+from clipengine.export.verify import BOUNDS, sample_texts
+from clipengine.text.tokenizer import tokenize
+
+TEXTS = ["a photo of a cat", "a diagram", "a dog", "an illustration of a red bus in the rain", "CLIP"]
+
+
+def _reference(model, pixels: np.ndarray | None = None, tokens: np.ndarray | None = None) -> np.ndarray:  # type: ignore[no-untyped-def]
+    with torch.no_grad():
+        if pixels is not None:
+            out = model.encode_image(torch.from_numpy(pixels))
+        else:
+            out = model.encode_text(torch.from_numpy(tokens))
+    out = out.numpy()
+    return out / np.linalg.norm(out, axis=-1, keepdims=True)
+
+
+def _within(got: np.ndarray, ref: np.ndarray, precision: str) -> None:
+    bound = BOUNDS[precision]
+    if "max_abs" in bound:
+        assert np.abs(got - ref).max() <= bound["max_abs"]
+    if "min_cos" in bound:
+        assert (got * ref).sum(-1).min() >= bound["min_cos"]
+
+
+def test_export_writes_engines_named_per_contract(vit_fixed_export) -> None:  # type: ignore[no-untyped-def]
+    folder, manifest = vit_fixed_export
+    expected = {
+        f"{tower}_{p}_b{b}.onnx"
+        for p in ("fp32", "fp16", "int8")
+        for tower, batches in (("image", (1, 4)), ("text", (4,)))
+        for b in batches
+    }
+    assert {e.file for e in manifest.engines} == expected
+    assert expected | {"manifest.json"} == {p.name for p in folder.iterdir()}  # no temp files left
+
+
+def test_manifest_records_model_preprocess_and_tools(vit_fixed_export, tiny_config) -> None:  # type: ignore[no-untyped-def]
+    folder, _ = vit_fixed_export
+    data = json.loads((folder / "manifest.json").read_text())
+    for key in ("model", "pretrained", "architecture", "preprocess", "context_length", "logit_scale",
+                "embed_dim", "engines", "tool_versions"):
+        assert key in data
+    assert (data["model"], data["pretrained"], data["embed_dim"], data["context_length"]) == ("tiny-vit", "test", 32, 77)
+    assert data["architecture"] == tiny_config.to_dict()
+    assert data["preprocess"]["image_size"] == 32
+    assert data["logit_scale"] == pytest.approx(100.0, rel=1e-3)  # exp(4.6052)
+    assert {"torch", "onnx", "onnxruntime"} <= set(data["tool_versions"])
+    engine = next(e for e in data["engines"] if e["file"] == "image_fp32_b4.onnx")
+    assert engine["inputs"] == [{"name": "pixels", "shape": [4, 3, 32, 32], "dtype": "float32"}]
+    assert engine["outputs"] == [{"name": "embeddings", "shape": [4, 32], "dtype": "float32"}]
+
+
+def test_manifest_sha256_matches_every_file(vit_fixed_export, vit_dynamic_split_export) -> None:  # type: ignore[no-untyped-def]
+    for folder, manifest in (vit_fixed_export, vit_dynamic_split_export):
+        for engine in manifest.engines:
+            assert file_sha256(folder / engine.file) == engine.sha256
+        assert read_manifest(folder) == manifest
+    folder, manifest = vit_dynamic_split_export
+    assert manifest.text_projection is not None
+    assert file_sha256(folder / manifest.text_projection["file"]) == manifest.text_projection["sha256"]
+
+
+def test_every_engine_passes_its_parity_bound(vit_fixed_export, vit_dynamic_split_export, resnet_static_export) -> None:  # type: ignore[no-untyped-def]
+    for _, manifest in (vit_fixed_export, vit_dynamic_split_export, resnet_static_export):
+        for engine in manifest.engines:
+            p = engine.parity
+            assert p is not None and p.passed, engine.file
+            assert p.bound == BOUNDS[engine.precision]
+            assert p.samples >= 7
+
+
+def test_text_graph_pools_with_argmax_on_int32(vit_fixed_export) -> None:  # type: ignore[no-untyped-def]
+    """ArgMax on int64 has no kernel on ORT CUDA / TensorRT: the EOT argmax must see int32."""
+    folder, _ = vit_fixed_export
+    graph = onnx.load(str(folder / "text_fp32_b4.onnx")).graph
+    producers = {out: node for node in graph.node for out in node.output}
+    argmaxes = [n for n in graph.node if n.op_type == "ArgMax"]
+    assert len(argmaxes) == 1
+    cast = producers[argmaxes[0].input[0]]
+    assert cast.op_type == "Cast"
+    assert onnx.helper.get_attribute_value(cast.attribute[0]) == onnx.TensorProto.INT32
+
+
+def test_split_text_graph_has_no_pooling_and_outputs_token_states(vit_dynamic_split_export) -> None:  # type: ignore[no-untyped-def]
+    folder, manifest = vit_dynamic_split_export
+    text = manifest.select("text", "fp32")[0]
+    assert text.split_projection and text.outputs[0].name == "token_states"
+    assert text.outputs[0].shape[1:] == [77, 64]
+    graph = onnx.load(str(folder / text.file)).graph
+    assert not [n for n in graph.node if n.op_type in ("ArgMax", "GatherND")]
+    assert (folder / "text_projection_64_32.npy").is_file()
+
+
+def test_fp16_engines_keep_float32_io_and_finite_weights(vit_fixed_export) -> None:  # type: ignore[no-untyped-def]
+    folder, manifest = vit_fixed_export
+    for engine in manifest.engines:
+        if engine.precision != "fp16":
+            continue
+        model = onnx.load(str(folder / engine.file))
+        assert {i.dtype for i in engine.inputs + engine.outputs} <= {"float32", "int64"}
+        halves = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+        assert halves
+        assert all(np.isfinite(onnx.numpy_helper.to_array(t)).all() for t in halves)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("export", ["vit_fixed_export", "vit_dynamic_split_export", "resnet_static_export"])
+def test_round_trip_export_load_encode(export: str, precision: str, request, clip_png: Path) -> None:  # type: ignore[no-untyped-def]
+    folder, manifest = request.getfixturevalue(export)
+    model = request.getfixturevalue("tiny_resnet_model" if export == "resnet_static_export" else "tiny_model")
+    clip = load_export(folder, precision=precision)
+    pixels = np.stack([clip.preprocess(clip_png)] + [clip.preprocess(clip_png)[:, ::-1].copy()] * 2)
+    rng = np.random.default_rng(3)
+    pixels = np.concatenate([pixels, rng.standard_normal((4, *pixels.shape[1:])).astype(np.float32)])  # 7 rows
+    images = clip.encode_images(pixels)
+    texts = clip.encode_texts(TEXTS)
+    assert images.dtype == texts.dtype == np.float32
+    assert images.shape == (7, 32) and texts.shape == (5, 32)
+    _within(images, _reference(model, pixels=pixels), precision)
+    _within(texts, _reference(model, tokens=tokenize(TEXTS)), precision)
+
+
+def test_resnet_int8_is_static_when_calibrated(resnet_static_export) -> None:  # type: ignore[no-untyped-def]
+    folder, manifest = resnet_static_export
+    int8 = [e for e in manifest.engines if e.precision == "int8"]
+    assert {e.quantization for e in int8} == {"static"}
+    graph = onnx.load(str(folder / "image_int8_b2.onnx")).graph
+    assert any(n.op_type == "QuantizeLinear" for n in graph.node)  # QDQ format
+
+
+def test_split_and_unsplit_projection_give_the_same_embeddings(vit_fixed_export, vit_dynamic_split_export) -> None:  # type: ignore[no-untyped-def]
+    tokens = sample_texts()
+    unsplit = load_export(vit_fixed_export[0]).backend.encode_texts(tokens)
+    split = load_export(vit_dynamic_split_export[0]).backend.encode_texts(tokens)
+    np.testing.assert_allclose(split, unsplit, atol=1e-5)
+
+
+def test_corrupted_engine_fails_export_with_measured_value(tmp_path: Path, tiny_model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """An engine that differs from PyTorch must stop the export, naming the file and the error."""
+    real_save = onnx_export.quantize.save_onnx
+
+    def corrupting_save(model, path, threshold=None):  # type: ignore[no-untyped-def]
+        if path.name.startswith("image"):
+            biggest = max(model.graph.initializer, key=lambda t: t.ByteSize())
+            values = onnx.numpy_helper.to_array(biggest)
+            noisy = values + np.random.default_rng(0).normal(0, 0.05, values.shape).astype(values.dtype)
+            biggest.CopyFrom(onnx.numpy_helper.from_array(noisy, biggest.name))
+        return real_save(model, path, threshold)
+
+    monkeypatch.setattr(onnx_export.quantize, "save_onnx", corrupting_save)
+    out = tmp_path / "bad"
+    with pytest.raises(ExportParityError, match=r"image_fp32_dyn\.onnx: max-abs [0-9.e-]+.*needs max-abs <= 0\.0001"):
+        onnx_export.export_model(tiny_model, out, image_batches=None, text_batches=None)
+    assert not (out / "manifest.json").exists()
+    assert not (out / "image_fp32_dyn.onnx").exists()  # failed engines never land in the folder
+    report = json.loads((out / "parity_report.json").read_text())
+    verdicts = {e["file"]: e["parity"]["passed"] for e in report["engines"]}
+    assert verdicts == {"image_fp32_dyn.onnx": False, "text_fp32_dyn.onnx": True}
+
+
+def test_unknown_precision_is_rejected(tmp_path: Path, tiny_model) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match="int4"):
+        onnx_export.export_model(tiny_model, tmp_path, precisions=("int4",))
