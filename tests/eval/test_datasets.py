@@ -1,0 +1,207 @@
+"""Readers over the exact real on-disk formats: CIFAR pickles, ImageNet val folders, flat label files."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipengine.errors import DatasetError
+from clipengine.eval import datasets, synthetic
+
+
+def _py2_style_batch(images: np.ndarray, labels: list[int]) -> dict[bytes, object]:
+    """What `pickle.load(f, encoding="bytes")` returns for the official (Python 2) CIFAR-10 files."""
+    data = images.transpose(0, 3, 1, 2).reshape(len(images), 3072)
+    return {
+        b"batch_label": b"testing batch 1 of 1",
+        b"labels": labels,
+        b"data": data,
+        b"filenames": [b"x.png"] * len(labels),
+    }
+
+
+def test_cifar10_reader_decodes_row_major_rgb_planes(tmp_path: Path) -> None:
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    img = np.zeros((2, 32, 32, 3), dtype=np.uint8)
+    img[0, 0, 1] = (10, 20, 30)  # row 0, column 1 of image 0
+    img[1, 31, 31] = (200, 100, 50)
+    with (d / "test_batch").open("wb") as f:
+        pickle.dump(_py2_style_batch(img, [3, 9]), f, protocol=2)
+    with (d / "batches.meta").open("wb") as f:
+        names = [
+            b"airplane",
+            b"automobile",
+            b"bird",
+            b"cat",
+            b"deer",
+            b"dog",
+            b"frog",
+            b"horse",
+            b"ship",
+            b"truck",
+        ]
+        pickle.dump({b"num_cases_per_batch": 10000, b"label_names": names, b"num_vis": 3072}, f, protocol=2)
+    # The raw layout: R plane (1024 values), then G, then B, each row-major.
+    raw = pickle.loads((d / "test_batch").read_bytes())[b"data"]
+    assert raw[0, 1] == 10 and raw[0, 1024 + 1] == 20 and raw[0, 2048 + 1] == 30
+
+    data = datasets.load_cifar10(tmp_path, "test")
+    assert data.classnames[3] == "cat" and data.labels.tolist() == [3, 9]
+    assert data.image(0)[0, 1].tolist() == [10, 20, 30]
+    assert data.image(1)[31, 31].tolist() == [200, 100, 50]
+    assert data.image(0).shape == (32, 32, 3) and data.image(0).dtype == np.uint8
+
+
+def test_cifar10_str_keyed_pickles_also_read(tmp_path: Path) -> None:
+    """Files re-pickled by Python 3 tools carry str keys; both spellings are accepted."""
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    img = np.full((1, 32, 32, 3), 7, dtype=np.uint8)
+    batch = {k.decode(): v for k, v in _py2_style_batch(img, [1]).items()}
+    (d / "test_batch").write_bytes(pickle.dumps(batch))
+    (d / "batches.meta").write_bytes(pickle.dumps({"label_names": ["a", "b"]}))
+    data = datasets.load_cifar10(d, "test")  # the folder itself works as root too
+    assert data.classnames == ["a", "b"] and data.labels.tolist() == [1]
+
+
+def test_synthetic_cifar10_round_trip(cifar10_root: Path, shape_sets) -> None:  # type: ignore[no-untyped-def]
+    train, test = shape_sets
+    files = sorted(p.name for p in (cifar10_root / "cifar-10-batches-py").iterdir())
+    assert files == ["batches.meta", *[f"data_batch_{i}" for i in range(1, 6)], "test_batch"]
+    got_test = datasets.load_cifar10(cifar10_root, "test")
+    np.testing.assert_array_equal(got_test.arrays, test.images)
+    np.testing.assert_array_equal(got_test.labels, test.labels)
+    assert got_test.classnames == list(synthetic.SHAPES)
+    got_train = datasets.load_cifar10(cifar10_root, "train")
+    np.testing.assert_array_equal(got_train.arrays, train.images)
+
+
+def test_cifar100_fine_and_coarse_labels(cifar100_root: Path, colour_sets) -> None:  # type: ignore[no-untyped-def]
+    _, test = colour_sets
+    raw = pickle.loads((cifar100_root / "cifar-100-python" / "test").read_bytes(), encoding="bytes")
+    assert set(raw) == {b"filenames", b"batch_label", b"fine_labels", b"coarse_labels", b"data"}
+    meta = pickle.loads((cifar100_root / "cifar-100-python" / "meta").read_bytes())
+    assert len(meta[b"fine_label_names"]) == 100 and len(meta[b"coarse_label_names"]) == 10
+    fine = datasets.load_cifar100(cifar100_root, "test")
+    assert fine.classnames[0] == "red_circle" and len(fine.classnames) == 100
+    np.testing.assert_array_equal(fine.labels, test.labels)
+    coarse = datasets.load_cifar100(cifar100_root, "test", label="coarse")
+    np.testing.assert_array_equal(coarse.labels, test.shapes)
+
+
+def test_missing_cifar_names_the_layout_and_download_command(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=r"cifar-100-python.*train, test, meta.*download-data cifar100"):
+        datasets.load_cifar100(tmp_path)
+
+
+def test_missing_batch_file_is_named(tmp_path: Path, cifar10_root: Path) -> None:
+    import shutil
+
+    d = shutil.copytree(cifar10_root / "cifar-10-batches-py", tmp_path / "cifar-10-batches-py")
+    (d / "test_batch").unlink()
+    with pytest.raises(DatasetError, match="test_batch"):
+        datasets.load_cifar10(tmp_path, "test")
+
+
+def test_corrupt_pickle_is_a_dataset_error(tmp_path: Path) -> None:
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    (d / "batches.meta").write_bytes(b"not a pickle")
+    with pytest.raises(DatasetError, match=r"batches\.meta"):
+        datasets.load_cifar10(tmp_path)
+
+
+def test_imagefolder_sorted_classes_and_names(imagefolder_root: Path) -> None:
+    data = datasets.load_imagefolder(imagefolder_root)
+    assert data.classnames == sorted(synthetic.SHAPES)  # folder order is alphabetical
+    assert len(data) == 200 and isinstance(data.image(0), Path)
+    assert all(
+        p.parent.name == data.classnames[lab] for p, lab in zip(data.paths or (), data.labels, strict=True)
+    )
+
+
+def test_imagefolder_class_map(tmp_path: Path) -> None:
+    for folder in ("n001", "n002"):
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / folder / "a.png")
+    data = datasets.load_imagefolder(tmp_path, {"n001": "cat", "n002": "dog"})
+    assert data.classnames == ["cat", "dog"] and data.labels.tolist() == [0, 1]
+    with pytest.raises(DatasetError, match="n002"):
+        datasets.load_imagefolder(tmp_path, {"n001": "cat"})
+
+
+def test_imagenet_val_wnid_folders_use_standard_order(tmp_path: Path) -> None:
+    """1000 wnid folders sorted = the standard class index; names from CLIP's ImageNet list."""
+    wnids = [f"n{i:08d}" for i in range(1000)]
+    val = tmp_path / "val"
+    for w in wnids:
+        (val / w).mkdir(parents=True)
+    img = Image.new("RGB", (4, 4))
+    for idx in (0, 1, 999):
+        img.save(val / wnids[idx] / f"ILSVRC2012_val_{idx:08d}.JPEG")
+    data = datasets.load_dataset("imagenet", tmp_path, "test")
+    assert data.labels.tolist() == [0, 1, 999]
+    assert data.classnames[0] == "tench" and data.classnames[999] == "toilet paper"
+    assert data.name == "imagenet-val"
+
+
+def test_imagenet_subset_without_class_map_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "val" / "n01440764").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="1000 wnid folders"):
+        datasets.load_imagenet(tmp_path)
+
+
+def test_flat_folder_with_labels_file(tmp_path: Path) -> None:
+    ds = synthetic.generate(12, seed=3, task="shape")
+    synthetic.write_flat_folder(tmp_path, ds)
+    first = (tmp_path / "labels.txt").read_text().splitlines()[0]
+    assert first == f"SYNTH_val_00000001.png {ds.labels[0]}"
+    data = datasets.load_flat_folder(tmp_path, "labels.txt")
+    np.testing.assert_array_equal(data.labels, ds.labels)
+    assert data.classnames == list(synthetic.SHAPES)
+    assert data.paths is not None and data.paths[0].name == "SYNTH_val_00000001.png"
+
+
+def test_flat_folder_label_only_lines_align_with_sorted_files(tmp_path: Path) -> None:
+    for name in ("b.png", "a.png"):
+        Image.new("RGB", (4, 4)).save(tmp_path / name)
+    (tmp_path / "labels.txt").write_text("1\n0\n")
+    data = datasets.load_flat_folder(tmp_path, "labels.txt", ["x", "y"])
+    assert [p.name for p in data.paths or ()] == ["a.png", "b.png"] and data.labels.tolist() == [1, 0]
+
+
+def test_flat_folder_errors_name_the_problem(tmp_path: Path) -> None:
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    (tmp_path / "labels.txt").write_text("a.png 0\nmissing.png 1\n")
+    with pytest.raises(DatasetError, match=r"missing\.png"):
+        datasets.load_flat_folder(tmp_path, "labels.txt", ["x", "y"])
+    (tmp_path / "labels.txt").write_text("a.png 5\n")
+    with pytest.raises(DatasetError, match=r"labels must be in \[0, 2\)"):
+        datasets.load_flat_folder(tmp_path, "labels.txt", ["x", "y"])
+    with pytest.raises(DatasetError, match=r"nope\.txt"):
+        datasets.load_flat_folder(tmp_path, "nope.txt", ["x"])
+
+
+def test_prompt_sets_from_bundled_and_user_json(tmp_path: Path) -> None:
+    names, templates = datasets.prompt_set("cifar10")
+    assert names[0] == "airplane" and len(templates) == 18
+    assert len(datasets.prompt_set("cifar100")[1]) == 18
+    names, templates = datasets.prompt_set("imagenet")
+    assert len(names) == 1000 and len(templates) == 80
+    user = tmp_path / "p.json"
+    user.write_text(json.dumps({"classes": ["x"], "templates": ["a {} here"]}))
+    assert datasets.prompt_set("anything", user) == (["x"], ["a {} here"])
+    user.write_text(json.dumps({"classes": ["x"], "templates": ["no placeholder"]}))
+    with pytest.raises(DatasetError, match="must contain"):
+        datasets.prompt_set("x", user)
+
+
+def test_unknown_dataset_lists_choices(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="cifar10, cifar100, imagenet, folder"):
+        datasets.load_dataset("mnist", tmp_path)
