@@ -12,6 +12,7 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -80,7 +81,15 @@ def make_executor(workers: int) -> Executor | None:
     """A process pool for `workers` > 0 (spawn context: safe beside torch/ORT threads), else None."""
     if workers <= 0:
         return None
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    return ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
+    )
+
+
+def _init_worker() -> None:
+    # Ctrl-C reaches the whole process group: let only the parent handle it (it cancels queued work
+    # and shuts the pool down) instead of every worker dying with its own traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def warm_executor(executor: Executor, workers: int, cfg: dict[str, Any]) -> None:
