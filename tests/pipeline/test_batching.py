@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -62,3 +63,28 @@ def test_missing_file_and_bytes_sources(tmp_path: Path, image_folder: Path, prep
 def test_batch_size_must_be_positive(preprocess_cfg) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match="batch_size"):
         list(iter_batches([], preprocess_cfg, batch_size=0))
+
+
+class _RecordingExecutor(ThreadPoolExecutor):
+    """A thread pool that counts submitted chunks (the decode work queued ahead of the consumer)."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=2)
+        self.submitted = 0
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def,override]
+        self.submitted += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+def test_decode_runs_ahead_of_the_consumer_with_a_bounded_queue(image_folder: Path, preprocess_cfg) -> None:  # type: ignore[no-untyped-def]
+    items = list_items(image_folder)  # 25 images -> 7 chunks of 4
+    with _RecordingExecutor() as pool:
+        batches = iter_batches(items, preprocess_cfg, batch_size=4, chunk_size=4, executor=pool)
+        first = next(batches)
+        # While the backend works on batch 0, later chunks are already being decoded...
+        assert len(first.ids) == 4 and pool.submitted >= 3
+        # ...but the read-ahead is bounded (2 chunks per worker), so memory stays flat on huge folders.
+        assert pool.submitted <= 2 * 2 + 1
+        rest = list(batches)
+    assert pool.submitted == 7 and [len(b.ids) for b in rest] == [4, 4, 4, 4, 4, 1]
