@@ -153,7 +153,7 @@ def test_fast_path_is_close_to_exact_for_large_jpeg(images: Factories) -> None:
     jpeg = images["jpeg"](1920, 1280)
     exact, fast = preprocess(jpeg), preprocess(jpeg, fast=True)
     deviation = np.abs(grey_levels(fast) - grey_levels(exact))
-    assert deviation.mean() <= 2.0  # measured ~0.5 grey levels, see docs/tokenizer_preprocess.md
+    assert deviation.mean() <= 1.0  # measured 0.29 grey levels, see docs/tokenizer_preprocess.md
     assert not np.array_equal(fast, exact)  # the reduced decode really happened
 
 

@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 
 from clipengine.errors import TextTooLongError
 from clipengine.text.tokenizer import (
+    _PRE_TOKEN,
+    _PRE_TOKEN_ASCII,
     EOT_TOKEN,
     SOT_TOKEN,
     VOCAB_SIZE,
@@ -100,6 +102,12 @@ def test_hypothesis_text_equals_open_clip(open_clip_tokenizer, text: str) -> Non
 @given(st.text(st.characters(max_codepoint=0x7F), max_size=40) | st.text(max_size=20))
 def test_ascii_shortcut_of_cleanup_equals_full_cleanup(text: str) -> None:
     assert _clean(text) == _openai_clean(text)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40))
+def test_ascii_pre_tokenizer_equals_unicode_pre_tokenizer(text: str) -> None:
+    assert _PRE_TOKEN_ASCII.findall(text) == _PRE_TOKEN.findall(text)
 
 
 def test_decode_round_trips_cleaned_text(corpus: list[str]) -> None:

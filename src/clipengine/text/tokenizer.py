@@ -6,6 +6,7 @@ import gzip
 import html
 import importlib.resources
 import logging
+import re
 import threading
 from collections.abc import Sequence
 from functools import lru_cache
@@ -42,6 +43,7 @@ _EOT_TEXT = "<|endoftext|>"
 _WORD_END = "</w>"  # suffix marking the last symbol of a pre-token
 _N_MERGES = 49152 - 256 - 2  # OpenAI keeps this many merge rules of the file (line 1 is a header)
 _BPE_CACHE_SIZE = 1 << 16  # distinct pre-tokens remembered; prompts reuse a small vocabulary
+_TEXT_CACHE_SIZE = 4096  # whole texts remembered: zero-shot labels and templates recur on every call
 _WARN_TEXT_CHARS = 80  # how much of an over-long text a warning or error quotes
 
 # OpenAI's pre-tokenizer. The special-token alternatives mean a text that literally contains
@@ -49,6 +51,12 @@ _WARN_TEXT_CHARS = 80  # how much of an over-long text a warning or error quotes
 _PRE_TOKEN = regex.compile(
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
     regex.IGNORECASE,
+)
+# The same pattern for printable ASCII, where \p{L} is [a-zA-Z] and \p{N} is [0-9]: the stdlib `re`
+# runs it ~10x faster than `regex` with Unicode classes (tests/text check both agree).
+_PRE_TOKEN_ASCII = re.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[a-zA-Z]+|[0-9]|[^\sa-zA-Z0-9]+""",
+    re.ASCII | re.IGNORECASE,
 )
 _WHITESPACE = regex.compile(r"\s+")  # the `regex` module's \s, as OpenAI uses (differs from str.split)
 
@@ -136,8 +144,9 @@ class Tokenizer:
         self._symbols: list[str] = vocab
         # Lower rank = merged earlier.
         self._ranks: dict[tuple[str, str], int] = {(a, b): rank for rank, (a, b) in enumerate(merges)}
-        # Per-instance cache so two tokenizers with different vocabularies never share entries.
+        # Per-instance caches so two tokenizers with different vocabularies never share entries.
         self._bpe_ids = lru_cache(maxsize=_BPE_CACHE_SIZE)(self._bpe_uncached)
+        self._text_ids = lru_cache(maxsize=_TEXT_CACHE_SIZE)(self._encode_uncached)
 
     @property
     def vocab_size(self) -> int:
@@ -180,12 +189,21 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` after cleanup, without start/end tokens."""
+        return list(self._text_ids(text))
+
+    def _encode_uncached(self, text: str) -> tuple[int, ...]:
         ids: list[int] = []
         bpe_ids = self._bpe_ids
-        for pre_token in _PRE_TOKEN.findall(_clean(text)):
+        cleaned = _clean(text)
+        if cleaned.isascii() and cleaned.isprintable():
+            # Printable ASCII bytes are their own symbols and pre-tokens hold no spaces: no mapping.
+            for pre_token in _PRE_TOKEN_ASCII.findall(cleaned):
+                ids += bpe_ids(pre_token)
+            return tuple(ids)
+        for pre_token in _PRE_TOKEN.findall(cleaned):
             # UTF-8 bytes -> one symbol per byte (Latin-1 decoding maps byte b to code point b).
             ids += bpe_ids(pre_token.encode("utf-8").decode("latin-1").translate(_BYTES_TO_SYMBOLS))
-        return ids
+        return tuple(ids)
 
     def decode(self, ids: Sequence[int] | IntArray) -> str:
         """Text of token ids; word ends become spaces and invalid UTF-8 becomes U+FFFD (as OpenAI).
@@ -229,7 +247,7 @@ class Tokenizer:
             raise ValueError(f"truncate must be True, False or 'strict', got {truncate!r}")
         out = np.zeros((len(texts), context_length), dtype=np.int64)
         for row, text in enumerate(texts):
-            ids = [SOT_TOKEN, *self.encode(text), EOT_TOKEN]
+            ids = [SOT_TOKEN, *self._text_ids(text), EOT_TOKEN]
             if len(ids) > context_length:
                 if truncate is not True:
                     raise TextTooLongError(
