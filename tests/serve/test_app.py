@@ -360,6 +360,12 @@ def test_api_key_guards_everything_but_health_and_the_page(make_client: Any) -> 
     assert c.post("/v1/embeddings/texts", json=body, headers={"X-API-Key": "s3cret"}).status_code == 200
     assert c.get("/v1/thumbnails/img0.png", headers={"X-API-Key": "s3cret"}).status_code == 200
     assert c.get("/v1/info", headers={"Authorization": "bearer s3cret"}).status_code == 200
+    schema = c.get("/openapi.json", headers={"X-API-Key": "s3cret"}).json()
+    assert set(schema["components"]["securitySchemes"]) == {"bearer", "apiKey"}
+    assert (
+        schema["paths"]["/v1/search"]["post"]["security"]
+        and "security" not in schema["paths"]["/healthz"]["get"]
+    )
 
 
 # ---- thumbnails ----------------------------------------------------------------------------------
@@ -379,3 +385,10 @@ def test_api_key_guards_everything_but_health_and_the_page(make_client: Any) -> 
 )
 def test_thumbnails_refuse_unknown_ids_and_path_traversal(make_client: Any, path: str) -> None:
     _error(make_client().get(path), 404, "not_found")
+
+
+def test_unreadable_or_huge_index_files_are_404_not_500(make_client: Any, image_root: Any) -> None:
+    c = make_client(max_pixels=20 * 20)  # index images are 24x24
+    assert "exceeds" in _error(c.get("/v1/thumbnails/img0.png"), 404, "not_found")
+    (image_root / "img1.png").write_bytes(b"corrupted after indexing")
+    _error(make_client().get("/v1/thumbnails/img1.png"), 404, "not_found")

@@ -15,6 +15,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
+from PIL import Image
 
 from .engine import InferenceService, SearchableIndex, ServableModel, check_index
 from .http_errors import ApiError, install_error_handlers
@@ -257,8 +258,16 @@ class _App:
         if path is None:
             raise ApiError(404, "not_found", f"no image {image_id!r} under the index's image roots")
         try:
-            data = await self.service.run_in_pool(make_thumbnail, path, self.settings.thumbnail_size)
-        except (OSError, SyntaxError, ValueError) as e:
+            data = await self.service.run_in_pool(
+                make_thumbnail, path, self.settings.thumbnail_size, self.settings.max_pixels
+            )
+        except (
+            OSError,
+            SyntaxError,
+            ValueError,
+            Image.DecompressionBombError,
+            Image.DecompressionBombWarning,
+        ) as e:
             raise ApiError(404, "not_found", f"{image_id!r} is not a readable image ({e})") from e
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
@@ -368,6 +377,8 @@ def create_app(
         lifespan=state.lifespan,
     )
     app.state.clipengine = state
+    if settings.api_key is not None:
+        _document_api_key(app)
     install_error_handlers(app, settings.retry_after_s)
     _add_routes(app, state)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
@@ -384,6 +395,26 @@ def create_app(
         api_prefix=API_PREFIX,
     )
     return app
+
+
+def _document_api_key(app: FastAPI) -> None:
+    """Declare the two accepted key headers in the OpenAPI schema, on every non-public route."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = build()
+        schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+        schemes["bearer"] = {"type": "http", "scheme": "bearer"}
+        schemes["apiKey"] = {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+        for path, operations in schema.get("paths", {}).items():
+            if path not in PUBLIC_PATHS:
+                for operation in operations.values():
+                    operation["security"] = [{"bearer": []}, {"apiKey": []}]
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _add_routes(app: FastAPI, s: _App) -> None:

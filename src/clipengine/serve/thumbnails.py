@@ -37,9 +37,16 @@ def resolve_image(image_id: str, roots: list[Path]) -> Path | None:
     return None
 
 
-def make_thumbnail(path: Path, size: int) -> bytes:
-    """JPEG bytes of the image at `path`, longest side at most `size` pixels, EXIF orientation applied."""
+def make_thumbnail(path: Path, size: int, max_pixels: int) -> bytes:
+    """JPEG bytes of the image at `path`, longest side at most `size` pixels, EXIF orientation applied.
+
+    Raises:
+        ValueError: the image has more than `max_pixels` pixels (checked before decoding).
+        OSError: Pillow cannot read it.
+    """
     with Image.open(path) as src:
+        if src.width * src.height > max_pixels:
+            raise ValueError(f"{src.width}x{src.height} exceeds the limit of {max_pixels} pixels")
         src.draft("RGB", (size, size))  # JPEG: decode at reduced scale, much faster for big photos
         thumb = ImageOps.exif_transpose(src)
         thumb.thumbnail((size, size))
