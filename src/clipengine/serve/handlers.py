@@ -1,0 +1,314 @@
+"""Route handlers and lifecycle of one app instance: parse inputs, check limits, call the service."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from PIL import Image
+
+from .engine import InferenceService, SearchableIndex, ServableModel
+from .http_errors import ApiError
+from .inputs import (
+    NamedImage,
+    decode_base64_image,
+    parse_json_body,
+    read_form,
+    split_fields,
+    uploads_to_images,
+)
+from .metrics import ServeMetrics
+from .middleware import RequestTracker
+from .schemas import ClassifyRequest, ImagesRequest, SearchRequest, TextsRequest
+from .settings import ServeSettings
+from .thumbnails import image_roots, make_thumbnail, resolve_image
+
+__all__ = ["ApiHandlers"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class ApiHandlers:
+    """Route handlers bound to one model, index and settings (one instance per create_app call)."""
+
+    def __init__(self, model: ServableModel, index: SearchableIndex | None, settings: ServeSettings) -> None:
+        self.model = model
+        self.index = index
+        self.settings = settings
+        self.metrics = ServeMetrics()
+        self.tracker = RequestTracker(self.metrics)
+        self.service = InferenceService(
+            model, settings, self.metrics, in_flight=lambda: self.tracker.in_flight
+        )
+        self.roots = image_roots(index.image_roots) if index is not None else []
+        self.ready = False
+
+    # ---- helpers -------------------------------------------------------------------------------
+    async def timed(self, work: Awaitable[T]) -> T:
+        try:
+            return await asyncio.wait_for(work, self.settings.request_timeout_s)
+        except TimeoutError as e:
+            raise ApiError(
+                504, "timeout", f"the request took longer than {self.settings.request_timeout_s:g} s"
+            ) from e
+
+    def check_texts(self, texts: Sequence[str], field: str, limit: int) -> None:
+        if len(texts) > limit:
+            raise ApiError(422, "too_many_texts", f"{field}: {len(texts)} items, at most {limit} allowed")
+        for i, text in enumerate(texts):
+            if len(text) > self.settings.max_text_chars:
+                raise ApiError(
+                    422,
+                    "text_too_long",
+                    f"{field}[{i}]: {len(text)} characters, at most {self.settings.max_text_chars} allowed",
+                )
+
+    def check_images(self, images: Sequence[NamedImage]) -> None:
+        if not images:
+            raise ApiError(422, "invalid_request", "no image given: send file parts or base64 'images'")
+        if len(images) > self.settings.max_images:
+            raise ApiError(
+                422,
+                "too_many_images",
+                f"{len(images)} images, at most {self.settings.max_images} per request",
+            )
+
+    async def read_images_and_fields(self, request: Request) -> tuple[list[NamedImage], dict[str, list[Any]]]:
+        """Multipart body -> (file parts as images, the other fields by name)."""
+        ctype = request.headers.get("content-type", "")
+        if not ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"content type {ctype or '(none)'!r}: send application/json or multipart/form-data",
+            )
+        async with read_form(request, self.settings.max_images) as form:  # closes the spooled files
+            files: list[Any] = []
+            fields: dict[str, list[Any]] = {}
+            for key, value in form.multi_items():
+                if isinstance(value, str):
+                    fields.setdefault(key, []).append(value)
+                else:
+                    files.append(value)
+            return await uploads_to_images(files, "files"), fields
+
+    @staticmethod
+    def is_json(request: Request) -> bool:
+        return request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json"
+
+    @staticmethod
+    def reject_unknown(fields: dict[str, list[Any]], allowed: set[str]) -> None:
+        unknown = sorted(set(fields) - allowed)
+        if unknown:
+            raise ApiError(
+                422, "invalid_request", f"unknown form field(s) {unknown}; expected {sorted(allowed)}"
+            )
+
+    # ---- routes --------------------------------------------------------------------------------
+    async def embed_images(self, request: Request) -> JSONResponse:
+        started = time.perf_counter()
+        if self.is_json(request):
+            body = await parse_json_body(request, ImagesRequest)
+            images = [decode_base64_image(s, f"images[{i}]") for i, s in enumerate(body.images)]
+        else:
+            images, fields = await self.read_images_and_fields(request)
+            self.reject_unknown(fields, set())
+        self.check_images(images)
+        vectors = await self.timed(self.service.embed_images(images))
+        data = [
+            {"index": i, "name": img.name, "embedding": v.tolist()}
+            for i, (img, v) in enumerate(zip(images, vectors, strict=True))
+        ]
+        return self._embeddings(data, started)
+
+    async def embed_texts(self, body: TextsRequest) -> JSONResponse:
+        started = time.perf_counter()
+        self.check_texts(body.texts, "texts", self.settings.max_texts)
+        vectors = await self.timed(self.service.embed_texts(body.texts))
+        return self._embeddings(
+            [{"index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)], started
+        )
+
+    def _embeddings(self, data: list[dict[str, Any]], started: float) -> JSONResponse:
+        return JSONResponse(
+            {
+                "model": self.model.name,
+                "dim": int(self.model.embed_dim),
+                "data": data,
+                "elapsed_ms": _ms(started),
+            }
+        )
+
+    async def classify(self, request: Request) -> JSONResponse:
+        started = time.perf_counter()
+        if self.is_json(request):
+            body = await parse_json_body(request, ClassifyRequest)
+            images = [decode_base64_image(s, f"images[{i}]") for i, s in enumerate(body.images)]
+            labels, templates = [s.strip() for s in body.labels], body.templates
+        else:
+            images, fields = await self.read_images_and_fields(request)
+            self.reject_unknown(fields, {"labels", "templates"})
+            labels = split_fields(fields.get("labels", []), "labels", ",")
+            templates = split_fields(fields.get("templates", []), "templates", "\n") or None
+        self.check_images(images)
+        if not labels or any(not label for label in labels):
+            raise ApiError(422, "invalid_request", "labels: give at least one non-empty label")
+        if len(set(labels)) != len(labels):
+            raise ApiError(422, "invalid_request", "labels: each label must appear once")
+        self.check_texts(labels, "labels", self.settings.max_texts)
+        if templates is not None:
+            self.check_texts(templates, "templates", self.settings.max_templates)
+            bad = [t for t in templates if "{}" not in t]
+            if bad or not templates:
+                raise ApiError(
+                    422, "invalid_request", f"templates: each needs '{{}}' where the label goes: {bad}"
+                )
+        ranked = await self.timed(self.service.classify(images, labels, templates))
+        results = [
+            {"index": i, "name": img.name, "labels": [{"label": lab, "probability": p} for lab, p in row]}
+            for i, (img, row) in enumerate(zip(images, ranked, strict=True))
+        ]
+        return JSONResponse({"model": self.model.name, "results": results, "elapsed_ms": _ms(started)})
+
+    async def search(self, request: Request) -> JSONResponse:
+        started = time.perf_counter()
+        if self.is_json(request):
+            body = await parse_json_body(request, SearchRequest)
+            text, k = body.text, body.k
+            image = decode_base64_image(body.image, "image") if body.image is not None else None
+        else:
+            images, fields = await self.read_images_and_fields(request)
+            self.reject_unknown(fields, {"text", "k"})
+            text = fields["text"][0] if fields.get("text") else None
+            image = images[0] if images else None
+            k = _parse_int(fields.get("k", ["10"])[0], "k")
+        index = self.index
+        if index is None:
+            raise ApiError(404, "no_index", "no index is loaded; start the server with --index PATH")
+        if (text is None) == (image is None):
+            raise ApiError(422, "invalid_request", "give exactly one query: 'text' or 'image'")
+        if not 1 <= k <= self.settings.max_k:
+            raise ApiError(422, "invalid_request", f"k: {k} is out of range 1..{self.settings.max_k}")
+        if text is not None:
+            self.check_texts([text], "text", 1)
+
+        async def run() -> list[tuple[str, float]]:
+            if text is not None:
+                query = (await self.service.embed_texts([text]))[0]
+            else:
+                query = (await self.service.embed_images([image]))[0]  # type: ignore[list-item]
+            return await self.service.search(index, query, k)
+
+        hits = await self.timed(run())
+        results = [{"id": i, "score": s, "thumbnail_url": f"/v1/thumbnails/{quote(i)}"} for i, s in hits]
+        return JSONResponse(
+            {"model": self.model.name, "k": k, "results": results, "elapsed_ms": _ms(started)}
+        )
+
+    async def thumbnail(self, image_id: str) -> Response:
+        listed = self.index is not None and (
+            not hasattr(self.index, "__contains__") or image_id in self.index
+        )
+        path = resolve_image(image_id, self.roots) if listed else None
+        if path is None:
+            raise ApiError(404, "not_found", f"no image {image_id!r} under the index's image roots")
+        try:
+            data = await self.service.run_in_pool(
+                make_thumbnail, path, self.settings.thumbnail_size, self.settings.max_pixels
+            )
+        except (
+            OSError,
+            SyntaxError,
+            ValueError,
+            Image.DecompressionBombError,
+            Image.DecompressionBombWarning,
+        ) as e:
+            raise ApiError(404, "not_found", f"{image_id!r} is not a readable image ({e})") from e
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+    def info(self) -> dict[str, Any]:
+        s = self.settings
+        index = None
+        if self.index is not None:
+            index = {"model": self.index.model, "dim": int(self.index.dim), "size": _len_or_none(self.index)}
+        return {
+            "model": self.model.name,
+            "embed_dim": int(self.model.embed_dim),
+            "image_size": int(getattr(self.model, "image_size", 0)),
+            "index": index,
+            "limits": {
+                "max_upload_bytes": s.max_upload_bytes,
+                "max_pixels": s.max_pixels,
+                "max_images": s.max_images,
+                "max_texts": s.max_texts,
+                "max_text_chars": s.max_text_chars,
+                "max_templates": s.max_templates,
+                "max_k": s.max_k,
+                "request_timeout_s": s.request_timeout_s,
+                "max_batch": s.max_batch,
+                "max_wait_ms": s.max_wait_ms,
+                "max_queue": s.max_queue,
+            },
+        }
+
+    def readiness(self) -> JSONResponse:
+        if self.tracker.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        if not self.ready or not (self.service.images.running and self.service.texts.running):
+            return JSONResponse({"status": "starting"}, status_code=503)
+        return JSONResponse({"status": "ready", "model": self.model.name})
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    async def warm_up(self) -> None:
+        """One tiny call per tower so the first real request does not pay for lazy initialisation."""
+        size = int(getattr(self.model, "image_size", 0))
+        if size > 0:
+            await asyncio.to_thread(self.model.encode_images, np.zeros((1, 3, size, size), np.float32))
+        await asyncio.to_thread(self.model.encode_texts, ["warm-up"])
+
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        self.tracker.draining = False
+        self.service.start()
+        await self.warm_up()
+        self.ready = True
+        log.info("serving %s (index: %s)", self.model.name, "yes" if self.index is not None else "no")
+        try:
+            yield
+        finally:
+            self.ready = False
+            if not await self.tracker.drain(self.settings.drain_timeout_s):
+                log.warning(
+                    "shutdown: %d request(s) still in flight after %.0f s",
+                    self.tracker.in_flight,
+                    self.settings.drain_timeout_s,
+                )
+            await self.service.stop()
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000.0, 3)
+
+
+def _parse_int(value: Any, field: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError) as e:
+        raise ApiError(422, "invalid_request", f"{field}: {value!r} is not an integer") from e
+
+
+def _len_or_none(obj: Any) -> int | None:
+    try:
+        return len(obj)
+    except TypeError:
+        return None
