@@ -90,6 +90,11 @@ def test_exif_orientation_is_applied() -> None:
     assert pixels[-3, 10, 2] > 200 and pixels[-3, 10, 0] < 50  # bottom: blue
 
 
+def test_corrupt_exif_is_ignored_without_warning() -> None:
+    # pytest turns warnings into errors here, so a leaked "Corrupt EXIF data" would fail this.
+    np.testing.assert_array_equal(_rgb(BAD / "corrupt_exif.jpg").shape, (8, 8, 3))
+
+
 def test_exif_orientation_of_a_callers_image_does_not_modify_it() -> None:
     with Image.open(BAD / "exif_rotated.jpg") as original:
         assert decode_image(original).size == (20, 40)

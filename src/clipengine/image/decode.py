@@ -7,6 +7,8 @@ import logging
 import os
 import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -28,10 +30,23 @@ MAX_IMAGE_PIXELS = 2 * 89_478_485
 
 _EXIF_ORIENTATION = 0x0112
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-# Pillow warns (not raises) between its limit and twice it, from inside Image.open. We enforce our
-# own limit instead, so that warning is suppressed around the header parse. warnings.catch_warnings
-# swaps process-global state; the lock keeps concurrent decodes from restoring each other's filters.
-_OPEN_LOCK = threading.Lock()
+# warnings.catch_warnings swaps process-global state; the lock keeps concurrent decodes from
+# restoring each other's filters. It is held only for header and EXIF parsing (microseconds).
+_QUIET_LOCK = threading.Lock()
+
+
+@contextmanager
+def _quiet_pil() -> Iterator[None]:
+    """Silence Pillow's warnings that we handle ourselves.
+
+    DecompressionBombWarning: Pillow warns between its limit and twice it from inside Image.open;
+    we apply MAX_IMAGE_PIXELS instead. UserWarning from PIL: "Corrupt EXIF data" and the like;
+    unreadable metadata must not fail (under -W error) or spam a batch run.
+    """
+    with _QUIET_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL(\.|$)")
+        yield
 
 
 def source_name(source: object) -> str:
@@ -116,12 +131,11 @@ def _decode_file(path: Path, label: str, draft_size: tuple[int, int] | None) -> 
 def _decode_stream(fp: IO[bytes], label: str, draft_size: tuple[int, int] | None) -> Image.Image:
     """Open (header only), check the size, then decode the first frame fully while `fp` is open."""
     try:
-        with _OPEN_LOCK, warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with _quiet_pil():
             im = Image.open(fp)
     except UnidentifiedImageError as e:
         raise DecodeError(label, "not a recognised image format") from e
-    except Image.DecompressionBombError as e:  # only if the user lowered Image.MAX_IMAGE_PIXELS
+    except Image.DecompressionBombError as e:  # Pillow's own limit (2x its warning limit) came first
         raise DecodeError(label, f"decompression bomb: {e}") from e
     except (OSError, SyntaxError, ValueError) as e:  # Pillow plugins signal bad headers all three ways
         raise DecodeError(label, f"corrupt image header: {e}") from e
@@ -152,7 +166,8 @@ def _oriented(im: Image.Image, *, copy: bool) -> Image.Image:
     A caller's image is transposed into a new image (`copy=True`) so it is never modified.
     """
     try:
-        orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+        with _quiet_pil():
+            orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
     except (OSError, SyntaxError, ValueError) as e:  # unreadable EXIF never makes the pixels unusable
         logger.debug("ignoring unreadable EXIF: %s", e)
         return im

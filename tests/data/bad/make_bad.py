@@ -77,6 +77,11 @@ def make_all() -> dict[str, bytes]:
         "exif_rotated.jpg": _jpeg(_two_colour(40, 20), exif=exif),
         "palette_transparency.png": _png(palette, transparency=bytes([0, 128])),
         "gray_alpha.png": _png(la),
+        # An EXIF block whose one IFD entry points past its end: Pillow warns "Corrupt EXIF data".
+        "corrupt_exif.jpg": _jpeg(
+            Image.new("RGB", (8, 8), (0, 128, 0)),
+            exif=b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x01\x00\x12\x01\x03\x00\x01\x00\x00\x00\x09\x00\x00\x00",
+        ),
     }
 
 
