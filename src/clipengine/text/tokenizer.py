@@ -102,7 +102,7 @@ def _clean(text: str) -> str:
     return collapsed.strip().lower()
 
 
-def _read_bpe_file(path: Path | None) -> list[str]:
+def _read_bpe_file(path: str | Path | None) -> list[str]:
     """Lines of the gzipped merges file; the bundled vocabulary unless `path` is given."""
     if path is not None:
         data = Path(path).read_bytes()
@@ -129,7 +129,7 @@ class Tokenizer:
         (2, 77)
     """
 
-    def __init__(self, bpe_path: Path | None = None) -> None:
+    def __init__(self, bpe_path: str | Path | None = None) -> None:
         lines = _read_bpe_file(bpe_path)
         merges = [tuple(line.split()) for line in lines[1 : _N_MERGES + 1]]
         if len(merges) != _N_MERGES or any(len(m) != 2 for m in merges):
