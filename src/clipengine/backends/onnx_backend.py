@@ -2,7 +2,8 @@
 
 Fixed-batch engines are run the seed's way: the input is cut into pieces the size of an engine
 batch (the largest engine batch that fits the rows left, so 40 images on b1/b8/b16/b32 engines run
-as 32 + 8), and a last piece smaller than every engine is padded and the padding rows dropped.
+as 32 + 8), and a piece smaller than every engine (or nearly filling a larger one: 31 -> b32) is
+padded and the padding rows dropped. A dynamic engine takes any N (in slices of DEFAULT_MAX_BATCH).
 """
 
 from __future__ import annotations
@@ -109,13 +110,22 @@ class OnnxEngine:
 
 
 def _plan(n: int, batches: list[int]) -> list[tuple[int, int, int]]:
-    """Cut n rows into (start, rows, engine_batch) pieces: largest batch <= rows left, else smallest."""
+    """Cut n rows into (start, rows, engine_batch) pieces.
+
+    Per piece: the largest engine batch <= rows left; but when a larger engine would be padded by at
+    most a quarter of the rows left (31 rows -> one b32 call, not 16 + 8 + 7 x b1), that one.
+    Rows left below every engine batch go to the smallest engine, padded.
+    """
     pieces, start = [], 0
     ordered = sorted(batches)
     while start < n:
         left = n - start
         fitting = [b for b in ordered if b <= left]
-        b = fitting[-1] if fitting else ordered[0]
+        larger = [b for b in ordered if b > left]
+        if not fitting or (larger and fitting[-1] != left and larger[0] - left <= left // 4):
+            b = larger[0]
+        else:
+            b = fitting[-1]
         rows = min(b, left)
         pieces.append((start, rows, b))
         start += rows

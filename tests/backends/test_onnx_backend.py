@@ -1,0 +1,225 @@
+"""OnnxBackend: engine choice per batch size, padding invariance, errors, providers, and no-torch use."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipengine.backends import create_backend
+from clipengine.backends.onnx_backend import OnnxBackend, _plan, resolve_providers
+from clipengine.errors import BackendError
+from clipengine.types import Backend
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> Path:  # type: ignore[no-untyped-def]
+    """Tiny ViT, fp32 + int8, image engines b1/b4, text b2, projection split off (the seed's layout)."""
+    from clipengine.export.onnx import export_model
+
+    out = tmp_path_factory.mktemp("onnx_backend") / "tiny"
+    export_model(tiny_model, out, precisions=("fp32", "int8"), image_batches=(1, 4), text_batches=(2,),
+                 split_text_projection=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pixels() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((11, 3, 32, 32)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def tokens() -> np.ndarray:
+    from clipengine.text.tokenizer import tokenize
+
+    return tokenize(["a cat", "a dog", "a photo of a red bus", "CLIP", "a diagram"])
+
+
+def _torch_reference(model, pixels=None, tokens=None):  # type: ignore[no-untyped-def]
+    import torch
+
+    with torch.no_grad():
+        out = (model.encode_image(torch.from_numpy(pixels)) if pixels is not None
+               else model.encode_text(torch.from_numpy(tokens))).numpy()
+    return out / np.linalg.norm(out, axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize(
+    ("n", "batches", "expected"),
+    [
+        (40, [1, 8, 16, 32], [(0, 32, 32), (32, 8, 8)]),
+        (3, [8, 16], [(0, 3, 8)]),  # smaller than every engine: one padded call
+        (11, [1, 4], [(0, 4, 4), (4, 4, 4), (8, 1, 1), (9, 1, 1), (10, 1, 1)]),
+        (5, [4], [(0, 4, 4), (4, 1, 4)]),
+        (31, [1, 8, 16, 32], [(0, 31, 32)]),  # one padded row beats 16 + 8 + 7 x b1
+        (17, [1, 8, 16, 32], [(0, 16, 16), (16, 1, 1)]),  # padding 15 rows would waste more
+    ],
+)
+def test_plan_uses_largest_engine_that_fits(n: int, batches: list[int], expected: list[tuple[int, int, int]]) -> None:
+    assert _plan(n, batches) == expected
+
+
+def test_backend_matches_torch_and_satisfies_protocol(export_dir: Path, tiny_model, pixels, tokens) -> None:  # type: ignore[no-untyped-def]
+    backend = create_backend("onnx", export_dir, precision="fp32")
+    assert isinstance(backend, Backend)
+    assert (backend.name, backend.device, backend.precision) == ("onnx", "cpu", "fp32")
+    assert (backend.embed_dim, backend.image_size, backend.context_length) == (32, 32, 77)
+    assert backend.providers == ["CPUExecutionProvider"]
+    images = backend.encode_images(pixels)
+    texts = backend.encode_texts(tokens)
+    assert images.dtype == np.float32 and images.shape == (11, 32)
+    np.testing.assert_allclose(np.linalg.norm(images, axis=1), 1.0, atol=1e-6)
+    assert np.abs(images - _torch_reference(tiny_model, pixels=pixels)).max() <= 1e-4
+    assert np.abs(texts - _torch_reference(tiny_model, tokens=tokens)).max() <= 1e-4
+
+
+def test_int8_backend_within_bound(export_dir: Path, tiny_model, pixels, tokens) -> None:  # type: ignore[no-untyped-def]
+    backend = OnnxBackend(export_dir, precision="int8", intra_op_threads=1)
+    cos_img = (backend.encode_images(pixels) * _torch_reference(tiny_model, pixels=pixels)).sum(1)
+    cos_txt = (backend.encode_texts(tokens) * _torch_reference(tiny_model, tokens=tokens)).sum(1)
+    assert cos_img.min() >= 0.99 and cos_txt.min() >= 0.99
+
+
+def test_same_image_alone_or_inside_a_padded_batch(export_dir: Path, pixels) -> None:  # type: ignore[no-untyped-def]
+    backend = OnnxBackend(export_dir)
+    batched = backend.encode_images(pixels[:3])  # one b4 call with a padding row
+    for i in range(3):
+        alone = backend.encode_images(pixels[i : i + 1])  # the b1 engine
+        np.testing.assert_allclose(alone[0], batched[i], atol=1e-6)
+    np.testing.assert_allclose(backend.encode_images(pixels)[:3], batched, atol=1e-6)
+
+
+def test_text_batch_invariance_with_padding(export_dir: Path, tokens) -> None:  # type: ignore[no-untyped-def]
+    backend = OnnxBackend(export_dir)
+    together = backend.encode_texts(tokens)  # b2 engine: 2 + 2 + 1 padded
+    for i in range(len(tokens)):
+        np.testing.assert_allclose(backend.encode_texts(tokens[i : i + 1])[0], together[i], atol=1e-6)
+
+
+def test_empty_inputs_give_empty_outputs(export_dir: Path) -> None:
+    backend = OnnxBackend(export_dir)
+    assert backend.encode_images(np.zeros((0, 3, 32, 32), np.float32)).shape == (0, 32)
+    assert backend.encode_texts(np.zeros((0, 77), np.int64)).shape == (0, 32)
+
+
+def test_wrong_shapes_are_rejected(export_dir: Path) -> None:
+    backend = OnnxBackend(export_dir)
+    with pytest.raises(BackendError, match=r"\(N, 3, 32, 32\)"):
+        backend.encode_images(np.zeros((1, 3, 64, 64), np.float32))
+    with pytest.raises(BackendError, match=r"\(N, 77\)"):
+        backend.encode_texts(np.zeros((1, 20), np.int64))
+
+
+def test_missing_precision_lists_available_ones(export_dir: Path) -> None:
+    with pytest.raises(BackendError, match=r"no fp16 engines.*has: fp32, int8"):
+        OnnxBackend(export_dir, precision="fp16")
+
+
+def test_not_an_export_folder(tmp_path: Path) -> None:
+    with pytest.raises(BackendError, match="no export manifest"):
+        OnnxBackend(tmp_path)
+
+
+def test_cuda_without_provider_is_an_error(export_dir: Path) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.raises(BackendError, match="CUDAExecutionProvider"):
+        OnnxBackend(export_dir, device="cuda")
+
+
+def test_changed_file_is_caught_by_verify_files(export_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(export_dir, folder)
+    with open(folder / "image_fp32_b4.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(BackendError, match="SHA-256"):
+        OnnxBackend(folder, verify_files=True).encode_images(np.zeros((4, 3, 32, 32), np.float32))
+
+
+def test_missing_projection_file_is_an_error(export_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(export_dir, folder)
+    (folder / "text_projection_64_32.npy").unlink()
+    with pytest.raises(BackendError, match="text_projection_64_32.npy"):
+        OnnxBackend(folder)
+
+
+def test_resolve_providers_prefers_gpu_order_and_rejects_unknown_device() -> None:
+    assert resolve_providers("cpu") == ["CPUExecutionProvider"]
+    with pytest.raises(BackendError, match="unknown device"):
+        resolve_providers("tpu")
+
+
+_NO_TORCH = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+
+    class BlockTorch(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch" or name.startswith("torch."):
+                raise ModuleNotFoundError(f"No module named {name!r} (blocked)")
+            return None
+
+    sys.meta_path.insert(0, BlockTorch())
+    import numpy as np
+    import clipengine
+
+    model = clipengine.load(sys.argv[1], precision="int8")
+    images = model.encode_images(np.zeros((5, 3, 32, 32), np.float32))
+    texts = model.encode_texts(["a cat", "a dog", "a bus"])
+    probs = model.classify(np.zeros((1, 3, 32, 32), np.float32), ["cat", "dog"])
+    print(json.dumps({"images": list(images.shape), "texts": list(texts.shape),
+                      "labels": sorted(label for label, _ in probs[0]),
+                      "providers": model.backend.providers,
+                      "torch_loaded": any(m == "torch" or m.startswith("torch.") for m in sys.modules)}))
+    """
+)
+
+
+@pytest.mark.integration
+def test_onnx_backend_runs_without_torch(export_dir: Path, tmp_path: Path) -> None:
+    script = tmp_path / "no_torch.py"
+    script.write_text(_NO_TORCH)
+    proc = subprocess.run([sys.executable, str(script), str(export_dir)], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"images": [5, 32], "texts": [3, 32], "labels": ["cat", "dog"],
+                      "providers": ["CPUExecutionProvider"], "torch_loaded": False}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_cuda_provider_matches_cpu(export_dir: Path, pixels, tokens, precision: str) -> None:  # type: ignore[no-untyped-def]
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime without CUDAExecutionProvider")
+    cpu = OnnxBackend(export_dir, precision=precision)
+    gpu = OnnxBackend(export_dir, device="cuda", precision=precision)
+    assert gpu.providers[0] == "CUDAExecutionProvider"
+    assert (gpu.encode_images(pixels) * cpu.encode_images(pixels)).sum(1).min() >= 0.999
+    assert (gpu.encode_texts(tokens) * cpu.encode_texts(tokens)).sum(1).min() >= 0.999
+
+
+@pytest.mark.gpu
+def test_tensorrt_provider_when_installed(export_dir: Path, pixels) -> None:  # type: ignore[no-untyped-def]
+    import onnxruntime as ort
+
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime without TensorrtExecutionProvider")
+    gpu = OnnxBackend(export_dir, device="cuda", tensorrt=True)
+    assert gpu.providers[0] == "TensorrtExecutionProvider"
+    cpu = OnnxBackend(export_dir)
+    assert (gpu.encode_images(pixels) * cpu.encode_images(pixels)).sum(1).min() >= 0.999

@@ -1,0 +1,100 @@
+"""Manifest round trip, file naming, atomic writes and read errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from clipengine.errors import BackendError
+from clipengine.export.manifest import (
+    EngineInfo,
+    Manifest,
+    Parity,
+    TensorSpec,
+    atomic_path,
+    engine_file_name,
+    projection_file_name,
+    read_manifest,
+    write_manifest,
+)
+
+
+def _manifest() -> Manifest:
+    engine = EngineInfo(
+        tower="image", precision="fp16", batch=None, file="image_fp16_dyn.onnx", sha256="ab" * 32,
+        inputs=[TensorSpec("pixels", ["batch", 3, 32, 32], "float32")],
+        outputs=[TensorSpec("embeddings", ["batch", 32], "float32")],
+        parity=Parity(max_abs=1e-4, min_cos=0.9999, bound={"min_cos": 0.999}, passed=True, samples=7),
+    )
+    fixed = EngineInfo(tower="text", precision="int8", batch=4, file="text_int8_b4.onnx", sha256="cd" * 32,
+                       inputs=[], outputs=[], quantization="dynamic")
+    return Manifest(model="tiny", pretrained=None, architecture={"embed_dim": 32}, preprocess={"image_size": 32},
+                    context_length=77, logit_scale=100.0, embed_dim=32, image_size=32, engines=[engine, fixed])
+
+
+def test_file_names_follow_the_contract() -> None:
+    assert engine_file_name("image", "fp32", 8) == "image_fp32_b8.onnx"
+    assert engine_file_name("text", "int8", None) == "text_int8_dyn.onnx"
+    assert projection_file_name(512, 512) == "text_projection_512_512.npy"
+
+
+def test_round_trip_through_json(tmp_path: Path) -> None:
+    manifest = _manifest()
+    write_manifest(manifest, tmp_path)
+    assert read_manifest(tmp_path) == manifest
+    assert read_manifest(tmp_path / "manifest.json") == manifest
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
+def test_select_and_precisions() -> None:
+    manifest = _manifest()
+    assert manifest.precisions == ["fp16", "int8"]
+    assert [e.file for e in manifest.select("text", "int8")] == ["text_int8_b4.onnx"]
+    assert manifest.select("image", "fp32") == []
+
+
+def test_unknown_keys_from_newer_writers_are_ignored(tmp_path: Path) -> None:
+    data = _manifest().to_dict()
+    data["future_field"] = 1
+    data["engines"][0]["future_engine_field"] = "x"
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    assert read_manifest(tmp_path).engines[0].file == "image_fp16_dyn.onnx"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no export manifest"),
+        ("{not json", "not a valid clipengine export manifest"),
+        (json.dumps({"model": "x"}), "not a valid clipengine export manifest"),
+    ],
+)
+def test_bad_manifests_raise_backend_error(tmp_path: Path, content: str | None, message: str) -> None:
+    if content is not None:
+        (tmp_path / "manifest.json").write_text(content)
+    with pytest.raises(BackendError, match=message):
+        read_manifest(tmp_path)
+
+
+def test_newer_format_asks_for_upgrade(tmp_path: Path) -> None:
+    data = _manifest().to_dict()
+    data["format_version"] = 99
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(BackendError, match="upgrade clipengine"):
+        read_manifest(tmp_path)
+
+
+def test_atomic_path_keeps_old_file_when_writing_fails(tmp_path: Path) -> None:
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new"
+    assert target.stat().st_mode & 0o044  # readable by others like any normal file, not mkstemp's 0600
