@@ -60,7 +60,12 @@ def _serve(args: argparse.Namespace) -> None:
         from clipengine.api import load
 
         model = load(args.model, device=args.device)
-    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=4096)
+    settings = ServeSettings(
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=4096,
+        request_timeout_s=args.request_timeout,
+    )
     uvicorn.run(create_app(model, None, settings), host="127.0.0.1", port=args.port, log_level="warning")
 
 
@@ -97,6 +102,8 @@ def _start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], st
         str(args.max_wait_ms),
         "--device",
         args.device,
+        "--request-timeout",
+        str(args.request_timeout),
     ]
     cmd += ["--random-arch", args.random_arch] if args.random_arch else ["--model", args.model]
     proc = subprocess.Popen(cmd)
@@ -164,12 +171,12 @@ async def _level(
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits, headers=headers) as client:
         before = _batch_stats((await client.get("/metrics")).text)
         latencies: list[float] = []
-        errors = 0
+        errors: dict[str, int] = {}
         next_i = 0
         stop_at = time.perf_counter() + max_seconds
 
         async def worker() -> None:
-            nonlocal next_i, errors
+            nonlocal next_i
             while next_i < total and time.perf_counter() < stop_at:
                 i = next_i
                 next_i += 1
@@ -177,7 +184,8 @@ async def _level(
                 t0 = time.perf_counter()
                 r = await client.post(path, **kw)
                 latencies.append(time.perf_counter() - t0)
-                errors += r.status_code != 200
+                if r.status_code != 200:
+                    errors[str(r.status_code)] = errors.get(str(r.status_code), 0) + 1
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
@@ -192,7 +200,8 @@ async def _level(
     return {
         "clients": clients,
         "requests": len(latencies),
-        "errors": errors,
+        "errors": sum(errors.values()),
+        "error_codes": errors,
         "seconds": round(elapsed, 2),
         "rps": round(len(latencies) / elapsed, 1),
         "p50_ms": round(float(np.percentile(lat, 50)), 1),
@@ -216,6 +225,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-seconds", type=float, default=30.0, help="Most seconds per level.")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--request-timeout", type=float, default=120.0, help="Server's 504 limit, seconds.")
     p.add_argument("--api-key", default=os.environ.get("CLIPENGINE_API_KEY"))
     p.add_argument("--json", action="store_true", help="Print one JSON object instead of a table.")
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -258,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(
             f"{r['clients']:>7} {r['requests']:>8} {r['errors']:>6} {r['rps']:>8} {r['p50_ms']:>8} "
-            f"{r['p99_ms']:>8}  {r['mean_batch']}"
+            f"{r['p99_ms']:>8}  {r['mean_batch']}  {r['error_codes'] or ''}"
         )
     return 0
 
