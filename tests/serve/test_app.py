@@ -220,6 +220,12 @@ BAD_JSON = [
     ("/v1/search", {"text": "x", "k": 101}, "invalid_request"),
     ("/v1/search", {"text": "x", "k": "many"}, "invalid_request"),
     ("/v1/search", {"text": "x", "k": 2.5}, "invalid_request"),
+    ("/v1/search", {"text": "x", "k": "5"}, "invalid_request"),
+    ("/v1/search", {"text": "x", "k": True}, "invalid_request"),
+    ("/v1/search", {"text": "x", "k": None}, "invalid_request"),
+    ("/v1/embeddings/texts", {"texts": None}, "invalid_request"),
+    ("/v1/embeddings/texts", {"texts": [None]}, "invalid_request"),
+    ("/v1/embeddings/texts", {"texts": [["nested"]]}, "invalid_request"),
     ("/v1/search", {"k": 3}, "invalid_request"),
     ("/v1/search", {"text": "x", "image": _b64(png_bytes(1))}, "invalid_request"),
     ("/v1/search", {"text": 7}, "invalid_request"),
@@ -254,6 +260,9 @@ def test_multipart_field_problems(make_client: Any) -> None:
     _error(c.post("/v1/embeddings/images", data={"files": "not a file"}), 422, "invalid_request")
     _error(c.post("/v1/search", data={"text": "x", "k": "lots"}), 422, "invalid_request")
     _error(c.post("/v1/search", data={"k": "3"}), 422, "invalid_request")
+    two = _files(png_bytes(1), png_bytes(2))
+    _error(c.post("/v1/search", files=two), 422, "invalid_request")
+    _error(c.post("/v1/search", data={"text": ["a", "b"]}), 422, "invalid_request")
 
 
 def test_no_index_means_search_is_404(make_client: Any) -> None:

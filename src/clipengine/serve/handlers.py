@@ -189,6 +189,10 @@ class ApiHandlers:
         else:
             images, fields = await self.read_images_and_fields(request)
             self.reject_unknown(fields, {"text", "k"})
+            if len(images) > 1 or len(fields.get("text", [])) > 1 or len(fields.get("k", [])) > 1:
+                raise ApiError(
+                    422, "invalid_request", "search takes one query: one 'text' or one image, one 'k'"
+                )
             text = fields["text"][0] if fields.get("text") else None
             image = images[0] if images else None
             k = _parse_int(fields.get("k", ["10"])[0], "k")

@@ -18,7 +18,8 @@ __all__ = [
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # a misspelt field is a 422, not silently ignored
+    # A misspelt field is a 422, not silently ignored; "5" or true is not an int, 1 is not a str.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TextsRequest(_Strict):
