@@ -151,7 +151,7 @@ def test_missing_projection_file_is_an_error(export_dir: Path, tmp_path: Path) -
     folder = tmp_path / "copy"
     shutil.copytree(export_dir, folder)
     (folder / "text_projection_64_32.npy").unlink()
-    with pytest.raises(BackendError, match="text_projection_64_32.npy"):
+    with pytest.raises(BackendError, match=r"text_projection_64_32\.npy"):
         OnnxBackend(folder)
 
 

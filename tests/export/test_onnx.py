@@ -122,7 +122,7 @@ def test_fp16_engines_keep_float32_io_and_finite_weights(vit_fixed_export) -> No
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 @pytest.mark.parametrize("export", ["vit_fixed_export", "vit_dynamic_split_export", "resnet_static_export"])
 def test_round_trip_export_load_encode(export: str, precision: str, request, clip_png: Path) -> None:  # type: ignore[no-untyped-def]
-    folder, manifest = request.getfixturevalue(export)
+    folder, _ = request.getfixturevalue(export)
     model = request.getfixturevalue("tiny_resnet_model" if export == "resnet_static_export" else "tiny_model")
     clip = load_export(folder, precision=precision)
     pixels = np.stack([clip.preprocess(clip_png)] + [clip.preprocess(clip_png)[:, ::-1].copy()] * 2)

@@ -242,7 +242,8 @@ class OnnxBackend:
         path = self.root / spec["file"]
         if not path.is_file():
             raise BackendError(f"{path}: text projection listed in the manifest is missing")
-        return np.load(path).astype(np.float32)
+        projection: np.ndarray = np.load(path).astype(np.float32)  # (W, D)
+        return projection
 
     def _open(self, info: EngineInfo) -> OnnxEngine:
         path = self.root / info.file

@@ -53,26 +53,38 @@ def format_summary(manifest: Manifest) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
+_OUTPUT = typer.Option(..., "--output", "-o", help="Export folder, e.g. models/ViT-B-32/.")
+_PRETRAINED = typer.Option(None, "--pretrained", help="Weights tag, e.g. openai.")
+_CHECKPOINT = typer.Option(None, "--checkpoint", help="Checkpoint file instead of MODEL's weights.")
+_PRECISION = typer.Option("fp32", "--precision", help="Comma list of fp32, fp16, int8.")
+_IMAGE_BATCH = typer.Option("1,8,16,32", "--image-batch", help="Fixed image engine batch sizes.")
+_TEXT_BATCH = typer.Option("4", "--text-batch", help="Fixed text engine batch sizes.")
+_DYNAMIC = typer.Option(False, "--dynamic", help="One dynamic-batch engine per tower instead.")
+_SPLIT = typer.Option(
+    False, "--split-text-projection", help="Text graph outputs token states; projection saved as .npy."
+)
+_CALIBRATION = typer.Option(None, "--calibration-dir", help="Images for static INT8 (default: dynamic INT8).")
+_SAMPLES = typer.Option(None, "--sample-dir", help="Extra images to verify parity on.")
+_NO_VERIFY = typer.Option(False, "--no-verify", help="Skip parity checks (not recommended).")
+_DOWNLOAD = typer.Option(False, "--download", help="Allow downloading missing weights.")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("export")
     def export(
         model: str = typer.Argument(..., help="Model name (ViT-B-32, RN50@openai, ...), checkpoint or folder."),
-        output: Path = typer.Option(..., "--output", "-o", help="Export folder, e.g. models/ViT-B-32/."),
-        pretrained: str | None = typer.Option(None, "--pretrained", help="Weights tag, e.g. openai."),
-        checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Checkpoint file instead of MODEL's weights."),
-        precision: str = typer.Option("fp32", "--precision", help="Comma list of fp32, fp16, int8."),
-        image_batch: str = typer.Option("1,8,16,32", "--image-batch", help="Fixed image engine batch sizes."),
-        text_batch: str = typer.Option("4", "--text-batch", help="Fixed text engine batch sizes."),
-        dynamic: bool = typer.Option(False, "--dynamic", help="One dynamic-batch engine per tower instead."),
-        split_text_projection: bool = typer.Option(
-            False, "--split-text-projection", help="Text graph outputs token states; projection saved as .npy."
-        ),
-        calibration_dir: Path | None = typer.Option(
-            None, "--calibration-dir", help="Images for static INT8 calibration (default: dynamic INT8)."
-        ),
-        sample_dir: Path | None = typer.Option(None, "--sample-dir", help="Extra images to verify parity on."),
-        no_verify: bool = typer.Option(False, "--no-verify", help="Skip parity checks (not recommended)."),
-        download: bool = typer.Option(False, "--download", help="Allow downloading missing weights."),
+        output: Path = _OUTPUT,
+        pretrained: str | None = _PRETRAINED,
+        checkpoint: Path | None = _CHECKPOINT,
+        precision: str = _PRECISION,
+        image_batch: str = _IMAGE_BATCH,
+        text_batch: str = _TEXT_BATCH,
+        dynamic: bool = _DYNAMIC,
+        split_text_projection: bool = _SPLIT,
+        calibration_dir: Path | None = _CALIBRATION,
+        sample_dir: Path | None = _SAMPLES,
+        no_verify: bool = _NO_VERIFY,
+        download: bool = _DOWNLOAD,
     ) -> None:
         """Export MODEL to ONNX engines, verify each against PyTorch, and write manifest.json."""
         from ..export.onnx import export_model

@@ -150,6 +150,11 @@ def _calibration_pixels(images: Any, cfg: PreprocessConfig) -> np.ndarray | None
     return np.stack([preprocess(source, cfg) for source in images]).astype(np.float32)
 
 
+def _batch_list(batches: Sequence[int] | None) -> list[int | None]:
+    """Fixed batch sizes, or [None] for one dynamic-batch engine."""
+    return [int(b) for b in batches] if batches else [None]
+
+
 def _move(work: Path, out: Path, names: Sequence[str | None]) -> None:
     """Rename finished files into the export folder (weights data before the graph that needs it)."""
     for name in reversed([n for n in names if n]):
@@ -210,16 +215,16 @@ def export_model(
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_FILE).unlink(missing_ok=True)  # a half-rewritten folder must not look complete
 
-    samples = {"image": sample_images(pre, sample_images_from), "text": sample_texts(cfg.text.context_length)}
+    samples: dict[str, np.ndarray] = {"image": sample_images(pre, sample_images_from), "text": sample_texts(cfg.text.context_length)}
     with torch.no_grad():
-        reference = {
+        reference: dict[str, np.ndarray] = {
             "image": model.encode_image(torch.from_numpy(samples["image"])).numpy(),
             "text": model.encode_text(torch.from_numpy(samples["text"])).numpy(),
         }
-    calibration = {"image": _calibration_pixels(calibration_images, pre), "text": None}
+    calibration: dict[str, np.ndarray | None] = {"image": _calibration_pixels(calibration_images, pre), "text": None}
     if calibration["image"] is not None:
         calibration["text"] = calibration_texts(cfg.text.context_length)
-    projection = None
+    projection: dict[str, Any] | None = None
     if split_text_projection:
         w, d = model.text_projection.shape
         projection = {"file": projection_file_name(w, d), "shape": [w, d]}
@@ -230,9 +235,9 @@ def export_model(
         if projection is not None:
             np.save(work / projection["file"], model.text_projection.detach().numpy().astype(np.float32))
             projection["sha256"] = file_sha256(work / projection["file"])
-        batches = {"image": image_batches, "text": text_batches}
+        batches = {"image": _batch_list(image_batches), "text": _batch_list(text_batches)}
         for tower in ("image", "text"):
-            for batch in list(batches[tower] or [None]):
+            for batch in batches[tower]:
                 engines += _build_engines(
                     model, tower, batch, precisions, split_text_projection and tower == "text",
                     work, out, samples[tower], reference[tower], calibration[tower], verify, say,

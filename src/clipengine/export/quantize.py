@@ -142,7 +142,13 @@ def _quantize(
     op_types: Sequence[str] | None,
     threshold: int | None,
 ) -> tuple[str, str | None]:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     size = sum(p.stat().st_size for p in src.parent.glob(f"{src.name}*"))  # .onnx + .onnx.data
     external = size > (EXTERNAL_DATA_THRESHOLD if threshold is None else threshold)
@@ -153,7 +159,7 @@ def _quantize(
         )
         return "dynamic", _external_name(dst)
     quantize_static(
-        str(src), str(dst), _Reader(input_name, calibration, batch),  # type: ignore[arg-type]
+        str(src), str(dst), _Reader(input_name, calibration, batch),
         quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
         activation_type=QuantType.QUInt8, calibrate_method=CalibrationMethod.MinMax,
         op_types_to_quantize=list(op_types or INT8_STATIC_OP_TYPES), use_external_data_format=external,

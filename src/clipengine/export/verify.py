@@ -71,7 +71,7 @@ def calibration_texts(context_length: int = 77, n: int = 64) -> IntArray:
 
 def image_variants(img: Any) -> list[Any]:
     """An image, its mirror, its top-left quarter and its grayscale: four views per sample file."""
-    from PIL import Image, ImageOps
+    from PIL import ImageOps
 
     img = img.convert("RGB")
     w, h = img.size

@@ -1,0 +1,53 @@
+"""`clipengine export`: option parsing, progress lines and the parity summary table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from clipengine.cli.app import app
+from clipengine.cli.export import parse_batches, parse_precisions
+
+
+def test_parse_options() -> None:
+    assert parse_precisions("fp16, int8,fp16") == ["fp16", "int8"]
+    assert parse_batches("32,1,8,8") == [1, 8, 32]
+    with pytest.raises(typer.BadParameter, match="fp32, fp16, int8"):
+        parse_precisions("fp32,int4")
+    with pytest.raises(typer.BadParameter, match="positive"):
+        parse_batches("0,4")
+    with pytest.raises(typer.BadParameter, match="comma list"):
+        parse_batches("a")
+
+
+def test_bad_precision_is_a_usage_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["export", "ViT-B-32", "-o", str(tmp_path), "--precision", "int4"])
+    assert result.exit_code == 2 and "int4" in result.output
+
+
+def test_export_command_prints_progress_and_summary(tmp_path: Path, tiny_model, tiny_config, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from clipengine.image.preprocess import PreprocessConfig
+    from clipengine.models import load
+
+    seen = {}
+
+    def fake_load_model(name_or_path, pretrained=None, *, allow_download=False, arch=None):  # type: ignore[no-untyped-def]
+        seen.update(name=str(name_or_path), pretrained=pretrained, allow_download=allow_download)
+        return load.LoadedModel(tiny_model, tiny_config, PreprocessConfig(image_size=32), "tiny-vit", "test", "mem")
+
+    monkeypatch.setattr(load, "load_model", fake_load_model)
+    out = tmp_path / "models" / "tiny"
+    result = CliRunner().invoke(app, ["export", "tiny-vit", "-o", str(out), "--pretrained", "test",
+                                      "--precision", "fp32,int8", "--dynamic", "--download"])
+    assert result.exit_code == 0, result.output
+    assert seen == {"name": "tiny-vit", "pretrained": "test", "allow_download": True}
+    lines = result.output.splitlines()
+    assert any(line.startswith("exported image dynamic batch") for line in lines)
+    header = next(i for i, line in enumerate(lines) if line.startswith("engine"))
+    table = lines[header + 1 :]
+    assert len(table) == 4 and all(line.rstrip().endswith("yes") for line in table)
+    assert any("text_int8_dyn.onnx" in line and "int8/dynamic" in line for line in table)
+    assert (out / "manifest.json").is_file()
