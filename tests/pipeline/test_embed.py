@@ -46,3 +46,16 @@ def test_lazy_backend_builds_once_on_first_use(fake_factory) -> None:  # type: i
 def test_lazy_backend_rejects_a_factory_returning_junk() -> None:
     with pytest.raises(BackendError, match="returned int"):
         LazyBackend(lambda: 3).get()  # type: ignore[arg-type,return-value]
+
+
+def test_pipeline_imports_no_backend_runtime() -> None:
+    """The pipeline knows only the Backend protocol: importing it pulls in neither torch nor onnxruntime."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, clipengine.pipeline.run, clipengine.pipeline.batching, clipengine.bench.timing, "
+        "clipengine.report; print(sorted({'torch', 'onnxruntime', 'ray'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
