@@ -195,9 +195,11 @@ def _ensure_ray(address: str | None, num_cpus: int | None) -> bool:
     if ray.is_initialized():
         return False
     if address is None:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(
+            num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
+        )
     else:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     return True
 
 
@@ -340,7 +342,8 @@ def _run_job(
     started = _ensure_ray(address, max(int(num_actors * num_cpus), 1) if address is None else None)
     try:
         ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
+        ctx.enable_progress_bars = False  # the caller's `progress` callback reports per partition
+        ctx.print_on_execution_start = False
         rows = [
             {"partition_id": p.id, "items": json.dumps([[i.id, _encode(i)] for i in p.items])} for p in todo
         ]

@@ -28,6 +28,9 @@ KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 AUTO_EXACT_MAX = 100_000
 _MIN_POINTS_PER_CENTROID = 39  # faiss k-means warns (and clusters badly) below this
 _PQ_BITS = 8  # bits per PQ sub-code
+# k-means trains on at most this many points per list (faiss' own cap is 256): 4x less training time
+# at N >= 64 * nlist, for a recall loss too small to measure on clustered data.
+_TRAIN_POINTS_PER_CENTROID = 64
 
 
 @dataclass(frozen=True)
@@ -148,11 +151,20 @@ def create_faiss_index(dim: int, params: IndexParams, train_vectors: FloatArray 
             index = faiss.IndexIVFPQ(
                 quantizer, dim, nlist, params.pq_m or _default_pq_m(dim), _PQ_BITS, metric
             )
-        index.train(np.ascontiguousarray(train_vectors, dtype=np.float32))
+        index.train(_training_sample(train_vectors, nlist))
         index.nprobe = params.nprobe or 1
     else:
         raise ValueError(f"unknown index kind {params.kind!r}")
     return index
+
+
+def _training_sample(vectors: FloatArray, nlist: int) -> FloatArray:
+    """A deterministic random subset of at most nlist * _TRAIN_POINTS_PER_CENTROID rows."""
+    cap = nlist * _TRAIN_POINTS_PER_CENTROID
+    if len(vectors) > cap:
+        rows = np.sort(np.random.default_rng(0).choice(len(vectors), cap, replace=False))
+        vectors = vectors[rows]
+    return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
 def search_parameters(params: IndexParams, nprobe: int | None = None, ef_search: int | None = None) -> Any:
