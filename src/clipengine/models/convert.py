@@ -101,18 +101,24 @@ def _arch_label(model: torch.nn.Module) -> str:
 
 
 def load_into(model: CLIP, state: Mapping[str, torch.Tensor], source: str) -> CLIP:
-    """Strictly check, then copy `state` into `model` (cast to the model's dtype). Returns `model`.
+    """Strictly check `state` against `model`, then load it. Returns `model` in float32, eval mode.
 
-    BatchNorm's `num_batches_tracked` counters (unused at inference) may be absent.
+    `model` may live on the meta device (built without random init): the checkpoint's tensors are
+    then assigned, not copied. BatchNorm's `num_batches_tracked` counters (unused at inference)
+    may be absent from `state`.
+
+    Raises:
+        CheckpointError: missing / unexpected keys or shape mismatches (nothing is loaded).
     """
     state = dict(state)
-    for key, value in model.state_dict().items():
+    for key in model.state_dict():
         if key.endswith("num_batches_tracked") and key not in state:
-            state[key] = value
+            state[key] = torch.zeros((), dtype=torch.long)
     check_state_dict(model, state, source)
+    on_meta = any(p.is_meta for p in model.parameters())
     with torch.no_grad():
-        model.load_state_dict(state, strict=True)
-    return model
+        model.load_state_dict(state, strict=True, assign=on_meta)
+    return model.float().eval()
 
 
 # ----------------------------------------------------------------------------- config from shapes

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..image.preprocess import PreprocessConfig
-from .clip import CLIP, build_model
+from .clip import CLIP
 from .config import CLIPConfig, get_config
 from .convert import (
     OPENAI_METADATA_KEYS,
@@ -101,7 +102,7 @@ def load_model(
         state, _ = read_checkpoint(path)
         cfg = hints.arch or get_config(source.arch)
         cfg = cfg.with_quick_gelu(quick)
-        module = load_into(build_model(cfg), state, str(path))
+        module = _load(cfg, state, str(path))
         return LoadedModel(module, cfg, source.preprocess, source.arch, source.tag, str(path))
     if spec.kind == "hf-hub":
         folder = fetch_hub(spec.name, allow_download=allow_download, progress=progress)
@@ -124,7 +125,30 @@ def _hints(arch: str | CLIPConfig | None, spec: ModelSpec) -> _Hints:
     return _Hints(get_config(hinted.name), quick if quick is not None else hinted.quick_gelu)
 
 
+def _empty_model(cfg: CLIPConfig) -> CLIP:
+    """CLIP(cfg) on the meta device: no random init (seconds for ViT-B, minutes for bigG)."""
+    with torch.device("meta"):
+        return CLIP(cfg)
+
+
+def _load(cfg: CLIPConfig, state: StateDict, source: str) -> CLIP:
+    """Strictly load `state` into a fresh CLIP(cfg); rebuild the non-persistent causal mask."""
+    module = load_into(_empty_model(cfg), state, source)
+    length = cfg.text.context_length
+    # Same values as CLIP.__init__: additive mask, finite -1e4 above the diagonal (fp16-safe).
+    module.attn_mask = torch.full((length, length), -1e4).triu_(1)
+    stray = [name for name, buf in module.named_buffers() if buf.is_meta]
+    if stray:
+        raise CheckpointError(f"{source}: buffers not restored: {', '.join(stray)}")
+    return module.eval()
+
+
 # ----------------------------------------------------------------------------- files
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -155,12 +179,15 @@ def read_checkpoint(path: Path) -> tuple[StateDict, bool]:
             return unwrap_state_dict(dict(raw)), True
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found is None:
+            raise CheckpointError(f"{path}: not a readable checkpoint (not a tensor pickle)") from e
         raise CheckpointError(
-            f"{path}: refusing to unpickle it: it needs arbitrary Python objects ({str(e).splitlines()[0]}); "
-            "re-save it as a plain state dict or .safetensors"
+            f"{path}: refusing to unpickle it: it needs the Python object {found.group(1)}, and loading "
+            "it could run arbitrary code; re-save it as a plain state dict or .safetensors"
         ) from e
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") from e
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(e)})") from e
     openai = isinstance(raw, dict) and any(k in raw for k in OPENAI_METADATA_KEYS)
     return unwrap_state_dict(raw), openai
 
@@ -171,7 +198,7 @@ def _load_file(path: Path, hints: _Hints, preprocess: PreprocessConfig | None) -
         state = hf_to_openai(state, str(path))  # a bare transformers state dict
     quick = hints.quick_gelu if hints.quick_gelu is not None else openai
     cfg = hints.arch.with_quick_gelu(quick) if hints.arch else infer_config(state, quick, source=str(path))
-    module = load_into(build_model(cfg), state, str(path))
+    module = _load(cfg, state, str(path))
     name = cfg.name if cfg.name != "custom" else path.stem
     preprocess = preprocess or PreprocessConfig(image_size=cfg.vision.image_size)
     return LoadedModel(module, cfg, preprocess, name, None, str(path))
@@ -208,7 +235,7 @@ def _load_folder(folder: Path, hints: _Hints, spec: ModelSpec, tag: str | None =
     preprocess = _preprocess(config_path, config["preprocess"]) if "preprocess" in config else None
     weights = folder / _WEIGHTS_FILE
     state, _ = read_checkpoint(_existing(weights))
-    module = load_into(build_model(cfg), state, str(weights))
+    module = _load(cfg, state, str(weights))
     preprocess = preprocess or PreprocessConfig(image_size=cfg.vision.image_size)
     name = spec.name if spec.kind == "registry" else cfg.name
     return LoadedModel(module, cfg, preprocess, name, tag, str(folder))
@@ -242,7 +269,7 @@ def _load_hf_folder(folder: Path, config: dict[str, Any], hints: _Hints) -> Load
         cfg = cfg.with_quick_gelu(hints.quick_gelu)
     state = _read_hf_weights(folder)
     source = str(folder)
-    module = load_into(build_model(cfg), hf_to_openai(state, source), source)
+    module = _load(cfg, hf_to_openai(state, source), source)
     return LoadedModel(module, cfg, _hf_preprocess(folder, cfg), cfg.name, None, source)
 
 

@@ -124,6 +124,7 @@ def download(
     try:
         digest = _stream(url, part, progress, timeout)
     except urllib.error.HTTPError as e:
+        e.close()  # an HTTPError holds the open response
         raise DownloadError(f"download failed: {url}: HTTP {e.code} {e.reason}; {by_hand}") from e
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", None) or e

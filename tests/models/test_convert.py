@@ -1,0 +1,156 @@
+"""Strict converters: shape-based config inference, key checks that name the problem, HF key map."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from clipengine.errors import CheckpointError
+from clipengine.models.clip import CLIP, build_model
+from clipengine.models.config import CLIPConfig, architecture_names, get_config
+from clipengine.models.convert import (
+    check_state_dict,
+    config_from_hf,
+    hf_to_openai,
+    infer_config,
+    load_into,
+    unwrap_state_dict,
+)
+
+
+def _meta_state(cfg: CLIPConfig) -> dict[str, torch.Tensor]:
+    """Shapes of a full-size model without allocating it (ViT-bigG is 2.5B params)."""
+    with torch.device("meta"):
+        return dict(CLIP(cfg).state_dict())
+
+
+@pytest.mark.parametrize("arch", architecture_names())
+def test_infer_config_recovers_every_bundled_architecture(arch: str) -> None:
+    cfg = get_config(arch)
+    inferred = infer_config(_meta_state(cfg), quick_gelu=cfg.quick_gelu)
+    assert inferred == cfg  # incl. head_width 80/88/104 of ViT-H/g/bigG and the name
+
+
+def test_unbundled_shapes_use_width_over_64_heads(tiny_config: CLIPConfig) -> None:
+    cfg = replace(tiny_config, text=replace(tiny_config.text, width=128, heads=2), name="custom")
+    inferred = infer_config(_meta_state(cfg), quick_gelu=False)
+    assert inferred.name == "custom" and inferred.text.heads == 2 and inferred.vision.heads == 1
+    assert inferred == cfg.with_quick_gelu(False)
+
+
+def test_infer_config_names_the_missing_key(tiny_model: CLIP) -> None:
+    state = dict(tiny_model.state_dict())
+    del state["ln_final.weight"]
+    with pytest.raises(CheckpointError, match=r"'ln_final\.weight' is missing"):
+        infer_config(state, quick_gelu=True, source="x.pt")
+
+
+def test_missing_key_is_named(tiny_model: CLIP) -> None:
+    state = dict(tiny_model.state_dict())
+    del state["visual.ln_post.bias"]
+    with pytest.raises(CheckpointError, match=r"x\.pt does not fit .*missing keys: visual\.ln_post\.bias"):
+        check_state_dict(tiny_model, state, "x.pt")
+
+
+def test_unexpected_key_is_named(tiny_model: CLIP) -> None:
+    state = {**tiny_model.state_dict(), "logit_bias": torch.zeros(1)}
+    with pytest.raises(CheckpointError, match="unexpected keys: logit_bias"):
+        check_state_dict(tiny_model, state, "x.pt")
+
+
+def test_shape_mismatch_is_named(tiny_model: CLIP) -> None:
+    state = {**tiny_model.state_dict(), "text_projection": torch.zeros(64, 16)}
+    with pytest.raises(CheckpointError, match=r"text_projection: checkpoint \(64, 16\) vs model \(64, 32\)"):
+        check_state_dict(tiny_model, state, "x.pt")
+
+
+def test_nothing_is_copied_when_the_check_fails(tiny_config: CLIPConfig, tiny_model: CLIP) -> None:
+    target = build_model(tiny_config)
+    before = target.ln_final.weight.clone()
+    state = {k: v + 1 for k, v in tiny_model.state_dict().items() if k != "visual.proj"}
+    with pytest.raises(CheckpointError):
+        load_into(target, state, "x.pt")
+    assert torch.equal(target.ln_final.weight, before)
+
+
+def test_long_key_lists_are_truncated(tiny_model: CLIP) -> None:
+    with pytest.raises(CheckpointError, match=r"\(\+\d+ more\)"):
+        check_state_dict(tiny_model, {}, "empty.pt")
+
+
+def test_unwrap_training_checkpoint_and_openai_metadata(tiny_model: CLIP) -> None:
+    inner = {f"module.{k}": v for k, v in tiny_model.state_dict().items()}
+    inner["input_resolution"] = torch.tensor(32)
+    state = unwrap_state_dict({"epoch": 1, "state_dict": inner})
+    assert set(state) == set(tiny_model.state_dict())
+
+
+@pytest.mark.parametrize("obj", [[1, 2], {}, {"a": 1}])
+def test_unwrap_rejects_non_state_dicts(obj: object) -> None:
+    with pytest.raises(CheckpointError):
+        unwrap_state_dict(obj)
+
+
+def _hf_layer(prefix: str, width: int) -> dict[str, torch.Tensor]:
+    keys = {}
+    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        keys[f"{prefix}.self_attn.{proj}.weight"] = torch.randn(width, width)
+        keys[f"{prefix}.self_attn.{proj}.bias"] = torch.randn(width)
+    return keys
+
+
+def test_hf_qkv_are_packed_in_order() -> None:
+    state = _hf_layer("text_model.encoder.layers.0", 4)
+    out = hf_to_openai(state)
+    packed = out["transformer.resblocks.0.attn.in_proj_weight"]
+    assert packed.shape == (12, 4)
+    assert torch.equal(packed[4:8], state["text_model.encoder.layers.0.self_attn.k_proj.weight"])
+
+
+def test_hf_missing_v_proj_is_named() -> None:
+    state = _hf_layer("vision_model.encoder.layers.3", 4)
+    del state["vision_model.encoder.layers.3.self_attn.v_proj.bias"]
+    with pytest.raises(CheckpointError, match=r"visual\.transformer\.resblocks\.3 lacks v_proj\.bias"):
+        hf_to_openai(state)
+
+
+def test_hf_unknown_key_is_named() -> None:
+    with pytest.raises(CheckpointError, match=r"unexpected keys for a CLIPModel: vision_model\.head\.weight"):
+        hf_to_openai({"vision_model.head.weight": torch.zeros(1)})
+
+
+def test_hf_projection_is_transposed() -> None:
+    w = torch.randn(8, 16)  # HF Linear: (D, W)
+    assert torch.equal(hf_to_openai({"visual_projection.weight": w})["visual.proj"], w.t())
+
+
+def test_config_from_hf_reads_heads_and_activation() -> None:
+    hf = {
+        "projection_dim": 1024,
+        "text_config": {
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_attention_heads": 16,
+            "num_hidden_layers": 24,
+            "hidden_act": "gelu",
+        },
+        "vision_config": {
+            "hidden_size": 1280,
+            "intermediate_size": 5120,
+            "num_attention_heads": 16,
+            "num_hidden_layers": 32,
+            "image_size": 224,
+            "patch_size": 14,
+            "hidden_act": "gelu",
+        },
+    }
+    cfg = config_from_hf(hf, name="ViT-H-14")
+    assert cfg == get_config("ViT-H-14")
+
+
+def test_config_from_hf_rejects_other_activations() -> None:
+    hf = {"text_config": {"hidden_act": "relu"}, "vision_config": {"hidden_act": "relu"}}
+    with pytest.raises(CheckpointError, match="unsupported activation"):
+        config_from_hf(hf)

@@ -1,0 +1,159 @@
+"""load_model: registry names via the cache, each file/folder format, activation rules, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from clipengine.errors import CheckpointError, DownloadNotAllowedError
+from clipengine.image.preprocess import PreprocessConfig
+from clipengine.models import load as load_mod
+from clipengine.models.clip import CLIP
+from clipengine.models.config import CLIPConfig
+from clipengine.models.load import load_model, save_model
+from clipengine.models.registry import get_source
+from clipengine.models.weights import cache_path, hub_dir
+
+from .conftest import SMALL_TEXT, SMALL_VIT, Checkpoint
+from .parity import assert_parity
+
+
+def test_registry_name_without_cache_refuses_to_download() -> None:
+    with pytest.raises(DownloadNotAllowedError, match="ViT-B-32@openai are not in the cache"):
+        load_model("ViT-B-32")
+
+
+def _small_cfg() -> CLIPConfig:
+    return CLIPConfig.from_dict({"embed_dim": 64, "vision": SMALL_VIT, "text": SMALL_TEXT}, name="ViT-B-32")
+
+
+@pytest.fixture
+def cached_laion(monkeypatch: pytest.MonkeyPatch, small_vit_bin: Checkpoint) -> Path:
+    """Pretend the small open_clip checkpoint is ViT-B-32@laion2b_s34b_b79k placed in the cache."""
+    source = get_source("ViT-B-32", "laion2b_s34b_b79k")
+    monkeypatch.setattr(load_mod, "get_config", lambda arch: _small_cfg())
+    monkeypatch.setattr(
+        load_mod, "get_source", lambda arch, tag: replace(source, preprocess=PreprocessConfig(32))
+    )
+    path = cache_path(source)
+    path.parent.mkdir(parents=True)
+    shutil.copy(small_vit_bin.path, path)
+    return path
+
+
+def test_registry_name_loads_cached_file_with_entry_settings(
+    cached_laion: Path, small_vit_bin: Checkpoint
+) -> None:
+    loaded = load_model("ViT-B-32", pretrained="laion2b_s34b_b79k")
+    assert (loaded.name, loaded.pretrained, loaded.source) == (
+        "ViT-B-32",
+        "laion2b_s34b_b79k",
+        str(cached_laion),
+    )
+    assert not loaded.config.quick_gelu  # from the registry entry
+    assert_parity(small_vit_bin, loaded)
+
+
+def test_quickgelu_suffix_overrides_the_entry(cached_laion: Path) -> None:
+    assert load_model("ViT-B-32-quickgelu@laion2b_s34b_b79k").config.quick_gelu
+
+
+@pytest.mark.parametrize(
+    ("fixture", "quick_gelu"),
+    [
+        ("small_vit_bin", False),  # open_clip .bin: GELU by convention
+        ("small_vit_safetensors", False),
+        ("small_vit_training", False),
+        ("small_rn_torchscript", True),  # OpenAI archive: QuickGELU
+        ("small_rn_openai_state_dict", True),  # OpenAI metadata keys present
+        ("small_hf_folder", False),  # HF config says hidden_act=gelu
+    ],
+)
+def test_activation_follows_the_format(
+    fixture: str, quick_gelu: bool, request: pytest.FixtureRequest
+) -> None:
+    ckpt: Checkpoint = request.getfixturevalue(fixture)
+    loaded = load_model(ckpt.path)
+    assert loaded.config.quick_gelu is quick_gelu
+    assert loaded.module.training is False and loaded.module.dtype == torch.float32
+    assert torch.equal(loaded.module.attn_mask, torch.full((77, 77), -1e4).triu_(1))
+
+
+def test_arch_hint_forces_activation(small_vit_bin: Checkpoint) -> None:
+    cfg = load_model(small_vit_bin.path, arch=_small_cfg().with_quick_gelu(True)).config
+    assert cfg.quick_gelu and cfg.name == "ViT-B-32"
+
+
+def test_arch_name_hint_must_fit_the_shapes(small_vit_bin: Checkpoint) -> None:
+    with pytest.raises(CheckpointError, match=r"does not fit architecture 'ViT-B-32'.*shape mismatches"):
+        load_model(small_vit_bin.path, arch="ViT-B-32")
+
+
+def test_hf_folder_reads_preprocessor_config(small_hf_folder: Checkpoint) -> None:
+    loaded = load_model(small_hf_folder.path)
+    assert loaded.preprocess == PreprocessConfig(32, (0.5,) * 3, (0.5,) * 3, "bilinear")  # type: ignore[arg-type]
+    assert loaded.config.text.heads == 4 and loaded.config.vision.heads == 3
+
+
+def test_open_clip_hub_folder(small_vit_open_clip: Any, small_vit_safetensors: Checkpoint) -> None:
+    folder = hub_dir("org/small-clip")
+    folder.mkdir(parents=True)
+    shutil.copy(small_vit_safetensors.path, folder / "open_clip_model.safetensors")
+    model_cfg = {"embed_dim": 64, "vision_cfg": SMALL_VIT, "text_cfg": SMALL_TEXT, "quick_gelu": False}
+    pp = {
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+        "interpolation": "bicubic",
+        "resize_mode": "squash",
+    }
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": pp}))
+    loaded = load_model("hf-hub:org/small-clip")
+    assert loaded.preprocess.resize_mode == "squash" and loaded.preprocess.image_size == 32
+    assert_parity(small_vit_safetensors, loaded)
+
+
+def test_save_model_round_trip(tmp_path: Path, tiny_model: CLIP) -> None:
+    pp = PreprocessConfig(image_size=32, interpolation="bilinear")
+    save_model(tiny_model, tmp_path / "m", pp)
+    loaded = load_model(tmp_path / "m")
+    assert loaded.config == tiny_model.config and loaded.preprocess == pp
+    for key, value in tiny_model.state_dict().items():
+        assert torch.equal(loaded.module.state_dict()[key], value), key
+
+
+class _Evil:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (print, ("pwned",))
+
+
+def test_pickled_code_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"x": _Evil()}, path)
+    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all"])
+def test_garbage_file_is_a_checkpoint_error(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "bad.bin"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=r"bad\.bin: not a readable checkpoint"):
+        load_model(path)
+
+
+def test_folder_without_config_says_what_it_expected(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"no config\.json or open_clip_config\.json"):
+        load_model(tmp_path)
+
+
+def test_truncated_state_dict_names_missing_keys(tmp_path: Path, tiny_model: CLIP) -> None:
+    state = {k: v for k, v in tiny_model.state_dict().items() if not k.startswith("transformer.resblocks.1.")}
+    torch.save(state, tmp_path / "cut.pt")
+    with pytest.raises(CheckpointError, match=r"missing keys: transformer\.resblocks\.1\."):
+        load_model(tmp_path / "cut.pt", arch=tiny_model.config)

@@ -1,0 +1,67 @@
+"""Weights registry: every OpenAI release with its real URL/checksum, LAION tags, and lookup errors."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from clipengine.errors import UnknownModelError
+from clipengine.models.config import architecture_names, get_config
+from clipengine.models.registry import architectures, default_tag, get_source, sources, tags
+
+OPENAI = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336"]
+
+
+@pytest.mark.parametrize("arch", OPENAI)
+def test_openai_release_url_embeds_its_sha256(arch: str) -> None:
+    src = get_source(arch, "openai")
+    assert src.format == "openai" and src.quick_gelu
+    assert src.url is not None and src.sha256 is not None
+    assert re.fullmatch(r"[0-9a-f]{64}", src.sha256)
+    assert src.url == f"https://openaipublic.azureedge.net/clip/models/{src.sha256}/{src.filename}"
+    assert default_tag(arch) == "openai"
+
+
+@pytest.mark.parametrize("src", [s for s in sources() if s.arch != "tiny-synth"], ids=lambda s: s.key)
+def test_preprocess_size_matches_architecture(src) -> None:  # type: ignore[no-untyped-def]
+    assert src.arch in architecture_names()
+    assert src.preprocess.image_size == get_config(src.arch).vision.image_size
+
+
+def test_laion_entries_are_gelu_hub_files_without_known_checksum() -> None:
+    laion = [s for s in sources() if s.format == "open_clip"]
+    assert {s.arch for s in laion} >= {
+        "ViT-B-32",
+        "ViT-B-16",
+        "ViT-L-14",
+        "ViT-H-14",
+        "ViT-g-14",
+        "ViT-bigG-14",
+    }
+    for s in laion:
+        assert not s.quick_gelu and s.sha256 is None
+        assert s.url is not None and s.url.startswith("https://huggingface.co/laion/")
+        assert s.url.endswith("/resolve/main/open_clip_pytorch_model.bin")
+    assert get_source("ViT-L-14", "laion2b_s32b_b82k").preprocess.mean == (0.5, 0.5, 0.5)
+
+
+def test_tiny_synth_is_packaged() -> None:
+    src = get_source("tiny-synth")
+    assert (src.tag, src.url, src.format, src.package_dir) == (
+        "synthetic",
+        None,
+        "clipengine",
+        "weights/tiny-synth",
+    )
+    assert "tiny-synth" in architectures() and tags("tiny-synth") == ["synthetic"]
+
+
+def test_unknown_tag_lists_available_tags() -> None:
+    with pytest.raises(UnknownModelError, match="available: openai, laion2b_s34b_b79k"):
+        get_source("ViT-B-32", "nope")
+
+
+def test_unknown_architecture_lists_known_ones() -> None:
+    with pytest.raises(UnknownModelError, match="known: RN50, RN101"):
+        get_source("ViT-Q-99")
