@@ -71,6 +71,8 @@ def render_run_stats(stats: RunStats, fmt: str = "text", *, failures_path: str |
         head += f"; {stats.skipped} inputs resumed from {stats.shards_skipped} finished shards"
     n_failed = max(stats.failed_total, stats.failed)
     fail = f"Failed: {n_failed}" + (f" (listed in {failures_path})" if n_failed and failures_path else "")
+    if not stats.processed:  # everything resumed: no stage timings to show
+        return "\n".join([head, fail])
     table = _table(("stage", "total s", "ms/img"), stage_rows, markdown=fmt == "markdown")
     return "\n".join([head, fail, "", table])
 

@@ -105,6 +105,7 @@ def test_other_model_in_same_output_is_a_one_line_error(
     )
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "model='ViT-B-32'" in err and "model='ViT-L-14'" in err
+    assert len(fake_load) == 1  # refused before loading the second model
 
 
 def test_bad_options_are_usage_errors(folder: Path, tmp_path: Path, fake_load, capsys) -> None:  # type: ignore[no-untyped-def]

@@ -130,6 +130,7 @@ def register(app: typer.Typer) -> None:
         """Embed every image of a folder or file list into sharded .npy + .jsonl files (resumable)."""
         from tqdm import tqdm
 
+        from ..pipeline.run import check_output
         from ..pipeline.sinks import DTYPES, FAILURES_FILE
         from ..pipeline.sources import list_items
         from ..report import render_run_stats
@@ -140,6 +141,7 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(f"--engine must be one of {', '.join(_ENGINES)}, got {engine!r}")
         opts = parse_model_options(model, pretrained, checkpoint, backend, precision, device, download)
         items = list_items(source)
+        check_output(output, model=opts.label, dtype=dtype, shard_size=shard_size)  # before a slow load
         clip = load_clip(opts)
         run_kwargs: dict[str, Any] = dict(
             model=opts.label, batch_size=batch, workers=workers, shard_size=shard_size, dtype=dtype,

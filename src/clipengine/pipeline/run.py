@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
     from ..image.preprocess import PreprocessConfig
 
-__all__ = ["ProgressCallback", "RunStats", "embed_folder", "run_partition"]
+__all__ = ["ProgressCallback", "RunStats", "check_output", "embed_folder", "run_partition"]
 
 _log = logging.getLogger(__name__)
 
@@ -262,6 +262,20 @@ def embed_folder(
     atomic_write_json(out_dir / RUN_FILE, info)
     _log.info("embedded %d images (%d failed) into %s", total.embedded, total.failed, out_dir)
     return total
+
+
+def check_output(out_dir: str | Path, **settings: Any) -> None:
+    """Fail fast (before loading a model) if ``out_dir`` holds a run with other settings.
+
+    Args:
+        settings: any of model=, embed_dim=, dtype=, shard_size= for the run about to start.
+
+    Raises:
+        IndexMismatchError: a setting differs from the one recorded in ``out_dir/run.json``.
+    """
+    previous = read_run_info(out_dir)
+    if previous is not None:
+        _check_compatible(Path(out_dir), previous, settings)
 
 
 def _counts(stats: RunStats) -> dict[str, int]:
