@@ -23,7 +23,7 @@ docs/performance.md):
 
 from __future__ import annotations
 
-import copy
+import copy as _copy
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
@@ -271,8 +271,9 @@ def optimize(
     cuda_graphs: bool = False,
     prune: bool = True,
     truncate_text: bool = True,
+    copy: bool = True,
 ) -> AcceleratedCLIP:
-    """Prepare `module` for fast inference on `device`; the module itself is never modified.
+    """Prepare `module` for fast inference on `device` (on a copy of it unless `copy=False`).
 
     Args:
         module: a `clipengine.models.clip.CLIP` (any tower type; pruning applies to ViT towers).
@@ -285,6 +286,8 @@ def optimize(
         cuda_graphs: capture each input shape in a CUDA graph (CUDA only; best for small batches).
         prune: compute only the pooled row in the last block (exact; ViT and text towers).
         truncate_text: run text only up to the batch's longest EOT (exact, bucketed by 8).
+        copy: work on a private copy of the weights (default). False casts / moves `module`
+            itself, for owners such as TorchBackend that already hold their own cast module.
 
     Returns:
         An `AcceleratedCLIP` with `encode_image(pixels)` and `encode_text(tokens)` -> float32 (N, D).
@@ -317,9 +320,10 @@ def optimize(
     if cuda_graphs and compile_mode in ("reduce-overhead", "max-autotune"):
         # Those modes already capture CUDA graphs (inductor cudagraph trees); do not nest captures.
         cuda_graphs = False
-    # A private copy: casting in place would change the caller's model. requires_grad stays True
-    # (see module docstring: bf16 + requires_grad=False is a slow CPU path); calls run in no_grad.
-    fast = copy.deepcopy(module).eval().to(device=dev, dtype=PRECISIONS[precision])
+    # By default a private copy: casting in place would change the caller's model. requires_grad
+    # stays True (see module docstring: bf16 + requires_grad=False is a slow CPU path).
+    fast = _copy.deepcopy(module) if copy else module
+    fast = fast.eval().to(device=dev, dtype=PRECISIONS[precision])
     logger.info(
         "accelerated CLIP: device=%s precision=%s compile=%s cuda_graphs=%s prune=%s truncate_text=%s",
         dev, precision, compile_mode, cuda_graphs, prune, truncate_text,
