@@ -88,3 +88,27 @@ def test_decode_runs_ahead_of_the_consumer_with_a_bounded_queue(image_folder: Pa
         assert pool.submitted <= 2 * 2 + 1
         rest = list(batches)
     assert pool.submitted == 7 and [len(b.ids) for b in rest] == [4, 4, 4, 4, 4, 1]
+
+
+def _photo(path: Path, size: tuple[int, int], orientation: int | None = None) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    small = rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)  # smooth, photo-like
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation  # EXIF Orientation tag
+    img.save(path, quality=92, exif=exif)
+    return path
+
+
+@pytest.mark.parametrize("orientation", [None, 6])
+def test_fast_decode_keeps_original_size_and_stays_close(tmp_path: Path, preprocess_cfg, orientation) -> None:  # type: ignore[no-untyped-def]
+    path = _photo(tmp_path / "big.jpg", (800, 600), orientation)
+    exact = load_chunk([("big.jpg", str(path))], preprocess_cfg.to_dict())
+    fast = load_chunk([("big.jpg", str(path))], preprocess_cfg.to_dict(), fast_decode=True)
+    assert fast.sizes == exact.sizes == [(600, 800) if orientation == 6 else (800, 600)]
+    assert fast.pixels.shape == exact.pixels.shape == (1, 3, 32, 32)
+    # Within about one grey level on average (pixels are normalised by std ~0.27 -> x255*0.27).
+    assert float(np.abs(fast.pixels - exact.pixels).mean()) * 0.27 * 255 < 1.5

@@ -120,3 +120,13 @@ def test_output_of_another_model_or_dim_is_refused(
         embed_folder(image_folder, out, fakes.FakeBackendFactory(embed_dim=16), preprocess_cfg, model="fake", workers=0)  # fmt: skip
     with pytest.raises(IndexMismatchError, match="--shard-size 1000"):
         embed_folder(image_folder, out, fakes.FakeBackendFactory(), preprocess_cfg, model="fake", workers=0, shard_size=5)  # fmt: skip
+
+
+def test_fast_decode_is_recorded_and_a_mixed_resume_refused(
+    image_folder: Path, tmp_path: Path, preprocess_cfg, fakes
+) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "out"
+    embed_folder(image_folder, out, fakes.FakeBackendFactory(), preprocess_cfg, workers=0, fast_decode=True)
+    assert read_embeddings(out)[2]["fast_decode"] is True
+    with pytest.raises(IndexMismatchError, match="use --fast-decode"):
+        embed_folder(image_folder, out, fakes.FakeBackendFactory(), preprocess_cfg, workers=0)

@@ -155,13 +155,20 @@ class BenchResult:
 
 
 def _one_pass(
-    items: Sequence[ImageItem], backend: Backend, cfg: dict[str, Any], batch_size: int, executor: Any
+    items: Sequence[ImageItem],
+    backend: Backend,
+    cfg: dict[str, Any],
+    batch_size: int,
+    executor: Any,
+    fast_decode: bool,
 ) -> tuple[float, int, int, LoadStats, list[float]]:
     loads = LoadStats()
     infer_ms: list[float] = []
     embedded = failed = 0
     t0 = time.perf_counter()
-    for batch in iter_batches(items, cfg, batch_size, executor=executor, stats=loads):
+    for batch in iter_batches(
+        items, cfg, batch_size, executor=executor, stats=loads, fast_decode=fast_decode
+    ):
         failed += len(batch.failures)
         if batch.ids:
             t1 = time.perf_counter()
@@ -183,6 +190,7 @@ def bench_pipeline(
     text_tokens: IntArray | None = None,
     model: str | None = None,
     progress: Callable[[int], None] | None = None,
+    fast_decode: bool = False,
 ) -> BenchResult:
     """Time the full pipeline over `items` once per batch size (after warm-up), keeping the median pass.
 
@@ -197,6 +205,7 @@ def bench_pipeline(
         text_tokens: (4, L) tokens for the text-encode timing (skipped if None).
         model: a label for reports.
         progress: called with a batch size as each one finishes.
+        fast_decode: reduced-scale JPEG decoding (see `pipeline.batching.load_chunk`).
 
     Returns:
         BenchResult (no printing; see `clipengine.report`).
@@ -218,7 +227,7 @@ def bench_pipeline(
             for _ in range(warmup):
                 backend.encode_images(zeros)
             passes = sorted(
-                (_one_pass(items, backend, cfg, b, executor) for _ in range(max(1, repeats))),
+                (_one_pass(items, backend, cfg, b, executor, fast_decode) for _ in range(max(1, repeats))),
                 key=lambda p: p[0],
             )
             wall_ms, n_images, n_failed, loads, infer_ms = passes[len(passes) // 2]

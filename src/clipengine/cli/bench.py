@@ -49,6 +49,7 @@ def register(app: typer.Typer) -> None:
         limit: int | None = typer.Option(None, "--limit", min=1, help="Use only the first N images."),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
         plot: Path | None = _PLOT_OPT,
+        fast_decode: bool = _embed.FAST_DECODE_OPT,
     ) -> None:
         """Time decode+preprocess, inference and text encoding per batch size over a folder of images."""
         from ..bench.timing import bench_pipeline
@@ -65,7 +66,7 @@ def register(app: typer.Typer) -> None:
         result = bench_pipeline(
             items, clip.backend, clip.preprocess_cfg, sizes,
             workers=default_workers() if workers is None else workers,
-            warmup=warmup, repeats=repeats, text_tokens=tokens, model=opts.label,
+            warmup=warmup, repeats=repeats, text_tokens=tokens, model=opts.label, fast_decode=fast_decode,
         )  # fmt: skip
         typer.echo(render_bench(result, "json" if as_json else "text"))
         if plot is not None:

@@ -102,6 +102,11 @@ DEVICE_OPT = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ...")
 DOWNLOAD_OPT = typer.Option(False, "--download", help="Allow downloading weights that are not cached.")
 _SOURCE_ARG = typer.Argument(..., help="Folder (walked recursively) or text file with one path per line.")
 _OUTPUT_OPT = typer.Option(..., "--output", "-o", help="Output folder (shards, failures, run.json).")
+FAST_DECODE_OPT = typer.Option(
+    False,
+    "--fast-decode",
+    help="Decode large JPEGs at reduced scale (>= 2x model size): faster, not bit-exact.",
+)
 WORKERS_HELP = "Decode processes (default: one per core; 0 decodes in the main process)."
 
 
@@ -126,6 +131,7 @@ def register(app: typer.Typer) -> None:
         engine: str = typer.Option("local", "--engine", help="local, or ray (one actor per worker)."),
         as_json: bool = typer.Option(False, "--json", help="Print the run stats as JSON."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+        fast_decode: bool = FAST_DECODE_OPT,
     ) -> None:
         """Embed every image of a folder or file list into sharded .npy + .jsonl files (resumable)."""
         from tqdm import tqdm
@@ -141,7 +147,10 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(f"--engine must be one of {', '.join(_ENGINES)}, got {engine!r}")
         opts = parse_model_options(model, pretrained, checkpoint, backend, precision, device, download)
         items = list_items(source)
-        check_output(output, model=opts.label, dtype=dtype, shard_size=shard_size)  # before a slow load
+        if fast_decode and engine == "ray":
+            raise typer.BadParameter("--fast-decode is not supported with --engine ray yet")
+        # Refuse a mismatched output folder before the (possibly slow) model load.
+        check_output(output, model=opts.label, dtype=dtype, shard_size=shard_size, fast_decode=fast_decode)
         clip = load_clip(opts)
         run_kwargs: dict[str, Any] = dict(
             model=opts.label, batch_size=batch, workers=workers, shard_size=shard_size, dtype=dtype,
@@ -164,6 +173,7 @@ def register(app: typer.Typer) -> None:
                     lambda: clip.backend,
                     clip.preprocess_cfg,
                     progress=bar.update,
+                    fast_decode=fast_decode,
                     **run_kwargs,
                 )
         fmt = "json" if as_json else "text"

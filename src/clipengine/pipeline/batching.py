@@ -8,12 +8,14 @@ becomes a `Failure(id, reason)` on the batch where it was met; it never ends the
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import multiprocessing
 import os
 import signal
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
@@ -22,6 +24,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from PIL import Image
 
 from ..errors import DecodeError
 from ..types import Batch, Failure, FloatArray, ImageItem
@@ -40,6 +43,8 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
+# fast_decode keeps at least this multiple of the model resolution (as image.preprocess's fast path).
+_DRAFT_OVERSAMPLE = 2
 # Chunks in flight per worker: one being decoded, one waiting, so a worker never idles between chunks.
 _PREFETCH_PER_WORKER = 2
 
@@ -105,55 +110,75 @@ def _config_from_json(cfg_json: str) -> PreprocessConfig:
     return PreprocessConfig.from_dict(json.loads(cfg_json))
 
 
-def load_chunk(items: Sequence[tuple[str, str | bytes]], cfg: dict[str, Any]) -> _Chunk:
+def load_chunk(
+    items: Sequence[tuple[str, str | bytes]], cfg: dict[str, Any], fast_decode: bool = False
+) -> _Chunk:
     """Read, decode and preprocess `(id, path_or_bytes)` pairs (top-level: runs in spawned workers).
 
     Args:
         items: ids and sources; a source is a file path or the encoded bytes.
         cfg: `PreprocessConfig.to_dict()`.
+        fast_decode: let libjpeg decode large JPEGs at a reduced scale that keeps at least twice
+            the model's resolution (several times faster on photos; not bit-exact, see
+            docs/tokenizer_preprocess.md). The recorded width/height stay the original ones.
 
     Returns:
         A chunk with the stacked pixels of the good items and a Failure per bad one.
     """
+    config = _config_from_json(json.dumps(cfg, sort_keys=True))  # parsed once per worker
+    draft = (_DRAFT_OVERSAMPLE * config.image_size,) * 2 if fast_decode else None
+    chunk = _Chunk(ids=[], pixels=np.zeros((0, 3, 0, 0), dtype=np.float32), sizes=[])
+    rows: list[FloatArray] = []
+    for item_id, source in items:
+        try:
+            pixels, size = _load_one(item_id, source, config, draft, chunk)
+        except DecodeError as e:
+            chunk.failures.append(Failure(item_id, e.reason))
+        except OSError as e:
+            chunk.failures.append(Failure(item_id, f"cannot read file: {e.strerror or e}"))
+        except Exception as e:  # any other per-image error is this image's failure, never the run's
+            _log.debug("failed to load %s", item_id, exc_info=True)
+            chunk.failures.append(Failure(item_id, f"{type(e).__name__}: {e}"))
+        else:
+            chunk.ids.append(item_id)
+            chunk.sizes.append(size)
+            rows.append(pixels)
+    if rows:
+        chunk.pixels = np.stack(rows)
+    return chunk
+
+
+def _load_one(
+    item_id: str, source: str | bytes, config: PreprocessConfig, draft: tuple[int, int] | None, chunk: _Chunk
+) -> tuple[FloatArray, tuple[int, int]]:
+    """One image -> ((3, H, W) pixels, original (width, height)); stage times added to `chunk`."""
     from ..image.decode import decode_image
     from ..image.preprocess import preprocess_image
 
-    config = _config_from_json(json.dumps(cfg, sort_keys=True))  # parsed once per worker
-    ids: list[str] = []
-    rows: list[FloatArray] = []
-    sizes: list[tuple[int, int]] = []
-    failures: list[Failure] = []
-    read_s = decode_s = preprocess_s = 0.0
-    for item_id, source in items:
-        t0 = time.perf_counter()
-        try:
-            if isinstance(source, bytes):
-                data = source
-            else:
-                with open(source, "rb") as f:
-                    data = f.read()
-            t1 = time.perf_counter()
-            read_s += t1 - t0
-            image = decode_image(data, name=item_id)
-            t2 = time.perf_counter()
-            decode_s += t2 - t1
-            pixels = preprocess_image(image, config)
-            preprocess_s += time.perf_counter() - t2
-        except DecodeError as e:
-            failures.append(Failure(item_id, e.reason))
-            continue
-        except OSError as e:
-            failures.append(Failure(item_id, f"cannot read file: {e.strerror or e}"))
-            continue
-        except Exception as e:  # any other per-image error is this image's failure, never the run's
-            _log.debug("failed to load %s", item_id, exc_info=True)
-            failures.append(Failure(item_id, f"{type(e).__name__}: {e}"))
-            continue
-        ids.append(item_id)
-        rows.append(np.asarray(pixels, dtype=np.float32))
-        sizes.append((int(image.width), int(image.height)))
-    stacked = np.stack(rows) if rows else np.zeros((0, 3, 0, 0), dtype=np.float32)
-    return _Chunk(ids, stacked, sizes, failures, read_s, decode_s, preprocess_s)
+    t0 = time.perf_counter()
+    if isinstance(source, bytes):
+        data = source
+    else:
+        with open(source, "rb") as f:
+            data = f.read()
+    t1 = time.perf_counter()
+    image = decode_image(data, name=item_id, draft_size=draft)
+    size = (int(image.width), int(image.height)) if draft is None else _original_size(data, image)
+    t2 = time.perf_counter()
+    pixels = np.asarray(preprocess_image(image, config), dtype=np.float32)
+    chunk.read_s += t1 - t0
+    chunk.decode_s += t2 - t1
+    chunk.preprocess_s += time.perf_counter() - t2
+    return pixels, size
+
+
+def _original_size(data: bytes, decoded: Image.Image) -> tuple[int, int]:
+    """(width, height) before a reduced-scale JPEG decode, oriented like `decoded` (EXIF rotation)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # decode_image already checked
+        with Image.open(io.BytesIO(data)) as header:  # reads the header only
+            w, h = header.size
+    return (w, h) if (decoded.width >= decoded.height) == (w >= h) else (h, w)
 
 
 def _chunks(items: Iterable[ImageItem], size: int) -> Iterator[list[tuple[str, str | bytes]]]:
@@ -175,17 +200,18 @@ def _loaded_chunks(
     executor: Executor | None,
     prefetch: int,
     stats: LoadStats,
+    fast_decode: bool,
 ) -> Iterator[_Chunk]:
     """Chunks in input order; with an executor, up to `prefetch` chunks are decoded ahead."""
     source = _chunks(items, chunk_size)
     if executor is None:
         for chunk in source:
-            yield load_chunk(chunk, cfg)
+            yield load_chunk(chunk, cfg, fast_decode)
         return
     pending: deque[Future[_Chunk]] = deque()
     try:
         for chunk in source:
-            pending.append(executor.submit(load_chunk, chunk, cfg))
+            pending.append(executor.submit(load_chunk, chunk, cfg, fast_decode))
             if len(pending) >= prefetch:
                 yield _result(pending.popleft(), stats)
         while pending:
@@ -211,6 +237,7 @@ def iter_batches(
     workers: int = 0,
     chunk_size: int | None = None,
     stats: LoadStats | None = None,
+    fast_decode: bool = False,
 ) -> Iterator[Batch]:
     """Decode + preprocess `items` into Batches of exactly `batch_size` good images (the last may be short).
 
@@ -226,6 +253,7 @@ def iter_batches(
         workers: used only when `executor` is None; 0 decodes in this process.
         chunk_size: items per worker task (default: `batch_size`, clamped to 4..64).
         stats: filled in with stage timings and counts.
+        fast_decode: reduced-scale JPEG decoding (see `load_chunk`).
 
     Yields:
         Batch(ids, pixels (n, 3, H, W) float32, sizes (width, height), failures).
@@ -240,7 +268,9 @@ def iter_batches(
     n_workers = getattr(pool, "_max_workers", 1) if pool is not None else 0
     prefetch = max(2, _PREFETCH_PER_WORKER * n_workers)
     try:
-        yield from _rebatch(_loaded_chunks(items, cfg, chunk_size, pool, prefetch, stats), batch_size, stats)
+        yield from _rebatch(
+            _loaded_chunks(items, cfg, chunk_size, pool, prefetch, stats, fast_decode), batch_size, stats
+        )
     finally:
         if own and pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)

@@ -99,6 +99,7 @@ def run_partition(
     executor: Executor | None = None,
     progress: ProgressCallback | None = None,
     skip_complete: bool = True,
+    fast_decode: bool = False,
 ) -> RunStats:
     """Embed one partition and write its shard (idempotent: a complete shard is kept, not recomputed).
 
@@ -113,6 +114,7 @@ def run_partition(
         executor: a shared process pool (see `batching.make_executor`).
         progress: called with the number of items finished after each batch.
         skip_complete: keep an existing valid shard instead of recomputing it.
+        fast_decode: reduced-scale JPEG decoding (faster on large photos, not bit-exact).
 
     Returns:
         RunStats for this partition.
@@ -138,7 +140,15 @@ def run_partition(
     sizes: list[tuple[int, int]] = []
     failures: list[Failure] = []
     loads = LoadStats()
-    batches = iter_batches(items, preprocess_cfg, batch_size, executor=executor, workers=workers, stats=loads)
+    batches = iter_batches(
+        items,
+        preprocess_cfg,
+        batch_size,
+        executor=executor,
+        workers=workers,
+        stats=loads,
+        fast_decode=fast_decode,
+    )
     for batch in batches:
         failures.extend(batch.failures)
         if batch.ids:
@@ -184,6 +194,7 @@ def embed_folder(
     dtype: str = "float16",
     progress: ProgressCallback | None = None,
     source_label: str | None = None,
+    fast_decode: bool = False,
 ) -> RunStats:
     """Embed every image of a folder or file list into ``out_dir`` (see `sinks` for the layout).
 
@@ -202,6 +213,8 @@ def embed_folder(
         dtype: "float16" or "float32" on disk.
         progress: called with the number of items finished, as they finish.
         source_label: what run.json records as the source when `source` is a list of items.
+        fast_decode: reduced-scale JPEG decoding (faster on large photos, not bit-exact); a resume
+            must use the same setting.
 
     Returns:
         RunStats for the whole run (resumed shards counted in `skipped`).
@@ -225,6 +238,7 @@ def embed_folder(
         "batch_size": batch_size,
         "source": str(Path(source).resolve()) if isinstance(source, (str, Path)) else source_label,
         "preprocess": cfg,
+        "fast_decode": fast_decode,
         "partitions": len(parts),
         "images": len(items),
         "status": "running",
@@ -250,7 +264,7 @@ def embed_folder(
         for part in parts:
             stats = run_partition(
                 part.items, lazy, sink, partition_id=part.id, preprocess_cfg=cfg,
-                batch_size=batch_size, executor=executor, progress=progress,
+                batch_size=batch_size, executor=executor, progress=progress, fast_decode=fast_decode,
             )  # fmt: skip
             total.add(stats)
     finally:
@@ -287,16 +301,18 @@ def _counts(stats: RunStats) -> dict[str, int]:
 
 
 def _check_compatible(out_dir: Path, previous: dict[str, Any], current: dict[str, Any]) -> None:
-    """Refuse to mix runs: same model, embed_dim, dtype and shard size, or a clear error."""
-    for key, flag in (
-        ("model", "--model"),
-        ("embed_dim", "--model"),
-        ("dtype", "--dtype"),
-        ("shard_size", "--shard-size"),
-    ):
+    """Refuse to mix runs: same model, embed_dim, dtype, shard size and decode mode, or a clear error."""
+    hints = {
+        "model": lambda old: f"--model {old}",
+        "embed_dim": lambda old: f"the model that gives {old}-d embeddings",
+        "dtype": lambda old: f"--dtype {old}",
+        "shard_size": lambda old: f"--shard-size {old}",
+        "fast_decode": lambda old: "--fast-decode" if old else "no --fast-decode",
+    }
+    for key, hint in hints.items():
         old, new = previous.get(key), current.get(key)
         if key in current and old is not None and new is not None and old != new:
             raise IndexMismatchError(
                 f"{out_dir} holds embeddings made with {key}={old!r}, but this run uses {key}={new!r}; "
-                f"use another output folder, delete {out_dir}, or pass {flag} {old}"
+                f"use another output folder, delete {out_dir}, or use {hint(old)}"
             )
