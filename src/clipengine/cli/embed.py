@@ -11,7 +11,8 @@ import typer
 
 if TYPE_CHECKING:
     from ..api import ClipModel
-    from ..types import Backend
+    from ..pipeline.run import RunStats
+    from ..types import Backend, ImageItem
 
 __all__ = ["BackendFactory", "ModelOptions", "load_clip", "parse_model_options", "register"]
 
@@ -90,6 +91,20 @@ def parse_model_options(
     )
 
 
+def _run_engine(
+    engine: str, items: list[ImageItem], output: Path, clip: ClipModel, opts: ModelOptions, **kwargs: Any
+) -> RunStats:
+    """Embed in this process (decode workers + the loaded model) or on Ray (one model per actor)."""
+    if engine == "ray":
+        from ..distributed.ray import embed_with_ray
+
+        factory: Any = BackendFactory(opts)  # plain data: each actor loads its own model
+        return embed_with_ray(items, output, factory, clip.preprocess_cfg, **kwargs)
+    from ..pipeline.run import embed_folder
+
+    return embed_folder(items, output, lambda: clip.backend, clip.preprocess_cfg, **kwargs)
+
+
 # Options shared with `clipengine bench` (typer needs them spelled out per command).
 MODEL_OPT = typer.Option(
     "ViT-B-32", "--model", "-m", help="Model name, checkpoint file or ONNX export folder."
@@ -156,26 +171,10 @@ def register(app: typer.Typer) -> None:
             model=opts.label, batch_size=batch, workers=workers, shard_size=shard_size, dtype=dtype,
             source_label=str(source),
         )  # fmt: skip
+        if engine == "local":
+            run_kwargs["fast_decode"] = fast_decode
         with tqdm(total=len(items), unit="img", disable=not progress or as_json, leave=False) as bar:
-            if engine == "ray":  # one actor per partition worker; helper module imports ray lazily
-                from ..distributed.ray import embed_with_ray
-
-                factory: Any = BackendFactory(opts)  # plain data: each actor loads its own model
-                stats = embed_with_ray(
-                    items, output, factory, clip.preprocess_cfg, progress=bar.update, **run_kwargs
-                )
-            else:
-                from ..pipeline.run import embed_folder
-
-                stats = embed_folder(
-                    items,
-                    output,
-                    lambda: clip.backend,
-                    clip.preprocess_cfg,
-                    progress=bar.update,
-                    fast_decode=fast_decode,
-                    **run_kwargs,
-                )
+            stats = _run_engine(engine, items, output, clip, opts, progress=bar.update, **run_kwargs)
         fmt = "json" if as_json else "text"
         typer.echo(render_run_stats(stats, fmt, failures_path=output / FAILURES_FILE))
         if not as_json:

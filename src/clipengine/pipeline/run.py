@@ -302,7 +302,7 @@ def _counts(stats: RunStats) -> dict[str, int]:
 
 def _check_compatible(out_dir: Path, previous: dict[str, Any], current: dict[str, Any]) -> None:
     """Refuse to mix runs: same model, embed_dim, dtype, shard size and decode mode, or a clear error."""
-    hints = {
+    hints: dict[str, Callable[[Any], str]] = {
         "model": lambda old: f"--model {old}",
         "embed_dim": lambda old: f"the model that gives {old}-d embeddings",
         "dtype": lambda old: f"--dtype {old}",
