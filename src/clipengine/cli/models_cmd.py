@@ -28,11 +28,14 @@ def _models() -> None:
 def _download(name: str) -> None:
     from tqdm import tqdm
 
+    from ..errors import UnknownModelError
     from ..models.registry import get_source
     from ..models.spec import parse_spec
     from ..models.weights import fetch, fetch_hub
 
     spec = parse_spec(name)
+    if spec.kind not in ("registry", "hf-hub"):
+        raise UnknownModelError(f"{name} is a local path, not a registered model: nothing to download")
     with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=spec.display, leave=True) as bar:
 
         def progress(done: int, total: int | None) -> None:
@@ -42,10 +45,8 @@ def _download(name: str) -> None:
 
         if spec.kind == "hf-hub":
             path = fetch_hub(spec.name, allow_download=True, progress=progress)
-        elif spec.kind == "registry":
-            path = fetch(get_source(spec.name, spec.tag), allow_download=True, progress=progress)
         else:
-            raise typer.BadParameter(f"{name} is a local path; nothing to download", param_hint="NAME")
+            path = fetch(get_source(spec.name, spec.tag), allow_download=True, progress=progress)
     typer.echo(f"{spec.display}: {path}")
 
 

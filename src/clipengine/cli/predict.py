@@ -21,8 +21,6 @@ def list_images(target: Path) -> list[Path]:
     """The image itself, or a folder's files with image suffixes (non-recursive, sorted by name)."""
     if target.is_file():
         return [target]
-    if not target.is_dir():
-        raise typer.BadParameter(f"no such file or folder: {target}", param_hint="IMAGE_OR_FOLDER")
     return sorted(p for p in target.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
@@ -81,7 +79,9 @@ def register(app: typer.Typer) -> None:
     )
     def predict(
         ctx: typer.Context,
-        target: Annotated[Path, typer.Argument(metavar="IMAGE_OR_FOLDER", help="An image file or a folder.")],
+        target: Annotated[
+            Path, typer.Argument(metavar="IMAGE_OR_FOLDER", exists=True, help="An image file or a folder.")
+        ],
         text: Annotated[
             list[str],
             typer.Option("--text", "-t", help="Candidate texts: --text A B C, or --text A --text B."),
@@ -98,6 +98,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Rank TEXTS by how well they describe each image (softmax over CLIP similarities)."""
         from ..api import load
+        from ..errors import DecodeError
 
         texts = [*text, *ctx.args]  # values after a single --text arrive as extra arguments
         paths = list_images(target)
@@ -122,5 +123,4 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"Average image-encode time: {_ms(timings.image_s, n)} per image")
         typer.echo(f"Average text-encode time: {_ms(timings.text_s, len(texts))} per text")
         if not ranked:
-            typer.echo(f"error: no readable images in {target}", err=True)
-            raise typer.Exit(1)
+            raise DecodeError(str(target), "no readable images")

@@ -1,0 +1,116 @@
+"""Public API: clipengine.load + ClipModel (inputs of every kind, embeddings, classify, export dispatch)."""
+
+from __future__ import annotations
+
+import io
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import clipengine
+from clipengine.api import ClipModel
+from clipengine.errors import BackendError
+from clipengine.image.decode import decode_image
+from clipengine.image.preprocess import PreprocessConfig
+from clipengine.models.clip import CLIP
+from clipengine.models.load import save_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model: CLIP) -> Path:
+    return save_model(tiny_model, tmp_path_factory.mktemp("api") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def model(model_dir: Path) -> ClipModel:
+    return clipengine.load(model_dir)
+
+
+def test_load_returns_model_with_contract_attributes(model: ClipModel, tiny_model: CLIP) -> None:
+    assert isinstance(model, ClipModel)
+    assert (model.embed_dim, model.image_size, model.context_length) == (32, 32, 77)
+    assert model.logit_scale == pytest.approx(float(tiny_model.logit_scale.detach().exp()))
+    assert model.backend.name == "torch" and model.name == "tiny-vit"
+
+
+def test_every_image_input_kind_gives_the_same_embedding(model: ClipModel, clip_png: Path) -> None:
+    data = clip_png.read_bytes()
+    pil = Image.open(io.BytesIO(data))
+    inputs: list[Any] = [clip_png, str(clip_png), data, pil]
+    expected = model.encode_images(clip_png)
+    assert expected.shape == (1, 32) and expected.dtype == np.float32
+    for item in inputs:
+        np.testing.assert_allclose(model.encode_images(item), expected, atol=1e-6)
+    batch = model.encode_images(inputs, batch_size=2)
+    np.testing.assert_allclose(batch, np.repeat(expected, len(inputs), axis=0), atol=1e-6)
+    arr = np.asarray(decode_image(clip_png))  # (H, W, 3) uint8
+    np.testing.assert_allclose(model.encode_images(arr), model.encode_images(Image.fromarray(arr)), atol=1e-6)
+    pre = np.stack([model.preprocess(clip_png)] * 3)
+    assert pre.shape == (3, 3, 32, 32)
+    np.testing.assert_allclose(model.encode_images(pre), np.repeat(expected, 3, axis=0), atol=1e-6)
+
+
+def test_preprocessed_batch_of_wrong_size_is_rejected(model: ClipModel) -> None:
+    with pytest.raises(BackendError, match=r"\(N, 3, 32, 32\)"):
+        model.encode_images(np.zeros((1, 3, 224, 224), np.float32))
+
+
+def test_encode_texts_is_unit_norm_and_batch_independent(model: ClipModel) -> None:
+    texts = ["a dog", "a cat", "a diagram"]
+    emb = model.encode_texts(texts)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(model.encode_texts(texts, batch_size=1), emb, atol=1e-6)
+    np.testing.assert_allclose(model.encode_texts("a dog"), emb[:1], atol=1e-6)
+
+
+def test_classify_is_softmax_of_scaled_similarities(model: ClipModel, clip_png: Path) -> None:
+    labels = ["a diagram", "a dog", "a cat"]
+    (result,) = model.classify(clip_png, labels)
+    sims = model.logit_scale * (model.encode_images(clip_png) @ model.encode_texts(labels).T)[0]
+    probs = np.exp(sims - sims.max()) / np.exp(sims - sims.max()).sum()
+    assert [label for label, _ in result] == [labels[i] for i in np.argsort(-probs)]
+    np.testing.assert_allclose([p for _, p in result], np.sort(probs)[::-1], atol=1e-5)
+    assert sum(p for _, p in result) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_classify_with_templates_ensembles_prompts(model: ClipModel, clip_png: Path) -> None:
+    labels, templates = ["dog", "diagram"], ["a photo of a {}.", "a drawing of a {}."]
+    classifier = model.text_classifier(labels, templates)
+    manual = (
+        model.encode_texts([t.format(lbl) for lbl in labels for t in templates]).reshape(2, 2, -1).mean(1)
+    )
+    manual /= np.linalg.norm(manual, axis=1, keepdims=True)
+    np.testing.assert_allclose(classifier, manual, atol=1e-6)
+    results = model.classify([clip_png, clip_png], labels, templates)
+    assert len(results) == 2 and results[0] == results[1]
+
+
+def test_preprocess_size_must_match_backend(model: ClipModel) -> None:
+    with pytest.raises(BackendError, match="224 px images but the backend expects 32 px"):
+        ClipModel(model.backend, PreprocessConfig(224), "x", 100.0)
+
+
+def test_export_folder_goes_to_export_loader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "manifest.json").write_text("{}")
+    calls: list[tuple[Path, str, str]] = []
+    fake = types.ModuleType("clipengine.export.loader")
+    fake.load_export = lambda folder, device, precision: calls.append((folder, device, precision)) or "ok"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "clipengine.export.loader", fake)
+    assert clipengine.load(tmp_path, device="cpu", precision="fp16") == "ok"
+    assert calls == [(tmp_path, "cpu", "fp16")]
+
+
+def test_onnx_backend_needs_an_export_folder(model_dir: Path) -> None:
+    with pytest.raises(BackendError, match="create it with `clipengine export`"):
+        clipengine.load(model_dir, backend="onnx")
+
+
+def test_bf16_model_agrees_with_fp32(model: ClipModel, model_dir: Path, clip_png: Path) -> None:
+    bf16 = clipengine.load(model_dir, precision="bf16")
+    cos = (bf16.encode_images(clip_png) * model.encode_images(clip_png)).sum()
+    assert cos > 0.99

@@ -1,0 +1,63 @@
+"""`clipengine models` and `clipengine download` (local file:// and unreachable URLs, no network)."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from clipengine.cli.app import app, main
+from clipengine.models import registry
+from clipengine.models.weights import cache_path
+
+
+def test_models_lists_tags_cache_state_and_bare_architectures() -> None:
+    src = registry.get_source("ViT-B-16", "openai")
+    path = cache_path(src)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"placed by hand")
+    result = CliRunner().invoke(app, ["models"])
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert any(line.split()[:3] == ["ViT-B-16@openai", "openai", "yes"] for line in lines)
+    assert any(line.split()[:3] == ["ViT-B-32@laion2b_s34b_b79k", "open_clip", "no"] for line in lines)
+    assert "Architectures without registered weights" not in result.stdout or "ViT" in result.stdout
+
+
+def _patch_source(monkeypatch: pytest.MonkeyPatch, url: str, sha256: str | None) -> registry.WeightSource:
+    src = replace(registry.get_source("RN50", "openai"), url=url, sha256=sha256)
+    monkeypatch.setattr(registry, "get_source", lambda arch, tag=None: src)
+    return src
+
+
+def test_download_fetches_and_verifies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    payload = b"weights" * 1000
+    (tmp_path / "RN50.pt").write_bytes(payload)
+    src = _patch_source(monkeypatch, (tmp_path / "RN50.pt").as_uri(), hashlib.sha256(payload).hexdigest())
+    result = CliRunner().invoke(app, ["download", "RN50@openai"])
+    assert result.exit_code == 0, result.output
+    assert cache_path(src).read_bytes() == payload
+    assert str(cache_path(src)) in result.stdout
+
+
+def test_download_offline_fails_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    src = _patch_source(monkeypatch, f"http://127.0.0.1:{port}/RN50.pt", None)
+    assert main(["download", "RN50@openai"]) == 1
+    err_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err_lines) == 1
+    assert f"http://127.0.0.1:{port}/RN50.pt" in err_lines[0] and str(cache_path(src)) in err_lines[0]
+
+
+def test_download_of_a_local_path_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "m.pt").write_bytes(b"x")
+    assert main(["download", str(tmp_path / "m.pt")]) == 1
+    assert "nothing to download" in capsys.readouterr().err

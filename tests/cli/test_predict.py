@@ -1,0 +1,111 @@
+"""`clipengine predict` on a saved tiny checkpoint: output format, both --text spellings, bad images."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from clipengine.cli.app import app, main
+from clipengine.models.clip import CLIP
+from clipengine.models.load import save_model
+
+TEXTS = ["a diagram", "a dog", "a cat"]
+LINE = re.compile(r"^Text: (a diagram|a dog|a cat), Similarity: (\d\.\d{4})$")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_model: CLIP) -> Path:
+    return save_model(tiny_model, tmp_path_factory.mktemp("predict") / "tiny")
+
+
+def _blocks(stdout: str) -> dict[str, list[tuple[str, float]]]:
+    blocks: dict[str, list[tuple[str, float]]] = {}
+    current = None
+    for line in stdout.splitlines():
+        if line.startswith("Filename: "):
+            current = line.removeprefix("Filename: ")
+            blocks[current] = []
+        elif (m := LINE.match(line)) and current is not None:
+            blocks[current].append((m.group(1), float(m.group(2))))
+    return blocks
+
+
+def test_single_image_prints_sorted_probabilities_and_timings(checkpoint: Path, clip_png: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["predict", str(clip_png), "--text", *TEXTS, "--checkpoint", str(checkpoint)]
+    )
+    assert result.exit_code == 0, result.output
+    blocks = _blocks(result.stdout)
+    (scores,) = blocks.values()
+    assert list(blocks) == ["CLIP.png"] and sorted(t for t, _ in scores) == sorted(TEXTS)
+    probs = [p for _, p in scores]
+    assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1.0, abs=2e-4)
+    for stage in ("preprocess", "image-encode", "text-encode"):
+        assert re.search(rf"^Average {stage} time: \d+\.\d ms per (image|text)$", result.stdout, re.M)
+
+
+def test_repeated_text_option_equals_one_option_with_many_values(checkpoint: Path, clip_png: Path) -> None:
+    runner = CliRunner()
+    repeated = runner.invoke(
+        app,
+        [
+            "predict",
+            str(clip_png),
+            "-t",
+            TEXTS[0],
+            "-t",
+            TEXTS[1],
+            "-t",
+            TEXTS[2],
+            "--checkpoint",
+            str(checkpoint),
+        ],
+    )
+    many = runner.invoke(app, ["predict", str(clip_png), "--checkpoint", str(checkpoint), "--text", *TEXTS])
+    assert repeated.exit_code == many.exit_code == 0
+    assert _blocks(repeated.stdout) == _blocks(many.stdout)
+
+
+def test_folder_reports_bad_images_and_goes_on(
+    checkpoint: Path, clip_png: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutil.copy(clip_png, tmp_path / "a.png")
+    shutil.copy(clip_png, tmp_path / "c.png")
+    (tmp_path / "b.jpg").write_text("this is text, not a JPEG")
+    (tmp_path / "notes.txt").write_text("ignored: not an image suffix")
+    code = main(["predict", str(tmp_path), "--text", *TEXTS, "--checkpoint", str(checkpoint)])
+    out, err = capsys.readouterr()
+    assert code == 0
+    blocks = _blocks(out)
+    assert list(blocks) == ["a.png", "c.png"] and blocks["a.png"] == blocks["c.png"]
+    assert re.search(r"^Skipped: b\.jpg: .+", err, re.M)
+
+
+def test_no_readable_image_exits_1(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "x.png").write_bytes(b"")
+    assert main(["predict", str(tmp_path), "--text", "a", "--checkpoint", str(checkpoint)]) == 1
+    assert "no readable images" in capsys.readouterr().err
+
+
+def test_missing_target_is_a_usage_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "nope.jpg"), "--text", "a"])
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_missing_weights_fail_in_one_line(clip_png: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        main(["predict", str(clip_png), "--text", "a", "--model", "ViT-B-32", "--pretrained", "openai"]) == 1
+    )
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: weights for ViT-B-32@openai are not in the cache") and "\n" not in err
+
+
+def test_text_is_required(clip_png: Path) -> None:
+    result = CliRunner().invoke(app, ["predict", str(clip_png)])
+    assert result.exit_code == 2 and "--text" in result.output
