@@ -61,3 +61,16 @@ def test_partitions_are_fixed_slices_of_the_sorted_list() -> None:
     assert num_partitions(0, 10) == 0 and num_partitions(20, 10) == 2
     with pytest.raises(ValueError, match=">= 1"):
         partitions(items, 0)
+
+
+def test_symlinked_folders_are_followed_without_looping(tmp_path: Path) -> None:
+    _touch(tmp_path, "real/a.jpg")
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    (tmp_path / "real" / "loop").symlink_to(tmp_path, target_is_directory=True)  # back to the root
+    _touch(tmp_path, "x/b.png", "y/c.png")
+    (tmp_path / "x" / "to_y").symlink_to(tmp_path / "y", target_is_directory=True)
+    (tmp_path / "y" / "to_x").symlink_to(tmp_path / "x", target_is_directory=True)  # mutual loop
+    ids = [i.id for i in list_items(tmp_path)]
+    assert ids == sorted(set(ids))
+    assert {"link/a.jpg", "real/a.jpg", "x/b.png", "x/to_y/c.png", "y/c.png", "y/to_x/b.png"} <= set(ids)
+    assert len(ids) < 20

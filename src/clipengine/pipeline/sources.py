@@ -45,6 +45,8 @@ def is_image_name(name: str) -> bool:
 def list_folder(root: str | Path) -> list[ImageItem]:
     """All images under `root`, recursively, hidden files and folders skipped.
 
+    Symlinked folders are followed, except links back to an ancestor (which would loop forever).
+
     Ids are POSIX relative paths (``"cats/01.jpg"``), sorted so every run sees the same order.
 
     Raises:
@@ -54,8 +56,17 @@ def list_folder(root: str | Path) -> list[ImageItem]:
     if not root.is_dir():
         raise DatasetError(f"{root}: not a folder")
     found: list[tuple[str, Path]] = []
+    # Resolved folders from the root down to each walked folder: a symlink into that chain is a loop.
+    chains: dict[str, frozenset[Path]] = {os.fspath(root): frozenset({root.resolve()})}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # prune hidden folders in place
+        chain = chains.pop(dirpath)
+        kept = []
+        for d in dirnames:
+            target = (Path(dirpath) / d).resolve()
+            if not d.startswith(".") and target not in chain:  # skip hidden folders and loops
+                kept.append(d)
+                chains[os.path.join(dirpath, d)] = chain | {target}
+        dirnames[:] = kept
         base = Path(dirpath)
         for name in filenames:
             if is_image_name(name):
