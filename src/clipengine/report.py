@@ -123,30 +123,25 @@ def render_bench(result: BenchResult, fmt: str = "text") -> str:
 
 def plot_throughput(result: BenchResult, path: str | Path) -> Path:
     """Write a throughput-vs-batch-size PNG (end-to-end and inference-only img/s)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state touched
 
     sizes = [b.batch_size for b in result.batches]
     e2e = [b.end_to_end_fps for b in result.batches]
     infer = [1000.0 / b.infer_ms_per_image if b.infer_ms_per_image > 0 else 0.0 for b in result.batches]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    try:
-        ax.plot(sizes, e2e, marker="o", label="end-to-end")
-        ax.plot(sizes, infer, marker="s", linestyle="--", label="inference only")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sizes, [str(s) for s in sizes])
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("images / s")
-        label = Path(result.model).name if result.model else "model"  # a checkpoint path -> its file name
-        ax.set_title(f"{label}: {result.backend} {result.device} {result.precision}")
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-    finally:
-        plt.close(fig)
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.subplots()
+    ax.plot(sizes, e2e, marker="o", label="end-to-end")
+    ax.plot(sizes, infer, marker="s", linestyle="--", label="inference only")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("images / s")
+    label = Path(result.model).name if result.model else "model"  # a checkpoint path -> its file name
+    ax.set_title(f"{label}: {result.backend} {result.device} {result.precision}")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)  # Figure renders through the Agg canvas by default
     return path
