@@ -177,3 +177,12 @@ def test_corrupted_engine_fails_export_with_measured_value(tmp_path: Path, tiny_
 def test_unknown_precision_is_rejected(tmp_path: Path, tiny_model) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match="int4"):
         onnx_export.export_model(tiny_model, tmp_path, precisions=("int4",))
+
+
+def test_re_export_replaces_engines_of_the_previous_export(tmp_path: Path, tiny_model, scratch_copy, vit_fixed_export) -> None:  # type: ignore[no-untyped-def]
+    folder = scratch_copy(vit_fixed_export[0])
+    (folder / "notes.txt").write_text("mine")
+    onnx_export.export_model(tiny_model, folder, image_batches=None, text_batches=None)
+    assert {p.name for p in folder.iterdir()} == {
+        "manifest.json", "image_fp32_dyn.onnx", "text_fp32_dyn.onnx", "notes.txt"
+    }

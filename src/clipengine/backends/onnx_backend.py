@@ -9,6 +9,7 @@ padded and the padding rows dropped. A dynamic engine takes any N (in slices of 
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -140,13 +141,15 @@ class _Tower:
         self.fixed = {e.batch: e for e in engines if e.batch is not None}
         self.dynamic = next((e for e in engines if e.batch is None), None)
         self._sessions: dict[int | None, OnnxEngine] = {}
+        self._lock = threading.Lock()  # ORT sessions run concurrently; creating one is guarded
 
     def engine(self, batch: int | None) -> OnnxEngine:
-        if batch not in self._sessions:
-            info = self.dynamic if batch is None else self.fixed[batch]
-            assert info is not None
-            self._sessions[batch] = self._backend._open(info)
-        return self._sessions[batch]
+        with self._lock:
+            if batch not in self._sessions:
+                info = self.dynamic if batch is None else self.fixed[batch]
+                assert info is not None
+                self._sessions[batch] = self._backend._open(info)
+            return self._sessions[batch]
 
     def first(self) -> OnnxEngine:
         return self.engine(None if self.dynamic is not None else max(self.fixed))

@@ -150,6 +150,23 @@ def _calibration_pixels(images: Any, cfg: PreprocessConfig) -> np.ndarray | None
     return np.stack([preprocess(source, cfg) for source in images]).astype(np.float32)
 
 
+def _listed_files(folder: Path) -> set[str]:
+    """Files an existing manifest in `folder` lists (engines, their data, the projection)."""
+    from ..errors import BackendError
+    from .manifest import read_manifest
+
+    if not (folder / MANIFEST_FILE).is_file():
+        return set()
+    try:
+        m = read_manifest(folder)
+    except BackendError:
+        return set()
+    names = {e.file for e in m.engines} | {e.external_data for e in m.engines if e.external_data}
+    if m.text_projection:
+        names.add(m.text_projection["file"])
+    return {n for n in names if n and Path(n).name == n}  # plain names only, never paths elsewhere
+
+
 def _batch_list(batches: Sequence[int] | None) -> list[int | None]:
     """Fixed batch sizes, or [None] for one dynamic-batch engine."""
     return [int(b) for b in batches] if batches else [None]
@@ -213,6 +230,7 @@ def export_model(
     pre = preprocess_cfg or PreprocessConfig(image_size=cfg.vision.image_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    previous = _listed_files(out)
     (out / MANIFEST_FILE).unlink(missing_ok=True)  # a half-rewritten folder must not look complete
 
     samples: dict[str, np.ndarray] = {"image": sample_images(pre, sample_images_from), "text": sample_texts(cfg.text.context_length)}
@@ -265,6 +283,9 @@ def export_model(
         (out / MANIFEST_FILE).rename(out / "parity_report.json")
         raise_on_failures(engines, out)
     write_manifest(manifest, out)
+    current = _listed_files(out)
+    for stale in sorted(previous - current):  # engines of an earlier export that this one replaced
+        (out / stale).unlink(missing_ok=True)
     say(f"wrote {out / MANIFEST_FILE} ({len(engines)} engines, {manifest.export_seconds:.1f} s)")
     return manifest
 
