@@ -66,7 +66,7 @@ def test_embed_writes_shards_and_summary(folder: Path, tmp_path: Path, fake_load
     ids, vectors, meta = read_embeddings(out)
     assert ids[:2] == ["NESTED/UP-0000.JPG", "NESTED/UP-0001.JPG"] and len(ids) == 11
     assert vectors.shape == (11, 8) and meta["model"] == "RN50@openai" and meta["dtype"] == "float16"
-    assert meta["source"] == str(folder)
+    assert meta["source"] == str(folder.resolve())
     assert [f.id for f in read_failures(out)] == ["empty.jpg"]
     assert sorted(p.name for p in (out / "shards").glob("*.npy")) == [f"part-0000{i}.npy" for i in range(3)]
 
@@ -164,7 +164,7 @@ def test_engine_ray_dispatches_with_a_picklable_factory(
     assert result.exit_code == 0, result.output
     (items, out_dir, factory, _cfg), kwargs = calls[0]
     assert len(items) == 12 and out_dir == out  # type: ignore[arg-type]
-    assert kwargs["shard_size"] == 7 and kwargs["source_label"] == str(folder)
+    assert kwargs["shard_size"] == 7 and kwargs["source_label"] == str(folder.resolve())
     restored = pickle.loads(pickle.dumps(factory))
     assert restored.opts.checkpoint == str(tmp_path / "c.pt")
     assert "Embedded 11 images" in result.output

@@ -70,6 +70,7 @@ def test_rerun_of_a_finished_output_recomputes_nothing(
     again = fakes.FakeBackendFactory()
     stats = embed_folder(image_folder, out, again, preprocess_cfg, model="fake", workers=0, shard_size=10)
     assert (stats.shards_written, stats.shards_skipped, stats.skipped) == (0, 3, 25)
+    assert read_embeddings(out)[2]["timings"]["embedded"] == 25  # the working run's timings are kept
     assert again.built == []  # no model loaded when there is nothing to do
     assert read_embeddings(out)[0] == [i.id for i in list_items(image_folder)]
 

@@ -169,7 +169,7 @@ def register(app: typer.Typer) -> None:
         clip = load_clip(opts)
         run_kwargs: dict[str, Any] = dict(
             model=opts.label, batch_size=batch, workers=workers, shard_size=shard_size, dtype=dtype,
-            source_label=str(source),
+            source_label=str(source.resolve()),
         )  # fmt: skip
         if engine == "local":
             run_kwargs["fast_decode"] = fast_decode

@@ -273,6 +273,8 @@ def embed_folder(
     total.failed_total = sink.write_failures(len(parts))
     total.wall_s = time.perf_counter() - t_start
     info.update(status="complete", counts=_counts(total), timings=total.to_dict())
+    if not total.processed and previous is not None and "timings" in previous:
+        info["timings"] = previous["timings"]  # a pure resume keeps the timings of the run that did the work
     atomic_write_json(out_dir / RUN_FILE, info)
     _log.info("embedded %d images (%d failed) into %s", total.embedded, total.failed, out_dir)
     return total
