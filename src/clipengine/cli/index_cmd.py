@@ -45,7 +45,12 @@ def _image_roots(meta: dict[str, Any]) -> list[str]:
 
 
 def _embeddings(
-    source: Path, opts: embed_cli.ModelOptions | None, embed_dir: Path, batch: int, engine: str
+    source: Path,
+    opts: embed_cli.ModelOptions | None,
+    embed_dir: Path,
+    batch: int,
+    engine: str,
+    workers: int | None,
 ) -> tuple[Path, str]:
     """The embed folder for `source` (embedding it first when it is images) and its model label."""
     if _is_embed_dir(source):
@@ -64,7 +69,7 @@ def _embeddings(
     else:
         from ..pipeline.run import embed_folder
 
-        embed_folder(items, embed_dir, lambda: clip.backend, clip.preprocess_cfg, **kwargs)
+        embed_folder(items, embed_dir, lambda: clip.backend, clip.preprocess_cfg, workers=workers, **kwargs)
     return embed_dir, opts.label
 
 
@@ -125,6 +130,7 @@ _D = typer.Option("cpu", "--device", help="cpu, cuda, ...")
 _DL = typer.Option(False, "--download", help="Allow downloading weights that are not cached.")
 _BATCH = typer.Option(32, "--batch", min=1, help="Images per backend call when embedding.")
 _ENGINE = typer.Option("local", "--engine", help="Embedding engine for image folders: local or ray.")
+_WORKERS = typer.Option(None, "--workers", min=0, help=embed_cli.WORKERS_HELP)
 _EMB = typer.Option(
     None, "--embeddings", help="Where to keep embeddings of images (default: INDEX.embeddings)."
 )
@@ -156,7 +162,7 @@ def register(app: typer.Typer) -> None:
         ef_search: int | None = _EF,
         model: str | None = _M, pretrained: str | None = _P, checkpoint: Path | None = _C, backend: str = _B,
         precision: str = _PR, device: str = _D, download: bool = _DL, batch: int = _BATCH, engine: str = _ENGINE,
-        embeddings: Path | None = _EMB, as_json: bool = _JSON,
+        workers: int | None = _WORKERS, embeddings: Path | None = _EMB, as_json: bool = _JSON,
     ) -> None:  # fmt: skip
         """Build an index from embeddings (or from images, embedding them first)."""
         import time
@@ -165,7 +171,7 @@ def register(app: typer.Typer) -> None:
 
         opts = _opts(model, pretrained, checkpoint, backend, precision, device, download)
         emb_dir, label = _embeddings(
-            source, opts, embeddings or output.with_name(output.name + ".embeddings"), batch, engine
+            source, opts, embeddings or output.with_name(output.name + ".embeddings"), batch, engine, workers
         )
         ids, vectors, model_name, meta = _read(emb_dir, label, opts.label if opts else None)
         t0 = time.perf_counter()
@@ -182,8 +188,8 @@ def register(app: typer.Typer) -> None:
         index_path: Path = _INDEX_ARG,
         source: Path = _SOURCE_ARG,
         pretrained: str | None = _P, backend: str = _B, precision: str = _PR, device: str = _D,
-        download: bool = _DL, batch: int = _BATCH, engine: str = _ENGINE, embeddings: Path | None = _EMB,
-        as_json: bool = _JSON,
+        download: bool = _DL, batch: int = _BATCH, engine: str = _ENGINE, workers: int | None = _WORKERS,
+        embeddings: Path | None = _EMB, as_json: bool = _JSON,
     ) -> None:  # fmt: skip
         """Append new images to an index without rebuilding it (ids already indexed are skipped)."""
         from ..index import Index
@@ -193,7 +199,7 @@ def register(app: typer.Typer) -> None:
             index.model, pretrained, None, backend, precision, device, download
         )
         default_dir = index_path.with_name(index_path.name + ".embeddings")
-        emb_dir, label = _embeddings(source, opts, embeddings or default_dir, batch, engine)
+        emb_dir, label = _embeddings(source, opts, embeddings or default_dir, batch, engine, workers)
         ids, vectors, _, meta = _read(emb_dir, label, index.model)
         added = index.add(ids, vectors, sizes=_sizes(emb_dir, ids), on_duplicate="skip")
         index.image_roots += [r for r in _image_roots(meta) if r not in index.image_roots]
