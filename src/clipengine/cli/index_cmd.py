@@ -51,21 +51,28 @@ def _embeddings(
     batch: int,
     engine: str,
     workers: int | None,
-) -> tuple[Path, str]:
-    """The embed folder for `source` (embedding it first when it is images) and its model label."""
+    known: Index | None = None,
+) -> tuple[Path | None, str]:
+    """The embed folder for `source` (embedding it first when it is images) and its model label.
+
+    With `known`, images whose id is already in that index are not embedded again; returns
+    (None, label) when nothing is left to embed.
+    """
     if _is_embed_dir(source):
         return source, ""
     if opts is None:
         raise typer.BadParameter("embedding images needs --model (or --checkpoint)")
     from ..pipeline.sources import list_items
 
+    items = [i for i in list_items(source) if known is None or i.id not in known]
+    if not items:
+        return None, opts.label
     clip = embed_cli.load_clip(opts)
-    items = list_items(source)
     kwargs: dict[str, Any] = {"model": opts.label, "batch_size": batch, "source_label": str(source.resolve())}
     if engine == "ray":
         from ..distributed.ray import embed_with_ray
 
-        embed_with_ray(source, embed_dir, embed_cli.BackendFactory(opts), clip.preprocess_cfg, **kwargs)
+        embed_with_ray(items, embed_dir, embed_cli.BackendFactory(opts), clip.preprocess_cfg, **kwargs)
     else:
         from ..pipeline.run import embed_folder
 
@@ -167,12 +174,15 @@ def register(app: typer.Typer) -> None:
         """Build an index from embeddings (or from images, embedding them first)."""
         import time
 
+        from ..errors import DatasetError
         from ..index import Index
 
         opts = _opts(model, pretrained, checkpoint, backend, precision, device, download)
         emb_dir, label = _embeddings(
             source, opts, embeddings or output.with_name(output.name + ".embeddings"), batch, engine, workers
         )
+        if emb_dir is None:
+            raise DatasetError(f"{source}: no images to index")
         ids, vectors, model_name, meta = _read(emb_dir, label, opts.label if opts else None)
         t0 = time.perf_counter()
         try:
@@ -199,7 +209,10 @@ def register(app: typer.Typer) -> None:
             index.model, pretrained, None, backend, precision, device, download
         )
         default_dir = index_path.with_name(index_path.name + ".embeddings")
-        emb_dir, label = _embeddings(source, opts, embeddings or default_dir, batch, engine, workers)
+        emb_dir, label = _embeddings(source, opts, embeddings or default_dir, batch, engine, workers, index)
+        if emb_dir is None:  # every image of the folder is indexed already
+            _echo_index(index, index_path, as_json, added=0)
+            return
         ids, vectors, _, meta = _read(emb_dir, label, index.model)
         added = index.add(ids, vectors, sizes=_sizes(emb_dir, ids), on_duplicate="skip")
         index.image_roots += [r for r in _image_roots(meta) if r not in index.image_roots]
