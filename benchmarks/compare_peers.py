@@ -150,9 +150,13 @@ def _to_hf(state: dict[str, torch.Tensor]) -> Any:
     return hf
 
 
+# Low precision under test: bf16 on CPU, fp16 on CUDA (main() switches it with --device).
+LOW: dict[str, Any] = {"dtype": torch.bfloat16, "name": "bf16", "device": "cpu"}
+
+
 def bf16_copy(module: torch.nn.Module) -> torch.nn.Module:
     # Weights cast, requires_grad left True: bf16 + requires_grad=False is a slow CPU path (pytorch#151934).
-    return copy.deepcopy(module).to(torch.bfloat16)
+    return copy.deepcopy(module).to(LOW["dtype"])
 
 
 # ----------------------------------------------------------------------------- contestants
@@ -179,22 +183,23 @@ def _compiled(fn: Fn) -> Fn:
 
 
 def peers(tower: str, oc: Any, hf: Any, onnx_sessions: dict[str, Any], *, compile_peers: bool) -> list[Contestant]:
-    """fp32 / bf16 eager and compiled open_clip, HF fp32 / bf16, ORT fp32 / int8 for `tower`."""
+    """fp32 / low-precision eager and compiled open_clip, HF fp32 / low, ORT fp32 / int8 for `tower`."""
     image = tower == "image"
+    low, lname = LOW["dtype"], LOW["name"]
     oc16 = bf16_copy(oc)
     method = "encode_image" if image else "encode_text"
     out = [
         Contestant("open_clip eager fp32", True, _no_grad(getattr(oc, method)), "fp32"),
-        Contestant("open_clip eager bf16", True, _no_grad(lambda x: getattr(oc16, method)(x.to(torch.bfloat16) if image else x)), "bf16"),  # fmt: skip
+        Contestant(f"open_clip eager {lname}", True, _no_grad(lambda x: getattr(oc16, method)(x.to(low) if image else x)), lname),  # fmt: skip
     ]
     if compile_peers:
-        inner = _compiled(lambda x: getattr(oc16, method)(x.to(torch.bfloat16) if image else x))
-        out.append(Contestant("open_clip compile bf16", True, _no_grad(inner), "bf16"))
+        inner = _compiled(lambda x: getattr(oc16, method)(x.to(low) if image else x))
+        out.append(Contestant(f"open_clip compile {lname}", True, _no_grad(inner), lname))
     if hf is not None:
         hf16 = bf16_copy(hf)
         hm, arg = ("get_image_features", "pixel_values") if image else ("get_text_features", "input_ids")
         out.append(Contestant("HF transformers fp32", True, _hf_fn(getattr(hf, hm), arg, torch.float32), "fp32"))
-        out.append(Contestant("HF transformers bf16", True, _hf_fn(getattr(hf16, hm), arg, torch.bfloat16), "bf16"))
+        out.append(Contestant(f"HF transformers {lname}", True, _hf_fn(getattr(hf16, hm), arg, low), lname))
     for prec, sess in onnx_sessions.get(tower, {}).items():
         out.append(Contestant(f"ONNX Runtime {prec}", True, _ort_fn(sess), prec))
     return out
@@ -202,15 +207,19 @@ def peers(tower: str, oc: Any, hf: Any, onnx_sessions: dict[str, Any], *, compil
 
 def ours(tower: str, model: CLIP, *, quick: bool) -> list[Contestant]:
     """clipengine fast paths (accel.optimize) for `tower`."""
+    lname = LOW["name"]
     variants: list[tuple[str, dict[str, Any]]] = [
-        ("clipengine eager bf16", dict(precision="bf16", compile=False)),
-        ("clipengine compile bf16", dict(precision="bf16", compile=True)),
+        (f"clipengine eager {lname}", dict(precision=lname, compile=False)),
+        (f"clipengine compile {lname}", dict(precision=lname, compile=True)),
     ]
-    if not quick:
-        variants.insert(1, ("clipengine compile bf16 (no prune/trunc)", dict(precision="bf16", compile=True, prune=False, truncate_text=False)))  # fmt: skip
+    if LOW["device"] == "cuda":
+        variants[0] = (f"clipengine eager {lname} + CUDA graphs", dict(precision=lname, cuda_graphs=True))
+        variants.append((f"clipengine compile max-autotune {lname}", dict(precision=lname, compile="max-autotune")))
+    elif not quick:
+        variants.insert(1, (f"clipengine compile {lname} (no prune/trunc)", dict(precision=lname, compile=True, prune=False, truncate_text=False)))  # fmt: skip
     out = []
     for name, kw in variants:
-        fast = optimize(model, device="cpu", **kw)
+        fast = optimize(model, device=LOW["device"], **kw)
         fn = fast.encode_image if tower == "image" else fast.encode_text
         out.append(Contestant(name, False, fn, kw["precision"]))
     return out
@@ -269,7 +278,7 @@ def _ort_fn(sess: Any) -> Fn:
     name = sess.get_inputs()[0].name
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(sess.run(None, {name: x.numpy()})[0]).float()
+        return torch.from_numpy(sess.run(None, {name: x.cpu().numpy()})[0]).float().to(x.device)
 
     return run
 
@@ -285,14 +294,18 @@ def measure(
     Returns fresh Contestant records (the same callables) holding this case's timings.
     """
     cases = [Contestant(c.name, c.peer, c.fn, c.precision) for c in contestants]
+    x = x.to(LOW["device"])
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     ref = None
     calls: dict[str, int] = {}
     for c in cases:
         t0 = time.perf_counter()
         c.fn(x)
+        sync()
         dt = time.perf_counter() - t0
         t1 = time.perf_counter()
         y = c.fn(x)
+        sync()
         one = time.perf_counter() - t1
         calls[c.name] = max(1, math.ceil(min_s / max(one, 1e-4)))
         if ref is None:
@@ -302,9 +315,11 @@ def measure(
     for _ in range(rounds):
         for c in cases:
             n = calls[c.name]
+            sync()
             t0 = time.perf_counter()
             for _ in range(n):
                 c.fn(x)
+            sync()
             c.times.append(n * x.shape[0] / (time.perf_counter() - t0))
     return cases
 
@@ -465,9 +480,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per table (default 5, quick 2)")
     p.add_argument("--min-seconds", type=float, default=None, help="seconds per timed measurement (default 1.0)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (CUDA: fp16, no ONNX, no e2e; image batch 1024 added)")
     p.add_argument("--skip-onnx", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
-    p.add_argument("--only", choices=["image1", "image32", "text", "textlong"], action="append")
+    p.add_argument("--only", choices=["image1", "image32", "image1024", "text", "textlong"], action="append")
     p.add_argument("--jpeg-dir", default=str(Path(tempfile.gettempdir()) / "clipengine_bench_jpegs"))
     p.add_argument("--json", type=Path, default=None, help="also write all rows as JSON here")
     args = p.parse_args(argv)
@@ -479,9 +495,12 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     log(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    oc, model, hf = build_models("cpu")
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        LOW.update(dtype=torch.float16, name="fp16", device=args.device)
+    oc, model, hf = build_models(args.device)
     sessions: dict[str, dict[str, Any]] = {}
-    if not args.skip_onnx:
+    if not args.skip_onnx and not cuda:
         t0 = time.perf_counter()
         work = Path(tempfile.gettempdir()) / "clipengine_bench_onnx"
         work.mkdir(exist_ok=True)
@@ -490,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     tables: list[str] = []
     report: dict[str, Any] = {}
     cases = [
+        *([("image1024", "image", "Image tower, batch 1024", torch.randn(1024, 3, 224, 224), "img/s")] if cuda else []),
         ("image1", "image", "Image tower, batch 1", torch.randn(1, 3, 224, 224), "img/s"),
         ("image32", "image", "Image tower, batch 32", torch.randn(32, 3, 224, 224), "img/s"),
         ("text", "text", "Text tower, batch 32, zero-shot prompts (<= 20 tokens)", prompt_tokens(32), "seq/s"),
@@ -508,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         tables.append(text)
         report[key] = rows
         print(text, flush=True)
-    if not args.skip_e2e:
+    if not args.skip_e2e and not cuda:
         text = run_e2e(args, oc, model, log)
         tables.append(text)
         print(text, flush=True)
