@@ -64,7 +64,8 @@ class DownloadError(ClipEngineError):
 
 
 class IndexMismatchError(ClipEngineError):
-    """An index was built with another model or embedding size than the one in use."""
+    """Stored embeddings (an index, or an embed output folder being resumed) were made with another
+    model, embedding size or settings than the ones in use."""
 
 
 class DatasetError(ClipEngineError):

@@ -62,10 +62,22 @@ def _register_all() -> None:
 _register_all()
 
 
+def _click_exception_types() -> tuple[type[BaseException], ...]:
+    """typer >= 0.29 bundles its own click; older typer uses the click package. Catch both."""
+    types: list[type[BaseException]] = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            types.append(importlib.import_module(module).ClickException)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(types)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; maps ClipEngineError to a one-line message and exit code 1 (2 for usage)."""
+    click_errors = _click_exception_types()
     try:
-        app(args=list(argv) if argv is not None else None, standalone_mode=False)
+        result = app(args=list(argv) if argv is not None else None, standalone_mode=False)
     except ClipEngineError as e:
         if _state["verbose"]:
             raise
@@ -76,19 +88,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if code is None:
             code = getattr(e, "code", 0)
         return int(code or 0)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        return 130
-    except KeyboardInterrupt:
+    except (typer.Abort, KeyboardInterrupt):
         typer.echo("interrupted", err=True)
         return 130
-    except Exception as e:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            return e.exit_code
-        raise
+    except click_errors as e:  # usage errors (bad option values, missing arguments)
+        e.show()  # type: ignore[attr-defined]
+        return int(getattr(e, "exit_code", 2))
+    if isinstance(result, int) and result:
+        # typer returns 130 (instead of raising) when a command was interrupted with Ctrl-C.
+        if result == 130:
+            typer.echo("interrupted", err=True)
+        return result
     return 0
 
 

@@ -152,7 +152,7 @@ def _load_one(
     item_id: str, source: str | bytes, config: PreprocessConfig, draft: tuple[int, int] | None, chunk: _Chunk
 ) -> tuple[FloatArray, tuple[int, int]]:
     """One image -> ((3, H, W) pixels, original (width, height)); stage times added to `chunk`."""
-    from ..image.decode import decode_image
+    from ..image.decode import open_image
     from ..image.preprocess import preprocess_image
 
     t0 = time.perf_counter()
@@ -162,7 +162,9 @@ def _load_one(
         with open(source, "rb") as f:
             data = f.read()
     t1 = time.perf_counter()
-    image = decode_image(data, name=item_id, draft_size=draft)
+    # open_image keeps the decoded mode: preprocessing resizes before converting to RGB, as
+    # OpenAI's transform does (it matters for alpha and palette images).
+    image = open_image(data, name=item_id, draft_size=draft)
     size = (int(image.width), int(image.height)) if draft is None else _original_size(data, image)
     t2 = time.perf_counter()
     pixels = np.asarray(preprocess_image(image, config), dtype=np.float32)
