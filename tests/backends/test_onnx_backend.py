@@ -19,11 +19,11 @@ from clipengine.types import Backend
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> Path:  # type: ignore[no-untyped-def]
-    """Tiny ViT, fp32 + int8, image engines b1/b4, text b2, projection split off (the seed's layout)."""
+    """Tiny ViT, fp32/fp16/int8, image engines b1/b4, text b2, projection split off (the seed's layout)."""
     from clipengine.export.onnx import export_model
 
     out = tmp_path_factory.mktemp("onnx_backend") / "tiny"
-    export_model(tiny_model, out, precisions=("fp32", "int8"), image_batches=(1, 4), text_batches=(2,),
+    export_model(tiny_model, out, precisions=("fp32", "fp16", "int8"), image_batches=(1, 4), text_batches=(2,),
                  split_text_projection=True)
     return out
 
@@ -78,11 +78,12 @@ def test_backend_matches_torch_and_satisfies_protocol(export_dir: Path, tiny_mod
     assert np.abs(texts - _torch_reference(tiny_model, tokens=tokens)).max() <= 1e-4
 
 
-def test_int8_backend_within_bound(export_dir: Path, tiny_model, pixels, tokens) -> None:  # type: ignore[no-untyped-def]
-    backend = OnnxBackend(export_dir, precision="int8", intra_op_threads=1)
+@pytest.mark.parametrize(("precision", "bound"), [("fp16", 0.999), ("int8", 0.99)])
+def test_reduced_precision_within_bound(export_dir: Path, tiny_model, pixels, tokens, precision: str, bound: float) -> None:  # type: ignore[no-untyped-def]
+    backend = OnnxBackend(export_dir, precision=precision, intra_op_threads=1)
     cos_img = (backend.encode_images(pixels) * _torch_reference(tiny_model, pixels=pixels)).sum(1)
     cos_txt = (backend.encode_texts(tokens) * _torch_reference(tiny_model, tokens=tokens)).sum(1)
-    assert cos_img.min() >= 0.99 and cos_txt.min() >= 0.99
+    assert cos_img.min() >= bound and cos_txt.min() >= bound
 
 
 def test_same_image_alone_or_inside_a_padded_batch(export_dir: Path, pixels) -> None:  # type: ignore[no-untyped-def]
@@ -116,8 +117,8 @@ def test_wrong_shapes_are_rejected(export_dir: Path) -> None:
 
 
 def test_missing_precision_lists_available_ones(export_dir: Path) -> None:
-    with pytest.raises(BackendError, match=r"no fp16 engines.*has: fp32, int8"):
-        OnnxBackend(export_dir, precision="fp16")
+    with pytest.raises(BackendError, match=r"no bf16 engines.*has: fp32, fp16, int8"):
+        OnnxBackend(export_dir, precision="bf16")
 
 
 def test_not_an_export_folder(tmp_path: Path) -> None:
@@ -200,7 +201,7 @@ def test_onnx_backend_runs_without_torch(export_dir: Path, tmp_path: Path) -> No
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_cuda_provider_matches_cpu(export_dir: Path, pixels, tokens, precision: str) -> None:  # type: ignore[no-untyped-def]
     import onnxruntime as ort
 
