@@ -188,16 +188,14 @@ class _PartitionEmbedder:
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def _ensure_ray(address: str | None, num_cpus: int | None) -> bool:
+def _ensure_ray(address: str | None) -> bool:
     """Connect to (or start) Ray; returns True when this call started it (and should shut it down)."""
     import ray
 
     if ray.is_initialized():
         return False
     if address is None:
-        ray.init(
-            num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
-        )
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     else:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     return True
@@ -339,7 +337,7 @@ def _run_job(
     import ray
     import ray.data
 
-    started = _ensure_ray(address, max(int(num_actors * num_cpus), 1) if address is None else None)
+    started = _ensure_ray(address)  # a local instance gets every core; the actor pool size caps use
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # the caller's `progress` callback reports per partition
@@ -350,7 +348,7 @@ def _run_job(
         ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
             _PartitionEmbedder,
             batch_size=1,
-            concurrency=max(1, min(num_actors, len(rows))),
+            compute=ray.data.ActorPoolStrategy(size=max(1, min(num_actors, len(rows)))),
             num_cpus=num_cpus,
             num_gpus=num_gpus,
             fn_constructor_kwargs={
