@@ -127,3 +127,19 @@ def test_missing_index_and_foreign_folder(tmp_path: Path, vectors: np.ndarray) -
     (tmp_path / "file.index").write_text("x")
     with pytest.raises(IndexFileError, match="not an index folder"):
         Index.build(["a"], vectors[:1], model="fake").save(tmp_path / "file.index")
+
+
+def test_load_racing_a_save_reads_the_new_generation(saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = store.read_meta
+    calls: list[int] = []
+
+    def read_meta_while_another_process_saves(root: Path, header: dict) -> list[dict]:
+        if not calls:  # first attempt: a writer commits generation 2 and sweeps generation 1 meanwhile
+            calls.append(1)
+            grown = Index.build([f"n{i}" for i in range(3)], np.eye(3, 32), model="fake")
+            grown.save(saved)
+        return real(root, header)
+
+    monkeypatch.setattr(store, "read_meta", read_meta_while_another_process_saves)
+    index = Index.load(saved)
+    assert len(index) == 3 and calls == [1]

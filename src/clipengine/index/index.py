@@ -375,16 +375,10 @@ class Index:
         )
         return Path(path)
 
-    @classmethod
-    def load(cls, path: str | Path, *, model: str | None = None, dim: int | None = None) -> Index:
-        """Open an index folder; with `model`/`dim`, refuse (IndexMismatchError) one built differently.
-
-        Raises:
-            IndexFileError: missing, incomplete or corrupted index. IndexMismatchError: see above.
-        """
+    @staticmethod
+    def _read_files(root: Path) -> tuple[dict[str, Any], list[dict[str, Any]], faiss.Index]:
         import faiss
 
-        root = Path(path)
         header = store.read_header(root)
         rows = store.read_meta(root, header)
         vec_path = root / header["files"]["vectors"]
@@ -397,6 +391,25 @@ class Index:
                 f"{vec_path} holds {index.ntotal} vectors of dim {index.d}, header says "
                 f"{header['count']} of dim {header['dim']}; rebuild the index"
             )
+        return header, rows, index
+
+    @classmethod
+    def load(cls, path: str | Path, *, model: str | None = None, dim: int | None = None) -> Index:
+        """Open an index folder; with `model`/`dim`, refuse (IndexMismatchError) one built differently.
+
+        Raises:
+            IndexFileError: missing, incomplete or corrupted index. IndexMismatchError: see above.
+        """
+        root = Path(path)
+        generation = store.peek_generation(root)
+        try:
+            header, rows, index = cls._read_files(root)
+        except (IndexFileError, OSError):
+            # A concurrent save may have swept the generation we had just started reading: if the
+            # header moved on, read the new generation once; otherwise the error stands.
+            if store.peek_generation(root) == generation:
+                raise
+            header, rows, index = cls._read_files(root)
         obj = cls(
             index,
             [str(r["id"]) for r in rows],

@@ -30,6 +30,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "HEADER_NAME",
+    "peek_generation",
     "read_header",
     "read_meta",
     "write_generation",
@@ -105,7 +106,7 @@ def write_generation(
     root = Path(root)
     _check_target(root)
     fresh = not root.exists()
-    previous = _peek_generation(root) if not fresh else 0
+    previous = peek_generation(root) if not fresh else 0
     generation = previous + 1
     workdir = root.with_name(f".{root.name}{_TMP_MARK}{uuid.uuid4().hex[:8]}") if fresh else root
     workdir.mkdir(parents=True, exist_ok=True)
@@ -136,7 +137,8 @@ def write_generation(
     return header
 
 
-def _peek_generation(root: Path) -> int:
+def peek_generation(root: Path) -> int:
+    """The generation number header.json names now (0 when there is no readable header)."""
     try:
         return int(json.loads((root / HEADER_NAME).read_text(encoding="utf-8")).get("generation", 0))
     except (OSError, ValueError, AttributeError):
