@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import DuplicateIdError, IndexFileError, IndexMismatchError
 from . import store
-from .ann import IndexParams, choose_params, create_faiss_index, search_parameters
+from .ann import AUTO_EXACT_MAX, IndexParams, choose_params, create_faiss_index, search_parameters
 
 if TYPE_CHECKING:
     import faiss
@@ -259,6 +259,8 @@ class Index:
             self._ids.append(ids[i])
             self._sizes.append(size_list[i])
         self.updated = _now()
+        if self.params.exact and len(self._ids) > AUTO_EXACT_MAX >= len(self._ids) - len(keep):
+            log.info("index grew past %d vectors; rebuild with kind='auto' to switch to IVF", AUTO_EXACT_MAX)
         return len(keep)
 
     # ------------------------------------------------------------------ identity
