@@ -179,7 +179,9 @@ def _hf_fn(method: Callable[..., Any], arg: str, dtype: torch.dtype) -> Fn:
 
 
 def _compiled(fn: Fn) -> Fn:
-    return torch.compile(fn, options={"freezing": True}, dynamic=False)  # what a torch user would do
+    # What a torch user does for inference: freezing via the global inductor flag (main() sets it;
+    # torch.compile(options={"freezing": True}) silently does not freeze in torch 2.13).
+    return torch.compile(fn, dynamic=False)
 
 
 def peers(tower: str, oc: Any, hf: Any, onnx_sessions: dict[str, Any], *, compile_peers: bool) -> list[Contestant]:
@@ -490,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (2 if args.quick else 5)
     min_s = args.min_seconds or (0.5 if args.quick else 1.0)
     torch.set_num_threads(args.threads)
+    import torch._inductor.config
+
+    torch._inductor.config.freezing = True  # weights folded into compiled graphs (oneDNN prepacking on CPU)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)

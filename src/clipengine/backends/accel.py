@@ -151,6 +151,23 @@ class _TextTower(nn.Module):
         return (m.ln_final(pooled) @ m.text_projection).float()
 
 
+class _Frozen:
+    """Runs a compiled callable with inductor weight freezing on, so each (re)compilation folds the
+    weights into the graph: on CPU that turns linears / convs into prepacked oneDNN kernels with
+    fused bias and activation. (`torch.compile(options={"freezing": True})` does *not* do this in
+    torch 2.13: the output code still calls plain addmm; only the config flag at compile time works.)
+    """
+
+    def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
+        self.fn = fn
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        import torch._inductor.config  # noqa: PLC0415 - only needed once compile is asked for
+
+        with torch._inductor.config.patch(freezing=True):
+            return self.fn(*inputs)
+
+
 class _CudaGraphs:
     """Replays one captured CUDA graph per input shape of `fn` (static input/output buffers)."""
 
@@ -229,13 +246,10 @@ class AcceleratedCLIP:
     def _wrap(self, tower: nn.Module) -> Callable[..., torch.Tensor]:
         fn: Callable[..., torch.Tensor] = tower
         if self.compile_mode is not None:
-            options = {"freezing": True} if self.device.type == "cpu" else None
             mode = None if self.compile_mode == "default" else self.compile_mode
-            if options is not None and mode is not None:
-                # torch.compile takes mode or options, not both: spell the mode out as options.
-                options.update(torch._inductor.list_mode_options(mode))  # type: ignore[attr-defined]
-                mode = None
-            fn = torch.compile(tower, mode=mode, options=options, dynamic=False)
+            fn = torch.compile(tower, mode=mode, dynamic=False)
+            if self.device.type == "cpu":
+                fn = _Frozen(fn)
         if self.cuda_graphs:
             fn = _CudaGraphs(fn)
         return fn
