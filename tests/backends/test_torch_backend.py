@@ -57,6 +57,7 @@ def test_bf16_casts_weights_and_stays_close(model: CLIP) -> None:
     ref_img, ref_txt = _reference(model, pixels, tokens)
     backend = TorchBackend(model, precision="bf16")
     assert backend.model.dtype == torch.bfloat16
+    assert not any(p.requires_grad for p in backend.model.parameters())
     img, txt = backend.encode_images(pixels), backend.encode_texts(tokens)
     assert img.dtype == np.float32
     assert (img * ref_img).sum(axis=1).min() > 0.99

@@ -148,3 +148,21 @@ def test_hand_placed_file_with_wrong_checksum_is_refused(tmp_path: Path) -> None
     path.write_bytes(PAYLOAD)
     assert fetch(src) == path  # verified once, then remembered in a sidecar
     assert path.with_name("model.bin.sha256").read_text().startswith(PAYLOAD_SHA)
+
+
+def test_hub_repo_falls_back_to_transformers_layout(
+    server: tuple[str, type[_Handler]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from clipengine.models import weights
+
+    url, _ = server
+    repo = tmp_path / "www" / "org" / "clip"
+    repo.mkdir(parents=True)
+    (repo / "config.json").write_text("{}")
+    (repo / "model.safetensors").write_bytes(b"weights")
+    monkeypatch.setattr(weights, "_HUB_URL", url + "/{repo}/{filename}")
+    with pytest.raises(DownloadNotAllowedError, match="hf-hub:org/clip is not in the cache"):
+        weights.fetch_hub("org/clip")
+    folder = weights.fetch_hub("org/clip", allow_download=True)
+    assert folder == weights.hub_dir("org/clip")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
