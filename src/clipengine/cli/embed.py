@@ -147,6 +147,11 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print the run stats as JSON."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
         fast_decode: bool = FAST_DECODE_OPT,
+        address: str | None = typer.Option(
+            None, "--address", help="Ray cluster: auto, or ray://host:10001 (default: a local Ray instance)."
+        ),
+        actors: int = typer.Option(2, "--actors", min=1, help="Ray actor pool size (one model per actor)."),
+        gpus_per_actor: float = typer.Option(0.0, "--gpus-per-actor", min=0.0, help="GPUs per Ray actor."),
     ) -> None:
         """Embed every image of a folder or file list into sharded .npy + .jsonl files (resumable)."""
         from tqdm import tqdm
@@ -162,8 +167,6 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(f"--engine must be one of {', '.join(_ENGINES)}, got {engine!r}")
         opts = parse_model_options(model, pretrained, checkpoint, backend, precision, device, download)
         items = list_items(source)
-        if fast_decode and engine == "ray":
-            raise typer.BadParameter("--fast-decode is not supported with --engine ray yet")
         # Refuse a mismatched output folder before the (possibly slow) model load.
         check_output(output, model=opts.label, dtype=dtype, shard_size=shard_size, fast_decode=fast_decode)
         clip = load_clip(opts)
@@ -171,8 +174,9 @@ def register(app: typer.Typer) -> None:
             model=opts.label, batch_size=batch, workers=workers, shard_size=shard_size, dtype=dtype,
             source_label=str(source.resolve()),
         )  # fmt: skip
-        if engine == "local":
-            run_kwargs["fast_decode"] = fast_decode
+        run_kwargs["fast_decode"] = fast_decode
+        if engine == "ray":
+            run_kwargs.update(address=address, num_actors=actors, num_gpus=gpus_per_actor)
         with tqdm(total=len(items), unit="img", disable=not progress or as_json, leave=False) as bar:
             stats = _run_engine(engine, items, output, clip, opts, progress=bar.update, **run_kwargs)
         fmt = "json" if as_json else "text"

@@ -160,6 +160,7 @@ class _PartitionEmbedder:
         dtype: str,
         batch_size: int,
         expected_dim: int | None,
+        fast_decode: bool = False,
     ) -> None:
         t0 = time.perf_counter()
         self.backend = LazyBackend(backend_factory).get()  # the one model load of this actor
@@ -169,7 +170,7 @@ class _PartitionEmbedder:
                 f"{out_dir} holds {expected_dim}-d embeddings but the model makes {self.backend.embed_dim}-d"
             )
         self.sink = ShardSink(out_dir, dtype)
-        self.cfg, self.batch_size = preprocess_cfg, batch_size
+        self.cfg, self.batch_size, self.fast_decode = preprocess_cfg, batch_size, fast_decode
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         stats_out: list[str] = []
@@ -177,6 +178,7 @@ class _PartitionEmbedder:
             stats = run_partition(
                 _materialise(json.loads(pairs)), self.backend, self.sink, partition_id=int(pid),
                 preprocess_cfg=self.cfg, batch_size=self.batch_size, workers=0,
+                fast_decode=self.fast_decode,
             )  # fmt: skip
             stats.load_s, self.load_s = self.load_s, 0.0  # charge the model load to the first partition
             stats_out.append(json.dumps(asdict(stats)))
@@ -203,7 +205,7 @@ def _ensure_ray(address: str | None) -> bool:
 
 def _check_previous(out_dir: Path, previous: dict[str, Any], info: dict[str, Any]) -> None:
     # Same rule as the local runner: never mix models, dtypes or partitionings in one folder.
-    for key in ("model", "dtype", "shard_size"):
+    for key in ("model", "dtype", "shard_size", "fast_decode"):
         old, new = previous.get(key), info.get(key)
         if old is not None and new is not None and old != new:
             raise IndexMismatchError(
@@ -243,6 +245,7 @@ def embed_with_ray(
     dtype: str = "float16",
     path_column: str = "path",
     source_label: str | None = None,
+    fast_decode: bool = False,
     progress: Callable[[int], None] | None = None,
     **compat: Any,
 ) -> RunStats:
@@ -284,7 +287,7 @@ def embed_with_ray(
         "model": model, "embed_dim": None, "dtype": dtype, "shard_size": shard_size,
         "batch_size": batch_size, "preprocess": cfg, "partitions": len(parts), "images": len(items),
         "source": str(Path(source).resolve()) if isinstance(source, (str, Path)) else source_label,
-        "engine": "ray", "status": "running",
+        "engine": "ray", "status": "running", "fast_decode": fast_decode,
     }  # fmt: skip
     previous = read_run_info(out)
     if previous is not None:
@@ -307,7 +310,7 @@ def embed_with_ray(
     if todo:
         _run_job(todo, out, _as_factory(backend_factory, num_gpus), cfg, info, total, progress,
                  address=address, num_actors=num_actors, num_cpus=num_cpus, num_gpus=num_gpus,
-                 dtype=dtype, batch_size=batch_size)  # fmt: skip
+                 dtype=dtype, batch_size=batch_size, fast_decode=fast_decode)  # fmt: skip
     total.failed_total = sink.write_failures(len(parts))
     total.wall_s = time.perf_counter() - t_start
     embedded = total.embedded + total.skipped - (total.failed_total - total.failed)
@@ -332,6 +335,7 @@ def _run_job(
     num_gpus: float,
     dtype: str,
     batch_size: int,
+    fast_decode: bool = False,
 ) -> None:
     """Submit the missing partitions as one Ray Data job and fold each finished partition into `total`."""
     import ray
@@ -354,6 +358,7 @@ def _run_job(
             fn_constructor_kwargs={
                 "backend_factory": factory, "preprocess_cfg": cfg, "out_dir": str(out.resolve()),
                 "dtype": dtype, "batch_size": batch_size, "expected_dim": info["embed_dim"],
+                "fast_decode": fast_decode,
             },
         )  # fmt: skip
         for row in ds.iter_rows():

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import DecodeError, IndexMismatchError
+from ..index.index import same_model  # faiss is imported lazily there
 from .batcher import MicroBatcher
 from .http_errors import ApiError
 from .inputs import NamedImage, check_image_header
@@ -74,7 +75,7 @@ def check_index(model: ServableModel, index: SearchableIndex) -> None:
         raise IndexMismatchError(
             f"index vectors have {index.dim} dimensions but model {model.name!r} has {dim}"
         )
-    if index.model and model.name and str(index.model) != str(model.name):
+    if index.model and model.name and not same_model(str(index.model), str(model.name)):
         raise IndexMismatchError(
             f"index was built with model {index.model!r} but the server loaded {model.name!r}; "
             "serve the same model the index was built with"
