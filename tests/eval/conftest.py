@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,16 @@ def tiny_synth():  # type: ignore[no-untyped-def]
     import clipengine
 
     return clipengine.load(str(TINY_SYNTH_DIR))
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():  # type: ignore[no-untyped-def]
+    """On an oversubscribed shared box two spinning intra-op threads run ~10x slower than one."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -60,8 +60,9 @@ class LabelledImages:
     def image(self, i: int) -> np.ndarray | Path:
         """Image i as something `clipengine.image.preprocess.preprocess` accepts."""
         if self.arrays is not None:
-            return self.arrays[i]
-        assert self.paths is not None  # one of the two is always set by the readers
+            return np.asarray(self.arrays[i])
+        if self.paths is None:
+            raise DatasetError(f"{self.name}: neither arrays nor paths are set")
         return self.paths[i]
 
     def images(self, start: int = 0, stop: int | None = None) -> list[np.ndarray | Path]:

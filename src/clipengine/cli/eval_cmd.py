@@ -1,0 +1,175 @@
+"""`clipengine eval zeroshot|linear-probe` and `clipengine download-data`: accuracy on local datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+if TYPE_CHECKING:
+    from ..api import ClipModel
+    from ..eval.datasets import LabelledImages
+
+__all__ = ["register"]
+
+_MODEL = typer.Option(
+    "--model", "-m", help="Model name (e.g. tiny-synth, ViT-B-32), checkpoint, or export folder."
+)
+_DATASET = typer.Option("--dataset", "-d", help="cifar10 | cifar100 | imagenet | folder (any ImageFolder).")
+_ROOT = typer.Option("--root", help="Dataset location (the folder holding cifar-10-batches-py/, val/, ...).")
+_OUT = typer.Option("--out", "-o", help="Report folder: <name>.json, <name>.md, <name>_per_class.png.")
+
+
+def _load(model: str, precision: str, device: str, download: bool) -> ClipModel:
+    from ..api import load
+
+    return load(model, precision=precision, device=device, allow_download=download)
+
+
+def _prompts(
+    dataset: str, data: LabelledImages, prompts: Path | None, prompt_set: str | None
+) -> tuple[list[str], list[str]]:
+    """Class names (the dataset's own, "_" as spaces, unless the prompt JSON lists as many) and templates."""
+    from ..eval.datasets import prompt_set as read_prompt_set
+
+    key = prompt_set or {"folder": "CIFAR10"}.get(dataset.lower(), dataset)
+    names, templates = read_prompt_set(key, prompts)
+    own = [n.replace("_", " ") for n in data.classnames]
+    if prompts is not None and len(names) == len(own):
+        return names, templates
+    return own, templates
+
+
+def _dataset(
+    dataset: str, root: Path, split: str, class_map: Path | None, labels: Path | None, limit: int | None
+) -> LabelledImages:
+    from ..eval.datasets import load_dataset
+
+    data = load_dataset(dataset, root, split, class_map=class_map, labels_file=labels)
+    return data.subset(limit) if limit else data
+
+
+def register(app: typer.Typer) -> None:
+    eval_app = typer.Typer(
+        help="Accuracy: zero-shot classification and linear probes on local datasets.", no_args_is_help=True
+    )
+    app.add_typer(eval_app, name="eval")
+
+    @eval_app.command("zeroshot")
+    def zeroshot(
+        dataset: Annotated[str, _DATASET],
+        root: Annotated[Path, _ROOT],
+        model: Annotated[str, _MODEL] = "ViT-B-32",
+        split: Annotated[str, typer.Option(help="test | train (CIFAR); val (ImageNet).")] = "test",
+        prompts: Annotated[
+            Path | None, typer.Option(help="JSON with classes/templates (default: CLIP's).")
+        ] = None,
+        prompt_set: Annotated[
+            str | None, typer.Option(help="Key in the prompt JSON (default: from --dataset).")
+        ] = None,
+        class_map: Annotated[
+            Path | None, typer.Option(help="JSON {folder: class name} for folder datasets.")
+        ] = None,
+        labels: Annotated[Path | None, typer.Option(help="Labels file for a flat image folder.")] = None,
+        compare: Annotated[
+            str | None,
+            typer.Option(
+                help="Precisions to compare, e.g. fp32,fp16,int8; the first is "
+                "the reference. ONNX when --model is an export folder."
+            ),
+        ] = None,
+        precision: Annotated[
+            str, typer.Option(help="fp32 | fp16 | bf16 | int8 (what the backend supports).")
+        ] = "fp32",
+        device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N.")] = "cpu",
+        batch: Annotated[int, typer.Option(help="Images per batch.")] = 64,
+        limit: Annotated[int | None, typer.Option(help="Evaluate only the first N images.")] = None,
+        out: Annotated[Path, _OUT] = Path("eval_reports"),
+        download: Annotated[bool, typer.Option("--download", help="Download missing weights.")] = False,
+    ) -> None:
+        """Zero-shot top-1 / top-5 / mean per-class recall with prompt-ensembled class weights."""
+        from ..eval.report import compare_table, comparison_rows, write_report
+        from ..eval.zeroshot import evaluate_zeroshot
+
+        data = _dataset(dataset, root, split, class_map, labels, limit)
+        names, templates = _prompts(dataset, data, prompts, prompt_set)
+        engines = [p.strip() for p in compare.split(",")] if compare else [precision]
+        results = []
+        for prec in engines:
+            clip = _load(model, prec, device, download)
+            label = f"{clip.backend.name} {clip.backend.precision}"
+            results.append(evaluate_zeroshot(clip, data, templates, names, batch_size=batch, engine=label))
+            r = results[-1]
+            typer.echo(
+                f"{label}: top-1 {100 * r.top1:.2f}%  top-5 {100 * r.top5:.2f}%  mean per-class recall "
+                f"{100 * r.mean_per_class_recall:.2f}%  (chance {100 * r.chance:.2f}%, {r.n} images, {r.seconds:.1f}s)"
+            )
+        dicts = [r.to_dict() for r in results]
+        extra = {}
+        if len(results) > 1:
+            extra["comparison"] = comparison_rows(dicts, [r.predictions for r in results])
+            typer.echo("\n" + compare_table(extra["comparison"]))
+        paths = write_report(
+            out, f"zeroshot_{data.name}", dicts, f"Zero-shot {results[0].model} on {data.name}", extra
+        )
+        typer.echo("report: " + ", ".join(str(p) for p in paths.values()))
+
+    @eval_app.command("linear-probe")
+    def linear_probe(
+        dataset: Annotated[str, _DATASET],
+        root: Annotated[Path, _ROOT],
+        model: Annotated[str, _MODEL] = "ViT-B-32",
+        c: Annotated[
+            float, typer.Option("--C", help="Inverse L2 regularisation of the logistic regression.")
+        ] = 0.316,
+        precision: Annotated[str, typer.Option(help="fp32 | fp16 | bf16 | int8.")] = "fp32",
+        device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N.")] = "cpu",
+        batch: Annotated[int, typer.Option(help="Images per batch.")] = 64,
+        limit: Annotated[int | None, typer.Option(help="Use only the first N train and test images.")] = None,
+        out: Annotated[Path, _OUT] = Path("eval_reports"),
+        download: Annotated[bool, typer.Option("--download", help="Download missing weights.")] = False,
+    ) -> None:
+        """Logistic regression on frozen image features (cached: a second run skips the encoder)."""
+        from ..eval.linear_probe import evaluate_linear_probe
+        from ..eval.report import write_report
+
+        train = _dataset(dataset, root, "train", None, None, limit)
+        test = _dataset(dataset, root, "test", None, None, limit)
+        clip = _load(model, precision, device, download)
+        label = f"{clip.backend.name} {clip.backend.precision}"
+        r = evaluate_linear_probe(clip, train, test, C=c, batch_size=batch, engine=label)
+        typer.echo(
+            f"{label}: linear-probe top-1 {100 * r.top1:.2f}%  top-5 {100 * r.top5:.2f}%  (chance "
+            f"{100 * r.chance:.2f}%, train {r.n_train}, test {r.n_test}, features {r.feature_seconds:.1f}s, "
+            f"cached {r.cache_hits}/2, fit {r.fit_seconds:.1f}s)"
+        )
+        paths = write_report(
+            out, f"linear_probe_{test.name}", [r.to_dict()], f"Linear probe {r.model} on {test.name}"
+        )
+        typer.echo("report: " + ", ".join(str(p) for p in paths.values()))
+
+    @app.command("download-data")
+    def download_data(
+        name: Annotated[str, typer.Argument(help="cifar10 | cifar100")],
+        root: Annotated[
+            Path | None, typer.Option(help="Target folder (default: $CLIPENGINE_HOME/data).")
+        ] = None,
+    ) -> None:
+        """Fetch an official dataset archive (md5-checked, resumable) and extract it."""
+        from tqdm import tqdm
+
+        from ..eval.download import ARCHIVES, download_dataset
+
+        bar = tqdm(
+            total=ARCHIVES[name].size if name in ARCHIVES else 0,
+            unit="B",
+            unit_scale=True,
+            desc=name,
+            disable=None,
+        )
+        try:
+            folder = download_dataset(name, root, progress=lambda done, total: bar.update(done - bar.n))
+        finally:
+            bar.close()
+        typer.echo(f"{name}: {folder}")

@@ -1,0 +1,117 @@
+"""Eval reports: JSON + Markdown files, a per-class accuracy bar chart, and the engine comparison table."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["compare_table", "comparison_rows", "markdown_report", "plot_per_class", "write_report"]
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def markdown_report(results: Sequence[dict[str, Any]], title: str) -> str:
+    """A Markdown summary: one row per result, then the worst classes of the first result."""
+    lines = [
+        f"# {title}",
+        "",
+        "| engine | dataset | n | top-1 % | top-5 % | mean per-class recall % | chance % |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.get('engine') or r['model']} | {r['dataset']} | {r.get('n', r.get('n_test'))} | {_pct(r['top1'])} "
+            f"| {_pct(r['top5'])} | {_pct(r['mean_per_class_recall'])} | {_pct(r['chance'])} |"
+        )
+    if results and results[0].get("per_class"):
+        worst = sorted(results[0]["per_class"].items(), key=lambda kv: kv[1])[:10]
+        lines += ["", "Lowest per-class recall (first engine):", "", "| class | recall % |", "|---|---:|"]
+        lines += [f"| {name} | {_pct(v)} |" for name, v in worst]
+    return "\n".join(lines) + "\n"
+
+
+def plot_per_class(per_class: dict[str, float], path: str | Path, title: str) -> Path:
+    """Horizontal bar chart of per-class recall (matplotlib, Agg backend, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(per_class)
+    values = [100 * per_class[n] for n in names]
+    height = max(3.0, 0.18 * len(names) + 1.0)
+    fig, ax = plt.subplots(figsize=(7, min(height, 60.0)))
+    try:
+        ax.barh(np.arange(len(names)), values, color="#4c72b0")
+        ax.set_yticks(np.arange(len(names)), labels=names, fontsize=max(4, 9 - len(names) // 40))
+        ax.invert_yaxis()
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("recall (%)")
+        ax.set_title(title)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def comparison_rows(
+    results: Sequence[dict[str, Any]], predictions: Sequence[np.ndarray]
+) -> list[dict[str, Any]]:
+    """Per engine: top-1, delta vs the first (the reference, normally fp32) and prediction agreement."""
+    ref_top1, ref_pred = results[0]["top1"], predictions[0]
+    rows = []
+    for r, pred in zip(results, predictions, strict=True):
+        rows.append(
+            {
+                "engine": r.get("engine") or r["model"],
+                "top1": r["top1"],
+                "top5": r["top5"],
+                "delta_top1": r["top1"] - ref_top1,
+                "agreement": float(np.mean(pred == ref_pred)) if len(pred) else 1.0,
+            }
+        )
+    return rows
+
+
+def compare_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The seed's precision-test table as Markdown: accuracy per engine and its delta vs the first."""
+    lines = [
+        "| engine | top-1 % | top-5 % | Δ top-1 (pts) | agreement with " + rows[0]["engine"] + " % |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['engine']} | {_pct(r['top1'])} | {_pct(r['top5'])} | {100 * r['delta_top1']:+.2f} "
+            f"| {_pct(r['agreement'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(
+    out_dir: str | Path,
+    stem: str,
+    results: Sequence[dict[str, Any]],
+    title: str,
+    extra: dict[str, Any] | None = None,
+    plot: bool = True,
+) -> dict[str, Path]:
+    """Write `<stem>.json`, `<stem>.md` and `<stem>_per_class.png` into out_dir; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"title": title, "results": list(results), **(extra or {})}
+    paths = {"json": out / f"{stem}.json", "markdown": out / f"{stem}.md"}
+    paths["json"].write_text(json.dumps(payload, indent=2) + "\n")
+    md = markdown_report(results, title)
+    if extra and extra.get("comparison"):
+        md += "\n## Engines compared\n\n" + compare_table(extra["comparison"])
+    paths["markdown"].write_text(md)
+    if plot and results and results[0].get("per_class"):
+        paths["png"] = plot_per_class(results[0]["per_class"], out / f"{stem}_per_class.png", title)
+    return paths

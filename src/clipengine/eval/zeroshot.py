@@ -1,0 +1,164 @@
+"""Zero-shot classification: prompt-ensembled classifier weights, batched image scoring, accuracy metrics.
+
+Backend-agnostic: works with any `clipengine.api.ClipModel` (torch, ONNX fp32/fp16/int8), numpy only.
+Recipe as in CLIP / open_clip `zero_shot_classifier`: for each class, embed every template filled
+with its name, L2-normalise, average, renormalise; predict argmax of image . weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..backends.base import l2_normalize
+from ..errors import DatasetError
+
+if TYPE_CHECKING:
+    from ..api import ClipModel
+    from .datasets import LabelledImages
+
+__all__ = [
+    "ZeroShotResult",
+    "accuracy_metrics",
+    "build_classifier",
+    "encode_dataset",
+    "evaluate_zeroshot",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ZeroShotResult:
+    """Metrics of one model on one dataset; `predictions` keep per-image top-1 for agreement checks."""
+
+    model: str
+    dataset: str
+    n: int
+    num_classes: int
+    top1: float  # fraction in [0, 1]
+    top5: float
+    mean_per_class_recall: float
+    chance: float  # 1 / num_classes
+    per_class: dict[str, float]  # class name -> recall
+    templates: int
+    seconds: float
+    engine: str = ""  # e.g. "torch fp32", "onnx int8"
+    predictions: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64), repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("predictions")
+        return d
+
+
+def build_classifier(
+    encode_texts: Callable[[list[str]], np.ndarray],
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    batch_classes: int = 64,
+) -> np.ndarray:
+    """(D, C) float32 zero-shot weights: per class the renormalised mean of its unit prompt embeddings.
+
+    Args:
+        encode_texts: texts -> (N, D) embeddings (e.g. `ClipModel.encode_texts`); normalised here anyway.
+        classnames: C class names, substituted for "{}" in every template.
+        templates: T prompt templates.
+        batch_classes: classes encoded per call (T * batch_classes texts at a time).
+    """
+    if not classnames or not templates:
+        raise DatasetError("zero-shot needs at least one class name and one template")
+    columns = []
+    for start in range(0, len(classnames), batch_classes):
+        names = classnames[start : start + batch_classes]
+        prompts = [t.format(c) for c in names for t in templates]
+        emb = l2_normalize(np.asarray(encode_texts(prompts), dtype=np.float32))
+        emb = emb.reshape(len(names), len(templates), -1).mean(axis=1)  # (c, D)
+        columns.append(l2_normalize(emb))
+    return np.concatenate(columns, axis=0).T.copy()  # (D, C)
+
+
+def encode_dataset(model: ClipModel, data: LabelledImages, batch_size: int = 64) -> np.ndarray:
+    """(N, D) float32 unit image embeddings of every image in `data`, `batch_size` at a time."""
+    out = np.empty((len(data), model.embed_dim), dtype=np.float32)
+    for start in range(0, len(data), batch_size):
+        batch = data.images(start, start + batch_size)
+        out[start : start + len(batch)] = model.encode_images(batch, batch_size=batch_size)
+    return out
+
+
+def accuracy_metrics(logits: np.ndarray, labels: np.ndarray, classnames: Sequence[str]) -> dict[str, Any]:
+    """top1, top5, mean per-class recall and per-class recall from (N, C) scores and (N,) labels."""
+    labels = np.asarray(labels, dtype=np.int64)
+    k = min(5, logits.shape[1])
+    topk = np.argpartition(-logits, kth=k - 1, axis=1)[:, :k]
+    pred = logits.argmax(axis=1)
+    correct = pred == labels
+    per_class = {}
+    recalls = []
+    for c, name in enumerate(classnames):
+        mask = labels == c
+        if mask.any():
+            r = float(correct[mask].mean())
+            per_class[name] = r
+            recalls.append(r)
+    return {
+        "top1": float(correct.mean()),
+        "top5": float((topk == labels[:, None]).any(axis=1).mean()),
+        "mean_per_class_recall": float(np.mean(recalls)) if recalls else 0.0,
+        "per_class": per_class,
+        "predictions": pred.astype(np.int64),
+    }
+
+
+def evaluate_zeroshot(
+    model: ClipModel,
+    data: LabelledImages,
+    templates: Sequence[str],
+    classnames: Sequence[str] | None = None,
+    batch_size: int = 64,
+    engine: str = "",
+) -> ZeroShotResult:
+    """Zero-shot top-1 / top-5 / mean per-class recall of `model` on `data`.
+
+    Args:
+        classnames: names to prompt with (default: the dataset's own); must match its class count.
+    """
+    names = list(classnames) if classnames else list(data.classnames)
+    if len(names) != len(data.classnames):
+        raise DatasetError(
+            f"{len(names)} prompt class names for a dataset with {len(data.classnames)} classes"
+        )
+    t0 = time.perf_counter()
+    weights = build_classifier(lambda texts: model.encode_texts(texts), names, templates)
+    features = encode_dataset(model, data, batch_size)
+    m = accuracy_metrics(features @ weights, data.labels, names)
+    seconds = time.perf_counter() - t0
+    log.info(
+        "zero-shot %s on %s: top1 %.4f (%d images, %.1fs)",
+        model.name,
+        data.name,
+        m["top1"],
+        len(data),
+        seconds,
+    )
+    return ZeroShotResult(
+        model=model.name,
+        dataset=data.name,
+        n=len(data),
+        num_classes=len(names),
+        top1=m["top1"],
+        top5=m["top5"],
+        mean_per_class_recall=m["mean_per_class_recall"],
+        chance=1.0 / len(names),
+        per_class=m["per_class"],
+        templates=len(templates),
+        seconds=round(seconds, 3),
+        engine=engine,
+        predictions=m["predictions"],
+    )

@@ -1,0 +1,131 @@
+"""`clipengine eval zeroshot|linear-probe` and `download-data` through the CLI, with the tiny-synth model."""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.error
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from clipengine.cli.app import app, main
+from clipengine.eval import synthetic
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TINY_SYNTH = REPO_ROOT / "src" / "clipengine" / "weights" / "tiny-synth"
+MIN_SHAPE_TOP1 = 80.0  # percent; measured value in docs/eval.md
+MIN_AGREEMENT = 99.0  # fp16 / int8 engines vs fp32, percent of identical top-1 predictions
+
+pytestmark = pytest.mark.skipif(
+    not (TINY_SYNTH / "model.safetensors").is_file(), reason="tiny-synth weights not generated"
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():  # type: ignore[no-untyped-def]
+    """On an oversubscribed shared box two spinning intra-op threads run ~10x slower than one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cifar10(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cifar10")
+    train = synthetic.generate(200, seed=21, task="shape")
+    test = synthetic.generate(300, seed=22, task="shape")
+    synthetic.write_cifar10(root, train, test)
+    return root
+
+
+def _top1(output: str, engine: str = "torch fp32") -> float:
+    match = re.search(rf"^{engine}: top-1 ([\d.]+)%", output, re.M)
+    assert match, output
+    return float(match.group(1))
+
+
+def test_zeroshot_cifar10_reports_high_accuracy(cifar10: Path, tmp_path: Path) -> None:
+    out = tmp_path / "reports"
+    args = ["eval", "zeroshot", "--dataset", "cifar10", "--root", str(cifar10), "--model", str(TINY_SYNTH)]
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert _top1(result.output) >= MIN_SHAPE_TOP1
+    assert "chance 10.00%" in result.output
+    report = json.loads((out / "zeroshot_cifar10-test.json").read_text())
+    r = report["results"][0]
+    assert r["n"] == 300 and r["templates"] == 18 and set(r["per_class"]) == set(synthetic.SHAPES)
+    assert "| torch fp32 | cifar10-test | 300 |" in (out / "zeroshot_cifar10-test.md").read_text()
+    assert (out / "zeroshot_cifar10-test_per_class.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_zeroshot_imagefolder_with_user_prompts(tmp_path: Path) -> None:
+    synthetic.write_imagefolder(
+        tmp_path / "data", synthetic.generate(60, seed=23, task="shape", image_size=48)
+    )
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"templates": ["a photo of a {}.", "a {}"]}))
+    args = ["eval", "zeroshot", "-d", "folder", "--root", str(tmp_path / "data"), "-m", str(TINY_SYNTH)]
+    result = CliRunner().invoke(app, [*args, "--prompts", str(prompts), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert _top1(result.output) >= MIN_SHAPE_TOP1 - 10
+
+
+def test_linear_probe_second_run_uses_cache(cifar10: Path, tmp_path: Path) -> None:
+    args = ["eval", "linear-probe", "-d", "cifar10", "--root", str(cifar10), "-m", str(TINY_SYNTH)]
+    args += ["--out", str(tmp_path)]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "cached 0/2" in first.output
+    second = CliRunner().invoke(app, args)
+    assert "cached 2/2" in second.output
+    top1 = float(re.search(r"linear-probe top-1 ([\d.]+)%", second.output).group(1))  # type: ignore[union-attr]
+    assert top1 >= MIN_SHAPE_TOP1
+
+
+def test_missing_dataset_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["eval", "zeroshot", "-d", "cifar100", "--root", str(tmp_path), "-m", str(TINY_SYNTH)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: no CIFAR data under") and err.count("\n") == 1
+
+
+def test_download_data_offline_says_so_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from clipengine.eval import download
+
+    def offline(req, timeout=None):  # type: ignore[no-untyped-def]
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(download.urllib.request, "urlopen", offline)
+    code = main(["download-data", "cifar10", "--root", str(tmp_path)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 1 and len(err) == 1 and "offline" in err[0]
+
+
+@pytest.fixture(scope="module")
+def onnx_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny-synth exported to fp32 / fp16 / int8 ONNX engines (dynamic batch) by `clipengine export`."""
+    pytest.importorskip("onnxruntime")
+    out = tmp_path_factory.mktemp("export") / "tiny-synth"
+    code = main(["export", "tiny-synth", "-o", str(out), "--precision", "fp32,fp16,int8", "--dynamic"])
+    assert code == 0
+    return out
+
+
+def test_compare_fp16_int8_agree_with_fp32(cifar10: Path, onnx_export: Path, tmp_path: Path) -> None:
+    args = ["eval", "zeroshot", "-d", "cifar10", "--root", str(cifar10), "-m", str(onnx_export)]
+    result = CliRunner().invoke(app, [*args, "--compare", "fp32,fp16,int8", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "| engine | top-1 % | top-5 % | Δ top-1 (pts) | agreement with onnx fp32 % |" in result.output
+    rows = json.loads((tmp_path / "zeroshot_cifar10-test.json").read_text())["comparison"]
+    assert [r["engine"] for r in rows] == ["onnx fp32", "onnx fp16", "onnx int8"]
+    assert rows[0]["top1"] * 100 >= MIN_SHAPE_TOP1
+    for row in rows[1:]:
+        assert row["agreement"] * 100 >= MIN_AGREEMENT, rows
+        assert abs(row["delta_top1"]) <= 0.01, rows
+    assert "## Engines compared" in (tmp_path / "zeroshot_cifar10-test.md").read_text()

@@ -1,0 +1,113 @@
+"""download-data: resume with HTTP Range, md5 check, atomic extraction, one clear offline error (no network)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+import urllib.error
+from pathlib import Path
+
+import pytest
+
+from clipengine.errors import DatasetError, DownloadError
+from clipengine.eval import download
+
+
+def _archive_bytes(folder: str) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        data = b"fake batch"
+        info = tarfile.TarInfo(f"{folder}/test_batch")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+class _Response(io.BytesIO):
+    def __init__(self, body: bytes, status: int) -> None:
+        super().__init__(body)
+        self.status = status
+        self.headers = {"Content-Length": str(len(body))}
+
+    def __enter__(self) -> _Response:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@pytest.fixture
+def fake_server(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """Serve a tiny archive as 'cifar10', honouring Range; records the Range headers it saw."""
+    body = _archive_bytes("cifar-10-batches-py")
+    arc = download.Archive(
+        "https://example.invalid/cifar-10-python.tar.gz",
+        hashlib.md5(body).hexdigest(),
+        "cifar-10-batches-py",
+        len(body),
+    )
+    monkeypatch.setitem(download.ARCHIVES, "cifar10", arc)
+    seen: list[str | None] = []
+
+    def urlopen(req, timeout=None):  # type: ignore[no-untyped-def]
+        rng = req.get_header("Range")
+        seen.append(rng)
+        if rng:
+            start = int(rng.split("=")[1].rstrip("-"))
+            return _Response(body[start:], 206)
+        return _Response(body, 200)
+
+    monkeypatch.setattr(download.urllib.request, "urlopen", urlopen)
+    return body, seen
+
+
+def test_download_verifies_and_extracts(tmp_path: Path, fake_server) -> None:  # type: ignore[no-untyped-def]
+    folder = download.download_dataset("cifar10", tmp_path)
+    assert folder == tmp_path / "cifar-10-batches-py"
+    assert (folder / "test_batch").read_bytes() == b"fake batch"
+    assert not list(tmp_path.glob(".extract-*")) and not list(tmp_path.glob("*.part"))
+    # Already there: returns without fetching again.
+    _, seen = fake_server
+    download.download_dataset("cifar10", tmp_path)
+    assert len(seen) == 1
+
+
+def test_partial_download_resumes_with_range(tmp_path: Path, fake_server) -> None:  # type: ignore[no-untyped-def]
+    body, seen = fake_server
+    (tmp_path / "cifar-10-python.tar.gz.part").write_bytes(body[:100])
+    download.download_dataset("cifar10", tmp_path)
+    assert seen == ["bytes=100-"]
+    assert (tmp_path / "cifar-10-python.tar.gz").read_bytes() == body
+
+
+def test_checksum_mismatch_removes_the_file(tmp_path: Path, fake_server, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    arc = download.ARCHIVES["cifar10"]
+    monkeypatch.setitem(
+        download.ARCHIVES, "cifar10", download.Archive(arc.url, "0" * 32, arc.folder, arc.size)
+    )
+    with pytest.raises(DownloadError, match="md5"):
+        download.download_dataset("cifar10", tmp_path)
+    assert not (tmp_path / "cifar-10-python.tar.gz").exists()
+    assert not (tmp_path / "cifar-10-batches-py").exists()
+
+
+def test_offline_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(req, timeout=None):  # type: ignore[no-untyped-def]
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(download.urllib.request, "urlopen", offline)
+    with pytest.raises(DownloadError, match=r"cannot reach https://www.cs.toronto.edu/.*offline") as e:
+        download.download_dataset("cifar100", tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_official_checksums_are_the_published_ones() -> None:
+    assert download.ARCHIVES["cifar10"].md5 == "c58f30108f718f92721af3b95e74349a"
+    assert download.ARCHIVES["cifar100"].md5 == "eb9058c3a382ffc7106e4002c42a8d85"
+    assert download.ARCHIVES["cifar10"].url == "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+
+
+def test_unknown_dataset(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="cifar10, cifar100"):
+        download.download_dataset("imagenet", tmp_path)
