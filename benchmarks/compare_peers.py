@@ -61,6 +61,7 @@ def _patch_torchvision_ops() -> None:
 _patch_torchvision_ops()
 
 import torch  # noqa: E402
+import torch._inductor.config  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from clipengine.backends.accel import optimize  # noqa: E402
@@ -192,8 +193,9 @@ def peers(tower: str, oc: Any, hf: Any, onnx_sessions: dict[str, Any], *, compil
     method = "encode_image" if image else "encode_text"
     out = [
         Contestant("open_clip eager fp32", True, _no_grad(getattr(oc, method)), "fp32"),
-        Contestant(f"open_clip eager {lname}", True, _no_grad(lambda x: getattr(oc16, method)(x.to(low) if image else x)), lname),  # fmt: skip
     ]
+    eager_low = _no_grad(lambda x: getattr(oc16, method)(x.to(low) if image else x))
+    out.append(Contestant(f"open_clip eager {lname}", True, eager_low, lname))
     if compile_peers:
         inner = _compiled(lambda x: getattr(oc16, method)(x.to(low) if image else x))
         out.append(Contestant(f"open_clip compile {lname}", True, _no_grad(inner), lname))
@@ -492,8 +494,6 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (2 if args.quick else 5)
     min_s = args.min_seconds or (0.5 if args.quick else 1.0)
     torch.set_num_threads(args.threads)
-    import torch._inductor.config
-
     torch._inductor.config.freezing = True  # weights folded into compiled graphs (oneDNN prepacking on CPU)
 
     def log(msg: str) -> None:

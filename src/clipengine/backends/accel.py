@@ -27,7 +27,7 @@ import copy as _copy
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ from torch import nn
 from ..errors import BackendError
 
 if TYPE_CHECKING:
-    from ..models.clip import CLIP, ResidualAttentionBlock, VisionTransformer
+    from ..models.clip import CLIP, VisionTransformer
 
 __all__ = ["PRECISIONS", "TEXT_LENGTH_BUCKET", "AcceleratedCLIP", "default_precision", "optimize"]
 
@@ -68,7 +68,7 @@ def _cpu_has_bf16() -> bool:
 
 
 def _last_block_rows(
-    block: ResidualAttentionBlock, x: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor | None
+    block: Any, x: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor | None
 ) -> torch.Tensor:
     """A residual block evaluated for one query row per sample.
 
@@ -76,7 +76,7 @@ def _last_block_rows(
     None. Returns (N, W): the block output at `rows`, equal to `block(x)[arange(N), rows]`.
     """
     n, length, width = x.shape
-    attn = block.attn
+    attn: Any = block.attn
     heads = attn.heads
     h = block.ln_1(x)
     picked = torch.arange(n, device=x.device)
@@ -104,7 +104,7 @@ class _FastVisionTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (N, grid*grid, W)
         cls = v.class_embedding.expand(x.shape[0], 1, -1)
         x = v.ln_pre(torch.cat([cls, x], dim=1) + v.positional_embedding)
-        blocks = v.transformer.resblocks
+        blocks = list(v.transformer.resblocks)
         for block in blocks[:-1]:
             x = block(x)
         rows = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
@@ -136,8 +136,8 @@ class _TextTower(nn.Module):
         m = self.model
         length = tokens.shape[1]
         x = m.token_embedding(tokens) + m.positional_embedding[:length]  # (N, L, W)
-        mask = m.attn_mask[:length, :length].to(x.dtype)
-        blocks = m.transformer.resblocks
+        mask = m.attn_mask[:length, :length].to(x.dtype)  # type: ignore[index]
+        blocks = list(m.transformer.resblocks)
         picked = torch.arange(x.shape[0], device=x.device)
         if self.prune:
             for block in blocks[:-1]:
@@ -162,7 +162,7 @@ class _Frozen:
         self.fn = fn
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        import torch._inductor.config  # noqa: PLC0415 - only needed once compile is asked for
+        import torch._inductor.config  # only needed once compile is asked for
 
         with torch._inductor.config.patch(freezing=True):
             return self.fn(*inputs)
@@ -187,7 +187,7 @@ class _CudaGraphs:
         else:
             self.graphs.move_to_end(key)
         graph, static_in, static_out = entry
-        for buf, t in zip(static_in, inputs):
+        for buf, t in zip(static_in, inputs, strict=True):
             buf.copy_(t, non_blocking=True)
         graph.replay()  # type: ignore[attr-defined]
         return static_out.clone()
@@ -281,7 +281,7 @@ def optimize(
     *,
     device: str | torch.device = "cpu",
     precision: str | None = None,
-    compile: bool | str = False,  # noqa: A002 - mirrors torch.compile
+    compile: bool | str = False,
     cuda_graphs: bool = False,
     prune: bool = True,
     truncate_text: bool = True,
