@@ -86,9 +86,8 @@ def _fetch(url: str, part: Path, progress: Callable[[int, int], None] | None, ti
         raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from e
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         reason = getattr(e, "reason", e)
-        raise DownloadError(
-            f"cannot reach {url} ({reason}); are you offline? {part.name} keeps what arrived"
-        ) from e
+        kept = f"; {part.name} keeps {have} bytes for a resume" if have else ""
+        raise DownloadError(f"cannot reach {url} ({reason}); are you offline?{kept}") from e
 
 
 def download_dataset(
