@@ -260,6 +260,7 @@ def export_model(
                     model, tower, batch, precisions, split_text_projection and tower == "text",
                     work, out, samples[tower], reference[tower], calibration[tower], verify, say,
                 )
+        engines.sort(key=lambda e: (e.tower != "image", e.batch is None, e.batch or 0, PRECISIONS.index(e.precision)))
         failed = [e for e in engines if e.parity is not None and not e.parity.passed]
         if projection is not None and not failed:
             _move(work, out, [projection["file"]])
