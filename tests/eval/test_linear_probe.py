@@ -35,3 +35,19 @@ def test_cache_key_separates_splits_and_engines(tiny_synth, cifar100_root) -> No
         linear_probe.feature_cache_path(tiny_synth, test.subset(10)),
     }
     assert len(paths) == 4
+
+
+def test_two_classes_and_classes_missing_from_train(tiny_synth, shape_sets) -> None:  # type: ignore[no-untyped-def]
+    """Binary logistic regression has one decision column; test classes unseen in train never win."""
+    import numpy as np
+
+    train_ds, test_ds = shape_sets
+    keep_train = np.isin(train_ds.labels, [0, 1])
+    train = datasets.LabelledImages(
+        "two-train", list(train_ds.classnames), train_ds.labels[keep_train], train_ds.images[keep_train]
+    )
+    test = datasets.LabelledImages("two-test", list(test_ds.classnames), test_ds.labels, test_ds.images)
+    r = linear_probe.evaluate_linear_probe(tiny_synth, train, test)
+    # Only circles (0) and squares (1) can be predicted; they are ~20% of the test set.
+    assert r.per_class["circle"] >= 0.8 and r.per_class["square"] >= 0.8
+    assert r.per_class["triangle"] == 0.0 and r.top1 <= 0.25

@@ -141,26 +141,25 @@ def _cifar_images(batch: dict[str, Any], path: Path) -> np.ndarray:
     return np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # (N, 32, 32, 3)
 
 
-def _cifar_dir(root: str | Path, folder: str, layout: str) -> Path:
+def _cifar_dir(root: str | Path, folder: str, meta: str, key: str, layout: str) -> Path:
+    """`root/folder` (or root itself when it is that folder), recognised by its meta file."""
     root = Path(root)
     for cand in (root / folder, root):
-        if cand.is_dir() and (cand / ("batches.meta" if "10-" in folder else "meta")).is_file():
+        if (cand / meta).is_file():
             return cand
     raise DatasetError(
         f"no CIFAR data under {root}: expected {root / folder} with {layout} "
-        f"(fetch it with `clipengine download-data {'cifar10' if '10-' in folder else 'cifar100'} --root {root}`)"
+        f"(fetch it with `clipengine download-data {key} --root {root}`)"
     )
 
 
 def load_cifar10(root: str | Path, split: str = "test") -> LabelledImages:
     """CIFAR-10 from `root/cifar-10-batches-py/` (or that folder itself); split "train" or "test"."""
-    d = _cifar_dir(root, "cifar-10-batches-py", _CIFAR10_LAYOUT)
-    names = _names(_unpickle(d / "batches.meta", _CIFAR10_LAYOUT)["label_names"])
-    files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     if split not in ("train", "test"):
         raise DatasetError(f"CIFAR-10 split must be 'train' or 'test', got {split!r}")
-    if split == "train":  # real archives have 5 batches; accept fewer if the first exists
-        files = [f for f in files if (d / f).exists()] or files[:1]
+    d = _cifar_dir(root, "cifar-10-batches-py", "batches.meta", "cifar10", _CIFAR10_LAYOUT)
+    names = _names(_unpickle(d / "batches.meta", _CIFAR10_LAYOUT)["label_names"])
+    files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     images, labels = [], []
     for f in files:
         batch = _unpickle(d / f, _CIFAR10_LAYOUT)
@@ -175,7 +174,7 @@ def load_cifar100(root: str | Path, split: str = "test", label: str = "fine") ->
         raise DatasetError(
             f"CIFAR-100 needs split train|test and label fine|coarse, got {split!r}, {label!r}"
         )
-    d = _cifar_dir(root, "cifar-100-python", _CIFAR100_LAYOUT)
+    d = _cifar_dir(root, "cifar-100-python", "meta", "cifar100", _CIFAR100_LAYOUT)
     names = _names(_unpickle(d / "meta", _CIFAR100_LAYOUT)[f"{label}_label_names"])
     batch = _unpickle(d / split, _CIFAR100_LAYOUT)
     key = f"{label}_labels"

@@ -104,10 +104,11 @@ def evaluate_linear_probe(
     t1 = time.perf_counter()
     clf = LogisticRegression(C=C, max_iter=MAX_ITER, random_state=0)
     clf.fit(x_train, train.labels)
-    scores = np.full((len(test), len(test.classnames)), -np.inf, dtype=np.float64)
-    scores[:, clf.classes_] = clf.decision_function(x_test).reshape(len(test), -1)
-    if len(clf.classes_) == 2:  # binary: decision_function gives one column (positive class)
-        scores[:, clf.classes_[0]] = -scores[:, clf.classes_[1]]
+    decision = clf.decision_function(x_test)
+    if decision.ndim == 1:  # two classes: one column, the score of classes_[1]
+        decision = np.stack([-decision, decision], axis=1)
+    scores = np.full((len(test), len(test.classnames)), -np.inf)  # classes absent from train never win
+    scores[:, clf.classes_] = decision
     m = accuracy_metrics(scores, test.labels, test.classnames)
     t2 = time.perf_counter()
     return LinearProbeResult(
