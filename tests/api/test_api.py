@@ -114,3 +114,14 @@ def test_bf16_model_agrees_with_fp32(model: ClipModel, model_dir: Path, clip_png
     bf16 = clipengine.load(model_dir, precision="bf16")
     cos = (bf16.encode_images(clip_png) * model.encode_images(clip_png)).sum()
     assert cos > 0.99
+
+
+_TINY_SYNTH = Path(clipengine.__file__).parent / "weights" / "tiny-synth" / "model.safetensors"
+
+
+@pytest.mark.skipif(not _TINY_SYNTH.is_file(), reason="tiny-synth weights not built yet")
+def test_packaged_tiny_synth_loads_by_name(clip_png: Path) -> None:
+    model = clipengine.load("tiny-synth")
+    assert model.name == "tiny-synth" and model.image_size == model.preprocess_cfg.image_size
+    (ranked,) = model.classify(clip_png, ["a red circle", "a blue square"])
+    assert sum(p for _, p in ranked) == pytest.approx(1.0, abs=1e-5)
