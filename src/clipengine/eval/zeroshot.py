@@ -8,8 +8,10 @@ with its name, L2-normalise, average, renormalise; predict argmax of image . wei
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -83,12 +85,28 @@ def build_classifier(
     return np.concatenate(columns, axis=0).T.copy()  # (D, C)
 
 
-def encode_dataset(model: ClipModel, data: LabelledImages, batch_size: int = 64) -> np.ndarray:
-    """(N, D) float32 unit image embeddings of every image in `data`, `batch_size` at a time."""
+def encode_dataset(
+    model: ClipModel, data: LabelledImages, batch_size: int = 64, workers: int | None = None
+) -> np.ndarray:
+    """(N, D) float32 unit image embeddings of every image in `data`, `batch_size` at a time.
+
+    Decoding + preprocessing runs on a thread pool (PIL releases the GIL) one batch ahead of the
+    model, so the backend is not left waiting on JPEG decoding.
+    """
+    workers = workers or min(8, os.cpu_count() or 1)
     out = np.empty((len(data), model.embed_dim), dtype=np.float32)
-    for start in range(0, len(data), batch_size):
-        batch = data.images(start, start + batch_size)
-        out[start : start + len(batch)] = model.encode_images(batch, batch_size=batch_size)
+    starts = list(range(0, len(data), batch_size))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+
+        def submit(start: int) -> list[Future[np.ndarray]]:
+            return [pool.submit(model.preprocess, img) for img in data.images(start, start + batch_size)]
+
+        pending = submit(starts[0]) if starts else []
+        for k, start in enumerate(starts):
+            pixels = np.stack([f.result() for f in pending])  # (n, 3, H, W)
+            if k + 1 < len(starts):
+                pending = submit(starts[k + 1])
+            out[start : start + len(pixels)] = model.encode_images(pixels, batch_size=batch_size)
     return out
 
 
