@@ -20,12 +20,14 @@ _EXPORT_MANIFEST = "manifest.json"
 
 def _softmax(x: FloatArray) -> FloatArray:
     z = np.exp(x - x.max(axis=-1, keepdims=True))
-    return (z / z.sum(axis=-1, keepdims=True)).astype(np.float32)
+    out: FloatArray = (z / z.sum(axis=-1, keepdims=True)).astype(np.float32)
+    return out
 
 
 def _normalize(x: FloatArray) -> FloatArray:
     norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
+    out: FloatArray = (x / np.maximum(norms, 1e-12)).astype(np.float32)
+    return out
 
 
 class ClipModel:
@@ -174,7 +176,7 @@ def load(
     if path.is_dir() and (path / _EXPORT_MANIFEST).is_file():
         from .export.loader import load_export
 
-        return load_export(path, device=device, precision=precision, **opts)  # type: ignore[no-any-return]
+        return load_export(path, device=device, precision=precision, **opts)
     if backend != "torch":
         raise BackendError(
             f"backend {backend!r} runs export folders (with {_EXPORT_MANIFEST}); "

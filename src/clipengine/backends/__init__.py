@@ -46,5 +46,5 @@ def create_backend(
             raise BackendError(
                 f"backend 'onnx' needs an export folder path, got {type(model_or_path).__name__}"
             )
-        return OnnxBackend(model_or_path, device=device, precision=precision, **opts)  # type: ignore[no-any-return]
+        return OnnxBackend(model_or_path, device=device, precision=precision, **opts)
     raise BackendError(f"unknown backend {kind!r}; choose one of {', '.join(BACKEND_KINDS)}")

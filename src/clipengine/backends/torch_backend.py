@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -93,10 +94,11 @@ class TorchBackend:
         x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64)).to(self.device)
         return self._run(self._encode_text_fn, x)
 
-    def _run(self, fn: object, x: torch.Tensor) -> FloatArray:
+    def _run(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> FloatArray:
         if x.shape[0] == 0:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
         with torch.inference_mode():
-            features = fn(x).float()  # type: ignore[operator]
+            features = fn(x).float()
             features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        return features.cpu().numpy().astype(np.float32, copy=False)
+        out: FloatArray = features.cpu().numpy().astype(np.float32, copy=False)
+        return out

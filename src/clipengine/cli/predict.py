@@ -31,7 +31,12 @@ class _Timings:
     text_s: float = 0.0  # all texts
 
 
-def _predict(model: ClipModel, paths: list[Path], texts: list[str]) -> tuple[list, list, _Timings]:
+Ranked = list[tuple[str, list[tuple[str, float]]]]  # per image: (file name, [(text, probability)])
+
+
+def _predict(
+    model: ClipModel, paths: list[Path], texts: list[str]
+) -> tuple[Ranked, list[tuple[str, str]], _Timings]:
     """Preprocess each image (bad ones reported, not fatal), encode, rank texts per image."""
     import numpy as np
 

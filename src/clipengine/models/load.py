@@ -175,7 +175,8 @@ def read_checkpoint(path: Path) -> tuple[StateDict, bool]:
 
             return unwrap_state_dict(load_file(str(path))), False
         if _is_torchscript(path):
-            raw: Any = torch.jit.load(str(path), map_location="cpu").state_dict()
+            archive = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
+            raw: Any = archive.state_dict()
             return unwrap_state_dict(dict(raw)), True
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
