@@ -51,3 +51,38 @@ def test_two_classes_and_classes_missing_from_train(tiny_synth, shape_sets) -> N
     # Only circles (0) and squares (1) can be predicted; they are ~20% of the test set.
     assert r.per_class["circle"] >= 0.8 and r.per_class["square"] >= 0.8
     assert r.per_class["triangle"] == 0.0 and r.top1 <= 0.25
+
+
+class _FakeBackend:
+    """A Backend whose embeddings depend on `seed`: stands in for two checkpoints with one name."""
+
+    name, device, precision, embed_dim, image_size, context_length = "fake", "cpu", "fp32", 8, 32, 77
+
+    def __init__(self, seed: int) -> None:
+        import numpy as np
+
+        rng = np.random.default_rng(seed)
+        self.w_img = rng.standard_normal((3 * 32 * 32, 8)).astype(np.float32)
+        self.w_txt = rng.standard_normal((77, 8)).astype(np.float32)
+
+    def encode_images(self, pixels):  # type: ignore[no-untyped-def]
+        from clipengine.backends.base import l2_normalize
+
+        return l2_normalize(pixels.reshape(len(pixels), -1) @ self.w_img)
+
+    def encode_texts(self, tokens):  # type: ignore[no-untyped-def]
+        from clipengine.backends.base import l2_normalize
+
+        return l2_normalize(tokens.astype("float32") @ self.w_txt)
+
+
+def test_retrained_weights_with_the_same_name_miss_the_cache(shape_sets) -> None:  # type: ignore[no-untyped-def]
+    from clipengine.api import ClipModel
+    from clipengine.image.preprocess import PreprocessConfig
+
+    _, test_ds = shape_sets
+    data = datasets.LabelledImages("t", list(test_ds.classnames), test_ds.labels, test_ds.images)
+    cfg = PreprocessConfig(image_size=32)
+    old, new, same = (ClipModel(_FakeBackend(s), cfg, "tiny-synth", 100.0) for s in (1, 2, 1))
+    assert linear_probe.feature_cache_path(old, data) != linear_probe.feature_cache_path(new, data)
+    assert linear_probe.feature_cache_path(old, data) == linear_probe.feature_cache_path(same, data)

@@ -23,7 +23,14 @@ if TYPE_CHECKING:
     from ..api import ClipModel
     from .datasets import LabelledImages
 
-__all__ = ["C_DEFAULT", "LinearProbeResult", "cached_features", "evaluate_linear_probe", "feature_cache_path"]
+__all__ = [
+    "C_DEFAULT",
+    "LinearProbeResult",
+    "cached_features",
+    "evaluate_linear_probe",
+    "feature_cache_path",
+    "model_fingerprint",
+]
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +60,31 @@ class LinearProbeResult:
         return asdict(self)
 
 
+def model_fingerprint(model: ClipModel) -> str:
+    """12 hex digits that change with the weights: embeddings of two fixed inputs, rounded.
+
+    Names alone are not enough (a retrained checkpoint keeps its name); this works for any backend.
+    """
+    size = model.image_size
+    pixels = np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)
+    probe = np.concatenate([model.encode_images(pixels), model.encode_texts(["a photo of a cat."])])
+    return hashlib.sha256(np.round(probe, 3).tobytes()).hexdigest()[:12]
+
+
 def feature_cache_path(model: ClipModel, data: LabelledImages, engine: str = "") -> Path:
-    """`<cache>/features/<model>__<engine>__<dataset>__<fingerprint>.npy` for this model and split."""
+    """`<cache>/features/<model>__<engine>__<dataset>__<fingerprint>.npy` for this model and split.
+
+    The fingerprint covers the weights (`model_fingerprint`), the engine, and the split's size,
+    labels and first item, so a retrained model or a changed dataset never reads stale features.
+    """
     b = model.backend
     engine = engine or f"{b.name}-{b.precision}"
-    first = (
-        data.paths[0].resolve()
-        if data.paths
-        else (data.arrays[:4].tobytes() if data.arrays is not None else b"")
-    )
-    fp = hashlib.sha256(
-        repr((model.name, engine, data.name, len(data), data.labels.tobytes(), first)).encode()
-    ).hexdigest()[:12]
+    if data.paths:
+        first: object = str(data.paths[0].resolve())
+    else:
+        first = data.arrays[:4].tobytes() if data.arrays is not None else b""
+    key = (model.name, model_fingerprint(model), engine, data.name, len(data), data.labels.tobytes(), first)
+    fp = hashlib.sha256(repr(key).encode()).hexdigest()[:12]
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{model.name}__{engine}__{data.name}")
     return cache_dir() / "features" / f"{safe}__{fp}.npy"
 
