@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -78,29 +78,34 @@ class ClipModel:
         """Decode and preprocess one image -> (3, H, W) float32. Raises DecodeError naming it."""
         return preprocess(image, self.preprocess_cfg)
 
-    def _pixels(self, images: ImageInput | Sequence[ImageInput]) -> FloatArray:
-        """Accept one image, a list of images, or an already preprocessed (N, 3, H, W) array."""
-        if isinstance(images, np.ndarray) and images.ndim == 4:
-            expected = (3, self.image_size, self.image_size)
-            if images.shape[1:] != expected:
-                raise BackendError(
-                    f"preprocessed images must be (N, 3, {self.image_size}, {self.image_size})"
-                )
-            return np.asarray(images, dtype=np.float32)
-        if isinstance(images, (list, tuple)):
-            items = list(images)
-        else:
-            items = [images]  # a path, bytes, PIL image or (H, W[, C]) array
-        if not items:
-            return np.zeros((0, 3, self.image_size, self.image_size), dtype=np.float32)
-        return np.stack([self.preprocess(item) for item in items])
+    def _checked_pixels(self, pixels: np.ndarray) -> FloatArray:
+        expected = (3, self.image_size, self.image_size)
+        if pixels.shape[1:] != expected:
+            raise BackendError(
+                f"preprocessed images must be (N, 3, {self.image_size}, {self.image_size}); got {pixels.shape}"
+            )
+        return np.asarray(pixels, dtype=np.float32)
 
     def encode_images(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 32) -> FloatArray:
-        """Images -> (N, D) float32 unit-norm embeddings, run `batch_size` at a time."""
+        """Images -> (N, D) float32 unit-norm embeddings, `batch_size` at a time.
+
+        Accepts one image (path, bytes, PIL image, (H, W[, C]) array), a list of them (decoded and
+        preprocessed one batch at a time), or an already preprocessed (N, 3, H, W) float32 array.
+
+        Raises:
+            DecodeError: an image cannot be decoded (the message names it).
+        """
         if batch_size < 1:
             raise BackendError(f"batch_size must be >= 1, got {batch_size}")
-        pixels = self._pixels(images)
-        return self._in_batches(self._backend.encode_images, pixels, batch_size)
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            return self._in_batches(self._backend.encode_images, self._checked_pixels(images), batch_size)
+        # A single str/bytes is a Sequence too: only lists and tuples mean "several images".
+        items = list(images) if isinstance(images, (list, tuple)) else [cast(ImageInput, images)]
+        outs = [np.zeros((0, self.embed_dim), dtype=np.float32)]
+        for start in range(0, len(items), batch_size):
+            pixels = np.stack([self.preprocess(item) for item in items[start : start + batch_size]])
+            outs.append(self._backend.encode_images(pixels))
+        return np.concatenate(outs, axis=0).astype(np.float32, copy=False)
 
     def encode_texts(self, texts: str | Sequence[str], batch_size: int = 256) -> FloatArray:
         """Texts -> (N, D) float32 unit-norm embeddings (long texts are cut with a warning)."""

@@ -170,7 +170,7 @@ def fetch_hub(repo: str, *, allow_download: bool = False, progress: ProgressCall
         DownloadNotAllowedError, DownloadError: as for `fetch`.
     """
     folder = hub_dir(repo)
-    if folder.is_dir() and any(folder.iterdir()):
+    if _hub_complete(folder):
         return folder
     if not allow_download:
         raise DownloadNotAllowedError(
@@ -191,6 +191,15 @@ def fetch_hub(repo: str, *, allow_download: bool = False, progress: ProgressCall
     raise DownloadError(
         f"hf-hub:{repo} has neither open_clip_config.json nor config.json; put files in {folder}"
     )
+
+
+def _hub_complete(folder: Path) -> bool:
+    """A config plus a weights file of the same layout (an interrupted download is not complete)."""
+    for layout in _HUB_LAYOUTS:
+        config, weights = layout[0][0], layout[1]
+        if (folder / config).is_file() and any((folder / name).is_file() for name in weights):
+            return True
+    return (folder / "config.json").is_file() and (folder / "model.safetensors.index.json").is_file()
 
 
 def _download_group(
