@@ -130,13 +130,19 @@ def _zero_shot(
 def _probe(
     model: CLIP, text: _CompactText, monitor: dict[str, synthetic.SyntheticDataset], pre: PreprocessConfig
 ) -> dict[str, float]:
-    """Progress only: top-1 with one template ("a photo of a {}.") on small held-out sets."""
+    """Progress only: top-1 with one template ("a photo of a {}.") on small held-out sets.
+
+    Runs in eval mode so BatchNorm neither uses nor updates batch statistics from these images:
+    the checkpoint does not depend on --log-every.
+    """
     out = {}
+    model.eval()
     with torch.no_grad():
         for task, ds in monitor.items():
             img = F.normalize(model.encode_image(_pixels(ds.images, np.full(len(ds), 32), pre)), dim=-1)
             txt = F.normalize(text.encode([f"a photo of a {c}." for c in ds.classnames]), dim=-1)
             out[task] = round(float(((img @ txt.t()).argmax(1).numpy() == ds.labels).mean()), 3)
+    model.train()
     return out
 
 
@@ -160,13 +166,9 @@ def train(args: argparse.Namespace) -> dict[str, object]:
     # preprocessing resizes (robust to ImageFolder inputs of other sizes).
     pool = synthetic.generate(args.pool, seed=args.seed, task="colour", image_size=32)
     big = synthetic.generate(args.pool // 4, seed=args.seed + 100, task="colour", image_size=64)
-    images = [pool.images, big.images]
-    sizes = np.concatenate([np.full(len(pool), 32), rng.choice([32, 48, 64], size=len(big))])
+    sizes = rng.choice([32, 48, 64], size=len(big))  # 64 px renders resized to one of these first
     attrs = pool.attributes + big.attributes
-    pixels = torch.cat([_pixels(im, np.full(len(im), im.shape[1]), pre) for im in images])
-    # Downsampled big renders: resize 64 -> {32,48,64}, then preprocess back to 32.
-    if (sizes[len(pool) :] != 64).any():
-        pixels[len(pool) :] = _pixels(big.images, sizes[len(pool) :], pre)
+    pixels = torch.cat([_pixels(pool.images, np.full(len(pool), 32), pre), _pixels(big.images, sizes, pre)])
     n = len(attrs)
     prep_s = time.perf_counter() - t0
 
