@@ -240,7 +240,7 @@ def _save(
 
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "name": "tiny-synth"})
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})  # one key: byte-stable header
     (out / "config.json").write_text(
         json.dumps({**model.config.to_dict(), "preprocess": pre.to_dict()}, indent=2) + "\n"
     )
