@@ -16,7 +16,15 @@ from torch import nn
 
 from .config import CLIPConfig, TextConfig, VisionConfig
 
-__all__ = ["CLIP", "build_model"]
+__all__ = ["CLIP", "build_model", "causal_mask"]
+
+
+def causal_mask(length: int) -> torch.Tensor:
+    """(L, L) additive causal mask: 0 on/below the diagonal, -1e4 above.
+
+    A finite value (not -inf) keeps FP16/BF16 graphs free of inf - inf = NaN.
+    """
+    return torch.full((length, length), -1e4).triu_(1)
 
 
 class QuickGELU(nn.Module):
@@ -226,10 +234,7 @@ class CLIP(nn.Module):
         self.ln_final = nn.LayerNorm(t.width)
         self.text_projection = nn.Parameter(torch.randn(t.width, cfg.embed_dim) * t.width**-0.5)
         self.logit_scale = nn.Parameter(torch.tensor(4.6052))  # log(1/0.01), OpenAI's init
-        # Additive causal mask: 0 on/below the diagonal, a large negative above. A finite value (not
-        # -inf) keeps FP16/BF16 exports free of inf - inf = NaN.
-        mask = torch.full((t.context_length, t.context_length), -1e4).triu_(1)
-        self.register_buffer("attn_mask", mask, persistent=False)
+        self.register_buffer("attn_mask", causal_mask(t.context_length), persistent=False)
 
     @property
     def dtype(self) -> torch.dtype:

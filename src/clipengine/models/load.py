@@ -25,7 +25,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..image.preprocess import PreprocessConfig
-from .clip import CLIP
+from .clip import CLIP, causal_mask
 from .config import CLIPConfig, get_config
 from .convert import (
     OPENAI_METADATA_KEYS,
@@ -134,9 +134,7 @@ def _empty_model(cfg: CLIPConfig) -> CLIP:
 def _load(cfg: CLIPConfig, state: StateDict, source: str) -> CLIP:
     """Strictly load `state` into a fresh CLIP(cfg); rebuild the non-persistent causal mask."""
     module = load_into(_empty_model(cfg), state, source)
-    length = cfg.text.context_length
-    # Same values as CLIP.__init__: additive mask, finite -1e4 above the diagonal (fp16-safe).
-    module.attn_mask = torch.full((length, length), -1e4).triu_(1)
+    module.attn_mask = causal_mask(cfg.text.context_length)  # non-persistent: not in checkpoints
     stray = [name for name, buf in module.named_buffers() if buf.is_meta]
     if stray:
         raise CheckpointError(f"{source}: buffers not restored: {', '.join(stray)}")
