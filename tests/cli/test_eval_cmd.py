@@ -129,3 +129,12 @@ def test_compare_fp16_int8_agree_with_fp32(cifar10: Path, onnx_export: Path, tmp
         assert row["agreement"] * 100 >= MIN_AGREEMENT, rows
         assert abs(row["delta_top1"]) <= 0.01, rows
     assert "## Engines compared" in (tmp_path / "zeroshot_cifar10-test.md").read_text()
+
+
+def test_zeroshot_flat_folder_with_labels_file(tmp_path: Path) -> None:
+    """imagenet_val_1k style: one folder of images + '<file> <label>' lines + classnames.json."""
+    synthetic.write_flat_folder(tmp_path / "flat", synthetic.generate(80, seed=24, task="shape"))
+    args = ["eval", "zeroshot", "-d", "folder", "--root", str(tmp_path / "flat"), "-m", str(TINY_SYNTH)]
+    result = CliRunner().invoke(app, [*args, "--labels", "labels.txt", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert _top1(result.output) >= MIN_SHAPE_TOP1 - 10
