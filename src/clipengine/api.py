@@ -12,22 +12,11 @@ from .errors import BackendError
 from .image.preprocess import PreprocessConfig, preprocess
 from .text.tokenizer import tokenize
 from .types import Backend, FloatArray, ImageInput
+from .zeroshot import class_embeddings, rank_labels
 
 __all__ = ["ClipModel", "load"]
 
 _EXPORT_MANIFEST = "manifest.json"
-
-
-def _softmax(x: FloatArray) -> FloatArray:
-    z = np.exp(x - x.max(axis=-1, keepdims=True))
-    out: FloatArray = (z / z.sum(axis=-1, keepdims=True)).astype(np.float32)
-    return out
-
-
-def _normalize(x: FloatArray) -> FloatArray:
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    out: FloatArray = (x / np.maximum(norms, 1e-12)).astype(np.float32)
-    return out
 
 
 class ClipModel:
@@ -125,11 +114,7 @@ class ClipModel:
         """
         if not labels:
             raise BackendError("classify needs at least one label")
-        if not templates:
-            return self.encode_texts(list(labels))
-        prompts = [t.format(label) for label in labels for t in templates]
-        emb = self.encode_texts(prompts).reshape(len(labels), len(templates), -1)
-        return _normalize(emb.mean(axis=1))
+        return class_embeddings(self.encode_texts, labels, templates)
 
     def classify(
         self,
@@ -142,13 +127,7 @@ class ClipModel:
         probs = softmax(logit_scale * cosine(image, label)).
         """
         classifier = self.text_classifier(labels, templates)
-        image_emb = self.encode_images(images)
-        probs = _softmax((self.logit_scale * image_emb @ classifier.T).astype(np.float32))
-        results = []
-        for row in probs:
-            order = np.argsort(-row, kind="stable")
-            results.append([(labels[i], float(row[i])) for i in order])
-        return results
+        return rank_labels(self.encode_images(images), classifier, self.logit_scale, labels)
 
 
 def load(

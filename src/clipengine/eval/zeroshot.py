@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..backends.base import l2_normalize
 from ..errors import DatasetError
+from ..zeroshot import class_embeddings
 
 if TYPE_CHECKING:
     from ..api import ClipModel
@@ -75,14 +75,8 @@ def build_classifier(
     """
     if not classnames or not templates:
         raise DatasetError("zero-shot needs at least one class name and one template")
-    columns = []
-    for start in range(0, len(classnames), batch_classes):
-        names = classnames[start : start + batch_classes]
-        prompts = [t.format(c) for c in names for t in templates]
-        emb = l2_normalize(np.asarray(encode_texts(prompts), dtype=np.float32))
-        emb = emb.reshape(len(names), len(templates), -1).mean(axis=1)  # (c, D)
-        columns.append(l2_normalize(emb))
-    return np.concatenate(columns, axis=0).T.copy()  # (D, C)
+    weights = class_embeddings(encode_texts, classnames, templates, batch_labels=batch_classes)
+    return weights.T.copy()  # (D, C)
 
 
 def encode_dataset(

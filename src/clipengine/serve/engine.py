@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import DecodeError, IndexMismatchError
 from ..index.index import same_model  # faiss is imported lazily there
+from ..zeroshot import label_prompts, mean_unit, rank_labels
 from .batcher import MicroBatcher
 from .http_errors import ApiError
 from .inputs import NamedImage, check_image_header
@@ -155,9 +156,7 @@ class InferenceService:
 
     async def label_weights(self, labels: Sequence[str], templates: Sequence[str] | None) -> np.ndarray:
         """Zero-shot classifier weights (C, D): per label, the normalised mean of its template prompts."""
-        prompts = {
-            label: [t.replace("{}", label) for t in templates] if templates else [label] for label in labels
-        }
+        prompts = dict(zip(labels, label_prompts(labels, templates), strict=True))
         wanted = list(dict.fromkeys(p for ps in prompts.values() for p in ps))
         known = {p: self._label_cache[p] for p in wanted if p in self._label_cache}
         missing = [p for p in wanted if p not in known]
@@ -169,10 +168,7 @@ class InferenceService:
             self._label_cache.move_to_end(prompt)
         while len(self._label_cache) > self.settings.label_cache_size:
             self._label_cache.popitem(last=False)
-        weights = np.stack([np.mean([known[p] for p in prompts[label]], axis=0) for label in labels])
-        norms = np.linalg.norm(weights, axis=1, keepdims=True)
-        unit: np.ndarray = (weights / np.maximum(norms, 1e-12)).astype(np.float32)
-        return unit
+        return mean_unit(np.stack([[known[p] for p in prompts[label]] for label in labels]))
 
     async def classify(
         self, images: Sequence[NamedImage], labels: Sequence[str], templates: Sequence[str] | None
@@ -181,15 +177,7 @@ class InferenceService:
         image_vectors, weights = await asyncio.gather(
             self.embed_images(images), self.label_weights(labels, templates)
         )
-        logits = float(self.model.logit_scale) * image_vectors @ weights.T  # (N, C)
-        logits -= logits.max(axis=1, keepdims=True)
-        probs = np.exp(logits)
-        probs /= probs.sum(axis=1, keepdims=True)
-        results = []
-        for row in probs:
-            order = np.argsort(-row, kind="stable")
-            results.append([(labels[i], float(row[i])) for i in order])
-        return results
+        return rank_labels(image_vectors, weights, float(self.model.logit_scale), labels)
 
     async def search(self, index: SearchableIndex, query: np.ndarray, k: int) -> list[tuple[str, float]]:
         """Top-k (id, score) for one (D,) query vector."""
