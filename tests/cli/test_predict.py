@@ -109,3 +109,23 @@ def test_missing_weights_fail_in_one_line(clip_png: Path, capsys: pytest.Capture
 def test_text_is_required(clip_png: Path) -> None:
     result = CliRunner().invoke(app, ["predict", str(clip_png)])
     assert result.exit_code == 2 and "--text" in result.output
+
+
+def test_folder_is_walked_recursively_with_relative_names(
+    checkpoint: Path, clip_png: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "b" / "c").mkdir(parents=True)
+    shutil.copy(clip_png, tmp_path / "a.png")
+    shutil.copy(clip_png, tmp_path / "b" / "c" / "d.png")
+    (tmp_path / ".hidden.png").write_bytes(clip_png.read_bytes())
+    result = CliRunner().invoke(
+        app, ["predict", str(tmp_path), "--text", *TEXTS, "--checkpoint", str(checkpoint)]
+    )
+    assert result.exit_code == 0, result.output
+    assert list(_blocks(result.stdout)) == ["a.png", "b/c/d.png"]
+
+
+def test_folder_without_images_fails_before_loading_a_model(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("no images here")
+    code = main(["predict", str(tmp_path), "--text", "a", "--model", "ViT-B-32"])  # not cached: not loaded
+    assert code == 1

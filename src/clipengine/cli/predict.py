@@ -12,16 +12,17 @@ import typer
 if TYPE_CHECKING:
     from ..api import ClipModel
 
-__all__ = ["IMAGE_SUFFIXES", "list_images", "register"]
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+__all__ = ["list_images", "register"]
 
 
-def list_images(target: Path) -> list[Path]:
-    """The image itself, or a folder's files with image suffixes (non-recursive, sorted by name)."""
+def list_images(target: Path) -> list[tuple[str, Path]]:
+    """(display name, path): the image itself, or a folder's images walked recursively in the
+    pipeline's stable order (relative paths as names, hidden files skipped)."""
+    from ..pipeline.sources import list_folder
+
     if target.is_file():
-        return [target]
-    return sorted(p for p in target.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        return [(target.name, target)]
+    return [(item.id, Path(str(item.source))) for item in list_folder(target)]
 
 
 @dataclass
@@ -35,23 +36,24 @@ Ranked = list[tuple[str, list[tuple[str, float]]]]  # per image: (file name, [(t
 
 
 def _predict(
-    model: ClipModel, paths: list[Path], texts: list[str]
+    model: ClipModel, paths: list[tuple[str, Path]], texts: list[str]
 ) -> tuple[Ranked, list[tuple[str, str]], _Timings]:
     """Preprocess each image (bad ones reported, not fatal), encode, rank texts per image."""
     import numpy as np
 
     from ..errors import DecodeError
+    from ..zeroshot import rank_labels
 
     timings, pixels, names, failures = _Timings(), [], [], []
-    for path in paths:
+    for name, path in paths:
         start = time.perf_counter()
         try:
             pixels.append(model.preprocess(path))
         except DecodeError as e:
-            failures.append((path.name, e.reason))
+            failures.append((name, e.reason))
             continue
         timings.preprocess_s.append(time.perf_counter() - start)
-        names.append(path.name)
+        names.append(name)
     model.encode_texts(texts[:1])  # warm-up: first calls pay one-off allocation / kernel selection
     if pixels:
         model.encode_images(pixels[0][None])
@@ -63,14 +65,8 @@ def _predict(
     start = time.perf_counter()
     image_emb = model.encode_images(np.stack(pixels))
     timings.image_s = time.perf_counter() - start
-    logits = model.logit_scale * image_emb @ text_emb.T
-    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
-    ranked = [
-        (name, [(texts[i], float(row[i])) for i in np.argsort(-row, kind="stable")])
-        for name, row in zip(names, probs, strict=True)
-    ]
-    return ranked, failures, timings
+    scores = rank_labels(image_emb, text_emb, model.logit_scale, texts)
+    return list(zip(names, scores, strict=True)), failures, timings
 
 
 def _ms(total_s: float, count: int) -> str:
@@ -107,6 +103,8 @@ def register(app: typer.Typer) -> None:
 
         texts = [*text, *ctx.args]  # values after a single --text arrive as extra arguments
         paths = list_images(target)
+        if not paths:
+            raise DecodeError(str(target), "no image files (jpg, png, webp, bmp, gif, tiff) found")
         clip = load(
             checkpoint if checkpoint is not None else model,
             pretrained=pretrained if checkpoint is None else None,
