@@ -125,7 +125,10 @@ def test_folder_is_walked_recursively_with_relative_names(
     assert list(_blocks(result.stdout)) == ["a.png", "b/c/d.png"]
 
 
-def test_folder_without_images_fails_before_loading_a_model(tmp_path: Path) -> None:
+def test_folder_without_images_fails_before_loading_a_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "notes.txt").write_text("no images here")
     code = main(["predict", str(tmp_path), "--text", "a", "--model", "ViT-B-32"])  # not cached: not loaded
     assert code == 1
+    assert "no image files" in capsys.readouterr().err
