@@ -14,7 +14,7 @@ from .text.tokenizer import tokenize
 from .types import Backend, FloatArray, ImageInput
 from .zeroshot import class_embeddings, rank_labels
 
-__all__ = ["ClipModel", "load"]
+__all__ = ["ClipModel", "load", "load_export"]
 
 _EXPORT_MANIFEST = "manifest.json"
 
@@ -158,8 +158,6 @@ def load(
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir() and (path / _EXPORT_MANIFEST).is_file():
-        from .export.loader import load_export
-
         return load_export(path, device=device, precision=precision, **opts)
     if backend != "torch":
         raise BackendError(
@@ -173,3 +171,24 @@ def load(
     logit_scale = float(loaded.module.logit_scale.detach().float().exp())
     engine = create_backend("torch", loaded.module, device=device, precision=precision, **opts)
     return ClipModel(engine, loaded.preprocess, loaded.name, logit_scale, loaded.config.text.context_length)
+
+
+def load_export(folder: str | Path, device: str = "cpu", precision: str = "fp32", **opts: Any) -> ClipModel:
+    """A ClipModel over an export folder's ONNX engines (no torch needed), with the preprocessing and
+    context length the folder was built with.
+
+    Args:
+        folder: a `clipengine export` folder (with manifest.json).
+        device: "cpu", "cuda" or "cuda:N".
+        precision: a precision the folder holds ("fp32", "fp16", "int8").
+        **opts: OnnxBackend options (providers, intra_op_threads, tensorrt, verify_files).
+
+    Raises:
+        BackendError: not an export folder, missing precision, provider or engine file.
+    """
+    from .backends.onnx_backend import OnnxBackend
+
+    backend = OnnxBackend(folder, device=device, precision=precision, **opts)
+    m = backend.manifest
+    name = m.model if m.pretrained is None else f"{m.model}@{m.pretrained}"
+    return ClipModel(backend, PreprocessConfig.from_dict(m.preprocess), name, m.logit_scale, m.context_length)

@@ -12,7 +12,7 @@ import pytest
 def test_vit_b32_export_verifies_and_round_trips(tmp_path: Path, clip_png: Path) -> None:
     import torch
 
-    from clipengine.export.loader import load_export
+    from clipengine.api import load_export
     from clipengine.export.onnx import export_model
     from clipengine.models.clip import build_model
     from clipengine.models.config import get_config

@@ -8,7 +8,7 @@ __all__ = ["EngineInfo", "Manifest", "export_model", "load_export", "read_manife
 
 _LAZY = {
     "export_model": ("clipengine.export.onnx", "export_model"),  # imports torch
-    "load_export": ("clipengine.export.loader", "load_export"),
+    "load_export": ("clipengine.api", "load_export"),  # kept here for discoverability
     "EngineInfo": ("clipengine.export.manifest", "EngineInfo"),
     "Manifest": ("clipengine.export.manifest", "Manifest"),
     "read_manifest": ("clipengine.export.manifest", "read_manifest"),
