@@ -12,7 +12,7 @@ from types import ModuleType, SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
-from clipengine.cli import embed as embed_cli
+from clipengine.cli import model_options
 from clipengine.cli.app import app, main
 
 _TESTS = Path(__file__).parents[1]
@@ -39,11 +39,11 @@ def folder(tmp_path: Path) -> Path:
 def fake_load(monkeypatch: pytest.MonkeyPatch) -> None:
     from clipengine.image.preprocess import PreprocessConfig
 
-    def load(opts: embed_cli.ModelOptions) -> SimpleNamespace:
+    def load(opts: model_options.ModelOptions) -> SimpleNamespace:
         backend = _load("pipeline_fakes", _TESTS / "pipeline" / "fakes.py").FakeBackend(image_size=32)
         return SimpleNamespace(backend=backend, preprocess_cfg=PreprocessConfig(image_size=32), name="fake")
 
-    monkeypatch.setattr(embed_cli, "load_clip", load)
+    monkeypatch.setattr(model_options, "load_clip", load)
 
 
 def _check_seed_block(text: str, n: int) -> None:

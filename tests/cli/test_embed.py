@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from clipengine.cli import embed as embed_cli
+from clipengine.cli import model_options
 from clipengine.cli.app import app, main
 from clipengine.pipeline.sinks import read_embeddings, read_failures
 
@@ -30,18 +30,18 @@ def _fakes() -> ModuleType:
 
 
 @pytest.fixture
-def fake_load(monkeypatch: pytest.MonkeyPatch) -> list[embed_cli.ModelOptions]:
+def fake_load(monkeypatch: pytest.MonkeyPatch) -> list[model_options.ModelOptions]:
     """Replace model loading with the fake backend; returns the options each load was asked for."""
     from clipengine.image.preprocess import PreprocessConfig
 
-    asked: list[embed_cli.ModelOptions] = []
+    asked: list[model_options.ModelOptions] = []
 
-    def load(opts: embed_cli.ModelOptions) -> SimpleNamespace:
+    def load(opts: model_options.ModelOptions) -> SimpleNamespace:
         asked.append(opts)
         backend = _fakes().FakeBackend(embed_dim=8, image_size=32)
         return SimpleNamespace(backend=backend, preprocess_cfg=PreprocessConfig(image_size=32), name="fake")
 
-    monkeypatch.setattr(embed_cli, "load_clip", load)
+    monkeypatch.setattr(model_options, "load_clip", load)
     return asked
 
 

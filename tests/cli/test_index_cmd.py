@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from clipengine.cli import embed as embed_cli
+from clipengine.cli import model_options
 from clipengine.cli.app import app, main
 
 _FAKES = Path(__file__).parents[1] / "distributed" / "fakes.py"
@@ -54,14 +54,14 @@ def folder(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def fake_load(monkeypatch: pytest.MonkeyPatch, folder: Path) -> list[embed_cli.ModelOptions]:
-    asked: list[embed_cli.ModelOptions] = []
+def fake_load(monkeypatch: pytest.MonkeyPatch, folder: Path) -> list[model_options.ModelOptions]:
+    asked: list[model_options.ModelOptions] = []
 
-    def load(opts: embed_cli.ModelOptions) -> SimpleNamespace:
+    def load(opts: model_options.ModelOptions) -> SimpleNamespace:
         asked.append(opts)
         return _FakeClip(folder, name=opts.model)  # type: ignore[return-value]
 
-    monkeypatch.setattr(embed_cli, "load_clip", load)
+    monkeypatch.setattr(model_options, "load_clip", load)
     return asked
 
 

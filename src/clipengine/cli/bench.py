@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from . import embed as _embed
+from . import model_options as mo
 
 __all__ = ["BENCH_TEXTS", "parse_batch_sizes", "register"]
 
@@ -36,13 +37,13 @@ def register(app: typer.Typer) -> None:
     def bench_cmd(
         folder: Path = _FOLDER_ARG,
         batch: str = typer.Option("1,8,16,32", "--batch", help="Comma-separated batch sizes."),
-        model: str = _embed.MODEL_OPT,
-        pretrained: str | None = _embed.PRETRAINED_OPT,
-        checkpoint: Path | None = _embed.CHECKPOINT_OPT,
-        backend: str = _embed.BACKEND_OPT,
-        precision: str = _embed.PRECISION_OPT,
-        device: str = _embed.DEVICE_OPT,
-        download: bool = _embed.DOWNLOAD_OPT,
+        model: str = mo.MODEL_OPT,
+        pretrained: str | None = mo.PRETRAINED_OPT,
+        checkpoint: Path | None = mo.CHECKPOINT_OPT,
+        backend: str = mo.BACKEND_OPT,
+        precision: str = mo.PRECISION_OPT,
+        device: str = mo.DEVICE_OPT,
+        download: bool = mo.DOWNLOAD_OPT,
         workers: int | None = typer.Option(None, "--workers", min=0, help=_embed.WORKERS_HELP),
         warmup: int = typer.Option(2, "--warmup", min=0, help="Untimed backend calls per batch size."),
         repeats: int = typer.Option(1, "--repeats", min=1, help="Timed passes per batch size (median kept)."),
@@ -59,9 +60,9 @@ def register(app: typer.Typer) -> None:
         from ..text.tokenizer import tokenize
 
         sizes = parse_batch_sizes(batch)
-        opts = _embed.parse_model_options(model, pretrained, checkpoint, backend, precision, device, download)
+        opts = mo.parse_model_options(model, pretrained, checkpoint, backend, precision, device, download)
         items = list_items(folder)[:limit]
-        clip = _embed.load_clip(opts)
+        clip = mo.load_clip(opts)
         tokens = tokenize(list(BENCH_TEXTS), context_length=clip.backend.context_length)
         result = bench_pipeline(
             items, clip.backend, clip.preprocess_cfg, sizes,

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from . import embed as embed_cli
+from . import model_options as mo
 
 if TYPE_CHECKING:
     from ..index import Index
@@ -46,7 +47,7 @@ def _image_roots(meta: dict[str, Any]) -> list[str]:
 
 def _embeddings(
     source: Path,
-    opts: embed_cli.ModelOptions | None,
+    opts: mo.ModelOptions | None,
     embed_dir: Path,
     batch: int,
     engine: str,
@@ -67,12 +68,12 @@ def _embeddings(
     items = [i for i in list_items(source) if known is None or i.id not in known]
     if not items:
         return None, opts.label
-    clip = embed_cli.load_clip(opts)
+    clip = mo.load_clip(opts)
     kwargs: dict[str, Any] = {"model": opts.label, "batch_size": batch, "source_label": str(source.resolve())}
     if engine == "ray":
         from ..distributed.ray import embed_with_ray
 
-        embed_with_ray(items, embed_dir, embed_cli.BackendFactory(opts), clip.preprocess_cfg, **kwargs)
+        embed_with_ray(items, embed_dir, mo.BackendFactory(opts), clip.preprocess_cfg, **kwargs)
     else:
         from ..pipeline.run import embed_folder
 
@@ -95,10 +96,10 @@ def _read(embed_dir: Path, label: str, expect: str | None) -> tuple[list[str], A
 
 
 def _opts(model: str | None, pretrained: str | None, checkpoint: Path | None, backend: str, precision: str,
-          device: str, download: bool) -> embed_cli.ModelOptions | None:  # fmt: skip
+          device: str, download: bool) -> mo.ModelOptions | None:  # fmt: skip
     if model is None and checkpoint is None:
         return None
-    return embed_cli.parse_model_options(
+    return mo.parse_model_options(
         model or "", pretrained, checkpoint, backend, precision, device, download
     )
 
@@ -205,7 +206,7 @@ def register(app: typer.Typer) -> None:
         from ..index import Index
 
         index = Index.load(index_path)
-        opts = embed_cli.parse_model_options(
+        opts = mo.parse_model_options(
             index.model, pretrained, None, backend, precision, device, download
         )
         default_dir = index_path.with_name(index_path.name + ".embeddings")
@@ -246,10 +247,10 @@ def register(app: typer.Typer) -> None:
         opts = _opts(model, pretrained, checkpoint, backend, precision, device, download)
         override = opts is not None
         if opts is None:  # the model comes from the index header
-            opts = embed_cli.parse_model_options(
+            opts = mo.parse_model_options(
                 index.model, None, None, backend, precision, device, download
             )
-        clip = embed_cli.load_clip(opts)
+        clip = mo.load_clip(opts)
         if override and not (same_model(opts.label, index.model) or same_model(clip.name, index.model)):
             raise IndexMismatchError(
                 f"{index_path} was built with model {index.model!r}, not {opts.label!r}; "

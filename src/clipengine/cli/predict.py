@@ -98,21 +98,15 @@ def register(app: typer.Typer) -> None:
         download: Annotated[bool, typer.Option("--download", help="Download missing weights.")] = False,
     ) -> None:
         """Rank TEXTS by how well they describe each image (softmax over CLIP similarities)."""
-        from ..api import load
         from ..errors import DecodeError
+        from . import model_options as mo
 
         texts = [*text, *ctx.args]  # values after a single --text arrive as extra arguments
         paths = list_images(target)
         if not paths:
             raise DecodeError(str(target), "no image files (jpg, png, webp, bmp, gif, tiff) found")
-        clip = load(
-            checkpoint if checkpoint is not None else model,
-            pretrained=pretrained if checkpoint is None else None,
-            backend=backend,
-            device=device,
-            precision=precision,
-            allow_download=download,
-        )
+        opts = mo.parse_model_options(model, pretrained, checkpoint, backend, precision, device, download)
+        clip = mo.load_clip(opts)
         ranked, failures, timings = _predict(clip, paths, texts)
         for name, reason in failures:
             typer.echo(f"Skipped: {name}: {reason}", err=True)

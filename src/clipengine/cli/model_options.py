@@ -1,0 +1,112 @@
+"""Model-selection options shared by the CLI commands, as plain data that other processes can rebuild."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+if TYPE_CHECKING:
+    from ..api import ClipModel
+    from ..types import Backend
+
+__all__ = [
+    "BACKEND_OPT",
+    "CHECKPOINT_OPT",
+    "DEVICE_OPT",
+    "DOWNLOAD_OPT",
+    "MODEL_OPT",
+    "PRECISION_OPT",
+    "PRETRAINED_OPT",
+    "BackendFactory",
+    "ModelOptions",
+    "load_clip",
+    "parse_model_options",
+]
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How to get a model: plain data, so it can be sent to other processes and rebuilt there."""
+
+    model: str = "ViT-B-32"  # registry name, checkpoint file, or ONNX export folder
+    pretrained: str | None = None
+    checkpoint: str | None = None  # overrides `model` when given
+    backend: str = "torch"
+    precision: str = "fp32"
+    device: str = "cpu"
+    allow_download: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def source(self) -> str:
+        return self.checkpoint or self.model
+
+    @property
+    def label(self) -> str:
+        """What run.json records as the model: a name@tag, or the resolved path of a file/folder."""
+        if os.path.exists(self.source):
+            return str(Path(self.source).resolve())
+        return f"{self.source}@{self.pretrained}" if self.pretrained else self.source
+
+
+def load_clip(opts: ModelOptions) -> ClipModel:
+    """Load the model described by `opts` through the public API (the hook CLI tests replace)."""
+    from ..api import load
+
+    return load(
+        opts.source,
+        pretrained=opts.pretrained,
+        backend=opts.backend,
+        device=opts.device,
+        precision=opts.precision,
+        allow_download=opts.allow_download,
+        **opts.extra,
+    )
+
+
+@dataclass(frozen=True)
+class BackendFactory:
+    """Picklable zero-argument factory: each worker / actor loads the model once from plain options."""
+
+    opts: ModelOptions
+
+    def __call__(self) -> Backend:
+        return load_clip(self.opts).backend
+
+
+def parse_model_options(
+    model: str,
+    pretrained: str | None,
+    checkpoint: Path | None,
+    backend: str,
+    precision: str,
+    device: str,
+    download: bool,
+) -> ModelOptions:
+    if backend not in ("torch", "onnx"):
+        raise typer.BadParameter(f"--backend must be torch or onnx, got {backend!r}")
+    return ModelOptions(
+        model=model,
+        pretrained=pretrained,
+        checkpoint=str(checkpoint) if checkpoint else None,
+        backend=backend,
+        precision=precision,
+        device=device,
+        allow_download=download,
+    )
+
+
+# typer options (each command lists them in its signature).
+MODEL_OPT = typer.Option(
+    "ViT-B-32", "--model", "-m", help="Model name, checkpoint file or ONNX export folder."
+)
+PRETRAINED_OPT = typer.Option(None, "--pretrained", help="Pretrained weights tag, e.g. openai.")
+CHECKPOINT_OPT = typer.Option(None, "--checkpoint", help="Checkpoint file (overrides --model).")
+BACKEND_OPT = typer.Option("torch", "--backend", help="torch or onnx.")
+PRECISION_OPT = typer.Option("fp32", "--precision", help="fp32, fp16, bf16 or int8 (backend dependent).")
+DEVICE_OPT = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ...")
+DOWNLOAD_OPT = typer.Option(False, "--download", help="Allow downloading weights that are not cached.")
