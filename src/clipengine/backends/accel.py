@@ -295,8 +295,10 @@ def optimize(
         precision: "fp32", "bf16" or "fp16"; None picks `default_precision(device)`.
         compile: False, True (inductor default mode) or a torch.compile mode name
             ("max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead"). On CPU the weights
-            are frozen into the graph (oneDNN prepacked bf16 kernels). Compilation happens on the
-            first call for each input shape (text: each length bucket), so warm up once per batch.
+            are frozen into the graph (oneDNN prepacked bf16 kernels): later edits to the module's
+            weights are not seen, and the packed copies add one weight-sized buffer. Compilation
+            happens on the first call for each input shape (text: each length bucket), so warm up
+            once per batch size; inductor caches compiled code on disk across processes.
         cuda_graphs: capture each input shape in a CUDA graph (CUDA only; best for small batches).
         prune: compute only the pooled row in the last block (exact; ViT and text towers).
         truncate_text: run text only up to the batch's longest EOT (exact, bucketed by 8).
