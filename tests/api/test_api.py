@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -96,11 +94,16 @@ def test_preprocess_size_must_match_backend(model: ClipModel) -> None:
 
 
 def test_export_folder_goes_to_export_loader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import clipengine.api
+
     (tmp_path / "manifest.json").write_text("{}")
     calls: list[tuple[Path, str, str]] = []
-    fake = types.ModuleType("clipengine.export.loader")
-    fake.load_export = lambda folder, device, precision: calls.append((folder, device, precision)) or "ok"  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "clipengine.export.loader", fake)
+
+    def fake_load_export(folder: Path, device: str, precision: str) -> str:
+        calls.append((folder, device, precision))
+        return "ok"
+
+    monkeypatch.setattr(clipengine.api, "load_export", fake_load_export)
     assert clipengine.load(tmp_path, device="cpu", precision="fp16") == "ok"
     assert calls == [(tmp_path, "cpu", "fp16")]
 
