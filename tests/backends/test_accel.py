@@ -141,3 +141,23 @@ def test_cuda_paths_cosine_at_least_0999(tiny_model, inputs, reference, precisio
         txt = fast.encode_text(inputs[1]).cpu()
     assert _min_cos(img, reference[0]) >= 0.999
     assert _min_cos(txt, reference[1]) >= 0.999
+
+
+def test_torchbackend_hook_keeps_unit_norm_outputs_within_bound(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    # The hook proposed for TorchBackend: accelerate its own (already cast) module in place and
+    # swap the two encode functions; TorchBackend._run still normalises under inference_mode.
+    import numpy as np
+
+    from clipengine.backends.torch_backend import TorchBackend
+
+    ref = TorchBackend(copy.deepcopy(tiny_model), precision="fp32")
+    fast_backend = TorchBackend(copy.deepcopy(tiny_model), precision="bf16")
+    fast = optimize(fast_backend.model, device=fast_backend.device, precision="bf16", copy=False)
+    fast_backend._encode_image_fn, fast_backend._encode_text_fn = fast.encode_image, fast.encode_text
+    pixels = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    tokens = _tokens([3, 8, 15, 30]).numpy()
+    for a, b in ((fast_backend.encode_images(pixels), ref.encode_images(pixels)),
+                 (fast_backend.encode_texts(tokens), ref.encode_texts(tokens))):  # fmt: skip
+        assert a.dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+        assert float((a * b).sum(axis=1).min()) >= 0.999
