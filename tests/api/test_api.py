@@ -85,7 +85,10 @@ def test_classify_with_templates_ensembles_prompts(model: ClipModel, clip_png: P
     manual /= np.linalg.norm(manual, axis=1, keepdims=True)
     np.testing.assert_allclose(classifier, manual, atol=1e-6)
     results = model.classify([clip_png, clip_png], labels, templates)
-    assert len(results) == 2 and results[0] == results[1]
+    assert len(results) == 2 and [lbl for lbl, _ in results[0]] == [lbl for lbl, _ in results[1]]
+    # Same image twice in one batch: equal up to float rounding (the pruned last block runs the
+    # pooled rows as one GEMM whose kernel blocking can differ per row: ~1e-7, not bit-exact).
+    np.testing.assert_allclose([p for _, p in results[0]], [p for _, p in results[1]], atol=1e-6)
 
 
 def test_preprocess_size_must_match_backend(model: ClipModel) -> None:

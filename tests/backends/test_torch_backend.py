@@ -118,3 +118,20 @@ def test_cuda_matches_cpu(tiny_model: CLIP, precision: str) -> None:
     bound = 1e-4 if precision == "fp32" else 1e-2
     assert (img * ref_img).sum(axis=1).min() > 1 - bound
     assert (txt * ref_txt).sum(axis=1).min() > 1 - bound
+
+
+def test_default_fast_paths_are_exact_against_the_plain_module(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """Pruning + text truncation (on by default) change no result beyond float rounding."""
+    import copy
+
+    import numpy as np
+
+    from clipengine.backends.torch_backend import TorchBackend
+    from clipengine.text.tokenizer import tokenize
+
+    plain = TorchBackend(copy.deepcopy(tiny_model), prune=False, truncate_text=False)
+    fast = TorchBackend(copy.deepcopy(tiny_model))
+    pixels = np.random.default_rng(1).standard_normal((5, 3, 32, 32)).astype(np.float32)
+    tokens = tokenize(["a", "a photo of a dog.", "a much longer caption " * 8, "", "x y z"])
+    np.testing.assert_allclose(fast.encode_images(pixels), plain.encode_images(pixels), atol=1e-5)
+    np.testing.assert_allclose(fast.encode_texts(tokens), plain.encode_texts(tokens), atol=1e-5)

@@ -48,12 +48,25 @@ class TorchBackend:
     image 2.29 s vs 2.58 s, text 1.93 s vs 2.01 s with requires_grad=True; a bare bf16 F.linear
     (2048x512, 1 or 77 rows) costs the same either way. So we freeze (no autograd bookkeeping).
 
-    Subclasses (e.g. compiled variants) can replace `_encode_image_fn` / `_encode_text_fn`.
+    The encode functions come from `accel.optimize` on the backend's own module: the exact
+    speed-ups (last-block pruning, text truncation at the batch's longest end-of-text) are on by
+    default; `compile=True` (torch.compile + weight freezing) and `cuda_graphs=True` are opt-in
+    (see docs/performance.md for what each measured).
     """
 
     name = "torch"
 
-    def __init__(self, model: CLIP, device: str = "cpu", precision: str = "fp32") -> None:
+    def __init__(
+        self,
+        model: CLIP,
+        device: str = "cpu",
+        precision: str = "fp32",
+        *,
+        compile: bool | str = False,
+        cuda_graphs: bool = False,
+        prune: bool = True,
+        truncate_text: bool = True,
+    ) -> None:
         if precision not in PRECISIONS:
             raise BackendError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         dev = _resolve_device(device)
@@ -69,8 +82,14 @@ class TorchBackend:
         self.embed_dim = cfg.embed_dim
         self.image_size = cfg.vision.image_size
         self.context_length = cfg.text.context_length
-        self._encode_image_fn = self.model.encode_image
-        self._encode_text_fn = self.model.encode_text
+        from .accel import optimize
+
+        fast = optimize(
+            self.model, device=dev, precision=precision, compile=compile, cuda_graphs=cuda_graphs,
+            prune=prune, truncate_text=truncate_text, copy=False,
+        )  # fmt: skip
+        self._encode_image_fn: Callable[[torch.Tensor], torch.Tensor] = fast.encode_image
+        self._encode_text_fn: Callable[[torch.Tensor], torch.Tensor] = fast.encode_text
 
     def __repr__(self) -> str:
         return f"TorchBackend({self.model.config.name}, device={self.device!r}, precision={self.precision!r})"
