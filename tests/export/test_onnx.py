@@ -10,9 +10,9 @@ import onnx
 import pytest
 import torch
 
+from clipengine.api import load_export
 from clipengine.errors import ExportParityError
 from clipengine.export import onnx as onnx_export
-from clipengine.api import load_export
 from clipengine.export.manifest import file_sha256, read_manifest
 from clipengine.export.verify import BOUNDS, sample_texts
 from clipengine.text.tokenizer import tokenize

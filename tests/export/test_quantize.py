@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clipengine.export import quantize
 from clipengine.api import load_export
+from clipengine.export import quantize
 from clipengine.export.manifest import file_sha256
 
 

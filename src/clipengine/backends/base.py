@@ -15,7 +15,8 @@ def l2_normalize(x: FloatArray) -> FloatArray:
     """Row-wise unit L2 norm in float32; an all-zero row stays zero instead of becoming NaN."""
     x = np.asarray(x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+    out: FloatArray = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+    return out
 
 
 def run_in_chunks(

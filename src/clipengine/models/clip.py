@@ -100,7 +100,9 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
         self.ln_pre = nn.LayerNorm(width)
-        self.transformer = Transformer(width, int(cfg.layers), cfg.heads, cfg.mlp_width, quick_gelu)
+        if not isinstance(cfg.layers, int):
+            raise TypeError("VisionTransformer needs an int depth; a 4-tuple means ModifiedResNet")
+        self.transformer = Transformer(width, cfg.layers, cfg.heads, cfg.mlp_width, quick_gelu)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
@@ -218,6 +220,8 @@ class ModifiedResNet(nn.Module):
 
 class CLIP(nn.Module):
     """Both towers plus the learned temperature. encode_* return *unnormalised* (N, D) features."""
+
+    attn_mask: torch.Tensor  # (L, L) additive causal mask, a non-persistent buffer
 
     def __init__(self, cfg: CLIPConfig) -> None:
         super().__init__()
