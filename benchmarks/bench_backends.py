@@ -86,7 +86,7 @@ def _rows(label: str, backend: Any, model: Any, batches: list[int], repeats: int
         ref = _reference(model, x)
         for tower, fn in (("image", backend.encode_images), ("text", backend.encode_texts)):
             out = fn(x[tower])
-            timing = time_call(lambda fn=fn, tower=tower: fn(x[tower]), warmup=1, repeats=repeats)
+            timing = time_call(lambda fn=fn, inp=x[tower]: fn(inp), warmup=1, repeats=repeats)
             rows.append({
                 "backend": label, "precision": backend.precision, "tower": tower, "batch": batch,
                 "ms_per_batch": round(timing.p50_ms, 2),
