@@ -6,9 +6,9 @@ float32 out). What it does, each part measured in `benchmarks/compare_peers.py` 
 docs/performance.md):
 
 - precision: a private copy of the weights cast to bf16 / fp16 (the caller's module is untouched).
-  Parameters keep `requires_grad=True` and every call runs under `torch.no_grad()`: bf16 weights with
-  `requires_grad=False` hit a slow PyTorch CPU path that re-copies the weight on every call
-  (pytorch issue 151934; measured 3x slower here).
+  Parameters keep `requires_grad` as they are and every call runs under `torch.no_grad()`. pytorch
+  issue 151934 reports a slow CPU path for bf16 weights with `requires_grad=False`; one loaded run
+  here saw 3x, two quiet re-checks saw no difference (docs/performance.md, "Pitfalls").
 - exact pruning (`prune=True`): only the class token (image) or end-of-text token (text) of the last
   transformer block feeds the output, so that block computes queries, attention output and MLP for
   that one row (keys and values still for every token). Same arithmetic, ~7% less work.
