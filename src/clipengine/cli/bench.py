@@ -44,6 +44,7 @@ def register(app: typer.Typer) -> None:
         precision: str = mo.PRECISION_OPT,
         device: str = mo.DEVICE_OPT,
         download: bool = mo.DOWNLOAD_OPT,
+        compile: bool = mo.COMPILE_OPT,
         workers: int | None = typer.Option(None, "--workers", min=0, help=_embed.WORKERS_HELP),
         warmup: int = typer.Option(2, "--warmup", min=0, help="Untimed backend calls per batch size."),
         repeats: int = typer.Option(1, "--repeats", min=1, help="Timed passes per batch size (median kept)."),
@@ -60,7 +61,9 @@ def register(app: typer.Typer) -> None:
         from ..text.tokenizer import tokenize
 
         sizes = parse_batch_sizes(batch)
-        opts = mo.parse_model_options(model, pretrained, checkpoint, backend, precision, device, download)
+        opts = mo.parse_model_options(
+            model, pretrained, checkpoint, backend, precision, device, download, compile
+        )
         items = list_items(folder)[:limit]
         clip = mo.load_clip(opts)
         tokens = tokenize(list(BENCH_TEXTS), context_length=clip.backend.context_length)

@@ -57,6 +57,7 @@ def register(app: typer.Typer) -> None:
         precision: str = mo.PRECISION_OPT,
         device: str = mo.DEVICE_OPT,
         download: bool = mo.DOWNLOAD_OPT,
+        compile: bool = mo.COMPILE_OPT,
         batch: int = typer.Option(32, "--batch", min=1, help="Images per backend call."),
         workers: int | None = typer.Option(None, "--workers", min=0, help=WORKERS_HELP),
         shard_size: int = typer.Option(1000, "--shard-size", min=1, help="Images per output shard."),
@@ -83,7 +84,9 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if engine not in _ENGINES:
             raise typer.BadParameter(f"--engine must be one of {', '.join(_ENGINES)}, got {engine!r}")
-        opts = mo.parse_model_options(model, pretrained, checkpoint, backend, precision, device, download)
+        opts = mo.parse_model_options(
+            model, pretrained, checkpoint, backend, precision, device, download, compile
+        )
         items = list_items(source)
         # Refuse a mismatched output folder before the (possibly slow) model load.
         check_output(output, model=opts.label, dtype=dtype, shard_size=shard_size, fast_decode=fast_decode)

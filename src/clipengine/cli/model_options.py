@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BACKEND_OPT",
     "CHECKPOINT_OPT",
+    "COMPILE_OPT",
     "DEVICE_OPT",
     "DOWNLOAD_OPT",
     "MODEL_OPT",
@@ -86,9 +87,12 @@ def parse_model_options(
     precision: str,
     device: str,
     download: bool,
+    compile: bool = False,
 ) -> ModelOptions:
     if backend not in ("torch", "onnx"):
         raise typer.BadParameter(f"--backend must be torch or onnx, got {backend!r}")
+    if compile and backend != "torch":
+        raise typer.BadParameter("--compile applies to --backend torch only")
     return ModelOptions(
         model=model,
         pretrained=pretrained,
@@ -97,6 +101,7 @@ def parse_model_options(
         precision=precision,
         device=device,
         allow_download=download,
+        extra={"compile": True} if compile else {},
     )
 
 
@@ -110,3 +115,8 @@ BACKEND_OPT = typer.Option("torch", "--backend", help="torch or onnx.")
 PRECISION_OPT = typer.Option("fp32", "--precision", help="fp32, fp16, bf16 or int8 (backend dependent).")
 DEVICE_OPT = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ...")
 DOWNLOAD_OPT = typer.Option(False, "--download", help="Allow downloading weights that are not cached.")
+COMPILE_OPT = typer.Option(
+    False,
+    "--compile",
+    help="torch.compile the model (torch backend): faster long runs, first batch of each size compiles.",
+)
