@@ -57,7 +57,8 @@ def default_precision(device: str | torch.device) -> str:
     native bf16 dot products (AVX-512 BF16 / AMX), else fp32."""
     if torch.device(device).type == "cuda":
         return "fp16"
-    return "bf16" if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else "fp32"
+    mkldnn = bool(torch.backends.mkldnn.is_available())  # type: ignore[no-untyped-call]
+    return "bf16" if mkldnn and _cpu_has_bf16() else "fp32"
 
 
 def _cpu_has_bf16() -> bool:
@@ -136,7 +137,7 @@ class _TextTower(nn.Module):
         m = self.model
         length = tokens.shape[1]
         x = m.token_embedding(tokens) + m.positional_embedding[:length]  # (N, L, W)
-        mask = m.attn_mask[:length, :length].to(x.dtype)  # type: ignore[index]
+        mask = m.attn_mask[:length, :length].to(x.dtype)
         blocks = list(m.transformer.resblocks)
         picked = torch.arange(x.shape[0], device=x.device)
         if self.prune:
@@ -196,7 +197,7 @@ class _CudaGraphs:
         self, inputs: tuple[torch.Tensor, ...]
     ) -> tuple[object, list[torch.Tensor], torch.Tensor]:
         static_in = [t.clone() for t in inputs]
-        stream = torch.cuda.Stream()
+        stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up outside capture (cuBLAS/SDPA workspace, autotune)
             for _ in range(3):
