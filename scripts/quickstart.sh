@@ -21,7 +21,8 @@ demo=out/quickstart-shapes
 .venv/bin/python - "$demo" <<'PY'
 import sys
 from clipengine.eval.synthetic import generate, write_imagefolder
-write_imagefolder(sys.argv[1], generate(6, seed=7, task="shape", image_size=64))
+write_imagefolder(sys.argv[1], generate(4, seed=7, task="shape", image_size=32))
 PY
 "$CLI" predict "$demo" --model tiny-synth \
-  --text "a photo of a circle." "a photo of a square." "a photo of a triangle." "a photo of a star."
+  --text "a photo of a circle." "a photo of a square." "a photo of a triangle." "a photo of a star." \
+         "a photo of a cross." "a photo of a ring." "a photo of a diamond." "a photo of a heart."
