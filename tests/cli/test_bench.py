@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 
+import pipeline_fakes
 import pytest
 from typer.testing import CliRunner
 
@@ -18,20 +17,10 @@ from clipengine.cli.app import app, main
 _TESTS = Path(__file__).parents[1]
 
 
-def _load(name: str, path: Path) -> ModuleType:
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
     root = tmp_path / "imgs"
-    _load("pipeline_fakes", _TESTS / "pipeline" / "fakes.py").write_images(root, 10)
+    pipeline_fakes.write_images(root, 10)
     return root
 
 
@@ -40,7 +29,7 @@ def fake_load(monkeypatch: pytest.MonkeyPatch) -> None:
     from clipengine.image.preprocess import PreprocessConfig
 
     def load(opts: model_options.ModelOptions) -> SimpleNamespace:
-        backend = _load("pipeline_fakes", _TESTS / "pipeline" / "fakes.py").FakeBackend(image_size=32)
+        backend = pipeline_fakes.FakeBackend(image_size=32)
         return SimpleNamespace(backend=backend, preprocess_cfg=PreprocessConfig(image_size=32), name="fake")
 
     monkeypatch.setattr(model_options, "load_clip", load)

@@ -2,31 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 
 import numpy as np
+import pipeline_fakes
 import pytest
 from typer.testing import CliRunner
 
 from clipengine.cli import model_options
 from clipengine.cli.app import app, main
 from clipengine.pipeline.sinks import read_embeddings, read_failures
-
-_FAKES = Path(__file__).parents[1] / "pipeline" / "fakes.py"
-
-
-def _fakes() -> ModuleType:
-    if "pipeline_fakes" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("pipeline_fakes", _FAKES)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["pipeline_fakes"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["pipeline_fakes"]
 
 
 @pytest.fixture
@@ -38,7 +25,7 @@ def fake_load(monkeypatch: pytest.MonkeyPatch) -> list[model_options.ModelOption
 
     def load(opts: model_options.ModelOptions) -> SimpleNamespace:
         asked.append(opts)
-        backend = _fakes().FakeBackend(embed_dim=8, image_size=32)
+        backend = pipeline_fakes.FakeBackend(embed_dim=8, image_size=32)
         return SimpleNamespace(backend=backend, preprocess_cfg=PreprocessConfig(image_size=32), name="fake")
 
     monkeypatch.setattr(model_options, "load_clip", load)
@@ -48,8 +35,8 @@ def fake_load(monkeypatch: pytest.MonkeyPatch) -> list[model_options.ModelOption
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
     root = tmp_path / "photos"
-    _fakes().write_images(root, 9)
-    _fakes().write_images(root / "NESTED", 2, prefix="UP", ext=".JPG")
+    pipeline_fakes.write_images(root, 9)
+    pipeline_fakes.write_images(root / "NESTED", 2, prefix="UP", ext=".JPG")
     (root / "empty.jpg").write_bytes(b"")
     (root / "readme.txt").write_text("not listed: not an image extension")
     return root

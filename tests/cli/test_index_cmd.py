@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 
+import distributed_fakes
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from clipengine.cli import model_options
 from clipengine.cli.app import app, main
-
-_FAKES = Path(__file__).parents[1] / "distributed" / "fakes.py"
-
-
-def _fakes() -> ModuleType:
-    if "distributed_fakes" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("distributed_fakes", _FAKES)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["distributed_fakes"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["distributed_fakes"]
 
 
 class _FakeClip:
@@ -34,7 +21,7 @@ class _FakeClip:
     def __init__(self, root: Path, name: str = "fake") -> None:
         from clipengine.image.preprocess import PreprocessConfig, preprocess
 
-        self.backend = _fakes().FakeBackend(embed_dim=8)
+        self.backend = distributed_fakes.FakeBackend(embed_dim=8)
         self.preprocess_cfg = PreprocessConfig(image_size=32)
         self._pre, self.root, self.name, self.embed_dim = preprocess, root, name, 8
 
@@ -48,7 +35,7 @@ class _FakeClip:
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
     root = tmp_path / "photos"
-    _fakes().write_images(root, 10)
+    distributed_fakes.write_images(root, 10)
     (root / "broken.jpg").write_bytes(b"")
     return root
 
@@ -110,7 +97,7 @@ def test_build_from_images_then_add_new_ones(
     assert code == 0 and json.loads(out)["kind"] == "hnsw" and json.loads(out)["count"] == 10
     assert (tmp_path / "p.index.embeddings" / "run.json").is_file()
 
-    _fakes().write_images(folder / "new", 3, seed=5)
+    distributed_fakes.write_images(folder / "new", 3, seed=5)
     code, out, _ = _run(capsys, "index", "add", idx, folder, "--json")
     data = json.loads(out)
     assert code == 0 and (data["added"], data["skipped"], data["count"]) == (

@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
+import distributed_fakes
 import pytest
-
-_FAKES_PATH = Path(__file__).with_name("fakes.py")
-
-
-def load_fakes() -> ModuleType:
-    """tests/distributed/fakes.py as module `distributed_fakes` (tests are not a package)."""
-    if "distributed_fakes" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("distributed_fakes", _FAKES_PATH)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["distributed_fakes"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["distributed_fakes"]
 
 
 @pytest.fixture(scope="session")
 def fakes() -> ModuleType:
-    return load_fakes()
+    return distributed_fakes
 
 
 @pytest.fixture(scope="session")

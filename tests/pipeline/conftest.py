@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
+import pipeline_fakes
 import pytest
-
-_FAKES_PATH = Path(__file__).with_name("fakes.py")
-
-
-def load_fakes() -> ModuleType:
-    """tests/pipeline/fakes.py as module `pipeline_fakes` (tests are not a package)."""
-    if "pipeline_fakes" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("pipeline_fakes", _FAKES_PATH)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["pipeline_fakes"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["pipeline_fakes"]
 
 
 @pytest.fixture(scope="session")
 def fakes() -> ModuleType:
-    return load_fakes()
+    return pipeline_fakes
 
 
 @pytest.fixture

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 from clipengine.image.preprocess import PreprocessConfig
 from clipengine.pipeline.run import embed_folder
 
 
 def main() -> None:
-    from fakes import FakeBackendFactory  # this script's folder is on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
+    from pipeline_fakes import FakeBackendFactory
 
     parser = argparse.ArgumentParser()
     parser.add_argument("source")

@@ -1,7 +1,7 @@
 """A deterministic fake Backend (embedding derived from pixel content) and image writers for pipeline tests.
 
-Imported by path from conftest files and as a plain module by the subprocess entry script
-(`embed_entry.py`), so it must not import pytest.
+Importable by name from every test (pytest's `pythonpath` includes tests/support) and from the
+subprocess entry script (`tests/pipeline/embed_entry.py`), so it must not import pytest.
 """
 
 from __future__ import annotations
