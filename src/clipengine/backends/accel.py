@@ -11,7 +11,8 @@ docs/performance.md):
   here saw 3x, two quiet re-checks saw no difference (docs/performance.md, "Pitfalls").
 - exact pruning (`prune=True`): only the class token (image) or end-of-text token (text) of the last
   transformer block feeds the output, so that block computes queries, attention output and MLP for
-  that one row (keys and values still for every token). Same arithmetic, ~7% less work.
+  that one row (keys and values still for every token). Same arithmetic, ~7% less work
+  (`models/pooled.py`, shared with the ONNX export).
 - exact text truncation (`truncate_text=True`): under the causal mask no position after a text's
   end-of-text (EOT) token can change the EOT state, so each batch runs only up to its longest
   text's EOT, rounded up to a multiple of `TEXT_LENGTH_BUCKET` (few distinct shapes for compile).
@@ -27,16 +28,16 @@ import copy as _copy
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BackendError
+from ..models.pooled import PooledTextTower, PooledVisionTransformer
 
 if TYPE_CHECKING:
-    from ..models.clip import CLIP, VisionTransformer
+    from ..models.clip import CLIP
 
 __all__ = ["PRECISIONS", "TEXT_LENGTH_BUCKET", "AcceleratedCLIP", "default_precision", "optimize"]
 
@@ -68,51 +69,6 @@ def _cpu_has_bf16() -> bool:
         return False
 
 
-def _last_block_rows(
-    block: Any, x: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor | None
-) -> torch.Tensor:
-    """A residual block evaluated for one query row per sample.
-
-    x: (N, L, W) block input; rows: (N,) the row each sample keeps; mask: (N, 1, 1, L) additive or
-    None. Returns (N, W): the block output at `rows`, equal to `block(x)[arange(N), rows]`.
-    """
-    n, length, width = x.shape
-    attn: Any = block.attn
-    heads = attn.heads
-    h = block.ln_1(x)
-    picked = torch.arange(n, device=x.device)
-    x_row = x[picked, rows]  # (N, W)
-    q = F.linear(h[picked, rows], attn.in_proj_weight[:width], attn.in_proj_bias[:width])
-    kv = F.linear(h, attn.in_proj_weight[width:], attn.in_proj_bias[width:])  # (N, L, 2W)
-    kv = kv.view(n, length, 2, heads, width // heads).permute(2, 0, 3, 1, 4)
-    k, v = kv.unbind(0)  # each (N, heads, L, W/heads)
-    q = q.view(n, 1, heads, width // heads).transpose(1, 2)  # (N, heads, 1, W/heads)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (N, heads, 1, W/heads)
-    x_row = x_row + attn.out_proj(out.reshape(n, width))
-    return x_row + block.mlp(block.ln_2(x_row))
-
-
-class _FastVisionTransformer(nn.Module):
-    """The ViT image tower with the last block pruned to the class token; (N, 3, H, W) -> (N, D)."""
-
-    def __init__(self, visual: VisionTransformer) -> None:
-        super().__init__()
-        self.visual = visual
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        v = self.visual
-        x = v.conv1(pixels.to(v.conv1.weight.dtype))  # (N, W, grid, grid)
-        x = x.flatten(2).transpose(1, 2)  # (N, grid*grid, W)
-        cls = v.class_embedding.expand(x.shape[0], 1, -1)
-        x = v.ln_pre(torch.cat([cls, x], dim=1) + v.positional_embedding)
-        blocks = list(v.transformer.resblocks)
-        for block in blocks[:-1]:
-            x = block(x)
-        rows = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        x = _last_block_rows(blocks[-1], x, rows, None)  # (N, W) class token
-        return (v.ln_post(x) @ v.proj).float()
-
-
 class _ImageTower(nn.Module):
     """Any image tower (ResNet, or ViT without pruning): casts the input, returns float32."""
 
@@ -123,33 +79,6 @@ class _ImageTower(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.visual(pixels.to(self.dtype)).float()
-
-
-class _TextTower(nn.Module):
-    """(N, L) tokens + (N,) EOT positions -> (N, D) float32; last block optionally pruned to EOT."""
-
-    def __init__(self, model: CLIP, prune: bool) -> None:
-        super().__init__()
-        self.model = model
-        self.prune = prune
-
-    def forward(self, tokens: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        length = tokens.shape[1]
-        x = m.token_embedding(tokens) + m.positional_embedding[:length]  # (N, L, W)
-        mask = m.attn_mask[:length, :length].to(x.dtype)
-        blocks = list(m.transformer.resblocks)
-        picked = torch.arange(x.shape[0], device=x.device)
-        if self.prune:
-            for block in blocks[:-1]:
-                x = block(x, mask)
-            row_mask = mask[eot].unsqueeze(1).unsqueeze(1)  # (N, 1, 1, L): EOT row of the causal mask
-            pooled = _last_block_rows(blocks[-1], x, eot, row_mask)
-        else:
-            for block in blocks:
-                x = block(x, mask)
-            pooled = x[picked, eot]
-        return (m.ln_final(pooled) @ m.text_projection).float()
 
 
 class _Frozen:
@@ -237,10 +166,10 @@ class AcceleratedCLIP:
         from ..models.clip import VisionTransformer
 
         if prune and isinstance(module.visual, VisionTransformer):
-            image: nn.Module = _FastVisionTransformer(module.visual)
+            image: nn.Module = PooledVisionTransformer(module.visual)
         else:
             image = _ImageTower(module.visual, self.dtype)
-        text: nn.Module = _TextTower(module, prune)
+        text: nn.Module = PooledTextTower(module, prune)
         self._image = self._wrap(image)
         self._text = self._wrap(text)
 

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from ..errors import DatasetError
+from ..models.clip import VisionTransformer
+from ..models.pooled import PooledTextTower, PooledVisionTransformer
 from ..types import ImageInput
 from . import quantize
 from .manifest import (
@@ -57,27 +59,38 @@ Progress = Callable[[str], None]
 
 
 class _ImageGraph(nn.Module):
-    """(N, 3, H, W) float32 pixels -> (N, D) unnormalised image features."""
+    """(N, 3, H, W) float32 pixels -> (N, D) unnormalised image features.
+
+    ViT towers export with the last block pruned to the class token (exact, ~7% fewer FLOPs in
+    every runtime); ResNet towers as they are.
+    """
 
     def __init__(self, model: CLIP) -> None:
         super().__init__()
         self.model = model
+        self.pooled = PooledVisionTransformer(model.visual) if isinstance(model.visual, VisionTransformer) else None
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.pooled is not None:
+            return self.pooled(pixels)
         return self.model.encode_image(pixels)
 
 
 class _TextGraph(nn.Module):
-    """(N, L) int64 tokens -> (N, D) features, or (N, L, W) token states when split."""
+    """(N, L) int64 tokens -> (N, D) features (last block pruned to the EOT row, exact), or
+    (N, L, W) token states when split."""
 
     def __init__(self, model: CLIP, split: bool) -> None:
         super().__init__()
         self.model, self.split = model, split
+        self.pooled = PooledTextTower(model, prune=True)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.split:
             return self.model.encode_text_tokens(tokens)
-        return self.model.encode_text(tokens)
+        # EOT has the highest id; argmax over int32 keeps ORT's CUDA / TensorRT providers happy.
+        eot = tokens.to(torch.int32).argmax(dim=-1)
+        return self.pooled(tokens, eot)
 
 
 def _tower_bytes(model: CLIP, tower: str) -> int:

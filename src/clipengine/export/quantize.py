@@ -8,6 +8,11 @@ Choices (measured on ViT-B/32 random weights, CPU, see docs/export.md):
 - INT8 dynamic (default): ORT `quantize_dynamic`, MatMul/Gemm weights int8 per output channel,
   activations quantized per call. Static (QDQ, with calibration data): MatMul/Gemm/Conv only;
   quantizing every op (Add, LayerNorm, Softmax, GELU) dropped cosine to 0.985.
+- Static activations are int8 with zero point 0 (symmetric), weights int8 per channel: OpenVINO
+  maps that onto its int8 brgemm kernels without zero-point subtraction. ViT-B/32 image, batch 32,
+  2 Zen 4 cores: OpenVINO 91 img/s symmetric vs 78 asymmetric (uint8 activations); ONNX Runtime
+  45 vs 49, where dynamic (45) stays the default. Cosine vs fp32 0.99966 vs 0.99974 (random
+  weights, random-pixel calibration).
 """
 
 from __future__ import annotations
@@ -161,8 +166,9 @@ def _quantize(
     quantize_static(
         str(src), str(dst), _Reader(input_name, calibration, batch),
         quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
-        activation_type=QuantType.QUInt8, calibrate_method=CalibrationMethod.MinMax,
+        activation_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
         op_types_to_quantize=list(op_types or INT8_STATIC_OP_TYPES), use_external_data_format=external,
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
     )
     return "static", _external_name(dst)
 
