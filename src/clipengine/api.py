@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -13,6 +13,9 @@ from .image.preprocess import PreprocessConfig, preprocess
 from .text.tokenizer import tokenize
 from .types import Backend, FloatArray, ImageInput
 from .zeroshot import class_embeddings, rank_labels
+
+if TYPE_CHECKING:
+    from .backends.folder import ExportFolderBackend
 
 __all__ = ["ClipModel", "load", "load_export"]
 
@@ -147,9 +150,11 @@ def load(
             checkpoint file, transformers/open_clip/clipengine folder, or an ONNX export folder
             (one with manifest.json).
         pretrained: tag, alternative to "NAME@TAG".
-        backend: "torch" (checkpoints) or "onnx" (export folders).
+        backend: "torch" (checkpoints), or "onnx" / "openvino" (export folders; an export folder
+            with backend "torch" runs on "onnx").
         device: "cpu", "cuda", "cuda:N".
-        precision: "fp32", "bf16", "fp16" (CUDA only) for torch; what the export holds for onnx.
+        precision: "fp32", "bf16", "fp16" (CUDA only) for torch; what the export holds for onnx
+            and openvino (openvino also "bf16", on the fp32 engines).
         allow_download: fetch missing registered weights (never otherwise).
         **opts: passed to the backend (or `arch=` to the checkpoint loader).
 
@@ -158,6 +163,8 @@ def load(
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir() and (path / _EXPORT_MANIFEST).is_file():
+        if backend == "openvino":  # "torch" or "onnx" on an export folder: ONNX Runtime
+            opts["backend"] = backend
         return load_export(path, device=device, precision=precision, **opts)
     if backend != "torch":
         raise BackendError(
@@ -173,22 +180,34 @@ def load(
     return ClipModel(engine, loaded.preprocess, loaded.name, logit_scale, loaded.config.text.context_length)
 
 
-def load_export(folder: str | Path, device: str = "cpu", precision: str = "fp32", **opts: Any) -> ClipModel:
+def load_export(
+    folder: str | Path, device: str = "cpu", precision: str = "fp32", *, backend: str = "onnx", **opts: Any
+) -> ClipModel:
     """A ClipModel over an export folder's ONNX engines (no torch needed), with the preprocessing and
     context length the folder was built with.
 
     Args:
         folder: a `clipengine export` folder (with manifest.json).
-        device: "cpu", "cuda" or "cuda:N".
-        precision: a precision the folder holds ("fp32", "fp16", "int8").
-        **opts: OnnxBackend options (providers, intra_op_threads, tensorrt, verify_files).
+        device: "cpu", "cuda" or "cuda:N" (openvino: "cpu" or an OpenVINO device name).
+        precision: a precision the folder holds ("fp32", "fp16", "int8"; openvino also "bf16").
+        backend: "onnx" (ONNX Runtime) or "openvino" (OpenVINO: the fast CPU path for static INT8).
+        **opts: backend options: OnnxBackend (providers, intra_op_threads, tensorrt, verify_files)
+            or OpenVinoBackend (threads, verify_files).
 
     Raises:
-        BackendError: not an export folder, missing precision, provider or engine file.
+        BackendError: not an export folder, unknown backend, missing precision, provider or engine file.
     """
-    from .backends.onnx_backend import OnnxBackend
+    engine: ExportFolderBackend
+    if backend == "onnx":
+        from .backends.onnx_backend import OnnxBackend
 
-    backend = OnnxBackend(folder, device=device, precision=precision, **opts)
-    m = backend.manifest
+        engine = OnnxBackend(folder, device=device, precision=precision, **opts)
+    elif backend == "openvino":
+        from .backends.openvino_backend import OpenVinoBackend
+
+        engine = OpenVinoBackend(folder, device=device, precision=precision, **opts)
+    else:
+        raise BackendError(f"backend {backend!r} does not run export folders; use 'onnx' or 'openvino'")
+    m = engine.manifest
     name = m.model if m.pretrained is None else f"{m.model}@{m.pretrained}"
-    return ClipModel(backend, PreprocessConfig.from_dict(m.preprocess), name, m.logit_scale, m.context_length)
+    return ClipModel(engine, PreprocessConfig.from_dict(m.preprocess), name, m.logit_scale, m.context_length)

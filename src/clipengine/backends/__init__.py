@@ -8,9 +8,10 @@ from typing import Any
 from ..errors import BackendError
 from ..types import Backend
 
-__all__ = ["BACKEND_KINDS", "Backend", "create_backend"]
+__all__ = ["BACKEND_KINDS", "FOLDER_BACKENDS", "Backend", "create_backend"]
 
-BACKEND_KINDS = ("torch", "onnx")
+BACKEND_KINDS = ("torch", "onnx", "openvino")
+FOLDER_BACKENDS = ("onnx", "openvino")  # the kinds that run `clipengine export` folders
 
 
 def create_backend(
@@ -19,9 +20,11 @@ def create_backend(
     """Build a backend of `kind`.
 
     Args:
-        kind: "torch" (model_or_path is a `clipengine.models.clip.CLIP`) or "onnx" (an export folder).
-        device: "cpu", "cuda" or "cuda:N".
-        precision: "fp32", "bf16", "fp16" (torch), or what the export folder holds (onnx).
+        kind: "torch" (model_or_path is a `clipengine.models.clip.CLIP`), or "onnx" / "openvino"
+            (an export folder, run by ONNX Runtime / OpenVINO).
+        device: "cpu", "cuda" or "cuda:N" (openvino: "cpu" or an OpenVINO device name, no CUDA).
+        precision: "fp32", "bf16", "fp16" (torch), or what the export folder holds (onnx; openvino
+            also "bf16", computed on the fp32 engines).
         **opts: backend-specific options, passed through.
 
     Raises:
@@ -39,12 +42,19 @@ def create_backend(
             return TorchBackend(model_or_path, device=device, precision=precision, **opts)
         except TypeError as e:
             raise BackendError(f"backend 'torch': bad options {sorted(opts)} ({e})") from e
-    if kind == "onnx":
-        from .onnx_backend import OnnxBackend  # optional dependency: onnxruntime
-
+    if kind in FOLDER_BACKENDS:
         if not isinstance(model_or_path, (str, Path)):
             raise BackendError(
-                f"backend 'onnx' needs an export folder path, got {type(model_or_path).__name__}"
+                f"backend {kind!r} needs an export folder path, got {type(model_or_path).__name__}"
             )
-        return OnnxBackend(model_or_path, device=device, precision=precision, **opts)
+        if kind == "onnx":
+            from .onnx_backend import OnnxBackend  # optional dependency: onnxruntime
+
+            return OnnxBackend(model_or_path, device=device, precision=precision, **opts)
+        from .openvino_backend import OpenVinoBackend  # optional dependency: openvino
+
+        try:
+            return OpenVinoBackend(model_or_path, device=device, precision=precision, **opts)
+        except TypeError as e:
+            raise BackendError(f"backend 'openvino': bad options {sorted(opts)} ({e})") from e
     raise BackendError(f"unknown backend {kind!r}; choose one of {', '.join(BACKEND_KINDS)}")

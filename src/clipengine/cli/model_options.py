@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from ..types import Backend
 
 __all__ = [
+    "BACKEND_CHOICES",
     "BACKEND_OPT",
     "CHECKPOINT_OPT",
     "COMPILE_OPT",
@@ -29,11 +30,15 @@ __all__ = [
 ]
 
 
+# torch runs checkpoints; onnx (ONNX Runtime) and openvino (OpenVINO) run `clipengine export` folders.
+BACKEND_CHOICES = ("torch", "onnx", "openvino")
+
+
 @dataclass(frozen=True)
 class ModelOptions:
     """How to get a model: plain data, so it can be sent to other processes and rebuilt there."""
 
-    model: str = "ViT-B-32"  # registry name, checkpoint file, or ONNX export folder
+    model: str = "ViT-B-32"  # registry name, checkpoint file, or ONNX export folder (onnx, openvino)
     pretrained: str | None = None
     checkpoint: str | None = None  # overrides `model` when given
     backend: str = "torch"
@@ -89,8 +94,8 @@ def parse_model_options(
     download: bool,
     compile: bool = False,
 ) -> ModelOptions:
-    if backend not in ("torch", "onnx"):
-        raise typer.BadParameter(f"--backend must be torch or onnx, got {backend!r}")
+    if backend not in BACKEND_CHOICES:
+        raise typer.BadParameter(f"--backend must be openvino, torch or onnx, got {backend!r}")
     if compile and backend != "torch":
         raise typer.BadParameter("--compile applies to --backend torch only")
     return ModelOptions(
@@ -111,7 +116,11 @@ MODEL_OPT = typer.Option(
 )
 PRETRAINED_OPT = typer.Option(None, "--pretrained", help="Pretrained weights tag, e.g. openai.")
 CHECKPOINT_OPT = typer.Option(None, "--checkpoint", help="Checkpoint file (overrides --model).")
-BACKEND_OPT = typer.Option("torch", "--backend", help="torch or onnx.")
+BACKEND_OPT = typer.Option(
+    "torch",
+    "--backend",
+    help="torch (checkpoints), or onnx / openvino (export folders; openvino: fast CPU INT8).",
+)
 PRECISION_OPT = typer.Option("fp32", "--precision", help="fp32, fp16, bf16 or int8 (backend dependent).")
 DEVICE_OPT = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ...")
 DOWNLOAD_OPT = typer.Option(False, "--download", help="Allow downloading weights that are not cached.")

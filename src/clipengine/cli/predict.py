@@ -92,7 +92,7 @@ def register(app: typer.Typer) -> None:
         checkpoint: Annotated[
             Path | None, typer.Option(help="Checkpoint file or model folder (overrides --model).")
         ] = None,
-        backend: Annotated[str, typer.Option(help="torch | onnx (needs an export folder).")] = "torch",
+        backend: Annotated[str, typer.Option(help="torch | onnx | openvino (onnx, openvino: an export folder).")] = "torch",
         precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16 (CUDA).")] = "fp32",
         device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N.")] = "cpu",
         download: Annotated[bool, typer.Option("--download", help="Download missing weights.")] = False,

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from .model_options import BACKEND_CHOICES
+
 if TYPE_CHECKING:
     from ..api import ClipModel
     from ..index import Index
@@ -17,7 +19,11 @@ __all__ = ["register"]
 LOOPBACK_HOSTS = ("localhost",)
 _CHECKPOINT_OPT = typer.Option(None, "--checkpoint", exists=True, help="Checkpoint file.")
 _ENGINE_OPT = typer.Option(
-    None, "--engine", exists=True, file_okay=False, help="ONNX export folder (has manifest.json)."
+    None,
+    "--engine",
+    exists=True,
+    file_okay=False,
+    help="ONNX export folder (has manifest.json); run by onnx, or by openvino with --backend openvino.",
 )
 _INDEX_OPT = typer.Option(None, "--index", exists=True, help="Index folder to search (enables /v1/search).")
 
@@ -54,7 +60,7 @@ def _load_model(
     return load(
         source,
         pretrained=pretrained,
-        backend="onnx" if engine else backend,
+        backend="onnx" if engine and backend == "torch" else backend,
         device=device,
         precision=precision,
         allow_download=download,
@@ -97,7 +103,9 @@ def register(app: typer.Typer) -> None:
         ),
         checkpoint: Path | None = _CHECKPOINT_OPT,
         engine: Path | None = _ENGINE_OPT,
-        backend: str = typer.Option("torch", "--backend", help="torch or onnx."),
+        backend: str = typer.Option(
+            "torch", "--backend", help="torch, onnx or openvino (onnx / openvino: an export folder)."
+        ),
         device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ..."),
         precision: str = typer.Option(
             "fp32", "--precision", help="fp32, fp16, bf16 or int8 (backend dependent)."
@@ -135,8 +143,8 @@ def register(app: typer.Typer) -> None:
         """Serve embeddings, zero-shot classification and image search over HTTP, with a web page at /."""
         from ..serve import ServeSettings, create_app
 
-        if backend not in ("torch", "onnx"):
-            raise typer.BadParameter(f"--backend must be torch or onnx, got {backend!r}")
+        if backend not in BACKEND_CHOICES:
+            raise typer.BadParameter(f"--backend must be openvino, torch or onnx, got {backend!r}")
         settings = ServeSettings(
             max_batch=max_batch,
             max_wait_ms=max_wait_ms,

@@ -1,0 +1,224 @@
+"""What every runtime over a `clipengine export` folder shares; the runtimes only open and call engines.
+
+`ExportFolderBackend` reads the manifest, checks the precision, loads the split-off text projection,
+picks engines per batch size and normalises the output. `FolderEngine` is one engine file: a
+subclass supplies `infer` (the runtime's call), the base pools split-projection text states and
+chunks/pads rows for fixed-batch engines. No runtime (onnxruntime, openvino) and no torch is
+imported here.
+
+Fixed-batch engines are run the seed's way: the input is cut into pieces the size of an engine
+batch (the largest engine batch that fits the rows left, so 40 images on b1/b8/b16/b32 engines run
+as 32 + 8), and a piece smaller than every engine (or nearly filling a larger one: 31 -> b32) is
+padded and the padding rows dropped. A dynamic engine takes any N (in slices of DEFAULT_MAX_BATCH).
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BackendError
+from ..export.manifest import EngineInfo, Manifest, file_sha256, read_manifest
+from ..types import FloatArray, IntArray
+from .base import l2_normalize, run_in_chunks
+
+__all__ = ["DEFAULT_MAX_BATCH", "ExportFolderBackend", "FolderEngine", "plan_batches"]
+
+DEFAULT_MAX_BATCH = 64  # rows per call of a dynamic-batch engine (bounds activation memory)
+
+
+class FolderEngine(ABC):
+    """One engine file of an export folder; `run` returns unnormalised (n, D) features.
+
+    Split-projection text engines return (n, L, W) token states: the engine pools them at each
+    text's end-of-text token (its highest id) and applies the saved (W, D) projection.
+    """
+
+    def __init__(self, path: Path, info: EngineInfo, projection: np.ndarray | None = None) -> None:
+        self.path = path
+        self.info = info
+        self.batch = info.batch
+        if info.split_projection and projection is None:
+            raise BackendError(f"{path}: split-projection engine but the folder has no text_projection .npy")
+        self.projection = projection
+
+    @abstractmethod
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        """The runtime's call: the graph's first output for input `x` (rows = the engine batch)."""
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        out = np.asarray(self.infer(x), dtype=np.float32)
+        if self.info.split_projection:
+            assert self.projection is not None
+            eot = x.astype(np.int32).argmax(axis=-1)  # EOT has the highest id, as in CLIP.encode_text
+            out = out[np.arange(out.shape[0]), eot] @ self.projection  # (n, W) @ (W, D)
+        return out
+
+    def run_padded(self, x: np.ndarray) -> np.ndarray:
+        """Run any number of rows: chunks of the engine batch, last one padded (fixed engines)."""
+        batch = self.batch or DEFAULT_MAX_BATCH
+        return run_in_chunks(self.run, x, batch, pad=self.batch is not None)
+
+
+def plan_batches(n: int, batches: list[int]) -> list[tuple[int, int, int]]:
+    """Cut n rows into (start, rows, engine_batch) pieces.
+
+    Per piece: the largest engine batch <= rows left; but when a larger engine would be padded by at
+    most a quarter of the rows left (31 rows -> one b32 call, not 16 + 8 + 7 x b1), that one.
+    Rows left below every engine batch go to the smallest engine, padded.
+    """
+    pieces, start = [], 0
+    ordered = sorted(batches)
+    while start < n:
+        left = n - start
+        fitting = [b for b in ordered if b <= left]
+        larger = [b for b in ordered if b > left]
+        if not fitting or (larger and fitting[-1] != left and larger[0] - left <= left // 4):
+            b = larger[0]
+        else:
+            b = fitting[-1]
+        rows = min(b, left)
+        pieces.append((start, rows, b))
+        start += rows
+    return pieces
+
+
+class _Tower:
+    """The engines of one tower at one precision, each opened on first use."""
+
+    def __init__(self, backend: ExportFolderBackend, engines: list[EngineInfo]) -> None:
+        self._backend = backend
+        self.fixed = {e.batch: e for e in engines if e.batch is not None}
+        self.dynamic = next((e for e in engines if e.batch is None), None)
+        self._engines: dict[int | None, FolderEngine] = {}
+        self._lock = threading.Lock()  # engines run concurrently; opening one is guarded
+
+    def engine(self, batch: int | None) -> FolderEngine:
+        with self._lock:
+            if batch not in self._engines:
+                info = self.dynamic if batch is None else self.fixed[batch]
+                assert info is not None
+                self._engines[batch] = self._backend._open(info)
+            return self._engines[batch]
+
+    def first(self) -> FolderEngine:
+        return self.engine(None if self.dynamic is not None else max(self.fixed))
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        if x.shape[0] in self.fixed or self.dynamic is None:
+            pieces = plan_batches(x.shape[0], list(self.fixed))
+            outs = [self.engine(b).run_padded(x[s : s + r]) for s, r, b in pieces]
+            return np.concatenate(outs, axis=0)
+        return self.engine(None).run_padded(x)
+
+
+class ExportFolderBackend(ABC):
+    """A backend over an export folder's engines; returns L2-normalised float32 (N, D).
+
+    Subclasses set `name` and implement `_engine` (open one engine file in their runtime).
+    """
+
+    name: str
+
+    def __init__(
+        self,
+        folder: str | Path | Manifest,
+        device: str,
+        precision: str,
+        *,
+        root: str | Path | None = None,
+        verify_files: bool = False,
+        engine_precision: str | None = None,
+    ) -> None:
+        """Read the manifest and pick the engines; nothing is opened until first use.
+
+        Args:
+            folder: the export folder (or an already read Manifest, with `root` = its folder).
+            device: the device as the caller named it (recorded; the subclass interprets it).
+            precision: the precision this backend reports.
+            root: the export folder when `folder` is a Manifest.
+            verify_files: check every engine's SHA-256 against the manifest before loading it.
+            engine_precision: which engines to run, when not `precision` (OpenVINO runs bf16 on
+                the fp32 engines).
+
+        Raises:
+            BackendError: no manifest, engines of that precision missing, projection file missing.
+        """
+        if isinstance(folder, Manifest):
+            if root is None:
+                raise BackendError(f"{type(self).__name__}(manifest) needs root=<export folder>")
+            self.manifest, self.root = folder, Path(root)
+        else:
+            self.root = Path(folder)
+            self.manifest = read_manifest(self.root)
+        m = self.manifest
+        engines = engine_precision or precision
+        if engines not in m.precisions and engines != precision:
+            raise BackendError(
+                f"{self.root}: precision {precision} runs the {engines} engines, and this export has "
+                f"none (has: {', '.join(m.precisions)}); re-export with --precision {engines}"
+            )
+        if engines not in m.precisions:
+            raise BackendError(
+                f"{self.root}: no {engines} engines in this export (has: {', '.join(m.precisions)}); "
+                f"re-export with --precision {engines} or pick one of those"
+            )
+        self.device, self.precision, self.engine_precision = device, precision, engines
+        self.embed_dim, self.image_size, self.context_length = m.embed_dim, m.image_size, m.context_length
+        self._verify_files = verify_files
+        self._projection = self._load_projection()
+        self._image = _Tower(self, m.select("image", engines))
+        self._text = _Tower(self, m.select("text", engines))
+        for tower, label in ((self._image, "image"), (self._text, "text")):
+            if not tower.fixed and tower.dynamic is None:
+                raise BackendError(f"{self.root}: no {label} engine at {engines}")
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({str(self.root)!r}, device={self.device!r}, "
+            f"precision={self.precision!r})"
+        )
+
+    @abstractmethod
+    def _engine(self, path: Path, info: EngineInfo, projection: np.ndarray | None) -> FolderEngine:
+        """Open one engine file (checked to exist and, if asked, its SHA-256) in the runtime."""
+
+    def _load_projection(self) -> np.ndarray | None:
+        spec = self.manifest.text_projection
+        if not spec:
+            return None
+        path = self.root / spec["file"]
+        if not path.is_file():
+            raise BackendError(f"{path}: text projection listed in the manifest is missing")
+        projection: np.ndarray = np.load(path).astype(np.float32)  # (W, D)
+        return projection
+
+    def _open(self, info: EngineInfo) -> FolderEngine:
+        path = self.root / info.file
+        if not path.is_file():
+            raise BackendError(f"{path}: engine listed in the manifest is missing; re-run the export")
+        if self._verify_files and file_sha256(path) != info.sha256:
+            raise BackendError(f"{path}: SHA-256 differs from the manifest (file changed or corrupt)")
+        return self._engine(path, info, self._projection)
+
+    def encode_images(self, pixels: FloatArray) -> FloatArray:
+        """(N, 3, H, W) float32 -> (N, D) float32, unit L2 norm."""
+        x = np.ascontiguousarray(pixels, dtype=np.float32)
+        expected = (3, self.image_size, self.image_size)
+        if x.ndim != 4 or x.shape[1:] != expected:
+            raise BackendError(f"images must be (N, {', '.join(map(str, expected))}), got {x.shape}")
+        if x.shape[0] == 0:
+            return np.zeros((0, self.embed_dim), np.float32)
+        return l2_normalize(self._image.run(x))
+
+    def encode_texts(self, tokens: IntArray) -> FloatArray:
+        """(N, L) int64 token ids -> (N, D) float32, unit L2 norm."""
+        x = np.ascontiguousarray(tokens, dtype=np.int64)
+        if x.ndim != 2 or x.shape[1] != self.context_length:
+            raise BackendError(f"tokens must be (N, {self.context_length}), got {x.shape}")
+        if x.shape[0] == 0:
+            return np.zeros((0, self.embed_dim), np.float32)
+        return l2_normalize(self._text.run(x))
