@@ -1,14 +1,15 @@
-"""Side-by-side speed of clipengine's fast paths vs open_clip, Hugging Face and ONNX Runtime (one run).
+"""Side-by-side speed of clipengine's fast paths vs open_clip, Hugging Face, ONNX Runtime and OpenVINO (one run).
 
 Every contestant gets the *same* random ViT-B/32 (OpenAI architecture, QuickGELU) weights: open_clip's
 `ViT-B-32-quickgelu` random init, copied into clipengine's CLIP (same key names) and into a Hugging
-Face `CLIPModel` (key map below); ONNX graphs are exported from the clipengine fp32 module in this run.
+Face `CLIPModel` (key map below); ONNX graphs are exported from the clipengine fp32 module in this run
+(peers: the plain graph; clipengine: a `clipengine export` folder, run by its OpenVINO backend).
 Measurements are interleaved (round-robin over contestants, several rounds) so that load from other
 processes hits everyone alike; the table shows the median throughput and the median over rounds of
 the ratio to the best *peer* in the same round, plus the minimum cosine to open_clip fp32.
 
 Usage:
-    python benchmarks/compare_peers.py [--quick] [--rounds 5] [--skip-onnx] [--skip-e2e] [--json out.json]
+    python benchmarks/compare_peers.py [--quick] [--rounds 5] [--skip-onnx] [--skip-openvino] [--skip-e2e] [--json out.json]
 """
 
 from __future__ import annotations
@@ -207,6 +208,8 @@ def peers(tower: str, oc: Any, hf: Any, onnx_sessions: dict[str, Any], *, compil
         out.append(Contestant(f"HF transformers {lname}", True, _hf_fn(getattr(hf16, hm), arg, low), lname))
     for prec, sess in onnx_sessions.get(tower, {}).items():
         out.append(Contestant(f"ONNX Runtime {prec}", True, _ort_fn(sess), prec))
+    for name, (fn, prec) in OPENVINO.get("peers", {}).get(tower, {}).items():
+        out.append(Contestant(name, True, fn, prec))
     return out
 
 
@@ -227,6 +230,8 @@ def ours(tower: str, model: CLIP, *, quick: bool) -> list[Contestant]:
         fast = optimize(model, device=LOW["device"], **kw)
         fn = fast.encode_image if tower == "image" else fast.encode_text
         out.append(Contestant(name, False, fn, kw["precision"]))
+    for name, (fn, prec) in OPENVINO.get("ours", {}).get(tower, {}).items():
+        out.append(Contestant(name, False, fn, prec))
     return out
 
 
@@ -277,6 +282,87 @@ def onnx_sessions(model: CLIP, workdir: Path, threads: int) -> dict[str, dict[st
             for p, f in (("fp32", fp32), ("int8 dynamic", int8))
         }
     return result
+
+
+# ----------------------------------------------------------------------------- OpenVINO
+
+# Filled by openvino_contestants(): {"peers"|"ours": {tower: {name: (fn, precision)}}}.
+OPENVINO: dict[str, dict[str, dict[str, tuple[Fn, str]]]] = {}
+OPENVINO_EXPORT: dict[str, Path] = {}  # "folder": the clipengine export folder (fp32 + static int8)
+
+
+def openvino_contestants(model: CLIP, onnx_dir: Path, workdir: Path, threads: int, log: Callable[[str], None]) -> None:
+    """Raw OpenVINO peers on the plain fp32 graphs (f32, bf16 hint, and int8 from ORT's default
+    static QDQ quantization), and clipengine's OpenVINO backend on a `clipengine export` folder
+    (pruned graphs, symmetric static INT8). All calibrated on the same images."""
+    if importlib.util.find_spec("openvino") is None:
+        return
+    import openvino as ov
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    from clipengine.backends.openvino_backend import OpenVinoBackend
+    from clipengine.export.onnx import export_model
+    from clipengine.export.verify import calibration_texts
+
+    # Calibration images from the distribution the image cases feed (normal pixels), other samples.
+    pixels = np.random.default_rng(SEED + 1).standard_normal((32, 3, 224, 224), dtype=np.float32)
+    texts = calibration_texts(77)
+    folder = workdir / "export"
+    t0 = time.perf_counter()
+    if not (folder / "manifest.json").exists():
+        export_model(model, folder, precisions=["fp32", "int8"], image_batches=None, text_batches=None,
+                     calibration_images=pixels)  # fmt: skip
+    OPENVINO_EXPORT["folder"] = folder
+    core = ov.Core()
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    peers_: dict[str, dict[str, tuple[Fn, str]]] = {"image": {}, "text": {}}
+    ours_: dict[str, dict[str, tuple[Fn, str]]] = {"image": {}, "text": {}}
+    for tower, name, calib in (("image", "pixels", pixels), ("text", "tokens", texts)):
+        fp32 = onnx_dir / f"{tower}_fp32.onnx"
+        qdq = workdir / f"{tower}_int8_qdq_default.onnx"
+        if not qdq.exists():
+            # ORT's documented static recipe with its defaults (uint8 activations, per-tensor int8 weights).
+            quantize_static(str(fp32), str(qdq), _Batches(name, calib), quant_format=QuantFormat.QDQ)
+        for label, path, hint, prec in (
+            ("OpenVINO fp32", fp32, "f32", "fp32"),
+            (f"OpenVINO {LOW['name']} hint", fp32, "bf16", LOW["name"]),
+            ("OpenVINO int8 static (ORT QDQ defaults)", qdq, "f32", "int8"),
+        ):
+            compiled = core.compile_model(core.read_model(str(path)), "CPU", {**config, "INFERENCE_PRECISION_HINT": hint})
+            peers_[tower][label] = (_ov_fn(compiled), prec)
+        for prec in ("int8", LOW["name"]):
+            backend = OpenVinoBackend(folder, device="cpu", precision=prec, threads=threads)
+            fn = backend.encode_images if tower == "image" else backend.encode_texts
+            ours_[tower][f"clipengine openvino {prec}"] = (_np_fn(fn), prec)
+    OPENVINO.update(peers=peers_, ours=ours_)
+    log(f"openvino: export + quantization + compile {time.perf_counter() - t0:.0f}s")
+
+
+class _Batches:
+    """ORT CalibrationDataReader: `data` in batches of 8 under the graph input `name`."""
+
+    def __init__(self, name: str, data: np.ndarray) -> None:
+        self.it = iter([{name: data[i : i + 8]} for i in range(0, len(data), 8)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.it, None)
+
+
+def _ov_fn(compiled: Any) -> Fn:
+    request = compiled.create_infer_request()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        out = request.infer({0: x.cpu().numpy()})
+        return torch.from_numpy(np.asarray(next(iter(out.values())))).float()
+
+    return run
+
+
+def _np_fn(fn: Callable[[np.ndarray], np.ndarray]) -> Fn:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(fn(x.cpu().numpy()))
+
+    return run
 
 
 def _ort_fn(sess: Any) -> Fn:
@@ -481,6 +567,15 @@ def run_e2e(args: argparse.Namespace, oc: Any, model: CLIP, log: Callable[[str],
             stages = ", ".join(f"{k} {v:.1f}" for k, v in ms.items() if v >= 0.05)
             lines.append(f"| {label} + accel compile bf16 | {fps:.1f} | {fps / naive:.2f} | {cos:.4f} | {stages} |")
             log(lines[-1])
+        if "folder" in OPENVINO_EXPORT:
+            from clipengine.backends.openvino_backend import OpenVinoBackend
+
+            ov_backend = OpenVinoBackend(OPENVINO_EXPORT["folder"], precision="int8", threads=args.threads)
+            fps, vecs, ms = e2e_pipeline(folder, ov_backend, 32, fast_decode=True)
+            cos = float((vecs * ref).sum(-1).min())
+            stages = ", ".join(f"{k} {v:.1f}" for k, v in ms.items() if v >= 0.05)
+            lines.append(f"| clipengine embed_folder, --fast-decode + openvino int8 | {fps:.1f} | {fps / naive:.2f} | {cos:.4f} | {stages} |")  # fmt: skip
+            log(lines[-1])
     except ImportError as e:
         lines.append(f"| clipengine pipeline | - | - | - | not available: {e} |")
     return "\n".join(lines)
@@ -496,7 +591,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-seconds", type=float, default=None, help="seconds per timed measurement (default 1.0)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--device", default="cpu", help="cpu or cuda (CUDA: fp16, no ONNX, no e2e; image batch 1024 added)")
-    p.add_argument("--skip-onnx", action="store_true")
+    p.add_argument("--skip-onnx", action="store_true", help="no ONNX Runtime / OpenVINO contestants")
+    p.add_argument("--skip-openvino", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--only", choices=["image1", "image32", "image1024", "text", "textlong"], action="append")
     p.add_argument("--jpeg-dir", default=str(Path(tempfile.gettempdir()) / "clipengine_bench_jpegs"))
@@ -522,6 +618,8 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(exist_ok=True)
         sessions = onnx_sessions(model, work, args.threads)
         log(f"onnx export + int8 quantization: {time.perf_counter() - t0:.0f}s")
+        if not args.skip_openvino:
+            openvino_contestants(model, work, work / "openvino", args.threads, log)
     tables: list[str] = []
     report: dict[str, Any] = {}
     cases = [

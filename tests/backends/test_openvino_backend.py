@@ -268,3 +268,35 @@ def test_openvino_backend_runs_without_torch(fixed_split: Path, tmp_path: Path) 
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"images": [5, 32], "texts": [3, 32], "providers": ["openvino:CPU"], "torch_loaded": False}
+
+
+def test_export_records_openvino_parity_per_engine(fixed_split: Path) -> None:
+    from clipengine.export.manifest import read_manifest
+
+    manifest = read_manifest(fixed_split)
+    for e in manifest.engines:
+        keys = {"openvino", "openvino-bf16"} if e.precision == "fp32" else {"openvino"}
+        assert set(e.runtime_parity) == keys, e.file
+        assert all(p.passed and p.samples > 0 for p in e.runtime_parity.values()), e.file
+        if e.precision == "fp32":
+            assert e.runtime_parity["openvino"].max_abs <= 1e-4
+            assert e.runtime_parity["openvino-bf16"].min_cos >= 0.999
+
+
+def test_engine_that_failed_under_openvino_is_refused(fixed_split: Path, tmp_path: Path, pixels: np.ndarray) -> None:
+    from clipengine.export.manifest import Parity, read_manifest, write_manifest
+
+    manifest = read_manifest(fixed_split)
+    failed = Parity(max_abs=0.5, min_cos=0.9, bound={"min_cos": 0.99}, passed=False, samples=8)
+    engines = [replace(e, runtime_parity={**e.runtime_parity, "openvino": failed}) if e.precision == "int8" else e
+               for e in manifest.engines]
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for f in fixed_split.iterdir():
+        (folder / f.name).symlink_to(f)
+    (folder / "manifest.json").unlink()
+    write_manifest(replace(manifest, engines=engines), folder)
+    backend = OpenVinoBackend(folder, precision="int8")
+    with pytest.raises(BackendError, match=r"missed its bound at export .*min cosine 0\.900000"):
+        backend.encode_images(pixels[:4])
+    OpenVinoBackend(folder, precision="fp32").encode_images(pixels[:4])  # other engines still load

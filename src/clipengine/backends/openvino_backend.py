@@ -158,6 +158,17 @@ class OpenVinoBackend(ExportFolderBackend):
         return [f"openvino:{self.ov_device}"]
 
     def _engine(self, path: Path, info: EngineInfo, projection: np.ndarray | None) -> OpenVinoEngine:
+        key = "openvino-bf16" if self.inference_precision == "bf16" else "openvino"
+        parity = info.runtime_parity.get(key)
+        if parity is not None and not parity.passed:
+            raise BackendError(
+                f"{path}: under OpenVINO ({self.inference_precision}) this engine missed its bound at export "
+                f"(max-abs {parity.max_abs:.3g}, min cosine {parity.min_cos:.6f}, needs {parity.bound}); "
+                "use the onnx backend or another precision"
+            )
+        if parity is None:
+            log.info("%s: not measured under OpenVINO at export (openvino was not installed then); "
+                     "re-export to record its deviation", path.name)
         engine = OpenVinoEngine(path, info, self._core, self.ov_device, self._config, projection)
         actual = engine.inference_precision
         if actual != self.inference_precision:

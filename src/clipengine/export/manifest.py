@@ -91,7 +91,11 @@ class EngineInfo:
     quantization: str | None = None  # int8 only: "dynamic" | "static"
     external_data: str | None = None  # weights file beside `file` for models > 2 GB
     external_data_sha256: str | None = None
-    parity: Parity | None = None
+    parity: Parity | None = None  # measured under ONNX Runtime (CPU): the export's gate
+    # Also measured under other runtimes when installed at export time, keyed "openvino" (the
+    # engine's own precision) and "openvino-bf16" (fp32 engines computed in bf16); informative:
+    # the OpenVINO backend refuses an engine whose entry failed.
+    runtime_parity: dict[str, Parity] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EngineInfo:
@@ -100,6 +104,7 @@ class EngineInfo:
         d["outputs"] = [TensorSpec(**t) for t in d.get("outputs", [])]
         if d.get("parity") is not None:
             d["parity"] = Parity(**d["parity"])
+        d["runtime_parity"] = {k: Parity(**v) for k, v in (d.get("runtime_parity") or {}).items()}
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
 

@@ -10,6 +10,7 @@ ArgMax -> GatherND: ArgMax never sees int64 (unsupported by ORT's CUDA and Tenso
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import shutil
 import sys
@@ -35,6 +36,7 @@ from .manifest import (
     PRECISIONS,
     EngineInfo,
     Manifest,
+    Parity,
     TensorSpec,
     engine_file_name,
     file_sha256,
@@ -304,6 +306,28 @@ def export_model(
     return manifest
 
 
+def openvino_installed() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
+def _openvino_parity(
+    path: Path, info: EngineInfo, inputs: np.ndarray, reference: np.ndarray, projection: np.ndarray | None
+) -> dict[str, Parity]:
+    """The engine measured under OpenVINO on CPU (f32 compute; fp32 engines also in bf16)."""
+    import openvino as ov
+
+    from ..backends.openvino_backend import OpenVinoEngine
+
+    core = ov.Core()
+    hints = {"openvino": ("f32", None)} | ({"openvino-bf16": ("bf16", "bf16")} if info.precision == "fp32" else {})
+    result = {}
+    for key, (hint, bound) in hints.items():
+        engine = OpenVinoEngine(path, info, core, "CPU", {"INFERENCE_PRECISION_HINT": hint}, projection)
+        result[key] = check_parity(engine, inputs, reference, bound)
+        del engine
+    return result
+
+
 def _build_engines(
     model: CLIP,
     tower: str,
@@ -358,6 +382,11 @@ def _build_engines(
             assert p is not None
             say(f"  {path.name}: max-abs {p.max_abs:.2e}, min cos {p.min_cos:.6f} "
                 f"{'ok' if p.passed else 'FAILED'}")
+            if p.passed and openvino_installed():
+                info = replace(info, runtime_parity=_openvino_parity(path, info, inputs, reference, projection))
+                for key, q in info.runtime_parity.items():
+                    say(f"  {path.name} under {key}: max-abs {q.max_abs:.2e}, min cos {q.min_cos:.6f} "
+                        f"{'ok' if q.passed else 'FAILED (the openvino backend will refuse it)'}")
         if info.parity is None or info.parity.passed:
             _move(work, out, [path.name, data])
         engines.append(info)

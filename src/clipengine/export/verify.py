@@ -34,6 +34,7 @@ BOUNDS: dict[str, dict[str, float]] = {
     "fp32": {"max_abs": 1e-4},
     "fp16": {"min_cos": 0.999},
     "int8": {"min_cos": 0.99},
+    "bf16": {"min_cos": 0.999},  # fp32 engines computed in bf16 by the runtime (OpenVINO's hint)
 }
 
 # Real captions of varied length (3 to ~40 tokens) so EOT pooling is checked at many positions.
@@ -135,9 +136,12 @@ def measure_parity(output: FloatArray, reference: FloatArray, precision: str) ->
     return Parity(max_abs=max_abs, min_cos=min_cos, bound=dict(bound), passed=passed, samples=len(a))
 
 
-def check_parity(engine: Any, inputs: np.ndarray, reference: FloatArray) -> Parity:
-    """Run an OnnxEngine (any batch: chunked and padded) and measure it against `reference`."""
-    return measure_parity(engine.run_padded(inputs), reference, engine.info.precision)
+def check_parity(
+    engine: Any, inputs: np.ndarray, reference: FloatArray, precision: str | None = None
+) -> Parity:
+    """Run a folder engine (any batch: chunked and padded) and measure it against `reference`
+    with the bound of `precision` (default: the engine's own)."""
+    return measure_parity(engine.run_padded(inputs), reference, precision or engine.info.precision)
 
 
 def _describe(info: EngineInfo) -> str:
