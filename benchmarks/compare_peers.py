@@ -302,10 +302,13 @@ def openvino_contestants(model: CLIP, onnx_dir: Path, workdir: Path, threads: in
 
     from clipengine.backends.openvino_backend import OpenVinoBackend
     from clipengine.export.onnx import export_model
-    from clipengine.export.verify import calibration_texts
+    from clipengine.export.verify import calibration_texts, sample_images
+    from clipengine.image.preprocess import PreprocessConfig
 
-    # Calibration images from the distribution the image cases feed (normal pixels), other samples.
-    pixels = np.random.default_rng(SEED + 1).standard_normal((32, 3, 224, 224), dtype=np.float32)
+    # Calibration: the distribution the image cases feed (normal pixels, other samples) plus
+    # preprocessed synthetic pictures like the end-to-end JPEGs (real use: --calibration-dir photos/).
+    noise = np.random.default_rng(SEED + 1).standard_normal((25, 3, 224, 224), dtype=np.float32)
+    pixels = np.concatenate([noise, sample_images(PreprocessConfig(image_size=224), None)])
     texts = calibration_texts(77)
     folder = workdir / "export"
     t0 = time.perf_counter()

@@ -51,3 +51,26 @@ def test_export_command_prints_progress_and_summary(tmp_path: Path, tiny_model, 
     assert len(table) == 4 and all(line.rstrip().endswith("yes") for line in table)
     assert any("text_int8_dyn.onnx" in line and "int8/dynamic" in line for line in table)
     assert (out / "manifest.json").is_file()
+
+
+def test_summary_shows_openvino_parity_and_flags_a_failure() -> None:
+    from clipengine.cli.export import format_summary
+    from clipengine.export.manifest import EngineInfo, Manifest, Parity
+
+    def parity(cos: float, ok: bool = True) -> Parity:
+        return Parity(max_abs=1e-3, min_cos=cos, bound={"min_cos": 0.99}, passed=ok, samples=8)
+
+    engines = [
+        EngineInfo("image", "fp32", None, "image_fp32_dyn.onnx", "0", [], [], parity=parity(1.0),
+                   runtime_parity={"openvino": parity(1.0), "openvino-bf16": parity(0.99995)}),
+        EngineInfo("image", "int8", None, "image_int8_dyn.onnx", "0", [], [], quantization="static",
+                   parity=parity(0.9996), runtime_parity={"openvino": parity(0.95, ok=False)}),
+        EngineInfo("text", "fp32", None, "text_fp32_dyn.onnx", "0", [], [], parity=parity(1.0)),
+    ]
+    manifest = Manifest(model="m", pretrained=None, architecture={}, preprocess={}, context_length=77,
+                        logit_scale=100.0, embed_dim=8, image_size=32, engines=engines)
+    lines = format_summary(manifest).splitlines()
+    assert "openvino min-cos" in lines[0]
+    assert "1.000000 / bf16 0.999950" in lines[1]
+    assert "0.950000!" in lines[2]
+    assert lines[3].split()[-2:] == ["-", "yes"]

@@ -101,7 +101,8 @@ def test_split_text_graph_has_no_pooling_and_outputs_token_states(vit_dynamic_sp
     folder, manifest = vit_dynamic_split_export
     text = manifest.select("text", "fp32")[0]
     assert text.split_projection and text.outputs[0].name == "token_states"
-    assert text.outputs[0].shape[1:] == [77, 64]
+    # dynamic folders: symbolic batch and length (the backend truncates after the last EOT)
+    assert text.inputs[0].shape == ["batch", "length"] and text.outputs[0].shape[1:] == ["length", 64]
     graph = onnx.load(str(folder / text.file)).graph
     assert not [n for n in graph.node if n.op_type in ("ArgMax", "GatherND")]
     assert (folder / "text_projection_64_32.npy").is_file()

@@ -35,6 +35,7 @@ from torch import nn
 
 from ..errors import BackendError
 from ..models.pooled import PooledTextTower, PooledVisionTransformer
+from .base import TEXT_LENGTH_BUCKET
 
 if TYPE_CHECKING:
     from ..models.clip import CLIP
@@ -48,7 +49,6 @@ PRECISIONS: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
 }
-TEXT_LENGTH_BUCKET = 8  # truncated text lengths are rounded up to a multiple of this
 _MAX_CUDA_GRAPHS = 32  # captured graphs kept per tower (one per input shape), least recently used out
 _COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
 

@@ -8,7 +8,21 @@ import numpy as np
 
 from ..types import Backend, FloatArray
 
-__all__ = ["Backend", "l2_normalize", "run_in_chunks"]
+__all__ = ["TEXT_LENGTH_BUCKET", "Backend", "l2_normalize", "run_in_chunks", "truncated_text_length"]
+
+TEXT_LENGTH_BUCKET = 8  # truncated text lengths are rounded up to a multiple of this (few shapes)
+
+
+def truncated_text_length(tokens: np.ndarray, bucket: int = TEXT_LENGTH_BUCKET) -> int:
+    """Positions a batch of (N, L) token rows needs: its longest end-of-text (the highest id) + 1,
+    rounded up to `bucket`, at most L. Exact under CLIP's causal mask: no position after a text's
+    EOT can change the EOT state, so dropping the columns after the batch's last EOT changes nothing.
+    """
+    length = tokens.shape[1]
+    if tokens.shape[0] == 0:
+        return length
+    needed = int(tokens.astype(np.int32).argmax(axis=-1).max()) + 1
+    return min(-(-needed // bucket) * bucket, length)
 
 
 def l2_normalize(x: FloatArray) -> FloatArray:

@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import BackendError
 from ..export.manifest import EngineInfo, Manifest, file_sha256, read_manifest
 from ..types import FloatArray, IntArray
-from .base import l2_normalize, run_in_chunks
+from .base import l2_normalize, run_in_chunks, truncated_text_length
 
 __all__ = ["DEFAULT_MAX_BATCH", "ExportFolderBackend", "FolderEngine", "plan_batches"]
 
@@ -44,12 +44,18 @@ class FolderEngine(ABC):
         if info.split_projection and projection is None:
             raise BackendError(f"{path}: split-projection engine but the folder has no text_projection .npy")
         self.projection = projection
+        # Dynamic engines exported with a symbolic text length: each call runs only up to the
+        # batch's last EOT (exact under the causal mask; zero-shot prompts use ~16 of 77 positions).
+        spec = info.inputs[0].shape if info.inputs else []
+        self.truncates_text = info.tower == "text" and len(spec) == 2 and isinstance(spec[1], str)
 
     @abstractmethod
     def infer(self, x: np.ndarray) -> np.ndarray:
         """The runtime's call: the graph's first output for input `x` (rows = the engine batch)."""
 
     def run(self, x: np.ndarray) -> np.ndarray:
+        if self.truncates_text:
+            x = x[:, : truncated_text_length(x)]
         out = np.asarray(self.infer(x), dtype=np.float32)
         if self.info.split_projection:
             assert self.projection is not None

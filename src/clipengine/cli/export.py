@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import typer
 
 if TYPE_CHECKING:
-    from ..export.manifest import Manifest
+    from ..export.manifest import EngineInfo, Manifest
 
 __all__ = ["format_summary", "parse_batches", "parse_precisions", "register"]
 
@@ -37,9 +37,19 @@ def _fmt(value: float) -> str:
     return f"{value:.2e}" if value == value else "nan"  # NaN != NaN
 
 
+def _runtime_column(engine: EngineInfo) -> str:
+    """OpenVINO's min cosine (f32, and bf16 for fp32 engines), '!' after a failed one; '-' if unmeasured."""
+    parts = []
+    for key, label in (("openvino", ""), ("openvino-bf16", "bf16 ")):
+        q = engine.runtime_parity.get(key)
+        if q is not None:
+            parts.append(f"{label}{q.min_cos:.6f}{'' if q.passed else '!'}")
+    return " / ".join(parts) or "-"
+
+
 def format_summary(manifest: Manifest) -> str:
     """One row per engine: file, tower, precision, batch, size, parity numbers and verdict."""
-    rows = [("engine", "tower", "prec", "batch", "max-abs", "min-cos", "bound", "ok")]
+    rows = [("engine", "tower", "prec", "batch", "max-abs", "min-cos", "bound", "openvino min-cos", "ok")]
     for e in manifest.engines:
         p = e.parity
         bound = ", ".join(f"{'abs<=' if k == 'max_abs' else 'cos>='}{v:g}" for k, v in (p.bound if p else {}).items())
@@ -47,6 +57,7 @@ def format_summary(manifest: Manifest) -> str:
             e.file, e.tower, e.precision + (f"/{e.quantization}" if e.quantization else ""),
             "dyn" if e.batch is None else str(e.batch),
             _fmt(p.max_abs) if p else "-", f"{p.min_cos:.6f}" if p else "-", bound or "-",
+            _runtime_column(e),
             ("yes" if p.passed else "NO") if p else "unverified",
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -116,7 +116,12 @@ def _export_graph(model: CLIP, tower: str, batch: int | None, split: bool, path:
         example = torch.zeros(rows, cfg.text.context_length, dtype=torch.int64)
         example[:, 0], example[:, 1] = 49406, 49407  # SOT, EOT
         names = (["tokens"], ["token_states" if split else "embeddings"])
-    dynamic = None if batch else ({0: torch.export.Dim("batch", min=1, max=65536)},)
+    dynamic: tuple[dict[int, Any], ...] | None = None
+    if batch is None:  # dynamic batch; text also a dynamic length, so runtimes can stop after the last EOT
+        axes: dict[int, Any] = {0: torch.export.Dim("batch", min=1, max=65536)}
+        if tower == "text":
+            axes[1] = torch.export.Dim("length", min=2, max=cfg.text.context_length)
+        dynamic = (axes,)
     program = torch.onnx.export(
         graph.eval(), (example,), None, input_names=names[0], output_names=names[1],
         opset_version=OPSET, dynamo=True, dynamic_shapes=dynamic, verbose=False, optimize=True,

@@ -250,8 +250,8 @@ class CLIP(nn.Module):
 
     def encode_text_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """(N, L) token ids -> (N, L, W) final-layer token states after ln_final (before pooling)."""
-        x = self.token_embedding(tokens) + self.positional_embedding.to(self.dtype)
-        length = tokens.shape[1]
+        length = tokens.shape[1]  # <= context_length: a batch truncated after its last EOT is exact
+        x = self.token_embedding(tokens) + self.positional_embedding[:length].to(self.dtype)
         x = self.transformer(x, self.attn_mask[:length, :length].to(x.dtype))
         return self.ln_final(x)
 
