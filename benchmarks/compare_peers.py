@@ -508,41 +508,19 @@ def e2e_naive(paths: list[Path], oc16: Any, preprocess: Any, batch: int) -> tupl
     return len(paths) / (time.perf_counter() - t0), torch.cat(outs).numpy()
 
 
-class _AccelBackend:
-    """A clipengine Backend (types.Backend) over accel.optimize, for the pipeline."""
+def e2e_pipeline(folder: Path, workdir: Path, label: str, *args: str) -> tuple[float, np.ndarray, dict[str, Any]]:
+    """One `embed_folder` run in a subprocess (benchmarks/e2e_pipeline.py: decode workers spawned from
+    a light main module, as under `clipengine embed`); returns (img/s, vectors by file name, stage ms)."""
+    import subprocess
 
-    name = "torch-accel"
-    device = "cpu"
-
-    def __init__(self, model: CLIP, **kw: Any) -> None:
-        self.fast = optimize(model, **kw)
-        self.precision = self.fast.precision
-        self.embed_dim = model.config.embed_dim
-        self.image_size = model.config.vision.image_size
-        self.context_length = model.context_length
-
-    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
-        y = self.fast.encode_image(torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)))
-        return F.normalize(y, dim=-1).numpy()
-
-    def encode_texts(self, tokens: np.ndarray) -> np.ndarray:
-        return F.normalize(self.fast.encode_text(torch.from_numpy(np.asarray(tokens, dtype=np.int64))), dim=-1).numpy()
-
-
-def e2e_pipeline(
-    folder: Path, backend: Any, batch: int, *, fast_decode: bool, image_size: int = 224
-) -> tuple[float, np.ndarray, dict[str, Any]]:
-    """clipengine's folder pipeline (decode worker processes overlapped with the model)."""
-    from clipengine.image.preprocess import PreprocessConfig
-    from clipengine.pipeline.run import embed_folder
-    from clipengine.pipeline.sinks import read_embeddings
-
-    with tempfile.TemporaryDirectory() as out:
-        stats = embed_folder(folder, Path(out) / "emb", backend, PreprocessConfig(image_size=image_size),
-                             batch_size=batch, dtype="float32", fast_decode=fast_decode)  # fmt: skip
-        ids, vecs, _ = read_embeddings(Path(out) / "emb")
-    order = np.argsort([Path(i).name for i in ids])
-    return stats.embedded / stats.wall_s, vecs[order], stats.per_image_ms()
+    vectors = workdir / f"{label}.npy"
+    script = Path(__file__).with_name("e2e_pipeline.py")
+    done = subprocess.run([sys.executable, str(script), str(folder), str(vectors), *args],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"e2e_pipeline.py {' '.join(args)} failed:\n{done.stderr[-2000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return result["fps"], np.load(vectors), result["per_image_ms"]
 
 
 def run_e2e(args: argparse.Namespace, oc: Any, model: CLIP, log: Callable[[str], None]) -> str:
@@ -560,27 +538,32 @@ def run_e2e(args: argparse.Namespace, oc: Any, model: CLIP, log: Callable[[str],
     e2e_naive(paths[:2], oc16, preprocess, 32)  # warm-up
     naive, ref = e2e_naive(paths, oc16, preprocess, 32)
     lines.append(f"| naive loop: PIL + open_clip preprocess + open_clip eager bf16, one process | {naive:.1f} | 1.00 | 1.0000 | |")
-    try:
-        backend = _AccelBackend(model, precision="bf16", compile=True)
-        backend.encode_images(np.zeros((32, 3, 224, 224), np.float32))  # compile outside the timing
-        for label, fast_decode in (("clipengine embed_folder, exact decode", False),
-                                   ("clipengine embed_folder, --fast-decode", True)):  # fmt: skip
-            fps, vecs, ms = e2e_pipeline(folder, backend, 32, fast_decode=fast_decode)
-            cos = float((vecs * ref).sum(-1).min())
-            stages = ", ".join(f"{k} {v:.1f}" for k, v in ms.items() if v >= 0.05)
-            lines.append(f"| {label} + accel compile bf16 | {fps:.1f} | {fps / naive:.2f} | {cos:.4f} | {stages} |")
-            log(lines[-1])
-        if "folder" in OPENVINO_EXPORT:
-            from clipengine.backends.openvino_backend import OpenVinoBackend
+    from clipengine.models.load import save_model
 
-            ov_backend = OpenVinoBackend(OPENVINO_EXPORT["folder"], precision="int8", threads=args.threads)
-            fps, vecs, ms = e2e_pipeline(folder, ov_backend, 32, fast_decode=True)
-            cos = float((vecs * ref).sum(-1).min())
-            stages = ", ".join(f"{k} {v:.1f}" for k, v in ms.items() if v >= 0.05)
-            lines.append(f"| clipengine embed_folder, --fast-decode + openvino int8 | {fps:.1f} | {fps / naive:.2f} | {cos:.4f} | {stages} |")  # fmt: skip
-            log(lines[-1])
-    except ImportError as e:
-        lines.append(f"| clipengine pipeline | - | - | - | not available: {e} |")
+    work = Path(tempfile.mkdtemp(prefix="clipengine_e2e_"))
+    save_model(model, work / "model")  # the same random weights, loaded by the subprocess
+    threads = ["--threads", str(args.threads)]
+    rows = [
+        ("clipengine embed_folder, exact decode + accel compile bf16", "torch_exact",
+         ["--backend", "torch", "--model", str(work / "model"), "--precision", "bf16", "--compile", *threads]),
+        ("clipengine embed_folder, --fast-decode + accel compile bf16", "torch_fast",
+         ["--backend", "torch", "--model", str(work / "model"), "--precision", "bf16", "--compile", "--fast-decode", *threads]),
+    ]  # fmt: skip
+    if "folder" in OPENVINO_EXPORT:
+        rows.append(("clipengine embed_folder, --fast-decode + openvino int8", "openvino_fast",
+                     ["--backend", "openvino", "--model", str(OPENVINO_EXPORT["folder"]), "--precision", "int8",
+                      "--fast-decode", *threads]))  # fmt: skip
+    for label, key, cli in rows:
+        try:
+            fps, vecs, ms = e2e_pipeline(folder, work, key, *cli)
+        except RuntimeError as e:
+            log(str(e))
+            lines.append(f"| {label} | - | - | - | failed (see log) |")
+            continue
+        cos = float((vecs * ref).sum(-1).min())
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in ms.items() if v >= 0.05)
+        lines.append(f"| {label} | {fps:.1f} | {fps / naive:.2f} | {cos:.4f} | {stages} |")
+        log(lines[-1])
     return "\n".join(lines)
 
 
@@ -597,7 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-onnx", action="store_true", help="no ONNX Runtime / OpenVINO contestants")
     p.add_argument("--skip-openvino", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
-    p.add_argument("--only", choices=["image1", "image32", "image1024", "text", "textlong"], action="append")
+    p.add_argument("--only", choices=["image1", "image32", "image1024", "text", "textlong", "e2e"], action="append",
+                   help="run only these cases (repeatable)")
     p.add_argument("--jpeg-dir", default=str(Path(tempfile.gettempdir()) / "clipengine_bench_jpegs"))
     p.add_argument("--json", type=Path, default=None, help="also write all rows as JSON here")
     args = p.parse_args(argv)
@@ -645,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
         tables.append(text)
         report[key] = rows
         print(text, flush=True)
-    if not args.skip_e2e and not cuda:
+    if not args.skip_e2e and not cuda and (not args.only or "e2e" in args.only):
         text = run_e2e(args, oc, model, log)
         tables.append(text)
         print(text, flush=True)
