@@ -18,7 +18,7 @@ def truncated_text_length(tokens: np.ndarray, bucket: int = TEXT_LENGTH_BUCKET) 
     rounded up to `bucket`, at most L. Exact under CLIP's causal mask: no position after a text's
     EOT can change the EOT state, so dropping the columns after the batch's last EOT changes nothing.
     """
-    length = tokens.shape[1]
+    length = int(tokens.shape[1])
     if tokens.shape[0] == 0:
         return length
     needed = int(tokens.astype(np.int32).argmax(axis=-1).max()) + 1

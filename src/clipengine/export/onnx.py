@@ -73,9 +73,8 @@ class _ImageGraph(nn.Module):
         self.pooled = PooledVisionTransformer(model.visual) if isinstance(model.visual, VisionTransformer) else None
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self.pooled is not None:
-            return self.pooled(pixels)
-        return self.model.encode_image(pixels)
+        features: torch.Tensor = self.pooled(pixels) if self.pooled is not None else self.model.encode_image(pixels)
+        return features
 
 
 class _TextGraph(nn.Module):
@@ -92,7 +91,8 @@ class _TextGraph(nn.Module):
             return self.model.encode_text_tokens(tokens)
         # EOT has the highest id; argmax over int32 keeps ORT's CUDA / TensorRT providers happy.
         eot = tokens.to(torch.int32).argmax(dim=-1)
-        return self.pooled(tokens, eot)
+        features: torch.Tensor = self.pooled(tokens, eot)
+        return features
 
 
 def _tower_bytes(model: CLIP, tower: str) -> int:
