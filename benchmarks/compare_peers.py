@@ -88,17 +88,23 @@ class Contestant:
 
 def build_models(device: str) -> tuple[Any, CLIP, Any]:
     """open_clip random ViT-B-32-quickgelu, and the same weights in clipengine's CLIP and HF CLIPModel."""
-    import open_clip
-
     torch.manual_seed(SEED)
-    oc = open_clip.create_model("ViT-B-32-quickgelu").eval()
-    state = {k: v for k, v in oc.state_dict().items() if k != "attn_mask"}
     ours = build_model(get_config("ViT-B-32"))
-    missing, unexpected = ours.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise SystemExit(f"open_clip -> clipengine key mismatch: missing={missing} unexpected={unexpected}")
+    try:
+        import open_clip
+    except ImportError:  # e.g. the GPU machine's image: HF transformers is then the reference peer
+        oc = None
+        state = {k: v for k, v in ours.state_dict().items() if k != "attn_mask"}
+    else:
+        oc = open_clip.create_model("ViT-B-32-quickgelu").eval()
+        state = {k: v for k, v in oc.state_dict().items() if k != "attn_mask"}
+        missing, unexpected = ours.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise SystemExit(f"open_clip -> clipengine key mismatch: missing={missing} unexpected={unexpected}")
     hf = _to_hf(state)
-    return oc.to(device), ours.to(device), (hf.to(device) if hf is not None else None)
+    if oc is None and hf is None:
+        raise SystemExit("compare_peers needs open_clip or transformers installed for its peers")
+    return (oc.to(device) if oc is not None else None), ours.to(device), (hf.to(device) if hf is not None else None)
 
 
 def _to_hf(state: dict[str, torch.Tensor]) -> Any:
@@ -191,21 +197,24 @@ def peers(tower: str, oc: Any, hf: Any, onnx_sessions: dict[str, Any], *, compil
     """fp32 / low-precision eager and compiled open_clip, HF fp32 / low, ORT fp32 / int8 for `tower`."""
     image = tower == "image"
     low, lname = LOW["dtype"], LOW["name"]
-    oc16 = bf16_copy(oc)
     method = "encode_image" if image else "encode_text"
-    out = [
-        Contestant("open_clip eager fp32", True, _no_grad(getattr(oc, method)), "fp32"),
-    ]
-    eager_low = _no_grad(lambda x: getattr(oc16, method)(x.to(low) if image else x))
-    out.append(Contestant(f"open_clip eager {lname}", True, eager_low, lname))
-    if compile_peers:
-        inner = _compiled(lambda x: getattr(oc16, method)(x.to(low) if image else x))
-        out.append(Contestant(f"open_clip compile {lname}", True, _no_grad(inner), lname))
+    out: list[Contestant] = []  # the first one (fp32) is every case's cosine reference
+    if oc is not None:
+        oc16 = bf16_copy(oc)
+        out.append(Contestant("open_clip eager fp32", True, _no_grad(getattr(oc, method)), "fp32"))
+        eager_low = _no_grad(lambda x: getattr(oc16, method)(x.to(low) if image else x))
+        out.append(Contestant(f"open_clip eager {lname}", True, eager_low, lname))
+        if compile_peers:
+            inner = _compiled(lambda x: getattr(oc16, method)(x.to(low) if image else x))
+            out.append(Contestant(f"open_clip compile {lname}", True, _no_grad(inner), lname))
     if hf is not None:
         hf16 = bf16_copy(hf)
         hm, arg = ("get_image_features", "pixel_values") if image else ("get_text_features", "input_ids")
         out.append(Contestant("HF transformers fp32", True, _hf_fn(getattr(hf, hm), arg, torch.float32), "fp32"))
         out.append(Contestant(f"HF transformers {lname}", True, _hf_fn(getattr(hf16, hm), arg, low), lname))
+        if oc is None and compile_peers:  # keep one compiled peer without open_clip
+            out.append(Contestant(f"HF transformers compile {lname}", True,
+                                  _compiled(_hf_fn(getattr(hf16, hm), arg, low)), lname))  # fmt: skip
     for prec, sess in onnx_sessions.get(tower, {}).items():
         out.append(Contestant(f"ONNX Runtime {prec}", True, _ort_fn(sess), prec))
     for name, (fn, prec) in OPENVINO.get("peers", {}).get(tower, {}).items():
@@ -629,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
         tables.append(text)
         report[key] = rows
         print(text, flush=True)
-    if not args.skip_e2e and not cuda and (not args.only or "e2e" in args.only):
+    if not args.skip_e2e and not cuda and oc is not None and (not args.only or "e2e" in args.only):
         text = run_e2e(args, oc, model, log)
         tables.append(text)
         print(text, flush=True)
