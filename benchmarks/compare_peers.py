@@ -322,7 +322,7 @@ def openvino_contestants(model: CLIP, onnx_dir: Path, workdir: Path, threads: in
     folder = workdir / "export"
     t0 = time.perf_counter()
     if not (folder / "manifest.json").exists():
-        export_model(model, folder, precisions=["fp32", "int8"], image_batches=None, text_batches=None,
+        export_model(model, folder, precisions=["fp32", "int8", "int8w"], image_batches=None, text_batches=None,
                      calibration_images=pixels)  # fmt: skip
     OPENVINO_EXPORT["folder"] = folder
     core = ov.Core()
@@ -342,7 +342,7 @@ def openvino_contestants(model: CLIP, onnx_dir: Path, workdir: Path, threads: in
         ):
             compiled = core.compile_model(core.read_model(str(path)), "CPU", {**config, "INFERENCE_PRECISION_HINT": hint})
             peers_[tower][label] = (_ov_fn(compiled), prec)
-        for prec in ("int8", LOW["name"]):
+        for prec in ("int8", "int8w", LOW["name"]):
             backend = OpenVinoBackend(folder, device="cpu", precision=prec, threads=threads)
             fn = backend.encode_images if tower == "image" else backend.encode_texts
             ours_[tower][f"clipengine openvino {prec}"] = (_np_fn(fn), prec)

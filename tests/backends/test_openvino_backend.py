@@ -27,18 +27,19 @@ from clipengine.types import Backend
 # Measured on the tiny model (fixed folder, static INT8 calibrated on 16 random images): image min
 # cosine vs fp32 0.9990, text 0.99997; ORT's INT8 of the same engines 0.9992.
 INT8_MIN_COS = 0.995
+INT8W_MIN_COS = 0.999  # int8 weights, activations per token group at run time; measured at export here: image 0.99993, text 0.99999
 BF16_MIN_COS = 0.999  # measured 0.99997 (images), 0.99999 (texts)
 SENTENCES = [f"a photo of {n} {thing}" for n in range(8) for thing in ("cats", "dogs", "buses", "trees", "maps")]
 
 
 @pytest.fixture(scope="module")
 def fixed_split(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> Path:  # type: ignore[no-untyped-def]
-    """Tiny ViT, fp32/fp16/int8 (static INT8), image engines b1/b4, text b2, projection split off."""
+    """Tiny ViT, fp32/fp16/int8 (static INT8)/int8w, image engines b1/b4, text b2, projection split off."""
     from clipengine.export.onnx import export_model
 
     calibration = np.random.default_rng(5).standard_normal((16, 3, 32, 32)).astype(np.float32)
     out = tmp_path_factory.mktemp("openvino_backend") / "fixed"
-    export_model(tiny_model, out, precisions=("fp32", "fp16", "int8"), image_batches=(1, 4), text_batches=(2,),
+    export_model(tiny_model, out, precisions=("fp32", "fp16", "int8", "int8w"), image_batches=(1, 4), text_batches=(2,),
                  split_text_projection=True, calibration_images=calibration)
     return out
 
@@ -300,3 +301,18 @@ def test_engine_that_failed_under_openvino_is_refused(fixed_split: Path, tmp_pat
     with pytest.raises(BackendError, match=r"missed its bound at export .*min cosine 0\.900000"):
         backend.encode_images(pixels[:4])
     OpenVinoBackend(folder, precision="fp32").encode_images(pixels[:4])  # other engines still load
+
+
+def test_int8w_quantizes_activations_at_run_time_within_bound(fixed_split: Path, pixels: np.ndarray,
+                                                             tokens: np.ndarray) -> None:
+    from clipengine.backends.openvino_backend import DYNAMIC_QUANTIZATION_GROUP, openvino_config
+
+    assert openvino_config("int8w") == ("int8w", {"INFERENCE_PRECISION_HINT": "bf16",
+                                                  "DYNAMIC_QUANTIZATION_GROUP_SIZE": DYNAMIC_QUANTIZATION_GROUP})
+    fp32 = OpenVinoBackend(fixed_split)
+    low = OpenVinoBackend(fixed_split, precision="int8w")
+    engine = low._image.first()
+    assert engine.info.precision == "int8w" and engine.info.quantization == "weights"
+    assert int(engine.compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE")) == DYNAMIC_QUANTIZATION_GROUP
+    assert _cos(low.encode_images(pixels), fp32.encode_images(pixels)) >= INT8W_MIN_COS
+    assert _cos(low.encode_texts(tokens), fp32.encode_texts(tokens)) >= INT8W_MIN_COS

@@ -45,3 +45,34 @@ def test_save_onnx_threshold(tmp_path: Path, size: int, external: bool) -> None:
     assert (data == "m.onnx.data") is external
     assert (tmp_path / "m.onnx.data").exists() is external
     onnx.checker.check_model(str(tmp_path / "m.onnx"))
+
+
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_weight_only_int8_rounds_each_output_channel_and_keeps_float_activations(tmp_path: Path, trans_b: bool) -> None:
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((48, 40)).astype(np.float32) * np.linspace(0.01, 3, 40, dtype=np.float32)  # (K, N)
+    weight = w.T.copy() if trans_b else w
+    node = (helper.make_node("Gemm", ["x", "w"], ["y"], transB=1) if trans_b
+            else helper.make_node("MatMul", ["x", "w"], ["y"]))
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 48])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 40])],
+                              [numpy_helper.from_array(weight, "w")])
+    src, dst = tmp_path / "fp32.onnx", tmp_path / "int8w.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(src))
+    assert quantize.quantize_weights_int8(src, dst) == ("weights", None)
+
+    model = onnx.load(str(dst))
+    (stored,) = [t for t in model.graph.initializer if t.data_type == TensorProto.INT8 and len(t.dims) == 2]
+    assert [n.op_type for n in model.graph.node] == ["DequantizeLinear", node.op_type]
+    assert not [t for t in model.graph.initializer if t.name == "w"]  # the float weight is gone
+    q = numpy_helper.to_array(stored).astype(np.float32)
+    q = q.T if trans_b else q
+    scale = np.abs(w).max(axis=0) / 127  # one scale per output channel, channels 300x apart in size
+    assert np.abs(q * scale - w).max(axis=0).max() <= (scale / 2 + 1e-7).max()
+    x = rng.standard_normal((5, 48)).astype(np.float32)
+    y = ort.InferenceSession(str(dst)).run(None, {"x": x})[0]
+    assert np.abs(y - x @ w).max() <= np.abs(x).sum(1).max() * scale.max() / 2 + 1e-5

@@ -21,7 +21,7 @@ from clipengine.export.verify import (
 
 def test_bounds_are_the_documented_ones() -> None:
     assert BOUNDS == {"fp32": {"max_abs": 1e-4}, "fp16": {"min_cos": 0.999}, "int8": {"min_cos": 0.99},
-                      "bf16": {"min_cos": 0.999}}
+                      "int8w": {"min_cos": 0.99}, "bf16": {"min_cos": 0.999}}
 
 
 def test_measure_parity_on_normalised_rows() -> None:

@@ -42,7 +42,7 @@ __all__ = [
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 1
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "int8w")  # int8w: int8 weights only (activations at run time)
 TOWERS = ("image", "text")
 
 

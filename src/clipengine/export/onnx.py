@@ -318,17 +318,19 @@ def openvino_installed() -> bool:
 def _openvino_parity(
     path: Path, info: EngineInfo, inputs: np.ndarray, reference: np.ndarray, projection: np.ndarray | None
 ) -> dict[str, Parity]:
-    """The engine measured under OpenVINO on CPU (f32 compute; fp32 engines also in bf16)."""
+    """The engine measured under OpenVINO on CPU, configured as the openvino backend runs it
+    ("openvino"); fp32 engines also computed in bf16 ("openvino-bf16", bound cos >= 0.999)."""
     import openvino as ov
 
-    from ..backends.openvino_backend import OpenVinoEngine
+    from ..backends.openvino_backend import OpenVinoEngine, openvino_config
 
     core = ov.Core()
-    hints = {"openvino": ("f32", None)} | ({"openvino-bf16": ("bf16", "bf16")} if info.precision == "fp32" else {})
+    runs = {"openvino": info.precision} | ({"openvino-bf16": "bf16"} if info.precision == "fp32" else {})
     result = {}
-    for key, (hint, bound) in hints.items():
-        engine = OpenVinoEngine(path, info, core, "CPU", {"INFERENCE_PRECISION_HINT": hint}, projection)
-        result[key] = check_parity(engine, inputs, reference, bound)
+    for key, precision in runs.items():
+        _, config = openvino_config(precision)
+        engine = OpenVinoEngine(path, info, core, "CPU", config, projection)
+        result[key] = check_parity(engine, inputs, reference, precision)
         del engine
     return result
 
@@ -369,6 +371,8 @@ def _build_engines(
             quant, data = quantize.quantize_int8(
                 fp32, path, calibration=calibration, input_name=input_name, batch=batch
             )
+        elif precision == "int8w":
+            quant, data = quantize.quantize_weights_int8(fp32, path)
         inputs_spec, outputs_spec = _tensor_specs(path)
         info = EngineInfo(
             tower=tower, precision=precision, batch=batch, file=path.name, sha256=file_sha256(path),

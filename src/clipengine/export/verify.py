@@ -34,6 +34,7 @@ BOUNDS: dict[str, dict[str, float]] = {
     "fp32": {"max_abs": 1e-4},
     "fp16": {"min_cos": 0.999},
     "int8": {"min_cos": 0.99},
+    "int8w": {"min_cos": 0.99},  # int8 weights; OpenVINO quantizes activations per token group
     "bf16": {"min_cos": 0.999},  # fp32 engines computed in bf16 by the runtime (OpenVINO's hint)
 }
 
