@@ -140,8 +140,9 @@ class OpenVinoBackend(ExportFolderBackend):
         Args:
             folder: the export folder (or an already read Manifest, with `root` = its folder).
             device: "cpu", or an OpenVINO device name it lists ("GPU", "GPU.1", ...); not CUDA.
-            precision: "fp32", "fp16", "int8" (engines the folder holds, computed in f32), or
-                "bf16" (the fp32 engines computed in bf16: fast on CPUs with AMX / AVX512-BF16).
+            precision: "fp32", "fp16", "int8" (engines the folder holds, computed in f32),
+                "bf16" (the fp32 engines computed in bf16: fast on CPUs with AMX / AVX512-BF16), or
+                "int8w" (int8-weight engines, activations quantized per token group at run time).
             threads: INFERENCE_NUM_THREADS per engine (default: OpenVINO's choice, all cores).
             verify_files: check every engine's SHA-256 against the manifest before loading.
 

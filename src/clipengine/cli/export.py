@@ -67,7 +67,7 @@ def format_summary(manifest: Manifest) -> str:
 _OUTPUT = typer.Option(..., "--output", "-o", help="Export folder, e.g. models/ViT-B-32/.")
 _PRETRAINED = typer.Option(None, "--pretrained", help="Weights tag, e.g. openai.")
 _CHECKPOINT = typer.Option(None, "--checkpoint", help="Checkpoint file instead of MODEL's weights.")
-_PRECISION = typer.Option("fp32", "--precision", help="Comma list of fp32, fp16, int8.")
+_PRECISION = typer.Option("fp32", "--precision", help="Comma list of fp32, fp16, int8, int8w (int8 weights only).")
 _IMAGE_BATCH = typer.Option("1,8,16,32", "--image-batch", help="Fixed image engine batch sizes.")
 _TEXT_BATCH = typer.Option("4", "--text-batch", help="Fixed text engine batch sizes.")
 _DYNAMIC = typer.Option(False, "--dynamic", help="One dynamic-batch engine per tower instead.")
