@@ -89,15 +89,16 @@ class Contestant:
 def build_models(device: str) -> tuple[Any, CLIP, Any]:
     """open_clip random ViT-B-32-quickgelu, and the same weights in clipengine's CLIP and HF CLIPModel."""
     torch.manual_seed(SEED)
-    ours = build_model(get_config("ViT-B-32"))
     try:
         import open_clip
     except ImportError:  # e.g. the GPU machine's image: HF transformers is then the reference peer
         oc = None
+        ours = build_model(get_config("ViT-B-32"))
         state = {k: v for k, v in ours.state_dict().items() if k != "attn_mask"}
     else:
         oc = open_clip.create_model("ViT-B-32-quickgelu").eval()
         state = {k: v for k, v in oc.state_dict().items() if k != "attn_mask"}
+        ours = build_model(get_config("ViT-B-32"))
         missing, unexpected = ours.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise SystemExit(f"open_clip -> clipengine key mismatch: missing={missing} unexpected={unexpected}")
@@ -105,6 +106,17 @@ def build_models(device: str) -> tuple[Any, CLIP, Any]:
     if oc is None and hf is None:
         raise SystemExit("compare_peers needs open_clip or transformers installed for its peers")
     return (oc.to(device) if oc is not None else None), ours.to(device), (hf.to(device) if hf is not None else None)
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """16 hex digits of SHA-256 over every parameter and buffer, in state-dict order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _to_hf(state: dict[str, torch.Tensor]) -> Any:
@@ -610,8 +622,9 @@ def main(argv: list[str] | None = None) -> int:
     sessions: dict[str, dict[str, Any]] = {}
     if not args.skip_onnx and not cuda:
         t0 = time.perf_counter()
-        work = Path(tempfile.gettempdir()) / "clipengine_bench_onnx"
-        work.mkdir(exist_ok=True)
+        # Cached exports are keyed by the weights: a stale graph would time fine but compare wrong.
+        work = Path(tempfile.gettempdir()) / "clipengine_bench_onnx" / weights_fingerprint(model)
+        work.mkdir(parents=True, exist_ok=True)
         sessions = onnx_sessions(model, work, args.threads)
         log(f"onnx export + int8 quantization: {time.perf_counter() - t0:.0f}s")
         if not args.skip_openvino:
