@@ -355,7 +355,8 @@ def openvino_contestants(model: CLIP, onnx_dir: Path, workdir: Path, threads: in
             try:
                 compiled = core.compile_model(core.read_model(str(path)), "CPU", {**config, "INFERENCE_PRECISION_HINT": hint})
             except RuntimeError as e:  # e.g. OpenVINO 2026.4 rejects ORT's default QDQ around the text embedding Add
-                log(f"openvino peer '{label}' ({tower}) left out: OpenVINO cannot compile it: {str(e).splitlines()[-1][:200]}")
+                reason = next((line for line in reversed(str(e).splitlines()) if line.strip()), "")
+                log(f"openvino peer '{label}' ({tower}) left out: OpenVINO cannot compile it: {reason[:200]}")
                 continue
             peers_[tower][label] = (_ov_fn(compiled), prec)
         for prec in ("int8", "int8w", LOW["name"]):
