@@ -9,7 +9,8 @@ processes hits everyone alike; the table shows the median throughput and the med
 the ratio to the best *peer* in the same round, plus the minimum cosine to open_clip fp32.
 
 Usage:
-    python benchmarks/compare_peers.py [--quick] [--rounds 5] [--skip-onnx] [--skip-openvino] [--skip-e2e] [--json out.json]
+    python benchmarks/compare_peers.py [--quick] [--rounds 5] [--skip-onnx] [--skip-openvino] [--skip-e2e] [--no-compile] [--json out.json]
+    python benchmarks/compare_peers.py --device cuda --skip-e2e   # fp16 / fp8, CUDA graphs, compile; image batch 1024 added
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import numpy as np
 SEED = 0
 COSINE_BOUND = 0.999  # fidelity bound of a fast path vs fp32 (the export issue's bound)
 _KEEP: list[object] = []
+FP8_UNSUPPORTED: list[str] = []  # set by main(): this GPU has no FP8 tensor cores
 
 
 def _patch_torchvision_ops() -> None:
@@ -216,6 +218,11 @@ def peers(tower: str, oc: Any, hf: Any, onnx_sessions: dict[str, Any], *, compil
         out.append(Contestant("open_clip eager fp32", True, _no_grad(getattr(oc, method)), "fp32"))
         eager_low = _no_grad(lambda x: getattr(oc16, method)(x.to(low) if image else x))
         out.append(Contestant(f"open_clip eager {lname}", True, eager_low, lname))
+        if LOW["device"] == "cuda":  # the issue's batch-1 peer: the eager model captured in a CUDA graph
+            from clipengine.backends.accel import _CudaGraphs
+
+            graphed = _CudaGraphs(_no_grad(lambda x: getattr(oc16, method)(x.to(low) if image else x)))
+            out.append(Contestant(f"open_clip eager {lname} + CUDA graph", True, graphed, lname))
         if compile_peers:
             inner = _compiled(lambda x: getattr(oc16, method)(x.to(low) if image else x))
             out.append(Contestant(f"open_clip compile {lname}", True, _no_grad(inner), lname))
@@ -234,7 +241,7 @@ def peers(tower: str, oc: Any, hf: Any, onnx_sessions: dict[str, Any], *, compil
     return out
 
 
-def ours(tower: str, model: CLIP, *, quick: bool) -> list[Contestant]:
+def ours(tower: str, model: CLIP, *, quick: bool, compile_ours: bool = True) -> list[Contestant]:
     """clipengine fast paths (accel.optimize) for `tower`."""
     lname = LOW["name"]
     variants: list[tuple[str, dict[str, Any]]] = [
@@ -242,10 +249,22 @@ def ours(tower: str, model: CLIP, *, quick: bool) -> list[Contestant]:
         (f"clipengine compile {lname}", dict(precision=lname, compile=True)),
     ]
     if LOW["device"] == "cuda":
-        variants[0] = (f"clipengine eager {lname} + CUDA graphs", dict(precision=lname, cuda_graphs=True))
-        variants.append((f"clipengine compile max-autotune {lname}", dict(precision=lname, compile="max-autotune")))
+        # CUDA graphs on every variant: at batch 1-32 kernel launches, not maths, set the pace.
+        variants = [
+            (f"clipengine eager {lname} + CUDA graphs", dict(precision=lname, cuda_graphs=True)),
+            ("clipengine eager fp8 + CUDA graphs", dict(precision="fp8", cuda_graphs=True)),
+        ]
+        if compile_ours:
+            variants += [
+                (f"clipengine compile {lname} + CUDA graphs", dict(precision=lname, compile=True, cuda_graphs=True)),
+                ("clipengine compile fp8 + CUDA graphs", dict(precision="fp8", compile=True, cuda_graphs=True)),
+            ]
+        if FP8_UNSUPPORTED:
+            variants = [v for v in variants if v[1]["precision"] != "fp8"]
     elif not quick:
         variants.insert(1, (f"clipengine compile {lname} (no prune/trunc)", dict(precision=lname, compile=True, prune=False, truncate_text=False)))  # fmt: skip
+    if not compile_ours:
+        variants = [v for v in variants if not v[1].get("compile")]
     out = []
     for name, kw in variants:
         fast = optimize(model, device=LOW["device"], **kw)
@@ -444,7 +463,7 @@ def measure(
     return cases
 
 
-def table(title: str, contestants: list[Contestant], unit: str) -> tuple[str, list[dict[str, Any]]]:
+def table(title: str, contestants: list[Contestant], unit: str, batch: int) -> tuple[str, list[dict[str, Any]]]:
     """Markdown table: median items/s, median per-round ratio to the best peer (any, and within the
     cosine >= COSINE_BOUND fidelity bound), min cosine to fp32."""
     rounds = len(contestants[0].times)
@@ -457,14 +476,15 @@ def table(title: str, contestants: list[Contestant], unit: str) -> tuple[str, li
         ratio_ok = statistics.median(c.times[r] / best_ok[r] for r in range(rounds))
         rows.append(dict(name=c.name, peer=c.peer, precision=c.precision, per_s=statistics.median(c.times),
                          ratio_to_best_peer=ratio, ratio_to_best_faithful_peer=ratio_ok,
+                         ms_per_batch=1000.0 * batch / statistics.median(c.times),
                          min_cosine_vs_fp32=c.cosine))  # fmt: skip
     lines = [f"\n### {title}", "",
-             f"| contestant | {unit} (median) | x best peer | x best peer with cos >= {COSINE_BOUND} | min cosine vs fp32 |",
-             "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+             f"| contestant | {unit} (median) | ms per batch of {batch} | x best peer | x best peer with cos >= {COSINE_BOUND} | min cosine vs fp32 |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for r in rows:
         mark = "" if r["peer"] else "**"
         flag = "" if r["min_cosine_vs_fp32"] >= COSINE_BOUND else " (below bound)"
-        lines.append(f"| {mark}{r['name']}{mark} | {r['per_s']:.1f} | {r['ratio_to_best_peer']:.2f} | "
+        lines.append(f"| {mark}{r['name']}{mark} | {r['per_s']:.1f} | {r['ms_per_batch']:.3f} | {r['ratio_to_best_peer']:.2f} | "
                      f"{r['ratio_to_best_faithful_peer']:.2f} | {r['min_cosine_vs_fp32']:.5f}{flag} |")  # fmt: skip
     return "\n".join(lines), rows
 
@@ -606,6 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-onnx", action="store_true", help="no ONNX Runtime / OpenVINO contestants")
     p.add_argument("--skip-openvino", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
+    p.add_argument("--no-compile", action="store_true", help="no torch.compile contestants (saves minutes of compiling)")
     p.add_argument("--only", choices=["image1", "image32", "image1024", "text", "textlong", "e2e"], action="append",
                    help="run only these cases (repeatable)")
     p.add_argument("--jpeg-dir", default=str(Path(tempfile.gettempdir()) / "clipengine_bench_jpegs"))
@@ -623,6 +644,9 @@ def main(argv: list[str] | None = None) -> int:
     cuda = args.device.startswith("cuda")
     if cuda:
         LOW.update(dtype=torch.float16, name="fp16", device=args.device)
+        if torch.cuda.get_device_capability(torch.device(args.device)) < (8, 9):
+            FP8_UNSUPPORTED.append(torch.cuda.get_device_name(torch.device(args.device)))
+        log(f"GPU {torch.cuda.get_device_name(torch.device(args.device))}; fp8 rows: {'no' if FP8_UNSUPPORTED else 'yes'}")
     oc, model, hf = build_models(args.device)
     sessions: dict[str, dict[str, Any]] = {}
     if not args.skip_onnx and not cuda:
@@ -650,12 +674,15 @@ def main(argv: list[str] | None = None) -> int:
             continue
         log(f"{title}:")
         if tower not in built:  # one set of callables per tower: compiled graphs are reused across cases
-            built[tower] = peers(tower, oc, hf, sessions, compile_peers=True) + ours(tower, model, quick=args.quick)
+            built[tower] = (peers(tower, oc, hf, sessions, compile_peers=not args.no_compile)
+                            + ours(tower, model, quick=args.quick, compile_ours=not args.no_compile))
         cs = measure(built[tower], x, rounds, min_s, log)
-        text, rows = table(title, cs, unit)
+        text, rows = table(title, cs, unit, x.shape[0])
         tables.append(text)
         report[key] = rows
         print(text, flush=True)
+        if args.json:  # after every case: a run stopped by a time limit keeps what it measured
+            args.json.write_text(json.dumps(report, indent=2))
     if not args.skip_e2e and not cuda and oc is not None and (not args.only or "e2e" in args.only):
         text = run_e2e(args, oc, model, log)
         tables.append(text)

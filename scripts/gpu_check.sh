@@ -4,9 +4,11 @@
 #   bash scripts/gpu_check.sh prepare   # HERE, before any device call: wheels the GPU image lacks -> .whl/
 #   bash scripts/gpu_check.sh run       # ON THE DEVICE, as one `run` call with carry [".whl"], timeout_s 600
 #
-# `run` writes under $OUT: nvidia-smi.txt, pytest_gpu.log (every test marked gpu), peers_cuda.md /
-# peers_cuda.json (benchmarks/compare_peers.py --device cuda: fp16 eager / CUDA graphs / compile /
-# max-autotune vs HF transformers and open_clip; image batch 1 / 32 / 1024 and text), env.txt.
+# `run` writes under $OUT (8 files, the most that come back): env.txt, pytest_gpu.log (tests marked
+# gpu), peers_cuda.{md,json,err} (benchmarks/compare_peers.py --device cuda: fp16 / fp8, eager and
+# compiled, under CUDA graphs, vs HF transformers and open_clip; image batch 1 / 32 / 1024, text) and
+# e2e_cuda.{md,json,err} (benchmarks/gpu_e2e.py: JPEG folder -> embeddings, nvjpeg vs CPU workers).
+# Each stage has its own time limit so that a slow one cannot take the others' results with it.
 # The GPU image (see the device tool's KINDS.md) has torch, transformers, onnxruntime, typer,
 # safetensors, numpy, Pillow, regex, tqdm; it lacks ftfy (our tokenizer) and open_clip.
 set -uo pipefail
@@ -30,15 +32,27 @@ run)
         export PYTHONPATH=/tmp/site
     fi
     export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-    { nvidia-smi; python3 -c "import torch, sys; print(sys.version); print('torch', torch.__version__, torch.cuda.get_device_name(0))"; } \
-        > "$OUT/env.txt" 2>&1
-    nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-    # Warnings are not errors here: the device's torch / transformers versions differ from CI's.
-    timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider -o filterwarnings=default tests/backends \
-        2>&1 | tee "$OUT/pytest_gpu.log"
-    timeout 330 python3 benchmarks/compare_peers.py --device cuda --rounds 3 --skip-e2e \
+    # At most 8 files come back from $OUT: env, pytest, and (md, json, err) for each benchmark.
+    { date -u; nvidia-smi; python3 -c "import sys, torch, torchvision, onnxruntime as o; print(sys.version); \
+print('torch', torch.__version__, torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0)); \
+print('torchvision', torchvision.__version__, 'onnxruntime', o.__version__, o.get_available_providers())"; \
+      nproc; } > "$OUT/env.txt" 2>&1
+    # GPU tests (warnings are not errors here: the device's torch / transformers versions differ from CI's).
+    tests="tests/backends/test_accel.py tests/backends/test_fp8.py tests/backends/test_torch_backend.py tests/image/test_gpu_preprocess.py"
+    if python3 -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())"; then
+        tests="$tests tests/backends/test_onnx_backend.py"
+    fi
+    timeout "${PYTEST_S:-70}" python3 -m pytest -m gpu -q -p no:cacheprovider -o filterwarnings=default $tests > "$OUT/pytest_gpu.log" 2>&1
+    echo "pytest exit $?"; tail -5 "$OUT/pytest_gpu.log"
+    # Peers vs clipengine on the GPU (tables land after each case, so a time limit keeps what was measured).
+    timeout "${PEERS_S:-190}" python3 benchmarks/compare_peers.py --device cuda --rounds 3 --min-seconds 0.25 --skip-e2e \
+        ${PEER_CASES:---only image1024 --only image1 --only image32} \
         --json "$OUT/peers_cuda.json" > "$OUT/peers_cuda.md" 2> "$OUT/peers_cuda.err"
-    echo "compare_peers exit $?"; cat "$OUT/peers_cuda.md"; tail -20 "$OUT/peers_cuda.err"
+    echo "compare_peers exit $?"; cat "$OUT/peers_cuda.md"; tail -5 "$OUT/peers_cuda.err"
+    # JPEG folder -> embeddings: nvjpeg on the GPU vs CPU decode workers.
+    timeout "${E2E_S:-60}" python3 benchmarks/gpu_e2e.py --count 1024 --seconds 6 --json "$OUT/e2e_cuda.json" \
+        > "$OUT/e2e_cuda.md" 2> "$OUT/e2e_cuda.err"
+    echo "gpu_e2e exit $?"; cat "$OUT/e2e_cuda.md"; tail -5 "$OUT/e2e_cuda.err"
     ;;
 *)
     echo "usage: bash scripts/gpu_check.sh prepare|run" >&2

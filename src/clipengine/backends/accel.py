@@ -5,7 +5,8 @@ torch tensors exactly like `CLIP.encode_image` / `CLIP.encode_text` (unnormalise
 float32 out). What it does, each part measured in `benchmarks/compare_peers.py` (see
 docs/performance.md):
 
-- precision: a private copy of the weights cast to bf16 / fp16 (the caller's module is untouched).
+- precision: a private copy of the weights cast to bf16 / fp16 (the caller's module is untouched);
+  "fp8" adds FP8 (e4m3) linear layers in all transformer blocks but the last (`backends/fp8.py`).
   Parameters keep `requires_grad` as they are and every call runs under `torch.no_grad()`. pytorch
   issue 151934 reports a slow CPU path for bf16 weights with `requires_grad=False`; one loaded run
   here saw 3x, two quiet re-checks saw no difference (docs/performance.md, "Pitfalls").
@@ -44,10 +45,13 @@ __all__ = ["PRECISIONS", "TEXT_LENGTH_BUCKET", "AcceleratedCLIP", "default_preci
 
 logger = logging.getLogger(__name__)
 
+# precision name -> the dtype the module is cast to. "fp8" is bf16 with the transformer blocks'
+# linear layers in FP8 (backends/fp8.py; FP8 GPUs, CPUs only as a slow reference).
 PRECISIONS: dict[str, torch.dtype] = {
     "fp32": torch.float32,
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
+    "fp8": torch.bfloat16,
 }
 _MAX_CUDA_GRAPHS = 32  # captured graphs kept per tower (one per input shape), least recently used out
 _COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
@@ -138,6 +142,17 @@ class _CudaGraphs:
         return graph, static_in, static_out
 
 
+def _to_fp8(module: CLIP, device: torch.device) -> None:
+    """FP8 linears in every transformer block but the last, both towers (ResNet towers stay bf16)."""
+    from ..models.clip import VisionTransformer
+    from .fp8 import check_fp8_device, quantize_blocks_fp8
+
+    check_fp8_device(device)
+    if isinstance(module.visual, VisionTransformer):
+        quantize_blocks_fp8(module.visual.transformer.resblocks)
+    quantize_blocks_fp8(module.transformer.resblocks)
+
+
 class AcceleratedCLIP:
     """A CLIP prepared for fast inference; `encode_image` / `encode_text` mirror `CLIP`'s methods.
 
@@ -222,7 +237,9 @@ def optimize(
     Args:
         module: a `clipengine.models.clip.CLIP` (any tower type; pruning applies to ViT towers).
         device: "cpu", "cuda", "cuda:1", ...
-        precision: "fp32", "bf16" or "fp16"; None picks `default_precision(device)`.
+        precision: "fp32", "bf16", "fp16" or "fp8"; None picks `default_precision(device)`.
+            "fp8" needs an FP8 GPU (compute capability >= 8.9) for speed; its deviation from
+            fp32 is measured, not bounded at 0.999 (docs/performance.md).
         compile: False, True (inductor default mode) or a torch.compile mode name
             ("max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead"). On CPU the weights
             are frozen into the graph (oneDNN prepacked bf16 kernels): later edits to the module's
@@ -270,6 +287,8 @@ def optimize(
     # stays True (see module docstring: bf16 + requires_grad=False is a slow CPU path).
     fast = _copy.deepcopy(module) if copy else module
     fast = fast.eval().to(device=dev, dtype=PRECISIONS[precision])
+    if precision == "fp8":
+        _to_fp8(fast, dev)
     logger.info(
         "accelerated CLIP: device=%s precision=%s compile=%s cuda_graphs=%s prune=%s truncate_text=%s",
         dev, precision, compile_mode, cuda_graphs, prune, truncate_text,

@@ -1,4 +1,4 @@
-"""PyTorch backend: runs a CLIP module on CPU or CUDA in fp32 / bf16 / fp16, returns unit-norm float32."""
+"""PyTorch backend: runs a CLIP module on CPU or CUDA in fp32 / bf16 / fp16 (fp8 on FP8 GPUs), returns unit-norm float32."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ __all__ = ["PRECISIONS", "TorchBackend"]
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# fp8: bf16 weights with FP8 linear layers in the transformer blocks (backends/fp8.py), FP8 GPUs only.
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -73,6 +74,11 @@ class TorchBackend:
         if precision == "fp16" and dev.type != "cuda":
             raise BackendError(
                 "fp16 needs a CUDA device (CPU kernels for fp16 are slow or missing); use bf16"
+            )
+        if precision == "fp8" and dev.type != "cuda":
+            raise BackendError(
+                "fp8 needs a CUDA GPU with FP8 tensor cores (L4, H100, ...); on CPU use bf16, "
+                "or the ONNX / OpenVINO int8 engines"
             )
         self.device = str(dev)
         self.precision = precision

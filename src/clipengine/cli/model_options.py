@@ -121,7 +121,7 @@ BACKEND_OPT = typer.Option(
     "--backend",
     help="torch (checkpoints), or onnx / openvino (export folders; openvino: fast CPU INT8).",
 )
-PRECISION_OPT = typer.Option("fp32", "--precision", help="fp32, fp16, bf16 or int8 (backend dependent).")
+PRECISION_OPT = typer.Option("fp32", "--precision", help="fp32, fp16, bf16, int8, int8w (onnx/openvino) or fp8 (torch, FP8 GPUs); backend dependent.")
 DEVICE_OPT = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ...")
 DOWNLOAD_OPT = typer.Option(False, "--download", help="Allow downloading weights that are not cached.")
 COMPILE_OPT = typer.Option(

@@ -108,7 +108,7 @@ def register(app: typer.Typer) -> None:
         ),
         device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ..."),
         precision: str = typer.Option(
-            "fp32", "--precision", help="fp32, fp16, bf16 or int8 (backend dependent)."
+            "fp32", "--precision", help="fp32, fp16, bf16, int8, int8w (onnx/openvino) or fp8 (torch, FP8 GPUs); backend dependent."
         ),
         download: bool = typer.Option(
             False, "--download", help="Allow downloading weights that are not cached."

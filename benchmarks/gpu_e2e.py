@@ -1,0 +1,275 @@
+"""End to end on CUDA: a folder of camera-size JPEGs -> ViT-B/32 embeddings, GPU decode vs CPU decode workers.
+
+Rows (one random-weight ViT-B/32, `optimize(device="cuda", precision="fp16", cuda_graphs=True)`):
+
+- gpu nvjpeg: `image.gpu_preprocess.iter_gpu_batches` (reader threads -> nvjpeg batched decode ->
+  torch resize / crop / normalise on the GPU) -> model
+- gpu nvjpeg, decode only: the same loader without the model
+- cpu exact: `pipeline.batching.iter_batches`, exact Pillow decode in one worker process per core -> model
+- cpu fast_decode: the same with libjpeg's reduced-DCT decode
+- model only: preprocessed pixels already on the GPU
+
+Cosine: per image, each row's embedding vs the cpu exact row's (same model, same files), so it
+measures only what the decode / preprocess path changes. Markdown table on stdout, logs on stderr.
+
+Usage:
+    python benchmarks/gpu_e2e.py [--count 2048] [--jpeg-dir DIR] [--batch 256] [--json results.json]
+
+Heavy imports (torch, the model) happen inside `main`: the CPU rows' spawned workers re-import this
+file as their main module, and must stay light (see benchmarks/e2e_pipeline.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("gpu_e2e")
+SEED = 0
+SMALL, LARGE = (1280, 960), (4000, 3000)
+
+
+def make_jpeg(job: tuple[int, int, int, str]) -> int:
+    """One photo-like JPEG (smooth colour fields, edges, sensor-like noise), quality 90, 4:2:0.
+
+    Top-level so a spawned pool can run it. Every 16th image carries EXIF orientation 6, as a
+    phone held upright writes it, so the rotation path is timed too. Returns the file size.
+    """
+    from PIL import Image
+
+    seed, width, height, path = job
+    rng = np.random.default_rng(seed)
+    y = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None]
+    x = np.linspace(0.0, 1.0, width, dtype=np.float32)[None, :]
+    channels = []
+    for c in range(3):
+        fx, fy, px, py = rng.uniform(1, 6), rng.uniform(1, 6), rng.uniform(0, 6.3), rng.uniform(0, 6.3)
+        field = 110 + 70 * np.sin(fx * x * 6.3 + px) * np.cos(fy * y * 6.3 + py) + 40 * (x - y) * (c - 1)
+        channels.append(field)
+    pixels = np.stack(channels, axis=-1)
+    for _ in range(6):  # hard-edged rectangles: objects with edges, where chroma subsampling shows
+        x0, y0 = int(rng.integers(0, width * 3 // 4)), int(rng.integers(0, height * 3 // 4))
+        w, h = int(rng.integers(width // 10, width // 3)), int(rng.integers(height // 10, height // 3))
+        pixels[y0 : y0 + h, x0 : x0 + w] = rng.uniform(20, 235, 3)
+    noise = rng.standard_normal((height, width, 3), dtype=np.float32) * 4.0
+    image = Image.fromarray(np.clip(pixels + noise, 0, 255).astype(np.uint8))
+    exif = Image.Exif()
+    if seed % 16 == 5:
+        exif[0x0112] = 6
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=90, exif=exif.tobytes())
+    Path(path).write_bytes(buf.getvalue())
+    return len(buf.getvalue())
+
+
+def ensure_jpegs(folder: Path, count: int, distinct: int, large_every: int, procs: int) -> list[Path]:
+    """`count` JPEGs in `folder` (reused when already there): `distinct` generated ones, hard-linked
+    (or copied) to reach `count`. Every `large_every`-th distinct image is 4000x3000, the rest 1280x960."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"img_{i:06d}.jpg" for i in range(count)]
+    if all(p.exists() for p in paths):
+        log.info("reusing %d JPEGs in %s", count, folder)
+        return paths
+    t0 = time.perf_counter()
+    sources = [folder / f"src_{i:04d}.jpg" for i in range(distinct)]
+    jobs = []
+    for i, path in enumerate(sources):
+        w, h = LARGE if large_every and i % large_every == large_every - 1 else SMALL
+        jobs.append((SEED + i, w, h, str(path)))
+    with multiprocessing.get_context("spawn").Pool(procs) as pool:
+        sizes = pool.map(make_jpeg, jobs, chunksize=1)
+    for i, path in enumerate(paths):
+        path.unlink(missing_ok=True)
+        try:
+            os.link(sources[i % distinct], path)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(sources[i % distinct], path)
+    for src in sources:
+        src.unlink()
+    log.info("wrote %d distinct JPEGs (mean %.0f kB) as %d files in %.1f s",
+             distinct, np.mean(sizes) / 1e3, count, time.perf_counter() - t0)  # fmt: skip
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--count", type=int, default=2048, help="JPEG files to embed (default 2048)")
+    p.add_argument("--distinct", type=int, default=64, help="distinct generated images (default 64)")
+    p.add_argument("--large-every", type=int, default=8,
+                   help="every Nth distinct image is 4000x3000, the rest 1280x960 (default 8; 0: none)")  # fmt: skip
+    p.add_argument("--jpeg-dir", type=Path, default=None, help="where the JPEGs live; reused if present, kept")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--workers", type=int, default=None, help="CPU decode processes (default: all cores)")
+    p.add_argument("--read-threads", type=int, default=8, help="file reader threads of the GPU loader")
+    p.add_argument("--seconds", type=float, default=20.0, help="stop a row after this long (default 20)")
+    p.add_argument("--skip-cpu", action="store_true", help="GPU rows only (cosines need the cpu exact row)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_e2e.py needs a CUDA GPU: torch.cuda.is_available() is False on this machine", file=sys.stderr)
+        return 2
+    try:
+        from torchvision.io import decode_jpeg  # noqa: F401 - the nvjpeg entry point
+    except Exception as e:  # a CPU-only or broken torchvision
+        print(f"gpu_e2e.py needs torchvision with CUDA image ops: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+
+    from clipengine.pipeline.batching import default_workers
+
+    workers = args.workers or default_workers()
+    own_dir = args.jpeg_dir is None
+    folder = args.jpeg_dir or Path(tempfile.mkdtemp(prefix="clipengine_gpu_e2e_"))
+    try:
+        ensure_jpegs(folder, args.count, min(args.distinct, args.count), args.large_every, workers)
+        results = run(args, folder, workers)
+    finally:
+        if own_dir:
+            shutil.rmtree(folder, ignore_errors=True)
+    print(render(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+Rows = Iterator[tuple[list[str], Any]]  # (ids, pixels) per batch
+
+
+def run(args: argparse.Namespace, folder: Path, workers: int) -> dict[str, Any]:
+    import torch
+    import torchvision
+
+    from clipengine.backends.accel import optimize
+    from clipengine.image.gpu_preprocess import GpuJpegDecoder, iter_gpu_batches
+    from clipengine.image.preprocess import PreprocessConfig
+    from clipengine.models.clip import build_model
+    from clipengine.models.config import get_config
+    from clipengine.pipeline.batching import iter_batches, make_executor, warm_executor
+    from clipengine.pipeline.sources import list_folder
+
+    items = list_folder(folder)
+    cfg = PreprocessConfig()
+    device = torch.device("cuda")
+    torch.manual_seed(SEED)
+    model = optimize(build_model(get_config("ViT-B-32")).eval(), device=device, precision="fp16",
+                     cuda_graphs=True)  # fmt: skip
+    shapes = {min(args.batch, len(items)), len(items) % args.batch} - {0}
+    for n in shapes:  # capture the CUDA graphs outside the timings
+        model.encode_image(torch.zeros((n, 3, 224, 224), device=device))
+    torch.cuda.synchronize()
+
+    def gpu_rows(decoder: GpuJpegDecoder, subset: list[Any] = items) -> Rows:
+        for b in iter_gpu_batches(subset, cfg, device, args.batch, read_threads=args.read_threads,
+                                  out_dtype=torch.float16, decoder=decoder):  # fmt: skip
+            yield b.ids, b.pixels
+
+    def timed(name: str, rows: Callable[[], Rows], embed: bool = True) -> dict[str, Any]:
+        feats: list[tuple[list[str], Any]] = []
+        n = 0
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        batches = rows()
+        for ids, pixels in batches:
+            if embed:
+                feats.append((ids, model.encode_image(pixels)))
+            n += len(ids)
+            if time.perf_counter() - t0 > args.seconds:
+                log.info("%s: stopped after %.0f s (--seconds)", name, args.seconds)
+                break
+        torch.cuda.synchronize()
+        batches.close()  # a row stopped early drops its queued reads / decodes
+        seconds = time.perf_counter() - t0
+        log.info("%s: %d images in %.2f s = %.0f img/s", name, n, seconds, n / seconds)
+        vectors = {}
+        for ids, f in feats:
+            f = torch.nn.functional.normalize(f.float(), dim=-1).cpu().numpy()
+            vectors.update(zip(ids, f, strict=True))
+        return {"name": name, "images": n, "seconds": seconds, "img_per_s": n / seconds, "_vectors": vectors}
+
+    rows: list[dict[str, Any]] = []
+    executor = None
+    if not args.skip_cpu:
+        executor = make_executor(workers)
+        assert executor is not None
+        warm_executor(executor, workers, cfg.to_dict())  # process start-up outside the timings
+
+        def cpu_rows(fast: bool) -> Rows:
+            for b in iter_batches(items, cfg, args.batch, executor=executor, fast_decode=fast):
+                yield b.ids, torch.from_numpy(b.pixels).to(device)
+
+        rows.append(timed(f"cpu exact ({workers} workers)", lambda: cpu_rows(False)))
+        rows.append(timed(f"cpu fast_decode ({workers} workers)", lambda: cpu_rows(True)))
+    # Warm-up: torchvision / nvjpeg initialisation and the resize kernels, outside the timings.
+    for _ in gpu_rows(GpuJpegDecoder(device), items[: 2 * args.batch]):
+        pass
+    decode_only = GpuJpegDecoder(device)
+    rows.append(timed("gpu nvjpeg, decode only (no model)", lambda: gpu_rows(decode_only), embed=False))
+    end_to_end = GpuJpegDecoder(device)
+    rows.append(timed("gpu nvjpeg + model", lambda: gpu_rows(end_to_end)))
+    first = gpu_rows(GpuJpegDecoder(device))
+    pixels = next(first)[1]
+    first.close()
+    calls = -(-len(items) // args.batch)
+    rows.append(timed("model only (pixels on GPU)", lambda: ((list(map(str, range(len(pixels)))), pixels)
+                                                              for _ in range(calls))))  # fmt: skip
+    if executor is not None:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+    reference = rows[0]["_vectors"] if not args.skip_cpu else {}
+    for row in rows:
+        vectors = row.pop("_vectors")
+        common = [i for i in vectors if i in reference] if not row["name"].startswith("model only") else []
+        if common and row is not rows[0]:
+            cos = np.array([float(np.dot(vectors[i], reference[i])) for i in common])
+            row["cos_min"], row["cos_mean"], row["cos_images"] = float(cos.min()), float(cos.mean()), len(common)
+    return {
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "cpu_workers": workers,
+        "count": len(items),
+        "batch": args.batch,
+        "large_every": args.large_every,
+        "rows": rows,
+        "gpu_decode": dataclasses.asdict(end_to_end.stats),
+    }
+
+
+def render(results: dict[str, Any]) -> str:
+    lines = [
+        f"ViT-B/32 fp16 + CUDA graphs on {results['device']} (torch {results['torch']}, torchvision "
+        f"{results['torchvision']}); {results['count']} JPEGs (1280x960; every {results['large_every']}th "
+        f"distinct one 4000x3000, 0 = none), batch {results['batch']}",
+        "",
+        "| path | img/s | images | s | cos vs cpu exact (min / mean) |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    for row in results["rows"]:
+        cos = f"{row['cos_min']:.5f} / {row['cos_mean']:.5f}" if "cos_min" in row else "reference" if row[
+            "name"].startswith("cpu exact") else "-"  # fmt: skip
+        lines.append(f"| {row['name']} | {row['img_per_s']:.0f} | {row['images']} | {row['seconds']:.2f} | {cos} |")
+    g = results["gpu_decode"]
+    lines += ["", f"gpu loader (e2e row): nvjpeg {g['nvjpeg']}, cpu fallback {g['cpu_fallback']}, failures "
+                  f"{g['failures']}, batch retries {g['batch_retries']}"]  # fmt: skip
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,602 @@
+"""GPU image path: JPEG decode with nvjpeg (torchvision.io) and resize / crop / normalise in torch.
+
+The geometry is the exact path's (`image.preprocess`): the same resized size (torchvision's
+rounding), the same center-crop offsets, the same "squash" mode, and the same skip of the resize
+when an image already has the resized size. Resampling follows Pillow's: its antialiased filters
+(`interpolate(..., antialias=True)`), its two passes with the intermediate rounded to uint8 and in
+its order, its nearest-neighbour indices. What is left is rounding (Pillow's fixed-point weights):
+within one grey level, on well under 2% of the values; nearest, and crops without a resize, are
+bit-identical. tests/image/test_gpu_preprocess.py states the measured deviations.
+
+Decoding is robust by construction: an input that is not a complete RGB / grey JPEG goes straight
+to the exact CPU decoder (`image.decode`), a batched nvjpeg call that raises is retried one image
+at a time, an image nvjpeg refuses falls back to the CPU decoder too, and only an image the CPU
+decoder also rejects becomes a `Failure` (with the CPU decoder's reason). EXIF orientation is
+applied here (torchvision ignores `apply_exif_orientation` for CUDA decoding, 0.26 - 0.28).
+nvjpeg's pixels are not libjpeg-turbo's (chroma upsampling): see the GPU tests for the bounds.
+
+torch and torchvision are imported inside functions: importing this module needs neither.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+from PIL import Image
+
+from clipengine.errors import DecodeError
+from clipengine.image import decode as _decode
+from clipengine.image.preprocess import (
+    _MAX_RESIZED_PIXELS,
+    PreprocessConfig,
+    _center_box,
+    _normalise_table,
+    resize_and_crop,
+    resized_size,
+)
+from clipengine.types import Failure, ImageItem
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "DecodeBatch",
+    "Decoded",
+    "EncodedImage",
+    "GpuBatch",
+    "GpuDecodeStats",
+    "GpuJpegDecoder",
+    "inspect_encoded",
+    "iter_gpu_batches",
+    "orient",
+    "preprocess_tensors",
+]
+
+logger = logging.getLogger(__name__)
+
+# A decoder for a list of encoded JPEGs (1-D uint8 CPU tensors) -> (3, H, W) uint8 tensors on the device.
+DecodeBatch = Callable[[list["torch.Tensor"], "torch.device"], list["torch.Tensor"]]
+
+_JPEG_SOI = b"\xff\xd8\xff"  # start-of-image marker and the first byte of the next marker
+_JPEG_EOI = b"\xff\xd9"
+# A complete JPEG ends with EOI; allow trailing padding / metadata after it. No EOI near the end
+# means truncated data, which nvjpeg may decode into grey rows where the exact path fails: such
+# files go to the CPU decoder so both paths accept and reject the same inputs.
+_EOI_TAIL = 4096
+# Header parsing reads this prefix (markers before the scan: EXIF, ICC, ...; APPn segments are at
+# most 64 KiB each), not a copy of the whole file; the whole file only when the prefix is not enough.
+_HEADER_BYTES = 128 * 1024
+_NVJPEG_MODES = ("RGB", "L")  # CMYK / YCCK JPEGs go to the CPU decoder (its colour conversion)
+# Same-size images are resized together up to this many float32 elements per call (512 MiB).
+_GROUP_ELEMENTS = 1 << 27
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """Encoded bytes, checked ahead of decoding (cheap, header only; done on the reader threads)."""
+
+    id: str
+    data: bytes | bytearray
+    orientation: int = 1  # EXIF orientation tag, applied after decoding (1 = as stored)
+    nvjpeg: bool = True  # False: decode with the exact CPU path (not a JPEG nvjpeg should take)
+
+
+def inspect_encoded(item_id: str, data: bytes | bytearray) -> EncodedImage:
+    """Decide where `data` gets decoded and read its EXIF orientation, without decoding pixels.
+
+    nvjpeg gets complete RGB / grey JPEGs within `MAX_IMAGE_PIXELS`; everything else (other
+    formats, CMYK, truncated or unreadable headers, bombs) goes to the CPU decoder, which also
+    produces the exact path's error message for inputs that cannot be decoded at all.
+    """
+    if not data.startswith(_JPEG_SOI) or _JPEG_EOI not in data[-_EOI_TAIL:]:
+        return EncodedImage(item_id, data, nvjpeg=False)
+    try:
+        width, height, usable, orientation = _read_header(memoryview(data)[:_HEADER_BYTES])
+    except Exception:
+        try:  # markers past the prefix (big APP segments): read the whole file's
+            width, height, usable, orientation = _read_header(memoryview(data))
+        except Exception:  # any header problem: the CPU decoder decides, and names the reason
+            return EncodedImage(item_id, data, nvjpeg=False)
+    if not usable or width * height > _decode.MAX_IMAGE_PIXELS:
+        return EncodedImage(item_id, data, nvjpeg=False)
+    if not isinstance(orientation, int) or not 1 <= orientation <= 8:
+        orientation = 1  # unreadable tag: as stored, like image.decode
+    return EncodedImage(item_id, data, orientation=orientation)
+
+
+def _read_header(data: memoryview) -> tuple[int, int, bool, object]:
+    """(width, height, nvjpeg can take it, EXIF orientation) from the markers before the scan."""
+    with _decode._quiet_pil(), Image.open(io.BytesIO(data)) as header:  # parses markers, not pixels
+        usable = header.format in ("JPEG", "MPO") and header.mode in _NVJPEG_MODES
+        return header.width, header.height, usable, header.getexif().get(_decode._EXIF_ORIENTATION, 1)
+
+
+def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Undo an EXIF orientation on a (..., H, W) tensor, as Pillow's `ImageOps.exif_transpose`."""
+    if orientation == 2:  # mirrored
+        return image.flip(-1)
+    if orientation == 3:  # upside down
+        return image.flip(-2, -1)
+    if orientation == 4:  # mirrored vertically
+        return image.flip(-2)
+    if orientation == 5:  # transposed
+        return image.transpose(-2, -1)
+    if orientation == 6:  # shown rotated 90 degrees clockwise
+        return image.rot90(-1, (-2, -1))
+    if orientation == 7:  # transversed
+        return image.transpose(-2, -1).flip(-2, -1)
+    if orientation == 8:  # shown rotated 90 degrees counter-clockwise
+        return image.rot90(1, (-2, -1))
+    return image
+
+
+def _nvjpeg_decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """torchvision's batched nvjpeg decode (hardware JPEG engines on A100 / H100 / H200).
+
+    torchvision allocates the outputs on the caller's current stream but writes them from its own
+    stream without waiting for the caller's: memory freed by queued work (the previous batch's
+    resize, the model) can be handed out and overwritten before that work runs. Seen on an H200 as
+    embeddings with cosine 0.56 once the host side got fast enough to run ahead. So the decode
+    allocates from a stream of its own, the caller's stream waits for it, and each output is
+    marked as used there (`record_stream`), so its memory is not reused before that use is done.
+    """
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    consumer = torch.cuda.current_stream(device)
+    stream = _decode_stream(device)
+    with torch.cuda.device(device), torch.cuda.stream(stream):
+        # One call for the whole list. No apply_exif_orientation: torchvision ignores it for CUDA
+        # output (0.26 - 0.28); `orient` does it instead.
+        decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    images = list(decoded) if isinstance(decoded, list) else [decoded]
+    consumer.wait_stream(stream)
+    for image in images:
+        image.record_stream(consumer)
+    return images
+
+
+@lru_cache(maxsize=16)
+def _decode_stream(device: torch.device) -> torch.cuda.Stream:
+    import torch
+
+    return torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+
+
+@dataclass
+class GpuDecodeStats:
+    """Where images were decoded; `cpu_fallback` > 0 is normal for PNGs, CMYK or odd JPEGs."""
+
+    nvjpeg: int = 0  # decoded on the GPU
+    cpu_fallback: int = 0  # decoded by the exact CPU path instead
+    failures: int = 0  # undecodable by either
+    batch_retries: int = 0  # batched nvjpeg calls that raised and were retried one image at a time
+    read_s: float = 0.0  # seconds reading + inspecting files, summed over reader threads
+    decode_s: float = 0.0  # wall seconds in `GpuJpegDecoder.decode` (the nvjpeg call waits for its decode)
+    preprocess_s: float = 0.0  # wall seconds queuing resize / crop / normalise
+
+
+class Decoded(NamedTuple):
+    """Decoded images in input order (failed ones left out), and a Failure per undecodable input."""
+
+    ids: list[str]
+    images: list[torch.Tensor]  # (3, H, W) uint8 on the decoder's device, EXIF-oriented
+    failures: list[Failure]
+
+
+class GpuJpegDecoder:
+    """Decodes JPEGs with nvjpeg in one batched call; anything else through the exact CPU decoder.
+
+    Args:
+        device: "cuda", "cuda:1", ... (any torch device when `decode_batch` is given).
+        decode_batch: the batched decoder; default torchvision's nvjpeg `decode_jpeg`. Tests
+            inject a fake to exercise the fallbacks without a GPU.
+        stats: counters to add to (a new `GpuDecodeStats` by default).
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device = "cuda",
+        *,
+        decode_batch: DecodeBatch | None = None,
+        stats: GpuDecodeStats | None = None,
+    ) -> None:
+        import torch
+
+        self.device = torch.device(device)
+        self.decode_batch = decode_batch if decode_batch is not None else _nvjpeg_decode
+        self.stats = stats if stats is not None else GpuDecodeStats()
+
+    def decode(
+        self, items: Sequence[EncodedImage | tuple[str, bytes]], cfg: PreprocessConfig | None = None
+    ) -> Decoded:
+        """Decode `(id, bytes)` pairs (or already inspected `EncodedImage`s), keeping their order.
+
+        With `cfg`, images the CPU decoder takes are also resized and cropped there, exactly as the
+        exact path does (in their own mode: RGBA premultiplied, palettes nearest, 16-bit scaled)
+        and handed over as S x S RGB, which `preprocess_tensors` leaves as it is: those images
+        then match the exact path bit for bit. Without it they come back at full size in RGB.
+        """
+        t0 = time.perf_counter()
+        encoded = [it if isinstance(it, EncodedImage) else inspect_encoded(*it) for it in items]
+        results: list[torch.Tensor | Failure | None] = [None] * len(encoded)
+        on_gpu = [i for i, e in enumerate(encoded) if e.nvjpeg]
+        for i, image in zip(on_gpu, self._nvjpeg([encoded[i] for i in on_gpu]), strict=True):
+            if image is not None:
+                results[i] = orient(image, encoded[i].orientation)
+                self.stats.nvjpeg += 1
+        for i, e in enumerate(encoded):
+            if results[i] is None:
+                results[i] = self._cpu(e, cfg)
+        decoded = Decoded([], [], [])
+        for e, result in zip(encoded, results, strict=True):
+            if isinstance(result, Failure):
+                decoded.failures.append(result)
+            elif result is not None:
+                decoded.ids.append(e.id)
+                decoded.images.append(result)
+        self.stats.decode_s += time.perf_counter() - t0
+        return decoded
+
+    def _nvjpeg(self, encoded: list[EncodedImage]) -> list[torch.Tensor | None]:
+        """Decoded images aligned with `encoded`; None where nvjpeg could not decode one."""
+        if not encoded:
+            return []
+        import torch
+
+        # frombuffer shares a bytearray's memory; bytes are read-only, so those are copied first.
+        data = [torch.frombuffer(_writable(e.data), dtype=torch.uint8) for e in encoded]
+        try:
+            return list(self.decode_batch(data, self.device))
+        except Exception as err:  # torchvision raises RuntimeError; any error only means "not this way"
+            # The batched call returns nothing when one image fails: find it one image at a time.
+            logger.debug("batched nvjpeg decode of %d images failed (%s); retrying one by one", len(data), err)
+            self.stats.batch_retries += 1
+        singles: list[torch.Tensor | None] = []
+        for item, tensor in zip(encoded, data, strict=True):
+            try:
+                singles.append(self.decode_batch([tensor], self.device)[0])
+            except Exception as err:
+                logger.debug("nvjpeg cannot decode %s (%s); using the CPU decoder", item.id, err)
+                singles.append(None)
+        return singles
+
+    def _cpu(self, encoded: EncodedImage, cfg: PreprocessConfig | None) -> torch.Tensor | Failure:
+        """The exact path's decoder (EXIF-oriented RGB; with `cfg` also its resize and crop), moved
+        to the device; or the Failure it gives."""
+        import torch
+
+        try:
+            image = _decode.open_image(bytes(encoded.data), encoded.id)  # a copy, next to a CPU decode
+            if cfg is not None:
+                image = resize_and_crop(_decode.to_8bit(image, encoded.id), cfg)
+            rgb = _decode.to_rgb(image, encoded.id)
+        except DecodeError as e:
+            self.stats.failures += 1
+            return Failure(encoded.id, e.reason)
+        except Exception as e:  # any other per-image error is this image's failure, never the batch's
+            logger.debug("failed to decode %s", encoded.id, exc_info=True)
+            self.stats.failures += 1
+            return Failure(encoded.id, f"{type(e).__name__}: {e}")
+        self.stats.cpu_fallback += 1
+        pixels = torch.from_numpy(np.array(rgb, dtype=np.uint8))  # (H, W, 3), a writable copy
+        return pixels.permute(2, 0, 1).to(self.device)
+
+
+def preprocess_tensors(
+    images: Sequence[torch.Tensor], cfg: PreprocessConfig, *, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """(3, H, W) uint8 RGB images on one device -> (N, 3, S, S) normalised pixels on that device.
+
+    Resize (bicubic / bilinear with antialias, as Pillow's filters; nearest as Pillow's nearest),
+    round and clamp to 0..255 as Pillow's uint8 output, center-crop, then (v / 255 - mean) / std
+    in float32, value for value the exact path's lookup table.
+
+    Extreme aspect ratios (where the exact path resizes "into the crop window" to bound memory)
+    resize only the source rows / columns that feed the crop, plus the filter's reach: memory stays
+    O(S^2) per image, at up to about half an output pixel of offset from the exact path.
+
+    Args:
+        images: uint8 tensors shaped (3, H, W), all on the same device.
+        cfg: the model's preprocessing settings.
+        out_dtype: dtype of the result (float32 when None).
+
+    Raises:
+        ValueError: an image that is not a (3, H, W) uint8 tensor, or images on several devices.
+    """
+    import torch
+
+    size = cfg.image_size
+    if not images:
+        return torch.empty((0, 3, size, size), dtype=out_dtype or torch.float32)
+    device = images[0].device
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, image in enumerate(images):
+        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(
+                f"image {i}: expected a (3, H, W) uint8 tensor, got {tuple(image.shape)} {image.dtype}"
+            )
+        if image.device != device:
+            raise ValueError(f"image {i} is on {image.device}, image 0 on {device}: use one device")
+        groups.setdefault((int(image.shape[1]), int(image.shape[2])), []).append(i)
+    rows: list[torch.Tensor | None] = [None] * len(images)
+    for (height, width), indices in groups.items():
+        step = max(1, _GROUP_ELEMENTS // (3 * height * width))
+        for start in range(0, len(indices), step):
+            part = indices[start : start + step]
+            batch = torch.stack([images[i] for i in part]) if len(part) > 1 else images[part[0]][None]
+            cropped = _resize_crop(batch, width, height, cfg)
+            for j, i in enumerate(part):
+                rows[i] = cropped[j]
+    crops = torch.stack([r for r in rows if r is not None])
+    return _normalise(crops, cfg, out_dtype or torch.float32)
+
+
+def _resize_crop(batch: torch.Tensor, width: int, height: int, cfg: PreprocessConfig) -> torch.Tensor:
+    """(n, 3, height, width) uint8 -> (n, 3, S, S) uint8, the exact path's `resize_and_crop`."""
+    size = cfg.image_size
+    new_w, new_h = resized_size(width, height, cfg)
+    left, top, right, bottom = _center_box(new_w, new_h, size)
+    if new_w * new_h > _MAX_RESIZED_PIXELS:
+        logger.debug("extreme aspect ratio %dx%d: resizing only the crop window", width, height)
+        y0, y1, out_h, off_y = _window(height, new_h, top, size)
+        x0, x1, out_w, off_x = _window(width, new_w, left, size)
+        # Pass order as Pillow picks it for the exact path's box resize: whole image -> S x S.
+        vertical_first = _pillow_vertical_first(width, height, size, size)
+        resized = _resize(batch[:, :, y0:y1, x0:x1], out_h, out_w, cfg.interpolation, vertical_first)
+        return resized[:, :, off_y : off_y + size, off_x : off_x + size]
+    if (new_w, new_h) != (width, height):  # torchvision leaves an image of the right size untouched
+        vertical_first = _pillow_vertical_first(width, height, new_w, new_h)
+        batch = _resize(batch, new_h, new_w, cfg.interpolation, vertical_first)
+    return batch[:, :, top:bottom, left:right]
+
+
+def _window(n_src: int, n_new: int, start: int, size: int) -> tuple[int, int, int, int]:
+    """One axis of a window resize: source span [lo, hi), its resized length, the crop's offset in it.
+
+    The span covers the crop window mapped back to the source plus the filter's reach (bicubic's
+    support of 2 source pixels, widened by the shrink factor), so edge clamping at the span's ends
+    never reaches the crop.
+    """
+    scale = n_new / n_src  # output pixels per source pixel
+    reach = math.ceil(2 * max(1.0, 1 / scale)) + 1
+    lo = max(0, math.floor(start / scale) - reach)
+    hi = min(n_src, math.ceil((start + size) / scale) + reach)
+    length = max(size, round((hi - lo) * scale))
+    offset = min(length - size, max(0, round(start - lo * scale)))
+    return lo, hi, length, offset
+
+
+def _resize(
+    batch: torch.Tensor, height: int, width: int, interpolation: str, vertical_first: bool
+) -> torch.Tensor:
+    """(n, 3, h, w) uint8 -> (n, 3, height, width) uint8 the way Pillow resizes 8-bit images.
+
+    Pillow resamples one axis, stores that pass as rounded, saturated uint8, then resamples the
+    other; the passes here do the same, in Pillow's order, because with bicubic's overshoot (sharp
+    edges, noise, upscaling) one float pass, or the other order, differs from Pillow by up to ~20
+    grey levels where matching passes stay within one.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    src_h, src_w = int(batch.shape[2]), int(batch.shape[3])
+    if interpolation == "nearest":
+        rows = _nearest_indices(src_h, height, batch.device)
+        cols = _nearest_indices(src_w, width, batch.device)
+        return batch.index_select(2, rows).index_select(3, cols)
+    passes = [(src_h, width), (height, width)]  # horizontal, then vertical
+    if vertical_first:
+        passes = [(height, src_w), (height, width)]
+    for size in passes:
+        if tuple(batch.shape[2:]) == size:  # Pillow skips a pass that keeps its axis
+            continue
+        x = batch.float()  # float on every device: CUDA has no uint8 antialiased kernels
+        if size[1] == 1 and size[0] > 1:
+            # torch's antialiased kernel (CPU, torch 2.13) returns wrong rows when the output is
+            # one pixel wide, e.g. the vertical pass of a 1-px-wide image; transposed it is right.
+            x = F.interpolate(x.transpose(2, 3), size=size[::-1], mode=interpolation, antialias=True)
+            x = x.transpose(2, 3)
+        else:
+            x = F.interpolate(x, size=size, mode=interpolation, align_corners=False, antialias=True)
+        batch = x.round_().clamp_(0, 255).to(torch.uint8)
+    return batch
+
+
+def _pillow_vertical_first(src_w: int, src_h: int, width: int, height: int) -> bool:
+    """Whether the installed Pillow resamples vertically first for this resize (it matters: the
+    pass in between is stored as uint8). Read from Pillow's sources:
+
+    - Pillow >= 13 (Resample.c, python-pillow/Pillow#9549): when the height loses more than twice
+      as many pixels as the width.
+    - Pillow 12.2 - 12.x (Image.resize, python-pillow/Pillow#9524): images over 100 times taller
+      than wide whose height shrinks.
+    - Older: always horizontally first.
+    """
+    version = _pillow_version()
+    if version >= (13, 0):
+        shrink_h = src_h - height
+        return shrink_h > 0 and shrink_h > 2 * (src_w - width)
+    if version >= (12, 2):
+        return src_h > 100 * src_w and height < src_h
+    return False
+
+
+@lru_cache(maxsize=1)
+def _pillow_version() -> tuple[int, int]:
+    from PIL import __version__
+
+    major, minor = (int("".join(c for c in part if c.isdigit()) or 0) for part in __version__.split(".")[:2])
+    return major, minor
+
+
+def _nearest_indices(n_src: int, n_out: int, device: torch.device) -> torch.Tensor:
+    """Pillow's nearest-neighbour source indices: int(x) over x = scale / 2 + k * scale, accumulated
+    in double one step at a time as Pillow's affine scaler does (a closed form floor((k + 0.5) *
+    scale), torch's "nearest-exact", differs at ties where the running sum rounds)."""
+    import torch
+
+    scale = n_src / n_out
+    steps = np.full(n_out, scale)
+    steps[0] = scale / 2
+    positions = np.add.accumulate(steps)  # sequential, like Pillow's `xo += a[0]`
+    indices = np.minimum(positions.astype(np.int64), n_src - 1)
+    return torch.from_numpy(indices).to(device)
+
+
+def _normalise(crops: torch.Tensor, cfg: PreprocessConfig, dtype: torch.dtype) -> torch.Tensor:
+    """(N, 3, S, S) uint8 -> normalised `dtype` by lookup in the exact path's float32 table."""
+    import torch
+
+    table = _device_table(cfg.mean, cfg.std, crops.device)  # (3 * 256,)
+    offsets = torch.arange(0, 3 * 256, 256, device=crops.device).view(1, 3, 1, 1)
+    return table[crops.long() + offsets].to(dtype)
+
+
+@lru_cache(maxsize=16)
+def _device_table(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    import torch
+
+    return torch.from_numpy(np.array(_normalise_table(mean, std)).reshape(-1)).to(device)
+
+
+def _writable(data: bytes | bytearray) -> bytearray:
+    return data if isinstance(data, bytearray) else bytearray(data)
+
+
+class GpuBatch(NamedTuple):
+    """Preprocessed images on the device; ids align with rows of pixels."""
+
+    ids: list[str]
+    pixels: torch.Tensor  # (n, 3, S, S) on the decoder's device
+    failures: list[Failure]  # inputs met while filling this batch that could not be used
+
+
+def _read(item: ImageItem) -> EncodedImage | Failure:
+    """Runs on a reader thread: file bytes plus the header check, or the read error as a Failure."""
+    if isinstance(item.source, bytes):
+        return inspect_encoded(item.id, item.source)
+    try:
+        with open(os.fspath(item.source), "rb") as f:
+            # A bytearray, so the decoder wraps it in a tensor without copying (torch.frombuffer).
+            data = bytearray(os.fstat(f.fileno()).st_size)
+            del data[f.readinto(data) :]  # a file that shrank since fstat
+            data += f.read()  # or grew
+    except OSError as e:
+        return Failure(item.id, f"cannot read file: {e.strerror or e}")
+    return inspect_encoded(item.id, data)
+
+
+def iter_gpu_batches(
+    items: Iterable[ImageItem],
+    cfg: PreprocessConfig,
+    device: str | torch.device = "cuda",
+    batch_size: int = 256,
+    *,
+    read_threads: int = 8,
+    prefetch_batches: int = 2,
+    out_dtype: torch.dtype | None = None,
+    decoder: GpuJpegDecoder | None = None,
+) -> Iterator[GpuBatch]:
+    """Files -> batches of preprocessed pixels on the GPU, exactly `batch_size` rows (the last may be short).
+
+    Reader threads read and inspect up to `prefetch_batches` batches of files ahead; this thread
+    decodes and preprocesses (GPU work is queued asynchronously, so it overlaps the consumer's
+    model as long as the consumer does not synchronise on every batch). As in
+    `pipeline.batching.iter_batches`, failures do not shrink a batch: later images fill it, and each
+    Failure rides on the batch being filled when it was met.
+
+    Args:
+        items: what to load, in order (ids are kept in this order).
+        cfg: the model's preprocessing settings.
+        device: where pixels are decoded and returned (ignored when `decoder` is given).
+        batch_size: rows per batch.
+        read_threads: threads reading files (and parsing JPEG headers).
+        prefetch_batches: batches of files read ahead of the decoder.
+        out_dtype: pixel dtype (float32 when None); float16 halves the memory traffic for an fp16 model.
+        decoder: a decoder to use (its `stats` fill in); default a new `GpuJpegDecoder(device)`.
+
+    Yields:
+        GpuBatch(ids, pixels, failures).
+    """
+    import torch
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    decoder = decoder if decoder is not None else GpuJpegDecoder(device)
+    stats = decoder.stats
+    ids: list[str] = []
+    pieces: list[torch.Tensor] = []
+    failures: list[Failure] = []
+    for group in _read_ahead(items, batch_size, max(1, read_threads), max(1, prefetch_batches), stats):
+        unread = [r for r in group if isinstance(r, Failure)]
+        stats.failures += len(unread)
+        failures.extend(unread)
+        decoded = decoder.decode([r for r in group if isinstance(r, EncodedImage)], cfg)
+        failures.extend(decoded.failures)
+        if decoded.ids:
+            t0 = time.perf_counter()
+            pieces.append(preprocess_tensors(decoded.images, cfg, out_dtype=out_dtype))
+            stats.preprocess_s += time.perf_counter() - t0
+            ids.extend(decoded.ids)
+        while len(ids) >= batch_size:
+            pixels = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+            yield GpuBatch(ids[:batch_size], pixels[:batch_size], failures)
+            ids, failures = ids[batch_size:], []
+            pieces = [pixels[batch_size:]] if ids else []
+    if ids or failures:
+        empty = (0, 3, cfg.image_size, cfg.image_size)
+        pixels = torch.cat(pieces) if pieces else torch.empty(empty, dtype=out_dtype, device=decoder.device)
+        yield GpuBatch(ids, pixels, failures)
+
+
+def _read_ahead(
+    items: Iterable[ImageItem], group_size: int, threads: int, prefetch: int, stats: GpuDecodeStats
+) -> Iterator[list[EncodedImage | Failure]]:
+    """Groups of `group_size` read results in input order, with up to `prefetch` groups in flight."""
+
+    def timed_read(item: ImageItem) -> tuple[EncodedImage | Failure, float]:
+        t0 = time.perf_counter()
+        return _read(item), time.perf_counter() - t0
+
+    pending: deque[list[Future[tuple[EncodedImage | Failure, float]]]] = deque()
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="clipengine-read") as pool:
+        try:
+            group: list[Future[tuple[EncodedImage | Failure, float]]] = []
+            for item in items:
+                group.append(pool.submit(timed_read, item))
+                if len(group) == group_size:
+                    pending.append(group)
+                    group = []
+                    if len(pending) > prefetch:
+                        yield _collect(pending.popleft(), stats)
+            if group:
+                pending.append(group)
+            while pending:
+                yield _collect(pending.popleft(), stats)
+        finally:
+            for futures in pending:  # consumer stopped early: drop reads not yet started
+                for fut in futures:
+                    fut.cancel()
+
+
+def _collect(
+    futures: list[Future[tuple[EncodedImage | Failure, float]]], stats: GpuDecodeStats
+) -> list[EncodedImage | Failure]:
+    results = []
+    for fut in futures:
+        result, seconds = fut.result()
+        stats.read_s += seconds
+        results.append(result)
+    return results
