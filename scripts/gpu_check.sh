@@ -38,7 +38,7 @@ print('torch', torch.__version__, torch.cuda.get_device_name(0), torch.cuda.get_
 print('torchvision', torchvision.__version__, 'onnxruntime', o.__version__, o.get_available_providers())"; \
       nproc; } > "$OUT/env.txt" 2>&1
     # GPU tests (warnings are not errors here: the device's torch / transformers versions differ from CI's).
-    tests="tests/backends/test_accel.py tests/backends/test_fp8.py tests/backends/test_torch_backend.py tests/image/test_gpu_preprocess.py"
+    tests="tests/backends/test_accel.py tests/backends/test_fp8.py tests/backends/test_torch_backend.py tests/image/test_gpu_preprocess.py tests/pipeline/test_gpu_loading.py"
     if python3 -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())"; then
         tests="$tests tests/backends/test_onnx_backend.py"
     fi

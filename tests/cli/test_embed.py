@@ -103,6 +103,8 @@ def test_bad_options_are_usage_errors(folder: Path, tmp_path: Path, fake_load, c
     assert runner.invoke(app, ["embed", str(folder), "-o", out, "--engine", "spark"]).exit_code == 2
     assert main(["embed", str(tmp_path / "nowhere"), "-o", out]) == 1
     assert "nowhere: no such folder or file list" in capsys.readouterr().err
+    gpu_on_cpu = runner.invoke(app, ["embed", str(folder), "-o", out, "--gpu-decode"])
+    assert gpu_on_cpu.exit_code == 2 and "--gpu-decode needs --backend torch --device cuda" in gpu_on_cpu.output
     assert fake_load == []  # nothing loaded for invalid input
 
 

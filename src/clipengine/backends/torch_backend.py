@@ -100,10 +100,21 @@ class TorchBackend:
     def __repr__(self) -> str:
         return f"TorchBackend({self.model.config.name}, device={self.device!r}, precision={self.precision!r})"
 
-    def encode_images(self, pixels: FloatArray) -> FloatArray:
-        """(N, 3, H, W) float32 preprocessed pixels -> (N, D) float32, unit L2 norm."""
-        arr = np.asarray(pixels)
+    def encode_images(self, pixels: FloatArray | torch.Tensor) -> FloatArray:
+        """(N, 3, H, W) preprocessed pixels -> (N, D) float32, unit L2 norm.
+
+        `pixels` is a float32 NumPy array, or a float tensor on any device (e.g. already on this
+        backend's GPU, as `pipeline.gpu_loading` makes them: no copy through the host).
+        """
         expected = (3, self.image_size, self.image_size)
+        if isinstance(pixels, torch.Tensor):
+            if pixels.ndim != 4 or tuple(pixels.shape[1:]) != expected or not pixels.is_floating_point():
+                raise BackendError(
+                    f"pixels must be float (N, {', '.join(map(str, expected))}); got "
+                    f"{pixels.dtype} {tuple(pixels.shape)}"
+                )
+            return self._run(self._encode_image_fn, pixels.to(self.device, self.dtype, non_blocking=True))
+        arr = np.asarray(pixels)
         if arr.ndim != 4 or arr.shape[1:] != expected:
             raise BackendError(f"pixels must be (N, {', '.join(map(str, expected))}); got {arr.shape}")
         x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(self.device, self.dtype)

@@ -40,7 +40,26 @@ FAST_DECODE_OPT = typer.Option(
     "--fast-decode",
     help="Decode large JPEGs at reduced scale (>= 2x model size): faster, not bit-exact.",
 )
+GPU_DECODE_OPT = typer.Option(
+    False,
+    "--gpu-decode",
+    help="Decode JPEGs with nvjpeg and preprocess on the GPU (torch backend, --device cuda); "
+    "other formats fall back to the CPU decoder. Not bit-exact (cos >= 0.9999 measured).",
+)
 WORKERS_HELP = "Decode processes (default: one per core; 0 decodes in the main process)."
+
+
+def _check_gpu_decode(opts: mo.ModelOptions, engine: str, fast_decode: bool) -> None:
+    """--gpu-decode hands the backend pixels already on the GPU: only the torch backend on CUDA takes them."""
+    if opts.backend != "torch" or not opts.device.startswith("cuda"):
+        raise typer.BadParameter(
+            f"--gpu-decode needs --backend torch --device cuda (got --backend {opts.backend} "
+            f"--device {opts.device}); on CPUs use decode workers, with --fast-decode for large photos"
+        )
+    if engine != "local":
+        raise typer.BadParameter("--gpu-decode runs with --engine local (Ray actors decode on their CPUs)")
+    if fast_decode:
+        raise typer.BadParameter("--gpu-decode and --fast-decode exclude each other (nvjpeg decodes at full size)")
 
 
 def register(app: typer.Typer) -> None:
@@ -66,6 +85,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print the run stats as JSON."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
         fast_decode: bool = FAST_DECODE_OPT,
+        gpu_decode: bool = GPU_DECODE_OPT,
         address: str | None = typer.Option(
             None, "--address", help="Ray cluster: auto, or ray://host:10001 (default: a local Ray instance)."
         ),
@@ -87,15 +107,22 @@ def register(app: typer.Typer) -> None:
         opts = mo.parse_model_options(
             model, pretrained, checkpoint, backend, precision, device, download, compile
         )
+        if gpu_decode:
+            _check_gpu_decode(opts, engine, fast_decode)
         items = list_items(source)
         # Refuse a mismatched output folder before the (possibly slow) model load.
-        check_output(output, model=opts.label, dtype=dtype, shard_size=shard_size, fast_decode=fast_decode)
+        check_output(
+            output, model=opts.label, dtype=dtype, shard_size=shard_size, fast_decode=fast_decode,
+            gpu_decode=gpu_decode,
+        )  # fmt: skip
         clip = mo.load_clip(opts)
         run_kwargs: dict[str, Any] = dict(
             model=opts.label, batch_size=batch, workers=workers, shard_size=shard_size, dtype=dtype,
             source_label=str(source.resolve()),
         )  # fmt: skip
         run_kwargs["fast_decode"] = fast_decode
+        if gpu_decode:
+            run_kwargs["gpu_decode"] = opts.device
         if engine == "ray":
             run_kwargs.update(address=address, num_actors=actors, num_gpus=gpus_per_actor)
         with tqdm(total=len(items), unit="img", disable=not progress or as_json, leave=False) as bar:

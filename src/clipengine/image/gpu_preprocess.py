@@ -193,6 +193,7 @@ class Decoded(NamedTuple):
     ids: list[str]
     images: list[torch.Tensor]  # (3, H, W) uint8 on the decoder's device, EXIF-oriented
     failures: list[Failure]
+    sizes: list[tuple[int, int]]  # original (width, height) of each image, EXIF-oriented
 
 
 class GpuJpegDecoder:
@@ -230,22 +231,24 @@ class GpuJpegDecoder:
         """
         t0 = time.perf_counter()
         encoded = [it if isinstance(it, EncodedImage) else inspect_encoded(*it) for it in items]
-        results: list[torch.Tensor | Failure | None] = [None] * len(encoded)
+        results: list[tuple[torch.Tensor, tuple[int, int]] | Failure | None] = [None] * len(encoded)
         on_gpu = [i for i, e in enumerate(encoded) if e.nvjpeg]
         for i, image in zip(on_gpu, self._nvjpeg([encoded[i] for i in on_gpu]), strict=True):
             if image is not None:
-                results[i] = orient(image, encoded[i].orientation)
+                image = orient(image, encoded[i].orientation)
+                results[i] = image, (int(image.shape[2]), int(image.shape[1]))
                 self.stats.nvjpeg += 1
         for i, e in enumerate(encoded):
             if results[i] is None:
                 results[i] = self._cpu(e, cfg)
-        decoded = Decoded([], [], [])
+        decoded = Decoded([], [], [], [])
         for e, result in zip(encoded, results, strict=True):
             if isinstance(result, Failure):
                 decoded.failures.append(result)
             elif result is not None:
                 decoded.ids.append(e.id)
-                decoded.images.append(result)
+                decoded.images.append(result[0])
+                decoded.sizes.append(result[1])
         self.stats.decode_s += time.perf_counter() - t0
         return decoded
 
@@ -272,13 +275,16 @@ class GpuJpegDecoder:
                 singles.append(None)
         return singles
 
-    def _cpu(self, encoded: EncodedImage, cfg: PreprocessConfig | None) -> torch.Tensor | Failure:
+    def _cpu(
+        self, encoded: EncodedImage, cfg: PreprocessConfig | None
+    ) -> tuple[torch.Tensor, tuple[int, int]] | Failure:
         """The exact path's decoder (EXIF-oriented RGB; with `cfg` also its resize and crop), moved
-        to the device; or the Failure it gives."""
+        to the device, with the decoded (width, height); or the Failure it gives."""
         import torch
 
         try:
             image = _decode.open_image(bytes(encoded.data), encoded.id)  # a copy, next to a CPU decode
+            size = (int(image.width), int(image.height))
             if cfg is not None:
                 image = resize_and_crop(_decode.to_8bit(image, encoded.id), cfg)
             rgb = _decode.to_rgb(image, encoded.id)
@@ -291,7 +297,7 @@ class GpuJpegDecoder:
             return Failure(encoded.id, f"{type(e).__name__}: {e}")
         self.stats.cpu_fallback += 1
         pixels = torch.from_numpy(np.array(rgb, dtype=np.uint8))  # (H, W, 3), a writable copy
-        return pixels.permute(2, 0, 1).to(self.device)
+        return pixels.permute(2, 0, 1).to(self.device), size
 
 
 def preprocess_tensors(
@@ -481,6 +487,7 @@ class GpuBatch(NamedTuple):
     ids: list[str]
     pixels: torch.Tensor  # (n, 3, S, S) on the decoder's device
     failures: list[Failure]  # inputs met while filling this batch that could not be used
+    sizes: list[tuple[int, int]]  # original (width, height) per row, EXIF-oriented
 
 
 def _read(item: ImageItem) -> EncodedImage | Failure:
@@ -528,7 +535,7 @@ def iter_gpu_batches(
         decoder: a decoder to use (its `stats` fill in); default a new `GpuJpegDecoder(device)`.
 
     Yields:
-        GpuBatch(ids, pixels, failures).
+        GpuBatch(ids, pixels, failures, sizes).
     """
     import torch
 
@@ -537,6 +544,7 @@ def iter_gpu_batches(
     decoder = decoder if decoder is not None else GpuJpegDecoder(device)
     stats = decoder.stats
     ids: list[str] = []
+    sizes: list[tuple[int, int]] = []
     pieces: list[torch.Tensor] = []
     failures: list[Failure] = []
     for group in _read_ahead(items, batch_size, max(1, read_threads), max(1, prefetch_batches), stats):
@@ -550,15 +558,16 @@ def iter_gpu_batches(
             pieces.append(preprocess_tensors(decoded.images, cfg, out_dtype=out_dtype))
             stats.preprocess_s += time.perf_counter() - t0
             ids.extend(decoded.ids)
+            sizes.extend(decoded.sizes)
         while len(ids) >= batch_size:
             pixels = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-            yield GpuBatch(ids[:batch_size], pixels[:batch_size], failures)
-            ids, failures = ids[batch_size:], []
+            yield GpuBatch(ids[:batch_size], pixels[:batch_size], failures, sizes[:batch_size])
+            ids, failures, sizes = ids[batch_size:], [], sizes[batch_size:]
             pieces = [pixels[batch_size:]] if ids else []
     if ids or failures:
         empty = (0, 3, cfg.image_size, cfg.image_size)
         pixels = torch.cat(pieces) if pieces else torch.empty(empty, dtype=out_dtype, device=decoder.device)
-        yield GpuBatch(ids, pixels, failures)
+        yield GpuBatch(ids, pixels, failures, sizes)
 
 
 def _read_ahead(

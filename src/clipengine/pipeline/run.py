@@ -100,6 +100,7 @@ def run_partition(
     progress: ProgressCallback | None = None,
     skip_complete: bool = True,
     fast_decode: bool = False,
+    gpu_decode: str | None = None,
 ) -> RunStats:
     """Embed one partition and write its shard (idempotent: a complete shard is kept, not recomputed).
 
@@ -115,6 +116,9 @@ def run_partition(
         progress: called with the number of items finished after each batch.
         skip_complete: keep an existing valid shard instead of recomputing it.
         fast_decode: reduced-scale JPEG decoding (faster on large photos, not bit-exact).
+        gpu_decode: a CUDA device ("cuda", "cuda:1"): decode JPEGs with nvjpeg and preprocess on
+            that GPU instead of in CPU workers (`pipeline.gpu_loading`); the backend must accept
+            device tensors (the torch backend on that device). Not bit-exact (see docs).
 
     Returns:
         RunStats for this partition.
@@ -140,15 +144,20 @@ def run_partition(
     sizes: list[tuple[int, int]] = []
     failures: list[Failure] = []
     loads = LoadStats()
-    batches = iter_batches(
-        items,
-        preprocess_cfg,
-        batch_size,
-        executor=executor,
-        workers=workers,
-        stats=loads,
-        fast_decode=fast_decode,
-    )
+    if gpu_decode is not None:
+        from .gpu_loading import iter_gpu_loaded
+
+        batches = iter_gpu_loaded(items, preprocess_cfg, batch_size, gpu_decode, loads)
+    else:
+        batches = iter_batches(
+            items,
+            preprocess_cfg,
+            batch_size,
+            executor=executor,
+            workers=workers,
+            stats=loads,
+            fast_decode=fast_decode,
+        )
     for batch in batches:
         failures.extend(batch.failures)
         if batch.ids:
@@ -195,6 +204,7 @@ def embed_folder(
     progress: ProgressCallback | None = None,
     source_label: str | None = None,
     fast_decode: bool = False,
+    gpu_decode: str | None = None,
 ) -> RunStats:
     """Embed every image of a folder or file list into ``out_dir`` (see `sinks` for the layout).
 
@@ -215,6 +225,8 @@ def embed_folder(
         source_label: what run.json records as the source when `source` is a list of items.
         fast_decode: reduced-scale JPEG decoding (faster on large photos, not bit-exact); a resume
             must use the same setting.
+        gpu_decode: a CUDA device: nvjpeg decode + GPU preprocessing (see `run_partition`); no CPU
+            decode workers are started. A resume must use the same decode mode.
 
     Returns:
         RunStats for the whole run (resumed shards counted in `skipped`).
@@ -239,6 +251,7 @@ def embed_folder(
         "source": str(Path(source).resolve()) if isinstance(source, (str, Path)) else source_label,
         "preprocess": cfg,
         "fast_decode": fast_decode,
+        "gpu_decode": gpu_decode is not None,
         "partitions": len(parts),
         "images": len(items),
         "status": "running",
@@ -258,13 +271,14 @@ def embed_folder(
 
     lazy = LazyBackend(backend_factory, on_load=on_load)
     n_workers = default_workers() if workers is None else workers
-    executor = make_executor(n_workers)
+    executor = make_executor(n_workers) if gpu_decode is None else None
     total = RunStats()
     try:
         for part in parts:
             stats = run_partition(
                 part.items, lazy, sink, partition_id=part.id, preprocess_cfg=cfg,
                 batch_size=batch_size, executor=executor, progress=progress, fast_decode=fast_decode,
+                gpu_decode=gpu_decode,
             )  # fmt: skip
             total.add(stats)
     finally:
@@ -310,6 +324,7 @@ def _check_compatible(out_dir: Path, previous: dict[str, Any], current: dict[str
         "dtype": lambda old: f"--dtype {old}",
         "shard_size": lambda old: f"--shard-size {old}",
         "fast_decode": lambda old: "--fast-decode" if old else "no --fast-decode",
+        "gpu_decode": lambda old: "--gpu-decode" if old else "no --gpu-decode",
     }
     for key, hint in hints.items():
         old, new = previous.get(key), current.get(key)

@@ -1,0 +1,55 @@
+"""Files -> Batches decoded and preprocessed on a GPU (nvjpeg), for backends that take device tensors.
+
+The alternative to `batching.iter_batches` (CPU decode workers) when the model runs on a CUDA GPU:
+reader threads fetch file bytes, nvjpeg decodes the JPEGs in batches, and resize / crop / normalise
+run on the GPU, so pixels never cross back to the host (`image.gpu_preprocess`). Anything nvjpeg
+does not take (PNG, CMYK, odd or truncated JPEGs) goes through the exact CPU decoder; what neither
+can decode becomes a `Failure` on its batch, as in the CPU path. Batch.pixels is then a torch tensor
+on the GPU: only backends that accept one (the torch backend) can consume these batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..types import Batch, ImageItem
+
+if TYPE_CHECKING:
+    from ..image.preprocess import PreprocessConfig
+    from .batching import LoadStats
+
+__all__ = ["iter_gpu_loaded"]
+
+
+def iter_gpu_loaded(
+    items: Sequence[ImageItem],
+    preprocess_cfg: PreprocessConfig | dict[str, Any],
+    batch_size: int,
+    device: str,
+    stats: LoadStats,
+) -> Iterator[Batch]:
+    """Batches of `batch_size` rows with pixels on `device`; stage times are added to `stats`.
+
+    `stats.decode_s` / `preprocess_s` are wall seconds this thread spent queuing the GPU work (the
+    GPU runs it asynchronously); `read_s` sums the reader threads' time.
+    """
+    from ..image.gpu_preprocess import GpuJpegDecoder, iter_gpu_batches
+    from ..image.preprocess import PreprocessConfig
+
+    cfg = preprocess_cfg if isinstance(preprocess_cfg, PreprocessConfig) else PreprocessConfig.from_dict(preprocess_cfg)
+    decoder = GpuJpegDecoder(device)
+    try:
+        for gpu_batch in iter_gpu_batches(items, cfg, batch_size=batch_size, decoder=decoder):
+            stats.images += len(gpu_batch.ids)
+            yield Batch(
+                ids=gpu_batch.ids,
+                pixels=gpu_batch.pixels,  # type: ignore[arg-type]  # a device tensor, not a NumPy array
+                sizes=gpu_batch.sizes,
+                failures=gpu_batch.failures,
+            )
+    finally:
+        done = decoder.stats
+        stats.read_s += done.read_s
+        stats.decode_s += done.decode_s
+        stats.preprocess_s += done.preprocess_s

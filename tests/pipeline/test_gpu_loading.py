@@ -1,0 +1,136 @@
+"""embed_folder with gpu_decode: the nvjpeg loader wired into the pipeline (plumbing checked on CPU).
+
+Off a GPU, torchvision's nvjpeg call is replaced by a fake batched decoder (Pillow, on CPU tensors),
+so everything else runs for real: reader threads, routing to the CPU decoder, torch preprocessing,
+failures, sizes, run.json, and the torch backend taking device tensors. The real nvjpeg path is
+the `gpu` test at the end.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clipengine.errors import IndexMismatchError
+from clipengine.pipeline.run import embed_folder
+from clipengine.pipeline.sinks import read_embeddings, read_failures
+
+
+def _pil_batch_decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Stands in for nvjpeg: RGB as stored (the decoder applies EXIF orientation itself)."""
+    out = []
+    for t in data:
+        with Image.open(io.BytesIO(t.numpy().tobytes())) as im:
+            out.append(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).to(device))
+    return out
+
+
+@pytest.fixture
+def fake_nvjpeg(monkeypatch: pytest.MonkeyPatch) -> None:
+    import clipengine.image.gpu_preprocess as gp
+
+    monkeypatch.setattr(gp, "_nvjpeg_decode", _pil_batch_decode)
+
+
+@pytest.fixture
+def torch_backend_factory(tiny_model):  # type: ignore[no-untyped-def]
+    from clipengine.backends.torch_backend import TorchBackend
+
+    return lambda: TorchBackend(copy.deepcopy(tiny_model), precision="fp32")
+
+
+@pytest.fixture
+def photo_folder(mixed_folder, fakes):  # type: ignore[no-untyped-def]
+    """mixed_folder (12 JPEGs + 3 bad files) plus a PNG (CPU fallback) and larger JPEGs (a real resize)."""
+    root, good, bad = mixed_folder
+    png = fakes.write_images(root, 1, prefix="png", ext=".png", seed=3)
+    big = []
+    rng = np.random.default_rng(5)
+    for i, (w, h) in enumerate([(160, 90), (70, 200)]):
+        y, x = np.mgrid[0:h, 0:w]
+        smooth = np.stack([x * 255 // w, y * 255 // h, (x + y) * 255 // (w + h)], -1).astype(np.int16)
+        arr = np.clip(smooth + rng.integers(-20, 20, smooth.shape), 0, 255).astype(np.uint8)
+        path = root / f"photo-{i}.jpg"
+        Image.fromarray(arr).save(path, quality=92)
+        big.append(path.name)
+    return root, sorted(good + [p.name for p in png] + big), bad
+
+
+def test_gpu_decode_path_matches_cpu_workers(photo_folder, tmp_path: Path, tiny_model, torch_backend_factory,
+                                             fake_nvjpeg) -> None:  # type: ignore[no-untyped-def]  # fmt: skip
+    root, good, bad = photo_folder
+    cfg = tiny_model_cfg(tiny_model)
+    cpu_stats = embed_folder(root, tmp_path / "cpu", torch_backend_factory, cfg, model="tiny", workers=0,
+                             batch_size=4, dtype="float32")  # fmt: skip
+    gpu_stats = embed_folder(root, tmp_path / "gpu", torch_backend_factory, cfg, model="tiny", batch_size=4,
+                             dtype="float32", gpu_decode="cpu")  # fmt: skip
+    ids_c, vec_c, meta_c = read_embeddings(tmp_path / "cpu")
+    ids_g, vec_g, meta_g = read_embeddings(tmp_path / "gpu")
+    assert ids_g == ids_c == good
+    # Same pixels up to one grey level of resize rounding: the embeddings agree closely.
+    assert float((vec_g * vec_c).sum(axis=1).min()) >= 0.999
+    assert sorted(f.id for f in read_failures(tmp_path / "gpu")) == bad
+    assert (gpu_stats.embedded, gpu_stats.failed) == (cpu_stats.embedded, cpu_stats.failed) == (len(good), 3)
+    assert meta_g["gpu_decode"] is True and meta_c["gpu_decode"] is False
+    assert gpu_stats.read_s > 0 and gpu_stats.decode_s > 0
+    sizes_c = _sizes(tmp_path / "cpu")
+    assert _sizes(tmp_path / "gpu") == sizes_c and sizes_c["photo-1.jpg"] == [70, 200]
+
+
+def test_resume_refuses_another_decode_mode(photo_folder, tmp_path: Path, tiny_model, torch_backend_factory,
+                                            fake_nvjpeg) -> None:  # type: ignore[no-untyped-def]  # fmt: skip
+    root, _, _ = photo_folder
+    cfg = tiny_model_cfg(tiny_model)
+    embed_folder(root, tmp_path / "out", torch_backend_factory, cfg, model="tiny", gpu_decode="cpu")
+    with pytest.raises(IndexMismatchError, match=r"gpu_decode=True.*--gpu-decode"):
+        embed_folder(root, tmp_path / "out", torch_backend_factory, cfg, model="tiny", workers=0)
+
+
+def test_torch_backend_takes_tensors_like_arrays(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    from clipengine.backends.torch_backend import TorchBackend
+    from clipengine.errors import BackendError
+
+    backend = TorchBackend(copy.deepcopy(tiny_model), precision="fp32")
+    pixels = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(backend.encode_images(torch.from_numpy(pixels)), backend.encode_images(pixels),
+                               atol=1e-6)  # fmt: skip
+    with pytest.raises(BackendError, match="pixels must be float"):
+        backend.encode_images(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+
+
+def tiny_model_cfg(model):  # type: ignore[no-untyped-def]
+    from clipengine.image.preprocess import PreprocessConfig
+
+    return PreprocessConfig(image_size=model.config.vision.image_size)
+
+
+def _sizes(out: Path) -> dict[str, list[int]]:
+    import json
+
+    rows = []
+    for path in sorted((out / "shards").glob("*.jsonl")):
+        rows += [json.loads(line) for line in path.read_text().splitlines()]
+    return {r["path"]: [r["width"], r["height"]] for r in rows if "width" in r}  # not the failure lists
+
+
+@pytest.mark.gpu
+def test_real_nvjpeg_embed_folder_matches_cpu_workers(photo_folder, tmp_path: Path, tiny_model) -> None:  # type: ignore[no-untyped-def]
+    from clipengine.backends.torch_backend import TorchBackend
+
+    root, good, bad = photo_folder
+    cfg = tiny_model_cfg(tiny_model)
+    factory = lambda: TorchBackend(copy.deepcopy(tiny_model), device="cuda", precision="fp16")  # noqa: E731
+    embed_folder(root, tmp_path / "cpu", factory, cfg, model="tiny", workers=0, dtype="float32")
+    embed_folder(root, tmp_path / "gpu", factory, cfg, model="tiny", dtype="float32", gpu_decode="cuda")
+    ids_c, vec_c, _ = read_embeddings(tmp_path / "cpu")
+    ids_g, vec_g, _ = read_embeddings(tmp_path / "gpu")
+    assert ids_g == ids_c == good
+    # nvjpeg's 4:2:0 chroma upsampling differs from libjpeg-turbo by a few levels per pixel.
+    assert float((vec_g * vec_c).sum(axis=1).min()) >= 0.99
+    assert sorted(f.id for f in read_failures(tmp_path / "gpu")) == bad
