@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -109,6 +110,10 @@ def register(app: typer.Typer) -> None:
         )
         if gpu_decode:
             _check_gpu_decode(opts, engine, fast_decode)
+        if compile and opts.device.startswith("cuda"):
+            # Measured best on an H200 (docs/performance.md): compiled graphs replayed as CUDA graphs.
+            # Safe here: one thread calls the image tower (the server does not get this).
+            opts = replace(opts, extra={**opts.extra, "cuda_graphs": True})
         items = list_items(source)
         # Refuse a mismatched output folder before the (possibly slow) model load.
         check_output(

@@ -127,5 +127,6 @@ DOWNLOAD_OPT = typer.Option(False, "--download", help="Allow downloading weights
 COMPILE_OPT = typer.Option(
     False,
     "--compile",
-    help="torch.compile the model (torch backend): faster long runs, first batch of each size compiles.",
+    help="torch.compile the model (torch backend): faster long runs, first batch of each size compiles; "
+    "embed on CUDA also replays CUDA graphs.",
 )
