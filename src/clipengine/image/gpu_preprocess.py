@@ -87,25 +87,26 @@ class EncodedImage:
     """Encoded bytes, checked ahead of decoding (cheap, header only; done on the reader threads)."""
 
     id: str
-    data: bytes | bytearray
+    data: bytes | bytearray | np.ndarray  # file reads are uint8 arrays (see `_read`)
     orientation: int = 1  # EXIF orientation tag, applied after decoding (1 = as stored)
     nvjpeg: bool = True  # False: decode with the exact CPU path (not a JPEG nvjpeg should take)
 
 
-def inspect_encoded(item_id: str, data: bytes | bytearray) -> EncodedImage:
+def inspect_encoded(item_id: str, data: bytes | bytearray | np.ndarray) -> EncodedImage:
     """Decide where `data` gets decoded and read its EXIF orientation, without decoding pixels.
 
     nvjpeg gets complete RGB / grey JPEGs within `MAX_IMAGE_PIXELS`; everything else (other
     formats, CMYK, truncated or unreadable headers, bombs) goes to the CPU decoder, which also
     produces the exact path's error message for inputs that cannot be decoded at all.
     """
-    if not data.startswith(_JPEG_SOI) or _JPEG_EOI not in data[-_EOI_TAIL:]:
+    view = data.data if isinstance(data, np.ndarray) else memoryview(data)  # no copy either way
+    if bytes(view[: len(_JPEG_SOI)]) != _JPEG_SOI or _JPEG_EOI not in bytes(view[-_EOI_TAIL:]):
         return EncodedImage(item_id, data, nvjpeg=False)
     try:
-        width, height, usable, orientation = _read_header(memoryview(data)[:_HEADER_BYTES])
+        width, height, usable, orientation = _read_header(view[:_HEADER_BYTES])
     except Exception:
         try:  # markers past the prefix (big APP segments): read the whole file's
-            width, height, usable, orientation = _read_header(memoryview(data))
+            width, height, usable, orientation = _read_header(view)
         except Exception:  # any header problem: the CPU decoder decides, and names the reason
             return EncodedImage(item_id, data, nvjpeg=False)
     if not usable or width * height > _decode.MAX_IMAGE_PIXELS:
@@ -256,10 +257,7 @@ class GpuJpegDecoder:
         """Decoded images aligned with `encoded`; None where nvjpeg could not decode one."""
         if not encoded:
             return []
-        import torch
-
-        # frombuffer shares a bytearray's memory; bytes are read-only, so those are copied first.
-        data = [torch.frombuffer(_writable(e.data), dtype=torch.uint8) for e in encoded]
+        data = [_as_tensor(e.data) for e in encoded]
         try:
             return list(self.decode_batch(data, self.device))
         except Exception as err:  # torchvision raises RuntimeError; any error only means "not this way"
@@ -477,8 +475,14 @@ def _device_table(mean: tuple[float, ...], std: tuple[float, ...], device: torch
     return torch.from_numpy(np.array(_normalise_table(mean, std)).reshape(-1)).to(device)
 
 
-def _writable(data: bytes | bytearray) -> bytearray:
-    return data if isinstance(data, bytearray) else bytearray(data)
+def _as_tensor(data: bytes | bytearray | np.ndarray) -> torch.Tensor:
+    """1-D uint8 CPU tensor over the encoded bytes; no copy for arrays and bytearrays."""
+    import torch
+
+    if isinstance(data, np.ndarray):
+        return torch.from_numpy(data)
+    # frombuffer shares a bytearray's memory; bytes are read-only, so those are copied first.
+    return torch.frombuffer(data if isinstance(data, bytearray) else bytearray(data), dtype=torch.uint8)
 
 
 class GpuBatch(NamedTuple):
@@ -495,11 +499,10 @@ def _read(item: ImageItem) -> EncodedImage | Failure:
     if isinstance(item.source, bytes):
         return inspect_encoded(item.id, item.source)
     try:
-        with open(os.fspath(item.source), "rb") as f:
-            # A bytearray, so the decoder wraps it in a tensor without copying (torch.frombuffer).
-            data = bytearray(os.fstat(f.fileno()).st_size)
-            del data[f.readinto(data) :]  # a file that shrank since fstat
-            data += f.read()  # or grew
+        # np.fromfile: no zero-filled buffer, and the read runs without the GIL, so reader threads
+        # scale (550 kB files, 2 cores: 10k files/s on 2 threads vs 2.1k with bytearray + readinto,
+        # which did not scale); torch.from_numpy then wraps it without a copy.
+        data = np.fromfile(os.fspath(item.source), dtype=np.uint8)
     except OSError as e:
         return Failure(item.id, f"cannot read file: {e.strerror or e}")
     return inspect_encoded(item.id, data)
