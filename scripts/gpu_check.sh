@@ -4,7 +4,7 @@
 #   bash scripts/gpu_check.sh prepare   # HERE, before any device call: wheels the GPU image lacks -> .whl/
 #   bash scripts/gpu_check.sh run       # ON THE DEVICE, as one `run` call with carry [".whl"], timeout_s 560
 #
-# Stage limits (seconds; env vars): PYTEST_S 150, PEERS_S 270, E2E_S 90 -> ~520 s with start-up, so a
+# Stage limits (seconds; env vars): PYTEST_S 120, PEERS_S 300, E2E_S 90 -> ~520 s with start-up, so a
 # task's 15 device-minutes hold the machine start (1-2 min) and this one call. Do not leave the
 # machine warm, and tell helpers (subagents) not to use the device: all calls share one budget.
 #
@@ -46,10 +46,10 @@ print('torchvision', torchvision.__version__, 'onnxruntime', o.__version__, o.ge
     if python3 -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())"; then
         tests="$tests tests/backends/test_onnx_backend.py"
     fi
-    timeout "${PYTEST_S:-150}" python3 -m pytest -m gpu -q -p no:cacheprovider -o filterwarnings=default $tests > "$OUT/pytest_gpu.log" 2>&1
+    timeout "${PYTEST_S:-120}" python3 -m pytest -m gpu -v --durations=15 -p no:cacheprovider -o filterwarnings=default $tests > "$OUT/pytest_gpu.log" 2>&1
     echo "pytest exit $?"; tail -5 "$OUT/pytest_gpu.log"
     # Peers vs clipengine on the GPU (tables land after each case, so a time limit keeps what was measured).
-    timeout "${PEERS_S:-270}" python3 benchmarks/compare_peers.py --device cuda --rounds 3 --min-seconds 0.25 --skip-e2e \
+    timeout "${PEERS_S:-300}" python3 benchmarks/compare_peers.py --device cuda --rounds 3 --min-seconds 0.25 --skip-e2e \
         ${PEER_CASES:---only image1024 --only image1 --only image32 --only text} \
         --json "$OUT/peers_cuda.json" > "$OUT/peers_cuda.md" 2> "$OUT/peers_cuda.err"
     echo "compare_peers exit $?"; cat "$OUT/peers_cuda.md"; tail -5 "$OUT/peers_cuda.err"
