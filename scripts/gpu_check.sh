@@ -2,15 +2,17 @@
 # The prepared GPU check for a task that is lent a device machine (one H100/H200, ~15 minutes in all).
 #
 #   bash scripts/gpu_check.sh prepare   # HERE, before any device call: wheels the GPU image lacks -> .whl/
-#   bash scripts/gpu_check.sh run       # ON THE DEVICE, as one `run` call with carry [".whl"], timeout_s 560
+#   bash scripts/gpu_check.sh run       # ON THE DEVICE, as one `run` call with carry [".whl"], timeout_s 580
 #
-# Stage limits (seconds; env vars): PYTEST_S 120, PEERS_S 300, E2E_S 90 -> ~520 s with start-up, so a
-# task's 15 device-minutes hold the machine start (1-2 min) and this one call. Do not leave the
-# machine warm, and tell helpers (subagents) not to use the device: all calls share one budget.
+# Stage limits (seconds; env vars): PYTEST_S 120, PEERS_S 250, E2E_S 80, PROFILE_S 2 x 45 (compiles
+# included) -> ~550 s at most, so a task's 15 device-minutes hold the machine start (1-2 min) and this
+# one call. Do not leave the machine warm, and tell helpers (subagents) not to use the device: all
+# calls share one budget (session 3 lost 6 of its 15 minutes to a helper's calls).
 #
-# `run` writes under $OUT (8 files, the most that come back): env.txt, pytest_gpu.log (tests marked
-# gpu), peers_cuda.{md,json,err} (benchmarks/compare_peers.py --device cuda: fp16 / fp8, eager and
-# compiled, under CUDA graphs, vs HF transformers and open_clip; image batch 1 / 32 / 1024, text) and
+# `run` writes under $OUT (8 files, the most that come back): pytest_gpu.log (machine + versions,
+# then the tests marked gpu), profile.txt (benchmarks/gpu_profile.py), peers_cuda.{md,json,err}
+# (benchmarks/compare_peers.py --device cuda: fp16 / fp8, eager and compiled, under CUDA graphs,
+# vs HF transformers and open_clip; image batch 1 / 32 / 1024, text) and
 # e2e_cuda.{md,json,err} (benchmarks/gpu_e2e.py: JPEG folder -> embeddings, nvjpeg vs CPU workers).
 # Each stage has its own time limit so that a slow one cannot take the others' results with it.
 # The GPU image (see the device tool's KINDS.md) has torch, transformers, onnxruntime, typer,
@@ -36,27 +38,31 @@ run)
         export PYTHONPATH=/tmp/site
     fi
     export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-    # At most 8 files come back from $OUT: env, pytest, and (md, json, err) for each benchmark.
     { date -u; nvidia-smi; python3 -c "import sys, torch, torchvision, onnxruntime as o; print(sys.version); \
 print('torch', torch.__version__, torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0)); \
 print('torchvision', torchvision.__version__, 'onnxruntime', o.__version__, o.get_available_providers())"; \
-      nproc; } > "$OUT/env.txt" 2>&1
+      nproc; } > "$OUT/pytest_gpu.log" 2>&1
     # GPU tests (warnings are not errors here: the device's torch / transformers versions differ from CI's).
     tests="tests/backends/test_accel.py tests/backends/test_fp8.py tests/backends/test_torch_backend.py tests/image/test_gpu_preprocess.py tests/pipeline/test_gpu_loading.py"
     if python3 -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())"; then
         tests="$tests tests/backends/test_onnx_backend.py"
     fi
-    timeout "${PYTEST_S:-120}" python3 -m pytest -m gpu -v --durations=15 -p no:cacheprovider -o filterwarnings=default $tests > "$OUT/pytest_gpu.log" 2>&1
+    timeout "${PYTEST_S:-120}" python3 -m pytest -m gpu -v --durations=15 -p no:cacheprovider -o filterwarnings=default $tests >> "$OUT/pytest_gpu.log" 2>&1
     echo "pytest exit $?"; tail -5 "$OUT/pytest_gpu.log"
     # Peers vs clipengine on the GPU (tables land after each case, so a time limit keeps what was measured).
-    timeout "${PEERS_S:-300}" python3 benchmarks/compare_peers.py --device cuda --rounds 3 --min-seconds 0.25 --skip-e2e \
+    timeout "${PEERS_S:-250}" python3 benchmarks/compare_peers.py --device cuda --rounds 3 --min-seconds 0.25 --skip-e2e \
         ${PEER_CASES:---only image1024 --only image1 --only image32 --only text} \
         --json "$OUT/peers_cuda.json" > "$OUT/peers_cuda.md" 2> "$OUT/peers_cuda.err"
     echo "compare_peers exit $?"; cat "$OUT/peers_cuda.md"; tail -5 "$OUT/peers_cuda.err"
     # JPEG folder -> embeddings: nvjpeg on the GPU vs CPU decode workers.
-    timeout "${E2E_S:-90}" python3 benchmarks/gpu_e2e.py --count 1024 --seconds 6 --json "$OUT/e2e_cuda.json" \
+    timeout "${E2E_S:-80}" python3 benchmarks/gpu_e2e.py --count 1024 --seconds 6 --json "$OUT/e2e_cuda.json" \
         > "$OUT/e2e_cuda.md" 2> "$OUT/e2e_cuda.err"
     echo "gpu_e2e exit $?"; cat "$OUT/e2e_cuda.md"; tail -5 "$OUT/e2e_cuda.err"
+    # What the batch-1024 graph spends its time on (fp16 compiled, and fp8 compiled on FP8 GPUs).
+    { timeout "${PROFILE_S:-45}" python3 benchmarks/gpu_profile.py --compile --rows 20
+      timeout "${PROFILE_S:-45}" python3 benchmarks/gpu_profile.py --compile --precision fp8 --rows 12; } \
+        > "$OUT/profile.txt" 2>&1
+    echo "gpu_profile exit $?"; head -30 "$OUT/profile.txt"
     ;;
 *)
     echo "usage: bash scripts/gpu_check.sh prepare|run" >&2
