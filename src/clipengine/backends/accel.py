@@ -289,6 +289,11 @@ def optimize(
     fast = fast.eval().to(device=dev, dtype=PRECISIONS[precision])
     if precision == "fp8":
         _to_fp8(fast, dev)
+        if compile_mode is None:
+            logger.warning(
+                "precision fp8 without compile quantizes activations in separate kernels: measured 2x "
+                "slower than fp16 on an H200 (docs/performance.md); use compile=True"
+            )
     logger.info(
         "accelerated CLIP: device=%s precision=%s compile=%s cuda_graphs=%s prune=%s truncate_text=%s",
         dev, precision, compile_mode, cuda_graphs, prune, truncate_text,
