@@ -241,7 +241,7 @@ def peers(tower: str, oc: Any, hf: Any, onnx_sessions: dict[str, Any], *, compil
     return out
 
 
-def ours(tower: str, model: CLIP, *, quick: bool, compile_ours: bool = True) -> list[Contestant]:
+def ours(tower: str, model: CLIP, *, quick: bool, compile_ours: bool = True, autotune: bool = False) -> list[Contestant]:
     """clipengine fast paths (accel.optimize) for `tower`."""
     lname = LOW["name"]
     variants: list[tuple[str, dict[str, Any]]] = [
@@ -265,6 +265,9 @@ def ours(tower: str, model: CLIP, *, quick: bool, compile_ours: bool = True) -> 
         variants.insert(1, (f"clipengine compile {lname} (no prune/trunc)", dict(precision=lname, compile=True, prune=False, truncate_text=False)))  # fmt: skip
     if not compile_ours:
         variants = [v for v in variants if not v[1].get("compile")]
+    if autotune and LOW["device"] == "cuda":  # Triton GEMMs with fused epilogues: fewer kernels at batch 1
+        variants.append((f"clipengine compile max-autotune {lname} + CUDA graphs",
+                         dict(precision=lname, compile="max-autotune-no-cudagraphs", cuda_graphs=True)))  # fmt: skip
     out = []
     for name, kw in variants:
         fast = optimize(model, device=LOW["device"], **kw)
@@ -627,6 +630,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-openvino", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--no-compile", action="store_true", help="no torch.compile contestants (saves minutes of compiling)")
+    p.add_argument("--autotune", action="store_true",
+                   help="CUDA: add clipengine compile max-autotune + CUDA graphs (minutes of autotuning per shape)")
     p.add_argument("--only", choices=["image1", "image32", "image1024", "text", "textlong", "e2e"], action="append",
                    help="run only these cases (repeatable)")
     p.add_argument("--jpeg-dir", default=str(Path(tempfile.gettempdir()) / "clipengine_bench_jpegs"))
@@ -675,7 +680,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{title}:")
         if tower not in built:  # one set of callables per tower: compiled graphs are reused across cases
             built[tower] = (peers(tower, oc, hf, sessions, compile_peers=not args.no_compile)
-                            + ours(tower, model, quick=args.quick, compile_ours=not args.no_compile))
+                            + ours(tower, model, quick=args.quick, compile_ours=not args.no_compile,
+                                   autotune=args.autotune))
         cs = measure(built[tower], x, rounds, min_s, log)
         text, rows = table(title, cs, unit, x.shape[0])
         tables.append(text)
