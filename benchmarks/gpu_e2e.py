@@ -221,6 +221,9 @@ def run(args: argparse.Namespace, folder: Path, workers: int) -> dict[str, Any]:
         pass
     decode_only = GpuJpegDecoder(device)
     rows.append(timed("gpu nvjpeg, decode only (no model)", lambda: gpu_rows(decode_only), embed=False))
+    # Experiment: JPEGs over 4 MP in an nvjpeg call of their own (GpuJpegDecoder.large_pixels).
+    split = GpuJpegDecoder(device, large_pixels=4_000_000)
+    rows.append(timed("gpu nvjpeg, decode only, > 4 MP in their own call", lambda: gpu_rows(split), embed=False))
     end_to_end = GpuJpegDecoder(device)
     rows.append(timed("gpu nvjpeg + model", lambda: gpu_rows(end_to_end)))
     product = pipeline_row(items, cfg, args.batch)

@@ -268,6 +268,19 @@ def test_batch_without_trouble_is_one_call(images: Factories) -> None:
     assert len(fake.calls) == 1 and decoder.stats.nvjpeg == 5 and decoder.stats.cpu_fallback == 0
 
 
+def test_large_images_get_their_own_call_and_order_is_kept(images: Factories) -> None:
+    fake = FakeNvjpeg()
+    decoder = GpuJpegDecoder("cpu", decode_batch=fake, large_pixels=60 * 60)
+    dims = [(40, 30), (80, 70), (50, 40), (90, 60), (30, 30)]
+    datas = [jpeg_bytes(images, w, h, seed=i) for i, (w, h) in enumerate(dims)]
+    decoded = decoder.decode([(f"{i}.jpg", d) for i, d in enumerate(datas)])
+    assert decoded.ids == [f"{i}.jpg" for i in range(5)]
+    assert decoded.sizes == dims
+    assert fake.calls == [[datas[0], datas[2], datas[4]], [datas[1], datas[3]]]  # small ones first, then large
+    one_call = GpuJpegDecoder("cpu", decode_batch=FakeNvjpeg()).decode([(f"{i}.jpg", d) for i, d in enumerate(datas)])
+    assert all(torch.equal(a, b) for a, b in zip(decoded.images, one_call.images, strict=True))
+
+
 @pytest.mark.parametrize(
     ("filename", "to_nvjpeg", "orientation"),
     [("exif_rotated.jpg", True, 6), ("corrupt_exif.jpg", True, 1), ("cmyk.jpg", False, 1),

@@ -90,6 +90,7 @@ class EncodedImage:
     data: bytes | bytearray | np.ndarray  # file reads are uint8 arrays (see `_read`)
     orientation: int = 1  # EXIF orientation tag, applied after decoding (1 = as stored)
     nvjpeg: bool = True  # False: decode with the exact CPU path (not a JPEG nvjpeg should take)
+    pixels: int = 0  # width * height from the header (0 when not read)
 
 
 def inspect_encoded(item_id: str, data: bytes | bytearray | np.ndarray) -> EncodedImage:
@@ -113,7 +114,7 @@ def inspect_encoded(item_id: str, data: bytes | bytearray | np.ndarray) -> Encod
         return EncodedImage(item_id, data, nvjpeg=False)
     if not isinstance(orientation, int) or not 1 <= orientation <= 8:
         orientation = 1  # unreadable tag: as stored, like image.decode
-    return EncodedImage(item_id, data, orientation=orientation)
+    return EncodedImage(item_id, data, orientation=orientation, pixels=width * height)
 
 
 def _read_header(data: memoryview) -> tuple[int, int, bool, object]:
@@ -205,6 +206,11 @@ class GpuJpegDecoder:
         decode_batch: the batched decoder; default torchvision's nvjpeg `decode_jpeg`. Tests
             inject a fake to exercise the fallbacks without a GPU.
         stats: counters to add to (a new `GpuDecodeStats` by default).
+        large_pixels: experimental; JPEGs above this many pixels get an nvjpeg call of their own
+            per batch. On an H200, 1280x960 JPEGs alone decoded at ~8,950 img/s and 4000x3000 alone
+            at ~916, but a 7:1 mix at ~1,950 instead of the ~4,300 those rates imply; whether
+            splitting recovers it is measured by benchmarks/gpu_e2e.py (not yet on a GPU). None:
+            one call per batch.
     """
 
     def __init__(
@@ -213,9 +219,11 @@ class GpuJpegDecoder:
         *,
         decode_batch: DecodeBatch | None = None,
         stats: GpuDecodeStats | None = None,
+        large_pixels: int | None = None,
     ) -> None:
         import torch
 
+        self.large_pixels = large_pixels
         self.device = torch.device(device)
         self.decode_batch = decode_batch if decode_batch is not None else _nvjpeg_decode
         self.stats = stats if stats is not None else GpuDecodeStats()
@@ -233,12 +241,12 @@ class GpuJpegDecoder:
         t0 = time.perf_counter()
         encoded = [it if isinstance(it, EncodedImage) else inspect_encoded(*it) for it in items]
         results: list[tuple[torch.Tensor, tuple[int, int]] | Failure | None] = [None] * len(encoded)
-        on_gpu = [i for i, e in enumerate(encoded) if e.nvjpeg]
-        for i, image in zip(on_gpu, self._nvjpeg([encoded[i] for i in on_gpu]), strict=True):
-            if image is not None:
-                image = orient(image, encoded[i].orientation)
-                results[i] = image, (int(image.shape[2]), int(image.shape[1]))
-                self.stats.nvjpeg += 1
+        for on_gpu in self._nvjpeg_groups(encoded):
+            for i, image in zip(on_gpu, self._nvjpeg([encoded[i] for i in on_gpu]), strict=True):
+                if image is not None:
+                    image = orient(image, encoded[i].orientation)
+                    results[i] = image, (int(image.shape[2]), int(image.shape[1]))
+                    self.stats.nvjpeg += 1
         for i, e in enumerate(encoded):
             if results[i] is None:
                 results[i] = self._cpu(e, cfg)
@@ -252,6 +260,15 @@ class GpuJpegDecoder:
                 decoded.sizes.append(result[1])
         self.stats.decode_s += time.perf_counter() - t0
         return decoded
+
+    def _nvjpeg_groups(self, encoded: list[EncodedImage]) -> list[list[int]]:
+        """Indices of the images nvjpeg takes, one list per nvjpeg call (see `large_pixels`)."""
+        on_gpu = [i for i, e in enumerate(encoded) if e.nvjpeg]
+        if self.large_pixels is None:
+            return [on_gpu]
+        large = [i for i in on_gpu if encoded[i].pixels > self.large_pixels]
+        small = [i for i in on_gpu if encoded[i].pixels <= self.large_pixels]
+        return [group for group in (small, large) if group]
 
     def _nvjpeg(self, encoded: list[EncodedImage]) -> list[torch.Tensor | None]:
         """Decoded images aligned with `encoded`; None where nvjpeg could not decode one."""
