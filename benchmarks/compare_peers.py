@@ -241,7 +241,8 @@ def peers(tower: str, oc: Any, hf: Any, onnx_sessions: dict[str, Any], *, compil
     return out
 
 
-def ours(tower: str, model: CLIP, *, quick: bool, compile_ours: bool = True, autotune: bool = False) -> list[Contestant]:
+def ours(tower: str, model: CLIP, *, quick: bool, compile_ours: bool = True, autotune: bool = False,
+         skip_fp8: bool = False) -> list[Contestant]:  # fmt: skip
     """clipengine fast paths (accel.optimize) for `tower`."""
     lname = LOW["name"]
     variants: list[tuple[str, dict[str, Any]]] = [
@@ -259,7 +260,7 @@ def ours(tower: str, model: CLIP, *, quick: bool, compile_ours: bool = True, aut
                 (f"clipengine compile {lname} + CUDA graphs", dict(precision=lname, compile=True, cuda_graphs=True)),
                 ("clipengine compile fp8 + CUDA graphs", dict(precision="fp8", compile=True, cuda_graphs=True)),
             ]
-        if FP8_UNSUPPORTED:
+        if FP8_UNSUPPORTED or skip_fp8:
             variants = [v for v in variants if v[1]["precision"] != "fp8"]
     elif not quick:
         variants.insert(1, (f"clipengine compile {lname} (no prune/trunc)", dict(precision=lname, compile=True, prune=False, truncate_text=False)))  # fmt: skip
@@ -630,6 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-openvino", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--no-compile", action="store_true", help="no torch.compile contestants (saves minutes of compiling)")
+    p.add_argument("--skip-fp8", action="store_true", help="CUDA: no fp8 rows (they cost two compiles per case)")
     p.add_argument("--autotune", action="store_true",
                    help="CUDA: add clipengine compile max-autotune + CUDA graphs (minutes of autotuning per shape)")
     p.add_argument("--only", choices=["image1", "image32", "image1024", "text", "textlong", "e2e"], action="append",
@@ -681,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
         if tower not in built:  # one set of callables per tower: compiled graphs are reused across cases
             built[tower] = (peers(tower, oc, hf, sessions, compile_peers=not args.no_compile)
                             + ours(tower, model, quick=args.quick, compile_ours=not args.no_compile,
-                                   autotune=args.autotune))
+                                   autotune=args.autotune, skip_fp8=args.skip_fp8))
         cs = measure(built[tower], x, rounds, min_s, log)
         text, rows = table(title, cs, unit, x.shape[0])
         tables.append(text)

@@ -5,6 +5,9 @@ Rows (one random-weight ViT-B/32, `optimize(device="cuda", precision="fp16", cud
 - gpu nvjpeg: `image.gpu_preprocess.iter_gpu_batches` (reader threads -> nvjpeg batched decode ->
   torch resize / crop / normalise on the GPU) -> model
 - gpu nvjpeg, decode only: the same loader without the model
+- gpu nvimgcodec (when nvidia-nvimgcodec is installed): the same loader with nvImageCodec's
+  batched decoder (`GpuJpegDecoder(library="nvimgcodec")`), with and without libjpeg's chroma
+  upsampling
 - cpu exact: `pipeline.batching.iter_batches`, exact Pillow decode in one worker process per core -> model
 - cpu fast_decode: the same with libjpeg's reduced-DCT decode
 - model only: preprocessed pixels already on the GPU
@@ -115,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--workers", type=int, default=None, help="CPU decode processes (default: all cores)")
     p.add_argument("--read-threads", type=int, default=8, help="file reader threads of the GPU loader")
+    p.add_argument("--title", default="", help="a line printed above the table (which set this is)")
     p.add_argument("--seconds", type=float, default=20.0, help="stop a row after this long (default 20)")
     p.add_argument("--skip-cpu", action="store_true", help="GPU rows only (cosines need the cpu exact row)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -143,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if own_dir:
             shutil.rmtree(folder, ignore_errors=True)
+    if args.title:
+        print(f"### {args.title}\n")
     print(render(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
@@ -180,7 +186,8 @@ def run(args: argparse.Namespace, folder: Path, workers: int) -> dict[str, Any]:
                                   out_dtype=torch.float16, decoder=decoder):  # fmt: skip
             yield b.ids, b.pixels
 
-    def timed(name: str, rows: Callable[[], Rows], embed: bool = True) -> dict[str, Any]:
+    def timed(name: str, rows: Callable[[], Rows], embed: bool = True,
+              decoder: GpuJpegDecoder | None = None) -> dict[str, Any]:  # fmt: skip
         feats: list[tuple[list[str], Any]] = []
         n = 0
         torch.cuda.synchronize()
@@ -201,7 +208,10 @@ def run(args: argparse.Namespace, folder: Path, workers: int) -> dict[str, Any]:
         for ids, f in feats:
             f = torch.nn.functional.normalize(f.float(), dim=-1).cpu().numpy()
             vectors.update(zip(ids, f, strict=True))
-        return {"name": name, "images": n, "seconds": seconds, "img_per_s": n / seconds, "_vectors": vectors}
+        row = {"name": name, "images": n, "seconds": seconds, "img_per_s": n / seconds, "_vectors": vectors}
+        if decoder is not None:  # where the loader's time went (decode_s: wall time in decode calls)
+            row["loader"] = dataclasses.asdict(decoder.stats)
+        return row
 
     rows: list[dict[str, Any]] = []
     executor = None
@@ -220,12 +230,13 @@ def run(args: argparse.Namespace, folder: Path, workers: int) -> dict[str, Any]:
     for _ in gpu_rows(GpuJpegDecoder(device), items[: 2 * args.batch]):
         pass
     decode_only = GpuJpegDecoder(device)
-    rows.append(timed("gpu nvjpeg, decode only (no model)", lambda: gpu_rows(decode_only), embed=False))
-    # Experiment: JPEGs over 4 MP in an nvjpeg call of their own (GpuJpegDecoder.large_pixels).
-    split = GpuJpegDecoder(device, large_pixels=4_000_000)
-    rows.append(timed("gpu nvjpeg, decode only, > 4 MP in their own call", lambda: gpu_rows(split), embed=False))
+    rows.append(timed("gpu nvjpeg, decode only (no model)", lambda: gpu_rows(decode_only), False, decode_only))
+    if args.large_every:  # Experiment: JPEGs over 4 MP in an nvjpeg call of their own (large_pixels).
+        split = GpuJpegDecoder(device, large_pixels=4_000_000)
+        rows.append(timed("gpu nvjpeg, decode only, > 4 MP in their own call", lambda: gpu_rows(split), False, split))
     end_to_end = GpuJpegDecoder(device)
-    rows.append(timed("gpu nvjpeg + model", lambda: gpu_rows(end_to_end)))
+    rows.append(timed("gpu nvjpeg + model", lambda: gpu_rows(end_to_end), True, end_to_end))
+    rows += nvimgcodec_rows(timed, gpu_rows, device, items[: 2 * args.batch])
     product = pipeline_row(items, cfg, args.batch)
     if product is not None:
         rows.append(product)
@@ -256,6 +267,32 @@ def run(args: argparse.Namespace, folder: Path, workers: int) -> dict[str, Any]:
         "rows": rows,
         "gpu_decode": dataclasses.asdict(end_to_end.stats),
     }
+
+
+def nvimgcodec_rows(timed: Callable[..., dict[str, Any]], gpu_rows: Callable[..., Rows], device: Any,
+                    warm_items: list[Any]) -> list[dict[str, Any]]:  # fmt: skip
+    """The same loader with nvImageCodec as the batched decoder (`library="nvimgcodec"`): decode
+    only, with the model, and with libjpeg's chroma upsampling (fidelity); none if not installed."""
+    from clipengine.image import nvimgcodec_decode
+    from clipengine.image.gpu_preprocess import GpuJpegDecoder
+
+    if not nvimgcodec_decode.available():
+        log.info("nvimgcodec rows left out: nvidia-nvimgcodec is not installed")
+        return []
+    rows = []
+    try:
+        for fancy in (False, True):
+            for _ in gpu_rows(GpuJpegDecoder(device, library="nvimgcodec", fancy_upsampling=fancy), warm_items):
+                pass  # decoder creation, its thread pool and the hardware decoder's set-up: untimed
+        only = GpuJpegDecoder(device, library="nvimgcodec")
+        rows.append(timed("gpu nvimgcodec, decode only (no model)", lambda: gpu_rows(only), False, only))
+        full = GpuJpegDecoder(device, library="nvimgcodec")
+        rows.append(timed("gpu nvimgcodec + model", lambda: gpu_rows(full), True, full))
+        fancy = GpuJpegDecoder(device, library="nvimgcodec", fancy_upsampling=True)
+        rows.append(timed("gpu nvimgcodec fancy_upsampling + model", lambda: gpu_rows(fancy), True, fancy))
+    except Exception:
+        log.exception("nvimgcodec rows: failed; the rows measured so far are kept")
+    return rows
 
 
 def pipeline_row(items: list[Any], cfg: Any, batch: int) -> dict[str, Any] | None:
@@ -297,13 +334,15 @@ def render(results: dict[str, Any]) -> str:
         f"{results['torchvision']}); {results['count']} JPEGs (1280x960; every {results['large_every']}th "
         f"distinct one 4000x3000, 0 = none), batch {results['batch']}",
         "",
-        "| path | img/s | images | s | cos vs cpu exact (min / mean) |",
-        "| --- | ---: | ---: | ---: | --- |",
+        "| path | img/s | images | s | cos vs cpu exact (min / mean) | loader: decode s / read s (threads summed) |",
+        "| --- | ---: | ---: | ---: | --- | --- |",
     ]
     for row in results["rows"]:
         cos = f"{row['cos_min']:.5f} / {row['cos_mean']:.5f}" if "cos_min" in row else "reference" if row[
             "name"].startswith("cpu exact") else "-"  # fmt: skip
-        lines.append(f"| {row['name']} | {row['img_per_s']:.0f} | {row['images']} | {row['seconds']:.2f} | {cos} |")
+        loader = f"{row['loader']['decode_s']:.2f} / {row['loader']['read_s']:.2f}" if "loader" in row else "-"
+        lines.append(f"| {row['name']} | {row['img_per_s']:.0f} | {row['images']} | {row['seconds']:.2f} | {cos} "
+                     f"| {loader} |")  # fmt: skip
     g = results["gpu_decode"]
     lines += ["", f"gpu loader (e2e row): nvjpeg {g['nvjpeg']}, cpu fallback {g['cpu_fallback']}, failures "
                   f"{g['failures']}, batch retries {g['batch_retries']}"]  # fmt: skip

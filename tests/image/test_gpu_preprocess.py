@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from clipengine.errors import DecodeError
-from clipengine.image import gpu_preprocess
+from clipengine.image import gpu_preprocess, nvimgcodec_decode
 from clipengine.image.decode import decode_image
 from clipengine.image.gpu_preprocess import (
     GpuDecodeStats,
@@ -281,6 +281,82 @@ def test_large_images_get_their_own_call_and_order_is_kept(images: Factories) ->
     assert all(torch.equal(a, b) for a, b in zip(decoded.images, one_call.images, strict=True))
 
 
+# ---------------------------------------------------------------------------------------------
+# nvImageCodec as the batched decoder (its CPU backend here; the GPU tests below run its GPU ones)
+
+needs_nvimgcodec = pytest.mark.skipif(not nvimgcodec_decode.available(), reason="nvidia-nvimgcodec not installed")
+
+
+@needs_nvimgcodec
+def test_nvimgcodec_decoder_routes_falls_back_and_equals_exact_path(images: Factories) -> None:
+    """The adapter's contract on nvImageCodec's CPU backend (libjpeg-turbo, as Pillow): the same
+    ids, failures and sizes as the exact path, pixels bit for bit, order kept."""
+    inputs = [
+        ("good1.jpg", jpeg_bytes(images, 80, 60, seed=1)),
+        ("photo.png", png_bytes(images)),
+        ("truncated.jpg", (BAD / "truncated.jpg").read_bytes()),
+        ("cmyk.jpg", (BAD / "cmyk.jpg").read_bytes()),
+        ("exif_rotated.jpg", (BAD / "exif_rotated.jpg").read_bytes()),
+        ("grey.jpg", encode_jpeg(photo(images, 50, 30).convert("L"))),
+        ("good2.jpg", jpeg_bytes(images, 33, 77, seed=3)),
+    ]
+    decoder = GpuJpegDecoder("cpu", library="nvimgcodec")
+    decoded = decoder.decode(inputs)
+    assert decoded.ids == ["good1.jpg", "photo.png", "cmyk.jpg", "exif_rotated.jpg", "grey.jpg", "good2.jpg"]
+    assert [f.id for f in decoded.failures] == ["truncated.jpg"]
+    assert decoder.stats.nvjpeg == 4 and decoder.stats.cpu_fallback == 2
+    by_name = dict(inputs)
+    for name, image, size in zip(decoded.ids, decoded.images, decoded.sizes, strict=True):
+        expected = np.array(decode_image(by_name[name], name).convert("RGB"))
+        np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), expected, err_msg=name)
+        assert size == (expected.shape[1], expected.shape[0])
+
+
+@needs_nvimgcodec
+def test_nvimgcodec_returns_none_for_what_it_cannot_decode(images: Factories) -> None:
+    good = torch.from_numpy(np.frombuffer(jpeg_bytes(images, 40, 30, seed=0), np.uint8).copy())
+    junk = torch.from_numpy(np.frombuffer(b"\xff\xd8\xff" + bytes(64) + b"\xff\xd9", np.uint8).copy())
+    out = nvimgcodec_decode.decode_batch([good, junk, good], torch.device("cpu"))
+    assert out[1] is None and out[0] is not None and out[2] is not None
+    assert out[0].shape == (3, 30, 40) and out[0].dtype == torch.uint8 and torch.equal(out[0], out[2])
+
+
+def test_decoder_warns_once_when_the_gpu_decoder_takes_nothing(
+    images: Factories, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A GPU decoder that decodes nothing (nvImageCodec without its nvjpeg library) is not silent:
+    the CPU decoder takes every image, and one warning says why it got slow."""
+    calls = []
+
+    def decodes_nothing(data: list[Any], device: Any) -> list[None]:
+        calls.append(len(data))
+        return [None] * len(data)
+
+    decoder = GpuJpegDecoder("cpu", decode_batch=decodes_nothing)
+    inputs = [(f"{i}.jpg", jpeg_bytes(images, 30, 20, seed=i)) for i in range(3)]
+    with caplog.at_level("WARNING", logger=gpu_preprocess.__name__):
+        first = decoder.decode(inputs)
+        decoder.decode(inputs)
+    assert first.ids == ["0.jpg", "1.jpg", "2.jpg"] and decoder.stats.cpu_fallback == 6
+    assert calls == [3, 3]
+    assert [r.getMessage() for r in caplog.records if "decoded none" in r.getMessage()] == [
+        "the custom GPU decoder decoded none of 3 JPEGs; the CPU decoder takes them (is its nvjpeg library installed?)"
+    ]
+
+
+def test_decoder_rejects_unknown_library_and_misplaced_options() -> None:
+    with pytest.raises(ValueError, match="unknown GPU decode library 'dali'"):
+        GpuJpegDecoder("cpu", library="dali")
+    with pytest.raises(ValueError, match="fancy_upsampling needs library='nvimgcodec'"):
+        GpuJpegDecoder("cpu", fancy_upsampling=True)
+
+
+def test_decoder_missing_nvimgcodec_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nvimgcodec_decode, "available", lambda: False)
+    with pytest.raises(ImportError, match=r"pip install 'nvidia-nvimgcodec-cu13\[nvjpeg\]'"):
+        GpuJpegDecoder("cpu", library="nvimgcodec")
+
+
 @pytest.mark.parametrize(
     ("filename", "to_nvjpeg", "orientation"),
     [("exif_rotated.jpg", True, 6), ("corrupt_exif.jpg", True, 1), ("cmyk.jpg", False, 1),
@@ -405,23 +481,33 @@ def test_cuda_preprocess_matches_exact_path(
     assert diff.mean() <= (0.6 if window else 0.02)
 
 
+GPU_LIBRARIES = [pytest.param("torchvision", id="torchvision"),
+                 pytest.param("nvimgcodec", marks=needs_nvimgcodec, id="nvimgcodec")]  # fmt: skip
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize(("library", "fancy"), [("torchvision", False),
+                         pytest.param("nvimgcodec", False, marks=needs_nvimgcodec),
+                         pytest.param("nvimgcodec", True, marks=needs_nvimgcodec)])  # fmt: skip
 @pytest.mark.parametrize("subsampling", [0, 2])  # 4:4:4 and 4:2:0 (cameras' usual)
 @pytest.mark.parametrize(("width", "height"), [(1280, 960), (640, 480), (333, 777), (224, 224)])
-def test_nvjpeg_close_to_exact_path(images: Factories, width: int, height: int, subsampling: int) -> None:
+def test_nvjpeg_close_to_exact_path(
+    images: Factories, width: int, height: int, subsampling: int, library: str, fancy: bool
+) -> None:
     """nvjpeg upsamples 4:2:0 chroma differently from libjpeg-turbo's "fancy" (triangle) filter
     that Pillow uses, so at sharp colour edges single pixels differ by tens of levels; the resize
     averages most of it away. Measured on an H200 (torchvision 0.26): 4:4:4 within 1 level
     (mean 0.000); 4:2:0 max 4 (1280x960) to 37 (224x224, no resize), mean 0.16 - 0.58 levels."""
     img = photo(images, width, height, seed=width)
     data = encode_jpeg(img, subsampling=subsampling)
-    decoder = GpuJpegDecoder("cuda")
+    decoder = GpuJpegDecoder("cuda", library=library, fancy_upsampling=fancy)
     decoded = decoder.decode([("a.jpg", data)])
     assert decoder.stats.nvjpeg == 1 and decoder.stats.cpu_fallback == 0
     cfg = PreprocessConfig()
     ours = preprocess_tensors(decoded.images, cfg)[0].cpu().numpy()
     diff = np.abs(grey_levels(ours) - grey_levels(preprocess(data, cfg)))
-    print(f"nvjpeg {width}x{height} sub={subsampling}: max {diff.max():.2f} mean {diff.mean():.3f} levels")
+    print(f"{library} fancy={fancy} {width}x{height} sub={subsampling}: max {diff.max():.2f} "
+          f"mean {diff.mean():.3f} levels")  # fmt: skip
     if subsampling == 0:
         assert diff.max() <= 2.0 and diff.mean() <= 0.01
     else:
@@ -429,12 +515,13 @@ def test_nvjpeg_close_to_exact_path(images: Factories, width: int, height: int, 
 
 
 @pytest.mark.gpu
-def test_decoded_images_survive_queued_work_on_the_callers_stream(images: Factories) -> None:
+@pytest.mark.parametrize("library", GPU_LIBRARIES)
+def test_decoded_images_survive_queued_work_on_the_callers_stream(images: Factories, library: str) -> None:
     """Regression: torchvision writes decoded images from its own stream into memory allocated on
     the caller's; without the guard in `_nvjpeg_decode`, a batch decoded while the caller's stream
     still had queued reads of the previous batch overwrote it (cosine 0.56 in benchmarks/gpu_e2e.py)."""
     datas = [jpeg_bytes(images, 640, 480, seed=i) for i in range(12)]
-    decoder = GpuJpegDecoder("cuda")
+    decoder = GpuJpegDecoder("cuda", library=library)
     expected = [decoder.decode([(str(i), d)]).images[0].cpu() for i, d in enumerate(datas)]
     busy = torch.randn(2048, 2048, device="cuda")
     copies = []
@@ -452,13 +539,14 @@ def test_decoded_images_survive_queued_work_on_the_callers_stream(images: Factor
 
 
 @pytest.mark.gpu
-def test_nvjpeg_exif_orientation_and_grey(images: Factories) -> None:
+@pytest.mark.parametrize("library", GPU_LIBRARIES)
+def test_nvjpeg_exif_orientation_and_grey(images: Factories, library: str) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6
     img = photo(images, 320, 200)
     grey = img.convert("L")
     inputs = [("rot.jpg", encode_jpeg(img, exif=exif.tobytes())), ("grey.jpg", encode_jpeg(grey))]
-    decoder = GpuJpegDecoder("cuda")
+    decoder = GpuJpegDecoder("cuda", library=library)
     decoded = decoder.decode(inputs)
     assert decoder.stats.nvjpeg == 2
     for (name, data), image in zip(inputs, decoded.images, strict=True):
@@ -469,9 +557,10 @@ def test_nvjpeg_exif_orientation_and_grey(images: Factories) -> None:
 
 
 @pytest.mark.gpu
-def test_nvjpeg_cmyk_and_png_fall_back_and_match_exact_path(images: Factories) -> None:
+@pytest.mark.parametrize("library", GPU_LIBRARIES)
+def test_nvjpeg_cmyk_and_png_fall_back_and_match_exact_path(images: Factories, library: str) -> None:
     inputs = [("cmyk.jpg", (BAD / "cmyk.jpg").read_bytes()), ("p.png", png_bytes(images))]
-    decoder = GpuJpegDecoder("cuda")
+    decoder = GpuJpegDecoder("cuda", library=library)
     decoded = decoder.decode(inputs)
     assert decoder.stats.cpu_fallback == 2 and decoded.ids == ["cmyk.jpg", "p.png"]
     for (name, data), image in zip(inputs, decoded.images, strict=True):
@@ -480,9 +569,10 @@ def test_nvjpeg_cmyk_and_png_fall_back_and_match_exact_path(images: Factories) -
 
 
 @pytest.mark.gpu
-def test_iter_gpu_batches_end_to_end_on_cuda(tmp_path: Path, images: Factories) -> None:
+@pytest.mark.parametrize("library", GPU_LIBRARIES)
+def test_iter_gpu_batches_end_to_end_on_cuda(tmp_path: Path, images: Factories, library: str) -> None:
     items = write_folder(tmp_path, images)
-    decoder = GpuJpegDecoder("cuda")
+    decoder = GpuJpegDecoder("cuda", library=library)
     batches = list(iter_gpu_batches(items, PreprocessConfig(), "cuda", batch_size=4, decoder=decoder,
                                     out_dtype=torch.float16))  # fmt: skip
     assert [len(b.ids) for b in batches] == [4, 4]

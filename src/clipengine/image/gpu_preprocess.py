@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "GPU_DECODE_LIBRARIES",
     "DecodeBatch",
     "Decoded",
     "EncodedImage",
@@ -65,8 +66,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# A decoder for a list of encoded JPEGs (1-D uint8 CPU tensors) -> (3, H, W) uint8 tensors on the device.
-DecodeBatch = Callable[[list["torch.Tensor"], "torch.device"], list["torch.Tensor"]]
+# A decoder for a list of encoded JPEGs (1-D uint8 CPU tensors) -> (3, H, W) uint8 tensors on the
+# device, aligned with the input; None (or raising, for the whole batch) where it cannot decode one.
+DecodeBatch = Callable[[list["torch.Tensor"], "torch.device"], Sequence["torch.Tensor | None"]]
 
 _JPEG_SOI = b"\xff\xd8\xff"  # start-of-image marker and the first byte of the next marker
 _JPEG_EOI = b"\xff\xd9"
@@ -169,6 +171,26 @@ def _nvjpeg_decode(data: list[torch.Tensor], device: torch.device) -> list[torch
     return images
 
 
+GPU_DECODE_LIBRARIES = ("torchvision", "nvimgcodec")
+
+
+def _library_decoder(library: str, fancy_upsampling: bool) -> DecodeBatch:
+    if library == "torchvision":
+        if fancy_upsampling:
+            raise ValueError("fancy_upsampling needs library='nvimgcodec' (torchvision's decoder has no such option)")
+        return _nvjpeg_decode
+    if library == "nvimgcodec":
+        from clipengine.image import nvimgcodec_decode
+
+        if not nvimgcodec_decode.available():
+            raise ImportError(
+                "GPU decode with nvimgcodec needs NVIDIA nvImageCodec: pip install 'nvidia-nvimgcodec-cu13[nvjpeg]' "
+                "(cu12 for CUDA 12)"
+            )
+        return nvimgcodec_decode.make_decode_batch(fancy_upsampling)  # type: ignore[no-any-return]
+    raise ValueError(f"unknown GPU decode library {library!r}; choose from {', '.join(GPU_DECODE_LIBRARIES)}")
+
+
 @lru_cache(maxsize=16)
 def _decode_stream(device: torch.device) -> torch.cuda.Stream:
     import torch
@@ -211,6 +233,11 @@ class GpuJpegDecoder:
             at ~916, but a 7:1 mix at ~1,950 instead of the ~4,300 those rates imply; whether
             splitting recovers it is measured by benchmarks/gpu_e2e.py (not yet on a GPU). None:
             one call per batch.
+        library: which GPU JPEG decoder runs when `decode_batch` is not given: "torchvision"
+            (`torchvision.io.decode_jpeg`) or "nvimgcodec" (NVIDIA nvImageCodec, when installed:
+            `image.nvimgcodec_decode`).
+        fancy_upsampling: nvimgcodec only: libjpeg's interpolated chroma upsampling (closer to
+            the exact path) instead of nvjpeg's replication.
     """
 
     def __init__(
@@ -220,13 +247,17 @@ class GpuJpegDecoder:
         decode_batch: DecodeBatch | None = None,
         stats: GpuDecodeStats | None = None,
         large_pixels: int | None = None,
+        library: str = "torchvision",
+        fancy_upsampling: bool = False,
     ) -> None:
         import torch
 
         self.large_pixels = large_pixels
         self.device = torch.device(device)
-        self.decode_batch = decode_batch if decode_batch is not None else _nvjpeg_decode
+        self.library = library if decode_batch is None else "custom"
+        self.decode_batch = decode_batch if decode_batch is not None else _library_decoder(library, fancy_upsampling)
         self.stats = stats if stats is not None else GpuDecodeStats()
+        self._warned_all_failed = False
 
     def decode(
         self, items: Sequence[EncodedImage | tuple[str, bytes]], cfg: PreprocessConfig | None = None
@@ -276,11 +307,19 @@ class GpuJpegDecoder:
             return []
         data = [_as_tensor(e.data) for e in encoded]
         try:
-            return list(self.decode_batch(data, self.device))
+            images = list(self.decode_batch(data, self.device))
         except Exception as err:  # torchvision raises RuntimeError; any error only means "not this way"
             # The batched call returns nothing when one image fails: find it one image at a time.
             logger.debug("batched nvjpeg decode of %d images failed (%s); retrying one by one", len(data), err)
             self.stats.batch_retries += 1
+        else:
+            if len(images) != len(encoded):
+                raise RuntimeError(f"{self.library} decoder returned {len(images)} images for {len(encoded)}")
+            if len(images) > 1 and all(image is None for image in images) and not self._warned_all_failed:
+                self._warned_all_failed = True  # e.g. nvImageCodec without its nvjpeg library
+                logger.warning("the %s GPU decoder decoded none of %d JPEGs; the CPU decoder takes them "
+                               "(is its nvjpeg library installed?)", self.library, len(images))  # fmt: skip
+            return images
         singles: list[torch.Tensor | None] = []
         for item, tensor in zip(encoded, data, strict=True):
             try:
