@@ -14,6 +14,7 @@ import argparse
 import sys
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from clipengine.backends.accel import optimize
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default=None, help="fp16 on CUDA, bf16 on CPU by default; fp8 on FP8 GPUs")
     p.add_argument("--compile", action="store_true", help="torch.compile (inductor default mode)")
     p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--conv", action="store_true", help="patch embedding as cuDNN's convolution (patch_matmul=False)")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
@@ -40,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     precision = args.precision or ("fp16" if cuda else "bf16")
     # No CUDA graphs here: kernels replayed from a graph may not show up one by one in the profile,
     # and each kernel's device time is the same either way (graphs remove launch gaps, not work).
-    fast = optimize(model, device=args.device, precision=precision, compile=args.compile)
+    fast = optimize(model, device=args.device, precision=precision, compile=args.compile,
+                    patch_matmul=False if args.conv else None)  # fmt: skip
     x = torch.randn(args.batch, 3, 224, 224, device=args.device)
     for _ in range(3):  # compile / capture / autotune outside the profile
         fast.encode_image(x)
@@ -53,10 +56,14 @@ def main(argv: list[str] | None = None) -> int:
         if cuda:
             torch.cuda.synchronize()
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
+    # Kernels only on CUDA: an aten op's self device time is its kernels' time again (session 3's
+    # table counted both, so its shares were half the real ones).
+    events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0
+              and (not cuda or e.device_type == DeviceType.CUDA)]  # fmt: skip
     total = sum(getattr(e, key) for e in events) or 1.0
     gemm = sum(getattr(e, key) for e in events if any(m in e.key.lower() for m in _GEMM_MARKERS))
-    label = f"ViT-B/32 image tower, batch {args.batch}, {precision}, {'compiled' if args.compile else 'eager'}"
+    label = (f"ViT-B/32 image tower, batch {args.batch}, {precision}, {'compiled' if args.compile else 'eager'}"
+             f"{', patch convolution' if args.conv else ''}")  # fmt: skip
     print(f"## {label} on {torch.cuda.get_device_name() if cuda else 'CPU'}\n")
     print(f"per batch: {total / 5 / 1000:.2f} ms of {'device' if cuda else 'CPU'} time; "
           f"GEMM-like kernels {100 * gemm / total:.0f} %\n")  # fmt: skip

@@ -81,8 +81,32 @@ print('torchvision', torchvision.__version__, 'onnxruntime', o.__version__, o.ge
     timeout "${PROFILE_S:-45}" python3 benchmarks/gpu_profile.py --compile --rows 25 > "$OUT/profile.txt" 2>&1
     echo "gpu_profile exit $?"; head -30 "$OUT/profile.txt"
     ;;
+image)
+    # A shorter second check (~390 s): the image tower after a change to it, and the loader's stages.
+    # Writes pytest_gpu.log, profile.txt, decode_stages.md, peers_cuda.{md,json}, stderr.log under $OUT.
+    OUT=${OUT:-gpu_out}
+    mkdir -p "$OUT"
+    export PYTHONUNBUFFERED=1
+    if compgen -G ".whl/*.whl" > /dev/null; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+        export PYTHONPATH=/tmp/site
+    fi
+    export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+    timeout "${PYTEST_S:-60}" python3 -m pytest -m gpu -v --durations=5 -p no:cacheprovider -o filterwarnings=default \
+        tests/backends/test_accel.py tests/backends/test_torch_backend.py > "$OUT/pytest_gpu.log" 2>&1
+    echo "pytest exit $?"; grep -E "passed|failed" "$OUT/pytest_gpu.log" | tail -2
+    { timeout "${PROFILE_S:-40}" python3 benchmarks/gpu_profile.py --compile --rows 12
+      timeout "${PROFILE_S:-40}" python3 benchmarks/gpu_profile.py --compile --rows 12 --conv; } > "$OUT/profile.txt" 2>&1
+    echo "gpu_profile exit $?"; grep -E "^## |per batch" "$OUT/profile.txt"
+    timeout "${DECODE_S:-45}" python3 benchmarks/gpu_decode_bench.py > "$OUT/decode_stages.md" 2> "$OUT/stderr.log"
+    echo "decode bench exit $?"; cat "$OUT/decode_stages.md"
+    timeout "${PEERS_S:-200}" python3 benchmarks/compare_peers.py --device cuda --rounds 3 --min-seconds 0.25 --skip-e2e \
+        --skip-fp8 ${PEER_CASES:---only image1024 --only image32 --only image1} \
+        --json "$OUT/peers_cuda.json" > "$OUT/peers_cuda.md" 2>> "$OUT/stderr.log"
+    echo "compare_peers exit $?"; cat "$OUT/peers_cuda.md"
+    ;;
 *)
-    echo "usage: bash scripts/gpu_check.sh prepare|run" >&2
+    echo "usage: bash scripts/gpu_check.sh prepare|run|image" >&2
     exit 2
     ;;
 esac

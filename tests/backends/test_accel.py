@@ -50,6 +50,32 @@ def test_fp32_prune_and_truncate_match_module_exactly_up_to_rounding(tiny_model,
     torch.testing.assert_close(txt, reference[1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(("patch", "size"), [(8, (32, 32)), (8, (35, 42)), (16, (64, 48)), (32, (224, 224))])
+def test_patch_embed_matmul_equals_the_convolution(patch: int, size: tuple[int, int]) -> None:
+    """The GEMM form sums what the strided convolution sums, token order included; sizes that
+    are not a multiple of the patch drop the same remainder rows / columns as the convolution."""
+    from clipengine.models.pooled import patch_embed_matmul
+
+    g = torch.Generator().manual_seed(patch)
+    conv = torch.nn.Conv2d(3, 24, kernel_size=patch, stride=patch, bias=False)
+    pixels = torch.randn(3, 3, *size, generator=g)
+    with torch.no_grad():
+        expected = conv(pixels).flatten(2).transpose(1, 2)
+        got = patch_embed_matmul(conv, pixels)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_patch_matmul_tower_matches_the_convolution_tower(tiny_model, inputs, reference, precision) -> None:  # type: ignore[no-untyped-def]
+    fast = optimize(tiny_model, precision=precision, patch_matmul=True)
+    conv = optimize(tiny_model, precision=precision, patch_matmul=False)
+    img, img_conv = fast.encode_image(inputs[0]), conv.encode_image(inputs[0])
+    if precision == "fp32":
+        torch.testing.assert_close(img, reference[0], atol=1e-5, rtol=1e-5)
+    assert _min_cos(img, img_conv) >= 0.9999 and _min_cos(img, reference[0]) >= 0.999
+
+
 def test_text_truncation_is_exact_for_short_batches(tiny_model) -> None:  # type: ignore[no-untyped-def]
     tokens = _tokens([4, 7, 12], seed=3)
     # Junk after EOT must not matter either: the causal mask hides it from the EOT position.

@@ -444,7 +444,7 @@ def test_iter_gpu_batches_only_failures_still_reports_them(tmp_path: Path) -> No
 def test_import_does_not_import_torch() -> None:
     code = (
         "import sys\n"
-        "import clipengine.image.gpu_preprocess\n"
+        "import clipengine.image.gpu_preprocess, clipengine.image.nvimgcodec_decode\n"
         "leaked = sorted(m for m in ('torch', 'torchvision') if m in sys.modules)\n"
         "assert not leaked, leaked\n"
     )

@@ -169,6 +169,7 @@ class AcceleratedCLIP:
         cuda_graphs: bool,
         prune: bool,
         truncate_text: bool,
+        patch_matmul: bool = False,
     ) -> None:
         self.module = module
         self.device = device
@@ -181,7 +182,7 @@ class AcceleratedCLIP:
         from ..models.clip import VisionTransformer
 
         if prune and isinstance(module.visual, VisionTransformer):
-            image: nn.Module = PooledVisionTransformer(module.visual)
+            image: nn.Module = PooledVisionTransformer(module.visual, patch_matmul=patch_matmul)
         else:
             image = _ImageTower(module.visual, self.dtype)
         text: nn.Module = PooledTextTower(module, prune)
@@ -231,6 +232,7 @@ def optimize(
     prune: bool = True,
     truncate_text: bool = True,
     copy: bool = True,
+    patch_matmul: bool | None = None,
 ) -> AcceleratedCLIP:
     """Prepare `module` for fast inference on `device` (on a copy of it unless `copy=False`).
 
@@ -251,6 +253,9 @@ def optimize(
         truncate_text: run text only up to the batch's longest EOT (exact, bucketed by 8).
         copy: work on a private copy of the weights (default). False casts / moves `module`
             itself, for owners such as TorchBackend that already hold their own cast module.
+        patch_matmul: ViT patch embedding as one GEMM instead of cuDNN's convolution (same sums,
+            `models.pooled.patch_embed_matmul`); None: on CUDA, where the convolution took a third
+            of a batch-1024 forward on an H200. Needs `prune` (the pruned tower carries it).
 
     Returns:
         An `AcceleratedCLIP` with `encode_image(pixels)` and `encode_text(tokens)` -> float32 (N, D).
@@ -295,8 +300,9 @@ def optimize(
                 "slower than fp16 on an H200 (docs/performance.md); use compile=True"
             )
     logger.info(
-        "accelerated CLIP: device=%s precision=%s compile=%s cuda_graphs=%s prune=%s truncate_text=%s",
-        dev, precision, compile_mode, cuda_graphs, prune, truncate_text,
+        "accelerated CLIP: device=%s precision=%s compile=%s cuda_graphs=%s prune=%s truncate_text=%s "
+        "patch_matmul=%s", dev, precision, compile_mode, cuda_graphs, prune, truncate_text,
+        dev.type == "cuda" if patch_matmul is None else patch_matmul,
     )
     return AcceleratedCLIP(
         fast,
@@ -306,4 +312,5 @@ def optimize(
         cuda_graphs=cuda_graphs,
         prune=prune,
         truncate_text=truncate_text,
+        patch_matmul=dev.type == "cuda" if patch_matmul is None else patch_matmul,
     )

@@ -17,7 +17,7 @@ from torch import nn
 
 from .clip import CLIP, VisionTransformer
 
-__all__ = ["PooledTextTower", "PooledVisionTransformer", "last_block_rows"]
+__all__ = ["PooledTextTower", "PooledVisionTransformer", "last_block_rows", "patch_embed_matmul"]
 
 
 def last_block_rows(
@@ -44,17 +44,43 @@ def last_block_rows(
     return x_row + block.mlp(block.ln_2(x_row))
 
 
-class PooledVisionTransformer(nn.Module):
-    """The ViT image tower with the last block pruned to the class token; (N, 3, H, W) -> (N, D) float32."""
+def patch_embed_matmul(conv: nn.Conv2d, pixels: torch.Tensor) -> torch.Tensor:
+    """ViT patch embedding as one GEMM: (N, C, H, W) -> (N, grid_h * grid_w, width), the same sums
+    as `conv` (kernel = stride = patch, no padding, no bias) in the same token order as
+    `conv(x).flatten(2).transpose(1, 2)`.
 
-    def __init__(self, visual: VisionTransformer) -> None:
+    Why: for a 32x32 stride-32 convolution cuDNN picks an implicit-GEMM kernel without tensor
+    cores (`precomputed_convolve_sgemm`); on an H200 it took 8.6 of the 27 ms of a batch-1024
+    ViT-B/32 forward (benchmarks/gpu_profile.py), where the GEMM it amounts to,
+    (N * 49, 3072) x (3072, 768), takes well under 1 ms.
+    """
+    patch = int(conv.kernel_size[0])
+    n, c, h, w = pixels.shape
+    gh, gw = h // patch, w // patch
+    x = pixels[:, :, : gh * patch, : gw * patch]  # a strided conv ignores the remainder rows / columns
+    x = x.reshape(n, c, gh, patch, gw, patch).permute(0, 2, 4, 1, 3, 5).reshape(n, gh * gw, c * patch * patch)
+    return F.linear(x, conv.weight.reshape(conv.weight.shape[0], -1))  # weight flattened as (C, kh, kw)
+
+
+class PooledVisionTransformer(nn.Module):
+    """The ViT image tower with the last block pruned to the class token; (N, 3, H, W) -> (N, D) float32.
+
+    `patch_matmul=True` computes the patch embedding as a GEMM (`patch_embed_matmul`), the fast
+    form on CUDA; the default keeps the convolution (the ONNX export's graph).
+    """
+
+    def __init__(self, visual: VisionTransformer, patch_matmul: bool = False) -> None:
         super().__init__()
         self.visual = visual
+        self.patch_matmul = patch_matmul
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         v = self.visual
-        x = v.conv1(pixels.to(v.conv1.weight.dtype))  # (N, W, grid, grid)
-        x = x.flatten(2).transpose(1, 2)  # (N, grid*grid, W)
+        pixels = pixels.to(v.conv1.weight.dtype)
+        if self.patch_matmul:
+            x = patch_embed_matmul(v.conv1, pixels)  # (N, grid*grid, W)
+        else:
+            x = v.conv1(pixels).flatten(2).transpose(1, 2)  # (N, W, grid, grid) -> (N, grid*grid, W)
         cls = v.class_embedding.expand(x.shape[0], 1, -1)
         x = v.ln_pre(torch.cat([cls, x], dim=1) + v.positional_embedding)
         blocks = list(v.transformer.resblocks)
