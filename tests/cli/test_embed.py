@@ -105,6 +105,10 @@ def test_bad_options_are_usage_errors(folder: Path, tmp_path: Path, fake_load, c
     assert "nowhere: no such folder or file list" in capsys.readouterr().err
     gpu_on_cpu = runner.invoke(app, ["embed", str(folder), "-o", out, "--gpu-decode"])
     assert gpu_on_cpu.exit_code == 2 and "--gpu-decode needs --backend torch --device cuda" in gpu_on_cpu.output
+    decoder_alone = runner.invoke(app, ["embed", str(folder), "-o", out, "--gpu-decoder", "nvimgcodec"])
+    assert decoder_alone.exit_code == 2 and "--gpu-decoder needs --gpu-decode" in decoder_alone.output
+    bad_decoder = runner.invoke(app, ["embed", str(folder), "-o", out, "--gpu-decode", "--gpu-decoder", "dali"])
+    assert bad_decoder.exit_code == 2 and "torchvision, nvimgcodec" in bad_decoder.output
     assert fake_load == []  # nothing loaded for invalid input
 
 

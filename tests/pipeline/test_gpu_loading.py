@@ -92,6 +92,27 @@ def test_resume_refuses_another_decode_mode(photo_folder, tmp_path: Path, tiny_m
         embed_folder(root, tmp_path / "out", torch_backend_factory, cfg, model="tiny", workers=0)
 
 
+@pytest.mark.skipif(not __import__("clipengine.image.nvimgcodec_decode", fromlist=["x"]).available(),
+                    reason="nvidia-nvimgcodec not installed")  # fmt: skip
+def test_nvimgcodec_decoder_in_the_pipeline(photo_folder, tmp_path: Path, tiny_model, torch_backend_factory) -> None:  # type: ignore[no-untyped-def]
+    """gpu_decoder="nvimgcodec" end to end (nvImageCodec's CPU backend here): its JPEGs decode as
+    libjpeg-turbo's, so the embeddings equal the CPU workers'; run.json records the decoder and a
+    resume with the other one is refused."""
+    root, good, bad = photo_folder
+    cfg = tiny_model_cfg(tiny_model)
+    embed_folder(root, tmp_path / "cpu", torch_backend_factory, cfg, model="tiny", workers=0, dtype="float32")
+    stats = embed_folder(root, tmp_path / "nv", torch_backend_factory, cfg, model="tiny", batch_size=4,
+                         dtype="float32", gpu_decode="cpu", gpu_decoder="nvimgcodec")  # fmt: skip
+    ids_c, vec_c, _ = read_embeddings(tmp_path / "cpu")
+    ids_n, vec_n, meta_n = read_embeddings(tmp_path / "nv")
+    assert ids_n == ids_c == good and stats.failed == len(bad)
+    assert float((vec_n * vec_c).sum(axis=1).min()) >= 0.9999
+    assert meta_n["gpu_decoder"] == "nvimgcodec"
+    with pytest.raises(IndexMismatchError, match=r"gpu_decoder='nvimgcodec'.*--gpu-decoder nvimgcodec"):
+        embed_folder(root, tmp_path / "nv", torch_backend_factory, cfg, model="tiny", batch_size=4,
+                     dtype="float32", gpu_decode="cpu", gpu_decoder="torchvision")  # fmt: skip
+
+
 def test_torch_backend_takes_tensors_like_arrays(tiny_model) -> None:  # type: ignore[no-untyped-def]
     from clipengine.backends.torch_backend import TorchBackend
     from clipengine.errors import BackendError
@@ -120,14 +141,18 @@ def _sizes(out: Path) -> dict[str, list[int]]:
 
 
 @pytest.mark.gpu
-def test_real_nvjpeg_embed_folder_matches_cpu_workers(photo_folder, tmp_path: Path, tiny_model) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("decoder", ["torchvision", "nvimgcodec"])
+def test_real_nvjpeg_embed_folder_matches_cpu_workers(photo_folder, tmp_path: Path, tiny_model, decoder) -> None:  # type: ignore[no-untyped-def]
     from clipengine.backends.torch_backend import TorchBackend
 
     root, good, bad = photo_folder
     cfg = tiny_model_cfg(tiny_model)
     factory = lambda: TorchBackend(copy.deepcopy(tiny_model), device="cuda", precision="fp16")  # noqa: E731
     embed_folder(root, tmp_path / "cpu", factory, cfg, model="tiny", workers=0, dtype="float32")
-    embed_folder(root, tmp_path / "gpu", factory, cfg, model="tiny", dtype="float32", gpu_decode="cuda")
+    if decoder == "nvimgcodec":
+        pytest.importorskip("nvidia.nvimgcodec")
+    embed_folder(root, tmp_path / "gpu", factory, cfg, model="tiny", dtype="float32", gpu_decode="cuda",
+                 gpu_decoder=decoder)  # fmt: skip
     ids_c, vec_c, _ = read_embeddings(tmp_path / "cpu")
     ids_g, vec_g, _ = read_embeddings(tmp_path / "gpu")
     assert ids_g == ids_c == good

@@ -28,8 +28,12 @@ def iter_gpu_loaded(
     batch_size: int,
     device: str,
     stats: LoadStats,
+    decoder: str = "torchvision",
 ) -> Iterator[Batch]:
     """Batches of `batch_size` rows with pixels on `device`; stage times are added to `stats`.
+
+    `decoder` picks the batched JPEG decoder: "torchvision" or "nvimgcodec" (`GpuJpegDecoder`'s
+    `library`).
 
     `stats.decode_s` / `preprocess_s` are wall seconds this thread spent queuing the GPU work (the
     GPU runs it asynchronously); `read_s` sums the reader threads' time.
@@ -38,9 +42,9 @@ def iter_gpu_loaded(
     from ..image.preprocess import PreprocessConfig
 
     cfg = preprocess_cfg if isinstance(preprocess_cfg, PreprocessConfig) else PreprocessConfig.from_dict(preprocess_cfg)
-    decoder = GpuJpegDecoder(device)
+    jpeg_decoder = GpuJpegDecoder(device, library=decoder)
     try:
-        for gpu_batch in iter_gpu_batches(items, cfg, batch_size=batch_size, decoder=decoder):
+        for gpu_batch in iter_gpu_batches(items, cfg, batch_size=batch_size, decoder=jpeg_decoder):
             stats.images += len(gpu_batch.ids)
             yield Batch(
                 ids=gpu_batch.ids,
@@ -49,7 +53,7 @@ def iter_gpu_loaded(
                 failures=gpu_batch.failures,
             )
     finally:
-        done = decoder.stats
+        done = jpeg_decoder.stats
         stats.read_s += done.read_s
         stats.decode_s += done.decode_s
         stats.preprocess_s += done.preprocess_s

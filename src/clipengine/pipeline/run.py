@@ -101,6 +101,7 @@ def run_partition(
     skip_complete: bool = True,
     fast_decode: bool = False,
     gpu_decode: str | None = None,
+    gpu_decoder: str = "torchvision",
 ) -> RunStats:
     """Embed one partition and write its shard (idempotent: a complete shard is kept, not recomputed).
 
@@ -119,6 +120,8 @@ def run_partition(
         gpu_decode: a CUDA device ("cuda", "cuda:1"): decode JPEGs with nvjpeg and preprocess on
             that GPU instead of in CPU workers (`pipeline.gpu_loading`); the backend must accept
             device tensors (the torch backend on that device). Not bit-exact (see docs).
+        gpu_decoder: with `gpu_decode`, the JPEG decoder: "torchvision" (nvjpeg through
+            torchvision) or "nvimgcodec" (NVIDIA nvImageCodec; closer to the exact path's pixels).
 
     Returns:
         RunStats for this partition.
@@ -147,7 +150,7 @@ def run_partition(
     if gpu_decode is not None:
         from .gpu_loading import iter_gpu_loaded
 
-        batches = iter_gpu_loaded(items, preprocess_cfg, batch_size, gpu_decode, loads)
+        batches = iter_gpu_loaded(items, preprocess_cfg, batch_size, gpu_decode, loads, decoder=gpu_decoder)
     else:
         batches = iter_batches(
             items,
@@ -205,6 +208,7 @@ def embed_folder(
     source_label: str | None = None,
     fast_decode: bool = False,
     gpu_decode: str | None = None,
+    gpu_decoder: str = "torchvision",
 ) -> RunStats:
     """Embed every image of a folder or file list into ``out_dir`` (see `sinks` for the layout).
 
@@ -227,6 +231,8 @@ def embed_folder(
             must use the same setting.
         gpu_decode: a CUDA device: nvjpeg decode + GPU preprocessing (see `run_partition`); no CPU
             decode workers are started. A resume must use the same decode mode.
+        gpu_decoder: with `gpu_decode`: "torchvision" or "nvimgcodec" (see `run_partition`); a
+            resume must use the same one.
 
     Returns:
         RunStats for the whole run (resumed shards counted in `skipped`).
@@ -252,6 +258,7 @@ def embed_folder(
         "preprocess": cfg,
         "fast_decode": fast_decode,
         "gpu_decode": gpu_decode is not None,
+        "gpu_decoder": gpu_decoder if gpu_decode is not None else None,
         "partitions": len(parts),
         "images": len(items),
         "status": "running",
@@ -278,7 +285,7 @@ def embed_folder(
             stats = run_partition(
                 part.items, lazy, sink, partition_id=part.id, preprocess_cfg=cfg,
                 batch_size=batch_size, executor=executor, progress=progress, fast_decode=fast_decode,
-                gpu_decode=gpu_decode,
+                gpu_decode=gpu_decode, gpu_decoder=gpu_decoder,
             )  # fmt: skip
             total.add(stats)
     finally:
@@ -325,6 +332,7 @@ def _check_compatible(out_dir: Path, previous: dict[str, Any], current: dict[str
         "shard_size": lambda old: f"--shard-size {old}",
         "fast_decode": lambda old: "--fast-decode" if old else "no --fast-decode",
         "gpu_decode": lambda old: "--gpu-decode" if old else "no --gpu-decode",
+        "gpu_decoder": lambda old: f"--gpu-decoder {old}",
     }
     for key, hint in hints.items():
         old, new = previous.get(key), current.get(key)
