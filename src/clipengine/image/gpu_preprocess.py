@@ -37,6 +37,7 @@ from PIL import Image
 
 from clipengine.errors import DecodeError
 from clipengine.image import decode as _decode
+from clipengine.image.jpeg_header import scan_jpeg_header
 from clipengine.image.preprocess import (
     _MAX_RESIZED_PIXELS,
     PreprocessConfig,
@@ -105,13 +106,17 @@ def inspect_encoded(item_id: str, data: bytes | bytearray | np.ndarray) -> Encod
     view = data.data if isinstance(data, np.ndarray) else memoryview(data)  # no copy either way
     if bytes(view[: len(_JPEG_SOI)]) != _JPEG_SOI or _JPEG_EOI not in bytes(view[-_EOI_TAIL:]):
         return EncodedImage(item_id, data, nvjpeg=False)
-    try:
-        width, height, usable, orientation = _read_header(view[:_HEADER_BYTES])
-    except Exception:
-        try:  # markers past the prefix (big APP segments): read the whole file's
-            width, height, usable, orientation = _read_header(view)
-        except Exception:  # any header problem: the CPU decoder decides, and names the reason
-            return EncodedImage(item_id, data, nvjpeg=False)
+    fast = scan_jpeg_header(view)
+    if fast is not None:  # a plain header, read as Pillow would (jpeg_header.py); else Pillow reads it
+        width, height, usable, orientation = fast.width, fast.height, True, fast.orientation
+    else:
+        try:
+            width, height, usable, orientation = _read_header(view[:_HEADER_BYTES])
+        except Exception:
+            try:  # markers past the prefix (big APP segments): read the whole file's
+                width, height, usable, orientation = _read_header(view)
+            except Exception:  # any header problem: the CPU decoder decides, and names the reason
+                return EncodedImage(item_id, data, nvjpeg=False)
     if not usable or width * height > _decode.MAX_IMAGE_PIXELS:
         return EncodedImage(item_id, data, nvjpeg=False)
     if not isinstance(orientation, int) or not 1 <= orientation <= 8:
