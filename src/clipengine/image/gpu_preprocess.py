@@ -107,6 +107,7 @@ def inspect_encoded(item_id: str, data: bytes | bytearray | np.ndarray) -> Encod
     if bytes(view[: len(_JPEG_SOI)]) != _JPEG_SOI or _JPEG_EOI not in bytes(view[-_EOI_TAIL:]):
         return EncodedImage(item_id, data, nvjpeg=False)
     fast = scan_jpeg_header(view)
+    orientation: object
     if fast is not None:  # a plain header, read as Pillow would (jpeg_header.py); else Pillow reads it
         width, height, usable, orientation = fast.width, fast.height, True, fast.orientation
     else:
