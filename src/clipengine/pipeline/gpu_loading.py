@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..types import Batch, ImageItem
+from .prefetch import prefetch
 
 if TYPE_CHECKING:
     from ..image.preprocess import PreprocessConfig
@@ -32,19 +33,26 @@ def iter_gpu_loaded(
 ) -> Iterator[Batch]:
     """Batches of `batch_size` rows with pixels on `device`; stage times are added to `stats`.
 
+    Loading runs one batch or two ahead on a thread (`prefetch`): its GPU work goes to the same
+    (default) stream as the consumer's model, so the device keeps the order; only the host work
+    overlaps.
+
     `decoder` picks the batched JPEG decoder: "torchvision" or "nvimgcodec" (`GpuJpegDecoder`'s
     `library`).
 
-    `stats.decode_s` / `preprocess_s` are wall seconds this thread spent queuing the GPU work (the
-    GPU runs it asynchronously); `read_s` sums the reader threads' time.
+    `stats.decode_s` / `preprocess_s` are wall seconds the loader thread spent in decode calls and
+    queuing the GPU preprocessing (the GPU runs it asynchronously); `read_s` sums the reader
+    threads' time.
     """
     from ..image.gpu_preprocess import GpuJpegDecoder, iter_gpu_batches
     from ..image.preprocess import PreprocessConfig
 
     cfg = preprocess_cfg if isinstance(preprocess_cfg, PreprocessConfig) else PreprocessConfig.from_dict(preprocess_cfg)
     jpeg_decoder = GpuJpegDecoder(device, library=decoder)
+    # A loader thread keeps the next batch decoding while the consumer waits for the model's output.
+    loaded = prefetch(iter_gpu_batches(items, cfg, batch_size=batch_size, decoder=jpeg_decoder), depth=2)
     try:
-        for gpu_batch in iter_gpu_batches(items, cfg, batch_size=batch_size, decoder=jpeg_decoder):
+        for gpu_batch in loaded:
             stats.images += len(gpu_batch.ids)
             yield Batch(
                 ids=gpu_batch.ids,
@@ -53,6 +61,7 @@ def iter_gpu_loaded(
                 failures=gpu_batch.failures,
             )
     finally:
+        loaded.close()  # stops and joins the loader thread first, so its stats are final
         done = jpeg_decoder.stats
         stats.read_s += done.read_s
         stats.decode_s += done.decode_s
