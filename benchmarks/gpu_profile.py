@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     # No CUDA graphs here: kernels replayed from a graph may not show up one by one in the profile,
     # and each kernel's device time is the same either way (graphs remove launch gaps, not work).
     fast = optimize(model, device=args.device, precision=precision, compile=args.compile,
-                    patch_matmul=False if args.conv else None)  # fmt: skip
+                    patch_matmul=not args.conv)  # fmt: skip
     x = torch.randn(args.batch, 3, 224, 224, device=args.device)
     for _ in range(3):  # compile / capture / autotune outside the profile
         fast.encode_image(x)

@@ -65,8 +65,8 @@ def patch_embed_matmul(conv: nn.Conv2d, pixels: torch.Tensor) -> torch.Tensor:
 class PooledVisionTransformer(nn.Module):
     """The ViT image tower with the last block pruned to the class token; (N, 3, H, W) -> (N, D) float32.
 
-    `patch_matmul=True` computes the patch embedding as a GEMM (`patch_embed_matmul`), the fast
-    form on CUDA; the default keeps the convolution (the ONNX export's graph).
+    `patch_matmul=True` computes the patch embedding as a GEMM (`patch_embed_matmul`, what
+    `accel.optimize` uses); the default keeps the convolution (the ONNX export's graph).
     """
 
     def __init__(self, visual: VisionTransformer, patch_matmul: bool = False) -> None:
