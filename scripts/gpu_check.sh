@@ -1,25 +1,42 @@
 #!/usr/bin/env bash
-# The prepared GPU check for a task that is lent a device machine (one H100/H200, ~15 minutes in all).
+# The prepared GPU checks for a task that is lent a device machine (one H100/H200, ~15 minutes in all).
 #
 #   bash scripts/gpu_check.sh prepare   # HERE, before any device call: wheels the GPU image lacks -> .whl/
-#   bash scripts/gpu_check.sh run       # ON THE DEVICE, as one `run` call with carry [".whl"], timeout_s 590
+#   bash scripts/gpu_check.sh run       # ON THE DEVICE: tests + the JPEG loader (~340 s)
+#   bash scripts/gpu_check.sh peers     # ON THE DEVICE: the towers vs their peers + profile (~300 s)
 #
-# Stage limits (seconds; env vars): PYTEST_S 150, E2E_S 60 (twice), PEERS_S 130, AUTOTUNE_S 90, PROFILE_S 45
-# (compiles included) -> ~535 s at most, so a task's 15 device-minutes hold the machine start (1-2 min) and this
-# one call. Do not leave the machine warm, and tell helpers (subagents) not to use the device: all
-# calls share one budget (session 3 lost 6 of its 15 minutes to a helper's calls).
+# Each device mode is one `run` call with carry [".whl"] and timeout_s 590. Session 4 ran both in one
+# 15-minute budget (347 s + 291 s, plus the machine starts). Do not leave the machine warm
+# (`give_back` unless the next call follows at once), and tell helpers (subagents) not to use the
+# device: all calls share one budget (session 3 lost 6 of its 15 minutes to a helper's calls).
+# Every stage has its own time limit (env vars below), so a slow stage cannot take the others'
+# results with it; benchmarks write their tables as they go.
 #
-# `run` writes under $OUT (7 files; 8 is the most that come back): pytest_gpu.log (machine + versions,
-# then the tests marked gpu), e2e_cuda.md + e2e_{uniform,mix}.json (benchmarks/gpu_e2e.py: JPEG
-# folder -> embeddings, nvjpeg via torchvision / nvImageCodec vs CPU workers), peers_cuda.{md,json}
-# (benchmarks/compare_peers.py --device cuda: eager and compiled under CUDA graphs vs HF
-# transformers and open_clip; image batch 32, text; batch 1 with max-autotune), profile.txt
-# (benchmarks/gpu_profile.py) and stderr.log (the benchmarks' logs).
-# Each stage has its own time limit so that a slow one cannot take the others' results with it.
-# The GPU image (see the device tool's KINDS.md) has torch, transformers, onnxruntime, typer,
-# safetensors, numpy, Pillow, regex, tqdm; it lacks ftfy (our tokenizer) and open_clip.
+# run   (PYTEST_S 150, E2E_S 60 twice, DECODE_S 45) writes under $OUT: pytest_gpu.log (machine +
+#       versions, then every test marked gpu), e2e_cuda.md + e2e_{uniform,mix}.json
+#       (benchmarks/gpu_e2e.py: JPEG folder -> embeddings, torchvision / nvImageCodec loaders vs CPU
+#       workers, on 1280x960 JPEGs and on a mix with 12 MP ones), decode_stages.md
+#       (benchmarks/gpu_decode_bench.py: each loader stage alone) and stderr.log.
+# peers (PEERS_S 230, PROFILE_S 40 twice) writes: peers_cuda.{md,json} (benchmarks/compare_peers.py
+#       --device cuda: clipengine eager / compiled under CUDA graphs vs open_clip and HF, image batch
+#       1024 / 32 / 1 and text), profile.txt (benchmarks/gpu_profile.py: kernels of one batch-1024
+#       forward, with the patch GEMM and with cuDNN's convolution) and stderr.log.
+# The GPU image (see the device tool's KINDS.md) has torch, torchvision, transformers, onnxruntime
+# (CPU only), typer, safetensors, numpy, Pillow, regex, tqdm; it lacks ftfy (our tokenizer),
+# open_clip and nvImageCodec: `prepare` fetches them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+
+setup() {
+    OUT=${OUT:-gpu_out}
+    mkdir -p "$OUT"
+    export PYTHONUNBUFFERED=1
+    if compgen -G ".whl/*.whl" > /dev/null; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+        export PYTHONPATH=/tmp/site
+    fi
+    export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+}
 
 case "${1:-}" in
 prepare)
@@ -35,78 +52,43 @@ prepare)
     ls -l .whl
     ;;
 run)
-    OUT=${OUT:-gpu_out}
-    mkdir -p "$OUT"
-    export PYTHONUNBUFFERED=1
-    if compgen -G ".whl/*.whl" > /dev/null; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-        export PYTHONPATH=/tmp/site
-    fi
-    export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+    setup
     { date -u; nvidia-smi; python3 -c "import sys, torch, torchvision, onnxruntime as o; print(sys.version); \
 print('torch', torch.__version__, torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0)); \
 print('torchvision', torchvision.__version__, 'onnxruntime', o.__version__, o.get_available_providers())"; \
       python3 -c "from clipengine.image import nvimgcodec_decode as d; print('nvimgcodec', d.available() and d._module().__version__)"; \
       nproc; } > "$OUT/pytest_gpu.log" 2>&1
     # GPU tests (warnings are not errors here: the device's torch / transformers versions differ from CI's).
-    # -rP: the tests' printed deviations (nvjpeg / nvimgcodec vs the exact path) land in the log.
+    # -rP: the tests' printed deviations (nvjpeg / nvImageCodec vs the exact path) land in the log.
     tests="tests/backends/test_accel.py tests/backends/test_fp8.py tests/backends/test_torch_backend.py tests/image/test_gpu_preprocess.py tests/pipeline/test_gpu_loading.py"
     if python3 -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())"; then
         tests="$tests tests/backends/test_onnx_backend.py"
     fi
     timeout "${PYTEST_S:-150}" python3 -m pytest -m gpu -v -rP --durations=15 -p no:cacheprovider -o filterwarnings=default $tests >> "$OUT/pytest_gpu.log" 2>&1
     echo "pytest exit $?"; grep -E "passed|failed" "$OUT/pytest_gpu.log" | tail -3
-    # JPEG folder -> embeddings: nvjpeg (torchvision / nvImageCodec) on the GPU vs CPU decode workers, on the
-    # issue's 1280x960 set and on a mix with every 8th image 4000x3000.
+    # JPEG folder -> embeddings on the issue's 1280x960 set and on a mix with every 8th image 4000x3000.
     timeout "${E2E_S:-60}" python3 benchmarks/gpu_e2e.py --count 2048 --large-every 0 --seconds 6 --title "1280x960 only" \
         --json "$OUT/e2e_uniform.json" > "$OUT/e2e_cuda.md" 2> "$OUT/stderr.log"
     echo "gpu_e2e uniform exit $?"
     timeout "${E2E_S:-60}" python3 benchmarks/gpu_e2e.py --count 2048 --large-every 8 --seconds 6 --title "mix: every 8th 4000x3000" \
         --json "$OUT/e2e_mix.json" >> "$OUT/e2e_cuda.md" 2>> "$OUT/stderr.log"
     echo "gpu_e2e mix exit $?"; cat "$OUT/e2e_cuda.md"
-    # Peers vs clipengine on the GPU (tables land after each case, so a time limit keeps what was measured).
-    # fp8 rows are left out: measured in session 3 (no gain at these sizes), and they cost two compiles per case.
-    echo "== compare_peers" >> "$OUT/stderr.log"
-    timeout "${PEERS_S:-130}" python3 benchmarks/compare_peers.py --device cuda --rounds 3 --min-seconds 0.25 --skip-e2e \
-        --skip-fp8 ${PEER_CASES:---only image32 --only text} \
-        --json "$OUT/peers_cuda.json" > "$OUT/peers_cuda.md" 2>> "$OUT/stderr.log"
-    echo "compare_peers exit $?"; cat "$OUT/peers_cuda.md"
-    # Batch-1 latency with max-autotune (Triton GEMMs with fused epilogues): fewer kernels per block.
-    echo "== compare_peers --autotune" >> "$OUT/stderr.log"
-    timeout "${AUTOTUNE_S:-90}" python3 benchmarks/compare_peers.py --device cuda --rounds 3 --min-seconds 0.25 \
-        --skip-e2e --skip-fp8 --no-compile --autotune --only image1 > /tmp/autotune.md 2>> "$OUT/stderr.log"
-    echo "autotune exit $?"; cat /tmp/autotune.md
-    { echo "## compare_peers --autotune --only image1 (no other compiled contestants)"; cat /tmp/autotune.md; } >> "$OUT/peers_cuda.md"
-    # What the batch-1024 graph spends its time on (fp16, compiled).
-    timeout "${PROFILE_S:-45}" python3 benchmarks/gpu_profile.py --compile --rows 25 > "$OUT/profile.txt" 2>&1
-    echo "gpu_profile exit $?"; head -30 "$OUT/profile.txt"
+    timeout "${DECODE_S:-45}" python3 benchmarks/gpu_decode_bench.py > "$OUT/decode_stages.md" 2>> "$OUT/stderr.log"
+    echo "decode bench exit $?"; cat "$OUT/decode_stages.md"
     ;;
-image)
-    # A shorter second check (~390 s): the image tower after a change to it, and the loader's stages.
-    # Writes pytest_gpu.log, profile.txt, decode_stages.md, peers_cuda.{md,json}, stderr.log under $OUT.
-    OUT=${OUT:-gpu_out}
-    mkdir -p "$OUT"
-    export PYTHONUNBUFFERED=1
-    if compgen -G ".whl/*.whl" > /dev/null; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-        export PYTHONPATH=/tmp/site
-    fi
-    export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-    timeout "${PYTEST_S:-60}" python3 -m pytest -m gpu -v --durations=5 -p no:cacheprovider -o filterwarnings=default \
-        tests/backends/test_accel.py tests/backends/test_torch_backend.py > "$OUT/pytest_gpu.log" 2>&1
-    echo "pytest exit $?"; grep -E "passed|failed" "$OUT/pytest_gpu.log" | tail -2
+peers)
+    setup
+    # fp8 rows are left out: measured in session 3 (no gain at these sizes), and they cost two compiles per case.
+    timeout "${PEERS_S:-230}" python3 benchmarks/compare_peers.py --device cuda --rounds 3 --min-seconds 0.25 --skip-e2e \
+        --skip-fp8 ${PEER_CASES:---only image1024 --only image32 --only image1 --only text} \
+        --json "$OUT/peers_cuda.json" > "$OUT/peers_cuda.md" 2> "$OUT/stderr.log"
+    echo "compare_peers exit $?"; cat "$OUT/peers_cuda.md"
     { timeout "${PROFILE_S:-40}" python3 benchmarks/gpu_profile.py --compile --rows 12
       timeout "${PROFILE_S:-40}" python3 benchmarks/gpu_profile.py --compile --rows 12 --conv; } > "$OUT/profile.txt" 2>&1
     echo "gpu_profile exit $?"; grep -E "^## |per batch" "$OUT/profile.txt"
-    timeout "${DECODE_S:-45}" python3 benchmarks/gpu_decode_bench.py > "$OUT/decode_stages.md" 2> "$OUT/stderr.log"
-    echo "decode bench exit $?"; cat "$OUT/decode_stages.md"
-    timeout "${PEERS_S:-200}" python3 benchmarks/compare_peers.py --device cuda --rounds 3 --min-seconds 0.25 --skip-e2e \
-        --skip-fp8 ${PEER_CASES:---only image1024 --only image32 --only image1} \
-        --json "$OUT/peers_cuda.json" > "$OUT/peers_cuda.md" 2>> "$OUT/stderr.log"
-    echo "compare_peers exit $?"; cat "$OUT/peers_cuda.md"
     ;;
 *)
-    echo "usage: bash scripts/gpu_check.sh prepare|run|image" >&2
+    echo "usage: bash scripts/gpu_check.sh prepare|run|peers" >&2
     exit 2
     ;;
 esac
