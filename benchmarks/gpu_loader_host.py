@@ -7,7 +7,7 @@ decoder replaced by a stand-in that releases the GIL for a fixed time per image 
 a native decode call) and returns a small tensor. Rows: the header check by Pillow alone vs with
 the fast scan (`image.jpeg_header`), at several reader-thread counts.
 
-Usage: python benchmarks/gpu_loader_host.py [--count 1024] [--decode-us 125] [--batch 256]
+Usage: python benchmarks/gpu_loader_host.py [--count 4096] [--decode-us 125] [--batch 256]
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--count", type=int, default=1024, help="files (64 distinct 1280x960 JPEGs, linked)")
+    p.add_argument("--count", type=int, default=4096, help="files (64 distinct 1280x960 JPEGs, linked)")
     p.add_argument("--decode-us", type=float, default=125.0,
                    help="GIL-free time per image of the stand-in decode (125: H200 nvjpeg raw, ~8k img/s)")  # fmt: skip
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--threads", default="2,8")
+    p.add_argument("--threads", default="2,4,8")
     args = p.parse_args(argv)
 
     import torch
