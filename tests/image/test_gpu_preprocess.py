@@ -418,6 +418,39 @@ def test_iter_gpu_batches_full_batches_in_order_with_failures(tmp_path: Path, im
     assert decoder.stats.nvjpeg == 7 and decoder.stats.cpu_fallback == 1 and decoder.stats.failures == 2
 
 
+@pytest.mark.parametrize("decode_group", [None, 3, 4])
+def test_decode_groups_are_cut_into_batches(tmp_path: Path, images: Factories, decode_group: int | None) -> None:
+    """Files are decoded in groups of `decode_group` (default max(batch, 256): one call here) and
+    cut into batches of `batch_size`: the same rows, order and failures whatever the grouping."""
+    items = write_folder(tmp_path, images)
+    fake = FakeNvjpeg()
+    decoder = GpuJpegDecoder("cpu", decode_batch=fake)
+    batches = list(iter_gpu_batches(items, PreprocessConfig(image_size=32), "cpu", batch_size=3,
+                                    decoder=decoder, decode_group=decode_group))  # fmt: skip
+    assert [len(b.ids) for b in batches] == [3, 3, 2]
+    assert [i for b in batches for i in b.ids] == [it.id for it in items if it.id not in ("04b.jpg", "missing.jpg")]
+    assert [f.id for b in batches for f in b.failures] == ["04b.jpg", "missing.jpg"]
+    assert len(fake.calls) == {None: 1, 3: 3, 4: 3}[decode_group]  # a group with no JPEG makes no call
+    with pytest.raises(ValueError, match="decode_group must be >= 1"):
+        next(iter_gpu_batches(items, PreprocessConfig(image_size=32), "cpu", decoder=decoder, decode_group=0))
+
+
+def test_decode_calls_hold_a_bounded_number_of_pixels(tmp_path: Path, images: Factories,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A decode group is split into calls of at most `_DECODE_PIXELS` (by header size), in order."""
+    items = write_folder(tmp_path, images)  # seven JPEGs of 60..102 x 50
+    monkeypatch.setattr(gpu_preprocess, "_DECODE_PIXELS", 2 * 80 * 50)
+    fake = FakeNvjpeg()
+    decoder = GpuJpegDecoder("cpu", decode_batch=fake)
+    batches = list(iter_gpu_batches(items, PreprocessConfig(image_size=32), "cpu", batch_size=4, decoder=decoder))
+    assert [i for b in batches for i in b.ids] == [it.id for it in items if it.id not in ("04b.jpg", "missing.jpg")]
+    assert [f.id for b in batches for f in b.failures] == ["04b.jpg", "missing.jpg"]
+    for call in fake.calls:
+        pixels = [Image.open(io.BytesIO(raw)).size for raw in call]
+        assert len(call) == 1 or sum(w * h for w, h in pixels) <= 2 * 80 * 50
+    assert len(fake.calls) > 2
+
+
 def test_cpu_fallbacks_in_batches_equal_the_exact_path_bit_for_bit(clip_png: Path) -> None:
     """Alpha, palette and 16-bit images are resized in their own mode on the CPU, as the exact path
     does; decoded to RGB first and resized on the GPU instead, CLIP.png (65% transparent) would be

@@ -81,6 +81,10 @@ _EOI_TAIL = 4096
 # most 64 KiB each), not a copy of the whole file; the whole file only when the prefix is not enough.
 _HEADER_BYTES = 128 * 1024
 _NVJPEG_MODES = ("RGB", "L")  # CMYK / YCCK JPEGs go to the CPU decoder (its colour conversion)
+_DECODE_GROUP = 256  # default smallest number of files per decode call (see `iter_gpu_batches`)
+# At most this many decoded pixels per decode call (1.5 GB as RGB uint8 on the device): 256
+# 1280x960 photos fit in one call, 12 MP ones go 42 at a time, so small GPUs are not flooded.
+_DECODE_PIXELS = 512_000_000
 # Same-size images are resized together up to this many float32 elements per call (512 MiB).
 _GROUP_ELEMENTS = 1 << 27
 
@@ -580,6 +584,7 @@ def iter_gpu_batches(
     prefetch_batches: int = 2,
     out_dtype: torch.dtype | None = None,
     decoder: GpuJpegDecoder | None = None,
+    decode_group: int | None = None,
 ) -> Iterator[GpuBatch]:
     """Files -> batches of preprocessed pixels on the GPU, exactly `batch_size` rows (the last may be short).
 
@@ -595,9 +600,15 @@ def iter_gpu_batches(
         device: where pixels are decoded and returned (ignored when `decoder` is given).
         batch_size: rows per batch.
         read_threads: threads reading files (and parsing JPEG headers).
-        prefetch_batches: batches of files read ahead of the decoder.
+        prefetch_batches: groups of files read ahead of the decoder.
         out_dtype: pixel dtype (float32 when None); float16 halves the memory traffic for an fp16 model.
         decoder: a decoder to use (its `stats` fill in); default a new `GpuJpegDecoder(device)`.
+        decode_group: files per decode call (default `max(batch_size, 256)`): nvjpeg's batched
+            decode gets faster with larger calls (H200, 1280x960: 7,549 img/s at 64 per call,
+            8,062 at 1024) and each call has a fixed cost (a stream wait), so small model batches
+            (the CLI's default 32) are cut from larger decoded groups. A group is decoded in
+            chunks of at most `_DECODE_PIXELS` header pixels, which bounds the device memory of
+            full-size images held at once.
 
     Yields:
         GpuBatch(ids, pixels, failures, sizes).
@@ -606,24 +617,31 @@ def iter_gpu_batches(
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    group_size = decode_group if decode_group is not None else max(batch_size, _DECODE_GROUP)
+    if group_size < 1:
+        raise ValueError(f"decode_group must be >= 1, got {decode_group}")
     decoder = decoder if decoder is not None else GpuJpegDecoder(device)
     stats = decoder.stats
     ids: list[str] = []
     sizes: list[tuple[int, int]] = []
     pieces: list[torch.Tensor] = []
     failures: list[Failure] = []
-    for group in _read_ahead(items, batch_size, max(1, read_threads), max(1, prefetch_batches), stats):
+    for group in _read_ahead(items, group_size, max(1, read_threads), max(1, prefetch_batches), stats):
         unread = [r for r in group if isinstance(r, Failure)]
         stats.failures += len(unread)
-        failures.extend(unread)
-        decoded = decoder.decode([r for r in group if isinstance(r, EncodedImage)], cfg)
-        failures.extend(decoded.failures)
-        if decoded.ids:
-            t0 = time.perf_counter()
-            pieces.append(preprocess_tensors(decoded.images, cfg, out_dtype=out_dtype))
-            stats.preprocess_s += time.perf_counter() - t0
-            ids.extend(decoded.ids)
-            sizes.extend(decoded.sizes)
+        met = list(unread)
+        for chunk in _pixel_chunks([r for r in group if isinstance(r, EncodedImage)], _DECODE_PIXELS):
+            decoded = decoder.decode(chunk, cfg)
+            met += decoded.failures
+            if decoded.ids:
+                t0 = time.perf_counter()
+                pieces.append(preprocess_tensors(decoded.images, cfg, out_dtype=out_dtype))
+                stats.preprocess_s += time.perf_counter() - t0
+                ids.extend(decoded.ids)
+                sizes.extend(decoded.sizes)
+            del decoded  # the full-size images: only one chunk of them on the device at a time
+        position = {r.id: i for i, r in enumerate(group)}  # failures reported in input order
+        failures.extend(sorted(met, key=lambda f: position.get(f.id, 0)))
         while len(ids) >= batch_size:
             pixels = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
             yield GpuBatch(ids[:batch_size], pixels[:batch_size], failures, sizes[:batch_size])
@@ -633,6 +651,21 @@ def iter_gpu_batches(
         empty = (0, 3, cfg.image_size, cfg.image_size)
         pixels = torch.cat(pieces) if pieces else torch.empty(empty, dtype=out_dtype, device=decoder.device)
         yield GpuBatch(ids, pixels, failures, sizes)
+
+
+def _pixel_chunks(encoded: list[EncodedImage], budget: int) -> Iterator[list[EncodedImage]]:
+    """Consecutive runs of `encoded` whose header pixel counts add up to at most `budget` (one
+    image at least): what one decode call may hold on the device at full size."""
+    chunk: list[EncodedImage] = []
+    total = 0
+    for e in encoded:
+        if chunk and total + e.pixels > budget:
+            yield chunk
+            chunk, total = [], 0
+        chunk.append(e)
+        total += e.pixels
+    if chunk:
+        yield chunk
 
 
 def _read_ahead(
