@@ -240,9 +240,9 @@ class GpuJpegDecoder:
         stats: counters to add to (a new `GpuDecodeStats` by default).
         large_pixels: experimental; JPEGs above this many pixels get an nvjpeg call of their own
             per batch. On an H200, 1280x960 JPEGs alone decoded at ~8,950 img/s and 4000x3000 alone
-            at ~916, but a 7:1 mix at ~1,950 instead of the ~4,300 those rates imply; whether
-            splitting recovers it is measured by benchmarks/gpu_e2e.py (not yet on a GPU). None:
-            one call per batch.
+            at ~916, but a 7:1 mix at ~1,950 instead of the ~4,300 those rates imply. Splitting
+            gained 6 % on that mix in benchmarks/gpu_e2e.py (H200, 1,514 vs 1,430 img/s), so it
+            stays off by default. None: one call per batch.
         library: which GPU JPEG decoder runs when `decode_batch` is not given: "torchvision"
             (`torchvision.io.decode_jpeg`) or "nvimgcodec" (NVIDIA nvImageCodec, when installed:
             `image.nvimgcodec_decode`).
