@@ -10,6 +10,8 @@ Rows (one random-weight ViT-B/32, `optimize(device="cuda", precision="fp16", cud
   upsampling
 - cpu exact: `pipeline.batching.iter_batches`, exact Pillow decode in one worker process per core -> model
 - cpu fast_decode: the same with libjpeg's reduced-DCT decode
+- peer: a plain torchvision GPU pipeline (read_file loop, batched decode_jpeg on the GPU, per-image
+  antialiased resize / crop / normalise in float)
 - model only: preprocessed pixels already on the GPU
 
 Cosine: per image, each row's embedding vs the cpu exact row's (same model, same files), so it
@@ -237,6 +239,11 @@ def run(args: argparse.Namespace, folder: Path, workers: int) -> dict[str, Any]:
     end_to_end = GpuJpegDecoder(device)
     rows.append(timed("gpu nvjpeg + model", lambda: gpu_rows(end_to_end), True, end_to_end))
     rows += nvimgcodec_rows(timed, gpu_rows, device, items[: 2 * args.batch])
+    try:  # the peer: what a user writes with torchvision alone (the issue's 4.7k img/s reference)
+        rows.append(timed("peer: torchvision read_file + decode_jpeg(cuda) + resize, one thread",
+                          lambda: peer_rows(items, args.batch, device)))  # fmt: skip
+    except Exception:
+        log.exception("peer row: failed; left out")
     product = pipeline_row(items, cfg, args.batch)
     if product is not None:
         rows.append(product)
@@ -267,6 +274,34 @@ def run(args: argparse.Namespace, folder: Path, workers: int) -> dict[str, Any]:
         "rows": rows,
         "gpu_decode": dataclasses.asdict(end_to_end.stats),
     }
+
+
+def peer_rows(items: list[Any], batch: int, device: Any) -> Rows:
+    """A plain torchvision GPU pipeline: files read in a loop, one batched `decode_jpeg` on the
+    GPU per batch (`apply_exif_orientation=True`, which torchvision 0.26 - 0.28 ignores on CUDA:
+    rotated photos stay as stored, and the cosine column shows it), then per image an antialiased bicubic resize of the
+    short side to 224 in float, center crop and CLIP normalisation, as torchvision's transforms
+    do. No CPU fallback: a file it cannot decode raises (the benchmark's JPEGs are all plain)."""
+    import torch
+    import torch.nn.functional as F
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073], device=device).view(3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711], device=device).view(3, 1, 1)
+    for start in range(0, len(items), batch):
+        chunk = items[start : start + batch]
+        data = [read_file(str(item.source)) for item in chunk]
+        images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+        out = []
+        for image in images:
+            h, w = image.shape[1:]
+            scale = 224 / min(h, w)
+            size = (max(224, round(h * scale)), max(224, round(w * scale)))
+            x = F.interpolate(image[None].float(), size=size, mode="bicubic", antialias=True, align_corners=False)
+            top, left = (size[0] - 224) // 2, (size[1] - 224) // 2
+            x = x[0, :, top : top + 224, left : left + 224].clamp(0, 255) / 255
+            out.append(((x - mean) / std).half())
+        yield [item.id for item in chunk], torch.stack(out)
 
 
 def nvimgcodec_rows(timed: Callable[..., dict[str, Any]], gpu_rows: Callable[..., Rows], device: Any,
