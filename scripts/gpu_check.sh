@@ -3,7 +3,7 @@
 #
 #   bash scripts/gpu_check.sh prepare   # HERE, before any device call: wheels the GPU image lacks -> .whl/
 #   bash scripts/gpu_check.sh run       # ON THE DEVICE: tests + the JPEG loader (~340 s)
-#   bash scripts/gpu_check.sh peers     # ON THE DEVICE: the towers vs their peers + profile (~300 s)
+#   bash scripts/gpu_check.sh peers     # ON THE DEVICE: the towers vs their peers + profile (~330 s)
 #
 # Each device mode is one `run` call with carry [".whl"] and timeout_s 590. Session 4 ran both in one
 # 15-minute budget (347 s + 291 s, plus the machine starts). Do not leave the machine warm
@@ -17,7 +17,7 @@
 #       (benchmarks/gpu_e2e.py: JPEG folder -> embeddings, torchvision / nvImageCodec loaders vs CPU
 #       workers, on 1280x960 JPEGs and on a mix with 12 MP ones), decode_stages.md
 #       (benchmarks/gpu_decode_bench.py: each loader stage alone) and stderr.log.
-# peers (PEERS_S 230, PROFILE_S 40 twice) writes: peers_cuda.{md,json} (benchmarks/compare_peers.py
+# peers (PEERS_S 260, PROFILE_S 40 twice) writes: peers_cuda.{md,json} (benchmarks/compare_peers.py
 #       --device cuda: clipengine eager / compiled under CUDA graphs vs open_clip and HF, image batch
 #       1024 / 32 / 1 and text), profile.txt (benchmarks/gpu_profile.py: kernels of one batch-1024
 #       forward, with the patch GEMM and with cuDNN's convolution) and stderr.log.
@@ -79,7 +79,7 @@ print('torchvision', torchvision.__version__, 'onnxruntime', o.__version__, o.ge
 peers)
     setup
     # fp8 rows are left out: measured in session 3 (no gain at these sizes), and they cost two compiles per case.
-    timeout "${PEERS_S:-230}" python3 benchmarks/compare_peers.py --device cuda --rounds 3 --min-seconds 0.25 --skip-e2e \
+    timeout "${PEERS_S:-260}" python3 benchmarks/compare_peers.py --device cuda --rounds 3 --min-seconds 0.25 --skip-e2e \
         --skip-fp8 ${PEER_CASES:---only image1024 --only image32 --only image1 --only text} \
         --json "$OUT/peers_cuda.json" > "$OUT/peers_cuda.md" 2> "$OUT/stderr.log"
     echo "compare_peers exit $?"; cat "$OUT/peers_cuda.md"
