@@ -37,7 +37,7 @@ def available() -> bool:
     """Whether nvImageCodec's Python package imports here (it says nothing about a GPU)."""
     try:
         _module()
-    except ImportError:
+    except (ImportError, OSError):  # not installed, or its shared libraries do not load here
         return False
     return True
 
