@@ -6,7 +6,8 @@ Rows, each on the same 1280x960 JPEGs (benchmarks/gpu_e2e.py's generator), timed
 - torchvision `decode_jpeg(list, device="cuda")`, raw, at several batch sizes
 - nvImageCodec `Decoder.decode`, raw (through `nvimgcodec_decode.decode_batch`), same batches
 - `GpuJpegDecoder.decode` for each library: raw decode + per-image bookkeeping + EXIF orientation
-- `preprocess_tensors` on a decoded batch (resize / crop / normalise on the GPU)
+- `preprocess_tensors` on a decoded batch (resize / crop / normalise on the GPU), with Pillow's
+  integer resize on int8 GEMMs (the default) and with session 4's float32 `F.interpolate`
 
 Markdown on stdout. Usage: python benchmarks/gpu_decode_bench.py [--distinct 256] [--seconds 1.5]
 """
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from gpu_e2e import SMALL, make_jpeg
+    from gpu_e2e import SMALL, float_resize, make_jpeg
 
     from clipengine.image import nvimgcodec_decode
     from clipengine.image.gpu_preprocess import (
@@ -91,8 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((f"GpuJpegDecoder({library}).decode, batch 256 (inspect + decode + orient)",
                      rate(lambda d=decoder, x=items: len(d.decode(x).ids), args.seconds, sync)))  # fmt: skip
         decoded = decoder.decode(items).images
-        rows.append((f"preprocess_tensors of 256 decoded ({library})",
+        rows.append((f"preprocess_tensors of 256 decoded ({library}), exact integer resize",
                      rate(lambda x=decoded: len(preprocess_tensors(x, cfg, out_dtype=torch.float16)), args.seconds, sync)))  # fmt: skip
+        with float_resize():
+            rows.append((f"preprocess_tensors of 256 decoded ({library}), float32 resize (session 4)",
+                         rate(lambda x=decoded: len(preprocess_tensors(x, cfg, out_dtype=torch.float16)), args.seconds, sync)))  # fmt: skip
     print(f"GPU JPEG loader stages on {torch.cuda.get_device_name(0) if cuda else 'CPU'}, {len(blobs)} distinct {SMALL[0]}x{SMALL[1]} "
           f"JPEGs (mean {np.mean([len(b) for b in blobs]) / 1e3:.0f} kB)\n")  # fmt: skip
     print("| stage | img/s |\n| --- | ---: |")

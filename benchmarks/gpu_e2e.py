@@ -5,6 +5,9 @@ Rows (one random-weight ViT-B/32, `optimize(device="cuda", precision="fp16", cud
 - gpu nvjpeg: `image.gpu_preprocess.iter_gpu_batches` (reader threads -> nvjpeg batched decode ->
   torch resize / crop / normalise on the GPU) -> model
 - gpu nvjpeg, decode only: the same loader without the model
+- gpu nvjpeg + model, float32 resize: the loader with session 4's resize (`F.interpolate` in
+  float32) instead of Pillow's integer resize on int8 GEMMs (`image.gpu_resample`): before / after
+- gpu nvjpeg + model, N reader threads (--thread-sweep): the loader's host side at other thread counts
 - gpu nvimgcodec (when nvidia-nvimgcodec is installed): the same loader with nvImageCodec's
   batched decoder (`GpuJpegDecoder(library="nvimgcodec")`), with and without libjpeg's chroma
   upsampling
@@ -27,6 +30,7 @@ file as their main module, and must stay light (see benchmarks/e2e_pipeline.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import json
@@ -120,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--workers", type=int, default=None, help="CPU decode processes (default: all cores)")
     p.add_argument("--read-threads", type=int, default=8, help="file reader threads of the GPU loader")
+    p.add_argument("--thread-sweep", default="", help="also time the nvjpeg + model row at these reader "
+                   "thread counts, e.g. 2,4,16")  # fmt: skip
     p.add_argument("--title", default="", help="a line printed above the table (which set this is)")
     p.add_argument("--seconds", type=float, default=20.0, help="stop a row after this long (default 20)")
     p.add_argument("--skip-cpu", action="store_true", help="GPU rows only (cosines need the cpu exact row)")
@@ -160,6 +166,21 @@ def main(argv: list[str] | None = None) -> int:
 Rows = Iterator[tuple[list[str], Any]]  # (ids, pixels) per batch
 
 
+@contextlib.contextmanager
+def float_resize() -> Iterator[None]:
+    """Session 4's GPU resize (`F.interpolate` in float32, within one grey level of Pillow) in place
+    of the exact integer one, for a before / after row: the switch the loader itself flips when a
+    device's int8 GEMM fails."""
+    from clipengine.image import gpu_preprocess
+
+    saved = gpu_preprocess._int_resize_failed
+    gpu_preprocess._int_resize_failed = True
+    try:
+        yield
+    finally:
+        gpu_preprocess._int_resize_failed = saved
+
+
 def run(args: argparse.Namespace, folder: Path, workers: int) -> dict[str, Any]:
     import torch
     import torchvision
@@ -183,8 +204,8 @@ def run(args: argparse.Namespace, folder: Path, workers: int) -> dict[str, Any]:
         model.encode_image(torch.zeros((n, 3, 224, 224), device=device))
     torch.cuda.synchronize()
 
-    def gpu_rows(decoder: GpuJpegDecoder, subset: list[Any] = items) -> Rows:
-        for b in iter_gpu_batches(subset, cfg, device, args.batch, read_threads=args.read_threads,
+    def gpu_rows(decoder: GpuJpegDecoder, subset: list[Any] = items, threads: int = args.read_threads) -> Rows:
+        for b in iter_gpu_batches(subset, cfg, device, args.batch, read_threads=threads,
                                   out_dtype=torch.float16, decoder=decoder):  # fmt: skip
             yield b.ids, b.pixels
 
@@ -238,6 +259,15 @@ def run(args: argparse.Namespace, folder: Path, workers: int) -> dict[str, Any]:
         rows.append(timed("gpu nvjpeg, decode only, > 4 MP in their own call", lambda: gpu_rows(split), False, split))
     end_to_end = GpuJpegDecoder(device)
     rows.append(timed("gpu nvjpeg + model", lambda: gpu_rows(end_to_end), True, end_to_end))
+    with float_resize():
+        for _ in gpu_rows(GpuJpegDecoder(device), items[: 2 * args.batch]):
+            pass  # the float kernels' first calls, untimed
+        before = GpuJpegDecoder(device)
+        rows.append(timed("gpu nvjpeg + model, float32 resize (session 4)", lambda: gpu_rows(before), True, before))
+    for threads in (int(t) for t in args.thread_sweep.split(",") if t.strip()):
+        swept = GpuJpegDecoder(device)
+        rows.append(timed(f"gpu nvjpeg + model, {threads} reader threads",
+                          lambda d=swept, n=threads: gpu_rows(d, threads=n), True, swept))  # type: ignore[misc]  # fmt: skip
     rows += nvimgcodec_rows(timed, gpu_rows, device, items[: 2 * args.batch])
     try:  # the peer: what a user writes with torchvision alone (the issue's 4.7k img/s reference)
         rows.append(timed("peer: torchvision read_file + decode_jpeg(cuda) + resize, one thread",
@@ -369,13 +399,14 @@ def render(results: dict[str, Any]) -> str:
         f"{results['torchvision']}); {results['count']} JPEGs (1280x960; every {results['large_every']}th "
         f"distinct one 4000x3000, 0 = none), batch {results['batch']}",
         "",
-        "| path | img/s | images | s | cos vs cpu exact (min / mean) | loader: decode s / read s (threads summed) |",
+        "| path | img/s | images | s | cos vs cpu exact (min / mean) | loader: decode s / preprocess s / read s (threads summed) |",
         "| --- | ---: | ---: | ---: | --- | --- |",
     ]
     for row in results["rows"]:
         cos = f"{row['cos_min']:.5f} / {row['cos_mean']:.5f}" if "cos_min" in row else "reference" if row[
             "name"].startswith("cpu exact") else "-"  # fmt: skip
-        loader = f"{row['loader']['decode_s']:.2f} / {row['loader']['read_s']:.2f}" if "loader" in row else "-"
+        stats = row.get("loader")
+        loader = f"{stats['decode_s']:.2f} / {stats['preprocess_s']:.2f} / {stats['read_s']:.2f}" if stats else "-"
         lines.append(f"| {row['name']} | {row['img_per_s']:.0f} | {row['images']} | {row['seconds']:.2f} | {cos} "
                      f"| {loader} |")  # fmt: skip
     g = results["gpu_decode"]

@@ -37,7 +37,9 @@ from PIL import Image
 
 from clipengine.errors import DecodeError
 from clipengine.image import decode as _decode
+from clipengine.image.gpu_resample import device_weights, resample_last_axis
 from clipengine.image.jpeg_header import scan_jpeg_header
+from clipengine.image.pillow_resample import RESAMPLE_FILTERS, AxisWeights, axis_weights
 from clipengine.image.preprocess import (
     _MAX_RESIZED_PIXELS,
     PreprocessConfig,
@@ -414,7 +416,105 @@ def preprocess_tensors(
 
 
 def _resize_crop(batch: torch.Tensor, width: int, height: int, cfg: PreprocessConfig) -> torch.Tensor:
-    """(n, 3, height, width) uint8 -> (n, 3, S, S) uint8, the exact path's `resize_and_crop`."""
+    """(n, 3, height, width) uint8 -> (n, 3, S, S) uint8, the exact path's `resize_and_crop`.
+
+    Bicubic / bilinear: Pillow's own integer arithmetic (`image.gpu_resample`), bit-identical.
+    Nearest, and devices whose int8 GEMM fails: `F.interpolate` in float32 (`_float_resize_crop`).
+    """
+    if cfg.interpolation in RESAMPLE_FILTERS and not _int_resize_failed:
+        try:
+            return _exact_resize_crop(batch, width, height, cfg)
+        except (RuntimeError, OverflowError) as err:
+            if isinstance(err, _torch_oom()):
+                raise
+            _note_int_resize_failure(err)
+    return _float_resize_crop(batch, width, height, cfg)
+
+
+_int_resize_failed = False  # set once the int8 GEMM failed on this process' device: not retried
+
+
+def _note_int_resize_failure(err: Exception) -> None:
+    global _int_resize_failed
+    if isinstance(err, OverflowError):  # this image only (a window of millions of pixels)
+        logger.debug("exact integer resize refused (%s); float32 resize instead", err)
+        return
+    _int_resize_failed = True
+    logger.warning("exact integer resize failed on this device (%s); resizing in float32 instead "
+                   "(within one grey level of Pillow)", err)  # fmt: skip
+
+
+def _torch_oom() -> type[BaseException]:
+    import torch
+
+    return torch.OutOfMemoryError
+
+
+def _exact_resize_crop(batch: torch.Tensor, width: int, height: int, cfg: PreprocessConfig) -> torch.Tensor:
+    """Pillow's resize (and the crop, folded in: only the kept output pixels are computed)."""
+    size = cfg.image_size
+    new_w, new_h = resized_size(width, height, cfg)
+    left, top, right, bottom = _center_box(new_w, new_h, size)
+    interpolation = cfg.interpolation
+    horizontal: AxisWeights | None
+    vertical: AxisWeights | None
+    if new_w * new_h > _MAX_RESIZED_PIXELS:
+        # As the exact path: the crop window's box in source pixels, resized straight to S x S.
+        sx, sy = width / new_w, height / new_h
+        x_box, y_box = (left * sx, right * sx), (top * sy, bottom * sy)
+        horizontal = _box_axis(width, size, interpolation, x_box)
+        vertical = _box_axis(height, size, interpolation, y_box)
+        vertical_first = _pillow_vertical_first(width, height, size, size)
+        cols, rows = slice(0, width), slice(0, height)
+    else:
+        horizontal = None if new_w == width else axis_weights(width, new_w, interpolation, keep=(left, right))
+        vertical = None if new_h == height else axis_weights(height, new_h, interpolation, keep=(top, bottom))
+        vertical_first = _pillow_vertical_first(width, height, new_w, new_h)
+        cols, rows = slice(left, right), slice(top, bottom)
+    device = batch.device
+    # A pass Pillow skips is a plain crop; before the first pass, the other axis is cut to what
+    # the second pass reads (Pillow does the same for the rows of its horizontal pass).
+    if horizontal is None:
+        batch = batch[:, :, :, cols]
+    if vertical is None:
+        batch = batch[:, :, rows, :]
+    if vertical_first:
+        x_origin = 0
+        if horizontal is not None and vertical is not None:
+            batch = batch[:, :, :, horizontal.first : horizontal.first + horizontal.span]
+            x_origin = horizontal.first
+        if vertical is not None:
+            batch = _vertical_pass(batch, vertical)
+        if horizontal is not None:
+            batch = resample_last_axis(batch, device_weights(horizontal, device), origin=x_origin)
+    else:
+        y_origin = 0
+        if horizontal is not None and vertical is not None:
+            batch = batch[:, :, vertical.first : vertical.first + vertical.span, :]
+            y_origin = vertical.first
+        if horizontal is not None:
+            batch = resample_last_axis(batch, device_weights(horizontal, device))
+        if vertical is not None:
+            batch = _vertical_pass(batch, vertical, origin=y_origin)
+    return batch.contiguous()
+
+
+def _vertical_pass(batch: torch.Tensor, vertical: AxisWeights, origin: int = 0) -> torch.Tensor:
+    transposed = resample_last_axis(batch.transpose(2, 3), device_weights(vertical, batch.device), origin=origin)
+    return transposed.transpose(2, 3)
+
+
+def _box_axis(in_size: int, out_size: int, interpolation: str, box: tuple[float, float]) -> AxisWeights | None:
+    """Weights for one axis of a box resize, or None where Pillow skips the pass (its
+    `need_horizontal` / `need_vertical`: same size and the box is the whole axis, as C floats)."""
+    if out_size == in_size and np.float32(box[0]) == 0 and np.float32(box[1]) == in_size:
+        return None
+    return axis_weights(in_size, out_size, interpolation, box=box)
+
+
+def _float_resize_crop(batch: torch.Tensor, width: int, height: int, cfg: PreprocessConfig) -> torch.Tensor:
+    """`_resize_crop` with `F.interpolate` in float32: Pillow's nearest exactly, its filters within
+    one grey level (float weights, round half to even)."""
     size = cfg.image_size
     new_w, new_h = resized_size(width, height, cfg)
     left, top, right, bottom = _center_box(new_w, new_h, size)
