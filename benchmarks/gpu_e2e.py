@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jpeg-dir", type=Path, default=None, help="where the JPEGs live; reused if present, kept")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--workers", type=int, default=None, help="CPU decode processes (default: all cores)")
-    p.add_argument("--read-threads", type=int, default=8, help="file reader threads of the GPU loader")
+    p.add_argument("--read-threads", type=int, default=2, help="file reader threads of the GPU loader")
+    p.add_argument("--product-runs", type=int, default=1, help="times to run the embed_folder row")
     p.add_argument("--thread-sweep", default="", help="also time the nvjpeg + model row at these reader "
                    "thread counts, e.g. 2,4,16")  # fmt: skip
     p.add_argument("--title", default="", help="a line printed above the table (which set this is)")
@@ -274,9 +275,10 @@ def run(args: argparse.Namespace, folder: Path, workers: int) -> dict[str, Any]:
                           lambda: peer_rows(items, args.batch, device)))  # fmt: skip
     except Exception:
         log.exception("peer row: failed; left out")
-    product = pipeline_row(items, cfg, args.batch)
-    if product is not None:
-        rows.append(product)
+    for run_index in range(args.product_runs):
+        product = pipeline_row(items, cfg, args.batch, f" (run {run_index + 1})" if args.product_runs > 1 else "")
+        if product is not None:
+            rows.append(product)
     first = gpu_rows(GpuJpegDecoder(device))
     pixels = next(first)[1]
     first.close()
@@ -360,7 +362,7 @@ def nvimgcodec_rows(timed: Callable[..., dict[str, Any]], gpu_rows: Callable[...
     return rows
 
 
-def pipeline_row(items: list[Any], cfg: Any, batch: int) -> dict[str, Any] | None:
+def pipeline_row(items: list[Any], cfg: Any, batch: int, suffix: str = "") -> dict[str, Any] | None:
     """What `clipengine embed --gpu-decode` runs: embed_folder with the nvjpeg loader and the torch
     backend (same weights, fp16, CUDA graphs), shards written to a temporary folder; None if it fails."""
     import torch
@@ -371,7 +373,7 @@ def pipeline_row(items: list[Any], cfg: Any, batch: int) -> dict[str, Any] | Non
     from clipengine.pipeline.run import embed_folder
     from clipengine.pipeline.sinks import read_embeddings
 
-    name = "clipengine embed_folder(gpu_decode), shards written"
+    name = "clipengine embed_folder(gpu_decode), shards written" + suffix
     try:
         torch.manual_seed(SEED)  # the same random weights as the other rows
         backend = TorchBackend(build_model(get_config("ViT-B-32")), device="cuda", precision="fp16",
