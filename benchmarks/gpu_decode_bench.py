@@ -6,6 +6,8 @@ Rows, each on the same 1280x960 JPEGs (benchmarks/gpu_e2e.py's generator), timed
 - torchvision `decode_jpeg(list, device="cuda")`, raw, at several batch sizes
 - nvImageCodec `Decoder.decode`, raw (through `nvimgcodec_decode.decode_batch`), same batches
 - `GpuJpegDecoder.decode` for each library: raw decode + per-image bookkeeping + EXIF orientation
+- nvImageCodec with one backend kind only (hardware engines / CUDA cores / CPU Huffman + GPU),
+  and torchvision + nvImageCodec-on-CUDA-cores together (benchmarks/decode_split.py)
 - `preprocess_tensors` on a decoded batch (resize / crop / normalise on the GPU), with Pillow's
   integer resize on int8 GEMMs (the default) and with session 4's float32 `F.interpolate`
 
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--distinct", type=int, default=256)
     p.add_argument("--seconds", type=float, default=1.5)
     p.add_argument("--batches", default="64,256,1024")
+    p.add_argument("--kinds", default="HW_GPU_ONLY,GPU_ONLY,HYBRID_CPU_GPU", help="nvImageCodec backend kinds to time alone")
     p.add_argument("--device", default="cuda", help="cpu: a smoke test (nvImageCodec's CPU backend, no torchvision)")
     args = p.parse_args(argv)
 
@@ -85,6 +88,24 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((f"{name}, batch {b} (raw)", rate(lambda d=decode, x=batch: len(d(x, device)), args.seconds, sync)))  # type: ignore[misc]
             except Exception as e:  # a row that fails is reported, the rest still run
                 rows.append((f"{name}, batch {b}: {type(e).__name__}: {e}", float("nan")))
+    if cuda and nvimgcodec_decode.available():
+        from decode_split import cuda_core_decoder, make_split_decode
+
+        batch = [tensors[i] for i in pick(256)]
+        for kind in args.kinds.split(","):
+            try:
+                one = cuda_core_decoder(device, kind)
+                rows.append((f"nvimgcodec {kind} only, batch 256 (raw + copy)",
+                             rate(lambda d=one: sum(x is not None for x in d(batch)), args.seconds, sync)))  # type: ignore[misc]  # fmt: skip
+            except Exception as e:
+                rows.append((f"nvimgcodec {kind} only: {type(e).__name__}: {e}", float("nan")))
+        for fraction in (0.25, 0.4):
+            try:
+                split = make_split_decode(device, fraction)
+                rows.append((f"torchvision + nvimgcodec HYBRID_CPU_GPU together ({fraction:.0%} on the hybrid), batch 256",
+                             rate(lambda d=split: len(d(batch, device)), args.seconds, sync)))  # type: ignore[misc]  # fmt: skip
+            except Exception as e:
+                rows.append((f"split {fraction}: {type(e).__name__}: {e}", float("nan")))
     cfg = PreprocessConfig()
     for library in [*(["torchvision"] if cuda else []), *(["nvimgcodec"] if nvimgcodec_decode.available() else [])]:
         decoder = GpuJpegDecoder(device, library=library)

@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None, help="CPU decode processes (default: all cores)")
     p.add_argument("--read-threads", type=int, default=2, help="file reader threads of the GPU loader")
     p.add_argument("--product-runs", type=int, default=1, help="times to run the embed_folder row")
+    p.add_argument("--split", default="", help="also time the loader with benchmarks/decode_split.py's "
+                   "hardware + nvImageCodec hybrid decode, these fractions on the hybrid, e.g. 0.25,0.4")  # fmt: skip
     p.add_argument("--thread-sweep", default="", help="also time the nvjpeg + model row at these reader "
                    "thread counts, e.g. 2,4,16")  # fmt: skip
     p.add_argument("--title", default="", help="a line printed above the table (which set this is)")
@@ -265,6 +267,18 @@ def run(args: argparse.Namespace, folder: Path, workers: int) -> dict[str, Any]:
             pass  # the float kernels' first calls, untimed
         before = GpuJpegDecoder(device)
         rows.append(timed("gpu nvjpeg + model, float32 resize (session 4)", lambda: gpu_rows(before), True, before))
+    for fraction in (float(f) for f in args.split.split(",") if f.strip()):
+        try:
+            from decode_split import make_split_decode
+
+            split_decoder = GpuJpegDecoder(device, decode_batch=make_split_decode(device, fraction))
+            for _ in gpu_rows(split_decoder, items[: 2 * args.batch]):
+                pass  # the CUDA-core decoder's set-up, untimed
+            split_decoder = GpuJpegDecoder(device, decode_batch=make_split_decode(device, fraction))
+            rows.append(timed(f"gpu torchvision + nvimgcodec hybrid ({fraction:.0%}) + model",
+                              lambda d=split_decoder: gpu_rows(d), True, split_decoder))  # type: ignore[misc]  # fmt: skip
+        except Exception:
+            log.exception("split %s: failed; row left out", fraction)
     for threads in (int(t) for t in args.thread_sweep.split(",") if t.strip()):
         swept = GpuJpegDecoder(device)
         rows.append(timed(f"gpu nvjpeg + model, {threads} reader threads",
