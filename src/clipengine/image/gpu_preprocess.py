@@ -2,11 +2,12 @@
 
 The geometry is the exact path's (`image.preprocess`): the same resized size (torchvision's
 rounding), the same center-crop offsets, the same "squash" mode, and the same skip of the resize
-when an image already has the resized size. Resampling follows Pillow's: its antialiased filters
-(`interpolate(..., antialias=True)`), its two passes with the intermediate rounded to uint8 and in
-its order, its nearest-neighbour indices. What is left is rounding (Pillow's fixed-point weights):
-within one grey level, on well under 2% of the values; nearest, and crops without a resize, are
-bit-identical. tests/image/test_gpu_preprocess.py states the measured deviations.
+when an image already has the resized size. Bicubic and bilinear resizes are Pillow's own integer
+arithmetic (its fixed-point weights, its two passes stored as uint8, in its order, its `box=` for
+extreme aspect ratios) run as int8 GEMMs (`image.gpu_resample`): bit-identical to the exact path.
+Nearest uses Pillow's indices (bit-identical too, except nearest's crop-window resize of extreme
+aspect ratios); `F.interpolate` in float32 is the fallback where the int8 GEMM fails (within one
+grey level). tests/image/test_gpu_preprocess.py and test_gpu_resample.py check all of it.
 
 Decoding is robust by construction: an input that is not a complete RGB / grey JPEG goes straight
 to the exact CPU decoder (`image.decode`), a batched nvjpeg call that raises is retried one image
@@ -87,7 +88,8 @@ _DECODE_GROUP = 256  # default smallest number of files per decode call (see `it
 # At most this many decoded pixels per decode call (1.5 GB as RGB uint8 on the device): 256
 # 1280x960 photos fit in one call, 12 MP ones go 42 at a time, so small GPUs are not flooded.
 _DECODE_PIXELS = 512_000_000
-# Same-size images are resized together up to this many float32 elements per call (512 MiB).
+# Same-size images are resized together up to this many source pixel values per call (128 Mi: with the
+# int8 GEMM's operand and int32 sums, ~470 MB for 36 1280x960 photos).
 _GROUP_ELEMENTS = 1 << 27
 
 
