@@ -25,7 +25,7 @@ FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BIL
 def reference(row: np.ndarray, axis: AxisWeights) -> np.ndarray:
     """Pillow's 8-bit pass on the last axis in plain integers: clip8((2^21 + sum(p * w)) >> 22)."""
     span = row[..., axis.first : axis.first + axis.span].astype(np.int64)
-    sums = span @ axis.weights.T + (1 << (PRECISION_BITS - 1))
+    sums = span @ axis.dense().T + (1 << (PRECISION_BITS - 1))
     return np.clip(sums >> PRECISION_BITS, 0, 255).astype(np.uint8)
 
 
@@ -68,6 +68,16 @@ def test_box_and_kept_outputs_reproduce_pillow(interpolation: str) -> None:
     np.testing.assert_array_equal(reference(pixels, kept), full[:, 473:697])
 
 
+def test_weights_are_stored_as_a_band() -> None:
+    """Caching many sizes stays small: taps per output, not a dense row per output."""
+    axis = axis_weights(4000, 299, "bicubic")
+    ksize = 2 * int(np.ceil(2.0 * 4000 / 299)) + 1  # Pillow's most taps per output: 55
+    assert axis.taps.shape[0] == 299 and axis.taps.shape[1] <= ksize and axis.span == 4000
+    dense = axis.dense()
+    assert dense.shape == (299, 4000) and (dense != 0).sum(axis=1).max() <= ksize
+    assert np.abs(dense.sum(axis=1) - (1 << PRECISION_BITS)).max() <= 60  # rows sum to ~1.0 in fixed point
+
+
 def test_weights_validate_arguments() -> None:
     with pytest.raises(ValueError, match="no Pillow weights"):
         axis_weights(10, 5, "lanczos")
@@ -106,7 +116,7 @@ def test_strided_views_and_origin() -> None:
 
 def test_sums_that_could_overflow_int32_are_refused() -> None:
     """Weights whose int32 partial sums could overflow raise instead of wrapping silently."""
-    wide = AxisWeights(first=0, weights=np.full((1, 2_000_000), 1 << 20, dtype=np.int64))
+    wide = AxisWeights(first=0, span=2_000_000, starts=np.zeros(1, np.int64), taps=np.full((1, 2_000_000), 1 << 20, np.int32))
     with pytest.raises(OverflowError):
         device_weights(wide, torch.device("cpu"))
 

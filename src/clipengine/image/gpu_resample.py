@@ -77,14 +77,15 @@ def device_weights(axis: AxisWeights, device: torch.device) -> DeviceWeights:
     return _device_weights(axis, device)
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=32)  # a few MB each at most (4000-px axes): bounded device memory for folders of many sizes
 def _device_weights(axis: AxisWeights, device: torch.device) -> DeviceWeights:
     import torch
 
     span, n_out = axis.span, axis.n_out
     k_pad, n_pad = _ceil8(span), _ceil8(n_out)
-    d0, d1, d2 = _split_digits(axis.weights)
-    offset = 128 * axis.weights.sum(axis=1) + (1 << (PRECISION_BITS - 1))
+    weights = axis.dense()
+    d0, d1, d2 = _split_digits(weights)
+    offset = 128 * weights.sum(axis=1) + (1 << (PRECISION_BITS - 1))
     _check_int32(d0, d1, d2, offset)
     digits = np.zeros((3 * n_pad, k_pad), dtype=np.int8)  # rows = outputs: transposed below
     for j, d in enumerate((d0, d1, d2)):

@@ -50,22 +50,30 @@ RESAMPLE_FILTERS = {"bicubic": (_bicubic, 2.0), "bilinear": (_bilinear, 1.0)}
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: `axis_weights` caches instances
 class AxisWeights:
-    """One axis of a Pillow resize: output pixel i = sum over j of source[first + j] * weights[i, j].
+    """One axis of a Pillow resize: output pixel i = sum over t of source[first + starts[i] + t] * taps[i, t].
 
-    `weights` are Pillow's fixed-point integers (scaled by 2^PRECISION_BITS), zero outside each
-    output pixel's own window, so the rows are a band of the dense (n_out, span) matrix.
+    `taps` are Pillow's fixed-point integers (scaled by 2^PRECISION_BITS), zero past each output
+    pixel's own window. Stored as a band (a few dozen taps per output) so that caching many sizes
+    stays small; `dense()` gives the (n_out, span) matrix a GEMM wants.
     """
 
     first: int  # first source pixel any kept output reads
-    weights: np.ndarray  # (n_out, span) int64
-
-    @property
-    def span(self) -> int:
-        return int(self.weights.shape[1])
+    span: int  # source pixels from `first` that the kept outputs read
+    starts: np.ndarray  # (n_out,) int64: each output's first source pixel, relative to `first`
+    taps: np.ndarray  # (n_out, max taps) int32
 
     @property
     def n_out(self) -> int:
-        return int(self.weights.shape[0])
+        return int(self.taps.shape[0])
+
+    def dense(self) -> np.ndarray:
+        """(n_out, span) int64: row i holds output i's weights at its source pixels' columns."""
+        matrix = np.zeros((self.n_out, self.span), dtype=np.int64)
+        width = self.taps.shape[1]
+        for i, start in enumerate(self.starts.tolist()):
+            stop = min(start + width, self.span)
+            matrix[i, start:stop] = self.taps[i, : stop - start]
+        return matrix
 
 
 @lru_cache(maxsize=512)
@@ -88,7 +96,8 @@ def axis_weights(
             resize: Pillow computes every output pixel independently, so the kept ones are the same).
 
     Returns:
-        AxisWeights over the source span the kept outputs read.
+        AxisWeights over the source span the kept outputs read (an output whose window is empty,
+        which Pillow leaves at 2^21 >> 22 = 0, has no taps).
     """
     if interpolation not in RESAMPLE_FILTERS:
         raise ValueError(f"no Pillow weights for {interpolation!r}; choose from {', '.join(RESAMPLE_FILTERS)}")
@@ -117,12 +126,15 @@ def axis_weights(
         if ww != 0.0:
             k = [w / ww for w in k]
         bounds.append((xmin, k))
-    first = min(xmin for xmin, k in bounds if k) if any(k for _, k in bounds) else 0
-    last = max((xmin + len(k) for xmin, k in bounds), default=first + 1)
-    weights = np.zeros((hi - lo, max(1, last - first)), dtype=np.int64)
+    first = min((xmin for xmin, k in bounds if k), default=0)
+    last = max((xmin + len(k) for xmin, k in bounds if k), default=first + 1)
+    width = max((len(k) for _, k in bounds), default=1) or 1
+    starts = np.array([max(xmin - first, 0) for xmin, _ in bounds], dtype=np.int64)
+    taps = np.zeros((hi - lo, width), dtype=np.int32)
     one = 1 << PRECISION_BITS
-    for i, (xmin, k) in enumerate(bounds):
+    for i, (_, k) in enumerate(bounds):
         # normalize_coeffs_8bpc: round half away from zero through a truncating cast.
-        weights[i, xmin - first : xmin - first + len(k)] = [int(w * one + (0.5 if w >= 0 else -0.5)) for w in k]
-    weights.setflags(write=False)
-    return AxisWeights(first, weights)
+        taps[i, : len(k)] = [int(w * one + (0.5 if w >= 0 else -0.5)) for w in k]
+    for array in (starts, taps):
+        array.setflags(write=False)
+    return AxisWeights(first=first, span=max(1, last - first), starts=starts, taps=taps)
