@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from clipengine.image.pillow_resample import PRECISION_BITS, AxisWeights, axis_weights
@@ -125,3 +127,25 @@ def test_resample_handles_an_empty_batch() -> None:
     axis = axis_weights(20, 8, "bilinear")
     out: Any = resample_last_axis(torch.zeros((0, 3, 5, 20), dtype=torch.uint8), device_weights(axis, torch.device("cpu")))
     assert out.shape == (0, 3, 5, 8)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    width=st.integers(1, 640),
+    height=st.integers(1, 640),
+    image_size=st.integers(8, 300),
+    interpolation=st.sampled_from(["bicubic", "bilinear"]),
+    resize_mode=st.sampled_from(["shortest", "squash"]),
+    seed=st.integers(0, 2**16),
+)
+def test_any_size_equals_pillow(width: int, height: int, image_size: int, interpolation: str, resize_mode: str,
+                                seed: int) -> None:  # fmt: skip
+    """Whole preprocess on random sizes, model sizes and modes: the GPU path's tensors equal the exact
+    path's, value for value (up- and downscales, one axis only, no resize, tiny images)."""
+    from clipengine.image.gpu_preprocess import preprocess_tensors
+    from clipengine.image.preprocess import PreprocessConfig, preprocess_image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    cfg = PreprocessConfig(image_size=image_size, interpolation=interpolation, resize_mode=resize_mode)
+    ours = preprocess_tensors([torch.from_numpy(pixels).permute(2, 0, 1)], cfg)[0].numpy()
+    np.testing.assert_array_equal(ours, preprocess_image(Image.fromarray(pixels), cfg))
