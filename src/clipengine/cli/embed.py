@@ -45,7 +45,8 @@ GPU_DECODE_OPT = typer.Option(
     False,
     "--gpu-decode",
     help="Decode JPEGs with nvjpeg and preprocess on the GPU (torch backend, --device cuda); "
-    "other formats fall back to the CPU decoder. Not bit-exact (cos >= 0.9999 measured).",
+    "other formats fall back to the CPU decoder. The resize is bit-exact; nvjpeg's chroma upsampling "
+    "of 4:2:0 JPEGs is not (cos >= 0.9999 measured).",
 )
 GPU_DECODER_OPT = typer.Option(
     "torchvision",

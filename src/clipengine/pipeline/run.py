@@ -119,7 +119,8 @@ def run_partition(
         fast_decode: reduced-scale JPEG decoding (faster on large photos, not bit-exact).
         gpu_decode: a CUDA device ("cuda", "cuda:1"): decode JPEGs with nvjpeg and preprocess on
             that GPU instead of in CPU workers (`pipeline.gpu_loading`); the backend must accept
-            device tensors (the torch backend on that device). Not bit-exact (see docs).
+            device tensors (the torch backend on that device). The resize is bit-exact; the
+            decoders differ from libjpeg on 4:2:0 chroma (see docs).
         gpu_decoder: with `gpu_decode`, the JPEG decoder: "torchvision" (nvjpeg through
             torchvision) or "nvimgcodec" (NVIDIA nvImageCodec; closer to the exact path's pixels).
 
