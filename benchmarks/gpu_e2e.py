@@ -8,6 +8,9 @@ Rows (one random-weight ViT-B/32, `optimize(device="cuda", precision="fp16", cud
 - gpu nvjpeg + model, float32 resize: the loader with session 4's resize (`F.interpolate` in
   float32) instead of Pillow's integer resize on int8 GEMMs (`image.gpu_resample`): before / after
 - gpu nvjpeg + model, N reader threads (--thread-sweep): the loader's host side at other thread counts
+- gpu_loading: `pipeline.gpu_loading.iter_gpu_loaded` (the loader on its own thread, as
+  `embed --gpu-decode` runs it) + model, without and with `decode_ahead` (decode calls on a thread
+  of their own)
 - gpu nvimgcodec (when nvidia-nvimgcodec is installed): the same loader with nvImageCodec's
   batched decoder (`GpuJpegDecoder(library="nvimgcodec")`), with and without libjpeg's chroma
   upsampling
@@ -267,6 +270,16 @@ def run(args: argparse.Namespace, folder: Path, workers: int) -> dict[str, Any]:
             pass  # the float kernels' first calls, untimed
         before = GpuJpegDecoder(device)
         rows.append(timed("gpu nvjpeg + model, float32 resize (session 4)", lambda: gpu_rows(before), True, before))
+    def loaded_rows(decode_ahead: bool) -> Rows:
+        from clipengine.pipeline.batching import LoadStats
+        from clipengine.pipeline.gpu_loading import iter_gpu_loaded
+
+        for b in iter_gpu_loaded(items, cfg, args.batch, "cuda", LoadStats(), decode_ahead=decode_ahead):
+            yield b.ids, b.pixels.half()
+
+    for ahead in (False, True):  # what embed_folder(gpu_decode) loads with, without the shard writes
+        label = "gpu_loading: loader thread + decode thread (decode_ahead)" if ahead else "gpu_loading: loader thread"
+        rows.append(timed(f"{label} + model", lambda a=ahead: loaded_rows(a)))  # type: ignore[misc]
     for fraction in (float(f) for f in args.split.split(",") if f.strip()):
         try:
             from decode_split import make_split_decode

@@ -159,3 +159,38 @@ def test_real_nvjpeg_embed_folder_matches_cpu_workers(photo_folder, tmp_path: Pa
     # nvjpeg's 4:2:0 chroma upsampling differs from libjpeg-turbo by a few levels per pixel.
     assert float((vec_g * vec_c).sum(axis=1).min()) >= 0.99
     assert sorted(f.id for f in read_failures(tmp_path / "gpu")) == bad
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 7])
+def test_decode_ahead_gives_the_same_batches(photo_folder, tiny_model, fake_nvjpeg, monkeypatch,
+                                             batch_size: int) -> None:  # type: ignore[no-untyped-def]  # fmt: skip
+    """The decode stage on its own thread: same ids, pixels, sizes and failures (in the same batches)
+    as the one-thread loader, with groups of 3 files and decode calls split by pixel budget."""
+    import threading
+
+    import clipengine.image.gpu_preprocess as gp
+    from clipengine.pipeline.batching import LoadStats
+    from clipengine.pipeline.gpu_loading import iter_gpu_loaded
+    from clipengine.pipeline.sources import list_folder
+
+    monkeypatch.setattr(gp, "_DECODE_GROUP", 3)
+    monkeypatch.setattr(gp, "_DECODE_PIXELS", 20_000)  # the 160x90 and 70x200 photos get calls of their own
+    root, good, bad = photo_folder
+    items = list_folder(root)
+    cfg = tiny_model_cfg(tiny_model)
+    runs = {}
+    for ahead in (False, True):
+        stats = LoadStats()
+        runs[ahead] = list(iter_gpu_loaded(items, cfg, batch_size, "cpu", stats, decode_ahead=ahead))
+        assert stats.images == len(good) and stats.decode_s > 0 and stats.read_s > 0
+    assert len(runs[True]) == len(runs[False])
+    for one, two in zip(runs[False], runs[True], strict=True):
+        assert one.ids == two.ids and one.sizes == two.sizes and one.failures == two.failures
+        assert torch.equal(one.pixels, two.pixels)
+    assert [i for b in runs[True] for i in b.ids] == good
+    assert sorted(f.id for b in runs[True] for f in b.failures) == bad
+    # Stopping early stops both threads.
+    loader = iter_gpu_loaded(items, cfg, batch_size, "cpu", LoadStats(), decode_ahead=True)
+    next(loader)
+    loader.close()
+    assert not [t for t in threading.enumerate() if t.name in ("clipengine-decode", "clipengine-prefetch")]

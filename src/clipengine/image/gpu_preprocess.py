@@ -58,11 +58,15 @@ __all__ = [
     "GPU_DECODE_LIBRARIES",
     "DecodeBatch",
     "Decoded",
+    "DecodedChunk",
     "EncodedImage",
     "GpuBatch",
     "GpuDecodeStats",
     "GpuJpegDecoder",
+    "assemble_batches",
+    "default_decode_group",
     "inspect_encoded",
+    "iter_decoded_chunks",
     "iter_gpu_batches",
     "orient",
     "preprocess_tensors",
@@ -690,11 +694,14 @@ def iter_gpu_batches(
 ) -> Iterator[GpuBatch]:
     """Files -> batches of preprocessed pixels on the GPU, exactly `batch_size` rows (the last may be short).
 
-    Reader threads read and inspect up to `prefetch_batches` batches of files ahead; this thread
+    Reader threads read and inspect up to `prefetch_batches` groups of files ahead; this thread
     decodes and preprocesses (GPU work is queued asynchronously, so it overlaps the consumer's
     model as long as the consumer does not synchronise on every batch). As in
     `pipeline.batching.iter_batches`, failures do not shrink a batch: later images fill it, and each
     Failure rides on the batch being filled when it was met.
+
+    The two stages are `iter_decoded_chunks` and `assemble_batches`; `pipeline.gpu_loading` can
+    run them on threads of their own.
 
     Args:
         items: what to load, in order (ids are kept in this order).
@@ -719,44 +726,104 @@ def iter_gpu_batches(
     Yields:
         GpuBatch(ids, pixels, failures, sizes).
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    decoder = decoder if decoder is not None else GpuJpegDecoder(device)
+    group_size = decode_group if decode_group is not None else default_decode_group(batch_size)
+    chunks = iter_decoded_chunks(items, cfg, decoder, group_size=group_size, read_threads=read_threads,
+                                 prefetch_groups=prefetch_batches)  # fmt: skip
+    return assemble_batches(chunks, cfg, decoder, batch_size, out_dtype=out_dtype)
+
+
+def default_decode_group(batch_size: int) -> int:
+    """Files per decode call for a model batch of `batch_size` (see `iter_gpu_batches`)."""
+    return max(batch_size, _DECODE_GROUP)
+
+
+class DecodedChunk(NamedTuple):
+    """One decode call's result, in input order, and where it sits in its group of files."""
+
+    decoded: Decoded  # full-size images on the device (or S x S ones the CPU decoder resized)
+    unread: list[Failure]  # files of the group that could not be read (on the group's first chunk)
+    group_order: dict[str, int] | None  # on the group's last chunk only: each id's input position
+
+
+def iter_decoded_chunks(
+    items: Iterable[ImageItem],
+    cfg: PreprocessConfig,
+    decoder: GpuJpegDecoder,
+    *,
+    group_size: int = _DECODE_GROUP,
+    read_threads: int = 2,
+    prefetch_groups: int = 2,
+) -> Iterator[DecodedChunk]:
+    """Stage 1 of `iter_gpu_batches`: files -> decode calls.
+
+    Reader threads read `prefetch_groups` groups of `group_size` files ahead; each group is
+    decoded in chunks of at most `_DECODE_PIXELS` header pixels, so one chunk's full-size images
+    are on the device at a time (plus what the next stage still holds).
+    """
+    if group_size < 1:
+        raise ValueError(f"decode_group must be >= 1, got {group_size}")
+    stats = decoder.stats
+    for group in _read_ahead(items, group_size, max(1, read_threads), max(1, prefetch_groups), stats):
+        unread = [r for r in group if isinstance(r, Failure)]
+        stats.failures += len(unread)
+        order = {r.id: i for i, r in enumerate(group)}
+        chunks = list(_pixel_chunks([r for r in group if isinstance(r, EncodedImage)], _DECODE_PIXELS))
+        if not chunks:  # nothing readable: the group still reports its failures
+            yield DecodedChunk(Decoded([], [], [], []), unread, order)
+        for i, chunk in enumerate(chunks):
+            last = i == len(chunks) - 1
+            yield DecodedChunk(decoder.decode(chunk, cfg), unread if i == 0 else [], order if last else None)
+
+
+def assemble_batches(
+    chunks: Iterable[DecodedChunk],
+    cfg: PreprocessConfig,
+    decoder: GpuJpegDecoder,
+    batch_size: int,
+    *,
+    out_dtype: torch.dtype | None = None,
+) -> Iterator[GpuBatch]:
+    """Stage 2 of `iter_gpu_batches`: decoded chunks -> preprocessed batches of `batch_size` rows.
+
+    `decoder` gives the device and the stats (`preprocess_s`). A group's batches are yielded once
+    its last chunk is in, with the group's failures in input order.
+    """
     import torch
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    group_size = decode_group if decode_group is not None else max(batch_size, _DECODE_GROUP)
-    if group_size < 1:
-        raise ValueError(f"decode_group must be >= 1, got {decode_group}")
-    decoder = decoder if decoder is not None else GpuJpegDecoder(device)
     stats = decoder.stats
     ids: list[str] = []
     sizes: list[tuple[int, int]] = []
     pieces: list[torch.Tensor] = []
     failures: list[Failure] = []
-    for group in _read_ahead(items, group_size, max(1, read_threads), max(1, prefetch_batches), stats):
-        unread = [r for r in group if isinstance(r, Failure)]
-        stats.failures += len(unread)
-        met = list(unread)
-        for chunk in _pixel_chunks([r for r in group if isinstance(r, EncodedImage)], _DECODE_PIXELS):
-            decoded = decoder.decode(chunk, cfg)
-            met += decoded.failures
-            if decoded.ids:
-                t0 = time.perf_counter()
-                pieces.append(preprocess_tensors(decoded.images, cfg, out_dtype=out_dtype))
-                stats.preprocess_s += time.perf_counter() - t0
-                ids.extend(decoded.ids)
-                sizes.extend(decoded.sizes)
-            del decoded  # the full-size images: only one chunk of them on the device at a time
-        position = {r.id: i for i, r in enumerate(group)}  # failures reported in input order
-        failures.extend(sorted(met, key=lambda f: position.get(f.id, 0)))
+    met: list[Failure] = []
+    for decoded, unread, group_order in chunks:
+        met += unread
+        met += decoded.failures
+        if decoded.ids:
+            t0 = time.perf_counter()
+            pieces.append(preprocess_tensors(decoded.images, cfg, out_dtype=out_dtype))
+            stats.preprocess_s += time.perf_counter() - t0
+            ids.extend(decoded.ids)
+            sizes.extend(decoded.sizes)
+        del decoded  # the full-size images: freed once preprocessed
+        if group_order is None:
+            continue
+        failures.extend(sorted(met, key=lambda f: group_order.get(f.id, 0)))
+        met = []
         while len(ids) >= batch_size:
             pixels = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
             yield GpuBatch(ids[:batch_size], pixels[:batch_size], failures, sizes[:batch_size])
             ids, failures, sizes = ids[batch_size:], [], sizes[batch_size:]
             pieces = [pixels[batch_size:]] if ids else []
-    if ids or failures:
+    if ids or failures or met:
         empty = (0, 3, cfg.image_size, cfg.image_size)
         pixels = torch.cat(pieces) if pieces else torch.empty(empty, dtype=out_dtype, device=decoder.device)
-        yield GpuBatch(ids, pixels, failures, sizes)
+        yield GpuBatch(ids, pixels, failures + met, sizes)
 
 
 def _pixel_chunks(encoded: list[EncodedImage], budget: int) -> Iterator[list[EncodedImage]]:
