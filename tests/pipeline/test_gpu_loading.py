@@ -73,8 +73,9 @@ def test_gpu_decode_path_matches_cpu_workers(photo_folder, tmp_path: Path, tiny_
     ids_c, vec_c, meta_c = read_embeddings(tmp_path / "cpu")
     ids_g, vec_g, meta_g = read_embeddings(tmp_path / "gpu")
     assert ids_g == ids_c == good
-    # Same pixels up to one grey level of resize rounding: the embeddings agree closely.
-    assert float((vec_g * vec_c).sum(axis=1).min()) >= 0.999
+    # The fake decoder is Pillow and the GPU resize is Pillow's: the same pixels, so the same
+    # embeddings up to float summation order (batches are built differently).
+    assert float((vec_g * vec_c).sum(axis=1).min()) >= 0.99999
     assert sorted(f.id for f in read_failures(tmp_path / "gpu")) == bad
     assert (gpu_stats.embedded, gpu_stats.failed) == (cpu_stats.embedded, cpu_stats.failed) == (len(good), 3)
     assert meta_g["gpu_decode"] is True and meta_c["gpu_decode"] is False
