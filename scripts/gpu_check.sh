@@ -12,10 +12,11 @@
 # Every stage has its own time limit (env vars below), so a slow stage cannot take the others'
 # results with it; benchmarks write their tables as they go.
 #
-# run   (PYTEST_S 150, E2E_S 90, E2E_MIX_S 60, DECODE_S 45) writes under $OUT: pytest_gpu.log (machine +
+# run   (PYTEST_S 150, E2E_S 120, E2E_MIX_S 60, DECODE_S 45) writes under $OUT: pytest_gpu.log (machine +
 #       versions, then every test marked gpu), e2e_cuda.md + e2e_{uniform,mix}.json
 #       (benchmarks/gpu_e2e.py: JPEG folder -> embeddings, torchvision / nvImageCodec loaders vs CPU
-#       workers, exact vs float32 resize, reader threads 2 / 4 / 8 / 16, on 4096 1280x960 JPEGs, and on
+#       workers, exact vs float32 resize, reader threads 2 / 4 / 8 / 16, decode_ahead, the hardware +
+#       hybrid decode split, on 4096 1280x960 JPEGs, and on
 #       2048 of a mix with 12 MP ones), decode_stages.md
 #       (benchmarks/gpu_decode_bench.py: each loader stage alone) and stderr.log.
 # peers (PEERS_S 260, PROFILE_S 40 twice) writes: peers_cuda.{md,json} (benchmarks/compare_peers.py
@@ -69,8 +70,10 @@ print('torchvision', torchvision.__version__, 'onnxruntime', o.__version__, o.ge
     echo "pytest exit $?"; grep -E "passed|failed" "$OUT/pytest_gpu.log" | tail -3
     # JPEG folder -> embeddings on the issue's 1280x960 set and on a mix with every 8th image 4000x3000.
     # The 1280x960 set also sweeps the loader's reader threads (default 8).
-    timeout "${E2E_S:-90}" python3 benchmarks/gpu_e2e.py --count 4096 --large-every 0 --seconds 6 --title "1280x960 only" \
-        --thread-sweep 2,4,16 --json "$OUT/e2e_uniform.json" > "$OUT/e2e_cuda.md" 2> "$OUT/stderr.log"
+    # Session 6 should read first: the decode_ahead rows ("gpu_loading: ...") and the hardware + hybrid
+    # split rows (--split), both built after session 5's device time ran out.
+    timeout "${E2E_S:-120}" python3 benchmarks/gpu_e2e.py --count 4096 --large-every 0 --seconds 6 --title "1280x960 only" \
+        --thread-sweep 2,4,16 --split 0.25,0.4 --json "$OUT/e2e_uniform.json" > "$OUT/e2e_cuda.md" 2> "$OUT/stderr.log"
     echo "gpu_e2e uniform exit $?"
     timeout "${E2E_MIX_S:-60}" python3 benchmarks/gpu_e2e.py --count 2048 --large-every 8 --seconds 6 --title "mix: every 8th 4000x3000" \
         --json "$OUT/e2e_mix.json" >> "$OUT/e2e_cuda.md" 2>> "$OUT/stderr.log"
