@@ -195,3 +195,32 @@ def test_decode_ahead_gives_the_same_batches(photo_folder, tiny_model, fake_nvjp
     next(loader)
     loader.close()
     assert not [t for t in threading.enumerate() if t.name in ("clipengine-decode", "clipengine-prefetch")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decoder", ["torchvision", "nvimgcodec"])
+def test_real_decode_ahead_equals_one_thread_loader(photo_folder, tiny_model, monkeypatch, decoder: str) -> None:  # type: ignore[no-untyped-def]
+    """On CUDA, decode calls on their own thread (a second thread issuing GPU work on the default
+    stream) give the very pixels of the one-thread loader, with a busy GPU in between."""
+    import clipengine.image.gpu_preprocess as gp
+    from clipengine.pipeline.batching import LoadStats
+    from clipengine.pipeline.gpu_loading import iter_gpu_loaded
+    from clipengine.pipeline.sources import list_folder
+
+    if decoder == "nvimgcodec":
+        pytest.importorskip("nvidia.nvimgcodec")
+    monkeypatch.setattr(gp, "_DECODE_GROUP", 3)
+    root, good, _ = photo_folder
+    items = list_folder(root)
+    cfg = tiny_model_cfg(tiny_model)
+    busy = torch.randn(2048, 2048, device="cuda")
+    runs = {}
+    for ahead in (False, True):
+        pixels = []
+        for batch in iter_gpu_loaded(items, cfg, 4, "cuda", LoadStats(), decoder, decode_ahead=ahead):
+            for _ in range(3):
+                busy = busy @ busy / 2048  # queued work the decoded memory must outlive
+            pixels.append(batch.pixels.cpu())
+        runs[ahead] = torch.cat(pixels)
+    assert runs[True].shape[0] == len(good)
+    assert torch.equal(runs[True], runs[False])
