@@ -109,6 +109,10 @@ def test_bad_options_are_usage_errors(folder: Path, tmp_path: Path, fake_load, c
     assert decoder_alone.exit_code == 2 and "--gpu-decoder needs --gpu-decode" in decoder_alone.output
     bad_decoder = runner.invoke(app, ["embed", str(folder), "-o", out, "--gpu-decode", "--gpu-decoder", "dali"])
     assert bad_decoder.exit_code == 2 and "torchvision, nvimgcodec" in bad_decoder.output
+    threads_alone = runner.invoke(app, ["embed", str(folder), "-o", out, "--gpu-read-threads", "4"])
+    assert threads_alone.exit_code == 2 and "--gpu-read-threads needs --gpu-decode" in threads_alone.output
+    zero_threads = runner.invoke(app, ["embed", str(folder), "-o", out, "--gpu-decode", "--gpu-read-threads", "0"])
+    assert zero_threads.exit_code == 2
     assert fake_load == []  # nothing loaded for invalid input
 
 

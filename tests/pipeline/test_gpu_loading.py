@@ -84,6 +84,24 @@ def test_gpu_decode_path_matches_cpu_workers(photo_folder, tmp_path: Path, tiny_
     assert _sizes(tmp_path / "gpu") == sizes_c and sizes_c["photo-1.jpg"] == [70, 200]
 
 
+def test_gpu_read_threads_reach_the_readers(photo_folder, tmp_path: Path, tiny_model, torch_backend_factory,
+                                            fake_nvjpeg, monkeypatch) -> None:  # type: ignore[no-untyped-def]  # fmt: skip
+    import clipengine.image.gpu_preprocess as gp
+
+    seen = []
+    read_ahead = gp._read_ahead
+
+    def spy(items, group_size, threads, prefetch, stats):  # type: ignore[no-untyped-def]
+        seen.append(threads)
+        return read_ahead(items, group_size, threads, prefetch, stats)
+
+    monkeypatch.setattr(gp, "_read_ahead", spy)
+    root, good, _ = photo_folder
+    stats = embed_folder(root, tmp_path / "out", torch_backend_factory, tiny_model_cfg(tiny_model), model="tiny",
+                         gpu_decode="cpu", gpu_read_threads=5)  # fmt: skip
+    assert stats.embedded == len(good) and seen and set(seen) == {5}
+
+
 def test_resume_refuses_another_decode_mode(photo_folder, tmp_path: Path, tiny_model, torch_backend_factory,
                                             fake_nvjpeg) -> None:  # type: ignore[no-untyped-def]  # fmt: skip
     root, _, _ = photo_folder

@@ -31,6 +31,7 @@ def iter_gpu_loaded(
     stats: LoadStats,
     decoder: str = "torchvision",
     *,
+    read_threads: int = 2,
     decode_ahead: bool = False,
 ) -> Iterator[Batch]:
     """Batches of `batch_size` rows with pixels on `device`; stage times are added to `stats`.
@@ -40,7 +41,7 @@ def iter_gpu_loaded(
     overlaps.
 
     `decoder` picks the batched JPEG decoder: "torchvision" or "nvimgcodec" (`GpuJpegDecoder`'s
-    `library`).
+    `library`); `read_threads` read the files and parse their headers (see `iter_gpu_batches`).
 
     `decode_ahead` (experimental, not yet measured on a GPU): the decode calls run on a thread of
     their own, one chunk ahead of the preprocessing, so the JPEG engines need not wait for the
@@ -64,11 +65,12 @@ def iter_gpu_loaded(
     jpeg_decoder = GpuJpegDecoder(device, library=decoder)
     chunks = None
     if decode_ahead:
-        decoding = iter_decoded_chunks(items, cfg, jpeg_decoder, group_size=default_decode_group(batch_size))
+        decoding = iter_decoded_chunks(items, cfg, jpeg_decoder, group_size=default_decode_group(batch_size),
+                                       read_threads=read_threads)  # fmt: skip
         chunks = prefetch(decoding, depth=1, name="clipengine-decode")
         batches = assemble_batches(chunks, cfg, jpeg_decoder, batch_size)
     else:
-        batches = iter_gpu_batches(items, cfg, batch_size=batch_size, decoder=jpeg_decoder)
+        batches = iter_gpu_batches(items, cfg, batch_size=batch_size, decoder=jpeg_decoder, read_threads=read_threads)
     # A loader thread keeps the next batch decoding while the consumer waits for the model's output.
     loaded = prefetch(batches, depth=2)
     try:
