@@ -279,7 +279,10 @@ def run(args: argparse.Namespace, folder: Path, workers: int) -> dict[str, Any]:
 
     for ahead in (False, True):  # what embed_folder(gpu_decode) loads with, without the shard writes
         label = "gpu_loading: loader thread + decode thread (decode_ahead)" if ahead else "gpu_loading: loader thread"
-        rows.append(timed(f"{label} + model", lambda a=ahead: loaded_rows(a)))  # type: ignore[misc]
+        try:  # decode_ahead is new and unmeasured: a failure must not take the other rows with it
+            rows.append(timed(f"{label} + model", lambda a=ahead: loaded_rows(a)))  # type: ignore[misc]
+        except Exception:
+            log.exception("%s: failed; row left out", label)
     for fraction in (float(f) for f in args.split.split(",") if f.strip()):
         try:
             from decode_split import make_split_decode
