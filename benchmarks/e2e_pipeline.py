@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fast-decode", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--workers", type=int, default=None, help="decode processes (default: one per core)")
     args = p.parse_args(argv)
 
     from clipengine.backends import create_backend
@@ -58,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     backend.encode_images(np.zeros((args.batch, 3, size, size), np.float32))  # compile / first-call costs outside the timing
     with tempfile.TemporaryDirectory() as out:
         stats = embed_folder(args.folder, Path(out) / "emb", backend, PreprocessConfig(image_size=size),
-                             batch_size=args.batch, dtype="float32", fast_decode=args.fast_decode)  # fmt: skip
+                             batch_size=args.batch, dtype="float32", fast_decode=args.fast_decode,
+                             workers=args.workers)  # fmt: skip
         ids, vecs, _ = read_embeddings(Path(out) / "emb")
     order = np.argsort([Path(i).name for i in ids])
     np.save(args.vectors, vecs[order])
