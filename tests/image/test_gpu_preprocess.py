@@ -455,6 +455,43 @@ def test_decode_groups_are_cut_into_batches(tmp_path: Path, images: Factories, d
         next(iter_gpu_batches(items, PreprocessConfig(image_size=32), "cpu", decoder=decoder, decode_group=0))
 
 
+@pytest.mark.parametrize(("read_slice", "threads"), [(1, 1), (2, 3), (4, 2), (32, 2)])
+def test_read_slices_keep_order_and_failures(tmp_path: Path, images: Factories, monkeypatch: pytest.MonkeyPatch,
+                                             read_slice: int, threads: int) -> None:  # fmt: skip
+    """Reader threads take slices of a group; whatever the slice size and thread count, the groups
+    come back in input order, with each unreadable file's Failure in its place."""
+    items = write_folder(tmp_path, images)  # 10 items: 7 JPEGs, a PNG, a truncated JPEG, a missing file
+    monkeypatch.setattr(gpu_preprocess, "_READ_SLICE", read_slice)
+    stats = gpu_preprocess.GpuDecodeStats()
+    groups = list(gpu_preprocess._read_ahead(items, 4, threads, 1, stats))
+    assert [len(g) for g in groups] == [4, 4, 2]
+    flat = [g for group in groups for g in group]
+    assert [r.id for r in flat] == [it.id for it in items]
+    assert [type(r).__name__ for r in flat].count("Failure") == 1 and isinstance(flat[-1], Failure)
+    assert stats.read_s > 0
+
+
+def test_read_slice_size() -> None:
+    size = gpu_preprocess._read_slice_size
+    assert size(256, 2) == 32 and size(256, 1) == 32  # capped at _READ_SLICE
+    assert size(256, 16) == 4  # at least 4 tasks per thread
+    assert size(10, 2) == 2 and size(1, 8) == 1
+
+
+def test_read_ahead_stops_reading_when_the_consumer_stops(tmp_path: Path, images: Factories,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A consumer that stops after the first group leaves the queued slices unread."""
+    items = write_folder(tmp_path, images) * 20  # 200 items, 50 groups of 4
+    reads: list[str] = []
+    real_read = gpu_preprocess._read
+    monkeypatch.setattr(gpu_preprocess, "_read", lambda item: (reads.append(item.id), real_read(item))[1])
+    monkeypatch.setattr(gpu_preprocess, "_READ_SLICE", 1)
+    groups = gpu_preprocess._read_ahead(items, 4, 1, 1, gpu_preprocess.GpuDecodeStats())
+    first = next(groups)
+    groups.close()  # type: ignore[attr-defined]
+    assert len(first) == 4 and len(reads) < len(items) // 2
+
+
 def test_decode_calls_hold_a_bounded_number_of_pixels(tmp_path: Path, images: Factories,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """A decode group is split into calls of at most `_DECODE_PIXELS` (by header size), in order."""

@@ -92,6 +92,7 @@ _DECODE_GROUP = 256  # default smallest number of files per decode call (see `it
 # At most this many decoded pixels per decode call (1.5 GB as RGB uint8 on the device): 256
 # 1280x960 photos fit in one call, 12 MP ones go 42 at a time, so small GPUs are not flooded.
 _DECODE_PIXELS = 512_000_000
+_READ_SLICE = 32  # most files per reader-thread task (see `_read_ahead`)
 # Same-size images are resized together up to this many source pixel values per call (128 Mi: with the
 # int8 GEMM's operand and int32 sums, ~470 MB for 36 1280x960 photos).
 _GROUP_ELEMENTS = 1 << 27
@@ -708,11 +709,11 @@ def iter_gpu_batches(
         cfg: the model's preprocessing settings.
         device: where pixels are decoded and returned (ignored when `decoder` is given).
         batch_size: rows per batch.
-        read_threads: threads reading files and parsing JPEG headers. More is slower from page
-            cache: they hold the GIL for the header parse and starve this thread, which issues
-            the GPU work (H200, 16 cores, 4096 1280x960 JPEGs, twice each: 1 thread 3.8-3.9k
-            img/s, 2: 4.7-4.9k, 4: 3.8-4.0k, 8: 4.0-4.5k, 16: 3.9k). Network storage with high
-            latency may want more.
+        read_threads: threads reading files and parsing JPEG headers, in slices of up to 32
+            files per task. More is slower from page cache: they hold the GIL for the header
+            parse and starve this thread, which issues the GPU work (H200, 16 cores, 4096
+            1280x960 JPEGs, twice each, one file per task: 1 thread 3.8-3.9k img/s, 2: 4.7-4.9k,
+            4: 3.8-4.0k, 8: 4.0-4.5k, 16: 3.9k). Network storage with high latency may want more.
         prefetch_batches: groups of files read ahead of the decoder.
         out_dtype: pixel dtype (float32 when None); float16 halves the memory traffic for an fp16 model.
         decoder: a decoder to use (its `stats` fill in); default a new `GpuJpegDecoder(device)`.
@@ -844,25 +845,21 @@ def _pixel_chunks(encoded: list[EncodedImage], budget: int) -> Iterator[list[Enc
 def _read_ahead(
     items: Iterable[ImageItem], group_size: int, threads: int, prefetch: int, stats: GpuDecodeStats
 ) -> Iterator[list[EncodedImage | Failure]]:
-    """Groups of `group_size` read results in input order, with up to `prefetch` groups in flight."""
+    """Groups of `group_size` read results in input order, with up to `prefetch` groups in flight.
 
-    def timed_read(item: ImageItem) -> tuple[EncodedImage | Failure, float]:
-        t0 = time.perf_counter()
-        return _read(item), time.perf_counter() - t0
-
-    pending: deque[list[Future[tuple[EncodedImage | Failure, float]]]] = deque()
+    Each reader task reads a slice of a group, not one file: a thread-pool task costs tens of
+    microseconds of GIL-held bookkeeping and a thread wake-up, which per file capped the loader's
+    host side below the decoder's rate (see `_read_slice_size`).
+    """
+    slice_size = _read_slice_size(group_size, threads)
+    pending: deque[list[Future[tuple[list[EncodedImage | Failure], float]]]] = deque()
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="clipengine-read") as pool:
         try:
-            group: list[Future[tuple[EncodedImage | Failure, float]]] = []
-            for item in items:
-                group.append(pool.submit(timed_read, item))
-                if len(group) == group_size:
-                    pending.append(group)
-                    group = []
-                    if len(pending) > prefetch:
-                        yield _collect(pending.popleft(), stats)
-            if group:
-                pending.append(group)
+            for group in _batched(items, group_size):
+                pending.append([pool.submit(_read_slice, group[i : i + slice_size])
+                                for i in range(0, len(group), slice_size)])  # fmt: skip
+                if len(pending) > prefetch:
+                    yield _collect(pending.popleft(), stats)
             while pending:
                 yield _collect(pending.popleft(), stats)
         finally:
@@ -871,12 +868,35 @@ def _read_ahead(
                     fut.cancel()
 
 
+def _read_slice_size(group_size: int, threads: int) -> int:
+    """Files per reader task: at least 4 tasks per thread in a group (so threads share the work and
+    the first results come early), at most 32 files (about 7 MB of 1280x960 JPEGs)."""
+    return max(1, min(_READ_SLICE, -(-group_size // (4 * threads))))
+
+
+def _read_slice(items: Sequence[ImageItem]) -> tuple[list[EncodedImage | Failure], float]:
+    """Runs on a reader thread: `_read` for each item, and the seconds it took."""
+    t0 = time.perf_counter()
+    return [_read(item) for item in items], time.perf_counter() - t0
+
+
+def _batched(items: Iterable[ImageItem], size: int) -> Iterator[list[ImageItem]]:
+    group: list[ImageItem] = []
+    for item in items:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
 def _collect(
-    futures: list[Future[tuple[EncodedImage | Failure, float]]], stats: GpuDecodeStats
+    futures: list[Future[tuple[list[EncodedImage | Failure], float]]], stats: GpuDecodeStats
 ) -> list[EncodedImage | Failure]:
-    results = []
+    results: list[EncodedImage | Failure] = []
     for fut in futures:
-        result, seconds = fut.result()
+        read, seconds = fut.result()
         stats.read_s += seconds
-        results.append(result)
+        results.extend(read)
     return results
