@@ -7,7 +7,14 @@ decoder replaced by a stand-in that releases the GIL for a fixed time per image 
 a native decode call) and returns a small tensor. Rows: the header check by Pillow alone vs with
 the fast scan (`image.jpeg_header`), at several reader-thread counts.
 
-Usage: python benchmarks/gpu_loader_host.py [--count 4096] [--decode-us 125] [--batch 256]
+`--loader` adds the whole loader as `embed --gpu-decode` runs it (`pipeline.gpu_loading.
+iter_gpu_loaded`: readers, decode, preprocess, the loader thread) with the decode on the loader
+thread or on a thread of its own (`decode_ahead`). The GPU preprocessing is a stand-in too: it
+releases the GIL for `--preprocess-us` per image (34: its host time per image on the H200, session
+5), and the consumer "runs the model" for `--model-us` per image (27: 36.6k img/s). These rows show
+whether the threads overlap as designed; they are not GPU measurements.
+
+Usage: python benchmarks/gpu_loader_host.py [--count 4096] [--decode-us 125] [--batch 256] [--loader]
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="GIL-free time per image of the stand-in decode (125: H200 nvjpeg raw, ~8k img/s)")  # fmt: skip
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--threads", default="2,4,8")
+    p.add_argument("--loader", action="store_true", help="also the whole loader, with and without decode_ahead")
+    p.add_argument("--preprocess-us", type=float, default=34.0)
+    p.add_argument("--model-us", type=float, default=27.0)
+    p.add_argument("--model-batch", type=int, default=256)
     args = p.parse_args(argv)
 
     import torch
@@ -59,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 seconds = time.perf_counter() - t0
                 rows.append((label, threads, n / seconds, decoder.stats.decode_s / seconds))
         gp.scan_jpeg_header = scan
+        loader_rows = loader_rates(items, args) if args.loader else []
     ceiling = 1e6 / args.decode_us
     print(f"GPU loader host side on {multiprocessing.cpu_count()} cores: {args.count} files of 1280x960, batch "
           f"{args.batch}, stand-in decode {args.decode_us:.0f} us/image (ceiling {ceiling:.0f} img/s)\n")  # fmt: skip
@@ -66,7 +79,50 @@ def main(argv: list[str] | None = None) -> int:
     print("| --- | ---: | ---: | ---: | ---: |")
     for label, threads, rate, busy in rows:
         print(f"| {label} | {threads} | {rate:.0f} | {rate / ceiling:.0%} | {busy:.0%} |")
+    if loader_rows:
+        print(f"\nThe whole loader (`iter_gpu_loaded`, 2 reader threads), stand-ins: decode {args.decode_us:.0f} us, "
+              f"preprocess {args.preprocess_us:.0f} us, model {args.model_us:.0f} us per image; model batch {args.model_batch}\n")  # fmt: skip
+        print("| loader | img/s | share of the decode ceiling |\n| --- | ---: | ---: |")
+        for label, rate in loader_rows:
+            print(f"| {label} | {rate:.0f} | {rate / ceiling:.0%} |")
     return 0
+
+
+def loader_rates(items: list[Any], args: argparse.Namespace) -> list[tuple[str, float]]:
+    """img/s of `iter_gpu_loaded` with stand-in decode / preprocess / model, without and with decode_ahead."""
+    import torch
+
+    from clipengine.image import gpu_preprocess as gp
+    from clipengine.image.preprocess import PreprocessConfig
+    from clipengine.pipeline.batching import LoadStats
+    from clipengine.pipeline.gpu_loading import iter_gpu_loaded
+
+    small = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    cfg = PreprocessConfig()
+
+    def decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        time.sleep(args.decode_us * 1e-6 * len(data))
+        return [small] * len(data)
+
+    def preprocess(images: list[torch.Tensor], cfg: PreprocessConfig, out_dtype: Any = None) -> torch.Tensor:
+        time.sleep(args.preprocess_us * 1e-6 * len(images))
+        return torch.zeros(len(images), 3, 1, 1)
+
+    saved = gp._nvjpeg_decode, gp.preprocess_tensors
+    gp._nvjpeg_decode, gp.preprocess_tensors = decode, preprocess  # type: ignore[assignment]
+    rows = []
+    try:
+        for _ in range(2):
+            for ahead in (False, True):
+                t0, n = time.perf_counter(), 0
+                for batch in iter_gpu_loaded(items, cfg, args.model_batch, "cpu", LoadStats(), decode_ahead=ahead):
+                    time.sleep(args.model_us * 1e-6 * len(batch.ids))
+                    n += len(batch.ids)
+                label = "decode on its own thread (decode_ahead=True)" if ahead else "decode on the loader thread (default)"
+                rows.append((label, n / (time.perf_counter() - t0)))
+    finally:
+        gp._nvjpeg_decode, gp.preprocess_tensors = saved
+    return rows
 
 
 if __name__ == "__main__":
