@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -529,6 +530,37 @@ def test_iter_gpu_batches_only_failures_still_reports_them(tmp_path: Path) -> No
     (batch,) = iter_gpu_batches(items, PreprocessConfig(), "cpu", batch_size=4, decoder=decoder)
     assert batch.ids == [] and tuple(batch.pixels.shape) == (0, 3, 224, 224)
     assert [f.id for f in batch.failures] == ["gone.jpg", "text"]
+
+
+def test_any_per_file_read_error_is_a_failure_like_the_cpu_path(tmp_path: Path, images: Factories) -> None:
+    """A path the OS cannot even be asked for (a NUL byte, possible from a file list) is that file's
+    Failure with the CPU loader's reason, not an exception that ends the whole run."""
+    from clipengine.pipeline.batching import load_chunk
+
+    (tmp_path / "a.jpg").write_bytes(jpeg_bytes(images, 40, 30, seed=1))
+    nul = str(tmp_path / "b\x00.jpg")
+    items = [ImageItem("a.jpg", str(tmp_path / "a.jpg")), ImageItem("b", nul)]
+    decoder = GpuJpegDecoder("cpu", decode_batch=FakeNvjpeg())
+    (batch,) = iter_gpu_batches(items, PreprocessConfig(image_size=32), "cpu", batch_size=4, decoder=decoder)
+    assert batch.ids == ["a.jpg"]
+    assert batch.failures == load_chunk([("b", nul)], PreprocessConfig(image_size=32).to_dict()).failures
+
+
+def test_an_error_after_reading_stops_the_reader_threads(images: Factories) -> None:
+    """An exception in the preprocessing stage (here a decoder handing back a wrong shape) shuts the
+    reader threads down before it reaches the caller, even while the caller holds on to it."""
+    data = jpeg_bytes(images, 40, 30, seed=1)
+    items = [ImageItem(f"{i}.jpg", data) for i in range(400)]
+
+    def wrong_shape(data: list[Any], device: Any) -> list[Any]:
+        return [torch.zeros((1, 30, 40), dtype=torch.uint8) for _ in data]
+
+    decoder = GpuJpegDecoder("cpu", decode_batch=wrong_shape)
+    with pytest.raises(ValueError, match="expected a") as raised:  # held, as a REPL's last error is
+        list(iter_gpu_batches(items, PreprocessConfig(image_size=32), "cpu", batch_size=2, decoder=decoder,
+                              decode_group=4))  # fmt: skip
+    assert not [t for t in threading.enumerate() if t.name.startswith("clipengine-read")]
+    assert raised.value is not None
 
 
 def test_import_does_not_import_torch() -> None:

@@ -215,6 +215,45 @@ def test_decode_ahead_gives_the_same_batches(photo_folder, tiny_model, fake_nvjp
     assert not [t for t in threading.enumerate() if t.name in ("clipengine-decode", "clipengine-prefetch")]
 
 
+@pytest.mark.parametrize("ahead", [False, True])
+def test_load_stats_count_failures(photo_folder, tiny_model, fake_nvjpeg, ahead: bool) -> None:  # type: ignore[no-untyped-def]
+    """LoadStats.failures counts the Failure records, as the CPU loader's does."""
+    from clipengine.pipeline.batching import LoadStats
+    from clipengine.pipeline.gpu_loading import iter_gpu_loaded
+    from clipengine.pipeline.sources import list_folder
+
+    root, good, bad = photo_folder
+    stats = LoadStats()
+    batches = list(iter_gpu_loaded(list_folder(root), tiny_model_cfg(tiny_model), 4, "cpu", stats, decode_ahead=ahead))
+    assert sum(len(b.failures) for b in batches) == len(bad)
+    assert (stats.images, stats.failures) == (len(good), len(bad))
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_loader_error_stops_every_thread(photo_folder, tiny_model, monkeypatch, ahead: bool) -> None:  # type: ignore[no-untyped-def]
+    """An error while preprocessing reaches the consumer with the reader, decode and loader threads
+    all stopped, while the consumer still holds the exception."""
+    import threading
+
+    import clipengine.image.gpu_preprocess as gp
+    from clipengine.pipeline.batching import LoadStats
+    from clipengine.pipeline.gpu_loading import iter_gpu_loaded
+    from clipengine.pipeline.sources import list_folder
+
+    def wrong_shape(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        return [torch.zeros((1, 8, 8), dtype=torch.uint8) for _ in data]
+
+    monkeypatch.setattr(gp, "_nvjpeg_decode", wrong_shape)
+    monkeypatch.setattr(gp, "_DECODE_GROUP", 2)
+    root, _, _ = photo_folder
+    items = list_folder(root) * 20  # many groups still to read when the first one fails
+    with pytest.raises(ValueError, match="expected a") as raised:
+        list(iter_gpu_loaded(items, tiny_model_cfg(tiny_model), 1, "cpu", LoadStats(), decode_ahead=ahead))
+    names = ("clipengine-read", "clipengine-decode", "clipengine-prefetch")
+    assert not [t.name for t in threading.enumerate() if t.name.startswith(names)]
+    assert raised.value is not None
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("decoder", ["torchvision", "nvimgcodec"])
 def test_real_decode_ahead_equals_one_thread_loader(photo_folder, tiny_model, monkeypatch, decoder: str) -> None:  # type: ignore[no-untyped-def]

@@ -28,6 +28,28 @@ def test_error_is_raised_at_its_position() -> None:
     assert got == [1, 2]
 
 
+def test_error_from_iter_itself_is_raised_not_hung() -> None:
+    """An iterable whose __iter__ raises: the error reaches the consumer (it used to wait forever)."""
+
+    class Broken:
+        def __iter__(self) -> Iterator[int]:
+            raise RuntimeError("cannot list")
+
+    outcome: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            list(prefetch(Broken()))
+        except BaseException as e:
+            outcome.append(e)
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    consumer.join(timeout=5)  # returns at once unless the consumer hangs
+    assert not consumer.is_alive(), "prefetch hung on an iterable whose __iter__ raised"
+    assert [str(e) for e in outcome] == ["cannot list"] and isinstance(outcome[0], RuntimeError)
+
+
 def test_reads_at_most_depth_ahead_and_runs_on_another_thread() -> None:
     consumed = 0
     lead = []
