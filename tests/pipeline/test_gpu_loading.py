@@ -247,10 +247,11 @@ def test_loader_error_stops_every_thread(photo_folder, tiny_model, monkeypatch, 
     monkeypatch.setattr(gp, "_DECODE_GROUP", 2)
     root, _, _ = photo_folder
     items = list_folder(root) * 20  # many groups still to read when the first one fails
+    before = set(threading.enumerate())
     with pytest.raises(ValueError, match="expected a") as raised:
         list(iter_gpu_loaded(items, tiny_model_cfg(tiny_model), 1, "cpu", LoadStats(), decode_ahead=ahead))
     names = ("clipengine-read", "clipengine-decode", "clipengine-prefetch")
-    assert not [t.name for t in threading.enumerate() if t.name.startswith(names)]
+    assert not [t.name for t in set(threading.enumerate()) - before if t.name.startswith(names)]
     assert raised.value is not None
 
 

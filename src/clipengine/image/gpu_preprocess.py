@@ -678,6 +678,8 @@ def _read(item: ImageItem) -> EncodedImage | Failure:
         data = np.fromfile(os.fspath(item.source), dtype=np.uint8)
     except OSError as e:
         return Failure(item.id, f"cannot read file: {e.strerror or e}")
+    except Exception as e:  # e.g. a NUL byte in a listed path: this file's failure, as in the CPU loader
+        return Failure(item.id, f"{type(e).__name__}: {e}")
     return inspect_encoded(item.id, data)
 
 
@@ -733,7 +735,19 @@ def iter_gpu_batches(
     group_size = decode_group if decode_group is not None else default_decode_group(batch_size)
     chunks = iter_decoded_chunks(items, cfg, decoder, group_size=group_size, read_threads=read_threads,
                                  prefetch_groups=prefetch_batches)  # fmt: skip
-    return assemble_batches(chunks, cfg, decoder, batch_size, out_dtype=out_dtype)
+    return _closing(assemble_batches(chunks, cfg, decoder, batch_size, out_dtype=out_dtype), chunks)
+
+
+def _closing(batches: Iterator[GpuBatch], chunks: Iterator[DecodedChunk]) -> Iterator[GpuBatch]:
+    """`batches`, with `chunks` (and so the reader threads) closed however they end. An error raised
+    in `assemble_batches` keeps its frame, which holds `chunks`, alive for as long as the caller
+    holds the error: without this the reader threads would go on reading until it is dropped."""
+    try:
+        yield from batches
+    finally:
+        close = getattr(chunks, "close", None)  # a generator (`iter_decoded_chunks`)
+        if close is not None:
+            close()
 
 
 def default_decode_group(batch_size: int) -> int:

@@ -76,6 +76,7 @@ def iter_gpu_loaded(
     try:
         for gpu_batch in loaded:
             stats.images += len(gpu_batch.ids)
+            stats.failures += len(gpu_batch.failures)
             yield Batch(
                 ids=gpu_batch.ids,
                 pixels=gpu_batch.pixels,  # type: ignore[arg-type]  # a device tensor, not a NumPy array

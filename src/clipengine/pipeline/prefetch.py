@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Generator, Iterable
+from collections.abc import Generator, Iterable, Iterator
 from typing import TypeVar
 
 __all__ = ["prefetch"]
@@ -40,8 +40,9 @@ def prefetch(items: Iterable[T], depth: int = 2, name: str = "clipengine-prefetc
         return False
 
     def produce() -> None:
-        iterator = iter(items)
+        iterator: Iterator[T] | None = None
         try:
+            iterator = iter(items)  # may raise too: handed over like any other error
             for item in iterator:
                 if not put((True, item)):
                     return
