@@ -72,7 +72,7 @@ print('torchvision', torchvision.__version__, 'onnxruntime', o.__version__, o.ge
     # The 1280x960 set also sweeps the loader's reader threads (default 2).
     # Read first: the decode_ahead rows ("gpu_loading: ...") and the hardware + hybrid split rows
     # (--split), built after session 5's device time ran out, and every loader row against session 5's
-    # (session 6 made the reader threads take 32-file slices: +37-46 % host side on 2 CPU cores).
+    # (session 6 made the reader threads take 32-file slices: +37-55 % host side on 2 CPU cores).
     timeout "${E2E_S:-120}" python3 benchmarks/gpu_e2e.py --count 4096 --large-every 0 --seconds 6 --title "1280x960 only" \
         --thread-sweep 2,4,16 --split 0.25,0.4 --json "$OUT/e2e_uniform.json" > "$OUT/e2e_cuda.md" 2> "$OUT/stderr.log"
     echo "gpu_e2e uniform exit $?"
