@@ -227,6 +227,29 @@ def test_load_stats_count_failures(photo_folder, tiny_model, fake_nvjpeg, ahead:
     batches = list(iter_gpu_loaded(list_folder(root), tiny_model_cfg(tiny_model), 4, "cpu", stats, decode_ahead=ahead))
     assert sum(len(b.failures) for b in batches) == len(bad)
     assert (stats.images, stats.failures) == (len(good), len(bad))
+    assert stats.wait_s > 0  # the first batch is waited for at least
+
+
+def test_wait_counts_the_time_the_consumer_waits(photo_folder, tiny_model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """wait_s is the time the consumer blocks for batches: a decoder that takes 0.05 s per call makes
+    the consumer wait at least that long for the first batch."""
+    import time
+
+    import clipengine.image.gpu_preprocess as gp
+    from clipengine.pipeline.batching import LoadStats
+    from clipengine.pipeline.gpu_loading import iter_gpu_loaded
+    from clipengine.pipeline.sources import list_folder
+
+    def slow(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        time.sleep(0.05)
+        return _pil_batch_decode(data, device)
+
+    monkeypatch.setattr(gp, "_nvjpeg_decode", slow)
+    root, good, _ = photo_folder
+    stats = LoadStats()
+    batches = list(iter_gpu_loaded(list_folder(root), tiny_model_cfg(tiny_model), 4, "cpu", stats))
+    assert sum(len(b.ids) for b in batches) == len(good)
+    assert stats.wait_s >= 0.05
 
 
 @pytest.mark.parametrize("ahead", [False, True])

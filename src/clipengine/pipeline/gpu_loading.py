@@ -10,6 +10,7 @@ on the GPU: only backends that accept one (the torch backend) can consume these 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -50,7 +51,8 @@ def iter_gpu_loaded(
     pixels) on the device.
 
     `stats.decode_s` / `preprocess_s` are wall seconds spent in decode calls and queuing the GPU
-    preprocessing (the GPU runs it asynchronously); `read_s` sums the reader threads' time.
+    preprocessing (the GPU runs it asynchronously); `read_s` sums the reader threads' time;
+    `wait_s` is the time the consumer waited for the next batch (the model starved).
     """
     from ..image.gpu_preprocess import (
         GpuJpegDecoder,
@@ -74,7 +76,12 @@ def iter_gpu_loaded(
     # A loader thread keeps the next batch decoding while the consumer waits for the model's output.
     loaded = prefetch(batches, depth=2)
     try:
-        for gpu_batch in loaded:
+        while True:
+            t0 = time.perf_counter()
+            gpu_batch = next(loaded, None)
+            stats.wait_s += time.perf_counter() - t0  # the consumer (the model) starved for pixels
+            if gpu_batch is None:
+                break
             stats.images += len(gpu_batch.ids)
             stats.failures += len(gpu_batch.failures)
             yield Batch(
