@@ -20,6 +20,8 @@ from clipengine.image.preprocess import (
     OPENAI_MEAN,
     OPENAI_STD,
     PreprocessConfig,
+    crop_uint8,
+    normalise_uint8,
     preprocess,
     preprocess_batch,
     preprocess_image,
@@ -142,6 +144,27 @@ def test_batch_equals_single_images(clip_png: Path, images: Factories) -> None:
     for row, source in zip(batch, sources, strict=True):
         np.testing.assert_array_equal(row, preprocess(source, cfg))
     assert preprocess_batch([], cfg).shape == (0, 3, 64, 64)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "CMYK", "I;16"])
+def test_uint8_crops_normalise_to_preprocess_image_bit_for_bit(images: Factories, mode: str) -> None:
+    """Decode workers ship `crop_uint8` and the parent applies `normalise_uint8`: the same values
+    as `preprocess_image`, for every mode and for a batch at once."""
+    cfg = PreprocessConfig(image_size=48, mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.25))
+    img = images["noise"](131, 77, mode=mode) if mode != "I;16" else Image.fromarray(
+        np.random.default_rng(1).integers(0, 65535, (77, 131), dtype=np.uint16))  # fmt: skip
+    crop = crop_uint8(img, cfg)
+    assert crop.shape == (3, 48, 48) and crop.dtype == np.uint8 and crop.flags.c_contiguous
+    np.testing.assert_array_equal(normalise_uint8(crop, cfg), preprocess_image(img, cfg))
+    batch = np.stack([crop, crop[:, ::-1].copy()])
+    np.testing.assert_array_equal(normalise_uint8(batch, cfg)[1], normalise_uint8(batch[1], cfg))
+
+
+def test_normalise_uint8_refuses_other_input() -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        normalise_uint8(np.zeros((3, 4, 4), np.float32), PreprocessConfig())
+    with pytest.raises(ValueError, match=r"\(\.\.\., 3, H, W\)"):
+        normalise_uint8(np.zeros((4, 4, 3), np.uint8), PreprocessConfig())
 
 
 def test_batch_raises_for_bad_item(clip_png: Path) -> None:

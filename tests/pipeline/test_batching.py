@@ -60,6 +60,24 @@ def test_missing_file_and_bytes_sources(tmp_path: Path, image_folder: Path, prep
     assert "cannot read file" in reasons["gone.jpg"]
 
 
+def test_workers_ship_uint8_and_batches_equal_the_exact_path(image_folder: Path, preprocess_cfg) -> None:  # type: ignore[no-untyped-def]
+    """Workers return uint8 crops (a quarter of float32's bytes through the pool); the batches the
+    parent builds from them hold exactly `preprocess`'s float32 values."""
+    from clipengine.image.preprocess import normalise_uint8, preprocess
+
+    items = list_items(image_folder)
+    pairs = [(i.id, str(i.source)) for i in items[:5]]
+    crops = load_chunk(pairs, preprocess_cfg.to_dict(), normalise=False)
+    floats = load_chunk(pairs, preprocess_cfg.to_dict())
+    assert crops.pixels.dtype == np.uint8 and floats.pixels.dtype == np.float32
+    np.testing.assert_array_equal(normalise_uint8(crops.pixels, preprocess_cfg), floats.pixels)
+    batches = list(iter_batches(items, preprocess_cfg, batch_size=8, workers=2))
+    rows = np.concatenate([b.pixels for b in batches])
+    assert rows.dtype == np.float32
+    for row, item in zip(rows, items, strict=True):
+        np.testing.assert_array_equal(row, preprocess(item.source, preprocess_cfg))
+
+
 def test_batch_size_must_be_positive(preprocess_cfg) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match="batch_size"):
         list(iter_batches([], preprocess_cfg, batch_size=0))

@@ -20,6 +20,8 @@ __all__ = [
     "OPENAI_STD",
     "RESIZE_MODES",
     "PreprocessConfig",
+    "crop_uint8",
+    "normalise_uint8",
     "preprocess",
     "preprocess_batch",
     "preprocess_image",
@@ -163,6 +165,28 @@ def _normalise(img: Image.Image, cfg: PreprocessConfig, out: FloatArray | None =
         out = np.empty((3, img.height, img.width), dtype=np.float32)
     for c in range(3):
         np.take(table[c], pixels[:, :, c], out=out[c])
+    return out
+
+
+def crop_uint8(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """`preprocess_image` without the normalisation: (3, S, S) uint8 RGB, a quarter of its bytes.
+
+    Decode workers send this to the parent (`pipeline.batching`), which calls `normalise_uint8`:
+    the same float32 values as `preprocess_image`, bit for bit, for 4x less inter-process traffic.
+    """
+    rgb = np.asarray(to_rgb(resize_and_crop(to_8bit(img), cfg)), dtype=np.uint8)
+    return np.ascontiguousarray(rgb.transpose(2, 0, 1))
+
+
+def normalise_uint8(pixels: np.ndarray, cfg: PreprocessConfig, out: FloatArray | None = None) -> FloatArray:
+    """(..., 3, H, W) uint8 RGB -> float32 with the model's mean / std (the same table as `preprocess_image`)."""
+    if pixels.dtype != np.uint8 or pixels.ndim < 3 or pixels.shape[-3] != 3:
+        raise ValueError(f"expected (..., 3, H, W) uint8 pixels, got {pixels.dtype} {pixels.shape}")
+    table = _normalise_table(cfg.mean, cfg.std)
+    if out is None:
+        out = np.empty(pixels.shape, dtype=np.float32)
+    for c in range(3):
+        np.take(table[c], pixels[..., c, :, :], out=out[..., c, :, :])
     return out
 
 

@@ -1,7 +1,9 @@
 """Read + decode + preprocess images in worker processes, ahead of the backend, into fixed-size Batches.
 
 Workers receive plain data only (ids, paths, the PreprocessConfig as a dict) and return stacked
-float32 pixels, so any backend can run in the parent while the next batches are decoded. Chunks come
+uint8 crops, which the parent normalises into float32 batches (a quarter of the bytes through the
+pool's pipes; the same values as normalising in the worker), so any backend can run in the parent
+while the next batches are decoded. Chunks come
 back in submission order, so batches are identical whatever the worker count or timing. A bad input
 becomes a `Failure(id, reason)` on the batch where it was met; it never ends the run.
 """
@@ -66,7 +68,7 @@ class _Chunk:
     """What a worker sends back for one chunk of items: plain, picklable data."""
 
     ids: list[str]  # successfully loaded, aligned with rows of pixels
-    pixels: FloatArray  # (n, 3, H, W) float32
+    pixels: np.ndarray  # (n, 3, H, W): float32, or uint8 crops with normalise=False
     sizes: list[tuple[int, int]]  # original (width, height) per row
     failures: list[Failure] = field(default_factory=list)
     read_s: float = 0.0
@@ -111,7 +113,7 @@ def _config_from_json(cfg_json: str) -> PreprocessConfig:
 
 
 def load_chunk(
-    items: Sequence[tuple[str, str | bytes]], cfg: dict[str, Any], fast_decode: bool = False
+    items: Sequence[tuple[str, str | bytes]], cfg: dict[str, Any], fast_decode: bool = False, normalise: bool = True
 ) -> _Chunk:
     """Read, decode and preprocess `(id, path_or_bytes)` pairs (top-level: runs in spawned workers).
 
@@ -121,17 +123,20 @@ def load_chunk(
         fast_decode: let libjpeg decode large JPEGs at a reduced scale that keeps at least twice
             the model's resolution (several times faster on photos; not bit-exact, see
             docs/tokenizer_preprocess.md). The recorded width/height stay the original ones.
+        normalise: float32 model input; False: the uint8 RGB crops before normalisation
+            (`image.preprocess.normalise_uint8` turns them into the same float32 values).
 
     Returns:
         A chunk with the stacked pixels of the good items and a Failure per bad one.
     """
     config = _config_from_json(json.dumps(cfg, sort_keys=True))  # parsed once per worker
     draft = (_DRAFT_OVERSAMPLE * config.image_size,) * 2 if fast_decode else None
-    chunk = _Chunk(ids=[], pixels=np.zeros((0, 3, 0, 0), dtype=np.float32), sizes=[])
-    rows: list[FloatArray] = []
+    dtype = np.float32 if normalise else np.uint8
+    chunk = _Chunk(ids=[], pixels=np.zeros((0, 3, 0, 0), dtype=dtype), sizes=[])
+    rows: list[np.ndarray] = []
     for item_id, source in items:
         try:
-            pixels, size = _load_one(item_id, source, config, draft, chunk)
+            pixels, size = _load_one(item_id, source, config, draft, chunk, normalise)
         except DecodeError as e:
             chunk.failures.append(Failure(item_id, e.reason))
         except OSError as e:
@@ -149,11 +154,16 @@ def load_chunk(
 
 
 def _load_one(
-    item_id: str, source: str | bytes, config: PreprocessConfig, draft: tuple[int, int] | None, chunk: _Chunk
-) -> tuple[FloatArray, tuple[int, int]]:
+    item_id: str,
+    source: str | bytes,
+    config: PreprocessConfig,
+    draft: tuple[int, int] | None,
+    chunk: _Chunk,
+    normalise: bool = True,
+) -> tuple[np.ndarray, tuple[int, int]]:
     """One image -> ((3, H, W) pixels, original (width, height)); stage times added to `chunk`."""
     from ..image.decode import open_image
-    from ..image.preprocess import preprocess_image
+    from ..image.preprocess import crop_uint8, preprocess_image
 
     t0 = time.perf_counter()
     if isinstance(source, bytes):
@@ -167,7 +177,7 @@ def _load_one(
     image = open_image(data, name=item_id, draft_size=draft)
     size = (int(image.width), int(image.height)) if draft is None else _original_size(data, image)
     t2 = time.perf_counter()
-    pixels = np.asarray(preprocess_image(image, config), dtype=np.float32)
+    pixels = np.asarray(preprocess_image(image, config), dtype=np.float32) if normalise else crop_uint8(image, config)
     chunk.read_s += t1 - t0
     chunk.decode_s += t2 - t1
     chunk.preprocess_s += time.perf_counter() - t2
@@ -204,16 +214,16 @@ def _loaded_chunks(
     stats: LoadStats,
     fast_decode: bool,
 ) -> Iterator[_Chunk]:
-    """Chunks in input order; with an executor, up to `prefetch` chunks are decoded ahead."""
+    """Chunks of uint8 crops in input order; with an executor, up to `prefetch` are decoded ahead."""
     source = _chunks(items, chunk_size)
     if executor is None:
         for chunk in source:
-            yield load_chunk(chunk, cfg, fast_decode)
+            yield load_chunk(chunk, cfg, fast_decode, False)
         return
     pending: deque[Future[_Chunk]] = deque()
     try:
         for chunk in source:
-            pending.append(executor.submit(load_chunk, chunk, cfg, fast_decode))
+            pending.append(executor.submit(load_chunk, chunk, cfg, fast_decode, False))
             if len(pending) >= prefetch:
                 yield _result(pending.popleft(), stats)
         while pending:
@@ -271,14 +281,19 @@ def iter_batches(
     prefetch = max(2, _PREFETCH_PER_WORKER * n_workers)
     try:
         yield from _rebatch(
-            _loaded_chunks(items, cfg, chunk_size, pool, prefetch, stats, fast_decode), batch_size, stats
+            _loaded_chunks(items, cfg, chunk_size, pool, prefetch, stats, fast_decode),
+            batch_size,
+            stats,
+            _config_from_json(json.dumps(cfg, sort_keys=True)),
         )
     finally:
         if own and pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _rebatch(chunks: Iterable[_Chunk], batch_size: int, stats: LoadStats) -> Iterator[Batch]:
+def _rebatch(chunks: Iterable[_Chunk], batch_size: int, stats: LoadStats, config: PreprocessConfig) -> Iterator[Batch]:
+    from ..image.preprocess import normalise_uint8
+
     ids: list[str] = []
     rows: list[FloatArray] = []
     sizes: list[tuple[int, int]] = []
@@ -292,8 +307,10 @@ def _rebatch(chunks: Iterable[_Chunk], batch_size: int, stats: LoadStats) -> Ite
         stats.failures += len(chunk.failures)
         failures.extend(chunk.failures)
         if chunk.ids:
+            t0 = time.perf_counter()
+            rows.append(normalise_uint8(chunk.pixels, config))  # in this process: see the module doc
+            stats.preprocess_s += time.perf_counter() - t0
             ids.extend(chunk.ids)
-            rows.append(chunk.pixels)
             sizes.extend(chunk.sizes)
             n_rows += len(chunk.ids)
         while n_rows >= batch_size:
