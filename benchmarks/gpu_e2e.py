@@ -420,8 +420,11 @@ def pipeline_row(items: list[Any], cfg: Any, batch: int, suffix: str = "") -> di
     except Exception:
         log.exception("%s: failed; row left out", name)
         return None
-    log.info("%s: %d images in %.2f s = %.0f img/s", name, stats.embedded, seconds, stats.embedded / seconds)
+    log.info("%s: %d images in %.2f s = %.0f img/s (model %.2f s, waiting for the loader %.2f s)", name,
+             stats.embedded, seconds, stats.embedded / seconds, stats.infer_s, stats.wait_s)  # fmt: skip
+    loader = {"decode_s": stats.decode_s, "preprocess_s": stats.preprocess_s, "read_s": stats.read_s}
     return {"name": name, "images": stats.embedded, "seconds": seconds, "img_per_s": stats.embedded / seconds,
+            "loader": loader, "infer_s": stats.infer_s, "wait_s": stats.wait_s,
             "_vectors": dict(zip(ids, vectors, strict=True))}  # fmt: skip
 
 
