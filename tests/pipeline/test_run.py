@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from clipengine.errors import IndexMismatchError
+from clipengine.errors import DatasetError, IndexMismatchError
+from clipengine.pipeline import sinks
 from clipengine.pipeline.run import embed_folder, run_partition
 from clipengine.pipeline.sinks import ShardSink, read_embeddings, read_failures
 from clipengine.pipeline.sources import list_items, partitions
@@ -131,3 +134,53 @@ def test_fast_decode_is_recorded_and_a_mixed_resume_refused(
     assert read_embeddings(out)[2]["fast_decode"] is True
     with pytest.raises(IndexMismatchError, match="use --fast-decode"):
         embed_folder(image_folder, out, fakes.FakeBackendFactory(), preprocess_cfg, workers=0)
+
+
+def test_file_names_that_are_not_utf8_round_trip(tmp_path: Path, preprocess_cfg, fakes) -> None:  # type: ignore[no-untyped-def]
+    root = tmp_path / "images"
+    good = fakes.write_images(root, 3)
+    raw = os.fsencode(root)
+    try:  # Linux names are bytes: os.fsdecode turns b"\xff" into the lone surrogate "\udcff"
+        os.rename(good[1], os.fsdecode(raw + b"/caf\xe9 1.jpg"))  # Latin-1, not UTF-8
+        open(os.fsdecode(raw + b"/bad\xff.jpg"), "wb").close()
+    except (OSError, UnicodeError):
+        pytest.skip("this file system only takes UTF-8 names")
+    out = tmp_path / "out"
+    stats = embed_folder(root, out, fakes.FakeBackendFactory(), preprocess_cfg, workers=0, shard_size=10)
+    assert (stats.embedded, stats.failed) == (3, 1)
+    ids, vectors, _ = read_embeddings(out)
+    assert ids == sorted(i.id for i in list_items(root) if i.id != "bad\udcff.jpg")
+    assert "caf\udce9 1.jpg" in ids and vectors.shape == (3, 8)
+    assert [f.id for f in read_failures(out)] == ["bad\udcff.jpg"]
+    again = embed_folder(root, out, fakes.FakeBackendFactory(), preprocess_cfg, workers=0, shard_size=10)
+    assert (again.shards_skipped, again.shards_written) == (1, 0)
+
+
+def test_output_of_a_crashed_rerun_is_refused_until_resumed(
+    tmp_path: Path, preprocess_cfg, fakes, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    root = tmp_path / "images"
+    fakes.write_images(root, 3)
+    out = tmp_path / "out"
+    embed_folder(root, out, fakes.FakeBackendFactory(), preprocess_cfg, workers=0, shard_size=10)
+    shutil.move(root / "img-0002.jpg", root / "img-0000a.jpg")  # same count, new order: the shard is redone
+    real = sinks.atomic_write_bytes
+
+    def crash_before_rows(path: str | Path, data: bytes) -> None:
+        if Path(path).name == "part-00000.jsonl":
+            raise KeyboardInterrupt  # killed after the new .npy, before the new .jsonl
+        real(path, data)
+
+    monkeypatch.setattr(sinks, "atomic_write_bytes", crash_before_rows)
+    with pytest.raises(KeyboardInterrupt):
+        embed_folder(root, out, fakes.FakeBackendFactory(), preprocess_cfg, workers=0, shard_size=10)
+    monkeypatch.undo()
+    # The old .jsonl (img-0000, 0001, 0002) now sits beside the new .npy (img-0000, 0000a, 0001).
+    with pytest.raises(DatasetError, match="not finished"):
+        read_embeddings(out)
+    embed_folder(root, out, fakes.FakeBackendFactory(), preprocess_cfg, workers=0, shard_size=10)
+    embed_folder(root, tmp_path / "ref", fakes.FakeBackendFactory(), preprocess_cfg, workers=0, shard_size=10)
+    ids, vectors, _ = read_embeddings(out)
+    ref_ids, ref_vectors, _ = read_embeddings(tmp_path / "ref")
+    assert ids == ref_ids == ["img-0000.jpg", "img-0000a.jpg", "img-0001.jpg"]
+    np.testing.assert_array_equal(vectors, ref_vectors)

@@ -74,3 +74,13 @@ def test_symlinked_folders_are_followed_without_looping(tmp_path: Path) -> None:
     assert ids == sorted(set(ids))
     assert {"link/a.jpg", "real/a.jpg", "x/b.png", "x/to_y/c.png", "y/c.png", "y/to_x/b.png"} <= set(ids)
     assert len(ids) < 20
+
+
+def test_file_list_lines_are_split_at_newlines_only(tmp_path: Path) -> None:
+    odd = "odd\u2028name\x85\x0c.jpg"  # str.splitlines() would cut this one name into three
+    _touch(tmp_path, odd, "b.jpg")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{odd}\r\nb.jpg\n", encoding="utf-8")
+    items = list_items(listing)
+    assert [i.id for i in items] == [odd, "b.jpg"]
+    assert all(Path(str(i.source)).is_file() for i in items)

@@ -79,8 +79,17 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
+def _json_line(row: dict[str, Any]) -> str:
+    line = json.dumps(row, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:  # a file name that is not UTF-8 (lone surrogates from os.fsdecode)
+        line = json.dumps(row)  # escaped as \udcff: valid UTF-8 that reads back to the same str
+    return line + "\n"
+
+
 def _jsonl(rows: Iterable[dict[str, Any]]) -> bytes:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    return "".join(_json_line(r) for r in rows).encode("utf-8")
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -211,10 +220,15 @@ def read_embeddings(out_dir: str | Path) -> tuple[list[str], FloatArray, dict[st
         (ids, vectors (N, D) float32, meta): meta is ``run.json`` ({} if absent).
 
     Raises:
-        DatasetError: no shards, a missing shard, or a shard whose .npy and .jsonl disagree.
+        DatasetError: an unfinished run, no shards, a missing shard, or a shard whose .npy and .jsonl
+            disagree.
     """
     out_dir = Path(out_dir)
     meta = read_run_info(out_dir) or {}
+    if meta.get("status") == "running":  # its shards may mix this run's and an older run's partitions
+        raise DatasetError(
+            f"{out_dir}: the embed run has not finished; rerun `clipengine embed` to finish it"
+        )
     shards_dir = out_dir / SHARDS_DIR
     if "partitions" in meta:
         stems = [shard_stem(i) for i in range(int(meta["partitions"]))]

@@ -87,7 +87,7 @@ def read_file_list(list_file: str | Path) -> list[ImageItem]:
     """
     list_file = Path(list_file)
     try:
-        lines = list_file.read_text(encoding="utf-8").splitlines()
+        lines = list_file.read_text(encoding="utf-8").split("\n")  # not splitlines(): names may hold U+2028
     except (OSError, UnicodeDecodeError) as e:
         raise DatasetError(f"{list_file}: cannot read file list ({e})") from e
     items: list[ImageItem] = []
