@@ -143,3 +143,25 @@ def test_damaged_or_missing_index_is_a_one_line_error(
     next(idx.glob("meta-*.jsonl")).unlink()
     code, _, err = _run(capsys, "search", idx, "img-001.jpg")
     assert code == 1 and "meta file" in err and "is missing" in err and len(err.strip().splitlines()) == 1
+
+
+def test_build_keeps_sizes_of_names_with_unicode_line_separators(
+    folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    odd = "odd\u2028name\x85 \u00e9.jpg"  # splitlines() breaks at U+2028 and NEL; JSON keeps them raw
+    (folder / "img-003.jpg").rename(folder / odd)
+    emb, idx = tmp_path / "emb", tmp_path / "p.index"
+    code, _, err = _run(
+        capsys, "embed", folder, "-o", emb, "--model", "fake", "--workers", "0", "--no-progress"
+    )
+    assert code == 0, err
+    code, _, err = _run(capsys, "index", "build", emb, "-o", idx)
+    assert code == 0, err
+    from PIL import Image
+
+    from clipengine.index import Index
+
+    with Image.open(folder / odd) as im:
+        size = im.size
+    index = Index.load(idx)
+    assert odd in index and index.size_of(odd) == size

@@ -94,6 +94,12 @@ def test_crash_during_first_save_leaves_nothing_under_the_name(
             ),
             "metadata row without an 'id'",
         ),
+        (
+            lambda p: (p / "meta-000001.jsonl").write_bytes(
+                b"\xff" + (p / "meta-000001.jsonl").read_bytes()[1:]
+            ),
+            "meta-000001.jsonl is not UTF-8",
+        ),
     ],
     ids=[
         "meta-missing",
@@ -102,6 +108,7 @@ def test_crash_during_first_save_leaves_nothing_under_the_name(
         "header-corrupt",
         "vectors-truncated",
         "meta-bad",
+        "meta-not-utf8",
     ],
 )
 def test_damaged_index_gives_a_clear_error(saved: Path, damage, message: str) -> None:  # type: ignore[no-untyped-def]
@@ -143,3 +150,11 @@ def test_load_racing_a_save_reads_the_new_generation(saved: Path, monkeypatch: p
     monkeypatch.setattr(store, "read_meta", read_meta_while_another_process_saves)
     index = Index.load(saved)
     assert len(index) == 3 and calls == [1]
+
+
+def test_ids_and_roots_that_are_not_utf8_round_trip(tmp_path: Path, vectors: np.ndarray) -> None:
+    ids = ["bad\udcff.jpg", "caf\u00e9 \u2028\n.jpg"]  # os.fsdecode of a Latin-1 name; odd but valid UTF-8
+    roots = [str(tmp_path / "ph\udce9otos")]
+    path = Index.build(ids, vectors[:2], model="fake", image_roots=roots).save(tmp_path / "p.index")
+    loaded = Index.load(path)
+    assert loaded.ids == ids and loaded.image_roots == roots

@@ -30,7 +30,9 @@ def _sizes(embed_dir: Path, ids: list[str]) -> list[tuple[int, int] | None]:
     for rows in sorted((embed_dir / "shards").glob("part-*.jsonl")):
         if rows.name.endswith(".failures.jsonl"):
             continue
-        for line in rows.read_text(encoding="utf-8").splitlines():
+        for line in rows.read_text(encoding="utf-8").split("\n"):  # not splitlines(): ids may hold U+2028
+            if not line:
+                continue
             r = json.loads(line)
             if r.get("width") is not None and r.get("height") is not None:
                 found[r["path"]] = (int(r["width"]), int(r["height"]))

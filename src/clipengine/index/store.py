@@ -72,8 +72,19 @@ def _write_text(text: str) -> Callable[[Path], None]:
     return write
 
 
+def _dumps(obj: Any, **kwargs: Any) -> str:
+    """JSON with non-ASCII text as is, unless it holds a name that is not UTF-8 (lone surrogates
+    from os.fsdecode): that one is escaped (\\udcff), which reads back to the same str."""
+    text = json.dumps(obj, ensure_ascii=False, **kwargs)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(obj, **kwargs)
+    return text
+
+
 def _meta_lines(rows: Iterator[dict[str, Any]]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n" for r in rows)
+    return "".join(_dumps(r, separators=(",", ":")) + "\n" for r in rows)
 
 
 def _check_target(root: Path) -> None:
@@ -124,9 +135,7 @@ def write_generation(
             "files": files,
             "sizes": sizes,
         }
-        _write_atomic(
-            workdir / HEADER_NAME, _write_text(json.dumps(header, indent=2, ensure_ascii=False) + "\n")
-        )
+        _write_atomic(workdir / HEADER_NAME, _write_text(_dumps(header, indent=2) + "\n"))
         if fresh:
             os.rename(workdir, root)  # fails (and we clean up) if someone created `root` meanwhile
     except BaseException:
@@ -200,21 +209,25 @@ def read_meta(root: Path, header: dict[str, Any]) -> list[dict[str, Any]]:
     """The metadata rows named by `header`, one per vector.
 
     Raises:
-        IndexFileError: a malformed row, a row without "id", or a row count different from the header's.
+        IndexFileError: a file that is not UTF-8, a malformed row, a row without "id", or a row count
+            different from the header's.
     """
     path = Path(root) / header["files"]["meta"]
     rows: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise IndexFileError(
-                    f"{path}:{lineno}: malformed metadata row ({e}); rebuild the index"
-                ) from e
-            if not isinstance(row, dict) or "id" not in row:
-                raise IndexFileError(f"{path}:{lineno}: metadata row without an 'id'; rebuild the index")
-            rows.append(row)
+    try:
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    raise IndexFileError(
+                        f"{path}:{lineno}: malformed metadata row ({e}); rebuild the index"
+                    ) from e
+                if not isinstance(row, dict) or "id" not in row:
+                    raise IndexFileError(f"{path}:{lineno}: metadata row without an 'id'; rebuild the index")
+                rows.append(row)
+    except UnicodeDecodeError as e:  # bytes changed in place: the size check in read_header passes
+        raise IndexFileError(f"{path} is not UTF-8 ({e}); the index is corrupted, rebuild it") from e
     if len(rows) != header["count"]:
         raise IndexFileError(
             f"{path} has {len(rows)} rows, header says {header['count']}; the index is inconsistent, rebuild it"
