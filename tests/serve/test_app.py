@@ -401,3 +401,67 @@ def test_unreadable_or_huge_index_files_are_404_not_500(make_client: Any, image_
     assert "exceeds" in _error(c.get("/v1/thumbnails/img0.png"), 404, "not_found")
     (image_root / "img1.png").write_bytes(b"corrupted after indexing")
     _error(make_client().get("/v1/thumbnails/img1.png"), 404, "not_found")
+
+
+# ---- hostile requests ----------------------------------------------------------------------------
+def _raw_json(c: Any, route: str, body: bytes, content_type: str = "application/json") -> Any:
+    return c.post(route, content=body, headers={"content-type": content_type})
+
+
+_IMG = b'"' + _b64(png_bytes(1)).encode() + b'"'
+
+
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        ("/v1/embeddings/texts", b'{"texts": ["a", "\\ud800"]}'),
+        ("/v1/search", b'{"text": "\\udc80"}'),
+        ("/v1/classify", b'{"images": [' + _IMG + b'], "labels": ["\\ud800", "b"]}'),
+        ("/v1/classify", b'{"images": [' + _IMG + b'], "labels": ["a"], "templates": ["\\udfff {}"]}'),
+    ],
+    ids=["texts", "search", "label", "template"],
+)
+def test_lone_surrogates_in_text_are_422_not_500(make_client: Any, route: str, body: bytes) -> None:
+    # Valid JSON escapes, but not Unicode text: no UTF-8 encoding exists for the model or the answer.
+    message = _error(_raw_json(make_client(), route, body), 422, "invalid_request")
+    assert "unicode" in message.lower()
+
+
+@pytest.mark.parametrize(
+    "route", ["/v1/embeddings/texts", "/v1/embeddings/images", "/v1/classify", "/v1/search"]
+)
+def test_deeply_nested_or_undecodable_json_is_422_invalid_json(make_client: Any, route: str) -> None:
+    c = make_client()
+    _error(_raw_json(c, route, b"[" * 50_000 + b"]" * 50_000), 422, "invalid_json")  # RecursionError
+    _error(_raw_json(c, route, b'{"texts": ["\xff\xfe"]}'), 422, "invalid_json")  # not UTF-8
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "", "multipart/form-data; boundary=x"]
+)
+def test_texts_with_a_non_json_content_type_is_415(make_client: Any, content_type: str) -> None:
+    # curl -d '{"texts": [...]}' sends application/x-www-form-urlencoded: say so, not "not a dictionary".
+    r = _raw_json(make_client(), "/v1/embeddings/texts", b'{"texts": ["a"]}', content_type)
+    assert "application/json" in _error(r, 415, "unsupported_media_type")
+
+
+def test_a_files_part_without_a_filename_is_named_as_such(make_client: Any) -> None:
+    # curl -F 'files=<cat.jpg' sends the bytes as a text field: "unknown field 'files'" would mislead.
+    c = make_client()
+    body = (
+        b'--XyZ\r\nContent-Disposition: form-data; name="files"\r\n\r\n' + png_bytes(1) + b"\r\n--XyZ--\r\n"
+    )
+    headers = {"content-type": "multipart/form-data; boundary=XyZ"}
+    for route in ("/v1/embeddings/images", "/v1/classify", "/v1/search"):
+        message = _error(c.post(route, content=body, headers=headers), 422, "invalid_request")
+        assert "files" in message and "file upload" in message and "unknown" not in message, message
+
+
+def test_made_up_http_methods_do_not_grow_the_metrics(make_client: Any) -> None:
+    c = make_client()
+    for i in range(20):
+        assert c.request(f"BREW{i}", "/v1/search").status_code == 405
+        assert c.request(f"BREW{i}", "/no/such/route").status_code == 404
+    text = c.get("/metrics").text
+    assert "BREW" not in text
+    assert 'clipengine_http_requests_total{method="other",route="unmatched",status="404"} 20' in text

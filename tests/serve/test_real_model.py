@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,6 +15,8 @@ from clipengine.errors import IndexMismatchError
 from clipengine.serve import ServeSettings, create_app
 
 from .conftest import png_bytes
+
+BAD_DIR = Path(__file__).parents[1] / "data" / "bad"
 
 
 def test_real_model_routes_match_the_library(tiny_clip: Any, tiny_index: Any, clip_png: Any) -> None:
@@ -75,3 +78,33 @@ def test_index_from_another_model_is_refused(tiny_clip: Any, tiny_index: Any) ->
     tiny_index.model = "some-other-model"
     with pytest.raises(IndexMismatchError, match="some-other-model"):
         create_app(tiny_clip, tiny_index)
+
+
+# What each awkward sample in tests/data/bad must get from the real decoder: 200 or a JSON 4xx, never a 500.
+BAD_SAMPLES = {
+    "animated.gif": 200,
+    "bomb.png": 413,
+    "bomb_warning_range.png": 413,
+    "cmyk.jpg": 200,
+    "corrupt_exif.jpg": 200,  # unreadable metadata never fails the pixels (Pillow warns; -W error here)
+    "empty.jpg": 400,
+    "exif_rotated.jpg": 200,
+    "gray16.png": 200,
+    "gray_alpha.png": 200,
+    "palette_transparency.png": 200,
+    "text.jpg": 400,
+    "truncated.jpg": 400,
+    "truncated.png": 400,
+}
+
+
+def test_every_bad_sample_is_served_or_refused_with_a_4xx(tiny_clip: Any, tiny_index: Any) -> None:
+    assert sorted(BAD_SAMPLES) == sorted(p.name for p in BAD_DIR.iterdir() if p.suffix != ".py")
+    app = create_app(tiny_clip, tiny_index, ServeSettings(max_wait_ms=1))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        for name, status in BAD_SAMPLES.items():
+            files = [("files", (name, (BAD_DIR / name).read_bytes(), "application/octet-stream"))]
+            r = client.post("/v1/embeddings/images", files=files)
+            assert r.status_code == status, (name, r.text)
+            if status != 200:
+                assert name in r.json()["error"]["message"], r.text

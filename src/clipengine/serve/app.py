@@ -165,9 +165,15 @@ def _add_routes(app: FastAPI, s: ApiHandlers) -> None:
         response_model=EmbeddingsResponse,
         responses=_ERRORS,
         summary="Embed texts.",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": TextsRequest.model_json_schema()}},
+            }
+        },
     )
-    async def embed_texts(body: TextsRequest) -> JSONResponse:
-        return await s.embed_texts(body)
+    async def embed_texts(request: Request) -> JSONResponse:
+        return await s.embed_texts(request)
 
     @app.post(
         "/v1/classify",

@@ -66,6 +66,13 @@ class ApiHandlers:
         if len(texts) > limit:
             raise ApiError(422, "too_many_texts", f"{field}: {len(texts)} items, at most {limit} allowed")
         for i, text in enumerate(texts):
+            if not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as e:  # a lone surrogate: a valid JSON escape, not Unicode text
+                    raise ApiError(
+                        422, "invalid_request", f"{field}[{i}]: not valid Unicode text ({e.reason})"
+                    ) from e
             if len(text) > self.settings.max_text_chars:
                 raise ApiError(
                     422,
@@ -96,6 +103,12 @@ class ApiHandlers:
             files: list[Any] = []
             fields: dict[str, list[Any]] = {}
             for key, value in form.multi_items():
+                if isinstance(value, str) and key == "files":  # a part without a filename
+                    raise ApiError(
+                        422,
+                        "invalid_request",
+                        "files: expected a file upload (a part with a filename), got a text field",
+                    )
                 if isinstance(value, str):
                     fields.setdefault(key, []).append(value)
                 else:
@@ -131,8 +144,14 @@ class ApiHandlers:
         ]
         return self._embeddings(data, started)
 
-    async def embed_texts(self, body: TextsRequest) -> JSONResponse:
+    async def embed_texts(self, request: Request) -> JSONResponse:
         started = time.perf_counter()
+        if not self.is_json(request):
+            ctype = request.headers.get("content-type", "")
+            raise ApiError(
+                415, "unsupported_media_type", f"content type {ctype or '(none)'!r}: send application/json"
+            )
+        body: TextsRequest = await parse_json_body(request, TextsRequest)
         self.check_texts(body.texts, "texts", self.settings.max_texts)
         vectors = await self.timed(self.service.embed_texts(body.texts))
         return self._embeddings(

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..image.decode import _quiet_pil
 from .http_errors import ApiError
 
 __all__ = [
@@ -58,7 +59,9 @@ def check_image_header(image: NamedImage, max_pixels: int) -> None:
     if not image.data:
         raise ApiError(400, "invalid_image", f"{image.name}: empty file")
     try:
-        with Image.open(io.BytesIO(image.data)) as probe:
+        # Quiet as the decoder is: Pillow's "Corrupt EXIF data" UserWarning from the JPEG header must
+        # not fail the request under -W error (the pixels are fine); bombs are judged by size below.
+        with _quiet_pil(), Image.open(io.BytesIO(image.data)) as probe:
             width, height = probe.size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         # Pillow's own guard fired first; the warning arrives as an exception when warnings are errors.
@@ -120,6 +123,8 @@ async def parse_json_body(request: Request, model: type[BaseModel]) -> Any:
         payload = await request.json()
     except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError
         raise ApiError(422, "invalid_json", f"request body is not valid JSON ({e})") from e
+    except RecursionError as e:  # "[[[[...": nested deeper than the JSON decoder can recurse
+        raise ApiError(422, "invalid_json", "request body is not valid JSON (nested too deeply)") from e
     try:
         return model.model_validate(payload)
     except ValidationError as e:

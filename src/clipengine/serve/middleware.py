@@ -16,6 +16,10 @@ from .metrics import ServeMetrics
 
 __all__ = ["ApiKeyMiddleware", "BodyLimitMiddleware", "RequestTracker", "TrackingMiddleware"]
 
+# Metric label values for the method: clients can send any token as a method, so anything else is
+# counted as "other" (one new series per made-up method would grow the registry without bound).
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
 
 async def _send_json(
     send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
@@ -110,6 +114,7 @@ class TrackingMiddleware:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"  # never the raw path: bounded labels
             method = scope.get("method", "GET")
+            method = method if method in _METHODS else "other"
             self.metrics.requests.inc(method=method, route=template, status=str(status["code"]))
             self.metrics.latency.observe(time.perf_counter() - started, method=method, route=template)
 
