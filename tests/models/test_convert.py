@@ -66,6 +66,13 @@ def test_shape_mismatch_is_named(tiny_model: CLIP) -> None:
         check_state_dict(tiny_model, state, "x.pt")
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.complex64])
+def test_non_float_tensor_is_named(tiny_model: CLIP, dtype: torch.dtype) -> None:
+    state = {**tiny_model.state_dict(), "ln_final.bias": torch.zeros(64, dtype=dtype)}
+    with pytest.raises(CheckpointError, match=r"dtype mismatches: ln_final\.bias: checkpoint torch\."):
+        check_state_dict(tiny_model, state, "x.pt")
+
+
 def test_nothing_is_copied_when_the_check_fails(tiny_config: CLIPConfig, tiny_model: CLIP) -> None:
     target = build_model(tiny_config)
     before = target.ln_final.weight.clone()

@@ -147,6 +147,46 @@ def test_garbage_file_is_a_checkpoint_error(tmp_path: Path, content: bytes) -> N
         load_model(path)
 
 
+@pytest.mark.parametrize("cut", [0, 4, 100, -100])
+def test_unreadable_safetensors_is_a_checkpoint_error(tmp_path: Path, tiny_model: CLIP, cut: int) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, str(tmp_path / "full.safetensors"))
+    (tmp_path / "bad.safetensors").write_bytes((tmp_path / "full.safetensors").read_bytes()[:cut])
+    with pytest.raises(CheckpointError, match=r"bad\.safetensors: not a readable checkpoint"):
+        load_model(tmp_path / "bad.safetensors")
+
+
+def test_integer_safetensors_is_a_checkpoint_error(tmp_path: Path, tiny_model: CLIP) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.to(torch.int32).contiguous() for k, v in tiny_model.state_dict().items()}
+    save_file(state, str(tmp_path / "int.safetensors"))
+    with pytest.raises(CheckpointError, match=r"int\.safetensors does not fit .*dtype mismatches"):
+        load_model(tmp_path / "int.safetensors", arch=tiny_model.config)
+
+
+@pytest.mark.parametrize(
+    ("file", "content"),
+    [
+        ("config.json", b"\xff\xfe\x00 not text"),
+        ("config.json", b"{}"),
+        ("config.json", b'{"embed_dim": "wide", "vision": {}, "text": {}}'),
+        ("config.json", b'{"vision_config": null, "text_config": null}'),
+        ("open_clip_config.json", b'{"model_cfg": {}}'),
+        ("open_clip_config.json", b'{"model_cfg": null}'),
+        ("open_clip_config.json", b"\xff\xfe"),
+    ],
+)
+def test_damaged_folder_config_is_a_checkpoint_error(
+    tmp_path: Path, tiny_model: CLIP, file: str, content: bytes
+) -> None:
+    folder = save_model(tiny_model, tmp_path / "damaged-model")
+    (folder / file).write_bytes(content)
+    with pytest.raises(CheckpointError, match="damaged-model"):
+        load_model(folder)
+
+
 def test_folder_without_config_says_what_it_expected(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"no config\.json or open_clip_config\.json"):
         load_model(tmp_path)

@@ -74,7 +74,8 @@ def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], 
     """Compare every key and shape of `state` with `model`; raise before anything is copied.
 
     Raises:
-        CheckpointError: naming missing keys, unexpected keys and shape mismatches (up to 8 each).
+        CheckpointError: naming missing keys, unexpected keys, shape mismatches and non-float
+            tensors where the model holds floats (up to 8 each).
     """
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
@@ -84,6 +85,11 @@ def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], 
         for k in set(expected) & set(state)
         if tuple(state[k].shape) != expected[k]
     )
+    wrong_dtype = sorted(  # an int / bool / complex tensor where the model holds floats
+        f"{k}: checkpoint {state[k].dtype}, model needs floating point"
+        for k, v in model.state_dict().items()
+        if k in state and v.is_floating_point() and not state[k].is_floating_point()
+    )
     problems = []
     if missing:
         problems.append(f"missing keys: {_fmt(missing)}")
@@ -91,6 +97,8 @@ def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], 
         problems.append(f"unexpected keys: {_fmt(unexpected)}")
     if mismatched:
         problems.append(f"shape mismatches: {_fmt(mismatched)}")
+    if wrong_dtype:
+        problems.append(f"dtype mismatches: {_fmt(wrong_dtype)}")
     if problems:
         raise CheckpointError(f"{source} does not fit {_arch_label(model)}: " + "; ".join(problems))
 
@@ -253,7 +261,7 @@ def config_from_hf(hf: Mapping[str, Any], name: str = "custom") -> CLIPConfig:
             quick_gelu=acts == {"quick_gelu"},
             name=name,
         )
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{name}: config.json is not a transformers CLIPConfig ({e!r})") from e
 
 

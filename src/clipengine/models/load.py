@@ -169,9 +169,14 @@ def read_checkpoint(path: Path) -> tuple[StateDict, bool]:
     """
     try:
         if path.suffix == ".safetensors":
+            from safetensors import SafetensorError
             from safetensors.torch import load_file
 
-            return unwrap_state_dict(load_file(str(path))), False
+            try:
+                tensors = load_file(str(path))
+            except SafetensorError as e:  # empty, truncated or not a safetensors file
+                raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(e)})") from e
+            return unwrap_state_dict(tensors), False
         if _is_torchscript(path):
             archive = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
             raw: Any = archive.state_dict()
@@ -209,7 +214,7 @@ def _load_file(path: Path, hints: _Hints, preprocess: PreprocessConfig | None) -
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8, or not JSON
         raise CheckpointError(f"{path}: unreadable JSON ({e})") from e
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
@@ -228,7 +233,7 @@ def _load_folder(folder: Path, hints: _Hints, spec: ModelSpec, tag: str | None =
     config = _read_json(config_path)
     if "vision_config" in config:
         return _load_hf_folder(folder, config, hints)
-    cfg = CLIPConfig.from_dict(config, name=config.get("name") or folder.name)
+    cfg = _config(config_path, config, config.get("name") or folder.name)
     if hints.quick_gelu is not None:
         cfg = cfg.with_quick_gelu(hints.quick_gelu)
     preprocess = _preprocess(config_path, config["preprocess"]) if "preprocess" in config else None
@@ -238,6 +243,13 @@ def _load_folder(folder: Path, hints: _Hints, spec: ModelSpec, tag: str | None =
     preprocess = preprocess or PreprocessConfig(image_size=cfg.vision.image_size)
     name = spec.name if spec.kind == "registry" else cfg.name
     return LoadedModel(module, cfg, preprocess, name, tag, str(folder))
+
+
+def _config(path: Path, values: dict[str, Any], name: str) -> CLIPConfig:
+    try:
+        return CLIPConfig.from_dict(values, name=name)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: bad architecture settings ({e!r})") from e
 
 
 def _existing(*candidates: Path) -> Path:
@@ -250,7 +262,9 @@ def _existing(*candidates: Path) -> Path:
 def _load_open_clip_folder(folder: Path, hints: _Hints) -> LoadedModel:
     meta = _read_json(folder / _OPEN_CLIP_CONFIG)
     model_cfg = meta.get("model_cfg", meta)
-    cfg = hints.arch or CLIPConfig.from_dict(model_cfg, name=folder.name.split("--")[-1])
+    if not isinstance(model_cfg, dict):
+        raise CheckpointError(f"{folder / _OPEN_CLIP_CONFIG}: model_cfg is not a JSON object")
+    cfg = hints.arch or _config(folder / _OPEN_CLIP_CONFIG, model_cfg, folder.name.split("--")[-1])
     quick = hints.quick_gelu if hints.quick_gelu is not None else bool(model_cfg.get("quick_gelu", False))
     pp = meta.get("preprocess_cfg", {})
     pp = {"image_size": cfg.vision.image_size, **{k: v for k, v in pp.items() if k in _PP_KEYS}}
