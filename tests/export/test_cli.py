@@ -28,6 +28,25 @@ def test_bad_precision_is_a_usage_error(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "int4" in result.output
 
 
+@pytest.mark.parametrize(
+    ("option", "exists"), [("--output", True), ("--sample-dir", True), ("--sample-dir", False)]
+)
+def test_bad_output_or_sample_dir_is_a_usage_error(tmp_path: Path, tiny_model, tiny_config, monkeypatch, option: str, exists: bool) -> None:  # type: ignore[no-untyped-def]
+    """A file where a folder belongs, or a missing sample folder: exit 2 naming it, not a traceback."""
+    from clipengine.image.preprocess import PreprocessConfig
+    from clipengine.models import load
+
+    monkeypatch.setattr(load, "load_model", lambda *a, **k: load.LoadedModel(
+        tiny_model, tiny_config, PreprocessConfig(image_size=32), "tiny-vit", None, "mem"))
+    path = tmp_path / "given"
+    if exists:
+        path.write_text("a file, not a folder")
+    args = {"--output": str(tmp_path / "out"), option: str(path)}
+    result = CliRunner().invoke(app, ["export", "tiny-vit", "--dynamic", *[x for kv in args.items() for x in kv]])
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "given" in result.output and not (tmp_path / "out").exists()
+
+
 def test_export_command_prints_progress_and_summary(tmp_path: Path, tiny_model, tiny_config, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from clipengine.image.preprocess import PreprocessConfig
     from clipengine.models import load

@@ -78,6 +78,29 @@ def test_bad_manifests_raise_backend_error(tmp_path: Path, content: str | None, 
         read_manifest(tmp_path)
 
 
+def _edited(**changes: object) -> bytes:
+    data = _manifest().to_dict()
+    data.update(changes)
+    return json.dumps(data).encode()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'"a manifest"',
+        b"\xff\xfe\x00 binary garbage",
+        _edited(format_version="2"),
+        _edited(format_version=None),
+        _edited(engines=["image_fp32_dyn.onnx"]),
+        _edited(engines=[{**_manifest().to_dict()["engines"][0], "runtime_parity": ["openvino"]}]),
+    ],
+)
+def test_damaged_manifests_raise_backend_error(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "manifest.json").write_bytes(content)
+    with pytest.raises(BackendError, match="not a valid clipengine export manifest"):
+        read_manifest(tmp_path)
+
+
 def test_newer_format_asks_for_upgrade(tmp_path: Path) -> None:
     data = _manifest().to_dict()
     data["format_version"] = 99

@@ -187,3 +187,23 @@ def test_re_export_replaces_engines_of_the_previous_export(tmp_path: Path, tiny_
     assert {p.name for p in folder.iterdir()} == {
         "manifest.json", "image_fp32_dyn.onnx", "text_fp32_dyn.onnx", "notes.txt"
     }
+
+
+@pytest.mark.parametrize("bad_input", ["calibration", "samples"])
+def test_bad_calibration_or_sample_images_keep_the_previous_export(tmp_path: Path, tiny_model, bad_input: str) -> None:  # type: ignore[no-untyped-def]
+    """Inputs are checked before anything in the folder changes: a failed re-export leaves a usable one."""
+    from clipengine.errors import ClipEngineError
+    from clipengine.export.manifest import Manifest, write_manifest
+
+    out = tmp_path / "export"
+    out.mkdir()
+    previous = Manifest(model="tiny-vit", pretrained=None, architecture={}, preprocess={}, context_length=77,
+                        logit_scale=100.0, embed_dim=32, image_size=32, engines=[])
+    write_manifest(previous, out)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    kwargs = ({"calibration_images": tmp_path / "empty", "precisions": ("int8",)} if bad_input == "calibration"
+              else {"sample_images_from": [tmp_path / "bad.png"]})
+    with pytest.raises(ClipEngineError):
+        onnx_export.export_model(tiny_model, out, image_batches=None, text_batches=None, **kwargs)
+    assert read_manifest(out) == previous

@@ -64,7 +64,7 @@ def format_summary(manifest: Manifest) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
-_OUTPUT = typer.Option(..., "--output", "-o", help="Export folder, e.g. models/ViT-B-32/.")
+_OUTPUT = typer.Option(..., "--output", "-o", file_okay=False, help="Export folder, e.g. models/ViT-B-32/.")
 _PRETRAINED = typer.Option(None, "--pretrained", help="Weights tag, e.g. openai.")
 _CHECKPOINT = typer.Option(None, "--checkpoint", help="Checkpoint file instead of MODEL's weights.")
 _PRECISION = typer.Option("fp32", "--precision", help="Comma list of fp32, fp16, int8, int8w (int8 weights only).")
@@ -75,7 +75,7 @@ _SPLIT = typer.Option(
     False, "--split-text-projection", help="Text graph outputs token states; projection saved as .npy."
 )
 _CALIBRATION = typer.Option(None, "--calibration-dir", help="Images for static INT8 (default: dynamic INT8).")
-_SAMPLES = typer.Option(None, "--sample-dir", help="Extra images to verify parity on.")
+_SAMPLES = typer.Option(None, "--sample-dir", exists=True, file_okay=False, help="Extra images to verify parity on.")
 _NO_VERIFY = typer.Option(False, "--no-verify", help="Skip parity checks (not recommended).")
 _DOWNLOAD = typer.Option(False, "--download", help="Allow downloading missing weights.")
 

@@ -193,8 +193,12 @@ def read_manifest(folder: str | Path) -> Manifest:
         raise BackendError(f"{path}: no export manifest here; create one with `clipengine export`")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise TypeError(f"expected a JSON object, got a JSON {type(data).__name__}")
         manifest = Manifest.from_dict(data)
-    except (json.JSONDecodeError, TypeError, KeyError) as e:
+        if not isinstance(manifest.format_version, int):
+            raise TypeError(f"format_version must be an integer, got {manifest.format_version!r}")
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # ValueError: not UTF-8 / not JSON
         raise BackendError(f"{path}: not a valid clipengine export manifest ({e})") from e
     if manifest.format_version > MANIFEST_VERSION:
         raise BackendError(

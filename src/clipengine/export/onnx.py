@@ -248,11 +248,7 @@ def export_model(
     model = copy.deepcopy(module).float().eval()
     cfg = model.config
     pre = preprocess_cfg or PreprocessConfig(image_size=cfg.vision.image_size)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    previous = _listed_files(out)
-    (out / MANIFEST_FILE).unlink(missing_ok=True)  # a half-rewritten folder must not look complete
-
+    # Sample and calibration images first: a bad one fails the export before the folder changes.
     samples: dict[str, np.ndarray] = {"image": sample_images(pre, sample_images_from), "text": sample_texts(cfg.text.context_length)}
     with torch.no_grad():
         reference: dict[str, np.ndarray] = {
@@ -262,6 +258,10 @@ def export_model(
     calibration: dict[str, np.ndarray | None] = {"image": _calibration_pixels(calibration_images, pre), "text": None}
     if calibration["image"] is not None:
         calibration["text"] = calibration_texts(cfg.text.context_length)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    previous = _listed_files(out)
+    (out / MANIFEST_FILE).unlink(missing_ok=True)  # a half-rewritten folder must not look complete
     projection: dict[str, Any] | None = None
     if split_text_projection:
         w, d = model.text_projection.shape
