@@ -113,6 +113,9 @@ def test_bad_options_are_usage_errors(folder: Path, tmp_path: Path, fake_load, c
     assert threads_alone.exit_code == 2 and "--gpu-read-threads needs --gpu-decode" in threads_alone.output
     zero_threads = runner.invoke(app, ["embed", str(folder), "-o", out, "--gpu-decode", "--gpu-read-threads", "0"])
     assert zero_threads.exit_code == 2
+    (tmp_path / "a-file").write_text("not a folder")
+    output_file = runner.invoke(app, ["embed", str(folder), "-o", str(tmp_path / "a-file")])
+    assert output_file.exit_code == 2 and "a-file" in output_file.output
     assert fake_load == []  # nothing loaded for invalid input
 
 

@@ -93,6 +93,27 @@ def test_missing_dataset_is_one_line_error(tmp_path: Path, capsys: pytest.Captur
     assert code == 1 and err.startswith("error: no CIFAR data under") and err.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["zeroshot", "--batch", "0"],
+        ["zeroshot", "--batch", "-1"],  # ran and reported a wrong accuracy
+        ["zeroshot", "--limit", "-1"],  # ran on all but the last image
+        ["zeroshot", "--out", "A_FILE"],
+        ["linear-probe", "--batch", "0"],
+        ["linear-probe", "--C", "0"],
+        ["linear-probe", "--C", "-1"],
+    ],
+)
+def test_bad_numbers_or_report_file_are_usage_errors(tmp_path: Path, extra: list[str]) -> None:
+    (tmp_path / "A_FILE").write_text("not a folder")
+    extra = [str(tmp_path / "A_FILE") if x == "A_FILE" else x for x in extra]
+    args = ["eval", extra[0], "-d", "folder", "--root", str(tmp_path / "no-data"), "-m", str(TINY_SYNTH)]
+    result = CliRunner().invoke(app, [*args, *extra[1:]])
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert extra[1] in result.output
+
+
 def test_download_data_offline_says_so_in_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

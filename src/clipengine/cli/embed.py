@@ -35,7 +35,9 @@ def _run_engine(
 
 
 _SOURCE_ARG = typer.Argument(..., help="Folder (walked recursively) or text file with one path per line.")
-_OUTPUT_OPT = typer.Option(..., "--output", "-o", help="Output folder (shards, failures, run.json).")
+_OUTPUT_OPT = typer.Option(
+    ..., "--output", "-o", file_okay=False, help="Output folder (shards, failures, run.json)."
+)
 FAST_DECODE_OPT = typer.Option(
     False,
     "--fast-decode",

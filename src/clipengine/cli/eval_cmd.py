@@ -18,7 +18,9 @@ _MODEL = typer.Option(
 )
 _DATASET = typer.Option("--dataset", "-d", help="cifar10 | cifar100 | imagenet | folder (any ImageFolder).")
 _ROOT = typer.Option("--root", help="Dataset location (the folder holding cifar-10-batches-py/, val/, ...).")
-_OUT = typer.Option("--out", "-o", help="Report folder: <name>.json, <name>.md, <name>_per_class.png.")
+_OUT = typer.Option(
+    "--out", "-o", file_okay=False, help="Report folder: <name>.json, <name>.md, <name>_per_class.png."
+)
 
 
 def _load(model: str, precision: str, device: str, download: bool) -> ClipModel:
@@ -83,8 +85,8 @@ def register(app: typer.Typer) -> None:
             str, typer.Option(help="fp32 | fp16 | bf16 | int8 (what the backend supports).")
         ] = "fp32",
         device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N.")] = "cpu",
-        batch: Annotated[int, typer.Option(help="Images per batch.")] = 64,
-        limit: Annotated[int | None, typer.Option(help="Evaluate only the first N images.")] = None,
+        batch: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 64,
+        limit: Annotated[int | None, typer.Option(min=1, help="Evaluate only the first N images.")] = None,
         out: Annotated[Path, _OUT] = Path("eval_reports"),
         download: Annotated[bool, typer.Option("--download", help="Download missing weights.")] = False,
     ) -> None:
@@ -125,8 +127,10 @@ def register(app: typer.Typer) -> None:
         ] = 0.316,
         precision: Annotated[str, typer.Option(help="fp32 | fp16 | bf16 | int8.")] = "fp32",
         device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N.")] = "cpu",
-        batch: Annotated[int, typer.Option(help="Images per batch.")] = 64,
-        limit: Annotated[int | None, typer.Option(help="Use only the first N train and test images.")] = None,
+        batch: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 64,
+        limit: Annotated[
+            int | None, typer.Option(min=1, help="Use only the first N train and test images.")
+        ] = None,
         out: Annotated[Path, _OUT] = Path("eval_reports"),
         download: Annotated[bool, typer.Option("--download", help="Download missing weights.")] = False,
     ) -> None:
@@ -134,6 +138,8 @@ def register(app: typer.Typer) -> None:
         from ..eval.linear_probe import evaluate_linear_probe
         from ..eval.report import write_report
 
+        if not c > 0:
+            raise typer.BadParameter(f"must be a positive number, got {c}", param_hint="--C")
         train = _dataset(dataset, root, "train", None, None, limit)
         test = _dataset(dataset, root, "test", None, None, limit)
         clip = _load(model, precision, device, download)
