@@ -205,3 +205,102 @@ def test_prompt_sets_from_bundled_and_user_json(tmp_path: Path) -> None:
 def test_unknown_dataset_lists_choices(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="cifar10, cifar100, imagenet, folder"):
         datasets.load_dataset("mnist", tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("layout", "meta_file", "batch_file", "loader"),
+    [
+        ("cifar-10-batches-py", "batches.meta", "test_batch", datasets.load_cifar10),
+        ("cifar-100-python", "meta", "test", datasets.load_cifar100),
+    ],
+)
+def test_cifar_files_of_the_other_dataset_are_dataset_errors(  # type: ignore[no-untyped-def]
+    tmp_path: Path, cifar10_root: Path, cifar100_root: Path, layout, meta_file, batch_file, loader
+) -> None:
+    """CIFAR-100 pickles under the CIFAR-10 names (and the reverse) name the file and the missing key."""
+    other = {
+        "cifar-10-batches-py": (cifar100_root / "cifar-100-python", "meta", "test"),
+        "cifar-100-python": (cifar10_root / "cifar-10-batches-py", "batches.meta", "test_batch"),
+    }[layout]
+    d = tmp_path / layout
+    d.mkdir()
+    (d / meta_file).write_bytes((other[0] / other[1]).read_bytes())
+    with pytest.raises(DatasetError, match=rf"{meta_file}: no b'\w+_names' key"):
+        loader(tmp_path)
+    own = cifar10_root / "cifar-10-batches-py" if layout.startswith("cifar-10-") else cifar100_root / layout
+    (d / meta_file).write_bytes((own / meta_file).read_bytes())
+    (d / batch_file).write_bytes((other[0] / other[2]).read_bytes())
+    with pytest.raises(DatasetError, match=rf"{batch_file}: no b'\w*labels' key"):
+        loader(tmp_path)
+    (d / batch_file).write_bytes(pickle.dumps({b"labels": [1], b"fine_labels": [1]}))
+    with pytest.raises(DatasetError, match=rf"{batch_file}: no b'data' key"):
+        loader(tmp_path)
+    rows = np.full((1, 3072), 300)  # not uint8 pixel values
+    (d / batch_file).write_bytes(pickle.dumps({b"labels": ["x"], b"fine_labels": ["x"], b"data": rows}))
+    with pytest.raises(DatasetError, match=batch_file):
+        loader(tmp_path)
+
+
+def test_imagefolder_skips_hidden_files_and_folders_inside_classes(tmp_path: Path) -> None:
+    """macOS `._x.jpg` resource forks and `.ipynb_checkpoints/` are not images of the class."""
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    for rel in ("cat/1.png", "cat/sub/2.png", "dog/3.png", "dog/.ipynb_checkpoints/4.png", ".trash/5.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / rel)
+    (tmp_path / "dog" / "._3.png").write_bytes(b"\x00\x05\x16\x07")  # AppleDouble, not a PNG
+    data = datasets.load_imagefolder(tmp_path)
+    assert data.classnames == ["cat", "dog"]
+    assert [p.relative_to(tmp_path).as_posix() for p in data.paths or ()] == [
+        "cat/1.png",
+        "cat/sub/2.png",
+        "dog/3.png",
+    ]
+
+
+def test_imagenet_val_ignores_hidden_folders(tmp_path: Path) -> None:
+    val = tmp_path / "val"
+    for i in range(1000):
+        (val / f"n{i:08d}").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(val / "n00000000" / "a.JPEG")
+    (val / ".ipynb_checkpoints").mkdir()
+    data = datasets.load_dataset("imagenet", tmp_path, "test")
+    assert data.labels.tolist() == [0] and data.classnames[0] == "tench"
+
+
+def test_folder_dataset_test_split_reads_val(tmp_path: Path) -> None:
+    """`ROOT/train/` + `ROOT/val/`: the test split is val/, not ROOT with classes 'train' and 'val'."""
+    for split in ("train", "val"):
+        (tmp_path / split / "cat").mkdir(parents=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / split / "cat" / f"{split}.png")
+    data = datasets.load_dataset("folder", tmp_path, "test")
+    assert data.classnames == ["cat"] and [p.name for p in data.paths or ()] == ["val.png"]
+
+
+def test_flat_folder_file_names_with_spaces(tmp_path: Path) -> None:
+    Image.new("RGB", (4, 4)).save(tmp_path / "my photo.png")
+    (tmp_path / "labels.txt").write_text("my photo.png 1\n")
+    data = datasets.load_flat_folder(tmp_path, "labels.txt", ["x", "y"])
+    assert data.labels.tolist() == [1]
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("labels.json", b"[0, 1]"),
+        ("labels.json", b'{"a.png": "cat"}'),
+        ("labels.txt", b"a.png 0\n\xff\xfe.png 1\n"),
+    ],
+)
+def test_flat_folder_bad_labels_file_is_a_dataset_error(tmp_path: Path, name: str, content: bytes) -> None:
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DatasetError, match=name):
+        datasets.load_flat_folder(tmp_path, name, ["x", "y"])
+
+
+@pytest.mark.parametrize("content", [["a"], {"X": ["a"]}, {"X": {"classes": ["a"], "templates": []}}])
+def test_prompt_json_of_the_wrong_shape_is_a_dataset_error(tmp_path: Path, content: object) -> None:
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(DatasetError, match=r"p\.json"):
+        datasets.prompt_set("X", path)

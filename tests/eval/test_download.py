@@ -111,3 +111,48 @@ def test_official_checksums_are_the_published_ones() -> None:
 def test_unknown_dataset(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="cifar10, cifar100"):
         download.download_dataset("imagenet", tmp_path)
+
+
+def test_offline_error_says_where_to_put_the_archive_by_hand(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def offline(req, timeout=None):  # type: ignore[no-untyped-def]
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(download.urllib.request, "urlopen", offline)
+    with pytest.raises(DownloadError) as e:
+        download.download_dataset("cifar10", tmp_path)
+    assert f"put it at {tmp_path / 'cifar-10-python.tar.gz'} by hand" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_connection_closed_early_keeps_the_part_file_for_a_resume(
+    tmp_path: Path, fake_server, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """http.client returns b"" (no error) when the server closes early: not a complete archive."""
+    body, _ = fake_server
+
+    def short(req, timeout=None):  # type: ignore[no-untyped-def]
+        response = _Response(body[:100], 200)
+        response.headers = {"Content-Length": str(len(body))}
+        return response
+
+    monkeypatch.setattr(download.urllib.request, "urlopen", short)
+    with pytest.raises(DownloadError, match=rf"100 of {len(body)} bytes"):
+        download.download_dataset("cifar10", tmp_path)
+    assert not (tmp_path / "cifar-10-python.tar.gz").exists()
+    assert (tmp_path / "cifar-10-python.tar.gz.part").read_bytes() == body[:100]
+
+
+def test_truncated_chunked_response_is_a_download_error(
+    tmp_path: Path, fake_server, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    import http.client
+
+    class Broken(_Response):
+        def read(self, size: int | None = -1) -> bytes:
+            raise http.client.IncompleteRead(b"partial")
+
+    monkeypatch.setattr(download.urllib.request, "urlopen", lambda req, timeout=None: Broken(b"", 200))
+    with pytest.raises(DownloadError, match="cannot reach"):
+        download.download_dataset("cifar10", tmp_path)

@@ -86,3 +86,46 @@ def test_retrained_weights_with_the_same_name_miss_the_cache(shape_sets) -> None
     old, new, same = (ClipModel(_FakeBackend(s), cfg, "tiny-synth", 100.0) for s in (1, 2, 1))
     assert linear_probe.feature_cache_path(old, data) != linear_probe.feature_cache_path(new, data)
     assert linear_probe.feature_cache_path(old, data) == linear_probe.feature_cache_path(same, data)
+
+
+def _fake_model():  # type: ignore[no-untyped-def]
+    from clipengine.api import ClipModel
+    from clipengine.image.preprocess import PreprocessConfig
+
+    return ClipModel(_FakeBackend(1), PreprocessConfig(image_size=32), "fake", 100.0)
+
+
+def _split(ds, name: str, rows, classnames=None):  # type: ignore[no-untyped-def]
+    return datasets.LabelledImages(name, list(classnames or ds.classnames), ds.labels[rows], ds.images[rows])
+
+
+def test_train_split_with_one_class_is_a_dataset_error(shape_sets) -> None:  # type: ignore[no-untyped-def]
+    from clipengine.errors import DatasetError
+
+    train_ds, test_ds = shape_sets
+    train = _split(train_ds, "one-class-train", train_ds.labels == 0)
+    with pytest.raises(DatasetError, match=r"one-class-train.*at least 2 classes.*'circle'"):
+        linear_probe.evaluate_linear_probe(_fake_model(), train, _split(test_ds, "t", slice(0, 20)))
+
+
+def test_train_and_test_with_other_class_lists_are_refused(shape_sets) -> None:  # type: ignore[no-untyped-def]
+    """ImageFolder train/ and test/ with different class folders: label 3 would mean two classes."""
+    from clipengine.errors import DatasetError
+
+    train_ds, test_ds = shape_sets
+    train = _split(train_ds, "tr", slice(0, 50))
+    test = _split(test_ds, "te", slice(0, 20), classnames=list(reversed(test_ds.classnames)))
+    with pytest.raises(DatasetError, match="class"):
+        linear_probe.evaluate_linear_probe(_fake_model(), train, test)
+
+
+def test_train_and_test_that_are_the_same_images_are_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`folder` without ROOT/train and ROOT/test reads ROOT for both splits: no silent self-test."""
+    from clipengine.errors import DatasetError
+    from clipengine.eval import synthetic
+
+    synthetic.write_imagefolder(tmp_path, synthetic.generate(20, seed=5))
+    train = datasets.load_dataset("folder", tmp_path, "train")
+    test = datasets.load_dataset("folder", tmp_path, "test")
+    with pytest.raises(DatasetError, match="same"):
+        linear_probe.evaluate_linear_probe(_fake_model(), train, test)

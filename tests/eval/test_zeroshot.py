@@ -7,9 +7,9 @@ import zlib
 import numpy as np
 import pytest
 
-from clipengine.errors import DatasetError
+from clipengine.errors import BackendError, DatasetError
 from clipengine.eval import datasets
-from clipengine.eval.zeroshot import accuracy_metrics, build_classifier, evaluate_zeroshot
+from clipengine.eval.zeroshot import accuracy_metrics, build_classifier, encode_dataset, evaluate_zeroshot
 
 # Measured with the committed checkpoint on these held-out sets: shape 91.75%, colour x shape 95.4%,
 # 64 px folder 94.5% (docs/eval.md). Thresholds keep a wide margin and sit far above chance (10% / 1%).
@@ -83,3 +83,58 @@ def test_prompt_names_must_match_class_count(tiny_synth, cifar10_root) -> None: 
     data = datasets.load_cifar10(cifar10_root, "test").subset(10)
     with pytest.raises(DatasetError, match="3 prompt class names"):
         evaluate_zeroshot(tiny_synth, data, ["{}"], ["a", "b", "c"])
+
+
+def test_top5_never_counts_classes_scored_minus_inf() -> None:
+    """Linear-probe scores are -inf for classes absent from train: ties among them are no top-5 hit."""
+    logits = np.full((8, 8), -np.inf)
+    logits[:, :2] = [2.0, 1.0]
+    m = accuracy_metrics(logits, np.arange(8), list("abcdefgh"))  # one image of each class
+    assert m["top1"] == pytest.approx(1 / 8) and m["top5"] == pytest.approx(2 / 8)
+
+
+def test_duplicate_class_names_keep_their_own_per_class_recall() -> None:
+    """CLIP's ImageNet list names two classes 'missile' (and two 'sunglasses'): no recall is dropped."""
+    assert len(set(datasets.prompt_set("imagenet")[0])) == 998
+    logits = np.eye(3, dtype=np.float32)[[0, 1, 1, 2]]
+    m = accuracy_metrics(logits, np.array([0, 1, 0, 2]), ["missile", "missile", "b"])
+    assert len(m["per_class"]) == 3 and sorted(m["per_class"].values()) == [0.5, 1.0, 1.0]
+    assert m["per_class"]["b"] == 1.0
+
+
+def test_templates_without_placeholder_are_refused() -> None:
+    """A template without "{}" gives every class the same prompt: refused, not silently averaged in."""
+    with pytest.raises(DatasetError, match=r"'a photo\.'"):
+        build_classifier(_fake_encoder, ["cat", "dog"], ["a {}", "a photo."])
+
+
+def test_non_finite_text_embeddings_are_refused() -> None:
+    def nan_for_dog(texts: list[str]) -> np.ndarray:
+        out = _fake_encoder(texts)
+        out[["dog" in t for t in texts]] = np.nan
+        return out
+
+    with pytest.raises(BackendError, match="'a dog'"):
+        build_classifier(nan_for_dog, ["cat", "dog"], ["a {}"])
+
+
+@pytest.mark.parametrize("value", [np.nan, 0.0])  # 0: an L2-normalised NaN row of the ONNX backend
+def test_non_finite_image_embeddings_are_refused(value: float) -> None:
+    """An engine that overflows (fp16) must not score as 'class 0 predicted' for every NaN row."""
+    from clipengine.api import ClipModel
+    from clipengine.image.preprocess import PreprocessConfig
+
+    class NanImages:
+        name, device, precision, embed_dim, image_size, context_length = "fake", "cpu", "fp16", 8, 32, 77
+
+        def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+            out = np.ones((len(pixels), 8), dtype=np.float32)
+            out[pixels.reshape(len(pixels), -1).mean(axis=1) > 0] = value  # the white image overflows
+            return out
+
+    images = np.zeros((3, 32, 32, 3), dtype=np.uint8)
+    images[1] = 255
+    data = datasets.LabelledImages("nan", ["a", "b"], np.array([0, 0, 1]), images)
+    model = ClipModel(NanImages(), PreprocessConfig(image_size=32), "fake", 100.0)  # type: ignore[arg-type]
+    with pytest.raises(BackendError, match=r"nan: 1 of 3 image embeddings .*image 1"):
+        encode_dataset(model, data, batch_size=2, workers=1)

@@ -91,16 +91,22 @@ def prompt_set(key: str, path: str | Path | None = None) -> tuple[list[str], lis
         )
     else:
         data = _read_json(Path(path), 'a JSON object {"classes": [...], "templates": [...]}')
+    source = path or "zeroshot_prompts.json"
+    shape = 'a JSON object {"classes": [...], "templates": ["a photo of a {}.", ...]}'
+    if not isinstance(data, dict):
+        raise DatasetError(f"{source}: expected {shape}, got a JSON {type(data).__name__}")
     if "templates" in data:
-        entry = data
+        entry: Any = data
     else:
         wanted = _PROMPT_KEYS.get(key.lower(), key)
         entry = data.get(wanted) or data.get(key)
         if entry is None:
-            raise DatasetError(
-                f"no prompt set {key!r} in {path or 'zeroshot_prompts.json'}; has: {', '.join(data)}"
-            )
+            raise DatasetError(f"no prompt set {key!r} in {source}; has: {', '.join(data)}")
+    if not isinstance(entry, dict) or not isinstance(entry.get("templates", []), list):
+        raise DatasetError(f"{source}: prompt set {key!r} must be {shape}")
     templates = [str(t) for t in entry.get("templates", ["a photo of a {}."])]
+    if not templates:
+        raise DatasetError(f"{source}: prompt set {key!r} has an empty template list")
     bad = [t for t in templates if "{}" not in t]
     if bad:
         raise DatasetError(f"prompt templates must contain '{{}}' for the class name: {bad[:3]}")
@@ -130,12 +136,29 @@ def _unpickle(path: Path, layout: str) -> dict[str, Any]:
     return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in raw.items()}
 
 
+def _field(batch: dict[str, Any], key: str, path: Path) -> Any:
+    """batch[key], or a DatasetError naming the file (e.g. a CIFAR-100 file in the CIFAR-10 layout)."""
+    if key not in batch:
+        raise DatasetError(f"{path}: no b'{key}' key (found {sorted(batch)}); is it from the other CIFAR?")
+    return batch[key]
+
+
+def _int_labels(values: Any, path: Path) -> np.ndarray:
+    try:
+        return np.asarray(values, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise DatasetError(f"{path}: labels must be integers ({e})") from e
+
+
 def _names(values: Sequence[Any]) -> list[str]:
     return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
 
 
 def _cifar_images(batch: dict[str, Any], path: Path) -> np.ndarray:
-    data = np.asarray(batch.get("data"), dtype=np.uint8)
+    try:
+        data = np.asarray(_field(batch, "data", path), dtype=np.uint8)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise DatasetError(f"{path}: b'data' must be (N, 3072) uint8 pixel values ({e})") from e
     if data.ndim != 2 or data.shape[1] != 3072:
         raise DatasetError(f"{path}: b'data' must be (N, 3072) uint8, got {data.shape}")
     return np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # (N, 32, 32, 3)
@@ -158,13 +181,13 @@ def load_cifar10(root: str | Path, split: str = "test") -> LabelledImages:
     if split not in ("train", "test"):
         raise DatasetError(f"CIFAR-10 split must be 'train' or 'test', got {split!r}")
     d = _cifar_dir(root, "cifar-10-batches-py", "batches.meta", "cifar10", _CIFAR10_LAYOUT)
-    names = _names(_unpickle(d / "batches.meta", _CIFAR10_LAYOUT)["label_names"])
+    names = _names(_field(_unpickle(d / "batches.meta", _CIFAR10_LAYOUT), "label_names", d / "batches.meta"))
     files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     images, labels = [], []
     for f in files:
         batch = _unpickle(d / f, _CIFAR10_LAYOUT)
         images.append(_cifar_images(batch, d / f))
-        labels.append(np.asarray(batch["labels"], dtype=np.int64))
+        labels.append(_int_labels(_field(batch, "labels", d / f), d / f))
     return _checked(f"cifar10-{split}", names, np.concatenate(labels), arrays=np.concatenate(images))
 
 
@@ -175,12 +198,10 @@ def load_cifar100(root: str | Path, split: str = "test", label: str = "fine") ->
             f"CIFAR-100 needs split train|test and label fine|coarse, got {split!r}, {label!r}"
         )
     d = _cifar_dir(root, "cifar-100-python", "meta", "cifar100", _CIFAR100_LAYOUT)
-    names = _names(_unpickle(d / "meta", _CIFAR100_LAYOUT)[f"{label}_label_names"])
+    meta = _unpickle(d / "meta", _CIFAR100_LAYOUT)
+    names = _names(_field(meta, f"{label}_label_names", d / "meta"))
     batch = _unpickle(d / split, _CIFAR100_LAYOUT)
-    key = f"{label}_labels"
-    if key not in batch:
-        raise DatasetError(f"{d / split}: no b'{key}' key; found {sorted(batch)}")
-    labels = np.asarray(batch[key], dtype=np.int64)
+    labels = _int_labels(_field(batch, f"{label}_labels", d / split), d / split)
     suffix = "" if label == "fine" else "-coarse"
     return _checked(f"cifar100{suffix}-{split}", names, labels, arrays=_cifar_images(batch, d / split))
 
@@ -205,8 +226,17 @@ def _checked(
     return LabelledImages(name, classnames, labels, arrays, tuple(paths) if paths is not None else None)
 
 
+def _hidden(path: Path, folder: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(folder).parts)
+
+
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    """Image files under `folder`, recursively; hidden files and folders (`._x.jpg`, `.cache/`) skipped."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not _hidden(p, folder) and p.is_file()
+    )
 
 
 def load_imagefolder(
@@ -256,7 +286,11 @@ def load_imagenet(
     root = Path(root)
     base = root / split if (root / split).is_dir() else root
     mapping = _read_json(Path(class_map), "JSON {folder: class name}") if class_map else None
-    folders = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+    folders = (
+        sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if base.is_dir()
+        else []
+    )
     if not folders:
         labels_file = _find_labels_file(root)
         if labels_file is None:
@@ -314,17 +348,29 @@ def load_flat_folder(
 
 
 def _parse_labels(path: Path, sorted_names: list[str]) -> list[tuple[str, int]]:
-    if path.suffix == ".json":
-        data = _read_json(path, "JSON {file name: int label}")
-        return [(Path(k).name, int(v)) for k, v in sorted(data.items())]
-    lines = [ln.split() for ln in path.read_text().splitlines() if ln.strip()]
     try:
+        if path.suffix == ".json":
+            data = _read_json(path, "JSON {file name: int label}")
+            if not isinstance(data, dict):
+                raise DatasetError(
+                    f"{path}: expected JSON {{file name: int label}}, got a {type(data).__name__}"
+                )
+            return [(Path(k).name, int(v)) for k, v in sorted(data.items())]
+        text = path.read_text(encoding="utf-8")
+        lines = [ln.split() for ln in text.splitlines() if ln.strip()]
         if all(len(p) == 1 for p in lines):
             if len(lines) != len(sorted_names):
                 raise DatasetError(f"{path}: {len(lines)} labels but {len(sorted_names)} images")
             return [(n, int(p[0])) for n, p in zip(sorted_names, lines, strict=True)]
-        return [(Path(p[0]).name, int(p[-1])) for p in lines]
-    except ValueError as e:
+        names = set(sorted_names)
+        entries = []
+        for ln in text.splitlines():
+            if ln.strip():
+                head, label = ln.strip().rsplit(None, 1)
+                name = Path(head).name  # a file name with spaces: everything before the label
+                entries.append((name if name in names else Path(head.split()[0]).name, int(label)))
+        return entries
+    except (ValueError, TypeError) as e:  # UnicodeDecodeError is a ValueError
         raise DatasetError(f"{path}: expected '<file name> <int label>' or '<int label>' lines ({e})") from e
 
 
@@ -350,6 +396,10 @@ def load_dataset(
         if labels_file is not None:
             return load_flat_folder(root, labels_file)
         mapping = _read_json(Path(class_map), "JSON {folder: class name}") if class_map else None
-        base = Path(root) / split if (Path(root) / split).is_dir() else Path(root)
+        base = Path(root)
+        for sub in (split, "val") if split == "test" else (split,):  # test: ROOT/test, else ROOT/val
+            if (base / sub).is_dir():
+                base = base / sub
+                break
         return load_imagefolder(base, mapping)
     raise DatasetError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")

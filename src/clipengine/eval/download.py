@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import shutil
 import tarfile
@@ -65,6 +66,7 @@ def _md5(path: Path) -> str:
 def _fetch(url: str, part: Path, progress: Callable[[int, int], None] | None, timeout: float) -> None:
     """Append the rest of `url` to `part`, resuming with an HTTP Range request when it exists."""
     have = part.stat().st_size if part.exists() else 0
+    by_hand = f"put it at {part.with_suffix('')} by hand"  # download_dataset then verifies and extracts it
     req = urllib.request.Request(url, headers={"User-Agent": "clipengine"})
     if have:
         req.add_header("Range", f"bytes={have}-")
@@ -73,7 +75,8 @@ def _fetch(url: str, part: Path, progress: Callable[[int, int], None] | None, ti
             status = getattr(resp, "status", 200)
             if have and status != 206:  # server ignored Range: start over
                 have = 0
-            total = have + int(resp.headers.get("Content-Length") or 0)
+            length = resp.headers.get("Content-Length")
+            total = have + int(length or 0)
             with part.open("ab" if have else "wb") as f:
                 while chunk := resp.read(_CHUNK):
                     f.write(chunk)
@@ -83,11 +86,16 @@ def _fetch(url: str, part: Path, progress: Callable[[int, int], None] | None, ti
     except urllib.error.HTTPError as e:
         if e.code == 416 and have:  # range not satisfiable: the partial file is already complete
             return
-        raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from e
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        raise DownloadError(f"{url}: HTTP {e.code} {e.reason}; {by_hand}") from e
+    except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", e)
         kept = f"; {part.name} keeps {have} bytes for a resume" if have else ""
-        raise DownloadError(f"cannot reach {url} ({reason}); are you offline?{kept}") from e
+        raise DownloadError(f"cannot reach {url} ({reason}); are you offline?{kept}; or {by_hand}") from e
+    if length and have < total:  # http.client returns b"" when the server closes early
+        raise DownloadError(
+            f"{url}: connection closed after {have} of {total} bytes; {part.name} keeps them, "
+            f"run again to resume, or {by_hand}"
+        )
 
 
 def download_dataset(

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..errors import DatasetError
 from ..paths import cache_dir
 from .zeroshot import accuracy_metrics, encode_dataset
 
@@ -107,6 +108,28 @@ def cached_features(
     return feats, False
 
 
+def _check_splits(train: LabelledImages, test: LabelledImages) -> None:
+    """Refuse splits a probe cannot be fitted on or would score wrongly, before any encoding."""
+    if train.classnames != test.classnames:
+        raise DatasetError(
+            f"{train.name} and {test.name} have different class lists ({len(train.classnames)} vs "
+            f"{len(test.classnames)} classes, or another order): label indices would not match"
+        )
+    present = np.unique(train.labels)
+    if present.size < 2:
+        names = [train.classnames[int(c)] for c in present]
+        raise DatasetError(
+            f"{train.name}: a linear probe needs at least 2 classes in the training split, got {names}"
+        )
+    same_paths = train.paths is not None and train.paths == test.paths
+    same_arrays = train.arrays is not None and test.arrays is not None and train.arrays is test.arrays
+    if same_paths or same_arrays:
+        raise DatasetError(
+            f"{train.name} and {test.name} are the same {len(train)} images; a linear probe needs "
+            "separate train and test splits (for folders: ROOT/train/ and ROOT/test/ or ROOT/val/)"
+        )
+
+
 def evaluate_linear_probe(
     model: ClipModel,
     train: LabelledImages,
@@ -118,6 +141,7 @@ def evaluate_linear_probe(
     """Fit logistic regression on train features, report test top-1 / top-5 / per-class recall."""
     from sklearn.linear_model import LogisticRegression
 
+    _check_splits(train, test)
     t0 = time.perf_counter()
     x_train, hit_train = cached_features(model, train, batch_size, engine)
     x_test, hit_test = cached_features(model, test, batch_size, engine)

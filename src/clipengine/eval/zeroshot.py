@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import DatasetError
+from ..errors import BackendError, DatasetError
 from ..zeroshot import class_embeddings
 
 if TYPE_CHECKING:
@@ -75,8 +76,27 @@ def build_classifier(
     """
     if not classnames or not templates:
         raise DatasetError("zero-shot needs at least one class name and one template")
-    weights = class_embeddings(encode_texts, classnames, templates, batch_labels=batch_classes)
+    bad = [t for t in templates if "{}" not in t]
+    if bad:
+        raise DatasetError(f"prompt templates must contain '{{}}' for the class name: {bad[:3]}")
+
+    def checked(texts: list[str]) -> np.ndarray:
+        emb = np.asarray(encode_texts(texts), dtype=np.float32)
+        bad = _degenerate_rows(emb)
+        if bad.size:
+            raise BackendError(
+                f"the text encoder gave {bad.size} of {len(texts)} prompt embeddings that are NaN, "
+                f"inf or all zero, e.g. for {texts[int(bad[0])]!r}"
+            )
+        return emb
+
+    weights = class_embeddings(checked, classnames, templates, batch_labels=batch_classes)
     return weights.T.copy()  # (D, C)
+
+
+def _degenerate_rows(x: np.ndarray) -> np.ndarray:
+    """Indices of rows with a NaN/inf, or all zero (what normalising a NaN row gives): no embedding."""
+    return np.flatnonzero(~np.isfinite(x).all(axis=1) | ~(x != 0).any(axis=1))
 
 
 def encode_dataset(
@@ -101,6 +121,13 @@ def encode_dataset(
             if k + 1 < len(starts):
                 pending = submit(starts[k + 1])
             out[start : start + len(pixels)] = model.encode_images(pixels, batch_size=batch_size)
+    bad = _degenerate_rows(out)
+    if bad.size:  # such rows would all "predict" class 0 and fake an accuracy
+        i = int(bad[0])
+        raise BackendError(
+            f"{data.name}: {bad.size} of {len(data)} image embeddings are NaN, inf or all zero, "
+            f"e.g. image {i}" + (f" ({data.paths[i]})" if data.paths else "")
+        )
     return out
 
 
@@ -109,19 +136,24 @@ def accuracy_metrics(logits: np.ndarray, labels: np.ndarray, classnames: Sequenc
     labels = np.asarray(labels, dtype=np.int64)
     k = min(5, logits.shape[1])
     topk = np.argpartition(-logits, kth=k - 1, axis=1)[:, :k]
+    # A class scored -inf (absent from a linear probe's train split) is never a hit, even when it
+    # fills a top-5 slot because fewer than 5 classes have finite scores.
+    hits = (topk == labels[:, None]) & (np.take_along_axis(logits, topk, axis=1) > -np.inf)
     pred = logits.argmax(axis=1)
     correct = pred == labels
     per_class = {}
     recalls = []
+    # CLIP's ImageNet list names two classes "missile" (and two "sunglasses"): keep both recalls.
+    repeated = {n for n, count in Counter(classnames).items() if count > 1}
     for c, name in enumerate(classnames):
         mask = labels == c
         if mask.any():
             r = float(correct[mask].mean())
-            per_class[name] = r
+            per_class[f"{name} (class {c})" if name in repeated else name] = r
             recalls.append(r)
     return {
         "top1": float(correct.mean()),
-        "top5": float((topk == labels[:, None]).any(axis=1).mean()),
+        "top5": float(hits.any(axis=1).mean()),
         "mean_per_class_recall": float(np.mean(recalls)) if recalls else 0.0,
         "per_class": per_class,
         "predictions": pred.astype(np.int64),
