@@ -42,3 +42,16 @@ def test_ivfpq_sub_quantizers_divide_dim() -> None:
 def test_params_round_trip_through_dict() -> None:
     p = choose_params(50_000, 64, "hnsw")
     assert IndexParams.from_dict(p.to_dict()) == p
+
+
+def test_ivfpq_with_fewer_vectors_than_pq_centroids_is_refused() -> None:
+    # Each PQ sub-quantizer trains 256 centroids: faiss aborts with a RuntimeError below that.
+    with pytest.raises(ValueError, match="ivfpq needs at least 256 vectors"):
+        choose_params(100, 64, "ivfpq")
+    assert choose_params(256, 64, "ivfpq", nlist=4).pq_m == 16
+
+
+@pytest.mark.parametrize("name", ["nlist", "nprobe", "pq_m", "hnsw_m", "ef_construction", "ef_search"])
+def test_parameters_below_one_are_refused(name: str) -> None:
+    with pytest.raises(ValueError, match=f"{name} must be >= 1, got -1"):
+        choose_params(50_000, 64, "ivf", **{name: -1})

@@ -148,3 +148,40 @@ def test_approximate_recall_at_10_vs_exact(kind: str, tmp_path: Path) -> None:
 )
 def test_same_model_ignores_a_missing_tag_only(a: str, b: str, same: bool) -> None:
     assert same_model(a, b) is same
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_per_call_knobs_below_one_are_refused(kind: str, ids: list[str], vectors: np.ndarray) -> None:
+    index = Index.build(ids, vectors, model="fake", kind=kind, nlist=4)
+    with pytest.raises(ValueError, match="nprobe must be >= 1, got -1"):
+        index.search_vectors(vectors[0], k=3, nprobe=-1)
+    with pytest.raises(ValueError, match="ef_search must be >= 1, got -1"):
+        index.search_vectors(vectors[0], k=3, ef_search=-1)
+
+
+def test_hnsw_returns_k_hits_even_with_a_small_ef_search(ids: list[str], vectors: np.ndarray) -> None:
+    index = Index.build(ids, vectors, model="fake", kind="hnsw")
+    assert [len(h) for h in index.search_vectors(vectors[:5], k=50, ef_search=1)] == [50] * 5
+
+
+def test_k_may_be_a_numpy_integer_but_not_a_float(ids: list[str], vectors: np.ndarray) -> None:
+    index = Index.build(ids, vectors, model="fake")
+    assert len(index.search_vectors(vectors[0], k=np.int64(3))[0]) == 3
+    with pytest.raises(TypeError, match="k must be an integer"):
+        index.search_vectors(vectors[0], k=2.5)  # type: ignore[arg-type]
+
+
+def test_all_zero_query_is_refused(ids: list[str], vectors: np.ndarray) -> None:
+    index = Index.build(ids, vectors, model="fake")
+    q = np.stack([vectors[0], np.zeros(32, np.float32)])
+    with pytest.raises(ValueError, match="query row 1 is all zeros"):
+        index.search_vectors(q, k=3)
+
+
+def test_vectors_without_ids_are_refused(ids: list[str], vectors: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="0 ids but 5 vectors"):
+        Index.build([], vectors[:5], model="fake")
+    index = Index.build(ids[:3], vectors[:3], model="fake")
+    with pytest.raises(ValueError, match="0 ids but 5 vectors"):
+        index.add([], vectors[:5])
+    assert index.add([], np.zeros((0, 32))) == 0 and index.add([], []) == 0

@@ -109,6 +109,8 @@ def choose_params(n: int, dim: int, kind: str = "auto", **overrides: int | None)
     elif kind == "hnsw":
         params = replace(params, hnsw_m=32, ef_construction=80, ef_search=64)
     explicit: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
+    for name, value in explicit.items():
+        _check_positive(name, value)
     params = replace(params, **explicit)
     if kind in ("ivf", "ivfpq"):
         assert params.nlist is not None  # set above
@@ -119,7 +121,17 @@ def choose_params(n: int, dim: int, kind: str = "auto", **overrides: int | None)
             )
         if kind == "ivfpq" and params.pq_m is not None and dim % params.pq_m != 0:
             raise ValueError(f"pq_m={params.pq_m} must divide the embedding dim {dim}")
+        if kind == "ivfpq" and n < 2**_PQ_BITS:  # each sub-quantizer trains 2**_PQ_BITS centroids
+            raise ValueError(
+                f"ivfpq needs at least {2**_PQ_BITS} vectors to train its product quantizer, got {n}; "
+                "use kind='ivf' or 'flat' for small collections"
+            )
     return params
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def create_faiss_index(dim: int, params: IndexParams, train_vectors: FloatArray | None = None) -> faiss.Index:
@@ -171,6 +183,9 @@ def search_parameters(params: IndexParams, nprobe: int | None = None, ef_search:
     """Per-call faiss SearchParameters (thread-safe: no mutation of the shared index), or None."""
     import faiss
 
+    for name, value in (("nprobe", nprobe), ("ef_search", ef_search)):
+        if value is not None:
+            _check_positive(name, value)
     if params.kind in ("ivf", "ivfpq"):
         return faiss.SearchParametersIVF(nprobe=int(nprobe or params.nprobe or 1))  # type: ignore[call-arg]
     if params.kind == "hnsw":

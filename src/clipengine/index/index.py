@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
@@ -90,6 +91,14 @@ def _as_unit_matrix(vectors: Any, dim: int | None, what: str) -> FloatArray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     # Inner product equals cosine only on unit vectors; re-normalise defensively (zero rows stay zero).
     return np.ascontiguousarray(np.divide(x, norms, out=np.zeros_like(x), where=norms > 0))
+
+
+def _no_vectors(vectors: Any, dim: int) -> FloatArray:
+    """The (0, D) matrix for an empty id list; vectors without ids are an error, not dropped."""
+    n = len(np.atleast_2d(np.asarray(vectors))) if np.size(vectors) else 0
+    if n:
+        raise ValueError(f"0 ids but {n} vectors")
+    return np.zeros((0, dim), np.float32)
 
 
 def _size_row(id_: str, size: tuple[int, int] | None) -> dict[str, Any]:
@@ -186,7 +195,7 @@ class Index:
                     f"vectors must be a (N, D) matrix, got shape {arr.shape}; pass dim= for N == 0"
                 )
             dim = int(arr.shape[1])
-        x = _as_unit_matrix(vectors, dim, "vectors") if len(ids) else np.zeros((0, dim), np.float32)
+        x = _as_unit_matrix(vectors, dim, "vectors") if len(ids) else _no_vectors(vectors, dim)
         cls._check_rows(ids, x, sizes)
         t0 = time.perf_counter()
         chosen = choose_params(len(x), dim, kind, **params)
@@ -241,7 +250,7 @@ class Index:
         """
         if on_duplicate not in ("error", "skip"):
             raise ValueError(f"on_duplicate must be 'error' or 'skip', got {on_duplicate!r}")
-        x = _as_unit_matrix(vectors, self.dim, "vectors") if len(ids) else np.zeros((0, self.dim), np.float32)
+        x = _as_unit_matrix(vectors, self.dim, "vectors") if len(ids) else _no_vectors(vectors, self.dim)
         self._check_rows(ids, x, sizes)
         size_list = list(sizes) if sizes is not None else [None] * len(ids)
         keep = [i for i, id_ in enumerate(ids) if id_ not in self._pos]
@@ -286,14 +295,25 @@ class Index:
             nprobe / ef_search: per-call recall/speed override for IVF / HNSW indexes.
 
         Raises:
-            IndexMismatchError: queries of another dimension.
+            IndexMismatchError: queries of another dimension. ValueError: k, nprobe or ef_search
+                below 1, or a query row that is all zeros or holds NaN / infinity.
         """
+        try:
+            k = operator.index(k)  # numpy integers too; faiss' bindings take only a Python int
+        except TypeError:
+            raise TypeError(f"k must be an integer, got {k!r}") from None
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         q = _as_unit_matrix(queries, self.dim, "queries")
+        zero = np.flatnonzero(~q.any(axis=1))
+        if len(zero):
+            raise ValueError(f"query row {zero[0]} is all zeros: it has no direction to search by")
         if not len(self._ids) or not len(q):
             return [[] for _ in range(len(q))]
         kk = min(k, len(self._ids))
+        if self.params.kind == "hnsw" and (ef_search is None or ef_search >= 1):
+            # HNSW returns at most efSearch hits: widen it to k
+            ef_search = max(ef_search or self.params.ef_search or 64, kk)
         scores, labels = self._faiss.search(q, kk, params=search_parameters(self.params, nprobe, ef_search))
         return [
             [(self._ids[j], float(s)) for s, j in zip(srow, lrow, strict=True) if j >= 0]
