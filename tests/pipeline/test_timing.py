@@ -43,3 +43,13 @@ def test_bench_pipeline_rows_per_batch_size(image_folder: Path, preprocess_cfg, 
 def test_bench_rejects_bad_input(fake_backend) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match="no images"):
         bench_pipeline([], fake_backend, {})
+
+
+def test_bench_with_only_unreadable_images_is_an_error(mixed_folder, preprocess_cfg, fake_backend) -> None:  # type: ignore[no-untyped-def]
+    from clipengine.errors import DatasetError
+
+    root, _, bad = mixed_folder
+    items = [i for i in list_items(root) if i.id in bad]
+    # Nothing was embedded: a "0 images, N ms, 0 FPS" report would be a measurement of nothing.
+    with pytest.raises(DatasetError, match="none of the 3 images could be decoded"):
+        bench_pipeline(items, fake_backend, preprocess_cfg, [1], warmup=0)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..errors import DatasetError
 from ..pipeline.batching import LoadStats, iter_batches, make_executor, warm_executor
 from ..pipeline.embed import embed_batch
 from ..types import Backend, ImageItem, IntArray
@@ -209,6 +210,9 @@ def bench_pipeline(
 
     Returns:
         BenchResult (no printing; see `clipengine.report`).
+
+    Raises:
+        ValueError: no items or a batch size below 1. DatasetError: none of the images could be decoded.
     """
     if not items:
         raise ValueError("nothing to benchmark: no images")
@@ -231,6 +235,8 @@ def bench_pipeline(
                 key=lambda p: p[0],
             )
             wall_ms, n_images, n_failed, loads, infer_ms = passes[len(passes) // 2]
+            if not n_images:
+                raise DatasetError(f"nothing to benchmark: none of the {n_failed} images could be decoded")
             per = max(n_images + n_failed, 1)
             text = None
             if text_tokens is not None:
