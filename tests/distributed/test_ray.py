@@ -132,6 +132,22 @@ def test_another_model_in_the_same_folder_is_refused_before_ray_starts(
         embed_with_ray(mixed_folder, out, fakes.FakeFactory(), preprocess_cfg, model="other", shard_size=5)
 
 
+def test_resuming_a_gpu_decoded_folder_is_refused_before_ray_starts(
+    fakes: ModuleType, mixed_folder: Path, tmp_path: Path, preprocess_cfg
+) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    out = tmp_path / "out"
+    embed_folder(
+        mixed_folder, out, fakes.FakeFactory(), preprocess_cfg, model="fake", shard_size=5, workers=0
+    )
+    info = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**info, "gpu_decode": True, "gpu_decoder": "torchvision"}))
+    # Ray actors decode on the CPU: resuming would mix nvjpeg and libjpeg pixels in one folder.
+    with pytest.raises(IndexMismatchError, match="gpu_decode=True"):
+        embed_with_ray(mixed_folder, out, fakes.FakeFactory(), preprocess_cfg, model="fake", shard_size=5)
+
+
 def test_parquet_source_resolves_relative_paths(tmp_path: Path, fakes: ModuleType) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -205,7 +205,7 @@ def _ensure_ray(address: str | None) -> bool:
 
 def _check_previous(out_dir: Path, previous: dict[str, Any], info: dict[str, Any]) -> None:
     # Same rule as the local runner: never mix models, dtypes or partitionings in one folder.
-    for key in ("model", "dtype", "shard_size", "fast_decode"):
+    for key in ("model", "dtype", "shard_size", "fast_decode", "gpu_decode"):
         old, new = previous.get(key), info.get(key)
         if old is not None and new is not None and old != new:
             raise IndexMismatchError(
@@ -288,6 +288,7 @@ def embed_with_ray(
         "batch_size": batch_size, "preprocess": cfg, "partitions": len(parts), "images": len(items),
         "source": str(Path(source).resolve()) if isinstance(source, (str, Path)) else source_label,
         "engine": "ray", "status": "running", "fast_decode": fast_decode,
+        "gpu_decode": False, "gpu_decoder": None,  # actors decode on the CPU
     }  # fmt: skip
     previous = read_run_info(out)
     if previous is not None:
