@@ -76,7 +76,14 @@ class ClipModel:
             raise BackendError(
                 f"preprocessed images must be (N, 3, {self.image_size}, {self.image_size}); got {pixels.shape}"
             )
-        return np.asarray(pixels, dtype=np.float32)
+        if not np.issubdtype(pixels.dtype, np.floating):  # uint8 would run un-normalised, silently wrong
+            raise BackendError(
+                f"preprocessed images must be float (normalised by model.preprocess); got {pixels.dtype}"
+            )
+        out = np.asarray(pixels, dtype=np.float32)
+        if not np.isfinite(out).all():
+            raise BackendError("preprocessed images contain NaN or infinite values")
+        return out
 
     def encode_images(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 32) -> FloatArray:
         """Images -> (N, D) float32 unit-norm embeddings, `batch_size` at a time.
@@ -101,6 +108,8 @@ class ClipModel:
 
     def encode_texts(self, texts: str | Sequence[str], batch_size: int = 256) -> FloatArray:
         """Texts -> (N, D) float32 unit-norm embeddings (long texts are cut with a warning)."""
+        if batch_size < 1:
+            raise BackendError(f"batch_size must be >= 1, got {batch_size}")
         tokens = tokenize(texts, context_length=self.context_length)
         return self._in_batches(self._backend.encode_texts, tokens, batch_size)
 
@@ -115,6 +124,8 @@ class ClipModel:
 
         Templates use "{}" for the label (e.g. "a photo of a {}.").
         """
+        if isinstance(labels, str):  # a str is a Sequence: "cat" would be the labels "c", "a", "t"
+            raise BackendError(f"labels must be a list of labels, not one string ({labels!r})")
         if not labels:
             raise BackendError("classify needs at least one label")
         return class_embeddings(self.encode_texts, labels, templates)
@@ -163,7 +174,7 @@ def load(
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir() and (path / _EXPORT_MANIFEST).is_file():
-        if backend == "openvino":  # "torch" or "onnx" on an export folder: ONNX Runtime
+        if backend != "torch":  # "torch" or "onnx" on an export folder: ONNX Runtime
             opts["backend"] = backend
         return load_export(path, device=device, precision=precision, **opts)
     if backend != "torch":
@@ -198,16 +209,28 @@ def load_export(
         BackendError: not an export folder, unknown backend, missing precision, provider or engine file.
     """
     engine: ExportFolderBackend
-    if backend == "onnx":
-        from .backends.onnx_backend import OnnxBackend
-
-        engine = OnnxBackend(folder, device=device, precision=precision, **opts)
-    elif backend == "openvino":
-        from .backends.openvino_backend import OpenVinoBackend
-
-        engine = OpenVinoBackend(folder, device=device, precision=precision, **opts)
-    else:
+    if backend not in ("onnx", "openvino"):
         raise BackendError(f"backend {backend!r} does not run export folders; use 'onnx' or 'openvino'")
+    try:
+        if backend == "onnx":
+            from .backends.onnx_backend import OnnxBackend
+
+            engine = OnnxBackend(folder, device=device, precision=precision, **opts)
+        else:
+            from .backends.openvino_backend import OpenVinoBackend
+
+            engine = OpenVinoBackend(folder, device=device, precision=precision, **opts)
+    except TypeError as e:
+        raise BackendError(f"backend {backend!r}: bad options {sorted(opts)} ({e})") from e
     m = engine.manifest
+    where = engine.root / _EXPORT_MANIFEST
+    if not isinstance(m.preprocess, dict):
+        raise BackendError(f'{where}: "preprocess" must be an object, got {type(m.preprocess).__name__}')
+    try:
+        preprocess_cfg = PreprocessConfig.from_dict(m.preprocess)
+    except (ValueError, TypeError) as e:
+        raise BackendError(f'{where}: bad "preprocess" section ({e})') from e
+    if isinstance(m.logit_scale, bool) or not isinstance(m.logit_scale, (int, float)):
+        raise BackendError(f'{where}: "logit_scale" must be a number, got {m.logit_scale!r}')
     name = m.model if m.pretrained is None else f"{m.model}@{m.pretrained}"
-    return ClipModel(engine, PreprocessConfig.from_dict(m.preprocess), name, m.logit_scale, m.context_length)
+    return ClipModel(engine, preprocess_cfg, name, m.logit_scale, m.context_length)

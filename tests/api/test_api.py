@@ -131,3 +131,98 @@ def test_packaged_tiny_synth_loads_by_name(clip_png: Path) -> None:
     assert model.name == "tiny-synth" and model.image_size == model.preprocess_cfg.image_size
     (ranked,) = model.classify(clip_png, ["a red circle", "a blue square"])
     assert sum(p for _, p in ranked) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model: CLIP) -> Path:
+    from clipengine.export.onnx import export_model
+
+    out = tmp_path_factory.mktemp("api_export") / "tiny"
+    export_model(tiny_model, out, image_batches=(1,), text_batches=(1,), verify=False)
+    return out
+
+
+@pytest.mark.parametrize(
+    "preprocess",
+    [
+        [1, 2],
+        "bicubic",
+        None,
+        {"image_size": 32, "foo": 1},
+        {"size": [32, 64]},
+        {"image_size": 32, "std": "abc"},
+        {"image_size": 32, "std": 0.5},
+        {"image_size": "32"},
+    ],
+)
+def test_damaged_manifest_preprocess_is_a_backend_error(export_dir: Path, tmp_path: Path, preprocess: Any) -> None:
+    import json
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(export_dir, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["preprocess"] = preprocess
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BackendError, match=r"manifest\.json.*preprocess"):
+        clipengine.load(folder)
+
+
+@pytest.mark.parametrize(("key", "value"), [("logit_scale", "abc"), ("logit_scale", None), ("context_length", "77")])
+def test_damaged_manifest_numbers_are_a_backend_error(export_dir: Path, tmp_path: Path, key: str, value: Any) -> None:
+    import json
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(export_dir, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest[key] = value
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BackendError, match=f"manifest.*{key}"):
+        clipengine.load(folder)
+
+
+def test_unknown_backend_on_an_export_folder_is_refused(export_dir: Path) -> None:
+    with pytest.raises(BackendError, match="backend 'weird'"):
+        clipengine.load(export_dir, backend="weird")
+
+
+def test_unknown_export_backend_option_is_a_backend_error(export_dir: Path) -> None:
+    with pytest.raises(BackendError, match="bad options"):
+        clipengine.load(export_dir, warp_speed=True)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.bool_, np.complex64, object])
+def test_preprocessed_batch_must_be_float(model: ClipModel, dtype: Any) -> None:
+    with pytest.raises(BackendError, match="float"):
+        model.encode_images(np.zeros((1, 3, 32, 32), dtype=dtype))
+
+
+def test_preprocessed_float64_batch_is_accepted(model: ClipModel) -> None:
+    pixels = np.random.default_rng(0).standard_normal((2, 3, 32, 32))
+    np.testing.assert_allclose(model.encode_images(pixels), model.encode_images(pixels.astype(np.float32)), atol=1e-6)
+
+
+def test_non_finite_pixels_are_rejected(model: ClipModel) -> None:
+    pixels = np.zeros((2, 3, 32, 32), np.float32)
+    pixels[1, 0, 0, 0] = np.nan
+    with pytest.raises(BackendError, match="NaN or infinite"):
+        model.encode_images(pixels)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1])
+def test_encode_texts_batch_size_below_one_is_rejected(model: ClipModel, batch_size: int) -> None:
+    with pytest.raises(BackendError, match="batch_size must be >= 1"):
+        model.encode_texts(["a dog"], batch_size=batch_size)
+
+
+def test_classify_refuses_one_string_as_labels(model: ClipModel, clip_png: Path) -> None:
+    with pytest.raises(BackendError, match="list of labels"):
+        model.classify(clip_png, "cat")
+
+
+def test_classify_single_and_duplicate_labels(model: ClipModel, clip_png: Path) -> None:
+    ((only,),) = model.classify(clip_png, ["a cat"])
+    assert only == ("a cat", pytest.approx(1.0))
+    (ranked,) = model.classify(clip_png, ["a cat", "a cat"])
+    assert [p for _, p in ranked] == pytest.approx([0.5, 0.5])

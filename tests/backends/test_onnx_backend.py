@@ -162,6 +162,61 @@ def test_resolve_providers_prefers_gpu_order_and_rejects_unknown_device() -> Non
         resolve_providers("tpu")
 
 
+@pytest.mark.parametrize("device", ["cuda:x", "cuda:-1"])
+def test_resolve_providers_rejects_a_bad_cuda_index(device: str) -> None:
+    with pytest.raises(BackendError, match="unknown device"):
+        resolve_providers(device)
+
+
+def test_empty_provider_list_is_an_error(export_dir: Path) -> None:
+    with pytest.raises(BackendError, match="providers"):
+        OnnxBackend(export_dir, providers=[])
+
+
+@pytest.mark.parametrize("threads", [-1, "x"])
+def test_bad_thread_count_is_an_error(export_dir: Path, threads: object) -> None:
+    with pytest.raises(BackendError, match="intra_op_threads"):
+        OnnxBackend(export_dir, intra_op_threads=threads)  # type: ignore[arg-type]
+
+
+def test_create_backend_onnx_bad_option_is_a_backend_error(export_dir: Path) -> None:
+    with pytest.raises(BackendError, match="bad options"):
+        create_backend("onnx", export_dir, warp_speed=True)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.bool_, np.complex64])
+def test_non_float_pixels_are_rejected(export_dir: Path, dtype: object) -> None:
+    with pytest.raises(BackendError, match="float"):
+        OnnxBackend(export_dir).encode_images(np.zeros((1, 3, 32, 32), dtype=dtype))  # type: ignore[call-overload]
+
+
+def test_non_integer_tokens_are_rejected(export_dir: Path) -> None:
+    with pytest.raises(BackendError, match="integer"):
+        OnnxBackend(export_dir).encode_texts(np.full((1, 77), 0.7, np.float32))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("token", [-5, 49408, 60000])
+def test_token_ids_outside_the_vocabulary_are_rejected(export_dir: Path, tokens: np.ndarray, token: int) -> None:
+    bad = tokens.copy()
+    bad[1, 3] = token
+    with pytest.raises(BackendError, match=r"token ids must be in \[0, 49408\)"):
+        OnnxBackend(export_dir).encode_texts(bad)
+
+
+@pytest.mark.parametrize(("key", "value"), [("context_length", "77"), ("image_size", None), ("embed_dim", 0),
+                                            ("text_projection", "x")])
+def test_damaged_manifest_fields_are_backend_errors(export_dir: Path, tmp_path: Path, key: str, value: object) -> None:
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(export_dir, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest[key] = value
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BackendError, match=key):
+        OnnxBackend(folder)
+
+
 _NO_TORCH = textwrap.dedent(
     """
     import importlib.abc, json, sys

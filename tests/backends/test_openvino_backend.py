@@ -152,6 +152,12 @@ def test_missing_and_unknown_precision(dynamic: Path) -> None:
         OpenVinoBackend(dynamic, precision="fp8")
 
 
+@pytest.mark.parametrize("threads", [-1, "x"])
+def test_bad_thread_count_is_refused_at_construction(dynamic: Path, threads: object) -> None:
+    with pytest.raises(BackendError, match="threads must be an integer >= 0"):
+        OpenVinoBackend(dynamic, threads=threads)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("device", ["cuda", "cuda:1"])
 def test_cuda_is_refused_with_alternatives(dynamic: Path, device: str) -> None:
     with pytest.raises(BackendError, match=r"does not run on NVIDIA GPUs.*'onnx'.*'torch'"):

@@ -99,6 +99,17 @@ def test_wrong_input_shapes_are_rejected(model: CLIP) -> None:
         backend.encode_texts(np.zeros((2, 77), np.float32))
 
 
+def test_non_float_pixels_and_out_of_vocabulary_tokens_are_rejected(model: CLIP) -> None:
+    backend = TorchBackend(model)
+    with pytest.raises(BackendError, match="pixels must be float"):
+        backend.encode_images(np.zeros((1, 3, 32, 32), np.uint8))  # type: ignore[arg-type]
+    for token in (-1, 49408):
+        tokens = np.zeros((1, 77), np.int64)
+        tokens[0, 1] = token
+        with pytest.raises(BackendError, match=r"token ids must be in \[0, 49408\)"):
+            backend.encode_texts(tokens)
+
+
 def test_create_backend_errors(model: CLIP) -> None:
     with pytest.raises(BackendError, match="unknown backend 'tensorrt'; choose one of torch, onnx"):
         create_backend("tensorrt", model)

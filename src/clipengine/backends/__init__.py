@@ -50,7 +50,10 @@ def create_backend(
         if kind == "onnx":
             from .onnx_backend import OnnxBackend  # optional dependency: onnxruntime
 
-            return OnnxBackend(model_or_path, device=device, precision=precision, **opts)
+            try:
+                return OnnxBackend(model_or_path, device=device, precision=precision, **opts)
+            except TypeError as e:
+                raise BackendError(f"backend 'onnx': bad options {sorted(opts)} ({e})") from e
         from .openvino_backend import OpenVinoBackend  # optional dependency: openvino
 
         try:

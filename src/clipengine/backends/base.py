@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 
 import numpy as np
 
+from ..errors import BackendError
 from ..types import Backend, FloatArray
 
-__all__ = ["TEXT_LENGTH_BUCKET", "Backend", "l2_normalize", "run_in_chunks", "truncated_text_length"]
+__all__ = [
+    "TEXT_LENGTH_BUCKET",
+    "Backend",
+    "check_thread_count",
+    "l2_normalize",
+    "run_in_chunks",
+    "truncated_text_length",
+]
 
 TEXT_LENGTH_BUCKET = 8  # truncated text lengths are rounded up to a multiple of this (few shapes)
 
@@ -23,6 +32,23 @@ def truncated_text_length(tokens: np.ndarray, bucket: int = TEXT_LENGTH_BUCKET) 
         return length
     needed = int(tokens.astype(np.int32).argmax(axis=-1).max()) + 1
     return min(-(-needed // bucket) * bucket, length)
+
+
+def check_thread_count(option: str, value: object) -> int | None:
+    """A runtime thread-count option: None or an integer >= 0 (0 and None: the runtime's choice).
+
+    Raises:
+        BackendError: a negative or non-integer count (runtimes fail late or obscurely on those).
+    """
+    if value is None:
+        return None
+    try:
+        count = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        count = -1
+    if count < 0:
+        raise BackendError(f"{option} must be an integer >= 0 (0: the runtime's choice), got {value!r}")
+    return count
 
 
 def l2_normalize(x: FloatArray) -> FloatArray:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BackendError
-from ..export.manifest import EngineInfo, Manifest, file_sha256, read_manifest
+from ..export.manifest import MANIFEST_FILE, EngineInfo, Manifest, file_sha256, read_manifest
 from ..types import FloatArray, IntArray
 from .base import l2_normalize, run_in_chunks, truncated_text_length
 
@@ -161,6 +161,19 @@ class ExportFolderBackend(ABC):
             self.root = Path(folder)
             self.manifest = read_manifest(self.root)
         m = self.manifest
+        for key in ("embed_dim", "image_size", "context_length"):
+            value = getattr(m, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise BackendError(
+                    f'{self.root / MANIFEST_FILE}: "{key}" must be a positive integer, got {value!r}'
+                )
+        if m.text_projection is not None and not (
+            isinstance(m.text_projection, dict) and isinstance(m.text_projection.get("file"), str)
+        ):
+            raise BackendError(
+                f'{self.root / MANIFEST_FILE}: "text_projection" must be an object with a "file", '
+                f"got {m.text_projection!r}"
+            )
         engines = engine_precision or precision
         if engines not in m.precisions and engines != precision:
             raise BackendError(
@@ -175,6 +188,9 @@ class ExportFolderBackend(ABC):
         self.device, self.precision, self.engine_precision = device, precision, engines
         self.embed_dim, self.image_size, self.context_length = m.embed_dim, m.image_size, m.context_length
         self._verify_files = verify_files
+        text_arch = m.architecture.get("text") if isinstance(m.architecture, dict) else None
+        vocab = text_arch.get("vocab_size") if isinstance(text_arch, dict) else None
+        self.vocab_size: int | None = vocab if isinstance(vocab, int) and vocab > 0 else None
         self._projection = self._load_projection()
         self._image = _Tower(self, m.select("image", engines))
         self._text = _Tower(self, m.select("text", engines))
@@ -212,6 +228,8 @@ class ExportFolderBackend(ABC):
 
     def encode_images(self, pixels: FloatArray) -> FloatArray:
         """(N, 3, H, W) float32 -> (N, D) float32, unit L2 norm."""
+        if not np.issubdtype(np.asarray(pixels).dtype, np.floating):  # uint8 would run un-normalised
+            raise BackendError(f"images must be float (preprocessed), got {np.asarray(pixels).dtype}")
         x = np.ascontiguousarray(pixels, dtype=np.float32)
         expected = (3, self.image_size, self.image_size)
         if x.ndim != 4 or x.shape[1:] != expected:
@@ -222,9 +240,17 @@ class ExportFolderBackend(ABC):
 
     def encode_texts(self, tokens: IntArray) -> FloatArray:
         """(N, L) int64 token ids -> (N, D) float32, unit L2 norm."""
+        if not np.issubdtype(np.asarray(tokens).dtype, np.integer):  # floats would be truncated
+            raise BackendError(f"tokens must be integer ids, got {np.asarray(tokens).dtype}")
         x = np.ascontiguousarray(tokens, dtype=np.int64)
         if x.ndim != 2 or x.shape[1] != self.context_length:
             raise BackendError(f"tokens must be (N, {self.context_length}), got {x.shape}")
         if x.shape[0] == 0:
             return np.zeros((0, self.embed_dim), np.float32)
+        # Negative ids would wrap around in the embedding Gather (a silently wrong text), ids past
+        # the vocabulary fail inside the runtime with an error naming no input.
+        if x.min() < 0 or (self.vocab_size is not None and x.max() >= self.vocab_size):
+            raise BackendError(
+                f"token ids must be in [0, {self.vocab_size or 'vocab size'}), got {x.min()}..{x.max()}"
+            )
         return l2_normalize(self._text.run(x))

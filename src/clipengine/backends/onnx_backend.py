@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import BackendError
 from ..export.manifest import EngineInfo, Manifest
+from .base import check_thread_count
 from .folder import DEFAULT_MAX_BATCH, ExportFolderBackend, FolderEngine, plan_batches
 
 __all__ = ["DEFAULT_MAX_BATCH", "OnnxBackend", "OnnxEngine", "resolve_providers"]
@@ -44,10 +45,14 @@ def resolve_providers(
     available = ort.get_available_providers()
     device_id = 0
     if device.startswith("cuda"):
-        _, _, idx = device.partition(":")
+        _, sep, idx = device.partition(":")
+        if device != "cuda" and not (sep and idx.isascii() and idx.isdigit()):  # "cuda:x", "cudax"
+            raise BackendError(f"unknown device {device!r} for the onnx backend; use 'cpu', 'cuda' or 'cuda:N'")
         device_id = int(idx) if idx else 0
     elif device != "cpu":
         raise BackendError(f"unknown device {device!r} for the onnx backend; use 'cpu', 'cuda' or 'cuda:N'")
+    if providers is not None and not providers:
+        raise BackendError("providers is empty; name at least one, or pass None for the device's default")
     if providers is None:
         if device == "cpu":
             providers = [_CPU]
@@ -127,13 +132,14 @@ class OnnxBackend(ExportFolderBackend):
         """
         import onnxruntime as ort
 
+        threads = check_thread_count("intra_op_threads", intra_op_threads)
         super().__init__(folder, device, precision, root=root, verify_files=verify_files)
         self._providers = resolve_providers(device, providers, tensorrt)
         self._options = ort.SessionOptions()
         self._options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self._options.log_severity_level = 3  # ORT's C++ warnings would go straight to stderr
-        if intra_op_threads:
-            self._options.intra_op_num_threads = int(intra_op_threads)
+        if threads:
+            self._options.intra_op_num_threads = threads
 
     @property
     def providers(self) -> list[str]:

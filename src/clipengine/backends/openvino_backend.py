@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import BackendError
 from ..export.manifest import EngineInfo, Manifest
+from .base import check_thread_count
 from .folder import ExportFolderBackend, FolderEngine
 
 __all__ = ["DYNAMIC_QUANTIZATION_GROUP", "OpenVinoBackend", "OpenVinoEngine", "openvino_config", "resolve_device"]
@@ -151,6 +152,7 @@ class OpenVinoBackend(ExportFolderBackend):
                 unknown device, a missing or unloadable engine file.
         """
         engines, config = openvino_config(precision)
+        threads = check_thread_count("threads", threads)
         ov = _import_openvino()
         self._core = ov.Core()
         ov_device = resolve_device(device, list(self._core.available_devices))
@@ -160,7 +162,7 @@ class OpenVinoBackend(ExportFolderBackend):
         self.inference_precision = str(config["INFERENCE_PRECISION_HINT"])
         self._config: dict[str, Any] = {**config, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
-            self._config["INFERENCE_NUM_THREADS"] = int(threads)
+            self._config["INFERENCE_NUM_THREADS"] = threads
         if precision == "int8":
             if any(e.quantization == "dynamic" for e in self.manifest.select("image", "int8")):
                 log.warning(

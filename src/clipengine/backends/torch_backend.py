@@ -117,6 +117,8 @@ class TorchBackend:
         arr = np.asarray(pixels)
         if arr.ndim != 4 or arr.shape[1:] != expected:
             raise BackendError(f"pixels must be (N, {', '.join(map(str, expected))}); got {arr.shape}")
+        if not np.issubdtype(arr.dtype, np.floating):  # uint8 would run un-normalised, silently wrong
+            raise BackendError(f"pixels must be float (preprocessed); got {arr.dtype}")
         x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(self.device, self.dtype)
         return self._run(self._encode_image_fn, x)
 
@@ -127,6 +129,9 @@ class TorchBackend:
             raise BackendError(
                 f"tokens must be integer (N, {self.context_length}); got {arr.dtype} {arr.shape}"
             )
+        vocab = self.model.config.text.vocab_size
+        if arr.size and (arr.min() < 0 or arr.max() >= vocab):  # the embedding lookup's raw IndexError
+            raise BackendError(f"token ids must be in [0, {vocab}), got {arr.min()}..{arr.max()}")
         x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64)).to(self.device)
         return self._run(self._encode_text_fn, x)
 
