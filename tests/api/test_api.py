@@ -156,28 +156,18 @@ def export_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model: CLIP) -> Pa
     ],
 )
 def test_damaged_manifest_preprocess_is_a_backend_error(export_dir: Path, tmp_path: Path, preprocess: Any) -> None:
-    import json
-    import shutil
+    from export_copies import copy_with_manifest
 
-    folder = tmp_path / "copy"
-    shutil.copytree(export_dir, folder)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["preprocess"] = preprocess
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    folder = copy_with_manifest(export_dir, tmp_path / "copy", preprocess=preprocess)
     with pytest.raises(BackendError, match=r"manifest\.json.*preprocess"):
         clipengine.load(folder)
 
 
 @pytest.mark.parametrize(("key", "value"), [("logit_scale", "abc"), ("logit_scale", None), ("context_length", "77")])
 def test_damaged_manifest_numbers_are_a_backend_error(export_dir: Path, tmp_path: Path, key: str, value: Any) -> None:
-    import json
-    import shutil
+    from export_copies import copy_with_manifest
 
-    folder = tmp_path / "copy"
-    shutil.copytree(export_dir, folder)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest[key] = value
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    folder = copy_with_manifest(export_dir, tmp_path / "copy", **{key: value})
     with pytest.raises(BackendError, match=f"manifest.*{key}"):
         clipengine.load(folder)
 

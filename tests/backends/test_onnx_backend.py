@@ -206,13 +206,9 @@ def test_token_ids_outside_the_vocabulary_are_rejected(export_dir: Path, tokens:
 @pytest.mark.parametrize(("key", "value"), [("context_length", "77"), ("image_size", None), ("embed_dim", 0),
                                             ("text_projection", "x")])
 def test_damaged_manifest_fields_are_backend_errors(export_dir: Path, tmp_path: Path, key: str, value: object) -> None:
-    import shutil
+    from export_copies import copy_with_manifest
 
-    folder = tmp_path / "copy"
-    shutil.copytree(export_dir, folder)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest[key] = value
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    folder = copy_with_manifest(export_dir, tmp_path / "copy", **{key: value})
     with pytest.raises(BackendError, match=key):
         OnnxBackend(folder)
 

@@ -121,13 +121,16 @@ def _local(fakes: ModuleType, folder: Path, tmp_path: Path, cfg) -> Path:  # typ
     return out
 
 
+def _local_shards_of_5(fakes: ModuleType, folder: Path, out: Path, cfg) -> Path:  # type: ignore[no-untyped-def]
+    """A finished local run of model "fake" in shards of 5: what a Ray resume must check against."""
+    embed_folder(folder, out, fakes.FakeFactory(), cfg, model="fake", shard_size=5, workers=0)
+    return out
+
+
 def test_another_model_in_the_same_folder_is_refused_before_ray_starts(
     fakes: ModuleType, mixed_folder: Path, tmp_path: Path, preprocess_cfg
 ) -> None:  # type: ignore[no-untyped-def]
-    out = tmp_path / "out"
-    embed_folder(
-        mixed_folder, out, fakes.FakeFactory(), preprocess_cfg, model="fake", shard_size=5, workers=0
-    )
+    out = _local_shards_of_5(fakes, mixed_folder, tmp_path / "out", preprocess_cfg)
     with pytest.raises(IndexMismatchError, match="model='fake'"):
         embed_with_ray(mixed_folder, out, fakes.FakeFactory(), preprocess_cfg, model="other", shard_size=5)
 
@@ -137,10 +140,7 @@ def test_resuming_a_gpu_decoded_folder_is_refused_before_ray_starts(
 ) -> None:  # type: ignore[no-untyped-def]
     import json
 
-    out = tmp_path / "out"
-    embed_folder(
-        mixed_folder, out, fakes.FakeFactory(), preprocess_cfg, model="fake", shard_size=5, workers=0
-    )
+    out = _local_shards_of_5(fakes, mixed_folder, tmp_path / "out", preprocess_cfg)
     info = json.loads((out / "run.json").read_text())
     (out / "run.json").write_text(json.dumps({**info, "gpu_decode": True, "gpu_decoder": "torchvision"}))
     # Ray actors decode on the CPU: resuming would mix nvjpeg and libjpeg pixels in one folder.
