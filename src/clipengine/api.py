@@ -128,6 +128,11 @@ class ClipModel:
             raise BackendError(f"labels must be a list of labels, not one string ({labels!r})")
         if not labels:
             raise BackendError("classify needs at least one label")
+        if isinstance(templates, str):
+            raise BackendError(f"templates must be a list of templates, not one string ({templates!r})")
+        bad = [t for t in templates or [] if "{}" not in t]
+        if bad:  # every label would get the same prompt: uniform, meaningless probabilities
+            raise BackendError(f"templates need '{{}}' where the label goes: {bad[:3]}")
         return class_embeddings(self.encode_texts, labels, templates)
 
     def classify(

@@ -211,6 +211,15 @@ def test_classify_refuses_one_string_as_labels(model: ClipModel, clip_png: Path)
         model.classify(clip_png, "cat")
 
 
+def test_classify_refuses_templates_without_a_label_slot(model: ClipModel, clip_png: Path) -> None:
+    """A template without "{}" would give every label the same prompt (uniform probabilities)."""
+    with pytest.raises(BackendError, match=r"templates need '\{\}'.*a photo"):
+        model.classify(clip_png, ["cat", "dog"], templates=["a photo of a {}.", "a photo"])
+    with pytest.raises(BackendError, match="list of templates"):
+        model.text_classifier(["cat", "dog"], templates="a photo of a {}.")
+    assert model.text_classifier(["cat", "dog"], templates=["{} {style}"]).shape[0] == 2  # other braces are fine
+
+
 def test_classify_single_and_duplicate_labels(model: ClipModel, clip_png: Path) -> None:
     ((only,),) = model.classify(clip_png, ["a cat"])
     assert only == ("a cat", pytest.approx(1.0))
