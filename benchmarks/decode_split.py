@@ -8,7 +8,7 @@ each batch to that decoder on a thread and a stream of its own while torchvision
 so both run together; `GpuJpegDecoder(decode_batch=...)` takes it as it is.
 
 A prototype for benchmarks/gpu_decode_bench.py and benchmarks/gpu_e2e.py, not library code: it
-goes into `image.gpu_preprocess` only if it pays on the device.
+goes into `image.gpu_decode` only if it pays on the device.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def cuda_core_decoder(device: Any, kind: str = "GPU_ONLY") -> Callable[[list[Any
 
 
 def make_split_decode(device: Any, fraction: float, kind: str = "HYBRID_CPU_GPU") -> Callable[[list[Any], Any], list[Any]]:
-    """A `gpu_preprocess.DecodeBatch`: the first `fraction` of each batch to nvImageCodec with
+    """A `gpu_decode.DecodeBatch`: the first `fraction` of each batch to nvImageCodec with
     backend `kind` (a worker thread), the rest to torchvision's hardware decode (this thread).
 
     GPU_ONLY (Huffman on the GPU) could not be created on the H200 (nvImageCodec 0.9: "Could not
@@ -51,7 +51,7 @@ def make_split_decode(device: Any, fraction: float, kind: str = "HYBRID_CPU_GPU"
     and the rest on the CUDA cores, 4.8k img/s alone on that machine."""
     import torch
 
-    from clipengine.image.gpu_preprocess import _nvjpeg_decode
+    from clipengine.image.gpu_decode import _nvjpeg_decode
 
     cores = cuda_core_decoder(device, kind)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cuda-core-decode")

@@ -53,12 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     from gpu_e2e import SMALL, float_resize, make_jpeg
 
     from clipengine.image import nvimgcodec_decode
-    from clipengine.image.gpu_preprocess import (
-        GpuJpegDecoder,
-        _nvjpeg_decode,
-        inspect_encoded,
-        preprocess_tensors,
-    )
+    from clipengine.image.gpu_decode import GpuJpegDecoder, _nvjpeg_decode, inspect_encoded
+    from clipengine.image.gpu_preprocess import preprocess_tensors
     from clipengine.image.preprocess import PreprocessConfig
 
     device = torch.device(args.device)

@@ -2,7 +2,7 @@
 
 Rows (one random-weight ViT-B/32, `optimize(device="cuda", precision="fp16", cuda_graphs=True)`):
 
-- gpu nvjpeg: `image.gpu_preprocess.iter_gpu_batches` (reader threads -> nvjpeg batched decode ->
+- gpu nvjpeg: `pipeline.gpu_batching.iter_gpu_batches` (reader threads -> nvjpeg batched decode ->
   torch resize / crop / normalise on the GPU) -> model
 - gpu nvjpeg, decode only: the same loader without the model
 - gpu nvjpeg + model, float32 resize: the loader with session 4's resize (`F.interpolate` in
@@ -192,11 +192,12 @@ def run(args: argparse.Namespace, folder: Path, workers: int) -> dict[str, Any]:
     import torchvision
 
     from clipengine.backends.accel import optimize
-    from clipengine.image.gpu_preprocess import GpuJpegDecoder, iter_gpu_batches
+    from clipengine.image.gpu_decode import GpuJpegDecoder
     from clipengine.image.preprocess import PreprocessConfig
     from clipengine.models.clip import build_model
     from clipengine.models.config import get_config
     from clipengine.pipeline.batching import iter_batches, make_executor, warm_executor
+    from clipengine.pipeline.gpu_batching import iter_gpu_batches
     from clipengine.pipeline.sources import list_folder
 
     items = list_folder(folder)
@@ -371,7 +372,7 @@ def nvimgcodec_rows(timed: Callable[..., dict[str, Any]], gpu_rows: Callable[...
     """The same loader with nvImageCodec as the batched decoder (`library="nvimgcodec"`): decode
     only, with the model, and with libjpeg's chroma upsampling (fidelity); none if not installed."""
     from clipengine.image import nvimgcodec_decode
-    from clipengine.image.gpu_preprocess import GpuJpegDecoder
+    from clipengine.image.gpu_decode import GpuJpegDecoder
 
     if not nvimgcodec_decode.available():
         log.info("nvimgcodec rows left out: nvidia-nvimgcodec is not installed")

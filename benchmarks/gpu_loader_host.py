@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).parent))
     from gpu_e2e import ensure_jpegs
 
-    from clipengine.image import gpu_preprocess as gp
+    from clipengine.image import gpu_decode as gd
+    from clipengine.pipeline import gpu_batching as gb
     from clipengine.pipeline.sources import list_folder
 
     small = torch.zeros(3, 8, 8, dtype=torch.uint8)
@@ -59,18 +60,18 @@ def main(argv: list[str] | None = None) -> int:
         ensure_jpegs(Path(tmp), args.count, 64, 0, min(8, multiprocessing.cpu_count()))
         items = list_folder(tmp)
         rows = []
-        scan = gp.scan_jpeg_header
+        scan = gd.scan_jpeg_header
         for label, scanner in (("Pillow header check", lambda view: None), ("fast header scan", scan)):
-            gp.scan_jpeg_header = scanner  # type: ignore[assignment]
+            gd.scan_jpeg_header = scanner  # type: ignore[assignment]
             for threads in (int(t) for t in args.threads.split(",")):
-                decoder = gp.GpuJpegDecoder("cpu", decode_batch=stand_in)
+                decoder = gd.GpuJpegDecoder("cpu", decode_batch=stand_in)
                 t0 = time.perf_counter()
                 n = 0
-                for group in gp._read_ahead(items, args.batch, threads, 2, decoder.stats):
-                    n += len(decoder.decode([r for r in group if isinstance(r, gp.EncodedImage)]).ids)
+                for group in gb._read_ahead(items, args.batch, threads, 2, decoder.stats):
+                    n += len(decoder.decode([r for r in group if isinstance(r, gd.EncodedImage)]).ids)
                 seconds = time.perf_counter() - t0
                 rows.append((label, threads, n / seconds, decoder.stats.decode_s / seconds))
-        gp.scan_jpeg_header = scan
+        gd.scan_jpeg_header = scan
         loader_rows = loader_rates(items, args) if args.loader else []
     ceiling = 1e6 / args.decode_us
     print(f"GPU loader host side on {multiprocessing.cpu_count()} cores: {args.count} files of 1280x960, batch "
@@ -92,8 +93,9 @@ def loader_rates(items: list[Any], args: argparse.Namespace) -> list[tuple[str, 
     """img/s of `iter_gpu_loaded` with stand-in decode / preprocess / model, without and with decode_ahead."""
     import torch
 
-    from clipengine.image import gpu_preprocess as gp
+    from clipengine.image import gpu_decode as gd
     from clipengine.image.preprocess import PreprocessConfig
+    from clipengine.pipeline import gpu_batching as gb
     from clipengine.pipeline.batching import LoadStats
     from clipengine.pipeline.gpu_loading import iter_gpu_loaded
 
@@ -108,8 +110,9 @@ def loader_rates(items: list[Any], args: argparse.Namespace) -> list[tuple[str, 
         time.sleep(args.preprocess_us * 1e-6 * len(images))
         return torch.zeros(len(images), 3, 1, 1)
 
-    saved = gp._nvjpeg_decode, gp.preprocess_tensors
-    gp._nvjpeg_decode, gp.preprocess_tensors = decode, preprocess  # type: ignore[assignment]
+    # gpu_batching calls preprocess_tensors by the name it imported, so the stand-in goes there.
+    saved = gd._nvjpeg_decode, gb.preprocess_tensors
+    gd._nvjpeg_decode, gb.preprocess_tensors = decode, preprocess  # type: ignore[assignment]
     rows = []
     try:
         for _ in range(2):
@@ -121,7 +124,7 @@ def loader_rates(items: list[Any], args: argparse.Namespace) -> list[tuple[str, 
                 label = "decode on its own thread (decode_ahead=True)" if ahead else "decode on the loader thread (default)"
                 rows.append((label, n / (time.perf_counter() - t0)))
     finally:
-        gp._nvjpeg_decode, gp.preprocess_tensors = saved
+        gd._nvjpeg_decode, gb.preprocess_tensors = saved
     return rows
 
 

@@ -19,16 +19,10 @@ import pytest
 from PIL import Image
 
 from clipengine.errors import DecodeError
-from clipengine.image import gpu_preprocess, nvimgcodec_decode
+from clipengine.image import gpu_decode, gpu_preprocess, nvimgcodec_decode
 from clipengine.image.decode import decode_image
-from clipengine.image.gpu_preprocess import (
-    GpuDecodeStats,
-    GpuJpegDecoder,
-    inspect_encoded,
-    iter_gpu_batches,
-    orient,
-    preprocess_tensors,
-)
+from clipengine.image.gpu_decode import GpuDecodeStats, GpuJpegDecoder, inspect_encoded, orient
+from clipengine.image.gpu_preprocess import preprocess_tensors
 from clipengine.image.preprocess import (
     OPENAI_MEAN,
     OPENAI_STD,
@@ -36,6 +30,8 @@ from clipengine.image.preprocess import (
     preprocess,
     preprocess_image,
 )
+from clipengine.pipeline import gpu_batching
+from clipengine.pipeline.gpu_batching import iter_gpu_batches
 from clipengine.types import Failure, ImageItem
 
 torch = pytest.importorskip("torch")
@@ -355,7 +351,7 @@ def test_decoder_warns_once_when_the_gpu_decoder_takes_nothing(
 
     decoder = GpuJpegDecoder("cpu", decode_batch=decodes_nothing)
     inputs = [(f"{i}.jpg", jpeg_bytes(images, 30, 20, seed=i)) for i in range(3)]
-    with caplog.at_level("WARNING", logger=gpu_preprocess.__name__):
+    with caplog.at_level("WARNING", logger=gpu_decode.__name__):
         first = decoder.decode(inputs)
         decoder.decode(inputs)
     assert first.ids == ["0.jpg", "1.jpg", "2.jpg"] and decoder.stats.cpu_fallback == 6
@@ -394,7 +390,7 @@ def test_inspect_reads_headers_longer_than_its_prefix(images: Factories) -> None
     buf = io.BytesIO()
     icc = bytes(300_000)  # five APP2 segments: the markers before the scan outgrow the prefix
     photo(images, 64, 48).save(buf, "JPEG", exif=exif.tobytes(), icc_profile=icc)
-    assert len(buf.getvalue()) > 2 * gpu_preprocess._HEADER_BYTES
+    assert len(buf.getvalue()) > 2 * gpu_decode._HEADER_BYTES
     encoded = inspect_encoded("big_header.jpg", buf.getvalue())
     assert (encoded.nvjpeg, encoded.orientation) == (True, 3)
 
@@ -462,9 +458,9 @@ def test_read_slices_keep_order_and_failures(tmp_path: Path, images: Factories, 
     """Reader threads take slices of a group; whatever the slice size and thread count, the groups
     come back in input order, with each unreadable file's Failure in its place."""
     items = write_folder(tmp_path, images)  # 10 items: 7 JPEGs, a PNG, a truncated JPEG, a missing file
-    monkeypatch.setattr(gpu_preprocess, "_READ_SLICE", read_slice)
-    stats = gpu_preprocess.GpuDecodeStats()
-    groups = list(gpu_preprocess._read_ahead(items, 4, threads, 1, stats))
+    monkeypatch.setattr(gpu_batching, "_READ_SLICE", read_slice)
+    stats = gpu_decode.GpuDecodeStats()
+    groups = list(gpu_batching._read_ahead(items, 4, threads, 1, stats))
     assert [len(g) for g in groups] == [4, 4, 2]
     flat = [g for group in groups for g in group]
     assert [r.id for r in flat] == [it.id for it in items]
@@ -473,7 +469,7 @@ def test_read_slices_keep_order_and_failures(tmp_path: Path, images: Factories, 
 
 
 def test_read_slice_size() -> None:
-    size = gpu_preprocess._read_slice_size
+    size = gpu_batching._read_slice_size
     assert size(256, 2) == 32 and size(256, 1) == 32  # capped at _READ_SLICE
     assert size(256, 16) == 4  # at least 4 tasks per thread
     assert size(10, 2) == 2 and size(1, 8) == 1
@@ -484,10 +480,10 @@ def test_read_ahead_stops_reading_when_the_consumer_stops(tmp_path: Path, images
     """A consumer that stops after the first group leaves the queued slices unread."""
     items = write_folder(tmp_path, images) * 20  # 200 items, 50 groups of 4
     reads: list[str] = []
-    real_read = gpu_preprocess._read
-    monkeypatch.setattr(gpu_preprocess, "_read", lambda item: (reads.append(item.id), real_read(item))[1])
-    monkeypatch.setattr(gpu_preprocess, "_READ_SLICE", 1)
-    groups = gpu_preprocess._read_ahead(items, 4, 1, 1, gpu_preprocess.GpuDecodeStats())
+    real_read = gpu_batching._read
+    monkeypatch.setattr(gpu_batching, "_read", lambda item: (reads.append(item.id), real_read(item))[1])
+    monkeypatch.setattr(gpu_batching, "_READ_SLICE", 1)
+    groups = gpu_batching._read_ahead(items, 4, 1, 1, gpu_decode.GpuDecodeStats())
     first = next(groups)
     groups.close()  # type: ignore[attr-defined]
     assert len(first) == 4 and len(reads) < len(items) // 2
@@ -497,7 +493,7 @@ def test_decode_calls_hold_a_bounded_number_of_pixels(tmp_path: Path, images: Fa
                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """A decode group is split into calls of at most `_DECODE_PIXELS` (by header size), in order."""
     items = write_folder(tmp_path, images)  # seven JPEGs of 60..102 x 50
-    monkeypatch.setattr(gpu_preprocess, "_DECODE_PIXELS", 2 * 80 * 50)
+    monkeypatch.setattr(gpu_batching, "_DECODE_PIXELS", 2 * 80 * 50)
     fake = FakeNvjpeg()
     decoder = GpuJpegDecoder("cpu", decode_batch=fake)
     batches = list(iter_gpu_batches(items, PreprocessConfig(image_size=32), "cpu", batch_size=4, decoder=decoder))
@@ -567,7 +563,8 @@ def test_an_error_after_reading_stops_the_reader_threads(images: Factories) -> N
 def test_import_does_not_import_torch() -> None:
     code = (
         "import sys\n"
-        "import clipengine.image.gpu_preprocess, clipengine.image.nvimgcodec_decode\n"
+        "import clipengine.image.gpu_decode, clipengine.image.gpu_preprocess, clipengine.image.nvimgcodec_decode\n"
+        "import clipengine.pipeline.gpu_batching, clipengine.pipeline.gpu_loading\n"
         "leaked = sorted(m for m in ('torch', 'torchvision') if m in sys.modules)\n"
         "assert not leaked, leaked\n"
     )

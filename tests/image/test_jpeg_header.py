@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipengine.image import gpu_preprocess
+from clipengine.image import gpu_decode
 from clipengine.image.decode import MAX_IMAGE_PIXELS
 from clipengine.image.jpeg_header import JpegHeader, scan_jpeg_header
 
@@ -25,7 +25,7 @@ BAD = Path(__file__).parents[1] / "data" / "bad"
 def pillow_view(data: bytes) -> tuple[int, int, bool, object] | None:
     """What the loader's Pillow path reads: (width, height, usable by nvjpeg, orientation), or None if Pillow fails."""
     try:
-        return gpu_preprocess._read_header(memoryview(data))
+        return gpu_decode._read_header(memoryview(data))
     except Exception:
         return None
 
@@ -148,10 +148,10 @@ def test_mutated_headers_agree_or_defer(name: str) -> None:
 
 def test_inspect_uses_the_scan_and_keeps_its_answers(monkeypatch: pytest.MonkeyPatch) -> None:
     """inspect_encoded gives the same routing and orientation with the scan as with Pillow alone."""
-    with_scan = {name: gpu_preprocess.inspect_encoded(name, data) for name, data in CORPUS.items()}
-    monkeypatch.setattr(gpu_preprocess, "scan_jpeg_header", lambda view: None)
+    with_scan = {name: gpu_decode.inspect_encoded(name, data) for name, data in CORPUS.items()}
+    monkeypatch.setattr(gpu_decode, "scan_jpeg_header", lambda view: None)
     for name, data in CORPUS.items():
-        pillow_only = gpu_preprocess.inspect_encoded(name, data)
+        pillow_only = gpu_decode.inspect_encoded(name, data)
         got = with_scan[name]
         assert (got.nvjpeg, got.orientation, got.pixels) == (
             pillow_only.nvjpeg, pillow_only.orientation, pillow_only.pixels), name  # fmt: skip

@@ -33,9 +33,9 @@ def _pil_batch_decode(data: list[torch.Tensor], device: torch.device) -> list[to
 
 @pytest.fixture
 def fake_nvjpeg(monkeypatch: pytest.MonkeyPatch) -> None:
-    import clipengine.image.gpu_preprocess as gp
+    import clipengine.image.gpu_decode as gd
 
-    monkeypatch.setattr(gp, "_nvjpeg_decode", _pil_batch_decode)
+    monkeypatch.setattr(gd, "_nvjpeg_decode", _pil_batch_decode)
 
 
 @pytest.fixture
@@ -86,16 +86,16 @@ def test_gpu_decode_path_matches_cpu_workers(photo_folder, tmp_path: Path, tiny_
 
 def test_gpu_read_threads_reach_the_readers(photo_folder, tmp_path: Path, tiny_model, torch_backend_factory,
                                             fake_nvjpeg, monkeypatch) -> None:  # type: ignore[no-untyped-def]  # fmt: skip
-    import clipengine.image.gpu_preprocess as gp
+    import clipengine.pipeline.gpu_batching as gb
 
     seen = []
-    read_ahead = gp._read_ahead
+    read_ahead = gb._read_ahead
 
     def spy(items, group_size, threads, prefetch, stats):  # type: ignore[no-untyped-def]
         seen.append(threads)
         return read_ahead(items, group_size, threads, prefetch, stats)
 
-    monkeypatch.setattr(gp, "_read_ahead", spy)
+    monkeypatch.setattr(gb, "_read_ahead", spy)
     root, good, _ = photo_folder
     stats = embed_folder(root, tmp_path / "out", torch_backend_factory, tiny_model_cfg(tiny_model), model="tiny",
                          gpu_decode="cpu", gpu_read_threads=5)  # fmt: skip
@@ -187,13 +187,13 @@ def test_decode_ahead_gives_the_same_batches(photo_folder, tiny_model, fake_nvjp
     as the one-thread loader, with groups of 3 files and decode calls split by pixel budget."""
     import threading
 
-    import clipengine.image.gpu_preprocess as gp
+    import clipengine.pipeline.gpu_batching as gb
     from clipengine.pipeline.batching import LoadStats
     from clipengine.pipeline.gpu_loading import iter_gpu_loaded
     from clipengine.pipeline.sources import list_folder
 
-    monkeypatch.setattr(gp, "_DECODE_GROUP", 3)
-    monkeypatch.setattr(gp, "_DECODE_PIXELS", 20_000)  # the 160x90 and 70x200 photos get calls of their own
+    monkeypatch.setattr(gb, "_DECODE_GROUP", 3)
+    monkeypatch.setattr(gb, "_DECODE_PIXELS", 20_000)  # the 160x90 and 70x200 photos get calls of their own
     root, good, bad = photo_folder
     items = list_folder(root)
     cfg = tiny_model_cfg(tiny_model)
@@ -235,7 +235,7 @@ def test_wait_counts_the_time_the_consumer_waits(photo_folder, tiny_model, monke
     the consumer wait at least that long for the first batch."""
     import time
 
-    import clipengine.image.gpu_preprocess as gp
+    import clipengine.image.gpu_decode as gd
     from clipengine.pipeline.batching import LoadStats
     from clipengine.pipeline.gpu_loading import iter_gpu_loaded
     from clipengine.pipeline.sources import list_folder
@@ -244,7 +244,7 @@ def test_wait_counts_the_time_the_consumer_waits(photo_folder, tiny_model, monke
         time.sleep(0.05)
         return _pil_batch_decode(data, device)
 
-    monkeypatch.setattr(gp, "_nvjpeg_decode", slow)
+    monkeypatch.setattr(gd, "_nvjpeg_decode", slow)
     root, good, _ = photo_folder
     stats = LoadStats()
     batches = list(iter_gpu_loaded(list_folder(root), tiny_model_cfg(tiny_model), 4, "cpu", stats))
@@ -258,7 +258,8 @@ def test_loader_error_stops_every_thread(photo_folder, tiny_model, monkeypatch, 
     all stopped, while the consumer still holds the exception."""
     import threading
 
-    import clipengine.image.gpu_preprocess as gp
+    import clipengine.image.gpu_decode as gd
+    import clipengine.pipeline.gpu_batching as gb
     from clipengine.pipeline.batching import LoadStats
     from clipengine.pipeline.gpu_loading import iter_gpu_loaded
     from clipengine.pipeline.sources import list_folder
@@ -266,8 +267,8 @@ def test_loader_error_stops_every_thread(photo_folder, tiny_model, monkeypatch, 
     def wrong_shape(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
         return [torch.zeros((1, 8, 8), dtype=torch.uint8) for _ in data]
 
-    monkeypatch.setattr(gp, "_nvjpeg_decode", wrong_shape)
-    monkeypatch.setattr(gp, "_DECODE_GROUP", 2)
+    monkeypatch.setattr(gd, "_nvjpeg_decode", wrong_shape)
+    monkeypatch.setattr(gb, "_DECODE_GROUP", 2)
     root, _, _ = photo_folder
     items = list_folder(root) * 20  # many groups still to read when the first one fails
     before = set(threading.enumerate())
@@ -283,14 +284,14 @@ def test_loader_error_stops_every_thread(photo_folder, tiny_model, monkeypatch, 
 def test_real_decode_ahead_equals_one_thread_loader(photo_folder, tiny_model, monkeypatch, decoder: str) -> None:  # type: ignore[no-untyped-def]
     """On CUDA, decode calls on their own thread (a second thread issuing GPU work on the default
     stream) give the very pixels of the one-thread loader, with a busy GPU in between."""
-    import clipengine.image.gpu_preprocess as gp
+    import clipengine.pipeline.gpu_batching as gb
     from clipengine.pipeline.batching import LoadStats
     from clipengine.pipeline.gpu_loading import iter_gpu_loaded
     from clipengine.pipeline.sources import list_folder
 
     if decoder == "nvimgcodec":
         pytest.importorskip("nvidia.nvimgcodec")
-    monkeypatch.setattr(gp, "_DECODE_GROUP", 3)
+    monkeypatch.setattr(gb, "_DECODE_GROUP", 3)
     root, good, _ = photo_folder
     items = list_folder(root)
     cfg = tiny_model_cfg(tiny_model)

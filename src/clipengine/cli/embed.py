@@ -68,7 +68,7 @@ WORKERS_HELP = "Decode processes (default: one per core; 0 decodes in the main p
 
 
 def _check_gpu_decoder(gpu_decode: bool, gpu_decoder: str) -> None:
-    from ..image.gpu_preprocess import GPU_DECODE_LIBRARIES
+    from ..image.gpu_decode import GPU_DECODE_LIBRARIES
 
     if gpu_decoder not in GPU_DECODE_LIBRARIES:
         raise typer.BadParameter(f"--gpu-decoder must be one of {', '.join(GPU_DECODE_LIBRARIES)}, got {gpu_decoder!r}")

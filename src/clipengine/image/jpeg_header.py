@@ -1,7 +1,7 @@
 """A fast read of a plain JPEG's header: size, components and EXIF orientation, or "ask Pillow".
 
 The GPU loader checks every file's header on its reader threads before nvjpeg sees it
-(`gpu_preprocess.inspect_encoded`). With Pillow (`Image.open` + `getexif`) that is ~30-50 us of
+(`gpu_decode.inspect_encoded`). With Pillow (`Image.open` + `getexif`) that is ~30-50 us of
 Python per file on this CPU and ~100 us on the H200 machine's, all of it holding the GIL that the
 decode thread needs: on the H200 the decode call ran at a third of its raw rate next to 8 such
 readers. This walks the marker segments with `struct` instead (a few us).

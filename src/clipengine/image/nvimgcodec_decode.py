@@ -1,4 +1,4 @@
-"""Batched JPEG decode with NVIDIA nvImageCodec, as a `gpu_preprocess.DecodeBatch`.
+"""Batched JPEG decode with NVIDIA nvImageCodec, as a `gpu_decode.DecodeBatch`.
 
 The alternative to torchvision's `decode_jpeg` for `GpuJpegDecoder(library="nvimgcodec")`.
 torchvision decodes a batch under one global lock with a single-threaded host parse, so the
@@ -84,7 +84,7 @@ def _current_device() -> int:
 def _params() -> Any:
     nv = _module()
     # Planar RGB is nvjpeg's native output and our (3, H, W) layout; grey JPEGs come back as RGB.
-    # EXIF orientation stays off: `gpu_preprocess.orient` applies the header's, as for torchvision.
+    # EXIF orientation stays off: `gpu_decode.orient` applies the header's, as for torchvision.
     return nv.DecodeParams(apply_exif_orientation=False, color_spec=nv.ColorSpec.SRGB, sample_format=nv.SampleFormat.P_RGB)
 
 
@@ -106,7 +106,7 @@ def decode_batch(
     The outputs are copies in torch's memory, made on a stream of their own that is waited for
     before nvImageCodec's buffers are released: nvImageCodec frees its images when the Python
     objects go, and queued torch work must never read freed memory (the race that a
-    stream-unaware handover caused with torchvision, see `gpu_preprocess._nvjpeg_decode`).
+    stream-unaware handover caused with torchvision, see `gpu_decode._nvjpeg_decode`).
     """
     import torch
 
@@ -116,7 +116,7 @@ def decode_batch(
     if device.type == "cpu":
         images = decoder.decode(streams, params=_params())
         return [None if im is None else torch.from_numpy(im.cpu().__array__()).clone() for im in images]
-    from clipengine.image.gpu_preprocess import _decode_stream
+    from clipengine.image.gpu_decode import _decode_stream
 
     consumer = torch.cuda.current_stream(device)
     stream = _decode_stream(device)

@@ -2,7 +2,7 @@
 
 The alternative to `batching.iter_batches` (CPU decode workers) when the model runs on a CUDA GPU:
 reader threads fetch file bytes, nvjpeg decodes the JPEGs in batches, and resize / crop / normalise
-run on the GPU, so pixels never cross back to the host (`image.gpu_preprocess`). Anything nvjpeg
+run on the GPU, so pixels never cross back to the host (`pipeline.gpu_batching`). Anything nvjpeg
 does not take (PNG, CMYK, odd or truncated JPEGs) goes through the exact CPU decoder; what neither
 can decode becomes a `Failure` on its batch, as in the CPU path. Batch.pixels is then a torch tensor
 on the GPU: only backends that accept one (the torch backend) can consume these batches.
@@ -14,7 +14,9 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..image.gpu_decode import GpuJpegDecoder
 from ..types import Batch, ImageItem
+from .gpu_batching import assemble_batches, default_decode_group, iter_decoded_chunks, iter_gpu_batches
 from .prefetch import prefetch
 
 if TYPE_CHECKING:
@@ -54,13 +56,6 @@ def iter_gpu_loaded(
     preprocessing (the GPU runs it asynchronously); `read_s` sums the reader threads' time;
     `wait_s` is the time the consumer waited for the next batch (the model starved).
     """
-    from ..image.gpu_preprocess import (
-        GpuJpegDecoder,
-        assemble_batches,
-        default_decode_group,
-        iter_decoded_chunks,
-        iter_gpu_batches,
-    )
     from ..image.preprocess import PreprocessConfig
 
     cfg = preprocess_cfg if isinstance(preprocess_cfg, PreprocessConfig) else PreprocessConfig.from_dict(preprocess_cfg)
