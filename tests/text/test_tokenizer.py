@@ -14,7 +14,7 @@ import regex
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clipengine.errors import TextTooLongError
+from clipengine.errors import BackendError, TextTooLongError
 from clipengine.text.tokenizer import (
     _PRE_TOKEN,
     _PRE_TOKEN_ASCII,
@@ -150,6 +150,48 @@ def test_empty_and_single_text_inputs() -> None:
 def test_invalid_arguments_raise_value_error(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         tokenize("a", **bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("ids", [[-1], [VOCAB_SIZE], [320, 10**9], np.array([320, -5])])
+def test_decode_refuses_ids_outside_the_vocabulary(ids: object) -> None:
+    # -1 used to index from the end and decode as "<|endoftext|>"; past the end was a raw IndexError.
+    with pytest.raises(BackendError, match=rf"outside the vocabulary \[0, {VOCAB_SIZE}\)"):
+        get_tokenizer().decode(ids)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [[1.0], [320, "22697"], [None], [True], np.array([320.0]), np.array([[320, 22697]]), None, "320", 320],
+)
+def test_decode_refuses_non_integer_ids(ids: object) -> None:
+    with pytest.raises(BackendError, match="integer"):
+        get_tokenizer().decode(ids)  # type: ignore[arg-type]
+
+
+def test_decode_accepts_numpy_integer_ids() -> None:
+    tok = get_tokenizer()
+    assert tok.decode(np.array([320, 22697], dtype=np.int32)) == tok.decode([320, 22697]) == "a diagram "
+    assert tok.decode(tokenize("a dog")[0, :4]) == "<|startoftext|>a dog <|endoftext|>"
+
+
+@pytest.mark.parametrize(
+    ("texts", "match"),
+    [
+        (None, "NoneType"),
+        (5, "int"),
+        ({"a": 1}, "dict"),
+        (b"a dog", "bytes"),
+        (["a dog", 5], r"texts\[1\] is int"),
+        ([None], r"texts\[0\] is NoneType"),
+    ],
+)
+def test_tokenize_refuses_texts_that_are_not_strings(texts: object, match: str) -> None:
+    with pytest.raises(BackendError, match=match):
+        tokenize(texts)  # type: ignore[arg-type]
+
+
+def test_tokenize_accepts_a_numpy_array_of_strings() -> None:
+    assert np.array_equal(tokenize(np.array(["a dog", "a cat"])), tokenize(["a dog", "a cat"]))  # type: ignore[arg-type]
 
 
 def test_custom_vocabulary_file_matches_bundled(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -18,7 +18,7 @@ import ftfy
 import numpy as np
 import regex
 
-from clipengine.errors import TextTooLongError
+from clipengine.errors import BackendError, TextTooLongError
 from clipengine.types import IntArray
 
 __all__ = [
@@ -210,13 +210,47 @@ class Tokenizer:
 
         Special tokens decode to their names; padding zeros decode to "!", so pass only the ids
         up to and including the end token of a `tokenize` row.
+
+        Raises:
+            BackendError: `ids` is not a sequence of integers, or one is outside [0, vocab_size)
+                (the same rule, and error, as the backends apply to token ids they encode).
         """
-        joined = "".join(self._symbols[int(i)] for i in ids)
+        joined = "".join(self._symbols[i] for i in self._checked_ids(ids))
         return (
             bytes(_SYMBOLS_TO_BYTES[c] for c in joined)
             .decode("utf-8", errors="replace")
             .replace(_WORD_END, " ")
         )
+
+    def _checked_ids(self, ids: object) -> list[int]:
+        """`ids` as Python ints, each a vocabulary index; anything else is a BackendError naming it.
+
+        Without the check -1 indexes from the end of the vocabulary (decodes as "<|endoftext|>"),
+        a float id is silently truncated by int(), and ids past the end are a bare IndexError.
+        """
+        if isinstance(ids, np.ndarray):
+            if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+                raise BackendError(
+                    f"token ids must be a 1-D array of integer ids, got {ids.dtype} {ids.shape}; "
+                    "decode one row of a tokenize() array at a time"
+                )
+        elif isinstance(ids, str | bytes) or not isinstance(ids, Sequence):
+            raise BackendError(f"token ids must be a sequence of integer ids, got {type(ids).__name__}")
+        size = len(self._symbols)
+        checked: list[int] = []
+        for pos, i in enumerate(ids):
+            # bool is an int subclass, but True as a token id is a mistake, not id 1.
+            if isinstance(i, bool | np.bool_) or not isinstance(i, int | np.integer):
+                raise BackendError(
+                    f"token id at position {pos} is {i!r} ({type(i).__name__}), not an integer id"
+                )
+            if not 0 <= i < size:
+                raise BackendError(
+                    f"token id {int(i)} at position {pos} is outside the vocabulary [0, {size}); "
+                    "pass ids made by this tokenizer"
+                )
+            checked.append(int(i))
+        return checked
 
     def __call__(
         self, texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH, truncate: Truncate = True
@@ -235,10 +269,10 @@ class Tokenizer:
 
         Raises:
             TextTooLongError: a text needs more than L positions and truncation is off.
+            BackendError: `texts` is not a text or a sequence of texts (None, a number, a dict, ...).
             ValueError: `context_length` < 2 or an unknown `truncate` value.
         """
-        if isinstance(texts, str):
-            texts = [texts]
+        texts = _text_list(texts)
         if context_length < 2:
             raise ValueError(
                 f"context_length must be >= 2 (room for start and end tokens), got {context_length}"
@@ -264,6 +298,27 @@ class Tokenizer:
                 ids[-1] = EOT_TOKEN
             out[row, : len(ids)] = ids
         return out
+
+
+def _text_list(texts: object) -> list[str]:
+    """One text or a sequence of texts as a list; anything else is a BackendError naming it.
+
+    Checked up front: a dict, None or an int would otherwise fail deep in the cleanup with a bare
+    TypeError/AttributeError (or, for a dict, silently tokenize its keys).
+    """
+    if isinstance(texts, str):
+        return [texts]
+    # A NumPy array of strings (a DataFrame column) is not a Sequence but holds str items.
+    if isinstance(texts, bytes | bytearray) or not isinstance(texts, Sequence | np.ndarray):
+        raise BackendError(
+            f"texts must be a str or a list of str, got {type(texts).__name__}; "
+            "decode bytes first and wrap one text in a list if needed"
+        )
+    out = list(texts)
+    for i, text in enumerate(out):
+        if not isinstance(text, str):
+            raise BackendError(f"texts[{i}] is {type(text).__name__} ({text!r:.40}), not a str")
+    return out
 
 
 def _quote(text: str) -> str:
