@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
+from PIL import Image
 
 from .errors import BackendError
 from .image.preprocess import PreprocessConfig, preprocess
@@ -20,6 +22,8 @@ if TYPE_CHECKING:
 __all__ = ["ClipModel", "load", "load_export"]
 
 _EXPORT_MANIFEST = "manifest.json"
+# What one image may be (see `image.decode.decode_image`).
+_IMAGE_TYPES = (str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray)
 
 
 class ClipModel:
@@ -93,13 +97,13 @@ class ClipModel:
 
         Raises:
             DecodeError: an image cannot be decoded (the message names it).
+            BackendError: `images` (or an item of the list) is none of the kinds above.
         """
         if batch_size < 1:
             raise BackendError(f"batch_size must be >= 1, got {batch_size}")
         if isinstance(images, np.ndarray) and images.ndim == 4:
             return self._in_batches(self._backend.encode_images, self._checked_pixels(images), batch_size)
-        # A single str/bytes is a Sequence too: only lists and tuples mean "several images".
-        items = list(images) if isinstance(images, (list, tuple)) else [cast(ImageInput, images)]
+        items = _image_items(images)
         outs = [np.zeros((0, self.embed_dim), dtype=np.float32)]
         for start in range(0, len(items), batch_size):
             pixels = np.stack([self.preprocess(item) for item in items[start : start + batch_size]])
@@ -107,7 +111,11 @@ class ClipModel:
         return np.concatenate(outs, axis=0).astype(np.float32, copy=False)
 
     def encode_texts(self, texts: str | Sequence[str], batch_size: int = 256) -> FloatArray:
-        """Texts -> (N, D) float32 unit-norm embeddings (long texts are cut with a warning)."""
+        """Texts -> (N, D) float32 unit-norm embeddings (long texts are cut with a warning).
+
+        Raises:
+            BackendError: `texts` is not a str or a list of str (checked by the tokenizer).
+        """
         if batch_size < 1:
             raise BackendError(f"batch_size must be >= 1, got {batch_size}")
         tokens = tokenize(texts, context_length=self.context_length)
@@ -147,6 +155,25 @@ class ClipModel:
         """
         classifier = self.text_classifier(labels, templates)
         return rank_labels(self.encode_images(images), classifier, self.logit_scale, labels)
+
+
+def _image_items(images: object) -> list[ImageInput]:
+    """One image or a list/tuple of images as a list, every item checked before any is decoded.
+
+    The decoder would raise a bare TypeError only when it reaches a bad item, after decoding and
+    encoding the batches before it.
+    """
+    # A single str/bytes is a Sequence too: only lists and tuples mean "several images".
+    several = isinstance(images, (list, tuple))
+    items = list(images) if isinstance(images, (list, tuple)) else [images]
+    for i, item in enumerate(items):
+        if not isinstance(item, _IMAGE_TYPES):
+            where = f"images[{i}]" if several else "images"
+            raise BackendError(
+                f"{where} is {type(item).__name__}; expected a path, bytes, PIL image or array, "
+                "or a list of them"
+            )
+    return cast(list[ImageInput], items)
 
 
 def load(

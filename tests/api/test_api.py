@@ -225,3 +225,38 @@ def test_classify_single_and_duplicate_labels(model: ClipModel, clip_png: Path) 
     assert only == ("a cat", pytest.approx(1.0))
     (ranked,) = model.classify(clip_png, ["a cat", "a cat"])
     assert [p for _, p in ranked] == pytest.approx([0.5, 0.5])
+
+
+@pytest.mark.parametrize(
+    ("texts", "match"),
+    [(None, "got NoneType"), (7, "got int"), ({"a dog": 1}, "got dict"), (["a dog", None], r"texts\[1\]")],
+)
+def test_encode_texts_refuses_what_is_not_text(model: ClipModel, texts: Any, match: str) -> None:
+    with pytest.raises(BackendError, match=match):
+        model.encode_texts(texts)
+
+
+@pytest.mark.parametrize(
+    ("images", "match"),
+    [
+        (None, "images is NoneType"),
+        (7, "images is int"),
+        ({"a": "b.png"}, "images is dict"),
+        (3.5, "images is float"),
+        ([None], r"images\[0\] is NoneType"),
+    ],
+)
+def test_encode_images_refuses_what_is_not_an_image(model: ClipModel, images: Any, match: str) -> None:
+    with pytest.raises(BackendError, match=match):
+        model.encode_images(images)
+
+
+def test_encode_images_checks_every_item_before_decoding_any(
+    model: ClipModel, clip_png: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoded: list[Any] = []
+    real = model.preprocess
+    monkeypatch.setattr(model, "preprocess", lambda item: decoded.append(item) or real(item))
+    with pytest.raises(BackendError, match=r"images\[2\] is int"):
+        model.encode_images([clip_png, clip_png, 3], batch_size=1)
+    assert decoded == []  # a bad last item fails fast, not after decoding and encoding the rest
