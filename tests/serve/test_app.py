@@ -465,3 +465,70 @@ def test_made_up_http_methods_do_not_grow_the_metrics(make_client: Any) -> None:
     text = c.get("/metrics").text
     assert "BREW" not in text
     assert 'clipengine_http_requests_total{method="other",route="unmatched",status="404"} 20' in text
+
+
+# ---- HEAD ------------------------------------------------------------------------------------------
+_GET_ROUTES = [
+    "/",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/v1/info",
+    "/v1/thumbnails/img0.png",
+    "/v1/thumbnails/sub/deep.png",
+    "/favicon.ico",
+    "/openapi.json",
+    "/static/app.js",
+]
+# Differ between two requests by nature: the date, and the metrics page (it counts the GET before it).
+_VOLATILE_HEADERS = {"date"}
+
+
+@pytest.mark.parametrize("path", _GET_ROUTES)
+def test_head_on_a_get_route_answers_like_get(make_client: Any, path: str) -> None:
+    c = make_client()
+    got = c.get(path)
+    head = c.head(path)
+    assert head.status_code == got.status_code and got.status_code in (200, 204), head.text
+    volatile = _VOLATILE_HEADERS | ({"content-length"} if path == "/metrics" else set())
+    same = {k: v for k, v in got.headers.items() if k not in volatile}
+    assert {k: v for k, v in head.headers.items() if k not in volatile} == same
+
+
+def test_head_keeps_the_api_key_check_and_stays_out_of_the_schema(make_client: Any) -> None:
+    c = make_client(api_key="s3cret")
+    assert c.head("/healthz").status_code == 200
+    assert c.head("/v1/info").status_code == 401
+    assert c.head("/v1/info", headers={"X-API-Key": "s3cret"}).status_code == 200
+    assert c.head("/v1/search", headers={"X-API-Key": "s3cret"}).status_code == 405  # POST-only
+    assert c.head("/v1/thumbnails/nope.png", headers={"X-API-Key": "s3cret"}).status_code == 404
+    paths = c.get("/openapi.json", headers={"X-API-Key": "s3cret"}).json()["paths"]
+    assert set(paths["/healthz"]) == {"get"} and set(paths["/v1/thumbnails/{image_id}"]) == {"get"}
+    text = c.get("/metrics", headers={"X-API-Key": "s3cret"}).text
+    assert 'clipengine_http_requests_total{method="HEAD",route="/v1/info",status="200"} 1' in text
+
+
+@pytest.mark.integration
+def test_head_through_uvicorn_sends_no_body(fake_model: FakeModel, fake_index: FakeIndex) -> None:
+    import http.client
+
+    from clipengine.serve import ServeSettings, create_app
+
+    from .conftest import ThreadedServer
+
+    server = ThreadedServer(create_app(fake_model, fake_index, ServeSettings()))
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        for path in ("/healthz", "/v1/info", "/"):
+            conn.request("HEAD", path)
+            head = conn.getresponse()
+            assert head.status == 200 and int(head.headers["content-length"]) > 0
+            assert head.read() == b""
+            # Same connection: a body sent after the HEAD headers would corrupt this response.
+            conn.request("GET", path)
+            got = conn.getresponse()
+            body = got.read()
+            assert got.status == 200 and len(body) == int(head.headers["content-length"])
+    finally:
+        conn.close()
+        server.stop()

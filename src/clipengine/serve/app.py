@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
@@ -55,6 +56,8 @@ def _body_doc(json_model: type[Any], multipart: dict[str, Any]) -> dict[str, Any
 
 
 _FILES = {"type": "array", "items": {"type": "string", "format": "binary"}}
+
+_Endpoint = TypeVar("_Endpoint", bound=Callable[..., Any])
 
 
 def create_app(
@@ -125,26 +128,43 @@ def _document_api_key(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def _get(app: FastAPI, path: str, **kwargs: Any) -> Callable[[_Endpoint], _Endpoint]:
+    """`app.get` that answers HEAD too, as HTTP requires: same handler, status and headers.
+
+    Starlette adds HEAD to its own GET routes, FastAPI's routes answer only the methods they name
+    (HEAD was a 405). The HEAD twin stays out of the OpenAPI schema: one operation per path, and
+    no duplicate operation ids. The server (uvicorn) sends no body in reply to HEAD.
+    """
+
+    def register(endpoint: _Endpoint) -> _Endpoint:
+        app.head(path, **{**kwargs, "include_in_schema": False})(endpoint)
+        return app.get(path, **kwargs)(endpoint)
+
+    return register
+
+
 def _add_routes(app: FastAPI, s: ApiHandlers) -> None:
     multipart_images = {"files": _FILES}
 
-    @app.get("/", include_in_schema=False)
+    @_get(app, "/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
-    @app.get("/healthz", tags=["ops"], summary="Liveness: the process answers.")
+    @_get(app, "/healthz", tags=["ops"], summary="Liveness: the process answers.")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["ops"], summary="Readiness: model loaded and batchers running (503 otherwise).")
+    @_get(
+        app, "/readyz", tags=["ops"], summary="Readiness: model loaded and batchers running (503 otherwise)."
+    )
     async def readyz() -> JSONResponse:
         return s.readiness()
 
-    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics.", response_class=PlainTextResponse)
+    @_get(app, "/metrics", tags=["ops"], summary="Prometheus metrics.", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(s.metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/info", tags=["v1"], response_model=InfoResponse, summary="Model, index and limits.")
+    @_get(app, "/v1/info", tags=["v1"], response_model=InfoResponse, summary="Model, index and limits.")
     async def info() -> dict[str, Any]:
         return s.info()
 
@@ -214,7 +234,8 @@ def _add_routes(app: FastAPI, s: ApiHandlers) -> None:
     async def search(request: Request) -> JSONResponse:
         return await s.search(request)
 
-    @app.get(
+    @_get(
+        app,
         "/v1/thumbnails/{image_id:path}",
         tags=["v1"],
         response_class=Response,
@@ -224,6 +245,6 @@ def _add_routes(app: FastAPI, s: ApiHandlers) -> None:
     async def thumbnail(image_id: str) -> Response:
         return await s.thumbnail(image_id)
 
-    @app.get("/favicon.ico", include_in_schema=False)
+    @_get(app, "/favicon.ico", include_in_schema=False)
     async def favicon() -> Response:
         return Response(status_code=204)
