@@ -127,6 +127,75 @@ def test_save_model_round_trip(tmp_path: Path, tiny_model: CLIP) -> None:
         assert torch.equal(loaded.module.state_dict()[key], value), key
 
 
+def _half_written_save_file(tensors: dict[str, torch.Tensor], filename: str) -> None:
+    """safetensors' save_file dying halfway (disk full): part of a file, then the error."""
+    Path(filename).write_bytes(b"\x00" * 100)
+    raise OSError(28, "No space left on device")
+
+
+def test_failed_save_keeps_the_previous_save_and_leaves_no_temp_files(
+    tmp_path: Path, tiny_model: CLIP, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import safetensors.torch
+
+    pp = PreprocessConfig(image_size=32, interpolation="bilinear")
+    folder = save_model(tiny_model, tmp_path / "m", pp)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    monkeypatch.setattr(safetensors.torch, "save_file", _half_written_save_file)
+    with pytest.raises(OSError, match="No space left"):
+        save_model(tiny_model, folder, PreprocessConfig(image_size=32))  # another config.json
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temp or backup folder left beside it
+    loaded = load_model(folder)
+    assert loaded.preprocess == pp
+    for key, value in tiny_model.state_dict().items():
+        assert torch.equal(loaded.module.state_dict()[key], value), key
+
+
+def test_failed_first_save_leaves_no_folder(
+    tmp_path: Path, tiny_model: CLIP, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", _half_written_save_file)
+    with pytest.raises(OSError, match="No space left"):
+        save_model(tiny_model, tmp_path / "new" / "m")
+    assert [p.name for p in (tmp_path / "new").iterdir()] == []
+
+
+def test_save_replaces_a_previous_save_whole(tmp_path: Path, tiny_model: CLIP) -> None:
+    folder = save_model(tiny_model, tmp_path / "m")
+    other = CLIP(tiny_model.config).eval()  # other (random) weights, same architecture
+    pp = PreprocessConfig(image_size=32, interpolation="bilinear")
+    assert save_model(other, folder, pp) == folder
+    loaded = load_model(folder)
+    assert loaded.preprocess == pp
+    for key, value in other.state_dict().items():
+        assert torch.equal(loaded.module.state_dict()[key], value), key
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_save_into_an_empty_folder(tmp_path: Path, tiny_model: CLIP) -> None:
+    (tmp_path / "m").mkdir()
+    save_model(tiny_model, tmp_path / "m")
+    assert load_model(tmp_path / "m").config == tiny_model.config
+
+
+def test_save_refuses_a_folder_holding_other_files(tmp_path: Path, tiny_model: CLIP) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match=r"notes\.txt.*new or empty folder"):
+        save_model(tiny_model, tmp_path / "m")
+    assert [p.name for p in (tmp_path / "m").iterdir()] == ["notes.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+    (tmp_path / "f").write_text("a file")
+    with pytest.raises(CheckpointError, match="not a folder"):
+        save_model(tiny_model, tmp_path / "f")
+    assert (tmp_path / "f").read_text() == "a file"
+
+
 class _Evil:
     def __reduce__(self) -> tuple[Any, ...]:
         return (print, ("pwned",))

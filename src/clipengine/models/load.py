@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import re
+import secrets
+import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -328,19 +331,79 @@ def _preprocess(path: Path, values: dict[str, Any]) -> PreprocessConfig:
 def save_model(module: CLIP, folder: str | Path, preprocess: PreprocessConfig | None = None) -> Path:
     """Write `module` as a clipengine model folder: config.json (+ "preprocess") + model.safetensors.
 
-    The folder loads back with `load_model(folder)` (and is the format of packaged weights).
+    The folder loads back with `load_model(folder)` (and is the format of packaged weights). The
+    save is atomic: both files are written into a hidden temp folder beside `folder`, which then
+    takes its place. If writing fails, a previous save in `folder` is left as it was and the temp
+    folder is removed; readers never see new config.json beside old or half-written weights.
+
+    Raises:
+        CheckpointError: `folder` is a file, or a folder holding anything besides a saved model
+            (a save replaces the folder as a whole).
     """
     from safetensors.torch import save_file
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    target = Path(folder).resolve()  # a symlinked folder: replace what it points to, not the link
+    _check_replaceable(target)
     cfg = module.config
     preprocess = preprocess or PreprocessConfig(image_size=cfg.vision.image_size)
     config = {**cfg.to_dict(), "preprocess": preprocess.to_dict()}
-    (folder / _CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     tensors = {
         k: (v.detach().float() if v.is_floating_point() else v).contiguous().cpu()
         for k, v in module.state_dict().items()
     }
-    save_file(tensors, str(folder / _WEIGHTS_FILE))
-    return folder
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # mkdir (not mkdtemp, which makes it 0700) so the saved folder gets the usual permissions.
+    work = target.parent / f".{target.name}.{secrets.token_hex(4)}.saving"
+    work.mkdir()
+    try:
+        (work / _CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        save_file(tensors, str(work / _WEIGHTS_FILE))
+        for name in _SAVED_FILES:
+            _fsync(work / name)
+        _swap_in(work, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # already moved into place after a successful save
+    return Path(folder)
+
+
+_SAVED_FILES = (_CONFIG_FILE, _WEIGHTS_FILE)
+
+
+def _check_replaceable(folder: Path) -> None:
+    """Refuse to replace a file, or a folder with content other than a previous save (it would be lost)."""
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: exists and is not a folder; save the model to a new folder")
+    other = sorted(p.name for p in folder.iterdir() if p.name not in _SAVED_FILES)
+    if other:
+        raise CheckpointError(
+            f"{folder}: holds {', '.join(other[:5])}{' ...' if len(other) > 5 else ''} besides a saved "
+            "model, and a save replaces the whole folder; save to a new or empty folder"
+        )
+
+
+def _fsync(path: Path) -> None:
+    """Flush a written file to disk, so the rename that publishes it cannot outlive its data."""
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+
+
+def _swap_in(work: Path, folder: Path) -> None:
+    """Put the finished `work` folder at `folder`, replacing a previous save.
+
+    rename(2) cannot replace a non-empty folder, so a previous save is first renamed aside, and
+    removed only once the new one is in place (renamed back if that fails). A crash between the
+    two renames leaves no `folder`, and the previous save intact beside it as `.NAME.*.old`.
+    """
+    if not folder.exists():
+        os.replace(work, folder)
+        return
+    old = folder.parent / f".{folder.name}.{secrets.token_hex(4)}.old"
+    os.replace(folder, old)
+    try:
+        os.replace(work, folder)
+    except BaseException:
+        os.replace(old, folder)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
