@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .export.manifest import atomic_path
+
 if TYPE_CHECKING:
     from .bench.timing import BenchResult
     from .pipeline.run import RunStats
@@ -143,5 +145,8 @@ def plot_throughput(result: BenchResult, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)  # Figure renders through the Agg canvas by default
+    # Through a temp file renamed over `path`: a failed save never leaves a truncated plot over a
+    # previous one. The temp name ends in .tmp, so the format comes from the final name.
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix[1:].lower() or "png")  # Agg canvas by default
     return path

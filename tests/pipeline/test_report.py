@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -88,3 +89,37 @@ def test_run_stats_summary_names_failures_file(tmp_path: Path) -> None:
 def test_plot_writes_a_png(tmp_path: Path) -> None:
     path = plot_throughput(_result(100, 1000.0), tmp_path / "plots" / "bench.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _failing_savefig(self: object, fname: Any, *args: Any, **kwargs: Any) -> None:
+    """Figure.savefig dying halfway (disk full): part of a file, then the error."""
+    if hasattr(fname, "write"):
+        fname.write(b"\x89PNG half")
+    else:
+        Path(fname).write_bytes(b"\x89PNG half")
+    raise OSError(28, "No space left on device")
+
+
+def test_failed_plot_keeps_the_previous_file_and_leaves_no_temp_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from matplotlib.figure import Figure
+
+    path = plot_throughput(_result(100, 1000.0), tmp_path / "bench.png")
+    before = path.read_bytes()
+    monkeypatch.setattr(Figure, "savefig", _failing_savefig)
+    with pytest.raises(OSError, match="No space left"):
+        plot_throughput(_result(50, 1000.0), path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.png"]
+
+
+def test_plot_format_follows_the_final_name_and_permissions_are_usual(tmp_path: Path) -> None:
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    svg = plot_throughput(_result(100, 1000.0), tmp_path / "bench.svg")
+    assert b"<svg" in svg.read_bytes()[:1000]
+    assert svg.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.svg"]

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from ..export.manifest import atomic_path
+
 __all__ = ["compare_table", "comparison_rows", "markdown_report", "plot_per_class", "write_report"]
 
 
@@ -55,7 +57,10 @@ def plot_per_class(per_class: dict[str, float], path: str | Path, title: str) ->
         ax.set_xlabel("recall (%)")
         ax.set_title(title)
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        # Through a temp file renamed over `path`: a failed save never leaves a truncated plot over
+        # a previous one. The temp name ends in .tmp, so the format comes from the final name.
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format=Path(path).suffix[1:].lower() or "png")
     finally:
         plt.close(fig)
     return Path(path)

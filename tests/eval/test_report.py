@@ -1,0 +1,51 @@
+"""Eval report files: the per-class PNG is written atomically (a failed plot loses nothing)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clipengine.eval.report import plot_per_class, write_report
+
+_PER_CLASS = {"cat": 0.9, "dog": 0.5, "bird": 0.25}
+
+
+def _failing_savefig(self: object, fname: Any, *args: Any, **kwargs: Any) -> None:
+    """Figure.savefig dying halfway (disk full): part of a file, then the error."""
+    if hasattr(fname, "write"):
+        fname.write(b"\x89PNG half")
+    else:
+        Path(fname).write_bytes(b"\x89PNG half")
+    raise OSError(28, "No space left on device")
+
+
+def test_plot_per_class_writes_a_png(tmp_path: Path) -> None:
+    path = plot_per_class(_PER_CLASS, tmp_path / "recall.png", "title")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["recall.png"]
+
+
+def test_failed_plot_keeps_the_previous_file_and_leaves_no_temp_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from matplotlib.figure import Figure
+
+    results = [
+        {
+            "model": "m", "dataset": "cifar10", "n": 3, "top1": 0.5, "top5": 0.9,
+            "mean_per_class_recall": 0.55, "chance": 0.1, "per_class": _PER_CLASS,
+        }
+    ]  # fmt: skip
+    paths = write_report(tmp_path, "cifar10", results, "title")
+    before = paths["png"].read_bytes()
+    monkeypatch.setattr(Figure, "savefig", _failing_savefig)
+    with pytest.raises(OSError, match="No space left"):
+        plot_per_class({"cat": 0.1}, paths["png"], "another title")
+    assert paths["png"].read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "cifar10.json",
+        "cifar10.md",
+        "cifar10_per_class.png",
+    ]
