@@ -19,6 +19,7 @@ from clipengine.distributed.ray import (
 )
 from clipengine.errors import DatasetError, IndexMismatchError
 from clipengine.pipeline import embed_folder, read_embeddings, read_failures
+from clipengine.pipeline.sinks import read_run_info
 
 
 def _shard_names(out: Path) -> list[str]:
@@ -66,6 +67,24 @@ def test_ray_run_equals_local_run_and_resumes(
         embed_folder(mixed_folder, out, factory, preprocess_cfg, model="fake", shard_size=5).shards_written
         == 0
     )
+
+
+def test_pure_resume_keeps_the_timings_of_the_run_that_did_the_work(
+    fakes: ModuleType, mixed_folder: Path, tmp_path: Path, preprocess_cfg
+) -> None:  # type: ignore[no-untyped-def]
+    # Everything is done already, so no Ray job starts: this runs without a Ray instance.
+    out = tmp_path / "out"
+    embed_folder(
+        mixed_folder, out, fakes.FakeFactory(), preprocess_cfg, model="fake", shard_size=5, workers=0
+    )
+    first = read_run_info(out)
+    assert first is not None and first["timings"]["embedded"] == 12
+    again = embed_with_ray(mixed_folder, out, fakes.FakeFactory(), preprocess_cfg, model="fake", shard_size=5)
+    assert (again.shards_skipped, again.skipped, again.processed) == (3, 14, 0)
+    info = read_run_info(out)
+    assert info is not None and info["engine"] == "ray" and info["status"] == "complete"
+    assert info["timings"] == first["timings"]  # as embed_folder does on a pure resume
+    assert info["counts"] == first["counts"] == {"images": 14, "embedded": 12, "failed": 2}
 
 
 @pytest.mark.integration

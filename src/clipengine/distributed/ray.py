@@ -317,6 +317,8 @@ def embed_with_ray(
     embedded = total.embedded + total.skipped - (total.failed_total - total.failed)
     info.update(status="complete", counts={"images": total.images, "embedded": embedded, "failed": total.failed_total},
                 timings=total.to_dict())  # fmt: skip
+    if not total.processed and previous is not None and "timings" in previous:
+        info["timings"] = previous["timings"]  # a pure resume keeps the timings of the run that did the work
     atomic_write_json(out / RUN_FILE, info)
     return total
 
