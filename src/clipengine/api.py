@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 from PIL import Image
 
-from .errors import BackendError
+from .errors import BackendError, InputError
 from .image.preprocess import PreprocessConfig, preprocess
 from .text.tokenizer import tokenize
 from .types import Backend, FloatArray, ImageInput
@@ -77,16 +77,16 @@ class ClipModel:
     def _checked_pixels(self, pixels: np.ndarray) -> FloatArray:
         expected = (3, self.image_size, self.image_size)
         if pixels.shape[1:] != expected:
-            raise BackendError(
+            raise InputError(
                 f"preprocessed images must be (N, 3, {self.image_size}, {self.image_size}); got {pixels.shape}"
             )
         if not np.issubdtype(pixels.dtype, np.floating):  # uint8 would run un-normalised, silently wrong
-            raise BackendError(
+            raise InputError(
                 f"preprocessed images must be float (normalised by model.preprocess); got {pixels.dtype}"
             )
         out = np.asarray(pixels, dtype=np.float32)
         if not np.isfinite(out).all():
-            raise BackendError("preprocessed images contain NaN or infinite values")
+            raise InputError("preprocessed images contain NaN or infinite values")
         return out
 
     def encode_images(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 32) -> FloatArray:
@@ -97,10 +97,11 @@ class ClipModel:
 
         Raises:
             DecodeError: an image cannot be decoded (the message names it).
-            BackendError: `images` (or an item of the list) is none of the kinds above.
+            InputError: `images` (or an item of the list) is none of the kinds above, or a
+                preprocessed batch is not float (N, 3, S, S) with finite values; `batch_size` < 1.
         """
         if batch_size < 1:
-            raise BackendError(f"batch_size must be >= 1, got {batch_size}")
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
         if isinstance(images, np.ndarray) and images.ndim == 4:
             return self._in_batches(self._backend.encode_images, self._checked_pixels(images), batch_size)
         items = _image_items(images)
@@ -114,10 +115,10 @@ class ClipModel:
         """Texts -> (N, D) float32 unit-norm embeddings (long texts are cut with a warning).
 
         Raises:
-            BackendError: `texts` is not a str or a list of str (checked by the tokenizer).
+            InputError: `texts` is not a str or a list of str (checked by the tokenizer); `batch_size` < 1.
         """
         if batch_size < 1:
-            raise BackendError(f"batch_size must be >= 1, got {batch_size}")
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
         tokens = tokenize(texts, context_length=self.context_length)
         return self._in_batches(self._backend.encode_texts, tokens, batch_size)
 
@@ -133,14 +134,14 @@ class ClipModel:
         Templates use "{}" for the label (e.g. "a photo of a {}.").
         """
         if isinstance(labels, str):  # a str is a Sequence: "cat" would be the labels "c", "a", "t"
-            raise BackendError(f"labels must be a list of labels, not one string ({labels!r})")
+            raise InputError(f"labels must be a list of labels, not one string ({labels!r})")
         if not labels:
-            raise BackendError("classify needs at least one label")
+            raise InputError("classify needs at least one label")
         if isinstance(templates, str):
-            raise BackendError(f"templates must be a list of templates, not one string ({templates!r})")
+            raise InputError(f"templates must be a list of templates, not one string ({templates!r})")
         bad = [t for t in templates or [] if "{}" not in t]
         if bad:  # every label would get the same prompt: uniform, meaningless probabilities
-            raise BackendError(f"templates need '{{}}' where the label goes: {bad[:3]}")
+            raise InputError(f"templates need '{{}}' where the label goes: {bad[:3]}")
         return class_embeddings(self.encode_texts, labels, templates)
 
     def classify(
@@ -169,7 +170,7 @@ def _image_items(images: object) -> list[ImageInput]:
     for i, item in enumerate(items):
         if not isinstance(item, _IMAGE_TYPES):
             where = f"images[{i}]" if several else "images"
-            raise BackendError(
+            raise InputError(
                 f"{where} is {type(item).__name__}; expected a path, bytes, PIL image or array, "
                 "or a list of them"
             )
@@ -202,7 +203,8 @@ def load(
         **opts: passed to the backend (or `arch=` to the checkpoint loader).
 
     Raises:
-        UnknownModelError, CheckpointError, DownloadNotAllowedError, DownloadError, BackendError.
+        UnknownModelError, CheckpointError, DownloadNotAllowedError, DownloadError, BackendError
+        (InputError, a BackendError, for a backend that cannot run `name_or_path` or bad options).
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir() and (path / _EXPORT_MANIFEST).is_file():
@@ -210,7 +212,7 @@ def load(
             opts["backend"] = backend
         return load_export(path, device=device, precision=precision, **opts)
     if backend != "torch":
-        raise BackendError(
+        raise InputError(
             f"backend {backend!r} runs export folders (with {_EXPORT_MANIFEST}); "
             f"{name_or_path} is not one: create it with `clipengine export`, or use backend='torch'"
         )
@@ -238,11 +240,12 @@ def load_export(
             or OpenVinoBackend (threads, verify_files).
 
     Raises:
-        BackendError: not an export folder, unknown backend, missing precision, provider or engine file.
+        BackendError: not an export folder, missing precision, provider or engine file.
+        InputError (a BackendError): a backend other than onnx/openvino, or options it does not take.
     """
     engine: ExportFolderBackend
     if backend not in ("onnx", "openvino"):
-        raise BackendError(f"backend {backend!r} does not run export folders; use 'onnx' or 'openvino'")
+        raise InputError(f"backend {backend!r} does not run export folders; use 'onnx' or 'openvino'")
     try:
         if backend == "onnx":
             from .backends.onnx_backend import OnnxBackend
@@ -253,7 +256,7 @@ def load_export(
 
             engine = OpenVinoBackend(folder, device=device, precision=precision, **opts)
     except TypeError as e:
-        raise BackendError(f"backend {backend!r}: bad options {sorted(opts)} ({e})") from e
+        raise InputError(f"backend {backend!r}: bad options {sorted(opts)} ({e})") from e
     m = engine.manifest
     where = engine.root / _EXPORT_MANIFEST
     if not isinstance(m.preprocess, dict):

@@ -14,6 +14,7 @@ __all__ = [
     "ExportParityError",
     "IndexFileError",
     "IndexMismatchError",
+    "InputError",
     "TextTooLongError",
     "UnknownModelError",
 ]
@@ -78,3 +79,15 @@ class IndexFileError(ClipEngineError):
 
 class DuplicateIdError(ClipEngineError, ValueError):
     """Ids added to an index are already in it (or repeated within the batch)."""
+
+
+class InputError(BackendError, ValueError):
+    """An argument a function cannot take: the wrong type, shape, dtype or range (texts that are not
+    str, token ids outside the vocabulary, non-float or non-finite pixels, an unknown option value).
+    The message names the argument and the fix.
+
+    It subclasses BackendError because these checks raised BackendError before this class existed,
+    so code that catches BackendError for them keeps working; and ValueError, as any bad value is.
+    Real backend failures (a session that cannot be created, an engine that fails to run) stay
+    BackendError.
+    """

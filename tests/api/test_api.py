@@ -12,7 +12,7 @@ from PIL import Image
 
 import clipengine
 from clipengine.api import ClipModel
-from clipengine.errors import BackendError
+from clipengine.errors import BackendError, InputError
 from clipengine.image.decode import decode_image
 from clipengine.image.preprocess import PreprocessConfig
 from clipengine.models.clip import CLIP
@@ -159,8 +159,9 @@ def test_damaged_manifest_preprocess_is_a_backend_error(export_dir: Path, tmp_pa
     from export_copies import copy_with_manifest
 
     folder = copy_with_manifest(export_dir, tmp_path / "copy", preprocess=preprocess)
-    with pytest.raises(BackendError, match=r"manifest\.json.*preprocess"):
+    with pytest.raises(BackendError, match=r"manifest\.json.*preprocess") as info:
         clipengine.load(folder)
+    assert not isinstance(info.value, InputError)  # a broken export folder, not a bad argument
 
 
 @pytest.mark.parametrize(("key", "value"), [("logit_scale", "abc"), ("logit_scale", None), ("context_length", "77")])
@@ -173,18 +174,18 @@ def test_damaged_manifest_numbers_are_a_backend_error(export_dir: Path, tmp_path
 
 
 def test_unknown_backend_on_an_export_folder_is_refused(export_dir: Path) -> None:
-    with pytest.raises(BackendError, match="backend 'weird'"):
+    with pytest.raises(InputError, match="backend 'weird'"):
         clipengine.load(export_dir, backend="weird")
 
 
 def test_unknown_export_backend_option_is_a_backend_error(export_dir: Path) -> None:
-    with pytest.raises(BackendError, match="bad options"):
+    with pytest.raises(InputError, match="bad options"):
         clipengine.load(export_dir, warp_speed=True)
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.bool_, np.complex64, object])
 def test_preprocessed_batch_must_be_float(model: ClipModel, dtype: Any) -> None:
-    with pytest.raises(BackendError, match="float"):
+    with pytest.raises(InputError, match="float"):
         model.encode_images(np.zeros((1, 3, 32, 32), dtype=dtype))
 
 
@@ -196,24 +197,24 @@ def test_preprocessed_float64_batch_is_accepted(model: ClipModel) -> None:
 def test_non_finite_pixels_are_rejected(model: ClipModel) -> None:
     pixels = np.zeros((2, 3, 32, 32), np.float32)
     pixels[1, 0, 0, 0] = np.nan
-    with pytest.raises(BackendError, match="NaN or infinite"):
+    with pytest.raises(InputError, match="NaN or infinite"):
         model.encode_images(pixels)
 
 
 @pytest.mark.parametrize("batch_size", [0, -1])
 def test_encode_texts_batch_size_below_one_is_rejected(model: ClipModel, batch_size: int) -> None:
-    with pytest.raises(BackendError, match="batch_size must be >= 1"):
+    with pytest.raises(InputError, match="batch_size must be >= 1"):
         model.encode_texts(["a dog"], batch_size=batch_size)
 
 
 def test_classify_refuses_one_string_as_labels(model: ClipModel, clip_png: Path) -> None:
-    with pytest.raises(BackendError, match="list of labels"):
+    with pytest.raises(InputError, match="list of labels"):
         model.classify(clip_png, "cat")
 
 
 def test_classify_refuses_templates_without_a_label_slot(model: ClipModel, clip_png: Path) -> None:
     """A template without "{}" would give every label the same prompt (uniform probabilities)."""
-    with pytest.raises(BackendError, match=r"templates need '\{\}'.*a photo"):
+    with pytest.raises(InputError, match=r"templates need '\{\}'.*a photo"):
         model.classify(clip_png, ["cat", "dog"], templates=["a photo of a {}.", "a photo"])
     with pytest.raises(BackendError, match="list of templates"):
         model.text_classifier(["cat", "dog"], templates="a photo of a {}.")
@@ -232,7 +233,7 @@ def test_classify_single_and_duplicate_labels(model: ClipModel, clip_png: Path) 
     [(None, "got NoneType"), (7, "got int"), ({"a dog": 1}, "got dict"), (["a dog", None], r"texts\[1\]")],
 )
 def test_encode_texts_refuses_what_is_not_text(model: ClipModel, texts: Any, match: str) -> None:
-    with pytest.raises(BackendError, match=match):
+    with pytest.raises(InputError, match=match):
         model.encode_texts(texts)
 
 
@@ -247,7 +248,7 @@ def test_encode_texts_refuses_what_is_not_text(model: ClipModel, texts: Any, mat
     ],
 )
 def test_encode_images_refuses_what_is_not_an_image(model: ClipModel, images: Any, match: str) -> None:
-    with pytest.raises(BackendError, match=match):
+    with pytest.raises(InputError, match=match):
         model.encode_images(images)
 
 

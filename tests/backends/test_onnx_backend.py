@@ -13,7 +13,7 @@ import pytest
 
 from clipengine.backends import create_backend
 from clipengine.backends.onnx_backend import OnnxBackend, _plan, resolve_providers
-from clipengine.errors import BackendError
+from clipengine.errors import BackendError, InputError
 from clipengine.types import Backend
 
 
@@ -175,7 +175,7 @@ def test_empty_provider_list_is_an_error(export_dir: Path) -> None:
 
 @pytest.mark.parametrize("threads", [-1, "x"])
 def test_bad_thread_count_is_an_error(export_dir: Path, threads: object) -> None:
-    with pytest.raises(BackendError, match="intra_op_threads"):
+    with pytest.raises(InputError, match="intra_op_threads"):
         OnnxBackend(export_dir, intra_op_threads=threads)  # type: ignore[arg-type]
 
 
@@ -186,7 +186,7 @@ def test_create_backend_onnx_bad_option_is_a_backend_error(export_dir: Path) -> 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.bool_, np.complex64])
 def test_non_float_pixels_are_rejected(export_dir: Path, dtype: object) -> None:
-    with pytest.raises(BackendError, match="float"):
+    with pytest.raises(InputError, match="float"):
         OnnxBackend(export_dir).encode_images(np.zeros((1, 3, 32, 32), dtype=dtype))  # type: ignore[call-overload]
 
 
@@ -199,7 +199,7 @@ def test_non_integer_tokens_are_rejected(export_dir: Path) -> None:
 def test_token_ids_outside_the_vocabulary_are_rejected(export_dir: Path, tokens: np.ndarray, token: int) -> None:
     bad = tokens.copy()
     bad[1, 3] = token
-    with pytest.raises(BackendError, match=r"token ids must be in \[0, 49408\)"):
+    with pytest.raises(InputError, match=r"token ids must be in \[0, 49408\)"):
         OnnxBackend(export_dir).encode_texts(bad)
 
 

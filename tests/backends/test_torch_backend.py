@@ -10,7 +10,7 @@ import torch
 
 from clipengine.backends import create_backend
 from clipengine.backends.torch_backend import TorchBackend
-from clipengine.errors import BackendError
+from clipengine.errors import BackendError, InputError
 from clipengine.models.clip import CLIP
 from clipengine.types import Backend
 
@@ -91,7 +91,7 @@ def test_cuda_without_gpu_is_a_clear_error(model: CLIP) -> None:
 
 def test_wrong_input_shapes_are_rejected(model: CLIP) -> None:
     backend = TorchBackend(model)
-    with pytest.raises(BackendError, match=r"pixels must be \(N, 3, 32, 32\); got \(2, 3, 64, 64\)"):
+    with pytest.raises(InputError, match=r"pixels must be \(N, 3, 32, 32\); got \(2, 3, 64, 64\)"):
         backend.encode_images(np.zeros((2, 3, 64, 64), np.float32))
     with pytest.raises(BackendError, match=r"tokens must be integer \(N, 77\)"):
         backend.encode_texts(np.zeros((2, 10), np.int64))
@@ -101,17 +101,17 @@ def test_wrong_input_shapes_are_rejected(model: CLIP) -> None:
 
 def test_non_float_pixels_and_out_of_vocabulary_tokens_are_rejected(model: CLIP) -> None:
     backend = TorchBackend(model)
-    with pytest.raises(BackendError, match="pixels must be float"):
+    with pytest.raises(InputError, match="pixels must be float"):
         backend.encode_images(np.zeros((1, 3, 32, 32), np.uint8))  # type: ignore[arg-type]
     for token in (-1, 49408):
         tokens = np.zeros((1, 77), np.int64)
         tokens[0, 1] = token
-        with pytest.raises(BackendError, match=r"token ids must be in \[0, 49408\)"):
+        with pytest.raises(InputError, match=r"token ids must be in \[0, 49408\)"):
             backend.encode_texts(tokens)
 
 
 def test_create_backend_errors(model: CLIP) -> None:
-    with pytest.raises(BackendError, match="unknown backend 'tensorrt'; choose one of torch, onnx"):
+    with pytest.raises(InputError, match="unknown backend 'tensorrt'; choose one of torch, onnx"):
         create_backend("tensorrt", model)
     with pytest.raises(BackendError, match="needs a clipengine CLIP module"):
         create_backend("torch", "ViT-B-32")

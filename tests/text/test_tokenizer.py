@@ -14,7 +14,7 @@ import regex
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clipengine.errors import BackendError, TextTooLongError
+from clipengine.errors import BackendError, InputError, TextTooLongError
 from clipengine.text.tokenizer import (
     _PRE_TOKEN,
     _PRE_TOKEN_ASCII,
@@ -155,7 +155,7 @@ def test_invalid_arguments_raise_value_error(bad: dict[str, object]) -> None:
 @pytest.mark.parametrize("ids", [[-1], [VOCAB_SIZE], [320, 10**9], np.array([320, -5])])
 def test_decode_refuses_ids_outside_the_vocabulary(ids: object) -> None:
     # -1 used to index from the end and decode as "<|endoftext|>"; past the end was a raw IndexError.
-    with pytest.raises(BackendError, match=rf"outside the vocabulary \[0, {VOCAB_SIZE}\)"):
+    with pytest.raises(InputError, match=rf"outside the vocabulary \[0, {VOCAB_SIZE}\)"):
         get_tokenizer().decode(ids)  # type: ignore[arg-type]
 
 
@@ -164,7 +164,7 @@ def test_decode_refuses_ids_outside_the_vocabulary(ids: object) -> None:
     [[1.0], [320, "22697"], [None], [True], np.array([320.0]), np.array([[320, 22697]]), None, "320", 320],
 )
 def test_decode_refuses_non_integer_ids(ids: object) -> None:
-    with pytest.raises(BackendError, match="integer"):
+    with pytest.raises(InputError, match="integer"):
         get_tokenizer().decode(ids)  # type: ignore[arg-type]
 
 
@@ -186,8 +186,11 @@ def test_decode_accepts_numpy_integer_ids() -> None:
     ],
 )
 def test_tokenize_refuses_texts_that_are_not_strings(texts: object, match: str) -> None:
-    with pytest.raises(BackendError, match=match):
+    with pytest.raises(InputError, match=match) as info:
         tokenize(texts)  # type: ignore[arg-type]
+    assert isinstance(info.value, BackendError)  # code that caught BackendError for these still does
+    with pytest.raises(InputError, match=match):
+        get_tokenizer()(texts)  # type: ignore[arg-type]
 
 
 def test_tokenize_accepts_a_numpy_array_of_strings() -> None:

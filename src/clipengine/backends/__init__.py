@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import BackendError
+from ..errors import InputError
 from ..types import Backend
 
 __all__ = ["BACKEND_KINDS", "FOLDER_BACKENDS", "Backend", "create_backend"]
@@ -28,23 +28,24 @@ def create_backend(
         **opts: backend-specific options, passed through.
 
     Raises:
-        BackendError: unknown kind, wrong model type, or options the backend rejects.
+        InputError (a BackendError): unknown kind, wrong model type, or options the backend rejects.
+        BackendError: the backend cannot be created (see each backend).
     """
     if kind == "torch":
         from ..models.clip import CLIP
         from .torch_backend import TorchBackend
 
         if not isinstance(model_or_path, CLIP):
-            raise BackendError(
+            raise InputError(
                 f"backend 'torch' needs a clipengine CLIP module, got {type(model_or_path).__name__}"
             )
         try:
             return TorchBackend(model_or_path, device=device, precision=precision, **opts)
         except TypeError as e:
-            raise BackendError(f"backend 'torch': bad options {sorted(opts)} ({e})") from e
+            raise InputError(f"backend 'torch': bad options {sorted(opts)} ({e})") from e
     if kind in FOLDER_BACKENDS:
         if not isinstance(model_or_path, (str, Path)):
-            raise BackendError(
+            raise InputError(
                 f"backend {kind!r} needs an export folder path, got {type(model_or_path).__name__}"
             )
         if kind == "onnx":
@@ -53,11 +54,11 @@ def create_backend(
             try:
                 return OnnxBackend(model_or_path, device=device, precision=precision, **opts)
             except TypeError as e:
-                raise BackendError(f"backend 'onnx': bad options {sorted(opts)} ({e})") from e
+                raise InputError(f"backend 'onnx': bad options {sorted(opts)} ({e})") from e
         from .openvino_backend import OpenVinoBackend  # optional dependency: openvino
 
         try:
             return OpenVinoBackend(model_or_path, device=device, precision=precision, **opts)
         except TypeError as e:
-            raise BackendError(f"backend 'openvino': bad options {sorted(opts)} ({e})") from e
-    raise BackendError(f"unknown backend {kind!r}; choose one of {', '.join(BACKEND_KINDS)}")
+            raise InputError(f"backend 'openvino': bad options {sorted(opts)} ({e})") from e
+    raise InputError(f"unknown backend {kind!r}; choose one of {', '.join(BACKEND_KINDS)}")

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..errors import BackendError
+from ..errors import BackendError, InputError
 from ..models.pooled import PooledTextTower, PooledVisionTransformer
 from .base import TEXT_LENGTH_BUCKET
 
@@ -262,8 +262,8 @@ def optimize(
         An `AcceleratedCLIP` with `encode_image(pixels)` and `encode_text(tokens)` -> float32 (N, D).
 
     Raises:
-        BackendError: unknown precision or compile mode, CUDA requested but unavailable, or CUDA
-            graphs requested on a non-CUDA device.
+        InputError (a BackendError): unknown precision or compile mode.
+        BackendError: CUDA requested but unavailable, or CUDA graphs requested on a non-CUDA device.
 
     Example:
         >>> fast = optimize(model, precision="bf16", compile=True)
@@ -272,7 +272,7 @@ def optimize(
     dev = torch.device(device)
     precision = precision or default_precision(dev)
     if precision not in PRECISIONS:
-        raise BackendError(f"unknown precision {precision!r}; expected one of {sorted(PRECISIONS)}")
+        raise InputError(f"unknown precision {precision!r}; expected one of {sorted(PRECISIONS)}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BackendError(f"device {str(dev)!r} requested but CUDA is not available; use device='cpu'")
     if cuda_graphs and dev.type != "cuda":
@@ -285,7 +285,7 @@ def optimize(
     elif compile in _COMPILE_MODES:
         compile_mode = str(compile)
     else:
-        raise BackendError(f"unknown compile mode {compile!r}; expected a bool or one of {_COMPILE_MODES}")
+        raise InputError(f"unknown compile mode {compile!r}; expected a bool or one of {_COMPILE_MODES}")
     if cuda_graphs and compile_mode in ("reduce-overhead", "max-autotune"):
         # Those modes already capture CUDA graphs (inductor cudagraph trees); do not nest captures.
         cuda_graphs = False

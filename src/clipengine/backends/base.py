@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..errors import BackendError
+from ..errors import InputError
 from ..types import Backend, FloatArray
 
 __all__ = [
@@ -38,7 +38,7 @@ def check_thread_count(option: str, value: object) -> int | None:
     """A runtime thread-count option: None or an integer >= 0 (0 and None: the runtime's choice).
 
     Raises:
-        BackendError: a negative or non-integer count (runtimes fail late or obscurely on those).
+        InputError: a negative or non-integer count (runtimes fail late or obscurely on those).
     """
     if value is None:
         return None
@@ -47,7 +47,7 @@ def check_thread_count(option: str, value: object) -> int | None:
     except TypeError:
         count = -1
     if count < 0:
-        raise BackendError(f"{option} must be an integer >= 0 (0: the runtime's choice), got {value!r}")
+        raise InputError(f"{option} must be an integer >= 0 (0: the runtime's choice), got {value!r}")
     return count
 
 

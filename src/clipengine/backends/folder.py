@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BackendError
+from ..errors import BackendError, InputError
 from ..export.manifest import MANIFEST_FILE, EngineInfo, Manifest, file_sha256, read_manifest
 from ..types import FloatArray, IntArray
 from .base import l2_normalize, run_in_chunks, truncated_text_length
@@ -155,7 +155,7 @@ class ExportFolderBackend(ABC):
         """
         if isinstance(folder, Manifest):
             if root is None:
-                raise BackendError(f"{type(self).__name__}(manifest) needs root=<export folder>")
+                raise InputError(f"{type(self).__name__}(manifest) needs root=<export folder>")
             self.manifest, self.root = folder, Path(root)
         else:
             self.root = Path(folder)
@@ -229,11 +229,11 @@ class ExportFolderBackend(ABC):
     def encode_images(self, pixels: FloatArray) -> FloatArray:
         """(N, 3, H, W) float32 -> (N, D) float32, unit L2 norm."""
         if not np.issubdtype(np.asarray(pixels).dtype, np.floating):  # uint8 would run un-normalised
-            raise BackendError(f"images must be float (preprocessed), got {np.asarray(pixels).dtype}")
+            raise InputError(f"images must be float (preprocessed), got {np.asarray(pixels).dtype}")
         x = np.ascontiguousarray(pixels, dtype=np.float32)
         expected = (3, self.image_size, self.image_size)
         if x.ndim != 4 or x.shape[1:] != expected:
-            raise BackendError(f"images must be (N, {', '.join(map(str, expected))}), got {x.shape}")
+            raise InputError(f"images must be (N, {', '.join(map(str, expected))}), got {x.shape}")
         if x.shape[0] == 0:
             return np.zeros((0, self.embed_dim), np.float32)
         return l2_normalize(self._image.run(x))
@@ -241,16 +241,16 @@ class ExportFolderBackend(ABC):
     def encode_texts(self, tokens: IntArray) -> FloatArray:
         """(N, L) int64 token ids -> (N, D) float32, unit L2 norm."""
         if not np.issubdtype(np.asarray(tokens).dtype, np.integer):  # floats would be truncated
-            raise BackendError(f"tokens must be integer ids, got {np.asarray(tokens).dtype}")
+            raise InputError(f"tokens must be integer ids, got {np.asarray(tokens).dtype}")
         x = np.ascontiguousarray(tokens, dtype=np.int64)
         if x.ndim != 2 or x.shape[1] != self.context_length:
-            raise BackendError(f"tokens must be (N, {self.context_length}), got {x.shape}")
+            raise InputError(f"tokens must be (N, {self.context_length}), got {x.shape}")
         if x.shape[0] == 0:
             return np.zeros((0, self.embed_dim), np.float32)
         # Negative ids would wrap around in the embedding Gather (a silently wrong text), ids past
         # the vocabulary fail inside the runtime with an error naming no input.
         if x.min() < 0 or (self.vocab_size is not None and x.max() >= self.vocab_size):
-            raise BackendError(
+            raise InputError(
                 f"token ids must be in [0, {self.vocab_size or 'vocab size'}), got {x.min()}..{x.max()}"
             )
         return l2_normalize(self._text.run(x))

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendError
+from ..errors import BackendError, InputError
 from ..export.manifest import EngineInfo, Manifest
 from .base import check_thread_count
 from .folder import DEFAULT_MAX_BATCH, ExportFolderBackend, FolderEngine, plan_batches
@@ -39,6 +39,7 @@ def resolve_providers(
 
     Raises:
         BackendError: a requested provider is not in this onnxruntime build.
+        InputError (a BackendError): a malformed device name or an empty `providers` list.
     """
     import onnxruntime as ort
 
@@ -47,12 +48,12 @@ def resolve_providers(
     if device.startswith("cuda"):
         _, sep, idx = device.partition(":")
         if device != "cuda" and not (sep and idx.isascii() and idx.isdigit()):  # "cuda:x", "cudax"
-            raise BackendError(f"unknown device {device!r} for the onnx backend; use 'cpu', 'cuda' or 'cuda:N'")
+            raise InputError(f"unknown device {device!r} for the onnx backend; use 'cpu', 'cuda' or 'cuda:N'")
         device_id = int(idx) if idx else 0
     elif device != "cpu":
-        raise BackendError(f"unknown device {device!r} for the onnx backend; use 'cpu', 'cuda' or 'cuda:N'")
+        raise InputError(f"unknown device {device!r} for the onnx backend; use 'cpu', 'cuda' or 'cuda:N'")
     if providers is not None and not providers:
-        raise BackendError("providers is empty; name at least one, or pass None for the device's default")
+        raise InputError("providers is empty; name at least one, or pass None for the device's default")
     if providers is None:
         if device == "cpu":
             providers = [_CPU]

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendError
+from ..errors import BackendError, InputError
 from ..export.manifest import EngineInfo, Manifest
 from .base import check_thread_count
 from .folder import ExportFolderBackend, FolderEngine
@@ -43,7 +43,7 @@ def openvino_config(precision: str) -> tuple[str, dict[str, Any]]:
     The inference precision is always explicit: OpenVINO defaults to bf16 on CPUs with AMX.
     """
     if precision not in _HINTS:
-        raise BackendError(f"unknown precision {precision!r} for the openvino backend; use one of {', '.join(_HINTS)}")
+        raise InputError(f"unknown precision {precision!r} for the openvino backend; use one of {', '.join(_HINTS)}")
     engines, hint = _HINTS[precision]
     config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": hint}
     if precision == "int8w":

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..errors import BackendError
+from ..errors import BackendError, InputError
 from ..types import FloatArray, IntArray
 
 if TYPE_CHECKING:
@@ -27,14 +27,14 @@ def _resolve_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise BackendError(f"bad device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'") from e
+        raise InputError(f"bad device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'") from e
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise BackendError(f"device {device!r} requested but CUDA is not available; use --device cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise BackendError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
     elif dev.type != "cpu":
-        raise BackendError(f"unsupported device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+        raise InputError(f"unsupported device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'")
     return dev
 
 
@@ -69,7 +69,7 @@ class TorchBackend:
         truncate_text: bool = True,
     ) -> None:
         if precision not in PRECISIONS:
-            raise BackendError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+            raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         dev = _resolve_device(device)
         if precision == "fp16" and dev.type != "cuda":
             raise BackendError(
@@ -109,16 +109,16 @@ class TorchBackend:
         expected = (3, self.image_size, self.image_size)
         if isinstance(pixels, torch.Tensor):
             if pixels.ndim != 4 or tuple(pixels.shape[1:]) != expected or not pixels.is_floating_point():
-                raise BackendError(
+                raise InputError(
                     f"pixels must be float (N, {', '.join(map(str, expected))}); got "
                     f"{pixels.dtype} {tuple(pixels.shape)}"
                 )
             return self._run(self._encode_image_fn, pixels.to(self.device, self.dtype, non_blocking=True))
         arr = np.asarray(pixels)
         if arr.ndim != 4 or arr.shape[1:] != expected:
-            raise BackendError(f"pixels must be (N, {', '.join(map(str, expected))}); got {arr.shape}")
+            raise InputError(f"pixels must be (N, {', '.join(map(str, expected))}); got {arr.shape}")
         if not np.issubdtype(arr.dtype, np.floating):  # uint8 would run un-normalised, silently wrong
-            raise BackendError(f"pixels must be float (preprocessed); got {arr.dtype}")
+            raise InputError(f"pixels must be float (preprocessed); got {arr.dtype}")
         x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(self.device, self.dtype)
         return self._run(self._encode_image_fn, x)
 
@@ -126,12 +126,12 @@ class TorchBackend:
         """(N, L) int64 token ids -> (N, D) float32, unit L2 norm."""
         arr = np.asarray(tokens)
         if arr.ndim != 2 or arr.shape[1] != self.context_length or not np.issubdtype(arr.dtype, np.integer):
-            raise BackendError(
+            raise InputError(
                 f"tokens must be integer (N, {self.context_length}); got {arr.dtype} {arr.shape}"
             )
         vocab = self.model.config.text.vocab_size
         if arr.size and (arr.min() < 0 or arr.max() >= vocab):  # the embedding lookup's raw IndexError
-            raise BackendError(f"token ids must be in [0, {vocab}), got {arr.min()}..{arr.max()}")
+            raise InputError(f"token ids must be in [0, {vocab}), got {arr.min()}..{arr.max()}")
         x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64)).to(self.device)
         return self._run(self._encode_text_fn, x)
 

@@ -18,7 +18,7 @@ import ftfy
 import numpy as np
 import regex
 
-from clipengine.errors import BackendError, TextTooLongError
+from clipengine.errors import InputError, TextTooLongError
 from clipengine.types import IntArray
 
 __all__ = [
@@ -212,7 +212,7 @@ class Tokenizer:
         up to and including the end token of a `tokenize` row.
 
         Raises:
-            BackendError: `ids` is not a sequence of integers, or one is outside [0, vocab_size)
+            InputError: `ids` is not a sequence of integers, or one is outside [0, vocab_size)
                 (the same rule, and error, as the backends apply to token ids they encode).
         """
         joined = "".join(self._symbols[i] for i in self._checked_ids(ids))
@@ -223,29 +223,29 @@ class Tokenizer:
         )
 
     def _checked_ids(self, ids: object) -> list[int]:
-        """`ids` as Python ints, each a vocabulary index; anything else is a BackendError naming it.
+        """`ids` as Python ints, each a vocabulary index; anything else is an InputError naming it.
 
         Without the check -1 indexes from the end of the vocabulary (decodes as "<|endoftext|>"),
         a float id is silently truncated by int(), and ids past the end are a bare IndexError.
         """
         if isinstance(ids, np.ndarray):
             if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-                raise BackendError(
+                raise InputError(
                     f"token ids must be a 1-D array of integer ids, got {ids.dtype} {ids.shape}; "
                     "decode one row of a tokenize() array at a time"
                 )
         elif isinstance(ids, str | bytes) or not isinstance(ids, Sequence):
-            raise BackendError(f"token ids must be a sequence of integer ids, got {type(ids).__name__}")
+            raise InputError(f"token ids must be a sequence of integer ids, got {type(ids).__name__}")
         size = len(self._symbols)
         checked: list[int] = []
         for pos, i in enumerate(ids):
             # bool is an int subclass, but True as a token id is a mistake, not id 1.
             if isinstance(i, bool | np.bool_) or not isinstance(i, int | np.integer):
-                raise BackendError(
+                raise InputError(
                     f"token id at position {pos} is {i!r} ({type(i).__name__}), not an integer id"
                 )
             if not 0 <= i < size:
-                raise BackendError(
+                raise InputError(
                     f"token id {int(i)} at position {pos} is outside the vocabulary [0, {size}); "
                     "pass ids made by this tokenizer"
                 )
@@ -269,7 +269,7 @@ class Tokenizer:
 
         Raises:
             TextTooLongError: a text needs more than L positions and truncation is off.
-            BackendError: `texts` is not a text or a sequence of texts (None, a number, a dict, ...).
+            InputError: `texts` is not a text or a sequence of texts (None, a number, a dict, ...).
             ValueError: `context_length` < 2 or an unknown `truncate` value.
         """
         texts = _text_list(texts)
@@ -301,7 +301,7 @@ class Tokenizer:
 
 
 def _text_list(texts: object) -> list[str]:
-    """One text or a sequence of texts as a list; anything else is a BackendError naming it.
+    """One text or a sequence of texts as a list; anything else is an InputError naming it.
 
     Checked up front: a dict, None or an int would otherwise fail deep in the cleanup with a bare
     TypeError/AttributeError (or, for a dict, silently tokenize its keys).
@@ -310,14 +310,14 @@ def _text_list(texts: object) -> list[str]:
         return [texts]
     # A NumPy array of strings (a DataFrame column) is not a Sequence but holds str items.
     if isinstance(texts, bytes | bytearray) or not isinstance(texts, Sequence | np.ndarray):
-        raise BackendError(
+        raise InputError(
             f"texts must be a str or a list of str, got {type(texts).__name__}; "
             "decode bytes first and wrap one text in a list if needed"
         )
     out = list(texts)
     for i, text in enumerate(out):
         if not isinstance(text, str):
-            raise BackendError(f"texts[{i}] is {type(text).__name__} ({text!r:.40}), not a str")
+            raise InputError(f"texts[{i}] is {type(text).__name__} ({text!r:.40}), not a str")
     return out
 
 
