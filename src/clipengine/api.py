@@ -132,17 +132,12 @@ class ClipModel:
         """(C, D) unit-norm class embeddings; with templates, the renormalised mean over prompts.
 
         Templates use "{}" for the label (e.g. "a photo of a {}.").
+
+        Raises:
+            InputError: `labels` (or `templates`) is not a list of str (one str, a dict, a number,
+                an item that is not a str), `labels` is empty, or a template has no "{}".
         """
-        if isinstance(labels, str):  # a str is a Sequence: "cat" would be the labels "c", "a", "t"
-            raise InputError(f"labels must be a list of labels, not one string ({labels!r})")
-        if not labels:
-            raise InputError("classify needs at least one label")
-        if isinstance(templates, str):
-            raise InputError(f"templates must be a list of templates, not one string ({templates!r})")
-        bad = [t for t in templates or [] if "{}" not in t]
-        if bad:  # every label would get the same prompt: uniform, meaningless probabilities
-            raise InputError(f"templates need '{{}}' where the label goes: {bad[:3]}")
-        return class_embeddings(self.encode_texts, labels, templates)
+        return class_embeddings(self.encode_texts, *_classifier_args(labels, templates))
 
     def classify(
         self,
@@ -153,9 +148,50 @@ class ClipModel:
         """Zero-shot: per image, (label, probability) sorted by probability, highest first.
 
         probs = softmax(logit_scale * cosine(image, label)).
+
+        Raises:
+            InputError: bad `images`, `labels` or `templates` (see `encode_images`, `text_classifier`).
         """
-        classifier = self.text_classifier(labels, templates)
-        return rank_labels(self.encode_images(images), classifier, self.logit_scale, labels)
+        label_list, template_list = _classifier_args(labels, templates)
+        classifier = class_embeddings(self.encode_texts, label_list, template_list)
+        return rank_labels(self.encode_images(images), classifier, self.logit_scale, label_list)
+
+
+def _classifier_args(labels: object, templates: object) -> tuple[list[str], list[str] | None]:
+    """`labels` and `templates` as lists of str, checked before anything is encoded."""
+    if isinstance(labels, str):  # a str is a Sequence: "cat" would be the labels "c", "a", "t"
+        raise InputError(f"labels must be a list of labels, not one string ({labels!r})")
+    label_list = _str_list(labels, "labels")
+    if not label_list:
+        raise InputError("classify needs at least one label")
+    if templates is None:
+        return label_list, None
+    if isinstance(templates, str):
+        raise InputError(f"templates must be a list of templates, not one string ({templates!r})")
+    template_list = _str_list(templates, "templates")
+    bad = [t for t in template_list if "{}" not in t]
+    if bad:  # every label would get the same prompt: uniform, meaningless probabilities
+        raise InputError(f"templates need '{{}}' where the label goes: {bad[:3]}")
+    return label_list, template_list
+
+
+def _str_list(value: object, name: str) -> list[str]:
+    """A list/tuple (or 1-D NumPy array) of str as a list; anything else is an InputError naming `name`.
+
+    A dict is refused rather than read as its keys, a set because it has no order to rank labels by.
+    """
+    if isinstance(value, bytes | bytearray | memoryview) or not isinstance(value, Sequence | np.ndarray):
+        raise InputError(
+            f"{name} must be a list of {name}, got {type(value).__name__}; pass a list of str "
+            "(for a dict, list(d) or list(d.values()))"
+        )
+    if isinstance(value, np.ndarray) and value.ndim != 1:  # list() of a 0-D array is a TypeError
+        raise InputError(f"{name} must be a list of {name}, got a {value.ndim}-D array {value.shape}")
+    items = list(value)
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise InputError(f"{name}[{i}] is {type(item).__name__} ({item!r:.40}), not a str")
+    return [str(item) for item in items]
 
 
 def _image_items(images: object) -> list[ImageInput]:

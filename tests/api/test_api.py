@@ -212,6 +212,50 @@ def test_classify_refuses_one_string_as_labels(model: ClipModel, clip_png: Path)
         model.classify(clip_png, "cat")
 
 
+@pytest.mark.parametrize(
+    ("labels", "match"),
+    [
+        ({"cat": 0, "dog": 1}, "labels must be a list of labels, got dict"),
+        (5, "labels must be a list of labels, got int"),
+        (None, "labels must be a list of labels, got NoneType"),
+        ({"cat", "dog"}, "labels must be a list of labels, got set"),
+        (b"cat", "labels must be a list of labels, got bytes"),
+        (["cat", 5], r"labels\[1\] is int \(5\), not a str"),
+        (np.array("cat"), r"labels must be a list of labels, got a 0-D array"),
+        (np.array([["cat", "dog"]]), r"labels must be a list of labels, got a 2-D array"),
+    ],
+)
+def test_text_classifier_and_classify_refuse_labels_that_are_not_a_list_of_str(
+    model: ClipModel, clip_png: Path, labels: Any, match: str
+) -> None:
+    """A dict used to be accepted silently (its keys became the labels); 5 was a raw TypeError."""
+    with pytest.raises(InputError, match=match):
+        model.text_classifier(labels)
+    with pytest.raises(InputError, match=match):
+        model.classify(clip_png, labels)
+
+
+@pytest.mark.parametrize(
+    ("templates", "match"),
+    [
+        ({"a photo of a {}.": 1}, "templates must be a list of templates, got dict"),
+        (5, "templates must be a list of templates, got int"),
+        (["a {}", 5], r"templates\[1\] is int \(5\), not a str"),
+    ],
+)
+def test_text_classifier_refuses_templates_that_are_not_a_list_of_str(
+    model: ClipModel, templates: Any, match: str
+) -> None:
+    with pytest.raises(InputError, match=match):
+        model.text_classifier(["cat", "dog"], templates=templates)
+
+
+def test_classify_accepts_a_tuple_or_numpy_array_of_labels(model: ClipModel, clip_png: Path) -> None:
+    expected = model.classify(clip_png, ["a cat", "a dog"])
+    assert model.classify(clip_png, ("a cat", "a dog")) == expected
+    assert model.classify(clip_png, np.array(["a cat", "a dog"])) == expected  # type: ignore[arg-type]
+
+
 def test_classify_refuses_templates_without_a_label_slot(model: ClipModel, clip_png: Path) -> None:
     """A template without "{}" would give every label the same prompt (uniform probabilities)."""
     with pytest.raises(InputError, match=r"templates need '\{\}'.*a photo"):
