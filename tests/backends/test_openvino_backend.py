@@ -322,3 +322,36 @@ def test_int8w_quantizes_activations_at_run_time_within_bound(fixed_split: Path,
     assert int(engine.compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE")) == DYNAMIC_QUANTIZATION_GROUP
     assert _cos(low.encode_images(pixels), fp32.encode_images(pixels)) >= INT8W_MIN_COS
     assert _cos(low.encode_texts(tokens), fp32.encode_texts(tokens)) >= INT8W_MIN_COS
+
+
+_GELU_FIXED_EXPORT = textwrap.dedent(
+    """
+    import sys
+    import torch
+    import clipengine
+    from clipengine.export.onnx import export_model
+    from clipengine.models.clip import build_model
+    from clipengine.models.config import CLIPConfig, TextConfig, VisionConfig
+
+    cfg = CLIPConfig(embed_dim=32, vision=VisionConfig(image_size=32, layers=2, width=64, patch_size=8),
+                     text=TextConfig(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
+                     quick_gelu=False, name="tiny-vit-gelu")
+    torch.manual_seed(0)
+    export_model(build_model(cfg), sys.argv[1], precisions=("fp32",), image_batches=(4,), text_batches=(4,))
+    model = clipengine.load(sys.argv[1], backend="openvino")
+    print(model.encode_images(torch.zeros(5, 3, 32, 32).numpy()).shape, model.encode_texts(["a", "b", "c"]).shape)
+    """
+)
+
+
+@pytest.mark.integration
+def test_gelu_model_with_fixed_batch_engines_compiles_under_openvino(tmp_path: Path) -> None:
+    """GELU models (LAION's ViTs, tiny-synth) at fixed batch >= 3: OpenVINO 2026.4's CPU plugin segfaulted
+    compiling the pruned last block's residual MLP on (N, W) rows; the export keeps that row (N, 1, W).
+    In a subprocess, so a crash fails this test instead of ending the run."""
+    script = tmp_path / "gelu_fixed.py"
+    script.write_text(_GELU_FIXED_EXPORT)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "export")], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "(5, 32) (3, 32)"

@@ -40,8 +40,10 @@ def last_block_rows(
     k, v = kv.unbind(0)  # each (N, heads, L, W/heads)
     q = q.view(n, 1, heads, width // heads).transpose(1, 2)  # (N, heads, 1, W/heads)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (N, heads, 1, W/heads)
-    x_row = x_row + attn.out_proj(out.reshape(n, width))
-    return x_row + block.mlp(block.ln_2(x_row))
+    # The MLP runs on (N, 1, W), not (N, W): same arithmetic, but OpenVINO 2026.4's CPU plugin
+    # segfaults compiling a fixed-batch (N >= 3) graph with an erf-GELU residual MLP on 2-D rows.
+    x_row = (x_row + attn.out_proj(out.reshape(n, width))).unsqueeze(1)  # (N, 1, W)
+    return (x_row + block.mlp(block.ln_2(x_row))).squeeze(1)
 
 
 def patch_embed_matmul(conv: nn.Conv2d, pixels: torch.Tensor) -> torch.Tensor:
