@@ -188,6 +188,7 @@ def test_bad_images_are_client_errors(
     data = {"labels": "a,b"} if route == "/v1/classify" else None
     message = _error(c.post(route, files=_files(blob), data=data), status, code)
     assert "f0.png" in message  # the error names the bad upload
+    assert " object at 0x" not in message  # and never leaks a Python object's repr
     base64_body = {"images": [_b64(blob)]} if route != "/v1/search" else {"image": _b64(blob)}
     if route == "/v1/classify":
         base64_body["labels"] = ["a", "b"]

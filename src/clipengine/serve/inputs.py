@@ -66,7 +66,9 @@ def check_image_header(image: NamedImage, max_pixels: int) -> None:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         # Pillow's own guard fired first; the warning arrives as an exception when warnings are errors.
         raise ApiError(413, "image_too_large", f"{image.name}: {e}") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError as e:  # its message is Pillow's repr of our BytesIO: say it plainly
+        raise ApiError(400, "invalid_image", f"{image.name}: not a readable image (unrecognised format)") from e
+    except (OSError, SyntaxError, ValueError) as e:
         # Pillow raises these for bytes that are not an image it can read.
         raise ApiError(400, "invalid_image", f"{image.name}: not a readable image ({e})") from e
     if width * height > max_pixels:
