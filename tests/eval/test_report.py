@@ -49,3 +49,31 @@ def test_failed_plot_keeps_the_previous_file_and_leaves_no_temp_files(
         "cifar10.md",
         "cifar10_per_class.png",
     ]
+
+
+
+@pytest.mark.parametrize("kind", ["json", "markdown"])
+def test_failed_report_write_keeps_the_previous_file_and_leaves_no_temp_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """`<stem>.json` and `<stem>.md` are written atomically: a write dying halfway loses nothing."""
+    results = [
+        {"model": "m", "dataset": "cifar10", "n": 3, "top1": 0.5, "top5": 0.9,
+         "mean_per_class_recall": 0.55, "chance": 0.1}
+    ]  # fmt: skip
+    paths = write_report(tmp_path, "cifar10", results, "title", plot=False)
+    before = paths[kind].read_bytes()
+    first_char = {"json": "{", "markdown": "#"}[kind]
+    real_write_text = Path.write_text
+
+    def failing_write_text(self: Path, data: str, *args: Any, **kwargs: Any) -> int:
+        if not data.startswith(first_char):
+            return real_write_text(self, data, *args, **kwargs)
+        real_write_text(self, data[: len(data) // 2], *args, **kwargs)  # part of the file, then the error
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", failing_write_text)
+    with pytest.raises(OSError, match="No space left"):
+        write_report(tmp_path, "cifar10", [{**results[0], "top1": 0.1}], "another title", plot=False)
+    assert paths[kind].read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar10.json", "cifar10.md"]

@@ -107,16 +107,23 @@ def write_report(
     extra: dict[str, Any] | None = None,
     plot: bool = True,
 ) -> dict[str, Path]:
-    """Write `<stem>.json`, `<stem>.md` and `<stem>_per_class.png` into out_dir; returns their paths."""
+    """Write `<stem>.json`, `<stem>.md` and `<stem>_per_class.png` into out_dir; returns their paths.
+
+    Each file is written atomically (temp file beside it, then os.replace): a failed write keeps the
+    previous file and leaves no temp file.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"title": title, "results": list(results), **(extra or {})}
     paths = {"json": out / f"{stem}.json", "markdown": out / f"{stem}.md"}
-    paths["json"].write_text(json.dumps(payload, indent=2) + "\n")
     md = markdown_report(results, title)
     if extra and extra.get("comparison"):
         md += "\n## Engines compared\n\n" + compare_table(extra["comparison"])
-    paths["markdown"].write_text(md)
+    # Each file goes to a temp name beside it, then os.replace: a failed write keeps the previous one.
+    with atomic_path(paths["json"]) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    with atomic_path(paths["markdown"]) as tmp:
+        tmp.write_text(md, encoding="utf-8")
     if plot and results and results[0].get("per_class"):
         paths["png"] = plot_per_class(results[0]["per_class"], out / f"{stem}_per_class.png", title)
     return paths
