@@ -93,3 +93,37 @@ def test_summary_shows_openvino_parity_and_flags_a_failure() -> None:
     assert "1.000000 / bf16 0.999950" in lines[1]
     assert "0.950000!" in lines[2]
     assert lines[3].split()[-2:] == ["-", "yes"]
+
+
+def test_sample_and_calibration_dirs_skip_hidden_and_non_image_files(tmp_path: Path, tiny_model, tiny_config, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Both folders are listed as `embed` lists one: recursively, without hidden files (macOS `._x.jpg`)
+    or files that are not images (a README), which the export would otherwise fail to decode."""
+    import numpy as np
+    from PIL import Image
+
+    from clipengine.export.manifest import read_manifest
+    from clipengine.image.preprocess import PreprocessConfig
+    from clipengine.models import load
+
+    monkeypatch.setattr(load, "load_model", lambda *a, **k: load.LoadedModel(
+        tiny_model, tiny_config, PreprocessConfig(image_size=32), "tiny-vit", None, "mem"))
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.jpg", "sub/c.png"):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(images / name)
+    (images / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (images / "README.txt").write_text("photos for calibration")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["export", "tiny-vit", "-o", str(out), "--dynamic", "--precision", "int8",
+                                      "--calibration-dir", str(images), "--sample-dir", str(images)])
+    assert result.exit_code == 0, (result.output, result.exception)
+    image_engine = next(e for e in read_manifest(out).engines if e.tower == "image")
+    assert image_engine.quantization == "static"
+    assert image_engine.parity is not None
+    assert image_engine.parity.samples == 4 + 3 + 4 * 3  # noise, synthetic, 4 views of each of the 3 images
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(app, ["export", "tiny-vit", "-o", str(tmp_path / "out2"), "--dynamic",
+                                      "--sample-dir", str(empty)])
+    assert result.exit_code == 1 and "no images" in str(result.exception)

@@ -10,7 +10,7 @@ import typer
 if TYPE_CHECKING:
     from ..export.manifest import EngineInfo, Manifest
 
-__all__ = ["format_summary", "parse_batches", "parse_precisions", "register"]
+__all__ = ["folder_images", "format_summary", "parse_batches", "parse_precisions", "register"]
 
 
 def parse_precisions(value: str) -> list[str]:
@@ -31,6 +31,19 @@ def parse_batches(value: str) -> list[int]:
     if not items or items[0] < 1:
         raise typer.BadParameter(f"{value!r}: batch sizes must be positive integers")
     return items
+
+
+def folder_images(folder: Path | None, option: str) -> list[Path] | None:
+    """The images of `folder` as `embed` lists them: recursive, hidden files and non-image files skipped."""
+    from ..errors import DatasetError
+    from ..pipeline.sources import list_folder
+
+    if folder is None:
+        return None
+    images = [Path(str(item.source)) for item in list_folder(folder)]
+    if not images:
+        raise DatasetError(f"{option} {folder}: no images found")
+    return images
 
 
 def _fmt(value: float) -> str:
@@ -104,14 +117,15 @@ def register(app: typer.Typer) -> None:
         precisions = parse_precisions(precision)
         image_batches = None if dynamic else parse_batches(image_batch)
         text_batches = None if dynamic else parse_batches(text_batch)
-        samples = sorted(p for p in sample_dir.iterdir() if p.is_file()) if sample_dir else None
+        samples = folder_images(sample_dir, "--sample-dir")
+        calibration = folder_images(calibration_dir, "--calibration-dir")
         typer.echo(f"loading {checkpoint or model}" + (f" @ {pretrained}" if pretrained else ""))
         loaded = load_model(checkpoint or model, pretrained, allow_download=download,
                             arch=model if checkpoint else None)
         manifest = export_model(
             loaded.module, output, precisions=precisions, image_batches=image_batches,
             text_batches=text_batches, split_text_projection=split_text_projection,
-            calibration_images=calibration_dir, sample_images_from=samples, model_name=loaded.name,
+            calibration_images=calibration, sample_images_from=samples, model_name=loaded.name,
             pretrained=loaded.pretrained, preprocess_cfg=loaded.preprocess, verify=not no_verify,
             progress=typer.echo,
         )
