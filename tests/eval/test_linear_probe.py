@@ -129,3 +129,57 @@ def test_train_and_test_that_are_the_same_images_are_refused(tmp_path) -> None: 
     test = datasets.load_dataset("folder", tmp_path, "test")
     with pytest.raises(DatasetError, match="same"):
         linear_probe.evaluate_linear_probe(_fake_model(), train, test)
+
+
+def _failing_save(file, arr, *args, **kwargs):  # type: ignore[no-untyped-def]
+    """np.save dying halfway (disk full): part of a file, then the error."""
+    if hasattr(file, "write"):
+        file.write(b"\x93NUMPY half")
+    else:
+        with open(file, "wb") as f:
+            f.write(b"\x93NUMPY half")
+    raise OSError(28, "No space left on device")
+
+
+def test_failed_feature_save_leaves_no_cache_or_temp_file(shape_sets, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    _, test_ds = shape_sets
+    data = _split(test_ds, "t", slice(0, 8))
+    model = _fake_model()
+    path = linear_probe.feature_cache_path(model, data)
+    real_save = np.save
+    monkeypatch.setattr(np, "save", _failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        linear_probe.cached_features(model, data)
+    assert not path.exists()
+    assert list(path.parent.iterdir()) == []  # no temp file left behind
+    monkeypatch.setattr(np, "save", real_save)  # not undo(): that would also drop the isolated home
+    feats, hit = linear_probe.cached_features(model, data)  # the next run writes the cache normally
+    assert not hit and np.array_equal(np.load(path), feats)
+
+
+def test_two_runs_caching_the_same_features_at_once_do_not_collide(shape_sets, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Both runs write their own temp file: neither replaces (or loses) the other's."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    _, test_ds = shape_sets
+    data = _split(test_ds, "t", slice(0, 8))
+    model = _fake_model()
+    path = linear_probe.feature_cache_path(model, data)
+    both_saved = threading.Barrier(2, timeout=30)
+    real_save = np.save
+
+    def save_then_wait(file, arr, *args, **kwargs):  # type: ignore[no-untyped-def]
+        real_save(file, arr, *args, **kwargs)
+        both_saved.wait()  # both temp files written before either is moved into place
+
+    monkeypatch.setattr(np, "save", save_then_wait)
+    with ThreadPoolExecutor(2) as pool:
+        runs = [f.result() for f in [pool.submit(linear_probe.cached_features, model, data) for _ in range(2)]]
+    assert all(not hit for _, hit in runs)
+    assert np.array_equal(np.load(path), runs[0][0])
+    assert [p.name for p in path.parent.iterdir()] == [path.name]

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import DatasetError
+from ..export.manifest import atomic_path
 from ..paths import cache_dir
 from .zeroshot import accuracy_metrics, encode_dataset
 
@@ -102,9 +103,10 @@ def cached_features(
             return feats, True
     feats = encode_dataset(model, data, batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, feats)
-    tmp.replace(path)  # atomic: an interrupted run never leaves a truncated cache file
+    # A unique temp file beside the cache file, then os.replace: two runs at once never share a temp
+    # name, and a failed save leaves neither a truncated cache file nor a temp file behind.
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        np.save(f, feats)  # a file object: np.save would add ".npy" to a temp name without it
     return feats, False
 
 
