@@ -87,6 +87,21 @@ def test_pure_resume_keeps_the_timings_of_the_run_that_did_the_work(
     assert info["counts"] == first["counts"] == {"images": 14, "embedded": 12, "failed": 2}
 
 
+def test_run_json_counts_come_from_the_shared_run_stats_counts(
+    fakes: ModuleType, mixed_folder: Path, tmp_path: Path, preprocess_cfg, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The Ray engine records the same "counts" as embed_folder by calling RunStats.counts, not a copy."""
+    from clipengine.pipeline.run import RunStats
+
+    out = tmp_path / "out"
+    embed_folder(mixed_folder, out, fakes.FakeFactory(), preprocess_cfg, model="fake", shard_size=5, workers=0)
+    marker = {"images": -1, "embedded": -2, "failed": -3}
+    monkeypatch.setattr(RunStats, "counts", lambda self: marker)
+    embed_with_ray(mixed_folder, out, fakes.FakeFactory(), preprocess_cfg, model="fake", shard_size=5)
+    info = read_run_info(out)
+    assert info is not None and info["counts"] == marker
+
+
 @pytest.mark.integration
 def test_tar_shards_embed_like_the_files(
     ray_local: None, fakes: ModuleType, mixed_folder: Path, tmp_path: Path, preprocess_cfg

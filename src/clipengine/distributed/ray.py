@@ -314,9 +314,7 @@ def embed_with_ray(
                  dtype=dtype, batch_size=batch_size, fast_decode=fast_decode)  # fmt: skip
     total.failed_total = sink.write_failures(len(parts))
     total.wall_s = time.perf_counter() - t_start
-    embedded = total.embedded + total.skipped - (total.failed_total - total.failed)
-    info.update(status="complete", counts={"images": total.images, "embedded": embedded, "failed": total.failed_total},
-                timings=total.to_dict())  # fmt: skip
+    info.update(status="complete", counts=total.counts(), timings=total.to_dict())
     if not total.processed and previous is not None and "timings" in previous:
         info["timings"] = previous["timings"]  # a pure resume keeps the timings of the run that did the work
     atomic_write_json(out / RUN_FILE, info)
