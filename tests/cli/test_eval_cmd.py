@@ -159,3 +159,19 @@ def test_zeroshot_flat_folder_with_labels_file(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, [*args, "--labels", "labels.txt", "--out", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
     assert _top1(result.output) >= MIN_SHAPE_TOP1 - 10
+
+
+def test_backend_openvino_runs_an_export_folder(cifar10: Path, onnx_export: Path, tmp_path: Path) -> None:
+    """`--backend openvino` works on eval as on every command that takes an export folder (docs/export.md)."""
+    pytest.importorskip("openvino")
+    args = ["eval", "zeroshot", "-d", "cifar10", "--root", str(cifar10), "-m", str(onnx_export), "--limit", "100"]
+    result = CliRunner().invoke(app, [*args, "--backend", "openvino", "--compare", "fp32,int8", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert _top1(result.output, "openvino fp32") >= MIN_SHAPE_TOP1
+    assert _top1(result.output, "openvino int8") >= MIN_SHAPE_TOP1
+    args = ["eval", "linear-probe", "-d", "cifar10", "--root", str(cifar10), "-m", str(onnx_export), "--limit", "100"]
+    result = CliRunner().invoke(app, [*args, "--backend", "openvino", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("openvino fp32: linear-probe top-1")
+    result = CliRunner().invoke(app, [*args, "--backend", "tensorrt"])
+    assert result.exit_code == 2 and "--backend" in result.output

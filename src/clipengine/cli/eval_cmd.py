@@ -23,10 +23,18 @@ _OUT = typer.Option(
 )
 
 
-def _load(model: str, precision: str, device: str, download: bool) -> ClipModel:
-    from ..api import load
+_BACKEND = typer.Option(
+    "--backend", help="torch (checkpoints), or onnx / openvino (export folders; an export folder defaults to onnx)."
+)
 
-    return load(model, precision=precision, device=device, allow_download=download)
+
+def _load(model: str, backend: str, precision: str, device: str, download: bool) -> ClipModel:
+    from ..api import load
+    from .model_options import BACKEND_CHOICES
+
+    if backend not in BACKEND_CHOICES:
+        raise typer.BadParameter(f"must be one of {', '.join(BACKEND_CHOICES)}, got {backend!r}", param_hint="--backend")
+    return load(model, backend=backend, precision=precision, device=device, allow_download=download)
 
 
 def _prompts(
@@ -78,11 +86,12 @@ def register(app: typer.Typer) -> None:
             str | None,
             typer.Option(
                 help="Precisions to compare, e.g. fp32,fp16,int8; the first is "
-                "the reference. ONNX when --model is an export folder."
+                "the reference. An export folder's engines (run by --backend) when --model is one."
             ),
         ] = None,
+        backend: Annotated[str, _BACKEND] = "torch",
         precision: Annotated[
-            str, typer.Option(help="fp32 | fp16 | bf16 | int8 (what the backend supports).")
+            str, typer.Option(help="fp32 | fp16 | bf16 | int8 | int8w (what the backend supports).")
         ] = "fp32",
         device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N.")] = "cpu",
         batch: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 64,
@@ -99,7 +108,7 @@ def register(app: typer.Typer) -> None:
         engines = [p.strip() for p in compare.split(",")] if compare else [precision]
         results = []
         for prec in engines:
-            clip = _load(model, prec, device, download)
+            clip = _load(model, backend, prec, device, download)
             label = f"{clip.backend.name} {clip.backend.precision}"
             results.append(evaluate_zeroshot(clip, data, templates, names, batch_size=batch, engine=label))
             r = results[-1]
@@ -125,7 +134,8 @@ def register(app: typer.Typer) -> None:
         c: Annotated[
             float, typer.Option("--C", help="Inverse L2 regularisation of the logistic regression.")
         ] = 0.316,
-        precision: Annotated[str, typer.Option(help="fp32 | fp16 | bf16 | int8.")] = "fp32",
+        backend: Annotated[str, _BACKEND] = "torch",
+        precision: Annotated[str, typer.Option(help="fp32 | fp16 | bf16 | int8 | int8w (what the backend supports).")] = "fp32",
         device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N.")] = "cpu",
         batch: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 64,
         limit: Annotated[
@@ -142,7 +152,7 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(f"must be a positive number, got {c}", param_hint="--C")
         train = _dataset(dataset, root, "train", None, None, limit)
         test = _dataset(dataset, root, "test", None, None, limit)
-        clip = _load(model, precision, device, download)
+        clip = _load(model, backend, precision, device, download)
         label = f"{clip.backend.name} {clip.backend.precision}"
         r = evaluate_linear_probe(clip, train, test, C=c, batch_size=batch, engine=label)
         typer.echo(
