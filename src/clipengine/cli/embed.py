@@ -116,7 +116,7 @@ def register(app: typer.Typer) -> None:
         workers: int | None = typer.Option(None, "--workers", min=0, help=WORKERS_HELP),
         shard_size: int = typer.Option(1000, "--shard-size", min=1, help="Images per output shard."),
         dtype: str = typer.Option("float16", "--dtype", help="float16 or float32 on disk."),
-        engine: str = typer.Option("local", "--engine", help="local, or ray (one actor per worker)."),
+        engine: str = typer.Option("local", "--engine", help="local, or ray (a pool of --actors actors, one model each; --workers is not used)."),
         as_json: bool = typer.Option(False, "--json", help="Print the run stats as JSON."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
         fast_decode: bool = FAST_DECODE_OPT,

@@ -87,13 +87,19 @@ def register(app: typer.Typer) -> None:
             list[str],
             typer.Option("--text", "-t", help="Candidate texts: --text A B C, or --text A --text B."),
         ],
-        model: Annotated[str, typer.Option("--model", "-m", help="Model name.")] = "ViT-B-32",
-        pretrained: Annotated[str | None, typer.Option(help="Weights tag (default: openai).")] = None,
+        model: Annotated[
+            str, typer.Option("--model", "-m", help="Model name, checkpoint file or ONNX export folder.")
+        ] = "ViT-B-32",
+        pretrained: Annotated[
+            str | None, typer.Option(help="Weights tag, e.g. openai (default: the model's default tag).")
+        ] = None,
         checkpoint: Annotated[
             Path | None, typer.Option(help="Checkpoint file or model folder (overrides --model).")
         ] = None,
         backend: Annotated[str, typer.Option(help="torch | onnx | openvino (onnx, openvino: an export folder).")] = "torch",
-        precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16 (CUDA).")] = "fp32",
+        precision: Annotated[
+            str, typer.Option(help="torch: fp32 | bf16 | fp16 (CUDA) | fp8 (FP8 GPUs); onnx / openvino: the export's fp32 | fp16 | int8 | int8w (openvino also bf16).")
+        ] = "fp32",
         device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N.")] = "cpu",
         download: Annotated[bool, typer.Option("--download", help="Download missing weights.")] = False,
     ) -> None:
