@@ -256,7 +256,7 @@ def register(app: typer.Typer) -> None:
         if override and not (same_model(opts.label, index.model) or same_model(clip.name, index.model)):
             raise IndexMismatchError(
                 f"{index_path} was built with model {index.model!r}, not {opts.label!r}; "
-                "drop --model to use the index's own model"
+                "drop --model / --checkpoint to use the index's own model"
             )
         q = clip.encode_images([image]) if image is not None else clip.encode_texts([query or ""])
         if q.shape[1] != index.dim:
