@@ -168,3 +168,39 @@ def test_engine_ray_dispatches_with_a_picklable_factory(
     restored = pickle.loads(pickle.dumps(factory))
     assert restored.opts.checkpoint == str(tmp_path / "c.pt")
     assert "Embedded 11 images" in result.output
+
+
+def test_engine_ray_takes_parquet_and_webdataset_sources(
+    folder: Path, tmp_path: Path, fake_load, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The sources the README lists for Ray (a Parquet `path` column, WebDataset .tar shards) work from the CLI."""
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import clipengine.distributed.ray as ray_engine
+    from clipengine.pipeline.run import RunStats
+
+    seen: list[list[str]] = []
+
+    def fake_embed_with_ray(items: list, *args: object, **kwargs: object) -> RunStats:  # type: ignore[type-arg]
+        seen.append([item.id for item in items])
+        return RunStats(images=len(items), embedded=len(items), wall_s=1.0)
+
+    monkeypatch.setattr(ray_engine, "embed_with_ray", fake_embed_with_ray)
+    images = sorted(p.name for p in folder.glob("*.jpg") if p.stat().st_size)[:3]
+    assert len(images) == 3
+    parquet = tmp_path / "photos.parquet"
+    pq.write_table(pa.table({"path": [str(folder / name) for name in images]}), parquet)
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as tf:
+        for name in images:
+            tf.add(folder / name, arcname=name)
+    for source, ids in ((parquet, [str(folder / n) for n in images]), (shard, [f"shard-000.tar/{n}" for n in images])):
+        out = tmp_path / f"out-{source.suffix[1:]}"
+        result = CliRunner().invoke(app, ["embed", str(source), "-o", str(out), "--engine", "ray", "--no-progress"])
+        assert result.exit_code == 0, result.output
+        assert seen[-1] == ids
+    local = CliRunner().invoke(app, ["embed", str(parquet), "-o", str(tmp_path / "local"), "--no-progress"])
+    assert local.exit_code == 1 and "file list" in str(local.exception)  # the local engine reads folders and .txt lists

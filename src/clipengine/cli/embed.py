@@ -34,7 +34,11 @@ def _run_engine(
     return embed_folder(items, output, lambda: clip.backend, clip.preprocess_cfg, **kwargs)
 
 
-_SOURCE_ARG = typer.Argument(..., help="Folder (walked recursively) or text file with one path per line.")
+_SOURCE_ARG = typer.Argument(
+    ...,
+    help="Folder (walked recursively) or text file with one path per line; with --engine ray also a "
+    ".parquet file with a path column, or a WebDataset .tar shard (or a folder of them).",
+)
 _OUTPUT_OPT = typer.Option(
     ..., "--output", "-o", file_okay=False, help="Output folder (shards, failures, run.json)."
 )
@@ -153,7 +157,12 @@ def register(app: typer.Typer) -> None:
             # Measured best on an H200 (docs/performance.md): compiled graphs replayed as CUDA graphs.
             # Safe here: one thread calls the image tower (the server does not get this).
             opts = replace(opts, extra={**opts.extra, "cuda_graphs": True})
-        items = list_items(source)
+        if engine == "ray":  # Ray reads Parquet path lists and WebDataset shards too
+            from ..distributed.ray import list_source
+
+            items = list_source(source)
+        else:
+            items = list_items(source)
         # Refuse a mismatched output folder before the (possibly slow) model load.
         check_output(
             output, model=opts.label, dtype=dtype, shard_size=shard_size, fast_decode=fast_decode,
