@@ -135,7 +135,7 @@ _M = typer.Option(
 _P = typer.Option(None, "--pretrained", help="Pretrained weights tag.")
 _C = typer.Option(None, "--checkpoint", help="Checkpoint file (overrides --model).")
 _B = typer.Option("torch", "--backend", help="torch, onnx or openvino (onnx / openvino: export folder).")
-_PR = typer.Option("fp32", "--precision", help="fp32, fp16, bf16 (backend dependent; torch on FP8 GPUs: fp8).")
+_PR = typer.Option("fp32", "--precision", help=mo.PRECISION_OPT.help)
 _D = typer.Option("cpu", "--device", help="cpu, cuda, ...")
 _DL = typer.Option(False, "--download", help="Allow downloading weights that are not cached.")
 _BATCH = typer.Option(32, "--batch", min=1, help="Images per backend call when embedding.")
