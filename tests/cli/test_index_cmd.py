@@ -102,11 +102,12 @@ def test_build_from_images_then_add_new_ones(
     data = json.loads(out)
     assert code == 0 and (data["added"], data["skipped"], data["count"]) == (
         3,
-        0,
+        10,
         13,
-    )  # only new files embedded
+    )  # only new files embedded; the 10 indexed ones are reported as skipped
     code, out, _ = _run(capsys, "index", "add", idx, folder, "--json")
-    assert code == 0 and json.loads(out)["added"] == 0 and json.loads(out)["count"] == 13
+    data = json.loads(out)
+    assert code == 0 and (data["added"], data["skipped"], data["count"]) == (0, 13, 13)
     code, out, _ = _run(capsys, "search", idx, "new/img-001.jpg", "-k", "1")
     assert code == 0 and out.split()[1] == str(folder / "new" / "img-001.jpg")
 

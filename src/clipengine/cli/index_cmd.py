@@ -55,21 +55,22 @@ def _embeddings(
     engine: str,
     workers: int | None,
     known: Index | None = None,
-) -> tuple[Path | None, str]:
-    """The embed folder for `source` (embedding it first when it is images) and its model label.
+) -> tuple[Path | None, str, int]:
+    """The embed folder for `source` (embedding it first when it is images), its model label, and
+    how many of its images were left out because `known` (an index) holds their ids already.
 
-    With `known`, images whose id is already in that index are not embedded again; returns
-    (None, label) when nothing is left to embed.
+    Returns (None, label, n) when nothing is left to embed.
     """
     if _is_embed_dir(source):
-        return source, ""
+        return source, "", 0
     if opts is None:
         raise typer.BadParameter("embedding images needs --model (or --checkpoint)")
     from ..pipeline.sources import list_items
 
-    items = [i for i in list_items(source) if known is None or i.id not in known]
+    listed = list_items(source)
+    items = [i for i in listed if known is None or i.id not in known]
     if not items:
-        return None, opts.label
+        return None, opts.label, len(listed)
     clip = mo.load_clip(opts)
     kwargs: dict[str, Any] = {"model": opts.label, "batch_size": batch, "source_label": str(source.resolve())}
     if engine == "ray":
@@ -80,7 +81,7 @@ def _embeddings(
         from ..pipeline.run import embed_folder
 
         embed_folder(items, embed_dir, lambda: clip.backend, clip.preprocess_cfg, workers=workers, **kwargs)
-    return embed_dir, opts.label
+    return embed_dir, opts.label, len(listed) - len(items)
 
 
 def _read(embed_dir: Path, label: str, expect: str | None) -> tuple[list[str], Any, str, dict[str, Any]]:
@@ -181,7 +182,7 @@ def register(app: typer.Typer) -> None:
         from ..index import Index
 
         opts = _opts(model, pretrained, checkpoint, backend, precision, device, download)
-        emb_dir, label = _embeddings(
+        emb_dir, label, _ = _embeddings(
             source, opts, embeddings or output.with_name(output.name + ".embeddings"), batch, engine, workers
         )
         if emb_dir is None:
@@ -212,15 +213,15 @@ def register(app: typer.Typer) -> None:
             index.model, pretrained, None, backend, precision, device, download
         )
         default_dir = index_path.with_name(index_path.name + ".embeddings")
-        emb_dir, label = _embeddings(source, opts, embeddings or default_dir, batch, engine, workers, index)
+        emb_dir, label, indexed = _embeddings(source, opts, embeddings or default_dir, batch, engine, workers, index)
         if emb_dir is None:  # every image of the folder is indexed already
-            _echo_index(index, index_path, as_json, added=0)
+            _echo_index(index, index_path, as_json, added=0, skipped=indexed)
             return
         ids, vectors, _, meta = _read(emb_dir, label, index.model)
         added = index.add(ids, vectors, sizes=_sizes(emb_dir, ids), on_duplicate="skip")
         index.image_roots += [r for r in _image_roots(meta) if r not in index.image_roots]
         index.save(index_path)
-        _echo_index(index, index_path, as_json, added=added, skipped=len(ids) - added)
+        _echo_index(index, index_path, as_json, added=added, skipped=indexed + len(ids) - added)
 
     @index_app.command("info")
     def info_cmd(index_path: Path = _INDEX_ARG, as_json: bool = _JSON) -> None:
