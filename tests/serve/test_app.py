@@ -343,6 +343,20 @@ def test_backend_failure_is_a_json_500_not_a_crash(make_client: Any, fake_model:
     assert c.post("/v1/embeddings/texts", json={"texts": ["fine"]}).status_code == 200
 
 
+def test_arguments_the_model_refuses_are_a_422_not_a_500(
+    make_client: Any, fake_model: FakeModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from clipengine.errors import InputError
+
+    def refuse(texts: Any) -> Any:
+        raise InputError("texts[0]: expected a str, got NoneType")
+
+    c = make_client()  # (its start-up warms the model up with a text)
+    monkeypatch.setattr(fake_model, "encode_texts", refuse)
+    message = _error(c.post("/v1/embeddings/texts", json={"texts": ["x"]}), 422, "invalid_input")
+    assert "texts[0]" in message
+
+
 # ---- API key -----------------------------------------------------------------------------------
 def test_api_key_guards_everything_but_health_and_the_page(make_client: Any) -> None:
     c = make_client(api_key="s3cret")

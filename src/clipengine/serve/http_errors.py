@@ -11,7 +11,7 @@ from fastapi.exceptions import HTTPException, RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import ClipEngineError, DecodeError, TextTooLongError
+from ..errors import ClipEngineError, DecodeError, InputError, TextTooLongError
 from .batcher import BatcherClosedError, QueueFullError
 
 __all__ = ["ApiError", "error_body", "error_response", "install_error_handlers"]
@@ -89,6 +89,12 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
     @app.exception_handler(TextTooLongError)
     async def _text_error(request: Request, exc: TextTooLongError) -> JSONResponse:
         return error_response(422, "text_too_long", str(exc))
+
+    @app.exception_handler(InputError)
+    async def _input_error(request: Request, exc: InputError) -> JSONResponse:
+        # Arguments the model cannot take come from the request (its texts, labels, templates): the
+        # request validation should have caught them, but they are still the client's to fix.
+        return error_response(422, "invalid_input", str(exc))
 
     @app.exception_handler(QueueFullError)
     async def _queue_full(request: Request, exc: QueueFullError) -> JSONResponse:
