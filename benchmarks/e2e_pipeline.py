@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--workers", type=int, default=None, help="decode processes (default: one per core)")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per partition / shard (embed's default 1000)")
     args = p.parse_args(argv)
 
     from clipengine.backends import create_backend
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as out:
         stats = embed_folder(args.folder, Path(out) / "emb", backend, PreprocessConfig(image_size=size),
                              batch_size=args.batch, dtype="float32", fast_decode=args.fast_decode,
-                             workers=args.workers)  # fmt: skip
+                             workers=args.workers, shard_size=args.shard_size)  # fmt: skip
         ids, vecs, _ = read_embeddings(Path(out) / "emb")
     order = np.argsort([Path(i).name for i in ids])
     np.save(args.vectors, vecs[order])

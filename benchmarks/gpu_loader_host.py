@@ -7,6 +7,9 @@ decoder replaced by a stand-in that releases the GIL for a fixed time per image 
 a native decode call) and returns a small tensor. Rows: the header check by Pillow alone vs with
 the fast scan (`image.jpeg_header`), at several reader-thread counts.
 
+`--embed-folder` adds `embed_folder(gpu_decode=...)` itself over the same stand-ins, with shards of
+`--shard-size` files and with one shard, to show what the shard boundaries cost.
+
 `--loader` adds the whole loader as `embed --gpu-decode` runs it (`pipeline.gpu_loading.
 iter_gpu_loaded`: readers, decode, preprocess, the loader thread) with the decode on the loader
 thread or on a thread of its own (`decode_ahead`). The GPU preprocessing is a stand-in too: it
@@ -36,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--threads", default="2,4,8")
     p.add_argument("--loader", action="store_true", help="also the whole loader, with and without decode_ahead")
+    p.add_argument("--embed-folder", action="store_true",
+                   help="also embed_folder(gpu_decode) with shards of --shard-size vs one shard")  # fmt: skip
+    p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--preprocess-us", type=float, default=34.0)
     p.add_argument("--model-us", type=float, default=27.0)
     p.add_argument("--model-batch", type=int, default=256)
@@ -73,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((label, threads, n / seconds, decoder.stats.decode_s / seconds))
         gd.scan_jpeg_header = scan
         loader_rows = loader_rates(items, args) if args.loader else []
+        folder_rows = embed_folder_rates(items, args) if args.embed_folder else []
     ceiling = 1e6 / args.decode_us
     print(f"GPU loader host side on {multiprocessing.cpu_count()} cores: {args.count} files of 1280x960, batch "
           f"{args.batch}, stand-in decode {args.decode_us:.0f} us/image (ceiling {ceiling:.0f} img/s)\n")  # fmt: skip
@@ -86,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         print("| loader | img/s | share of the decode ceiling |\n| --- | ---: | ---: |")
         for label, rate in loader_rows:
             print(f"| {label} | {rate:.0f} | {rate / ceiling:.0%} |")
+    if folder_rows:
+        print(f"\n`embed_folder(gpu_decode)` with the same stand-ins (shards written; model batch {args.model_batch})\n")
+        print("| run | img/s | share of the decode ceiling | model waiting for the loader, us/img |")
+        print("| --- | ---: | ---: | ---: |")
+        for label, rate, wait_us in folder_rows:
+            print(f"| {label} | {rate:.0f} | {rate / ceiling:.0%} | {wait_us:.0f} |")
     return 0
 
 
@@ -123,6 +136,50 @@ def loader_rates(items: list[Any], args: argparse.Namespace) -> list[tuple[str, 
                     n += len(batch.ids)
                 label = "decode on its own thread (decode_ahead=True)" if ahead else "decode on the loader thread (default)"
                 rows.append((label, n / (time.perf_counter() - t0)))
+    finally:
+        gd._nvjpeg_decode, gb.preprocess_tensors = saved
+    return rows
+
+
+def embed_folder_rates(items: list[Any], args: argparse.Namespace) -> list[tuple[str, float, float]]:
+    """img/s of `embed_folder(gpu_decode=...)` over the same stand-ins, in shards of --shard-size and in one shard."""
+    import numpy as np
+    import torch
+
+    from clipengine.image import gpu_decode as gd
+    from clipengine.image.preprocess import PreprocessConfig
+    from clipengine.pipeline import gpu_batching as gb
+    from clipengine.pipeline.run import embed_folder
+
+    small = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    cfg = PreprocessConfig(image_size=8)  # tiny rows: the stand-ins stand for the GPU work, not host copies
+
+    def decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        time.sleep(args.decode_us * 1e-6 * len(data))
+        return [small] * len(data)
+
+    def preprocess(images: list[torch.Tensor], cfg: PreprocessConfig, out_dtype: Any = None) -> torch.Tensor:
+        time.sleep(args.preprocess_us * 1e-6 * len(images))
+        return torch.zeros(len(images), 3, 8, 8)
+
+    class Model:  # the Backend protocol's image side; "runs" for --model-us per image, GIL released
+        name, embed_dim, image_size = "stand-in", 512, 8
+
+        def encode_images(self, pixels: Any) -> np.ndarray:
+            time.sleep(args.model_us * 1e-6 * len(pixels))
+            return np.zeros((len(pixels), 512), np.float32)
+
+    saved = gd._nvjpeg_decode, gb.preprocess_tensors
+    gd._nvjpeg_decode, gb.preprocess_tensors = decode, preprocess  # type: ignore[assignment]
+    rows = []
+    try:
+        for _ in range(2):
+            for shard in (args.shard_size, len(items)):
+                with tempfile.TemporaryDirectory() as out:
+                    stats = embed_folder(items, Path(out) / "emb", Model(), cfg, batch_size=args.model_batch,
+                                         shard_size=shard, dtype="float32", gpu_decode="cpu")  # fmt: skip
+                label = f"{-(-len(items) // shard)} shard(s) of {min(shard, len(items))}"
+                rows.append((label, stats.embedded / stats.wall_s, 1e6 * stats.wait_s / max(stats.embedded, 1)))
     finally:
         gd._nvjpeg_decode, gb.preprocess_tensors = saved
     return rows

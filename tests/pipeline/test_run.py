@@ -186,6 +186,82 @@ def test_output_of_a_crashed_rerun_is_refused_until_resumed(
     np.testing.assert_array_equal(vectors, ref_vectors)
 
 
+def _spy_loaders(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Record the ids each loader `run` creates is asked for (one list per `iter_batches` call)."""
+    from clipengine.pipeline import run as run_module
+
+    loaders: list[list[str]] = []
+    real = run_module.iter_batches
+
+    def spy(items, *args, **kwargs):  # type: ignore[no-untyped-def]
+        loaders.append([item.id for item in items])
+        return real(items, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "iter_batches", spy)
+    return loaders
+
+
+def test_one_loader_feeds_every_partition_and_batches_cross_shard_edges(
+    image_folder: Path, tmp_path: Path, preprocess_cfg, fakes, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    loaders = _spy_loaders(monkeypatch)
+    factory = fakes.FakeBackendFactory()
+    out = tmp_path / "out"
+    stats = embed_folder(image_folder, out, factory, preprocess_cfg, workers=0, shard_size=10, batch_size=4)
+    items = list_items(image_folder)  # 25: shards of 10, 10, 5
+    assert loaders == [[i.id for i in items]]  # the decode pipeline is not drained at each shard
+    assert factory.built[0].calls == [4, 4, 4, 4, 4, 4, 1]  # a batch may hold the end of one shard and the next
+    assert (stats.shards_written, stats.embedded, stats.batch_sizes) == (3, 25, [4, 4, 4, 4, 4, 4, 1])
+    sink = ShardSink(out)
+    for part in partitions(items, 10):
+        assert sink.is_complete(part.id, [i.id for i in part.items], embed_dim=8)
+    one_shard = tmp_path / "one"
+    embed_folder(image_folder, one_shard, fakes.FakeBackendFactory(), preprocess_cfg, workers=0, batch_size=4)
+    ids, vectors, _ = read_embeddings(out)
+    ref_ids, ref_vectors, _ = read_embeddings(one_shard)
+    assert ids == ref_ids
+    np.testing.assert_array_equal(vectors, ref_vectors)
+
+
+def test_failures_at_shard_edges_land_in_their_own_shard(
+    mixed_folder, tmp_path: Path, preprocess_cfg, fakes
+) -> None:  # type: ignore[no-untyped-def]
+    root, good_ids, bad_ids = mixed_folder  # sorted: the 3 bad files first, then 12 good ones
+    out = tmp_path / "out"
+    embed_folder(root, out, fakes.FakeBackendFactory(), preprocess_cfg, workers=0, shard_size=2, batch_size=3)
+    sink = ShardSink(out)
+    items = list_items(root)
+    for part in partitions(items, 2):  # shard 0: two failures only; shard 1: a failure and a row
+        assert sink.is_complete(part.id, [i.id for i in part.items], embed_dim=8)
+        shard_failures = [json.loads(line)["path"] for line in sink.paths(part.id)[2].read_text().splitlines()]
+        assert shard_failures == [i.id for i in part.items if i.id in bad_ids]
+    assert read_embeddings(out)[0] == good_ids
+    assert sorted(f.id for f in read_failures(out)) == bad_ids
+
+
+def test_a_resume_loads_only_the_unfinished_partitions(
+    image_folder: Path, tmp_path: Path, preprocess_cfg, fakes, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "out"
+    embed_folder(image_folder, out, fakes.FakeBackendFactory(), preprocess_cfg, workers=0, shard_size=10)
+    (out / "shards" / "part-00001.jsonl").unlink()
+    loaders = _spy_loaders(monkeypatch)
+    stats = embed_folder(image_folder, out, fakes.FakeBackendFactory(), preprocess_cfg, workers=0, shard_size=10)
+    assert loaders == [[i.id for i in list_items(image_folder)[10:20]]]
+    assert (stats.shards_skipped, stats.shards_written, stats.skipped, stats.embedded) == (2, 1, 15, 10)
+    assert read_embeddings(out)[0] == [i.id for i in list_items(image_folder)]
+
+
+def test_items_listed_twice_are_refused_before_any_work(
+    image_folder: Path, tmp_path: Path, preprocess_cfg, fakes
+) -> None:  # type: ignore[no-untyped-def]
+    items = list_items(image_folder)
+    factory = fakes.FakeBackendFactory()
+    with pytest.raises(DatasetError, match=r"'img-0003.jpg' is listed twice"):
+        embed_folder([*items[:5], items[3]], tmp_path / "out", factory, preprocess_cfg, workers=0)
+    assert factory.built == []
+
+
 def test_run_stats_counts_cover_resumed_shards() -> None:
     """run.json "counts": rows on disk (this run's + resumed shards' minus their failures), all failures."""
     # 14 items: this run embedded 4 and failed 1; 9 were skipped in complete shards holding 1 failure.

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import IndexMismatchError
-from ..types import Backend, Failure, FloatArray, ImageItem
+from ..errors import DatasetError, IndexMismatchError
+from ..types import Backend, Batch, Failure, FloatArray, ImageItem
 from .batching import LoadStats, default_workers, iter_batches, make_executor
 from .embed import BackendSource, LazyBackend, embed_batch
 from .sinks import RUN_FILE, ShardSink, atomic_write_json, read_run_info
-from .sources import list_items, partitions
+from .sources import Partition, list_items, partitions
 
 if TYPE_CHECKING:
     from concurrent.futures import Executor
@@ -158,47 +158,124 @@ def run_partition(
         stats.wall_s = time.perf_counter() - t_start
         return stats
 
-    ids: list[str] = []
-    blocks: list[FloatArray] = []
-    sizes: list[tuple[int, int]] = []
-    failures: list[Failure] = []
-    loads = LoadStats()
-    if gpu_decode is not None:
-        from .gpu_loading import iter_gpu_loaded
+    loading = _Loading(preprocess_cfg, batch_size, workers, executor, fast_decode, gpu_decode, gpu_decoder,
+                       gpu_read_threads)  # fmt: skip
+    _embed_partitions([Partition(partition_id, tuple(items))], lazy, sink, stats, loading, progress)
+    stats.wall_s = time.perf_counter() - t_start
+    return stats
 
-        batches = iter_gpu_loaded(items, preprocess_cfg, batch_size, gpu_decode, loads, decoder=gpu_decoder,
-                                  read_threads=gpu_read_threads)  # fmt: skip
-    else:
-        batches = iter_batches(
-            items,
-            preprocess_cfg,
-            batch_size,
-            executor=executor,
-            workers=workers,
-            stats=loads,
-            fast_decode=fast_decode,
-        )
+
+@dataclass(frozen=True)
+class _Loading:
+    """How images are loaded: CPU decode workers (`batching`) or the GPU loader (`gpu_loading`)."""
+
+    preprocess_cfg: PreprocessConfig | dict[str, Any]
+    batch_size: int
+    workers: int = 0
+    executor: Executor | None = None
+    fast_decode: bool = False
+    gpu_decode: str | None = None
+    gpu_decoder: str = "torchvision"
+    gpu_read_threads: int = 2
+
+    def batches(self, items: Sequence[ImageItem], stats: LoadStats) -> Iterator[Batch]:
+        if self.gpu_decode is not None:
+            from .gpu_loading import iter_gpu_loaded
+
+            return iter_gpu_loaded(items, self.preprocess_cfg, self.batch_size, self.gpu_decode, stats,
+                                   decoder=self.gpu_decoder, read_threads=self.gpu_read_threads)  # fmt: skip
+        return iter_batches(items, self.preprocess_cfg, self.batch_size, executor=self.executor,
+                            workers=self.workers, stats=stats, fast_decode=self.fast_decode)  # fmt: skip
+
+
+@dataclass
+class _OpenShard:
+    """A partition whose rows and failures are still arriving (a batch may hold the end of one
+    partition and the start of the next)."""
+
+    remaining: int  # items not yet embedded or failed
+    ids: list[str] = field(default_factory=list)
+    blocks: list[FloatArray] = field(default_factory=list)
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+
+
+def _embed_partitions(
+    parts: Sequence[Partition],
+    lazy: LazyBackend,
+    sink: ShardSink,
+    stats: RunStats,
+    loading: _Loading,
+    progress: ProgressCallback | None,
+) -> None:
+    """Embed `parts` through one loader, writing each shard as soon as all its items are in.
+
+    One loader for all partitions, not one per partition: the decode pipeline (CPU workers or the
+    GPU loader) fills once and stays full across shard boundaries instead of draining and refilling
+    at each. Emulated GPU loader (benchmarks/gpu_loader_host.py --embed-folder, 8192 files): 9
+    shards of 1000 ran at 3.9-4.4k img/s with a loader per shard, 5.3k with one (one shard: 5.1-5.3k).
+    On 2 CPU cores, 96-image shards: the model's wait for images fell from 9.3 to 2.3 ms per image.
+    """
+    owner = {item.id: part.id for part in parts for item in part.items}
+    items = [item for part in parts for item in part.items]
+    if len(owner) < len(items):  # rows are routed to their shard by id
+        raise DatasetError(f"{_first_repeated(items)!r} is listed twice; ids must be unique (each names one output row)")
+    shards = {part.id: _OpenShard(remaining=len(part.items)) for part in parts}
+    loads = LoadStats()
+    batches = loading.batches(items, loads)
     for batch in batches:
-        failures.extend(batch.failures)
+        touched: set[int] = set()
+        for failure in batch.failures:
+            shard = shards[owner[failure.id]]
+            shard.failures.append(failure)
+            shard.remaining -= 1
+            touched.add(owner[failure.id])
         if batch.ids:
             model = _get_backend(lazy, stats)
             t0 = time.perf_counter()
             emb = embed_batch(model, batch)
             stats.infer_s += time.perf_counter() - t0
             stats.batch_sizes.append(len(emb.ids))
-            ids.extend(emb.ids)
-            blocks.append(emb.vectors)
-            sizes.extend(batch.sizes)
+            start = 0
+            while start < len(emb.ids):  # rows come in input order: each partition's are consecutive
+                pid = owner[emb.ids[start]]
+                end = start + 1
+                while end < len(emb.ids) and owner[emb.ids[end]] == pid:
+                    end += 1
+                shard = shards[pid]
+                shard.ids.extend(emb.ids[start:end])
+                shard.blocks.append(emb.vectors[start:end])
+                shard.sizes.extend(batch.sizes[start:end])
+                shard.remaining -= end - start
+                touched.add(pid)
+                start = end
+        for pid in sorted(touched):
+            if shards[pid].remaining == 0:
+                _write_shard(sink, pid, shards.pop(pid), lazy, stats)
         if progress is not None:
             progress(len(batch.ids) + len(batch.failures))
-    dim = _get_backend(lazy, stats).embed_dim
-    vectors = np.concatenate(blocks) if blocks else np.zeros((0, dim), dtype=np.float32)
-    stats.write_s = sink.write(partition_id, ids, vectors, sizes, failures)
-    stats.embedded, stats.failed, stats.shards_written = len(ids), len(failures), 1
+    if shards:  # the loaders account for every item; a gap here is a bug, not bad input
+        raise RuntimeError(f"the loader did not return every item of partition(s) {sorted(shards)}")
     stats.read_s, stats.decode_s, stats.preprocess_s = loads.read_s, loads.decode_s, loads.preprocess_s
     stats.wait_s = loads.wait_s
-    stats.wall_s = time.perf_counter() - t_start
-    return stats
+
+
+def _first_repeated(items: Sequence[ImageItem]) -> str | None:
+    seen: set[str] = set()
+    for item in items:
+        if item.id in seen:
+            return item.id
+        seen.add(item.id)
+    return None
+
+
+def _write_shard(sink: ShardSink, partition_id: int, shard: _OpenShard, lazy: LazyBackend, stats: RunStats) -> None:
+    dim = _get_backend(lazy, stats).embed_dim
+    vectors = np.concatenate(shard.blocks) if shard.blocks else np.zeros((0, dim), dtype=np.float32)
+    stats.write_s += sink.write(partition_id, shard.ids, vectors, shard.sizes, shard.failures)
+    stats.embedded += len(shard.ids)
+    stats.failed += len(shard.failures)
+    stats.shards_written += 1
 
 
 def _get_backend(lazy: LazyBackend, stats: RunStats) -> Backend:
@@ -299,15 +376,20 @@ def embed_folder(
     lazy = LazyBackend(backend_factory, on_load=on_load)
     n_workers = default_workers() if workers is None else workers
     executor = make_executor(n_workers) if gpu_decode is None else None
-    total = RunStats()
+    total = RunStats(images=len(items))
+    todo = []
+    for part in parts:  # complete shards are kept (a resume); the rest go through one loader
+        if sink.is_complete(part.id, [item.id for item in part.items], embed_dim=info["embed_dim"]):
+            total.skipped += len(part.items)
+            total.shards_skipped += 1
+            if progress is not None:
+                progress(len(part.items))
+        else:
+            todo.append(part)
     try:
-        for part in parts:
-            stats = run_partition(
-                part.items, lazy, sink, partition_id=part.id, preprocess_cfg=cfg,
-                batch_size=batch_size, executor=executor, progress=progress, fast_decode=fast_decode,
-                gpu_decode=gpu_decode, gpu_decoder=gpu_decoder, gpu_read_threads=gpu_read_threads,
-            )  # fmt: skip
-            total.add(stats)
+        if todo:
+            loading = _Loading(cfg, batch_size, 0, executor, fast_decode, gpu_decode, gpu_decoder, gpu_read_threads)
+            _embed_partitions(todo, lazy, sink, total, loading, progress)
     finally:
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
