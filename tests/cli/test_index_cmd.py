@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from clipengine.cli import model_options
 from clipengine.cli.app import app, main
+from clipengine.pipeline.sinks import read_embeddings
 
 
 class _FakeClip:
@@ -97,9 +98,15 @@ def test_build_from_images_then_add_new_ones(
     assert code == 0 and json.loads(out)["kind"] == "hnsw" and json.loads(out)["count"] == 10
     assert (tmp_path / "p.index.embeddings" / "run.json").is_file()
 
+    build_shards = {p.name: p.read_bytes() for p in (tmp_path / "p.index.embeddings" / "shards").iterdir()}
     distributed_fakes.write_images(folder / "new", 3, seed=5)
-    code, out, _ = _run(capsys, "index", "add", idx, folder, "--json")
+    code, out, err = _run(capsys, "index", "add", idx, folder, "--json")
     data = json.loads(out)
+    assert "does not match" not in err  # the build's shards are neither checked nor recomputed
+    after = {p.name: p.read_bytes() for p in (tmp_path / "p.index.embeddings" / "shards").iterdir()}
+    assert after == build_shards
+    (added_dir,) = tmp_path.glob("p.index.embeddings-add-*")
+    assert read_embeddings(added_dir)[0] == ["new/img-000.jpg", "new/img-001.jpg", "new/img-002.jpg"]
     assert code == 0 and (data["added"], data["skipped"], data["count"]) == (
         3,
         10,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +15,7 @@ from . import model_options as mo
 
 if TYPE_CHECKING:
     from ..index import Index
+    from ..types import ImageItem
 
 __all__ = ["register"]
 
@@ -50,7 +53,7 @@ def _image_roots(meta: dict[str, Any]) -> list[str]:
 def _embeddings(
     source: Path,
     opts: mo.ModelOptions | None,
-    embed_dir: Path,
+    embed_dir: Path | Callable[[Sequence[ImageItem]], Path],
     batch: int,
     engine: str,
     workers: int | None,
@@ -58,6 +61,7 @@ def _embeddings(
 ) -> tuple[Path | None, str, int]:
     """The embed folder for `source` (embedding it first when it is images), its model label, and
     how many of its images were left out because `known` (an index) holds their ids already.
+    `embed_dir` may be a function of the images to embed (see `_add_dir`).
 
     Returns (None, label, n) when nothing is left to embed.
     """
@@ -71,6 +75,8 @@ def _embeddings(
     items = [i for i in listed if known is None or i.id not in known]
     if not items:
         return None, opts.label, len(listed)
+    if callable(embed_dir):
+        embed_dir = embed_dir(items)
     clip = mo.load_clip(opts)
     kwargs: dict[str, Any] = {"model": opts.label, "batch_size": batch, "source_label": str(source.resolve())}
     if engine == "ray":
@@ -82,6 +88,20 @@ def _embeddings(
 
         embed_folder(items, embed_dir, lambda: clip.backend, clip.preprocess_cfg, workers=workers, **kwargs)
     return embed_dir, opts.label, len(listed) - len(items)
+
+
+def _add_dir(index_path: Path) -> Callable[[Sequence[ImageItem]], Path]:
+    """Where `index add` embeds new images by default: a folder of their own, named by their ids.
+
+    Not INDEX.embeddings: embedding another list of images there would overwrite the build's
+    shards. Named by the ids, so a rerun after a crash resumes the same folder.
+    """
+
+    def folder(items: Sequence[ImageItem]) -> Path:
+        ids = "\n".join(item.id for item in items).encode("utf-8", "surrogatepass")
+        return index_path.with_name(f"{index_path.name}.embeddings-add-{hashlib.sha256(ids).hexdigest()[:12]}")
+
+    return folder
 
 
 def _read(embed_dir: Path, label: str, expect: str | None) -> tuple[list[str], Any, str, dict[str, Any]]:
@@ -143,7 +163,8 @@ _BATCH = typer.Option(32, "--batch", min=1, help="Images per backend call when e
 _ENGINE = typer.Option("local", "--engine", help="Embedding engine for image folders: local or ray.")
 _WORKERS = typer.Option(None, "--workers", min=0, help=embed_cli.WORKERS_HELP)
 _EMB = typer.Option(
-    None, "--embeddings", help="Where to keep embeddings of images (default: INDEX.embeddings)."
+    None, "--embeddings", help="Where to keep embeddings of images (default: INDEX.embeddings; for "
+    "`index add`, a folder of its own beside it, INDEX.embeddings-add-<hash of the new ids>)."
 )
 _JSON = typer.Option(False, "--json", help="Print JSON.")
 _SOURCE_ARG = typer.Argument(..., exists=True, help=_SOURCE_HELP)
@@ -212,8 +233,8 @@ def register(app: typer.Typer) -> None:
         opts = mo.parse_model_options(
             index.model, pretrained, None, backend, precision, device, download
         )
-        default_dir = index_path.with_name(index_path.name + ".embeddings")
-        emb_dir, label, indexed = _embeddings(source, opts, embeddings or default_dir, batch, engine, workers, index)
+        emb_dir, label, indexed = _embeddings(source, opts, embeddings or _add_dir(index_path), batch, engine, workers,
+                                              index)  # fmt: skip
         if emb_dir is None:  # every image of the folder is indexed already
             _echo_index(index, index_path, as_json, added=0, skipped=indexed)
             return
