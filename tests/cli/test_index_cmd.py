@@ -141,6 +141,31 @@ def test_model_mismatch_and_bad_usage_are_refused(
     assert result.exit_code == 2 and "kind='flat'" in result.output
 
 
+def test_search_checks_the_model_against_the_index_before_loading_it(
+    folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A wrong --model is refused before any weights are read: offline, or with weights that are not
+    cached, the user sees the mismatch, not a missing-weights error. An export folder is judged by
+    its manifest; one naming the index's model is loaded and searched."""
+    from clipengine.export.manifest import Manifest, write_manifest
+
+    idx = tmp_path / "p.index"
+    assert _run(capsys, "index", "build", folder, "-o", idx, "--model", "fake")[0] == 0
+    loads = len(fake_load)
+    other, same = tmp_path / "export-other", tmp_path / "export-fake"
+    for export, name in ((other, "other"), (same, "fake")):
+        export.mkdir()
+        write_manifest(Manifest(name, None, {}, {}, 77, 100.0, 8, 32, []), export)
+    for model in ("ViT-B-32", "tiny-synth@synthetic", "nosuch", str(other)):
+        code, _, err = _run(capsys, "search", idx, "img-001.jpg", "--model", model)
+        assert code == 1 and err.count("\n") == 1, err
+        assert f"built with model 'fake', not '{Path(model).resolve() if model == str(other) else model}'" in err
+    assert len(fake_load) == loads  # nothing was loaded
+    monkeypatch.setattr(model_options, "load_clip", lambda opts: _FakeClip(folder, name="fake"))  # as the manifest says
+    code, out, _ = _run(capsys, "search", idx, "img-001.jpg", "--model", same, "-k", "1")
+    assert code == 0 and out.split()[1] == str(folder / "img-001.jpg")
+
+
 def test_damaged_or_missing_index_is_a_one_line_error(
     folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str]
 ) -> None:  # type: ignore[no-untyped-def]

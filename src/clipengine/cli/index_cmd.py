@@ -118,6 +118,22 @@ def _read(embed_dir: Path, label: str, expect: str | None) -> tuple[list[str], A
     return ids, vectors, model, meta
 
 
+def _name_before_loading(opts: mo.ModelOptions) -> str | None:
+    """The name `opts` loads as (the ClipModel's `name`), when it is known without loading weights:
+    a registry name ("ViT-B-32@openai" loads as "ViT-B-32") or an export folder (its manifest).
+    None for checkpoint files, model folders and hub ids: only loading them tells.
+    """
+    from ..export.manifest import MANIFEST_FILE, read_manifest
+    from ..models.spec import parse_spec
+
+    path = Path(opts.source).expanduser()
+    if path.is_dir() and (path / MANIFEST_FILE).is_file():
+        m = read_manifest(path)
+        return m.model if m.pretrained is None else f"{m.model}@{m.pretrained}"
+    spec = parse_spec(opts.source, opts.pretrained)
+    return spec.name if spec.kind == "registry" else None
+
+
 def _opts(model: str | None, pretrained: str | None, checkpoint: Path | None, backend: str, precision: str,
           device: str, download: bool) -> mo.ModelOptions | None:  # fmt: skip
     if model is None and checkpoint is None:
@@ -274,12 +290,19 @@ def register(app: typer.Typer) -> None:
             opts = mo.parse_model_options(
                 index.model, None, None, backend, precision, device, download
             )
+        mismatch = IndexMismatchError(
+            f"{index_path} was built with model {index.model!r}, not {opts.label!r}; "
+            "drop --model / --checkpoint to use the index's own model"
+        )
+        if override and not same_model(opts.label, index.model):
+            # Refuse before loading when the name is known without the weights (offline, a missing
+            # download would hide the mismatch); checkpoints and hub ids are judged once loaded.
+            name = _name_before_loading(opts)
+            if name is not None and not same_model(name, index.model):
+                raise mismatch
         clip = mo.load_clip(opts)
         if override and not (same_model(opts.label, index.model) or same_model(clip.name, index.model)):
-            raise IndexMismatchError(
-                f"{index_path} was built with model {index.model!r}, not {opts.label!r}; "
-                "drop --model / --checkpoint to use the index's own model"
-            )
+            raise mismatch
         q = clip.encode_images([image]) if image is not None else clip.encode_texts([query or ""])
         if q.shape[1] != index.dim:
             raise IndexMismatchError(
