@@ -62,3 +62,11 @@ def test_download_of_a_local_path_is_refused(tmp_path: Path, capsys: pytest.Capt
     (tmp_path / "m.pt").write_bytes(b"x")
     assert main(["download", str(tmp_path / "m.pt")]) == 1
     assert "nothing to download" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["nosuch", "RN50@nosuchtag"])
+def test_download_of_an_unknown_name_prints_only_the_error(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The name is checked before the progress bar is drawn: the one-line error is all the output."""
+    assert main(["download", name]) == 1
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith("error: ") and out.err.count("\n") == 1, out.err

@@ -36,6 +36,8 @@ def _download(name: str) -> None:
     spec = parse_spec(name)
     if spec.kind not in ("registry", "hf-hub"):
         raise UnknownModelError(f"{name} is a local path, not a registered model: nothing to download")
+    # Resolved before the bar is drawn: an unknown name or tag is then the only output.
+    source = get_source(spec.name, spec.tag) if spec.kind == "registry" else None
     with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=spec.display, leave=True) as bar:
 
         def progress(done: int, total: int | None) -> None:
@@ -43,10 +45,10 @@ def _download(name: str) -> None:
                 bar.total = total
             bar.update(done - bar.n)
 
-        if spec.kind == "hf-hub":
+        if source is None:
             path = fetch_hub(spec.name, allow_download=True, progress=progress)
         else:
-            path = fetch(get_source(spec.name, spec.tag), allow_download=True, progress=progress)
+            path = fetch(source, allow_download=True, progress=progress)
     typer.echo(f"{spec.display}: {path}")
 
 
