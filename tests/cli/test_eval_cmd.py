@@ -75,6 +75,60 @@ def test_zeroshot_imagefolder_with_user_prompts(tmp_path: Path) -> None:
     assert _top1(result.output) >= MIN_SHAPE_TOP1 - 10
 
 
+@pytest.fixture(scope="module")
+def shapes_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ImageFolder of the 10 synthetic shapes (as many classes as CIFAR-10, by design)."""
+    root = tmp_path_factory.mktemp("shapes")
+    synthetic.write_imagefolder(root, synthetic.generate(60, seed=24, task="shape", image_size=32))
+    assert len([p for p in root.iterdir() if p.is_dir()]) == len(synthetic.SHAPES) == 10
+    return root
+
+
+def _per_class(out: Path, *extra: str, root: Path) -> list[str]:
+    args = ["eval", "zeroshot", "-d", "folder", "--root", str(root), "-m", str(TINY_SYNTH)]
+    result = CliRunner().invoke(app, [*args, "--out", str(out), *extra])
+    assert result.exit_code == 0, result.output
+    (report,) = out.glob("zeroshot_*.json")
+    return sorted(json.loads(report.read_text())["results"][0]["per_class"])
+
+
+def test_prompt_set_names_are_used_only_when_chosen(shapes_folder: Path, tmp_path: Path) -> None:
+    """The default entry (CIFAR10's for a folder) lends only its templates, even with 10 classes;
+    an entry chosen with --prompt-set (bundled or from --prompts) brings its class names too."""
+    own = sorted(synthetic.SHAPES)
+    assert _per_class(tmp_path / "auto", root=shapes_folder) == own
+    cifar = _per_class(tmp_path / "cifar", "--prompt-set", "CIFAR10", root=shapes_folder)
+    assert "airplane" in cifar and "circle" not in cifar
+    user = tmp_path / "prompts.json"
+    names = [f"{s} shape" for s in sorted(s.replace(" ", "_") for s in synthetic.SHAPES)]
+    user.write_text(json.dumps({"shapes": {"classes": names, "templates": ["a {}"]}}))
+    picked = _per_class(tmp_path / "user", "--prompts", str(user), "--prompt-set", "shapes", root=shapes_folder)
+    assert picked == sorted(names)
+
+
+@pytest.mark.parametrize(
+    ("extra", "counts"),
+    [
+        (["--prompt-set", "CIFAR100"], "'CIFAR100' (bundled zeroshot_prompts.json) has 100 class names"),
+        (["--prompt-set", "ImageNet"], "has 1000 class names"),
+        (["--prompts", "THREE"], "has 3 class names"),
+    ],
+)
+def test_prompt_set_with_another_class_count_is_refused(
+    shapes_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], counts: str
+) -> None:
+    """It used to fall back to the folder names silently; the error names both counts and the fixes."""
+    three = tmp_path / "three.json"
+    three.write_text(json.dumps({"classes": ["a", "b", "c"], "templates": ["a {}"]}))
+    extra = [str(three) if x == "THREE" else x for x in extra]
+    args = ["eval", "zeroshot", "-d", "folder", "--root", str(shapes_folder), "-m", "no-model-needed"]
+    code = main([*args, *extra, "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: prompt set") and err.count("\n") == 1, err
+    assert counts in err and "the dataset has 10 classes" in err and '"templates"' in err
+    assert not (tmp_path / "r").exists()
+
+
 def test_linear_probe_second_run_uses_cache(cifar10: Path, tmp_path: Path) -> None:
     args = ["eval", "linear-probe", "-d", "cifar10", "--root", str(cifar10), "-m", str(TINY_SYNTH)]
     args += ["--out", str(tmp_path)]
@@ -126,6 +180,19 @@ def test_download_data_offline_says_so_in_one_line(
     code = main(["download-data", "cifar10", "--root", str(tmp_path)])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == 1 and len(err) == 1 and "offline" in err[0]
+
+
+def test_download_data_of_an_unknown_name_draws_no_bar(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As `download`: the name is checked before a progress bar is made (on a terminal it drew one)."""
+    import tqdm
+
+    bars: list[object] = []
+    monkeypatch.setattr(tqdm, "tqdm", lambda *a, **k: bars.append(k))
+    assert main(["download-data", "nosuch"]) == 1
+    err = capsys.readouterr().err
+    assert err == "error: unknown dataset 'nosuch'; downloadable: cifar10, cifar100\n" and bars == []
 
 
 @pytest.fixture(scope="module")

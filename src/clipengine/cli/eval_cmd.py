@@ -40,15 +40,29 @@ def _load(model: str, backend: str, precision: str, device: str, download: bool)
 def _prompts(
     dataset: str, data: LabelledImages, prompts: Path | None, prompt_set: str | None
 ) -> tuple[list[str], list[str]]:
-    """Class names (the dataset's own, "_" as spaces, unless the prompt JSON lists as many) and templates."""
+    """Class names and templates.
+
+    The default entry (bundled, picked by --dataset; CIFAR10's for a folder) lends only its
+    templates: the class names are the dataset's own ("_" read as space). An entry the user chose
+    (--prompt-set, or one from a --prompts file) brings its class names too, one per dataset class
+    in class order; a count that differs is refused. An entry without "classes" lends templates only.
+    """
+    from ..errors import DatasetError
     from ..eval.datasets import prompt_set as read_prompt_set
 
     key = prompt_set or {"folder": "CIFAR10"}.get(dataset.lower(), dataset)
     names, templates = read_prompt_set(key, prompts)
     own = [n.replace("_", " ") for n in data.classnames]
-    if prompts is not None and len(names) == len(own):
-        return names, templates
-    return own, templates
+    if (prompt_set is None and prompts is None) or not names:
+        return own, templates
+    if len(names) != len(own):
+        where = prompts or "bundled zeroshot_prompts.json"
+        raise DatasetError(
+            f"prompt set {key!r} ({where}) has {len(names)} class names but the dataset has {len(own)} classes; "
+            f"pick a prompt set with {len(own)}, or pass --prompts FILE.json with your own "
+            '{"classes": [...], "templates": [...]} (or only "templates", to use the dataset\'s class names)'
+        )
+    return names, templates
 
 
 def _dataset(
@@ -76,7 +90,10 @@ def register(app: typer.Typer) -> None:
             Path | None, typer.Option(help="JSON with classes/templates (default: CLIP's).")
         ] = None,
         prompt_set: Annotated[
-            str | None, typer.Option(help="Key in the prompt JSON (default: from --dataset).")
+            str | None, typer.Option(
+                help="Key in the prompt JSON; its class names replace the dataset's (as many, or refused). "
+                "Default: from --dataset, templates only."
+            )
         ] = None,
         class_map: Annotated[
             Path | None, typer.Option(help="JSON {folder: class name} for folder datasets.")
@@ -175,10 +192,13 @@ def register(app: typer.Typer) -> None:
         """Fetch an official dataset archive (md5-checked, resumable) and extract it."""
         from tqdm import tqdm
 
+        from ..errors import DatasetError
         from ..eval.download import ARCHIVES, download_dataset
 
+        if name not in ARCHIVES:  # before the bar is drawn: the error is then the only output
+            raise DatasetError(f"unknown dataset {name!r}; downloadable: {', '.join(ARCHIVES)}")
         bar = tqdm(
-            total=ARCHIVES[name].size if name in ARCHIVES else 0,
+            total=ARCHIVES[name].size,
             unit="B",
             unit_scale=True,
             desc=name,
