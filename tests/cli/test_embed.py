@@ -54,7 +54,7 @@ def test_embed_writes_shards_and_summary(folder: Path, tmp_path: Path, fake_load
     assert ids[:2] == ["NESTED/UP-0000.JPG", "NESTED/UP-0001.JPG"] and len(ids) == 11
     assert vectors.shape == (11, 8) and meta["model"] == "RN50@openai" and meta["dtype"] == "float16"
     assert meta["source"] == str(folder.resolve())
-    assert [f.id for f in read_failures(out)] == ["empty.jpg"]
+    assert [(f.id, f.reason) for f in read_failures(out)] == [("empty.jpg", "empty file (0 bytes)")]  # as predict says
     assert sorted(p.name for p in (out / "shards").glob("*.npy")) == [f"part-0000{i}.npy" for i in range(3)]
 
 

@@ -38,9 +38,14 @@ def test_bad_file_raises_decode_error_naming_file_and_reason(filename: str, reas
 
 @pytest.mark.parametrize("filename", ["empty.jpg", "text.jpg", "truncated.jpg", "bomb.png"])
 def test_bad_bytes_raise_the_same_errors_with_given_name(filename: str) -> None:
+    """Same reason as for the file: `embed` reads files as bytes, `predict` decodes the path, and
+    their failure lists must agree (an empty file was "empty input" in one, "empty file" in the other)."""
+    with pytest.raises(DecodeError) as from_file:
+        decode_image(BAD / filename)
     with pytest.raises(DecodeError) as info:
         decode_image((BAD / filename).read_bytes(), name="upload-7")
     assert info.value.source == "upload-7"
+    assert info.value.reason == from_file.value.reason
 
 
 def test_own_pixel_limit_applies_without_leaking_pillows_warning(monkeypatch: pytest.MonkeyPatch) -> None:
