@@ -71,8 +71,10 @@ def render_run_stats(stats: RunStats, fmt: str = "text", *, failures_path: str |
     )
     if stats.shards_skipped:
         head += f"; {stats.skipped} inputs resumed from {stats.shards_skipped} finished shards"
+    # As the JSON: `failed` is this run's, `failed_total` all listed in failures.jsonl (resumed shards too).
     n_failed = max(stats.failed_total, stats.failed)
-    fail = f"Failed: {n_failed}" + (f" (listed in {failures_path})" if n_failed and failures_path else "")
+    fail = f"Failed: {stats.failed} this run, {n_failed} in total" if n_failed != stats.failed else f"Failed: {n_failed}"
+    fail += f" (listed in {failures_path})" if n_failed and failures_path else ""
     if not stats.processed:  # everything resumed: no stage timings to show
         return "\n".join([head, fail])
     table = _table(("stage", "total s", "ms/img"), stage_rows, markdown=fmt == "markdown")

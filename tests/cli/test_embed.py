@@ -71,6 +71,19 @@ def test_embed_json_and_float32(folder: Path, tmp_path: Path, fake_load) -> None
     assert np.load(out / "shards" / "part-00000.npy").dtype == np.float32
 
 
+def test_resumed_run_text_and_json_count_failures_alike(folder: Path, tmp_path: Path, fake_load) -> None:  # type: ignore[no-untyped-def]
+    """A rerun resumes every shard: it met no failure, failures.jsonl lists one. The text said
+    "Failed: 1" while --json said failed 0: both now tell this run's count and the total."""
+    out = tmp_path / "out"
+    args = ["embed", str(folder), "-o", str(out), "--workers", "0", "--shard-size", "4", "--no-progress"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    text = CliRunner().invoke(app, args)
+    assert text.exit_code == 0 and "12 inputs resumed from 3 finished shards" in text.output
+    assert f"Failed: 0 this run, 1 in total (listed in {out / 'failures.jsonl'})" in text.output
+    data = json.loads(CliRunner().invoke(app, [*args, "--json"]).output)
+    assert (data["failed"], data["failed_total"]) == (0, 1)
+
+
 def test_file_list_source(folder: Path, tmp_path: Path, fake_load) -> None:  # type: ignore[no-untyped-def]
     listing = tmp_path / "list.txt"
     listing.write_text(f"{folder / 'img-0003.jpg'}\nphotos/img-0001.jpg\nphotos/missing.jpg\n")

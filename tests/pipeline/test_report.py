@@ -86,6 +86,17 @@ def test_run_stats_summary_names_failures_file(tmp_path: Path) -> None:
     assert data["fps"] == 4.0 and data["per_image_ms"]["infer"] == pytest.approx(50.0)
 
 
+def test_run_stats_summary_of_a_resume_tells_this_run_and_total_failures() -> None:
+    """As the JSON does (`failed`, `failed_total`): the text said "Failed: 2" for a run that met none."""
+    stats = RunStats(images=10, embedded=0, failed=0, skipped=10, failed_total=2, shards_skipped=1, wall_s=0.1)
+    text = render_run_stats(stats, failures_path="failures.jsonl")
+    assert "Failed: 0 this run, 2 in total (listed in failures.jsonl)" in text
+    data = json.loads(render_run_stats(stats, "json"))
+    assert (data["failed"], data["failed_total"]) == (0, 2)
+    stats = RunStats(images=10, embedded=3, failed=1, skipped=6, failed_total=1, shards_skipped=1, wall_s=0.1)
+    assert "Failed: 1 (listed in failures.jsonl)" in render_run_stats(stats, failures_path="failures.jsonl")
+
+
 def test_plot_writes_a_png(tmp_path: Path) -> None:
     path = plot_throughput(_result(100, 1000.0), tmp_path / "plots" / "bench.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
