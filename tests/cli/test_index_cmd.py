@@ -166,6 +166,23 @@ def test_search_checks_the_model_against_the_index_before_loading_it(
     assert code == 0 and out.split()[1] == str(folder / "img-001.jpg")
 
 
+def test_search_refuses_other_weights_of_the_same_architecture(
+    folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    """The loaded model's name carries no tag ("ViT-B-32"), so matching it let any weights of the
+    architecture query an index built with other weights (same dimension: no error, wrong results).
+    A name without a tag means the default tag (openai), as it does when loading."""
+    idx = tmp_path / "p.index"
+    assert _run(capsys, "index", "build", folder, "-o", idx, "--model", "ViT-B-32@laion2b_s34b_b79k")[0] == 0
+    loads = len(fake_load)
+    for model in ("ViT-B-32@openai", "ViT-B-32"):
+        code, _, err = _run(capsys, "search", idx, "img-001.jpg", "--model", model)
+        assert code == 1 and f"built with model 'ViT-B-32@laion2b_s34b_b79k', not '{model}'" in err
+    assert len(fake_load) == loads
+    code, _, _ = _run(capsys, "search", idx, "img-001.jpg", "--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k")
+    assert code == 0 and len(fake_load) == loads + 1
+
+
 def test_damaged_or_missing_index_is_a_one_line_error(
     folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str]
 ) -> None:  # type: ignore[no-untyped-def]

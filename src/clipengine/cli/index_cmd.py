@@ -15,6 +15,7 @@ from . import model_options as mo
 
 if TYPE_CHECKING:
     from ..index import Index
+    from ..models.spec import ModelSpec
     from ..types import ImageItem
 
 __all__ = ["register"]
@@ -118,20 +119,55 @@ def _read(embed_dir: Path, label: str, expect: str | None) -> tuple[list[str], A
     return ids, vectors, model, meta
 
 
-def _name_before_loading(opts: mo.ModelOptions) -> str | None:
-    """The name `opts` loads as (the ClipModel's `name`), when it is known without loading weights:
-    a registry name ("ViT-B-32@openai" loads as "ViT-B-32") or an export folder (its manifest).
-    None for checkpoint files, model folders and hub ids: only loading them tells.
+def _weights(spec: ModelSpec, fill_default: bool) -> str:
+    """A registry spec as "ARCH@TAG" ("ViT-B/32-quickgelu@openai" -> "ViT-B-32@openai"), with the
+    default tag filled in when `fill_default` (as loading does) and the architecture has weights."""
+    from ..errors import UnknownModelError
+    from ..models.registry import default_tag
+
+    tag = spec.tag
+    if tag is None and fill_default:
+        try:
+            tag = default_tag(spec.name)
+        except UnknownModelError:  # no registered weights: loading fails; the name is all there is
+            pass
+    return f"{spec.name}@{tag}" if tag else spec.name
+
+
+def _mismatch_before_loading(opts: mo.ModelOptions, index_model: str) -> bool | None:
+    """Whether `opts` names other weights than the index's, when that is known without loading:
+    a registry name (no tag meaning the default one) or an export folder (its manifest). None for
+    checkpoint files, model folders and hub ids: only loading them tells.
+
+    Not judged by the loaded model's name: it carries no tag, so any weights of the architecture
+    (same dimension: no error, wrong results) would pass.
     """
+    from ..errors import ClipEngineError
     from ..export.manifest import MANIFEST_FILE, read_manifest
+    from ..index import same_model
     from ..models.spec import parse_spec
 
+    if opts.label == index_model:
+        return False
     path = Path(opts.source).expanduser()
     if path.is_dir() and (path / MANIFEST_FILE).is_file():
         m = read_manifest(path)
-        return m.model if m.pretrained is None else f"{m.model}@{m.pretrained}"
-    spec = parse_spec(opts.source, opts.pretrained)
-    return spec.name if spec.kind == "registry" else None
+        mine = m.model if m.pretrained is None else f"{m.model}@{m.pretrained}"
+    else:
+        try:
+            spec = parse_spec(opts.source, opts.pretrained)
+        except ClipEngineError:  # loading says what is wrong with it
+            return None
+        if spec.kind != "registry":
+            return None
+        mine = _weights(spec, fill_default=True)
+    try:
+        index_spec = parse_spec(index_model)
+        theirs = _weights(index_spec, fill_default=False) if index_spec.kind == "registry" else index_model
+    except ClipEngineError:  # e.g. a checkpoint path that is gone
+        theirs = index_model
+    # A tagless index model (what ClipModel.name gives the API) matches any tag of its architecture.
+    return not (same_model(mine, theirs) or same_model(mine, index_model))
 
 
 def _opts(model: str | None, pretrained: str | None, checkpoint: Path | None, backend: str, precision: str,
@@ -294,14 +330,13 @@ def register(app: typer.Typer) -> None:
             f"{index_path} was built with model {index.model!r}, not {opts.label!r}; "
             "drop --model / --checkpoint to use the index's own model"
         )
-        if override and not same_model(opts.label, index.model):
-            # Refuse before loading when the name is known without the weights (offline, a missing
-            # download would hide the mismatch); checkpoints and hub ids are judged once loaded.
-            name = _name_before_loading(opts)
-            if name is not None and not same_model(name, index.model):
-                raise mismatch
+        # Refused before loading when the weights are known without them (offline, a missing
+        # download would hide the mismatch); checkpoints and hub ids are judged once loaded.
+        known = _mismatch_before_loading(opts, index.model) if override else False
+        if known:
+            raise mismatch
         clip = mo.load_clip(opts)
-        if override and not (same_model(opts.label, index.model) or same_model(clip.name, index.model)):
+        if known is None and not (same_model(opts.label, index.model) or same_model(clip.name, index.model)):
             raise mismatch
         q = clip.encode_images([image]) if image is not None else clip.encode_texts([query or ""])
         if q.shape[1] != index.dim:
