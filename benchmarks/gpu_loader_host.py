@@ -23,10 +23,12 @@ Usage: python benchmarks/gpu_loader_host.py [--count 4096] [--decode-us 125] [--
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,65 +104,62 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def loader_rates(items: list[Any], args: argparse.Namespace) -> list[tuple[str, float]]:
-    """img/s of `iter_gpu_loaded` with stand-in decode / preprocess / model, without and with decode_ahead."""
+@contextlib.contextmanager
+def stand_ins(args: argparse.Namespace, image_size: int) -> Iterator[None]:
+    """The GPU work replaced by sleeps that release the GIL: the batched decode (`--decode-us` per
+    image, 8x8 outputs) and the preprocessing (`--preprocess-us`, zeros of `image_size`)."""
     import torch
 
     from clipengine.image import gpu_decode as gd
-    from clipengine.image.preprocess import PreprocessConfig
     from clipengine.pipeline import gpu_batching as gb
-    from clipengine.pipeline.batching import LoadStats
-    from clipengine.pipeline.gpu_loading import iter_gpu_loaded
 
     small = torch.zeros(3, 8, 8, dtype=torch.uint8)
-    cfg = PreprocessConfig()
 
     def decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
         time.sleep(args.decode_us * 1e-6 * len(data))
         return [small] * len(data)
 
-    def preprocess(images: list[torch.Tensor], cfg: PreprocessConfig, out_dtype: Any = None) -> torch.Tensor:
+    def preprocess(images: list[torch.Tensor], cfg: Any, out_dtype: Any = None) -> torch.Tensor:
         time.sleep(args.preprocess_us * 1e-6 * len(images))
-        return torch.zeros(len(images), 3, 1, 1)
+        return torch.zeros(len(images), 3, image_size, image_size)
 
     # gpu_batching calls preprocess_tensors by the name it imported, so the stand-in goes there.
     saved = gd._nvjpeg_decode, gb.preprocess_tensors
     gd._nvjpeg_decode, gb.preprocess_tensors = decode, preprocess  # type: ignore[assignment]
-    rows = []
     try:
+        yield
+    finally:
+        gd._nvjpeg_decode, gb.preprocess_tensors = saved
+
+
+def loader_rates(items: list[Any], args: argparse.Namespace) -> list[tuple[str, float]]:
+    """img/s of `iter_gpu_loaded` with stand-in decode / preprocess / model, without and with decode_ahead."""
+    from clipengine.image.preprocess import PreprocessConfig
+    from clipengine.pipeline.batching import LoadStats
+    from clipengine.pipeline.gpu_loading import iter_gpu_loaded
+
+    rows = []
+    with stand_ins(args, 1):
         for _ in range(2):
             for ahead in (False, True):
                 t0, n = time.perf_counter(), 0
-                for batch in iter_gpu_loaded(items, cfg, args.model_batch, "cpu", LoadStats(), decode_ahead=ahead):
+                for batch in iter_gpu_loaded(items, PreprocessConfig(), args.model_batch, "cpu", LoadStats(),
+                                             decode_ahead=ahead):  # fmt: skip
                     time.sleep(args.model_us * 1e-6 * len(batch.ids))
                     n += len(batch.ids)
                 label = "decode on its own thread (decode_ahead=True)" if ahead else "decode on the loader thread (default)"
                 rows.append((label, n / (time.perf_counter() - t0)))
-    finally:
-        gd._nvjpeg_decode, gb.preprocess_tensors = saved
     return rows
 
 
 def embed_folder_rates(items: list[Any], args: argparse.Namespace) -> list[tuple[str, float, float]]:
     """img/s of `embed_folder(gpu_decode=...)` over the same stand-ins, in shards of --shard-size and in one shard."""
     import numpy as np
-    import torch
 
-    from clipengine.image import gpu_decode as gd
     from clipengine.image.preprocess import PreprocessConfig
-    from clipengine.pipeline import gpu_batching as gb
     from clipengine.pipeline.run import embed_folder
 
-    small = torch.zeros(3, 8, 8, dtype=torch.uint8)
     cfg = PreprocessConfig(image_size=8)  # tiny rows: the stand-ins stand for the GPU work, not host copies
-
-    def decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-        time.sleep(args.decode_us * 1e-6 * len(data))
-        return [small] * len(data)
-
-    def preprocess(images: list[torch.Tensor], cfg: PreprocessConfig, out_dtype: Any = None) -> torch.Tensor:
-        time.sleep(args.preprocess_us * 1e-6 * len(images))
-        return torch.zeros(len(images), 3, 8, 8)
 
     class Model:  # the Backend protocol's image side; "runs" for --model-us per image, GIL released
         name, embed_dim, image_size = "stand-in", 512, 8
@@ -169,10 +168,8 @@ def embed_folder_rates(items: list[Any], args: argparse.Namespace) -> list[tuple
             time.sleep(args.model_us * 1e-6 * len(pixels))
             return np.zeros((len(pixels), 512), np.float32)
 
-    saved = gd._nvjpeg_decode, gb.preprocess_tensors
-    gd._nvjpeg_decode, gb.preprocess_tensors = decode, preprocess  # type: ignore[assignment]
     rows = []
-    try:
+    with stand_ins(args, cfg.image_size):
         for _ in range(2):
             for shard in (args.shard_size, len(items)):
                 with tempfile.TemporaryDirectory() as out:
@@ -180,8 +177,6 @@ def embed_folder_rates(items: list[Any], args: argparse.Namespace) -> list[tuple
                                          shard_size=shard, dtype="float32", gpu_decode="cpu")  # fmt: skip
                 label = f"{-(-len(items) // shard)} shard(s) of {min(shard, len(items))}"
                 rows.append((label, stats.embedded / stats.wall_s, 1e6 * stats.wait_s / max(stats.embedded, 1)))
-    finally:
-        gd._nvjpeg_decode, gb.preprocess_tensors = saved
     return rows
 
 

@@ -6,19 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from disk_full import failing_savefig
 
 from clipengine.eval.report import plot_per_class, write_report
 
 _PER_CLASS = {"cat": 0.9, "dog": 0.5, "bird": 0.25}
-
-
-def _failing_savefig(self: object, fname: Any, *args: Any, **kwargs: Any) -> None:
-    """Figure.savefig dying halfway (disk full): part of a file, then the error."""
-    if hasattr(fname, "write"):
-        fname.write(b"\x89PNG half")
-    else:
-        Path(fname).write_bytes(b"\x89PNG half")
-    raise OSError(28, "No space left on device")
 
 
 def test_plot_per_class_writes_a_png(tmp_path: Path) -> None:
@@ -40,7 +32,7 @@ def test_failed_plot_keeps_the_previous_file_and_leaves_no_temp_files(
     ]  # fmt: skip
     paths = write_report(tmp_path, "cifar10", results, "title")
     before = paths["png"].read_bytes()
-    monkeypatch.setattr(Figure, "savefig", _failing_savefig)
+    monkeypatch.setattr(Figure, "savefig", failing_savefig)
     with pytest.raises(OSError, match="No space left"):
         plot_per_class({"cat": 0.1}, paths["png"], "another title")
     assert paths["png"].read_bytes() == before

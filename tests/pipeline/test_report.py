@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
 
 import pytest
+from disk_full import failing_savefig
 
 from clipengine.bench.timing import BatchBench, BenchResult, Timing
 from clipengine.pipeline.run import RunStats
@@ -102,15 +102,6 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _failing_savefig(self: object, fname: Any, *args: Any, **kwargs: Any) -> None:
-    """Figure.savefig dying halfway (disk full): part of a file, then the error."""
-    if hasattr(fname, "write"):
-        fname.write(b"\x89PNG half")
-    else:
-        Path(fname).write_bytes(b"\x89PNG half")
-    raise OSError(28, "No space left on device")
-
-
 def test_failed_plot_keeps_the_previous_file_and_leaves_no_temp_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -118,7 +109,7 @@ def test_failed_plot_keeps_the_previous_file_and_leaves_no_temp_files(
 
     path = plot_throughput(_result(100, 1000.0), tmp_path / "bench.png")
     before = path.read_bytes()
-    monkeypatch.setattr(Figure, "savefig", _failing_savefig)
+    monkeypatch.setattr(Figure, "savefig", failing_savefig)
     with pytest.raises(OSError, match="No space left"):
         plot_throughput(_result(50, 1000.0), path)
     assert path.read_bytes() == before
