@@ -306,3 +306,30 @@ def test_real_decode_ahead_equals_one_thread_loader(photo_folder, tiny_model, mo
         runs[ahead] = torch.cat(pixels)
     assert runs[True].shape[0] == len(good)
     assert torch.equal(runs[True], runs[False])
+
+
+def test_a_backend_error_in_embed_folder_stops_the_loader_threads(
+    tmp_path: Path, tiny_model, fakes, fake_nvjpeg, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The loader is closed when embedding fails, not when the caller drops the exception (whose
+    traceback holds the loader): its reader and prefetch threads must not go on reading."""
+    import threading
+
+    import clipengine.pipeline.gpu_batching as gb
+
+    class Failing:
+        name, embed_dim, image_size = "failing", 8, tiny_model_cfg(tiny_model).image_size
+
+        def encode_images(self, pixels: object) -> object:
+            raise RuntimeError("boom")
+
+    monkeypatch.setattr(gb, "_DECODE_GROUP", 2)
+    root = tmp_path / "many"
+    fakes.write_images(root, 60)
+    before = set(threading.enumerate())
+    with pytest.raises(RuntimeError, match="boom") as raised:
+        embed_folder(root, tmp_path / "out", Failing(), tiny_model_cfg(tiny_model), batch_size=1,
+                     shard_size=10, gpu_decode="cpu")  # fmt: skip
+    names = ("clipengine-read", "clipengine-decode", "clipengine-prefetch")
+    assert not [t.name for t in set(threading.enumerate()) - before if t.name.startswith(names)]
+    assert raised.value is not None

@@ -199,6 +199,29 @@ class _OpenShard:
     sizes: list[tuple[int, int]] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
 
+    def add_rows(self, ids: Sequence[str], vectors: FloatArray, sizes: Sequence[tuple[int, int]]) -> None:
+        self.ids.extend(ids)
+        self.blocks.append(vectors)
+        self.sizes.extend(sizes)
+        self.remaining -= len(ids)
+
+    def add_failure(self, failure: Failure) -> None:
+        self.failures.append(failure)
+        self.remaining -= 1
+
+
+def _runs_by_partition(ids: Sequence[str], owner: dict[str, int]) -> Iterator[tuple[int, int, int]]:
+    """(partition id, start, end) for each run of consecutive rows of one partition: rows come in
+    input order, so each partition's rows in a batch are consecutive."""
+    start = 0
+    while start < len(ids):
+        pid = owner[ids[start]]
+        end = start + 1
+        while end < len(ids) and owner[ids[end]] == pid:
+            end += 1
+        yield pid, start, end
+        start = end
+
 
 def _embed_partitions(
     parts: Sequence[Partition],
@@ -223,37 +246,32 @@ def _embed_partitions(
     shards = {part.id: _OpenShard(remaining=len(part.items)) for part in parts}
     loads = LoadStats()
     batches = loading.batches(items, loads)
-    for batch in batches:
-        touched: set[int] = set()
-        for failure in batch.failures:
-            shard = shards[owner[failure.id]]
-            shard.failures.append(failure)
-            shard.remaining -= 1
-            touched.add(owner[failure.id])
-        if batch.ids:
-            model = _get_backend(lazy, stats)
-            t0 = time.perf_counter()
-            emb = embed_batch(model, batch)
-            stats.infer_s += time.perf_counter() - t0
-            stats.batch_sizes.append(len(emb.ids))
-            start = 0
-            while start < len(emb.ids):  # rows come in input order: each partition's are consecutive
-                pid = owner[emb.ids[start]]
-                end = start + 1
-                while end < len(emb.ids) and owner[emb.ids[end]] == pid:
-                    end += 1
-                shard = shards[pid]
-                shard.ids.extend(emb.ids[start:end])
-                shard.blocks.append(emb.vectors[start:end])
-                shard.sizes.extend(batch.sizes[start:end])
-                shard.remaining -= end - start
-                touched.add(pid)
-                start = end
-        for pid in sorted(touched):
-            if shards[pid].remaining == 0:
-                _write_shard(sink, pid, shards.pop(pid), lazy, stats)
-        if progress is not None:
-            progress(len(batch.ids) + len(batch.failures))
+    try:
+        for batch in batches:
+            touched: set[int] = set()
+            for failure in batch.failures:
+                shards[owner[failure.id]].add_failure(failure)
+                touched.add(owner[failure.id])
+            if batch.ids:
+                model = _get_backend(lazy, stats)
+                t0 = time.perf_counter()
+                emb = embed_batch(model, batch)
+                stats.infer_s += time.perf_counter() - t0
+                stats.batch_sizes.append(len(emb.ids))
+                for pid, start, end in _runs_by_partition(emb.ids, owner):
+                    shards[pid].add_rows(emb.ids[start:end], emb.vectors[start:end], batch.sizes[start:end])
+                    touched.add(pid)
+            for pid in sorted(touched):
+                if shards[pid].remaining == 0:
+                    _write_shard(sink, pid, shards.pop(pid), lazy, stats)
+            if progress is not None:
+                progress(len(batch.ids) + len(batch.failures))
+    finally:
+        # Closed here, not when the caller drops an error whose traceback holds the loader: its
+        # reader and prefetch threads would go on reading until then.
+        close = getattr(batches, "close", None)  # the loaders are generators
+        if close is not None:
+            close()
     if shards:  # the loaders account for every item; a gap here is a bug, not bad input
         raise RuntimeError(f"the loader did not return every item of partition(s) {sorted(shards)}")
     stats.read_s, stats.decode_s, stats.preprocess_s = loads.read_s, loads.decode_s, loads.preprocess_s
