@@ -268,3 +268,20 @@ def test_run_stats_counts_cover_resumed_shards() -> None:
     stats = RunStats(images=14, embedded=4, failed=1, skipped=9, failed_total=2)
     assert stats.counts() == {"images": 14, "embedded": 12, "failed": 2}
     assert RunStats().counts() == {"images": 0, "embedded": 0, "failed": 0}
+
+
+@pytest.mark.parametrize("repeated", [3, 22], ids=["in-a-complete-shard", "in-the-shard-to-redo"])
+def test_items_listed_twice_are_refused_before_a_finished_output_is_touched(
+    image_folder: Path, tmp_path: Path, preprocess_cfg, fakes, repeated: int
+) -> None:  # type: ignore[no-untyped-def]
+    """Every id is checked, not only those of the shards a resume redoes, and before run.json is
+    rewritten: a refused run must not leave a finished output marked unfinished."""
+    items = list_items(image_folder)  # 25: shards of 10, 10, 5 (a 26th item changes only the last)
+    out = tmp_path / "out"
+    embed_folder(items, out, fakes.FakeBackendFactory(), preprocess_cfg, workers=0, shard_size=10)
+    run_json = (out / "run.json").read_bytes()
+    with pytest.raises(DatasetError, match=rf"'{items[repeated].id}' is listed twice"):
+        embed_folder([*items, items[repeated]], out, fakes.FakeBackendFactory(), preprocess_cfg, workers=0, shard_size=10)  # fmt: skip
+    assert (out / "run.json").read_bytes() == run_json
+    assert read_embeddings(out)[0] == [i.id for i in items]
+

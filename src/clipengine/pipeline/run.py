@@ -242,7 +242,7 @@ def _embed_partitions(
     owner = {item.id: part.id for part in parts for item in part.items}
     items = [item for part in parts for item in part.items]
     if len(owner) < len(items):  # rows are routed to their shard by id
-        raise DatasetError(f"{_first_repeated(items)!r} is listed twice; ids must be unique (each names one output row)")
+        _check_unique(items)
     shards = {part.id: _OpenShard(remaining=len(part.items)) for part in parts}
     loads = LoadStats()
     batches = loading.batches(items, loads)
@@ -278,13 +278,12 @@ def _embed_partitions(
     stats.wait_s = loads.wait_s
 
 
-def _first_repeated(items: Sequence[ImageItem]) -> str | None:
+def _check_unique(items: Sequence[ImageItem]) -> None:
     seen: set[str] = set()
     for item in items:
         if item.id in seen:
-            return item.id
+            raise DatasetError(f"{item.id!r} is listed twice; ids must be unique (each names one output row)")
         seen.add(item.id)
-    return None
 
 
 def _write_shard(sink: ShardSink, partition_id: int, shard: _OpenShard, lazy: LazyBackend, stats: RunStats) -> None:
@@ -354,11 +353,12 @@ def embed_folder(
 
     Raises:
         IndexMismatchError: ``out_dir`` holds a run with another model, embed_dim, dtype or shard size.
-        DatasetError: the source does not exist.
+        DatasetError: the source does not exist, or lists an id twice.
     """
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
     items = list(source) if not isinstance(source, (str, Path)) else list_items(source)
+    _check_unique(items)  # all of them, before run.json is touched (a resume routes only some)
     cfg = preprocess_cfg if isinstance(preprocess_cfg, dict) else preprocess_cfg.to_dict()
     parts = partitions(items, shard_size)
     sink = ShardSink(out_dir, dtype)
