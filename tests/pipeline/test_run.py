@@ -285,3 +285,9 @@ def test_items_listed_twice_are_refused_before_a_finished_output_is_touched(
     assert (out / "run.json").read_bytes() == run_json
     assert read_embeddings(out)[0] == [i.id for i in items]
 
+
+def test_run_partition_of_no_items_writes_an_empty_shard(tmp_path: Path, preprocess_cfg, fakes) -> None:  # type: ignore[no-untyped-def]
+    sink = ShardSink(tmp_path / "out")
+    stats = run_partition([], fakes.FakeBackendFactory(), sink, partition_id=0, preprocess_cfg=preprocess_cfg)
+    assert (stats.shards_written, stats.embedded, stats.failed) == (1, 0, 0)
+    assert sink.is_complete(0, [], embed_dim=8)

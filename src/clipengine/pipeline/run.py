@@ -244,6 +244,9 @@ def _embed_partitions(
     if len(owner) < len(items):  # rows are routed to their shard by id
         _check_unique(items)
     shards = {part.id: _OpenShard(remaining=len(part.items)) for part in parts}
+    for part in parts:
+        if not part.items:  # no row or failure will come for it (`run_partition` of no items)
+            _write_shard(sink, part.id, shards.pop(part.id), lazy, stats)
     loads = LoadStats()
     batches = loading.batches(items, loads)
     try:
