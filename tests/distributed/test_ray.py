@@ -182,6 +182,22 @@ def test_resuming_a_gpu_decoded_folder_is_refused_before_ray_starts(
         embed_with_ray(mixed_folder, out, fakes.FakeFactory(), preprocess_cfg, model="fake", shard_size=5)
 
 
+
+def test_an_id_listed_twice_is_refused_before_ray_starts(
+    fakes: ModuleType, tmp_path: Path, preprocess_cfg
+) -> None:  # type: ignore[no-untyped-def]
+    """As `embed_folder`: every id names one output row. A tar may hold a member twice (`tar -r`);
+    the actors refused it, inside a failed Ray job, and only when both fell in one partition."""
+    files = fakes.write_images(tmp_path / "img", 3)
+    tar = tmp_path / "s.tar"
+    with tarfile.open(tar, "w") as tf:
+        for f in [*files, files[1]]:
+            tf.add(f, arcname=f.name)
+    out = tmp_path / "out"
+    with pytest.raises(DatasetError, match=r"'s.tar/img-001.jpg' is listed twice"):
+        embed_with_ray(tar, out, fakes.FakeFactory(), preprocess_cfg, model="fake", shard_size=10)
+    assert not (out / "run.json").exists()
+
 def test_parquet_source_resolves_relative_paths(tmp_path: Path, fakes: ModuleType) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq

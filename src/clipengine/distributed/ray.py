@@ -29,7 +29,7 @@ from ..errors import BackendError, DatasetError, IndexMismatchError
 from ..pipeline.embed import LazyBackend
 from ..pipeline.run import RunStats, run_partition
 from ..pipeline.sinks import RUN_FILE, ShardSink, atomic_write_json, read_run_info
-from ..pipeline.sources import is_image_name, list_items, partitions
+from ..pipeline.sources import check_unique_ids, is_image_name, list_items, partitions
 from ..types import ImageItem
 
 if TYPE_CHECKING:
@@ -272,7 +272,7 @@ def embed_with_ray(
 
     Raises:
         IndexMismatchError: out_dir holds a run with another model, dim, dtype or shard size.
-        DatasetError: unreadable source. BackendError: the Ray job failed.
+        DatasetError: unreadable source, or an id listed twice. BackendError: the Ray job failed.
     """
     t_start = time.perf_counter()
     unknown = set(compat) - {"workers"}
@@ -280,6 +280,7 @@ def embed_with_ray(
         raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
     out = Path(out_dir)
     items = list_source(source, path_column)
+    check_unique_ids(items)  # before Ray starts: the actors see one partition each
     parts = partitions(items, shard_size)
     cfg = preprocess_cfg if isinstance(preprocess_cfg, dict) else preprocess_cfg.to_dict()
     sink = ShardSink(out, dtype)

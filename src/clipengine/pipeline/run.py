@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import DatasetError, IndexMismatchError
+from ..errors import IndexMismatchError
 from ..types import Backend, Batch, Failure, FloatArray, ImageItem
 from .batching import LoadStats, default_workers, iter_batches, make_executor
 from .embed import BackendSource, LazyBackend, embed_batch
 from .sinks import RUN_FILE, ShardSink, atomic_write_json, read_run_info
-from .sources import Partition, list_items, partitions
+from .sources import Partition, check_unique_ids, list_items, partitions
 
 if TYPE_CHECKING:
     from concurrent.futures import Executor
@@ -242,7 +242,7 @@ def _embed_partitions(
     owner = {item.id: part.id for part in parts for item in part.items}
     items = [item for part in parts for item in part.items]
     if len(owner) < len(items):  # rows are routed to their shard by id
-        _check_unique(items)
+        check_unique_ids(items)
     shards = {part.id: _OpenShard(remaining=len(part.items)) for part in parts}
     for part in parts:
         if not part.items:  # no row or failure will come for it (`run_partition` of no items)
@@ -279,14 +279,6 @@ def _embed_partitions(
         raise RuntimeError(f"the loader did not return every item of partition(s) {sorted(shards)}")
     stats.read_s, stats.decode_s, stats.preprocess_s = loads.read_s, loads.decode_s, loads.preprocess_s
     stats.wait_s = loads.wait_s
-
-
-def _check_unique(items: Sequence[ImageItem]) -> None:
-    seen: set[str] = set()
-    for item in items:
-        if item.id in seen:
-            raise DatasetError(f"{item.id!r} is listed twice; ids must be unique (each names one output row)")
-        seen.add(item.id)
 
 
 def _write_shard(sink: ShardSink, partition_id: int, shard: _OpenShard, lazy: LazyBackend, stats: RunStats) -> None:
@@ -361,7 +353,7 @@ def embed_folder(
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
     items = list(source) if not isinstance(source, (str, Path)) else list_items(source)
-    _check_unique(items)  # all of them, before run.json is touched (a resume routes only some)
+    check_unique_ids(items)  # all of them, before run.json is touched (a resume routes only some)
     cfg = preprocess_cfg if isinstance(preprocess_cfg, dict) else preprocess_cfg.to_dict()
     parts = partitions(items, shard_size)
     sink = ShardSink(out_dir, dtype)

@@ -13,6 +13,7 @@ from ..types import ImageItem
 __all__ = [
     "IMAGE_EXTENSIONS",
     "Partition",
+    "check_unique_ids",
     "is_image_name",
     "iter_items",
     "list_folder",
@@ -118,6 +119,19 @@ def list_items(source: str | Path) -> list[ImageItem]:
     if path.is_file():
         return read_file_list(path)
     raise DatasetError(f"{source}: no such folder or file list")
+
+
+def check_unique_ids(items: Sequence[ImageItem]) -> None:
+    """Refuse an id listed twice: each names one output row (and routes it to its shard).
+
+    Raises:
+        DatasetError: naming the first repeated id.
+    """
+    seen: set[str] = set()
+    for item in items:
+        if item.id in seen:
+            raise DatasetError(f"{item.id!r} is listed twice; ids must be unique (each names one output row)")
+        seen.add(item.id)
 
 
 def iter_items(source: str | Path) -> Iterator[ImageItem]:
