@@ -387,8 +387,6 @@ def embed_folder(
             atomic_write_json(out_dir / RUN_FILE, info)
 
     lazy = LazyBackend(backend_factory, on_load=on_load)
-    n_workers = default_workers() if workers is None else workers
-    executor = make_executor(n_workers) if gpu_decode is None else None
     total = RunStats(images=len(items))
     todo = []
     for part in parts:  # complete shards are kept (a resume); the rest go through one loader
@@ -399,6 +397,8 @@ def embed_folder(
                 progress(len(part.items))
         else:
             todo.append(part)
+    n_workers = default_workers() if workers is None else workers
+    executor = make_executor(n_workers) if gpu_decode is None and todo else None
     try:
         if todo:
             loading = _Loading(cfg, batch_size, 0, executor, fast_decode, gpu_decode, gpu_decoder, gpu_read_threads)
