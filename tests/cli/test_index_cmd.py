@@ -183,6 +183,23 @@ def test_search_refuses_other_weights_of_the_same_architecture(
     assert code == 0 and len(fake_load) == loads + 1
 
 
+def test_an_index_built_with_a_tagless_name_records_the_default_tag(
+    folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    """`--model ViT-B-32` loads ViT-B-32@openai: the index says so, so a search with other weights
+    of the architecture is refused (a tagless index matched any tag: wrong results, no error)."""
+    idx = tmp_path / "p.index"
+    code, out, _ = _run(capsys, "index", "build", folder, "-o", idx, "--model", "ViT-B-32", "--json")
+    assert code == 0 and json.loads(out)["model"] == "ViT-B-32@openai"
+    loads = len(fake_load)
+    code, _, err = _run(capsys, "search", idx, "img-001.jpg", "--model", "ViT-B-32@laion2b_s34b_b79k")
+    assert code == 1 and "built with model 'ViT-B-32@openai'" in err and len(fake_load) == loads
+    assert _run(capsys, "search", idx, "img-001.jpg", "--model", "ViT-B-32")[0] == 0
+    distributed_fakes.write_images(folder / "new", 2, seed=5)  # the embeddings' tagless name still adds
+    code, out, _ = _run(capsys, "index", "add", idx, folder, "--json")
+    assert code == 0 and json.loads(out)["added"] == 2
+
+
 def test_damaged_or_missing_index_is_a_one_line_error(
     folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str]
 ) -> None:  # type: ignore[no-untyped-def]

@@ -119,6 +119,24 @@ def _read(embed_dir: Path, label: str, expect: str | None) -> tuple[list[str], A
     return ids, vectors, model, meta
 
 
+def _with_default_tag(model: str) -> str:
+    """`model` as an index records it: a registry name without a tag gets the default tag that
+    loading used ("ViT-B-32" -> "ViT-B-32@openai"), so that a later search with other weights of
+    the architecture is refused instead of answered with wrong results (same dimension, no error).
+    Paths, hub ids, tagged names and names without registered weights are kept as they are."""
+    from ..errors import ClipEngineError
+    from ..models.registry import default_tag
+    from ..models.spec import parse_spec
+
+    if "@" in model:
+        return model
+    try:
+        spec = parse_spec(model)
+        return f"{model}@{default_tag(spec.name)}" if spec.kind == "registry" and spec.tag is None else model
+    except ClipEngineError:  # a path that is gone, a name with no weights: as recorded
+        return model
+
+
 def _weights(spec: ModelSpec, fill_default: bool) -> str:
     """A registry spec as "ARCH@TAG" ("ViT-B/32-quickgelu@openai" -> "ViT-B-32@openai"), with the
     default tag filled in when `fill_default` (as loading does) and the architecture has weights."""
@@ -263,7 +281,8 @@ def register(app: typer.Typer) -> None:
         ids, vectors, model_name, meta = _read(emb_dir, label, opts.label if opts else None)
         t0 = time.perf_counter()
         try:
-            index = Index.build(ids, vectors, model=model_name, sizes=_sizes(emb_dir, ids), image_roots=_image_roots(meta),
+            index = Index.build(ids, vectors, model=_with_default_tag(model_name), sizes=_sizes(emb_dir, ids),
+                                image_roots=_image_roots(meta),
                                 kind=kind, nlist=nlist, nprobe=nprobe, ef_search=ef_search)  # fmt: skip
         except ValueError as e:
             raise typer.BadParameter(str(e)) from e
