@@ -310,6 +310,11 @@ def run(args: argparse.Namespace, folder: Path, workers: int) -> dict[str, Any]:
         product = pipeline_row(items, cfg, args.batch, f" (run {run_index + 1})" if args.product_runs > 1 else "")
         if product is not None:
             rows.append(product)
+    # The CLI's default shards (1000 images): since session 7 one loader feeds them all; before,
+    # each shard drained and refilled the loader (16-26 % in benchmarks/gpu_loader_host.py's emulation).
+    sharded = pipeline_row(items, cfg, args.batch, ", 1000-image shards (the CLI default)", shard_size=1000)
+    if sharded is not None:
+        rows.append(sharded)
     first = gpu_rows(GpuJpegDecoder(device))
     pixels = next(first)[1]
     first.close()
@@ -393,9 +398,11 @@ def nvimgcodec_rows(timed: Callable[..., dict[str, Any]], gpu_rows: Callable[...
     return rows
 
 
-def pipeline_row(items: list[Any], cfg: Any, batch: int, suffix: str = "") -> dict[str, Any] | None:
+def pipeline_row(items: list[Any], cfg: Any, batch: int, suffix: str = "", shard_size: int | None = None
+                 ) -> dict[str, Any] | None:  # fmt: skip
     """What `clipengine embed --gpu-decode` runs: embed_folder with the nvjpeg loader and the torch
-    backend (same weights, fp16, CUDA graphs), shards written to a temporary folder; None if it fails."""
+    backend (same weights, fp16, CUDA graphs), shards written to a temporary folder (one shard
+    unless `shard_size`); None if it fails."""
     import torch
 
     from clipengine.backends.torch_backend import TorchBackend
@@ -414,7 +421,7 @@ def pipeline_row(items: list[Any], cfg: Any, batch: int, suffix: str = "") -> di
         with tempfile.TemporaryDirectory(prefix="clipengine_gpu_e2e_out_") as out:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            stats = embed_folder(items, out, backend, cfg, batch_size=batch, shard_size=len(items),
+            stats = embed_folder(items, out, backend, cfg, batch_size=batch, shard_size=shard_size or len(items),
                                  dtype="float32", gpu_decode="cuda")  # fmt: skip
             seconds = time.perf_counter() - t0
             ids, vectors, _ = read_embeddings(out)
