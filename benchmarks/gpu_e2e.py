@@ -313,8 +313,8 @@ def run(args: argparse.Namespace, folder: Path, workers: int) -> dict[str, Any]:
     # The CLI's default shards (1000 images): since session 7 one loader feeds them all; before,
     # each shard drained and refilled the loader (16-26 % in benchmarks/gpu_loader_host.py's emulation).
     sharded = pipeline_row(items, cfg, args.batch, ", 1000-image shards (the CLI default)", shard_size=1000)
-    if sharded is not None:
-        rows.append(sharded)
+    ahead = pipeline_row(items, cfg, args.batch, ", decode_ahead (experimental)", decode_ahead=True)
+    rows += [row for row in (sharded, ahead) if row is not None]
     first = gpu_rows(GpuJpegDecoder(device))
     pixels = next(first)[1]
     first.close()
@@ -398,8 +398,8 @@ def nvimgcodec_rows(timed: Callable[..., dict[str, Any]], gpu_rows: Callable[...
     return rows
 
 
-def pipeline_row(items: list[Any], cfg: Any, batch: int, suffix: str = "", shard_size: int | None = None
-                 ) -> dict[str, Any] | None:  # fmt: skip
+def pipeline_row(items: list[Any], cfg: Any, batch: int, suffix: str = "", shard_size: int | None = None,
+                 decode_ahead: bool = False) -> dict[str, Any] | None:  # fmt: skip
     """What `clipengine embed --gpu-decode` runs: embed_folder with the nvjpeg loader and the torch
     backend (same weights, fp16, CUDA graphs), shards written to a temporary folder (one shard
     unless `shard_size`); None if it fails."""
@@ -422,7 +422,7 @@ def pipeline_row(items: list[Any], cfg: Any, batch: int, suffix: str = "", shard
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             stats = embed_folder(items, out, backend, cfg, batch_size=batch, shard_size=shard_size or len(items),
-                                 dtype="float32", gpu_decode="cuda")  # fmt: skip
+                                 dtype="float32", gpu_decode="cuda", gpu_decode_ahead=decode_ahead)  # fmt: skip
             seconds = time.perf_counter() - t0
             ids, vectors, _ = read_embeddings(out)
     except Exception:

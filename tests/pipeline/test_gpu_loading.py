@@ -333,3 +333,16 @@ def test_a_backend_error_in_embed_folder_stops_the_loader_threads(
     names = ("clipengine-read", "clipengine-decode", "clipengine-prefetch")
     assert not [t.name for t in set(threading.enumerate()) - before if t.name.startswith(names)]
     assert raised.value is not None
+
+
+def test_embed_folder_with_decode_ahead_writes_the_same_output(photo_folder, tmp_path: Path, tiny_model,
+                                                               torch_backend_factory, fake_nvjpeg) -> None:  # type: ignore[no-untyped-def]  # fmt: skip
+    root, good, bad = photo_folder
+    cfg = tiny_model_cfg(tiny_model)
+    for ahead in (False, True):
+        embed_folder(root, tmp_path / str(ahead), torch_backend_factory, cfg, batch_size=4, shard_size=5,
+                     dtype="float32", gpu_decode="cpu", gpu_decode_ahead=ahead)  # fmt: skip
+    (ids, vectors, _), (ids_ahead, vectors_ahead, _) = (read_embeddings(tmp_path / str(a)) for a in (False, True))
+    assert ids == ids_ahead == good
+    np.testing.assert_array_equal(vectors, vectors_ahead)
+    assert sorted(f.id for f in read_failures(tmp_path / "True")) == bad

@@ -177,13 +177,15 @@ class _Loading:
     gpu_decode: str | None = None
     gpu_decoder: str = "torchvision"
     gpu_read_threads: int = 2
+    gpu_decode_ahead: bool = False
 
     def batches(self, items: Sequence[ImageItem], stats: LoadStats) -> Iterator[Batch]:
         if self.gpu_decode is not None:
             from .gpu_loading import iter_gpu_loaded
 
             return iter_gpu_loaded(items, self.preprocess_cfg, self.batch_size, self.gpu_decode, stats,
-                                   decoder=self.gpu_decoder, read_threads=self.gpu_read_threads)  # fmt: skip
+                                   decoder=self.gpu_decoder, read_threads=self.gpu_read_threads,
+                                   decode_ahead=self.gpu_decode_ahead)  # fmt: skip
         return iter_batches(items, self.preprocess_cfg, self.batch_size, executor=self.executor,
                             workers=self.workers, stats=stats, fast_decode=self.fast_decode)  # fmt: skip
 
@@ -316,6 +318,7 @@ def embed_folder(
     gpu_decode: str | None = None,
     gpu_decoder: str = "torchvision",
     gpu_read_threads: int = 2,
+    gpu_decode_ahead: bool = False,
 ) -> RunStats:
     """Embed every image of a folder or file list into ``out_dir`` (see `sinks` for the layout).
 
@@ -342,6 +345,9 @@ def embed_folder(
             resume must use the same one.
         gpu_read_threads: with `gpu_decode`, threads reading files and parsing JPEG headers (2
             measured best from local storage on an H200 machine; more for high-latency storage).
+        gpu_decode_ahead: experimental, not yet measured on a GPU: with `gpu_decode`, the decode
+            calls run on a thread of their own (`gpu_loading.iter_gpu_loaded`'s `decode_ahead`;
+            the same batches, bit for bit). Off until a GPU run shows it pays.
 
     Returns:
         RunStats for the whole run (resumed shards counted in `skipped`).
@@ -401,7 +407,8 @@ def embed_folder(
     executor = make_executor(n_workers) if gpu_decode is None and todo else None
     try:
         if todo:
-            loading = _Loading(cfg, batch_size, 0, executor, fast_decode, gpu_decode, gpu_decoder, gpu_read_threads)
+            loading = _Loading(cfg, batch_size, 0, executor, fast_decode, gpu_decode, gpu_decoder, gpu_read_threads,
+                               gpu_decode_ahead)  # fmt: skip
             _embed_partitions(todo, lazy, sink, total, loading, progress)
     finally:
         if executor is not None:
