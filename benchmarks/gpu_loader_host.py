@@ -171,11 +171,12 @@ def embed_folder_rates(items: list[Any], args: argparse.Namespace) -> list[tuple
     rows = []
     with stand_ins(args, cfg.image_size):
         for _ in range(2):
-            for shard in (args.shard_size, len(items)):
+            for shard, ahead in ((args.shard_size, False), (len(items), False), (args.shard_size, True)):
                 with tempfile.TemporaryDirectory() as out:
                     stats = embed_folder(items, Path(out) / "emb", Model(), cfg, batch_size=args.model_batch,
-                                         shard_size=shard, dtype="float32", gpu_decode="cpu")  # fmt: skip
-                label = f"{-(-len(items) // shard)} shard(s) of {min(shard, len(items))}"
+                                         shard_size=shard, dtype="float32", gpu_decode="cpu",
+                                         gpu_decode_ahead=ahead)  # fmt: skip
+                label = f"{-(-len(items) // shard)} shard(s) of {min(shard, len(items))}" + (", decode_ahead" if ahead else "")
                 rows.append((label, stats.embedded / stats.wall_s, 1e6 * stats.wait_s / max(stats.embedded, 1)))
     return rows
 
