@@ -19,7 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from clipengine.errors import DecodeError
 from clipengine.types import ImageInput
 
-__all__ = ["MAX_IMAGE_PIXELS", "decode_image", "open_image", "source_name", "to_8bit", "to_rgb"]
+__all__ = ["EMPTY_FILE", "MAX_IMAGE_PIXELS", "decode_image", "open_image", "source_name", "to_8bit", "to_rgb"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ MAX_IMAGE_PIXELS = 2 * 89_478_485
 _EXIF_ORIENTATION = 0x0112
 # One reason for a zero-byte file and empty bytes: `embed` decodes the bytes it read, `predict` the
 # path, and their failure lists must say the same thing.
-_EMPTY = "empty file (0 bytes)"
+EMPTY_FILE = "empty file (0 bytes)"  # the reason for empty input, wherever it is met
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 # warnings.catch_warnings swaps process-global state; the lock keeps concurrent decodes from
 # restoring each other's filters. It is held only for header and EXIF parsing (microseconds).
@@ -106,7 +106,7 @@ def open_image(
         return _from_array(source, label)
     if isinstance(source, bytes | bytearray | memoryview):
         if len(source) == 0:
-            raise DecodeError(label, _EMPTY)
+            raise DecodeError(label, EMPTY_FILE)
         return _decode_stream(io.BytesIO(source), label, draft_size)
     if isinstance(source, str | os.PathLike):
         return _decode_file(Path(source), label, draft_size)
@@ -119,7 +119,7 @@ def _decode_file(path: Path, label: str, draft_size: tuple[int, int] | None) -> 
     try:
         with path.open("rb") as f:
             if os.fstat(f.fileno()).st_size == 0:
-                raise DecodeError(label, _EMPTY)
+                raise DecodeError(label, EMPTY_FILE)
             return _decode_stream(f, label, draft_size)
     except FileNotFoundError as e:
         raise DecodeError(label, "file not found") from e

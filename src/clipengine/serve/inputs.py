@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..image.decode import _quiet_pil
+from ..image.decode import EMPTY_FILE, _quiet_pil
 from .http_errors import ApiError
 
 __all__ = [
@@ -57,7 +57,7 @@ def check_image_header(image: NamedImage, max_pixels: int) -> None:
             width * height exceeds `max_pixels` (decompression bombs included).
     """
     if not image.data:
-        raise ApiError(400, "invalid_image", f"{image.name}: empty file")
+        raise ApiError(400, "invalid_image", f"{image.name}: {EMPTY_FILE}")
     try:
         # Quiet as the decoder is: Pillow's "Corrupt EXIF data" UserWarning from the JPEG header must
         # not fail the request under -W error (the pixels are fine); bombs are judged by size below.
