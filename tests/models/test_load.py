@@ -153,6 +153,14 @@ def test_failed_save_keeps_the_previous_save_and_leaves_no_temp_files(
         assert torch.equal(loaded.module.state_dict()[key], value), key
 
 
+def test_loading_a_folder_whose_save_was_killed_names_the_previous_save(tmp_path: Path, tiny_model: CLIP) -> None:
+    """Killed between save_model's two renames: no folder, the previous save beside it as .NAME.*.old."""
+    folder = save_model(tiny_model, tmp_path / "m")
+    folder.rename(tmp_path / ".m.0123abcd.old")
+    with pytest.raises(CheckpointError, match=r"previous save is in .*\.m\.0123abcd\.old: rename it back"):
+        load_model(tmp_path / "m")
+
+
 def test_failed_first_save_leaves_no_folder(
     tmp_path: Path, tiny_model: CLIP, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -60,6 +60,18 @@ def _looks_like_path(text: str) -> bool:
     )
 
 
+def _interrupted_save(path: Path) -> str:
+    """A hint when `models.load.save_model` was killed between its two renames: the folder is gone
+    and the previous save waits beside it as `.NAME.<random>.old`."""
+    try:
+        previous = sorted(path.parent.glob(f".{path.name}.*.old"), key=lambda p: p.stat().st_mtime)
+    except OSError:
+        return ""
+    if not previous:
+        return ""
+    return f"; a save into it was interrupted, and the previous save is in {previous[-1]}: rename it back to {path}"
+
+
 def parse_spec(name_or_path: str | Path, pretrained: str | None = None) -> ModelSpec:
     """Turn a model name, `NAME@TAG`, `hf-hub:org/name` or a local path into a ModelSpec.
 
@@ -85,7 +97,7 @@ def parse_spec(name_or_path: str | Path, pretrained: str | None = None) -> Model
                 )
             return ModelSpec("folder" if path.is_dir() else "file", str(path), path=path, raw=raw)
         if isinstance(name_or_path, Path) or _looks_like_path(text):
-            raise CheckpointError(f"no such checkpoint file or folder: {path}")
+            raise CheckpointError(f"no such checkpoint file or folder: {path}{_interrupted_save(path)}")
     if text.startswith(_HF_PREFIX):
         repo = text[len(_HF_PREFIX) :].strip("/")
         if not _HF_REPO.match(repo):
