@@ -12,7 +12,7 @@ from PIL import Image
 
 from .errors import BackendError, InputError
 from .image.preprocess import PreprocessConfig, preprocess
-from .text.tokenizer import tokenize
+from .text.tokenizer import as_str_list, tokenize
 from .types import Backend, FloatArray, ImageInput
 from .zeroshot import class_embeddings, rank_labels
 
@@ -176,22 +176,9 @@ def _classifier_args(labels: object, templates: object) -> tuple[list[str], list
 
 
 def _str_list(value: object, name: str) -> list[str]:
-    """A list/tuple (or 1-D NumPy array) of str as a list; anything else is an InputError naming `name`.
-
-    A dict is refused rather than read as its keys, a set because it has no order to rank labels by.
-    """
-    if isinstance(value, bytes | bytearray | memoryview) or not isinstance(value, Sequence | np.ndarray):
-        raise InputError(
-            f"{name} must be a list of {name}, got {type(value).__name__}; pass a list of str "
-            "(for a dict, list(d) or list(d.values()))"
-        )
-    if isinstance(value, np.ndarray) and value.ndim != 1:  # list() of a 0-D array is a TypeError
-        raise InputError(f"{name} must be a list of {name}, got a {value.ndim}-D array {value.shape}")
-    items = list(value)
-    for i, item in enumerate(items):
-        if not isinstance(item, str):
-            raise InputError(f"{name}[{i}] is {type(item).__name__} ({item!r:.40}), not a str")
-    return [str(item) for item in items]
+    """`labels` / `templates` as a list of str (see `as_str_list`); a set is refused, having no
+    order to rank labels by."""
+    return as_str_list(value, name, f"a list of {name}", "pass a list of str (for a dict, list(d) or list(d.values()))")
 
 
 def _image_items(images: object) -> list[ImageInput]:

@@ -183,6 +183,9 @@ def test_decode_accepts_numpy_integer_ids() -> None:
         (b"a dog", "bytes"),
         (["a dog", 5], r"texts\[1\] is int"),
         ([None], r"texts\[0\] is NoneType"),
+        (memoryview(b"a dog"), "got memoryview"),  # a Sequence, but of ints: refused as bytes are
+        (np.array("a dog"), r"got a 0-D array \(\)"),  # list() of it was a raw TypeError
+        (np.array([["a dog", "a cat"]]), r"got a 2-D array \(1, 2\)"),
     ],
 )
 def test_tokenize_refuses_texts_that_are_not_strings(texts: object, match: str) -> None:

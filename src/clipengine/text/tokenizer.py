@@ -27,6 +27,7 @@ __all__ = [
     "SOT_TOKEN",
     "VOCAB_SIZE",
     "Tokenizer",
+    "as_str_list",
     "get_tokenizer",
     "tokenize",
 ]
@@ -308,17 +309,35 @@ def _text_list(texts: object) -> list[str]:
     """
     if isinstance(texts, str):
         return [texts]
-    # A NumPy array of strings (a DataFrame column) is not a Sequence but holds str items.
-    if isinstance(texts, bytes | bytearray) or not isinstance(texts, Sequence | np.ndarray):
-        raise InputError(
-            f"texts must be a str or a list of str, got {type(texts).__name__}; "
-            "decode bytes first and wrap one text in a list if needed"
-        )
-    out = list(texts)
-    for i, text in enumerate(out):
-        if not isinstance(text, str):
-            raise InputError(f"texts[{i}] is {type(text).__name__} ({text!r:.40}), not a str")
-    return out
+    return as_str_list(texts, "texts", "a str or a list of str", "decode bytes first and wrap one text in a list if needed")
+
+
+def as_str_list(value: object, name: str, expected: str, fix: str) -> list[str]:
+    """`value`, a list, tuple or 1-D NumPy array of str (a DataFrame column), as a list of str.
+
+    Shared by every argument that is a list of texts (`tokenize`'s texts, `ClipModel`'s labels and
+    templates), so they accept and refuse the same things.
+
+    Args:
+        value: what the caller passed.
+        name: the argument's name, for the message ("texts", "labels").
+        expected: what it must be ("a list of labels").
+        fix: what to do instead, appended to the message when `value` as a whole is wrong.
+
+    Raises:
+        InputError: bytes (a Sequence, but of ints), a dict (refused rather than read as its keys), a
+            set (no order), None, a number, an array that is not 1-D (list() of a 0-D one is a bare
+            TypeError), or an item that is not a str (named by its position).
+    """
+    if isinstance(value, bytes | bytearray | memoryview) or not isinstance(value, Sequence | np.ndarray):
+        raise InputError(f"{name} must be {expected}, got {type(value).__name__}; {fix}")
+    if isinstance(value, np.ndarray) and value.ndim != 1:
+        raise InputError(f"{name} must be {expected}, got a {value.ndim}-D array {value.shape}; {fix}")
+    items = list(value)
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise InputError(f"{name}[{i}] is {type(item).__name__} ({item!r:.40}), not a str")
+    return [str(item) for item in items]  # NumPy's str_ items as plain str
 
 
 def _quote(text: str) -> str:
