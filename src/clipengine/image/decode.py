@@ -30,8 +30,8 @@ MAX_IMAGE_PIXELS = 2 * 89_478_485
 
 _EXIF_ORIENTATION = 0x0112
 # One reason for a zero-byte file and empty bytes: `embed` decodes the bytes it read, `predict` the
-# path, and their failure lists must say the same thing.
-EMPTY_FILE = "empty file (0 bytes)"  # the reason for empty input, wherever it is met
+# path, and their failure lists (and the server's errors) must say the same thing.
+EMPTY_FILE = "empty file (0 bytes)"
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 # warnings.catch_warnings swaps process-global state; the lock keeps concurrent decodes from
 # restoring each other's filters. It is held only for header and EXIF parsing (microseconds).

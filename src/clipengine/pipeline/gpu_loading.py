@@ -49,7 +49,7 @@ def iter_gpu_loaded(
     `decode_ahead` (experimental, not yet measured on a GPU): the decode calls run on a thread of
     their own, one chunk ahead of the preprocessing, so the JPEG engines need not wait for the
     host work between calls (on an H200 the decode calls took 0.56 s of a 0.73 - 0.85 s loader
-    for 4096 1280x960 files). It holds up to one more decoded chunk (at most `_DECODE_PIXELS`
+    for 4096 1280x960 files). It holds up to one more decoded chunk (at most `gpu_batching._DECODE_PIXELS`
     pixels) on the device.
 
     `stats.decode_s` / `preprocess_s` are wall seconds spent in decode calls and queuing the GPU

@@ -158,8 +158,8 @@ def run_partition(
         stats.wall_s = time.perf_counter() - t_start
         return stats
 
-    loading = _Loading(preprocess_cfg, batch_size, workers, executor, fast_decode, gpu_decode, gpu_decoder,
-                       gpu_read_threads)  # fmt: skip
+    loading = _Loading(preprocess_cfg, batch_size, workers=workers, executor=executor, fast_decode=fast_decode,
+                       gpu_decode=gpu_decode, gpu_decoder=gpu_decoder, gpu_read_threads=gpu_read_threads)  # fmt: skip
     _embed_partitions([Partition(partition_id, tuple(items))], lazy, sink, stats, loading, progress)
     stats.wall_s = time.perf_counter() - t_start
     return stats
@@ -407,8 +407,9 @@ def embed_folder(
     executor = make_executor(n_workers) if gpu_decode is None and todo else None
     try:
         if todo:
-            loading = _Loading(cfg, batch_size, 0, executor, fast_decode, gpu_decode, gpu_decoder, gpu_read_threads,
-                               gpu_decode_ahead)  # fmt: skip
+            loading = _Loading(cfg, batch_size, executor=executor, fast_decode=fast_decode, gpu_decode=gpu_decode,
+                               gpu_decoder=gpu_decoder, gpu_read_threads=gpu_read_threads,
+                               gpu_decode_ahead=gpu_decode_ahead)  # fmt: skip
             _embed_partitions(todo, lazy, sink, total, loading, progress)
     finally:
         if executor is not None:
