@@ -274,8 +274,9 @@ def test_loader_error_stops_every_thread(photo_folder, tiny_model, monkeypatch, 
     before = set(threading.enumerate())
     with pytest.raises(ValueError, match="expected a") as raised:
         list(iter_gpu_loaded(items, tiny_model_cfg(tiny_model), 1, "cpu", LoadStats(), decode_ahead=ahead))
+    # The premise: `raised` still holds the error, and through its traceback the frame that holds the loader.
+    assert "_embed_partitions" in [entry.name for entry in raised.traceback]
     names = ("clipengine-read", "clipengine-decode", "clipengine-prefetch")
-    # `raised` still holds the error, and through its traceback the loader's frames.
     assert not [t.name for t in set(threading.enumerate()) - before if t.name.startswith(names)]
 
 
@@ -330,8 +331,9 @@ def test_a_backend_error_in_embed_folder_stops_the_loader_threads(
     with pytest.raises(RuntimeError, match="boom") as raised:
         embed_folder(root, tmp_path / "out", Failing(), tiny_model_cfg(tiny_model), batch_size=1,
                      shard_size=10, gpu_decode="cpu")  # fmt: skip
+    # The premise: `raised` still holds the error, and through its traceback the frame that holds the loader.
+    assert "_embed_partitions" in [entry.name for entry in raised.traceback]
     names = ("clipengine-read", "clipengine-decode", "clipengine-prefetch")
-    # `raised` still holds the error, and through its traceback the loader's frames.
     assert not [t.name for t in set(threading.enumerate()) - before if t.name.startswith(names)]
 
 
