@@ -182,7 +182,6 @@ def test_resuming_a_gpu_decoded_folder_is_refused_before_ray_starts(
         embed_with_ray(mixed_folder, out, fakes.FakeFactory(), preprocess_cfg, model="fake", shard_size=5)
 
 
-
 def test_an_id_listed_twice_is_refused_before_ray_starts(
     fakes: ModuleType, tmp_path: Path, preprocess_cfg
 ) -> None:  # type: ignore[no-untyped-def]
@@ -197,6 +196,7 @@ def test_an_id_listed_twice_is_refused_before_ray_starts(
     with pytest.raises(DatasetError, match=r"'s.tar/img-001.jpg' is listed twice"):
         embed_with_ray(tar, out, fakes.FakeFactory(), preprocess_cfg, model="fake", shard_size=10)
     assert not (out / "run.json").exists()
+
 
 def test_parquet_source_resolves_relative_paths(tmp_path: Path, fakes: ModuleType) -> None:
     import pyarrow as pa

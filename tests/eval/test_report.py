@@ -1,4 +1,4 @@
-"""Eval report files: the per-class PNG is written atomically (a failed plot loses nothing)."""
+"""Eval report files: the JSON, Markdown and per-class PNG are written atomically (a failed write loses nothing)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,6 @@ def test_failed_plot_keeps_the_previous_file_and_leaves_no_temp_files(
         "cifar10.md",
         "cifar10_per_class.png",
     ]
-
 
 
 @pytest.mark.parametrize("kind", ["json", "markdown"])

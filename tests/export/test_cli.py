@@ -127,3 +127,4 @@ def test_sample_and_calibration_dirs_skip_hidden_and_non_image_files(tmp_path: P
     result = CliRunner().invoke(app, ["export", "tiny-vit", "-o", str(tmp_path / "out2"), "--dynamic",
                                       "--sample-dir", str(empty)])
     assert result.exit_code == 1 and "no images" in str(result.exception)
+    assert "hidden files skipped" in str(result.exception) and "leave it out" in str(result.exception)  # the fix

@@ -497,7 +497,7 @@ _GET_ROUTES = [
     "/openapi.json",
     "/static/app.js",
 ]
-# Differ between two requests by nature: the date, and the metrics page (it counts the GET before it).
+# Differs between two requests by nature (the metrics page's length does too: it counts the GET before it).
 _VOLATILE_HEADERS = {"date"}
 
 

@@ -29,12 +29,9 @@ _BACKEND = typer.Option(
 
 
 def _load(model: str, backend: str, precision: str, device: str, download: bool) -> ClipModel:
-    from ..api import load
-    from .model_options import BACKEND_CHOICES
+    from . import model_options as mo
 
-    if backend not in BACKEND_CHOICES:
-        raise typer.BadParameter(f"must be one of {', '.join(BACKEND_CHOICES)}, got {backend!r}", param_hint="--backend")
-    return load(model, backend=backend, precision=precision, device=device, allow_download=download)
+    return mo.load_clip(mo.parse_model_options(model, None, None, backend, precision, device, download))
 
 
 def _prompts(

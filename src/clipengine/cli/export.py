@@ -10,7 +10,7 @@ import typer
 if TYPE_CHECKING:
     from ..export.manifest import EngineInfo, Manifest
 
-__all__ = ["folder_images", "format_summary", "parse_batches", "parse_precisions", "register"]
+__all__ = ["format_summary", "parse_batches", "parse_precisions", "register"]
 
 
 def parse_precisions(value: str) -> list[str]:
@@ -33,16 +33,19 @@ def parse_batches(value: str) -> list[int]:
     return items
 
 
-def folder_images(folder: Path | None, option: str) -> list[Path] | None:
+def _folder_images(folder: Path | None, option: str) -> list[Path] | None:
     """The images of `folder` as `embed` lists them: recursive, hidden files and non-image files skipped."""
     from ..errors import DatasetError
-    from ..pipeline.sources import list_folder
+    from ..pipeline.sources import IMAGE_EXTENSIONS, list_folder
 
     if folder is None:
         return None
     images = [Path(str(item.source)) for item in list_folder(folder)]
     if not images:
-        raise DatasetError(f"{option} {folder}: no images found")
+        raise DatasetError(
+            f"{option} {folder}: no images found (files ending in {', '.join(sorted(IMAGE_EXTENSIONS))}, "
+            f"subfolders walked, hidden files skipped); point {option} at a folder of images, or leave it out"
+        )
     return images
 
 
@@ -117,8 +120,8 @@ def register(app: typer.Typer) -> None:
         precisions = parse_precisions(precision)
         image_batches = None if dynamic else parse_batches(image_batch)
         text_batches = None if dynamic else parse_batches(text_batch)
-        samples = folder_images(sample_dir, "--sample-dir")
-        calibration = folder_images(calibration_dir, "--calibration-dir")
+        samples = _folder_images(sample_dir, "--sample-dir")
+        calibration = _folder_images(calibration_dir, "--calibration-dir")
         typer.echo(f"loading {checkpoint or model}" + (f" @ {pretrained}" if pretrained else ""))
         loaded = load_model(checkpoint or model, pretrained, allow_download=download,
                             arch=model if checkpoint else None)

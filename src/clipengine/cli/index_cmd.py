@@ -351,11 +351,11 @@ def register(app: typer.Typer) -> None:
         )
         # Refused before loading when the weights are known without them (offline, a missing
         # download would hide the mismatch); checkpoints and hub ids are judged once loaded.
-        known = _mismatch_before_loading(opts, index.model) if override else False
-        if known:
+        mismatched = _mismatch_before_loading(opts, index.model) if override else False  # None: not known yet
+        if mismatched:
             raise mismatch
         clip = mo.load_clip(opts)
-        if known is None and not (same_model(opts.label, index.model) or same_model(clip.name, index.model)):
+        if mismatched is None and not (same_model(opts.label, index.model) or same_model(clip.name, index.model)):
             raise mismatch
         q = clip.encode_images([image]) if image is not None else clip.encode_texts([query or ""])
         if q.shape[1] != index.dim:

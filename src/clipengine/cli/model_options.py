@@ -95,7 +95,7 @@ def parse_model_options(
     compile: bool = False,
 ) -> ModelOptions:
     if backend not in BACKEND_CHOICES:
-        raise typer.BadParameter(f"--backend must be openvino, torch or onnx, got {backend!r}")
+        raise typer.BadParameter(f"--backend must be one of {', '.join(BACKEND_CHOICES)}, got {backend!r}")
     if compile and backend != "torch":
         raise typer.BadParameter("--compile applies to --backend torch only")
     return ModelOptions(
