@@ -291,3 +291,16 @@ def test_run_partition_of_no_items_writes_an_empty_shard(tmp_path: Path, preproc
     stats = run_partition([], fakes.FakeBackendFactory(), sink, partition_id=0, preprocess_cfg=preprocess_cfg)
     assert (stats.shards_written, stats.embedded, stats.failed) == (1, 0, 0)
     assert sink.is_complete(0, [], embed_dim=8)
+
+
+def test_run_partition_refuses_an_id_listed_twice_and_writes_no_shard(
+    image_folder: Path, tmp_path: Path, preprocess_cfg, fakes
+) -> None:  # type: ignore[no-untyped-def]
+    """Rows are routed to their shard by id: a repeated id (a tar holding a member twice) is refused,
+    as embed_folder and embed_with_ray refuse it before calling this."""
+    items = list_items(image_folder)[:3]
+    sink = ShardSink(tmp_path / "out")
+    with pytest.raises(DatasetError, match=rf"'{items[1].id}' is listed twice"):
+        run_partition([*items, items[1]], fakes.FakeBackendFactory(), sink, partition_id=0,
+                      preprocess_cfg=preprocess_cfg)  # fmt: skip
+    assert not any(path.exists() for path in sink.paths(0))

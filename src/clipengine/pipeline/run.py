@@ -142,6 +142,9 @@ def run_partition(
     Returns:
         RunStats for this partition.
 
+    Raises:
+        DatasetError: an id is listed twice (rows are routed to their shard by id).
+
     Example:
         >>> stats = run_partition(items, make_backend, ShardSink("out"), partition_id=3,
         ...                       preprocess_cfg=cfg.to_dict())  # doctest: +SKIP
@@ -322,8 +325,8 @@ def embed_folder(
 ) -> RunStats:
     """Embed every image of a folder or file list into ``out_dir`` (see `sinks` for the layout).
 
-    Re-running on the same ``out_dir`` resumes: complete shards are kept, the partition that was
-    being written when the run stopped is recomputed, and failures are merged without duplicates.
+    Re-running on the same ``out_dir`` resumes: complete shards are kept, the partitions that were
+    still being filled when the run stopped are recomputed, and failures are merged without duplicates.
 
     Args:
         source: a folder (walked recursively), a file list, or ImageItems.
