@@ -28,7 +28,7 @@ import multiprocessing
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-batch", type=int, default=256)
     args = p.parse_args(argv)
 
-    import torch
-
     sys.path.insert(0, str(Path(__file__).parent))
     from gpu_e2e import ensure_jpegs
 
@@ -58,11 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from clipengine.pipeline import gpu_batching as gb
     from clipengine.pipeline.sources import list_folder
 
-    small = torch.zeros(3, 8, 8, dtype=torch.uint8)
-
-    def stand_in(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-        time.sleep(args.decode_us * 1e-6 * len(data))  # releases the GIL, as a native decode call does
-        return [small] * len(data)
+    stand_in = decode_stand_in(args.decode_us)
 
     with tempfile.TemporaryDirectory() as tmp:
         ensure_jpegs(Path(tmp), args.count, 64, 0, min(8, multiprocessing.cpu_count()))
@@ -104,6 +98,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def decode_stand_in(decode_us: float) -> Callable[[list[Any], Any], list[Any]]:
+    """A batched decode (`GpuJpegDecoder`'s `decode_batch`) that sleeps `decode_us` per image, releasing
+    the GIL as a native decode call does, and returns 8x8 images."""
+    import torch
+
+    small = torch.zeros(3, 8, 8, dtype=torch.uint8)
+
+    def decode(data: list[Any], device: Any) -> list[Any]:
+        time.sleep(decode_us * 1e-6 * len(data))
+        return [small] * len(data)
+
+    return decode
+
+
 @contextlib.contextmanager
 def stand_ins(args: argparse.Namespace, image_size: int) -> Iterator[None]:
     """The GPU work replaced by sleeps that release the GIL: the batched decode (`--decode-us` per
@@ -113,11 +121,7 @@ def stand_ins(args: argparse.Namespace, image_size: int) -> Iterator[None]:
     from clipengine.image import gpu_decode as gd
     from clipengine.pipeline import gpu_batching as gb
 
-    small = torch.zeros(3, 8, 8, dtype=torch.uint8)
-
-    def decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-        time.sleep(args.decode_us * 1e-6 * len(data))
-        return [small] * len(data)
+    decode = decode_stand_in(args.decode_us)
 
     def preprocess(images: list[torch.Tensor], cfg: Any, out_dtype: Any = None) -> torch.Tensor:
         time.sleep(args.preprocess_us * 1e-6 * len(images))
