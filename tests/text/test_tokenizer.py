@@ -146,10 +146,15 @@ def test_empty_and_single_text_inputs() -> None:
     assert tokenize([]).shape == (0, 77)
 
 
-@pytest.mark.parametrize("bad", [{"context_length": 1}, {"truncate": "yes"}])
-def test_invalid_arguments_raise_value_error(bad: dict[str, object]) -> None:
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [({"context_length": 1}, r"context_length must be >= 2"), ({"truncate": "yes"}, r"truncate must be True, False")],
+)
+def test_invalid_arguments_are_input_errors(bad: dict[str, object], match: str) -> None:
+    """Argument checks raise InputError, as the texts check does; still a ValueError, as they were."""
+    with pytest.raises(InputError, match=match) as info:
         tokenize("a", **bad)  # type: ignore[arg-type]
+    assert isinstance(info.value, ValueError)
 
 
 @pytest.mark.parametrize("ids", [[-1], [VOCAB_SIZE], [320, 10**9], np.array([320, -5])])

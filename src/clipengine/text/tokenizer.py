@@ -270,16 +270,16 @@ class Tokenizer:
 
         Raises:
             TextTooLongError: a text needs more than L positions and truncation is off.
-            InputError: `texts` is not a text or a sequence of texts (None, a number, a dict, ...).
-            ValueError: `context_length` < 2 or an unknown `truncate` value.
+            InputError: `texts` is not a text or a sequence of texts (None, a number, a dict, ...),
+                `context_length` < 2, or an unknown `truncate` value.
         """
         texts = _text_list(texts)
         if context_length < 2:
-            raise ValueError(
+            raise InputError(
                 f"context_length must be >= 2 (room for start and end tokens), got {context_length}"
             )
         if truncate not in (True, False, "strict"):
-            raise ValueError(f"truncate must be True, False or 'strict', got {truncate!r}")
+            raise InputError(f"truncate must be True, False or 'strict', got {truncate!r}")
         out = np.zeros((len(texts), context_length), dtype=np.int64)
         for row, text in enumerate(texts):
             ids = [SOT_TOKEN, *self._text_ids(text), EOT_TOKEN]
