@@ -274,8 +274,8 @@ def test_loader_error_stops_every_thread(photo_folder, tiny_model, monkeypatch, 
     before = set(threading.enumerate())
     with pytest.raises(ValueError, match="expected a") as raised:
         list(iter_gpu_loaded(items, tiny_model_cfg(tiny_model), 1, "cpu", LoadStats(), decode_ahead=ahead))
-    # The premise: `raised` still holds the error, and through its traceback the frame that holds the loader.
-    assert "_embed_partitions" in [entry.name for entry in raised.traceback]
+    # The premise: `raised` still holds the error, and through its traceback the loader's frames.
+    assert "iter_gpu_loaded" in [entry.name for entry in raised.traceback]
     names = ("clipengine-read", "clipengine-decode", "clipengine-prefetch")
     assert not [t.name for t in set(threading.enumerate()) - before if t.name.startswith(names)]
 
