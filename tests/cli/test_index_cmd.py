@@ -183,6 +183,20 @@ def test_search_refuses_other_weights_of_the_same_architecture(
     assert code == 0 and len(fake_load) == loads + 1
 
 
+def test_search_refuses_a_forced_activation_the_weights_were_not_trained_with(
+    folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    """"-quickgelu" on GELU weights loads the same shapes with another activation (wrong results,
+    no error); on OpenAI's weights, trained with QuickGELU, it changes nothing and is accepted."""
+    laion, openai = tmp_path / "laion.index", tmp_path / "openai.index"
+    assert _run(capsys, "index", "build", folder, "-o", laion, "--model", "ViT-B-32@laion2b_s34b_b79k")[0] == 0
+    assert _run(capsys, "index", "build", folder, "-o", openai, "--model", "ViT-B-32@openai")[0] == 0
+    loads = len(fake_load)
+    code, _, err = _run(capsys, "search", laion, "img-001.jpg", "--model", "ViT-B-32-quickgelu@laion2b_s34b_b79k")
+    assert code == 1 and "built with model 'ViT-B-32@laion2b_s34b_b79k'" in err and len(fake_load) == loads
+    assert _run(capsys, "search", openai, "img-001.jpg", "--model", "ViT-B-32-quickgelu@openai")[0] == 0
+
+
 def test_an_index_built_with_a_tagless_name_records_the_default_tag(
     folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str]
 ) -> None:  # type: ignore[no-untyped-def]

@@ -138,10 +138,13 @@ def _with_default_tag(model: str) -> str:
 
 
 def _weights(spec: ModelSpec, fill_default: bool) -> str:
-    """A registry spec as "ARCH@TAG" ("ViT-B/32-quickgelu@openai" -> "ViT-B-32@openai"), with the
-    default tag filled in when `fill_default` (as loading does) and the architecture has weights."""
+    """A registry spec as the weights it loads: "ARCH@TAG" ("ViT-B/32@openai" -> "ViT-B-32@openai"),
+    with the default tag filled in when `fill_default` (as loading does), and "-quickgelu" kept only
+    where it forces an activation the weights were not trained with ("ViT-B-32-quickgelu@openai"
+    is "ViT-B-32@openai"; "ViT-B-32-quickgelu@laion2b_s34b_b79k" is not "ViT-B-32@laion2b_s34b_b79k":
+    same shapes, other outputs)."""
     from ..errors import UnknownModelError
-    from ..models.registry import default_tag
+    from ..models.registry import default_tag, get_source
 
     tag = spec.tag
     if tag is None and fill_default:
@@ -149,7 +152,13 @@ def _weights(spec: ModelSpec, fill_default: bool) -> str:
             tag = default_tag(spec.name)
         except UnknownModelError:  # no registered weights: loading fails; the name is all there is
             pass
-    return f"{spec.name}@{tag}" if tag else spec.name
+    forced = ""
+    if spec.quick_gelu:
+        try:
+            forced = "" if tag is not None and get_source(spec.name, tag).quick_gelu else "-quickgelu"
+        except UnknownModelError:  # weights not registered: the name as given
+            forced = "-quickgelu"
+    return f"{spec.name}{forced}@{tag}" if tag else spec.name + forced
 
 
 def _mismatch_before_loading(opts: mo.ModelOptions, index_model: str) -> bool | None:
