@@ -207,3 +207,46 @@ def test_bad_calibration_or_sample_images_keep_the_previous_export(tmp_path: Pat
     with pytest.raises(ClipEngineError):
         onnx_export.export_model(tiny_model, out, image_batches=None, text_batches=None, **kwargs)
     assert read_manifest(out) == previous
+
+
+def test_image_folders_are_listed_as_embed_lists_them(tmp_path: Path, tiny_model, tiny_config) -> None:  # type: ignore[no-untyped-def]
+    """A folder for calibration_images or sample_images_from is walked like `embed` walks one: a macOS
+    `._x.jpg` (AppleDouble, not a JPEG), a README and hidden folders are skipped, not decoded."""
+    from PIL import Image
+
+    from clipengine.errors import DatasetError
+    from clipengine.image.preprocess import PreprocessConfig
+
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    (images / ".cache").mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.jpg", "sub/c.png"):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(images / name)
+    for garbage in ("._x.jpg", "sub/._c.png", ".cache/d.jpg"):
+        (images / garbage).write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    (images / "README.txt").write_text("photos for calibration")
+
+    pixels = onnx_export._calibration_pixels(str(images), PreprocessConfig(image_size=32))
+    assert pixels is not None and pixels.shape == (3, 3, 32, 32)
+    manifest = onnx_export.export_model(
+        tiny_model, tmp_path / "out", precisions=("int8",), image_batches=None, text_batches=None,
+        calibration_images=images, sample_images_from=str(images),
+    )
+    image_engine = next(e for e in manifest.engines if e.tower == "image")
+    assert image_engine.quantization == "static"
+    assert image_engine.parity is not None
+    assert image_engine.parity.samples == 4 + 3 + 4 * 3  # noise, synthetic, 4 views of each of the 3 images
+
+    empty = tmp_path / "empty"
+    (empty / ".hidden").mkdir(parents=True)
+    (empty / "._x.jpg").write_bytes(b"\x00")
+    (empty / "notes.txt").write_text("no pictures")
+    for kwargs in ({"calibration_images": empty}, {"sample_images_from": empty}):
+        name = next(iter(kwargs))
+        with pytest.raises(DatasetError, match=rf"{name} {empty}: no images found \(files ending in .*\.jpg.*\)"):
+            onnx_export.export_model(tiny_model, tmp_path / "out2", image_batches=None, text_batches=None, **kwargs)
+    with pytest.raises(DatasetError, match=rf"calibration_images {tmp_path / 'missing'}: not a folder"):
+        onnx_export.export_model(tiny_model, tmp_path / "out2", image_batches=None, text_batches=None,
+                                 calibration_images=tmp_path / "missing")
+    assert not (tmp_path / "out2").exists()

@@ -84,3 +84,14 @@ def test_file_list_lines_are_split_at_newlines_only(tmp_path: Path) -> None:
     items = list_items(listing)
     assert [i.id for i in items] == [odd, "b.jpg"]
     assert all(Path(str(i.source)).is_file() for i in items)
+
+
+def test_image_name_rule_is_the_image_package_s() -> None:
+    """`embed` and `export` share one rule: sources re-exports it from clipengine.image.files."""
+    from clipengine.image import files
+    from clipengine.pipeline import sources
+
+    assert sources.IMAGE_EXTENSIONS is files.IMAGE_EXTENSIONS
+    assert sources.is_image_name is files.is_image_name
+    assert not sources.is_image_name("._x.jpg") and not sources.is_image_name("README.txt")
+    assert sources.is_image_name("PHOTO.JPG")

@@ -34,19 +34,13 @@ def parse_batches(value: str) -> list[int]:
 
 
 def _folder_images(folder: Path | None, option: str) -> list[Path] | None:
-    """The images of `folder` as `embed` lists them: recursive, hidden files and non-image files skipped."""
-    from ..errors import DatasetError
-    from ..pipeline.sources import IMAGE_EXTENSIONS, list_folder
+    """The images of `folder` as `embed` lists them (recursive, hidden files and non-image files
+    skipped), listed before the model loads so a bad folder fails fast."""
+    from ..image.files import folder_images
 
     if folder is None:
         return None
-    images = [Path(str(item.source)) for item in list_folder(folder)]
-    if not images:
-        raise DatasetError(
-            f"{option} {folder}: no images found (files ending in {', '.join(sorted(IMAGE_EXTENSIONS))}, "
-            f"subfolders walked, hidden files skipped); point {option} at a folder of images, or leave it out"
-        )
-    return images
+    return folder_images(folder, option, fix=f"point {option} at a folder of images, or leave it out")
 
 
 def _fmt(value: float) -> str:

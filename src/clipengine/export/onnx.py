@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import DatasetError
+from ..image.files import folder_images
 from ..models.clip import VisionTransformer
 from ..models.pooled import PooledTextTower, PooledVisionTransformer
 from ..types import ImageInput
@@ -155,7 +155,8 @@ def _tool_versions() -> dict[str, str]:
 
 
 def _calibration_pixels(images: Any, cfg: PreprocessConfig) -> np.ndarray | None:
-    """Calibration images -> (N, 3, H, W): a folder, a list of image inputs, or an array as is."""
+    """Calibration images -> (N, 3, H, W): a folder (listed as `embed` lists one), a list of image
+    inputs, or an array as is."""
     if images is None:
         return None
     if isinstance(images, np.ndarray):
@@ -163,10 +164,7 @@ def _calibration_pixels(images: Any, cfg: PreprocessConfig) -> np.ndarray | None
     from ..image.preprocess import preprocess
 
     if isinstance(images, (str, Path)):
-        folder = Path(images)
-        images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp", ".bmp"})
-        if not images:
-            raise DatasetError(f"{folder}: no .jpg/.png/.webp/.bmp images to calibrate INT8 on")
+        images = folder_images(images, "calibration_images")
     return np.stack([preprocess(source, cfg) for source in images]).astype(np.float32)
 
 
@@ -207,7 +205,7 @@ def export_model(
     text_batches: Sequence[int] | None = DEFAULT_TEXT_BATCHES,
     split_text_projection: bool = False,
     calibration_images: str | Path | Sequence[ImageInput] | np.ndarray | None = None,
-    sample_images_from: Sequence[ImageInput] | None = None,
+    sample_images_from: str | Path | Sequence[ImageInput] | None = None,
     model_name: str | None = None,
     pretrained: str | None = None,
     preprocess_cfg: PreprocessConfig | None = None,
@@ -225,8 +223,10 @@ def export_model(
             projection is saved as `text_projection_<W>_<D>.npy` (the seed's layout).
         calibration_images: a folder, image inputs or (N, 3, H, W) pixels: INT8 image engines are
             then quantized statically (QDQ) with these; otherwise dynamically.
-        sample_images_from: extra verification images (each adds 4 views: as is, mirrored,
-            cropped, grayscale) beside random and synthetic ones.
+        sample_images_from: a folder or image inputs: extra verification images (each adds 4 views:
+            as is, mirrored, cropped, grayscale) beside random and synthetic ones.
+            A folder (either argument) is listed as `clipengine embed` lists one
+            (`image.files.walk_images`: recursive, sorted, hidden files and non-images skipped).
         model_name / pretrained / preprocess_cfg: recorded in the manifest.
         verify: compare every engine with the fp32 PyTorch reference (strongly recommended).
         progress: called with one line per step (the CLI prints them).
@@ -237,6 +237,7 @@ def export_model(
     Raises:
         ExportParityError: an engine misses its precision's bound (see verify.BOUNDS); the message
             names each engine and its measured error; `parity_report.json` holds the details.
+        DatasetError: a calibration or sample folder is not a folder or holds no images.
     """
     from ..image.preprocess import PreprocessConfig
 
@@ -249,6 +250,8 @@ def export_model(
     cfg = model.config
     pre = preprocess_cfg or PreprocessConfig(image_size=cfg.vision.image_size)
     # Sample and calibration images first: a bad one fails the export before the folder changes.
+    if isinstance(sample_images_from, (str, Path)):
+        sample_images_from = folder_images(sample_images_from, "sample_images_from")
     samples: dict[str, np.ndarray] = {"image": sample_images(pre, sample_images_from), "text": sample_texts(cfg.text.context_length)}
     with torch.no_grad():
         reference: dict[str, np.ndarray] = {

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DatasetError
+from ..image.files import IMAGE_EXTENSIONS, is_image_name, walk_images  # the first two re-exported
 from ..types import ImageItem
 
 __all__ = [
@@ -24,12 +24,6 @@ __all__ = [
     "read_file_list",
 ]
 
-# Compared lower-cased, so "PHOTO.JPG" counts. Files with other extensions are ignored, not failures.
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
-)
-
-
 @dataclass(frozen=True)
 class Partition:
     """A fixed slice of the sorted item list; its id names its output shard (part-<id>)."""
@@ -38,13 +32,8 @@ class Partition:
     items: tuple[ImageItem, ...]
 
 
-def is_image_name(name: str) -> bool:
-    """True when a file name has an image extension (case-insensitive) and is not hidden."""
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-
-
 def list_folder(root: str | Path) -> list[ImageItem]:
-    """All images under `root`, recursively, hidden files and folders skipped.
+    """All images under `root`, recursively, hidden files and folders skipped (`image.files.walk_images`).
 
     Symlinked folders are followed, except links back to an ancestor (which would loop forever).
 
@@ -53,28 +42,7 @@ def list_folder(root: str | Path) -> list[ImageItem]:
     Raises:
         DatasetError: `root` is not a folder.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"{root}: not a folder")
-    found: list[tuple[str, Path]] = []
-    # Resolved folders from the root down to each walked folder: a symlink into that chain is a loop.
-    chains: dict[str, frozenset[Path]] = {os.fspath(root): frozenset({root.resolve()})}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        chain = chains.pop(dirpath)
-        kept = []
-        for d in dirnames:
-            target = (Path(dirpath) / d).resolve()
-            if not d.startswith(".") and target not in chain:  # skip hidden folders and loops
-                kept.append(d)
-                chains[os.path.join(dirpath, d)] = chain | {target}
-        dirnames[:] = kept
-        base = Path(dirpath)
-        for name in filenames:
-            if is_image_name(name):
-                path = base / name
-                found.append((path.relative_to(root).as_posix(), path))
-    found.sort(key=lambda pair: pair[0])
-    return [ImageItem(id=rel, source=str(path)) for rel, path in found]
+    return [ImageItem(id=rel, source=str(path)) for rel, path in walk_images(root)]
 
 
 def read_file_list(list_file: str | Path) -> list[ImageItem]:
