@@ -225,6 +225,18 @@ def test_tar_members_are_read_as_bytes(tmp_path: Path) -> None:
     assert back.source == b"abcd"
 
 
+def test_a_folder_of_shards_with_images_only_in_hidden_folders_is_read_as_shards(tmp_path: Path) -> None:
+    """Images in hidden folders (`.cache/`) are not listed, so they must not make a folder of
+    .tar shards count as a folder of images (which would then list nothing)."""
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache" / "thumb.jpg").write_bytes(b"x")
+    with tarfile.open(tmp_path / "a.tar", "w") as tf:
+        info = tarfile.TarInfo("1.jpg")
+        info.size = 4
+        tf.addfile(info, io.BytesIO(b"abcd"))
+    assert [item.id for item in list_source(tmp_path)] == ["a.tar/1.jpg"]
+
+
 def test_model_spec_is_plain_data() -> None:
     import pickle
 

@@ -29,7 +29,7 @@ from ..errors import BackendError, DatasetError, IndexMismatchError
 from ..pipeline.embed import LazyBackend
 from ..pipeline.run import RunStats, run_partition
 from ..pipeline.sinks import RUN_FILE, ShardSink, atomic_write_json, read_run_info
-from ..pipeline.sources import check_unique_ids, is_image_name, list_items, partitions
+from ..pipeline.sources import check_unique_ids, is_image_name, list_folder, list_items, partitions
 from ..types import ImageItem
 
 if TYPE_CHECKING:
@@ -115,7 +115,7 @@ def list_source(
     """
     if isinstance(source, (str, Path)):
         path = Path(source)
-        if path.is_dir() and not any(is_image_name(p.name) for p in path.rglob("*")):
+        if path.is_dir() and not list_folder(path):  # no image it would list (hidden folders are skipped)
             tars = sorted(path.glob("*.tar"))
             if tars:
                 return _tar_items(tars)
