@@ -144,7 +144,7 @@ def register(app: typer.Typer) -> None:
         from ..serve import ServeSettings, create_app
 
         if backend not in BACKEND_CHOICES:
-            raise typer.BadParameter(f"--backend must be openvino, torch or onnx, got {backend!r}")
+            raise typer.BadParameter(f"--backend must be one of {', '.join(BACKEND_CHOICES)}, got {backend!r}")
         settings = ServeSettings(
             max_batch=max_batch,
             max_wait_ms=max_wait_ms,
