@@ -237,7 +237,7 @@ def test_cli_rejects_an_unknown_backend_and_lists_openvino() -> None:
 
     from clipengine.cli.model_options import parse_model_options
 
-    with pytest.raises(typer.BadParameter, match="one of torch, onnx, openvino, got .tensorrt."):
+    with pytest.raises(typer.BadParameter, match=r"one of torch, onnx, openvino, got .tensorrt."):
         parse_model_options("models/x", None, None, "tensorrt", "fp32", "cpu", False)
     assert parse_model_options("models/x", None, None, "openvino", "int8", "cpu", False).backend == "openvino"
 

@@ -20,5 +20,5 @@ def test_compile_with_onnx_is_a_usage_error() -> None:
 
 
 def test_unknown_backend_is_a_usage_error() -> None:
-    with pytest.raises(typer.BadParameter, match="one of torch, onnx, openvino, got .tensorflow."):
+    with pytest.raises(typer.BadParameter, match=r"one of torch, onnx, openvino, got .tensorflow."):
         parse_model_options("tiny-synth", None, None, "tensorflow", "fp32", "cpu", False)
