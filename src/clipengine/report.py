@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .export.manifest import atomic_path
+from .files import atomic_path
 
 if TYPE_CHECKING:
     from .bench.timing import BenchResult

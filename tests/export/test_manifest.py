@@ -1,4 +1,4 @@
-"""Manifest round trip, file naming, atomic writes and read errors."""
+"""Manifest round trip, file naming and read errors (atomic writes: tests/test_files.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from clipengine.export.manifest import (
     Manifest,
     Parity,
     TensorSpec,
-    atomic_path,
     engine_file_name,
     projection_file_name,
     read_manifest,
@@ -107,80 +106,3 @@ def test_newer_format_asks_for_upgrade(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(BackendError, match="upgrade clipengine"):
         read_manifest(tmp_path)
-
-
-def test_atomic_path_keeps_old_file_when_writing_fails(tmp_path: Path) -> None:
-    target = tmp_path / "out.txt"
-    target.write_text("old")
-    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
-        tmp.write_text("half")
-        raise RuntimeError("disk full")
-    assert target.read_text() == "old"
-    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
-    with atomic_path(target) as tmp:
-        tmp.write_text("new")
-    assert target.read_text() == "new"
-    assert target.stat().st_mode & 0o044  # readable by others like any normal file, not mkstemp's 0600
-
-
-def test_atomic_path_gives_plain_open_permissions_without_touching_the_umask(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """The umask is read, not set to 0 and back: that is process-wide, so a file another thread
-    creates in between would get 0o666 / 0o777 permissions."""
-    import os
-
-    from clipengine.export import manifest as manifest_module
-
-    def modes(name: str) -> tuple[int, int]:
-        with open(tmp_path / f"{name}.plain", "w") as f:
-            f.write("x")
-        with atomic_path(tmp_path / f"{name}.atomic") as tmp:
-            tmp.write_text("x")
-        return ((tmp_path / f"{name}.plain").stat().st_mode & 0o777, (tmp_path / f"{name}.atomic").stat().st_mode & 0o777)
-
-    plain, atomic = modes("default")
-    assert atomic == plain
-    old = os.umask(0o027)
-    try:
-        plain, atomic = modes("strict")
-    finally:
-        os.umask(old)
-    assert atomic == plain == 0o640
-
-    if not os.access("/proc/self/status", os.R_OK):
-        pytest.skip("no /proc/self/status here: the set-and-restore fallback is used (once)")
-
-    def no_umask(mask: int) -> int:
-        raise AssertionError("os.umask called: it changes the umask of every thread")
-
-    real = os.umask(0o022)
-    os.umask(real)
-    monkeypatch.setattr(os, "umask", no_umask)
-    plain, atomic = modes("read")
-    assert atomic == plain
-    assert manifest_module._umask() == real
-
-
-def test_umask_fallback_sets_and_restores_once(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """Without /proc/self/status the umask is read by setting it and back, at most once per process."""
-    import os
-
-    from clipengine.export import manifest as manifest_module
-
-    real = os.umask(0o022)
-    os.umask(real)
-    calls = []
-    original = os.umask
-
-    def counted(mask: int) -> int:
-        calls.append(mask)
-        return original(mask)
-
-    monkeypatch.setattr(manifest_module, "_UMASK_STATUS", "/nonexistent/status")
-    monkeypatch.setattr(os, "umask", counted)
-    manifest_module._umask_by_setting.cache_clear()
-    try:
-        assert manifest_module._umask() == real
-        assert manifest_module._umask() == real
-    finally:
-        manifest_module._umask_by_setting.cache_clear()
-    assert calls == [0, real]  # one set-and-restore, then cached

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import DatasetError
-from ..export.manifest import atomic_path
+from ..files import atomic_path
 from ..paths import cache_dir
 from .zeroshot import accuracy_metrics, encode_dataset
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ..export.manifest import atomic_path
+from ..files import atomic_path
 
 __all__ = ["compare_table", "comparison_rows", "markdown_report", "plot_per_class", "write_report"]
 

@@ -11,18 +11,14 @@ NumPy-free and torch-free so the ONNX Runtime path can read it anywhere. Layout 
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
-import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import BackendError
+from ..files import atomic_path
 
 __all__ = [
     "MANIFEST_FILE",
@@ -154,49 +150,6 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-_UMASK_STATUS = "/proc/self/status"  # Linux >= 4.7 shows the umask there ("Umask:\t0022")
-
-
-def _umask() -> int:
-    """The process umask, read without changing it where the OS allows (Linux /proc).
-
-    Setting it to 0 and back is process-wide: a file another thread creates in between would get
-    0o666 / 0o777 permissions. So that trick is only the fallback, done at most once per process.
-    """
-    try:
-        with open(_UMASK_STATUS, "rb") as f:
-            for line in f:
-                if line.startswith(b"Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return _umask_by_setting()
-
-
-@functools.lru_cache(maxsize=1)
-def _umask_by_setting() -> int:
-    """The umask by setting it and restoring it (racy with other threads; cached, so done once)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-@contextmanager
-def atomic_path(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `final`; rename it over `final` only if the block succeeds."""
-    final = Path(final)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    umask = _umask()
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
-        os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_manifest(manifest: Manifest, folder: str | Path) -> Path:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DatasetError
+from ..files import normal_file_mode
 from ..types import Failure, FloatArray
 
 __all__ = [
@@ -64,6 +65,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, normal_file_mode())  # not mkstemp's 0600: other processes read these files
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -1,0 +1,67 @@
+"""Files written atomically, with the permissions a plain open() gives: one helper for every writer.
+
+A reader (a resumed run, a server, another process) never sees a half-written file: data goes to a
+hidden temp file beside the target, is flushed to disk, then renamed over it (`os.replace`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["atomic_path", "normal_file_mode", "umask"]
+
+_UMASK_STATUS = "/proc/self/status"  # Linux >= 4.7 shows the umask there ("Umask:\t0022")
+
+
+def umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux /proc).
+
+    Setting it to 0 and back is process-wide: a file another thread creates in between would get
+    0o666 / 0o777 permissions. So that trick is only the fallback, done at most once per process.
+    """
+    try:
+        with open(_UMASK_STATUS, "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _umask_by_setting()
+
+
+@functools.lru_cache(maxsize=1)
+def _umask_by_setting() -> int:
+    """The umask by setting it and restoring it (racy with other threads; cached, so done once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def normal_file_mode() -> int:
+    """The mode `open(path, "w")` would give a new file (mkstemp's temp files are 0600)."""
+    return 0o666 & ~umask()
+
+
+@contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; on success, flush it to disk and rename it over `final`.
+
+    If the block raises, the temp file is removed and `final` is left as it was.
+    """
+    final = Path(final)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, normal_file_mode())
+        with open(tmp, "rb") as f:  # the rename must not reach the disk before the data does
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
