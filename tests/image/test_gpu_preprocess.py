@@ -21,7 +21,13 @@ from PIL import Image
 from clipengine.errors import DecodeError
 from clipengine.image import gpu_decode, gpu_preprocess, nvimgcodec_decode
 from clipengine.image.decode import decode_image
-from clipengine.image.gpu_decode import GpuDecodeStats, GpuJpegDecoder, inspect_encoded, orient
+from clipengine.image.gpu_decode import (
+    LARGE_JPEG_PIXELS,
+    GpuDecodeStats,
+    GpuJpegDecoder,
+    inspect_encoded,
+    orient,
+)
 from clipengine.image.gpu_preprocess import preprocess_tensors
 from clipengine.image.preprocess import (
     OPENAI_MEAN,
@@ -294,8 +300,21 @@ def test_large_images_get_their_own_call_and_order_is_kept(images: Factories) ->
     assert decoded.ids == [f"{i}.jpg" for i in range(5)]
     assert decoded.sizes == dims
     assert fake.calls == [[datas[0], datas[2], datas[4]], [datas[1], datas[3]]]  # small ones first, then large
-    one_call = GpuJpegDecoder("cpu", decode_batch=FakeNvjpeg()).decode([(f"{i}.jpg", d) for i, d in enumerate(datas)])
-    assert all(torch.equal(a, b) for a, b in zip(decoded.images, one_call.images, strict=True))
+    one_call = GpuJpegDecoder("cpu", decode_batch=FakeNvjpeg(), large_pixels=None)
+    one_call_decoded = one_call.decode([(f"{i}.jpg", d) for i, d in enumerate(datas)])
+    assert all(torch.equal(a, b) for a, b in zip(decoded.images, one_call_decoded.images, strict=True))
+
+
+def test_default_decoder_splits_at_large_jpeg_pixels(images: Factories) -> None:
+    """By default a JPEG over LARGE_JPEG_PIXELS gets a call apart; one at the limit stays with the small ones."""
+    fake = FakeNvjpeg()
+    at_limit = jpeg_bytes(images, 2000, 2000, seed=1)  # exactly 4 MP
+    above = jpeg_bytes(images, 2001, 2000, seed=2)
+    small = jpeg_bytes(images, 64, 48, seed=3)
+    decoded = GpuJpegDecoder("cpu", decode_batch=fake).decode([("a.jpg", above), ("b.jpg", at_limit), ("c.jpg", small)])
+    assert LARGE_JPEG_PIXELS == 2000 * 2000
+    assert decoded.ids == ["a.jpg", "b.jpg", "c.jpg"]
+    assert fake.calls == [[at_limit, small], [above]]
 
 
 # ---------------------------------------------------------------------------------------------

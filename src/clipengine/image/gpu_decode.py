@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GPU_DECODE_LIBRARIES",
+    "LARGE_JPEG_PIXELS",
     "DecodeBatch",
     "Decoded",
     "EncodedImage",
@@ -61,6 +62,9 @@ _EOI_TAIL = 4096
 # most 64 KiB each), not a copy of the whole file; the whole file only when the prefix is not enough.
 _HEADER_BYTES = 128 * 1024
 _NVJPEG_MODES = ("RGB", "L")  # CMYK / YCCK JPEGs go to the CPU decoder (its colour conversion)
+# JPEGs above this many pixels (phone photos: 12 MP) are decoded in a call apart from the smaller
+# ones of their batch: see `GpuJpegDecoder`'s `large_pixels`.
+LARGE_JPEG_PIXELS = 4_000_000
 
 
 @dataclass(frozen=True)
@@ -212,11 +216,12 @@ class GpuJpegDecoder:
         decode_batch: the batched decoder; default torchvision's nvjpeg `decode_jpeg`. Tests
             inject a fake to exercise the fallbacks without a GPU.
         stats: counters to add to (a new `GpuDecodeStats` by default).
-        large_pixels: experimental; JPEGs above this many pixels get an nvjpeg call of their own
-            per batch. On an H200, 1280x960 JPEGs alone decoded at ~8,950 img/s and 4000x3000 alone
-            at ~916, but a 7:1 mix at ~1,950 instead of the ~4,300 those rates imply. Splitting
-            gained 6 % on that mix in benchmarks/gpu_e2e.py (H200, 1,514 vs 1,430 img/s), so it
-            stays off by default. None: one call per batch.
+        large_pixels: JPEGs above this many pixels get a decode call of their own per batch
+            (`LARGE_JPEG_PIXELS` by default; None: one call per batch). A batched nvjpeg call
+            holding a few 12 MP photos among 1 MP ones is much slower than the two groups decoded
+            apart: on an H200 (session 8, benchmarks/gpu_gap.py, 5 rounds in turn), 4096 files with
+            every 8th 4000x3000 decoded at 1,624 img/s in one call per batch and 2,454 split
+            (`embed_folder`: 1,599 vs 2,425). A folder of one size is one group either way.
         library: which GPU JPEG decoder runs when `decode_batch` is not given: "torchvision"
             (`torchvision.io.decode_jpeg`) or "nvimgcodec" (NVIDIA nvImageCodec, when installed:
             `image.nvimgcodec_decode`).
@@ -230,7 +235,7 @@ class GpuJpegDecoder:
         *,
         decode_batch: DecodeBatch | None = None,
         stats: GpuDecodeStats | None = None,
-        large_pixels: int | None = None,
+        large_pixels: int | None = LARGE_JPEG_PIXELS,
         library: str = "torchvision",
         fancy_upsampling: bool = False,
     ) -> None:
