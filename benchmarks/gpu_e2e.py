@@ -281,7 +281,7 @@ def run(args: argparse.Namespace, folder: Path, workers: int) -> dict[str, Any]:
 
     for ahead in (False, True):  # what embed_folder(gpu_decode) loads with, without the shard writes
         label = "gpu_loading: loader thread + decode thread (decode_ahead)" if ahead else "gpu_loading: loader thread"
-        try:  # decode_ahead is new and unmeasured: a failure must not take the other rows with it
+        try:  # decode_ahead is experimental: a failure must not take the other rows with it
             rows.append(timed(f"{label} + model", lambda a=ahead: loaded_rows(a)))  # type: ignore[misc]
         except Exception:
             log.exception("%s: failed; row left out", label)
