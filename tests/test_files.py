@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from clipengine import files
-from clipengine.files import atomic_path
+from clipengine.files import atomic_path, atomic_write_bytes, is_temp_name
 
 
 def test_atomic_path_keeps_old_file_when_writing_fails(tmp_path: Path) -> None:
@@ -91,3 +91,126 @@ def test_embed_outputs_get_plain_open_permissions(tmp_path: Path) -> None:
     atomic_write_json(tmp_path / "run.json", {})
     plain = (tmp_path / "plain").stat().st_mode & 0o777
     assert [(tmp_path / n).stat().st_mode & 0o777 for n in ("a.npy", "run.json")] == [plain, plain]
+
+
+def _fail_fsync(monkeypatch: pytest.MonkeyPatch, name_part: str) -> None:
+    """Make the fsync of a temp file whose name holds `name_part` fail: its data is written by then,
+    the rename not yet done (a full disk or an I/O error in the middle of a write)."""
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if name_part in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError("simulated I/O error while writing")
+        real(fd)
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("no /proc/self/fd to tell which file is being synced")
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_atomic_write_bytes_keeps_old_file_when_writing_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "data.bin"
+    atomic_write_bytes(target, b"old")
+    _fail_fsync(monkeypatch, "data.bin")
+    with pytest.raises(OSError, match="simulated"):
+        atomic_write_bytes(target, b"new contents")
+    assert target.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["data.bin"]
+
+
+def test_temp_names_are_recognised_by_one_rule(tmp_path: Path) -> None:
+    with atomic_path(tmp_path / "part-00000.npy") as tmp:
+        assert tmp.parent == tmp_path and is_temp_name(tmp.name) and tmp.name.startswith(".")
+        tmp.write_bytes(b"x")
+    assert not is_temp_name("part-00000.npy") and not is_temp_name("header.json")
+    assert not is_temp_name("meta-000001.jsonl") and not is_temp_name("notes.tmp")  # not hidden
+    # what the embed shards and index files were named before they moved onto atomic_path
+    assert is_temp_name(".tmp-part-00003.npy.abc") and is_temp_name("header.json.tmp-1a2b3c4d")
+
+
+def test_failed_shard_write_leaves_the_old_shard_and_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+
+    from clipengine.pipeline.sinks import RUN_FILE, ShardSink, atomic_write_json
+    from clipengine.types import Failure
+
+    sink = ShardSink(tmp_path, dtype="float32")
+    sink.write(0, ["a", "b"], np.eye(2, 4, dtype=np.float32), [(1, 1), (2, 2)], [Failure("c", "bad")])
+    atomic_write_json(tmp_path / RUN_FILE, {"status": "complete"})
+    before = _snapshot(tmp_path)
+
+    _fail_fsync(monkeypatch, "part-00000.npy")  # the failure list is rewritten by then, the rows not
+    with pytest.raises(OSError, match="simulated"):
+        sink.write(0, ["a", "b", "c"], np.ones((3, 4), dtype=np.float32), [(1, 1)] * 3, [])
+    monkeypatch.undo()
+    _fail_fsync(monkeypatch, RUN_FILE)
+    with pytest.raises(OSError, match="simulated"):
+        atomic_write_json(tmp_path / RUN_FILE, {"status": "running"})
+
+    after = _snapshot(tmp_path)
+    assert after["shards/part-00000.npy"] == before["shards/part-00000.npy"]
+    assert after["shards/part-00000.jsonl"] == before["shards/part-00000.jsonl"]
+    assert after[RUN_FILE] == before[RUN_FILE]
+    assert set(after) == set(before)  # no temp file anywhere
+    assert not any(is_temp_name(Path(name).name) for name in after)
+
+
+def test_failed_index_write_leaves_the_old_index_and_no_temp_file(tmp_path: Path) -> None:
+    import numpy as np
+
+    from clipengine.index import Index, store
+
+    vectors = np.eye(3, 8, dtype=np.float32)
+    root = Index.build(["a", "b", "c"], vectors, model="fake").save(tmp_path / "p.index")
+    before = _snapshot(root)
+
+    def half_then_fail(tmp: Path) -> None:
+        tmp.write_bytes(b"half a faiss file")
+        raise OSError("simulated I/O error while writing")
+
+    header = {"model": "fake", "dim": 8, "count": 0, "params": {"kind": "flat"}}
+    with pytest.raises(OSError, match="simulated"):
+        store.write_generation(root, header, half_then_fail, iter([]))
+    assert _snapshot(root) == before
+    assert Index.load(root).ids == ["a", "b", "c"]
+
+    fresh = tmp_path / "fresh.index"  # a first save assembles the index in a sibling temp folder
+    with pytest.raises(OSError, match="simulated"):
+        store.write_generation(fresh, header, half_then_fail, iter([]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.index"]
+
+
+def test_leftover_temp_files_of_a_killed_writer_are_swept(tmp_path: Path) -> None:
+    """A SIGKILL between mkstemp and os.replace leaves the temp file: the embed resume and the next
+    index save remove it, recognising atomic_path's names."""
+    import numpy as np
+
+    from clipengine.index import Index
+    from clipengine.pipeline.sinks import ShardSink
+
+    def leftover(final: Path) -> Path:
+        with pytest.raises(KeyboardInterrupt), atomic_path(final) as tmp:
+            name = tmp.name
+            raise KeyboardInterrupt
+        (final.parent / name).write_bytes(b"half")  # what a killed process would have left
+        return final.parent / name
+
+    (tmp_path / "out" / "shards").mkdir(parents=True)
+    left = [leftover(tmp_path / "out" / "shards" / "part-00000.npy"), leftover(tmp_path / "out" / "run.json")]
+    assert ShardSink(tmp_path / "out").clean_temp_files() == 2
+    assert not any(p.exists() for p in left)
+
+    index = Index.build(["a", "b"], np.eye(2, 8, dtype=np.float32), model="fake")
+    root = index.save(tmp_path / "p.index")
+    left = [leftover(root / "header.json"), leftover(root / "vectors-000002.faiss")]
+    index.save(root)
+    assert not any(p.exists() for p in left)
+    assert sorted(p.name for p in root.iterdir()) == ["header.json", "meta-000002.jsonl", "vectors-000002.faiss"]

@@ -2,6 +2,9 @@
 
 A reader (a resumed run, a server, another process) never sees a half-written file: data goes to a
 hidden temp file beside the target, is flushed to disk, then renamed over it (`os.replace`).
+
+Every temp file is named ``.<final name>.<random>.tmp`` (`is_temp_name`), so the writers that sweep
+up after a killed process (embed resume, index saves) recognise them with one rule.
 """
 
 from __future__ import annotations
@@ -13,9 +16,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "normal_file_mode", "umask"]
+__all__ = ["atomic_path", "atomic_write_bytes", "is_temp_name", "normal_file_mode", "umask"]
 
 _UMASK_STATUS = "/proc/self/status"  # Linux >= 4.7 shows the umask there ("Umask:\t0022")
+# The suffix keeps the real extension out of the end of the name: a writer that picks a format by
+# suffix (matplotlib) is told it; the leading dot hides the file from globs such as part-*.npy.
+_TEMP_SUFFIX = ".tmp"
+# The names the embed shards (".tmp-<name>.<random>") and the index files ("<name>.tmp-<random>")
+# had before they moved onto atomic_path: a folder left by a killed run of an older clipengine.
+_LEGACY_TEMP_MARK = ".tmp-"
 
 
 def umask() -> int:
@@ -54,7 +63,7 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     If the block raises, the temp file is removed and `final` is left as it was.
     """
     final = Path(final)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=_TEMP_SUFFIX, dir=final.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -65,3 +74,18 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` atomically (see `atomic_path`): the old file stays if anything fails."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file name is one `atomic_path` gives its temp files (or an older clipengine gave).
+
+    For sweeping up what a killed writer left behind, in folders clipengine owns (an embed output,
+    an index folder); the rule is loose (".x.tmp" matches) and would be wrong for a user's folder.
+    """
+    return (name.startswith(".") and name.endswith(_TEMP_SUFFIX)) or _LEGACY_TEMP_MARK in name

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from clipengine.cli import model_options
+from clipengine.cli import index_cmd, model_options
 from clipengine.cli.app import app, main
 from clipengine.pipeline.sinks import read_embeddings
 
@@ -88,8 +88,21 @@ def test_build_from_embed_output_then_search_by_text_and_image(
     assert code == 0 and info["count"] == 10 and info["image_roots"] == [str(folder)] and info["exact"]
 
 
+def _spy_add_dir_removal(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The ids in each `index add` folder, read just before it is deleted."""
+    seen: list[list[str]] = []
+    real = index_cmd._remove_add_dir
+
+    def spy(folder: Path) -> None:
+        seen.append(read_embeddings(folder)[0])
+        real(folder)
+
+    monkeypatch.setattr(index_cmd, "_remove_add_dir", spy)
+    return seen
+
+
 def test_build_from_images_then_add_new_ones(
-    folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str]
+    folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
     idx = tmp_path / "p.index"
     code, out, _ = _run(
@@ -100,13 +113,14 @@ def test_build_from_images_then_add_new_ones(
 
     build_shards = {p.name: p.read_bytes() for p in (tmp_path / "p.index.embeddings" / "shards").iterdir()}
     distributed_fakes.write_images(folder / "new", 3, seed=5)
+    embedded = _spy_add_dir_removal(monkeypatch)
     code, out, err = _run(capsys, "index", "add", idx, folder, "--json")
     data = json.loads(out)
     assert "does not match" not in err  # the build's shards are neither checked nor recomputed
     after = {p.name: p.read_bytes() for p in (tmp_path / "p.index.embeddings" / "shards").iterdir()}
     assert after == build_shards
-    (added_dir,) = tmp_path.glob("p.index.embeddings-add-*")
-    assert read_embeddings(added_dir)[0] == ["new/img-000.jpg", "new/img-001.jpg", "new/img-002.jpg"]
+    assert embedded == [["new/img-000.jpg", "new/img-001.jpg", "new/img-002.jpg"]]
+    assert not list(tmp_path.glob("p.index.embeddings-add-*"))  # saved into the index: deleted
     assert code == 0 and (data["added"], data["skipped"], data["count"]) == (
         3,
         10,
@@ -117,6 +131,47 @@ def test_build_from_images_then_add_new_ones(
     assert code == 0 and (data["added"], data["skipped"], data["count"]) == (0, 13, 13)
     code, out, _ = _run(capsys, "search", idx, "new/img-001.jpg", "-k", "1")
     assert code == 0 and out.split()[1] == str(folder / "new" / "img-001.jpg")
+
+
+def test_failed_add_keeps_its_embeddings_for_the_rerun_which_then_deletes_them(
+    folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    from clipengine.errors import IndexFileError
+    from clipengine.index import Index
+    from clipengine.pipeline.sinks import ShardSink
+
+    idx = tmp_path / "p.index"
+    assert _run(capsys, "index", "build", folder, "-o", idx, "--model", "fake")[0] == 0
+    distributed_fakes.write_images(folder / "new", 3, seed=5)
+
+    def full_disk(self: Index, path: Path) -> Path:
+        raise IndexFileError("simulated: no space left while saving the index")
+
+    with monkeypatch.context() as m:
+        m.setattr(Index, "save", full_disk)
+        code, _, err = _run(capsys, "index", "add", idx, folder)
+    assert code == 1 and "simulated" in err
+    (kept,) = tmp_path.glob("p.index.embeddings-add-*")
+    assert read_embeddings(kept)[0] == ["new/img-000.jpg", "new/img-001.jpg", "new/img-002.jpg"]
+    assert len(Index.load(idx)) == 10  # the index is as it was
+
+    writes: list[int] = []
+    real_write = ShardSink.write
+    monkeypatch.setattr(
+        ShardSink, "write", lambda self, pid, *a, **k: writes.append(pid) or real_write(self, pid, *a, **k)
+    )
+    code, out, _ = _run(capsys, "index", "add", idx, folder, "--json")
+    assert code == 0 and (json.loads(out)["added"], json.loads(out)["count"]) == (3, 13)
+    assert writes == []  # the rerun resumed the kept folder: nothing embedded again
+    assert not kept.exists()
+
+    # A folder the user named (--embeddings) or gave as the source is theirs: kept.
+    distributed_fakes.write_images(folder / "newer", 2, seed=7)
+    mine = tmp_path / "mine.emb"
+    assert _run(capsys, "index", "add", idx, folder, "--embeddings", mine)[0] == 0
+    assert read_embeddings(mine)[0] == ["newer/img-000.jpg", "newer/img-001.jpg"]
+    assert len(Index.load(idx)) == 15 and not list(tmp_path.glob("p.index.embeddings-add-*"))
+    assert _run(capsys, "index", "add", idx, mine)[0] == 0 and read_embeddings(mine)[0]
 
 
 def test_model_mismatch_and_bad_usage_are_refused(

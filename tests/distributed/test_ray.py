@@ -18,6 +18,7 @@ from clipengine.distributed.ray import (
     list_source,
 )
 from clipengine.errors import DatasetError, IndexMismatchError
+from clipengine.files import is_temp_name
 from clipengine.pipeline import embed_folder, read_embeddings, read_failures
 from clipengine.pipeline.sinks import read_run_info
 
@@ -55,12 +56,12 @@ def test_ray_run_equals_local_run_and_resumes(
 
     # Interruption: one shard lost its commit marker, another left a temp file behind.
     (out / "shards" / "part-00001.jsonl").unlink()
-    (out / "shards" / ".tmp-part-00002.npy.x").write_bytes(b"partial")
+    (out / "shards" / ".part-00002.npy.x1y2z3w4.tmp").write_bytes(b"partial")
     again = embed_with_ray(mixed_folder, out, factory, preprocess_cfg, model="fake", shard_size=5)
     assert (again.shards_written, again.shards_skipped, again.embedded) == (1, 2, 5)
     ids_2, vec_2, _ = read_embeddings(out)
     assert ids_2 == ids_l and np.array_equal(vec_2, vec_l)
-    assert not list((out / "shards").glob(".tmp-*"))
+    assert not [p for p in (out / "shards").iterdir() if is_temp_name(p.name)]
 
     # The local engine resumes a Ray folder (and vice versa): nothing left to do.
     assert (

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from clipengine.errors import IndexFileError
+from clipengine.files import is_temp_name
 from clipengine.index import Index, store
 
 
@@ -63,7 +64,7 @@ def test_crash_during_update_leaves_previous_index_intact(
     assert len(again) == 100 and "new" not in again
     index.save(saved)  # the next save succeeds and sweeps the orphaned generation-2 files
     assert len(Index.load(saved)) == 101
-    assert not [p for p in saved.iterdir() if ".tmp-" in p.name or p.name.endswith("000001.faiss")]
+    assert not [p for p in saved.iterdir() if is_temp_name(p.name) or p.name.endswith("000001.faiss")]
 
 
 def test_crash_during_first_save_leaves_nothing_under_the_name(

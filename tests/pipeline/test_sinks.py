@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from clipengine.errors import DatasetError
-from clipengine.pipeline import sinks
 from clipengine.pipeline.sinks import ShardSink, atomic_write_bytes, read_embeddings, read_failures
 from clipengine.types import Failure
 
@@ -28,7 +27,7 @@ def test_failed_atomic_write_leaves_old_file_and_no_temp(
     def boom(src: str, dst: str) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(sinks.os, "replace", boom)
+    monkeypatch.setattr(os, "replace", boom)  # clipengine.files renames the temp file
     with pytest.raises(OSError, match="disk full"):
         atomic_write_bytes(target, b"new contents")
     assert target.read_bytes() == b"old"
@@ -87,6 +86,9 @@ def test_read_embeddings_names_a_missing_shard(tmp_path: Path) -> None:
 def test_clean_temp_files_removes_leftovers_of_a_killed_run(tmp_path: Path) -> None:
     sink = ShardSink(tmp_path)
     (tmp_path / "shards").mkdir()
-    (tmp_path / "shards" / ".tmp-part-00003.npy.abc").write_bytes(b"half")
-    assert sink.clean_temp_files() == 1
+    (tmp_path / "shards" / ".part-00003.npy.k2j4x9_q.tmp").write_bytes(b"half")  # atomic_path's name
+    (tmp_path / "shards" / ".tmp-part-00002.npy.abc").write_bytes(b"half")  # an older clipengine's
+    (tmp_path / ".run.json.a1b2c3d4.tmp").write_bytes(b"{")
+    assert sink.clean_temp_files() == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["shards"]
     assert not list((tmp_path / "shards").iterdir())

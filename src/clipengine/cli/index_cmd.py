@@ -95,7 +95,8 @@ def _add_dir(index_path: Path) -> Callable[[Sequence[ImageItem]], Path]:
     """Where `index add` embeds new images by default: a folder of their own, named by their ids.
 
     Not INDEX.embeddings: embedding another list of images there would overwrite the build's
-    shards. Named by the ids, so a rerun after a crash resumes the same folder.
+    shards. Named by the ids, so a rerun after a crash resumes the same folder; deleted once the
+    add is saved (`_remove_add_dir`).
     """
 
     def folder(items: Sequence[ImageItem]) -> Path:
@@ -103,6 +104,21 @@ def _add_dir(index_path: Path) -> Callable[[Sequence[ImageItem]], Path]:
         return index_path.with_name(f"{index_path.name}.embeddings-add-{hashlib.sha256(ids).hexdigest()[:12]}")
 
     return folder
+
+
+def _remove_add_dir(folder: Path) -> None:
+    """Delete an `index add` folder once the index it went into is saved.
+
+    It only served a rerun after a crash (resume); the saved index holds its vectors now, and a
+    rerun skips those ids, so it would embed into another folder anyway. Left in place it would
+    grow the disk by one folder per add. A failure to delete costs nothing but the space.
+    """
+    import shutil
+
+    try:
+        shutil.rmtree(folder)
+    except OSError as e:
+        typer.echo(f"warning: could not remove {folder} (no longer needed): {e}", err=True)
 
 
 def _read(embed_dir: Path, label: str, expect: str | None) -> tuple[list[str], Any, str, dict[str, Any]]:
@@ -243,7 +259,8 @@ _ENGINE = typer.Option("local", "--engine", help="Embedding engine for image fol
 _WORKERS = typer.Option(None, "--workers", min=0, help=embed_cli.WORKERS_HELP)
 _EMB = typer.Option(
     None, "--embeddings", help="Where to keep embeddings of images (default: INDEX.embeddings; for "
-    "`index add`, a folder of its own beside it, INDEX.embeddings-add-<hash of the new ids>)."
+    "`index add`, a folder of its own beside it, INDEX.embeddings-add-<hash of the new ids>, "
+    "deleted once the add is saved)."
 )
 _JSON = typer.Option(False, "--json", help="Print JSON.")
 _SOURCE_ARG = typer.Argument(..., exists=True, help=_SOURCE_HELP)
@@ -313,6 +330,9 @@ def register(app: typer.Typer) -> None:
         opts = mo.parse_model_options(
             index.model, pretrained, None, backend, precision, device, download
         )
+        # Only the default INDEX.embeddings-add-<hash> is ours to delete after the save: a folder
+        # named with --embeddings, or given as the source, is the user's.
+        own_dir = embeddings is None and not _is_embed_dir(source)
         emb_dir, label, indexed = _embeddings(source, opts, embeddings or _add_dir(index_path), batch, engine, workers,
                                               index)  # fmt: skip
         if emb_dir is None:  # every image of the folder is indexed already
@@ -322,6 +342,8 @@ def register(app: typer.Typer) -> None:
         added = index.add(ids, vectors, sizes=_sizes(emb_dir, ids), on_duplicate="skip")
         index.image_roots += [r for r in _image_roots(meta) if r not in index.image_roots]
         index.save(index_path)
+        if own_dir:
+            _remove_add_dir(emb_dir)
         _echo_index(index, index_path, as_json, added=added, skipped=indexed + len(ids) - added)
 
     @index_app.command("info")

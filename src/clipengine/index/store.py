@@ -5,12 +5,12 @@
       vectors-000003.faiss   the faiss structure (faiss.write_index)
       meta-000003.jsonl      one row per vector, in faiss order: {"id": ..., "width": ..., "height": ...}
 
-A save writes the data files of a new *generation* (temp name + fsync + os.replace), then replaces
-header.json the same way; the header is the commit point. A crash at any moment leaves either the
-old header with its complete files or the new one with its complete files. Files of older
-generations and temp leftovers are removed after the commit (or on the next save). A brand-new
-index is assembled in a hidden sibling folder and renamed into place, so a half-written index
-folder is never visible under the final name.
+A save writes the data files of a new *generation* (`clipengine.files`: temp name + fsync +
+os.replace), then replaces header.json the same way; the header is the commit point. A crash at any
+moment leaves either the old header with its complete files or the new one with its complete files.
+Files of older generations and temp leftovers are removed after the commit (or on the next save).
+A brand-new index is assembled in a hidden sibling folder and renamed into place, so a half-written
+index folder is never visible under the final name.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import IndexFileError
+from ..files import atomic_path, is_temp_name
 
 __all__ = [
     "FORMAT",
@@ -41,27 +42,12 @@ log = logging.getLogger(__name__)
 FORMAT = "clipengine-index"
 FORMAT_VERSION = 1
 HEADER_NAME = "header.json"
-_TMP_MARK = ".tmp-"
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> int:
     """Write via `write(tmp)` to a temp name beside `path`, fsync, os.replace; return the size."""
-    tmp = path.with_name(f"{path.name}{_TMP_MARK}{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
-        _fsync_path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path.stat().st_size
 
 
@@ -119,7 +105,8 @@ def write_generation(
     fresh = not root.exists()
     previous = peek_generation(root) if not fresh else 0
     generation = previous + 1
-    workdir = root.with_name(f".{root.name}{_TMP_MARK}{uuid.uuid4().hex[:8]}") if fresh else root
+    # Named like atomic_path's temp files: one temp-name pattern for everything renamed into place.
+    workdir = root.with_name(f".{root.name}.{uuid.uuid4().hex[:8]}.tmp") if fresh else root
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         files = {"vectors": f"vectors-{generation:06d}.faiss", "meta": f"meta-{generation:06d}.jsonl"}
@@ -158,7 +145,7 @@ def _remove_stale(root: Path, keep: set[str]) -> None:
     for p in root.iterdir():
         if p.name in keep or not p.is_file():
             continue
-        if p.name.startswith(("vectors-", "meta-")) or _TMP_MARK in p.name:
+        if p.name.startswith(("vectors-", "meta-")) or is_temp_name(p.name):
             p.unlink(missing_ok=True)
             log.debug("removed stale index file %s", p)
 

@@ -8,9 +8,10 @@ Layout of an output folder OUT::
     OUT/shards/part-00000.jsonl             {"path", "index", "width", "height"} per row; index = row in .npy
     OUT/shards/part-00000.failures.jsonl    this partition's failures (so a rerun never duplicates them)
 
-Every file is written to a hidden temp file in the same folder and moved into place with os.replace,
-so a reader (or a killed run) never sees a partial file. A shard's `.jsonl` is written last: it is
-the commit marker, and `ShardSink.is_complete` re-checks row counts and ids before a resume trusts it.
+Every file is written to a hidden temp file in the same folder and moved into place with os.replace
+(`clipengine.files`), so a reader (or a killed run) never sees a partial file. A shard's `.jsonl` is
+written last: it is the commit marker, and `ShardSink.is_complete` re-checks row counts and ids
+before a resume trusts it.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -27,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from .. import files
 from ..errors import DatasetError
-from ..files import normal_file_mode
 from ..types import Failure, FloatArray
 
 __all__ = [
@@ -51,7 +50,6 @@ SHARDS_DIR = "shards"
 FAILURES_FILE = "failures.jsonl"
 RUN_FILE = "run.json"
 DTYPES = ("float16", "float32")
-_TMP_PREFIX = ".tmp-"  # hidden, so globbing part-*.npy never matches an unfinished file
 
 
 def shard_stem(partition_id: int) -> str:
@@ -60,20 +58,10 @@ def shard_stem(partition_id: int) -> str:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` via a hidden temp file in the same folder, fsync, then os.replace."""
+    """`files.atomic_write_bytes`, creating the folder first (the first shard makes ``OUT/shards``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, normal_file_mode())  # not mkstemp's 0600: other processes read these files
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    files.atomic_write_bytes(path, data)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -119,9 +107,10 @@ class ShardSink:
         n = 0
         for folder in (self.out_dir, self.shards_dir):
             if folder.is_dir():
-                for tmp in folder.glob(f"{_TMP_PREFIX}*"):
-                    tmp.unlink(missing_ok=True)
-                    n += 1
+                for tmp in folder.iterdir():
+                    if files.is_temp_name(tmp.name) and tmp.is_file():
+                        tmp.unlink(missing_ok=True)
+                        n += 1
         return n
 
     def is_complete(
