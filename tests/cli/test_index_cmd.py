@@ -133,6 +133,31 @@ def test_build_from_images_then_add_new_ones(
     assert code == 0 and out.split()[1] == str(folder / "new" / "img-001.jpg")
 
 
+def test_unreadable_images_are_reported_by_build_and_add(
+    folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    """Images that could not be read are named with their reason, also by `add`, whose own embed
+    folder (and so its failures.jsonl) is deleted after the save."""
+    idx = tmp_path / "p.index"
+    code, out, err = _run(capsys, "index", "build", folder, "-o", idx, "--model", "fake", "--json")
+    assert code == 0 and json.loads(out)["failed"] == 1 and json.loads(out)["count"] == 10
+    assert "broken.jpg: empty file (0 bytes)" in err
+    assert f"listed in {tmp_path / 'p.index.embeddings' / 'failures.jsonl'}" in err
+
+    distributed_fakes.write_images(folder / "new", 2, seed=5)
+    (folder / "new" / "cut.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a whole jpeg")
+    code, out, err = _run(capsys, "index", "add", idx, folder, "--json")
+    data = json.loads(out)
+    assert code == 0 and (data["added"], data["count"], data["failed"]) == (2, 12, 2)
+    assert sorted(f["id"] for f in data["failures"]) == ["broken.jpg", "new/cut.jpg"]
+    assert all(f["reason"] for f in data["failures"])
+    assert "new/cut.jpg: " in err and "rerun `clipengine index add` to retry them" in err
+    assert not list(tmp_path.glob("p.index.embeddings-add-*"))
+
+    code, out, err = _run(capsys, "index", "add", idx, folder / "new")  # text summary: a count
+    assert code == 0 and "failed 1" in out and "cut.jpg: " in err
+
+
 def test_failed_add_keeps_its_embeddings_for_the_rerun_which_then_deletes_them(
     folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]

@@ -106,6 +106,31 @@ def _add_dir(index_path: Path) -> Callable[[Sequence[ImageItem]], Path]:
     return folder
 
 
+def _report_failures(embed_dir: Path, as_json: bool, kept: bool) -> dict[str, Any]:
+    """Tell the user which images of `embed_dir` could not be read (they are not in the index).
+
+    Returns the fields for the command's summary: `failed` (a count) and, with --json, every
+    failure; on stderr, the first few with their reasons. `kept`: whether `embed_dir` (and its
+    failures.jsonl) stays after the command, so the message can point at the full list.
+    """
+    from ..pipeline.sinks import FAILURES_FILE, read_failures
+
+    failures = read_failures(embed_dir)
+    if not failures:
+        return {}
+    shown = 10
+    where = f"listed in {embed_dir / FAILURES_FILE}" if kept else "rerun `clipengine index add` to retry them"
+    lines = [f"{len(failures)} image(s) could not be read and are not in the index ({where}):"]
+    lines += [f"  {f.id}: {f.reason}" for f in failures[:shown]]
+    if len(failures) > shown:
+        lines.append(f"  ... and {len(failures) - shown} more")
+    typer.echo("\n".join(lines), err=True)
+    fields: dict[str, Any] = {"failed": len(failures)}
+    if as_json:
+        fields["failures"] = [{"id": f.id, "reason": f.reason} for f in failures]
+    return fields
+
+
 def _remove_add_dir(folder: Path) -> None:
     """Delete an `index add` folder once the index it went into is saved.
 
@@ -313,7 +338,8 @@ def register(app: typer.Typer) -> None:
         except ValueError as e:
             raise typer.BadParameter(str(e)) from e
         index.save(output)
-        _echo_index(index, output, as_json, build_s=round(time.perf_counter() - t0, 3))
+        failed = _report_failures(emb_dir, as_json, kept=True)
+        _echo_index(index, output, as_json, build_s=round(time.perf_counter() - t0, 3), **failed)
 
     @index_app.command("add")
     def add_cmd(
@@ -342,9 +368,10 @@ def register(app: typer.Typer) -> None:
         added = index.add(ids, vectors, sizes=_sizes(emb_dir, ids), on_duplicate="skip")
         index.image_roots += [r for r in _image_roots(meta) if r not in index.image_roots]
         index.save(index_path)
+        failed = _report_failures(emb_dir, as_json, kept=not own_dir)  # before its folder goes
         if own_dir:
             _remove_add_dir(emb_dir)
-        _echo_index(index, index_path, as_json, added=added, skipped=indexed + len(ids) - added)
+        _echo_index(index, index_path, as_json, added=added, skipped=indexed + len(ids) - added, **failed)
 
     @index_app.command("info")
     def info_cmd(index_path: Path = _INDEX_ARG, as_json: bool = _JSON) -> None:
