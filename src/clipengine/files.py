@@ -11,20 +11,26 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_bytes", "is_temp_name", "normal_file_mode", "umask"]
+__all__ = ["atomic_path", "atomic_write_bytes", "is_temp_name", "normal_file_mode", "temp_target", "umask"]
 
 _UMASK_STATUS = "/proc/self/status"  # Linux >= 4.7 shows the umask there ("Umask:\t0022")
 # The suffix keeps the real extension out of the end of the name: a writer that picks a format by
 # suffix (matplotlib) is told it; the leading dot hides the file from globs such as part-*.npy.
 _TEMP_SUFFIX = ".tmp"
-# The names the embed shards (".tmp-<name>.<random>") and the index files ("<name>.tmp-<random>")
-# had before they moved onto atomic_path: a folder left by a killed run of an older clipengine.
-_LEGACY_TEMP_MARK = ".tmp-"
+# The whole name, as mkstemp makes it: "." + final name + "." + 8 random [a-z0-9_] + ".tmp".
+_TEMP_NAME = re.compile(r"\.(?P<final>.+)\.[a-z0-9_]{8}" + re.escape(_TEMP_SUFFIX))
+# The names the embed shards (".tmp-<name>.<mkstemp random>") and the index files ("<name>.tmp-<8
+# hex>") had before they moved onto atomic_path: a folder left by a killed run of an older clipengine.
+_LEGACY_TEMP_NAMES = (
+    re.compile(r"\.tmp-(?P<final>.+)\.[a-z0-9_]+"),
+    re.compile(r"(?P<final>.+)\.tmp-[0-9a-f]{8}"),
+)
 
 
 def umask() -> int:
@@ -82,10 +88,25 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def temp_target(name: str) -> str | None:
+    """The name of the file that a temp file named `name` was to become, or None when `name` is not
+    a name `atomic_path` gives its temp files (or an older clipengine gave).
+
+    A sweep in a folder that may hold other files (an embed output can be ``.`` or the images' own
+    folder) checks the target too, so it removes only the temp files of what it writes there.
+    """
+    for pattern in (_TEMP_NAME, *_LEGACY_TEMP_NAMES):
+        match = pattern.fullmatch(name)
+        if match:
+            return match["final"]
+    return None
+
+
 def is_temp_name(name: str) -> bool:
     """Whether a file name is one `atomic_path` gives its temp files (or an older clipengine gave).
 
-    For sweeping up what a killed writer left behind, in folders clipengine owns (an embed output,
-    an index folder); the rule is loose (".x.tmp" matches) and would be wrong for a user's folder.
+    For sweeping up what a killed writer left behind, in folders clipengine owns (an index folder);
+    another writer's temp file matches too, so a folder that may hold other files needs
+    `temp_target`.
     """
-    return (name.startswith(".") and name.endswith(_TEMP_SUFFIX)) or _LEGACY_TEMP_MARK in name
+    return temp_target(name) is not None

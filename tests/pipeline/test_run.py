@@ -304,3 +304,15 @@ def test_run_partition_refuses_an_id_listed_twice_and_writes_no_shard(
         run_partition([*items, items[1]], fakes.FakeBackendFactory(), sink, partition_id=0,
                       preprocess_cfg=preprocess_cfg)  # fmt: skip
     assert not any(path.exists() for path in sink.paths(0))
+
+
+def test_embedding_into_the_image_folder_keeps_images_named_like_temp_files(
+    tmp_path: Path, preprocess_cfg, fakes
+) -> None:  # type: ignore[no-untyped-def]
+    """`-o` may be the images' own folder: its leftover sweep must not take an image whose name
+    holds ".tmp-" (it was listed, then deleted before it was read)."""
+    root = tmp_path / "images"
+    (good,) = fakes.write_images(root, 1)
+    odd = good.rename(root / "beach.tmp-2.jpg")
+    stats = embed_folder(root, root, fakes.FakeBackendFactory(), preprocess_cfg, model="fake", workers=0)
+    assert odd.is_file() and stats.embedded == 1 and stats.failed == 0

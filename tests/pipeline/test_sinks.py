@@ -92,3 +92,29 @@ def test_clean_temp_files_removes_leftovers_of_a_killed_run(tmp_path: Path) -> N
     assert sink.clean_temp_files() == 3
     assert [p.name for p in tmp_path.iterdir()] == ["shards"]
     assert not list((tmp_path / "shards").iterdir())
+
+
+def test_clean_temp_files_keeps_the_users_files_in_the_output_folder(tmp_path: Path) -> None:
+    """The output folder can hold other files (``-o .``, the images' own folder, a ``shards`` folder
+    of the user's): the sweep removes the temp files of what the sink writes there, nothing else."""
+    sink = ShardSink(tmp_path)
+    (tmp_path / "shards").mkdir()
+    theirs = [
+        tmp_path / "beach.tmp-2.jpg",  # an image whose name holds ".tmp-"
+        tmp_path / "IMG_0001.jpg.tmp-1a2b3c4d",
+        tmp_path / ".notes.tmp",  # hidden, ends in .tmp
+        tmp_path / ".report.html.a1b2c3d4.tmp",  # another writer's temp file (atomic_path's shape)
+        tmp_path / "shards" / "data.tmp-000.tar",
+        tmp_path / "shards" / ".cache.tmp",
+    ]
+    ours = [
+        tmp_path / ".run.json.a1b2c3d4.tmp",
+        tmp_path / ".failures.jsonl.k2j4x9_q.tmp",
+        tmp_path / ".tmp-run.json.abcdefgh",  # an older clipengine's
+        tmp_path / "shards" / ".part-00000.jsonl.k2j4x9_q.tmp",
+        tmp_path / "shards" / ".tmp-part-00001.failures.jsonl.abcdefgh",
+    ]
+    for p in theirs + ours:
+        p.write_bytes(b"x")
+    assert sink.clean_temp_files() == len(ours)
+    assert all(p.exists() for p in theirs) and not any(p.exists() for p in ours)

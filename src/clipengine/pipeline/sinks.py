@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -50,6 +51,9 @@ SHARDS_DIR = "shards"
 FAILURES_FILE = "failures.jsonl"
 RUN_FILE = "run.json"
 DTYPES = ("float16", "float32")
+# The files a sink writes, by folder: what its leftover sweep may remove the temp files of.
+_OUT_FILES = re.compile(f"{re.escape(RUN_FILE)}|{re.escape(FAILURES_FILE)}")
+_SHARD_FILE = re.compile(r"part-\d+\.(npy|jsonl|failures\.jsonl)")
 
 
 def shard_stem(partition_id: int) -> str:
@@ -103,12 +107,16 @@ class ShardSink:
         return stem.with_suffix(".npy"), stem.with_suffix(".jsonl"), Path(f"{stem}.failures.jsonl")
 
     def clean_temp_files(self) -> int:
-        """Delete temp files a killed run left behind; returns how many."""
+        """Delete temp files a killed run left behind; returns how many.
+
+        Only those of files this sink writes: the output folder may hold the user's own files.
+        """
         n = 0
-        for folder in (self.out_dir, self.shards_dir):
+        for folder, ours in ((self.out_dir, _OUT_FILES), (self.shards_dir, _SHARD_FILE)):
             if folder.is_dir():
                 for tmp in folder.iterdir():
-                    if files.is_temp_name(tmp.name) and tmp.is_file():
+                    target = files.temp_target(tmp.name)
+                    if target is not None and ours.fullmatch(target) and tmp.is_file():
                         tmp.unlink(missing_ok=True)
                         n += 1
         return n
