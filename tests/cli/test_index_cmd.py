@@ -158,6 +158,23 @@ def test_unreadable_images_are_reported_by_build_and_add(
     assert code == 0 and "failed 1" in out and "cut.jpg: " in err
 
 
+def test_failures_the_index_holds_by_now_are_not_reported(
+    folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    """An embed folder's failures.jsonl can name images the index got since (fixed, then added from
+    the folder): adding that embed folder must not say they "are not in the index"."""
+    idx = tmp_path / "p.index"
+    assert _run(capsys, "index", "build", folder, "-o", idx, "--model", "fake")[0] == 0
+    (folder / "broken.jpg").write_bytes((folder / "img-000.jpg").read_bytes())  # fixed
+    code, out, _ = _run(capsys, "index", "add", idx, folder, "--json")
+    assert code == 0 and json.loads(out)["added"] == 1 and "failed" not in json.loads(out)
+
+    code, out, err = _run(capsys, "index", "add", idx, tmp_path / "p.index.embeddings", "--json")
+    data = json.loads(out)
+    assert code == 0 and (data["added"], data["count"]) == (0, 11)
+    assert "failed" not in data and "could not be read" not in err
+
+
 def test_failed_add_keeps_its_embeddings_for_the_rerun_which_then_deletes_them(
     folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]

@@ -106,8 +106,9 @@ def _add_dir(index_path: Path) -> Callable[[Sequence[ImageItem]], Path]:
     return folder
 
 
-def _report_failures(embed_dir: Path, as_json: bool, kept: bool) -> dict[str, Any]:
-    """Tell the user which images of `embed_dir` could not be read (they are not in the index).
+def _report_failures(embed_dir: Path, index: Index, as_json: bool, kept: bool) -> dict[str, Any]:
+    """Tell the user which images of `embed_dir` could not be read and are not in `index` (an
+    embed folder given to `index add` can name failures the index got since from elsewhere).
 
     Returns the fields for the command's summary: `failed` (a count) and, with --json, every
     failure; on stderr, the first few with their reasons. `kept`: whether `embed_dir` (and its
@@ -115,7 +116,7 @@ def _report_failures(embed_dir: Path, as_json: bool, kept: bool) -> dict[str, An
     """
     from ..pipeline.sinks import FAILURES_FILE, read_failures
 
-    failures = read_failures(embed_dir)
+    failures = [f for f in read_failures(embed_dir) if f.id not in index]
     if not failures:
         return {}
     shown = 10
@@ -338,7 +339,7 @@ def register(app: typer.Typer) -> None:
         except ValueError as e:
             raise typer.BadParameter(str(e)) from e
         index.save(output)
-        failed = _report_failures(emb_dir, as_json, kept=True)
+        failed = _report_failures(emb_dir, index, as_json, kept=True)
         _echo_index(index, output, as_json, build_s=round(time.perf_counter() - t0, 3), **failed)
 
     @index_app.command("add")
@@ -368,7 +369,7 @@ def register(app: typer.Typer) -> None:
         added = index.add(ids, vectors, sizes=_sizes(emb_dir, ids), on_duplicate="skip")
         index.image_roots += [r for r in _image_roots(meta) if r not in index.image_roots]
         index.save(index_path)
-        failed = _report_failures(emb_dir, as_json, kept=not own_dir)  # before its folder goes
+        failed = _report_failures(emb_dir, index, as_json, kept=not own_dir)  # before its folder goes
         if own_dir:
             _remove_add_dir(emb_dir)
         _echo_index(index, index_path, as_json, added=added, skipped=indexed + len(ids) - added, **failed)
