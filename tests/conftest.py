@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
+
+# typer draws usage errors in a rich box as wide as the terminal (80 columns under CliRunner), so a
+# message holding a tmp_path wraps at a place that depends on the path's length ("pytest-2" vs
+# "pytest-12"), splitting the words tests look for. Read by typer.rich_utils at import: set first.
+os.environ["TERMINAL_WIDTH"] = "1000"
 
 TESTS_DIR = Path(__file__).parent
 DATA_DIR = TESTS_DIR / "data"
