@@ -6,8 +6,9 @@ Each fixture returns a `Checkpoint`: the file or folder, plus the independent re
 
 from __future__ import annotations
 
+import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,42 +243,50 @@ def small_hf_folder(ckpt_dir: Path) -> Checkpoint:
 
 
 # ----------------------------------------------------------------------------- full-size models
+# One test each: function-scoped, and their files deleted after it, so the suite never holds the
+# four 0.4-0.6 GB checkpoints (and their reference models' memory) at once.
 
 
-@pytest.fixture(scope="session")
-def full_vit_b32_hf(ckpt_dir: Path) -> Checkpoint:
+@pytest.fixture
+def full_dir(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.fixture
+def full_vit_b32_hf(full_dir: Path) -> Checkpoint:
     """transformers CLIPModel with its default config: exactly ViT-B/32 (151M params), QuickGELU."""
     model = _hf_model(4)
-    folder = ckpt_dir / "hf-vit-b-32"
+    folder = full_dir / "hf-vit-b-32"
     model.save_pretrained(folder)  # model.safetensors
     return Checkpoint(folder, model, hf_encode(model), 224)
 
 
-@pytest.fixture(scope="session")
-def full_vit_b32_open_clip(ckpt_dir: Path) -> Checkpoint:
+@pytest.fixture
+def full_vit_b32_open_clip(full_dir: Path) -> Checkpoint:
     """open_clip ViT-B-32 (GELU, as the LAION weights) saved as open_clip_model.safetensors."""
     from safetensors.torch import save_file
 
     model = _open_clip_model("ViT-B-32", seed=5)
-    path = ckpt_dir / "open_clip_model.safetensors"
+    path = full_dir / "open_clip_model.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return Checkpoint(path, model, open_clip_encode(model), 224)
 
 
-@pytest.fixture(scope="session")
-def full_vit_b32_torchscript(ckpt_dir: Path) -> Checkpoint:
+@pytest.fixture
+def full_vit_b32_torchscript(full_dir: Path) -> Checkpoint:
     """An OpenAI-style ViT-B-32.pt TorchScript archive; reference: open_clip ViT-B-32-quickgelu."""
     from clipengine.models.config import get_config
 
     model = _open_clip_model("ViT-B-32-quickgelu", seed=6)
-    path = save_openai_torchscript(ours_from(model, get_config("ViT-B-32")), ckpt_dir / "ViT-B-32.pt")
+    path = save_openai_torchscript(ours_from(model, get_config("ViT-B-32")), full_dir / "ViT-B-32.pt")
     return Checkpoint(path, model, open_clip_encode(model), 224)
 
 
-@pytest.fixture(scope="session")
-def full_rn50_open_clip(ckpt_dir: Path) -> Checkpoint:
+@pytest.fixture
+def full_rn50_open_clip(full_dir: Path) -> Checkpoint:
     """open_clip RN50-quickgelu (102M params) as a plain .bin state dict."""
     model = _open_clip_model("RN50-quickgelu", seed=7)
-    path = ckpt_dir / "rn50.bin"
+    path = full_dir / "rn50.bin"
     torch.save(model.state_dict(), path)
     return Checkpoint(path, model, open_clip_encode(model), 224)
