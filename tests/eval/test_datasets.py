@@ -257,6 +257,19 @@ def test_imagefolder_skips_hidden_files_and_folders_inside_classes(tmp_path: Pat
     ]
 
 
+def test_imagefolder_lists_a_class_as_embed_lists_a_folder(tmp_path: Path) -> None:
+    """One rule for which files are images (`image.files`): `.jfif` and upper-case extensions
+    count, as in `clipengine embed`; the order is embed's (by relative path as text)."""
+    from clipengine.image.files import walk_images
+
+    for rel in ("cat/a-b.png", "cat/a/b.png", "cat/C.JFIF", "cat/notes.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / rel, format="JPEG" if rel.endswith("JFIF") else "PNG")
+    data = datasets.load_imagefolder(tmp_path)
+    assert list(data.paths or ()) == [path for _, path in walk_images(tmp_path / "cat")]
+    assert [p.relative_to(tmp_path / "cat").as_posix() for p in data.paths or ()] == ["C.JFIF", "a-b.png", "a/b.png"]
+
+
 def test_imagenet_val_ignores_hidden_folders(tmp_path: Path) -> None:
     val = tmp_path / "val"
     for i in range(1000):

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DatasetError
+from ..image.files import IMAGE_EXTENSIONS, walk_images  # the first re-exported
 
 __all__ = [
     "DATASETS",
@@ -37,7 +38,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DATASETS = ("cifar10", "cifar100", "imagenet", "folder")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 _PROMPT_KEYS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "imagenet": "ImageNet"}
 _CIFAR10_LAYOUT = "cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}"
 _CIFAR100_LAYOUT = "cifar-100-python/{train, test, meta}"
@@ -226,17 +226,10 @@ def _checked(
     return LabelledImages(name, classnames, labels, arrays, tuple(paths) if paths is not None else None)
 
 
-def _hidden(path: Path, folder: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(folder).parts)
-
-
 def _image_files(folder: Path) -> list[Path]:
-    """Image files under `folder`, recursively; hidden files and folders (`._x.jpg`, `.cache/`) skipped."""
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and not _hidden(p, folder) and p.is_file()
-    )
+    """Image files under `folder`, as `clipengine embed` lists a folder (`image.files.walk_images`):
+    recursive, sorted by relative path, hidden files and folders (`._x.jpg`, `.cache/`) skipped."""
+    return [path for _, path in walk_images(folder)]
 
 
 def load_imagefolder(
