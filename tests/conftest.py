@@ -57,6 +57,17 @@ def _has_cuda() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    """Free space where the tests write: the suite needs about 1.5 GB of temp space at its peak
+    (full-size checkpoints and exports, one at a time), and a full disk fails tests far from the cause."""
+    import shutil
+    import tempfile
+
+    free_gb = shutil.disk_usage(tempfile.gettempdir()).free / 1e9
+    low = "  (LOW: tests that write full-size models may fail)" if free_gb < 3 else ""
+    return f"temp space free: {free_gb:.1f} GB in {tempfile.gettempdir()}{low}"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if _has_cuda():
         return
