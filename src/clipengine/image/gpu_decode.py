@@ -222,6 +222,8 @@ class GpuJpegDecoder:
             apart: on an H200 (session 8, benchmarks/gpu_gap.py, 5 rounds in turn), 4096 files with
             every 8th 4000x3000 decoded at 1,624 img/s in one call per batch and 2,454 split
             (`embed_folder`: 1,599 vs 2,425). A folder of one size is one group either way.
+            Measured with torchvision's decoder; `library="nvimgcodec"` splits the same way,
+            unmeasured (one call per batch it ran the mix at 2,422 img/s with the model).
         library: which GPU JPEG decoder runs when `decode_batch` is not given: "torchvision"
             (`torchvision.io.decode_jpeg`) or "nvimgcodec" (NVIDIA nvImageCodec, when installed:
             `image.nvimgcodec_decode`).
