@@ -231,6 +231,8 @@ def test_model_mismatch_and_bad_usage_are_refused(
     runner = CliRunner()
     result = runner.invoke(app, ["search", str(idx)])
     assert result.exit_code == 2 and "exactly one" in result.output
+    result = runner.invoke(app, ["search", str(idx), " "])
+    assert result.exit_code == 2 and "the text query is empty" in result.output
     emb = str(tmp_path / "p.index.embeddings")
     result = runner.invoke(
         app, ["index", "build", emb, "-o", str(tmp_path / "r"), "--kind", "ivf", "--nlist", "50"]

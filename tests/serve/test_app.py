@@ -150,6 +150,9 @@ def test_search_by_text_and_by_image_returns_thumbnails(make_client: Any, fake_i
     top = c.post("/v1/search", files=_files(query), data={"k": "2"}).json()["results"][0]
     assert top["id"] == "sub/deep.png"
     assert c.get("/v1/thumbnails/sub/deep.png").status_code == 200
+    for bad in ({"json": {"text": "", "k": 1}}, {"data": {"text": "  "}}):
+        r = c.post("/v1/search", **bad)
+        assert r.status_code == 422 and r.json()["error"]["message"] == "text: the query is empty", r.text
 
 
 def test_metrics_count_requests_by_route_and_status(make_client: Any) -> None:

@@ -397,6 +397,8 @@ def register(app: typer.Typer) -> None:
 
         if (query is None) == (image is None):
             raise typer.BadParameter("give a text query or --image (exactly one)")
+        if query is not None and not query.strip():  # "" would embed as a text and rank every image
+            raise typer.BadParameter("the text query is empty")
         index = Index.load(index_path)
         opts = _opts(model, pretrained, checkpoint, backend, precision, device, download)
         override = opts is not None

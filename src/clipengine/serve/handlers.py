@@ -224,6 +224,8 @@ class ApiHandlers:
             raise ApiError(422, "invalid_request", f"k: {k} is out of range 1..{self.settings.max_k}")
         if text is not None:
             self.check_texts([text], "text", 1)
+            if not text.strip():  # "" would embed as a text and rank every image: a client's mistake
+                raise ApiError(422, "invalid_request", "text: the query is empty")
 
         async def run() -> list[tuple[str, float]]:
             if text is not None:
