@@ -630,6 +630,21 @@ def test_cuda_batches_of_photos_equal_cpu_tensors(images: Factories) -> None:
     assert torch.equal(on_gpu, preprocess_tensors(imgs, cfg))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("library", ["torchvision", pytest.param("nvimgcodec", marks=needs_nvimgcodec)])
+def test_cuda_large_jpegs_apart_decode_as_in_one_call(images: Factories, library: str) -> None:
+    """The default split (JPEGs over LARGE_JPEG_PIXELS in a call of their own) changes no pixel and
+    no order on the real decoder: a 4.2 MP photo between 1280x960 ones, against one call per batch."""
+    sizes = [(1280, 960), (2100, 2000), (1280, 960), (640, 480), (2100, 2000)]
+    items = [(f"{i}.jpg", encode_jpeg(photo(images, w, h, seed=i))) for i, (w, h) in enumerate(sizes)]
+    split = GpuJpegDecoder("cuda", library=library).decode(items)
+    one_call = GpuJpegDecoder("cuda", library=library, large_pixels=None).decode(items)
+    assert split.ids == one_call.ids == [name for name, _ in items] and not split.failures
+    assert split.sizes == one_call.sizes == sizes
+    assert all(torch.equal(a, b) for a, b in zip(split.images, one_call.images, strict=True))
+    assert split.images[1].shape == (3, 2000, 2100) and split.images[0].is_cuda
+
+
 GPU_LIBRARIES = [pytest.param("torchvision", id="torchvision"),
                  pytest.param("nvimgcodec", marks=needs_nvimgcodec, id="nvimgcodec")]  # fmt: skip
 
