@@ -55,7 +55,7 @@ SEED = 0
 SMALL, LARGE = (1280, 960), (4000, 3000)
 
 
-def make_jpeg(job: tuple[int, int, int, str]) -> int:
+def make_jpeg(job: tuple[int, int, int, str] | tuple[int, int, int, str, bool]) -> int:
     """One photo-like JPEG (smooth colour fields, edges, sensor-like noise), quality 90, 4:2:0.
 
     Top-level so a spawned pool can run it. Every 16th image carries EXIF orientation 6, as a
@@ -63,7 +63,8 @@ def make_jpeg(job: tuple[int, int, int, str]) -> int:
     """
     from PIL import Image
 
-    seed, width, height, path = job
+    seed, width, height, path = job[:4]
+    progressive = len(job) > 4 and bool(job[4])  # type: ignore[misc]
     rng = np.random.default_rng(seed)
     y = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None]
     x = np.linspace(0.0, 1.0, width, dtype=np.float32)[None, :]
@@ -83,14 +84,18 @@ def make_jpeg(job: tuple[int, int, int, str]) -> int:
     if seed % 16 == 5:
         exif[0x0112] = 6
     buf = io.BytesIO()
-    image.save(buf, "JPEG", quality=90, exif=exif.tobytes())
+    image.save(buf, "JPEG", quality=90, exif=exif.tobytes(), progressive=progressive)
     Path(path).write_bytes(buf.getvalue())
     return len(buf.getvalue())
 
 
-def ensure_jpegs(folder: Path, count: int, distinct: int, large_every: int, procs: int) -> list[Path]:
+def ensure_jpegs(
+    folder: Path, count: int, distinct: int, large_every: int, procs: int, progressive_every: int = 0
+) -> list[Path]:
     """`count` JPEGs in `folder` (reused when already there): `distinct` generated ones, hard-linked
-    (or copied) to reach `count`. Every `large_every`-th distinct image is 4000x3000, the rest 1280x960."""
+    (or copied) to reach `count`. Every `large_every`-th distinct image is 4000x3000, the rest 1280x960;
+    every `progressive_every`-th is a progressive JPEG (as many web images are; nvjpeg's batched
+    hardware decode takes baseline ones only)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"img_{i:06d}.jpg" for i in range(count)]
     if all(p.exists() for p in paths):
@@ -101,7 +106,7 @@ def ensure_jpegs(folder: Path, count: int, distinct: int, large_every: int, proc
     jobs = []
     for i, path in enumerate(sources):
         w, h = LARGE if large_every and i % large_every == large_every - 1 else SMALL
-        jobs.append((SEED + i, w, h, str(path)))
+        jobs.append((SEED + i, w, h, str(path), bool(progressive_every) and i % progressive_every == 0))
     with multiprocessing.get_context("spawn").Pool(procs) as pool:
         sizes = pool.map(make_jpeg, jobs, chunksize=1)
     for i, path in enumerate(paths):

@@ -17,6 +17,9 @@ A B C D, ...) so that drift hits all rows alike, on a folder `--count` files lon
     G  `embed_folder`, default loader
     H  G with the loader's decoder built with large_pixels=None (one call per batch: the default
        before session 8; session 8's first run measured G as the default, H as the split)
+  progressive (every 4th distinct 1280x960 image a progressive JPEG; added after session 8's runs):
+    I  decode only
+    J  `embed_folder`
 
 Usage (device): python benchmarks/gpu_gap.py [--count 16384] [--mix-count 4096] [--rounds 3]
 Prints a markdown table of the median img/s per row (and min / max); `--json` saves every round.
@@ -68,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
 
     uniform = list_folder(ensure_jpegs(args.folder / "uniform", args.count, 64, 0, 16)[0].parent)
     mix = list_folder(ensure_jpegs(args.folder / "mix", args.mix_count, 64, 8, 16)[0].parent)
+    progressive = list_folder(
+        ensure_jpegs(args.folder / "progressive", args.mix_count, 64, 0, 16, progressive_every=4)[0].parent
+    )
     cfg = PreprocessConfig()
     torch.manual_seed(SEED)
     backend = TorchBackend(
@@ -101,9 +107,9 @@ def main(argv: list[str] | None = None) -> int:
             n += len(b.ids)
         return n
 
-    def decode_only(large: int | None) -> int:
+    def decode_only(large: int | None, items: list[Any] = mix) -> int:
         decoder = GpuJpegDecoder("cuda", large_pixels=large)
-        return sum(len(b.ids) for b in iter_gpu_batches(mix, cfg, "cuda", args.batch, out_dtype=torch.float16,
+        return sum(len(b.ids) for b in iter_gpu_batches(items, cfg, "cuda", args.batch, out_dtype=torch.float16,
                                                          decoder=decoder))  # fmt: skip
 
     def pipeline(items: list[Any], ahead: bool = False, one_call: bool = False) -> int:
@@ -124,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         "F mix: decode only, > 4 MP in their own call": lambda: decode_only(4_000_000),
         "G mix: embed_folder (default: > 4 MP apart)": lambda: pipeline(mix),
         "H mix: embed_folder, loader with one call per batch (large_pixels None)": lambda: pipeline(mix, one_call=True),
+        "I progressive (every 4th): decode only": lambda: decode_only(4_000_000, progressive),
+        "J progressive (every 4th): embed_folder": lambda: pipeline(progressive),
     }
     rates: dict[str, list[float]] = {name: [] for name in rows}
     for r in range(args.rounds):
@@ -138,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception:
                 log.exception("%s: failed", name)
     print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}; uniform {args.count} files 1280x960, "
-          f"mix {args.mix_count} files (every 8th 4000x3000), batch {args.batch}, {args.rounds} rounds in turn\n")  # fmt: skip
+          f"mix {args.mix_count} files (every 8th 4000x3000), progressive {args.mix_count} (every 4th), batch {args.batch}, {args.rounds} rounds in turn\n")  # fmt: skip
     print("| row | median img/s | min | max |\n| --- | ---: | ---: | ---: |")
     for name, values in rates.items():
         if values:
