@@ -5,7 +5,7 @@
 #   bash scripts/gpu_check.sh run       # ON THE DEVICE: tests + the JPEG loader (~340 s)
 #   bash scripts/gpu_check.sh peers     # ON THE DEVICE: the towers vs their peers + profile (~330 s)
 #   bash scripts/gpu_check.sh gap       # ON THE DEVICE: embed_folder vs the bare loader, rows in turn, and
-#                                       # where each thread's time goes (~120 s)
+#                                       # where each thread's time goes (~180 s)
 #
 # Each device mode is one `run` call with carry [".whl"] and timeout_s 590. Session 4 ran both in one
 # 15-minute budget (347 s + 291 s, plus the machine starts). Do not leave the machine warm
@@ -99,7 +99,7 @@ gap)
     setup
     # Session 8: over 16k files, rows in turn (benchmarks/gpu_gap.py), then the threads' stacks
     # sampled during embed_folder (benchmarks/gpu_sample.py). Both print markdown.
-    timeout "${GAP_S:-150}" python3 benchmarks/gpu_gap.py --rounds 3 --json "$OUT/gap.json" > "$OUT/gap.md" 2> "$OUT/stderr.log"
+    timeout "${GAP_S:-200}" python3 benchmarks/gpu_gap.py --rounds 3 --json "$OUT/gap.json" > "$OUT/gap.md" 2> "$OUT/stderr.log"
     echo "gpu_gap exit $?"; cat "$OUT/gap.md"
     timeout "${SAMPLE_S:-60}" python3 benchmarks/gpu_sample.py > "$OUT/sample.md" 2>> "$OUT/stderr.log"
     echo "gpu_sample exit $?"; cat "$OUT/sample.md"
