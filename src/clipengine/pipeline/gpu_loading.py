@@ -46,8 +46,8 @@ def iter_gpu_loaded(
     `decoder` picks the batched JPEG decoder: "torchvision" or "nvimgcodec" (`GpuJpegDecoder`'s
     `library`); `read_threads` read the files and parse their headers (see `iter_gpu_batches`).
 
-    `decode_ahead` (experimental, off: 1-6 % slower on an H200 in session 8, benchmarks/gpu_gap.py,
-    though a 2-core emulation had shown +35 %): the decode calls run on a thread of
+    `decode_ahead` (experimental, off: 1-6 % slower on 1280x960 on an H200 in session 8,
+    benchmarks/gpu_gap.py, though a 2-core emulation had shown +35 %): the decode calls run on a thread of
     their own, one chunk ahead of the preprocessing, so the JPEG engines need not wait for the
     host work between calls (on an H200 the decode calls took 0.56 s of a 0.73 - 0.85 s loader
     for 4096 1280x960 files). It holds up to one more decoded chunk (at most `gpu_batching._DECODE_PIXELS`

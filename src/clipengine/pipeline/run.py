@@ -350,7 +350,7 @@ def embed_folder(
             measured best from local storage on an H200 machine; more for high-latency storage).
         gpu_decode_ahead: experimental: with `gpu_decode`, the decode calls run on a thread of
             their own (`gpu_loading.iter_gpu_loaded`'s `decode_ahead`; the same batches, bit for
-            bit). Off: on an H200 it ran 1-6 % slower than the default (session 8).
+            bit). Off: on an H200 it ran 1-6 % slower than the default on 1280x960 (session 8).
 
     Returns:
         RunStats for the whole run (resumed shards counted in `skipped`).
