@@ -17,6 +17,8 @@ A B C D, ...) so that drift hits all rows alike, on a folder `--count` files lon
     G  `embed_folder`, default loader
     H  G with the loader's decoder built with large_pixels=None (one call per batch: the default
        before session 8; session 8's first run measured G as the default, H as the split)
+    K  G with decode_ahead (session 8's one-second runs had it 11-13 % faster on this mix, before
+       the 4 MP split; added after session 8's runs)
   progressive (every 4th distinct 1280x960 image a progressive JPEG; added after session 8's runs):
     I  decode only
     J  `embed_folder`
@@ -130,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "F mix: decode only, > 4 MP in their own call": lambda: decode_only(4_000_000),
         "G mix: embed_folder (default: > 4 MP apart)": lambda: pipeline(mix),
         "H mix: embed_folder, loader with one call per batch (large_pixels None)": lambda: pipeline(mix, one_call=True),
+        "K mix: embed_folder, decode_ahead": lambda: pipeline(mix, ahead=True),
         "I progressive (every 4th): decode only": lambda: decode_only(4_000_000, progressive),
         "J progressive (every 4th): embed_folder": lambda: pipeline(progressive),
     }
