@@ -220,8 +220,9 @@ def load(
         backend: "torch" (checkpoints), or "onnx" / "openvino" (export folders; an export folder
             with backend "torch" runs on "onnx").
         device: "cpu", "cuda", "cuda:N".
-        precision: "fp32", "bf16", "fp16" (CUDA only) for torch; what the export holds for onnx
-            and openvino (openvino also "bf16", on the fp32 engines).
+        precision: "fp32", "bf16", "fp16" (CUDA only), "fp8" (FP8 GPUs) for torch; what the export
+            holds for onnx and openvino ("fp32", "fp16", "int8", "int8w"; openvino also "bf16", on
+            the fp32 engines).
         allow_download: fetch missing registered weights (never otherwise).
         **opts: passed to the backend (or `arch=` to the checkpoint loader).
 
@@ -257,7 +258,7 @@ def load_export(
     Args:
         folder: a `clipengine export` folder (with manifest.json).
         device: "cpu", "cuda" or "cuda:N" (openvino: "cpu" or an OpenVINO device name).
-        precision: a precision the folder holds ("fp32", "fp16", "int8"; openvino also "bf16").
+        precision: a precision the folder holds ("fp32", "fp16", "int8", "int8w"; openvino also "bf16").
         backend: "onnx" (ONNX Runtime) or "openvino" (OpenVINO: the fast CPU path for static INT8).
         **opts: backend options: OnnxBackend (providers, intra_op_threads, tensorrt, verify_files)
             or OpenVinoBackend (threads, verify_files).

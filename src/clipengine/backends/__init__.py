@@ -23,8 +23,8 @@ def create_backend(
         kind: "torch" (model_or_path is a `clipengine.models.clip.CLIP`), or "onnx" / "openvino"
             (an export folder, run by ONNX Runtime / OpenVINO).
         device: "cpu", "cuda" or "cuda:N" (openvino: "cpu" or an OpenVINO device name, no CUDA).
-        precision: "fp32", "bf16", "fp16" (torch), or what the export folder holds (onnx; openvino
-            also "bf16", computed on the fp32 engines).
+        precision: "fp32", "bf16", "fp16", "fp8" (torch), or what the export folder holds (onnx;
+            openvino also "bf16", computed on the fp32 engines).
         **opts: backend-specific options, passed through.
 
     Raises:

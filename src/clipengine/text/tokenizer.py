@@ -352,7 +352,7 @@ _default: Tokenizer | None = None
 
 
 def get_tokenizer() -> Tokenizer:
-    """The shared tokenizer over the bundled vocabulary, built on first use (~0.3 s)."""
+    """The shared tokenizer over the bundled vocabulary, built on first use (~0.1 s)."""
     global _default
     if _default is None:
         with _lock:  # two threads asking at once build it once
