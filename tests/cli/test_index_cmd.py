@@ -345,3 +345,23 @@ def test_build_keeps_sizes_of_names_with_unicode_line_separators(
         size = im.size
     index = Index.load(idx)
     assert odd in index and index.size_of(odd) == size
+
+
+def test_add_pretrained_same_tag_as_the_index_is_kept_another_is_refused(
+    folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    """`index add --pretrained TAG` on an index recorded as NAME@TAG loads NAME@TAG (not NAME@TAG@TAG, which
+    the add folder would record and every later `index add` would then refuse); another tag is refused
+    before any image is embedded."""
+    idx = tmp_path / "p.index"
+    code, out, _ = _run(capsys, "index", "build", folder, "-o", idx, "--model", "fake", "--pretrained", "t1", "--json")
+    assert code == 0 and json.loads(out)["model"] == "fake@t1"
+    distributed_fakes.write_images(folder / "new", 2, seed=5)
+
+    code, _, err = _run(capsys, "index", "add", idx, folder, "--pretrained", "t2")
+    assert code == 2 and "names other weights" in err
+    assert not list(tmp_path.glob("p.index.embeddings-add-*"))
+
+    code, out, _ = _run(capsys, "index", "add", idx, folder, "--pretrained", "t1", "--json")
+    assert code == 0 and json.loads(out)["added"] == 2
+    assert (fake_load[-1].model, fake_load[-1].pretrained) == ("fake@t1", None)

@@ -179,6 +179,21 @@ def _with_default_tag(model: str) -> str:
         return model
 
 
+def _add_pretrained(index_model: str, pretrained: str | None) -> str | None:
+    """`index add --pretrained`: the tag to load the index's model with. A model the index records
+    with its tag ("ViT-B-32@openai", as `index build` writes it) keeps that tag: the same one again
+    is dropped (it would make "ViT-B-32@openai@openai", and the add folder would record that), and
+    another one is refused before anything is embedded."""
+    if pretrained is None or "@" not in index_model or Path(index_model).expanduser().exists():
+        return pretrained
+    tag = index_model.rpartition("@")[2]
+    if pretrained != tag:
+        raise typer.BadParameter(
+            f"the index was built with {index_model!r}; --pretrained {pretrained!r} names other weights"
+        )
+    return None
+
+
 def _weights(spec: ModelSpec, fill_default: bool) -> str:
     """A registry spec as the weights it loads: "ARCH@TAG" ("ViT-B/32@openai" -> "ViT-B-32@openai"),
     with the default tag filled in when `fill_default` (as loading does), and "-quickgelu" kept only
@@ -355,7 +370,7 @@ def register(app: typer.Typer) -> None:
 
         index = Index.load(index_path)
         opts = mo.parse_model_options(
-            index.model, pretrained, None, backend, precision, device, download
+            index.model, _add_pretrained(index.model, pretrained), None, backend, precision, device, download
         )
         # Only the default INDEX.embeddings-add-<hash> is ours to delete after the save: a folder
         # named with --embeddings, or given as the source, is the user's.
