@@ -75,3 +75,13 @@ def test_bad_batch_list_is_a_usage_error(folder: Path, fake_load) -> None:  # ty
     result = runner.invoke(app, ["bench", str(folder), "--batch", "1,x"])
     assert result.exit_code == 2 and "comma-separated integers" in result.output
     assert runner.invoke(app, ["bench", str(folder), "--batch", "0"]).exit_code == 2
+
+
+def test_folder_without_images_is_one_line_error_before_loading(tmp_path: Path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    loaded: list[object] = []
+    monkeypatch.setattr(model_options, "load_clip", loaded.append)
+    (tmp_path / "empty").mkdir()
+    assert main(["bench", str(tmp_path / "empty")]) == 1  # was a ValueError traceback
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: {tmp_path / 'empty'}: no images to benchmark"
+    assert loaded == []  # refused before the model load

@@ -55,6 +55,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Time decode+preprocess, inference and text encoding per batch size over a folder of images."""
         from ..bench.timing import bench_pipeline
+        from ..errors import DatasetError
         from ..pipeline.batching import default_workers
         from ..pipeline.sources import list_items
         from ..report import plot_throughput, render_bench
@@ -65,6 +66,8 @@ def register(app: typer.Typer) -> None:
             model, pretrained, checkpoint, backend, precision, device, download, compile
         )
         items = list_items(folder)[:limit]
+        if not items:  # refused before the (possibly slow) model load
+            raise DatasetError(f"{folder}: no images to benchmark")
         clip = mo.load_clip(opts)
         tokens = tokenize(list(BENCH_TEXTS), context_length=clip.backend.context_length)
         result = bench_pipeline(
