@@ -116,6 +116,8 @@ def register(app: typer.Typer) -> None:
         ranked, failures, timings = _predict(clip, paths, texts)
         for name, reason in failures:
             typer.echo(f"Skipped: {name}: {reason}", err=True)
+        if not ranked:  # before the timing lines: averages over no image would read 0.0 ms
+            raise DecodeError(str(target), "no readable images")
         for name, scores in ranked:
             typer.echo(f"Filename: {name}")
             for label, prob in scores:
@@ -125,5 +127,3 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"Average preprocess time: {_ms(sum(timings.preprocess_s), n)} per image")
         typer.echo(f"Average image-encode time: {_ms(timings.image_s, n)} per image")
         typer.echo(f"Average text-encode time: {_ms(timings.text_s, len(texts))} per text")
-        if not ranked:
-            raise DecodeError(str(target), "no readable images")
