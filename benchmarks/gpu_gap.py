@@ -22,8 +22,14 @@ A B C D, ...) so that drift hits all rows alike, on a folder `--count` files lon
   progressive (every 4th distinct 1280x960 image a progressive JPEG; added after session 8's runs):
     I  decode only
     J  `embed_folder`
+  CPU assist (`gpu_cpu_share`, session 9, unmeasured on a GPU: CPU worker processes decode a share
+  of the files beside nvjpeg; workers = the cores less 4, spawned inside each timed row):
+    L  uniform: C with a CPU share of 0.1 (exact decode in the workers)
+    M  uniform: C with a CPU share of 0.2
+    N  uniform: C with a CPU share of 0.2, reduced-scale decode in the workers (`fast_decode`)
+    O  mix: G with a CPU share of 0.2, reduced-scale decode in the workers
 
-Usage (device): python benchmarks/gpu_gap.py [--count 16384] [--mix-count 4096] [--rounds 3]
+Usage (device): python benchmarks/gpu_gap.py [--count 16384] [--mix-count 4096] [--rounds 3] [--rows ACLMN]
 Prints a markdown table of the median img/s per row (and min / max); `--json` saves every round.
 """
 
@@ -53,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--folder", type=Path, default=Path(tempfile.gettempdir()) / "clipengine_gpu_gap")
     p.add_argument("--json", type=Path)
+    p.add_argument("--rows", default="", help="only these rows, by letter (e.g. CLMN); default every row")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
 
@@ -114,11 +121,13 @@ def main(argv: list[str] | None = None) -> int:
         return sum(len(b.ids) for b in iter_gpu_batches(items, cfg, "cuda", args.batch, out_dtype=torch.float16,
                                                          decoder=decoder))  # fmt: skip
 
-    def pipeline(items: list[Any], ahead: bool = False, one_call: bool = False) -> int:
+    def pipeline(items: list[Any], ahead: bool = False, one_call: bool = False, share: float = 0.0,
+                 fast: bool = False) -> int:  # fmt: skip
         with tempfile.TemporaryDirectory(prefix="clipengine_gpu_gap_out_") as out:
             with one_call_loader() if one_call else contextlib.nullcontext():
                 stats = embed_folder(items, out, backend, cfg, batch_size=args.batch, shard_size=1000,
-                                     dtype="float32", gpu_decode="cuda", gpu_decode_ahead=ahead)  # fmt: skip
+                                     dtype="float32", gpu_decode="cuda", gpu_decode_ahead=ahead,
+                                     gpu_cpu_share=share, fast_decode=fast)  # fmt: skip
         if stats.failed:
             raise RuntimeError(f"{stats.failed} images failed")
         return stats.embedded
@@ -135,7 +144,13 @@ def main(argv: list[str] | None = None) -> int:
         "K mix: embed_folder, decode_ahead": lambda: pipeline(mix, ahead=True),
         "I progressive (every 4th): decode only": lambda: decode_only(4_000_000, progressive),
         "J progressive (every 4th): embed_folder": lambda: pipeline(progressive),
+        "L uniform: embed_folder, CPU share 0.1 (exact)": lambda: pipeline(uniform, share=0.1),
+        "M uniform: embed_folder, CPU share 0.2 (exact)": lambda: pipeline(uniform, share=0.2),
+        "N uniform: embed_folder, CPU share 0.2 (fast_decode)": lambda: pipeline(uniform, share=0.2, fast=True),
+        "O mix: embed_folder, CPU share 0.2 (fast_decode)": lambda: pipeline(mix, share=0.2, fast=True),
     }
+    if args.rows:
+        rows = {name: row for name, row in rows.items() if name[0] in args.rows.upper()}
     rates: dict[str, list[float]] = {name: [] for name in rows}
     for r in range(args.rounds):
         for name, row in rows.items():

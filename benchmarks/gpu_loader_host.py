@@ -17,7 +17,13 @@ releases the GIL for `--preprocess-us` per image (34: its host time per image on
 5), and the consumer "runs the model" for `--model-us` per image (27: 36.6k img/s). These rows show
 whether the threads overlap as designed; they are not GPU measurements.
 
+`--assist 0,0.1,0.2` adds `embed_folder(gpu_decode=..., gpu_cpu_share=s)` for each share: the
+stand-in GPU decode takes the other files while `--assist-workers` real CPU processes decode the
+share (`pipeline.cpu_assist`; exact path, or `--fast-decode`). With a stand-in as fast as the
+H200's decode the 2 cores here add little; a slower one (`--decode-us 2000`) shows the rates add.
+
 Usage: python benchmarks/gpu_loader_host.py [--count 4096] [--decode-us 125] [--batch 256] [--loader]
+       [--embed-folder] [--assist 0,0.1,0.2 --assist-workers 1 --fast-decode]
 """
 
 from __future__ import annotations
@@ -47,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preprocess-us", type=float, default=34.0)
     p.add_argument("--model-us", type=float, default=27.0)
     p.add_argument("--model-batch", type=int, default=256)
+    p.add_argument("--assist", default="", help="CPU shares for embed_folder(gpu_cpu_share=...) rows, e.g. 0,0.1,0.2")
+    p.add_argument("--assist-workers", type=int, default=1, help="CPU decode processes for the --assist rows")
+    p.add_argument("--fast-decode", action="store_true", help="--assist rows: reduced-scale decode in the workers")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of the --assist rows (rows in turn)")
+    p.add_argument("--skip-threads", action="store_true", help="leave out the reader-thread rows")
     args = p.parse_args(argv)
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -63,24 +74,26 @@ def main(argv: list[str] | None = None) -> int:
         items = list_folder(tmp)
         rows = []
         scan = gd.scan_jpeg_header
-        for label, scanner in (("Pillow header check", lambda view: None), ("fast header scan", scan)):
+        for label, scanner in (() if args.skip_threads else (("Pillow header check", lambda view: None), ("fast header scan", scan))):
             gd.scan_jpeg_header = scanner  # type: ignore[assignment]
             for threads in (int(t) for t in args.threads.split(",")):
                 decoder = gd.GpuJpegDecoder("cpu", decode_batch=stand_in)
                 t0 = time.perf_counter()
                 n = 0
                 for group in gb._read_ahead(items, args.batch, threads, 2, decoder.stats):
-                    n += len(decoder.decode([r for r in group if isinstance(r, gd.EncodedImage)]).ids)
+                    n += len(decoder.decode([r for r in group.read if isinstance(r, gd.EncodedImage)]).ids)
                 seconds = time.perf_counter() - t0
                 rows.append((label, threads, n / seconds, decoder.stats.decode_s / seconds))
         gd.scan_jpeg_header = scan
         loader_rows = loader_rates(items, args) if args.loader else []
         folder_rows = embed_folder_rates(items, args) if args.embed_folder else []
+        assist_rows = assist_rates(items, args) if args.assist else []
     ceiling = 1e6 / args.decode_us
     print(f"GPU loader host side on {multiprocessing.cpu_count()} cores: {args.count} files of 1280x960, batch "
           f"{args.batch}, stand-in decode {args.decode_us:.0f} us/image (ceiling {ceiling:.0f} img/s)\n")  # fmt: skip
-    print("| header check | reader threads | img/s | share of the ceiling | time in decode calls |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    if rows:
+        print("| header check | reader threads | img/s | share of the ceiling | time in decode calls |")
+        print("| --- | ---: | ---: | ---: | ---: |")
     for label, threads, rate, busy in rows:
         print(f"| {label} | {threads} | {rate:.0f} | {rate / ceiling:.0%} | {busy:.0%} |")
     if loader_rows:
@@ -95,7 +108,25 @@ def main(argv: list[str] | None = None) -> int:
         print("| --- | ---: | ---: | ---: |")
         for label, rate, wait_us in folder_rows:
             print(f"| {label} | {rate:.0f} | {rate / ceiling:.0%} | {wait_us:.0f} |")
+    if assist_rows:
+        decode = "reduced-scale (--fast-decode)" if args.fast_decode else "exact"
+        print(f"\n`embed_folder(gpu_decode, gpu_cpu_share=s)`: stand-in GPU decode {args.decode_us:.0f} us/img, "
+              f"{args.assist_workers} CPU worker process(es), {decode} decode there; {args.rounds} round(s), rows in turn\n")  # fmt: skip
+        print("| CPU share | img/s per round | x share 0 (median) | CPU-decoded | loader waited for the workers, s |")
+        print("| ---: | --- | ---: | ---: | --- |")
+        base = _median([r for r, _, _ in assist_rows[0][1]]) if assist_rows[0][0] == 0 else None
+        for share, runs in assist_rows:
+            rates = [r for r, _, _ in runs]
+            ratio = f"{_median(rates) / base:.2f}" if base else "-"
+            print(f"| {share:g} | {' / '.join(f'{r:.0f}' for r in rates)} | {ratio} | {runs[-1][1]} | "
+                  f"{' / '.join(f'{w:.2f}' for _, _, w in runs)} |")
     return 0
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def decode_stand_in(decode_us: float) -> Callable[[list[Any], Any], list[Any]]:
@@ -183,6 +214,56 @@ def embed_folder_rates(items: list[Any], args: argparse.Namespace) -> list[tuple
                 label = f"{-(-len(items) // shard)} shard(s) of {min(shard, len(items))}" + (", decode_ahead" if ahead else "")
                 rows.append((label, stats.embedded / stats.wall_s, 1e6 * stats.wait_s / max(stats.embedded, 1)))
     return rows
+
+
+def assist_rates(items: list[Any], args: argparse.Namespace) -> list[tuple[float, list[tuple[float, int, float]]]]:
+    """Per CPU share: (img/s, files the CPU workers decoded, seconds the loader waited for them) per round."""
+    import logging
+    import re
+
+    import numpy as np
+
+    from clipengine.image.preprocess import PreprocessConfig
+    from clipengine.pipeline.run import embed_folder
+
+    cfg = PreprocessConfig()  # the workers really decode and resize to 224: their cost is the point
+
+    class Model:  # as in embed_folder_rates
+        name, embed_dim, image_size = "stand-in", 512, 8
+
+        def encode_images(self, pixels: Any) -> np.ndarray:
+            time.sleep(args.model_us * 1e-6 * len(pixels))
+            return np.zeros((len(pixels), 512), np.float32)
+
+    notes: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            notes.append(record.getMessage())
+
+    log = logging.getLogger("clipengine.pipeline.gpu_loading")
+    handler, level = Keep(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    shares = [float(s) for s in args.assist.split(",")]
+    results: dict[float, list[tuple[float, int, float]]] = {s: [] for s in shares}
+    try:
+        with stand_ins(args, 8):  # 8x8 stand-in pixels: host copies of model input are GPU work there
+            for _ in range(args.rounds):
+                for share in shares:
+                    notes.clear()
+                    with tempfile.TemporaryDirectory() as out:
+                        stats = embed_folder(items, Path(out) / "emb", Model(), cfg, batch_size=args.model_batch,
+                                             dtype="float32", gpu_decode="cpu", gpu_cpu_share=share,
+                                             workers=args.assist_workers, fast_decode=args.fast_decode)  # fmt: skip
+                    found = [re.search(r"CPU assist: (\d+) images.*waited ([\d.]+) s", n) for n in notes]
+                    match = next((m for m in found if m), None)
+                    assisted, waited = (int(match[1]), float(match[2])) if match else (0, 0.0)
+                    results[share].append((stats.embedded / stats.wall_s, assisted, waited))
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    return list(results.items())
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@
 #   bash scripts/gpu_check.sh peers     # ON THE DEVICE: the towers vs their peers + profile (~330 s)
 #   bash scripts/gpu_check.sh gap       # ON THE DEVICE: embed_folder vs the bare loader, rows in turn, and
 #                                       # where each thread's time goes (~180 s)
+#   bash scripts/gpu_check.sh assist    # ON THE DEVICE: CPU assist (session 9, never yet on a GPU): its
+#                                       # gpu tests, then gpu_gap rows C L M N G O in turn (~150 s)
 #
 # Each device mode is one `run` call with carry [".whl"] and timeout_s 590. Session 4 ran both in one
 # 15-minute budget (347 s + 291 s, plus the machine starts). Do not leave the machine warm
@@ -104,8 +106,21 @@ gap)
     timeout "${SAMPLE_S:-60}" python3 benchmarks/gpu_sample.py > "$OUT/sample.md" 2>> "$OUT/stderr.log"
     echo "gpu_sample exit $?"; cat "$OUT/sample.md"
     ;;
+assist)
+    setup
+    # Session 9 built `embed_folder(gpu_cpu_share=...)` without a GPU: CPU worker processes decode a
+    # share of the files beside nvjpeg. First its correctness on CUDA, then the rates against the
+    # default (C, G) in the same rounds. Read the "loader waited" log lines in stderr.log too.
+    nproc > "$OUT/pytest_gpu.log"
+    timeout "${PYTEST_S:-60}" python3 -m pytest -m gpu -v -rP -p no:cacheprovider -o filterwarnings=default \
+        tests/pipeline/test_gpu_loading.py -k "cpu_share or matches_cpu_workers" >> "$OUT/pytest_gpu.log" 2>&1
+    echo "pytest exit $?"; grep -E "passed|failed" "$OUT/pytest_gpu.log" | tail -3
+    timeout "${GAP_S:-200}" python3 benchmarks/gpu_gap.py --rounds 3 --rows CLMNGO --json "$OUT/assist.json" \
+        > "$OUT/assist.md" 2> "$OUT/stderr.log"
+    echo "gpu_gap exit $?"; cat "$OUT/assist.md"; grep -E "CPU assist|waited" "$OUT/stderr.log" | tail -12
+    ;;
 *)
-    echo "usage: bash scripts/gpu_check.sh prepare|run|peers|gap" >&2
+    echo "usage: bash scripts/gpu_check.sh prepare|run|peers|gap|assist" >&2
     exit 2
     ;;
 esac

@@ -126,6 +126,22 @@ def test_bad_options_are_usage_errors(folder: Path, tmp_path: Path, fake_load, c
     assert threads_alone.exit_code == 2 and "--gpu-read-threads needs --gpu-decode" in threads_alone.output
     zero_threads = runner.invoke(app, ["embed", str(folder), "-o", out, "--gpu-decode", "--gpu-read-threads", "0"])
     assert zero_threads.exit_code == 2
+    share_alone = runner.invoke(app, ["embed", str(folder), "-o", out, "--gpu-cpu-share", "0.2"])
+    assert share_alone.exit_code == 2 and "--gpu-cpu-share needs --gpu-decode" in share_alone.output
+    share_no_workers = runner.invoke(app, ["embed", str(folder), "-o", out, "--gpu-decode", "--gpu-cpu-share", "0.2",
+                                           "--workers", "0"])  # fmt: skip
+    assert share_no_workers.exit_code == 2 and "--workers 1 or more" in share_no_workers.output
+    share_too_big = runner.invoke(app, ["embed", str(folder), "-o", out, "--gpu-decode", "--gpu-cpu-share", "1"])
+    assert share_too_big.exit_code == 2
+    cuda = ["--backend", "torch", "--device", "cuda"]  # accepted as far as the option checks go
+    fast_gpu = runner.invoke(app, ["embed", str(folder), "-o", out, *cuda, "--gpu-decode", "--fast-decode"])
+    assert fast_gpu.exit_code == 2 and "--fast-decode with --gpu-decode needs --gpu-cpu-share" in fast_gpu.output
+    for name in ("paths.parquet", "shard-000.tar"):  # Ray-only sources name the option that reads them
+        (tmp_path / name).write_bytes(b"PAR1")
+        ray_only = runner.invoke(app, ["embed", str(tmp_path / name), "-o", out])
+        assert ray_only.exit_code == 2 and "add --engine ray" in ray_only.output
+    help_text = runner.invoke(app, ["embed", "--help"]).output
+    assert "nvidia-nvimgcodec-cu13[nvjpeg]" in help_text  # rich markup must not eat the extra's brackets
     (tmp_path / "a-file").write_text("not a folder")
     output_file = runner.invoke(app, ["embed", str(folder), "-o", str(tmp_path / "a-file")])
     assert output_file.exit_code == 2 and "a-file" in output_file.output
@@ -216,4 +232,5 @@ def test_engine_ray_takes_parquet_and_webdataset_sources(
         assert result.exit_code == 0, result.output
         assert seen[-1] == ids
     local = CliRunner().invoke(app, ["embed", str(parquet), "-o", str(tmp_path / "local"), "--no-progress"])
-    assert local.exit_code == 1 and "file list" in str(local.exception)  # the local engine reads folders and .txt lists
+    # The local engine reads folders and .txt lists: a usage error naming the engine that reads Parquet.
+    assert local.exit_code == 2 and "add --engine ray" in local.output

@@ -480,8 +480,10 @@ def test_read_slices_keep_order_and_failures(tmp_path: Path, images: Factories, 
     monkeypatch.setattr(gpu_batching, "_READ_SLICE", read_slice)
     stats = gpu_decode.GpuDecodeStats()
     groups = list(gpu_batching._read_ahead(items, 4, threads, 1, stats))
-    assert [len(g) for g in groups] == [4, 4, 2]
-    flat = [g for group in groups for g in group]
+    assert [len(g.read) for g in groups] == [4, 4, 2]
+    assert [g.ids for g in groups] == [[it.id for it in items[i : i + 4]] for i in (0, 4, 8)]
+    assert not any(g.assisted for g in groups)
+    flat = [g for group in groups for g in group.read]
     assert [r.id for r in flat] == [it.id for it in items]
     assert [type(r).__name__ for r in flat].count("Failure") == 1 and isinstance(flat[-1], Failure)
     assert stats.read_s > 0
@@ -505,7 +507,7 @@ def test_read_ahead_stops_reading_when_the_consumer_stops(tmp_path: Path, images
     groups = gpu_batching._read_ahead(items, 4, 1, 1, gpu_decode.GpuDecodeStats())
     first = next(groups)
     groups.close()  # type: ignore[attr-defined]
-    assert len(first) == 4 and len(reads) < len(items) // 2
+    assert len(first.read) == 4 and len(reads) < len(items) // 2
 
 
 def test_decode_calls_hold_a_bounded_number_of_pixels(tmp_path: Path, images: Factories,
@@ -583,7 +585,7 @@ def test_import_does_not_import_torch() -> None:
     code = (
         "import sys\n"
         "import clipengine.image.gpu_decode, clipengine.image.gpu_preprocess, clipengine.image.nvimgcodec_decode\n"
-        "import clipengine.pipeline.gpu_batching, clipengine.pipeline.gpu_loading\n"
+        "import clipengine.pipeline.gpu_batching, clipengine.pipeline.gpu_loading, clipengine.pipeline.cpu_assist\n"
         "leaked = sorted(m for m in ('torch', 'torchvision') if m in sys.modules)\n"
         "assert not leaked, leaked\n"
     )

@@ -91,9 +91,9 @@ def test_gpu_read_threads_reach_the_readers(photo_folder, tmp_path: Path, tiny_m
     seen = []
     read_ahead = gb._read_ahead
 
-    def spy(items, group_size, threads, prefetch, stats):  # type: ignore[no-untyped-def]
+    def spy(items, group_size, threads, prefetch, stats, assist=None):  # type: ignore[no-untyped-def]
         seen.append(threads)
-        return read_ahead(items, group_size, threads, prefetch, stats)
+        return read_ahead(items, group_size, threads, prefetch, stats, assist)
 
     monkeypatch.setattr(gb, "_read_ahead", spy)
     root, good, _ = photo_folder
@@ -176,6 +176,25 @@ def test_real_nvjpeg_embed_folder_matches_cpu_workers(photo_folder, tmp_path: Pa
     ids_g, vec_g, _ = read_embeddings(tmp_path / "gpu")
     assert ids_g == ids_c == good
     # nvjpeg's 4:2:0 chroma upsampling differs from libjpeg-turbo by a few levels per pixel.
+    assert float((vec_g * vec_c).sum(axis=1).min()) >= 0.99
+    assert sorted(f.id for f in read_failures(tmp_path / "gpu")) == bad
+
+
+@pytest.mark.gpu
+def test_real_nvjpeg_with_a_cpu_share_matches_cpu_workers(photo_folder, tmp_path: Path, tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """gpu_cpu_share on CUDA: half the files decoded by a CPU worker process, their crops copied to
+    the GPU beside nvjpeg's images; every file once, in input order, failures as the CPU loader's."""
+    from clipengine.backends.torch_backend import TorchBackend
+
+    root, good, bad = photo_folder
+    cfg = tiny_model_cfg(tiny_model)
+    factory = lambda: TorchBackend(copy.deepcopy(tiny_model), device="cuda", precision="fp16")  # noqa: E731
+    embed_folder(root, tmp_path / "cpu", factory, cfg, model="tiny", workers=0, dtype="float32")
+    stats = embed_folder(root, tmp_path / "gpu", factory, cfg, model="tiny", dtype="float32", gpu_decode="cuda",
+                         gpu_cpu_share=0.5, workers=1, batch_size=4)  # fmt: skip
+    ids_c, vec_c, _ = read_embeddings(tmp_path / "cpu")
+    ids_g, vec_g, _ = read_embeddings(tmp_path / "gpu")
+    assert ids_g == ids_c == good and stats.embedded == len(good)
     assert float((vec_g * vec_c).sum(axis=1).min()) >= 0.99
     assert sorted(f.id for f in read_failures(tmp_path / "gpu")) == bad
 

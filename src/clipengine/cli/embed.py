@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 __all__ = ["register"]
 
 _ENGINES = ("local", "ray")
+_RAY_ONLY_SOURCES = (".parquet", ".tar")  # path lists and WebDataset shards: `distributed.ray.list_source`
 
 
 def _run_engine(
@@ -58,7 +59,7 @@ GPU_DECODER_OPT = typer.Option(
     "torchvision",
     "--gpu-decoder",
     help="With --gpu-decode: torchvision (nvjpeg) or nvimgcodec (NVIDIA nvImageCodec, pip install "
-    "'nvidia-nvimgcodec-cu13[nvjpeg]'; within 2 grey levels of the exact decoder where torchvision's "
+    "'nvidia-nvimgcodec-cu13\\[nvjpeg]'; within 2 grey levels of the exact decoder where torchvision's "
     "differs by up to 37 at sharp colour edges).",
 )
 GPU_READ_THREADS_OPT = typer.Option(
@@ -68,7 +69,17 @@ GPU_READ_THREADS_OPT = typer.Option(
     help="With --gpu-decode: threads reading files and parsing JPEG headers (default 2, measured best "
     "from local storage; more for high-latency storage).",
 )
+GPU_CPU_SHARE_OPT = typer.Option(
+    0.0,
+    "--gpu-cpu-share",
+    min=0.0,
+    max=0.95,
+    help="Experimental, with --gpu-decode: decode this share of the files (chosen by file name) in "
+    "--workers CPU processes (default: the cores less 4) while the GPU decodes the rest; they get the "
+    "exact path's pixels (or --fast-decode's). 0 (default): off. Unmeasured on a GPU so far.",
+)
 WORKERS_HELP = "Decode processes (default: one per core; 0 decodes in the main process)."
+_EMBED_WORKERS_HELP = "Decode processes (default: one per core; with --gpu-cpu-share the cores less 4; 0 decodes in the main process)."
 
 
 def _check_gpu_decoder(gpu_decode: bool, gpu_decoder: str) -> None:
@@ -88,7 +99,7 @@ def _check_gpu_decoder(gpu_decode: bool, gpu_decoder: str) -> None:
             )
 
 
-def _check_gpu_decode(opts: mo.ModelOptions, engine: str, fast_decode: bool) -> None:
+def _check_gpu_decode(opts: mo.ModelOptions, engine: str, fast_decode: bool, cpu_share: float) -> None:
     """--gpu-decode hands the backend pixels already on the GPU: only the torch backend on CUDA takes them."""
     if opts.backend != "torch" or not opts.device.startswith("cuda"):
         raise typer.BadParameter(
@@ -97,8 +108,11 @@ def _check_gpu_decode(opts: mo.ModelOptions, engine: str, fast_decode: bool) -> 
         )
     if engine != "local":
         raise typer.BadParameter("--gpu-decode runs with --engine local (Ray actors decode on their CPUs)")
-    if fast_decode:
-        raise typer.BadParameter("--gpu-decode and --fast-decode exclude each other (nvjpeg decodes at full size)")
+    if fast_decode and cpu_share == 0:
+        raise typer.BadParameter(
+            "--fast-decode with --gpu-decode needs --gpu-cpu-share: it applies to the CPU's share "
+            "(nvjpeg decodes at full size)"
+        )
 
 
 def register(app: typer.Typer) -> None:
@@ -117,7 +131,7 @@ def register(app: typer.Typer) -> None:
         download: bool = mo.DOWNLOAD_OPT,
         compile: bool = mo.COMPILE_OPT,
         batch: int = typer.Option(32, "--batch", min=1, help="Images per backend call."),
-        workers: int | None = typer.Option(None, "--workers", min=0, help=WORKERS_HELP),
+        workers: int | None = typer.Option(None, "--workers", min=0, help=_EMBED_WORKERS_HELP),
         shard_size: int = typer.Option(1000, "--shard-size", min=1, help="Images per output shard."),
         dtype: str = typer.Option("float16", "--dtype", help="float16 or float32 on disk."),
         engine: str = typer.Option("local", "--engine", help="local, or ray (a pool of --actors actors, one model each; --workers is not used)."),
@@ -127,6 +141,7 @@ def register(app: typer.Typer) -> None:
         gpu_decode: bool = GPU_DECODE_OPT,
         gpu_decoder: str = GPU_DECODER_OPT,
         gpu_read_threads: int | None = GPU_READ_THREADS_OPT,
+        gpu_cpu_share: float = GPU_CPU_SHARE_OPT,
         address: str | None = typer.Option(
             None, "--address", help="Ray cluster: auto, or ray://host:10001 (default: a local Ray instance)."
         ),
@@ -151,8 +166,12 @@ def register(app: typer.Typer) -> None:
         _check_gpu_decoder(gpu_decode, gpu_decoder)
         if gpu_read_threads is not None and not gpu_decode:
             raise typer.BadParameter("--gpu-read-threads needs --gpu-decode")
+        if gpu_cpu_share > 0 and not gpu_decode:
+            raise typer.BadParameter("--gpu-cpu-share needs --gpu-decode")
+        if gpu_cpu_share > 0 and workers == 0:
+            raise typer.BadParameter("--gpu-cpu-share needs CPU decode workers: --workers 1 or more")
         if gpu_decode:
-            _check_gpu_decode(opts, engine, fast_decode)
+            _check_gpu_decode(opts, engine, fast_decode, gpu_cpu_share)
         if compile and opts.device.startswith("cuda"):
             # Measured best on an H200 (docs/performance.md): compiled graphs replayed as CUDA graphs.
             # Safe here: one thread calls the image tower (the server does not get this).
@@ -162,11 +181,17 @@ def register(app: typer.Typer) -> None:
 
             items = list_source(source)
         else:
+            if source.suffix in _RAY_ONLY_SOURCES and source.is_file():
+                raise typer.BadParameter(
+                    f"{source}: {source.suffix} sources are read by the Ray engine only: add --engine ray "
+                    "(or pass a folder, or a text file with one path per line)"
+                )
             items = list_items(source)
         # Refuse a mismatched output folder before the (possibly slow) model load.
         check_output(
             output, model=opts.label, dtype=dtype, shard_size=shard_size, fast_decode=fast_decode,
             gpu_decode=gpu_decode, gpu_decoder=gpu_decoder if gpu_decode else None,
+            gpu_cpu_share=gpu_cpu_share if gpu_decode else None,
         )  # fmt: skip
         clip = mo.load_clip(opts)
         run_kwargs: dict[str, Any] = dict(
@@ -175,7 +200,7 @@ def register(app: typer.Typer) -> None:
         )  # fmt: skip
         run_kwargs["fast_decode"] = fast_decode
         if gpu_decode:
-            run_kwargs.update(gpu_decode=opts.device, gpu_decoder=gpu_decoder)
+            run_kwargs.update(gpu_decode=opts.device, gpu_decoder=gpu_decoder, gpu_cpu_share=gpu_cpu_share)
             if gpu_read_threads is not None:
                 run_kwargs["gpu_read_threads"] = gpu_read_threads
         if engine == "ray":

@@ -197,6 +197,9 @@ class GpuDecodeStats:
     read_s: float = 0.0  # seconds reading + inspecting files, summed over reader threads
     decode_s: float = 0.0  # wall seconds in `GpuJpegDecoder.decode` (the nvjpeg call waits for its decode)
     preprocess_s: float = 0.0  # wall seconds queuing resize / crop / normalise
+    cpu_assist: int = 0  # decoded by CPU assist workers (`pipeline.cpu_assist`), not nvjpeg
+    assist_s: float = 0.0  # those workers' read + decode + preprocess seconds, summed
+    assist_wait_s: float = 0.0  # wall seconds the loader waited for them (their share is too large)
 
 
 class Decoded(NamedTuple):

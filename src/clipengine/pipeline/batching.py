@@ -40,6 +40,7 @@ __all__ = [
     "iter_batches",
     "load_chunk",
     "make_executor",
+    "sources_of",
     "warm_executor",
 ]
 
@@ -193,11 +194,20 @@ def _original_size(data: bytes, decoded: Image.Image) -> tuple[int, int]:
     return (w, h) if (decoded.width >= decoded.height) == (w >= h) else (h, w)
 
 
+def _source(item: ImageItem) -> tuple[str, str | bytes]:
+    """What a worker task carries for an item: its id and its path (as a str) or bytes."""
+    return item.id, item.source if isinstance(item.source, bytes) else os.fspath(item.source)
+
+
+def sources_of(items: Iterable[ImageItem]) -> list[tuple[str, str | bytes]]:
+    """`(id, path_or_bytes)` pairs for `load_chunk`: plain data a worker process can take."""
+    return [_source(item) for item in items]
+
+
 def _chunks(items: Iterable[ImageItem], size: int) -> Iterator[list[tuple[str, str | bytes]]]:
     chunk: list[tuple[str, str | bytes]] = []
     for item in items:
-        source = item.source if isinstance(item.source, bytes) else os.fspath(item.source)
-        chunk.append((item.id, source))
+        chunk.append(_source(item))
         if len(chunk) == size:
             yield chunk
             chunk = []

@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -26,6 +27,9 @@ from clipengine.types import Failure, ImageItem
 
 if TYPE_CHECKING:
     import torch
+
+    from clipengine.pipeline.batching import _Chunk
+    from clipengine.pipeline.cpu_assist import CpuAssist
 
 __all__ = [
     "DecodedChunk",
@@ -79,6 +83,7 @@ def iter_gpu_batches(
     out_dtype: torch.dtype | None = None,
     decoder: GpuJpegDecoder | None = None,
     decode_group: int | None = None,
+    assist: CpuAssist | None = None,
 ) -> Iterator[GpuBatch]:
     """Files -> batches of preprocessed pixels on the GPU, exactly `batch_size` rows (the last may be short).
 
@@ -110,6 +115,8 @@ def iter_gpu_batches(
             (the CLI's default 32) are cut from larger decoded groups. A group is decoded in
             chunks of at most `_DECODE_PIXELS` header pixels, which bounds the device memory of
             full-size images held at once.
+        assist: CPU decode workers taking a share of the files (`pipeline.cpu_assist`); None: the
+            GPU decodes every file it can.
 
     Yields:
         GpuBatch(ids, pixels, failures, sizes).
@@ -119,7 +126,7 @@ def iter_gpu_batches(
     decoder = decoder if decoder is not None else GpuJpegDecoder(device)
     group_size = decode_group if decode_group is not None else default_decode_group(batch_size)
     chunks = iter_decoded_chunks(items, cfg, decoder, group_size=group_size, read_threads=read_threads,
-                                 prefetch_groups=prefetch_batches)  # fmt: skip
+                                 prefetch_groups=prefetch_batches, assist=assist)  # fmt: skip
     return _closing(assemble_batches(chunks, cfg, decoder, batch_size, out_dtype=out_dtype), chunks)
 
 
@@ -156,26 +163,35 @@ def iter_decoded_chunks(
     group_size: int = _DECODE_GROUP,
     read_threads: int = 2,
     prefetch_groups: int = 2,
+    assist: CpuAssist | None = None,
 ) -> Iterator[DecodedChunk]:
     """Stage 1 of `iter_gpu_batches`: files -> decode calls.
 
     Reader threads read `prefetch_groups` groups of `group_size` files ahead; each group is
     decoded in chunks of at most `_DECODE_PIXELS` header pixels, so one chunk's full-size images
-    are on the device at a time (plus what the next stage still holds).
+    are on the device at a time (plus what the next stage still holds). With `assist`, the files
+    it takes go to its CPU workers when their group is read, and come back as the group's last
+    chunk (so within a group they follow the GPU's images; `run` writes shards in input order).
     """
     if group_size < 1:
         raise ValueError(f"decode_group must be >= 1, got {group_size}")
     stats = decoder.stats
-    for group in _read_ahead(items, group_size, max(1, read_threads), max(1, prefetch_groups), stats):
-        unread = [r for r in group if isinstance(r, Failure)]
+    groups = _read_ahead(items, group_size, max(1, read_threads), max(1, prefetch_groups), stats, assist)
+    for group in groups:
+        unread = [r for r in group.read if isinstance(r, Failure)]
         stats.failures += len(unread)
-        order = {r.id: i for i, r in enumerate(group)}
-        chunks = list(_pixel_chunks([r for r in group if isinstance(r, EncodedImage)], _DECODE_PIXELS))
-        if not chunks:  # nothing readable: the group still reports its failures
-            yield DecodedChunk(Decoded([], [], [], []), unread, order)
-        for i, chunk in enumerate(chunks):
-            last = i == len(chunks) - 1
-            yield DecodedChunk(decoder.decode(chunk, cfg), unread if i == 0 else [], order if last else None)
+        order = {item_id: i for i, item_id in enumerate(group.ids)}
+        parts: list[Callable[[], Decoded]] = [
+            partial(decoder.decode, chunk, cfg)
+            for chunk in _pixel_chunks([r for r in group.read if isinstance(r, EncodedImage)], _DECODE_PIXELS)
+        ]
+        if assist is not None and group.assisted:
+            parts.append(partial(assist.collect, group.assisted, decoder.device, stats))
+        if not parts:  # nothing readable: the group still reports its failures
+            parts.append(lambda: Decoded([], [], [], []))
+        for i, decode in enumerate(parts):  # each part decoded when its turn comes: one on the device at a time
+            last = i == len(parts) - 1
+            yield DecodedChunk(decode(), unread if i == 0 else [], order if last else None)
 
 
 def assemble_batches(
@@ -241,30 +257,57 @@ def _pixel_chunks(encoded: list[EncodedImage], budget: int) -> Iterator[list[Enc
         yield chunk
 
 
+class _ReadGroup(NamedTuple):
+    """One group of files, read ahead of its decode."""
+
+    ids: list[str]  # every file of the group, in input order
+    read: list[EncodedImage | Failure]  # the files the GPU decoder takes, read and inspected
+    assisted: list[Future[_Chunk]]  # the CPU assist workers' tasks for the others (in order)
+
+
+class _PendingGroup(NamedTuple):
+    ids: list[str]
+    reads: list[Future[tuple[list[EncodedImage | Failure], float]]]
+    assisted: list[Future[_Chunk]]
+
+
 def _read_ahead(
-    items: Iterable[ImageItem], group_size: int, threads: int, prefetch: int, stats: GpuDecodeStats
-) -> Iterator[list[EncodedImage | Failure]]:
-    """Groups of `group_size` read results in input order, with up to `prefetch` groups in flight.
+    items: Iterable[ImageItem],
+    group_size: int,
+    threads: int,
+    prefetch: int,
+    stats: GpuDecodeStats,
+    assist: CpuAssist | None = None,
+) -> Iterator[_ReadGroup]:
+    """Groups of `group_size` files in input order, with up to `prefetch` groups in flight.
 
     Each reader task reads a slice of a group, not one file: a thread-pool task costs tens of
     microseconds of GIL-held bookkeeping and a thread wake-up, which per file capped the loader's
-    host side below the decoder's rate (see `_read_slice_size`).
+    host side below the decoder's rate (see `_read_slice_size`). The files `assist` takes are not
+    read here: its workers read them.
     """
     slice_size = _read_slice_size(group_size, threads)
-    pending: deque[list[Future[tuple[list[EncodedImage | Failure], float]]]] = deque()
+    pending: deque[_PendingGroup] = deque()
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="clipengine-read") as pool:
         try:
             for group in _batched(items, group_size):
-                pending.append([pool.submit(_read_slice, group[i : i + slice_size])
-                                for i in range(0, len(group), slice_size)])  # fmt: skip
+                on_gpu, on_cpu = group, []
+                if assist is not None:
+                    on_cpu = [item for item in group if assist.takes(item.id)]
+                    on_gpu = [item for item in group if not assist.takes(item.id)] if on_cpu else group
+                reads = [pool.submit(_read_slice, on_gpu[i : i + slice_size]) for i in range(0, len(on_gpu), slice_size)]
+                assisted = assist.submit(on_cpu) if assist is not None else []
+                pending.append(_PendingGroup([item.id for item in group], reads, assisted))
                 if len(pending) > prefetch:
                     yield _collect(pending.popleft(), stats)
             while pending:
                 yield _collect(pending.popleft(), stats)
         finally:
-            for futures in pending:  # consumer stopped early: drop reads not yet started
-                for fut in futures:
+            for group_left in pending:  # consumer stopped early: drop work not yet started
+                for fut in group_left.reads:
                     fut.cancel()
+                for task in group_left.assisted:
+                    task.cancel()
 
 
 def _read_slice_size(group_size: int, threads: int) -> int:
@@ -290,12 +333,10 @@ def _batched(items: Iterable[ImageItem], size: int) -> Iterator[list[ImageItem]]
         yield group
 
 
-def _collect(
-    futures: list[Future[tuple[list[EncodedImage | Failure], float]]], stats: GpuDecodeStats
-) -> list[EncodedImage | Failure]:
+def _collect(group: _PendingGroup, stats: GpuDecodeStats) -> _ReadGroup:
     results: list[EncodedImage | Failure] = []
-    for fut in futures:
+    for fut in group.reads:
         read, seconds = fut.result()
         stats.read_s += seconds
         results.extend(read)
-    return results
+    return _ReadGroup(group.ids, results, group.assisted)

@@ -10,6 +10,7 @@ on the GPU: only backends that accept one (the torch backend) can consume these 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -22,8 +23,13 @@ from .prefetch import prefetch
 if TYPE_CHECKING:
     from ..image.preprocess import PreprocessConfig
     from .batching import LoadStats
+    from .cpu_assist import CpuAssist
 
 __all__ = ["iter_gpu_loaded"]
+
+_log = logging.getLogger(__name__)
+# Warn when the loader spent more than this fraction of its run waiting for CPU assist workers.
+_ASSIST_WAIT_WARNING = 0.1
 
 
 def iter_gpu_loaded(
@@ -36,6 +42,7 @@ def iter_gpu_loaded(
     *,
     read_threads: int = 2,
     decode_ahead: bool = False,
+    assist: CpuAssist | None = None,
 ) -> Iterator[Batch]:
     """Batches of `batch_size` rows with pixels on `device`; stage times are added to `stats`.
 
@@ -53,6 +60,10 @@ def iter_gpu_loaded(
     for 4096 1280x960 files). It holds up to one more decoded chunk (at most `gpu_batching._DECODE_PIXELS`
     pixels) on the device.
 
+    `assist` (experimental, off: unmeasured on a GPU): CPU decode workers take a fixed share of
+    the files (`pipeline.cpu_assist`); a warning says when the loader waited for them long
+    enough that the share should be lower.
+
     `stats.decode_s` / `preprocess_s` are wall seconds spent in decode calls and queuing the GPU
     preprocessing (the GPU runs it asynchronously); `read_s` sums the reader threads' time;
     `wait_s` is the time the consumer waited for the next batch (the model starved).
@@ -64,13 +75,15 @@ def iter_gpu_loaded(
     chunks = None
     if decode_ahead:
         decoding = iter_decoded_chunks(items, cfg, jpeg_decoder, group_size=default_decode_group(batch_size),
-                                       read_threads=read_threads)  # fmt: skip
+                                       read_threads=read_threads, assist=assist)  # fmt: skip
         chunks = prefetch(decoding, depth=1, name="clipengine-decode")
         batches = assemble_batches(chunks, cfg, jpeg_decoder, batch_size)
     else:
-        batches = iter_gpu_batches(items, cfg, batch_size=batch_size, decoder=jpeg_decoder, read_threads=read_threads)
+        batches = iter_gpu_batches(items, cfg, batch_size=batch_size, decoder=jpeg_decoder, read_threads=read_threads,
+                                   assist=assist)  # fmt: skip
     # A loader thread keeps the next batch decoding while the consumer waits for the model's output.
     loaded = prefetch(batches, depth=2)
+    t_start = time.perf_counter()
     try:
         while True:
             t0 = time.perf_counter()
@@ -94,3 +107,14 @@ def iter_gpu_loaded(
         stats.read_s += done.read_s
         stats.decode_s += done.decode_s
         stats.preprocess_s += done.preprocess_s
+        if assist is not None:
+            _report_assist(done.cpu_assist, done.nvjpeg, done.assist_wait_s, time.perf_counter() - t_start, assist)
+
+
+def _report_assist(assisted: int, on_gpu: int, waited_s: float, wall_s: float, assist: CpuAssist) -> None:
+    _log.info("CPU assist: %d images on %d CPU workers, %d on the GPU decoder; the loader waited %.2f s of %.2f s "
+              "for the workers", assisted, assist.workers, on_gpu, waited_s, wall_s)  # fmt: skip
+    if wall_s > 0 and waited_s > _ASSIST_WAIT_WARNING * wall_s:
+        _log.warning("the GPU loader waited %.1f s of %.1f s for its %d CPU decode workers: a CPU share of %g is "
+                     "more than they keep up with; a lower one will be faster", waited_s, wall_s, assist.workers,
+                     assist.share)  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -14,6 +15,7 @@ import numpy as np
 from ..errors import IndexMismatchError
 from ..types import Backend, Batch, Failure, FloatArray, ImageItem
 from .batching import LoadStats, default_workers, iter_batches, make_executor
+from .cpu_assist import CpuAssist, default_assist_workers
 from .embed import BackendSource, LazyBackend, embed_batch
 from .sinks import RUN_FILE, ShardSink, atomic_write_json, read_run_info
 from .sources import Partition, check_unique_ids, list_items, partitions
@@ -181,6 +183,7 @@ class _Loading:
     gpu_decoder: str = "torchvision"
     gpu_read_threads: int = 2
     gpu_decode_ahead: bool = False
+    gpu_cpu_share: float = 0.0  # with gpu_decode: the share of files `executor` decodes (`cpu_assist`)
 
     def batches(self, items: Sequence[ImageItem], stats: LoadStats) -> Iterator[Batch]:
         if self.gpu_decode is not None:
@@ -188,9 +191,19 @@ class _Loading:
 
             return iter_gpu_loaded(items, self.preprocess_cfg, self.batch_size, self.gpu_decode, stats,
                                    decoder=self.gpu_decoder, read_threads=self.gpu_read_threads,
-                                   decode_ahead=self.gpu_decode_ahead)  # fmt: skip
+                                   decode_ahead=self.gpu_decode_ahead, assist=self._assist())  # fmt: skip
         return iter_batches(items, self.preprocess_cfg, self.batch_size, executor=self.executor,
                             workers=self.workers, stats=stats, fast_decode=self.fast_decode)  # fmt: skip
+
+    def _assist(self) -> CpuAssist | None:
+        if self.gpu_cpu_share <= 0:
+            return None
+        if self.executor is None:  # `embed_folder` makes one (`_check_cpu_share`)
+            raise ValueError("a CPU share of the GPU decode needs decode worker processes (workers >= 1)")
+        cfg = self.preprocess_cfg if isinstance(self.preprocess_cfg, dict) else self.preprocess_cfg.to_dict()
+        assist = CpuAssist(self.executor, self.workers, self.gpu_cpu_share, cfg, fast_decode=self.fast_decode)
+        assist.prime()
+        return assist
 
 
 @dataclass
@@ -245,13 +258,14 @@ def _embed_partitions(
     On 2 CPU cores, 96-image shards: the model's wait for images fell from 9.3 to 2.3 ms per image.
     """
     owner = {item.id: part.id for part in parts for item in part.items}
+    position = {item.id: i for part in parts for i, item in enumerate(part.items)}
     items = [item for part in parts for item in part.items]
     if len(owner) < len(items):  # rows are routed to their shard by id
         check_unique_ids(items)
     shards = {part.id: _OpenShard(remaining=len(part.items)) for part in parts}
     for part in parts:
         if not part.items:  # no row or failure will come for it (`run_partition` of no items)
-            _write_shard(sink, part.id, shards.pop(part.id), lazy, stats)
+            _write_shard(sink, part.id, shards.pop(part.id), lazy, stats, position)
     loads = LoadStats()
     batches = loading.batches(items, loads)
     try:
@@ -271,7 +285,7 @@ def _embed_partitions(
                     touched.add(pid)
             for pid in sorted(touched):
                 if shards[pid].remaining == 0:
-                    _write_shard(sink, pid, shards.pop(pid), lazy, stats)
+                    _write_shard(sink, pid, shards.pop(pid), lazy, stats, position)
             if progress is not None:
                 progress(len(batch.ids) + len(batch.failures))
     finally:
@@ -286,10 +300,21 @@ def _embed_partitions(
     stats.wait_s = loads.wait_s
 
 
-def _write_shard(sink: ShardSink, partition_id: int, shard: _OpenShard, lazy: LazyBackend, stats: RunStats) -> None:
+def _write_shard(
+    sink: ShardSink, partition_id: int, shard: _OpenShard, lazy: LazyBackend, stats: RunStats, position: dict[str, int]
+) -> None:
+    """Write a complete shard, its rows and failures in input order (`position`: each id's index in
+    its partition) whatever order the loader delivered them in (CPU assist workers return their
+    share of a decode group after the GPU's)."""
     dim = _get_backend(lazy, stats).embed_dim
     vectors = np.concatenate(shard.blocks) if shard.blocks else np.zeros((0, dim), dtype=np.float32)
-    stats.write_s += sink.write(partition_id, shard.ids, vectors, shard.sizes, shard.failures)
+    ids, sizes = shard.ids, shard.sizes
+    rows = [position[i] for i in ids]
+    if any(b < a for a, b in itertools.pairwise(rows)):
+        order = np.argsort(rows, kind="stable")
+        ids, sizes, vectors = [ids[k] for k in order], [sizes[k] for k in order], vectors[order]
+    failures = sorted(shard.failures, key=lambda f: position[f.id])
+    stats.write_s += sink.write(partition_id, ids, vectors, sizes, failures)
     stats.embedded += len(shard.ids)
     stats.failed += len(shard.failures)
     stats.shards_written += 1
@@ -322,6 +347,7 @@ def embed_folder(
     gpu_decoder: str = "torchvision",
     gpu_read_threads: int = 2,
     gpu_decode_ahead: bool = False,
+    gpu_cpu_share: float = 0.0,
 ) -> RunStats:
     """Embed every image of a folder or file list into ``out_dir`` (see `sinks` for the layout).
 
@@ -351,6 +377,10 @@ def embed_folder(
         gpu_decode_ahead: experimental: with `gpu_decode`, the decode calls run on a thread of
             their own (`gpu_loading.iter_gpu_loaded`'s `decode_ahead`; the same batches, bit for
             bit). Off: on an H200 it ran 1-6 % slower than the default on 1280x960 (session 8).
+        gpu_cpu_share: experimental: with `gpu_decode`, this fraction of the files (chosen by id,
+            `pipeline.cpu_assist`) is decoded by `workers` CPU processes (default: the cores less
+            four) on the exact path (or `fast_decode`'s) while the GPU decodes the rest. 0: off.
+            A resume must use the same share.
 
     Returns:
         RunStats for the whole run (resumed shards counted in `skipped`).
@@ -360,6 +390,7 @@ def embed_folder(
         DatasetError: the source does not exist, or lists an id twice.
     """
     t_start = time.perf_counter()
+    _check_cpu_share(gpu_cpu_share, gpu_decode, workers)
     out_dir = Path(out_dir)
     items = list(source) if not isinstance(source, (str, Path)) else list_items(source)
     check_unique_ids(items)  # all of them, before run.json is touched (a resume routes only some)
@@ -378,6 +409,7 @@ def embed_folder(
         "fast_decode": fast_decode,
         "gpu_decode": gpu_decode is not None,
         "gpu_decoder": gpu_decoder if gpu_decode is not None else None,
+        "gpu_cpu_share": gpu_cpu_share if gpu_decode is not None else None,
         "partitions": len(parts),
         "images": len(items),
         "status": "running",
@@ -406,13 +438,17 @@ def embed_folder(
                 progress(len(part.items))
         else:
             todo.append(part)
-    n_workers = default_workers() if workers is None else workers
-    executor = make_executor(n_workers) if gpu_decode is None and todo else None
+    assisted = gpu_decode is not None and gpu_cpu_share > 0
+    if workers is not None:
+        n_workers = workers
+    else:
+        n_workers = default_assist_workers(default_workers()) if assisted else default_workers()
+    executor = make_executor(n_workers) if (gpu_decode is None or assisted) and todo else None
     try:
         if todo:
-            loading = _Loading(cfg, batch_size, executor=executor, fast_decode=fast_decode, gpu_decode=gpu_decode,
-                               gpu_decoder=gpu_decoder, gpu_read_threads=gpu_read_threads,
-                               gpu_decode_ahead=gpu_decode_ahead)  # fmt: skip
+            loading = _Loading(cfg, batch_size, workers=n_workers, executor=executor, fast_decode=fast_decode,
+                               gpu_decode=gpu_decode, gpu_decoder=gpu_decoder, gpu_read_threads=gpu_read_threads,
+                               gpu_decode_ahead=gpu_decode_ahead, gpu_cpu_share=gpu_cpu_share)  # fmt: skip
             _embed_partitions(todo, lazy, sink, total, loading, progress)
     finally:
         if executor is not None:
@@ -425,6 +461,15 @@ def embed_folder(
     atomic_write_json(out_dir / RUN_FILE, info)
     _log.info("embedded %d images (%d failed) into %s", total.embedded, total.failed, out_dir)
     return total
+
+
+def _check_cpu_share(share: float, gpu_decode: str | None, workers: int | None) -> None:
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"gpu_cpu_share must be in [0, 1), got {share}")
+    if share > 0 and gpu_decode is None:
+        raise ValueError("gpu_cpu_share is the CPU's share of a GPU decode: it needs gpu_decode")
+    if share > 0 and workers == 0:
+        raise ValueError("gpu_cpu_share needs CPU decode workers (workers >= 1, or None for the default)")
 
 
 def check_output(out_dir: str | Path, **settings: Any) -> None:
@@ -451,6 +496,7 @@ def _check_compatible(out_dir: Path, previous: dict[str, Any], current: dict[str
         "fast_decode": lambda old: "--fast-decode" if old else "no --fast-decode",
         "gpu_decode": lambda old: "--gpu-decode" if old else "no --gpu-decode",
         "gpu_decoder": lambda old: f"--gpu-decoder {old}",
+        "gpu_cpu_share": lambda old: f"--gpu-cpu-share {old}",
     }
     for key, hint in hints.items():
         old, new = previous.get(key), current.get(key)
