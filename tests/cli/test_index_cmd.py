@@ -365,3 +365,25 @@ def test_add_pretrained_same_tag_as_the_index_is_kept_another_is_refused(
     code, out, _ = _run(capsys, "index", "add", idx, folder, "--pretrained", "t1", "--json")
     assert code == 0 and json.loads(out)["added"] == 2
     assert (fake_load[-1].model, fake_load[-1].pretrained) == ("fake@t1", None)
+
+
+def test_pretrained_without_a_model_is_never_silently_ignored(
+    folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    """`search --pretrained` alone names the tag of the index's model (the same one again is fine,
+    another is refused before loading); `index build EMB --pretrained` alone is a usage error, since
+    the model is the one the embeddings record."""
+    emb, idx = tmp_path / "emb", tmp_path / "p.index"
+    code, _, err = _run(capsys, "embed", folder, "-o", emb, "--model", "fake", "--pretrained", "t1", "--workers", "0",
+                        "--no-progress")  # fmt: skip
+    assert code == 0, err
+    code, _, err = _run(capsys, "index", "build", emb, "-o", idx, "--pretrained", "t2")
+    assert code == 2 and "--pretrained t2 needs --model" in err
+    code, _, err = _run(capsys, "index", "build", emb, "-o", idx)
+    assert code == 0, err
+    loads = len(fake_load)
+    code, _, err = _run(capsys, "search", idx, "img-004.jpg", "--pretrained", "t2")
+    assert code == 2 and "names other weights" in err and len(fake_load) == loads
+    code, _, err = _run(capsys, "search", idx, "img-004.jpg", "--pretrained", "t1")
+    assert code == 0, err
+    assert (fake_load[-1].model, fake_load[-1].pretrained) == ("fake@t1", None)

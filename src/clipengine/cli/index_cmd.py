@@ -180,7 +180,7 @@ def _with_default_tag(model: str) -> str:
 
 
 def _add_pretrained(index_model: str, pretrained: str | None) -> str | None:
-    """`index add --pretrained`: the tag to load the index's model with. A model the index records
+    """`index add` / `search` `--pretrained` without `--model`: the tag to load the index's model with. A model the index records
     with its tag ("ViT-B-32@openai", as `index build` writes it) keeps that tag: the same one again
     is dropped (it would make "ViT-B-32@openai@openai", and the add folder would record that), and
     another one is refused before anything is embedded."""
@@ -257,6 +257,10 @@ def _mismatch_before_loading(opts: mo.ModelOptions, index_model: str) -> bool | 
 def _opts(model: str | None, pretrained: str | None, checkpoint: Path | None, backend: str, precision: str,
           device: str, download: bool) -> mo.ModelOptions | None:  # fmt: skip
     if model is None and checkpoint is None:
+        if pretrained is not None:  # it would be silently ignored: the recorded model is used
+            raise typer.BadParameter(
+                f"--pretrained {pretrained} needs --model: without one, the model is the one the embeddings record"
+            )
         return None
     return mo.parse_model_options(
         model or "", pretrained, checkpoint, backend, precision, device, download
@@ -415,11 +419,11 @@ def register(app: typer.Typer) -> None:
         if query is not None and not query.strip():  # "" would embed as a text and rank every image
             raise typer.BadParameter("the text query is empty")
         index = Index.load(index_path)
-        opts = _opts(model, pretrained, checkpoint, backend, precision, device, download)
-        override = opts is not None
-        if opts is None:  # the model comes from the index header
+        override = model is not None or checkpoint is not None
+        opts = _opts(model, pretrained, checkpoint, backend, precision, device, download) if override else None
+        if opts is None:  # the model comes from the index header; --pretrained may name its tag
             opts = mo.parse_model_options(
-                index.model, None, None, backend, precision, device, download
+                index.model, _add_pretrained(index.model, pretrained), None, backend, precision, device, download
             )
         mismatch = IndexMismatchError(
             f"{index_path} was built with model {index.model!r}, not {opts.label!r}; "
