@@ -130,3 +130,60 @@ def test_fast_decode_keeps_original_size_and_stays_close(tmp_path: Path, preproc
     assert fast.pixels.shape == exact.pixels.shape == (1, 3, 32, 32)
     # Within about one grey level on average (pixels are normalised by std ~0.27 -> x255*0.27).
     assert float(np.abs(fast.pixels - exact.pixels).mean()) * 0.27 * 255 < 1.5
+
+
+# A parent that starts and warms a decode pool, prints its workers' pids, then waits to be killed.
+_POOL_PARENT = """
+import sys, time
+from clipengine.image.preprocess import PreprocessConfig
+from clipengine.pipeline.batching import make_executor, warm_executor
+if __name__ == "__main__":
+    pool = make_executor(2)
+    warm_executor(pool, 2, PreprocessConfig(image_size=32).to_dict())
+    print(" ".join(str(pid) for pid in pool._processes), flush=True)
+    time.sleep(120)
+"""
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie no one has reaped yet counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from Linux /proc")
+def test_decode_workers_exit_when_their_parent_is_killed(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "pool_parent.py"
+    script.write_text(_POOL_PARENT)
+    # Only the parent is killed (as the OOM killer picks the process holding the model), not its group.
+    with open(tmp_path / "stderr.txt", "wb") as stderr:  # the orphaned resource tracker reports there
+        parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=stderr, text=True)
+    try:
+        assert parent.stdout is not None
+        workers = [int(pid) for pid in parent.stdout.readline().split()]
+        assert len(workers) == 2 and all(_running(pid) for pid in workers), (tmp_path / "stderr.txt").read_text()
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling interval, not a timing assumption
+        left = [pid for pid in workers if _running(pid)]
+        for pid in left:  # don't leak them into the rest of the session
+            os.kill(pid, signal.SIGKILL)
+        assert left == [], "decode workers outlived their killed parent (they block on the task queue forever)"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        if parent.stdout is not None:
+            parent.stdout.close()

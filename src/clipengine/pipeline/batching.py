@@ -14,8 +14,10 @@ import io
 import json
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
+import threading
 import time
 import warnings
 from collections import deque
@@ -98,6 +100,22 @@ def _init_worker() -> None:
     # Ctrl-C reaches the whole process group: let only the parent handle it (it cancels queued work
     # and shuts the pool down) instead of every worker dying with its own traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_parent()
+
+
+def _exit_with_parent() -> None:
+    """End this worker when its parent dies. A pool worker waits on its task queue, a pipe whose
+    write end it holds itself, so a parent killed with SIGKILL (or by the OOM killer) would leave it
+    blocked there forever; the parent's sentinel becomes ready when the parent is gone."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)  # no cleanup to run: the parent that wanted the results is gone
+
+    threading.Thread(target=watch, name="clipengine-parent-watch", daemon=True).start()
 
 
 def warm_executor(executor: Executor, workers: int, cfg: dict[str, Any]) -> None:
