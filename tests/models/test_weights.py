@@ -36,6 +36,13 @@ class _Handler(SimpleHTTPRequestHandler):
         if not (self.ranges and self.headers.get("Range") and path.is_file()):
             return super().do_GET()
         start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-"))
+        size = path.stat().st_size
+        if start >= size:  # as real servers (S3, Azure, the HF CDN) answer, RFC 9110 15.5.17
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{size}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         data = path.read_bytes()[start:]
         self.send_response(206)
         self.send_header("Content-Length", str(len(data)))
@@ -128,6 +135,33 @@ def test_resume_appends_with_range_request(server: tuple[str, type[_Handler]], t
     target.with_name("model.bin.part").write_bytes(PAYLOAD[:1000])
     download(f"{url}/model.bin", target, sha256=PAYLOAD_SHA)
     assert target.read_bytes() == PAYLOAD and handler.requests == ["bytes=1000-"]
+
+
+@pytest.mark.parametrize("sha256", [PAYLOAD_SHA, None], ids=["checksum", "no-checksum"])
+def test_complete_part_file_from_a_killed_run_is_finished(
+    server: tuple[str, type[_Handler]], tmp_path: Path, sha256: str | None
+) -> None:
+    # Killed after the last byte but before the rename: the rerun's Range request starts at the
+    # end of the file, which servers refuse with 416; the part file is the whole download.
+    url, handler = server
+    handler.ranges = True
+    target = tmp_path / "model.bin"
+    target.with_name("model.bin.part").write_bytes(PAYLOAD)
+    assert download(f"{url}/model.bin", target, sha256=sha256) == target
+    assert target.read_bytes() == PAYLOAD and not target.with_name("model.bin.part").exists()
+
+
+def test_part_file_longer_than_the_served_file_starts_over(
+    server: tuple[str, type[_Handler]], tmp_path: Path
+) -> None:
+    # The release was replaced by a smaller file since the part was written: no byte of it is
+    # known good, and a range past the end would be refused on every rerun.
+    url, handler = server
+    handler.ranges = True
+    target = tmp_path / "model.bin"
+    target.with_name("model.bin.part").write_bytes(PAYLOAD + b"stale tail")
+    download(f"{url}/model.bin", target)
+    assert target.read_bytes() == PAYLOAD and handler.requests == [f"bytes={len(PAYLOAD) + 10}-", ""]
 
 
 def test_server_without_range_support_restarts(server: tuple[str, type[_Handler]], tmp_path: Path) -> None:

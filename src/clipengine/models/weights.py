@@ -135,6 +135,8 @@ def download(
             f"checksum mismatch for {url}: got SHA-256 {digest}, expected {sha256}; the file was "
             f"discarded; retry, or {by_hand}"
         )
+    with part.open("rb") as f:  # the rename must not reach the disk before the data does
+        os.fsync(f.fileno())
     os.replace(part, target)
     if sha256:
         target.with_name(target.name + _VERIFIED_SUFFIX).write_text(f"{sha256} {_stamp(target)}\n")
@@ -224,7 +226,20 @@ def _stream(url: str, part: Path, progress: ProgressCallback | None, timeout: fl
     request = urllib.request.Request(url, headers={"User-Agent": "clipengine"})
     if have:
         request.add_header("Range", f"bytes={have}-")
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+    try:
+        opened = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code != 416 or not have:
+            raise
+        # The range starts at or past the end of the file: a run killed after its last byte but
+        # before the rename left the whole file here, or the file served now is shorter (replaced).
+        total = _range_total(e.headers.get("Content-Range"))
+        e.close()
+        if total == have:
+            return sha256_file(part)
+        part.unlink()  # none of it is known good; refused again on every rerun if kept
+        return _stream(url, part, progress, timeout)
+    with opened as response:
         resumed = have > 0 and response.status == 206
         digest = hashlib.sha256()
         if resumed:
@@ -246,3 +261,9 @@ def _stream(url: str, part: Path, progress: ProgressCallback | None, timeout: fl
     if total is not None and done != total:
         raise OSError(f"connection closed after {done} of {total} bytes (rerun to resume)")
     return digest.hexdigest()
+
+
+def _range_total(content_range: str | None) -> int | None:
+    """The file size a 416 answer states ("bytes */SIZE"), or None when it states none."""
+    size = (content_range or "").rpartition("/")[2].strip()
+    return int(size) if size.isdigit() else None
