@@ -108,6 +108,16 @@ def test_other_model_in_same_output_is_a_one_line_error(
     assert len(fake_load) == 1  # refused before loading the second model
 
 
+def test_source_without_images_is_an_error_before_loading(tmp_path: Path, fake_load, capsys) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    # Was exit 0 ("Embedded 0 images"), and `index build` then said to run `clipengine embed` first.
+    assert main(["embed", str(tmp_path / "empty"), "-o", str(out), "--no-progress"]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'empty'}: no images to embed\n"
+    assert fake_load == [] and not out.exists()
+
+
 def test_bad_options_are_usage_errors(folder: Path, tmp_path: Path, fake_load, capsys) -> None:  # type: ignore[no-untyped-def]
     out = str(tmp_path / "out")
     runner = CliRunner()

@@ -52,6 +52,16 @@ def test_missing_source_names_it(tmp_path: Path) -> None:
         list_items(tmp_path / "nope")
 
 
+def test_an_image_given_as_source_is_named_not_read_as_a_file_list(tmp_path: Path) -> None:
+    image = tmp_path / "photo.JPG"
+    image.write_bytes(b"\xff\xd8\xff\xe0")  # was read as UTF-8 text: "cannot read file list ('utf-8' codec ...)"
+    with pytest.raises(DatasetError) as raised:
+        list_items(image)
+    assert str(raised.value) == (
+        f"{image}: an image, not a folder or file list: pass its folder, or a .txt file that names it"
+    )
+
+
 def test_partitions_are_fixed_slices_of_the_sorted_list() -> None:
     items = [ImageItem(f"{i:03d}.jpg", f"/x/{i:03d}.jpg") for i in range(23)]
     parts = partitions(items, 10)

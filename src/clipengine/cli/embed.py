@@ -151,6 +151,7 @@ def register(app: typer.Typer) -> None:
         """Embed every image of a folder or file list into sharded .npy + .jsonl files (resumable)."""
         from tqdm import tqdm
 
+        from ..errors import DatasetError
         from ..pipeline.run import check_output
         from ..pipeline.sinks import DTYPES, FAILURES_FILE
         from ..pipeline.sources import list_items
@@ -187,6 +188,8 @@ def register(app: typer.Typer) -> None:
                     "(or pass a folder, or a text file with one path per line)"
                 )
             items = list_items(source)
+        if not items:  # a mistyped folder is not a successful run (predict, bench, index build agree)
+            raise DatasetError(f"{source}: no images to embed")
         # Refuse a mismatched output folder before the (possibly slow) model load.
         check_output(
             output, model=opts.label, dtype=dtype, shard_size=shard_size, fast_decode=fast_decode,

@@ -79,11 +79,13 @@ def list_items(source: str | Path) -> list[ImageItem]:
     """A folder (walked recursively) or a file list (`.txt`, one path per line) -> sorted items.
 
     Raises:
-        DatasetError: `source` does not exist.
+        DatasetError: `source` does not exist, or is an image itself.
     """
     path = Path(source)
     if path.is_dir():
         return list_folder(path)
+    if path.is_file() and is_image_name(path.name):  # read as a list, it fails on undecodable bytes
+        raise DatasetError(f"{source}: an image, not a folder or file list: pass its folder, or a .txt file that names it")
     if path.is_file():
         return read_file_list(path)
     raise DatasetError(f"{source}: no such folder or file list")
