@@ -132,7 +132,7 @@ def test_fast_decode_keeps_original_size_and_stays_close(tmp_path: Path, preproc
     assert float(np.abs(fast.pixels - exact.pixels).mean()) * 0.27 * 255 < 1.5
 
 
-# A parent that starts and warms a decode pool, prints its workers' pids, then waits to be killed.
+# A parent that starts and warms a decode pool, says so, then waits to be killed.
 _POOL_PARENT = """
 import sys, time
 from clipengine.image.preprocess import PreprocessConfig
@@ -140,7 +140,7 @@ from clipengine.pipeline.batching import make_executor, warm_executor
 if __name__ == "__main__":
     pool = make_executor(2)
     warm_executor(pool, 2, PreprocessConfig(image_size=32).to_dict())
-    print(" ".join(str(pid) for pid in pool._processes), flush=True)
+    print("ready", flush=True)
     time.sleep(120)
 """
 
@@ -170,14 +170,17 @@ def test_decode_workers_exit_when_their_parent_is_killed(tmp_path: Path) -> None
         parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=stderr, text=True)
     try:
         assert parent.stdout is not None
-        workers = [int(pid) for pid in parent.stdout.readline().split()]
-        assert len(workers) == 2 and all(_running(pid) for pid in workers), (tmp_path / "stderr.txt").read_text()
+        assert parent.stdout.readline() == "ready\n", (tmp_path / "stderr.txt").read_text()
+        # The pool's processes: its 2 workers and multiprocessing's resource tracker.
+        children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text()
+        pool_processes = [int(pid) for pid in children.split()]
+        assert len(pool_processes) >= 2 and all(_running(pid) for pid in pool_processes), pool_processes
         parent.send_signal(signal.SIGKILL)
         parent.wait(timeout=30)
         deadline = time.monotonic() + 30
-        while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+        while any(_running(pid) for pid in pool_processes) and time.monotonic() < deadline:
             time.sleep(0.05)  # polling interval, not a timing assumption
-        left = [pid for pid in workers if _running(pid)]
+        left = [pid for pid in pool_processes if _running(pid)]
         for pid in left:  # don't leak them into the rest of the session
             os.kill(pid, signal.SIGKILL)
         assert left == [], "decode workers outlived their killed parent (they block on the task queue forever)"
