@@ -200,3 +200,36 @@ def test_hub_repo_falls_back_to_transformers_layout(
     folder = weights.fetch_hub("org/clip", allow_download=True)
     assert folder == weights.hub_dir("org/clip")
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("killed_at", [1, 2, 3, 4])  # open_clip config (404), config, weights, preprocessor
+def test_hub_download_killed_midway_is_finished_by_the_rerun(
+    server: tuple[str, type[_Handler]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, killed_at: int
+) -> None:
+    # The folder counts as complete once it holds a config and weights: a run killed after those
+    # but before preprocessor_config.json would leave a model loading with default preprocessing.
+    from clipengine.models import weights
+
+    url, _ = server
+    repo = tmp_path / "www" / "org" / "clip"
+    repo.mkdir(parents=True)
+    (repo / "config.json").write_text("{}")
+    (repo / "model.safetensors").write_bytes(b"weights")
+    (repo / "preprocessor_config.json").write_text('{"image_mean": [0.5, 0.5, 0.5]}')
+    monkeypatch.setattr(weights, "_HUB_URL", url + "/{repo}/{filename}")
+    real, calls = weights.download, []
+
+    def killed(*args: object, **kwargs: object) -> Path:
+        calls.append(args)
+        if len(calls) == killed_at:
+            raise KeyboardInterrupt  # stands for SIGKILL: nothing after this point runs
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(weights, "download", killed)
+    with pytest.raises(KeyboardInterrupt):
+        weights.fetch_hub("org/clip", allow_download=True)
+    monkeypatch.setattr(weights, "download", real)
+    folder = weights.fetch_hub("org/clip", allow_download=True)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json", "model.safetensors", "preprocessor_config.json"
+    ]

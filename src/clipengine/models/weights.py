@@ -187,8 +187,11 @@ def fetch_hub(repo: str, *, allow_download: bool = False, progress: ProgressCall
             if _is_404(e):
                 continue
             raise
-        for group in layout[1:]:
-            _download_group(repo, folder, group, progress, optional=group is layout[-1] and len(layout) > 2)
+        # Weights last: a config plus weights is what marks the folder complete (`_hub_complete`),
+        # so a run killed before the optional preprocessor config must not look finished.
+        for group in layout[2:]:
+            _download_group(repo, folder, group, progress, optional=True)
+        _download_group(repo, folder, layout[1], progress)
         return folder
     raise DownloadError(
         f"hf-hub:{repo} has neither open_clip_config.json nor config.json; put files in {folder}"
