@@ -387,3 +387,12 @@ def test_pretrained_without_a_model_is_never_silently_ignored(
     code, _, err = _run(capsys, "search", idx, "img-004.jpg", "--pretrained", "t1")
     assert code == 0, err
     assert (fake_load[-1].model, fake_load[-1].pretrained) == ("fake@t1", None)
+
+
+def test_search_text_output_keeps_paths_in_one_column(capsys: pytest.CaptureFixture[str]) -> None:
+    index = SimpleNamespace(resolve=lambda i: f"/photos/{i}", model="fake")
+    index_cmd._print_hits([("a.jpg", 0.5), ("b.jpg", -0.0093), ("c.jpg", -1.0)], index, False, "q")  # type: ignore[arg-type]
+    lines = capsys.readouterr().out.splitlines()
+    # A minus sign used to push the path of negative scores one column right.
+    assert [line.index("/photos/") for line in lines] == [9, 9, 9]
+    assert [float(line.split()[0]) for line in lines] == [0.5, -0.0093, -1.0]

@@ -287,7 +287,7 @@ def _print_hits(hits: list[tuple[str, float]], index: Index, as_json: bool, quer
         typer.echo(json.dumps({"query": query, "model": index.model, "results": rows}, indent=2))
         return
     for row in rows:
-        typer.echo(f"{row['score']:.4f}  {row['path']}")
+        typer.echo(f"{row['score']:7.4f}  {row['path']}")  # width 7: -1.0000, so paths line up
 
 
 _M = typer.Option(
