@@ -166,3 +166,26 @@ def test_embed_folder_refuses_a_share_it_cannot_run(tmp_path: Path, fake_factory
     with pytest.raises(ValueError, match=message):
         embed_folder(tmp_path, tmp_path / "out", fake_factory, preprocess_cfg, **kwargs)
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_a_file_that_kills_an_assist_worker_is_its_own_failure(mixed_folder, fakes) -> None:  # type: ignore[no-untyped-def]
+    """The assist workers recover as the CPU loader's do (`batching.settle`): the file whose decode
+    ends its process is that file's Failure, and every other file still comes back."""
+    from functools import partial
+
+    from clipengine.pipeline.decode_pool import DecodePool
+
+    root, good, bad = mixed_folder
+    items = list_items(root)
+    probe = CpuAssist(ThreadPoolExecutor(1), workers=1, share=0.5, cfg=CFG.to_dict())
+    killer = next(i for i in good if probe.takes(i))
+    pool = DecodePool(1, initializer=partial(fakes.die_on, (killer,), None))
+    try:
+        assist = CpuAssist(pool, workers=1, share=0.5, cfg=CFG.to_dict())
+        decoder = GpuJpegDecoder("cpu", decode_batch=_pil_batch_decode)
+        batches = list(iter_gpu_batches(items, CFG, "cpu", batch_size=4, decoder=decoder, assist=assist))
+    finally:
+        pool.shutdown()
+    assert sorted(i for b in batches for i in b.ids) == sorted(set(good) - {killer})
+    failures = {f.id: f.reason for b in batches for f in b.failures}
+    assert sorted(failures) == sorted([*bad, killer]) and "ended the decoder process" in failures[killer]

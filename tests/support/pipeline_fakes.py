@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FakeBackend", "FakeBackendFactory", "write_images"]
+__all__ = ["FakeBackend", "FakeBackendFactory", "die_on", "write_images"]
 
 
 class FakeBackend:
@@ -80,3 +80,30 @@ def write_images(
         Image.fromarray(arr).save(path)
         paths.append(path)
     return paths
+
+
+def die_on(names: tuple[str, ...], once_marker: str | None = None) -> None:
+    """Decode-worker initializer (`DecodePool(initializer=partial(die_on, ...))`): decoding a file
+    whose id is in `names` ends the worker process at once, as a segfaulting decoder or the OOM
+    killer would. With `once_marker` (a path), the first decode of any file does it instead, once
+    for the whole test (the marker file records that it happened): a death no file is to blame for."""
+    import os
+
+    from clipengine.image import decode
+
+    real = decode.open_image
+
+    def open_image(data, name=None, **kwargs):  # type: ignore[no-untyped-def]
+        if once_marker is not None:
+            try:
+                fd = os.open(once_marker, os.O_CREAT | os.O_EXCL)
+            except FileExistsError:
+                pass
+            else:
+                os.close(fd)
+                os._exit(70)
+        if name in names:
+            os._exit(70)
+        return real(data, name, **kwargs)
+
+    decode.open_image = open_image  # type: ignore[assignment]

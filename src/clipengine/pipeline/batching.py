@@ -13,25 +13,22 @@ from __future__ import annotations
 import io
 import json
 import logging
-import multiprocessing
-import multiprocessing.connection
 import os
-import signal
-import threading
 import time
 import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from PIL import Image
 
 from ..errors import DecodeError
 from ..types import Batch, Failure, FloatArray, ImageItem
+from .decode_pool import BrokenProcessPool, DecodePool, make_executor
 
 if TYPE_CHECKING:
     from ..image.preprocess import PreprocessConfig
@@ -42,7 +39,9 @@ __all__ = [
     "iter_batches",
     "load_chunk",
     "make_executor",
+    "settle",
     "sources_of",
+    "submit_chunk",
     "warm_executor",
 ]
 
@@ -85,37 +84,6 @@ def default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
-
-
-def make_executor(workers: int) -> Executor | None:
-    """A process pool for `workers` > 0 (spawn context: safe beside torch/ORT threads), else None."""
-    if workers <= 0:
-        return None
-    return ProcessPoolExecutor(
-        max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
-    )
-
-
-def _init_worker() -> None:
-    # Ctrl-C reaches the whole process group: let only the parent handle it (it cancels queued work
-    # and shuts the pool down) instead of every worker dying with its own traceback.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _exit_with_parent()
-
-
-def _exit_with_parent() -> None:
-    """End this worker when its parent dies. A pool worker waits on its task queue, a pipe whose
-    write end it holds itself, so a parent killed with SIGKILL (or by the OOM killer) would leave it
-    blocked there forever; the parent's sentinel becomes ready when the parent is gone."""
-    parent = multiprocessing.parent_process()
-    if parent is None:
-        return
-
-    def watch() -> None:
-        multiprocessing.connection.wait([parent.sentinel])
-        os._exit(1)  # no cleanup to run: the parent that wanted the results is gone
-
-    threading.Thread(target=watch, name="clipengine-parent-watch", daemon=True).start()
 
 
 def warm_executor(executor: Executor, workers: int, cfg: dict[str, Any]) -> None:
@@ -248,24 +216,84 @@ def _loaded_chunks(
         for chunk in source:
             yield load_chunk(chunk, cfg, fast_decode, False)
         return
-    pending: deque[Future[_Chunk]] = deque()
+    pending: deque[Task] = deque()
     try:
         for chunk in source:
-            pending.append(executor.submit(load_chunk, chunk, cfg, fast_decode, False))
+            pending.append(submit_chunk(executor, chunk, cfg, fast_decode))
             if len(pending) >= prefetch:
-                yield _result(pending.popleft(), stats)
+                yield _result(executor, pending.popleft(), stats)
         while pending:
-            yield _result(pending.popleft(), stats)
+            yield _result(executor, pending.popleft(), stats)
     finally:
-        for fut in pending:  # consumer stopped early (error or interrupt): drop queued work
-            fut.cancel()
+        for task in pending:  # consumer stopped early (error or interrupt): drop queued work
+            task.future.cancel()
 
 
-def _result(fut: Future[_Chunk], stats: LoadStats) -> _Chunk:
+def _result(executor: Executor, task: Task, stats: LoadStats) -> _Chunk:
     t0 = time.perf_counter()
-    chunk = fut.result()
+    chunk = settle(executor, task)
     stats.wait_s += time.perf_counter() - t0
     return chunk
+
+
+class Task(NamedTuple):
+    """A chunk queued on the decode workers: what `load_chunk` was asked, and its future."""
+
+    pairs: list[tuple[str, str | bytes]]
+    cfg: dict[str, Any]
+    fast_decode: bool
+    future: Future[_Chunk]
+
+
+def submit_chunk(
+    executor: Executor, pairs: list[tuple[str, str | bytes]], cfg: dict[str, Any], fast_decode: bool
+) -> Task:
+    """Queue `load_chunk(pairs, cfg, fast_decode, normalise=False)` (uint8 crops) on `executor`."""
+    return Task(pairs, cfg, fast_decode, executor.submit(load_chunk, pairs, cfg, fast_decode, False))
+
+
+def settle(executor: Executor, task: Task) -> _Chunk:
+    """The task's chunk. If a worker process died meanwhile (on one of these files, or on another
+    task's: the pool cannot tell), the files are decoded again in a process of their own, all at
+    once and then, if that process dies too, one at a time: the file that kills its process becomes
+    that file's Failure and the others are kept (`decode_pool`)."""
+    try:
+        return task.future.result()
+    except BrokenProcessPool:
+        if not isinstance(executor, DecodePool):
+            raise
+    _log.warning("a decode worker process died; decoding its %d files again, apart", len(task.pairs))
+    with executor.solo() as solo:
+        ok, chunk = solo.run(load_chunk, task.pairs, task.cfg, task.fast_decode, False)
+        if ok and chunk is not None:
+            return chunk
+        parts: list[_Chunk] = []
+        for item_id, source in task.pairs:
+            ok, part = solo.run(load_chunk, [(item_id, source)], task.cfg, task.fast_decode, False)
+            if ok and part is not None:
+                parts.append(part)
+            else:
+                _log.warning("%s killed its decode process; it is listed as a failure", item_id)
+                parts.append(_Chunk([], np.zeros((0, 3, 0, 0), dtype=np.uint8), [], [Failure(item_id, _KILLED)]))
+    return _joined(parts)
+
+
+# Why a file that kills its decode process (`settle`) failed: seen as the process' sudden end.
+_KILLED = "decoding it ended the decoder process (a crash in a decoding library, or out of memory)"
+
+
+def _joined(parts: list[_Chunk]) -> _Chunk:
+    """Chunks of consecutive files as one, in order (each holds one file here)."""
+    rows = [p.pixels for p in parts if p.ids]
+    return _Chunk(
+        ids=[i for p in parts for i in p.ids],
+        pixels=np.concatenate(rows) if rows else np.zeros((0, 3, 0, 0), dtype=np.uint8),
+        sizes=[size for p in parts for size in p.sizes],
+        failures=[f for p in parts for f in p.failures],
+        read_s=sum(p.read_s for p in parts),
+        decode_s=sum(p.decode_s for p in parts),
+        preprocess_s=sum(p.preprocess_s for p in parts),
+    )
 
 
 def iter_batches(

@@ -19,18 +19,16 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Sequence
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..image.gpu_decode import Decoded, GpuDecodeStats
 from ..types import ImageItem
-from .batching import load_chunk, sources_of
+from .batching import Task, load_chunk, settle, sources_of, submit_chunk
 
 if TYPE_CHECKING:
     import torch
-
-    from .batching import _Chunk
 
 __all__ = ["GPU_LOADER_CORES", "CpuAssist", "default_assist_workers"]
 
@@ -79,18 +77,18 @@ class CpuAssist:
         for _ in range(self.workers):
             self.executor.submit(load_chunk, [], self.cfg)
 
-    def submit(self, items: Sequence[ImageItem]) -> list[Future[_Chunk]]:
+    def submit(self, items: Sequence[ImageItem]) -> list[Task]:
         """Queue `items` on the workers, in about `workers` tasks; their order is kept."""
         if not items:
             return []
         per_task = max(1, min(_MAX_TASK, -(-len(items) // self.workers)))
         pairs = sources_of(items)
         return [
-            self.executor.submit(load_chunk, pairs[i : i + per_task], self.cfg, self.fast_decode, False)
+            submit_chunk(self.executor, pairs[i : i + per_task], self.cfg, self.fast_decode)
             for i in range(0, len(pairs), per_task)
         ]
 
-    def collect(self, futures: Sequence[Future[_Chunk]], device: torch.device, stats: GpuDecodeStats) -> Decoded:
+    def collect(self, tasks: Sequence[Task], device: torch.device, stats: GpuDecodeStats) -> Decoded:
         """The workers' results for one group, as S x S uint8 images on `device`, in submission order.
 
         `stats.assist_wait_s` grows by the time spent waiting for them: the share is too large for
@@ -99,9 +97,9 @@ class CpuAssist:
         import torch
 
         decoded = Decoded([], [], [], [])
-        for fut in futures:
+        for task in tasks:
             t0 = time.perf_counter()
-            chunk = fut.result()
+            chunk = settle(self.executor, task)  # a worker that died: its files again, apart
             stats.assist_wait_s += time.perf_counter() - t0
             stats.assist_s += chunk.read_s + chunk.decode_s + chunk.preprocess_s
             stats.failures += len(chunk.failures)
@@ -113,9 +111,3 @@ class CpuAssist:
                 decoded.images.extend(crops.unbind(0))
                 decoded.sizes.extend(chunk.sizes)
         return decoded
-
-    @staticmethod
-    def cancel(futures: Sequence[Future[_Chunk]]) -> None:
-        """Drop queued tasks (the consumer stopped early); running ones finish and are dropped."""
-        for fut in futures:
-            fut.cancel()

@@ -28,7 +28,7 @@ from clipengine.types import Failure, ImageItem
 if TYPE_CHECKING:
     import torch
 
-    from clipengine.pipeline.batching import _Chunk
+    from clipengine.pipeline.batching import Task
     from clipengine.pipeline.cpu_assist import CpuAssist
 
 __all__ = [
@@ -262,13 +262,13 @@ class _ReadGroup(NamedTuple):
 
     ids: list[str]  # every file of the group, in input order
     read: list[EncodedImage | Failure]  # the files the GPU decoder takes, read and inspected
-    assisted: list[Future[_Chunk]]  # the CPU assist workers' tasks for the others (in order)
+    assisted: list[Task]  # the CPU assist workers' tasks for the others (in order)
 
 
 class _PendingGroup(NamedTuple):
     ids: list[str]
     reads: list[Future[tuple[list[EncodedImage | Failure], float]]]
-    assisted: list[Future[_Chunk]]
+    assisted: list[Task]
 
 
 def _read_ahead(
@@ -307,7 +307,7 @@ def _read_ahead(
                 for fut in group_left.reads:
                     fut.cancel()
                 for task in group_left.assisted:
-                    task.cancel()
+                    task.future.cancel()
 
 
 def _read_slice_size(group_size: int, threads: int) -> int:
