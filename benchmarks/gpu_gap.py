@@ -29,6 +29,11 @@ A B C D, ...) so that drift hits all rows alike, on a folder `--count` files lon
     N  uniform: C with a CPU share of 0.2, reduced-scale decode in the workers (`fast_decode`)
     O  mix: G with a CPU share of 0.2, reduced-scale decode in the workers
 
+Each row also counts the caching allocator's device calls during it (`torch.cuda.memory_stats`:
+cudaMalloc, cudaFree, and retries after freeing the cache). cudaMalloc / cudaFree synchronise the
+device: if a row makes many, the decode and the preprocessing contend through the allocator
+(session 8's guess for decode_ahead's loss; try `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`).
+
 Usage (device): python benchmarks/gpu_gap.py [--count 16384] [--mix-count 4096] [--rounds 3] [--rows ACLMN]
 Prints a markdown table of the median img/s per row (and min / max); `--json` saves every round.
 """
@@ -152,25 +157,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.rows:
         rows = {name: row for name, row in rows.items() if name[0] in args.rows.upper()}
     rates: dict[str, list[float]] = {name: [] for name in rows}
+    device_calls: dict[str, list[tuple[int, int, int]]] = {name: [] for name in rows}
+    counters = ("num_device_alloc", "num_device_free", "num_alloc_retries")
     for r in range(args.rounds):
         for name, row in rows.items():
             try:
                 torch.cuda.synchronize()
+                before = torch.cuda.memory_stats()
                 t0 = time.perf_counter()
                 n = row()
                 torch.cuda.synchronize()
                 rates[name].append(n / (time.perf_counter() - t0))
-                log.info("round %d %s: %d images, %.0f img/s", r, name, n, rates[name][-1])
+                after = torch.cuda.memory_stats()
+                calls = tuple(int(after.get(c, 0) - before.get(c, 0)) for c in counters)
+                device_calls[name].append(calls)  # type: ignore[arg-type]
+                log.info("round %d %s: %d images, %.0f img/s; cudaMalloc %d, cudaFree %d, alloc retries %d",
+                         r, name, n, rates[name][-1], *calls)  # fmt: skip
             except Exception:
                 log.exception("%s: failed", name)
     print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}; uniform {args.count} files 1280x960, "
           f"mix {args.mix_count} files (every 8th 4000x3000), progressive {args.mix_count} (every 4th), batch {args.batch}, {args.rounds} rounds in turn\n")  # fmt: skip
-    print("| row | median img/s | min | max |\n| --- | ---: | ---: | ---: |")
+    print("| row | median img/s | min | max | cudaMalloc / cudaFree / retries (last round) |")
+    print("| --- | ---: | ---: | ---: | --- |")
     for name, values in rates.items():
         if values:
-            print(f"| {name} | {statistics.median(values):.0f} | {min(values):.0f} | {max(values):.0f} |")
+            last = device_calls[name][-1] if device_calls[name] else (0, 0, 0)
+            print(f"| {name} | {statistics.median(values):.0f} | {min(values):.0f} | {max(values):.0f} | "
+                  f"{' / '.join(str(c) for c in last)} |")
     if args.json:
-        args.json.write_text(json.dumps(rates, indent=1))
+        args.json.write_text(json.dumps({"rates": rates, "device_calls": device_calls}, indent=1))
     return 0
 
 

@@ -7,7 +7,8 @@
 #   bash scripts/gpu_check.sh gap       # ON THE DEVICE: embed_folder vs the bare loader, rows in turn, and
 #                                       # where each thread's time goes (~180 s)
 #   bash scripts/gpu_check.sh assist    # ON THE DEVICE: CPU assist (session 9, never yet on a GPU): its
-#                                       # gpu tests, then gpu_gap rows C L M N G O in turn (~150 s)
+#                                       # gpu tests, then gpu_gap rows C L M N G O in turn, then C D with
+#                                       # expandable_segments (~250 s)
 #
 # Each device mode is one `run` call with carry [".whl"] and timeout_s 590. Session 4 ran both in one
 # 15-minute budget (347 s + 291 s, plus the machine starts). Do not leave the machine warm
@@ -118,6 +119,11 @@ assist)
     timeout "${GAP_S:-200}" python3 benchmarks/gpu_gap.py --rounds 3 --rows CLMNGO --json "$OUT/assist.json" \
         > "$OUT/assist.md" 2> "$OUT/stderr.log"
     echo "gpu_gap exit $?"; cat "$OUT/assist.md"; grep -E "CPU assist|waited" "$OUT/stderr.log" | tail -12
+    # decode_ahead lost 1-6 % in session 8; if rows C / D above show many cudaMalloc / cudaFree
+    # (device-wide syncs), the allocator is the contention: the same rows with expandable segments.
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout "${ALLOC_S:-90}" python3 benchmarks/gpu_gap.py \
+        --rounds 3 --rows CD > "$OUT/assist_expandable.md" 2>> "$OUT/stderr.log"
+    echo "gpu_gap expandable_segments exit $?"; cat "$OUT/assist_expandable.md"
     ;;
 *)
     echo "usage: bash scripts/gpu_check.sh prepare|run|peers|gap|assist" >&2
