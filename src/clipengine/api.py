@@ -230,6 +230,10 @@ def load(
         UnknownModelError, CheckpointError, DownloadNotAllowedError, DownloadError, BackendError
         (InputError, a BackendError, for a backend that cannot run `name_or_path` or bad options).
     """
+    from .backends import BACKEND_KINDS
+
+    if backend not in BACKEND_KINDS:  # else named below as a backend that needs an export folder
+        raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_KINDS)}")
     path = Path(name_or_path).expanduser()
     if path.is_dir() and (path / _EXPORT_MANIFEST).is_file():
         if backend != "torch":  # "torch" or "onnx" on an export folder: ONNX Runtime

@@ -178,6 +178,12 @@ def test_unknown_backend_on_an_export_folder_is_refused(export_dir: Path) -> Non
         clipengine.load(export_dir, backend="weird")
 
 
+def test_unknown_backend_is_named_as_unknown(model_dir: Path) -> None:
+    # Was "backend 'tensorflow' runs export folders (...)": as if it were onnx or openvino.
+    with pytest.raises(InputError, match=r"^unknown backend 'tensorflow'; choose one of torch, onnx, openvino$"):
+        clipengine.load(model_dir, backend="tensorflow")
+
+
 def test_unknown_export_backend_option_is_a_backend_error(export_dir: Path) -> None:
     with pytest.raises(InputError, match="bad options"):
         clipengine.load(export_dir, warp_speed=True)
