@@ -250,3 +250,39 @@ def test_image_folders_are_listed_as_embed_lists_them(tmp_path: Path, tiny_model
         onnx_export.export_model(tiny_model, tmp_path / "out2", image_batches=None, text_batches=None,
                                  calibration_images=tmp_path / "missing")
     assert not (tmp_path / "out2").exists()
+
+
+_KILLED_EXPORT = """
+import os, signal, sys
+from clipengine.export import onnx as onnx_export
+from clipengine.models.load import load_model
+
+def killed(*args, **kwargs):  # SIGKILL as the first finished engine is moved into the folder
+    os.kill(os.getpid(), signal.SIGKILL)
+
+onnx_export._move = killed
+module = load_model(sys.argv[1]).module
+onnx_export.export_model(module, sys.argv[2], image_batches=None, text_batches=None, verify=False)
+"""
+
+
+def test_export_killed_midway_leaves_no_litter_after_the_rerun(tmp_path: Path, tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """A SIGKILL mid-export leaves no manifest (so nothing trusts the folder); the rerun removes
+    the killed run's temp folder and the engines of the export before it, as an unkilled one would."""
+    import signal
+    import subprocess
+    import sys
+
+    from clipengine.models.load import save_model
+
+    checkpoint = save_model(tiny_model, tmp_path / "tiny")
+    out = tmp_path / "export"
+    onnx_export.export_model(tiny_model, out, image_batches=(1,), text_batches=(4,), verify=False)
+    (out / "notes.txt").write_text("mine")
+    killed = subprocess.run([sys.executable, "-c", _KILLED_EXPORT, str(checkpoint), str(out)], check=False)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (out / "manifest.json").exists()
+    onnx_export.export_model(tiny_model, out, image_batches=None, text_batches=None, verify=False)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "image_fp32_dyn.onnx", "manifest.json", "notes.txt", "text_fp32_dyn.onnx"
+    ]

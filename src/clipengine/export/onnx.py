@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import logging
+import re
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..files import atomic_write_bytes
 from ..image.files import folder_images
 from ..models.clip import VisionTransformer
 from ..models.pooled import PooledTextTower, PooledVisionTransformer
@@ -58,6 +61,9 @@ DEFAULT_TEXT_BATCHES = (4,)  # the seed's text engine
 OPSET = 18  # LayerNormalization (17+) as one op; supported by ORT >= 1.14 and TensorRT 8.6+
 _DYNAMIC_EXAMPLE_BATCH = 2  # example rows for dynamic export (1 would specialise the axis)
 Progress = Callable[[str], None]
+_WORK_PREFIX = ".export-"  # the work folder inside the export folder (same filesystem: renames)
+_WORK_DIR = re.compile(re.escape(_WORK_PREFIX) + r"[a-z0-9_]{8}")  # as tempfile names it
+_PREVIOUS_FILE = ".previous-engines.json"  # files of the export being replaced, until it is
 
 
 class _ImageGraph(nn.Module):
@@ -182,7 +188,34 @@ def _listed_files(folder: Path) -> set[str]:
     names = {e.file for e in m.engines} | {e.external_data for e in m.engines if e.external_data}
     if m.text_projection:
         names.add(m.text_projection["file"])
-    return {n for n in names if n and Path(n).name == n}  # plain names only, never paths elsewhere
+    return _plain_names(names)
+
+
+def _plain_names(names: Iterable[object]) -> set[str]:
+    """Plain file names only, never paths elsewhere."""
+    return {n for n in names if isinstance(n, str) and n and Path(n).name == n}
+
+
+def _begin_rewrite(out: Path) -> set[str]:
+    """Unpublish `out`'s manifest and clear what a killed export left; return the files to replace.
+
+    The files the old manifest listed are noted in `_PREVIOUS_FILE` before the manifest goes, so an
+    export killed midway still leaves the next one the list of engines to remove once it succeeds.
+    """
+    noted = out / _PREVIOUS_FILE
+    previous = _listed_files(out)
+    try:
+        previous |= _plain_names(json.loads(noted.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, TypeError) as e:  # damaged: only some old engines stay behind
+        log.warning("ignoring %s (%s)", noted, e)
+    atomic_write_bytes(noted, json.dumps(sorted(previous)).encode())
+    (out / MANIFEST_FILE).unlink(missing_ok=True)  # a half-rewritten folder must not look complete
+    for work in out.iterdir():  # the work folders of exports killed before their cleanup ran
+        if _WORK_DIR.fullmatch(work.name) and work.is_dir():
+            shutil.rmtree(work, ignore_errors=True)
+    return previous
 
 
 def _batch_list(batches: Sequence[int] | None) -> list[int | None]:
@@ -263,15 +296,14 @@ def export_model(
         calibration["text"] = calibration_texts(cfg.text.context_length)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    previous = _listed_files(out)
-    (out / MANIFEST_FILE).unlink(missing_ok=True)  # a half-rewritten folder must not look complete
+    previous = _begin_rewrite(out)
     projection: dict[str, Any] | None = None
     if split_text_projection:
         w, d = model.text_projection.shape
         projection = {"file": projection_file_name(w, d), "shape": [w, d]}
 
     engines: list[EngineInfo] = []
-    with tempfile.TemporaryDirectory(prefix=".export-", dir=out) as tmp:
+    with tempfile.TemporaryDirectory(prefix=_WORK_PREFIX, dir=out) as tmp:
         work = Path(tmp)
         if projection is not None:
             np.save(work / projection["file"], model.text_projection.detach().numpy().astype(np.float32))
@@ -310,6 +342,7 @@ def export_model(
     current = _listed_files(out)
     for stale in sorted(previous - current):  # engines of an earlier export that this one replaced
         (out / stale).unlink(missing_ok=True)
+    (out / _PREVIOUS_FILE).unlink(missing_ok=True)
     say(f"wrote {out / MANIFEST_FILE} ({len(engines)} engines, {manifest.export_seconds:.1f} s)")
     return manifest
 
