@@ -152,8 +152,8 @@ def test_split_and_unsplit_projection_give_the_same_embeddings(vit_fixed_export,
     np.testing.assert_allclose(split, unsplit, atol=1e-5)
 
 
-def test_corrupted_engine_fails_export_with_measured_value(tmp_path: Path, tiny_model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """An engine that differs from PyTorch must stop the export, naming the file and the error."""
+def _corrupt_image_engines(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Image engines get noisy weights, so they fail their parity check."""
     real_save = onnx_export.quantize.save_onnx
 
     def corrupting_save(model, path, threshold=None):  # type: ignore[no-untyped-def]
@@ -165,6 +165,11 @@ def test_corrupted_engine_fails_export_with_measured_value(tmp_path: Path, tiny_
         return real_save(model, path, threshold)
 
     monkeypatch.setattr(onnx_export.quantize, "save_onnx", corrupting_save)
+
+
+def test_corrupted_engine_fails_export_with_measured_value(tmp_path: Path, tiny_model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """An engine that differs from PyTorch must stop the export, naming the file and the error."""
+    _corrupt_image_engines(monkeypatch)
     out = tmp_path / "bad"
     with pytest.raises(ExportParityError, match=r"image_fp32_dyn\.onnx: max-abs [0-9.e-]+.*needs max-abs <= 0\.0001"):
         onnx_export.export_model(tiny_model, out, image_batches=None, text_batches=None)
@@ -173,6 +178,21 @@ def test_corrupted_engine_fails_export_with_measured_value(tmp_path: Path, tiny_
     report = json.loads((out / "parity_report.json").read_text())
     verdicts = {e["file"]: e["parity"]["passed"] for e in report["engines"]}
     assert verdicts == {"image_fp32_dyn.onnx": False, "text_fp32_dyn.onnx": True}
+
+
+def test_failed_export_never_shows_a_manifest_even_if_killed(tmp_path: Path, tiny_model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The parity report of a failed export goes straight to its own name: a crash while it is
+    written must not leave a manifest.json listing engines that failed and never landed."""
+    _corrupt_image_engines(monkeypatch)
+
+    def crash(self: Path, target: object) -> None:
+        raise OSError("simulated crash")
+
+    monkeypatch.setattr(Path, "rename", crash)
+    out = tmp_path / "bad"
+    with pytest.raises((OSError, ExportParityError)):
+        onnx_export.export_model(tiny_model, out, image_batches=None, text_batches=None)
+    assert not (out / "manifest.json").exists()
 
 
 def test_unknown_precision_is_rejected(tmp_path: Path, tiny_model) -> None:  # type: ignore[no-untyped-def]

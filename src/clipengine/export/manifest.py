@@ -152,9 +152,9 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def write_manifest(manifest: Manifest, folder: str | Path) -> Path:
-    """Write `folder/manifest.json` atomically (readers never see a half-written file)."""
-    final = Path(folder) / MANIFEST_FILE
+def write_manifest(manifest: Manifest, folder: str | Path, name: str = MANIFEST_FILE) -> Path:
+    """Write `folder/manifest.json` (or `folder/name`) atomically (readers never see a half-written file)."""
+    final = Path(folder) / name
     with atomic_path(final) as tmp:
         tmp.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
     return final

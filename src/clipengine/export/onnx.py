@@ -63,6 +63,7 @@ _DYNAMIC_EXAMPLE_BATCH = 2  # example rows for dynamic export (1 would specialis
 Progress = Callable[[str], None]
 _WORK_PREFIX = ".export-"  # the work folder inside the export folder (same filesystem: renames)
 _WORK_DIR = re.compile(re.escape(_WORK_PREFIX) + r"[a-z0-9_]{8}")  # as tempfile names it
+_PARITY_REPORT_FILE = "parity_report.json"  # a failed export's manifest, under another name
 _PREVIOUS_FILE = ".previous-engines.json"  # files of the export being replaced, until it is
 
 
@@ -335,8 +336,9 @@ def export_model(
         export_seconds=round(time.perf_counter() - started, 2),
     )
     if failed:
-        write_manifest(manifest, out)
-        (out / MANIFEST_FILE).rename(out / "parity_report.json")
+        # Straight to the report's name: a manifest.json, even for a moment, would publish engines
+        # that failed and never landed as a complete export.
+        write_manifest(manifest, out, name=_PARITY_REPORT_FILE)
         raise_on_failures(engines, out)
     write_manifest(manifest, out)
     current = _listed_files(out)
