@@ -76,6 +76,39 @@ def test_crash_during_first_save_leaves_nothing_under_the_name(
     assert list(tmp_path.iterdir()) == []
 
 
+_KILLED_FIRST_SAVE = """
+import os, signal, sys
+import numpy as np
+from clipengine.index import Index, store
+
+real = store._write_atomic
+
+def killed(path, write):  # SIGKILL just before the header, the commit point, is written
+    if path.name == store.HEADER_NAME:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(path, write)
+
+store._write_atomic = killed
+Index.build(["a", "b"], np.eye(2, 32), model="fake").save(sys.argv[1])
+"""
+
+
+def test_first_save_killed_leaves_a_work_folder_the_next_save_removes(
+    tmp_path: Path, ids: list[str], vectors: np.ndarray
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    (tmp_path / ".notes.txt.abcd1234.tmp").write_text("another program's temp file")
+    killed = subprocess.run([sys.executable, "-c", _KILLED_FIRST_SAVE, str(tmp_path / "new.index")], check=False)
+    assert killed.returncode == -signal.SIGKILL
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] != []  # the killed save's work folder
+    Index.build(ids, vectors, model="fake").save(tmp_path / "new.index")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.txt.abcd1234.tmp", "new.index"]
+    assert len(Index.load(tmp_path / "new.index")) == len(ids)
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [

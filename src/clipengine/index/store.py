@@ -10,7 +10,7 @@ os.replace), then replaces header.json the same way; the header is the commit po
 moment leaves either the old header with its complete files or the new one with its complete files.
 Files of older generations and temp leftovers are removed after the commit (or on the next save).
 A brand-new index is assembled in a hidden sibling folder and renamed into place, so a half-written
-index folder is never visible under the final name.
+index folder is never visible under the final name; one left by a killed save goes at the next save.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import IndexFileError
-from ..files import atomic_path, is_temp_name
+from ..files import atomic_path, is_temp_name, temp_target
 
 __all__ = [
     "FORMAT",
@@ -130,6 +130,7 @@ def write_generation(
             shutil.rmtree(workdir, ignore_errors=True)
         raise
     _remove_stale(root, keep=set(files.values()) | {HEADER_NAME})
+    _remove_work_folders(root)
     return header
 
 
@@ -148,6 +149,21 @@ def _remove_stale(root: Path, keep: set[str]) -> None:
         if p.name.startswith(("vectors-", "meta-")) or is_temp_name(p.name):
             p.unlink(missing_ok=True)
             log.debug("removed stale index file %s", p)
+
+
+def _remove_work_folders(root: Path) -> None:
+    """Remove the work folders of first saves of `root` that were killed before their rename.
+
+    Only folders named as `write_generation` names them and holding nothing but index files: the
+    parent folder is the user's.
+    """
+    for p in root.parent.iterdir():
+        if p == root or temp_target(p.name) != root.name or not p.is_dir():
+            continue
+        names = [q.name for q in p.iterdir()]
+        if all(n == HEADER_NAME or n.startswith(("vectors-", "meta-")) or is_temp_name(n) for n in names):
+            shutil.rmtree(p, ignore_errors=True)
+            log.debug("removed the work folder %s of an interrupted save", p)
 
 
 def read_header(root: Path) -> dict[str, Any]:
