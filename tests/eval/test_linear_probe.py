@@ -159,6 +159,21 @@ def test_failed_feature_save_leaves_no_cache_or_temp_file(shape_sets, monkeypatc
     assert not hit and np.array_equal(np.load(path), feats)
 
 
+@pytest.mark.parametrize("damage", [b"", b"\x93NUMPY half", b"not a numpy file"])
+def test_damaged_cache_file_is_recomputed_and_replaced(shape_sets, damage: bytes) -> None:  # type: ignore[no-untyped-def]
+    """A cache file cut short (a crash under an older clipengine, a full disk) is a miss, not a traceback."""
+    import numpy as np
+
+    _, test_ds = shape_sets
+    data = _split(test_ds, "t", slice(0, 8))
+    model = _fake_model()
+    path = linear_probe.feature_cache_path(model, data)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(damage)
+    feats, hit = linear_probe.cached_features(model, data)
+    assert not hit and np.array_equal(np.load(path), feats)
+
+
 def test_two_runs_caching_the_same_features_at_once_do_not_collide(shape_sets, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Both runs write their own temp file: neither replaces (or loses) the other's."""
     import threading

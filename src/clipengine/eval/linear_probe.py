@@ -97,10 +97,14 @@ def cached_features(
     """(N, D) image features of `data`, read from the cache when present; returns (features, hit)."""
     path = feature_cache_path(model, data, engine)
     if path.is_file():
-        feats = np.load(path)
-        if feats.shape == (len(data), model.embed_dim):
-            log.info("features from cache %s", path)
-            return feats, True
+        try:
+            feats = np.load(path)
+        except (OSError, ValueError, EOFError) as e:  # cut short or foreign: a miss, rewritten below
+            log.warning("ignoring unreadable feature cache %s (%s)", path, e)
+        else:
+            if feats.shape == (len(data), model.embed_dim):
+                log.info("features from cache %s", path)
+                return feats, True
     feats = encode_dataset(model, data, batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A unique temp file beside the cache file, then os.replace: two runs at once never share a temp
