@@ -552,3 +552,26 @@ def test_head_through_uvicorn_sends_no_body(fake_model: FakeModel, fake_index: F
     finally:
         conn.close()
         server.stop()
+
+
+@pytest.mark.integration
+def test_a_stalled_request_body_is_408_not_a_hang(fake_model: FakeModel, fake_index: FakeIndex) -> None:
+    import socket
+
+    from clipengine.serve import ServeSettings, create_app
+
+    from .conftest import ThreadedServer
+
+    server = ThreadedServer(create_app(fake_model, fake_index, ServeSettings(request_timeout_s=0.3)))
+    head = b"POST /v1/embeddings/texts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as conn:
+            conn.sendall(head + b'{"te')  # 4 of the 100 bytes promised, then nothing
+            try:
+                reply = conn.recv(4096)
+            except TimeoutError:
+                reply = b""  # was: no answer at all, the connection held open for as long as the client liked
+    finally:
+        server.stop()
+    assert reply.startswith(b"HTTP/1.1 408 "), reply
+    assert b'"request_timeout"' in reply and b"no request body data for 0.3 s" in reply

@@ -129,7 +129,7 @@ def register(app: typer.Typer) -> None:
         ),
         max_texts: int = typer.Option(256, "--max-texts", min=1, help="Most texts or labels per request."),
         request_timeout: float = typer.Option(
-            30.0, "--request-timeout", min=0.001, help="Seconds before a 504."
+            30.0, "--request-timeout", min=0.001, help="Seconds before a 504 (and a 408 for a body that stops arriving)."
         ),
         api_key: str | None = typer.Option(
             None,

@@ -38,7 +38,7 @@ API_PREFIX = "/v1/"
 PUBLIC_PATHS = ("/", "/healthz", "/readyz", "/favicon.ico")
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 429, 503, 504)
+    code: {"model": ErrorResponse} for code in (400, 401, 408, 413, 415, 422, 429, 503, 504)
 }
 
 
@@ -94,7 +94,7 @@ def create_app(
     _add_routes(app, state)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # Added innermost first: the body limit sits inside the key check, tracking wraps everything.
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes, idle_s=settings.request_timeout_s)
     app.add_middleware(
         ApiKeyMiddleware, api_key=settings.api_key, public=PUBLIC_PATHS, public_prefixes=("/static/",)
     )

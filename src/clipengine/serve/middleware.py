@@ -172,12 +172,23 @@ class BodyTooLargeError(ApiError):
         super().__init__(413, "payload_too_large", f"request body exceeds the limit of {limit} bytes")
 
 
-class BodyLimitMiddleware:
-    """Refuse bodies over `limit` bytes: at once from Content-Length, else as soon as the stream passes it."""
+class BodyStalledError(ApiError):
+    def __init__(self, idle_s: float) -> None:
+        super().__init__(408, "request_timeout", f"no request body data for {idle_s:g} s; send the whole body")
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+
+class BodyLimitMiddleware:
+    """Refuse bodies over `limit` bytes: at once from Content-Length, else as soon as the stream passes it.
+
+    A body that stops arriving for `idle_s` seconds is refused with 408: the request timeout covers
+    the work done for a request, and without this a client that sends part of a body would hold its
+    connection and handler for as long as it liked. A slow upload that keeps sending is not cut off.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, idle_s: float | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.idle_s = idle_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -202,11 +213,19 @@ class BodyLimitMiddleware:
                 )
                 return
         seen = 0
+        body_done = False
 
         async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, body_done
+            if body_done or self.idle_s is None:  # after the body, receive() waits for a disconnect
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), self.idle_s)
+                except asyncio.TimeoutError as e:
+                    raise BodyStalledError(self.idle_s) from e
             if message["type"] == "http.request":
+                body_done = not message.get("more_body", False)
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
                     # Raised inside whatever is reading the body; FastAPI re-raises HTTPExceptions
