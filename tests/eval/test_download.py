@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import shutil
 import tarfile
 import urllib.error
 from pathlib import Path
@@ -71,6 +72,24 @@ def test_download_verifies_and_extracts(tmp_path: Path, fake_server) -> None:  #
     _, seen = fake_server
     download.download_dataset("cifar10", tmp_path)
     assert len(seen) == 1
+
+
+def test_extraction_killed_midway_is_cleaned_up_by_the_rerun(tmp_path: Path, fake_server, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    real_extract, real_rmtree = tarfile.TarFile.extractall, shutil.rmtree
+
+    def killed(self, path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        real_extract(self, path, *args, **kwargs)
+        raise KeyboardInterrupt  # stands for SIGKILL: the cleanup below never runs
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", killed)
+    monkeypatch.setattr(download.shutil, "rmtree", lambda *a, **k: None)
+    with pytest.raises(KeyboardInterrupt):
+        download.download_dataset("cifar10", tmp_path)
+    assert list(tmp_path.glob(".extract-*"))  # what the killed run left
+    monkeypatch.setattr(tarfile.TarFile, "extractall", real_extract)
+    monkeypatch.setattr(download.shutil, "rmtree", real_rmtree)
+    download.download_dataset("cifar10", tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
 
 
 def test_partial_download_resumes_with_range(tmp_path: Path, fake_server) -> None:  # type: ignore[no-untyped-def]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import logging
+import re
 import shutil
 import tarfile
 import tempfile
@@ -48,6 +49,8 @@ ARCHIVES = {
     ),
 }
 _CHUNK = 1 << 20
+_EXTRACT_PREFIX = ".extract-"  # the temporary folder an archive is extracted into, in the root
+_EXTRACT_DIR = re.compile(re.escape(_EXTRACT_PREFIX) + r"[a-z0-9_]{8}")  # as tempfile names it
 
 
 def default_data_root() -> Path:
@@ -137,7 +140,10 @@ def download_dataset(
 
 
 def _extract(archive: Path, root: Path, folder: str) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=root))
+    for left in root.iterdir():  # what an extraction killed before its cleanup left (~180 MB)
+        if _EXTRACT_DIR.fullmatch(left.name) and left.is_dir():
+            shutil.rmtree(left, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=_EXTRACT_PREFIX, dir=root))
     try:
         with tarfile.open(archive, "r:gz") as tar:
             tar.extractall(tmp, filter="data")  # "data" filter: no absolute paths, links or devices
