@@ -242,3 +242,23 @@ def test_backend_openvino_runs_an_export_folder(cifar10: Path, onnx_export: Path
     assert result.output.startswith("openvino fp32: linear-probe top-1")
     result = CliRunner().invoke(app, [*args, "--backend", "tensorrt"])
     assert result.exit_code == 2 and "--backend" in result.output
+
+
+def test_an_unreadable_image_is_left_out_and_named_not_fatal(shapes_folder: Path, tmp_path: Path) -> None:
+    """One empty file in the folder: the eval completes on the others, says so on stderr, and the
+    reports list the file with its reason."""
+    import shutil
+
+    root = shutil.copytree(shapes_folder, tmp_path / "data")
+    broken = sorted(root.rglob("*.png"))[7]
+    broken.write_bytes(b"")
+    out = tmp_path / "r"
+    args = ["eval", "zeroshot", "-d", "folder", "--root", str(root), "-m", str(TINY_SYNTH), "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "59 images" in result.stdout
+    assert "left out: 1 unreadable image(s)" in result.stderr and broken.name in result.stderr
+    (report,) = out.glob("zeroshot_*.json")
+    (row,) = json.loads(report.read_text())["results"][0]["unreadable"]
+    assert row["path"] == str(broken) and row["reason"]
+    assert f"- {broken}: " in next(out.glob("zeroshot_*.md")).read_text()

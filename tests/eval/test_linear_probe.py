@@ -155,8 +155,8 @@ def test_failed_feature_save_leaves_no_cache_or_temp_file(shape_sets, monkeypatc
     assert not path.exists()
     assert list(path.parent.iterdir()) == []  # no temp file left behind
     monkeypatch.setattr(np, "save", real_save)  # not undo(): that would also drop the isolated home
-    feats, hit = linear_probe.cached_features(model, data)  # the next run writes the cache normally
-    assert not hit and np.array_equal(np.load(path), feats)
+    split, hit = linear_probe.cached_features(model, data)  # the next run writes the cache normally
+    assert not hit and np.array_equal(np.load(path), split.features)
 
 
 @pytest.mark.parametrize("damage", [b"", b"\x93NUMPY half", b"not a numpy file"])
@@ -170,8 +170,8 @@ def test_damaged_cache_file_is_recomputed_and_replaced(shape_sets, damage: bytes
     path = linear_probe.feature_cache_path(model, data)
     path.parent.mkdir(parents=True)
     path.write_bytes(damage)
-    feats, hit = linear_probe.cached_features(model, data)
-    assert not hit and np.array_equal(np.load(path), feats)
+    split, hit = linear_probe.cached_features(model, data)
+    assert not hit and np.array_equal(np.load(path), split.features)
 
 
 def test_two_runs_caching_the_same_features_at_once_do_not_collide(shape_sets, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -196,5 +196,26 @@ def test_two_runs_caching_the_same_features_at_once_do_not_collide(shape_sets, m
     with ThreadPoolExecutor(2) as pool:
         runs = [f.result() for f in [pool.submit(linear_probe.cached_features, model, data) for _ in range(2)]]
     assert all(not hit for _, hit in runs)
-    assert np.array_equal(np.load(path), runs[0][0])
+    assert np.array_equal(np.load(path), runs[0][0].features)
     assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_unreadable_images_are_left_out_of_the_fit_and_the_score(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A broken file in each split: fitted and scored on the rest, both listed; a second run reads
+    the features from the cache (NaN rows there) and lists them again, with the same scores."""
+    from clipengine.eval import synthetic
+
+    roots = {split: synthetic.write_imagefolder(tmp_path / split, synthetic.generate(60, seed=seed, task="shape",
+                                                                                     image_size=32))
+             for split, seed in (("train", 31), ("test", 32))}  # fmt: skip
+    broken = [sorted((tmp_path / split).rglob("*.png"))[5] for split in ("train", "test")]
+    for path in broken:
+        path.write_bytes(path.read_bytes()[:30])
+    train, test = (datasets.load_imagefolder(roots[s], name=s) for s in ("train", "test"))
+    first = linear_probe.evaluate_linear_probe(_fake_model(), train, test)
+    assert (first.n_train, first.n_test, first.cache_hits) == (59, 59, 0)
+    assert [u["path"] for u in first.unreadable] == [str(p) for p in broken]
+    second = linear_probe.evaluate_linear_probe(_fake_model(), train, test)
+    assert second.cache_hits == 2 and (second.top1, second.n_train, second.n_test) == (first.top1, 59, 59)
+    assert [u["path"] for u in second.unreadable] == [str(p) for p in broken]
+    assert "feature cache" in second.unreadable[0]["reason"]

@@ -138,3 +138,51 @@ def test_non_finite_image_embeddings_are_refused(value: float) -> None:
     model = ClipModel(NanImages(), PreprocessConfig(image_size=32), "fake", 100.0)  # type: ignore[arg-type]
     with pytest.raises(BackendError, match=r"nan: 1 of 3 image embeddings .*image 1"):
         encode_dataset(model, data, batch_size=2, workers=1)
+
+
+def _damaged_copy(src, dst, *damaged: str):  # type: ignore[no-untyped-def]
+    """A copy of an ImageFolder with the files at `damaged` (relative paths) made undecodable."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    (dst / damaged[0]).write_bytes(b"")  # empty
+    for rel in damaged[1:]:
+        (dst / rel).write_bytes((dst / rel).read_bytes()[:40])  # cut short
+    return dst
+
+
+def test_unreadable_images_are_left_out_and_listed(tiny_synth, imagefolder_root, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Two broken files in a 200-image folder: the run ends, scores the other 198 exactly as a folder
+    without them, and names both with a reason."""
+    files = sorted(p.relative_to(imagefolder_root).as_posix() for p in imagefolder_root.rglob("*.png"))
+    broken = (files[3], files[150])
+    damaged = datasets.load_imagefolder(_damaged_copy(imagefolder_root, tmp_path / "damaged", *broken))
+    templates = ["a photo of a {}."]
+    result = evaluate_zeroshot(tiny_synth, damaged, templates)
+    assert result.n == len(damaged) - 2
+    assert [(u["path"].endswith(b), bool(u["reason"])) for u, b in zip(result.unreadable, broken, strict=True)] == [
+        (True, True), (True, True)
+    ]
+    for rel in broken:
+        (tmp_path / "damaged" / rel).unlink()
+    clean = evaluate_zeroshot(tiny_synth, datasets.load_imagefolder(tmp_path / "damaged"), templates)
+    assert (clean.n, clean.top1, clean.per_class, clean.unreadable) == (result.n, result.top1, result.per_class, [])
+    assert np.array_equal(clean.predictions, result.predictions)
+
+
+def test_a_split_with_no_readable_image_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from clipengine.api import ClipModel
+    from clipengine.image.preprocess import PreprocessConfig
+
+    for name in ("a/x.png", "b/y.png"):
+        (tmp_path / name).parent.mkdir(parents=True)
+        (tmp_path / name).write_bytes(b"not an image")
+    class NeverCalled:
+        name, device, precision, embed_dim, image_size, context_length = "fake", "cpu", "fp32", 8, 32, 77
+
+        def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+            raise AssertionError("nothing decoded, nothing to encode")
+
+    model = ClipModel(NeverCalled(), PreprocessConfig(image_size=32), "fake", 100.0)  # type: ignore[arg-type]
+    with pytest.raises(DatasetError, match=r"none of its 2 images could be decoded, e.g. .*x.png"):
+        encode_dataset(model, datasets.load_imagefolder(tmp_path), workers=1)

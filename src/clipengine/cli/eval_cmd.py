@@ -77,6 +77,12 @@ def register(app: typer.Typer) -> None:
     )
     app.add_typer(eval_app, name="eval")
 
+    def _echo_unreadable(unreadable: list[dict[str, str]]) -> None:
+        if unreadable:
+            first = unreadable[0]
+            typer.echo(f"  left out: {len(unreadable)} unreadable image(s), listed in the report; "
+                       f"e.g. {first['path']}: {first['reason']}", err=True)  # fmt: skip
+
     @eval_app.command("zeroshot")
     def zeroshot(
         dataset: Annotated[str, _DATASET],
@@ -130,6 +136,7 @@ def register(app: typer.Typer) -> None:
                 f"{label}: top-1 {100 * r.top1:.2f}%  top-5 {100 * r.top5:.2f}%  mean per-class recall "
                 f"{100 * r.mean_per_class_recall:.2f}%  (chance {100 * r.chance:.2f}%, {r.n} images, {r.seconds:.1f}s)"
             )
+            _echo_unreadable(r.unreadable)
         dicts = [r.to_dict() for r in results]
         extra = {}
         if len(results) > 1:
@@ -174,6 +181,7 @@ def register(app: typer.Typer) -> None:
             f"{100 * r.chance:.2f}%, train {r.n_train}, test {r.n_test}, features {r.feature_seconds:.1f}s, "
             f"cached {r.cache_hits}/2, fit {r.fit_seconds:.1f}s)"
         )
+        _echo_unreadable(r.unreadable)
         paths = write_report(
             out, f"linear_probe_{test.name}", [r.to_dict()], f"Linear probe {r.model} on {test.name}"
         )

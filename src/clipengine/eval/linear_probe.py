@@ -10,7 +10,7 @@ import hashlib
 import logging
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +19,8 @@ import numpy as np
 from ..errors import DatasetError
 from ..files import atomic_path
 from ..paths import cache_dir
-from .zeroshot import accuracy_metrics, encode_dataset
+from ..types import Failure
+from .zeroshot import EncodedSplit, accuracy_metrics, encode_dataset
 
 if TYPE_CHECKING:
     from ..api import ClipModel
@@ -57,6 +58,8 @@ class LinearProbeResult:
     feature_seconds: float
     fit_seconds: float
     engine: str = ""
+    # Images that could not be decoded (train and test): left out of the fit and the metrics.
+    unreadable: list[dict[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,8 +96,12 @@ def feature_cache_path(model: ClipModel, data: LabelledImages, engine: str = "")
 
 def cached_features(
     model: ClipModel, data: LabelledImages, batch_size: int = 64, engine: str = ""
-) -> tuple[np.ndarray, bool]:
-    """(N, D) image features of `data`, read from the cache when present; returns (features, hit)."""
+) -> tuple[EncodedSplit, bool]:
+    """Image features of `data`, read from the cache when present; returns (features, hit).
+
+    Rows of images that could not be decoded are NaN (`encode_dataset`), in the cache too; read
+    back from it, they are listed without their original reason.
+    """
     path = feature_cache_path(model, data, engine)
     if path.is_file():
         try:
@@ -104,14 +111,20 @@ def cached_features(
         else:
             if feats.shape == (len(data), model.embed_dim):
                 log.info("features from cache %s", path)
-                return feats, True
-    feats = encode_dataset(model, data, batch_size)
+                return _from_cache(feats, data), True
+    split = encode_dataset(model, data, batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A unique temp file beside the cache file, then os.replace: two runs at once never share a temp
     # name, and a failed save leaves neither a truncated cache file nor a temp file behind.
     with atomic_path(path) as tmp, tmp.open("wb") as f:
-        np.save(f, feats)  # a file object: np.save would add ".npy" to a temp name without it
-    return feats, False
+        np.save(f, split.features)  # a file object: np.save would add ".npy" to a temp name without it
+    return split, False
+
+
+def _from_cache(features: np.ndarray, data: LabelledImages) -> EncodedSplit:
+    missing = np.flatnonzero(~np.isfinite(features).all(axis=1))
+    reason = "could not be decoded when the feature cache was written"
+    return EncodedSplit(features, [Failure(str(data.paths[i]) if data.paths else f"image {i}", reason) for i in missing])
 
 
 def _check_splits(train: LabelledImages, test: LabelledImages) -> None:
@@ -149,23 +162,27 @@ def evaluate_linear_probe(
 
     _check_splits(train, test)
     t0 = time.perf_counter()
-    x_train, hit_train = cached_features(model, train, batch_size, engine)
-    x_test, hit_test = cached_features(model, test, batch_size, engine)
+    train_split, hit_train = cached_features(model, train, batch_size, engine)
+    test_split, hit_test = cached_features(model, test, batch_size, engine)
     t1 = time.perf_counter()
+    fit_rows, test_rows = train_split.readable, test_split.readable  # unreadable images are left out
+    y_train, y_test = train.labels[fit_rows], test.labels[test_rows]
+    if np.unique(y_train).size < 2:
+        raise DatasetError(f"{train.name}: its readable images cover fewer than 2 classes; a linear probe needs 2")
     clf = LogisticRegression(C=C, max_iter=MAX_ITER, random_state=0)
-    clf.fit(x_train, train.labels)
-    decision = clf.decision_function(x_test)
+    clf.fit(train_split.features[fit_rows], y_train)
+    decision = clf.decision_function(test_split.features[test_rows])
     if decision.ndim == 1:  # two classes: one column, the score of classes_[1]
         decision = np.stack([-decision, decision], axis=1)
-    scores = np.full((len(test), len(test.classnames)), -np.inf)  # classes absent from train never win
+    scores = np.full((len(y_test), len(test.classnames)), -np.inf)  # classes absent from train never win
     scores[:, clf.classes_] = decision
-    m = accuracy_metrics(scores, test.labels, test.classnames)
+    m = accuracy_metrics(scores, y_test, test.classnames)
     t2 = time.perf_counter()
     return LinearProbeResult(
         model=model.name,
         dataset=test.name,
-        n_train=len(train),
-        n_test=len(test),
+        n_train=len(y_train),
+        n_test=len(y_test),
         num_classes=len(test.classnames),
         top1=m["top1"],
         top5=m["top5"],
@@ -177,4 +194,5 @@ def evaluate_linear_probe(
         feature_seconds=round(t1 - t0, 3),
         fit_seconds=round(t2 - t1, 3),
         engine=engine,
+        unreadable=train_split.unreadable() + test_split.unreadable(),
     )

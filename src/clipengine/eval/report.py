@@ -31,6 +31,11 @@ def markdown_report(results: Sequence[dict[str, Any]], title: str) -> str:
             f"| {r.get('engine') or r['model']} | {r['dataset']} | {r.get('n', r.get('n_test'))} | {_pct(r['top1'])} "
             f"| {_pct(r['top5'])} | {_pct(r['mean_per_class_recall'])} | {_pct(r['chance'])} |"
         )
+    unreadable = results[0].get("unreadable") if results else None
+    if unreadable:
+        lines += ["", f"{len(unreadable)} images could not be decoded and are left out of every metric"
+                  + (" (the first 20; all in the JSON report):" if len(unreadable) > 20 else ":"), ""]  # fmt: skip
+        lines += [f"- {u['path']}: {u['reason']}" for u in unreadable[:20]]
     if results and results[0].get("per_class"):
         worst = sorted(results[0]["per_class"].items(), key=lambda kv: kv[1])[:10]
         lines += ["", "Lowest per-class recall (first engine):", "", "| class | recall % |", "|---|---:|"]

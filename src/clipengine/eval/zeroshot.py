@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import BackendError, DatasetError
+from ..errors import BackendError, DatasetError, DecodeError
+from ..types import Failure
 from ..zeroshot import class_embeddings
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from .datasets import LabelledImages
 
 __all__ = [
+    "EncodedSplit",
     "ZeroShotResult",
     "accuracy_metrics",
     "build_classifier",
@@ -53,6 +55,8 @@ class ZeroShotResult:
     seconds: float
     engine: str = ""  # e.g. "torch fp32", "onnx int8"
     predictions: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64), repr=False)
+    # Images that could not be decoded: left out of `n` and of every metric, listed here.
+    unreadable: list[dict[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -99,16 +103,42 @@ def _degenerate_rows(x: np.ndarray) -> np.ndarray:
     return np.flatnonzero(~np.isfinite(x).all(axis=1) | ~(x != 0).any(axis=1))
 
 
+@dataclass
+class EncodedSplit:
+    """Image embeddings of a split, row i for image i; the rows of images that could not be decoded
+    are NaN, and `failures` says why (`Failure(path, reason)`, in row order)."""
+
+    features: np.ndarray  # (N, D) float32
+    failures: list[Failure]
+
+    @property
+    def readable(self) -> np.ndarray:
+        """(N,) bool: rows with an embedding."""
+        return np.asarray(np.isfinite(self.features).all(axis=1))
+
+    def unreadable(self) -> list[dict[str, str]]:
+        """The failures as report rows."""
+        return [{"path": f.id, "reason": f.reason} for f in self.failures]
+
+
 def encode_dataset(
     model: ClipModel, data: LabelledImages, batch_size: int = 64, workers: int | None = None
-) -> np.ndarray:
-    """(N, D) float32 unit image embeddings of every image in `data`, `batch_size` at a time.
+) -> EncodedSplit:
+    """Unit image embeddings of every image in `data`, `batch_size` at a time.
 
     Decoding + preprocessing runs on a thread pool (PIL releases the GIL) one batch ahead of the
-    model, so the backend is not left waiting on JPEG decoding.
+    model, so the backend is not left waiting on JPEG decoding. An image that cannot be decoded
+    (truncated, empty, not an image) does not end the run: its row is NaN, it is listed in
+    `failures`, and the metrics leave it out (a warning names the first ones).
+
+    Raises:
+        DatasetError: no image of `data` could be decoded.
+        BackendError: the model gave NaN, inf or all-zero embeddings for a decoded image.
     """
     workers = workers or min(8, os.cpu_count() or 1)
-    out = np.empty((len(data), model.embed_dim), dtype=np.float32)
+    out = np.full((len(data), model.embed_dim), np.nan, dtype=np.float32)
+    decoded = np.zeros(len(data), dtype=bool)
+    failures: list[Failure] = []
     starts = list(range(0, len(data), batch_size))
     with ThreadPoolExecutor(max_workers=workers) as pool:
 
@@ -117,18 +147,33 @@ def encode_dataset(
 
         pending = submit(starts[0]) if starts else []
         for k, start in enumerate(starts):
-            pixels = np.stack([f.result() for f in pending])  # (n, 3, H, W)
+            rows, pixels = [], []
+            for i, fut in enumerate(pending, start):
+                try:
+                    pixels.append(fut.result())  # (3, H, W)
+                    rows.append(i)
+                except DecodeError as e:  # this image's failure, never the run's
+                    failures.append(Failure(str(data.paths[i]) if data.paths else f"image {i}", e.reason))
             if k + 1 < len(starts):
                 pending = submit(starts[k + 1])
-            out[start : start + len(pixels)] = model.encode_images(pixels, batch_size=batch_size)
-    bad = _degenerate_rows(out)
+            if rows:
+                out[rows] = model.encode_images(np.stack(pixels), batch_size=batch_size)
+                decoded[rows] = True
+    if failures:
+        if len(failures) == len(data):
+            raise DatasetError(f"{data.name}: none of its {len(data)} images could be decoded, e.g. "
+                               f"{failures[0].id}: {failures[0].reason}")  # fmt: skip
+        log.warning("%s: %d of %d images could not be decoded and are left out of the metrics, e.g. %s",
+                    data.name, len(failures), len(data),
+                    "; ".join(f"{f.id}: {f.reason}" for f in failures[:3]))  # fmt: skip
+    bad = _degenerate_rows(out[decoded])
     if bad.size:  # such rows would all "predict" class 0 and fake an accuracy
-        i = int(bad[0])
+        i = int(np.flatnonzero(decoded)[bad[0]])
         raise BackendError(
             f"{data.name}: {bad.size} of {len(data)} image embeddings are NaN, inf or all zero, "
             f"e.g. image {i}" + (f" ({data.paths[i]})" if data.paths else "")
         )
-    return out
+    return EncodedSplit(out, failures)
 
 
 def accuracy_metrics(logits: np.ndarray, labels: np.ndarray, classnames: Sequence[str]) -> dict[str, Any]:
@@ -180,21 +225,16 @@ def evaluate_zeroshot(
         )
     t0 = time.perf_counter()
     weights = build_classifier(lambda texts: model.encode_texts(texts), names, templates)
-    features = encode_dataset(model, data, batch_size)
-    m = accuracy_metrics(features @ weights, data.labels, names)
+    split = encode_dataset(model, data, batch_size)
+    readable = split.readable
+    m = accuracy_metrics(split.features[readable] @ weights, data.labels[readable], names)
     seconds = time.perf_counter() - t0
-    log.info(
-        "zero-shot %s on %s: top1 %.4f (%d images, %.1fs)",
-        model.name,
-        data.name,
-        m["top1"],
-        len(data),
-        seconds,
-    )
+    n = int(readable.sum())
+    log.info("zero-shot %s on %s: top1 %.4f (%d images, %.1fs)", model.name, data.name, m["top1"], n, seconds)
     return ZeroShotResult(
         model=model.name,
         dataset=data.name,
-        n=len(data),
+        n=n,
         num_classes=len(names),
         top1=m["top1"],
         top5=m["top5"],
@@ -205,4 +245,5 @@ def evaluate_zeroshot(
         seconds=round(seconds, 3),
         engine=engine,
         predictions=m["predictions"],
+        unreadable=split.unreadable(),
     )
