@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -49,6 +50,9 @@ def decode_base64_image(value: str, name: str) -> NamedImage:
     return NamedImage(name, data)
 
 
+_BOMB_SIZE = re.compile(r"Image size \((\d+) pixels\)")  # in Pillow's DecompressionBomb messages
+
+
 def check_image_header(image: NamedImage, max_pixels: int) -> None:
     """Refuse empty, unreadable and oversized images from their header alone (no pixels decoded).
 
@@ -64,8 +68,11 @@ def check_image_header(image: NamedImage, max_pixels: int) -> None:
         with _quiet_pil(), Image.open(io.BytesIO(image.data)) as probe:
             width, height = probe.size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        # Pillow's own guard fired first; the warning arrives as an exception when warnings are errors.
-        raise ApiError(413, "image_too_large", f"{image.name}: {e}") from e
+        # Pillow's own guard fired first (the warning arrives as an exception when warnings are
+        # errors). Its message quotes Pillow's limit, not the one this server enforces: say ours.
+        size = _BOMB_SIZE.search(str(e))
+        pixels = f"{size[1]} pixels" if size else "more pixels than that"
+        raise ApiError(413, "image_too_large", f"{image.name}: {pixels} exceeds the limit of {max_pixels}") from e
     except UnidentifiedImageError as e:  # its message is Pillow's repr of our BytesIO: say it plainly
         raise ApiError(400, "invalid_image", f"{image.name}: not a readable image (unrecognised format)") from e
     except (OSError, SyntaxError, ValueError) as e:
