@@ -161,6 +161,22 @@ def test_loading_a_folder_whose_save_was_killed_names_the_previous_save(tmp_path
         load_model(tmp_path / "m")
 
 
+@pytest.mark.parametrize("killed", ["while writing", "between the renames"])
+def test_the_next_save_cleans_up_after_a_killed_one(tmp_path: Path, tiny_model: CLIP, killed: str) -> None:
+    """A save killed while writing leaves .m.<hex>.saving; killed between its renames, no m and the
+    previous save as .m.<hex>.old. The next save removes both kinds and leaves only m (the user's
+    own dot-files beside it stay)."""
+    folder = save_model(tiny_model, tmp_path / "m")
+    (tmp_path / ".m.deadbeef.saving").mkdir()
+    (tmp_path / ".m.deadbeef.saving" / "model.safetensors").write_bytes(b"half")
+    if killed == "between the renames":
+        folder.rename(tmp_path / ".m.0123abcd.old")
+    (tmp_path / ".m.notes.old").write_text("the user's")
+    save_model(tiny_model, tmp_path / "m", PreprocessConfig(image_size=32, interpolation="bilinear"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".m.notes.old", "m"]
+    assert load_model(tmp_path / "m").preprocess.interpolation == "bilinear"
+
+
 def test_failed_first_save_leaves_no_folder(
     tmp_path: Path, tiny_model: CLIP, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -343,6 +343,7 @@ def save_model(module: CLIP, folder: str | Path, preprocess: PreprocessConfig | 
     from safetensors.torch import save_file
 
     target = Path(folder).resolve()  # a symlinked folder: replace what it points to, not the link
+    _recover_interrupted_save(target)
     _check_replaceable(target)
     cfg = module.config
     preprocess = preprocess or PreprocessConfig(image_size=cfg.vision.image_size)
@@ -367,6 +368,26 @@ def save_model(module: CLIP, folder: str | Path, preprocess: PreprocessConfig | 
 
 
 _SAVED_FILES = (_CONFIG_FILE, _WEIGHTS_FILE)
+
+
+def _recover_interrupted_save(target: Path) -> None:
+    """Undo what a killed `save_model` into `target` left: its half-written `.NAME.<hex>.saving`
+    folders go, and a previous save renamed aside as `.NAME.<hex>.old` goes back to `target` when
+    `target` is missing (killed between `_swap_in`'s two renames), else goes too. Only folders
+    named exactly as a save names them are touched."""
+    if not target.parent.is_dir():
+        return
+    ours = re.compile(rf"\.{re.escape(target.name)}\.[0-9a-f]{{8}}\.(saving|old)")
+    leftovers = [p for p in target.parent.iterdir() if ours.fullmatch(p.name) and p.is_dir()]
+    for p in leftovers:
+        if p.name.endswith(".saving"):
+            shutil.rmtree(p, ignore_errors=True)
+    previous = sorted((p for p in leftovers if p.name.endswith(".old")), key=lambda p: p.stat().st_mtime)
+    if previous and not target.exists():
+        log.info("restoring %s from an interrupted save (%s)", target, previous[-1].name)
+        os.replace(previous.pop(), target)
+    for p in previous:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def _check_replaceable(folder: Path) -> None:
