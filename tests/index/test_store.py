@@ -192,3 +192,21 @@ def test_ids_and_roots_that_are_not_utf8_round_trip(tmp_path: Path, vectors: np.
     path = Index.build(ids, vectors[:2], model="fake", image_roots=roots).save(tmp_path / "p.index")
     loaded = Index.load(path)
     assert loaded.ids == ids and loaded.image_roots == roots
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"version": "x"}, "version 'x' is not a number"),
+        ({"dim": "512"}, r"malformed dim field"),
+        ({"count": -1}, r"malformed count field"),
+        ({"files": ["vectors"]}, r"malformed files field"),
+        ({"files": {"vectors": "../../elsewhere.faiss", "meta": "m"}}, r"malformed files field"),
+        ({"sizes": {"vectors": "big"}}, r"malformed sizes field"),
+    ],
+)
+def test_a_hand_edited_header_is_one_clear_error(saved: Path, edit: dict, message: str) -> None:
+    header = _header(saved)
+    (saved / store.HEADER_NAME).write_text(json.dumps({**header, **edit}))
+    with pytest.raises(IndexFileError, match=message):
+        Index.load(saved)

@@ -166,6 +166,24 @@ def _remove_work_folders(root: Path) -> None:
             log.debug("removed the work folder %s of an interrupted save", p)
 
 
+def _check_field_types(header_path: Path, header: dict[str, Any]) -> None:
+    """A header edited by hand (or by another tool) gets one clear error, not a traceback later."""
+    files, sizes = header["files"], header["sizes"]
+    problems = [
+        name
+        for name, ok in (
+            ("dim", isinstance(header["dim"], int) and not isinstance(header["dim"], bool) and header["dim"] > 0),
+            ("count", isinstance(header["count"], int) and not isinstance(header["count"], bool) and header["count"] >= 0),
+            ("params", isinstance(header["params"], dict)),
+            ("files", isinstance(files, dict) and all(isinstance(v, str) and v and "/" not in v for v in files.values())),
+            ("sizes", isinstance(sizes, dict) and all(isinstance(v, int) or v is None for v in sizes.values())),
+        )
+        if not ok
+    ]
+    if problems:
+        raise IndexFileError(f"{header_path}: malformed {', '.join(problems)} field(s); rebuild the index")
+
+
 def read_header(root: Path) -> dict[str, Any]:
     """Read and validate header.json; check the data files it names exist with the recorded sizes.
 
@@ -187,7 +205,10 @@ def read_header(root: Path) -> dict[str, Any]:
         raise IndexFileError(f"{header_path} is unreadable ({e}); rebuild the index") from e
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise IndexFileError(f"{header_path} is not a {FORMAT} header")
-    if int(header.get("version", 0)) > FORMAT_VERSION:
+    version = header.get("version", 0)
+    if not isinstance(version, int):
+        raise IndexFileError(f"{header_path}: version {version!r} is not a number; rebuild the index")
+    if version > FORMAT_VERSION:
         raise IndexFileError(
             f"{root} uses index format version {header['version']}, newer than this clipengine "
             f"understands ({FORMAT_VERSION}); upgrade clipengine"
@@ -195,6 +216,7 @@ def read_header(root: Path) -> dict[str, Any]:
     for key in ("model", "dim", "count", "params", "files", "sizes"):
         if key not in header:
             raise IndexFileError(f"{header_path} lacks the {key!r} field; rebuild the index")
+    _check_field_types(header_path, header)
     for role, name in header["files"].items():
         path = root / name
         if not path.is_file():
