@@ -195,6 +195,19 @@ def test_failed_export_never_shows_a_manifest_even_if_killed(tmp_path: Path, tin
     assert not (out / "manifest.json").exists()
 
 
+def test_a_successful_export_removes_an_earlier_failures_parity_report(tmp_path: Path, tiny_model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """parity_report.json describes the failed export that wrote it: once a later export into the
+    folder succeeds, it would contradict the manifest beside it."""
+    out = tmp_path / "exp"
+    with monkeypatch.context() as patched:
+        _corrupt_image_engines(patched)
+        with pytest.raises(ExportParityError):
+            onnx_export.export_model(tiny_model, out, image_batches=None, text_batches=None)
+    assert (out / "parity_report.json").is_file()
+    onnx_export.export_model(tiny_model, out, image_batches=None, text_batches=None)
+    assert (out / "manifest.json").is_file() and not (out / "parity_report.json").exists()
+
+
 def test_unknown_precision_is_rejected(tmp_path: Path, tiny_model) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match="int4"):
         onnx_export.export_model(tiny_model, tmp_path, precisions=("int4",))

@@ -345,6 +345,7 @@ def export_model(
     for stale in sorted(previous - current):  # engines of an earlier export that this one replaced
         (out / stale).unlink(missing_ok=True)
     (out / _PREVIOUS_FILE).unlink(missing_ok=True)
+    (out / _PARITY_REPORT_FILE).unlink(missing_ok=True)  # an earlier failed export's: not about this one
     say(f"wrote {out / MANIFEST_FILE} ({len(engines)} engines, {manifest.export_seconds:.1f} s)")
     return manifest
 
