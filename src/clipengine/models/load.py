@@ -195,6 +195,8 @@ def read_checkpoint(path: Path) -> tuple[StateDict, bool]:
         ) from e
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
         raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(e)})") from e
+    except (KeyError, IndexError) as e:  # torch's unpickler on text: "hello" -> memo KeyError, "a" -> empty stack
+        raise CheckpointError(f"{path}: not a readable checkpoint (not a tensor pickle)") from e
     openai = isinstance(raw, dict) and any(k in raw for k in OPENAI_METADATA_KEYS)
     return unwrap_state_dict(raw), openai
 
