@@ -117,8 +117,15 @@ def test_wrong_shapes_are_rejected(export_dir: Path) -> None:
 
 
 def test_missing_precision_lists_available_ones(export_dir: Path) -> None:
-    with pytest.raises(BackendError, match=r"no bf16 engines.*has: fp32, fp16, int8"):
-        OnnxBackend(export_dir, precision="bf16")
+    with pytest.raises(BackendError, match=r"no int8w engines.*has: fp32, fp16, int8.*--precision int8w"):
+        OnnxBackend(export_dir, precision="int8w")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp64", "FP32", None])
+def test_unknown_precision_is_an_input_error(export_dir: Path, precision: object) -> None:
+    # Not "re-export with --precision bf16": no export makes such engines (as OpenVinoBackend says).
+    with pytest.raises(InputError, match=r"unknown precision .* onnx backend; use one of fp32, fp16, int8, int8w"):
+        OnnxBackend(export_dir, precision=precision)  # type: ignore[arg-type]
 
 
 def test_not_an_export_folder(tmp_path: Path) -> None:

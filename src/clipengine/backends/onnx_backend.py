@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendError, InputError
-from ..export.manifest import EngineInfo, Manifest
+from ..export.manifest import PRECISIONS, EngineInfo, Manifest
 from .base import check_thread_count
 from .folder import DEFAULT_MAX_BATCH, ExportFolderBackend, FolderEngine, plan_batches
 
@@ -122,7 +122,7 @@ class OnnxBackend(ExportFolderBackend):
         Args:
             folder: the export folder (or an already read Manifest, with `root` = its folder).
             device: "cpu", "cuda" or "cuda:N".
-            precision: one of the precisions the folder holds ("fp32", "fp16", "int8").
+            precision: one of the precisions the folder holds ("fp32", "fp16", "int8", "int8w").
             providers: explicit ORT providers, e.g. ["CUDAExecutionProvider", "CPUExecutionProvider"].
             intra_op_threads: ORT threads per session (default: ORT's choice, all cores).
             tensorrt: on CUDA, try TensorRT first.
@@ -130,9 +130,15 @@ class OnnxBackend(ExportFolderBackend):
 
         Raises:
             BackendError: no manifest, a precision the folder lacks, a missing provider or file.
+            InputError: a precision no export makes (not one of `export.manifest.PRECISIONS`).
         """
         import onnxruntime as ort
 
+        if precision not in PRECISIONS:  # else "no fp64 engines ... re-export with --precision fp64"
+            raise InputError(
+                f"unknown precision {precision!r} for the onnx backend; use one of {', '.join(PRECISIONS)} "
+                "(bf16 runs on backend 'openvino' over the fp32 engines, or on 'torch')"
+            )
         threads = check_thread_count("intra_op_threads", intra_op_threads)
         super().__init__(folder, device, precision, root=root, verify_files=verify_files)
         self._providers = resolve_providers(device, providers, tensorrt)
