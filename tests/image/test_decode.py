@@ -56,6 +56,21 @@ def test_own_pixel_limit_applies_without_leaking_pillows_warning(monkeypatch: py
         decode_image(BAD / "bomb_warning_range.png")
 
 
+def test_raising_the_pixel_limit_past_pillows_own_lets_larger_images_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The documented way to allow larger images is to raise decode.MAX_IMAGE_PIXELS; Pillow's own
+    # hard limit (2 x PIL.Image.MAX_IMAGE_PIXELS, scaled down here to keep the image small) must not
+    # refuse them first, and is back as it was afterwards.
+    buf = io.BytesIO()
+    Image.new("RGB", (60, 50), (10, 20, 30)).save(buf, "PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow refuses > 2000 pixels
+    monkeypatch.setattr(decode, "MAX_IMAGE_PIXELS", 4000)
+    assert decode_image(buf.getvalue()).size == (60, 50)
+    assert Image.MAX_IMAGE_PIXELS == 1000
+    monkeypatch.setattr(decode, "MAX_IMAGE_PIXELS", 2999)  # our limit still applies above Pillow's
+    with pytest.raises(DecodeError, match=r"60x50 = 3000 pixels is more than MAX_IMAGE_PIXELS = 2999"):
+        decode_image(buf.getvalue())
+
+
 def test_directory_is_reported(tmp_path: Path) -> None:
     with pytest.raises(DecodeError, match="is a directory"):
         decode_image(tmp_path)

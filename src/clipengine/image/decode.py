@@ -52,6 +52,25 @@ def _quiet_pil() -> Iterator[None]:
         yield
 
 
+@contextmanager
+def _pillow_limit_at_least(limit: int) -> Iterator[None]:
+    """Raise Pillow's own hard limit (2 x `PIL.Image.MAX_IMAGE_PIXELS`) to `limit` for one header parse.
+
+    Pillow refuses images over its limit inside `Image.open`, so a `MAX_IMAGE_PIXELS` set above
+    it (the documented way to allow larger images) would never be reached. Pillow's limit is only
+    ever raised, only when ours is above it, and put back at once; call it under `_QUIET_LOCK`.
+    """
+    saved = Image.MAX_IMAGE_PIXELS
+    raise_it = saved is not None and 2 * saved < limit
+    if raise_it:
+        Image.MAX_IMAGE_PIXELS = (limit + 1) // 2
+    try:
+        yield
+    finally:
+        if raise_it:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
 def source_name(source: object) -> str:
     """How errors and logs name an input: the path, or a short description of in-memory data."""
     if isinstance(source, str | os.PathLike):
@@ -134,7 +153,7 @@ def _decode_file(path: Path, label: str, draft_size: tuple[int, int] | None) -> 
 def _decode_stream(fp: IO[bytes], label: str, draft_size: tuple[int, int] | None) -> Image.Image:
     """Open (header only), check the size, then decode the first frame fully while `fp` is open."""
     try:
-        with _quiet_pil():
+        with _quiet_pil(), _pillow_limit_at_least(MAX_IMAGE_PIXELS):
             im = Image.open(fp)
     except UnidentifiedImageError as e:
         raise DecodeError(label, "not a recognised image format") from e
