@@ -228,10 +228,16 @@ def load(
 
     Raises:
         UnknownModelError, CheckpointError, DownloadNotAllowedError, DownloadError, BackendError
-        (InputError, a BackendError, for a backend that cannot run `name_or_path` or bad options).
+        (InputError, a BackendError, for a `name_or_path` that is not a str or Path, a backend that
+        cannot run it, or bad options).
     """
     from .backends import BACKEND_KINDS
 
+    if not isinstance(name_or_path, str | os.PathLike):  # else pathlib's bare TypeError
+        raise InputError(
+            f"name_or_path must be a model name or a path (str or Path), got {type(name_or_path).__name__}; "
+            "e.g. clipengine.load('ViT-B-32') or clipengine.load(Path('models/ViT-B-32'))"
+        )
     if backend not in BACKEND_KINDS:  # else named below as a backend that needs an export folder
         raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_KINDS)}")
     path = Path(name_or_path).expanduser()
@@ -269,9 +275,12 @@ def load_export(
 
     Raises:
         BackendError: not an export folder, missing precision, provider or engine file.
-        InputError (a BackendError): a backend other than onnx/openvino, or options it does not take.
+        InputError (a BackendError): `folder` not a str or Path, a backend other than onnx/openvino,
+            or options it does not take.
     """
     engine: ExportFolderBackend
+    if not isinstance(folder, str | os.PathLike):  # else a TypeError reported below as "bad options []"
+        raise InputError(f"folder must be an export folder path (str or Path), got {type(folder).__name__}")
     if backend not in ("onnx", "openvino"):
         raise InputError(f"backend {backend!r} does not run export folders; use 'onnx' or 'openvino'")
     try:

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import clipengine
-from clipengine.api import ClipModel
+from clipengine.api import ClipModel, load_export
 from clipengine.errors import BackendError, InputError
 from clipengine.image.decode import decode_image
 from clipengine.image.preprocess import PreprocessConfig
@@ -182,6 +182,21 @@ def test_unknown_backend_is_named_as_unknown(model_dir: Path) -> None:
     # Was "backend 'tensorflow' runs export folders (...)": as if it were onnx or openvino.
     with pytest.raises(InputError, match=r"^unknown backend 'tensorflow'; choose one of torch, onnx, openvino$"):
         clipengine.load(model_dir, backend="tensorflow")
+
+
+@pytest.mark.parametrize("value", [None, 5, b"tiny-synth", ["tiny-synth"]])
+def test_load_refuses_a_name_or_path_that_is_neither_str_nor_path(value: object) -> None:
+    # Was a raw TypeError from pathlib ("expected str, bytes or os.PathLike object, not NoneType").
+    with pytest.raises(InputError, match=rf"^name_or_path must be a model name or a path \(str or Path\), got {type(value).__name__}"):
+        clipengine.load(value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+@pytest.mark.parametrize("value", [None, 5, b"/models/x"])
+def test_load_export_refuses_a_folder_that_is_neither_str_nor_path(value: object, backend: str) -> None:
+    # Was "backend 'onnx': bad options [] (expected str, ...)": the options were fine, the folder was not.
+    with pytest.raises(InputError, match=rf"^folder must be an export folder path \(str or Path\), got {type(value).__name__}"):
+        load_export(value, backend=backend)  # type: ignore[arg-type]
 
 
 def test_unknown_export_backend_option_is_a_backend_error(export_dir: Path) -> None:
