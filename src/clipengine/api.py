@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -98,10 +99,9 @@ class ClipModel:
         Raises:
             DecodeError: an image cannot be decoded (the message names it).
             InputError: `images` (or an item of the list) is none of the kinds above, or a
-                preprocessed batch is not float (N, 3, S, S) with finite values; `batch_size` < 1.
+                preprocessed batch is not float (N, 3, S, S) with finite values; `batch_size` is not an integer >= 1.
         """
-        if batch_size < 1:
-            raise InputError(f"batch_size must be >= 1, got {batch_size}")
+        batch_size = _batch_size(batch_size)
         if isinstance(images, np.ndarray) and images.ndim == 4:
             return self._in_batches(self._backend.encode_images, self._checked_pixels(images), batch_size)
         items = _image_items(images)
@@ -115,10 +115,9 @@ class ClipModel:
         """Texts -> (N, D) float32 unit-norm embeddings (long texts are cut with a warning).
 
         Raises:
-            InputError: `texts` is not a str or a list of str (checked by the tokenizer); `batch_size` < 1.
+            InputError: `texts` is not a str or a list of str (checked by the tokenizer); `batch_size` is not an integer >= 1.
         """
-        if batch_size < 1:
-            raise InputError(f"batch_size must be >= 1, got {batch_size}")
+        batch_size = _batch_size(batch_size)
         tokens = tokenize(texts, context_length=self.context_length)
         return self._in_batches(self._backend.encode_texts, tokens, batch_size)
 
@@ -155,6 +154,18 @@ class ClipModel:
         label_list, template_list = _classifier_args(labels, templates)
         classifier = class_embeddings(self.encode_texts, label_list, template_list)
         return rank_labels(self.encode_images(images), classifier, self.logit_scale, label_list)
+
+
+def _batch_size(value: object) -> int:
+    """`batch_size` as an int >= 1 (NumPy integers too); anything else is an InputError, not the
+    bare TypeError that `range()` or `<` would raise."""
+    try:
+        size = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        size = 0
+    if isinstance(value, bool) or size < 1:
+        raise InputError(f"batch_size must be an integer >= 1, got {value!r}")
+    return size
 
 
 def _classifier_args(labels: object, templates: object) -> tuple[list[str], list[str] | None]:

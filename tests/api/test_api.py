@@ -224,8 +224,21 @@ def test_non_finite_pixels_are_rejected(model: ClipModel) -> None:
 
 @pytest.mark.parametrize("batch_size", [0, -1])
 def test_encode_texts_batch_size_below_one_is_rejected(model: ClipModel, batch_size: int) -> None:
-    with pytest.raises(InputError, match="batch_size must be >= 1"):
+    with pytest.raises(InputError, match="batch_size must be an integer >= 1"):
         model.encode_texts(["a dog"], batch_size=batch_size)
+
+
+@pytest.mark.parametrize("batch_size", [2.5, "8", None])
+@pytest.mark.parametrize("method", ["encode_texts", "encode_images"])
+def test_batch_size_that_is_not_an_integer_is_rejected(model: ClipModel, method: str, batch_size: object) -> None:
+    # Was a raw TypeError ("'<' not supported between instances of 'str' and 'int'").
+    arg = ["a dog"] if method == "encode_texts" else [np.zeros((8, 8, 3), np.uint8)]
+    with pytest.raises(InputError, match=r"batch_size must be an integer >= 1, got"):
+        getattr(model, method)(arg, batch_size=batch_size)
+
+
+def test_numpy_integer_batch_size_is_accepted(model: ClipModel) -> None:
+    assert model.encode_texts(["a", "b", "c"], batch_size=np.int64(2)).shape == (3, 32)
 
 
 def test_classify_refuses_one_string_as_labels(model: ClipModel, clip_png: Path) -> None:
