@@ -71,6 +71,28 @@ def test_raising_the_pixel_limit_past_pillows_own_lets_larger_images_through(mon
         decode_image(buf.getvalue())
 
 
+@pytest.mark.parametrize("filename", ["truncated.jpg", "truncated.png"])
+def test_lazily_opened_pil_image_with_truncated_data_is_a_decode_error(filename: str) -> None:
+    # Image.open reads only the header; the damage showed up as Pillow's raw OSError mid-resize.
+    with Image.open(BAD / filename) as im:
+        with pytest.raises(DecodeError) as info:
+            decode_image(im)
+    assert info.value.reason.startswith("truncated or corrupt image data: image file is truncated")
+    assert info.value.source == f"<PIL image {im.mode} {im.width}x{im.height}>"
+
+
+@pytest.mark.parametrize("loaded", [False, True])
+def test_pil_image_closed_before_use_is_a_decode_error(loaded: bool) -> None:
+    # Closed unread (its `with` block left), Pillow failed with a bare AssertionError or
+    # struct.error; read, then close()d, with "ValueError: Operation on closed image".
+    with Image.open(BAD.parent / "CLIP.png") as im:
+        if loaded:
+            im.load()
+            im.close()
+    with pytest.raises(DecodeError, match=r"the PIL image was closed before use; pass it inside its `with Image.open"):
+        decode_image(im)
+
+
 def test_directory_is_reported(tmp_path: Path) -> None:
     with pytest.raises(DecodeError, match="is a directory"):
         decode_image(tmp_path)

@@ -32,6 +32,10 @@ _EXIF_ORIENTATION = 0x0112
 # One reason for a zero-byte file and empty bytes: `embed` decodes the bytes it read, `predict` the
 # path, and their failure lists (and the server's errors) must say the same thing.
 EMPTY_FILE = "empty file (0 bytes)"
+_CLOSED = (
+    "the PIL image was closed before use; pass it inside its `with Image.open(...)` block, or pass "
+    "a .copy() made before closing it"
+)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 # warnings.catch_warnings swaps process-global state; the lock keeps concurrent decodes from
 # restoring each other's filters. It is held only for header and EXIF parsing (microseconds).
@@ -120,7 +124,7 @@ def open_image(
     """
     label = name if name is not None else source_name(source)
     if isinstance(source, Image.Image):
-        return _oriented(source, copy=True)
+        return _oriented(_loaded(source, label), copy=True)
     if isinstance(source, np.ndarray):
         return _from_array(source, label)
     if isinstance(source, bytes | bytearray | memoryview):
@@ -180,6 +184,26 @@ def _decode_stream(fp: IO[bytes], label: str, draft_size: tuple[int, int] | None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise DecodeError(label, f"truncated or corrupt image data: {e}") from e
     return _oriented(im, copy=False)
+
+
+def _loaded(im: Image.Image, label: str) -> Image.Image:
+    """A caller's PIL image with its pixels read (a no-op when they already are).
+
+    `Image.open` reads only the header, so damage in the data, or a file closed before its pixels
+    were read, would otherwise surface mid-resize as Pillow's OSError, AssertionError or
+    ValueError instead of a DecodeError naming the input.
+    """
+    try:
+        im.load()
+    except AssertionError as e:  # Pillow asserts it still has the file: closed unread
+        raise DecodeError(label, _CLOSED) from e
+    except ValueError as e:
+        if "closed image" in str(e):  # "Operation on closed image": close()d
+            raise DecodeError(label, _CLOSED) from e
+        raise DecodeError(label, f"truncated or corrupt image data: {e}") from e
+    except (OSError, SyntaxError, EOFError) as e:
+        raise DecodeError(label, f"truncated or corrupt image data: {e}") from e
+    return im
 
 
 def _oriented(im: Image.Image, *, copy: bool) -> Image.Image:
