@@ -148,7 +148,14 @@ def test_empty_and_single_text_inputs() -> None:
 
 @pytest.mark.parametrize(
     ("bad", "match"),
-    [({"context_length": 1}, r"context_length must be >= 2"), ({"truncate": "yes"}, r"truncate must be True, False")],
+    [
+        ({"context_length": 1}, r"context_length must be an integer >= 2"),
+        # These were raw TypeErrors from `<` or np.zeros.
+        ({"context_length": "77"}, r"context_length must be an integer >= 2 .*got '77'"),
+        ({"context_length": 77.0}, r"context_length must be an integer >= 2 .*got 77.0"),
+        ({"context_length": None}, r"context_length must be an integer >= 2 .*got None"),
+        ({"truncate": "yes"}, r"truncate must be True, False"),
+    ],
 )
 def test_invalid_arguments_are_input_errors(bad: dict[str, object], match: str) -> None:
     """Argument checks raise InputError, as the texts check does; still a ValueError, as they were."""

@@ -6,6 +6,7 @@ import gzip
 import html
 import importlib.resources
 import logging
+import operator
 import re
 import threading
 from collections.abc import Sequence
@@ -271,13 +272,18 @@ class Tokenizer:
         Raises:
             TextTooLongError: a text needs more than L positions and truncation is off.
             InputError: `texts` is not a text or a sequence of texts (None, a number, a dict, ...),
-                `context_length` < 2, or an unknown `truncate` value.
+                `context_length` is not an integer >= 2, or an unknown `truncate` value.
         """
         texts = _text_list(texts)
-        if context_length < 2:
+        try:
+            length = operator.index(context_length)  # an int or a NumPy integer, not 77.0 or "77"
+        except TypeError:
+            length = 0
+        if isinstance(context_length, bool) or length < 2:
             raise InputError(
-                f"context_length must be >= 2 (room for start and end tokens), got {context_length}"
+                f"context_length must be an integer >= 2 (room for start and end tokens), got {context_length!r}"
             )
+        context_length = length
         if truncate not in (True, False, "strict"):
             raise InputError(f"truncate must be True, False or 'strict', got {truncate!r}")
         out = np.zeros((len(texts), context_length), dtype=np.int64)
