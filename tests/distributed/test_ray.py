@@ -128,6 +128,29 @@ def test_tar_shards_embed_like_the_files(
 
 
 @pytest.mark.integration
+def test_a_file_that_kills_its_decoder_is_its_failure_and_the_rest_is_embedded(
+    ray_local: None, fakes: ModuleType, mixed_folder: Path, tmp_path: Path, preprocess_cfg
+) -> None:  # type: ignore[no-untyped-def]
+    """As with the local engine (`pipeline.decode_pool`): a file whose decoding ends its process (a
+    decoder segfault, the OOM killer) is listed as that file's failure. Decoded inside the actor, it
+    killed the actor, and Ray restarted it and retried the partition forever."""
+    (tmp_path / "crashes").mkdir()
+    killer = "img-006.jpg"
+    factory = fakes.FakeFactory(crash_on=(killer,), crashes_dir=str(tmp_path / "crashes"))
+    out = tmp_path / "out"
+    stats = embed_with_ray(mixed_folder, out, factory, preprocess_cfg, model="fake", shard_size=5)
+    assert (stats.embedded, stats.failed) == (11, 3)
+    local = _local_shards_of_5(fakes, mixed_folder, tmp_path / "local", preprocess_cfg)
+    ids_l, vec_l, _ = read_embeddings(local)
+    ids_r, vec_r, _ = read_embeddings(out)
+    assert ids_r == [i for i in ids_l if i != killer]
+    assert np.array_equal(vec_r, np.delete(vec_l, ids_l.index(killer), axis=0))  # nothing else lost
+    failures = {f.id: f.reason for f in read_failures(out)}
+    assert sorted(failures) == ["bad-empty.jpg", "bad-truncated.jpg", killer]
+    assert "ended the decoder process" in failures[killer]
+
+
+@pytest.mark.integration
 def test_real_model_spec_matches_local_run_and_direct_encoding(
     ray_local: None, tiny_model_dir: Path, mixed_folder: Path, tmp_path: Path
 ) -> None:

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+_SUPPORT_DIR = str(Path(__file__).resolve().parent)  # so that processes an actor spawns import this module
+MAX_CRASHES = 4  # `crash_decoder` deaths per test; more than the decode pool's retries of one file need
+
 
 class FakeBackend:
     """Embedding = a fixed random projection of the pooled pixels, L2-normalised (input-derived, exact)."""
@@ -33,6 +36,8 @@ class FakeFactory:
 
     embed_dim: int = 8
     calls_dir: str | None = None  # counts model loads across processes
+    crash_on: tuple[str, ...] = ()  # decoding these files ends the process decoding them (`crash_decoder`)
+    crashes_dir: str | None = None  # with crash_on: one file per crash
 
     def __call__(self) -> FakeBackend:
         if self.calls_dir is not None:
@@ -40,7 +45,52 @@ class FakeFactory:
             import uuid
 
             Path(self.calls_dir, f"{os.getpid()}-{uuid.uuid4().hex}").touch()
+        if self.crash_on:
+            import sys
+
+            sys.path.insert(0, _SUPPORT_DIR)
+            import distributed_fakes  # by name (not this by-value copy): decode processes pickle its functions
+
+            distributed_fakes.crash_decoders(self.crash_on, str(self.crashes_dir))
         return FakeBackend(self.embed_dim)
+
+
+def crash_decoders(names: tuple[str, ...], crashes_dir: str) -> None:
+    """Make decoding a file of `names` end the process, here and in the decode processes this
+    process starts later, as a decoder segfault would wherever the file is decoded. After
+    MAX_CRASHES deaths the files decode normally: an engine that retries a file forever then embeds
+    it (a failed assertion) instead of hanging the test."""
+    from functools import partial
+
+    from clipengine.pipeline import decode_pool
+
+    crash_decoder(names, crashes_dir)
+    decode_pool._init_worker = partial(_decode_worker_init, names, crashes_dir)  # type: ignore[assignment]
+
+
+def _decode_worker_init(names: tuple[str, ...], crashes_dir: str) -> None:
+    from clipengine.pipeline import decode_pool
+
+    decode_pool._init_worker()  # the real one of this fresh process: ignore Ctrl-C, exit with the parent
+    crash_decoder(names, crashes_dir)
+
+
+def crash_decoder(names: tuple[str, ...], crashes_dir: str) -> None:
+    """Patch this process' `decode.open_image`: a file of `names` ends the process (`os._exit`)."""
+    import os
+    import uuid
+
+    from clipengine.image import decode
+
+    real = decode.open_image
+
+    def open_image(data, name=None, **kwargs):  # type: ignore[no-untyped-def]
+        if name in names and len(os.listdir(crashes_dir)) < MAX_CRASHES:
+            Path(crashes_dir, uuid.uuid4().hex).touch()
+            os._exit(70)
+        return real(data, name, **kwargs)
+
+    decode.open_image = open_image  # type: ignore[assignment]
 
 
 def write_images(root: Path, n: int, seed: int = 0) -> list[Path]:

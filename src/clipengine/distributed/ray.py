@@ -6,10 +6,11 @@ either engine can resume the other's. Ray is imported only inside functions (`cl
 
 Each Ray Data row is one partition: its id and its (id, source) pairs as JSON. `map_batches` sends
 rows through a pool of `_PartitionEmbedder` actors; each actor builds its backend ONCE from a
-picklable factory or a plain-data model spec (never a live model), decodes in-process and writes
-its shard. Partitions whose shard is already complete are filtered out on the driver, so a rerun
-after an interruption computes only what is missing. The output folder must be visible to every
-node (local disk on one machine; NFS / a shared mount on a cluster).
+picklable factory or a plain-data model spec (never a live model), decodes in one process of its
+own (a crashing decoder ends it, not the actor) and writes its shard. Partitions whose shard is
+already complete are filtered out on the driver, so a rerun after an interruption computes only
+what is missing. The output folder must be visible to every node (local disk on one machine; NFS /
+a shared mount on a cluster).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import BackendError, DatasetError, IndexMismatchError
+from ..pipeline.decode_pool import DecodePool
 from ..pipeline.embed import LazyBackend
 from ..pipeline.run import RunStats, run_partition
 from ..pipeline.sinks import RUN_FILE, ShardSink, atomic_write_json, read_run_info
@@ -171,13 +173,18 @@ class _PartitionEmbedder:
             )
         self.sink = ShardSink(out_dir, dtype)
         self.cfg, self.batch_size, self.fast_decode = preprocess_cfg, batch_size, fast_decode
+        # One decode process, as the local engine's workers: a file that crashes the decoder (a
+        # segfault, the OOM killer) ends that process, not the actor, and becomes its Failure
+        # (`batching.settle`). Decoded in the actor, it killed the actor, and Ray restarted the
+        # actor and retried the partition forever.
+        self.decoder = DecodePool(1)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         stats_out: list[str] = []
         for pid, pairs in zip(batch["partition_id"], batch["items"], strict=True):
             stats = run_partition(
                 _materialise(json.loads(pairs)), self.backend, self.sink, partition_id=int(pid),
-                preprocess_cfg=self.cfg, batch_size=self.batch_size, workers=0,
+                preprocess_cfg=self.cfg, batch_size=self.batch_size, executor=self.decoder,
                 fast_decode=self.fast_decode,
             )  # fmt: skip
             stats.load_s, self.load_s = self.load_s, 0.0  # charge the model load to the first partition
