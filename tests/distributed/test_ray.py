@@ -237,6 +237,25 @@ def test_parquet_source_resolves_relative_paths(tmp_path: Path, fakes: ModuleTyp
         list_source(tmp_path / "l.parquet", path_column="file")
 
 
+def test_a_parquet_row_without_a_path_is_refused_not_skipped(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"path": ["a.jpg", None, "b.jpg", None]}), tmp_path / "l.parquet")
+    with pytest.raises(DatasetError, match=r"l.parquet: column 'path' is empty \(null\) in rows 1, 3"):
+        list_source(tmp_path / "l.parquet")
+
+
+def test_a_parquet_file_without_the_path_column_names_its_columns_in_one_line(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"file": ["a.jpg"], "label": [1]}), tmp_path / "l.parquet")
+    with pytest.raises(DatasetError, match=r"l.parquet: no column 'path' \(its columns: file, label\)") as e:
+        list_source(tmp_path / "l.parquet")
+    assert "\n" not in str(e.value)
+
+
 def test_tar_members_are_read_as_bytes(tmp_path: Path) -> None:
     tar = tmp_path / "a.tar"
     with tarfile.open(tar, "w") as tf:

@@ -90,10 +90,20 @@ def _parquet_items(path: Path, column: str) -> list[ImageItem]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path, columns=[column])
-    except (OSError, KeyError, ValueError) as e:  # pyarrow raises ArrowInvalid (a ValueError) for bad columns
+        names = pq.read_schema(path).names
+        if column not in names:
+            raise DatasetError(f"{path}: no column {column!r} (its columns: {', '.join(names)})")
+        values = pq.read_table(path, columns=[column]).column(column).to_pylist()
+    except (OSError, ValueError) as e:  # pyarrow raises ArrowInvalid (a ValueError) for a bad file
         raise DatasetError(f"{path}: cannot read column {column!r} ({e})") from e
-    entries = [str(v) for v in table.column(column).to_pylist() if v is not None]
+    missing = [row for row, v in enumerate(values) if v is None or str(v) == ""]
+    if missing:  # no id to list them under in failures.jsonl: refused, never skipped
+        rows = ("row " if len(missing) == 1 else "rows ") + ", ".join(map(str, missing[:10]))
+        raise DatasetError(
+            f"{path}: column {column!r} is empty (null) in {rows}{', ...' if len(missing) > 10 else ''} "
+            "(counting from 0); give every row a path or drop those rows"
+        )
+    entries = [str(v) for v in values]
     if len(set(entries)) != len(entries):
         raise DatasetError(f"{path}: column {column!r} lists a path twice; ids must be unique")
     return [
