@@ -63,10 +63,34 @@ def test_the_split_depends_on_the_id_alone(threads: ThreadPoolExecutor) -> None:
     assert _assist(threads, 0.5).takes("caf\udce9.jpg") in (True, False)  # undecodable file names hash too
 
 
-@pytest.mark.parametrize("share", [0.0, 1.0, -0.1, 1.5])
+@pytest.mark.parametrize("share", [1.0, -0.1, 1.5])
 def test_share_out_of_range_is_refused(threads: ThreadPoolExecutor, share: float) -> None:
-    with pytest.raises(ValueError, match="between 0 and 1"):
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
         _assist(threads, share)
+
+
+def test_share_zero_takes_no_jpeg(threads: ThreadPoolExecutor) -> None:
+    assert not any(_assist(threads, 0.0).takes(f"{i}.jpg") for i in range(1000))
+
+
+def test_files_nvjpeg_cannot_decode_go_to_the_workers(tmp_path: Path, fakes, threads: ThreadPoolExecutor) -> None:  # type: ignore[no-untyped-def]
+    """With workers (even at share 0) PNGs are decoded there, not on the loader's thread, and come
+    back with the exact path's pixels; without workers the loader's thread decodes them, as before."""
+    root = tmp_path / "imgs"
+    fakes.write_images(root, 9)
+    fakes.write_images(root, 4, prefix="png", ext=".png", seed=3)
+    items = list_items(root)
+    runs = {}
+    for name, assist in (("workers", _assist(threads, 0.0)), ("loader thread", None)):
+        decoder = GpuJpegDecoder("cpu", decode_batch=_pil_batch_decode)
+        batches = list(iter_gpu_batches(items, CFG, "cpu", batch_size=4, decoder=decoder, assist=assist))
+        runs[name] = {i: p for b in batches for i, p in zip(b.ids, b.pixels, strict=True)}
+        expected = (4, 0) if assist is not None else (0, 4)
+        assert (decoder.stats.cpu_assist, decoder.stats.cpu_fallback) == expected, name
+        assert decoder.stats.nvjpeg == 9
+    assert sorted(runs["workers"]) == sorted(runs["loader thread"]) == sorted(it.id for it in items)
+    for item_id, pixels in runs["loader thread"].items():
+        assert torch.equal(runs["workers"][item_id], pixels), item_id
 
 
 def test_default_workers_leave_the_loader_its_cores() -> None:

@@ -52,7 +52,7 @@ GPU_DECODE_OPT = typer.Option(
     False,
     "--gpu-decode",
     help="Decode JPEGs with nvjpeg and preprocess on the GPU (torch backend, --device cuda); "
-    "other formats fall back to the CPU decoder. The resize is bit-exact; nvjpeg's chroma upsampling "
+    "other formats go to CPU decode workers (--workers). The resize is bit-exact; nvjpeg's chroma upsampling "
     "of 4:2:0 JPEGs is not (cos >= 0.9999 measured).",
 )
 GPU_DECODER_OPT = typer.Option(
@@ -79,7 +79,8 @@ GPU_CPU_SHARE_OPT = typer.Option(
     "exact path's pixels (or --fast-decode's). 0 (default): off. Unmeasured on a GPU so far.",
 )
 WORKERS_HELP = "Decode processes (default: one per core; 0 decodes in the main process)."
-_EMBED_WORKERS_HELP = "Decode processes (default: one per core; with --gpu-cpu-share the cores less 4; 0 decodes in the main process)."
+_EMBED_WORKERS_HELP = ("Decode processes (default: one per core; with --gpu-decode the cores less 4, for the files nvjpeg "
+                       "cannot decode and --gpu-cpu-share; 0 decodes in the main process).")
 
 
 def _check_gpu_decoder(gpu_decode: bool, gpu_decoder: str) -> None:

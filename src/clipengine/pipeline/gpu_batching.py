@@ -262,12 +262,21 @@ class _ReadGroup(NamedTuple):
 
     ids: list[str]  # every file of the group, in input order
     read: list[EncodedImage | Failure]  # the files the GPU decoder takes, read and inspected
-    assisted: list[Task]  # the CPU assist workers' tasks for the others (in order)
+    assisted: list[Task]  # the CPU assist workers' tasks for the others
+
+
+class _ReadSlice(NamedTuple):
+    """What a reader task returns: the files for the GPU decoder, its seconds, and the tasks that
+    took the files nvjpeg cannot decode to the CPU workers."""
+
+    read: list[EncodedImage | Failure]
+    seconds: float
+    handed: list[Task]
 
 
 class _PendingGroup(NamedTuple):
     ids: list[str]
-    reads: list[Future[tuple[list[EncodedImage | Failure], float]]]
+    reads: list[Future[_ReadSlice]]
     assisted: list[Task]
 
 
@@ -284,7 +293,8 @@ def _read_ahead(
     Each reader task reads a slice of a group, not one file: a thread-pool task costs tens of
     microseconds of GIL-held bookkeeping and a thread wake-up, which per file capped the loader's
     host side below the decoder's rate (see `_read_slice_size`). The files `assist` takes are not
-    read here: its workers read them.
+    read here: its workers read them. With `assist`, the files nvjpeg cannot decode (PNG, CMYK, ...)
+    go to its workers too, from the reader threads, a few groups ahead of their decode.
     """
     slice_size = _read_slice_size(group_size, threads)
     pending: deque[_PendingGroup] = deque()
@@ -295,7 +305,8 @@ def _read_ahead(
                 if assist is not None:
                     on_cpu = [item for item in group if assist.takes(item.id)]
                     on_gpu = [item for item in group if not assist.takes(item.id)] if on_cpu else group
-                reads = [pool.submit(_read_slice, on_gpu[i : i + slice_size]) for i in range(0, len(on_gpu), slice_size)]
+                reads = [pool.submit(_read_slice, on_gpu[i : i + slice_size], assist)
+                         for i in range(0, len(on_gpu), slice_size)]  # fmt: skip
                 assisted = assist.submit(on_cpu) if assist is not None else []
                 pending.append(_PendingGroup([item.id for item in group], reads, assisted))
                 if len(pending) > prefetch:
@@ -316,10 +327,20 @@ def _read_slice_size(group_size: int, threads: int) -> int:
     return max(1, min(_READ_SLICE, -(-group_size // (4 * threads))))
 
 
-def _read_slice(items: Sequence[ImageItem]) -> tuple[list[EncodedImage | Failure], float]:
-    """Runs on a reader thread: `_read` for each item, and the seconds it took."""
+def _read_slice(items: Sequence[ImageItem], assist: CpuAssist | None = None) -> _ReadSlice:
+    """Runs on a reader thread: `_read` for each item, and the seconds it took. With `assist`, the
+    files nvjpeg cannot decode go to its workers (one task for the slice's), not to this loader's
+    thread, whose CPU decode of them would stall the GPU: with every 10th file a 1280x960 PNG, an
+    emulated 8k img/s loader fell from 3.9k to 230 img/s (docs/performance.md, session 9)."""
     t0 = time.perf_counter()
-    return [_read(item) for item in items], time.perf_counter() - t0
+    read = [_read(item) for item in items]
+    handed: list[Task] = []
+    if assist is not None:
+        cpu = {r.id for r in read if isinstance(r, EncodedImage) and not r.nvjpeg}
+        if cpu:
+            handed = assist.submit([item for item in items if item.id in cpu])
+            read = [r for r in read if r.id not in cpu]
+    return _ReadSlice(read, time.perf_counter() - t0, handed)
 
 
 def _batched(items: Iterable[ImageItem], size: int) -> Iterator[list[ImageItem]]:
@@ -335,8 +356,10 @@ def _batched(items: Iterable[ImageItem], size: int) -> Iterator[list[ImageItem]]
 
 def _collect(group: _PendingGroup, stats: GpuDecodeStats) -> _ReadGroup:
     results: list[EncodedImage | Failure] = []
+    handed: list[Task] = []
     for fut in group.reads:
-        read, seconds = fut.result()
-        stats.read_s += seconds
-        results.extend(read)
-    return _ReadGroup(group.ids, results, group.assisted)
+        done = fut.result()
+        stats.read_s += done.seconds
+        results.extend(done.read)
+        handed.extend(done.handed)
+    return _ReadGroup(group.ids, results, group.assisted + handed)

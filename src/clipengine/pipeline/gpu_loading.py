@@ -60,9 +60,10 @@ def iter_gpu_loaded(
     for 4096 1280x960 files). It holds up to one more decoded chunk (at most `gpu_batching._DECODE_PIXELS`
     pixels) on the device.
 
-    `assist` (experimental, off: unmeasured on a GPU): CPU decode workers take a fixed share of
-    the files (`pipeline.cpu_assist`); a warning says when the loader waited for them long
-    enough that the share should be lower.
+    `assist`: CPU decode worker processes (`pipeline.cpu_assist`) for the files nvjpeg cannot decode
+    (without it they are decoded on the loader thread, which then stalls the GPU) and, experimental
+    and unmeasured on a GPU, a fixed share of the others; a warning says when the loader waited
+    for them long enough to matter.
 
     `stats.decode_s` / `preprocess_s` are wall seconds spent in decode calls and queuing the GPU
     preprocessing (the GPU runs it asynchronously); `read_s` sums the reader threads' time;
@@ -112,9 +113,13 @@ def iter_gpu_loaded(
 
 
 def _report_assist(assisted: int, on_gpu: int, waited_s: float, wall_s: float, assist: CpuAssist) -> None:
+    if not assisted:
+        return
     _log.info("CPU assist: %d images on %d CPU workers, %d on the GPU decoder; the loader waited %.2f s of %.2f s "
               "for the workers", assisted, assist.workers, on_gpu, waited_s, wall_s)  # fmt: skip
     if wall_s > 0 and waited_s > _ASSIST_WAIT_WARNING * wall_s:
-        _log.warning("the GPU loader waited %.1f s of %.1f s for its %d CPU decode workers: a CPU share of %g is "
-                     "more than they keep up with; a lower one will be faster", waited_s, wall_s, assist.workers,
-                     assist.share)  # fmt: skip
+        advice = (f"a CPU share of {assist.share:g} is more than they keep up with; a lower one will be faster"
+                  if assist.share > 0 else "they decode the files nvjpeg cannot (PNG, CMYK, ...): more --workers, "
+                  "or CPU decode workers alone (no --gpu-decode), suit such a folder")  # fmt: skip
+        _log.warning("the GPU loader waited %.1f s of %.1f s for its %d CPU decode workers: %s", waited_s, wall_s,
+                     assist.workers, advice)  # fmt: skip

@@ -196,13 +196,15 @@ class _Loading:
                             workers=self.workers, stats=stats, fast_decode=self.fast_decode)  # fmt: skip
 
     def _assist(self) -> CpuAssist | None:
-        if self.gpu_cpu_share <= 0:
+        """The GPU loader's CPU workers: the files nvjpeg cannot decode, and `gpu_cpu_share`."""
+        if self.executor is None:  # workers=0: those files are decoded on the loader's thread
+            if self.gpu_cpu_share > 0:  # `embed_folder` refuses this earlier (`_check_cpu_share`)
+                raise ValueError("a CPU share of the GPU decode needs decode worker processes (workers >= 1)")
             return None
-        if self.executor is None:  # `embed_folder` makes one (`_check_cpu_share`)
-            raise ValueError("a CPU share of the GPU decode needs decode worker processes (workers >= 1)")
         cfg = self.preprocess_cfg if isinstance(self.preprocess_cfg, dict) else self.preprocess_cfg.to_dict()
         assist = CpuAssist(self.executor, self.workers, self.gpu_cpu_share, cfg, fast_decode=self.fast_decode)
-        assist.prime()
+        if self.gpu_cpu_share > 0:  # workers needed from the first group: start them now
+            assist.prime()
         return assist
 
 
@@ -361,7 +363,8 @@ def embed_folder(
         preprocess_cfg: the model's PreprocessConfig (or its dict).
         model: the model's name, recorded in run.json; a resume with another model is refused.
         batch_size: images per backend call.
-        workers: decode processes (default: one per core; 0 decodes in this process).
+        workers: decode processes (default: one per core; with `gpu_decode` the cores less four,
+            for the files nvjpeg cannot decode and the CPU share; 0 decodes in this process).
         shard_size: images per partition / shard.
         dtype: "float16" or "float32" on disk.
         progress: called with the number of items finished, as they finish.
@@ -438,12 +441,13 @@ def embed_folder(
                 progress(len(part.items))
         else:
             todo.append(part)
-    assisted = gpu_decode is not None and gpu_cpu_share > 0
     if workers is not None:
         n_workers = workers
     else:
-        n_workers = default_assist_workers(default_workers()) if assisted else default_workers()
-    executor = make_executor(n_workers) if (gpu_decode is None or assisted) and todo else None
+        n_workers = default_assist_workers(default_workers()) if gpu_decode is not None else default_workers()
+    # With gpu_decode the pool decodes what nvjpeg cannot (and the CPU share); its processes start
+    # only when a task comes (`DecodePool`), so a folder of plain JPEGs starts none.
+    executor = make_executor(n_workers) if todo else None
     try:
         if todo:
             loading = _Loading(cfg, batch_size, workers=n_workers, executor=executor, fast_decode=fast_decode,
