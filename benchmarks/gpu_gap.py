@@ -28,6 +28,10 @@ A B C D, ...) so that drift hits all rows alike, on a folder `--count` files lon
     M  uniform: C with a CPU share of 0.2
     N  uniform: C with a CPU share of 0.2, reduced-scale decode in the workers (`fast_decode`)
     O  mix: G with a CPU share of 0.2, reduced-scale decode in the workers
+  PNG mix (every 10th file a 1280x960 PNG, which nvjpeg cannot decode; session 9):
+    P  `embed_folder`: the PNGs go to the CPU workers (the default since session 9)
+    Q  the same with workers=0: the PNGs decoded on the loader's thread (before session 9;
+       over a quarter of the files, as it is slow)
 
 Each row also counts the caching allocator's device calls during it (`torch.cuda.memory_stats`:
 cudaMalloc, cudaFree, and retries after freeing the cache). cudaMalloc / cudaFree synchronise the
@@ -88,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     progressive = list_folder(
         ensure_jpegs(args.folder / "progressive", args.mix_count, 64, 0, 16, progressive_every=4)[0].parent
     )
+    png_mix = list_folder(_png_mix(args.folder / "png_mix", uniform[: args.mix_count], every=10))
     cfg = PreprocessConfig()
     torch.manual_seed(SEED)
     backend = TorchBackend(
@@ -127,12 +132,12 @@ def main(argv: list[str] | None = None) -> int:
                                                          decoder=decoder))  # fmt: skip
 
     def pipeline(items: list[Any], ahead: bool = False, one_call: bool = False, share: float = 0.0,
-                 fast: bool = False) -> int:  # fmt: skip
+                 fast: bool = False, workers: int | None = None) -> int:  # fmt: skip
         with tempfile.TemporaryDirectory(prefix="clipengine_gpu_gap_out_") as out:
             with one_call_loader() if one_call else contextlib.nullcontext():
                 stats = embed_folder(items, out, backend, cfg, batch_size=args.batch, shard_size=1000,
                                      dtype="float32", gpu_decode="cuda", gpu_decode_ahead=ahead,
-                                     gpu_cpu_share=share, fast_decode=fast)  # fmt: skip
+                                     gpu_cpu_share=share, fast_decode=fast, workers=workers)  # fmt: skip
         if stats.failed:
             raise RuntimeError(f"{stats.failed} images failed")
         return stats.embedded
@@ -153,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         "M uniform: embed_folder, CPU share 0.2 (exact)": lambda: pipeline(uniform, share=0.2),
         "N uniform: embed_folder, CPU share 0.2 (fast_decode)": lambda: pipeline(uniform, share=0.2, fast=True),
         "O mix: embed_folder, CPU share 0.2 (fast_decode)": lambda: pipeline(mix, share=0.2, fast=True),
+        "P PNG mix (every 10th): embed_folder, PNGs on the CPU workers": lambda: pipeline(png_mix),
+        "Q PNG mix (every 10th, a quarter of the files): PNGs on the loader thread (workers=0)":
+            lambda: pipeline(png_mix[: len(png_mix) // 4], workers=0),
     }
     if args.rows:
         rows = {name: row for name, row in rows.items() if name[0] in args.rows.upper()}
@@ -187,6 +195,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"rates": rates, "device_calls": device_calls}, indent=1))
     return 0
+
+
+def _png_mix(folder: Path, jpegs: list[Any], every: int) -> Path:
+    """`folder` with links to `jpegs`, every `every`-th replaced by a PNG of the same picture (one
+    PNG per distinct source file, linked like the JPEGs)."""
+    import os
+
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pngs: dict[int, Path] = {}
+    for i, item in enumerate(jpegs):
+        src = Path(item.source)
+        if i % every:
+            dst = folder / src.name
+            if not dst.exists():
+                os.link(src, dst)
+            continue
+        dst = folder / f"{src.stem}.png"
+        if dst.exists():
+            continue
+        inode = src.stat().st_ino  # hard links of one distinct JPEG share it
+        if inode not in pngs:
+            with Image.open(src) as im:
+                im.convert("RGB").save(dst, format="PNG")
+            pngs[inode] = dst
+        else:
+            os.link(pngs[inode], dst)
+    return folder
 
 
 if __name__ == "__main__":

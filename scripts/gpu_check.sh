@@ -7,7 +7,7 @@
 #   bash scripts/gpu_check.sh gap       # ON THE DEVICE: embed_folder vs the bare loader, rows in turn, and
 #                                       # where each thread's time goes (~180 s)
 #   bash scripts/gpu_check.sh assist    # ON THE DEVICE: CPU assist (session 9, never yet on a GPU): its
-#                                       # gpu tests, then gpu_gap rows C L M N G O in turn, then C D with
+#                                       # gpu tests, then gpu_gap rows C L M N G O P Q in turn, then C D with
 #                                       # expandable_segments (~250 s)
 #
 # Each device mode is one `run` call with carry [".whl"] and timeout_s 590. Session 4 ran both in one
@@ -116,7 +116,7 @@ assist)
     timeout "${PYTEST_S:-60}" python3 -m pytest -m gpu -v -rP -p no:cacheprovider -o filterwarnings=default \
         tests/pipeline/test_gpu_loading.py -k "cpu_share or matches_cpu_workers" >> "$OUT/pytest_gpu.log" 2>&1
     echo "pytest exit $?"; grep -E "passed|failed" "$OUT/pytest_gpu.log" | tail -3
-    timeout "${GAP_S:-200}" python3 benchmarks/gpu_gap.py --rounds 3 --rows CLMNGO --json "$OUT/assist.json" \
+    timeout "${GAP_S:-200}" python3 benchmarks/gpu_gap.py --rounds 3 --rows CLMNGOPQ --json "$OUT/assist.json" \
         > "$OUT/assist.md" 2> "$OUT/stderr.log"
     echo "gpu_gap exit $?"; cat "$OUT/assist.md"; grep -E "CPU assist|waited" "$OUT/stderr.log" | tail -12
     # decode_ahead lost 1-6 % in session 8; if rows C / D above show many cudaMalloc / cudaFree
