@@ -219,7 +219,7 @@ def _png_mix(folder: Path, jpegs: list[Any], every: int) -> Path:
         inode = src.stat().st_ino  # hard links of one distinct JPEG share it
         if inode not in pngs:
             with Image.open(src) as im:
-                im.convert("RGB").save(dst, format="PNG")
+                im.convert("RGB").save(dst, format="PNG", compress_level=1)  # fast to write; a bit fast to decode too
             pngs[inode] = dst
         else:
             os.link(pngs[inode], dst)
