@@ -180,6 +180,8 @@ def _classifier_args(labels: object, templates: object) -> tuple[list[str], list
     if isinstance(templates, str):
         raise InputError(f"templates must be a list of templates, not one string ({templates!r})")
     template_list = _str_list(templates, "templates")
+    if not template_list:  # not silently the bare labels: that is templates=None
+        raise InputError("templates is empty; pass templates=None to embed the bare labels")
     bad = [t for t in template_list if "{}" not in t]
     if bad:  # every label would get the same prompt: uniform, meaningless probabilities
         raise InputError(f"templates need '{{}}' where the label goes: {bad[:3]}")

@@ -297,6 +297,8 @@ def test_classify_refuses_templates_without_a_label_slot(model: ClipModel, clip_
     with pytest.raises(BackendError, match="list of templates"):
         model.text_classifier(["cat", "dog"], templates="a photo of a {}.")
     assert model.text_classifier(["cat", "dog"], templates=["{} {style}"]).shape[0] == 2  # other braces are fine
+    with pytest.raises(InputError, match=r"templates is empty; pass templates=None"):
+        model.classify(clip_png, ["cat", "dog"], templates=[])  # not silently the bare labels
 
 
 def test_classify_single_and_duplicate_labels(model: ClipModel, clip_png: Path) -> None:
