@@ -255,6 +255,8 @@ def load(
         raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_KINDS)}")
     path = Path(name_or_path).expanduser()
     if path.is_dir() and (path / _EXPORT_MANIFEST).is_file():
+        if pretrained is not None:
+            _check_export_tag(path, pretrained)
         if backend != "torch":  # "torch" or "onnx" on an export folder: ONNX Runtime
             opts["backend"] = backend
         return load_export(path, device=device, precision=precision, **opts)
@@ -270,6 +272,20 @@ def load(
     logit_scale = float(loaded.module.logit_scale.detach().float().exp())
     engine = create_backend("torch", loaded.module, device=device, precision=precision, **opts)
     return ClipModel(engine, loaded.preprocess, loaded.name, logit_scale, loaded.config.text.context_length)
+
+
+def _check_export_tag(folder: Path, pretrained: str) -> None:
+    """An export folder holds the weights it was exported from: a `pretrained` naming others would
+    be ignored without a word, so it must name those."""
+    from .export.manifest import read_manifest
+
+    manifest = read_manifest(folder)
+    if pretrained != manifest.pretrained:
+        held = f"{manifest.model}@{manifest.pretrained}" if manifest.pretrained else f"{manifest.model} (no tag)"
+        raise InputError(
+            f"{folder} is an export of {held}; pretrained={pretrained!r} names other weights: export those, "
+            "or leave pretrained out"
+        )
 
 
 def load_export(

@@ -142,6 +142,17 @@ def export_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model: CLIP) -> Pa
     return out
 
 
+def test_pretrained_naming_other_weights_than_an_exports_is_refused(export_dir: Path) -> None:
+    """The folder holds the weights it was exported from; pretrained= must not be silently ignored."""
+    from clipengine.export.manifest import read_manifest
+
+    recorded = read_manifest(export_dir).pretrained
+    with pytest.raises(InputError, match=r"is an export of .*pretrained='laion2b' names other weights"):
+        clipengine.load(export_dir, pretrained="laion2b")
+    if recorded is not None:  # the tag it holds is fine
+        assert clipengine.load(export_dir, pretrained=recorded).embed_dim > 0
+
+
 @pytest.mark.parametrize(
     "preprocess",
     [
