@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from importlib import metadata
@@ -129,10 +130,14 @@ def _export_graph(model: CLIP, tower: str, batch: int | None, split: bool, path:
         if tower == "text":
             axes[1] = torch.export.Dim("length", min=2, max=cfg.text.context_length)
         dynamic = (axes,)
-    program = torch.onnx.export(
-        graph.eval(), (example,), None, input_names=names[0], output_names=names[1],
-        opset_version=OPSET, dynamo=True, dynamic_shapes=dynamic, verbose=False, optimize=True,
-    )
+    with warnings.catch_warnings():
+        # torch 2.13's own exporter trips its own deprecation (torch.utils._pytree's LeafSpec) once
+        # per graph: noise for the user, nothing they could act on.
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+        program = torch.onnx.export(
+            graph.eval(), (example,), None, input_names=names[0], output_names=names[1],
+            opset_version=OPSET, dynamo=True, dynamic_shapes=dynamic, verbose=False, optimize=True,
+        )
     assert program is not None  # dynamo=True always returns the ONNXProgram
     return quantize.save_onnx(program.model_proto, path)
 
