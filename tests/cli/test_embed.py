@@ -209,6 +209,37 @@ def test_engine_ray_dispatches_with_a_picklable_factory(
     assert "Embedded 11 images" in result.output
 
 
+def test_engine_ray_gpus_per_actor_runs_the_actors_on_cuda(
+    folder: Path, tmp_path: Path, fake_load, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """`--gpus-per-actor 1` without `--device` (README's cluster example) reserved a GPU per actor and
+    ran the model on the CPU; the model the driver loads (for its preprocessing) stays on --device."""
+    import clipengine.distributed.ray as ray_engine
+    from clipengine.pipeline.run import RunStats
+
+    factories: list[model_options.BackendFactory] = []
+
+    def fake_embed_with_ray(items: object, out: object, factory: model_options.BackendFactory, *args: object, **kwargs: object) -> RunStats:
+        factories.append(factory)
+        return RunStats(images=1, embedded=1, wall_s=1.0)
+
+    monkeypatch.setattr(ray_engine, "embed_with_ray", fake_embed_with_ray)
+    args = ["embed", str(folder), "-o", str(tmp_path / "out"), "--engine", "ray", "--no-progress"]
+    for extra, device in ((["--gpus-per-actor", "1"], "cuda"), (["--gpus-per-actor", "1", "--device", "cuda:1"], "cuda:1"), ([], "cpu")):
+        result = CliRunner().invoke(app, [*args, *extra])
+        assert result.exit_code == 0, result.output
+        assert factories[-1].opts.device == device and fake_load[-1].device == ("cuda:1" if "cuda:1" in extra else "cpu")
+
+
+def test_engine_ray_unreachable_address_is_a_one_line_error(folder: Path, tmp_path: Path, fake_load, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Nothing listens there: `ray.init` retried it for ever (a hang), or raised a traceback."""
+    pytest.importorskip("ray")
+    args = ["embed", str(folder), "-o", str(tmp_path / "out"), "--engine", "ray", "--no-progress"]
+    assert main([*args, "--address", "127.0.0.1:1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot reach the Ray cluster at 127.0.0.1:1 (") and "\n" not in err
+
+
 def test_engine_ray_takes_parquet_and_webdataset_sources(
     folder: Path, tmp_path: Path, fake_load, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]

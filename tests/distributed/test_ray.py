@@ -17,7 +17,7 @@ from clipengine.distributed.ray import (
     embed_with_ray,
     list_source,
 )
-from clipengine.errors import DatasetError, IndexMismatchError
+from clipengine.errors import BackendError, DatasetError, IndexMismatchError
 from clipengine.files import is_temp_name
 from clipengine.pipeline import embed_folder, read_embeddings, read_failures
 from clipengine.pipeline.sinks import read_run_info
@@ -148,6 +148,16 @@ def test_a_file_that_kills_its_decoder_is_its_failure_and_the_rest_is_embedded(
     failures = {f.id: f.reason for f in read_failures(out)}
     assert sorted(failures) == ["bad-empty.jpg", "bad-truncated.jpg", killer]
     assert "ended the decoder process" in failures[killer]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_more_gpus_per_actor_than_the_cluster_has_is_an_error_not_a_hang(
+    ray_local: None, fakes: ModuleType, mixed_folder: Path, tmp_path: Path, preprocess_cfg
+) -> None:  # type: ignore[no-untyped-def]
+    """The 2-CPU test instance has no GPU: no actor could ever start, and the job waited forever."""
+    with pytest.raises(BackendError, match=r"1 GPU\(s\) per actor, but the Ray cluster has 0"):
+        embed_with_ray(mixed_folder, tmp_path / "out", fakes.FakeFactory(), preprocess_cfg, model="fake", num_gpus=1)
 
 
 @pytest.mark.integration

@@ -28,6 +28,8 @@ def _run_engine(
     if engine == "ray":
         from ..distributed.ray import embed_with_ray
 
+        if kwargs.get("num_gpus", 0) > 0 and opts.device == "cpu":  # GPUs reserved per actor: use them
+            opts = replace(opts, device="cuda")  # (the driver's model, loaded for its preprocessing, stays)
         factory: Any = mo.BackendFactory(opts)  # plain data: each actor loads its own model
         return embed_with_ray(items, output, factory, clip.preprocess_cfg, **kwargs)
     from ..pipeline.run import embed_folder
@@ -147,7 +149,9 @@ def register(app: typer.Typer) -> None:
             None, "--address", help="Ray cluster: auto, or ray://host:10001 (default: a local Ray instance)."
         ),
         actors: int = typer.Option(2, "--actors", min=1, help="Ray actor pool size (one model per actor)."),
-        gpus_per_actor: float = typer.Option(0.0, "--gpus-per-actor", min=0.0, help="GPUs per Ray actor."),
+        gpus_per_actor: float = typer.Option(
+            0.0, "--gpus-per-actor", min=0.0, help="GPUs per Ray actor (the actors then run on --device, default cuda)."
+        ),
     ) -> None:
         """Embed every image of a folder or file list into sharded .npy + .jsonl files (resumable)."""
         from tqdm import tqdm

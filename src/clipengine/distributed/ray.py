@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import tarfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -207,17 +208,42 @@ class _PartitionEmbedder:
 
 
 # ---------------------------------------------------------------------------------------------- driver
+_CONNECT_TIMEOUT_S = 10.0  # a cluster that does not accept a TCP connection in this time is unreachable
+
+
 def _ensure_ray(address: str | None) -> bool:
-    """Connect to (or start) Ray; returns True when this call started it (and should shut it down)."""
+    """Connect to (or start) Ray; returns True when this call started it (and should shut it down).
+
+    Raises:
+        BackendError: the address is unreachable or not one Ray understands (one line, no traceback).
+    """
     import ray
 
     if ray.is_initialized():
         return False
-    if address is None:
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    else:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        if address is None:
+            ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+        else:
+            _check_reachable(address)
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    except (ConnectionError, ValueError, RuntimeError) as e:  # what ray.init raises for a bad address
+        where = "a local Ray instance" if address is None else f"the Ray cluster at {address}"
+        raise BackendError(f"cannot start or join {where}: {' '.join(str(e).split())}") from e
     return True
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast on a host:port that accepts no connection: `ray.init` retries such an address for ever."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return  # "auto", "local": Ray finds the cluster itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=_CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise BackendError(
+            f"cannot reach the Ray cluster at {address} ({e}); check --address (`ray status` on the head node)"
+        ) from e
 
 
 def _check_previous(out_dir: Path, previous: dict[str, Any], info: dict[str, Any]) -> None:
@@ -362,6 +388,12 @@ def _run_job(
 
     started = _ensure_ray(address)  # a local instance gets every core; the actor pool size caps use
     try:
+        gpus = ray.cluster_resources().get("GPU", 0)  # type: ignore[no-untyped-call]
+        if num_gpus > gpus:  # no actor could ever start: Ray Data would wait for one for ever
+            raise BackendError(
+                f"{num_gpus:g} GPU(s) per actor, but the Ray cluster has {gpus:g}; use a cluster with GPUs "
+                "(an autoscaling one: start a GPU node first) or no GPUs per actor"
+            )
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # the caller's `progress` callback reports per partition
         ctx.print_on_execution_start = False
