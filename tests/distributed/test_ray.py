@@ -21,6 +21,7 @@ from clipengine.errors import BackendError, DatasetError, IndexMismatchError
 from clipengine.files import is_temp_name
 from clipengine.pipeline import embed_folder, read_embeddings, read_failures
 from clipengine.pipeline.sinks import read_run_info
+from clipengine.types import ImageItem
 
 
 def _shard_names(out: Path) -> list[str]:
@@ -157,7 +158,22 @@ def test_more_gpus_per_actor_than_the_cluster_has_is_an_error_not_a_hang(
 ) -> None:  # type: ignore[no-untyped-def]
     """The 2-CPU test instance has no GPU: no actor could ever start, and the job waited forever."""
     with pytest.raises(BackendError, match=r"1 GPU\(s\) per actor, but the Ray cluster has 0"):
-        embed_with_ray(mixed_folder, tmp_path / "out", fakes.FakeFactory(), preprocess_cfg, model="fake", num_gpus=1)
+        embed_with_ray(
+            mixed_folder, tmp_path / "out", fakes.FakeFactory(), preprocess_cfg, model="fake", num_gpus=1
+        )
+
+
+@pytest.mark.integration
+def test_an_error_inside_an_actor_is_one_line_naming_its_cause(
+    ray_local: None, fakes: ModuleType, mixed_folder: Path, tmp_path: Path, preprocess_cfg
+) -> None:  # type: ignore[no-untyped-def]
+    """A shard deleted after listing: the actor's FileNotFoundError, not Ray's 30-line, colour-coded
+    remote traceback (the CLI prints the message as its one-line error)."""
+    gone = tmp_path / "gone.tar"
+    items = [ImageItem("img-000.jpg", str(mixed_folder / "img-000.jpg")), ImageItem("x", f"tar://{gone}::x.jpg")]
+    with pytest.raises(BackendError, match=r"^Ray embedding job failed on partition 0: FileNotFoundError: .*gone\.tar'$") as e:
+        embed_with_ray(items, tmp_path / "out", fakes.FakeFactory(), preprocess_cfg, model="fake")
+    assert "\n" not in str(e.value) and "\x1b" not in str(e.value)
 
 
 @pytest.mark.integration

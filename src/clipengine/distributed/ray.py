@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import tarfile
 import time
@@ -192,18 +193,26 @@ class _PartitionEmbedder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         stats_out: list[str] = []
+        errors: list[str] = []
         for pid, pairs in zip(batch["partition_id"], batch["items"], strict=True):
-            stats = run_partition(
-                _materialise(json.loads(pairs)), self.backend, self.sink, partition_id=int(pid),
-                preprocess_cfg=self.cfg, batch_size=self.batch_size, executor=self.decoder,
-                fast_decode=self.fast_decode,
-            )  # fmt: skip
+            try:
+                stats = run_partition(
+                    _materialise(json.loads(pairs)), self.backend, self.sink, partition_id=int(pid),
+                    preprocess_cfg=self.cfg, batch_size=self.batch_size, executor=self.decoder,
+                    fast_decode=self.fast_decode,
+                )  # fmt: skip
+            except Exception as e:  # returned for the driver to raise: Ray would keep only a remote traceback
+                stats_out.append("")
+                errors.append(" ".join(f"{type(e).__name__}: {e}".split()))
+                continue
             stats.load_s, self.load_s = self.load_s, 0.0  # charge the model load to the first partition
             stats_out.append(json.dumps(asdict(stats)))
+            errors.append("")
         return {
             "partition_id": np.asarray(batch["partition_id"]),
             "stats": np.asarray(stats_out, dtype=object),
             "embed_dim": np.full(len(stats_out), self.backend.embed_dim),
+            "error": np.asarray(errors, dtype=object),
         }
 
 
@@ -413,6 +422,10 @@ def _run_job(
             },
         )  # fmt: skip
         for row in ds.iter_rows():
+            if row["error"]:
+                raise BackendError(
+                    f"Ray embedding job failed on partition {row['partition_id']}: {row['error']}"
+                )
             stats = RunStats(**json.loads(row["stats"]))
             total.add(stats)
             dim = int(row["embed_dim"])
@@ -425,7 +438,8 @@ def _run_job(
         cause = getattr(e, "cause", None)
         if isinstance(cause, IndexMismatchError):
             raise cause from e
-        raise BackendError(f"Ray embedding job failed: {e}") from e
+        reason = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split())  # one line, no terminal colours
+        raise BackendError(f"Ray embedding job failed: {reason}") from e
     finally:
         if started:
             ray.shutdown()
