@@ -282,6 +282,13 @@ def test_a_parquet_file_without_the_path_column_names_its_columns_in_one_line(tm
     assert "\n" not in str(e.value)
 
 
+def test_a_file_that_is_not_a_tar_is_a_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "a.tar").write_bytes(b"garbage" * 100)
+    with pytest.raises(DatasetError, match=r"a.tar: not a readable tar shard \(.*invalid header") as e:
+        list_source(tmp_path / "a.tar")
+    assert "\n" not in str(e.value)  # tarfile lists each compression it tried on a line of its own
+
+
 def test_tar_members_are_read_as_bytes(tmp_path: Path) -> None:
     tar = tmp_path / "a.tar"
     with tarfile.open(tar, "w") as tf:

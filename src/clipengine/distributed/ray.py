@@ -82,7 +82,7 @@ def _tar_items(tars: Sequence[Path]) -> list[ImageItem]:
             with tarfile.open(tar) as tf:
                 names = [m.name for m in tf.getmembers() if m.isfile() and is_image_name(Path(m.name).name)]
         except (OSError, tarfile.TarError) as e:
-            raise DatasetError(f"{tar}: not a readable tar shard ({e})") from e
+            raise DatasetError(f"{tar}: not a readable tar shard ({' '.join(str(e).split())})") from e
         items.extend(ImageItem(f"{tar.name}/{n}", f"{_TAR_SCHEME}{tar.resolve()}::{n}") for n in names)
     return items
 
