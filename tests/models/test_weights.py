@@ -184,9 +184,8 @@ def test_hand_placed_file_with_wrong_checksum_is_refused(tmp_path: Path) -> None
     assert path.with_name("model.bin.sha256").read_text().startswith(PAYLOAD_SHA)
 
 
-def test_hub_repo_falls_back_to_transformers_layout(
-    server: tuple[str, type[_Handler]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _hub_repo(server: tuple[str, type[_Handler]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """org/clip on the test server in transformers' layout (config.json + model.safetensors)."""
     from clipengine.models import weights
 
     url, _ = server
@@ -195,6 +194,15 @@ def test_hub_repo_falls_back_to_transformers_layout(
     (repo / "config.json").write_text("{}")
     (repo / "model.safetensors").write_bytes(b"weights")
     monkeypatch.setattr(weights, "_HUB_URL", url + "/{repo}/{filename}")
+    return repo
+
+
+def test_hub_repo_falls_back_to_transformers_layout(
+    server: tuple[str, type[_Handler]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from clipengine.models import weights
+
+    _hub_repo(server, tmp_path, monkeypatch)
     with pytest.raises(DownloadNotAllowedError, match="hf-hub:org/clip is not in the cache"):
         weights.fetch_hub("org/clip")
     folder = weights.fetch_hub("org/clip", allow_download=True)
@@ -210,13 +218,8 @@ def test_hub_download_killed_midway_is_finished_by_the_rerun(
     # but before preprocessor_config.json would leave a model loading with default preprocessing.
     from clipengine.models import weights
 
-    url, _ = server
-    repo = tmp_path / "www" / "org" / "clip"
-    repo.mkdir(parents=True)
-    (repo / "config.json").write_text("{}")
-    (repo / "model.safetensors").write_bytes(b"weights")
+    repo = _hub_repo(server, tmp_path, monkeypatch)
     (repo / "preprocessor_config.json").write_text('{"image_mean": [0.5, 0.5, 0.5]}')
-    monkeypatch.setattr(weights, "_HUB_URL", url + "/{repo}/{filename}")
     real, calls = weights.download, []
 
     def killed(*args: object, **kwargs: object) -> Path:
