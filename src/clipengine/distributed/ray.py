@@ -31,6 +31,7 @@ from ..errors import BackendError, IndexMismatchError
 from ..pipeline.decode_pool import DecodePool
 from ..pipeline.embed import LazyBackend
 from ..pipeline.run import RunStats, run_partition
+from ..pipeline.run_settings import check_compatible
 from ..pipeline.sinks import RUN_FILE, ShardSink, atomic_write_json, read_run_info
 from ..pipeline.sources import check_unique_ids, partitions
 from ..types import ImageItem
@@ -164,17 +165,6 @@ def _check_reachable(address: str) -> None:
         ) from e
 
 
-def _check_previous(out_dir: Path, previous: dict[str, Any], info: dict[str, Any]) -> None:
-    # Same rule as the local runner: never mix models, dtypes or partitionings in one folder.
-    for key in ("model", "dtype", "shard_size", "fast_decode", "gpu_decode"):
-        old, new = previous.get(key), info.get(key)
-        if old is not None and new is not None and old != new:
-            raise IndexMismatchError(
-                f"{out_dir} holds embeddings made with {key}={old!r}, but this run uses {key}={new!r}; "
-                f"use another output folder or delete {out_dir}"
-            )
-
-
 def _as_factory(
     model: Callable[[], Backend] | ModelSpec | Mapping[str, Any], num_gpus: float
 ) -> Callable[[], Backend]:
@@ -254,7 +244,7 @@ def embed_with_ray(
     }  # fmt: skip
     previous = read_run_info(out)
     if previous is not None:
-        _check_previous(out, previous, info)
+        check_compatible(out, previous, info)  # the local engine's rule: never mix runs in one folder
         info["embed_dim"] = previous.get("embed_dim")
     out.mkdir(parents=True, exist_ok=True)
     sink.clean_temp_files()

@@ -6,19 +6,20 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import IndexMismatchError
 from ..types import Backend, Batch, Failure, FloatArray, ImageItem
 from .batching import LoadStats, default_workers, iter_batches, make_executor
 from .cpu_assist import CpuAssist, default_assist_workers
 from .embed import BackendSource, LazyBackend, embed_batch
+from .run_settings import check_compatible, check_cpu_share, check_output
 from .sinks import RUN_FILE, ShardSink, atomic_write_json, read_run_info
 from .sources import Partition, check_unique_ids, list_items, partitions
+from .stats import RunStats
 
 if TYPE_CHECKING:
     from concurrent.futures import Executor
@@ -30,76 +31,6 @@ __all__ = ["ProgressCallback", "RunStats", "check_output", "embed_folder", "run_
 _log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int], None]  # called with the number of items just finished (embedded or failed)
-
-
-@dataclass
-class RunStats:
-    """Counts and stage timings of a run. Stage seconds are summed over workers; `wall_s` is elapsed time."""
-
-    images: int = 0  # input items covered (including resumed ones)
-    embedded: int = 0  # rows embedded by this run
-    failed: int = 0  # failures met by this run
-    skipped: int = 0  # items in shards already complete, not recomputed
-    failed_total: int = 0  # failures listed in OUT/failures.jsonl (this run + resumed shards)
-    shards_written: int = 0
-    shards_skipped: int = 0
-    batch_sizes: list[int] = field(default_factory=list)  # rows per backend call, in order
-    read_s: float = 0.0
-    decode_s: float = 0.0
-    preprocess_s: float = 0.0
-    infer_s: float = 0.0  # time inside backend.encode_images
-    write_s: float = 0.0
-    wait_s: float = 0.0  # time the backend sat idle waiting for decoded images
-    load_s: float = 0.0  # building the backend (model load)
-    wall_s: float = 0.0
-
-    @property
-    def processed(self) -> int:
-        """Items handled by this run (embedded + failed)."""
-        return self.embedded + self.failed
-
-    @property
-    def fps(self) -> float:
-        """Embedded images per wall-clock second."""
-        return self.embedded / self.wall_s if self.wall_s > 0 else 0.0
-
-    def per_image_ms(self) -> dict[str, float]:
-        """Milliseconds per processed image for each stage."""
-        n = max(self.processed, 1)
-        stages = ("read", "decode", "preprocess", "infer", "write", "wait")
-        return {s: 1000.0 * getattr(self, f"{s}_s") / n for s in stages}
-
-    def add(self, other: RunStats) -> None:
-        """Accumulate another partition's stats into this one (wall time excluded)."""
-        for name, value in asdict(other).items():
-            if name == "wall_s":
-                continue
-            if isinstance(value, list):
-                getattr(self, name).extend(value)
-            else:
-                setattr(self, name, getattr(self, name) + value)
-
-    def counts(self) -> dict[str, int]:
-        """run.json "counts" of a finished run: every input item, the rows on disk and the failures.
-
-        "embedded" counts rows in every shard, the resumed ones included: this run's rows plus the
-        skipped items, less the failures listed by the skipped shards (`failed_total` - `failed`).
-        Both engines (`embed_folder` and the Ray one) record exactly this.
-        """
-        return {
-            "images": self.images,
-            "embedded": self.embedded + self.skipped - (self.failed_total - self.failed),
-            "failed": self.failed_total,
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (batch sizes summarised), with per-image ms and FPS."""
-        d = asdict(self)
-        sizes = d.pop("batch_sizes")
-        d["batches"] = len(sizes)
-        d["per_image_ms"] = self.per_image_ms()
-        d["fps"] = self.fps
-        return d
 
 
 def run_partition(
@@ -393,7 +324,7 @@ def embed_folder(
         DatasetError: the source does not exist, or lists an id twice.
     """
     t_start = time.perf_counter()
-    _check_cpu_share(gpu_cpu_share, gpu_decode, workers)
+    check_cpu_share(gpu_cpu_share, gpu_decode, workers)
     out_dir = Path(out_dir)
     items = list(source) if not isinstance(source, (str, Path)) else list_items(source)
     check_unique_ids(items)  # all of them, before run.json is touched (a resume routes only some)
@@ -418,14 +349,14 @@ def embed_folder(
         "status": "running",
     }
     if previous is not None:
-        _check_compatible(out_dir, previous, info)
+        check_compatible(out_dir, previous, info)
         info["embed_dim"] = previous.get("embed_dim")
     out_dir.mkdir(parents=True, exist_ok=True)
     sink.clean_temp_files()
     atomic_write_json(out_dir / RUN_FILE, info)
 
     def on_load(backend: Backend) -> None:
-        _check_compatible(out_dir, info, {"embed_dim": backend.embed_dim})
+        check_compatible(out_dir, info, {"embed_dim": backend.embed_dim})
         if info["embed_dim"] is None:
             info["embed_dim"] = backend.embed_dim
             atomic_write_json(out_dir / RUN_FILE, info)
@@ -465,47 +396,3 @@ def embed_folder(
     atomic_write_json(out_dir / RUN_FILE, info)
     _log.info("embedded %d images (%d failed) into %s", total.embedded, total.failed, out_dir)
     return total
-
-
-def _check_cpu_share(share: float, gpu_decode: str | None, workers: int | None) -> None:
-    if not 0.0 <= share < 1.0:
-        raise ValueError(f"gpu_cpu_share must be in [0, 1), got {share}")
-    if share > 0 and gpu_decode is None:
-        raise ValueError("gpu_cpu_share is the CPU's share of a GPU decode: it needs gpu_decode")
-    if share > 0 and workers == 0:
-        raise ValueError("gpu_cpu_share needs CPU decode workers (workers >= 1, or None for the default)")
-
-
-def check_output(out_dir: str | Path, **settings: Any) -> None:
-    """Fail fast (before loading a model) if ``out_dir`` holds a run with other settings.
-
-    Args:
-        settings: any of model=, embed_dim=, dtype=, shard_size= for the run about to start.
-
-    Raises:
-        IndexMismatchError: a setting differs from the one recorded in ``out_dir/run.json``.
-    """
-    previous = read_run_info(out_dir)
-    if previous is not None:
-        _check_compatible(Path(out_dir), previous, settings)
-
-
-def _check_compatible(out_dir: Path, previous: dict[str, Any], current: dict[str, Any]) -> None:
-    """Refuse to mix runs: same model, embed_dim, dtype, shard size and decode mode, or a clear error."""
-    hints: dict[str, Callable[[Any], str]] = {
-        "model": lambda old: f"--model {old}",
-        "embed_dim": lambda old: f"the model that gives {old}-d embeddings",
-        "dtype": lambda old: f"--dtype {old}",
-        "shard_size": lambda old: f"--shard-size {old}",
-        "fast_decode": lambda old: "--fast-decode" if old else "no --fast-decode",
-        "gpu_decode": lambda old: "--gpu-decode" if old else "no --gpu-decode",
-        "gpu_decoder": lambda old: f"--gpu-decoder {old}",
-        "gpu_cpu_share": lambda old: f"--gpu-cpu-share {old}",
-    }
-    for key, hint in hints.items():
-        old, new = previous.get(key), current.get(key)
-        if key in current and old is not None and new is not None and old != new:
-            raise IndexMismatchError(
-                f"{out_dir} holds embeddings made with {key}={old!r}, but this run uses {key}={new!r}; "
-                f"use another output folder, delete {out_dir}, or use {hint(old)}"
-            )
