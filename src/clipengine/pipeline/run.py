@@ -129,7 +129,7 @@ class _Loading:
     def _assist(self) -> CpuAssist | None:
         """The GPU loader's CPU workers: the files nvjpeg cannot decode, and `gpu_cpu_share`."""
         if self.executor is None:  # workers=0: those files are decoded on the loader's thread
-            if self.gpu_cpu_share > 0:  # `embed_folder` refuses this earlier (`_check_cpu_share`)
+            if self.gpu_cpu_share > 0:  # `embed_folder` refuses this earlier (`run_settings.check_cpu_share`)
                 raise ValueError("a CPU share of the GPU decode needs decode worker processes (workers >= 1)")
             return None
         cfg = self.preprocess_cfg if isinstance(self.preprocess_cfg, dict) else self.preprocess_cfg.to_dict()
