@@ -214,3 +214,70 @@ def test_leftover_temp_files_of_a_killed_writer_are_swept(tmp_path: Path) -> Non
     index.save(root)
     assert not any(p.exists() for p in left)
     assert sorted(p.name for p in root.iterdir()) == ["header.json", "meta-000002.jsonl", "vectors-000002.faiss"]
+
+
+def test_atomic_path_syncs_the_data_then_the_folder_after_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fsync of the file orders data before the rename; only an fsync of the folder after the
+    rename makes the rename itself survive a power loss."""
+    import sync_log
+
+    log = sync_log.record(monkeypatch)
+    target = tmp_path / "out.bin"
+    atomic_write_bytes(target, b"new")
+    log.assert_rename_durable(target)
+    rename = log.renames_to(target)[-1]
+    assert log.synced_before(rename, target)  # the data (same inode after the rename)
+    assert not log.synced_before(rename, tmp_path)  # a folder fsync before the rename does not count
+
+
+def test_fsync_dir_is_skipped_where_folders_cannot_be_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    real_fsync, real_open = os.fsync, os.open
+
+    def refused(fd: int) -> None:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "fsync", refused)  # a filesystem that refuses fsync on a folder
+    files.fsync_dir(tmp_path)
+
+    def io_error(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", io_error)  # a real failure is not hidden
+    with pytest.raises(OSError, match="Input/output"):
+        files.fsync_dir(tmp_path)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+
+    def no_dir_open(path: object, flags: int, *args: object) -> int:
+        if os.path.isdir(str(path)):
+            raise PermissionError(errno.EACCES, "Permission denied")  # Windows opening a folder
+        return real_open(path, flags, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", no_dir_open)
+    files.fsync_dir(tmp_path)
+    atomic_write_bytes(tmp_path / "x", b"x")  # the write goes on without the folder sync
+    assert (tmp_path / "x").read_bytes() == b"x"
+
+
+def test_fsync_tree_syncs_every_file_and_folder_before_a_folder_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sync_log
+
+    work = tmp_path / ".work"
+    (work / "sub").mkdir(parents=True)
+    (work / "a").write_text("a")
+    (work / "sub" / "b").write_text("b")
+    log = sync_log.record(monkeypatch)
+    files.fsync_tree(work)
+    files.replace_durably(work, tmp_path / "final")
+    final = tmp_path / "final"
+    rename = log.renames_to(final)[-1]
+    for p in (final / "a", final / "sub" / "b", final / "sub", final):
+        assert log.synced_before(rename, p), p
+    log.assert_rename_durable(final)

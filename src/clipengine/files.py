@@ -1,7 +1,9 @@
 """Files written atomically, with the permissions a plain open() gives: one helper for every writer.
 
 A reader (a resumed run, a server, another process) never sees a half-written file: data goes to a
-hidden temp file beside the target, is flushed to disk, then renamed over it (`os.replace`).
+hidden temp file beside the target, is flushed to disk, then renamed over it (`os.replace`), and the
+folder is flushed too (`fsync_dir`): a rename is a change to the folder, and until the folder reaches
+the disk a power loss can undo it (fsync(2): syncing a file does not sync its directory entry).
 
 Every temp file is named ``.<final name>.<random>.tmp`` (`is_temp_name`), so the writers that sweep
 up after a killed process (embed resume, index saves) recognise them with one rule.
@@ -9,6 +11,7 @@ up after a killed process (embed resume, index saves) recognise them with one ru
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import re
@@ -17,12 +20,26 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_bytes", "is_temp_name", "normal_file_mode", "temp_target", "umask"]
+__all__ = [
+    "atomic_path",
+    "atomic_write_bytes",
+    "fsync_dir",
+    "fsync_file",
+    "fsync_tree",
+    "is_temp_name",
+    "normal_file_mode",
+    "replace_durably",
+    "temp_target",
+    "umask",
+]
 
 _UMASK_STATUS = "/proc/self/status"  # Linux >= 4.7 shows the umask there ("Umask:\t0022")
 # The suffix keeps the real extension out of the end of the name: a writer that picks a format by
 # suffix (matplotlib) is told it; the leading dot hides the file from globs such as part-*.npy.
 _TEMP_SUFFIX = ".tmp"
+# What fsync of a folder fails with where the filesystem or OS does not do it (some network and
+# FUSE filesystems): nothing to flush there, so nothing to report.
+_NO_DIR_SYNC = (errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EACCES, errno.EPERM)
 # The whole name, as mkstemp makes it: "." + final name + "." + 8 random [a-z0-9_] + ".tmp".
 _TEMP_NAME = re.compile(r"\.(?P<final>.+)\.[a-z0-9_]{8}" + re.escape(_TEMP_SUFFIX))
 # The names the embed shards (".tmp-<name>.<mkstemp random>") and the index files ("<name>.tmp-<8
@@ -74,12 +91,58 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.chmod(tmp, normal_file_mode())
-        with open(tmp, "rb") as f:  # the rename must not reach the disk before the data does
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        fsync_file(tmp)  # the rename must not reach the disk before the data does
+        replace_durably(tmp, final)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush a written file's data to disk (before a rename publishes it)."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Flush a folder's entries to disk, so renames and new files in it survive a power loss.
+
+    Skipped quietly where folders cannot be opened (Windows, whose renames need no such step) or
+    the filesystem refuses fsync on them.
+    """
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in _NO_DIR_SYNC:
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str | Path) -> None:
+    """Flush every file and folder under `folder` (and it), deepest first: before a folder assembled
+    beside its final name is renamed into place, so the rename cannot outlive its content."""
+    for parent, _dirs, names in os.walk(folder, topdown=False):
+        for name in names:
+            path = os.path.join(parent, name)
+            if not os.path.islink(path):
+                fsync_file(path)
+        fsync_dir(parent)
+
+
+def replace_durably(src: str | Path, dst: str | Path) -> None:
+    """`os.replace(src, dst)`, then flush the folder(s) holding the two names: only then is the
+    rename itself on disk. Flush `src`'s data first (`fsync_file` / `fsync_tree`)."""
+    os.replace(src, dst)
+    dst_dir = os.path.dirname(os.path.abspath(dst))
+    fsync_dir(dst_dir)
+    src_dir = os.path.dirname(os.path.abspath(src))
+    if src_dir != dst_dir:  # a move between folders changes both
+        fsync_dir(src_dir)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
