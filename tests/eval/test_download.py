@@ -74,6 +74,23 @@ def test_download_verifies_and_extracts(tmp_path: Path, fake_server) -> None:  #
     assert len(seen) == 1
 
 
+def test_download_and_extraction_are_durable(
+    tmp_path: Path, fake_server: tuple[bytes, list[str | None]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An existing dataset folder is taken as complete, so its files reach the disk before the
+    rename that publishes it, and the rename (like the archive's) before download_dataset returns."""
+    import sync_log
+
+    log = sync_log.record(monkeypatch)
+    folder = download.download_dataset("cifar10", tmp_path)
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    for published in (archive, folder):
+        log.assert_rename_durable(published)
+    assert log.synced_before(log.renames_to(archive)[-1], archive)
+    rename = log.renames_to(folder)[-1]
+    assert log.synced_before(rename, folder / "test_batch") and log.synced_before(rename, folder)
+
+
 def test_extraction_killed_midway_is_cleaned_up_by_the_rerun(tmp_path: Path, fake_server, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     real_extract, real_rmtree = tarfile.TarFile.extractall, shutil.rmtree
 

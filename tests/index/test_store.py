@@ -40,6 +40,30 @@ def test_layout_is_header_plus_one_generation_of_files(saved: Path) -> None:
     assert _header(saved)["count"] == 101
 
 
+def test_saves_are_durable_data_before_header_and_renames_synced(
+    tmp_path: Path, ids: list[str], vectors: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A power loss keeps the old generation or the new one: the data files are on disk (content
+    and names) before the header that names them, and each rename's folder is fsynced after it."""
+    import sync_log
+
+    log = sync_log.record(monkeypatch)
+    root = Index.build(ids[:10], vectors[:10], model="fake").save(tmp_path / "p.index")
+    log.assert_rename_durable(root)  # a first save: the folder rename is the commit
+    first = log.renames_to(root)[-1]
+    for p in (root / "header.json", root / "vectors-000001.faiss", root / "meta-000001.jsonl", root):
+        assert log.synced_before(first, p), p
+
+    index = Index.load(root)
+    index.add(["new"], np.ones((1, 32)))
+    index.save(root)
+    log.assert_rename_durable(root / "header.json")
+    commit = log.renames_to(root / "header.json")[-1]
+    for name in ("vectors-000002.faiss", "meta-000002.jsonl"):
+        log.assert_rename_durable(root / name)
+        assert log.renames_to(root / name)[-1] < commit and log.synced_before(commit, root / name)
+
+
 def _crash_on_header(monkeypatch: pytest.MonkeyPatch) -> None:
     real = os.replace
 

@@ -201,6 +201,25 @@ def test_save_replaces_a_previous_save_whole(tmp_path: Path, tiny_model: CLIP) -
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
 
 
+@pytest.mark.parametrize("previous", [False, True])
+def test_save_is_durable_files_and_folder_synced_around_the_rename(
+    tmp_path: Path, tiny_model: CLIP, monkeypatch: pytest.MonkeyPatch, previous: bool
+) -> None:
+    """Both files and the folder holding their names reach the disk before the rename, and the
+    parent folder (which holds the rename) after it: a power loss keeps the old save or the new."""
+    import sync_log
+
+    if previous:
+        save_model(tiny_model, tmp_path / "m")
+    log = sync_log.record(monkeypatch)
+    folder = save_model(tiny_model, tmp_path / "m", PreprocessConfig(image_size=32, interpolation="bilinear"))
+    monkeypatch.undo()
+    log.assert_rename_durable(folder)
+    rename = log.renames_to(folder)[-1]
+    for p in (folder / "config.json", folder / "model.safetensors", folder):
+        assert log.synced_before(rename, p), p
+
+
 def test_save_into_an_empty_folder(tmp_path: Path, tiny_model: CLIP) -> None:
     (tmp_path / "m").mkdir()
     save_model(tiny_model, tmp_path / "m")

@@ -95,6 +95,21 @@ def test_download_verifies_checksum_and_reports_progress(server: tuple[str, type
     assert fetch(_source(f"{url}/model.bin")) == path  # cached: no download needed any more
 
 
+def test_download_is_durable_data_then_rename_then_folder(
+    server: tuple[str, type[_Handler]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The .part file is fsynced before its rename and the folder after it, so a power loss
+    leaves either no file or the whole verified one (never a renamed, empty file)."""
+    import sync_log
+
+    url, _ = server
+    log = sync_log.record(monkeypatch)
+    target = download(f"{url}/model.bin", tmp_path / "w" / "model.bin", sha256=PAYLOAD_SHA)
+    log.assert_rename_durable(target)
+    assert log.synced_before(log.renames_to(target)[-1], target)
+    log.assert_rename_durable(target.with_name("model.bin.sha256"))  # the verified marker: atomic too
+
+
 def test_checksum_mismatch_discards_file(server: tuple[str, type[_Handler]], tmp_path: Path) -> None:
     url, _ = server
     target = tmp_path / "out" / "model.bin"

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DatasetError, DownloadError
+from ..files import fsync_file, fsync_tree, replace_durably
 from ..paths import cache_dir
 
 __all__ = ["ARCHIVES", "Archive", "default_data_root", "download_dataset"]
@@ -130,7 +131,8 @@ def download_dataset(
     if not archive.is_file():
         part = archive.with_name(archive.name + ".part")
         _fetch(arc.url, part, progress, timeout)
-        part.replace(archive)
+        fsync_file(part)  # data before the rename, and the rename on disk (else a power loss can
+        replace_durably(part, archive)  # leave a complete-looking archive of zeros)
     digest = _md5(archive)
     if digest != arc.md5:
         archive.unlink()
@@ -149,7 +151,10 @@ def _extract(archive: Path, root: Path, folder: str) -> None:
             tar.extractall(tmp, filter="data")  # "data" filter: no absolute paths, links or devices
         if not (tmp / folder).is_dir():
             raise DownloadError(f"{archive.name} does not contain {folder}/")
-        (tmp / folder).replace(root / folder)
+        # Every extracted file on disk before the rename: a dataset folder that exists is taken as
+        # complete (`download_dataset` returns it at once), so it must never hold unwritten files.
+        fsync_tree(tmp / folder)
+        replace_durably(tmp / folder, root / folder)
     except (tarfile.TarError, OSError) as e:
         raise DownloadError(f"cannot extract {archive}: {e}") from e
     finally:

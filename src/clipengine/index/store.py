@@ -9,8 +9,9 @@ A save writes the data files of a new *generation* (`clipengine.files`: temp nam
 os.replace), then replaces header.json the same way; the header is the commit point. A crash at any
 moment leaves either the old header with its complete files or the new one with its complete files.
 Files of older generations and temp leftovers are removed after the commit (or on the next save).
-A brand-new index is assembled in a hidden sibling folder and renamed into place, so a half-written
-index folder is never visible under the final name; one left by a killed save goes at the next save.
+A brand-new index is assembled in a hidden sibling folder and renamed into place (its files and
+entries flushed by then, the parent folder flushed after), so a half-written index folder is never
+visible under the final name; one left by a killed save goes at the next save.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import IndexFileError
-from ..files import atomic_path, is_temp_name, temp_target
+from ..files import atomic_path, fsync_dir, is_temp_name, temp_target
 
 __all__ = [
     "FORMAT",
@@ -125,6 +126,7 @@ def write_generation(
         _write_atomic(workdir / HEADER_NAME, _write_text(_dumps(header, indent=2) + "\n"))
         if fresh:
             os.rename(workdir, root)  # fails (and we clean up) if someone created `root` meanwhile
+            fsync_dir(root.parent)  # the rename is the commit of a first save: on disk before we return
     except BaseException:
         if fresh:
             shutil.rmtree(workdir, ignore_errors=True)

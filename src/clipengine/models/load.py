@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
+from ..files import fsync_dir, fsync_file, replace_durably
 from ..image.preprocess import PreprocessConfig
 from .clip import CLIP, causal_mask
 from .config import CLIPConfig, get_config
@@ -361,8 +362,9 @@ def save_model(module: CLIP, folder: str | Path, preprocess: PreprocessConfig | 
     try:
         (work / _CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(work / _WEIGHTS_FILE))
-        for name in _SAVED_FILES:
-            _fsync(work / name)
+        for name in _SAVED_FILES:  # data and names on disk before the rename publishes them
+            fsync_file(work / name)
+        fsync_dir(work)
         _swap_in(work, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # already moved into place after a successful save
@@ -387,7 +389,7 @@ def _recover_interrupted_save(target: Path) -> None:
     previous = sorted((p for p in leftovers if p.name.endswith(".old")), key=lambda p: p.stat().st_mtime)
     if previous and not target.exists():
         log.info("restoring %s from an interrupted save (%s)", target, previous[-1].name)
-        os.replace(previous.pop(), target)
+        replace_durably(previous.pop(), target)
     for p in previous:
         shutil.rmtree(p, ignore_errors=True)
 
@@ -406,27 +408,23 @@ def _check_replaceable(folder: Path) -> None:
         )
 
 
-def _fsync(path: Path) -> None:
-    """Flush a written file to disk, so the rename that publishes it cannot outlive its data."""
-    with path.open("rb") as f:
-        os.fsync(f.fileno())
-
-
 def _swap_in(work: Path, folder: Path) -> None:
     """Put the finished `work` folder at `folder`, replacing a previous save.
 
     rename(2) cannot replace a non-empty folder, so a previous save is first renamed aside, and
     removed only once the new one is in place (renamed back if that fails). A crash between the
     two renames leaves no `folder`, and the previous save intact beside it as `.NAME.*.old`.
+    The parent folder is fsynced before the previous save is removed: else a power loss could undo
+    the renames but not the removal, putting a half-deleted save back under `folder`.
     """
     if not folder.exists():
-        os.replace(work, folder)
+        replace_durably(work, folder)
         return
     old = folder.parent / f".{folder.name}.{secrets.token_hex(4)}.old"
     os.replace(folder, old)
     try:
-        os.replace(work, folder)
+        replace_durably(work, folder)
     except BaseException:
-        os.replace(old, folder)
+        replace_durably(old, folder)
         raise
     shutil.rmtree(old, ignore_errors=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -12,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import CheckpointError, DownloadError, DownloadNotAllowedError
+from ..files import atomic_write_bytes, fsync_file, replace_durably
 from ..paths import CACHE_ENV, weights_dir
 from .registry import WeightSource
 
@@ -72,7 +72,14 @@ def _verify_cached(path: Path, expected: str) -> None:
             f"{path} has SHA-256 {actual}, expected {expected}: the file is corrupt or a different "
             "release; delete it and download again"
         )
-    marker.write_text(f"{expected} {_stamp(path)}\n")
+    _write_marker(path, expected)
+
+
+def _write_marker(path: Path, sha256: str) -> None:
+    """The sidecar saying `path` was verified (atomic: a torn one would only cost a re-hash, but
+    every file clipengine writes goes through `files`)."""
+    marker = path.with_name(path.name + _VERIFIED_SUFFIX)
+    atomic_write_bytes(marker, f"{sha256} {_stamp(path)}\n".encode())
 
 
 def fetch(
@@ -135,11 +142,10 @@ def download(
             f"checksum mismatch for {url}: got SHA-256 {digest}, expected {sha256}; the file was "
             f"discarded; retry, or {by_hand}"
         )
-    with part.open("rb") as f:  # the rename must not reach the disk before the data does
-        os.fsync(f.fileno())
-    os.replace(part, target)
+    fsync_file(part)  # the rename must not reach the disk before the data does
+    replace_durably(part, target)  # and the rename must reach it (a folder fsync)
     if sha256:
-        target.with_name(target.name + _VERIFIED_SUFFIX).write_text(f"{sha256} {_stamp(target)}\n")
+        _write_marker(target, sha256)
     log.info("downloaded %s -> %s", url, target)
     return target
 
