@@ -287,13 +287,13 @@ def test_image_folders_are_listed_as_embed_lists_them(tmp_path: Path, tiny_model
 
 _KILLED_EXPORT = """
 import os, signal, sys
-from clipengine.export import onnx as onnx_export
+from clipengine.export import onnx as onnx_export, rewrite
 from clipengine.models.load import load_model
 
 def killed(*args, **kwargs):  # SIGKILL as the first finished engine is moved into the folder
     os.kill(os.getpid(), signal.SIGKILL)
 
-onnx_export._move = killed
+rewrite.move_files = killed
 module = load_model(sys.argv[1]).module
 onnx_export.export_model(module, sys.argv[2], image_batches=None, text_batches=None, verify=False)
 """

@@ -1,25 +1,18 @@
 """Export a CLIP module to ONNX engines (per tower, precision and batch size), verified against PyTorch.
 
-Exporter: `torch.onnx.export(..., dynamo=True)` (torch.export + onnxscript). On torch 2.13 the
-legacy TorchScript exporter still works but is deprecated and gives ~1.7x more nodes (Shape /
-Gather / Constant chains for every view); the dynamo graphs are clean, static shapes stay static,
-and `Dim("batch")` gives a real symbolic batch axis. EOT pooling is exported as Cast(int32) ->
-ArgMax -> GatherND: ArgMax never sees int64 (unsupported by ORT's CUDA and TensorRT providers).
+The graph of each tower and the exporter call live in `export.graphs`; how the folder is rewritten
+safely (work folder, unpublished manifest, stale engines) in `export.rewrite`.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 import logging
-import re
-import shutil
 import sys
 import tempfile
 import time
-import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
@@ -27,21 +20,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from ..files import atomic_write_bytes
 from ..image.files import folder_images
-from ..models.clip import VisionTransformer
-from ..models.pooled import PooledTextTower, PooledVisionTransformer
 from ..types import ImageInput
-from . import quantize
+from . import quantize, rewrite
+from .graphs import OPSET, export_graph, tensor_specs
 from .manifest import (
     MANIFEST_FILE,
     PRECISIONS,
     EngineInfo,
     Manifest,
     Parity,
-    TensorSpec,
     engine_file_name,
     file_sha256,
     projection_file_name,
@@ -59,101 +48,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_BATCHES = (1, 8, 16, 32)  # the seed's image engines
 DEFAULT_TEXT_BATCHES = (4,)  # the seed's text engine
-OPSET = 18  # LayerNormalization (17+) as one op; supported by ORT >= 1.14 and TensorRT 8.6+
-_DYNAMIC_EXAMPLE_BATCH = 2  # example rows for dynamic export (1 would specialise the axis)
 Progress = Callable[[str], None]
-_WORK_PREFIX = ".export-"  # the work folder inside the export folder (same filesystem: renames)
-_WORK_DIR = re.compile(re.escape(_WORK_PREFIX) + r"[a-z0-9_]{8}")  # as tempfile names it
-_PARITY_REPORT_FILE = "parity_report.json"  # a failed export's manifest, under another name
-_PREVIOUS_FILE = ".previous-engines.json"  # files of the export being replaced, until it is
-
-
-class _ImageGraph(nn.Module):
-    """(N, 3, H, W) float32 pixels -> (N, D) unnormalised image features.
-
-    ViT towers export with the last block pruned to the class token (exact, ~7% fewer FLOPs in
-    every runtime); ResNet towers as they are.
-    """
-
-    def __init__(self, model: CLIP) -> None:
-        super().__init__()
-        self.model = model
-        self.pooled = PooledVisionTransformer(model.visual) if isinstance(model.visual, VisionTransformer) else None
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        features: torch.Tensor = self.pooled(pixels) if self.pooled is not None else self.model.encode_image(pixels)
-        return features
-
-
-class _TextGraph(nn.Module):
-    """(N, L) int64 tokens -> (N, D) features (last block pruned to the EOT row, exact), or
-    (N, L, W) token states when split."""
-
-    def __init__(self, model: CLIP, split: bool) -> None:
-        super().__init__()
-        self.model, self.split = model, split
-        self.pooled = PooledTextTower(model, prune=True)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.split:
-            return self.model.encode_text_tokens(tokens)
-        # EOT has the highest id; argmax over int32 keeps ORT's CUDA / TensorRT providers happy.
-        eot = tokens.to(torch.int32).argmax(dim=-1)
-        features: torch.Tensor = self.pooled(tokens, eot)
-        return features
-
-
-def _tower_bytes(model: CLIP, tower: str) -> int:
-    params = model.visual.parameters() if tower == "image" else (
-        p for n, p in model.named_parameters() if not n.startswith("visual.")
-    )
-    return sum(p.numel() * 4 for p in params)
-
-
-def _export_graph(model: CLIP, tower: str, batch: int | None, split: bool, path: Path) -> str | None:
-    """torch.onnx.export one tower to `path`; returns the external-data file name (models > 2 GB)."""
-    cfg = model.config
-    rows = batch or _DYNAMIC_EXAMPLE_BATCH
-    if tower == "image":
-        graph: nn.Module = _ImageGraph(model)
-        size = cfg.vision.image_size
-        example = torch.zeros(rows, 3, size, size)
-        names = (["pixels"], ["embeddings"])
-    else:
-        graph = _TextGraph(model, split)
-        example = torch.zeros(rows, cfg.text.context_length, dtype=torch.int64)
-        example[:, 0], example[:, 1] = 49406, 49407  # SOT, EOT
-        names = (["tokens"], ["token_states" if split else "embeddings"])
-    dynamic: tuple[dict[int, Any], ...] | None = None
-    if batch is None:  # dynamic batch; text also a dynamic length, so runtimes can stop after the last EOT
-        axes: dict[int, Any] = {0: torch.export.Dim("batch", min=1, max=65536)}
-        if tower == "text":
-            axes[1] = torch.export.Dim("length", min=2, max=cfg.text.context_length)
-        dynamic = (axes,)
-    with warnings.catch_warnings():
-        # torch 2.13's own exporter trips its own deprecation (torch.utils._pytree's LeafSpec) once
-        # per graph: noise for the user, nothing they could act on.
-        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
-        program = torch.onnx.export(
-            graph.eval(), (example,), None, input_names=names[0], output_names=names[1],
-            opset_version=OPSET, dynamo=True, dynamic_shapes=dynamic, verbose=False, optimize=True,
-        )
-    assert program is not None  # dynamo=True always returns the ONNXProgram
-    return quantize.save_onnx(program.model_proto, path)
-
-
-def _tensor_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    dtypes = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64", onnx.TensorProto.FLOAT16: "float16"}
-
-    def spec(v: Any) -> TensorSpec:
-        t = v.type.tensor_type
-        shape: list[int | str] = [d.dim_param or d.dim_value for d in t.shape.dim]
-        return TensorSpec(name=v.name, shape=shape, dtype=dtypes.get(t.elem_type, str(t.elem_type)))
-
-    return [spec(v) for v in model.graph.input], [spec(v) for v in model.graph.output]
 
 
 def _tool_versions() -> dict[str, str]:
@@ -180,59 +75,9 @@ def _calibration_pixels(images: Any, cfg: PreprocessConfig) -> np.ndarray | None
     return np.stack([preprocess(source, cfg) for source in images]).astype(np.float32)
 
 
-def _listed_files(folder: Path) -> set[str]:
-    """Files an existing manifest in `folder` lists (engines, their data, the projection)."""
-    from ..errors import BackendError
-    from .manifest import read_manifest
-
-    if not (folder / MANIFEST_FILE).is_file():
-        return set()
-    try:
-        m = read_manifest(folder)
-    except BackendError:
-        return set()
-    names = {e.file for e in m.engines} | {e.external_data for e in m.engines if e.external_data}
-    if m.text_projection:
-        names.add(m.text_projection["file"])
-    return _plain_names(names)
-
-
-def _plain_names(names: Iterable[object]) -> set[str]:
-    """Plain file names only, never paths elsewhere."""
-    return {n for n in names if isinstance(n, str) and n and Path(n).name == n}
-
-
-def _begin_rewrite(out: Path) -> set[str]:
-    """Unpublish `out`'s manifest and clear what a killed export left; return the files to replace.
-
-    The files the old manifest listed are noted in `_PREVIOUS_FILE` before the manifest goes, so an
-    export killed midway still leaves the next one the list of engines to remove once it succeeds.
-    """
-    noted = out / _PREVIOUS_FILE
-    previous = _listed_files(out)
-    try:
-        previous |= _plain_names(json.loads(noted.read_text(encoding="utf-8")))
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError, TypeError) as e:  # damaged: only some old engines stay behind
-        log.warning("ignoring %s (%s)", noted, e)
-    atomic_write_bytes(noted, json.dumps(sorted(previous)).encode())
-    (out / MANIFEST_FILE).unlink(missing_ok=True)  # a half-rewritten folder must not look complete
-    for work in out.iterdir():  # the work folders of exports killed before their cleanup ran
-        if _WORK_DIR.fullmatch(work.name) and work.is_dir():
-            shutil.rmtree(work, ignore_errors=True)
-    return previous
-
-
 def _batch_list(batches: Sequence[int] | None) -> list[int | None]:
     """Fixed batch sizes, or [None] for one dynamic-batch engine."""
     return [int(b) for b in batches] if batches else [None]
-
-
-def _move(work: Path, out: Path, names: Sequence[str | None]) -> None:
-    """Rename finished files into the export folder (weights data before the graph that needs it)."""
-    for name in reversed([n for n in names if n]):
-        shutil.move(str(work / name), str(out / name))  # same filesystem: an atomic rename
 
 
 def export_model(
@@ -302,14 +147,14 @@ def export_model(
         calibration["text"] = calibration_texts(cfg.text.context_length)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    previous = _begin_rewrite(out)
+    previous = rewrite.begin_rewrite(out)
     projection: dict[str, Any] | None = None
     if split_text_projection:
         w, d = model.text_projection.shape
         projection = {"file": projection_file_name(w, d), "shape": [w, d]}
 
     engines: list[EngineInfo] = []
-    with tempfile.TemporaryDirectory(prefix=_WORK_PREFIX, dir=out) as tmp:
+    with tempfile.TemporaryDirectory(prefix=rewrite.WORK_PREFIX, dir=out) as tmp:
         work = Path(tmp)
         if projection is not None:
             np.save(work / projection["file"], model.text_projection.detach().numpy().astype(np.float32))
@@ -324,7 +169,7 @@ def export_model(
         engines.sort(key=lambda e: (e.tower != "image", e.batch is None, e.batch or 0, PRECISIONS.index(e.precision)))
         failed = [e for e in engines if e.parity is not None and not e.parity.passed]
         if projection is not None and not failed:
-            _move(work, out, [projection["file"]])
+            rewrite.move_files(work, out, [projection["file"]])
 
     manifest = Manifest(
         model=model_name or cfg.name,
@@ -343,14 +188,10 @@ def export_model(
     if failed:
         # Straight to the report's name: a manifest.json, even for a moment, would publish engines
         # that failed and never landed as a complete export.
-        write_manifest(manifest, out, name=_PARITY_REPORT_FILE)
+        write_manifest(manifest, out, name=rewrite.PARITY_REPORT_FILE)
         raise_on_failures(engines, out)
     write_manifest(manifest, out)
-    current = _listed_files(out)
-    for stale in sorted(previous - current):  # engines of an earlier export that this one replaced
-        (out / stale).unlink(missing_ok=True)
-    (out / _PREVIOUS_FILE).unlink(missing_ok=True)
-    (out / _PARITY_REPORT_FILE).unlink(missing_ok=True)  # an earlier failed export's: not about this one
+    rewrite.finish_rewrite(out, previous)
     say(f"wrote {out / MANIFEST_FILE} ({len(engines)} engines, {manifest.export_seconds:.1f} s)")
     return manifest
 
@@ -399,7 +240,7 @@ def _build_engines(
     fp32 = work / engine_file_name(tower, "fp32", batch)
     label = f"{tower} {'dynamic batch' if batch is None else f'batch {batch}'}"
     t0 = time.perf_counter()
-    fp32_data = _export_graph(model, tower, batch, split, fp32)
+    fp32_data = export_graph(model, tower, batch, split, fp32)
     say(f"exported {label} in {time.perf_counter() - t0:.1f} s")
     projection_path = work / projection_file_name(*model.text_projection.shape)
     projection = np.load(projection_path) if split else None
@@ -417,7 +258,7 @@ def _build_engines(
             )
         elif precision == "int8w":
             quant, data = quantize.quantize_weights_int8(fp32, path)
-        inputs_spec, outputs_spec = _tensor_specs(path)
+        inputs_spec, outputs_spec = tensor_specs(path)
         info = EngineInfo(
             tower=tower, precision=precision, batch=batch, file=path.name, sha256=file_sha256(path),
             inputs=inputs_spec, outputs=outputs_spec, split_projection=split, quantization=quant,
@@ -441,6 +282,6 @@ def _build_engines(
                     say(f"  {path.name} under {key}: max-abs {q.max_abs:.2e}, min cos {q.min_cos:.6f} "
                         f"{'ok' if q.passed else 'FAILED (the openvino backend will refuse it)'}")
         if info.parity is None or info.parity.passed:
-            _move(work, out, [path.name, data])
+            rewrite.move_files(work, out, [path.name, data])
         engines.append(info)
     return engines

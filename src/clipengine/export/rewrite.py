@@ -1,0 +1,87 @@
+"""How an export rewrites its folder in place: unpublish the old manifest, stage files in a work
+folder, move finished ones in, and drop the replaced export's engines once the new manifest is out.
+
+Separate from `export.onnx` (which builds and verifies the engines) because this is the part that
+keeps a folder safe to read while it changes and clean after a killed or failed export.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from ..files import atomic_write_bytes
+from .manifest import MANIFEST_FILE
+
+__all__ = ["PARITY_REPORT_FILE", "WORK_PREFIX", "begin_rewrite", "finish_rewrite", "move_files"]
+
+log = logging.getLogger(__name__)
+
+WORK_PREFIX = ".export-"  # the work folder inside the export folder (same filesystem: renames)
+_WORK_DIR = re.compile(re.escape(WORK_PREFIX) + r"[a-z0-9_]{8}")  # as tempfile names it
+PARITY_REPORT_FILE = "parity_report.json"  # a failed export's manifest, under another name
+_PREVIOUS_FILE = ".previous-engines.json"  # files of the export being replaced, until it is
+
+
+def _listed_files(folder: Path) -> set[str]:
+    """Files an existing manifest in `folder` lists (engines, their data, the projection)."""
+    from ..errors import BackendError
+    from .manifest import read_manifest
+
+    if not (folder / MANIFEST_FILE).is_file():
+        return set()
+    try:
+        m = read_manifest(folder)
+    except BackendError:
+        return set()
+    names = {e.file for e in m.engines} | {e.external_data for e in m.engines if e.external_data}
+    if m.text_projection:
+        names.add(m.text_projection["file"])
+    return _plain_names(names)
+
+
+def _plain_names(names: Iterable[object]) -> set[str]:
+    """Plain file names only, never paths elsewhere."""
+    return {n for n in names if isinstance(n, str) and n and Path(n).name == n}
+
+
+def begin_rewrite(out: Path) -> set[str]:
+    """Unpublish `out`'s manifest and clear what a killed export left; return the files to replace.
+
+    The files the old manifest listed are noted in `_PREVIOUS_FILE` before the manifest goes, so an
+    export killed midway still leaves the next one the list of engines to remove once it succeeds.
+    """
+    noted = out / _PREVIOUS_FILE
+    previous = _listed_files(out)
+    try:
+        previous |= _plain_names(json.loads(noted.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, TypeError) as e:  # damaged: only some old engines stay behind
+        log.warning("ignoring %s (%s)", noted, e)
+    atomic_write_bytes(noted, json.dumps(sorted(previous)).encode())
+    (out / MANIFEST_FILE).unlink(missing_ok=True)  # a half-rewritten folder must not look complete
+    for work in out.iterdir():  # the work folders of exports killed before their cleanup ran
+        if _WORK_DIR.fullmatch(work.name) and work.is_dir():
+            shutil.rmtree(work, ignore_errors=True)
+    return previous
+
+
+def move_files(work: Path, out: Path, names: Sequence[str | None]) -> None:
+    """Rename finished files into the export folder (weights data before the graph that needs it)."""
+    for name in reversed([n for n in names if n]):
+        shutil.move(str(work / name), str(out / name))  # same filesystem: an atomic rename
+
+
+def finish_rewrite(out: Path, previous: set[str]) -> None:
+    """Once the new manifest is written: remove the files of the export it replaced (`previous`,
+    from `begin_rewrite`) that it does not list, and the notes earlier exports left."""
+    current = _listed_files(out)
+    for stale in sorted(previous - current):  # engines of an earlier export that this one replaced
+        (out / stale).unlink(missing_ok=True)
+    (out / _PREVIOUS_FILE).unlink(missing_ok=True)
+    (out / PARITY_REPORT_FILE).unlink(missing_ok=True)  # an earlier failed export's: not about this one
