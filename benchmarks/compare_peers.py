@@ -617,7 +617,7 @@ def run_e2e(args: argparse.Namespace, oc: Any, model: CLIP, log: Callable[[str],
     e2e_naive(paths[:2], oc16, preprocess, 32)  # warm-up
     naive, ref = e2e_naive(paths, oc16, preprocess, 32)
     lines.append(f"| naive loop: PIL + open_clip preprocess + open_clip eager bf16, one process | {naive:.1f} | 1.00 | 1.0000 | |")
-    from clipengine.models.load import save_model
+    from clipengine.models.saving import save_model
 
     save_model(model, work / "model")  # the same random weights, loaded by the subprocess
     threads = ["--threads", str(args.threads)]

@@ -16,7 +16,7 @@ from clipengine.errors import BackendError, InputError
 from clipengine.image.decode import decode_image
 from clipengine.image.preprocess import PreprocessConfig
 from clipengine.models.clip import CLIP
-from clipengine.models.load import save_model
+from clipengine.models.saving import save_model
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from clipengine.cli.app import app, main
 from clipengine.models.clip import CLIP
-from clipengine.models.load import save_model
+from clipengine.models.saving import save_model
 
 TEXTS = ["a diagram", "a dog", "a cat"]
 LINE = re.compile(r"^Text: (a diagram|a dog|a cat), Similarity: (\d\.\d{4})$")

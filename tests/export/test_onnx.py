@@ -306,7 +306,7 @@ def test_export_killed_midway_leaves_no_litter_after_the_rerun(tmp_path: Path, t
     import subprocess
     import sys
 
-    from clipengine.models.load import save_model
+    from clipengine.models.saving import save_model
 
     checkpoint = save_model(tiny_model, tmp_path / "tiny")
     out = tmp_path / "export"

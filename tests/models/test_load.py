@@ -16,8 +16,9 @@ from clipengine.image.preprocess import PreprocessConfig
 from clipengine.models import load as load_mod
 from clipengine.models.clip import CLIP
 from clipengine.models.config import CLIPConfig
-from clipengine.models.load import load_model, save_model
+from clipengine.models.load import load_model
 from clipengine.models.registry import get_source
+from clipengine.models.saving import save_model
 from clipengine.models.weights import cache_path, hub_dir
 
 from .conftest import SMALL_TEXT, SMALL_VIT, Checkpoint

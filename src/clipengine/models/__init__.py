@@ -10,7 +10,7 @@ __all__ = ["LoadedModel", "ModelSpec", "WeightSource", "load_model", "parse_spec
 _LAZY = {
     "LoadedModel": "load",
     "load_model": "load",
-    "save_model": "load",
+    "save_model": "saving",
     "ModelSpec": "spec",
     "parse_spec": "spec",
     "WeightSource": "registry",

@@ -2,7 +2,8 @@
 
 Formats: registry names (`ViT-B-32@openai`), `hf-hub:org/name`, OpenAI TorchScript archives and
 plain state dicts, open_clip `.bin` / `.safetensors` / training checkpoints, transformers CLIPModel
-folders, and our own folders (`config.json` + `model.safetensors`, see `save_model`).
+folders, and our own folders (`config.json` + `model.safetensors`, written by `models.saving`).
+Reading checkpoint files safely lives in `models.checkpoint`.
 
 Activation (QuickGELU vs GELU) cannot be read from tensor shapes. It is decided, first match wins,
 by: a "-quickgelu" name or `arch`; a CLIPConfig passed as `arch`; the registry entry; the file's own
@@ -14,12 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import pickle
-import re
-import secrets
-import shutil
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,19 +22,13 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
-from ..files import fsync_dir, fsync_file, replace_durably
 from ..image.preprocess import PreprocessConfig
+from .checkpoint import StateDict, read_checkpoint
 from .clip import CLIP, causal_mask
 from .config import CLIPConfig, get_config
-from .convert import (
-    OPENAI_METADATA_KEYS,
-    config_from_hf,
-    hf_to_openai,
-    infer_config,
-    load_into,
-    unwrap_state_dict,
-)
+from .convert import config_from_hf, hf_to_openai, infer_config, load_into
 from .registry import get_source
+from .saving import CONFIG_FILE, WEIGHTS_FILE, save_model
 from .spec import ModelSpec, parse_spec
 from .weights import ProgressCallback, fetch, fetch_hub
 
@@ -47,9 +36,6 @@ __all__ = ["LoadedModel", "load_model", "read_checkpoint", "save_model"]
 
 log = logging.getLogger(__name__)
 
-StateDict = dict[str, torch.Tensor]
-_CONFIG_FILE = "config.json"  # ours (CLIPConfig.to_dict() + "preprocess") or transformers'
-_WEIGHTS_FILE = "model.safetensors"
 _OPEN_CLIP_CONFIG = "open_clip_config.json"
 _HF_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL resample codes in preprocessor_config
 
@@ -145,63 +131,6 @@ def _load(cfg: CLIPConfig, state: StateDict, source: str) -> CLIP:
     return module.eval()
 
 
-# ----------------------------------------------------------------------------- files
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
-def _is_torchscript(path: Path) -> bool:
-    """OpenAI's .pt releases are TorchScript zip archives (they carry a code/ folder)."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        return any("/code/" in n or n.endswith("constants.pkl") for n in z.namelist())
-
-
-def read_checkpoint(path: Path) -> tuple[StateDict, bool]:
-    """Read a checkpoint file into a flat state dict; second value: it is an OpenAI release.
-
-    `.safetensors` via safetensors; TorchScript archives via `torch.jit.load` (TorchScript runs no
-    Python code on load); everything else via `torch.load(weights_only=True)`, which refuses
-    pickled code.
-
-    Raises:
-        CheckpointError: unreadable file, or a pickle that needs arbitrary code.
-    """
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors import SafetensorError
-            from safetensors.torch import load_file
-
-            try:
-                tensors = load_file(str(path))
-            except SafetensorError as e:  # empty, truncated or not a safetensors file
-                raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(e)})") from e
-            return unwrap_state_dict(tensors), False
-        if _is_torchscript(path):
-            archive = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
-            raw: Any = archive.state_dict()
-            return unwrap_state_dict(dict(raw)), True
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if found is None:
-            raise CheckpointError(f"{path}: not a readable checkpoint (not a tensor pickle)") from e
-        raise CheckpointError(
-            f"{path}: refusing to unpickle it: it needs the Python object {found.group(1)}, and loading "
-            "it could run arbitrary code; re-save it as a plain state dict or .safetensors"
-        ) from e
-    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(e)})") from e
-    except (KeyError, IndexError) as e:  # torch's unpickler on text: "hello" -> memo KeyError, "a" -> empty stack
-        raise CheckpointError(f"{path}: not a readable checkpoint (not a tensor pickle)") from e
-    openai = isinstance(raw, dict) and any(k in raw for k in OPENAI_METADATA_KEYS)
-    return unwrap_state_dict(raw), openai
-
-
 def _load_file(path: Path, hints: _Hints, preprocess: PreprocessConfig | None) -> LoadedModel:
     state, openai = read_checkpoint(path)
     if any(k.startswith(("vision_model.", "text_model.")) for k in state):
@@ -230,10 +159,10 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _load_folder(folder: Path, hints: _Hints, spec: ModelSpec, tag: str | None = None) -> LoadedModel:
     if (folder / _OPEN_CLIP_CONFIG).is_file():
         return _load_open_clip_folder(folder, hints)
-    config_path = folder / _CONFIG_FILE
+    config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         raise CheckpointError(
-            f"{folder}: no {_CONFIG_FILE} or {_OPEN_CLIP_CONFIG}; expected a transformers CLIPModel folder, "
+            f"{folder}: no {CONFIG_FILE} or {_OPEN_CLIP_CONFIG}; expected a transformers CLIPModel folder, "
             "an open_clip hub folder, or a clipengine model folder"
         )
     config = _read_json(config_path)
@@ -243,7 +172,7 @@ def _load_folder(folder: Path, hints: _Hints, spec: ModelSpec, tag: str | None =
     if hints.quick_gelu is not None:
         cfg = cfg.with_quick_gelu(hints.quick_gelu)
     preprocess = _preprocess(config_path, config["preprocess"]) if "preprocess" in config else None
-    weights = folder / _WEIGHTS_FILE
+    weights = folder / WEIGHTS_FILE
     state, _ = read_checkpoint(_existing(weights))
     module = _load(cfg, state, str(weights))
     preprocess = preprocess or PreprocessConfig(image_size=cfg.vision.image_size)
@@ -293,14 +222,14 @@ def _load_hf_folder(folder: Path, config: dict[str, Any], hints: _Hints) -> Load
 
 
 def _read_hf_weights(folder: Path) -> StateDict:
-    index = folder / f"{_WEIGHTS_FILE}.index.json"
+    index = folder / f"{WEIGHTS_FILE}.index.json"
     if index.is_file():  # sharded safetensors
         shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
         state: StateDict = {}
         for shard in shards:
             state.update(read_checkpoint(folder / shard)[0])
         return state
-    return read_checkpoint(_existing(folder / _WEIGHTS_FILE, folder / "pytorch_model.bin"))[0]
+    return read_checkpoint(_existing(folder / WEIGHTS_FILE, folder / "pytorch_model.bin"))[0]
 
 
 def _hf_preprocess(folder: Path, cfg: CLIPConfig) -> PreprocessConfig:
@@ -326,105 +255,3 @@ def _preprocess(path: Path, values: dict[str, Any]) -> PreprocessConfig:
         return PreprocessConfig.from_dict(values)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: bad preprocessing settings ({e})") from e
-
-
-# ----------------------------------------------------------------------------- saving
-
-
-def save_model(module: CLIP, folder: str | Path, preprocess: PreprocessConfig | None = None) -> Path:
-    """Write `module` as a clipengine model folder: config.json (+ "preprocess") + model.safetensors.
-
-    The folder loads back with `load_model(folder)` (and is the format of packaged weights). The
-    save is atomic: both files are written into a hidden temp folder beside `folder`, which then
-    takes its place. If writing fails, a previous save in `folder` is left as it was and the temp
-    folder is removed; readers never see new config.json beside old or half-written weights.
-
-    Raises:
-        CheckpointError: `folder` is a file, or a folder holding anything besides a saved model
-            (a save replaces the folder as a whole).
-    """
-    from safetensors.torch import save_file
-
-    target = Path(folder).resolve()  # a symlinked folder: replace what it points to, not the link
-    _recover_interrupted_save(target)
-    _check_replaceable(target)
-    cfg = module.config
-    preprocess = preprocess or PreprocessConfig(image_size=cfg.vision.image_size)
-    config = {**cfg.to_dict(), "preprocess": preprocess.to_dict()}
-    tensors = {
-        k: (v.detach().float() if v.is_floating_point() else v).contiguous().cpu()
-        for k, v in module.state_dict().items()
-    }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # mkdir (not mkdtemp, which makes it 0700) so the saved folder gets the usual permissions.
-    work = target.parent / f".{target.name}.{secrets.token_hex(4)}.saving"
-    work.mkdir()
-    try:
-        (work / _CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        save_file(tensors, str(work / _WEIGHTS_FILE))
-        for name in _SAVED_FILES:  # data and names on disk before the rename publishes them
-            fsync_file(work / name)
-        fsync_dir(work)
-        _swap_in(work, target)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)  # already moved into place after a successful save
-    return Path(folder)
-
-
-_SAVED_FILES = (_CONFIG_FILE, _WEIGHTS_FILE)
-
-
-def _recover_interrupted_save(target: Path) -> None:
-    """Undo what a killed `save_model` into `target` left: its half-written `.NAME.<hex>.saving`
-    folders go, and a previous save renamed aside as `.NAME.<hex>.old` goes back to `target` when
-    `target` is missing (killed between `_swap_in`'s two renames), else goes too. Only folders
-    named exactly as a save names them are touched."""
-    if not target.parent.is_dir():
-        return
-    ours = re.compile(rf"\.{re.escape(target.name)}\.[0-9a-f]{{8}}\.(saving|old)")
-    leftovers = [p for p in target.parent.iterdir() if ours.fullmatch(p.name) and p.is_dir()]
-    for p in leftovers:
-        if p.name.endswith(".saving"):
-            shutil.rmtree(p, ignore_errors=True)
-    previous = sorted((p for p in leftovers if p.name.endswith(".old")), key=lambda p: p.stat().st_mtime)
-    if previous and not target.exists():
-        log.info("restoring %s from an interrupted save (%s)", target, previous[-1].name)
-        replace_durably(previous.pop(), target)
-    for p in previous:
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def _check_replaceable(folder: Path) -> None:
-    """Refuse to replace a file, or a folder with content other than a previous save (it would be lost)."""
-    if not folder.exists():
-        return
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: exists and is not a folder; save the model to a new folder")
-    other = sorted(p.name for p in folder.iterdir() if p.name not in _SAVED_FILES)
-    if other:
-        raise CheckpointError(
-            f"{folder}: holds {', '.join(other[:5])}{' ...' if len(other) > 5 else ''} besides a saved "
-            "model, and a save replaces the whole folder; save to a new or empty folder"
-        )
-
-
-def _swap_in(work: Path, folder: Path) -> None:
-    """Put the finished `work` folder at `folder`, replacing a previous save.
-
-    rename(2) cannot replace a non-empty folder, so a previous save is first renamed aside, and
-    removed only once the new one is in place (renamed back if that fails). A crash between the
-    two renames leaves no `folder`, and the previous save intact beside it as `.NAME.*.old`.
-    The parent folder is fsynced before the previous save is removed: else a power loss could undo
-    the renames but not the removal, putting a half-deleted save back under `folder`.
-    """
-    if not folder.exists():
-        replace_durably(work, folder)
-        return
-    old = folder.parent / f".{folder.name}.{secrets.token_hex(4)}.old"
-    os.replace(folder, old)
-    try:
-        replace_durably(work, folder)
-    except BaseException:
-        replace_durably(old, folder)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -61,7 +61,7 @@ def _looks_like_path(text: str) -> bool:
 
 
 def _interrupted_save(path: Path) -> str:
-    """A hint when `models.load.save_model` was killed between its two renames: the folder is gone
+    """A hint when `models.saving.save_model` was killed between its two renames: the folder is gone
     and the previous save waits beside it as `.NAME.<random>.old`."""
     try:
         previous = sorted(path.parent.glob(f".{path.name}.*.old"), key=lambda p: p.stat().st_mtime)

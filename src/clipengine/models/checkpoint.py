@@ -1,0 +1,80 @@
+"""Read a checkpoint file of any supported kind into a flat state dict, refusing what is unsafe.
+
+`.safetensors`, OpenAI TorchScript archives and `torch.load` pickles (weights only). Separate from
+`models.load` (which decides the architecture and builds the module) because reading bytes safely
+- no pickled code, one clear CheckpointError for any unreadable file - is a job of its own.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+from .convert import OPENAI_METADATA_KEYS, unwrap_state_dict
+
+__all__ = ["StateDict", "read_checkpoint"]
+
+StateDict = dict[str, torch.Tensor]
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def _is_torchscript(path: Path) -> bool:
+    """OpenAI's .pt releases are TorchScript zip archives (they carry a code/ folder)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any("/code/" in n or n.endswith("constants.pkl") for n in z.namelist())
+
+
+def read_checkpoint(path: Path) -> tuple[StateDict, bool]:
+    """Read a checkpoint file into a flat state dict; second value: it is an OpenAI release.
+
+    `.safetensors` via safetensors; TorchScript archives via `torch.jit.load` (TorchScript runs no
+    Python code on load); everything else via `torch.load(weights_only=True)`, which refuses
+    pickled code.
+
+    Raises:
+        CheckpointError: unreadable file, or a pickle that needs arbitrary code.
+    """
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+
+            try:
+                tensors = load_file(str(path))
+            except SafetensorError as e:  # empty, truncated or not a safetensors file
+                raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(e)})") from e
+            return unwrap_state_dict(tensors), False
+        if _is_torchscript(path):
+            archive = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
+            raw: Any = archive.state_dict()
+            return unwrap_state_dict(dict(raw)), True
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found is None:
+            raise CheckpointError(f"{path}: not a readable checkpoint (not a tensor pickle)") from e
+        raise CheckpointError(
+            f"{path}: refusing to unpickle it: it needs the Python object {found.group(1)}, and loading "
+            "it could run arbitrary code; re-save it as a plain state dict or .safetensors"
+        ) from e
+    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(e)})") from e
+    except (
+        KeyError,
+        IndexError,
+    ) as e:  # torch's unpickler on text: "hello" -> memo KeyError, "a" -> empty stack
+        raise CheckpointError(f"{path}: not a readable checkpoint (not a tensor pickle)") from e
+    openai = isinstance(raw, dict) and any(k in raw for k in OPENAI_METADATA_KEYS)
+    return unwrap_state_dict(raw), openai
