@@ -10,13 +10,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from clipengine.distributed.ray import (
-    ModelSpec,
-    SpecBackendFactory,
-    _materialise,
-    embed_with_ray,
-    list_source,
-)
+from clipengine.distributed.ray import ModelSpec, SpecBackendFactory, embed_with_ray, list_source
 from clipengine.errors import BackendError, DatasetError, IndexMismatchError
 from clipengine.files import is_temp_name
 from clipengine.pipeline import embed_folder, read_embeddings, read_failures
@@ -129,6 +123,55 @@ def test_tar_shards_embed_like_the_files(
 
 
 @pytest.mark.integration
+def test_tar_members_that_cannot_be_embedded_are_failures_and_the_rest_is_embedded(
+    ray_local: None, fakes: ModuleType, mixed_folder: Path, tmp_path: Path, preprocess_cfg
+) -> None:  # type: ignore[no-untyped-def]
+    """Symlinks, directories and devices were dropped without a word, and a tar cut short in a
+    member was refused whole; a hard link is embedded as the member it links to."""
+    good = sorted(mixed_folder.glob("img-*.jpg"))[:3]
+    tar = tmp_path / "s.tar"
+    with tarfile.open(tar, "w") as tf:
+        for f in good:
+            tf.add(f, arcname=f.name)
+        for name, kind in (
+            ("hard.jpg", tarfile.LNKTYPE),
+            ("soft.jpg", tarfile.SYMTYPE),
+            ("dir.jpg", tarfile.DIRTYPE),
+        ):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, good[1].name
+            tf.addfile(info)
+        tf.add(good[2], arcname="last.jpg")
+    data = tar.read_bytes()
+    tar.write_bytes(data[: data.rindex(good[2].read_bytes()) + 100])  # last.jpg cut in its data
+    out = tmp_path / "out"
+    stats = embed_with_ray(tar, out, fakes.FakeFactory(), preprocess_cfg, model="fake", shard_size=4)
+    assert (stats.embedded, stats.failed) == (4, 3)
+    ids, vectors, _ = read_embeddings(out)
+    assert ids == [f"s.tar/{f.name}" for f in good] + ["s.tar/hard.jpg"]
+    assert np.array_equal(vectors[3], vectors[1])  # the link's bytes are its target's
+    failures = {f.id: f.reason for f in read_failures(out)}
+    assert failures == {
+        "s.tar/soft.jpg": "tar member is a symlink to 'img-001.jpg': not followed",
+        "s.tar/dir.jpg": "tar member is a directory: not a regular file",
+        "s.tar/last.jpg": f"tar member is cut short: the tar ends after 100 of its {good[2].stat().st_size} bytes",
+    }
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_a_partition_that_kills_its_actor_fails_the_job_instead_of_retrying_forever(
+    ray_local: None, fakes: ModuleType, mixed_folder: Path, tmp_path: Path, preprocess_cfg
+) -> None:  # type: ignore[no-untyped-def]
+    """An actor process that dies (the OOM killer, a crash in the model runtime) was restarted and
+    its partition retried without end (Ray Data's default): the job hung. Now it is retried twice."""
+    factory = fakes.FakeFactory(exit_on_encode=True)
+    with pytest.raises(BackendError, match=r"an actor process died running one partition 3 times") as e:
+        embed_with_ray(mixed_folder, tmp_path / "out", factory, preprocess_cfg, model="fake", num_actors=1)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.integration
 def test_a_file_that_kills_its_decoder_is_its_failure_and_the_rest_is_embedded(
     ray_local: None, fakes: ModuleType, mixed_folder: Path, tmp_path: Path, preprocess_cfg
 ) -> None:  # type: ignore[no-untyped-def]
@@ -167,13 +210,47 @@ def test_more_gpus_per_actor_than_the_cluster_has_is_an_error_not_a_hang(
 def test_an_error_inside_an_actor_is_one_line_naming_its_cause(
     ray_local: None, fakes: ModuleType, mixed_folder: Path, tmp_path: Path, preprocess_cfg
 ) -> None:  # type: ignore[no-untyped-def]
-    """A shard deleted after listing: the actor's FileNotFoundError, not Ray's 30-line, colour-coded
-    remote traceback (the CLI prints the message as its one-line error)."""
+    """A shard deleted after listing: the actor's error, not Ray's 30-line, colour-coded remote
+    traceback (the CLI prints the message as its one-line error)."""
     gone = tmp_path / "gone.tar"
-    items = [ImageItem("img-000.jpg", str(mixed_folder / "img-000.jpg")), ImageItem("x", f"tar://{gone}::x.jpg")]
-    with pytest.raises(BackendError, match=r"^Ray embedding job failed on partition 0: FileNotFoundError: .*gone\.tar'$") as e:
+    with tarfile.open(gone, "w") as tf:
+        tf.add(mixed_folder / "img-001.jpg", arcname="x.jpg")
+    items = [ImageItem("img-000.jpg", str(mixed_folder / "img-000.jpg")), *list_source(gone)]
+    gone.unlink()
+    with pytest.raises(
+        BackendError,
+        match=r"^Ray embedding job failed on partition 0: DatasetError: .*gone\.tar: cannot read the tar shard "
+        r"listed when the job started \(\[Errno 2\] No such file or directory: .*\); moved, deleted or unmounted since\?$",
+    ) as e:
         embed_with_ray(items, tmp_path / "out", fakes.FakeFactory(), preprocess_cfg, model="fake")
     assert "\n" not in str(e.value) and "\x1b" not in str(e.value)
+
+
+@pytest.mark.integration
+def test_a_model_an_actor_cannot_load_is_the_load_error_itself(
+    ray_local: None, fakes: ModuleType, mixed_folder: Path, tmp_path: Path, preprocess_cfg
+) -> None:  # type: ignore[no-untyped-def]
+    """Raised in the actor's constructor, it ended the job with Ray's remote traceback squeezed onto
+    one line. Now the driver raises the loader's own error, as a load on the driver would."""
+    import clipengine
+    from clipengine.errors import CheckpointError
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"junk")
+    with pytest.raises(CheckpointError) as local:
+        clipengine.load(str(bad))
+    with pytest.raises(CheckpointError) as remote:
+        embed_with_ray(
+            mixed_folder, tmp_path / "out", {"name": str(bad)}, preprocess_cfg, model="m", num_actors=1
+        )
+    assert str(remote.value) == str(local.value)
+    # The same for an output folder of another embedding width (checked once the model is loaded).
+    out = _local_shards_of_5(fakes, mixed_folder, tmp_path / "out8", preprocess_cfg)
+    (out / "shards" / "part-00001.jsonl").unlink()
+    with pytest.raises(IndexMismatchError, match=r"holds 8-d embeddings but the model makes 16-d"):
+        embed_with_ray(
+            mixed_folder, out, fakes.FakeFactory(embed_dim=16), preprocess_cfg, model="fake", shard_size=5
+        )
 
 
 @pytest.mark.integration
@@ -287,18 +364,6 @@ def test_a_file_that_is_not_a_tar_is_a_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=r"a.tar: not a readable tar shard \(.*invalid header") as e:
         list_source(tmp_path / "a.tar")
     assert "\n" not in str(e.value)  # tarfile lists each compression it tried on a line of its own
-
-
-def test_tar_members_are_read_as_bytes(tmp_path: Path) -> None:
-    tar = tmp_path / "a.tar"
-    with tarfile.open(tar, "w") as tf:
-        info = tarfile.TarInfo("x/1.jpg")
-        info.size = 4
-        tf.addfile(info, io.BytesIO(b"abcd"))
-    (item,) = list_source(tar)
-    assert item.id == "a.tar/x/1.jpg"
-    (back,) = _materialise([[item.id, str(item.source)]])
-    assert back.source == b"abcd"
 
 
 def test_a_folder_of_shards_with_images_only_in_hidden_folders_is_read_as_shards(tmp_path: Path) -> None:

@@ -16,11 +16,15 @@ class FakeBackend:
 
     name, device, precision, context_length = "fake", "cpu", "fp32", 77
 
-    def __init__(self, embed_dim: int = 8, image_size: int = 32) -> None:
-        self.embed_dim, self.image_size = embed_dim, image_size
+    def __init__(self, embed_dim: int = 8, image_size: int = 32, exit_on_encode: bool = False) -> None:
+        self.embed_dim, self.image_size, self.exit_on_encode = embed_dim, image_size, exit_on_encode
         self._proj = np.random.default_rng(0).standard_normal((3 * 4 * 4, embed_dim)).astype(np.float32)
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        if self.exit_on_encode:  # as a runtime crash or the OOM killer would end the actor
+            import os
+
+            os._exit(71)
         n, c, h, w = pixels.shape
         pooled = pixels.reshape(n, c, 4, h // 4, 4, w // 4).mean(axis=(3, 5)).reshape(n, -1)
         x = pooled @ self._proj
@@ -38,6 +42,7 @@ class FakeFactory:
     calls_dir: str | None = None  # counts model loads across processes
     crash_on: tuple[str, ...] = ()  # decoding these files ends the process decoding them (`crash_decoder`)
     crashes_dir: str | None = None  # with crash_on: one file per crash
+    exit_on_encode: bool = False  # the backend ends its process on its first batch
 
     def __call__(self) -> FakeBackend:
         if self.calls_dir is not None:
@@ -52,7 +57,7 @@ class FakeFactory:
             import distributed_fakes  # by name (not this by-value copy): decode processes pickle its functions
 
             distributed_fakes.crash_decoders(self.crash_on, str(self.crashes_dir))
-        return FakeBackend(self.embed_dim)
+        return FakeBackend(self.embed_dim, exit_on_encode=self.exit_on_encode)
 
 
 def crash_decoders(names: tuple[str, ...], crashes_dir: str) -> None:

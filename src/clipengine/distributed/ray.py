@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 import socket
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,14 +30,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import BackendError, IndexMismatchError
-from ..pipeline.decode_pool import DecodePool
 from ..pipeline.embed import LazyBackend
 from ..pipeline.run import RunStats, run_partition
 from ..pipeline.run_settings import check_compatible
 from ..pipeline.sinks import RUN_FILE, ShardSink, atomic_write_json, read_run_info
 from ..pipeline.sources import check_unique_ids, partitions
 from ..types import ImageItem
-from .ray_sources import _encode, _materialise, list_source
+from .ray_sources import _encode, list_source
+from .tar_members import TarMemberPool
 
 if TYPE_CHECKING:
     from ..image.preprocess import PreprocessConfig
@@ -86,48 +88,72 @@ class _PartitionEmbedder:
         expected_dim: int | None,
         fast_decode: bool = False,
     ) -> None:
+        self.backend: Backend | None = None
+        self.load_s, self.init_error = 0.0, b""
         t0 = time.perf_counter()
-        self.backend = LazyBackend(backend_factory).get()  # the one model load of this actor
+        try:
+            self.backend = LazyBackend(backend_factory).get()  # the one model load of this actor
+            if expected_dim is not None and self.backend.embed_dim != expected_dim:
+                raise IndexMismatchError(
+                    f"{out_dir} holds {expected_dim}-d embeddings but the model makes {self.backend.embed_dim}-d"
+                )
+        except Exception as e:  # raised as itself on the driver; failing here, Ray gave a remote traceback
+            self.init_error = _pickled(e)
         self.load_s = time.perf_counter() - t0
-        if expected_dim is not None and self.backend.embed_dim != expected_dim:
-            raise IndexMismatchError(
-                f"{out_dir} holds {expected_dim}-d embeddings but the model makes {self.backend.embed_dim}-d"
-            )
         self.sink = ShardSink(out_dir, dtype)
         self.cfg, self.batch_size, self.fast_decode = preprocess_cfg, batch_size, fast_decode
         # One decode process, as the local engine's workers: a file that crashes the decoder (a
         # segfault, the OOM killer) ends that process, not the actor, and becomes its Failure
         # (`batching.settle`). Decoded in the actor, it killed the actor, and Ray restarted the
-        # actor and retried the partition forever.
-        self.decoder = DecodePool(1)
+        # actor and retried the partition forever. It reads tar members itself, a chunk at a time
+        # (`tar_members`): the actor never holds a partition's bytes.
+        self.decoder = TarMemberPool(1)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         stats_out: list[str] = []
         errors: list[str] = []
         for pid, pairs in zip(batch["partition_id"], batch["items"], strict=True):
+            stats_out.append("")
+            errors.append("")
+            if self.backend is None:
+                continue  # the constructor's error (`init_error`) is this row's
             try:
                 stats = run_partition(
-                    _materialise(json.loads(pairs)), self.backend, self.sink, partition_id=int(pid),
+                    [ImageItem(i, s) for i, s in json.loads(pairs)], self.backend, self.sink, partition_id=int(pid),
                     preprocess_cfg=self.cfg, batch_size=self.batch_size, executor=self.decoder,
                     fast_decode=self.fast_decode,
                 )  # fmt: skip
             except Exception as e:  # returned for the driver to raise: Ray would keep only a remote traceback
-                stats_out.append("")
-                errors.append(" ".join(f"{type(e).__name__}: {e}".split()))
+                errors[-1] = " ".join(f"{type(e).__name__}: {e}".split())
                 continue
             stats.load_s, self.load_s = self.load_s, 0.0  # charge the model load to the first partition
-            stats_out.append(json.dumps(asdict(stats)))
-            errors.append("")
+            stats_out[-1] = json.dumps(asdict(stats))
+        n = len(stats_out)
         return {
             "partition_id": np.asarray(batch["partition_id"]),
             "stats": np.asarray(stats_out, dtype=object),
-            "embed_dim": np.full(len(stats_out), self.backend.embed_dim),
+            "embed_dim": np.full(n, self.backend.embed_dim if self.backend is not None else 0),
             "error": np.asarray(errors, dtype=object),
+            "init_error": np.asarray([self.init_error] * n, dtype=object),
         }
+
+
+def _pickled(error: Exception) -> bytes:
+    """`error` as bytes the driver can raise again; a one-line BackendError if it does not pickle."""
+    try:
+        data = pickle.dumps(error)
+        pickle.loads(data)  # an exception class with a custom __init__ may not come back
+        return data
+    except Exception:
+        return pickle.dumps(BackendError(" ".join(f"{type(error).__name__}: {error}".split())))
 
 
 # ---------------------------------------------------------------------------------------------- driver
 _CONNECT_TIMEOUT_S = 10.0  # a cluster that does not accept a TCP connection in this time is unreachable
+# Runs of one partition on an actor that died meanwhile (a preempted node, the OOM killer, a crash in
+# the model runtime) before the job fails. Ray Data's default is no limit: a partition that kills
+# every actor it reaches (a model too big for its GPU) had the job restart actors for ever.
+_PARTITION_RETRIES = 2
 
 
 def _ensure_ray(address: str | None) -> bool:
@@ -308,19 +334,26 @@ def _run_job(
         rows = [
             {"partition_id": p.id, "items": json.dumps([[i.id, _encode(i)] for i in p.items])} for p in todo
         ]
-        ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-            _PartitionEmbedder,
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=max(1, min(num_actors, len(rows)))),
-            num_cpus=num_cpus,
-            num_gpus=num_gpus,
-            fn_constructor_kwargs={
-                "backend_factory": factory, "preprocess_cfg": cfg, "out_dir": str(out.resolve()),
-                "dtype": dtype, "batch_size": batch_size, "expected_dim": info["embed_dim"],
-                "fast_decode": fast_decode,
-            },
-        )  # fmt: skip
+        with warnings.catch_warnings():
+            # `max_task_retries` has no named parameter in map_batches (Ray 2.60), so it goes in the
+            # deprecated **ray_remote_args, which warns; it is what bounds the retries (`_PARTITION_RETRIES`).
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+                _PartitionEmbedder,
+                batch_size=1,
+                compute=ray.data.ActorPoolStrategy(size=max(1, min(num_actors, len(rows)))),
+                num_cpus=num_cpus,
+                num_gpus=num_gpus,
+                max_task_retries=_PARTITION_RETRIES,
+                fn_constructor_kwargs={
+                    "backend_factory": factory, "preprocess_cfg": cfg, "out_dir": str(out.resolve()),
+                    "dtype": dtype, "batch_size": batch_size, "expected_dim": info["embed_dim"],
+                    "fast_decode": fast_decode,
+                },
+            )  # fmt: skip
         for row in ds.iter_rows():
+            if row["init_error"]:  # an actor could not load the model: as a load on the driver would raise
+                raise pickle.loads(row["init_error"])
             if row["error"]:
                 raise BackendError(
                     f"Ray embedding job failed on partition {row['partition_id']}: {row['error']}"
@@ -334,10 +367,12 @@ def _run_job(
             if progress is not None:
                 progress(stats.images)
     except ray.exceptions.RayError as e:
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, IndexMismatchError):
-            raise cause from e
         reason = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split())  # one line, no terminal colours
+        if isinstance(e, ray.exceptions.RayActorError):
+            reason = (
+                f"an actor process died running one partition {_PARTITION_RETRIES + 1} times (out of memory, "
+                f"or a crash in the model runtime? see the Ray logs): {reason}"
+            )
         raise BackendError(f"Ray embedding job failed: {reason}") from e
     finally:
         if started:
