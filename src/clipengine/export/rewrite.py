@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from ..files import atomic_write_bytes
+from ..files import atomic_write_bytes, fsync_dir, fsync_file
 from .manifest import MANIFEST_FILE
 
 __all__ = ["PARITY_REPORT_FILE", "WORK_PREFIX", "begin_rewrite", "finish_rewrite", "move_files"]
@@ -72,9 +73,15 @@ def begin_rewrite(out: Path) -> set[str]:
 
 
 def move_files(work: Path, out: Path, names: Sequence[str | None]) -> None:
-    """Rename finished files into the export folder (weights data before the graph that needs it)."""
+    """Rename finished files into the export folder (weights data before the graph that needs it).
+
+    Each file's data is flushed before its rename, and the folder after them: the manifest written
+    next names these files with their checksums, so after a power loss they must be there, whole.
+    """
     for name in reversed([n for n in names if n]):
-        shutil.move(str(work / name), str(out / name))  # same filesystem: an atomic rename
+        fsync_file(work / name)  # written by onnx / numpy into the work folder, not yet synced
+        os.replace(work / name, out / name)  # same filesystem (the work folder is inside `out`)
+    fsync_dir(out)
 
 
 def finish_rewrite(out: Path, previous: set[str]) -> None:
