@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from clipengine.cli import index_cmd, model_options
+from clipengine.cli import index_cmd, index_sources, model_options
 from clipengine.cli.app import app, main
 from clipengine.pipeline.sinks import read_embeddings
 
@@ -91,13 +91,13 @@ def test_build_from_embed_output_then_search_by_text_and_image(
 def _spy_add_dir_removal(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """The ids in each `index add` folder, read just before it is deleted."""
     seen: list[list[str]] = []
-    real = index_cmd._remove_add_dir
+    real = index_sources.remove_add_dir
 
     def spy(folder: Path) -> None:
         seen.append(read_embeddings(folder)[0])
         real(folder)
 
-    monkeypatch.setattr(index_cmd, "_remove_add_dir", spy)
+    monkeypatch.setattr(index_sources, "remove_add_dir", spy)
     return seen
 
 

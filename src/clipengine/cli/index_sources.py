@@ -1,0 +1,175 @@
+"""Where `index build` / `index add` get their vectors: an embed folder as is, or images embedded
+first (into INDEX.embeddings, or a folder of its own per `index add`), then read back with their
+sizes, image roots and failures.
+
+Separate from `index_cmd` (the commands and their options) because this is the one part that
+touches the pipeline's folders and shard formats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from . import model_options as mo
+
+if TYPE_CHECKING:
+    from ..index import Index
+    from ..types import ImageItem
+
+__all__ = [
+    "add_dir",
+    "embed_source",
+    "image_roots",
+    "image_sizes",
+    "is_embed_dir",
+    "read_vectors",
+    "remove_add_dir",
+    "report_failures",
+]
+
+
+def is_embed_dir(path: Path) -> bool:
+    return path.is_dir() and ((path / "run.json").is_file() or (path / "shards").is_dir())
+
+
+def image_sizes(embed_dir: Path, ids: list[str]) -> list[tuple[int, int] | None]:
+    """(width, height) per id from the shard .jsonl rows (pipeline shard format)."""
+    found: dict[str, tuple[int, int]] = {}
+    for rows in sorted((embed_dir / "shards").glob("part-*.jsonl")):
+        if rows.name.endswith(".failures.jsonl"):
+            continue
+        for line in rows.read_text(encoding="utf-8").split("\n"):  # not splitlines(): ids may hold U+2028
+            if not line:
+                continue
+            r = json.loads(line)
+            if r.get("width") is not None and r.get("height") is not None:
+                found[r["path"]] = (int(r["width"]), int(r["height"]))
+    return [found.get(i) for i in ids]
+
+
+def image_roots(meta: dict[str, Any]) -> list[str]:
+    src = meta.get("source")
+    if not src:
+        return []
+    p = Path(src)
+    return [str(p)] if p.is_dir() else [str(p.parent)]  # a file list's ids are relative to its folder
+
+
+def embed_source(
+    source: Path,
+    opts: mo.ModelOptions | None,
+    embed_dir: Path | Callable[[Sequence[ImageItem]], Path],
+    batch: int,
+    engine: str,
+    workers: int | None,
+    known: Index | None = None,
+) -> tuple[Path | None, str, int]:
+    """The embed folder for `source` (embedding it first when it is images), its model label, and
+    how many of its images were left out because `known` (an index) holds their ids already.
+    `embed_dir` may be a function of the images to embed (see `add_dir`).
+
+    Returns (None, label, n) when nothing is left to embed.
+    """
+    if is_embed_dir(source):
+        return source, "", 0
+    if opts is None:
+        raise typer.BadParameter("embedding images needs --model (or --checkpoint)")
+    from ..pipeline.sources import list_items
+
+    listed = list_items(source)
+    items = [i for i in listed if known is None or i.id not in known]
+    if not items:
+        return None, opts.label, len(listed)
+    if callable(embed_dir):
+        embed_dir = embed_dir(items)
+    clip = mo.load_clip(opts)
+    kwargs: dict[str, Any] = {"model": opts.label, "batch_size": batch, "source_label": str(source.resolve())}
+    if engine == "ray":
+        from ..distributed.ray import embed_with_ray
+
+        embed_with_ray(items, embed_dir, mo.BackendFactory(opts), clip.preprocess_cfg, **kwargs)
+    else:
+        from ..pipeline.run import embed_folder
+
+        embed_folder(items, embed_dir, lambda: clip.backend, clip.preprocess_cfg, workers=workers, **kwargs)
+    return embed_dir, opts.label, len(listed) - len(items)
+
+
+def add_dir(index_path: Path) -> Callable[[Sequence[ImageItem]], Path]:
+    """Where `index add` embeds new images by default: a folder of their own, named by their ids.
+
+    Not INDEX.embeddings: embedding another list of images there would overwrite the build's
+    shards. Named by the ids, so a rerun after a crash resumes the same folder; deleted once the
+    add is saved (`remove_add_dir`).
+    """
+
+    def folder(items: Sequence[ImageItem]) -> Path:
+        ids = "\n".join(item.id for item in items).encode("utf-8", "surrogatepass")
+        return index_path.with_name(
+            f"{index_path.name}.embeddings-add-{hashlib.sha256(ids).hexdigest()[:12]}"
+        )
+
+    return folder
+
+
+def report_failures(embed_dir: Path, index: Index, as_json: bool, kept: bool) -> dict[str, Any]:
+    """Tell the user which images of `embed_dir` could not be read and are not in `index` (an
+    embed folder given to `index add` can name failures the index got since from elsewhere).
+
+    Returns the fields for the command's summary: `failed` (a count) and, with --json, every
+    failure; on stderr, the first few with their reasons. `kept`: whether `embed_dir` (and its
+    failures.jsonl) stays after the command, so the message can point at the full list.
+    """
+    from ..pipeline.sinks import FAILURES_FILE, read_failures
+
+    failures = [f for f in read_failures(embed_dir) if f.id not in index]
+    if not failures:
+        return {}
+    shown = 10
+    where = f"listed in {embed_dir / FAILURES_FILE}" if kept else "rerun `clipengine index add` to retry them"
+    lines = [f"{len(failures)} image(s) could not be read and are not in the index ({where}):"]
+    lines += [f"  {f.id}: {f.reason}" for f in failures[:shown]]
+    if len(failures) > shown:
+        lines.append(f"  ... and {len(failures) - shown} more")
+    typer.echo("\n".join(lines), err=True)
+    fields: dict[str, Any] = {"failed": len(failures)}
+    if as_json:
+        fields["failures"] = [{"id": f.id, "reason": f.reason} for f in failures]
+    return fields
+
+
+def remove_add_dir(folder: Path) -> None:
+    """Delete an `index add` folder once the index it went into is saved.
+
+    It only served a rerun after a crash (resume); the saved index holds its vectors now, and a
+    rerun skips those ids, so it would embed into another folder anyway. Left in place it would
+    grow the disk by one folder per add. A failure to delete costs nothing but the space.
+    """
+    import shutil
+
+    try:
+        shutil.rmtree(folder)
+    except OSError as e:
+        typer.echo(f"warning: could not remove {folder} (no longer needed): {e}", err=True)
+
+
+def read_vectors(
+    embed_dir: Path, label: str, expect: str | None
+) -> tuple[list[str], Any, str, dict[str, Any]]:
+    from ..errors import IndexMismatchError
+    from ..index import same_model
+    from ..pipeline.sinks import read_embeddings
+
+    ids, vectors, meta = read_embeddings(embed_dir)
+    model = str(meta.get("model") or label or "")
+    if not model:
+        raise typer.BadParameter(f"{embed_dir}/run.json names no model; pass --model")
+    if expect and not same_model(expect, model):
+        raise IndexMismatchError(f"{embed_dir} was embedded with {model!r}, not {expect!r}")
+    return ids, vectors, model, meta
