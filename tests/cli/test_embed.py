@@ -29,6 +29,8 @@ def fake_load(monkeypatch: pytest.MonkeyPatch) -> list[model_options.ModelOption
         return SimpleNamespace(backend=backend, preprocess_cfg=PreprocessConfig(image_size=32), name="fake")
 
     monkeypatch.setattr(model_options, "load_clip", load)
+    # The Ray path reads the preprocessing from the model's files where they tell; none here: load it.
+    monkeypatch.setattr("clipengine.distributed.model_info.preprocess_config", lambda *a, **k: None)
     return asked
 
 

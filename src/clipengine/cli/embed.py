@@ -12,6 +12,7 @@ from . import model_options as mo
 
 if TYPE_CHECKING:
     from ..api import ClipModel
+    from ..image.preprocess import PreprocessConfig
     from ..pipeline.run import RunStats
     from ..types import ImageItem
 
@@ -22,19 +23,36 @@ _RAY_ONLY_SOURCES = (".parquet", ".tar")  # path lists and WebDataset shards: `d
 
 
 def _run_engine(
-    engine: str, items: list[ImageItem], output: Path, clip: ClipModel, opts: mo.ModelOptions, **kwargs: Any
+    engine: str,
+    items: list[ImageItem],
+    output: Path,
+    clip: ClipModel | None,
+    preprocess: PreprocessConfig,
+    opts: mo.ModelOptions,
+    **kwargs: Any,
 ) -> RunStats:
-    """Embed in this process (decode workers + the loaded model) or on Ray (one model per actor)."""
-    if engine == "ray":
+    """Embed in this process (decode workers + the loaded `clip`) or on Ray (one model per actor;
+    the driver holds none: `clip` is None)."""
+    if clip is None:
         from ..distributed.ray import embed_with_ray
 
         if kwargs.get("num_gpus", 0) > 0 and opts.device == "cpu":  # GPUs reserved per actor: use them
-            opts = replace(opts, device="cuda")  # (the driver's model, loaded for its preprocessing, stays)
+            opts = replace(opts, device="cuda")
         factory: Any = mo.BackendFactory(opts)  # plain data: each actor loads its own model
-        return embed_with_ray(items, output, factory, clip.preprocess_cfg, **kwargs)
+        return embed_with_ray(items, output, factory, preprocess, **kwargs)
     from ..pipeline.run import embed_folder
 
-    return embed_folder(items, output, lambda: clip.backend, clip.preprocess_cfg, **kwargs)
+    return embed_folder(items, output, lambda: clip.backend, preprocess, **kwargs)
+
+
+def _ray_preprocess(opts: mo.ModelOptions) -> PreprocessConfig:
+    """The model's preprocessing for a Ray job, from the files describing the model where they tell
+    (`distributed.model_info`): the driver then holds no model while the actors work. Else from a
+    load whose model is dropped before the job starts."""
+    from ..distributed.model_info import preprocess_config
+
+    cfg = preprocess_config(opts.source, opts.pretrained, allow_download=opts.allow_download)
+    return cfg if cfg is not None else mo.load_clip(opts).preprocess_cfg
 
 
 _SOURCE_ARG = typer.Argument(
@@ -201,7 +219,8 @@ def register(app: typer.Typer) -> None:
             gpu_decode=gpu_decode, gpu_decoder=gpu_decoder if gpu_decode else None,
             gpu_cpu_share=gpu_cpu_share if gpu_decode else None,
         )  # fmt: skip
-        clip = mo.load_clip(opts)
+        clip = mo.load_clip(opts) if engine == "local" else None
+        preprocess = clip.preprocess_cfg if clip is not None else _ray_preprocess(opts)
         run_kwargs: dict[str, Any] = dict(
             model=opts.label, batch_size=batch, workers=workers, shard_size=shard_size, dtype=dtype,
             source_label=str(source.resolve()),
@@ -214,7 +233,9 @@ def register(app: typer.Typer) -> None:
         if engine == "ray":
             run_kwargs.update(address=address, num_actors=actors, num_gpus=gpus_per_actor)
         with tqdm(total=len(items), unit="img", disable=not progress or as_json, leave=False) as bar:
-            stats = _run_engine(engine, items, output, clip, opts, progress=bar.update, **run_kwargs)
+            stats = _run_engine(
+                engine, items, output, clip, preprocess, opts, progress=bar.update, **run_kwargs
+            )
         fmt = "json" if as_json else "text"
         typer.echo(render_run_stats(stats, fmt, failures_path=output / FAILURES_FILE))
         if not as_json:
