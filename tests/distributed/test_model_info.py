@@ -52,7 +52,9 @@ def test_embed_engine_ray_loads_no_model_on_the_driver(
 
     seen: list[object] = []
 
-    def fake_embed_with_ray(items: list[object], out: Path, factory: object, cfg: object, **kw: object) -> RunStats:
+    def fake_embed_with_ray(
+        items: list[object], out: Path, factory: object, cfg: object, **kw: object
+    ) -> RunStats:
         seen.append(cfg)
         return RunStats(images=len(items), embedded=len(items), wall_s=1.0)
 
