@@ -281,3 +281,19 @@ def test_fsync_tree_syncs_every_file_and_folder_before_a_folder_rename(
     for p in (final / "a", final / "sub" / "b", final / "sub", final):
         assert log.synced_before(rename, p), p
     log.assert_rename_durable(final)
+
+
+def test_atomic_path_without_sync_is_still_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sync=False (regenerable files): no fsync, but the same temp-then-rename, nothing left over."""
+    import sync_log
+
+    log = sync_log.record(monkeypatch)
+    target = tmp_path / "img.png"
+    with pytest.raises(RuntimeError), atomic_path(target, sync=False) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("killed")
+    assert os.listdir(tmp_path) == []
+    with atomic_path(target, sync=False) as tmp:
+        tmp.write_bytes(b"whole")
+    assert target.read_bytes() == b"whole" and os.listdir(tmp_path) == ["img.png"]
+    assert log.renames_to(target) and not [e for e in log.events if e[0] == "fsync"]

@@ -80,10 +80,12 @@ def normal_file_mode() -> int:
 
 
 @contextmanager
-def atomic_path(final: str | Path) -> Iterator[Path]:
+def atomic_path(final: str | Path, *, sync: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `final`; on success, flush it to disk and rename it over `final`.
 
-    If the block raises, the temp file is removed and `final` is left as it was.
+    If the block raises, the temp file is removed and `final` is left as it was. `sync=False`
+    skips the two fsyncs (about 10 ms a file on a VM disk) for many small files that can be made
+    again: a killed process still leaves no torn file, but a power loss may lose the write.
     """
     final = Path(final)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=_TEMP_SUFFIX, dir=final.parent)
@@ -91,8 +93,11 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.chmod(tmp, normal_file_mode())
-        fsync_file(tmp)  # the rename must not reach the disk before the data does
-        replace_durably(tmp, final)
+        if sync:
+            fsync_file(tmp)  # the rename must not reach the disk before the data does
+            replace_durably(tmp, final)
+        else:
+            os.replace(tmp, final)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

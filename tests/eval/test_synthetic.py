@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -44,3 +47,35 @@ def test_shape_is_visible_against_background() -> None:
 def test_unknown_task() -> None:
     with pytest.raises(ValueError, match="shape"):
         synthetic.classnames("animals")
+
+
+def test_writers_leave_no_torn_file_when_killed_midway(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that dies in the middle of an image leaves the earlier ones whole, that one absent
+    and no temp file: a later evaluation never reads a truncated image or label list."""
+    from PIL import Image
+
+    ds = synthetic.generate(6, seed=3, task="shape")
+    real_save, calls = Image.Image.save, []
+
+    def dies_on_third(self: Image.Image, fp: Any, *args: Any, **kwargs: Any) -> None:
+        calls.append(fp)
+        if len(calls) == 3:
+            Path(fp).write_bytes(b"\x89PNG half")  # part of the file, then the crash
+            raise KeyboardInterrupt
+        real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.write_flat_folder(tmp_path, ds)
+    monkeypatch.undo()
+    written = sorted(p.name for p in (tmp_path / "images").iterdir())
+    assert written == ["SYNTH_val_00000001.png", "SYNTH_val_00000002.png"]
+    for name in written:
+        with Image.open(tmp_path / "images" / name) as img:
+            img.load()
+    assert not (tmp_path / "labels.txt").exists()
+    synthetic.write_flat_folder(tmp_path, ds)  # the rerun completes it
+    assert len(list((tmp_path / "images").iterdir())) == 6
+    assert len((tmp_path / "labels.txt").read_text().splitlines()) == 6

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from ..files import atomic_path, atomic_write_bytes
+
 __all__ = [
     "COLOURS",
     "SHAPES",
@@ -259,8 +261,18 @@ def _bnames(names: list[str] | tuple[str, ...]) -> list[bytes]:
 
 
 def _dump(obj: object, path: Path) -> None:
-    with path.open("wb") as f:
-        pickle.dump(obj, f, protocol=2)
+    atomic_write_bytes(path, pickle.dumps(obj, protocol=2))  # a killed run leaves no torn batch file
+
+
+def _save_image(img: np.ndarray, path: Path) -> None:
+    """Atomically, so a killed run leaves no truncated image that a later evaluation would count as
+    an unreadable input; unsynced (`sync=False`): regenerable, and fsyncs made writing 200 images
+    8x slower (2.6 s instead of 0.34 s on the test VM)."""
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:  # the temp name's suffix would not tell Pillow either
+        raise ValueError(f"unknown image extension {path.suffix!r}")
+    with atomic_path(path, sync=False) as tmp:
+        Image.fromarray(img).save(tmp, format=fmt)
 
 
 def write_cifar10(
@@ -332,7 +344,7 @@ def write_imagefolder(root: str | Path, ds: SyntheticDataset, ext: str = "png") 
     for i, (img, label) in enumerate(zip(ds.images, ds.labels, strict=True)):
         folder = root / ds.classnames[int(label)].replace(" ", "_")
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(folder / f"{i:05d}.{ext}")
+        _save_image(img, folder / f"{i:05d}.{ext}")
     return root
 
 
@@ -345,8 +357,8 @@ def write_flat_folder(root: str | Path, ds: SyntheticDataset, labels_file: str =
     lines = []
     for i, (img, label) in enumerate(zip(ds.images, ds.labels, strict=True)):
         name = f"SYNTH_val_{i + 1:08d}.png"
-        Image.fromarray(img).save(images / name)
+        _save_image(img, images / name)
         lines.append(f"{name} {int(label)}")
-    (root / labels_file).write_text("\n".join(lines) + "\n")
-    (root / "classnames.json").write_text(json.dumps(ds.classnames))
+    atomic_write_bytes(root / labels_file, ("\n".join(lines) + "\n").encode())
+    atomic_write_bytes(root / "classnames.json", json.dumps(ds.classnames).encode())
     return root
