@@ -14,7 +14,6 @@ QuickGELU, any other plain state dict -> GELU, open_clip's convention).
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +32,6 @@ from .spec import ModelSpec, parse_spec
 from .weights import ProgressCallback, fetch, fetch_hub
 
 __all__ = ["LoadedModel", "load_model", "read_checkpoint", "save_model"]
-
-log = logging.getLogger(__name__)
 
 _OPEN_CLIP_CONFIG = "open_clip_config.json"
 _HF_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL resample codes in preprocessor_config
