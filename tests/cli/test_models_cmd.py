@@ -53,8 +53,9 @@ def test_download_offline_fails_in_one_line(
         port = s.getsockname()[1]
     src = _patch_source(monkeypatch, f"http://127.0.0.1:{port}/RN50.pt", None)
     assert main(["download", "RN50@openai"]) == 1
-    err_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(err_lines) == 1
+    # The whole of stderr is the error line: no empty progress bar is drawn before the connection.
+    err_lines = capsys.readouterr().err.splitlines()
+    assert len(err_lines) == 1 and err_lines[0].startswith("error: "), err_lines
     assert f"http://127.0.0.1:{port}/RN50.pt" in err_lines[0] and str(cache_path(src)) in err_lines[0]
 
 

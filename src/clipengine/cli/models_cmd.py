@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -36,19 +36,28 @@ def _download(name: str) -> None:
     spec = parse_spec(name)
     if spec.kind not in ("registry", "hf-hub"):
         raise UnknownModelError(f"{name} is a local path, not a registered model: nothing to download")
-    # Resolved before the bar is drawn: an unknown name or tag is then the only output.
+    # Resolved before anything is drawn: an unknown name or tag is then the only output.
     source = get_source(spec.name, spec.tag) if spec.kind == "registry" else None
-    with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=spec.display, leave=True) as bar:
+    # The bar is drawn on the first chunk, not before the connection: an unreachable host is then
+    # one error line (no empty "0.00B" bar above it), and a file already cached draws nothing.
+    bars: list[tqdm[Any]] = []
 
-        def progress(done: int, total: int | None) -> None:
-            if total is not None and bar.total != total:
-                bar.total = total
-            bar.update(done - bar.n)
+    def progress(done: int, total: int | None) -> None:
+        if not bars:
+            bars.append(tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=spec.display, total=total))
+        bar = bars[0]
+        if total is not None and bar.total != total:
+            bar.total = total
+        bar.update(done - bar.n)
 
+    try:
         if source is None:
             path = fetch_hub(spec.name, allow_download=True, progress=progress)
         else:
             path = fetch(source, allow_download=True, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
     typer.echo(f"{spec.display}: {path}")
 
 
