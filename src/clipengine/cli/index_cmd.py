@@ -155,6 +155,7 @@ def register(app: typer.Typer) -> None:
             source, opts, embeddings or sources.add_dir(index_path), batch, engine, workers, index
         )
         if emb_dir is None:  # every image of the folder is indexed already
+            sources.remove_done_add_dirs(index_path, index)  # e.g. an add killed after its save
             _echo_index(index, index_path, as_json, added=0, skipped=indexed)
             return
         ids, vectors, _, meta = sources.read_vectors(emb_dir, label, index.model)
@@ -164,6 +165,7 @@ def register(app: typer.Typer) -> None:
         failed = sources.report_failures(emb_dir, index, as_json, kept=not own_dir)  # before its folder goes
         if own_dir:
             sources.remove_add_dir(emb_dir)
+        sources.remove_done_add_dirs(index_path, index)  # those of adds killed after their save
         _echo_index(index, index_path, as_json, added=added, skipped=indexed + len(ids) - added, **failed)
 
     @index_app.command("info")

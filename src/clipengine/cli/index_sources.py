@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +30,7 @@ __all__ = [
     "is_embed_dir",
     "read_vectors",
     "remove_add_dir",
+    "remove_done_add_dirs",
     "report_failures",
 ]
 
@@ -38,18 +39,22 @@ def is_embed_dir(path: Path) -> bool:
     return path.is_dir() and ((path / "run.json").is_file() or (path / "shards").is_dir())
 
 
-def image_sizes(embed_dir: Path, ids: list[str]) -> list[tuple[int, int] | None]:
-    """(width, height) per id from the shard .jsonl rows (pipeline shard format)."""
-    found: dict[str, tuple[int, int]] = {}
+def _shard_rows(embed_dir: Path) -> Iterator[dict[str, Any]]:
+    """The rows of every shard .jsonl (pipeline shard format): {"path", "index", "width", "height"}."""
     for rows in sorted((embed_dir / "shards").glob("part-*.jsonl")):
         if rows.name.endswith(".failures.jsonl"):
             continue
         for line in rows.read_text(encoding="utf-8").split("\n"):  # not splitlines(): ids may hold U+2028
-            if not line:
-                continue
-            r = json.loads(line)
-            if r.get("width") is not None and r.get("height") is not None:
-                found[r["path"]] = (int(r["width"]), int(r["height"]))
+            if line:
+                yield json.loads(line)
+
+
+def image_sizes(embed_dir: Path, ids: list[str]) -> list[tuple[int, int] | None]:
+    """(width, height) per id from the shard .jsonl rows."""
+    found: dict[str, tuple[int, int]] = {}
+    for r in _shard_rows(embed_dir):
+        if r.get("width") is not None and r.get("height") is not None:
+            found[r["path"]] = (int(r["width"]), int(r["height"]))
     return [found.get(i) for i in ids]
 
 
@@ -101,6 +106,9 @@ def embed_source(
     return embed_dir, opts.label, len(listed) - len(items)
 
 
+_ADD_SUFFIX = ".embeddings-add-"
+
+
 def add_dir(index_path: Path) -> Callable[[Sequence[ImageItem]], Path]:
     """Where `index add` embeds new images by default: a folder of their own, named by their ids.
 
@@ -111,9 +119,7 @@ def add_dir(index_path: Path) -> Callable[[Sequence[ImageItem]], Path]:
 
     def folder(items: Sequence[ImageItem]) -> Path:
         ids = "\n".join(item.id for item in items).encode("utf-8", "surrogatepass")
-        return index_path.with_name(
-            f"{index_path.name}.embeddings-add-{hashlib.sha256(ids).hexdigest()[:12]}"
-        )
+        return index_path.with_name(f"{index_path.name}{_ADD_SUFFIX}{hashlib.sha256(ids).hexdigest()[:12]}")
 
     return folder
 
@@ -157,6 +163,30 @@ def remove_add_dir(folder: Path) -> None:
         shutil.rmtree(folder)
     except OSError as e:
         typer.echo(f"warning: could not remove {folder} (no longer needed): {e}", err=True)
+
+
+def remove_done_add_dirs(index_path: Path, index: Index) -> None:
+    """Delete the `index add` folders that earlier adds left when killed after their save, before
+    `remove_add_dir`: finished runs whose every embedded id is in `index` now. A rerun does not
+    reuse them (it embeds only the ids the index lacks, into a folder named by those), so they
+    would stay for good. A run not finished, or with ids the index lacks, is kept: a rerun of its
+    add resumes it, or another add is still filling it.
+    """
+    from ..errors import ClipEngineError
+    from ..pipeline.sinks import read_run_info
+
+    prefix = index_path.name + _ADD_SUFFIX
+    for folder in index_path.parent.iterdir():
+        tag = folder.name[len(prefix) :] if folder.name.startswith(prefix) else ""
+        if len(tag) != 12 or not all(c in "0123456789abcdef" for c in tag) or not folder.is_dir():
+            continue
+        try:
+            done = (read_run_info(folder) or {}).get("status") == "complete"
+            done = done and all(r["path"] in index for r in _shard_rows(folder))
+        except (ClipEngineError, OSError, ValueError, KeyError):  # unreadable: not ours to judge
+            continue
+        if done:
+            remove_add_dir(folder)
 
 
 def read_vectors(
