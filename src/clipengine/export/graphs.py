@@ -72,15 +72,6 @@ class _TextGraph(nn.Module):
         return features
 
 
-def _tower_bytes(model: CLIP, tower: str) -> int:
-    params = (
-        model.visual.parameters()
-        if tower == "image"
-        else (p for n, p in model.named_parameters() if not n.startswith("visual."))
-    )
-    return sum(p.numel() * 4 for p in params)
-
-
 def export_graph(model: CLIP, tower: str, batch: int | None, split: bool, path: Path) -> str | None:
     """torch.onnx.export one tower to `path`; returns the external-data file name (models > 2 GB)."""
     cfg = model.config
