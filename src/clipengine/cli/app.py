@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -73,8 +75,40 @@ def _click_exception_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+# What the user can do about the OS errors a run most often meets; others get the OS's words alone.
+_OS_ERROR_FIXES = {
+    errno.ENOSPC: "free some space or write somewhere else",
+    errno.EDQUOT: "free some space or write somewhere else",
+    errno.EROFS: "write somewhere else",
+    errno.EACCES: "check its permissions or use another path",
+    errno.EPERM: "check its permissions or use another path",
+}
+
+
+def _os_error_line(e: OSError) -> str:
+    """One line for an OS error (disk full, read-only folder, unreadable file): the path and the reason.
+
+    A temp file of `files.atomic_path` is named after the file it was to become (".run.json.x1y2z3a4.tmp"
+    -> "run.json"): the user knows that name, not the temp one.
+    """
+    from ..files import temp_target
+
+    paths = []
+    for name in (e.filename, e.filename2):
+        if name is None:
+            continue
+        text = os.fsdecode(name)
+        final = temp_target(os.path.basename(text))
+        paths.append(os.path.join(os.path.dirname(text), final) if final else text)
+    reason = e.strerror or str(e)
+    fix = _OS_ERROR_FIXES.get(e.errno or 0)
+    if not paths:  # nothing names what failed: say where the details are
+        return f"{reason}{f'; {fix}' if fix else ''} (run with -v for the traceback)"
+    return f"{' -> '.join(paths)}: {reason}" + (f"; {fix}" if fix else "")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; maps ClipEngineError to a one-line message and exit code 1 (2 for usage)."""
+    """Run the CLI; maps ClipEngineError and OSError to a one-line message and exit code 1 (2 for usage)."""
     click_errors = _click_exception_types()
     try:
         result = app(args=list(argv) if argv is not None else None, standalone_mode=False)
@@ -94,6 +128,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except click_errors as e:  # usage errors (bad option values, missing arguments)
         e.show()  # type: ignore[attr-defined]
         return int(getattr(e, "exit_code", 2))
+    except OSError as e:  # disk full, read-only output, unreadable input: the user's to fix, not a bug
+        if _state["verbose"]:
+            raise
+        typer.echo(f"error: {_os_error_line(e)}", err=True)
+        return 1
     if isinstance(result, int) and result:
         # typer returns 130 (instead of raising) when a command was interrupted with Ctrl-C.
         if result == 130:

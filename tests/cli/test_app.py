@@ -1,0 +1,73 @@
+"""`clipengine` as a whole: OS errors and Ctrl-C become one line and an exit code, never a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pipeline_fakes
+import pytest
+from disk_full import failing_savefig
+
+from clipengine.cli import model_options
+from clipengine.cli.app import main
+
+
+@pytest.fixture
+def fake_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    from clipengine.image.preprocess import PreprocessConfig
+
+    def load(opts: model_options.ModelOptions) -> SimpleNamespace:
+        backend = pipeline_fakes.FakeBackend(embed_dim=8, image_size=32)
+        return SimpleNamespace(backend=backend, preprocess_cfg=PreprocessConfig(image_size=32), name="fake")
+
+    monkeypatch.setattr(model_options, "load_clip", load)
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    pipeline_fakes.write_images(tmp_path / "imgs", 3)
+    return tmp_path / "imgs"
+
+
+def test_disk_full_is_one_line_naming_the_file_and_the_fix(  # type: ignore[no-untyped-def]
+    folder: Path, tmp_path: Path, fake_load, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import matplotlib.figure
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", failing_savefig)
+    plot = tmp_path / "plot.png"
+    assert main(["bench", str(folder), "--batch", "1", "--workers", "0", "--plot", str(plot)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    fix = "free some space or write somewhere else (run with -v for the traceback)"
+    assert err == [f"error: No space left on device; {fix}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]  # no plot, no temp file left
+
+
+def test_an_os_error_names_the_file_the_user_asked_for_not_the_temp_file(  # type: ignore[no-untyped-def]
+    folder: Path, tmp_path: Path, fake_load, capsys
+) -> None:
+    # A parent that is a file: the OS refuses whoever runs it (chmod tests would pass as root).
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "emb"
+    assert main(["embed", str(folder), "-o", str(out), "--workers", "0", "--no-progress"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"error: {out}: Not a directory"], err
+
+
+def test_verbose_shows_the_traceback_of_an_os_error(folder: Path, tmp_path: Path, fake_load: None) -> None:
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "emb"
+    with pytest.raises(NotADirectoryError):
+        main(["-v", "embed", str(folder), "-o", str(out), "--workers", "0", "--no-progress"])
+
+
+def test_ctrl_c_exits_130_with_one_line(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(opts: model_options.ModelOptions) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model_options, "load_clip", interrupted)
+    assert main(["embed", str(folder), "-o", str(tmp_path / "out"), "--no-progress"]) == 130
+    assert capsys.readouterr().err.splitlines() == ["interrupted"]
