@@ -65,3 +65,30 @@ def test_unknown_tag_lists_available_tags() -> None:
 def test_unknown_architecture_lists_known_ones() -> None:
     with pytest.raises(UnknownModelError, match="known: RN50, RN101"):
         get_source("ViT-Q-99")
+
+
+@pytest.mark.parametrize(
+    ("arch", "tag", "suggestion"),
+    [
+        ("tiny-synht", None, "tiny-synth"),  # a typo
+        ("vit-b-32", None, "ViT-B-32"),  # another case
+        ("ViT-B-32", "OpenAI", "openai"),
+        ("ViT-B-32", "laion2b_s34b_b79", "laion2b_s34b_b79k"),
+    ],
+)
+def test_a_mistyped_name_or_tag_suggests_the_close_one(arch: str, tag: str | None, suggestion: str) -> None:
+    with pytest.raises(UnknownModelError, match=f"did you mean '{suggestion}'"):
+        get_source(arch, tag)
+
+
+def test_a_name_close_to_nothing_suggests_nothing() -> None:
+    with pytest.raises(UnknownModelError) as caught:
+        get_source("ViT-Q-99")
+    assert "did you mean" not in str(caught.value)
+
+
+def test_an_unknown_architecture_config_suggests_the_close_one() -> None:
+    from clipengine.models.config import get_config
+
+    with pytest.raises(UnknownModelError, match="did you mean 'ViT-B-16'"):
+        get_config("ViT-B-61")

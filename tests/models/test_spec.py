@@ -64,6 +64,8 @@ def test_missing_path_is_a_checkpoint_error(text: str) -> None:
         ("hf-hub:no-slash", None, "expected 'hf-hub:ORG/NAME'"),
         ("hf-hub:org/name", "openai", "makes no sense"),
         ("ViT-B-32@openai", "laion2b_s34b_b79k", "conflicting tags"),
+        ("@openai", None, "no model name before '@'"),  # was "no pretrained weights registered for ''"
+        ("ViT-B-32@", None, "no tag after '@'"),  # was silently the default tag
     ],
 )
 def test_bad_specs(text: str, pretrained: str | None, match: str) -> None:

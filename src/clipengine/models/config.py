@@ -8,6 +8,7 @@ from importlib import resources
 from typing import Any
 
 from ..errors import UnknownModelError
+from .spec import did_you_mean
 
 __all__ = [
     "CLIPConfig",
@@ -110,7 +111,8 @@ def get_config(name: str) -> CLIPConfig:
         path = resources.files(_CONFIG_PACKAGE) / f"{name}.json"
         if not path.is_file():
             raise UnknownModelError(
-                f"unknown architecture {name!r}; available: {', '.join(architecture_names())}"
+                f"unknown architecture {name!r}{did_you_mean(name, architecture_names())}; "
+                f"available: {', '.join(architecture_names())}"
             )
         _cache[name] = CLIPConfig.from_dict(json.loads(path.read_text()), name=name)
     return _cache[name]

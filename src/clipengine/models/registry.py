@@ -7,6 +7,7 @@ from typing import Literal
 
 from ..errors import UnknownModelError
 from ..image.preprocess import PreprocessConfig
+from .spec import did_you_mean
 
 __all__ = [
     "WeightFormat",
@@ -134,7 +135,8 @@ def sources() -> list[WeightSource]:
 
 def _no_weights(arch: str) -> UnknownModelError:
     return UnknownModelError(
-        f"no pretrained weights registered for {arch!r}; known: {', '.join(architectures())} "
+        f"no pretrained weights registered for {arch!r}{did_you_mean(arch, architectures())}; "
+        f"known: {', '.join(architectures())} "
         "(or pass a checkpoint path)"
     )
 
@@ -162,5 +164,7 @@ def get_source(arch: str, tag: str | None = None) -> WeightSource:
         raise _no_weights(arch)
     tag = tag or default_tag(arch)
     if tag not in by_tag:
-        raise UnknownModelError(f"unknown pretrained tag {tag!r} for {arch}; available: {', '.join(by_tag)}")
+        raise UnknownModelError(
+            f"unknown pretrained tag {tag!r} for {arch}{did_you_mean(tag, by_tag)}; available: {', '.join(by_tag)}"
+        )
     return by_tag[tag]

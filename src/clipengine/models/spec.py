@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from ..errors import CheckpointError, UnknownModelError
 
-__all__ = ["CHECKPOINT_SUFFIXES", "ModelSpec", "SpecKind", "parse_spec"]
+__all__ = ["CHECKPOINT_SUFFIXES", "ModelSpec", "SpecKind", "did_you_mean", "parse_spec"]
 
 SpecKind = Literal["registry", "hf-hub", "file", "folder"]
 
@@ -49,6 +51,15 @@ class ModelSpec:
         return str(self.path)
 
 
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """The suffix " (did you mean 'X'?)" for the choice closest to a mistyped `word` ("vit-b-32",
+    "tiny-synht"), or "" when none is close. Case is ignored: a name typed in another case is the likeliest slip.
+    """
+    by_lower = {c.lower(): c for c in choices}
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.75)
+    return f" (did you mean {by_lower[close[0]]!r}?)" if close else ""
+
+
 def _looks_like_path(text: str) -> bool:
     if _OPENAI_SLASH_NAME.match(text):
         return False
@@ -82,7 +93,7 @@ def parse_spec(name_or_path: str | Path, pretrained: str | None = None) -> Model
 
     Raises:
         CheckpointError: the string looks like a path but nothing exists there.
-        UnknownModelError: malformed hub id, empty name, or conflicting tags.
+        UnknownModelError: malformed hub id, empty name or tag around "@", or conflicting tags.
     """
     raw = str(name_or_path)
     text = raw.strip()
@@ -105,7 +116,15 @@ def parse_spec(name_or_path: str | Path, pretrained: str | None = None) -> Model
         if pretrained is not None:
             raise UnknownModelError(f"pretrained={pretrained!r} makes no sense with {text!r}; drop it")
         return ModelSpec("hf-hub", repo, raw=raw)
-    name, _, given_tag = _ALIASES.get(text, text).partition("@")
+    name, at, given_tag = _ALIASES.get(text, text).partition("@")
+    if at and not name.strip():
+        raise UnknownModelError(
+            f"{text!r} has no model name before '@'; write NAME@TAG, e.g. ViT-B-32@openai"
+        )
+    if at and not given_tag.strip():
+        raise UnknownModelError(
+            f"{text!r} has no tag after '@'; write NAME@TAG, or NAME alone for its default weights"
+        )
     tag = given_tag.strip() or None
     if tag and pretrained and tag != pretrained:
         raise UnknownModelError(f"conflicting tags: {text!r} names {tag!r} but pretrained={pretrained!r}")
