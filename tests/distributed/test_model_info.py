@@ -65,3 +65,32 @@ def test_embed_engine_ray_loads_no_model_on_the_driver(
     result = CliRunner().invoke(app, [*args, "--model", str(tiny_model_dir)])
     assert result.exit_code == 0, result.output
     assert seen == [clipengine.load(str(tiny_model_dir)).preprocess_cfg]
+
+
+def test_index_build_engine_ray_loads_no_model_on_the_driver(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fakes
+) -> None:  # type: ignore[no-untyped-def]
+    """`index build --engine ray` loaded the model on the driver, as `embed` did before."""
+    import clipengine.distributed.ray as ray_engine
+    from clipengine.pipeline.run import RunStats, embed_folder
+
+    def no_load(opts: model_options.ModelOptions) -> None:
+        raise AssertionError("the driver loaded the model")
+
+    seen: list[object] = []
+
+    def fake_embed_with_ray(
+        items: list[object], out: Path, factory: object, cfg: object, **kw: object
+    ) -> RunStats:
+        seen.append(cfg)  # embeds here, as the actors would, so that the index gets built
+        return embed_folder(items, out, lambda: clipengine.load(str(tiny_model_dir)).backend, cfg, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(model_options, "load_clip", no_load)
+    monkeypatch.setattr(ray_engine, "embed_with_ray", fake_embed_with_ray)
+    fakes.write_images(tmp_path / "img", 3)
+    index = tmp_path / "photos.index"
+    args = ["index", "build", str(tmp_path / "img"), "-o", str(index), "--engine", "ray"]
+    result = CliRunner().invoke(app, [*args, "--model", str(tiny_model_dir)])
+    assert result.exit_code == 0, result.output
+    assert seen == [clipengine.load(str(tiny_model_dir)).preprocess_cfg]
+    assert len(clipengine.Index.load(index).ids) == 3

@@ -45,16 +45,6 @@ def _run_engine(
     return embed_folder(items, output, lambda: clip.backend, preprocess, **kwargs)
 
 
-def _ray_preprocess(opts: mo.ModelOptions) -> PreprocessConfig:
-    """The model's preprocessing for a Ray job, from the files describing the model where they tell
-    (`distributed.model_info`): the driver then holds no model while the actors work. Else from a
-    load whose model is dropped before the job starts."""
-    from ..distributed.model_info import preprocess_config
-
-    cfg = preprocess_config(opts.source, opts.pretrained, allow_download=opts.allow_download)
-    return cfg if cfg is not None else mo.load_clip(opts).preprocess_cfg
-
-
 _SOURCE_ARG = typer.Argument(
     ...,
     help="Folder (walked recursively) or text file with one path per line; with --engine ray also a "
@@ -220,7 +210,7 @@ def register(app: typer.Typer) -> None:
             gpu_cpu_share=gpu_cpu_share if gpu_decode else None,
         )  # fmt: skip
         clip = mo.load_clip(opts) if engine == "local" else None
-        preprocess = clip.preprocess_cfg if clip is not None else _ray_preprocess(opts)
+        preprocess = clip.preprocess_cfg if clip is not None else mo.preprocess_only(opts)
         run_kwargs: dict[str, Any] = dict(
             model=opts.label, batch_size=batch, workers=workers, shard_size=shard_size, dtype=dtype,
             source_label=str(source.resolve()),

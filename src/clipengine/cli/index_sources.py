@@ -93,15 +93,15 @@ def embed_source(
         return None, opts.label, len(listed)
     if callable(embed_dir):
         embed_dir = embed_dir(items)
-    clip = mo.load_clip(opts)
     kwargs: dict[str, Any] = {"model": opts.label, "batch_size": batch, "source_label": str(source.resolve())}
-    if engine == "ray":
+    if engine == "ray":  # each actor loads the model; the driver holds none
         from ..distributed.ray import embed_with_ray
 
-        embed_with_ray(items, embed_dir, mo.BackendFactory(opts), clip.preprocess_cfg, **kwargs)
+        embed_with_ray(items, embed_dir, mo.BackendFactory(opts), mo.preprocess_only(opts), **kwargs)
     else:
         from ..pipeline.run import embed_folder
 
+        clip = mo.load_clip(opts)
         embed_folder(items, embed_dir, lambda: clip.backend, clip.preprocess_cfg, workers=workers, **kwargs)
     return embed_dir, opts.label, len(listed) - len(items)
 

@@ -11,6 +11,7 @@ import typer
 
 if TYPE_CHECKING:
     from ..api import ClipModel
+    from ..image.preprocess import PreprocessConfig
     from ..types import Backend
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "ModelOptions",
     "load_clip",
     "parse_model_options",
+    "preprocess_only",
 ]
 
 
@@ -72,6 +74,16 @@ def load_clip(opts: ModelOptions) -> ClipModel:
         allow_download=opts.allow_download,
         **opts.extra,
     )
+
+
+def preprocess_only(opts: ModelOptions) -> PreprocessConfig:
+    """The model's preprocessing without holding the model, for a Ray driver (its actors load the
+    model): read from the files that describe the model where they tell (`distributed.model_info`),
+    else from a load whose model is dropped before the job starts."""
+    from ..distributed.model_info import preprocess_config
+
+    cfg = preprocess_config(opts.source, opts.pretrained, allow_download=opts.allow_download)
+    return cfg if cfg is not None else load_clip(opts).preprocess_cfg
 
 
 @dataclass(frozen=True)
