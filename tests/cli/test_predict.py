@@ -134,3 +134,19 @@ def test_folder_without_images_fails_before_loading_a_model(
     code = main(["predict", str(tmp_path), "--text", "a", "--model", "ViT-B-32"])  # not cached: not loaded
     assert code == 1
     assert "no image files" in capsys.readouterr().err
+
+
+def test_control_characters_in_file_names_are_escaped(
+    checkpoint: Path, clip_png: Path, tmp_path: Path
+) -> None:
+    # A newline in a name would split its "Filename:" line; an escape sequence would reach the terminal.
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    for name in ("new\nline.png", "esc\x1b[31m.png", "été 日本.png"):
+        shutil.copy(clip_png, folder / name)
+    (folder / "bad\tone.png").write_bytes(b"")
+    result = CliRunner().invoke(app, ["predict", str(folder), "-t", *TEXTS, "--checkpoint", str(checkpoint)])
+    assert result.exit_code == 0, result.output
+    assert sorted(_blocks(result.stdout)) == ["esc\\x1b[31m.png", "new\\nline.png", "été 日本.png"]
+    assert "Skipped: bad\\tone.png: empty file (0 bytes)" in result.stderr
+    assert "\x1b" not in result.output

@@ -12,7 +12,7 @@ import typer
 if TYPE_CHECKING:
     from ..api import ClipModel
 
-__all__ = ["list_images", "register"]
+__all__ = ["list_images", "register", "shown_name"]
 
 
 def list_images(target: Path) -> list[tuple[str, Path]]:
@@ -69,6 +69,12 @@ def _predict(
     return list(zip(names, scores, strict=True)), failures, timings
 
 
+def shown_name(name: str) -> str:
+    """`name` with its control characters escaped ("new\\nline.png"): a newline, tab or terminal escape
+    in a file name must not break the one-line-per-field output or reach the terminal raw."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
+
+
 def _ms(total_s: float, count: int) -> str:
     return f"{1000 * total_s / max(count, 1):.1f} ms"
 
@@ -115,11 +121,11 @@ def register(app: typer.Typer) -> None:
         clip = mo.load_clip(opts)
         ranked, failures, timings = _predict(clip, paths, texts)
         for name, reason in failures:
-            typer.echo(f"Skipped: {name}: {reason}", err=True)
+            typer.echo(f"Skipped: {shown_name(name)}: {reason}", err=True)
         if not ranked:  # before the timing lines: averages over no image would read 0.0 ms
             raise DecodeError(str(target), "no readable images")
         for name, scores in ranked:
-            typer.echo(f"Filename: {name}")
+            typer.echo(f"Filename: {shown_name(name)}")
             for label, prob in scores:
                 typer.echo(f"Text: {label}, Similarity: {prob:.4f}")
             typer.echo("")
