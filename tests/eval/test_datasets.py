@@ -289,6 +289,16 @@ def test_folder_dataset_test_split_reads_val(tmp_path: Path) -> None:
     assert data.classnames == ["cat"] and [p.name for p in data.paths or ()] == ["val.png"]
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_folder_dataset_missing_named_split_is_refused(tmp_path: Path, split: str) -> None:
+    """Only `test` falls back to ROOT: a named split that is absent would read ROOT's split folders
+    (here test/) as the classes and score a one-class problem."""
+    (tmp_path / "test" / "cat").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(tmp_path / "test" / "cat" / "a.png")
+    with pytest.raises(DatasetError, match=rf"no {split}/ folder"):
+        datasets.load_dataset("folder", tmp_path, split)
+
+
 def test_flat_folder_file_names_with_spaces(tmp_path: Path) -> None:
     Image.new("RGB", (4, 4)).save(tmp_path / "my photo.png")
     (tmp_path / "labels.txt").write_text("my photo.png 1\n")

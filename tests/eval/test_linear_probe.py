@@ -120,15 +120,17 @@ def test_train_and_test_with_other_class_lists_are_refused(shape_sets) -> None: 
 
 
 def test_train_and_test_that_are_the_same_images_are_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """`folder` without ROOT/train and ROOT/test reads ROOT for both splits: no silent self-test."""
+    """No silent self-test: a `folder` without ROOT/train is refused when loaded (it used to read ROOT
+    for both splits), and two splits that are the same images are refused by the probe itself."""
     from clipengine.errors import DatasetError
     from clipengine.eval import synthetic
 
     synthetic.write_imagefolder(tmp_path, synthetic.generate(20, seed=5))
-    train = datasets.load_dataset("folder", tmp_path, "train")
-    test = datasets.load_dataset("folder", tmp_path, "test")
+    test = datasets.load_dataset("folder", tmp_path, "test")  # no test/ or val/: ROOT itself
+    with pytest.raises(DatasetError, match="no train/ folder"):
+        datasets.load_dataset("folder", tmp_path, "train")
     with pytest.raises(DatasetError, match="same"):
-        linear_probe.evaluate_linear_probe(_fake_model(), train, test)
+        linear_probe.evaluate_linear_probe(_fake_model(), test, test)
 
 
 def _failing_save(file, arr, *args, **kwargs):  # type: ignore[no-untyped-def]

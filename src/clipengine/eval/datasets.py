@@ -390,9 +390,14 @@ def load_dataset(
             return load_flat_folder(root, labels_file)
         mapping = _read_json(Path(class_map), "JSON {folder: class name}") if class_map else None
         base = Path(root)
-        for sub in (split, "val") if split == "test" else (split,):  # test: ROOT/test, else ROOT/val
-            if (base / sub).is_dir():
-                base = base / sub
-                break
+        if split == "test":  # ROOT/test, else ROOT/val, else ROOT itself holds the class folders
+            base = next((base / sub for sub in ("test", "val") if (base / sub).is_dir()), base)
+        elif (base / split).is_dir():
+            base = base / split
+        else:
+            # Falling back to ROOT here would read the split folders (test/, ...) as classes.
+            raise DatasetError(
+                f"{root}: no {split}/ folder; the {split!r} split of a folder dataset is ROOT/{split}/<class>/<images>"
+            )
         return load_imagefolder(base, mapping)
     raise DatasetError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
