@@ -140,7 +140,7 @@ def register(app: typer.Typer) -> None:
         precision: str = mo.PRECISION_OPT,
         device: str = mo.DEVICE_OPT,
         download: bool = mo.DOWNLOAD_OPT,
-        compile: bool = mo.COMPILE_OPT,
+        compile: bool = mo.EMBED_COMPILE_OPT,
         batch: int = typer.Option(32, "--batch", min=1, help="Images per backend call."),
         workers: int | None = typer.Option(None, "--workers", min=0, help=_EMBED_WORKERS_HELP),
         shard_size: int = typer.Option(1000, "--shard-size", min=1, help="Images per output shard."),

@@ -21,6 +21,7 @@ __all__ = [
     "COMPILE_OPT",
     "DEVICE_OPT",
     "DOWNLOAD_OPT",
+    "EMBED_COMPILE_OPT",
     "MODEL_OPT",
     "PRECISION_OPT",
     "PRETRAINED_OPT",
@@ -136,9 +137,9 @@ BACKEND_OPT = typer.Option(
 PRECISION_OPT = typer.Option("fp32", "--precision", help="fp32, fp16, bf16, int8, int8w (onnx/openvino) or fp8 (torch, FP8 GPUs); backend dependent.")
 DEVICE_OPT = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ...")
 DOWNLOAD_OPT = typer.Option(False, "--download", help="Allow downloading weights that are not cached.")
-COMPILE_OPT = typer.Option(
-    False,
-    "--compile",
-    help="torch.compile the model (torch backend): faster long runs, first batch of each size compiles; "
-    "embed on CUDA also replays CUDA graphs.",
+_COMPILE_HELP = "torch.compile the model (torch backend): faster long runs, first batch of each size compiles"
+COMPILE_OPT = typer.Option(False, "--compile", help=_COMPILE_HELP + ".")
+# Only `embed` replays the compiled model as CUDA graphs on CUDA; `bench` times plain compile.
+EMBED_COMPILE_OPT = typer.Option(
+    False, "--compile", help=_COMPILE_HELP + "; on CUDA also replays CUDA graphs."
 )
