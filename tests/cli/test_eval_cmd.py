@@ -262,3 +262,20 @@ def test_an_unreadable_image_is_left_out_and_named_not_fatal(shapes_folder: Path
     (row,) = json.loads(report.read_text())["results"][0]["unreadable"]
     assert row["path"] == str(broken) and row["reason"]
     assert f"- {broken}: " in next(out.glob("zeroshot_*.md")).read_text()
+
+
+def test_compare_refuses_a_precision_before_evaluating_any(
+    shapes_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # torch has no int8: refused at once (it was, after a whole fp32 evaluation whose result was lost).
+    args = ["eval", "zeroshot", "-d", "folder", "--root", str(shapes_folder), "-m", str(TINY_SYNTH)]
+    assert main([*args, "--compare", "fp32,int8", "--out", str(tmp_path / "r")]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: unknown precision 'int8'") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("compare", ["fp32,,bf16", "fp32,", "fp32,fp32"])
+def test_compare_with_an_empty_or_repeated_entry_is_a_usage_error(shapes_folder: Path, compare: str) -> None:
+    args = ["eval", "zeroshot", "-d", "folder", "--root", str(shapes_folder), "-m", str(TINY_SYNTH)]
+    result = CliRunner().invoke(app, [*args, "--compare", compare])
+    assert result.exit_code == 2 and "--compare" in result.output and "distinct precisions" in result.output

@@ -62,6 +62,17 @@ def _prompts(
     return names, templates
 
 
+def _compare_list(compare: str) -> list[str]:
+    """`--compare fp32,fp16,int8` -> ["fp32", "fp16", "int8"]; an empty or repeated entry is a typo."""
+    engines = [p.strip() for p in compare.split(",")]
+    if "" in engines or len(set(engines)) != len(engines):
+        raise typer.BadParameter(
+            f"{compare!r}: give distinct precisions separated by commas, e.g. fp32,fp16,int8",
+            param_hint="--compare",
+        )
+    return engines
+
+
 def _dataset(
     dataset: str, root: Path, split: str, class_map: Path | None, labels: Path | None, limit: int | None
 ) -> LabelledImages:
@@ -123,12 +134,15 @@ def register(app: typer.Typer) -> None:
         from ..eval.report import compare_table, comparison_rows, write_report
         from ..eval.zeroshot import evaluate_zeroshot
 
+        engines = _compare_list(compare) if compare else [precision]
         data = _dataset(dataset, root, split, class_map, labels, limit)
         names, templates = _prompts(dataset, data, prompts, prompt_set)
-        engines = [p.strip() for p in compare.split(",")] if compare else [precision]
+        # Every engine loaded before any is evaluated: a precision the model lacks is refused at
+        # once, not after a long evaluation of the ones before it whose results it would then lose.
+        clips = [_load(model, backend, prec, device, download) for prec in engines]
         results = []
-        for prec in engines:
-            clip = _load(model, backend, prec, device, download)
+        while clips:
+            clip = clips.pop(0)  # released once evaluated
             label = f"{clip.backend.name} {clip.backend.precision}"
             results.append(evaluate_zeroshot(clip, data, templates, names, batch_size=batch, engine=label))
             r = results[-1]
