@@ -85,3 +85,39 @@ def test_folder_without_images_is_one_line_error_before_loading(tmp_path: Path, 
     err = capsys.readouterr().err
     assert err.strip() == f"error: {tmp_path / 'empty'}: no images to benchmark"
     assert loaded == []  # refused before the model load
+
+
+def test_a_batch_bigger_than_the_folder_never_reaches_the_backend_bigger(  # type: ignore[no-untyped-def]
+    folder: Path, monkeypatch, capsys
+) -> None:
+    backends: list[pipeline_fakes.FakeBackend] = []
+
+    def load(opts: model_options.ModelOptions) -> SimpleNamespace:
+        from clipengine.image.preprocess import PreprocessConfig
+
+        backends.append(pipeline_fakes.FakeBackend(image_size=32))
+        pre = PreprocessConfig(image_size=32)
+        return SimpleNamespace(backend=backends[-1], preprocess_cfg=pre, name="fake")
+
+    monkeypatch.setattr(model_options, "load_clip", load)
+    # The warm-up ran 100000 zero images through the model (hung for minutes; 60 GB at 224 px).
+    assert main(["bench", str(folder), "--batch", "2,100000", "--workers", "0"]) == 0
+    assert max(backends[0].calls) == 10
+    err = capsys.readouterr().err
+    assert "note: --batch 100000 is more than the 10 images: those passes run batches of 10" in err
+
+
+@pytest.mark.parametrize(
+    ("plot", "message"),
+    [("FOLDER", "is a folder; name a file"), ("bench.txt", "matplotlib cannot write .txt files")],
+)
+def test_an_unwritable_plot_is_refused_before_the_benchmark(  # type: ignore[no-untyped-def]
+    folder: Path, tmp_path: Path, monkeypatch, plot: str, message: str
+) -> None:
+    loaded: list[object] = []
+    monkeypatch.setattr(model_options, "load_clip", loaded.append)
+    target = tmp_path if plot == "FOLDER" else tmp_path / plot
+    # Both were a traceback after the whole benchmark had run.
+    result = CliRunner().invoke(app, ["bench", str(folder), "--plot", str(target)])
+    assert result.exit_code == 2 and message in result.output and "--plot" in result.output
+    assert loaded == []

@@ -9,7 +9,7 @@ import typer
 from . import embed as _embed
 from . import model_options as mo
 
-__all__ = ["BENCH_TEXTS", "parse_batch_sizes", "register"]
+__all__ = ["BENCH_TEXTS", "check_plot_path", "parse_batch_sizes", "register"]
 
 # The batch of 4 texts whose encode time the table reports.
 BENCH_TEXTS = ("a photo of a cat", "a photo of a dog", "a diagram", "a bowl of soup")
@@ -28,6 +28,28 @@ def parse_batch_sizes(text: str) -> list[int]:
     if not sizes or any(s < 1 for s in sizes):
         raise typer.BadParameter(f"--batch sizes must be >= 1, got {text!r}")
     return sizes
+
+
+def check_plot_path(plot: Path) -> None:
+    """Refuse a --plot target that could not be written before the benchmark runs, not after."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError as e:
+        raise typer.BadParameter(
+            "needs matplotlib: pip install 'clipengine[bench]'", param_hint="--plot"
+        ) from e
+    if plot.is_dir():
+        raise typer.BadParameter(
+            f"{plot} is a folder; name a file, e.g. {plot / 'bench.png'}", param_hint="--plot"
+        )
+    kind = plot.suffix[1:].lower() or "png"  # as report.plot_throughput picks it
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if kind not in formats:
+        raise typer.BadParameter(
+            f"{plot}: matplotlib cannot write .{kind} files; end the name in .png, .svg or .pdf "
+            f"(or one of {', '.join(sorted(formats))})",
+            param_hint="--plot",
+        )
 
 
 def register(app: typer.Typer) -> None:
@@ -62,12 +84,21 @@ def register(app: typer.Typer) -> None:
         from ..text.tokenizer import tokenize
 
         sizes = parse_batch_sizes(batch)
+        if plot is not None:
+            check_plot_path(plot)
         opts = mo.parse_model_options(
             model, pretrained, checkpoint, backend, precision, device, download, compile
         )
         items = list_items(folder)[:limit]
         if not items:  # refused before the (possibly slow) model load
             raise DatasetError(f"{folder}: no images to benchmark")
+        too_big = [s for s in sizes if s > len(items)]
+        if too_big:  # the pass still runs, in batches of all the images: say so, the table cannot
+            typer.echo(
+                f"note: --batch {', '.join(map(str, too_big))} is more than the {len(items)} images: "
+                f"those passes run batches of {len(items)}",
+                err=True,
+            )
         clip = mo.load_clip(opts)
         tokens = tokenize(list(BENCH_TEXTS), context_length=clip.backend.context_length)
         result = bench_pipeline(
