@@ -157,6 +157,11 @@ def test_unreadable_images_are_reported_by_build_and_add(
     code, out, err = _run(capsys, "index", "add", idx, folder / "new")  # text summary: a count
     assert code == 0 and "failed 1" in out and "cut.jpg: " in err
 
+    header = (idx / "header.json").read_bytes()  # a retry whose files still fail adds nothing...
+    code, out, err = _run(capsys, "index", "add", idx, folder, "--json")
+    assert code == 0 and json.loads(out)["added"] == 0 and "new/cut.jpg: " in err
+    assert (idx / "header.json").read_bytes() == header  # ...and writes no new generation
+
 
 def test_failures_the_index_holds_by_now_are_not_reported(
     folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str]

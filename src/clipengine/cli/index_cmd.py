@@ -143,6 +143,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:  # fmt: skip
         """Append new images to an index without rebuilding it (ids already indexed are skipped)."""
         from ..index import Index
+        from ..index.store import remove_leftovers
 
         index = Index.load(index_path)
         opts = mo.parse_model_options(
@@ -155,13 +156,18 @@ def register(app: typer.Typer) -> None:
             source, opts, embeddings or sources.add_dir(index_path), batch, engine, workers, index
         )
         if emb_dir is None:  # every image of the folder is indexed already
-            sources.remove_done_add_dirs(index_path, index)  # e.g. an add killed after its save
+            remove_leftovers(index_path)  # e.g. of an add killed after its save
+            sources.remove_done_add_dirs(index_path, index)
             _echo_index(index, index_path, as_json, added=0, skipped=indexed)
             return
         ids, vectors, _, meta = sources.read_vectors(emb_dir, label, index.model)
         added = index.add(ids, vectors, sizes=sources.image_sizes(emb_dir, ids), on_duplicate="skip")
-        index.image_roots += [r for r in sources.image_roots(meta) if r not in index.image_roots]
-        index.save(index_path)
+        roots = [r for r in sources.image_roots(meta) if r not in index.image_roots]
+        index.image_roots += roots
+        if added or roots:  # else (e.g. a retry whose files still fail) a save would rewrite it all
+            index.save(index_path)
+        else:
+            remove_leftovers(index_path)
         failed = sources.report_failures(emb_dir, index, as_json, kept=not own_dir)  # before its folder goes
         if own_dir:
             sources.remove_add_dir(emb_dir)

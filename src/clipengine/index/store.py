@@ -35,6 +35,7 @@ __all__ = [
     "peek_generation",
     "read_header",
     "read_meta",
+    "remove_leftovers",
     "write_generation",
 ]
 
@@ -134,6 +135,15 @@ def write_generation(
     _remove_stale(root, keep=set(files.values()) | {HEADER_NAME})
     _remove_work_folders(root)
     return header
+
+
+def remove_leftovers(root: Path) -> None:
+    """Remove what a save killed after its commit left: older generations' files, temp files and
+    first-save work folders. A writer that ends without a save of its own calls it (a save does
+    this itself); readers never do, since another process may be saving meanwhile."""
+    files = read_header(root)["files"]
+    _remove_stale(root, keep=set(files.values()) | {HEADER_NAME})
+    _remove_work_folders(root)
 
 
 def peek_generation(root: Path) -> int:
