@@ -30,6 +30,8 @@ def captured(monkeypatch: pytest.MonkeyPatch, fake_model: FakeModel, fake_index:
     monkeypatch.setattr(serve_cmd, "_load_model", load_model)
     monkeypatch.setattr(serve_cmd, "_load_index", lambda path: fake_index)
     monkeypatch.setattr(serve_cmd, "_run_server", run_server)
+    # The real check binds the port: these tests are about the options, on ports another test may hold.
+    monkeypatch.setattr(serve_cmd, "_check_bindable", lambda host, port: seen.update(checked=(host, port)))
     return seen
 
 
@@ -101,3 +103,40 @@ def test_model_source_defaults_to_the_index_model(
     assert calls[1][0] == (str(tmp),) and calls[1][1]["backend"] == "onnx"
     with pytest.raises(typer.BadParameter, match="--model"):
         serve_cmd._load_model(None, None, None, None, "torch", "cpu", "fp32", False, None)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "tiny", "--log-level", "loud"], "'loud': use one of critical, error, warning, info"),
+        (["--model", "tiny", "--engine", "FOLDER"], "--model and --engine both name the model to serve"),
+        (["--checkpoint", "FILE", "--engine", "FOLDER"], "--checkpoint and --engine both name the model"),
+    ],
+)
+def test_options_that_cannot_work_are_refused_before_the_model_loads(
+    captured: dict[str, Any], tmp_path: Path, args: list[str], message: str
+) -> None:
+    (tmp_path / "model.pt").write_bytes(b"")
+    paths = {"FOLDER": str(tmp_path), "FILE": str(tmp_path / "model.pt")}
+    result = CliRunner().invoke(app, ["serve", *[paths.get(a, a) for a in args]])
+    # --log-level loud was uvicorn's KeyError traceback after the load; --engine silently won.
+    assert result.exit_code == 2 and message in " ".join(result.output.split())
+    assert "load_args" not in captured
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    loads: list[object] = []
+    monkeypatch.setattr(serve_cmd, "_load_model", lambda *args: loads.append(args))
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        result = CliRunner().invoke(app, ["serve", "--model", "tiny", "--port", str(port)])
+    # It was uvicorn's "address already in use" among its log lines (exit 3), after the model load
+    # and a "serving on" line.
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert f"cannot listen on 127.0.0.1:{port} (Address already in use)" in text and "--port" in text
+    assert loads == [] and "serving" not in result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,9 +15,10 @@ if TYPE_CHECKING:
     from ..api import ClipModel
     from ..index import Index
 
-__all__ = ["register"]
+__all__ = ["LOG_LEVELS", "register"]
 
 LOOPBACK_HOSTS = ("localhost",)
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 _CHECKPOINT_OPT = typer.Option(None, "--checkpoint", exists=True, help="Checkpoint file.")
 _ENGINE_OPT = typer.Option(
     None,
@@ -66,6 +68,47 @@ def _load_model(
         allow_download=download,
         **opts,
     )
+
+
+def _check_sources(model: str | None, checkpoint: Path | None, engine: Path | None) -> None:
+    """--engine names its model in its manifest: a --model or --checkpoint beside it was ignored."""
+    if engine is not None and (model or checkpoint is not None):
+        given = "--model" if model else "--checkpoint"
+        raise typer.BadParameter(
+            f"{given} and --engine both name the model to serve; an export folder holds its own: "
+            f"drop {given}, or drop --engine to serve {given}'s model",
+            param_hint="--engine",
+        )
+
+
+_NOT_HERE = "use an address of this machine, e.g. 127.0.0.1"
+_BIND_FIXES = {
+    errno.EADDRINUSE: ("pick another --port, or stop what holds it", "--port"),
+    errno.EACCES: ("ports below 1024 need privileges: pick --port 1024 or above", "--port"),
+}
+
+
+def _check_bindable(host: str, port: int) -> None:
+    """Bind the address and let it go before the model loads: a port in use or a host that is not
+    this machine's is then one line at once, not uvicorn's log lines (exit 3) after a long load and
+    a "serving on" line that was not true."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as e:
+        raise typer.BadParameter(f"cannot resolve {host!r} ({e.strerror})", param_hint="--host") from e
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind(address)
+        except OSError as e:
+            fix, option = _BIND_FIXES.get(e.errno or 0, (_NOT_HERE, "--host"))
+            raise typer.BadParameter(
+                f"cannot listen on {host}:{port} ({e.strerror}); {fix}", param_hint=option
+            ) from e
 
 
 def _load_index(path: Path) -> Index:
@@ -145,6 +188,13 @@ def register(app: typer.Typer) -> None:
 
         if backend not in BACKEND_CHOICES:
             raise typer.BadParameter(f"--backend must be one of {', '.join(BACKEND_CHOICES)}, got {backend!r}")
+        if log_level.lower() not in LOG_LEVELS:  # uvicorn's KeyError traceback, after the model load
+            raise typer.BadParameter(
+                f"{log_level!r}: use one of {', '.join(LOG_LEVELS)}", param_hint="--log-level"
+            )
+        _check_sources(model, checkpoint, engine)
+        if port:  # 0: the OS picks a free one
+            _check_bindable(host, port)
         settings = ServeSettings(
             max_batch=max_batch,
             max_wait_ms=max_wait_ms,
