@@ -277,3 +277,25 @@ def test_engine_ray_takes_parquet_and_webdataset_sources(
     local = CliRunner().invoke(app, ["embed", str(parquet), "-o", str(tmp_path / "local"), "--no-progress"])
     # The local engine reads folders and .txt lists: a usage error naming the engine that reads Parquet.
     assert local.exit_code == 2 and "add --engine ray" in local.output
+
+
+def test_a_folder_of_only_unreadable_images_is_an_error(  # type: ignore[no-untyped-def]
+    tmp_path: Path, fake_load, capsys
+) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "empty.jpg").write_bytes(b"")
+    (bad / "text.png").write_text("not an image")
+    out = tmp_path / "out"
+    # It was exit 0, "Embedded 0 images": `embed ... && index build` went on to an empty index.
+    assert main(["embed", str(bad), "-o", str(out), "--workers", "0", "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    assert "Failed: 2" in captured.out  # the summary still says what happened
+    assert captured.err.splitlines() == [
+        f"error: {bad}: none of the 2 images could be read, nothing was embedded; "
+        f"the reasons are in {out / 'failures.jsonl'}"
+    ]
+    assert len(read_failures(out)) == 2
+    # One readable image among them is a normal run with failures.
+    pipeline_fakes.write_images(bad, 1)
+    assert main(["embed", str(bad), "-o", str(tmp_path / "out2"), "--workers", "0", "--no-progress"]) == 0

@@ -228,5 +228,12 @@ def register(app: typer.Typer) -> None:
             )
         fmt = "json" if as_json else "text"
         typer.echo(render_run_stats(stats, fmt, failures_path=output / FAILURES_FILE))
+        if stats.images and stats.failed_total >= stats.images:
+            # A folder of only unreadable files is not a successful run (predict and bench agree): a
+            # script would go on to index nothing. The output folder is complete all the same.
+            raise DatasetError(
+                f"{source}: none of the {stats.images} images could be read, nothing was embedded; "
+                f"the reasons are in {output / FAILURES_FILE}"
+            )
         if not as_json:
             typer.echo(f"Embeddings: {output / 'shards'} (read with clipengine.pipeline.read_embeddings)")
