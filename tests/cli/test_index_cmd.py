@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from clipengine.cli import index_cmd, index_sources, model_options
 from clipengine.cli.app import app, main
+from clipengine.index import Index
 from clipengine.pipeline.sinks import read_embeddings
 
 
@@ -131,6 +132,36 @@ def test_build_from_images_then_add_new_ones(
     assert code == 0 and (data["added"], data["skipped"], data["count"]) == (0, 13, 13)
     code, out, _ = _run(capsys, "search", idx, "new/img-001.jpg", "-k", "1")
     assert code == 0 and out.split()[1] == str(folder / "new" / "img-001.jpg")
+
+
+def test_add_names_images_as_the_index_does_and_refuses_names_taken_by_other_images(
+    folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    """Ids are paths relative to the folder given: adding ROOT/new or another folder with the same
+    file names skipped its images as indexed already ("added 0, skipped 3"), and adding ROOT's
+    parent added ROOT's images a second time."""
+    idx = tmp_path / "p.index"
+    assert _run(capsys, "index", "build", folder, "-o", idx, "--model", "fake")[0] == 0
+    distributed_fakes.write_images(folder / "new", 2, seed=5)  # img-000.jpg, img-001.jpg, as in ROOT
+    code, out, _ = _run(capsys, "index", "add", idx, folder / "new", "--json")
+    assert code == 0 and (json.loads(out)["added"], json.loads(out)["count"]) == (2, 12)
+    assert {"new/img-000.jpg", "new/img-001.jpg"} <= set(Index.load(idx).ids)
+    assert Index.load(idx).image_roots == [str(folder.resolve())]  # named under ROOT: no new root
+
+    other = tmp_path / "other"
+    distributed_fakes.write_images(other, 2, seed=7)  # the same names, other pictures
+    header = (idx / "header.json").read_bytes()
+    code, _, err = _run(capsys, "index", "add", idx, other)
+    assert code == 1 and "2 of its images have paths that are ids of other images" in err
+    assert "'img-000.jpg'" in err and (idx / "header.json").read_bytes() == header
+
+    (other / "img-000.jpg").rename(other / "own.jpg")
+    (other / "img-001.jpg").unlink()
+    code, out, _ = _run(capsys, "index", "add", idx, tmp_path, "--json")  # holds ROOT and other/
+    assert code == 0 and (json.loads(out)["added"], json.loads(out)["skipped"]) == (1, 12)
+    index = Index.load(idx)
+    assert index.ids[-1] == "other/own.jpg" and index.resolve("other/own.jpg") == other / "own.jpg"
+    assert index.resolve("img-000.jpg") == folder / "img-000.jpg"
 
 
 def test_unreadable_images_are_reported_by_build_and_add(

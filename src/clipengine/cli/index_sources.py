@@ -88,12 +88,15 @@ def embed_source(
     from ..pipeline.sources import list_items
 
     listed = list_items(source)
+    label = str(source.resolve())
+    if known is not None and source.is_dir():
+        listed, label = _ids_in_index(source, listed, known)
     items = [i for i in listed if known is None or i.id not in known]
     if not items:
         return None, opts.label, len(listed)
     if callable(embed_dir):
         embed_dir = embed_dir(items)
-    kwargs: dict[str, Any] = {"model": opts.label, "batch_size": batch, "source_label": str(source.resolve())}
+    kwargs: dict[str, Any] = {"model": opts.label, "batch_size": batch, "source_label": label}
     if engine == "ray":  # each actor loads the model; the driver holds none
         from ..distributed.ray import embed_with_ray
 
@@ -104,6 +107,47 @@ def embed_source(
         clip = mo.load_clip(opts)
         embed_folder(items, embed_dir, lambda: clip.backend, clip.preprocess_cfg, workers=workers, **kwargs)
     return embed_dir, opts.label, len(listed) - len(items)
+
+
+def _ids_in_index(folder: Path, listed: list[ImageItem], index: Index) -> tuple[list[ImageItem], str]:
+    """The folder's images named as `index` names them, and the image root their ids are relative to.
+
+    An index's ids are paths relative to its image roots. An image under a root (adding ROOT/new, or
+    a folder holding ROOT) is named relative to that root: relative to the folder given, ROOT/new/a.jpg
+    would take the id of ROOT/a.jpg and be skipped as indexed already, and ROOT/a.jpg (given its
+    parent) would be added twice. The other images keep their paths relative to the folder, which
+    becomes a new root; where such a path is an id of the index already, it names another image,
+    and skipping it would lose it without a word: refused.
+
+    Raises:
+        DatasetError: an image outside the index's roots whose path is an indexed id.
+    """
+    from ..errors import DatasetError
+    from ..types import ImageItem
+
+    base = folder.resolve()
+    roots = [Path(r) for r in index.image_roots]
+    named: list[ImageItem] = []
+    outside: list[str] = []
+    used: Path | None = None  # a root the images are named under: no new root to record then
+    for item in listed:
+        path = base / item.id
+        root = next((r for r in roots if path.is_relative_to(r)), None)
+        if root is None:
+            outside.append(item.id)
+            named.append(item)
+        else:
+            named.append(ImageItem(path.relative_to(root).as_posix(), item.source))
+            used = used or root
+    taken = [i for i in outside if i in index]
+    if taken:
+        raise DatasetError(
+            f"{folder}: {len(taken)} of its images have paths that are ids of other images in the index "
+            f"(e.g. {taken[0]!r}, indexed from {', '.join(index.image_roots) or 'an embed folder'}); ids are "
+            "paths relative to the folder given, so they would be skipped as indexed already. Build the "
+            "index from a folder that holds both folders instead"
+        )
+    return named, str(used) if used is not None and not outside else str(base)
 
 
 _ADD_SUFFIX = ".embeddings-add-"
