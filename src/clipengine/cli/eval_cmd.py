@@ -99,7 +99,12 @@ def register(app: typer.Typer) -> None:
         dataset: Annotated[str, _DATASET],
         root: Annotated[Path, _ROOT],
         model: Annotated[str, _MODEL] = "ViT-B-32",
-        split: Annotated[str, typer.Option(help="test | train (CIFAR); val (ImageNet).")] = "test",
+        split: Annotated[
+            str,
+            typer.Option(
+                help="test | train (CIFAR); ImageNet's test is val/; a folder's is ROOT/<split>/ (test: else val/, else ROOT)."
+            ),
+        ] = "test",
         prompts: Annotated[
             Path | None, typer.Option(help="JSON with classes/templates (default: CLIP's).")
         ] = None,

@@ -160,7 +160,7 @@ def register(app: typer.Typer) -> None:
         host: str = typer.Option(
             "127.0.0.1", "--host", help="Address to bind; keep 127.0.0.1 unless --api-key is set."
         ),
-        port: int = typer.Option(8000, "--port", min=0, max=65535),
+        port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to bind."),
         max_batch: int = typer.Option(32, "--max-batch", min=1, help="Most items per backend call."),
         max_wait_ms: float = typer.Option(
             5.0, "--max-wait-ms", min=0, help="How long a request waits for batch company."
