@@ -176,10 +176,15 @@ def test_download_data_offline_says_so_in_one_line(
     def offline(req, timeout=None):  # type: ignore[no-untyped-def]
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
+    import tqdm
+
+    bars: list[object] = []  # on a terminal a bar drawn before the connection stayed above the error
+    monkeypatch.setattr(tqdm, "tqdm", lambda *a, **k: bars.append(k))
     monkeypatch.setattr(download.urllib.request, "urlopen", offline)
     code = main(["download-data", "cifar10", "--root", str(tmp_path)])
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert code == 1 and len(err) == 1 and "offline" in err[0]
+    err = capsys.readouterr().err.splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith("error:") and "offline" in err[0]
+    assert bars == []
 
 
 def test_download_data_of_an_unknown_name_draws_no_bar(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -221,15 +221,19 @@ def register(app: typer.Typer) -> None:
 
         if name not in ARCHIVES:  # before the bar is drawn: the error is then the only output
             raise DatasetError(f"unknown dataset {name!r}; downloadable: {', '.join(ARCHIVES)}")
-        bar = tqdm(
-            total=ARCHIVES[name].size,
-            unit="B",
-            unit_scale=True,
-            desc=name,
-            disable=None,
-        )
+        # Drawn on the first chunk: offline, the one error line is then all a terminal shows.
+        bars: list[tqdm[Any]] = []
+
+        def progress(done: int, total: int) -> None:
+            if not bars:
+                bars.append(
+                    tqdm(total=ARCHIVES[name].size, unit="B", unit_scale=True, desc=name, disable=None)
+                )
+            bars[0].update(done - bars[0].n)
+
         try:
-            folder = download_dataset(name, root, progress=lambda done, total: bar.update(done - bar.n))
+            folder = download_dataset(name, root, progress=progress)
         finally:
-            bar.close()
+            for bar in bars:
+                bar.close()
         typer.echo(f"{name}: {folder}")
