@@ -126,6 +126,47 @@ def test_output_of_another_model_or_dim_is_refused(
         embed_folder(image_folder, out, fakes.FakeBackendFactory(), preprocess_cfg, model="fake", workers=0, shard_size=5)  # fmt: skip
 
 
+def test_a_model_path_whose_files_changed_is_refused_on_resume(
+    image_folder: Path, tmp_path: Path, preprocess_cfg, fakes
+) -> None:  # type: ignore[no-untyped-def]
+    """The label of a checkpoint or export folder is its path: a checkpoint saved over with other
+    weights, or a folder re-exported from another model, kept it, and a resume mixed two models."""
+    from clipengine.pipeline.run_settings import check_output
+
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(bytes(range(256)) * 4096)  # 1 MiB
+    out = tmp_path / "out"
+
+    def run() -> RunStats:
+        return embed_folder(image_folder, out, fakes.FakeBackendFactory(), preprocess_cfg, model=str(checkpoint), workers=0)  # fmt: skip
+
+    run()
+    (out / "shards" / "part-00000.jsonl").unlink()  # an unfinished run: a resume has work to do
+    assert run().embedded > 0  # same files: resumed
+    data = bytearray(checkpoint.read_bytes())
+    data[600_000] ^= 1  # one byte deep inside, as a fine-tune saved over it would change many
+    checkpoint.write_bytes(bytes(data))
+    with pytest.raises(IndexMismatchError, match=r"model.safetensors differs\): a resume would mix"):
+        run()
+    with pytest.raises(IndexMismatchError, match="whose files have changed"):
+        check_output(out, model=str(checkpoint))  # the CLI's check before it loads the model
+
+    export = tmp_path / "export"
+    export.mkdir()
+    engines = [{"tower": "image", "file": "image_fp32.onnx", "sha256": "aa"}, {"tower": "text", "file": "t.onnx", "sha256": "bb"}]  # fmt: skip
+    (export / "manifest.json").write_text(json.dumps({"engines": engines}))
+    out2 = tmp_path / "out2"
+    embed_folder(image_folder, out2, fakes.FakeBackendFactory(), preprocess_cfg, model=str(export), workers=0)
+    engines += [{"tower": "image", "file": "image_int8.onnx", "sha256": "cc"}]  # another precision added
+    engines[1]["sha256"] = "dd"  # and the text engine re-exported: the image embeddings do not change
+    (export / "manifest.json").write_text(json.dumps({"engines": engines}))
+    check_output(out2, model=str(export))
+    engines[0]["sha256"] = "ee"  # the image engine re-exported from other weights
+    (export / "manifest.json").write_text(json.dumps({"engines": engines}))
+    with pytest.raises(IndexMismatchError, match=r"image_fp32.onnx differs"):
+        check_output(out2, model=str(export))
+
+
 def test_fast_decode_is_recorded_and_a_mixed_resume_refused(
     image_folder: Path, tmp_path: Path, preprocess_cfg, fakes
 ) -> None:  # type: ignore[no-untyped-def]

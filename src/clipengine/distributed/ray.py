@@ -32,7 +32,7 @@ import numpy as np
 from ..errors import BackendError, IndexMismatchError
 from ..pipeline.embed import LazyBackend
 from ..pipeline.run import RunStats, run_partition
-from ..pipeline.run_settings import check_compatible
+from ..pipeline.run_settings import check_compatible, model_files
 from ..pipeline.sinks import RUN_FILE, ShardSink, atomic_write_json, read_run_info
 from ..pipeline.sources import check_unique_ids, partitions
 from ..types import ImageItem
@@ -262,7 +262,8 @@ def embed_with_ray(
     cfg = preprocess_cfg if isinstance(preprocess_cfg, dict) else preprocess_cfg.to_dict()
     sink = ShardSink(out, dtype)
     info: dict[str, Any] = {
-        "model": model, "embed_dim": None, "dtype": dtype, "shard_size": shard_size,
+        "model": model, "model_files": model_files(model), "embed_dim": None, "dtype": dtype,
+        "shard_size": shard_size,
         "batch_size": batch_size, "preprocess": cfg, "partitions": len(parts), "images": len(items),
         "source": str(Path(source).resolve()) if isinstance(source, (str, Path)) else source_label,
         "engine": "ray", "status": "running", "fast_decode": fast_decode,

@@ -16,7 +16,7 @@ from ..types import Backend, Batch, Failure, FloatArray, ImageItem
 from .batching import LoadStats, default_workers, iter_batches, make_executor
 from .cpu_assist import CpuAssist, default_assist_workers
 from .embed import BackendSource, LazyBackend, embed_batch
-from .run_settings import check_compatible, check_cpu_share, check_output
+from .run_settings import check_compatible, check_cpu_share, check_output, model_files
 from .sinks import RUN_FILE, ShardSink, atomic_write_json, read_run_info
 from .sources import Partition, check_unique_ids, list_items, partitions
 from .stats import RunStats
@@ -334,6 +334,7 @@ def embed_folder(
     previous = read_run_info(out_dir)
     info: dict[str, Any] = {
         "model": model,
+        "model_files": model_files(model),
         "embed_dim": None,
         "dtype": dtype,
         "shard_size": shard_size,

@@ -6,6 +6,8 @@ here before writing anything; `check_output` lets the CLI do it before loading a
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,10 @@ from typing import Any
 from ..errors import IndexMismatchError
 from .sinks import read_run_info
 
-__all__ = ["check_compatible", "check_cpu_share", "check_output"]
+__all__ = ["check_compatible", "check_cpu_share", "check_output", "model_files"]
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json", ".onnx")
+_SAMPLES, _SAMPLE_BYTES = 16, 64 << 10  # blocks read per file for its digest
 
 
 def check_cpu_share(share: float, gpu_decode: str | None, workers: int | None) -> None:
@@ -37,7 +42,59 @@ def check_output(out_dir: str | Path, **settings: Any) -> None:
     """
     previous = read_run_info(out_dir)
     if previous is not None:
+        if "model" in settings and "model_files" not in settings:
+            settings = {**settings, "model_files": model_files(settings["model"])}
         check_compatible(Path(out_dir), previous, settings)
+
+
+def model_files(model: str | None) -> dict[str, str] | None:
+    """A digest per file of the model that `model` names when it is a path (an export folder, a model
+    folder, a checkpoint file), so that a resume can tell its files changed; None for registry names
+    (their weights are fixed by checksum).
+
+    An export folder's image engines are named with the sha256 its manifest records (no hashing).
+    Other files get a cheap digest: size and 17 blocks spread over the file, enough to tell a
+    re-saved or re-trained model. The path alone does not: re-exporting into the same folder, or
+    saving a fine-tuned checkpoint over the old one, kept the label, and a resume mixed the
+    embeddings of two models in one folder.
+    """
+    path = Path(model) if model else None
+    if path is None or not path.exists():
+        return None
+    if path.is_file():
+        return {path.name: _digest(path)}
+    try:
+        engines = json.loads((path / "manifest.json").read_text(encoding="utf-8"))["engines"]
+        return {str(e["file"]): str(e["sha256"]) for e in engines if e.get("tower") == "image"}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # not an export folder (or one the load will report)
+    files = sorted(p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
+    return {p.name: _digest(p) for p in files}
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        h.update(str(size).encode())
+        for k in range(_SAMPLES + 1):
+            f.seek(max(0, min(size - _SAMPLE_BYTES, size * k // _SAMPLES)))
+            h.update(f.read(_SAMPLE_BYTES))
+    return h.hexdigest()[:32]
+
+
+def _check_model_files(out_dir: Path, previous: dict[str, Any], current: dict[str, Any]) -> None:
+    old, new = previous.get("model_files"), current.get("model_files")
+    if not old or not new:  # a registry name, or a run.json of an older clipengine
+        return
+    changed = sorted(f for f in old.keys() & new.keys() if old[f] != new[f])
+    changed = changed or sorted(old.keys() - new.keys())  # an engine the run used is gone
+    if changed:
+        raise IndexMismatchError(
+            f"{out_dir} holds embeddings made with {previous.get('model')}, whose files have changed "
+            f"since ({changed[0]} differs): a resume would mix the embeddings of two models; use "
+            f"another output folder, or delete {out_dir}"
+        )
 
 
 def check_compatible(out_dir: Path, previous: dict[str, Any], current: dict[str, Any]) -> None:
@@ -60,3 +117,4 @@ def check_compatible(out_dir: Path, previous: dict[str, Any], current: dict[str,
                 f"{out_dir} holds embeddings made with {key}={old!r}, but this run uses {key}={new!r}; "
                 f"use another output folder, delete {out_dir}, or use {hint(old)}"
             )
+    _check_model_files(out_dir, previous, current)  # the same model path, other files
