@@ -274,6 +274,16 @@ def test_unreadable_safetensors_is_a_checkpoint_error(tmp_path: Path, tiny_model
         load_model(tmp_path / "bad.safetensors")
 
 
+def test_a_checkpoint_the_os_cannot_read_gets_the_os_reason(tmp_path: Path) -> None:
+    """safetensors reported any file it could not open as "No such file or directory" (a
+    permission error too) and a folder as "No such device"."""
+    from clipengine.models.checkpoint import read_checkpoint
+
+    (tmp_path / "d.safetensors").mkdir()
+    with pytest.raises(CheckpointError, match=r"d\.safetensors: not a readable checkpoint \(.*Is a directory"):
+        read_checkpoint(tmp_path / "d.safetensors")
+
+
 def test_integer_safetensors_is_a_checkpoint_error(tmp_path: Path, tiny_model: CLIP) -> None:
     from safetensors.torch import save_file
 

@@ -47,6 +47,8 @@ def read_checkpoint(path: Path) -> tuple[StateDict, bool]:
         CheckpointError: unreadable file, or a pickle that needs arbitrary code.
     """
     try:
+        with open(path, "rb") as f:  # the OS's own reason: safetensors reports an unreadable file
+            f.read(1)  # as "No such file or directory", a folder as "No such device"
         if path.suffix == ".safetensors":
             from safetensors import SafetensorError
             from safetensors.torch import load_file
