@@ -432,3 +432,156 @@ def test_search_text_output_keeps_paths_in_one_column(capsys: pytest.CaptureFixt
     # A minus sign used to push the path of negative scores one column right.
     assert [line.index("/photos/") for line in lines] == [9, 9, 9]
     assert [float(line.split()[0]) for line in lines] == [0.5, -0.0093, -1.0]
+
+
+def test_add_of_a_folder_or_list_without_images_is_refused(
+    folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    """It was exit 0, "added 0", where `index build` refuses the same folder: a mistyped folder is
+    not a successful add. An add whose every image is indexed already stays one ("skipped N")."""
+    idx = tmp_path / "p.index"
+    assert _run(capsys, "index", "build", folder, "-o", idx, "--model", "fake")[0] == 0
+    header = (idx / "header.json").read_bytes()
+    empty, listed = tmp_path / "empty", tmp_path / "none.txt"
+    empty.mkdir()
+    listed.write_text("")
+    for source in (empty, listed):
+        code, out, err = _run(capsys, "index", "add", idx, source)
+        assert (code, out, err) == (1, "", f"error: {source}: no images to index\n")
+    assert (idx / "header.json").read_bytes() == header
+    code, out, _ = _run(capsys, "index", "add", idx, folder, "--json")
+    assert code == 0 and (json.loads(out)["added"], json.loads(out)["skipped"]) == (0, 10)
+
+
+@pytest.fixture
+def unreadable(tmp_path: Path) -> Path:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "empty.jpg").write_bytes(b"")
+    (bad / "text.png").write_text("not an image")
+    return bad
+
+
+def test_build_of_only_unreadable_images_fails_and_writes_no_index(
+    folder: Path, unreadable: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    """It was exit 0 and a 0-image index, as `embed` was: the summary (each failure with its
+    reason), then an error naming failures.jsonl, exit 1, and no index written; an index already
+    at the output stays as it was."""
+    idx = tmp_path / "p.index"
+    failures = tmp_path / "p.index.embeddings" / "failures.jsonl"
+    code, out, err = _run(capsys, "index", "build", unreadable, "-o", idx, "--model", "fake")
+    assert code == 1 and out == "" and not idx.exists()
+    lines = err.splitlines()
+    assert lines[0].startswith("2 image(s) could not be read") and "empty.jpg: empty file (0 bytes)" in err
+    assert lines[-1] == (
+        f"error: {unreadable}: none of the 2 images could be read, nothing was indexed; the reasons are in {failures}"
+    )
+    assert failures.is_file()
+
+    emb = tmp_path / "emb"  # an all-failed embed folder (embed exits 1 but writes it) is refused alike
+    embed = ["embed", unreadable, "-o", emb, "--model", "fake", "--workers", "0", "--no-progress"]
+    assert _run(capsys, *embed)[0] == 1
+    assert _run(capsys, "index", "build", folder, "-o", idx, "--model", "fake")[0] == 0
+    header = (idx / "header.json").read_bytes()
+    code, out, err = _run(capsys, "index", "build", emb, "-o", idx, "--json")
+    assert code == 1 and json.loads(out)["failed"] == 2 and len(json.loads(out)["failures"]) == 2
+    assert err.splitlines()[-1].endswith(f"nothing was indexed; the reasons are in {emb / 'failures.jsonl'}")
+    assert (idx / "header.json").read_bytes() == header and len(Index.load(idx)) == 10
+
+
+def test_add_of_only_unreadable_images_fails_and_changes_nothing(
+    folder: Path, unreadable: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    """It was exit 0, "added 0", and saved a new generation recording the folder as an image root.
+    As `embed`: a source none of whose images can be read is an error (exit 1, after the summary).
+    A source that also holds indexed images is not (a retry whose files still fail: see
+    test_unreadable_images_are_reported_by_build_and_add). The add's own folder goes, so that a
+    rerun after fixing the files embeds them again (a kept complete shard would keep its failures)."""
+    idx = tmp_path / "p.index"
+    assert _run(capsys, "index", "build", folder, "-o", idx, "--model", "fake")[0] == 0
+    header = (idx / "header.json").read_bytes()
+    code, out, err = _run(capsys, "index", "add", idx, unreadable, "--json")
+    data = json.loads(out)
+    assert code == 1 and (data["added"], data["skipped"], data["failed"], data["count"]) == (0, 0, 2, 10)
+    assert "text.png: " in err and err.splitlines()[-1] == (
+        f"error: {unreadable}: none of the 2 images could be read, nothing was added; "
+        "the reasons are listed above; rerun `clipengine index add` to retry them"
+    )
+    assert (idx / "header.json").read_bytes() == header
+    assert not list(tmp_path.glob("p.index.embeddings-add-*"))
+    (unreadable / "text.png").write_bytes((folder / "img-000.jpg").read_bytes())  # fixed
+    code, out, err = _run(capsys, "index", "add", idx, unreadable, "--json")
+    assert code == 0 and (json.loads(out)["added"], json.loads(out)["failed"]) == (1, 1)
+    assert "empty.jpg: " in err
+
+    mine = tmp_path / "mine.emb"  # a folder of the user's is kept, and named
+    (other := tmp_path / "other").mkdir()
+    (other / "cut.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a whole jpeg")
+    code, _, err = _run(capsys, "index", "add", idx, other, "--embeddings", mine)
+    assert code == 1 and err.splitlines()[-1].endswith(f"the reasons are in {mine / 'failures.jsonl'}")
+
+
+def test_search_and_failure_lists_escape_control_characters_in_names(
+    folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    """A newline in a file name split a hit (or a failure) over two lines, and an ESC reached the
+    terminal raw; --json keeps the names exact."""
+    (folder / "img-001.jpg").rename(folder / "new\nline.jpg")
+    (folder / "img-002.jpg").rename(folder / "esc\x1b[31m.jpg")
+    (folder / "broken.jpg").rename(folder / "bro\nken.jpg")
+    idx = tmp_path / "p.index"
+    code, _, err = _run(capsys, "index", "build", folder, "-o", idx, "--model", "fake")
+    assert code == 0 and "  bro\\nken.jpg: empty file" in err and "bro\nken" not in err
+    code, out, _ = _run(capsys, "search", idx, "img-000.jpg", "-k", "10")
+    assert code == 0 and len(out.splitlines()) == 10 and "\x1b" not in out
+    assert f"{folder}/new\\nline.jpg" in out and f"{folder}/esc\\x1b[31m.jpg" in out
+    code, out, _ = _run(capsys, "search", idx, "img-000.jpg", "-k", "10", "--json")
+    paths = {r["path"] for r in json.loads(out)["results"]}
+    assert {str(folder / "new\nline.jpg"), str(folder / "esc\x1b[31m.jpg")} <= paths
+
+
+@pytest.mark.parametrize(
+    ("kind", "option", "applies"),
+    [("flat", "--nlist", "ivf / ivfpq"), ("flat", "--ef-search", "hnsw"), ("hnsw", "--nprobe", "ivf / ivfpq"),
+     ("ivf", "--ef-search", "hnsw"), ("ivfpq", "--ef-search", "hnsw")],
+)  # fmt: skip
+def test_an_option_the_given_kind_does_not_use_is_refused_before_embedding(
+    folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str], kind: str, option: str,
+    applies: str,
+) -> None:  # type: ignore[no-untyped-def]  # fmt: skip
+    """`--kind flat --nlist 64` built a flat index and dropped --nlist without a word."""
+    idx = tmp_path / "p.index"
+    args = ["index", "build", folder, "-o", idx, "--model", "fake", "--kind", kind, option, "4"]
+    code, _, err = _run(capsys, *args)
+    assert code == 2 and f"{option} applies to --kind {applies}, not {kind}" in err
+    assert fake_load == [] and not list(tmp_path.glob("p.index*"))  # refused before the model or any file
+
+
+def test_auto_warns_of_options_its_kind_does_not_use_and_applies_those_it_does(
+    folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # type: ignore[no-untyped-def]  # fmt: skip
+    from clipengine.index import ann
+
+    idx = tmp_path / "p.index"
+    code, out, _ = _run(capsys, "index", "build", folder, "-o", idx, "--model", "fake", "--nlist", "4", "--nprobe",
+                        "2", "--json")  # fmt: skip
+    assert code == 0 and json.loads(out)["params"] == {"kind": "flat"}  # not recorded as if used
+    (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "--kind auto chose flat for 10 images" in warning.getMessage()
+    assert "--nlist, --nprobe ignored (they apply to --kind ivf / ivfpq)" in warning.getMessage()
+
+    caplog.clear()
+    monkeypatch.setattr(ann, "AUTO_EXACT_MAX", 5)  # auto picks IVF: --nlist is used
+    code, out, _ = _run(capsys, "index", "build", tmp_path / "p.index.embeddings", "-o", tmp_path / "q.index",
+                        "--nlist", "2", "--nprobe", "2", "--ef-search", "8", "--json")  # fmt: skip
+    params = json.loads(out)["params"]
+    assert code == 0 and (params["kind"], params["nlist"], params["nprobe"]) == ("ivf", 2, 2)
+    (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "--ef-search ignored (it applies to --kind hnsw)" in warning.getMessage()
+
+    caplog.clear()  # search: the index's kind decides; --nprobe on an exact index is said to be unused
+    assert _run(capsys, "search", idx, "img-001.jpg", "--nprobe", "3")[0] == 0
+    (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "--nprobe ignored: " in warning.getMessage() and "a flat index" in warning.getMessage()

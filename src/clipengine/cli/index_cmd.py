@@ -7,6 +7,7 @@ index's model names is `index_models`.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,14 +17,58 @@ from . import embed as embed_cli
 from . import index_sources as sources
 from . import model_options as mo
 from .index_models import add_pretrained, mismatch_before_loading, with_default_tag
+from .predict import shown_name
 
 if TYPE_CHECKING:
     from ..index import Index
 
 __all__ = ["register"]
 
+log = logging.getLogger(__name__)
+
 _KINDS_HELP = "auto (exact up to 100k vectors, IVF above), flat, ivf, ivfpq or hnsw."
 _SOURCE_HELP = "An `clipengine embed` output folder, or images (folder / file list) to embed first."
+# The kinds each structure option applies to. Another kind ignored it without a word, and the
+# header recorded it as a parameter (`--kind flat --nlist 64` read "flat (exact; nlist=64)").
+_KIND_OPTIONS = {"nlist": ("ivf", "ivfpq"), "nprobe": ("ivf", "ivfpq"), "ef_search": ("hnsw",)}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _unused(kind: str, given: dict[str, int | None]) -> list[str]:
+    return [name for name, value in given.items() if value is not None and kind not in _KIND_OPTIONS[name]]
+
+
+def _refuse_unused(kind: str, given: dict[str, int | None]) -> None:
+    """A kind given explicitly with an option it does not use: a usage error, before anything is
+    embedded. An unknown kind is left to `Index.build`, which lists the valid ones."""
+    from ..index.ann import KINDS
+
+    for name in _unused(kind, given) if kind in KINDS else []:
+        raise typer.BadParameter(
+            f"{_flag(name)} applies to --kind {' / '.join(_KIND_OPTIONS[name])}, not {kind}"
+        )
+
+
+def _auto_options(n: int, dim: int, given: dict[str, int | None]) -> dict[str, int | None]:
+    """For --kind auto: the options the kind it picks for `n` vectors uses; one warning names the
+    others (the user could not know the kind in advance, so they are no usage error)."""
+    from ..index.ann import choose_params
+
+    picked = choose_params(n, dim, "auto").kind  # the same choice Index.build makes
+    unused = _unused(picked, given)
+    if unused:
+        groups: dict[str, list[str]] = {}
+        for name in unused:
+            groups.setdefault(" / ".join(_KIND_OPTIONS[name]), []).append(_flag(name))
+        why = "; ".join(
+            f"{', '.join(flags)} ignored ({'they apply' if len(flags) > 1 else 'it applies'} to --kind {kinds})"
+            for kinds, flags in groups.items()
+        )
+        log.warning("--kind auto chose %s for %d images: %s", picked, n, why)
+    return {name: None if name in unused else value for name, value in given.items()}
 
 
 def _opts(model: str | None, pretrained: str | None, checkpoint: Path | None, backend: str, precision: str,
@@ -50,6 +95,21 @@ def _echo_index(index: Index, path: Path, as_json: bool, **extra: Any) -> None:
                f"dim {info['dim']}, model {info['model']}" + "".join(f", {k} {v}" for k, v in extra.items()))  # fmt: skip
 
 
+def _refuse_unreadable(index: Index, index_path: Path, source: Path, emb_dir: Path, own_dir: bool,
+                       as_json: bool) -> None:  # fmt: skip
+    """`index add` of a source none of whose images is indexed or could be read: as `embed`, the
+    summary, then an error (exit 1); the index stays as it was (no new generation recording the
+    source as an image root). The add's own folder goes: a rerun resuming its complete shard would
+    keep the failures instead of reading the files again."""
+    failed = sources.report_failures(emb_dir, index, as_json, kept=not own_dir)
+    if not failed:  # an embed folder whose failures the index holds by now: an add of nothing
+        return
+    _echo_index(index, index_path, as_json, added=0, skipped=0, **failed)
+    if own_dir:
+        sources.remove_add_dir(emb_dir)
+    raise sources.nothing_readable(source, emb_dir, failed["failed"], "added", kept=not own_dir)
+
+
 def _print_hits(hits: list[tuple[str, float]], index: Index, as_json: bool, query: str) -> None:
     rows = [
         {"rank": r + 1, "id": i, "path": str(index.resolve(i) or i), "score": round(s, 6)}
@@ -59,7 +119,8 @@ def _print_hits(hits: list[tuple[str, float]], index: Index, as_json: bool, quer
         typer.echo(json.dumps({"query": query, "model": index.model, "results": rows}, indent=2))
         return
     for row in rows:
-        typer.echo(f"{row['score']:7.4f}  {row['path']}")  # width 7: -1.0000, so paths line up
+        # width 7: -1.0000, so paths line up; a newline in a name must not split a hit
+        typer.echo(f"{row['score']:7.4f}  {shown_name(str(row['path']))}")
 
 
 _M = typer.Option(
@@ -83,9 +144,9 @@ _JSON = typer.Option(False, "--json", help="Print JSON.")
 _SOURCE_ARG = typer.Argument(..., exists=True, help=_SOURCE_HELP)
 _OUTPUT = typer.Option(..., "--output", "-o", help="Index folder to write (e.g. photos.index).")
 _KIND = typer.Option("auto", "--kind", help=_KINDS_HELP)
-_NLIST = typer.Option(None, "--nlist", min=1, help="IVF lists (default 4*sqrt(N)).")
-_NPROBE = typer.Option(None, "--nprobe", min=1, help="IVF lists searched per query.")
-_EF = typer.Option(None, "--ef-search", min=1, help="HNSW search breadth.")
+_NLIST = typer.Option(None, "--nlist", min=1, help="IVF lists (default 4*sqrt(N)); --kind ivf / ivfpq only.")
+_NPROBE = typer.Option(None, "--nprobe", min=1, help="IVF lists searched per query; ivf / ivfpq only.")
+_EF = typer.Option(None, "--ef-search", min=1, help="HNSW search breadth; --kind hnsw only.")
 _INDEX_ARG = typer.Argument(..., help="Index folder (e.g. photos.index).")
 _QUERY = typer.Argument(None, help='Text query, e.g. "a dog on the beach".')
 _IMAGE = typer.Option(None, "--image", exists=True, help="Search by this image instead.")
@@ -116,17 +177,29 @@ def register(app: typer.Typer) -> None:
         from ..index import Index
 
         opts = _opts(model, pretrained, checkpoint, backend, precision, device, download)
+        given = {"nlist": nlist, "nprobe": nprobe, "ef_search": ef_search}
+        _refuse_unused(kind, given)
         emb_dir, label, _ = sources.embed_source(
             source, opts, embeddings or output.with_name(output.name + ".embeddings"), batch, engine, workers
         )
         if emb_dir is None:
             raise DatasetError(f"{source}: no images to index")
         ids, vectors, model_name, meta = sources.read_vectors(emb_dir, label, opts.label if opts else None)
+        if not ids:  # every image failed: no index, not an empty one (an index at `output` stays)
+            failed = sources.report_failures(emb_dir, None, as_json, kept=True)
+            if as_json and failed:
+                typer.echo(
+                    json.dumps({"source": str(source), "embeddings": str(emb_dir), **failed}, indent=2)
+                )
+            raise sources.nothing_readable(source, emb_dir, failed.get("failed", 0), "indexed", kept=True)
+        if kind == "auto":
+            given = _auto_options(len(ids), int(vectors.shape[1]), given)
         t0 = time.perf_counter()
         try:
             index = Index.build(ids, vectors, model=with_default_tag(model_name),
                                 sizes=sources.image_sizes(emb_dir, ids),
-                                image_roots=sources.image_roots(meta), kind=kind, nlist=nlist, nprobe=nprobe, ef_search=ef_search)  # fmt: skip
+                                image_roots=sources.image_roots(meta), kind=kind, nlist=given["nlist"],
+                                nprobe=given["nprobe"], ef_search=given["ef_search"])  # fmt: skip
         except ValueError as e:
             raise typer.BadParameter(str(e)) from e
         index.save(output)
@@ -142,6 +215,7 @@ def register(app: typer.Typer) -> None:
         embeddings: Path | None = _EMB, as_json: bool = _JSON,
     ) -> None:  # fmt: skip
         """Append new images to an index without rebuilding it (ids already indexed are skipped)."""
+        from ..errors import DatasetError
         from ..index import Index
         from ..index.store import remove_leftovers
 
@@ -155,12 +229,16 @@ def register(app: typer.Typer) -> None:
         emb_dir, label, indexed = sources.embed_source(
             source, opts, embeddings or sources.add_dir(index_path), batch, engine, workers, index
         )
+        if emb_dir is None and not indexed:  # as `index build`: a mistyped folder is no successful add
+            raise DatasetError(f"{source}: no images to index")
         if emb_dir is None:  # every image of the folder is indexed already
             remove_leftovers(index_path)  # e.g. of an add killed after its save
             sources.remove_done_add_dirs(index_path, index)
             _echo_index(index, index_path, as_json, added=0, skipped=indexed)
             return
         ids, vectors, _, meta = sources.read_vectors(emb_dir, label, index.model)
+        if not ids and not indexed:
+            _refuse_unreadable(index, index_path, source, emb_dir, own_dir, as_json)
         added = index.add(ids, vectors, sizes=sources.image_sizes(emb_dir, ids), on_duplicate="skip")
         roots = [r for r in sources.image_roots(meta) if r not in index.image_roots]
         index.image_roots += roots
@@ -200,6 +278,11 @@ def register(app: typer.Typer) -> None:
         if query is not None and not query.strip():  # "" would embed as a text and rank every image
             raise typer.BadParameter("the text query is empty")
         index = Index.load(index_path)
+        if nprobe is not None and index.kind not in _KIND_OPTIONS["nprobe"]:  # the index's kind decides
+            log.warning(
+                "--nprobe ignored: %s is a %s index (it applies to ivf / ivfpq)", index_path, index.kind
+            )
+            nprobe = None
         override = model is not None or checkpoint is not None
         opts = _opts(model, pretrained, checkpoint, backend, precision, device, download) if override else None
         if opts is None:  # the model comes from the index header; --pretrained may name its tag

@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from . import model_options as mo
+from .predict import shown_name
 
 if TYPE_CHECKING:
+    from ..errors import DatasetError
     from ..index import Index
     from ..types import ImageItem
 
@@ -28,6 +30,7 @@ __all__ = [
     "image_roots",
     "image_sizes",
     "is_embed_dir",
+    "nothing_readable",
     "read_vectors",
     "remove_add_dir",
     "remove_done_add_dirs",
@@ -168,9 +171,10 @@ def add_dir(index_path: Path) -> Callable[[Sequence[ImageItem]], Path]:
     return folder
 
 
-def report_failures(embed_dir: Path, index: Index, as_json: bool, kept: bool) -> dict[str, Any]:
+def report_failures(embed_dir: Path, index: Index | None, as_json: bool, kept: bool) -> dict[str, Any]:
     """Tell the user which images of `embed_dir` could not be read and are not in `index` (an
-    embed folder given to `index add` can name failures the index got since from elsewhere).
+    embed folder given to `index add` can name failures the index got since from elsewhere; None:
+    no index was made, every failure counts).
 
     Returns the fields for the command's summary: `failed` (a count) and, with --json, every
     failure; on stderr, the first few with their reasons. `kept`: whether `embed_dir` (and its
@@ -178,13 +182,13 @@ def report_failures(embed_dir: Path, index: Index, as_json: bool, kept: bool) ->
     """
     from ..pipeline.sinks import FAILURES_FILE, read_failures
 
-    failures = [f for f in read_failures(embed_dir) if f.id not in index]
+    failures = [f for f in read_failures(embed_dir) if index is None or f.id not in index]
     if not failures:
         return {}
     shown = 10
     where = f"listed in {embed_dir / FAILURES_FILE}" if kept else "rerun `clipengine index add` to retry them"
     lines = [f"{len(failures)} image(s) could not be read and are not in the index ({where}):"]
-    lines += [f"  {f.id}: {f.reason}" for f in failures[:shown]]
+    lines += [f"  {shown_name(f.id)}: {f.reason}" for f in failures[:shown]]  # a newline in a name: one line
     if len(failures) > shown:
         lines.append(f"  ... and {len(failures) - shown} more")
     typer.echo("\n".join(lines), err=True)
@@ -192,6 +196,24 @@ def report_failures(embed_dir: Path, index: Index, as_json: bool, kept: bool) ->
     if as_json:
         fields["failures"] = [{"id": f.id, "reason": f.reason} for f in failures]
     return fields
+
+
+def nothing_readable(source: Path, embed_dir: Path, failed: int, done: str, kept: bool) -> DatasetError:
+    """The error for a source of which no image could be embedded, after `report_failures` (its
+    `failed` count): as `clipengine embed` says it, since a script would go on with an index that
+    lacks them all. A source with no failure either holds no image (`index build` of an empty folder).
+    """
+    from ..errors import DatasetError
+    from ..pipeline.sinks import FAILURES_FILE
+
+    if not failed:
+        return DatasetError(f"{source}: no images to index")
+    where = (
+        f"the reasons are in {embed_dir / FAILURES_FILE}"
+        if kept
+        else "the reasons are listed above; rerun `clipengine index add` to retry them"
+    )
+    return DatasetError(f"{source}: none of the {failed} images could be read, nothing was {done}; {where}")
 
 
 def remove_add_dir(folder: Path) -> None:
