@@ -71,3 +71,17 @@ def test_download_of_an_unknown_name_prints_only_the_error(name: str, capsys: py
     assert main(["download", name]) == 1
     out = capsys.readouterr()
     assert out.out == "" and out.err.startswith("error: ") and out.err.count("\n") == 1, out.err
+
+
+def test_download_option_of_a_command_shows_the_progress_bar(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--download` on predict (embed, eval...) loaded through `load` alone: no bar for minutes."""
+    payload = b"not really weights" * 1000
+    (tmp_path / "RN50.pt").write_bytes(payload)
+    src = _patch_source(monkeypatch, (tmp_path / "RN50.pt").as_uri(), hashlib.sha256(payload).hexdigest())
+    code = main(["predict", "--model", "RN50@openai", "--download", str(tmp_path / "RN50.pt"), "-t", "a", "b"])
+    err = capsys.readouterr().err
+    assert cache_path(src).read_bytes() == payload  # fetched by the CLI, with its bar:
+    assert "RN50@openai: 100%" in err and "17.6k/17.6k" in err, err
+    assert code == 1 and "not a readable checkpoint" in err  # then loaded (these bytes are no model)

@@ -63,8 +63,17 @@ class ModelOptions:
 
 
 def load_clip(opts: ModelOptions) -> ClipModel:
-    """Load the model described by `opts` through the public API (the hook CLI tests replace)."""
+    """Load the model described by `opts` through the public API (the hook CLI tests replace).
+
+    With `--download`, registered weights missing from the cache are fetched first with a progress
+    bar (`downloads.fetch_with_progress`); the load then finds them cached.
+    """
     from ..api import load
+
+    if opts.allow_download:
+        from .downloads import fetch_with_progress
+
+        fetch_with_progress(opts.source, opts.pretrained)
 
     return load(
         opts.source,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -26,39 +26,14 @@ def _models() -> None:
 
 
 def _download(name: str) -> None:
-    from tqdm import tqdm
-
     from ..errors import UnknownModelError
-    from ..models.registry import get_source
     from ..models.spec import parse_spec
-    from ..models.weights import fetch, fetch_hub
+    from .downloads import fetch_with_progress
 
-    spec = parse_spec(name)
-    if spec.kind not in ("registry", "hf-hub"):
+    path = fetch_with_progress(name)
+    if path is None:
         raise UnknownModelError(f"{name} is a local path, not a registered model: nothing to download")
-    # Resolved before anything is drawn: an unknown name or tag is then the only output.
-    source = get_source(spec.name, spec.tag) if spec.kind == "registry" else None
-    # The bar is drawn on the first chunk, not before the connection: an unreachable host is then
-    # one error line (no empty "0.00B" bar above it), and a file already cached draws nothing.
-    bars: list[tqdm[Any]] = []
-
-    def progress(done: int, total: int | None) -> None:
-        if not bars:
-            bars.append(tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=spec.display, total=total))
-        bar = bars[0]
-        if total is not None and bar.total != total:
-            bar.total = total
-        bar.update(done - bar.n)
-
-    try:
-        if source is None:
-            path = fetch_hub(spec.name, allow_download=True, progress=progress)
-        else:
-            path = fetch(source, allow_download=True, progress=progress)
-    finally:
-        for bar in bars:
-            bar.close()
-    typer.echo(f"{spec.display}: {path}")
+    typer.echo(f"{parse_spec(name).display}: {path}")
 
 
 def register(app: typer.Typer) -> None:
