@@ -48,6 +48,7 @@ def test_bad_output_or_sample_dir_is_a_usage_error(tmp_path: Path, tiny_model, t
 
 
 def test_export_command_prints_progress_and_summary(tmp_path: Path, tiny_model, tiny_config, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from clipengine.cli import downloads
     from clipengine.image.preprocess import PreprocessConfig
     from clipengine.models import load
 
@@ -57,12 +58,16 @@ def test_export_command_prints_progress_and_summary(tmp_path: Path, tiny_model, 
         seen.update(name=str(name_or_path), pretrained=pretrained, allow_download=allow_download)
         return load.LoadedModel(tiny_model, tiny_config, PreprocessConfig(image_size=32), "tiny-vit", "test", "mem")
 
+    def fake_fetch(name: str, pretrained: str | None = None) -> None:  # the CLI's download, with its bar
+        seen.update(fetched=(name, pretrained))
+
     monkeypatch.setattr(load, "load_model", fake_load_model)
+    monkeypatch.setattr(downloads, "fetch_with_progress", fake_fetch)
     out = tmp_path / "models" / "tiny"
     result = CliRunner().invoke(app, ["export", "tiny-vit", "-o", str(out), "--pretrained", "test",
                                       "--precision", "fp32,int8", "--dynamic", "--download"])
     assert result.exit_code == 0, result.output
-    assert seen == {"name": "tiny-vit", "pretrained": "test", "allow_download": True}
+    assert seen == {"name": "tiny-vit", "pretrained": "test", "allow_download": True, "fetched": ("tiny-vit", "test")}
     lines = result.output.splitlines()
     assert any(line.startswith("exported image dynamic batch") for line in lines)
     header = next(i for i, line in enumerate(lines) if line.startswith("engine"))

@@ -110,6 +110,7 @@ def register(app: typer.Typer) -> None:
         """Export MODEL to ONNX engines, verify each against PyTorch, and write manifest.json."""
         from ..export.onnx import export_model
         from ..models.load import load_model
+        from .downloads import fetch_with_progress
 
         precisions = parse_precisions(precision)
         image_batches = None if dynamic else parse_batches(image_batch)
@@ -117,6 +118,8 @@ def register(app: typer.Typer) -> None:
         samples = _folder_images(sample_dir, "--sample-dir")
         calibration = _folder_images(calibration_dir, "--calibration-dir")
         typer.echo(f"loading {checkpoint or model}" + (f" @ {pretrained}" if pretrained else ""))
+        if download:  # the bar `clipengine download` draws; the load then finds the file cached
+            fetch_with_progress(str(checkpoint or model), pretrained)
         loaded = load_model(checkpoint or model, pretrained, allow_download=download,
                             arch=model if checkpoint else None)
         manifest = export_model(

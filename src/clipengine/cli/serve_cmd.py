@@ -59,6 +59,10 @@ def _load_model(
         raise typer.BadParameter(
             "give --model, --checkpoint or --engine (or --index to use the index's model)"
         )
+    if download:  # the bar `clipengine download` draws; the load then finds the file cached
+        from .downloads import fetch_with_progress
+
+        fetch_with_progress(source, pretrained)
     return load(
         source,
         pretrained=pretrained,
