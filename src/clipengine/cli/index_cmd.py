@@ -136,9 +136,12 @@ _BATCH = typer.Option(32, "--batch", min=1, help="Images per backend call when e
 _ENGINE = typer.Option("local", "--engine", help="Embedding engine for image folders: local or ray.")
 _WORKERS = typer.Option(None, "--workers", min=0, help=embed_cli.WORKERS_HELP)
 _EMB = typer.Option(
-    None, "--embeddings", help="Where to keep embeddings of images (default: INDEX.embeddings; for "
-    "`index add`, a folder of its own beside it, INDEX.embeddings-add-<hash of the new ids>, "
-    "deleted once the add is saved)."
+    None, "--embeddings", help="Where to keep the embeddings of the images (default: INDEX.embeddings)."
+)
+_ADD_EMB = typer.Option(
+    None, "--embeddings", help="Where to keep the embeddings of the new images (default: a folder of "
+    "their own beside the index, INDEX.embeddings-add-<hash of the new ids>, deleted once the add is "
+    "saved; a folder named here is kept)."
 )
 _JSON = typer.Option(False, "--json", help="Print JSON.")
 _SOURCE_ARG = typer.Argument(..., exists=True, help=_SOURCE_HELP)
@@ -212,7 +215,7 @@ def register(app: typer.Typer) -> None:
         source: Path = _SOURCE_ARG,
         pretrained: str | None = _P, backend: str = _B, precision: str = _PR, device: str = _D,
         download: bool = _DL, batch: int = _BATCH, engine: str = _ENGINE, workers: int | None = _WORKERS,
-        embeddings: Path | None = _EMB, as_json: bool = _JSON,
+        embeddings: Path | None = _ADD_EMB, as_json: bool = _JSON,
     ) -> None:  # fmt: skip
         """Append new images to an index without rebuilding it (ids already indexed are skipped)."""
         from ..errors import DatasetError
