@@ -299,3 +299,17 @@ def test_a_folder_of_only_unreadable_images_is_an_error(  # type: ignore[no-unty
     # One readable image among them is a normal run with failures.
     pipeline_fakes.write_images(bad, 1)
     assert main(["embed", str(bad), "-o", str(tmp_path / "out2"), "--workers", "0", "--no-progress"]) == 0
+
+
+def test_retry_failed_rereads_a_fixed_file(folder: Path, tmp_path: Path, fake_load) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "out"
+    args = ["embed", str(folder), "-o", str(out), "--workers", "0", "--shard-size", "4", "--no-progress"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    pipeline_fakes.write_images(tmp_path / "fix", 1)
+    (folder / "empty.jpg").write_bytes((tmp_path / "fix" / "img-0000.jpg").read_bytes())
+    assert CliRunner().invoke(app, args).exit_code == 0 and len(read_failures(out)) == 1  # kept
+    result = CliRunner().invoke(app, [*args, "--retry-failed", "--json"])
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.output)
+    assert read_failures(out) == [] and "empty.jpg" in read_embeddings(out)[0]
+    assert stats["shards_skipped"] == 2  # only the shard that listed the failure was recomputed

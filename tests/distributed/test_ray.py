@@ -63,6 +63,11 @@ def test_ray_run_equals_local_run_and_resumes(
         embed_folder(mixed_folder, out, factory, preprocess_cfg, model="fake", shard_size=5).shards_written
         == 0
     )
+    # --retry-failed: the shards that list failures are recomputed (their files still fail here).
+    with_failures = sum(p.stat().st_size > 0 for p in (out / "shards").glob("*.failures.jsonl"))
+    retried = embed_with_ray(mixed_folder, out, factory, preprocess_cfg, model="fake", shard_size=5, retry_failed=True)  # fmt: skip
+    assert 0 < with_failures == retried.shards_written and retried.shards_skipped == 3 - with_failures
+    assert read_failures(out) == read_failures(local) and read_embeddings(out)[0] == ids_l
 
 
 def test_pure_resume_keeps_the_timings_of_the_run_that_did_the_work(

@@ -179,7 +179,7 @@ def test_an_actor_reads_a_partition_a_chunk_at_a_time(
     actor.decoder.shutdown()
     actor.decoder = _InThisProcess(1)
     rows = [[i.id, _encode(i)] for i in list_source(tar)]
-    result = actor({"partition_id": np.array([0]), "items": np.array([json.dumps(rows)], dtype=object)})
+    result = actor({"partition_id": np.array([0]), "items": np.array([json.dumps(rows)], dtype=object), "retry": np.array([False])})
     actor.decoder.shutdown()
     assert list(result["error"]) == [""]
     assert sorted(reads) == [f.name for f in img] and len(ahead) == n // batch

@@ -167,6 +167,26 @@ def test_a_model_path_whose_files_changed_is_refused_on_resume(
         check_output(out2, model=str(export))
 
 
+def test_retry_failed_recomputes_only_the_shards_that_list_failures(
+    image_folder: Path, tmp_path: Path, preprocess_cfg, fakes
+) -> None:  # type: ignore[no-untyped-def]
+    """A plain rerun of a finished run keeps every shard, so a file fixed since was never read again."""
+    good = (image_folder / "img-0003.jpg").read_bytes()
+    (image_folder / "img-0003.jpg").write_bytes(good[:50])  # cut: fails; in partition 0 of 3
+    out = tmp_path / "out"
+
+    def run(**kw: bool) -> RunStats:
+        return embed_folder(image_folder, out, fakes.FakeBackendFactory(), preprocess_cfg, workers=0, shard_size=10, **kw)  # fmt: skip
+
+    assert run().failed_total == 1
+    (image_folder / "img-0003.jpg").write_bytes(good)  # fixed
+    assert (run().shards_skipped, read_failures(out)[0].id) == (3, "img-0003.jpg")  # a plain rerun: kept
+    stats = run(retry_failed=True)
+    assert (stats.shards_skipped, stats.embedded, stats.failed_total) == (2, 10, 0)
+    ids, _, _ = read_embeddings(out)
+    assert "img-0003.jpg" in ids and len(ids) == 25 and read_failures(out) == []
+
+
 def test_fast_decode_is_recorded_and_a_mixed_resume_refused(
     image_folder: Path, tmp_path: Path, preprocess_cfg, fakes
 ) -> None:  # type: ignore[no-untyped-def]

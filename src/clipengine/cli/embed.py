@@ -153,6 +153,10 @@ def register(app: typer.Typer) -> None:
         gpu_decoder: str = GPU_DECODER_OPT,
         gpu_read_threads: int | None = GPU_READ_THREADS_OPT,
         gpu_cpu_share: float = GPU_CPU_SHARE_OPT,
+        retry_failed: bool = typer.Option(
+            False, "--retry-failed", help="On a rerun, recompute the shards that list unreadable files too "
+            "(after fixing or replacing them); a plain rerun only resumes the unfinished shards.",
+        ),
         address: str | None = typer.Option(
             None, "--address", help="Ray cluster: auto, or ray://host:10001 (default: a local Ray instance)."
         ),
@@ -215,7 +219,7 @@ def register(app: typer.Typer) -> None:
             model=opts.label, batch_size=batch, workers=workers, shard_size=shard_size, dtype=dtype,
             source_label=str(source.resolve()),
         )  # fmt: skip
-        run_kwargs["fast_decode"] = fast_decode
+        run_kwargs.update(fast_decode=fast_decode, retry_failed=retry_failed)
         if gpu_decode:
             run_kwargs.update(gpu_decode=opts.device, gpu_decoder=gpu_decoder, gpu_cpu_share=gpu_cpu_share)
             if gpu_read_threads is not None:

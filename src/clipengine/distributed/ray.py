@@ -112,7 +112,7 @@ class _PartitionEmbedder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         stats_out: list[str] = []
         errors: list[str] = []
-        for pid, pairs in zip(batch["partition_id"], batch["items"], strict=True):
+        for pid, pairs, retry in zip(batch["partition_id"], batch["items"], batch["retry"], strict=True):
             stats_out.append("")
             errors.append("")
             if self.backend is None:
@@ -121,7 +121,7 @@ class _PartitionEmbedder:
                 stats = run_partition(
                     [ImageItem(i, s) for i, s in json.loads(pairs)], self.backend, self.sink, partition_id=int(pid),
                     preprocess_cfg=self.cfg, batch_size=self.batch_size, executor=self.decoder,
-                    fast_decode=self.fast_decode,
+                    fast_decode=self.fast_decode, skip_complete=not retry,  # retried: its shard is complete
                 )  # fmt: skip
             except Exception as e:  # returned for the driver to raise: Ray would keep only a remote traceback
                 errors[-1] = " ".join(f"{type(e).__name__}: {e}".split())
@@ -223,6 +223,7 @@ def embed_with_ray(
     path_column: str = "path",
     source_label: str | None = None,
     fast_decode: bool = False,
+    retry_failed: bool = False,
     progress: Callable[[int], None] | None = None,
     **compat: Any,
 ) -> RunStats:
@@ -240,6 +241,7 @@ def embed_with_ray(
         num_actors: actor pool size. num_cpus / num_gpus: resources per actor.
         batch_size: images per backend call. shard_size: images per partition (must match a resumed run).
         dtype: "float16" or "float32" on disk.
+        retry_failed: recompute the complete shards that list failures too (files fixed since).
         progress: called with the number of items of each finished partition.
         **compat: `workers=` is accepted (and ignored) for call compatibility with `embed_folder`;
             decoding happens inside each actor.
@@ -278,9 +280,12 @@ def embed_with_ray(
     atomic_write_json(out / RUN_FILE, info)
 
     total = RunStats()
-    todo = []
+    todo, retried = [], set[int]()
     for p in parts:
-        if sink.is_complete(p.id, [i.id for i in p.items], embed_dim=info["embed_dim"]):
+        retry = retry_failed and sink.has_failures(p.id)
+        if retry:
+            retried.add(p.id)
+        if not retry and sink.is_complete(p.id, [i.id for i in p.items], embed_dim=info["embed_dim"]):
             total.add(RunStats(images=len(p.items), skipped=len(p.items), shards_skipped=1))
             if progress is not None:
                 progress(len(p.items))
@@ -290,7 +295,7 @@ def embed_with_ray(
     if todo:
         _run_job(todo, out, _as_factory(backend_factory, num_gpus), cfg, info, total, progress,
                  address=address, num_actors=num_actors, num_cpus=num_cpus, num_gpus=num_gpus,
-                 dtype=dtype, batch_size=batch_size, fast_decode=fast_decode)  # fmt: skip
+                 dtype=dtype, batch_size=batch_size, fast_decode=fast_decode, retried=frozenset(retried))  # fmt: skip
     total.failed_total = sink.write_failures(len(parts))
     total.wall_s = time.perf_counter() - t_start
     info.update(status="complete", counts=total.counts(), timings=total.to_dict())
@@ -316,8 +321,12 @@ def _run_job(
     dtype: str,
     batch_size: int,
     fast_decode: bool = False,
+    retried: frozenset[int] = frozenset(),
 ) -> None:
-    """Submit the missing partitions as one Ray Data job and fold each finished partition into `total`."""
+    """Submit the missing partitions as one Ray Data job and fold each finished partition into `total`.
+
+    `retried`: ids of complete partitions to compute again (`retry_failed`), which the actors must
+    not skip as complete."""
     import ray
     import ray.data
 
@@ -333,7 +342,8 @@ def _run_job(
         ctx.enable_progress_bars = False  # the caller's `progress` callback reports per partition
         ctx.print_on_execution_start = False
         rows = [
-            {"partition_id": p.id, "items": json.dumps([[i.id, _encode(i)] for i in p.items])} for p in todo
+            {"partition_id": p.id, "items": json.dumps([[i.id, _encode(i)] for i in p.items]), "retry": p.id in retried}
+            for p in todo
         ]
         with warnings.catch_warnings():
             # `max_task_retries` has no named parameter in map_batches (Ray 2.60), so it goes in the

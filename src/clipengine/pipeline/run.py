@@ -281,11 +281,13 @@ def embed_folder(
     gpu_read_threads: int = 2,
     gpu_decode_ahead: bool = False,
     gpu_cpu_share: float = 0.0,
+    retry_failed: bool = False,
 ) -> RunStats:
     """Embed every image of a folder or file list into ``out_dir`` (see `sinks` for the layout).
 
     Re-running on the same ``out_dir`` resumes: complete shards are kept, the partitions that were
     still being filled when the run stopped are recomputed, and failures are merged without duplicates.
+    With `retry_failed`, complete shards that list failures are recomputed too (files fixed since).
 
     Args:
         source: a folder (walked recursively), a file list, or ImageItems.
@@ -315,6 +317,7 @@ def embed_folder(
             `pipeline.cpu_assist`) is decoded by `workers` CPU processes (default: the cores less
             four) on the exact path (or `fast_decode`'s) while the GPU decodes the rest. 0: off.
             A resume must use the same share.
+        retry_failed: recompute the complete shards that list failures too (files fixed since).
 
     Returns:
         RunStats for the whole run (resumed shards counted in `skipped`).
@@ -366,7 +369,9 @@ def embed_folder(
     total = RunStats(images=len(items))
     todo = []
     for part in parts:  # complete shards are kept (a resume); the rest go through one loader
-        if sink.is_complete(part.id, [item.id for item in part.items], embed_dim=info["embed_dim"]):
+        ids = [item.id for item in part.items]
+        retry = retry_failed and sink.has_failures(part.id)
+        if not retry and sink.is_complete(part.id, ids, embed_dim=info["embed_dim"]):
             total.skipped += len(part.items)
             total.shards_skipped += 1
             if progress is not None:

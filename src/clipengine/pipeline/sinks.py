@@ -121,6 +121,11 @@ class ShardSink:
                         n += 1
         return n
 
+    def has_failures(self, partition_id: int) -> bool:
+        """True when the partition's shard lists inputs that could not be read."""
+        fail_path = self.paths(partition_id)[2]
+        return fail_path.is_file() and fail_path.stat().st_size > 0
+
     def is_complete(
         self, partition_id: int, expected_ids: Sequence[str], embed_dim: int | None = None
     ) -> bool:
