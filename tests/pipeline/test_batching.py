@@ -57,7 +57,7 @@ def test_missing_file_and_bytes_sources(tmp_path: Path, image_folder: Path, prep
     assert chunk.ids == ["bytes.jpg"] and chunk.pixels.shape == (1, 3, 32, 32)
     reasons = {f.id: f.reason for f in chunk.failures}
     assert set(reasons) == {"gone.jpg", "junk"}
-    assert "cannot read file" in reasons["gone.jpg"]
+    assert reasons["gone.jpg"] == "file not found"  # as predict (decode_image) words it
 
 
 def test_workers_ship_uint8_and_batches_equal_the_exact_path(image_folder: Path, preprocess_cfg) -> None:  # type: ignore[no-untyped-def]

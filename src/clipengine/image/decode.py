@@ -19,7 +19,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from clipengine.errors import DecodeError
 from clipengine.types import ImageInput
 
-__all__ = ["EMPTY_FILE", "MAX_IMAGE_PIXELS", "decode_image", "open_image", "source_name", "to_8bit", "to_rgb"]
+__all__ = [
+    "EMPTY_FILE",
+    "MAX_IMAGE_PIXELS",
+    "decode_image",
+    "open_image",
+    "read_error_reason",
+    "source_name",
+    "to_8bit",
+    "to_rgb",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -144,14 +153,20 @@ def _decode_file(path: Path, label: str, draft_size: tuple[int, int] | None) -> 
             if os.fstat(f.fileno()).st_size == 0:
                 raise DecodeError(label, EMPTY_FILE)
             return _decode_stream(f, label, draft_size)
-    except FileNotFoundError as e:
-        raise DecodeError(label, "file not found") from e
-    except IsADirectoryError as e:
-        raise DecodeError(label, "is a directory, not an image file") from e
-    except PermissionError as e:
-        raise DecodeError(label, "permission denied") from e
-    except OSError as e:  # other open/read failures (I/O error, bad link, ...)
-        raise DecodeError(label, f"cannot read file: {e}") from e
+    except OSError as e:
+        raise DecodeError(label, read_error_reason(e)) from e
+
+
+def read_error_reason(error: OSError) -> str:
+    """The failure reason for a file that could not be read. One wording for every reader (predict
+    decodes the path; embed's loaders read the bytes first), as for `EMPTY_FILE`."""
+    if isinstance(error, FileNotFoundError):
+        return "file not found"
+    if isinstance(error, IsADirectoryError):
+        return "is a directory, not an image file"
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    return f"cannot read file: {error.strerror or error}"  # other failures (I/O error, bad link, ...)
 
 
 def _decode_stream(fp: IO[bytes], label: str, draft_size: tuple[int, int] | None) -> Image.Image:

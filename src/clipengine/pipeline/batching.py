@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DecodeError
+from ..image.decode import read_error_reason
 from ..types import Batch, Failure, FloatArray, ImageItem
 from .decode_pool import BrokenProcessPool, DecodePool, make_executor
 
@@ -127,7 +128,7 @@ def load_chunk(
         except DecodeError as e:
             chunk.failures.append(Failure(item_id, e.reason))
         except OSError as e:
-            chunk.failures.append(Failure(item_id, f"cannot read file: {e.strerror or e}"))
+            chunk.failures.append(Failure(item_id, read_error_reason(e)))
         except Exception as e:  # any other per-image error is this image's failure, never the run's
             _log.debug("failed to load %s", item_id, exc_info=True)
             chunk.failures.append(Failure(item_id, f"{type(e).__name__}: {e}"))

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from clipengine.image.decode import read_error_reason
 from clipengine.image.gpu_decode import Decoded, EncodedImage, GpuDecodeStats, GpuJpegDecoder, inspect_encoded
 from clipengine.image.gpu_preprocess import preprocess_tensors
 from clipengine.image.preprocess import PreprocessConfig
@@ -66,7 +67,7 @@ def _read(item: ImageItem) -> EncodedImage | Failure:
         # which did not scale); torch.from_numpy then wraps it without a copy.
         data = np.fromfile(os.fspath(item.source), dtype=np.uint8)
     except OSError as e:
-        return Failure(item.id, f"cannot read file: {e.strerror or e}")
+        return Failure(item.id, read_error_reason(e))
     except Exception as e:  # e.g. a NUL byte in a listed path: this file's failure, as in the CPU loader
         return Failure(item.id, f"{type(e).__name__}: {e}")
     return inspect_encoded(item.id, data)
