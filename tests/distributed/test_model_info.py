@@ -40,37 +40,17 @@ def test_registry_errors_are_the_load_s_and_files_only_a_load_reads_give_none(tm
     assert preprocess_config(tmp_path / "c.safetensors") is None
 
 
-def test_embed_engine_ray_loads_no_model_on_the_driver(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fakes
+@pytest.mark.parametrize(("command", "extra"), [(["embed"], ["--no-progress"]), (["index", "build"], [])])
+def test_engine_ray_loads_no_model_on_the_driver(
+    command: list[str],
+    extra: list[str],
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fakes,
 ) -> None:  # type: ignore[no-untyped-def]
-    """The driver loaded the whole model to read its preprocessing and held it while the actors worked."""
-    import clipengine.distributed.ray as ray_engine
-    from clipengine.pipeline.run import RunStats
-
-    def no_load(opts: model_options.ModelOptions) -> None:
-        raise AssertionError("the driver loaded the model")
-
-    seen: list[object] = []
-
-    def fake_embed_with_ray(
-        items: list[object], out: Path, factory: object, cfg: object, **kw: object
-    ) -> RunStats:
-        seen.append(cfg)
-        return RunStats(images=len(items), embedded=len(items), wall_s=1.0)
-
-    monkeypatch.setattr(model_options, "load_clip", no_load)
-    monkeypatch.setattr(ray_engine, "embed_with_ray", fake_embed_with_ray)
-    fakes.write_images(tmp_path / "img", 2)
-    args = ["embed", str(tmp_path / "img"), "-o", str(tmp_path / "out"), "--engine", "ray", "--no-progress"]
-    result = CliRunner().invoke(app, [*args, "--model", str(tiny_model_dir)])
-    assert result.exit_code == 0, result.output
-    assert seen == [clipengine.load(str(tiny_model_dir)).preprocess_cfg]
-
-
-def test_index_build_engine_ray_loads_no_model_on_the_driver(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fakes
-) -> None:  # type: ignore[no-untyped-def]
-    """`index build --engine ray` loaded the model on the driver, as `embed` did before."""
+    """The driver loaded the whole model to read its preprocessing and held it while the actors
+    worked (`embed`, then `index build` / `add`, which embed their images first)."""
     import clipengine.distributed.ray as ray_engine
     from clipengine.pipeline.run import RunStats, embed_folder
 
@@ -82,15 +62,17 @@ def test_index_build_engine_ray_loads_no_model_on_the_driver(
     def fake_embed_with_ray(
         items: list[object], out: Path, factory: object, cfg: object, **kw: object
     ) -> RunStats:
-        seen.append(cfg)  # embeds here, as the actors would, so that the index gets built
+        seen.append(cfg)  # embeds here, as the actors would, so that an index gets built
+        kw = {k: v for k, v in kw.items() if k not in ("address", "num_actors", "num_gpus")}  # Ray's own
         return embed_folder(items, out, lambda: clipengine.load(str(tiny_model_dir)).backend, cfg, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(model_options, "load_clip", no_load)
     monkeypatch.setattr(ray_engine, "embed_with_ray", fake_embed_with_ray)
     fakes.write_images(tmp_path / "img", 3)
-    index = tmp_path / "photos.index"
-    args = ["index", "build", str(tmp_path / "img"), "-o", str(index), "--engine", "ray"]
+    out = tmp_path / "photos.index"
+    args = [*command, str(tmp_path / "img"), "-o", str(out), "--engine", "ray", *extra]
     result = CliRunner().invoke(app, [*args, "--model", str(tiny_model_dir)])
     assert result.exit_code == 0, result.output
     assert seen == [clipengine.load(str(tiny_model_dir)).preprocess_cfg]
-    assert len(clipengine.Index.load(index).ids) == 3
+    if command[0] == "index":
+        assert len(clipengine.Index.load(out).ids) == 3
