@@ -585,3 +585,28 @@ def test_auto_warns_of_options_its_kind_does_not_use_and_applies_those_it_does(
     assert _run(capsys, "search", idx, "img-001.jpg", "--nprobe", "3")[0] == 0
     (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
     assert "--nprobe ignored: " in warning.getMessage() and "a flat index" in warning.getMessage()
+    caplog.clear()
+    assert _run(capsys, "search", idx, "img-001.jpg", "--ef-search", "3")[0] == 0
+    (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "--ef-search ignored: " in warning.getMessage() and "(it applies to hnsw)" in warning.getMessage()
+
+
+def test_search_ef_search_reaches_an_hnsw_index(
+    folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The library takes ef_search per query; `search` had no option for it."""
+    from clipengine.index import Index
+
+    idx = tmp_path / "h.index"
+    assert _run(capsys, "index", "build", folder, "-o", idx, "--model", "fake", "--kind", "hnsw")[0] == 0
+    seen: list[dict[str, object]] = []
+    search = Index.search_vectors
+
+    def spy(self: Index, queries: object, k: int = 10, **tuning: object) -> object:
+        seen.append(tuning)
+        return search(self, queries, k, **tuning)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Index, "search_vectors", spy)
+    code, out, _ = _run(capsys, "search", idx, "img-001.jpg", "--ef-search", "5", "-k", "1")
+    assert code == 0 and seen == [{"nprobe": None, "ef_search": 5}]
+    assert out.split()[1] == str(folder / "img-001.jpg")

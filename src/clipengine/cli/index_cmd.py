@@ -150,6 +150,9 @@ _KIND = typer.Option("auto", "--kind", help=_KINDS_HELP)
 _NLIST = typer.Option(None, "--nlist", min=1, help="IVF lists (default 4*sqrt(N)); --kind ivf / ivfpq only.")
 _NPROBE = typer.Option(None, "--nprobe", min=1, help="IVF lists searched per query; ivf / ivfpq only.")
 _EF = typer.Option(None, "--ef-search", min=1, help="HNSW search breadth; --kind hnsw only.")
+_SEARCH_EF = typer.Option(
+    None, "--ef-search", min=1, help="HNSW search breadth for this query (default: the index's); hnsw only."
+)
 _INDEX_ARG = typer.Argument(..., help="Index folder (e.g. photos.index).")
 _QUERY = typer.Argument(None, help='Text query, e.g. "a dog on the beach".')
 _IMAGE = typer.Option(None, "--image", exists=True, help="Search by this image instead.")
@@ -269,6 +272,7 @@ def register(app: typer.Typer) -> None:
         image: Path | None = _IMAGE,
         k: int = _K,
         nprobe: int | None = _NPROBE,
+        ef_search: int | None = _SEARCH_EF,
         model: str | None = _M, pretrained: str | None = _P, checkpoint: Path | None = _C, backend: str = _B,
         precision: str = _PR, device: str = _D, download: bool = _DL, as_json: bool = _JSON,
     ) -> None:  # fmt: skip
@@ -281,11 +285,14 @@ def register(app: typer.Typer) -> None:
         if query is not None and not query.strip():  # "" would embed as a text and rank every image
             raise typer.BadParameter("the text query is empty")
         index = Index.load(index_path)
-        if nprobe is not None and index.kind not in _KIND_OPTIONS["nprobe"]:  # the index's kind decides
-            log.warning(
-                "--nprobe ignored: %s is a %s index (it applies to ivf / ivfpq)", index_path, index.kind
-            )
-            nprobe = None
+        tuning = {"nprobe": nprobe, "ef_search": ef_search}
+        for name, value in tuning.items():
+            if value is not None and index.kind not in _KIND_OPTIONS[name]:  # the index's kind decides
+                log.warning(
+                    "--%s ignored: %s is a %s index (it applies to %s)", name.replace("_", "-"), index_path,
+                    index.kind, " / ".join(_KIND_OPTIONS[name]),
+                )  # fmt: skip
+                tuning[name] = None
         override = model is not None or checkpoint is not None
         opts = _opts(model, pretrained, checkpoint, backend, precision, device, download) if override else None
         if opts is None:  # the model comes from the index header; --pretrained may name its tag
@@ -309,4 +316,4 @@ def register(app: typer.Typer) -> None:
             raise IndexMismatchError(
                 f"{index_path} holds {index.dim}-d vectors; {clip.name} makes {q.shape[1]}-d"
             )
-        _print_hits(index.search_vectors(q, k, nprobe=nprobe)[0], index, as_json, str(image or query))
+        _print_hits(index.search_vectors(q, k, **tuning)[0], index, as_json, str(image or query))
