@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import operator
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -13,39 +13,20 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from ..errors import DuplicateIdError, IndexFileError, IndexMismatchError
-from . import store
 from .ann import AUTO_EXACT_MAX, IndexParams, choose_params, create_faiss_index, search_parameters
+from .persistence import HEADER_KEYS, read_files, write_files
+from .rows import as_unit_matrix, check_rows, no_vectors, size_row
 
 if TYPE_CHECKING:
     import faiss
 
     from ..types import FloatArray, ImageInput
 
-__all__ = ["Hit", "Index", "QueryModel", "same_model", "sizes_from_rows"]
+__all__ = ["Hit", "Index", "QueryModel", "same_model"]
 
 log = logging.getLogger(__name__)
 
 Hit = tuple[str, float]  # (id, cosine similarity)
-# Header fields the Index itself owns; any other header field is kept in Index.extra.
-_HEADER_KEYS = frozenset(
-    {
-        "format",
-        "version",
-        "generation",
-        "files",
-        "sizes",
-        "kind",
-        "exact",
-        "params",
-        "count",
-        "dim",
-        "model",
-        "pretrained",
-        "image_roots",
-        "created",
-        "updated",
-    }
-)
 
 
 class QueryModel(Protocol):
@@ -73,39 +54,6 @@ def same_model(a: str, b: str) -> bool:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _as_unit_matrix(vectors: Any, dim: int | None, what: str) -> FloatArray:
-    x = np.asarray(vectors, dtype=np.float32)
-    if x.ndim == 1:
-        x = x[None, :]
-    if x.ndim != 2:
-        raise ValueError(f"{what} must be a (N, D) matrix, got shape {x.shape}")
-    if dim is not None and x.shape[1] != dim:
-        raise IndexMismatchError(
-            f"{what} have dimension {x.shape[1]} but the index holds {dim}-d embeddings; "
-            "use the model the index was built with"
-        )
-    if not np.isfinite(x).all():
-        raise ValueError(f"{what} contain NaN or infinite values")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    # Inner product equals cosine only on unit vectors; re-normalise defensively (zero rows stay zero).
-    return np.ascontiguousarray(np.divide(x, norms, out=np.zeros_like(x), where=norms > 0))
-
-
-def _no_vectors(vectors: Any, dim: int) -> FloatArray:
-    """The (0, D) matrix for an empty id list; vectors without ids are an error, not dropped."""
-    n = len(np.atleast_2d(np.asarray(vectors))) if np.size(vectors) else 0
-    if n:
-        raise ValueError(f"0 ids but {n} vectors")
-    return np.zeros((0, dim), np.float32)
-
-
-def _size_row(id_: str, size: tuple[int, int] | None) -> dict[str, Any]:
-    row: dict[str, Any] = {"id": id_}
-    if size is not None:
-        row["width"], row["height"] = int(size[0]), int(size[1])
-    return row
 
 
 class Index:
@@ -195,8 +143,8 @@ class Index:
                     f"vectors must be a (N, D) matrix, got shape {arr.shape}; pass dim= for N == 0"
                 )
             dim = int(arr.shape[1])
-        x = _as_unit_matrix(vectors, dim, "vectors") if len(ids) else _no_vectors(vectors, dim)
-        cls._check_rows(ids, x, sizes)
+        x = as_unit_matrix(vectors, dim, "vectors") if len(ids) else no_vectors(vectors, dim)
+        check_rows(ids, x, sizes)
         t0 = time.perf_counter()
         chosen = choose_params(len(x), dim, kind, **params)
         index = create_faiss_index(
@@ -219,17 +167,6 @@ class Index:
             extra=extra,
         )
 
-    @staticmethod
-    def _check_rows(ids: Sequence[str], x: FloatArray, sizes: Sequence[Any] | None) -> None:
-        if len(ids) != len(x):
-            raise ValueError(f"{len(ids)} ids but {len(x)} vectors")
-        if sizes is not None and len(sizes) != len(ids):
-            raise ValueError(f"{len(ids)} ids but {len(sizes)} sizes")
-        if len(set(ids)) != len(ids):
-            seen: set[str] = set()
-            dup = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
-            raise DuplicateIdError(f"id {dup!r} appears more than once in the input")
-
     def add(
         self,
         ids: Sequence[str],
@@ -250,8 +187,8 @@ class Index:
         """
         if on_duplicate not in ("error", "skip"):
             raise ValueError(f"on_duplicate must be 'error' or 'skip', got {on_duplicate!r}")
-        x = _as_unit_matrix(vectors, self.dim, "vectors") if len(ids) else _no_vectors(vectors, self.dim)
-        self._check_rows(ids, x, sizes)
+        x = as_unit_matrix(vectors, self.dim, "vectors") if len(ids) else no_vectors(vectors, self.dim)
+        check_rows(ids, x, sizes)
         size_list = list(sizes) if sizes is not None else [None] * len(ids)
         keep = [i for i, id_ in enumerate(ids) if id_ not in self._pos]
         if len(keep) != len(ids) and on_duplicate == "error":
@@ -304,7 +241,7 @@ class Index:
             raise TypeError(f"k must be an integer, got {k!r}") from None
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        q = _as_unit_matrix(queries, self.dim, "queries")
+        q = as_unit_matrix(queries, self.dim, "queries")
         zero = np.flatnonzero(~q.any(axis=1))
         if len(zero):
             raise ValueError(f"query row {zero[0]} is all zeros: it has no direction to search by")
@@ -385,35 +322,15 @@ class Index:
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
         """Write the index folder atomically (see clipengine.index.store); return its path."""
-        import faiss
-
         header = {**self.extra, **self.describe()}
         header.pop("exact")
-        store.write_generation(
+        write_files(
             Path(path),
+            self._faiss,
             header,
-            lambda tmp: faiss.write_index(self._faiss, str(tmp)),
-            (_size_row(i, s) for i, s in zip(self._ids, self._sizes, strict=True)),
+            (size_row(i, s) for i, s in zip(self._ids, self._sizes, strict=True)),
         )
         return Path(path)
-
-    @staticmethod
-    def _read_files(root: Path) -> tuple[dict[str, Any], list[dict[str, Any]], faiss.Index]:
-        import faiss
-
-        header = store.read_header(root)
-        rows = store.read_meta(root, header)
-        vec_path = root / header["files"]["vectors"]
-        try:
-            index = faiss.read_index(str(vec_path))
-        except RuntimeError as e:
-            raise IndexFileError(f"{vec_path} is not a readable faiss index ({e}); rebuild the index") from e
-        if index.ntotal != header["count"] or index.d != header["dim"]:
-            raise IndexFileError(
-                f"{vec_path} holds {index.ntotal} vectors of dim {index.d}, header says "
-                f"{header['count']} of dim {header['dim']}; rebuild the index"
-            )
-        return header, rows, index
 
     @classmethod
     def load(cls, path: str | Path, *, model: str | None = None, dim: int | None = None) -> Index:
@@ -422,16 +339,7 @@ class Index:
         Raises:
             IndexFileError: missing, incomplete or corrupted index. IndexMismatchError: see above.
         """
-        root = Path(path)
-        generation = store.peek_generation(root)
-        try:
-            header, rows, index = cls._read_files(root)
-        except (IndexFileError, OSError):
-            # A concurrent save may have swept the generation we had just started reading: if the
-            # header moved on, read the new generation once; otherwise the error stands.
-            if store.peek_generation(root) == generation:
-                raise
-            header, rows, index = cls._read_files(root)
+        header, rows, index = read_files(Path(path))
         obj = cls(
             index,
             [str(r["id"]) for r in rows],
@@ -442,7 +350,7 @@ class Index:
             pretrained=header.get("pretrained"),
             image_roots=header.get("image_roots", []),
             created=header.get("created"),
-            extra={k: v for k, v in header.items() if k not in _HEADER_KEYS},
+            extra={k: v for k, v in header.items() if k not in HEADER_KEYS},
         )
         obj.updated = header.get("updated", obj.created)
         if model is not None:
@@ -450,12 +358,3 @@ class Index:
         elif dim is not None and dim != obj.dim:
             raise IndexMismatchError(f"index holds {obj.dim}-d embeddings but {dim}-d were expected")
         return obj
-
-
-def sizes_from_rows(rows: Iterable[dict[str, Any]]) -> list[tuple[int, int] | None]:
-    """(width, height) per metadata row, None where unknown (rows as in an embed shard's .jsonl)."""
-    out: list[tuple[int, int] | None] = []
-    for r in rows:
-        w, h = r.get("width"), r.get("height")
-        out.append((int(w), int(h)) if w is not None and h is not None else None)
-    return out
