@@ -186,3 +186,44 @@ def test_a_split_with_no_readable_image_is_refused(tmp_path) -> None:  # type: i
     model = ClipModel(NeverCalled(), PreprocessConfig(image_size=32), "fake", 100.0)  # type: ignore[arg-type]
     with pytest.raises(DatasetError, match=r"none of its 2 images could be decoded, e.g. .*x.png"):
         encode_dataset(model, datasets.load_imagefolder(tmp_path), workers=1)
+
+
+def test_top5_breaks_ties_as_top1_does() -> None:
+    """Tied scores (CLIP's two "missile" classes score exactly alike): the rank goes to the lower class
+    index, as argmax gives top-1, so a top-1 hit is always a top-5 hit. Reference: a stable sort."""
+    rng = np.random.default_rng(0)
+    logits = rng.integers(0, 3, (2000, 40)).astype(np.float32)  # few values: ties everywhere
+    labels = rng.integers(0, 40, 2000)
+    m = accuracy_metrics(logits, labels, [str(c) for c in range(40)])
+    ranked = np.argsort(-logits, axis=1, kind="stable")
+    assert m["top1"] == np.mean(ranked[:, 0] == labels)
+    assert m["top5"] == np.mean((ranked[:, :5] == labels[:, None]).any(axis=1))
+    tied = np.zeros((2, 10), np.float32)  # all ten classes tied: class 0 wins, classes 0-4 are the top 5
+    assert accuracy_metrics(tied, np.array([0, 7]), list("abcdefghij"))["top5"] == 0.5
+
+
+def test_zero_shot_equals_open_clip_recipe(tiny_synth, cifar10_root) -> None:  # type: ignore[no-untyped-def]
+    """Same model, same images, computed independently as open_clip does: per class all templates
+    encoded, each L2-normalised, averaged, renormalised; `accuracy` from torch topk. Exact match."""
+    import torch
+    import torch.nn.functional as F
+
+    data = datasets.load_cifar10(cifar10_root, "test").subset(200)
+    _, templates = datasets.prompt_set("cifar10")
+    r = evaluate_zeroshot(tiny_synth, data, templates, batch_size=32)
+    with torch.no_grad():
+        columns = []
+        for name in data.classnames:
+            prompts = [t.format(name) for t in templates]
+            emb = F.normalize(torch.from_numpy(tiny_synth.encode_texts(prompts)), dim=-1)
+            columns.append(emb.mean(dim=0) / emb.mean(dim=0).norm())
+        images = F.normalize(torch.from_numpy(tiny_synth.encode_images(data.images())), dim=-1)
+        logits = 100.0 * images @ torch.stack(columns, dim=1)
+        target = torch.from_numpy(data.labels)
+        correct = logits.topk(5, 1, True, True)[1].t().eq(target.view(1, -1))
+    assert r.n == 200
+    assert r.top1 == correct[:1].sum().item() / 200 and r.top5 == correct[:5].sum().item() / 200
+    pred = logits.argmax(dim=1).numpy()
+    per_class = {n: float(np.mean(pred[data.labels == c] == c)) for c, n in enumerate(data.classnames)}
+    assert r.per_class == per_class
+    assert r.mean_per_class_recall == pytest.approx(np.mean(list(per_class.values())))

@@ -180,10 +180,15 @@ def accuracy_metrics(logits: np.ndarray, labels: np.ndarray, classnames: Sequenc
     """top1, top5, mean per-class recall and per-class recall from (N, C) scores and (N,) labels."""
     labels = np.asarray(labels, dtype=np.int64)
     k = min(5, logits.shape[1])
-    topk = np.argpartition(-logits, kth=k - 1, axis=1)[:, :k]
+    # The label's rank, ties going to the lower class index as in argmax: a top-1 hit is then always
+    # a top-5 hit. (argpartition broke ties at random, so a tied top-1 hit could miss the top 5; CLIP's
+    # ImageNet list has two "missile" and two "sunglasses" classes whose scores tie exactly.)
+    own = np.take_along_axis(logits, labels[:, None], axis=1)
+    lower = np.arange(logits.shape[1])[None, :] < labels[:, None]
+    rank = (logits > own).sum(axis=1) + ((logits == own) & lower).sum(axis=1)
     # A class scored -inf (absent from a linear probe's train split) is never a hit, even when it
     # fills a top-5 slot because fewer than 5 classes have finite scores.
-    hits = (topk == labels[:, None]) & (np.take_along_axis(logits, topk, axis=1) > -np.inf)
+    hits = (rank < k) & (own[:, 0] > -np.inf)
     pred = logits.argmax(axis=1)
     correct = pred == labels
     per_class = {}
@@ -198,7 +203,7 @@ def accuracy_metrics(logits: np.ndarray, labels: np.ndarray, classnames: Sequenc
             recalls.append(r)
     return {
         "top1": float(correct.mean()),
-        "top5": float(hits.any(axis=1).mean()),
+        "top5": float(hits.mean()),
         "mean_per_class_recall": float(np.mean(recalls)) if recalls else 0.0,
         "per_class": per_class,
         "predictions": pred.astype(np.int64),
