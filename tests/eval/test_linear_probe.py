@@ -221,3 +221,52 @@ def test_unreadable_images_are_left_out_of_the_fit_and_the_score(tmp_path) -> No
     assert second.cache_hits == 2 and (second.top1, second.n_train, second.n_test) == (first.top1, 59, 59)
     assert [u["path"] for u in second.unreadable] == [str(p) for p in broken]
     assert "feature cache" in second.unreadable[0]["reason"]
+
+
+def test_probe_equals_sklearn_on_encode_images_features(tiny_synth, shape_sets) -> None:  # type: ignore[no-untyped-def]
+    """The probe's score is an independent sklearn fit on the features `encode_images` gives, with the
+    documented recipe (C, max_iter; the test split plays no part in the fit)."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
+
+    train_ds, test_ds = shape_sets
+    train, test = _split(train_ds, "ref-train", slice(0, 200)), _split(test_ds, "ref-test", slice(0, 200))
+    r = linear_probe.evaluate_linear_probe(tiny_synth, train, test)
+    features = {split.name: tiny_synth.encode_images(split.images()) for split in (train, test)}
+    clf = LogisticRegression(C=0.316, max_iter=1000).fit(features["ref-train"], train.labels)
+    pred = clf.predict(features["ref-test"])
+    top5 = np.argsort(-clf.predict_proba(features["ref-test"]), axis=1, kind="stable")[:, :5]
+    assert (r.n_train, r.n_test) == (200, 200)
+    assert r.top1 == np.mean(pred == test.labels)
+    assert r.top5 == np.mean((top5 == test.labels[:, None]).any(axis=1))
+    assert r.mean_per_class_recall == pytest.approx(balanced_accuracy_score(test.labels, pred))
+
+
+def test_changed_images_or_preprocessing_miss_the_cache(shape_sets, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The key covers every image, not only the first: an array changed past row 4, a file replaced
+    (or repaired) under the same name, and other preprocessing all miss a cache of stale features."""
+    import dataclasses
+    import os
+
+    from clipengine.eval import synthetic
+
+    _, test_ds = shape_sets
+    model = _fake_model()
+    data = _split(test_ds, "t", slice(0, 20))
+    changed = data.arrays.copy()
+    changed[10] = 255 - changed[10]
+    edited = datasets.LabelledImages("t", data.classnames, data.labels, changed)
+    assert linear_probe.feature_cache_path(model, edited) != linear_probe.feature_cache_path(model, data)
+    other = _fake_model()
+    other.preprocess_cfg = dataclasses.replace(other.preprocess_cfg, interpolation="bilinear")
+    assert linear_probe.feature_cache_path(other, data) != linear_probe.feature_cache_path(model, data)
+
+    synthetic.write_imagefolder(tmp_path, synthetic.generate(20, seed=3))
+    folder = datasets.load_imagefolder(tmp_path)
+    before = linear_probe.feature_cache_path(model, folder)
+    assert linear_probe.feature_cache_path(model, datasets.load_imagefolder(tmp_path)) == before
+    last = folder.paths[-1]
+    last.write_bytes(folder.paths[0].read_bytes())  # another image under the same name
+    os.utime(last, ns=(last.stat().st_atime_ns, last.stat().st_mtime_ns + 1_000_000_000))
+    assert linear_probe.feature_cache_path(model, datasets.load_imagefolder(tmp_path)) != before
