@@ -189,8 +189,9 @@ def test_a_split_with_no_readable_image_is_refused(tmp_path) -> None:  # type: i
 
 
 def test_top5_breaks_ties_as_top1_does() -> None:
-    """Tied scores (CLIP's two "missile" classes score exactly alike): the rank goes to the lower class
-    index, as argmax gives top-1, so a top-1 hit is always a top-5 hit. Reference: a stable sort."""
+    """Tied scores (CLIP's two "missile" classes share their prompts, so they can tie): the rank goes
+    to the lower class index, as argmax gives top-1, so a top-1 hit is always a top-5 hit. Reference:
+    a stable sort."""
     rng = np.random.default_rng(0)
     logits = rng.integers(0, 3, (2000, 40)).astype(np.float32)  # few values: ties everywhere
     labels = rng.integers(0, 40, 2000)

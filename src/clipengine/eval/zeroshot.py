@@ -182,7 +182,7 @@ def accuracy_metrics(logits: np.ndarray, labels: np.ndarray, classnames: Sequenc
     k = min(5, logits.shape[1])
     # The label's rank, ties going to the lower class index as in argmax: a top-1 hit is then always
     # a top-5 hit. (argpartition broke ties at random, so a tied top-1 hit could miss the top 5; CLIP's
-    # ImageNet list has two "missile" and two "sunglasses" classes whose scores tie exactly.)
+    # ImageNet list has two "missile" and two "sunglasses" classes whose scores can tie exactly.)
     own = np.take_along_axis(logits, labels[:, None], axis=1)
     lower = np.arange(logits.shape[1])[None, :] < labels[:, None]
     rank = (logits > own).sum(axis=1) + ((logits == own) & lower).sum(axis=1)
