@@ -351,7 +351,7 @@ def test_a_backend_error_in_embed_folder_stops_the_loader_threads(
         embed_folder(root, tmp_path / "out", Failing(), tiny_model_cfg(tiny_model), batch_size=1,
                      shard_size=10, gpu_decode="cpu")  # fmt: skip
     # The premise: `raised` still holds the error, and through its traceback the frame that holds the loader.
-    assert "_embed_partitions" in [entry.name for entry in raised.traceback]
+    assert "embed_partitions" in [entry.name for entry in raised.traceback]
     names = ("clipengine-read", "clipengine-decode", "clipengine-prefetch")
     assert not [t.name for t in set(threading.enumerate()) - before if t.name.startswith(names)]
 

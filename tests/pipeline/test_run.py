@@ -249,7 +249,7 @@ def test_output_of_a_crashed_rerun_is_refused_until_resumed(
 
 def _spy_loaders(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """Record the ids each loader `run` creates is asked for (one list per `iter_batches` call)."""
-    from clipengine.pipeline import run as run_module
+    from clipengine.pipeline import shard_assembly as run_module
 
     loaders: list[list[str]] = []
     real = run_module.iter_batches
