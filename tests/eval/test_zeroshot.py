@@ -15,6 +15,7 @@ from clipengine.eval.zeroshot import accuracy_metrics, build_classifier, encode_
 # 64 px folder 94.5% (docs/eval.md). Thresholds keep a wide margin and sit far above chance (10% / 1%).
 MIN_SHAPE_TOP1 = 0.80
 MIN_COLOUR_TOP1 = 0.80
+CLIP_PROMPTS_SHA256 = "10ede69f0325839d7e3d812bd9a90c1dfa699eca787baf39d621ad6eea753354"  # ../shared/data's
 
 
 def _fake_encoder(texts: list[str]) -> np.ndarray:
@@ -228,3 +229,19 @@ def test_zero_shot_equals_open_clip_recipe(tiny_synth, cifar10_root) -> None:  #
     per_class = {n: float(np.mean(pred[data.labels == c] == c)) for c, n in enumerate(data.classnames)}
     assert r.per_class == per_class
     assert r.mean_per_class_recall == pytest.approx(np.mean(list(per_class.values())))
+
+
+def test_bundled_prompts_are_clips_and_match_the_official_cifar_names() -> None:
+    """The bundled file is byte for byte CLIP's (openai/CLIP's prompt sets, as in ../shared/data). The
+    default prompts use the dataset's own class names ("_" read as space): for the official CIFAR
+    metadata (CIFAR-100's fine names are alphabetical with "_") these are exactly CLIP's names."""
+    import hashlib
+    from importlib import resources
+
+    data = (resources.files("clipengine.eval") / "prompts" / "zeroshot_prompts.json").read_bytes()
+    assert hashlib.sha256(data).hexdigest() == CLIP_PROMPTS_SHA256
+    cifar10_meta = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    assert datasets.prompt_set("cifar10")[0] == cifar10_meta
+    clip100 = datasets.prompt_set("cifar100")[0]
+    official = sorted(name.replace(" ", "_") for name in clip100)  # e.g. aquarium_fish, maple_tree
+    assert [name.replace("_", " ") for name in official] == clip100 and "aquarium fish" in clip100
