@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from clipengine.eval import datasets, linear_probe
+from clipengine.eval import cifar, datasets, folders, labelled, linear_probe
 
 MIN_PROBE_TOP1 = 0.80  # 100-class colour x shape, 1000 train / 500 test: measured 93.0%, chance 1%
 
 
 def test_linear_probe_accuracy_and_cache(tiny_synth, cifar100_root, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    train = datasets.load_cifar100(cifar100_root, "train")
-    test = datasets.load_cifar100(cifar100_root, "test")
+    train = cifar.load_cifar100(cifar100_root, "train")
+    test = cifar.load_cifar100(cifar100_root, "test")
     first = linear_probe.evaluate_linear_probe(tiny_synth, train, test)
     assert first.cache_hits == 0 and first.C == pytest.approx(0.316)
     assert first.top1 >= MIN_PROBE_TOP1 and first.chance == pytest.approx(0.01)
@@ -26,8 +26,8 @@ def test_linear_probe_accuracy_and_cache(tiny_synth, cifar100_root, monkeypatch)
 
 
 def test_cache_key_separates_splits_and_engines(tiny_synth, cifar100_root) -> None:  # type: ignore[no-untyped-def]
-    train = datasets.load_cifar100(cifar100_root, "train")
-    test = datasets.load_cifar100(cifar100_root, "test")
+    train = cifar.load_cifar100(cifar100_root, "train")
+    test = cifar.load_cifar100(cifar100_root, "test")
     paths = {
         linear_probe.feature_cache_path(tiny_synth, train),
         linear_probe.feature_cache_path(tiny_synth, test),
@@ -43,10 +43,10 @@ def test_two_classes_and_classes_missing_from_train(tiny_synth, shape_sets) -> N
 
     train_ds, test_ds = shape_sets
     keep_train = np.isin(train_ds.labels, [0, 1])
-    train = datasets.LabelledImages(
+    train = labelled.LabelledImages(
         "two-train", list(train_ds.classnames), train_ds.labels[keep_train], train_ds.images[keep_train]
     )
-    test = datasets.LabelledImages("two-test", list(test_ds.classnames), test_ds.labels, test_ds.images)
+    test = labelled.LabelledImages("two-test", list(test_ds.classnames), test_ds.labels, test_ds.images)
     r = linear_probe.evaluate_linear_probe(tiny_synth, train, test)
     # Only circles (0) and squares (1) can be predicted; they are ~20% of the test set.
     assert r.per_class["circle"] >= 0.8 and r.per_class["square"] >= 0.8
@@ -81,7 +81,7 @@ def test_retrained_weights_with_the_same_name_miss_the_cache(shape_sets) -> None
     from clipengine.image.preprocess import PreprocessConfig
 
     _, test_ds = shape_sets
-    data = datasets.LabelledImages("t", list(test_ds.classnames), test_ds.labels, test_ds.images)
+    data = labelled.LabelledImages("t", list(test_ds.classnames), test_ds.labels, test_ds.images)
     cfg = PreprocessConfig(image_size=32)
     old, new, same = (ClipModel(_FakeBackend(s), cfg, "tiny-synth", 100.0) for s in (1, 2, 1))
     assert linear_probe.feature_cache_path(old, data) != linear_probe.feature_cache_path(new, data)
@@ -96,7 +96,7 @@ def _fake_model():  # type: ignore[no-untyped-def]
 
 
 def _split(ds, name: str, rows, classnames=None):  # type: ignore[no-untyped-def]
-    return datasets.LabelledImages(name, list(classnames or ds.classnames), ds.labels[rows], ds.images[rows])
+    return labelled.LabelledImages(name, list(classnames or ds.classnames), ds.labels[rows], ds.images[rows])
 
 
 def test_train_split_with_one_class_is_a_dataset_error(shape_sets) -> None:  # type: ignore[no-untyped-def]
@@ -213,7 +213,7 @@ def test_unreadable_images_are_left_out_of_the_fit_and_the_score(tmp_path) -> No
     broken = [sorted((tmp_path / split).rglob("*.png"))[5] for split in ("train", "test")]
     for path in broken:
         path.write_bytes(path.read_bytes()[:30])
-    train, test = (datasets.load_imagefolder(roots[s], name=s) for s in ("train", "test"))
+    train, test = (folders.load_imagefolder(roots[s], name=s) for s in ("train", "test"))
     first = linear_probe.evaluate_linear_probe(_fake_model(), train, test)
     assert (first.n_train, first.n_test, first.cache_hits) == (59, 59, 0)
     assert [u["path"] for u in first.unreadable] == [str(p) for p in broken]
@@ -234,6 +234,9 @@ def test_probe_equals_sklearn_on_encode_images_features(tiny_synth, shape_sets) 
     train, test = _split(train_ds, "ref-train", slice(0, 200)), _split(test_ds, "ref-test", slice(0, 200))
     r = linear_probe.evaluate_linear_probe(tiny_synth, train, test)
     features = {split.name: tiny_synth.encode_images(split.images()) for split in (train, test)}
+    for split in (train, test):  # the cached features are those, row for row
+        cached = np.load(linear_probe.feature_cache_path(tiny_synth, split))
+        np.testing.assert_allclose(cached, features[split.name], atol=1e-5)
     clf = LogisticRegression(C=0.316, max_iter=1000).fit(features["ref-train"], train.labels)
     pred = clf.predict(features["ref-test"])
     top5 = np.argsort(-clf.predict_proba(features["ref-test"]), axis=1, kind="stable")[:, :5]
@@ -256,17 +259,17 @@ def test_changed_images_or_preprocessing_miss_the_cache(shape_sets, tmp_path) ->
     data = _split(test_ds, "t", slice(0, 20))
     changed = data.arrays.copy()
     changed[10] = 255 - changed[10]
-    edited = datasets.LabelledImages("t", data.classnames, data.labels, changed)
+    edited = labelled.LabelledImages("t", data.classnames, data.labels, changed)
     assert linear_probe.feature_cache_path(model, edited) != linear_probe.feature_cache_path(model, data)
     other = _fake_model()
     other.preprocess_cfg = dataclasses.replace(other.preprocess_cfg, interpolation="bilinear")
     assert linear_probe.feature_cache_path(other, data) != linear_probe.feature_cache_path(model, data)
 
     synthetic.write_imagefolder(tmp_path, synthetic.generate(20, seed=3))
-    folder = datasets.load_imagefolder(tmp_path)
+    folder = folders.load_imagefolder(tmp_path)
     before = linear_probe.feature_cache_path(model, folder)
-    assert linear_probe.feature_cache_path(model, datasets.load_imagefolder(tmp_path)) == before
+    assert linear_probe.feature_cache_path(model, folders.load_imagefolder(tmp_path)) == before
     last = folder.paths[-1]
     last.write_bytes(folder.paths[0].read_bytes())  # another image under the same name
     os.utime(last, ns=(last.stat().st_atime_ns, last.stat().st_mtime_ns + 1_000_000_000))
-    assert linear_probe.feature_cache_path(model, datasets.load_imagefolder(tmp_path)) != before
+    assert linear_probe.feature_cache_path(model, folders.load_imagefolder(tmp_path)) != before
