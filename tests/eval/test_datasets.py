@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from clipengine.errors import DatasetError
-from clipengine.eval import datasets, synthetic
+from clipengine.eval import cifar, datasets, folders, synthetic
 
 
 def _py2_style_batch(images: np.ndarray, labels: list[int]) -> dict[bytes, object]:
@@ -51,7 +51,7 @@ def test_cifar10_reader_decodes_row_major_rgb_planes(tmp_path: Path) -> None:
     raw = pickle.loads((d / "test_batch").read_bytes())[b"data"]
     assert raw[0, 1] == 10 and raw[0, 1024 + 1] == 20 and raw[0, 2048 + 1] == 30
 
-    data = datasets.load_cifar10(tmp_path, "test")
+    data = cifar.load_cifar10(tmp_path, "test")
     assert data.classnames[3] == "cat" and data.labels.tolist() == [3, 9]
     assert data.image(0)[0, 1].tolist() == [10, 20, 30]
     assert data.image(1)[31, 31].tolist() == [200, 100, 50]
@@ -66,7 +66,7 @@ def test_cifar10_str_keyed_pickles_also_read(tmp_path: Path) -> None:
     batch = {k.decode(): v for k, v in _py2_style_batch(img, [1]).items()}
     (d / "test_batch").write_bytes(pickle.dumps(batch))
     (d / "batches.meta").write_bytes(pickle.dumps({"label_names": ["a", "b"]}))
-    data = datasets.load_cifar10(d, "test")  # the folder itself works as root too
+    data = cifar.load_cifar10(d, "test")  # the folder itself works as root too
     assert data.classnames == ["a", "b"] and data.labels.tolist() == [1]
 
 
@@ -74,11 +74,11 @@ def test_synthetic_cifar10_round_trip(cifar10_root: Path, shape_sets) -> None:  
     train, test = shape_sets
     files = sorted(p.name for p in (cifar10_root / "cifar-10-batches-py").iterdir())
     assert files == ["batches.meta", *[f"data_batch_{i}" for i in range(1, 6)], "test_batch"]
-    got_test = datasets.load_cifar10(cifar10_root, "test")
+    got_test = cifar.load_cifar10(cifar10_root, "test")
     np.testing.assert_array_equal(got_test.arrays, test.images)
     np.testing.assert_array_equal(got_test.labels, test.labels)
     assert got_test.classnames == list(synthetic.SHAPES)
-    got_train = datasets.load_cifar10(cifar10_root, "train")
+    got_train = cifar.load_cifar10(cifar10_root, "train")
     np.testing.assert_array_equal(got_train.arrays, train.images)
 
 
@@ -88,16 +88,16 @@ def test_cifar100_fine_and_coarse_labels(cifar100_root: Path, colour_sets) -> No
     assert set(raw) == {b"filenames", b"batch_label", b"fine_labels", b"coarse_labels", b"data"}
     meta = pickle.loads((cifar100_root / "cifar-100-python" / "meta").read_bytes())
     assert len(meta[b"fine_label_names"]) == 100 and len(meta[b"coarse_label_names"]) == 10
-    fine = datasets.load_cifar100(cifar100_root, "test")
+    fine = cifar.load_cifar100(cifar100_root, "test")
     assert fine.classnames[0] == "red_circle" and len(fine.classnames) == 100
     np.testing.assert_array_equal(fine.labels, test.labels)
-    coarse = datasets.load_cifar100(cifar100_root, "test", label="coarse")
+    coarse = cifar.load_cifar100(cifar100_root, "test", label="coarse")
     np.testing.assert_array_equal(coarse.labels, test.shapes)
 
 
 def test_missing_cifar_names_the_layout_and_download_command(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=r"cifar-100-python.*train, test, meta.*download-data cifar100"):
-        datasets.load_cifar100(tmp_path)
+        cifar.load_cifar100(tmp_path)
 
 
 def test_missing_batch_file_is_named(tmp_path: Path, cifar10_root: Path) -> None:
@@ -106,7 +106,7 @@ def test_missing_batch_file_is_named(tmp_path: Path, cifar10_root: Path) -> None
     d = shutil.copytree(cifar10_root / "cifar-10-batches-py", tmp_path / "cifar-10-batches-py")
     (d / "test_batch").unlink()
     with pytest.raises(DatasetError, match="test_batch"):
-        datasets.load_cifar10(tmp_path, "test")
+        cifar.load_cifar10(tmp_path, "test")
 
 
 def test_corrupt_pickle_is_a_dataset_error(tmp_path: Path) -> None:
@@ -114,11 +114,11 @@ def test_corrupt_pickle_is_a_dataset_error(tmp_path: Path) -> None:
     d.mkdir()
     (d / "batches.meta").write_bytes(b"not a pickle")
     with pytest.raises(DatasetError, match=r"batches\.meta"):
-        datasets.load_cifar10(tmp_path)
+        cifar.load_cifar10(tmp_path)
 
 
 def test_imagefolder_sorted_classes_and_names(imagefolder_root: Path) -> None:
-    data = datasets.load_imagefolder(imagefolder_root)
+    data = folders.load_imagefolder(imagefolder_root)
     assert data.classnames == sorted(synthetic.SHAPES)  # folder order is alphabetical
     assert len(data) == 200 and isinstance(data.image(0), Path)
     assert all(
@@ -130,10 +130,10 @@ def test_imagefolder_class_map(tmp_path: Path) -> None:
     for folder in ("n001", "n002"):
         (tmp_path / folder).mkdir()
         Image.new("RGB", (8, 8)).save(tmp_path / folder / "a.png")
-    data = datasets.load_imagefolder(tmp_path, {"n001": "cat", "n002": "dog"})
+    data = folders.load_imagefolder(tmp_path, {"n001": "cat", "n002": "dog"})
     assert data.classnames == ["cat", "dog"] and data.labels.tolist() == [0, 1]
     with pytest.raises(DatasetError, match="n002"):
-        datasets.load_imagefolder(tmp_path, {"n001": "cat"})
+        folders.load_imagefolder(tmp_path, {"n001": "cat"})
 
 
 def test_imagenet_val_wnid_folders_use_standard_order(tmp_path: Path) -> None:
@@ -162,7 +162,7 @@ def test_flat_folder_with_labels_file(tmp_path: Path) -> None:
     synthetic.write_flat_folder(tmp_path, ds)
     first = (tmp_path / "labels.txt").read_text().splitlines()[0]
     assert first == f"SYNTH_val_00000001.png {ds.labels[0]}"
-    data = datasets.load_flat_folder(tmp_path, "labels.txt")
+    data = folders.load_flat_folder(tmp_path, "labels.txt")
     np.testing.assert_array_equal(data.labels, ds.labels)
     assert data.classnames == list(synthetic.SHAPES)
     assert data.paths is not None and data.paths[0].name == "SYNTH_val_00000001.png"
@@ -172,7 +172,7 @@ def test_flat_folder_label_only_lines_align_with_sorted_files(tmp_path: Path) ->
     for name in ("b.png", "a.png"):
         Image.new("RGB", (4, 4)).save(tmp_path / name)
     (tmp_path / "labels.txt").write_text("1\n0\n")
-    data = datasets.load_flat_folder(tmp_path, "labels.txt", ["x", "y"])
+    data = folders.load_flat_folder(tmp_path, "labels.txt", ["x", "y"])
     assert [p.name for p in data.paths or ()] == ["a.png", "b.png"] and data.labels.tolist() == [1, 0]
 
 
@@ -180,12 +180,12 @@ def test_flat_folder_errors_name_the_problem(tmp_path: Path) -> None:
     Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
     (tmp_path / "labels.txt").write_text("a.png 0\nmissing.png 1\n")
     with pytest.raises(DatasetError, match=r"missing\.png"):
-        datasets.load_flat_folder(tmp_path, "labels.txt", ["x", "y"])
+        folders.load_flat_folder(tmp_path, "labels.txt", ["x", "y"])
     (tmp_path / "labels.txt").write_text("a.png 5\n")
     with pytest.raises(DatasetError, match=r"labels must be in \[0, 2\)"):
-        datasets.load_flat_folder(tmp_path, "labels.txt", ["x", "y"])
+        folders.load_flat_folder(tmp_path, "labels.txt", ["x", "y"])
     with pytest.raises(DatasetError, match=r"nope\.txt"):
-        datasets.load_flat_folder(tmp_path, "nope.txt", ["x"])
+        folders.load_flat_folder(tmp_path, "nope.txt", ["x"])
 
 
 def test_prompt_sets_from_bundled_and_user_json(tmp_path: Path) -> None:
@@ -210,8 +210,8 @@ def test_unknown_dataset_lists_choices(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("layout", "meta_file", "batch_file", "loader"),
     [
-        ("cifar-10-batches-py", "batches.meta", "test_batch", datasets.load_cifar10),
-        ("cifar-100-python", "meta", "test", datasets.load_cifar100),
+        ("cifar-10-batches-py", "batches.meta", "test_batch", cifar.load_cifar10),
+        ("cifar-100-python", "meta", "test", cifar.load_cifar100),
     ],
 )
 def test_cifar_files_of_the_other_dataset_are_dataset_errors(  # type: ignore[no-untyped-def]
@@ -248,7 +248,7 @@ def test_imagefolder_skips_hidden_files_and_folders_inside_classes(tmp_path: Pat
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (4, 4)).save(tmp_path / rel)
     (tmp_path / "dog" / "._3.png").write_bytes(b"\x00\x05\x16\x07")  # AppleDouble, not a PNG
-    data = datasets.load_imagefolder(tmp_path)
+    data = folders.load_imagefolder(tmp_path)
     assert data.classnames == ["cat", "dog"]
     assert [p.relative_to(tmp_path).as_posix() for p in data.paths or ()] == [
         "cat/1.png",
@@ -265,7 +265,7 @@ def test_imagefolder_lists_a_class_as_embed_lists_a_folder(tmp_path: Path) -> No
     for rel in ("cat/a-b.png", "cat/a/b.png", "cat/C.JFIF", "cat/notes.txt"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (4, 4)).save(tmp_path / rel, format="JPEG" if rel.endswith("JFIF") else "PNG")
-    data = datasets.load_imagefolder(tmp_path)
+    data = folders.load_imagefolder(tmp_path)
     assert list(data.paths or ()) == [path for _, path in walk_images(tmp_path / "cat")]
     assert [p.relative_to(tmp_path / "cat").as_posix() for p in data.paths or ()] == ["C.JFIF", "a-b.png", "a/b.png"]
 
@@ -302,7 +302,7 @@ def test_folder_dataset_missing_named_split_is_refused(tmp_path: Path, split: st
 def test_flat_folder_file_names_with_spaces(tmp_path: Path) -> None:
     Image.new("RGB", (4, 4)).save(tmp_path / "my photo.png")
     (tmp_path / "labels.txt").write_text("my photo.png 1\n")
-    data = datasets.load_flat_folder(tmp_path, "labels.txt", ["x", "y"])
+    data = folders.load_flat_folder(tmp_path, "labels.txt", ["x", "y"])
     assert data.labels.tolist() == [1]
 
 
@@ -318,7 +318,7 @@ def test_flat_folder_bad_labels_file_is_a_dataset_error(tmp_path: Path, name: st
     Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
     (tmp_path / name).write_bytes(content)
     with pytest.raises(DatasetError, match=name):
-        datasets.load_flat_folder(tmp_path, name, ["x", "y"])
+        folders.load_flat_folder(tmp_path, name, ["x", "y"])
 
 
 @pytest.mark.parametrize("content", [["a"], {"X": ["a"]}, {"X": {"classes": ["a"], "templates": []}}])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from clipengine.errors import BackendError, DatasetError
-from clipengine.eval import datasets
+from clipengine.eval import cifar, datasets, folders, labelled
 from clipengine.eval.zeroshot import accuracy_metrics, build_classifier, encode_dataset, evaluate_zeroshot
 
 # Measured with the committed checkpoint on these held-out sets: shape 91.75%, colour x shape 95.4%,
@@ -57,7 +57,7 @@ def test_accuracy_metrics_top1_top5_and_per_class_recall() -> None:
 
 
 def test_tiny_synth_zero_shot_shapes_far_above_chance(tiny_synth, cifar10_root) -> None:  # type: ignore[no-untyped-def]
-    data = datasets.load_cifar10(cifar10_root, "test")
+    data = cifar.load_cifar10(cifar10_root, "test")
     _, templates = datasets.prompt_set("cifar10")
     r = evaluate_zeroshot(tiny_synth, data, templates)
     assert r.chance == pytest.approx(0.1) and r.n == 400 and r.templates == 18
@@ -66,7 +66,7 @@ def test_tiny_synth_zero_shot_shapes_far_above_chance(tiny_synth, cifar10_root) 
 
 
 def test_tiny_synth_zero_shot_colour_shapes_far_above_chance(tiny_synth, cifar100_root) -> None:  # type: ignore[no-untyped-def]
-    data = datasets.load_cifar100(cifar100_root, "test")
+    data = cifar.load_cifar100(cifar100_root, "test")
     names = [n.replace("_", " ") for n in data.classnames]
     r = evaluate_zeroshot(tiny_synth, data, datasets.prompt_set("cifar100")[1], names)
     assert r.chance == pytest.approx(0.01)
@@ -75,13 +75,13 @@ def test_tiny_synth_zero_shot_colour_shapes_far_above_chance(tiny_synth, cifar10
 
 def test_tiny_synth_on_64px_imagefolder(tiny_synth, imagefolder_root) -> None:  # type: ignore[no-untyped-def]
     """Files on disk at another size go through decode + resize: accuracy holds."""
-    data = datasets.load_imagefolder(imagefolder_root)
+    data = folders.load_imagefolder(imagefolder_root)
     r = evaluate_zeroshot(tiny_synth, data, ["a photo of a {}."])
     assert r.top1 >= MIN_SHAPE_TOP1 - 0.05
 
 
 def test_prompt_names_must_match_class_count(tiny_synth, cifar10_root) -> None:  # type: ignore[no-untyped-def]
-    data = datasets.load_cifar10(cifar10_root, "test").subset(10)
+    data = cifar.load_cifar10(cifar10_root, "test").subset(10)
     with pytest.raises(DatasetError, match="3 prompt class names"):
         evaluate_zeroshot(tiny_synth, data, ["{}"], ["a", "b", "c"])
 
@@ -135,7 +135,7 @@ def test_non_finite_image_embeddings_are_refused(value: float) -> None:
 
     images = np.zeros((3, 32, 32, 3), dtype=np.uint8)
     images[1] = 255
-    data = datasets.LabelledImages("nan", ["a", "b"], np.array([0, 0, 1]), images)
+    data = labelled.LabelledImages("nan", ["a", "b"], np.array([0, 0, 1]), images)
     model = ClipModel(NanImages(), PreprocessConfig(image_size=32), "fake", 100.0)  # type: ignore[arg-type]
     with pytest.raises(BackendError, match=r"nan: 1 of 3 image embeddings .*image 1"):
         encode_dataset(model, data, batch_size=2, workers=1)
@@ -157,7 +157,7 @@ def test_unreadable_images_are_left_out_and_listed(tiny_synth, imagefolder_root,
     without them, and names both with a reason."""
     files = sorted(p.relative_to(imagefolder_root).as_posix() for p in imagefolder_root.rglob("*.png"))
     broken = (files[3], files[150])
-    damaged = datasets.load_imagefolder(_damaged_copy(imagefolder_root, tmp_path / "damaged", *broken))
+    damaged = folders.load_imagefolder(_damaged_copy(imagefolder_root, tmp_path / "damaged", *broken))
     templates = ["a photo of a {}."]
     result = evaluate_zeroshot(tiny_synth, damaged, templates)
     assert result.n == len(damaged) - 2
@@ -166,7 +166,7 @@ def test_unreadable_images_are_left_out_and_listed(tiny_synth, imagefolder_root,
     ]
     for rel in broken:
         (tmp_path / "damaged" / rel).unlink()
-    clean = evaluate_zeroshot(tiny_synth, datasets.load_imagefolder(tmp_path / "damaged"), templates)
+    clean = evaluate_zeroshot(tiny_synth, folders.load_imagefolder(tmp_path / "damaged"), templates)
     assert (clean.n, clean.top1, clean.per_class, clean.unreadable) == (result.n, result.top1, result.per_class, [])
     assert np.array_equal(clean.predictions, result.predictions)
 
@@ -186,7 +186,7 @@ def test_a_split_with_no_readable_image_is_refused(tmp_path) -> None:  # type: i
 
     model = ClipModel(NeverCalled(), PreprocessConfig(image_size=32), "fake", 100.0)  # type: ignore[arg-type]
     with pytest.raises(DatasetError, match=r"none of its 2 images could be decoded, e.g. .*x.png"):
-        encode_dataset(model, datasets.load_imagefolder(tmp_path), workers=1)
+        encode_dataset(model, folders.load_imagefolder(tmp_path), workers=1)
 
 
 def test_top5_breaks_ties_as_top1_does() -> None:
@@ -210,7 +210,7 @@ def test_zero_shot_equals_open_clip_recipe(tiny_synth, cifar10_root) -> None:  #
     import torch
     import torch.nn.functional as F
 
-    data = datasets.load_cifar10(cifar10_root, "test").subset(200)
+    data = cifar.load_cifar10(cifar10_root, "test").subset(200)
     _, templates = datasets.prompt_set("cifar10")
     r = evaluate_zeroshot(tiny_synth, data, templates, batch_size=32)
     with torch.no_grad():

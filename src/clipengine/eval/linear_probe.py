@@ -24,7 +24,7 @@ from .zeroshot import EncodedSplit, accuracy_metrics, encode_dataset
 
 if TYPE_CHECKING:
     from ..api import ClipModel
-    from .datasets import LabelledImages
+    from .labelled import LabelledImages
 
 __all__ = [
     "C_DEFAULT",

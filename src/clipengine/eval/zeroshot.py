@@ -24,7 +24,7 @@ from ..zeroshot import class_embeddings
 
 if TYPE_CHECKING:
     from ..api import ClipModel
-    from .datasets import LabelledImages
+    from .labelled import LabelledImages
 
 __all__ = [
     "EncodedSplit",

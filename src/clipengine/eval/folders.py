@@ -1,0 +1,125 @@
+"""Readers of labelled image folders: ImageFolder (`root/<class>/<images>`) and one flat folder plus a labels file.
+
+Separate from the CIFAR pickles (`eval.cifar`) and the registry (`eval.datasets`, which also reads
+ImageNet's layouts through these two); images are listed as `clipengine embed` lists a folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DatasetError
+from ..image.files import walk_images
+from .labelled import LabelledImages, checked, read_json
+
+__all__ = ["find_labels_file", "load_flat_folder", "load_imagefolder"]
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files under `folder`, as `clipengine embed` lists a folder (`image.files.walk_images`):
+    recursive, sorted by relative path, hidden files and folders (`._x.jpg`, `.cache/`) skipped."""
+    return [path for _, path in walk_images(folder)]
+
+
+def load_imagefolder(
+    root: str | Path, classnames: Sequence[str] | dict[str, str] | None = None, name: str | None = None
+) -> LabelledImages:
+    """`root/<class>/**/<image>`: class index = sorted folder order (torchvision ImageFolder).
+
+    Args:
+        classnames: None -> folder names with "_" as spaces; a list -> names by sorted-folder index;
+            a dict -> folder name -> class name.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root} is not a folder; expected {root}/<class name>/<image files>")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise DatasetError(f"{root} has no class sub-folders; expected {root}/<class name>/<image files>")
+    if isinstance(classnames, dict):
+        missing = [f.name for f in folders if f.name not in classnames]
+        if missing:
+            raise DatasetError(f"class map has no name for folders {missing[:5]} (of {len(missing)})")
+        names = [classnames[f.name] for f in folders]
+    elif classnames is not None:
+        if len(classnames) != len(folders):
+            raise DatasetError(
+                f"{root} has {len(folders)} class folders but {len(classnames)} class names were given"
+            )
+        names = list(classnames)
+    else:
+        names = [f.name.replace("_", " ") for f in folders]
+    paths: list[Path] = []
+    labels: list[int] = []
+    for i, folder in enumerate(folders):
+        files = _image_files(folder)
+        paths += files
+        labels += [i] * len(files)
+    return checked(name or f"folder-{root.name}", names, np.asarray(labels, dtype=np.int64), paths=paths)
+
+
+def find_labels_file(root: Path) -> Path | None:
+    """The first labels file `load_flat_folder` reads that `root` holds, if any."""
+    for name in ("labels.txt", "val.txt", "labels.json", "val_labels.txt"):
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+def load_flat_folder(
+    root: str | Path, labels_file: str | Path, classnames: Sequence[str] | None = None
+) -> LabelledImages:
+    """Images in one folder (or `root/images/`) plus a labels file, as in ImageNet val subsets.
+
+    Labels file formats: lines "<file name> <int label>" (Caffe `val.txt`), lines "<int label>"
+    aligned with the sorted image files, or JSON {file name: int label}. Labels are 0-based indices
+    into `classnames` (default: a `classnames.json` list beside the file). Note: the devkit's
+    `ILSVRC2012_validation_ground_truth.txt` uses 1-based ILSVRC ids, not the standard sorted-wnid
+    order; convert it first.
+    """
+    root, labels_path = Path(root), Path(labels_file)
+    if not labels_path.is_absolute() and not labels_path.exists():
+        labels_path = root / labels_path
+    if not labels_path.is_file():
+        raise DatasetError(f"labels file {labels_path} not found; expected lines '<file name> <label>'")
+    if classnames is None:
+        classnames = read_json(labels_path.parent / "classnames.json", "a JSON list of class names")
+    image_dir = root / "images" if (root / "images").is_dir() else root
+    files = {p.name: p for p in _image_files(image_dir)}
+    entries = _parse_labels(labels_path, sorted(files))
+    missing = [n for n, _ in entries if n not in files]
+    if missing:
+        raise DatasetError(f"{labels_path} names {len(missing)} files not in {image_dir}, e.g. {missing[0]}")
+    paths = [files[n] for n, _ in entries]
+    labels = np.asarray([lab for _, lab in entries], dtype=np.int64)
+    return checked(f"flat-{root.name}", list(classnames), labels, paths=paths)
+
+
+def _parse_labels(path: Path, sorted_names: list[str]) -> list[tuple[str, int]]:
+    try:
+        if path.suffix == ".json":
+            data = read_json(path, "JSON {file name: int label}")
+            if not isinstance(data, dict):
+                raise DatasetError(
+                    f"{path}: expected JSON {{file name: int label}}, got a {type(data).__name__}"
+                )
+            return [(Path(k).name, int(v)) for k, v in sorted(data.items())]
+        text = path.read_text(encoding="utf-8")
+        lines = [ln.split() for ln in text.splitlines() if ln.strip()]
+        if all(len(p) == 1 for p in lines):
+            if len(lines) != len(sorted_names):
+                raise DatasetError(f"{path}: {len(lines)} labels but {len(sorted_names)} images")
+            return [(n, int(p[0])) for n, p in zip(sorted_names, lines, strict=True)]
+        names = set(sorted_names)
+        entries = []
+        for ln in text.splitlines():
+            if ln.strip():
+                head, label = ln.strip().rsplit(None, 1)
+                name = Path(head).name  # a file name with spaces: everything before the label
+                entries.append((name if name in names else Path(head.split()[0]).name, int(label)))
+        return entries
+    except (ValueError, TypeError) as e:  # UnicodeDecodeError is a ValueError
+        raise DatasetError(f"{path}: expected '<file name> <int label>' or '<int label>' lines ({e})") from e

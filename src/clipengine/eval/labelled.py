@@ -1,0 +1,84 @@
+"""What every dataset reader returns (`LabelledImages`) and the checks they share.
+
+Separate from the readers (`eval.cifar`, `eval.folders`, ImageNet in `eval.datasets`) so each imports
+the type without importing the others, and from `eval.datasets`, the registry that dispatches to them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import DatasetError
+
+__all__ = ["LabelledImages", "checked", "read_json"]
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    """A classification split. Row i: image `image(i)`, label `labels[i]` (index into classnames)."""
+
+    name: str  # e.g. "cifar10-test"; part of feature-cache keys
+    classnames: list[str]
+    labels: np.ndarray  # (N,) int64
+    arrays: np.ndarray | None = None  # (N, H, W, 3) uint8 when held in memory (CIFAR)
+    paths: tuple[Path, ...] | None = None  # image files otherwise
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def image(self, i: int) -> np.ndarray | Path:
+        """Image i as something `clipengine.image.preprocess.preprocess` accepts."""
+        if self.arrays is not None:
+            return np.asarray(self.arrays[i])
+        if self.paths is None:
+            raise DatasetError(f"{self.name}: neither arrays nor paths are set")
+        return self.paths[i]
+
+    def images(self, start: int = 0, stop: int | None = None) -> list[np.ndarray | Path]:
+        """Images [start, stop) as a list (arrays or paths)."""
+        return [self.image(i) for i in range(start, len(self) if stop is None else min(stop, len(self)))]
+
+    def subset(self, n: int) -> LabelledImages:
+        """The first n rows (for quick runs)."""
+        if n >= len(self):
+            return self
+        arrays = None if self.arrays is None else self.arrays[:n]
+        paths = None if self.paths is None else self.paths[:n]
+        return LabelledImages(f"{self.name}-first{n}", self.classnames, self.labels[:n], arrays, paths)
+
+
+def checked(
+    name: str,
+    classnames: list[str],
+    labels: np.ndarray,
+    *,
+    arrays: np.ndarray | None = None,
+    paths: Sequence[Path] | None = None,
+) -> LabelledImages:
+    """A LabelledImages after checking one label per image, labels in range and at least one image."""
+    n = len(arrays) if arrays is not None else len(paths or ())
+    if labels.shape != (n,):
+        raise DatasetError(f"{name}: {n} images but {labels.shape[0]} labels")
+    if n and (labels.min() < 0 or labels.max() >= len(classnames)):
+        raise DatasetError(
+            f"{name}: labels must be in [0, {len(classnames)}), got [{labels.min()}, {labels.max()}]"
+        )
+    if n == 0:
+        raise DatasetError(f"{name}: no images found")
+    return LabelledImages(name, classnames, labels, arrays, tuple(paths) if paths is not None else None)
+
+
+def read_json(path: Path, expected: str) -> Any:
+    """The JSON in `path`, or a DatasetError naming the file and what was `expected`."""
+    if not path.is_file():
+        raise DatasetError(f"{path} not found; expected {expected}")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{path}: not valid JSON ({e}); expected {expected}") from e
