@@ -137,6 +137,10 @@ class MicroBatcher(Generic[T]):
         except BaseException:
             for e in entries:  # timeout or client gone: the collector skips cancelled entries
                 e.future.cancel()
+            # ... and they leave the queue now: left in it while the backend is busy, they counted
+            # towards max_queue (429 for live requests) and the depth gauge for work nobody awaits.
+            mine = {id(e) for e in entries}
+            self._pending = deque(e for e in self._pending if id(e) not in mine)
             raise
         finally:
             self._waiting_requests -= 1

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Collection, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -14,6 +15,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
+from starlette.requests import ClientDisconnect
 
 from .engine import InferenceService, SearchableIndex, ServableModel
 from .http_errors import ApiError
@@ -54,13 +56,30 @@ class ApiHandlers:
         self.ready = False
 
     # ---- helpers -------------------------------------------------------------------------------
-    async def timed(self, work: Awaitable[T]) -> T:
+    async def timed(self, work: Coroutine[Any, Any, T], request: Request) -> T:
+        """Await `work` until it ends, the request timeout passes (504) or the client hangs up.
+
+        A client that disconnects cancels its work: its items leave the batch queues at once instead
+        of being computed for nobody while they crowd other clients out (429 queue_full).
+        """
+        task = asyncio.ensure_future(work)
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            return await asyncio.wait_for(work, self.settings.request_timeout_s)
-        except TimeoutError as e:
+            await asyncio.wait(
+                {task, gone}, timeout=self.settings.request_timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            if task.done():
+                return task.result()
+            if gone.done():
+                raise ClientDisconnect()
             raise ApiError(
                 504, "timeout", f"the request took longer than {self.settings.request_timeout_s:g} s"
-            ) from e
+            )
+        finally:
+            for pending in (task, gone):
+                pending.cancel()
+            # Let the cancelled work unwind (the batcher drops its queued items) before answering.
+            await asyncio.gather(task, gone, return_exceptions=True)
 
     def check_texts(self, texts: Sequence[str], field: str, limit: int) -> None:
         if len(texts) > limit:
@@ -90,8 +109,15 @@ class ApiHandlers:
                 f"{len(images)} images, at most {self.settings.max_images} per request",
             )
 
-    async def read_images_and_fields(self, request: Request) -> tuple[list[NamedImage], dict[str, list[Any]]]:
-        """Multipart body -> (file parts as images, the other fields by name)."""
+    async def read_images_and_fields(
+        self, request: Request, text_fields: Collection[str] = ()
+    ) -> tuple[list[NamedImage], dict[str, list[Any]]]:
+        """Multipart body -> (file parts as images, the other fields by name).
+
+        A file part named like one of the route's `text_fields` is refused: it is not an image, and
+        taken as one it gave a message about something else ("give at least one label", or the
+        bytes of `-F text=@query.txt` read as an image).
+        """
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
             raise ApiError(
@@ -111,6 +137,8 @@ class ApiHandlers:
                     )
                 if isinstance(value, str):
                     fields.setdefault(key, []).append(value)
+                elif key in text_fields:
+                    raise ApiError(422, "invalid_request", f"{key}: expected a text field, got a file upload")
                 else:
                     files.append(value)
             return await uploads_to_images(files, "files"), fields
@@ -137,7 +165,7 @@ class ApiHandlers:
             images, fields = await self.read_images_and_fields(request)
             self.reject_unknown(fields, set())
         self.check_images(images)
-        vectors = await self.timed(self.service.embed_images(images))
+        vectors = await self.timed(self.service.embed_images(images), request)
         data = [
             {"index": i, "name": img.name, "embedding": v.tolist()}
             for i, (img, v) in enumerate(zip(images, vectors, strict=True))
@@ -153,7 +181,7 @@ class ApiHandlers:
             )
         body: TextsRequest = await parse_json_body(request, TextsRequest)
         self.check_texts(body.texts, "texts", self.settings.max_texts)
-        vectors = await self.timed(self.service.embed_texts(body.texts))
+        vectors = await self.timed(self.service.embed_texts(body.texts), request)
         return self._embeddings(
             [{"index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)], started
         )
@@ -175,7 +203,7 @@ class ApiHandlers:
             images = [decode_base64_image(s, f"images[{i}]") for i, s in enumerate(body.images)]
             labels, templates = [s.strip() for s in body.labels], body.templates
         else:
-            images, fields = await self.read_images_and_fields(request)
+            images, fields = await self.read_images_and_fields(request, {"labels", "templates"})
             self.reject_unknown(fields, {"labels", "templates"})
             labels = split_fields(fields.get("labels", []), "labels", ",")
             templates = split_fields(fields.get("templates", []), "templates", "\n") or None
@@ -192,7 +220,7 @@ class ApiHandlers:
                 raise ApiError(
                     422, "invalid_request", f"templates: each needs '{{}}' where the label goes: {bad}"
                 )
-        ranked = await self.timed(self.service.classify(images, labels, templates))
+        ranked = await self.timed(self.service.classify(images, labels, templates), request)
         results = [
             {"index": i, "name": img.name, "labels": [{"label": lab, "probability": p} for lab, p in row]}
             for i, (img, row) in enumerate(zip(images, ranked, strict=True))
@@ -206,7 +234,7 @@ class ApiHandlers:
             text, k = body.text, body.k
             image = decode_base64_image(body.image, "image") if body.image is not None else None
         else:
-            images, fields = await self.read_images_and_fields(request)
+            images, fields = await self.read_images_and_fields(request, {"text", "k"})
             self.reject_unknown(fields, {"text", "k"})
             if len(images) > 1 or len(fields.get("text", [])) > 1 or len(fields.get("k", [])) > 1:
                 raise ApiError(
@@ -234,7 +262,7 @@ class ApiHandlers:
                 query = (await self.service.embed_images([image]))[0]  # type: ignore[list-item]
             return await self.service.search(index, query, k)
 
-        hits = await self.timed(run())
+        hits = await self.timed(run(), request)
         results = [{"id": i, "score": s, "thumbnail_url": f"/v1/thumbnails/{quote(i)}"} for i, s in hits]
         return JSONResponse(
             {"model": self.model.name, "k": k, "results": results, "elapsed_ms": _ms(started)}
@@ -321,15 +349,32 @@ class ApiHandlers:
             await self.service.stop()
 
 
+async def _disconnected(request: Request) -> None:
+    """Return when the client disconnects (the body is read by now: what comes next is the hang-up)."""
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # a connection that cannot be watched: never report a hang-up
+        log.debug("cannot watch %s for a disconnect", request.url.path, exc_info=True)
+        await asyncio.Event().wait()
+
+
 def _ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000.0, 3)
 
 
+_INT = re.compile(r"[+-]?[0-9]+")
+
+
 def _parse_int(value: Any, field: str) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError) as e:
-        raise ApiError(422, "invalid_request", f"{field}: {value!r} is not an integer") from e
+    """A form field -> int: ASCII digits only (int() also took "1_0" and "٥", and echoed 4000 digits)."""
+    text = value.strip() if isinstance(value, str) else ""
+    shown = value if not isinstance(value, str) or len(value) <= 20 else value[:20] + "..."
+    if not _INT.fullmatch(text):
+        raise ApiError(422, "invalid_request", f"{field}: {shown!r} is not an integer")
+    if len(text) > 18:  # past any limit; int() of over 4300 digits would raise
+        raise ApiError(422, "invalid_request", f"{field}: {shown!r} is out of range")
+    return int(text)
 
 
 def _len_or_none(obj: Any) -> int | None:

@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import HTTPException, RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..errors import ClipEngineError, DecodeError, InputError, TextTooLongError
 from .batcher import BatcherClosedError, QueueFullError
@@ -104,6 +105,14 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
     @app.exception_handler(BatcherClosedError)
     async def _closed(request: Request, exc: BatcherClosedError) -> JSONResponse:
         return error_response(503, "shutting_down", f"{exc}; the server is stopping", retry)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # The client hung up while its body streamed in: nobody reads this answer (the server drops
+        # it), but the metrics count it as 499 (nginx's "client closed request"), not as a 500 with
+        # a traceback in the log for something the server did not get wrong.
+        log.info("client disconnected before sending the whole body of %s", request.url.path)
+        return error_response(499, "client_disconnected", "the client closed the connection mid-request")
 
     @app.exception_handler(ClipEngineError)
     async def _engine_error(request: Request, exc: ClipEngineError) -> JSONResponse:
