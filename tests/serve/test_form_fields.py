@@ -52,3 +52,21 @@ def test_search_k_from_a_form_out_of_range_or_huge(make_client: Any) -> None:
     # Was: the whole 5000-digit value echoed back (and past 4300 digits int() raised instead).
     message = _error(c.post("/v1/search", data={"text": "a cat", "k": "9" * 5000}), 422, "invalid_request")
     assert message == "k: '99999999999999999999...' is out of range"
+
+
+def test_multipart_content_type_is_case_insensitive(make_client: Any) -> None:
+    c = make_client()
+    boundary = "b0undary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + png_bytes(1)
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    headers = {"content-type": f"Multipart/Form-Data; boundary={boundary}"}
+    # Was: 415 unsupported_media_type for a media type in other letter case.
+    r = c.post("/v1/embeddings/images", content=body, headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["data"][0]["name"] == "a.png"

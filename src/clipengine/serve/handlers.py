@@ -119,7 +119,8 @@ class ApiHandlers:
         bytes of `-F text=@query.txt` read as an image).
         """
         ctype = request.headers.get("content-type", "")
-        if not ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        # Media types are case-insensitive (RFC 9110), and Starlette's form parser reads them so.
+        if not ctype.lower().startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
             raise ApiError(
                 415,
                 "unsupported_media_type",
