@@ -21,6 +21,7 @@ def openai_transform() -> Callable[..., Reference]:
     modes = {
         "bicubic": transforms.InterpolationMode.BICUBIC,
         "bilinear": transforms.InterpolationMode.BILINEAR,
+        "nearest": transforms.InterpolationMode.NEAREST,
     }
 
     def make(size: int, squash: bool = False, interpolation: str = "bicubic") -> Reference:
