@@ -50,6 +50,10 @@ def decode_base64_image(value: str, name: str) -> NamedImage:
     return NamedImage(name, data)
 
 
+# Formats Pillow decodes by running another program on the bytes: untrusted uploads must not reach
+# it (Ghostscript has a long record of code execution from crafted PostScript).
+_EXTERNAL_DECODERS = {"EPS": "Pillow renders them with Ghostscript"}
+
 _BOMB_SIZE = re.compile(r"Image size \((\d+) pixels\)")  # in Pillow's DecompressionBomb messages
 
 
@@ -66,7 +70,7 @@ def check_image_header(image: NamedImage, max_pixels: int) -> None:
         # Quiet as the decoder is: Pillow's "Corrupt EXIF data" UserWarning from the JPEG header must
         # not fail the request under -W error (the pixels are fine); bombs are judged by size below.
         with _quiet_pil(), Image.open(io.BytesIO(image.data)) as probe:
-            width, height = probe.size
+            width, height, kind = *probe.size, probe.format
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         # Pillow's own guard fired first (the warning arrives as an exception when warnings are
         # errors). Its message quotes Pillow's limit, not the one this server enforces: say ours.
@@ -78,6 +82,9 @@ def check_image_header(image: NamedImage, max_pixels: int) -> None:
     except (OSError, SyntaxError, ValueError) as e:
         # Pillow raises these for bytes that are not an image it can read.
         raise ApiError(400, "invalid_image", f"{image.name}: not a readable image ({e})") from e
+    if kind in _EXTERNAL_DECODERS:
+        why = _EXTERNAL_DECODERS[kind]
+        raise ApiError(400, "invalid_image", f"{image.name}: {kind} images are not accepted ({why})")
     if width * height > max_pixels:
         raise ApiError(
             413,
