@@ -136,6 +136,19 @@ def test_fuzz_tokenize_equals_openai_including_truncation(
     assert (lengths == context_length).any() and (lengths < context_length).any()
 
 
+def test_fuzz_decode_equals_openai(openai_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """Random id runs, byte-level ids over-represented so that invalid UTF-8 (-> U+FFFD) is common.
+    Special ids are left out: open_clip's decoder spells them <start_of_text>/<end_of_text>."""
+    rng = random.Random(77)
+    tok = get_tokenizer()
+    for _ in range(3000):
+        ids = [
+            rng.randrange(512) if rng.random() < 0.3 else rng.randrange(SOT_TOKEN)
+            for _ in range(rng.randrange(20))
+        ]
+        assert tok.decode(ids) == openai_tokenizer.decode(ids), ids
+
+
 def _hf_cleans_like_openai(text: str) -> bool:
     """Texts outside every documented transformers difference (docs/tokenizer_preprocess.md)."""
     fixed = html.unescape(html.unescape(ftfy.fix_text(text)))
