@@ -111,6 +111,12 @@ def test_model_source_defaults_to_the_index_model(
         (["--model", "tiny", "--log-level", "loud"], "'loud': use one of critical, error, warning, info"),
         (["--model", "tiny", "--engine", "FOLDER"], "--model and --engine both name the model to serve"),
         (["--checkpoint", "FILE", "--engine", "FOLDER"], "--checkpoint and --engine both name the model"),
+        # Were: an OverflowError traceback; a batcher that could wait for company forever; and for a
+        # blank key, a ValueError traceback.
+        (["--model", "tiny", "--max-upload-mb", "inf"], "--max-upload-mb: inf: give a finite number"),
+        (["--model", "tiny", "--max-wait-ms", "inf"], "--max-wait-ms: inf: give a finite number"),
+        (["--model", "tiny", "--request-timeout", "inf"], "--request-timeout: inf: give a finite number"),
+        (["--model", "tiny", "--api-key", "  "], "--api-key: the key is blank"),
     ],
 )
 def test_options_that_cannot_work_are_refused_before_the_model_loads(
@@ -140,3 +146,12 @@ def test_a_port_in_use_is_refused_before_the_model_loads(monkeypatch: pytest.Mon
     text = " ".join(result.output.split())
     assert f"cannot listen on 127.0.0.1:{port} (Address already in use)" in text and "--port" in text
     assert loads == [] and "serving" not in result.output
+
+
+@pytest.mark.parametrize("name", ["max_wait_ms", "request_timeout_s", "drain_timeout_s"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_settings_refuse_non_finite_times(name: str, value: float) -> None:
+    from clipengine.serve import ServeSettings
+
+    with pytest.raises(ValueError, match=f"ServeSettings.{name} must be a finite number"):
+        ServeSettings(**{name: value})

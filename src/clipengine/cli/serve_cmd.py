@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -115,6 +116,25 @@ def _check_bindable(host: str, port: int) -> None:
             ) from e
 
 
+def _check_limits(
+    max_upload_mb: float, max_wait_ms: float, request_timeout: float, api_key: str | None
+) -> None:
+    """Refuse values typer's min= lets through: `inf` (an OverflowError traceback for the upload limit,
+    a batcher that waits for company forever) and a blank key (a ValueError traceback from settings)."""
+    for option, value in (
+        ("--max-upload-mb", max_upload_mb),
+        ("--max-wait-ms", max_wait_ms),
+        ("--request-timeout", request_timeout),
+    ):
+        if not math.isfinite(value):
+            raise typer.BadParameter(f"{value}: give a finite number", param_hint=option)
+    if api_key and not api_key.strip():
+        raise typer.BadParameter(
+            "the key is blank (from the option or CLIPENGINE_API_KEY); give a real key",
+            param_hint="--api-key",
+        )
+
+
 def _load_index(path: Path) -> Index:
     from ..index import Index
 
@@ -197,6 +217,7 @@ def register(app: typer.Typer) -> None:
                 f"{log_level!r}: use one of {', '.join(LOG_LEVELS)}", param_hint="--log-level"
             )
         _check_sources(model, checkpoint, engine)
+        _check_limits(max_upload_mb, max_wait_ms, request_timeout, api_key)
         if port:  # 0: the OS picks a free one
             _check_bindable(host, port)
         settings = ServeSettings(

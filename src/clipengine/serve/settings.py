@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 __all__ = ["ServeSettings"]
@@ -47,5 +48,9 @@ class ServeSettings:
                 raise ValueError(f"ServeSettings.{name} must be >= 1, got {getattr(self, name)!r}")
         if self.max_wait_ms < 0 or self.request_timeout_s <= 0 or self.drain_timeout_s < 0:
             raise ValueError("max_wait_ms and drain_timeout_s must be >= 0, request_timeout_s > 0")
+        # NaN passes the comparisons above; with an infinite max_wait_ms a batch can wait forever.
+        for name in ("max_wait_ms", "request_timeout_s", "drain_timeout_s"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"ServeSettings.{name} must be a finite number, got {getattr(self, name)!r}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key must not be empty; pass None to disable authentication")
