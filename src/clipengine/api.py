@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import operator
 import os
 from collections.abc import Sequence
@@ -90,8 +91,11 @@ class ClipModel:
             raise InputError("preprocessed images contain NaN or infinite values")
         return out
 
-    def encode_images(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 32) -> FloatArray:
-        """Images -> (N, D) float32 unit-norm embeddings, `batch_size` at a time.
+    def encode_images(
+        self, images: ImageInput | Sequence[ImageInput], batch_size: int = 32, *, normalize: bool = True
+    ) -> FloatArray:
+        """Images -> (N, D) float32 unit-norm embeddings, `batch_size` at a time (`normalize=False`:
+        the image tower's output as it is, e.g. for a linear probe as CLIP's README fits one).
 
         Accepts one image (path, bytes, PIL image, (H, W[, C]) array), a list of them (decoded and
         preprocessed one batch at a time), or an already preprocessed (N, 3, H, W) float32 array.
@@ -102,13 +106,16 @@ class ClipModel:
                 preprocessed batch is not float (N, 3, S, S) with finite values; `batch_size` is not an integer >= 1.
         """
         batch_size = _batch_size(batch_size)
+        encode = self._backend.encode_images  # the keyword only when asked: older backends lack it
+        if not normalize:
+            encode = functools.partial(encode, normalize=False)
         if isinstance(images, np.ndarray) and images.ndim == 4:
-            return self._in_batches(self._backend.encode_images, self._checked_pixels(images), batch_size)
+            return self._in_batches(encode, self._checked_pixels(images), batch_size)
         items = _image_items(images)
         outs = [np.zeros((0, self.embed_dim), dtype=np.float32)]
         for start in range(0, len(items), batch_size):
             pixels = np.stack([self.preprocess(item) for item in items[start : start + batch_size]])
-            outs.append(self._backend.encode_images(pixels))
+            outs.append(encode(pixels))
         return np.concatenate(outs, axis=0).astype(np.float32, copy=False)
 
     def encode_texts(self, texts: str | Sequence[str], batch_size: int = 256) -> FloatArray:

@@ -77,8 +77,9 @@ class Backend(Protocol):
     image_size: int  # H == W the image tower expects
     context_length: int  # L the text tower expects
 
-    def encode_images(self, pixels: FloatArray) -> FloatArray:
-        """(N, 3, H, W) float32 -> (N, D) float32, unit L2 norm."""
+    def encode_images(self, pixels: FloatArray, *, normalize: bool = True) -> FloatArray:
+        """(N, 3, H, W) float32 -> (N, D) float32, unit L2 norm (`normalize=False`: the tower's
+        output as it is, for a linear probe fitted as CLIP's README fits it)."""
         ...
 
     def encode_texts(self, tokens: IntArray) -> FloatArray:

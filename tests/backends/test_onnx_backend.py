@@ -76,6 +76,11 @@ def test_backend_matches_torch_and_satisfies_protocol(export_dir: Path, tiny_mod
     np.testing.assert_allclose(np.linalg.norm(images, axis=1), 1.0, atol=1e-6)
     assert np.abs(images - _torch_reference(tiny_model, pixels=pixels)).max() <= 1e-4
     assert np.abs(texts - _torch_reference(tiny_model, tokens=tokens)).max() <= 1e-4
+    import torch  # normalize=False: the tower's output as it is (the linear probe fits on it)
+
+    with torch.no_grad():
+        raw = tiny_model.encode_image(torch.from_numpy(pixels)).numpy()
+    np.testing.assert_allclose(backend.encode_images(pixels, normalize=False), raw, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(("precision", "bound"), [("fp16", 0.999), ("int8", 0.99)])

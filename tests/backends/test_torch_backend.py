@@ -50,6 +50,9 @@ def test_fp32_outputs_are_the_normalised_module_outputs(model: CLIP) -> None:
     np.testing.assert_allclose(txt, ref_txt, atol=1e-6)
     assert (backend.name, backend.device, backend.precision) == ("torch", "cpu", "fp32")
     assert (backend.embed_dim, backend.image_size, backend.context_length) == (32, 32, 77)
+    with torch.no_grad():  # normalize=False: the tower's output as it is (the linear probe fits on it)
+        raw = model.encode_image(torch.from_numpy(pixels)).numpy()
+    np.testing.assert_allclose(backend.encode_images(pixels, normalize=False), raw, atol=1e-6)
 
 
 def test_bf16_casts_weights_and_stays_close(model: CLIP) -> None:

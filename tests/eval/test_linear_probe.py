@@ -65,10 +65,11 @@ class _FakeBackend:
         self.w_img = rng.standard_normal((3 * 32 * 32, 8)).astype(np.float32)
         self.w_txt = rng.standard_normal((77, 8)).astype(np.float32)
 
-    def encode_images(self, pixels):  # type: ignore[no-untyped-def]
+    def encode_images(self, pixels, *, normalize=True):  # type: ignore[no-untyped-def]
         from clipengine.backends.base import l2_normalize
 
-        return l2_normalize(pixels.reshape(len(pixels), -1) @ self.w_img)
+        features = pixels.reshape(len(pixels), -1) @ self.w_img
+        return l2_normalize(features) if normalize else features
 
     def encode_texts(self, tokens):  # type: ignore[no-untyped-def]
         from clipengine.backends.base import l2_normalize
@@ -224,8 +225,9 @@ def test_unreadable_images_are_left_out_of_the_fit_and_the_score(tmp_path) -> No
 
 
 def test_probe_equals_sklearn_on_encode_images_features(tiny_synth, shape_sets) -> None:  # type: ignore[no-untyped-def]
-    """The probe's score is an independent sklearn fit on the features `encode_images` gives, with the
-    documented recipe (C, max_iter; the test split plays no part in the fit)."""
+    """The probe's score is an independent sklearn fit on the features `encode_images(normalize=False)`
+    gives (CLIP's README fits `encode_image` as it is), with the documented recipe (C, max_iter; the
+    test split plays no part in the fit)."""
     import numpy as np
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import balanced_accuracy_score
@@ -233,7 +235,8 @@ def test_probe_equals_sklearn_on_encode_images_features(tiny_synth, shape_sets) 
     train_ds, test_ds = shape_sets
     train, test = _split(train_ds, "ref-train", slice(0, 200)), _split(test_ds, "ref-test", slice(0, 200))
     r = linear_probe.evaluate_linear_probe(tiny_synth, train, test)
-    features = {split.name: tiny_synth.encode_images(split.images()) for split in (train, test)}
+    features = {split.name: tiny_synth.encode_images(split.images(), normalize=False) for split in (train, test)}
+    assert not np.allclose(np.linalg.norm(features["ref-train"], axis=1), 1.0)  # not unit rows
     for split in (train, test):  # the cached features are those, row for row
         cached = np.load(linear_probe.feature_cache_path(tiny_synth, split))
         np.testing.assert_allclose(cached, features[split.name], atol=1e-5)
@@ -273,3 +276,15 @@ def test_changed_images_or_preprocessing_miss_the_cache(shape_sets, tmp_path) ->
     last.write_bytes(folder.paths[0].read_bytes())  # another image under the same name
     os.utime(last, ns=(last.stat().st_atime_ns, last.stat().st_mtime_ns + 1_000_000_000))
     assert linear_probe.feature_cache_path(model, folders.load_imagefolder(tmp_path)) != before
+
+
+def test_a_fit_stopped_at_max_iter_is_said_not_to_have_converged(
+    shape_sets, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    """sklearn's ConvergenceWarning was a line on stderr from a library (an error under -W error)."""
+    train_ds, test_ds = shape_sets
+    train, test = _split(train_ds, "mi-train", slice(0, 40)), _split(test_ds, "mi-test", slice(0, 20))
+    monkeypatch.setattr(linear_probe, "MAX_ITER", 1)
+    r = linear_probe.evaluate_linear_probe(_fake_model(), train, test)
+    assert r.converged is False and r.to_dict()["converged"] is False
+    assert any("without converging" in rec.getMessage() for rec in caplog.records)

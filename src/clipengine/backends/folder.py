@@ -226,8 +226,8 @@ class ExportFolderBackend(ABC):
             raise BackendError(f"{path}: SHA-256 differs from the manifest (file changed or corrupt)")
         return self._engine(path, info, self._projection)
 
-    def encode_images(self, pixels: FloatArray) -> FloatArray:
-        """(N, 3, H, W) float32 -> (N, D) float32, unit L2 norm."""
+    def encode_images(self, pixels: FloatArray, *, normalize: bool = True) -> FloatArray:
+        """(N, 3, H, W) float32 -> (N, D) float32, unit L2 norm (`normalize=False`: as the engine gives them)."""
         if not np.issubdtype(np.asarray(pixels).dtype, np.floating):  # uint8 would run un-normalised
             raise InputError(f"images must be float (preprocessed), got {np.asarray(pixels).dtype}")
         x = np.ascontiguousarray(pixels, dtype=np.float32)
@@ -236,7 +236,8 @@ class ExportFolderBackend(ABC):
             raise InputError(f"images must be (N, {', '.join(map(str, expected))}), got {x.shape}")
         if x.shape[0] == 0:
             return np.zeros((0, self.embed_dim), np.float32)
-        return l2_normalize(self._image.run(x))
+        features = self._image.run(x)
+        return l2_normalize(features) if normalize else np.asarray(features, dtype=np.float32)
 
     def encode_texts(self, tokens: IntArray) -> FloatArray:
         """(N, L) int64 token ids -> (N, D) float32, unit L2 norm."""

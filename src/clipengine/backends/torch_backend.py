@@ -100,8 +100,9 @@ class TorchBackend:
     def __repr__(self) -> str:
         return f"TorchBackend({self.model.config.name}, device={self.device!r}, precision={self.precision!r})"
 
-    def encode_images(self, pixels: FloatArray | torch.Tensor) -> FloatArray:
-        """(N, 3, H, W) preprocessed pixels -> (N, D) float32, unit L2 norm.
+    def encode_images(self, pixels: FloatArray | torch.Tensor, *, normalize: bool = True) -> FloatArray:
+        """(N, 3, H, W) preprocessed pixels -> (N, D) float32, unit L2 norm (`normalize=False`: as
+        the tower gives them).
 
         `pixels` is a float32 NumPy array, or a float tensor on any device (e.g. already on this
         backend's GPU, as `pipeline.gpu_loading` makes them: no copy through the host).
@@ -113,14 +114,15 @@ class TorchBackend:
                     f"pixels must be float (N, {', '.join(map(str, expected))}); got "
                     f"{pixels.dtype} {tuple(pixels.shape)}"
                 )
-            return self._run(self._encode_image_fn, pixels.to(self.device, self.dtype, non_blocking=True))
+            x = pixels.to(self.device, self.dtype, non_blocking=True)
+            return self._run(self._encode_image_fn, x, normalize)
         arr = np.asarray(pixels)
         if arr.ndim != 4 or arr.shape[1:] != expected:
             raise InputError(f"pixels must be (N, {', '.join(map(str, expected))}); got {arr.shape}")
         if not np.issubdtype(arr.dtype, np.floating):  # uint8 would run un-normalised, silently wrong
             raise InputError(f"pixels must be float (preprocessed); got {arr.dtype}")
         x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(self.device, self.dtype)
-        return self._run(self._encode_image_fn, x)
+        return self._run(self._encode_image_fn, x, normalize)
 
     def encode_texts(self, tokens: IntArray) -> FloatArray:
         """(N, L) int64 token ids -> (N, D) float32, unit L2 norm."""
@@ -135,11 +137,14 @@ class TorchBackend:
         x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64)).to(self.device)
         return self._run(self._encode_text_fn, x)
 
-    def _run(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> FloatArray:
+    def _run(
+        self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, normalize: bool = True
+    ) -> FloatArray:
         if x.shape[0] == 0:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
         with torch.inference_mode():
             features = fn(x).float()
-            features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            if normalize:
+                features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         out: FloatArray = features.cpu().numpy().astype(np.float32, copy=False)
         return out

@@ -122,9 +122,15 @@ class EncodedSplit:
 
 
 def encode_dataset(
-    model: ClipModel, data: LabelledImages, batch_size: int = 64, workers: int | None = None
+    model: ClipModel,
+    data: LabelledImages,
+    batch_size: int = 64,
+    workers: int | None = None,
+    *,
+    normalize: bool = True,
 ) -> EncodedSplit:
-    """Unit image embeddings of every image in `data`, `batch_size` at a time.
+    """Unit image embeddings of every image in `data`, `batch_size` at a time (`normalize=False`:
+    the image tower's output as it is, for the linear probe).
 
     Decoding + preprocessing runs on a thread pool (PIL releases the GIL) one batch ahead of the
     model, so the backend is not left waiting on JPEG decoding. An image that cannot be decoded
@@ -157,7 +163,7 @@ def encode_dataset(
             if k + 1 < len(starts):
                 pending = submit(starts[k + 1])
             if rows:
-                out[rows] = model.encode_images(np.stack(pixels), batch_size=batch_size)
+                out[rows] = model.encode_images(np.stack(pixels), batch_size=batch_size, normalize=normalize)
                 decoded[rows] = True
     if failures:
         if len(failures) == len(data):
