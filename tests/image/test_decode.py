@@ -204,3 +204,11 @@ def test_draft_size_decodes_large_jpeg_at_reduced_scale() -> None:
     im = decode_image(buf.getvalue(), draft_size=(300, 300))
     assert im.size == (400, 300) and im.mode == "RGB"  # 1/4 scale keeps both sides >= 300
     assert decode_image(buf.getvalue()).size == (1600, 1200)  # off unless asked
+
+
+def test_eps_is_refused_before_pillow_runs_ghostscript_on_it(tmp_path: Path) -> None:
+    """Pillow decodes EPS by running Ghostscript on the bytes: `embed` on an untrusted folder must not."""
+    eps = tmp_path / "doc.eps"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nnewpath 0 0 moveto 16 16 lineto stroke\n")
+    with pytest.raises(DecodeError, match=r"doc.eps: EPS images are not decoded \(Pillow renders them with"):
+        decode_image(eps)

@@ -21,6 +21,7 @@ from clipengine.types import ImageInput
 
 __all__ = [
     "EMPTY_FILE",
+    "EXTERNAL_DECODERS",
     "MAX_IMAGE_PIXELS",
     "decode_image",
     "open_image",
@@ -36,6 +37,11 @@ logger = logging.getLogger(__name__)
 # 2 x Pillow's default warning threshold: the size at which Pillow itself raises
 # DecompressionBombError. Read at call time, so it can be changed (e.g. in tests).
 MAX_IMAGE_PIXELS = 2 * 89_478_485
+
+# Formats Pillow decodes by running another program on the bytes: untrusted files must not reach
+# it (Ghostscript has a long record of code execution from crafted PostScript). Refused after the
+# header is read, before any pixel is decoded: `embed` on a downloaded folder, the server's uploads.
+EXTERNAL_DECODERS = {"EPS": "Pillow renders them with Ghostscript"}
 
 _EXIF_ORIENTATION = 0x0112
 # One reason for a zero-byte file and empty bytes: `embed` decodes the bytes it read, `predict` the
@@ -180,6 +186,8 @@ def _decode_stream(fp: IO[bytes], label: str, draft_size: tuple[int, int] | None
         raise DecodeError(label, f"decompression bomb: {e}") from e
     except (OSError, SyntaxError, ValueError) as e:  # Pillow plugins signal bad headers all three ways
         raise DecodeError(label, f"corrupt image header: {e}") from e
+    if im.format in EXTERNAL_DECODERS:
+        raise DecodeError(label, f"{im.format} images are not decoded ({EXTERNAL_DECODERS[im.format]})")
     width, height = im.size
     if width * height > MAX_IMAGE_PIXELS:
         raise DecodeError(

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..image.decode import EMPTY_FILE, _quiet_pil
+from ..image.decode import EMPTY_FILE, EXTERNAL_DECODERS, _quiet_pil
 from .http_errors import ApiError
 
 __all__ = [
@@ -50,10 +50,6 @@ def decode_base64_image(value: str, name: str) -> NamedImage:
     return NamedImage(name, data)
 
 
-# Formats Pillow decodes by running another program on the bytes: untrusted uploads must not reach
-# it (Ghostscript has a long record of code execution from crafted PostScript).
-_EXTERNAL_DECODERS = {"EPS": "Pillow renders them with Ghostscript"}
-
 _BOMB_SIZE = re.compile(r"Image size \((\d+) pixels\)")  # in Pillow's DecompressionBomb messages
 
 
@@ -82,8 +78,8 @@ def check_image_header(image: NamedImage, max_pixels: int) -> None:
     except (OSError, SyntaxError, ValueError) as e:
         # Pillow raises these for bytes that are not an image it can read.
         raise ApiError(400, "invalid_image", f"{image.name}: not a readable image ({e})") from e
-    if kind in _EXTERNAL_DECODERS:
-        why = _EXTERNAL_DECODERS[kind]
+    if kind in EXTERNAL_DECODERS:  # refused by the decoder too; said here before the upload queues
+        why = EXTERNAL_DECODERS[kind]
         raise ApiError(400, "invalid_image", f"{image.name}: {kind} images are not accepted ({why})")
     if width * height > max_pixels:
         raise ApiError(
