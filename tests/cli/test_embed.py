@@ -313,3 +313,12 @@ def test_retry_failed_rereads_a_fixed_file(folder: Path, tmp_path: Path, fake_lo
     stats = json.loads(result.output)
     assert read_failures(out) == [] and "empty.jpg" in read_embeddings(out)[0]
     assert stats["shards_skipped"] == 2  # only the shard that listed the failure was recomputed
+
+
+def test_an_output_folder_that_cannot_be_made_is_refused_before_the_model_loads(
+    folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "afile").write_text("x")
+    code = main(["embed", str(folder), "-o", str(tmp_path / "afile" / "out"), "--workers", "0", "--no-progress"])
+    assert code == 1 and fake_load == []  # the first shard write found it, after the model load
+    assert f"error: {tmp_path / 'afile'}: a file, not a folder" in capsys.readouterr().err

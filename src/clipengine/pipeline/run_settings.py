@@ -6,8 +6,10 @@ here before writing anything; `check_output` lets the CLI do it before loading a
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,19 +34,38 @@ def check_cpu_share(share: float, gpu_decode: str | None, workers: int | None) -
 
 
 def check_output(out_dir: str | Path, **settings: Any) -> None:
-    """Fail fast (before loading a model) if ``out_dir`` holds a run with other settings.
+    """Fail fast (before loading a model) if ``out_dir`` holds a run with other settings, or cannot
+    be made or written.
 
     Args:
         settings: any of model=, embed_dim=, dtype=, shard_size= for the run about to start.
 
     Raises:
         IndexMismatchError: a setting differs from the one recorded in ``out_dir/run.json``.
+        NotADirectoryError, PermissionError: ``out_dir`` (or the folder it would be made in) is a
+            file, or not writable.
     """
+    _check_writable(Path(out_dir))
     previous = read_run_info(out_dir)
     if previous is not None:
         if "model" in settings and "model_files" not in settings:
             settings = {**settings, "model_files": model_files(settings["model"])}
         check_compatible(Path(out_dir), previous, settings)
+
+
+def _check_writable(out_dir: Path) -> None:
+    """The first write would find these only after the model load (seconds to minutes)."""
+    existing = out_dir
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(
+            errno.ENOTDIR, "a file, not a folder: the output folder cannot go there", str(existing)
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(
+            errno.EACCES, "not writable: the output folder cannot be made or filled", str(existing)
+        )
 
 
 def model_files(model: str | None) -> dict[str, str] | None:
