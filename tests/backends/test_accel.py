@@ -171,6 +171,95 @@ def test_cuda_paths_cosine_at_least_0999(tiny_model, inputs, reference, precisio
     assert _min_cos(txt, reference[1]) >= 0.999
 
 
+def test_cuda_graphs_capture_and_replay_on_the_inputs_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA-free check of `_CudaGraphs`' calls into torch.cuda (faked here): the warm-up stream, the
+    capture and the replay are on the inputs' device, not the current one (for "cuda:1" a capture
+    on cuda:0's stream records nothing, and every replay returned the first batch's output), and
+    the capture is "thread_local" (in "global" mode the GPU loader's thread, decoding meanwhile,
+    has its CUDA calls refused and invalidates the capture)."""
+    import contextlib
+
+    from clipengine.backends import accel
+
+    current = ["cuda:0"]  # the fake current device
+    seen: dict[str, object] = {}
+
+    @contextlib.contextmanager
+    def device(dev: object) -> object:
+        saved, current[0] = current[0], str(dev)
+        try:
+            yield
+        finally:
+            current[0] = saved
+
+    class Stream:
+        def __init__(self, dev: object = None) -> None:
+            seen["stream"] = str(dev) if dev is not None else current[0]
+
+        def wait_stream(self, other: object) -> None:
+            pass
+
+    class Graph:
+        def replay(self) -> None:
+            seen["replay"] = current[0]
+
+    @contextlib.contextmanager
+    def graph(cuda_graph: Graph, pool: object = None, stream: object = None,
+              capture_error_mode: str = "global") -> object:  # fmt: skip
+        seen["capture"], seen["mode"] = current[0], capture_error_mode
+        yield
+
+    for name, fake in {"device": device, "Stream": Stream, "current_stream": lambda: Stream(),
+                       "stream": lambda s: contextlib.nullcontext(), "CUDAGraph": Graph, "graph": graph}.items():  # fmt: skip
+        monkeypatch.setattr(torch.cuda, name, fake)
+    graphs = accel._CudaGraphs(lambda x: x * 2)
+    x = torch.ones(2, 3)  # on "cpu": a device other than the current one
+    out = graphs(x)
+    assert torch.equal(out, x * 2)  # the (eager, faked) capture's output, cloned
+    assert seen == {"stream": "cpu", "capture": "cpu", "mode": "thread_local", "replay": "cpu"}
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_while_another_thread_uses_the_gpu(tiny_model, inputs, reference) -> None:  # type: ignore[no-untyped-def]
+    """As `embed --gpu-decode --compile` runs: the loader thread decodes (allocates, copies from
+    the host, launches kernels) while the model thread captures a new batch shape. Each capture
+    must succeed and each replay give the model's output; the other thread's calls must not fail."""
+    import sys
+    import threading
+
+    import numpy as np
+
+    fast = optimize(tiny_model, device="cuda", precision="fp16", cuda_graphs=True)
+    stop, errors = threading.Event(), []
+
+    def busy() -> None:
+        rng = np.random.default_rng(0)
+        try:
+            while not stop.is_set():
+                # A size new to the caching allocator each time (cudaMalloc: the capture empties
+                # the cache first) and a pageable host copy, as the loader's CPU fallback makes.
+                host = torch.from_numpy(rng.random(int(rng.integers(1, 1 << 20)), dtype=np.float32))
+                (host.to("cuda") * 2).sum()
+        except Exception as e:  # reported by the assert below
+            errors.append(e)
+
+    thread = threading.Thread(target=busy)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # let the busy thread run between the capture's launches
+    thread.start()
+    try:
+        pixels = inputs[0].cuda()
+        for n in range(1, 6):  # five shapes: five captures with the other thread at work
+            for _ in range(2):
+                out = fast.encode_image(pixels[:n]).cpu()
+            assert _min_cos(out, reference[0][:n]) >= 0.999
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+    assert not errors
+
+
 def test_torchbackend_hook_keeps_unit_norm_outputs_within_bound(tiny_model) -> None:  # type: ignore[no-untyped-def]
     # The hook proposed for TorchBackend: accelerate its own (already cast) module in place and
     # swap the two encode functions; TorchBackend._run still normalises under inference_mode.

@@ -112,32 +112,38 @@ class _CudaGraphs:
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         key = tuple(tuple(t.shape) for t in inputs)
-        entry = self.graphs.get(key)
-        if entry is None:
-            entry = self._capture(inputs)
-            self.graphs[key] = entry
-            if len(self.graphs) > _MAX_CUDA_GRAPHS:
-                self.graphs.popitem(last=False)
-        else:
-            self.graphs.move_to_end(key)
-        graph, static_in, static_out = entry
-        for buf, t in zip(static_in, inputs, strict=True):
-            buf.copy_(t, non_blocking=True)
-        graph.replay()  # type: ignore[attr-defined]
-        return static_out.clone()
+        # Streams, capture and replay on the inputs' GPU, not the current device: for "cuda:1" the
+        # capture ran on cuda:0's stream, recorded nothing, and every replay returned the first output.
+        with torch.cuda.device(inputs[0].device):
+            entry = self.graphs.get(key)
+            if entry is None:
+                entry = self._capture(inputs)
+                self.graphs[key] = entry
+                if len(self.graphs) > _MAX_CUDA_GRAPHS:
+                    self.graphs.popitem(last=False)
+            else:
+                self.graphs.move_to_end(key)
+            graph, static_in, static_out = entry
+            for buf, t in zip(static_in, inputs, strict=True):
+                buf.copy_(t, non_blocking=True)
+            graph.replay()  # type: ignore[attr-defined]
+            return static_out.clone()
 
     def _capture(
         self, inputs: tuple[torch.Tensor, ...]
     ) -> tuple[object, list[torch.Tensor], torch.Tensor]:
         static_in = [t.clone() for t in inputs]
-        stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+        stream = torch.cuda.Stream(inputs[0].device)  # type: ignore[no-untyped-call]
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up outside capture (cuBLAS/SDPA workspace, autotune)
             for _ in range(3):
                 self.fn(*static_in)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # "thread_local", as inductor captures: in the default "global" mode a CUDA call another
+        # thread makes meanwhile (the GPU loader's decode, its cudaMalloc or host copies) is refused
+        # ("operation not permitted when stream is capturing") and invalidates this capture.
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
             static_out = self.fn(*static_in)
         return graph, static_in, static_out
 
