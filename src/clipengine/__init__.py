@@ -7,7 +7,12 @@ Public API (imports are lazy so `import clipengine` stays cheap and needs no tor
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what mypy sees; at run time `__getattr__` imports these on first use
+    from .api import ClipModel, load
+    from .index import Index
+    from .text.tokenizer import tokenize
 
 __version__ = "0.1.0"
 

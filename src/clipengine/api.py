@@ -73,8 +73,14 @@ class ClipModel:
         return self._backend.image_size
 
     def preprocess(self, image: ImageInput) -> FloatArray:
-        """Decode and preprocess one image -> (3, H, W) float32. Raises DecodeError naming it."""
-        return preprocess(image, self.preprocess_cfg)
+        """Decode and preprocess one image -> (3, H, W) float32.
+
+        Raises:
+            DecodeError: the image cannot be decoded (the message names it).
+            InputError: `image` is not a path, bytes, PIL image or array (as in `encode_images`).
+        """
+        (item,) = _image_items(image, several=False)  # else the decoder's bare TypeError
+        return preprocess(item, self.preprocess_cfg)
 
     def _checked_pixels(self, pixels: np.ndarray) -> FloatArray:
         expected = (3, self.image_size, self.image_size)
@@ -106,6 +112,8 @@ class ClipModel:
                 preprocessed batch is not float (N, 3, S, S) with finite values; `batch_size` is not an integer >= 1.
         """
         batch_size = _batch_size(batch_size)
+        if not isinstance(normalize, bool | np.bool_):  # "no" would be truthy: unit rows, silently
+            raise InputError(f"normalize must be True or False, got {normalize!r}")
         encode = self._backend.encode_images  # the keyword only when asked: older backends lack it
         if not normalize:
             encode = functools.partial(encode, normalize=False)
@@ -201,23 +209,31 @@ def _str_list(value: object, name: str) -> list[str]:
     return as_str_list(value, name, f"a list of {name}", "pass a list of str (for a dict, list(d) or list(d.values()))")
 
 
-def _image_items(images: object) -> list[ImageInput]:
+def _image_items(images: object, *, several: bool = True) -> list[ImageInput]:
     """One image or a list/tuple of images as a list, every item checked before any is decoded.
 
     The decoder would raise a bare TypeError only when it reaches a bad item, after decoding and
-    encoding the batches before it.
+    encoding the batches before it. `several=False`: exactly one image (`ClipModel.preprocess`).
     """
     # A single str/bytes is a Sequence too: only lists and tuples mean "several images".
-    several = isinstance(images, (list, tuple))
-    items = list(images) if isinstance(images, (list, tuple)) else [images]
+    many = several and isinstance(images, (list, tuple))
+    items = list(cast(Sequence[object], images)) if many else [images]
     for i, item in enumerate(items):
         if not isinstance(item, _IMAGE_TYPES):
-            where = f"images[{i}]" if several else "images"
+            where = f"images[{i}]" if many else ("images" if several else "image")
+            expected = "or a list of them" if several else "one image"
             raise InputError(
-                f"{where} is {type(item).__name__}; expected a path, bytes, PIL image or array, "
-                "or a list of them"
+                f"{where} is {type(item).__name__}; expected a path, bytes, PIL image or array, {expected}"
             )
     return cast(list[ImageInput], items)
+
+
+def _check_option(value: object, name: str, kind: type, expected: str) -> None:
+    """A `load` option of the wrong type is an InputError naming it, not an AttributeError or
+    TypeError from deep inside a backend or the registry (`device=None`: "'NoneType' object has no
+    attribute 'startswith'")."""
+    if not isinstance(value, kind):
+        raise InputError(f"{name} must be {expected}, got {value!r}")
 
 
 def load(
@@ -249,7 +265,8 @@ def load(
     Raises:
         UnknownModelError, CheckpointError, DownloadNotAllowedError, DownloadError, BackendError
         (InputError, a BackendError, for a `name_or_path` that is not a str or Path, a backend that
-        cannot run it, or bad options).
+        cannot run it, bad options, an empty `pretrained`, or an option of the wrong type: `device`,
+        `precision`, `pretrained` not a str, `allow_download` not a bool).
     """
     from .backends import BACKEND_KINDS
 
@@ -260,6 +277,13 @@ def load(
         )
     if backend not in BACKEND_KINDS:  # else named below as a backend that needs an export folder
         raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_KINDS)}")
+    if pretrained is not None:
+        _check_option(pretrained, "pretrained", str, "a weights tag (str) or None")
+        if not pretrained.strip():  # as "NAME@" is refused: not silently the default weights
+            raise InputError("pretrained is empty; pass a tag, e.g. pretrained='openai', or leave it out")
+    _check_option(allow_download, "allow_download", bool, "True or False")  # "no" would download
+    _check_option(device, "device", str, "a device name (str), e.g. 'cpu' or 'cuda'")
+    _check_option(precision, "precision", str, "a precision name (str), e.g. 'fp32' or 'bf16'")
     path = Path(name_or_path).expanduser()
     if path.is_dir() and (path / _EXPORT_MANIFEST).is_file():
         if pretrained is not None:
@@ -311,14 +335,16 @@ def load_export(
 
     Raises:
         BackendError: not an export folder, missing precision, provider or engine file.
-        InputError (a BackendError): `folder` not a str or Path, a backend other than onnx/openvino,
-            or options it does not take.
+        InputError (a BackendError): `folder` not a str or Path, `device` or `precision` not a str,
+            a backend other than onnx/openvino, or options it does not take.
     """
     engine: ExportFolderBackend
     if not isinstance(folder, str | os.PathLike):  # else a TypeError reported below as "bad options []"
         raise InputError(f"folder must be an export folder path (str or Path), got {type(folder).__name__}")
     if backend not in ("onnx", "openvino"):
         raise InputError(f"backend {backend!r} does not run export folders; use 'onnx' or 'openvino'")
+    _check_option(device, "device", str, "a device name (str), e.g. 'cpu' or 'cuda'")
+    _check_option(precision, "precision", str, "a precision name (str), e.g. 'fp32' or 'int8'")
     try:
         if backend == "onnx":
             from .backends.onnx_backend import OnnxBackend

@@ -27,6 +27,15 @@ _CPU = "CPUExecutionProvider"
 _plan = plan_batches  # the name older code and the tests import
 
 
+def _import_onnxruntime() -> Any:
+    """onnxruntime, or a BackendError saying how to install it (it is an optional dependency)."""
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise BackendError('the onnx backend needs ONNX Runtime: pip install "clipengine[onnx]"') from e
+    return onnxruntime
+
+
 def resolve_providers(
     device: str, providers: list[str] | None = None, tensorrt: bool = False
 ) -> list[str | tuple[str, dict[str, Any]]]:
@@ -41,7 +50,7 @@ def resolve_providers(
         BackendError: a requested provider is not in this onnxruntime build.
         InputError (a BackendError): a malformed device name or an empty `providers` list.
     """
-    import onnxruntime as ort
+    ort = _import_onnxruntime()
 
     available = ort.get_available_providers()
     device_id = 0
@@ -52,6 +61,8 @@ def resolve_providers(
         device_id = int(idx) if idx else 0
     elif device != "cpu":
         raise InputError(f"unknown device {device!r} for the onnx backend; use 'cpu', 'cuda' or 'cuda:N'")
+    if isinstance(providers, str):  # else "onnxruntime has no C, P, U, ...": one name, letter by letter
+        raise InputError(f"providers must be a list of provider names, got one string; pass [{providers!r}]")
     if providers is not None and not providers:
         raise InputError("providers is empty; name at least one, or pass None for the device's default")
     if providers is None:
@@ -80,7 +91,7 @@ class OnnxEngine(FolderEngine):
         options: Any,
         projection: np.ndarray | None = None,
     ) -> None:
-        import onnxruntime as ort
+        ort = _import_onnxruntime()
 
         try:
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
@@ -132,7 +143,7 @@ class OnnxBackend(ExportFolderBackend):
             BackendError: no manifest, a precision the folder lacks, a missing provider or file.
             InputError: a precision no export makes (not one of `export.manifest.PRECISIONS`).
         """
-        import onnxruntime as ort
+        ort = _import_onnxruntime()
 
         if precision not in PRECISIONS:  # else "no fp64 engines ... re-export with --precision fp64"
             raise InputError(

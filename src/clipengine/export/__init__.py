@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+# What mypy sees; at run time `__getattr__` imports these on first use. Not load_export: an import
+# of clipengine.api here, even for type checking only, breaks the layers contract (export is below api).
+if TYPE_CHECKING:
+    from .manifest import EngineInfo, Manifest, read_manifest
+    from .onnx import export_model
 
 __all__ = ["EngineInfo", "Manifest", "export_model", "load_export", "read_manifest"]
 

@@ -1,0 +1,100 @@
+"""clipengine.load / load_export options and ClipModel arguments of the wrong type: an InputError
+naming the argument, never an AttributeError or TypeError from inside a backend or the registry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import clipengine
+from clipengine.api import ClipModel, load_export
+from clipengine.errors import InputError
+from clipengine.models.clip import CLIP
+from clipengine.models.saving import save_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model: CLIP) -> Path:
+    return save_model(tiny_model, tmp_path_factory.mktemp("api_options") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def model(model_dir: Path) -> ClipModel:
+    return clipengine.load(model_dir)
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model: CLIP) -> Path:
+    from clipengine.export.onnx import export_model
+
+    out = tmp_path_factory.mktemp("api_options_export") / "tiny"
+    export_model(tiny_model, out, image_batches=(1,), text_batches=(1,), verify=False)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "match"),
+    [
+        # Was AttributeError: 'int' object has no attribute 'lower' (the registry's tag lookup).
+        ("pretrained", 5, r"^pretrained must be a weights tag \(str\) or None, got 5$"),
+        # Was accepted silently as the default weights, while "tiny-synth@" is refused.
+        ("pretrained", "", r"^pretrained is empty; pass a tag"),
+        # Was truthy: "no" turned downloads on.
+        ("allow_download", "no", r"^allow_download must be True or False, got 'no'$"),
+        ("device", None, r"^device must be a device name \(str\), e.g. 'cpu' or 'cuda', got None$"),
+        ("precision", 16, r"^precision must be a precision name \(str\), e.g. 'fp32' or 'bf16', got 16$"),
+    ],
+)
+def test_load_refuses_options_of_the_wrong_type(option: str, value: Any, match: str) -> None:
+    with pytest.raises(InputError, match=match):
+        clipengine.load("tiny-synth", **{option: value})
+
+
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+@pytest.mark.parametrize("option", ["device", "precision"])
+@pytest.mark.parametrize("value", [None, 5])
+def test_export_folder_options_of_the_wrong_type_are_named(
+    export_dir: Path, backend: str, option: str, value: Any
+) -> None:
+    # device=None was AttributeError: 'NoneType' object has no attribute 'startswith' in both runtimes.
+    with pytest.raises(InputError, match=rf"^{option} must be a {option} name \(str\)"):
+        clipengine.load(export_dir, backend=backend, **{option: value})
+    with pytest.raises(InputError, match=rf"^{option} must be a {option} name \(str\)"):
+        load_export(export_dir, backend=backend, **{option: value})
+
+
+def test_onnx_providers_as_one_string_is_refused(export_dir: Path) -> None:
+    # Was BackendError "onnxruntime has no C, P, U, E, x, ...": the string read letter by letter.
+    with pytest.raises(
+        InputError, match=r"providers must be a list of provider names.*\['CPUExecutionProvider'\]"
+    ):
+        clipengine.load(export_dir, providers="CPUExecutionProvider")
+    assert clipengine.load(export_dir, providers=["CPUExecutionProvider"]).backend.name == "onnx"
+
+
+@pytest.mark.parametrize("image", [None, 5, 2.5, {"a": 1}, ["a.png"]])
+def test_preprocess_refuses_what_is_not_one_image(model: ClipModel, image: Any) -> None:
+    # Was the decoder's bare TypeError; a list is several images (encode_images takes those).
+    with pytest.raises(
+        InputError,
+        match=rf"^image is {type(image).__name__}; expected a path, bytes, PIL image or array, one image$",
+    ):
+        model.preprocess(image)
+
+
+@pytest.mark.parametrize("normalize", ["no", None, 0])
+def test_encode_images_normalize_must_be_a_bool(model: ClipModel, normalize: Any) -> None:
+    # "no" was truthy: unit rows where raw features were asked for, without a word.
+    with pytest.raises(InputError, match=r"^normalize must be True or False"):
+        model.encode_images(np.zeros((8, 8, 3), np.uint8), normalize=normalize)
+
+
+def test_encode_images_normalize_false_keeps_the_raw_norm(model: ClipModel) -> None:
+    image = np.full((8, 8, 3), 90, np.uint8)
+    raw = model.encode_images(image, normalize=np.bool_(False))
+    unit = model.encode_images(image)
+    np.testing.assert_allclose(raw / np.linalg.norm(raw, axis=1, keepdims=True), unit, atol=1e-5)
+    assert abs(float(np.linalg.norm(raw)) - 1.0) > 1e-3
