@@ -199,6 +199,33 @@ def test_real_nvjpeg_with_a_cpu_share_matches_cpu_workers(photo_folder, tmp_path
     assert sorted(f.id for f in read_failures(tmp_path / "gpu")) == bad
 
 
+@pytest.mark.gpu
+def test_real_nvjpeg_with_cuda_graphs_matches_cpu_workers(photo_folder, tmp_path: Path, tiny_model,
+                                                          monkeypatch) -> None:  # type: ignore[no-untyped-def]  # fmt: skip
+    """What `embed --device cuda --gpu-decode --compile` runs (there compiled too): the model under
+    CUDA graphs, each batch shape captured when it first comes, while the loader thread decodes the
+    next groups (2 files each here, so it is at work during the captures)."""
+    import clipengine.pipeline.gpu_batching as gb
+    from clipengine.backends.torch_backend import TorchBackend
+
+    root, good, bad = photo_folder
+    cfg = tiny_model_cfg(tiny_model)
+    plain = lambda: TorchBackend(copy.deepcopy(tiny_model), device="cuda", precision="fp16")  # noqa: E731
+
+    def graphs() -> TorchBackend:
+        return TorchBackend(copy.deepcopy(tiny_model), device="cuda", precision="fp16", cuda_graphs=True)
+
+    embed_folder(root, tmp_path / "cpu", plain, cfg, model="tiny", workers=0, dtype="float32")
+    monkeypatch.setattr(gb, "_DECODE_GROUP", 2)
+    stats = embed_folder(root, tmp_path / "gpu", graphs, cfg, model="tiny", dtype="float32", gpu_decode="cuda",
+                         workers=0, batch_size=2)  # fmt: skip
+    ids_c, vec_c, _ = read_embeddings(tmp_path / "cpu")
+    ids_g, vec_g, _ = read_embeddings(tmp_path / "gpu")
+    assert ids_g == ids_c == good and stats.embedded == len(good)
+    assert float((vec_g * vec_c).sum(axis=1).min()) >= 0.99
+    assert sorted(f.id for f in read_failures(tmp_path / "gpu")) == bad
+
+
 @pytest.mark.parametrize("batch_size", [1, 4, 7])
 def test_decode_ahead_gives_the_same_batches(photo_folder, tiny_model, fake_nvjpeg, monkeypatch,
                                              batch_size: int) -> None:  # type: ignore[no-untyped-def]  # fmt: skip
