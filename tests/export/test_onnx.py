@@ -319,3 +319,32 @@ def test_export_killed_midway_leaves_no_litter_after_the_rerun(tmp_path: Path, t
     assert sorted(p.name for p in out.iterdir()) == [
         "image_fp32_dyn.onnx", "manifest.json", "notes.txt", "text_fp32_dyn.onnx"
     ]
+
+
+def test_a_parity_miss_leaves_the_previous_export_published_and_unchanged(
+    tmp_path: Path, tiny_model, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """ExportParityError publishes nothing: the old manifest and every old file stay byte for byte,
+    and not even the new engines that passed land in the folder (they were moved in one by one
+    after the old manifest was removed, so a failed re-export destroyed a working one)."""
+    from clipengine.backends.onnx_backend import OnnxBackend
+
+    out = tmp_path / "export"
+    onnx_export.export_model(tiny_model, out, image_batches=(1,), text_batches=(4,), verify=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setitem(BOUNDS, "int8", {"min_cos": 1.5})  # unreachable: every int8 engine misses it
+    with pytest.raises(ExportParityError, match=r"image_int8_b1\.onnx: .*needs cosine >= 1\.5"):
+        onnx_export.export_model(
+            tiny_model, out, precisions=("fp32", "int8"), image_batches=(1,), text_batches=(4,)
+        )
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "parity_report.json"}
+    assert after == before
+    report = json.loads((out / "parity_report.json").read_text())
+    assert {e["file"]: e["parity"]["passed"] for e in report["engines"]} == {
+        "image_fp32_b1.onnx": True,
+        "image_int8_b1.onnx": False,
+        "text_fp32_b4.onnx": True,
+        "text_int8_b4.onnx": False,
+    }
+    pixels = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    assert OnnxBackend(out).encode_images(pixels).shape == (2, 32)  # still the working fp32 export

@@ -147,13 +147,14 @@ def export_model(
         calibration["text"] = calibration_texts(cfg.text.context_length)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    previous = rewrite.begin_rewrite(out)
+    rewrite.remove_stale_work(out)
     projection: dict[str, Any] | None = None
     if split_text_projection:
         w, d = model.text_projection.shape
         projection = {"file": projection_file_name(w, d), "shape": [w, d]}
 
     engines: list[EngineInfo] = []
+    previous: set[str] = set()  # the files of the export this one replaces (rewrite.begin_rewrite)
     with tempfile.TemporaryDirectory(prefix=rewrite.WORK_PREFIX, dir=out) as tmp:
         work = Path(tmp)
         if projection is not None:
@@ -164,12 +165,15 @@ def export_model(
             for batch in batches[tower]:
                 engines += _build_engines(
                     model, tower, batch, precisions, split_text_projection and tower == "text",
-                    work, out, samples[tower], reference[tower], calibration[tower], verify, say,
+                    work, samples[tower], reference[tower], calibration[tower], verify, say,
                 )
         engines.sort(key=lambda e: (e.tower != "image", e.batch is None, e.batch or 0, PRECISIONS.index(e.precision)))
         failed = [e for e in engines if e.parity is not None and not e.parity.passed]
-        if projection is not None and not failed:
-            rewrite.move_files(work, out, [projection["file"]])
+        if not failed:
+            # Only now does the folder change: a failed export leaves the previous one published.
+            previous = rewrite.begin_rewrite(out)
+            names = [n for e in engines for n in (e.file, e.external_data)]
+            rewrite.move_files(work, out, [*names, projection["file"] if projection else None])
 
     manifest = Manifest(
         model=model_name or cfg.name,
@@ -187,7 +191,7 @@ def export_model(
     )
     if failed:
         # Straight to the report's name: a manifest.json, even for a moment, would publish engines
-        # that failed and never landed as a complete export.
+        # that failed and never landed. The previous export's manifest and engines stay as they were.
         write_manifest(manifest, out, name=rewrite.PARITY_REPORT_FILE)
         raise_on_failures(engines, out)
     write_manifest(manifest, out)
@@ -227,14 +231,13 @@ def _build_engines(
     precisions: Sequence[str],
     split: bool,
     work: Path,
-    out: Path,
     inputs: np.ndarray,
     reference: np.ndarray,
     calibration: np.ndarray | None,
     verify: bool,
     say: Progress,
 ) -> list[EngineInfo]:
-    """Export one tower at one batch size in fp32, derive the other precisions, verify, move in."""
+    """Export one tower at one batch size in fp32, derive the other precisions and verify them, in `work`."""
     from ..backends.onnx_backend import OnnxEngine
 
     fp32 = work / engine_file_name(tower, "fp32", batch)
@@ -245,7 +248,7 @@ def _build_engines(
     projection_path = work / projection_file_name(*model.text_projection.shape)
     projection = np.load(projection_path) if split else None
     engines = []
-    # fp32 last: its file is moved into the folder once verified, and the others are derived from it.
+    # fp32 last: the others are derived from its file.
     for precision in sorted(precisions, key=lambda p: p == "fp32"):
         path = work / engine_file_name(tower, precision, batch)
         data, quant = fp32_data, None
@@ -281,7 +284,5 @@ def _build_engines(
                 for key, q in info.runtime_parity.items():
                     say(f"  {path.name} under {key}: max-abs {q.max_abs:.2e}, min cos {q.min_cos:.6f} "
                         f"{'ok' if q.passed else 'FAILED (the openvino backend will refuse it)'}")
-        if info.parity is None or info.parity.passed:
-            rewrite.move_files(work, out, [path.name, data])
         engines.append(info)
     return engines

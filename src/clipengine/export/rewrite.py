@@ -1,5 +1,6 @@
-"""How an export rewrites its folder in place: unpublish the old manifest, stage files in a work
-folder, move finished ones in, and drop the replaced export's engines once the new manifest is out.
+"""How an export rewrites its folder in place: stage files in a work folder, and only once every
+engine passed its parity check unpublish the old manifest, move the new files in, and drop the
+replaced export's engines once the new manifest is out (a failed export leaves the old one as it was).
 
 Separate from `export.onnx` (which builds and verifies the engines) because this is the part that
 keeps a folder safe to read while it changes and clean after a killed or failed export.
@@ -18,7 +19,14 @@ from pathlib import Path
 from ..files import atomic_write_bytes, fsync_dir, fsync_file
 from .manifest import MANIFEST_FILE
 
-__all__ = ["PARITY_REPORT_FILE", "WORK_PREFIX", "begin_rewrite", "finish_rewrite", "move_files"]
+__all__ = [
+    "PARITY_REPORT_FILE",
+    "WORK_PREFIX",
+    "begin_rewrite",
+    "finish_rewrite",
+    "move_files",
+    "remove_stale_work",
+]
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +58,15 @@ def _plain_names(names: Iterable[object]) -> set[str]:
     return {n for n in names if isinstance(n, str) and n and Path(n).name == n}
 
 
+def remove_stale_work(out: Path) -> None:
+    """Remove the work folders of exports killed before their cleanup ran (call before making one)."""
+    for work in out.iterdir():
+        if _WORK_DIR.fullmatch(work.name) and work.is_dir():
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def begin_rewrite(out: Path) -> set[str]:
-    """Unpublish `out`'s manifest and clear what a killed export left; return the files to replace.
+    """Unpublish `out`'s manifest (every new engine has passed); return the files to replace.
 
     The files the old manifest listed are noted in `_PREVIOUS_FILE` before the manifest goes, so an
     export killed midway still leaves the next one the list of engines to remove once it succeeds.
@@ -66,9 +81,6 @@ def begin_rewrite(out: Path) -> set[str]:
         log.warning("ignoring %s (%s)", noted, e)
     atomic_write_bytes(noted, json.dumps(sorted(previous)).encode())
     (out / MANIFEST_FILE).unlink(missing_ok=True)  # a half-rewritten folder must not look complete
-    for work in out.iterdir():  # the work folders of exports killed before their cleanup ran
-        if _WORK_DIR.fullmatch(work.name) and work.is_dir():
-            shutil.rmtree(work, ignore_errors=True)
     return previous
 
 
