@@ -380,6 +380,27 @@ def test_decoder_warns_once_when_the_gpu_decoder_takes_nothing(
     ]
 
 
+def test_decoder_warns_once_when_the_gpu_decoder_raises_on_every_image(
+    images: Factories, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A GPU decoder that raises for the batch and again for each image alone (torchvision built
+    without nvjpeg) is not silent either: one warning with its error, the CPU decoder takes them."""
+
+    def raises(data: list[Any], device: Any) -> list[Any]:
+        raise RuntimeError("not compiled with nvJPEG support")
+
+    decoder = GpuJpegDecoder("cpu", decode_batch=raises)
+    inputs = [(f"{i}.jpg", jpeg_bytes(images, 30, 20, seed=i)) for i in range(3)]
+    with caplog.at_level("WARNING", logger=gpu_decode.__name__):
+        first = decoder.decode(inputs)
+        decoder.decode(inputs)
+    assert first.ids == ["0.jpg", "1.jpg", "2.jpg"] and decoder.stats.cpu_fallback == 6
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "the custom GPU decoder failed on each of 3 JPEGs (not compiled with nvJPEG support); "
+        "the CPU decoder takes them"
+    ]
+
+
 def test_decoder_rejects_unknown_library_and_misplaced_options() -> None:
     with pytest.raises(ValueError, match="unknown GPU decode library 'dali'"):
         GpuJpegDecoder("cpu", library="dali")

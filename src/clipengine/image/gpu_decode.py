@@ -315,12 +315,20 @@ class GpuJpegDecoder:
                                "(is its nvjpeg library installed?)", self.library, len(images))  # fmt: skip
             return images
         singles: list[torch.Tensor | None] = []
+        error: Exception | None = None
         for item, tensor in zip(encoded, data, strict=True):
             try:
                 singles.append(self.decode_batch([tensor], self.device)[0])
             except Exception as err:
                 logger.debug("nvjpeg cannot decode %s (%s); using the CPU decoder", item.id, err)
                 singles.append(None)
+                error = err
+        if len(singles) > 1 and all(image is None for image in singles) and not self._warned_all_failed:
+            # A decoder that raises on every JPEG (torchvision without nvjpeg, a broken CUDA set-up)
+            # would otherwise leave only debug lines while the loader thread decodes all on the CPU.
+            self._warned_all_failed = True
+            logger.warning("the %s GPU decoder failed on each of %d JPEGs (%s); the CPU decoder takes them",
+                           self.library, len(singles), error)  # fmt: skip
         return singles
 
     def _cpu(
