@@ -130,6 +130,9 @@ def choose_params(n: int, dim: int, kind: str = "auto", **overrides: int | None)
 
 
 def _check_positive(name: str, value: Any) -> None:
+    # isinstance first: nlist="4" was a bare "'<' not supported between 'str' and 'int'" TypeError.
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name} must be an integer >= 1, got {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
 

@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from ..errors import DuplicateIdError, IndexFileError, IndexMismatchError
+from ..text.tokenizer import as_str_list
 from .ann import AUTO_EXACT_MAX, IndexParams, choose_params, create_faiss_index, search_parameters
 from .persistence import HEADER_KEYS, read_files, write_files
-from .rows import as_unit_matrix, check_rows, no_vectors, size_row
+from .rows import as_id_list, as_unit_matrix, check_rows, no_vectors, size_row
 
 if TYPE_CHECKING:
     import faiss
@@ -135,7 +136,14 @@ class Index:
 
         Raises:
             DuplicateIdError: repeated ids. IndexMismatchError: vectors of the wrong dim.
+            ValueError: ids not a list of str, `model` not a non-empty str, vectors not a numeric
+                (N, D) matrix, sizes not (width, height) pairs, or counts that differ.
         """
+        ids = as_id_list(ids)
+        if not isinstance(model, str) or not model:  # None was saved, then failed every later query
+            raise ValueError(f"model must be the name of the model that made the vectors, got {model!r}")
+        if isinstance(image_roots, str | Path):  # one folder, not one root per character
+            image_roots = [image_roots]
         if dim is None:
             arr = np.asarray(vectors)
             if arr.ndim != 2:
@@ -157,7 +165,7 @@ class Index:
         )
         return cls(
             index,
-            list(ids),
+            ids,
             list(sizes) if sizes is not None else [None] * len(ids),
             model=model,
             dim=dim,
@@ -187,6 +195,7 @@ class Index:
         """
         if on_duplicate not in ("error", "skip"):
             raise ValueError(f"on_duplicate must be 'error' or 'skip', got {on_duplicate!r}")
+        ids = as_id_list(ids)
         x = as_unit_matrix(vectors, self.dim, "vectors") if len(ids) else no_vectors(vectors, self.dim)
         check_rows(ids, x, sizes)
         size_list = list(sizes) if sizes is not None else [None] * len(ids)
@@ -260,7 +269,9 @@ class Index:
     def search_texts(self, model: QueryModel, texts: str | Sequence[str], k: int = 10) -> list[list[Hit]]:
         """Embed `texts` with `model` (must be the index's model) and search; one hit list per text."""
         self.check_model(model.name, model.embed_dim)
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        # as_str_list: None or 5 was a bare "'NoneType' object is not iterable" TypeError
+        expected = "a str or a list of str"
+        texts = [texts] if isinstance(texts, str) else as_str_list(texts, "texts", expected, "e.g. 'a dog'")
         return self.search_vectors(model.encode_texts(texts), k)
 
     def search_images(
@@ -268,7 +279,9 @@ class Index:
     ) -> list[list[Hit]]:
         """Embed query images with `model` (must be the index's model) and search; one hit list per image."""
         self.check_model(model.name, model.embed_dim)
-        batch = list(images) if isinstance(images, (list, tuple)) else [images]
+        batch: Any = list(images) if isinstance(images, (list, tuple)) else [images]
+        if isinstance(images, np.ndarray) and images.ndim == 4:  # preprocessed (N, 3, S, S): one batch
+            batch = images
         return self.search_vectors(model.encode_images(batch), k)
 
     # ------------------------------------------------------------------ metadata

@@ -11,12 +11,25 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import DuplicateIdError, IndexMismatchError
+from ..errors import DuplicateIdError, IndexMismatchError, InputError
+from ..text.tokenizer import as_str_list
 
 if TYPE_CHECKING:
     from ..types import FloatArray
 
-__all__ = ["as_unit_matrix", "check_rows", "no_vectors", "size_row", "sizes_from_rows"]
+__all__ = ["as_id_list", "as_unit_matrix", "check_rows", "no_vectors", "size_row", "sizes_from_rows"]
+
+
+def as_id_list(ids: object) -> list[str]:
+    """`ids` as a list of str: one str would be read as one id per character, and an int id would
+    be saved and come back as a str, so neither is taken.
+
+    Raises:
+        ValueError (InputError): one str, or anything but a list, tuple or 1-D array of str.
+    """
+    if isinstance(ids, str):
+        raise InputError(f"ids must be a list of ids, not one string ({ids!r:.60}); wrap it in a list")
+    return as_str_list(ids, "ids", "a list of str", "pass a list of str ids (e.g. image paths)")
 
 
 def as_unit_matrix(vectors: Any, dim: int | None, what: str) -> FloatArray:
@@ -25,7 +38,11 @@ def as_unit_matrix(vectors: Any, dim: int | None, what: str) -> FloatArray:
     Raises:
         ValueError: not 1-d/2-d, or NaN / infinite values. IndexMismatchError: D is not `dim`.
     """
-    x = np.asarray(vectors, dtype=np.float32)
+    raw = np.asarray(vectors)  # a ragged list raises here: say which argument
+    if not (np.issubdtype(raw.dtype, np.number) or raw.dtype == np.bool_):
+        # else numpy's "could not convert string to float: 'a dog'", naming neither argument nor fix
+        raise ValueError(f"{what} must be a numeric (N, D) matrix, got dtype {raw.dtype}")
+    x = raw.astype(np.float32, copy=False)
     if x.ndim == 1:
         x = x[None, :]
     if x.ndim != 2:
@@ -56,10 +73,21 @@ def check_rows(ids: Sequence[str], x: FloatArray, sizes: Sequence[Any] | None) -
         raise ValueError(f"{len(ids)} ids but {len(x)} vectors")
     if sizes is not None and len(sizes) != len(ids):
         raise ValueError(f"{len(ids)} ids but {len(sizes)} sizes")
+    for i, size in enumerate(sizes or ()):  # else save() fails on int("a") after the build succeeded
+        if size is not None and not _is_size(size):
+            raise ValueError(f"sizes[{i}] is {size!r:.40}; expected (width, height) integers >= 1, or None")
     if len(set(ids)) != len(ids):
         seen: set[str] = set()
         dup = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
         raise DuplicateIdError(f"id {dup!r} appears more than once in the input")
+
+
+def _is_size(size: object) -> bool:
+    return (
+        isinstance(size, tuple | list)
+        and len(size) == 2
+        and all(isinstance(v, int | np.integer) and not isinstance(v, bool) and v >= 1 for v in size)
+    )
 
 
 def size_row(id_: str, size: tuple[int, int] | None) -> dict[str, Any]:
