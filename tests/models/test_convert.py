@@ -161,3 +161,45 @@ def test_config_from_hf_rejects_other_activations() -> None:
     hf = {"text_config": {"hidden_act": "relu"}, "vision_config": {"hidden_act": "relu"}}
     with pytest.raises(CheckpointError, match="unsupported activation"):
         config_from_hf(hf)
+
+
+def test_open_clip_resnet_config_with_null_patch_size_is_the_bundled_one() -> None:
+    """open_clip's RN50.json (also open_clip_config.json's model_cfg) says "patch_size": null."""
+    open_clip_rn50 = {
+        "embed_dim": 1024,
+        "vision_cfg": {"image_size": 224, "layers": [3, 4, 6, 3], "width": 64, "patch_size": None},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12},
+    }
+    cfg = CLIPConfig.from_dict(open_clip_rn50, name="RN50").with_quick_gelu(True)
+    assert cfg == get_config("RN50") and cfg.vision.patch_size == 32
+
+
+def test_config_from_hf_fills_in_transformers_defaults() -> None:
+    """A config.json may hold only the values that differ from transformers' defaults (ViT-B/32's
+    sizes, 224 px, QuickGELU); transformers reads them back with those defaults, and so must we."""
+    assert config_from_hf({"text_config": {}, "vision_config": {}}, name="ViT-B-32") == get_config("ViT-B-32")
+    bigg = {  # what such a file holds for ViT-bigG-14: no image_size, context length or vocabulary
+        "projection_dim": 1280,
+        "text_config": {"hidden_act": "gelu", "hidden_size": 1280, "intermediate_size": 5120,
+                        "num_attention_heads": 20, "num_hidden_layers": 32},
+        "vision_config": {"hidden_act": "gelu", "hidden_size": 1664, "intermediate_size": 8192,
+                          "num_attention_heads": 16, "num_hidden_layers": 48, "patch_size": 14},
+    }  # fmt: skip
+    cfg = config_from_hf(bigg, name="ViT-bigG-14")
+    assert infer_config(_meta_state(cfg), quick_gelu=False) == get_config("ViT-bigG-14")
+    assert (cfg.vision.heads, cfg.text.heads, cfg.quick_gelu) == (16, 20, False)
+
+
+def test_config_from_hf_lets_legacy_config_dict_win() -> None:
+    """Older files may carry text_config_dict beside a stale text_config; like
+    transformers, the _dict (completed with defaults) is what counts."""
+    hf = {
+        "projection_dim": 768,
+        "text_config": {"hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 8},
+        "text_config_dict": {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12},
+        "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16,
+                          "num_hidden_layers": 24, "patch_size": 14, "hidden_act": "gelu"},
+        "vision_config_dict": {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16,
+                               "num_hidden_layers": 24, "patch_size": 14},
+    }  # fmt: skip
+    assert config_from_hf(hf, name="ViT-L-14") == get_config("ViT-L-14")  # QuickGELU: the _dict's default

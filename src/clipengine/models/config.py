@@ -79,10 +79,12 @@ class CLIPConfig:
             vis["layers"] = tuple(vis["layers"])
         vis_fields = set(VisionConfig.__dataclass_fields__)
         txt_fields = set(TextConfig.__dataclass_fields__)
+        # null means "not set": open_clip's ResNet configs carry "patch_size": null, which must keep
+        # our default rather than put None in an int field (and differ from the bundled config).
         return cls(
             embed_dim=int(d["embed_dim"]),
-            vision=VisionConfig(**{k: v for k, v in vis.items() if k in vis_fields}),
-            text=TextConfig(**{k: v for k, v in txt.items() if k in txt_fields}),
+            vision=VisionConfig(**{k: v for k, v in vis.items() if k in vis_fields and v is not None}),
+            text=TextConfig(**{k: v for k, v in txt.items() if k in txt_fields and v is not None}),
             quick_gelu=bool(d.get("quick_gelu", False)),
             name=name or d.get("name", "custom"),
         )

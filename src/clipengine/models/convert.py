@@ -226,15 +226,59 @@ def infer_config(
 # ----------------------------------------------------------------------------- Hugging Face
 
 
+# transformers' CLIPTextConfig / CLIPVisionConfig defaults (openai/clip-vit-base-patch32). A config.json
+# may leave out any value equal to these (transformers' `to_diff_dict` drops them when saving, e.g.
+# "image_size": 224 or "hidden_act": "quick_gelu"), and transformers fills them back in on load.
+_HF_TEXT_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 512,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 8,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+}
+_HF_VISION_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "image_size": 224,
+    "patch_size": 32,
+    "hidden_act": "quick_gelu",
+}
+
+
+def _hf_tower(hf: Mapping[str, Any], tower: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """One tower's settings as transformers' CLIPConfig resolves them.
+
+    Older files (e.g. openai/clip-vit-large-patch14's) also carry `text_config_dict` / `vision_config_dict`; when
+    present, transformers builds a full sub-config from it (defaults for what it omits) and lets that
+    override `text_config` / `vision_config`, so this does the same.
+    """
+    values = dict(hf.get(tower) or {})
+    legacy = hf.get(f"{tower}_dict")
+    if legacy is not None:
+        values.update({**defaults, **legacy})
+    return {**defaults, **values}
+
+
 def config_from_hf(hf: Mapping[str, Any], name: str = "custom") -> CLIPConfig:
     """CLIPConfig from a transformers `CLIPModel` config.json (heads and activation are explicit there).
+
+    Values the file leaves out take transformers' defaults, as `CLIPConfig.from_pretrained` does.
 
     Raises:
         CheckpointError: not a CLIP config, or the two towers use different activations.
     """
     try:
-        v, t = hf["vision_config"], hf["text_config"]
-        acts = {v.get("hidden_act", "quick_gelu"), t.get("hidden_act", "quick_gelu")}
+        if not isinstance(hf.get("vision_config") or {}, Mapping) or not isinstance(
+            hf.get("text_config") or {}, Mapping
+        ):
+            raise TypeError("vision_config / text_config must be JSON objects")
+        v = _hf_tower(hf, "vision_config", _HF_VISION_DEFAULTS)
+        t = _hf_tower(hf, "text_config", _HF_TEXT_DEFAULTS)
+        acts = {v["hidden_act"], t["hidden_act"]}
         if not acts <= {"quick_gelu", "gelu"} or len(acts) != 1:
             raise CheckpointError(
                 f"{name}: unsupported activation(s) {sorted(acts)}; need quick_gelu or gelu"
@@ -251,8 +295,8 @@ def config_from_hf(hf: Mapping[str, Any], name: str = "custom") -> CLIPConfig:
                 mlp_ratio=_ratio(int(v["intermediate_size"]), vw),
             ),
             text=TextConfig(
-                context_length=int(t.get("max_position_embeddings", 77)),
-                vocab_size=int(t.get("vocab_size", 49408)),
+                context_length=int(t["max_position_embeddings"]),
+                vocab_size=int(t["vocab_size"]),
                 width=tw,
                 heads=int(t["num_attention_heads"]),
                 layers=int(t["num_hidden_layers"]),
@@ -261,7 +305,7 @@ def config_from_hf(hf: Mapping[str, Any], name: str = "custom") -> CLIPConfig:
             quick_gelu=acts == {"quick_gelu"},
             name=name,
         )
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
         raise CheckpointError(f"{name}: config.json is not a transformers CLIPConfig ({e!r})") from e
 
 
