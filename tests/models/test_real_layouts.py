@@ -58,12 +58,12 @@ def _meta_clip(cfg: CLIPConfig) -> CLIP:
 
 
 def _open_clip_meta(open_clip: Any, src: WeightSource) -> Any:
-    """open_clip's model for this arch and tag (QuickGELU as open_clip picks it for the tag)."""
+    """open_clip's model for this arch and tag, QuickGELU where open_clip's registry says so for
+    the tag (as `create_model(arch, pretrained=tag)` does), not where ours does."""
+    quick_gelu = bool(open_clip.get_pretrained_cfg(src.arch, src.tag).get("quick_gelu", False))
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")
-        return open_clip.create_model(
-            src.arch, pretrained=None, device="meta", force_quick_gelu=src.quick_gelu
-        )
+        return open_clip.create_model(src.arch, pretrained=None, device="meta", force_quick_gelu=quick_gelu)
 
 
 def _release_state(open_clip: Any, src: WeightSource) -> dict[str, torch.Tensor]:
