@@ -287,3 +287,10 @@ def test_tensorrt_provider_when_installed(export_dir: Path, pixels) -> None:  # 
     assert gpu.providers[0] == "TensorrtExecutionProvider"
     cpu = OnnxBackend(export_dir)
     assert (gpu.encode_images(pixels) * cpu.encode_images(pixels)).sum(1).min() >= 0.999
+
+
+def test_missing_onnxruntime_says_how_to_install(export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime is an optional dependency: without it the CLI printed a ModuleNotFoundError traceback."""
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
+    with pytest.raises(BackendError, match=r'needs ONNX Runtime: pip install "clipengine\[onnx\]"'):
+        OnnxBackend(export_dir)

@@ -106,3 +106,34 @@ def test_newer_format_asks_for_upgrade(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(BackendError, match="upgrade clipengine"):
         read_manifest(tmp_path)
+
+
+def _without(key: str, engine_key: str | None = None) -> dict[str, object]:
+    data = _manifest().to_dict()
+    if engine_key is None:
+        del data[key]
+    else:
+        del data["engines"][0][engine_key]
+        if key:
+            del data["engines"][0]["parity"][key]
+    return data
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (_without("model"), r"\(the manifest lacks 'model'\); re-export it"),
+        (_without("", engine_key="sha256"), r"\(engine 'image_fp16_dyn.onnx' lacks 'sha256'\)"),
+        (_without("passed", engine_key="tower"), r"\(engine 'image_fp16_dyn.onnx' parity lacks 'passed'\)"),
+        ({**_manifest().to_dict(), "format_version": 0}, r"format_version must be a positive integer, got 0"),
+        ({**_manifest().to_dict(), "format_version": True}, r"must be a positive integer, got True"),
+    ],
+)
+def test_missing_fields_and_older_formats_are_named(
+    tmp_path: Path, data: dict[str, object], message: str
+) -> None:
+    """A missing field was reported as `Manifest.__init__() missing 1 required positional argument`,
+    and format_version 0 / true (no clipengine writes them) were read as the current format."""
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(BackendError, match=message):
+        read_manifest(tmp_path)

@@ -75,3 +75,42 @@ def test_sample_and_calibration_texts_differ_and_end_with_eot() -> None:
     assert samples.shape == (8, 77) and calibration.shape == (16, 77)
     assert (samples.argmax(-1) > 0).all() and (samples.max(-1) == 49407).all()
     assert not {tuple(r) for r in samples} & {tuple(r) for r in calibration}
+
+
+def test_verify_folder_and_cli_report_a_tampered_or_missing_file(
+    vit_dynamic_split_export, scratch_copy, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    """`clipengine export --verify FOLDER` re-checks every listed file's SHA-256 (there was no way to
+    check a copied or downloaded export short of loading it with verify_files=True)."""
+    from clipengine.cli.app import main
+    from clipengine.export.verify import verify_folder
+
+    folder = scratch_copy(vit_dynamic_split_export[0])
+    manifest = vit_dynamic_split_export[1]
+    assert verify_folder(folder) == (len(manifest.engines) + 1, [])  # + the text projection
+    assert main(["export", "--verify", str(folder)]) == 0
+    assert "ok (7 files match their SHA-256; every engine passed parity)" in capsys.readouterr().out
+
+    with open(folder / "image_int8_dyn.onnx", "ab") as f:
+        f.write(b"\0")
+    (folder / manifest.text_projection["file"]).unlink()
+    _, problems = verify_folder(folder)
+    assert [p.split(": ", 1)[1] for p in problems] == [
+        "SHA-256 differs from the manifest (the engine was changed or is corrupt)",
+        "text projection listed in the manifest is missing",
+    ]
+    assert problems[0].startswith(str(folder / "image_int8_dyn.onnx"))
+    assert main(["export", "--verify", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "2 problem(s)" in err
+    assert "image_int8_dyn.onnx: SHA-256 differs" in err
+
+
+def test_export_verify_usage_errors(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from clipengine.cli.app import main
+
+    assert main(["export", "--verify", str(tmp_path), "ViT-B-32"]) == 2  # --verify takes no MODEL
+    assert main(["export", "ViT-B-32"]) == 2  # an export needs --output
+    assert main(["export", "--verify", str(tmp_path / "missing")]) == 2
+    assert main(["export", "--verify", str(tmp_path)]) == 1  # a folder with no manifest
+    assert "no export manifest here" in capsys.readouterr().err

@@ -74,7 +74,15 @@ def format_summary(manifest: Manifest) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
-_OUTPUT = typer.Option(..., "--output", "-o", file_okay=False, help="Export folder, e.g. models/ViT-B-32/.")
+_OUTPUT = typer.Option(None, "--output", "-o", file_okay=False, help="Export folder, e.g. models/ViT-B-32/.")
+_VERIFY = typer.Option(
+    None,
+    "--verify",
+    metavar="FOLDER",
+    exists=True,
+    file_okay=False,
+    help="Re-check an export folder instead (no MODEL): every file's SHA-256 and recorded parity.",
+)
 _PRETRAINED = typer.Option(None, "--pretrained", help="Weights tag, e.g. openai.")
 _CHECKPOINT = typer.Option(None, "--checkpoint", help="Checkpoint file instead of MODEL's weights.")
 _PRECISION = typer.Option("fp32", "--precision", help="Comma list of fp32, fp16, int8, int8w (int8 weights only).")
@@ -90,11 +98,27 @@ _NO_VERIFY = typer.Option(False, "--no-verify", help="Skip parity checks (not re
 _DOWNLOAD = typer.Option(False, "--download", help="Allow downloading missing weights.")
 
 
+def _verify_folder(folder: Path) -> None:
+    """`--verify FOLDER`: one line if intact; else a BackendError listing each problem (exit 1)."""
+    from ..errors import BackendError
+    from ..export.manifest import read_manifest
+    from ..export.verify import verify_folder
+
+    checked, problems = verify_folder(folder)
+    if problems:
+        raise BackendError(f"{folder}: {len(problems)} problem(s): " + "; ".join(problems))
+    unverified = [e.file for e in read_manifest(folder).engines if e.parity is None]
+    parity = f"unverified: {', '.join(unverified)}" if unverified else "every engine passed parity"
+    typer.echo(f"{folder}: ok ({checked} files match their SHA-256; {parity})")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("export")
     def export(
-        model: str = typer.Argument(..., help="Model name (ViT-B-32, RN50@openai, ...), checkpoint or folder."),
-        output: Path = _OUTPUT,
+        model: str | None = typer.Argument(
+            None, help="Model name (ViT-B-32, RN50@openai, ...), checkpoint or folder."
+        ),
+        output: Path | None = _OUTPUT,
         pretrained: str | None = _PRETRAINED,
         checkpoint: Path | None = _CHECKPOINT,
         precision: str = _PRECISION,
@@ -106,8 +130,16 @@ def register(app: typer.Typer) -> None:
         sample_dir: Path | None = _SAMPLES,
         no_verify: bool = _NO_VERIFY,
         download: bool = _DOWNLOAD,
+        verify: Path | None = _VERIFY,
     ) -> None:
         """Export MODEL to ONNX engines, verify each against PyTorch, and write manifest.json."""
+        if verify is not None:
+            if model is not None or output is not None:
+                raise typer.BadParameter("--verify FOLDER checks an export; give no MODEL or --output")
+            _verify_folder(verify)
+            return
+        if model is None or output is None:
+            raise typer.BadParameter("give MODEL and --output FOLDER (or --verify FOLDER to check an export)")
         from ..export.onnx import export_model
         from ..models.load import load_model
         from .downloads import fetch_with_progress

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,17 @@ def engine_file_name(tower: str, precision: str, batch: int | None) -> str:
 def projection_file_name(width: int, embed_dim: int) -> str:
     """`text_projection_<W>_<D>.npy`, the seed's name for the split-off text projection."""
     return f"text_projection_{width}_{embed_dim}.npy"
+
+
+def _known_fields(cls: Any, d: dict[str, Any], where: str) -> dict[str, Any]:
+    """The entries of `d` that `cls` has fields for (unknown ones, from newer writers, are
+    dropped); a missing required field is named, not reported as a constructor's TypeError."""
+    fields = cls.__dataclass_fields__
+    required = [n for n, f in fields.items() if f.default is MISSING and f.default_factory is MISSING]
+    missing = [n for n in required if n not in d]
+    if missing:
+        raise KeyError(f"{where} lacks {', '.join(repr(n) for n in missing)}")
+    return {k: v for k, v in d.items() if k in fields}
 
 
 @dataclass(frozen=True)
@@ -97,13 +108,16 @@ class EngineInfo:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EngineInfo:
         d = dict(d)
-        d["inputs"] = [TensorSpec(**t) for t in d.get("inputs", [])]
-        d["outputs"] = [TensorSpec(**t) for t in d.get("outputs", [])]
+        where = f"engine {d.get('file', '?')!r}"
+        d["inputs"] = [TensorSpec(**_known_fields(TensorSpec, t, where)) for t in d.get("inputs", [])]
+        d["outputs"] = [TensorSpec(**_known_fields(TensorSpec, t, where)) for t in d.get("outputs", [])]
         if d.get("parity") is not None:
-            d["parity"] = Parity(**d["parity"])
-        d["runtime_parity"] = {k: Parity(**v) for k, v in (d.get("runtime_parity") or {}).items()}
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})
+            d["parity"] = Parity(**_known_fields(Parity, d["parity"], f"{where} parity"))
+        d["runtime_parity"] = {
+            k: Parity(**_known_fields(Parity, v, f"{where} runtime_parity"))
+            for k, v in (d.get("runtime_parity") or {}).items()
+        }
+        return cls(**_known_fields(cls, d, where))
 
 
 @dataclass(frozen=True)
@@ -131,8 +145,7 @@ class Manifest:
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
         d = dict(d)
         d["engines"] = [EngineInfo.from_dict(e) for e in d.get("engines", [])]
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**_known_fields(cls, d, "the manifest"))
 
     def select(self, tower: str, precision: str) -> list[EngineInfo]:
         """Engines of one tower and precision, fixed batches ascending, dynamic last."""
@@ -176,10 +189,12 @@ def read_manifest(folder: str | Path) -> Manifest:
         if not isinstance(data, dict):
             raise TypeError(f"expected a JSON object, got a JSON {type(data).__name__}")
         manifest = Manifest.from_dict(data)
-        if not isinstance(manifest.format_version, int):
-            raise TypeError(f"format_version must be an integer, got {manifest.format_version!r}")
+        version = manifest.format_version
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise TypeError(f"format_version must be a positive integer, got {version!r}")
     except (ValueError, TypeError, KeyError, AttributeError) as e:  # ValueError: not UTF-8 / not JSON
-        raise BackendError(f"{path}: not a valid clipengine export manifest ({e})") from e
+        reason = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() quotes it
+        raise BackendError(f"{path}: not a valid clipengine export manifest ({reason}); re-export it") from e
     if manifest.format_version > MANIFEST_VERSION:
         raise BackendError(
             f"{path}: manifest format {manifest.format_version} is newer than this clipengine reads "

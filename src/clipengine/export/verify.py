@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import ExportParityError
 from ..types import FloatArray, ImageInput, IntArray
-from .manifest import EngineInfo, Parity
+from .manifest import MANIFEST_FILE, EngineInfo, Parity, file_sha256, read_manifest
 
 __all__ = [
     "BOUNDS",
@@ -26,6 +26,7 @@ __all__ = [
     "raise_on_failures",
     "sample_images",
     "sample_texts",
+    "verify_folder",
 ]
 
 # Bounds on L2-normalised embeddings. INT8 0.99: met with a wide margin on random weights (0.9998
@@ -160,5 +161,58 @@ def raise_on_failures(engines: Sequence[EngineInfo], folder: Path) -> None:
         lines = "; ".join(_describe(e) for e in failed)
         raise ExportParityError(
             f"{len(failed)} engine(s) in {folder} miss their parity bound: {lines}. "
-            f"The report is in {folder / 'parity_report.json'}; no manifest.json was written."
+            f"The report is in {folder / 'parity_report.json'}; no manifest.json was written and the "
+            "folder's previous export, if any, is unchanged."
         )
+
+
+def _file_problem(folder: Path, name: object, sha256: object, what: str) -> str | None:
+    """Why `folder/name` is not the file the manifest recorded (None: it is)."""
+    if not isinstance(name, str) or not name or Path(name).name != name:
+        return f"{what} {name!r}: not a plain file name"
+    path = folder / name
+    if not path.is_file():
+        return f"{path}: {what} listed in the manifest is missing"
+    if file_sha256(path) != sha256:
+        return f"{path}: SHA-256 differs from the manifest (the {what} was changed or is corrupt)"
+    return None
+
+
+def verify_folder(folder: str | Path) -> tuple[int, list[str]]:
+    """Re-check an export folder against its manifest, without the PyTorch model.
+
+    Every file the manifest lists (engines, their external weights, the split text projection) must
+    be there with the SHA-256 recorded when its parity was measured, and every engine must have
+    passed that check. Parity itself is not re-run: that needs the model (re-export to re-measure);
+    matching checksums mean the engines are the bytes that passed it.
+
+    Returns:
+        (files checked, problems: one line each naming the file; empty when the folder is intact).
+
+    Raises:
+        BackendError: no manifest, or one that cannot be read (see read_manifest).
+    """
+    root = Path(folder)
+    manifest = read_manifest(root)
+    root = root if root.is_dir() else root.parent
+    checked, problems = 0, []
+    for e in manifest.engines:
+        files: list[tuple[str, object, str]] = [(e.file, e.sha256, "engine")]
+        if e.external_data:
+            files.append((e.external_data, e.external_data_sha256, "engine's external data"))
+        for name, sha, what in files:
+            checked += 1
+            if (problem := _file_problem(root, name, sha, what)) is not None:
+                problems.append(problem)
+        if e.parity is not None and not e.parity.passed:
+            problems.append(f"{root}/{_describe(e)}: missed its parity bound at export")
+    if manifest.text_projection:
+        spec = manifest.text_projection
+        checked += 1
+        spec = spec if isinstance(spec, dict) else {"file": spec}
+        problem = _file_problem(root, spec.get("file"), spec.get("sha256"), "text projection")
+        if problem is not None:
+            problems.append(problem)
+    if not manifest.engines:
+        problems.append(f"{root / MANIFEST_FILE}: lists no engines")
+    return checked, problems
