@@ -6,6 +6,7 @@ The embedding loop and shard bookkeeping both share live in `shard_assembly`.
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -162,8 +163,15 @@ def embed_folder(
     Raises:
         IndexMismatchError: ``out_dir`` holds a run with another model, embed_dim, dtype or shard size.
         DatasetError: the source does not exist, or lists an id twice.
+        TypeError / ValueError: an argument of the wrong type or range (named), before anything is written.
     """
     t_start = time.perf_counter()
+    _check_embed_args(
+        source, out_dir, preprocess_cfg, batch_size=batch_size, shard_size=shard_size, workers=workers
+    )
+    # Plain ints: run.json is JSON, which takes no NumPy integers.
+    batch_size, shard_size = operator.index(batch_size), operator.index(shard_size)
+    workers = None if workers is None else operator.index(workers)
     check_cpu_share(gpu_cpu_share, gpu_decode, workers)
     out_dir = Path(out_dir)
     items = list(source) if not isinstance(source, (str, Path)) else list_items(source)
@@ -239,3 +247,31 @@ def embed_folder(
     atomic_write_json(out_dir / RUN_FILE, info)
     _log.info("embedded %d images (%d failed) into %s", total.embedded, total.failed, out_dir)
     return total
+
+
+def _check_embed_args(source: object, out_dir: object, preprocess_cfg: object, **counts: object) -> None:
+    """Arguments of the wrong type named up front: they were bare errors from deep inside ("'<' not
+    supported between 'str' and 'int'", "'NoneType' object has no attribute 'to_dict'")."""
+    from ..image.preprocess import PreprocessConfig
+
+    if not isinstance(source, str | Path | Sequence):
+        raise TypeError(
+            f"source must be a folder, a file list or a list of ImageItems, got {type(source).__name__}"
+        )
+    if not isinstance(out_dir, str | Path):
+        raise TypeError(f"out_dir must be a folder path (str or Path), got {type(out_dir).__name__}")
+    if not isinstance(preprocess_cfg, PreprocessConfig | dict):
+        raise TypeError(
+            f"preprocess_cfg must be the model's PreprocessConfig (model.preprocess_cfg) or its dict, "
+            f"got {type(preprocess_cfg).__name__}"
+        )
+    for name, value in counts.items():
+        if value is None and name == "workers":  # the default: one per core
+            continue
+        smallest = 0 if name == "workers" else 1  # workers=0: decode in this process
+        try:
+            number = operator.index(value)  # type: ignore[arg-type]  # NumPy integers too
+        except TypeError:
+            raise TypeError(f"{name} must be an integer >= {smallest}, got {value!r}") from None
+        if isinstance(value, bool) or number < smallest:
+            raise ValueError(f"{name} must be an integer >= {smallest}, got {value!r}")

@@ -132,5 +132,7 @@ def partitions(items: Sequence[ImageItem], size: int) -> list[Partition]:
 
 
 def _check_size(size: int) -> None:
+    if isinstance(size, bool) or not hasattr(size, "__index__"):  # "2" was a bare '<' TypeError
+        raise TypeError(f"partition size must be an integer >= 1, got {size!r}")
     if size < 1:
         raise ValueError(f"partition size must be >= 1, got {size}")
