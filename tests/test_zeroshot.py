@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Any
 
+import numpy as np
+import pytest
+
+from clipengine.errors import InputError
 from clipengine.zeroshot import class_embeddings, fill_template, label_prompts, mean_unit, rank_labels
 
 
@@ -50,3 +54,47 @@ def test_rank_labels_sorts_by_probability_and_sums_to_one() -> None:
     for row in ranked:
         assert abs(sum(p for _, p in row) - 1.0) < 1e-9
         assert [p for _, p in row] == sorted((p for _, p in row), reverse=True)
+
+
+@pytest.mark.parametrize(
+    ("images", "classes", "labels", "scale", "match"),
+    [
+        # Each was a bare numpy or Python error naming nothing (or NaN probabilities, for inf).
+        (np.ones((1, 4)), np.ones((2, 4)), ["a"], 100.0, r"^1 labels for 2 class vectors$"),
+        (
+            np.ones(4),
+            np.ones((2, 4)),
+            ["a", "b"],
+            100.0,
+            r"\(N, D\) and \(C, D\) matrices of one D; got \(4,\)",
+        ),
+        (np.ones((1, 3)), np.ones((2, 4)), ["a", "b"], 100.0, r"got \(1, 3\) and \(2, 4\)$"),
+        (
+            np.ones((1, 4)),
+            np.ones((2, 4)),
+            ["a", "b"],
+            float("inf"),
+            r"^logit_scale must be a finite .* inf$",
+        ),
+        (
+            np.ones((1, 4)),
+            np.ones((2, 4)),
+            ["a", "b"],
+            "100",
+            r"^logit_scale must be a finite number, got '100'$",
+        ),
+    ],
+)
+def test_rank_labels_refuses_inputs_that_do_not_fit(
+    images: np.ndarray, classes: np.ndarray, labels: list[str], scale: Any, match: str
+) -> None:
+    with pytest.raises(InputError, match=match):
+        rank_labels(images, classes, scale, labels)
+
+
+def test_class_embeddings_refuses_one_string_and_a_batch_below_one() -> None:
+    with pytest.raises(InputError, match=r"^labels must be a list of labels, not one string \('cat'\)$"):
+        class_embeddings(_fake_encoder(), "cat", None)  # was three labels: "c", "a", "t"
+    with pytest.raises(InputError, match=r"^batch_labels must be an integer >= 1, got 0$"):
+        class_embeddings(_fake_encoder(), ["cat"], None, batch_labels=0)  # was range()'s ValueError
+    assert class_embeddings(_fake_encoder(), ["cat", "dog"], None, batch_labels=np.int64(1)).shape == (2, 8)
