@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import BackendError, InputError
+from .extras import install_hint
 from .image.preprocess import PreprocessConfig, preprocess
 from .text.tokenizer import as_str_list, tokenize
 from .types import Backend, FloatArray, ImageInput
@@ -297,7 +298,14 @@ def load(
             f"{name_or_path} is not one: create it with `clipengine export`, or use backend='torch'"
         )
     from .backends import create_backend
-    from .models.load import load_model
+
+    try:
+        from .models.load import load_model
+    except ModuleNotFoundError as e:  # no torch ([onnx] installs): the extra to add, not a bare import error
+        hint = install_hint(e)
+        if hint is None:
+            raise
+        raise BackendError(f"loading {name_or_path}: {hint}") from e
 
     loaded = load_model(name_or_path, pretrained, allow_download=allow_download, arch=opts.pop("arch", None))
     logit_scale = float(loaded.module.logit_scale.detach().float().exp())

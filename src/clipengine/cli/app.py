@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import typer
 
 from ..errors import ClipEngineError
+from ..extras import install_hint
 
 __all__ = ["app", "main"]
 
@@ -108,7 +109,8 @@ def _os_error_line(e: OSError) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; maps ClipEngineError and OSError to a one-line message and exit code 1 (2 for usage)."""
+    """Run the CLI; maps ClipEngineError, OSError and a missing optional dependency to a one-line message
+    and exit code 1 (2 for usage)."""
     click_errors = _click_exception_types()
     try:
         result = app(args=list(argv) if argv is not None else None, standalone_mode=False)
@@ -128,6 +130,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except click_errors as e:  # usage errors (bad option values, missing arguments)
         e.show()  # type: ignore[attr-defined]
         return int(getattr(e, "exit_code", 2))
+    except ModuleNotFoundError as e:  # an optional dependency this command needs: name its extra
+        hint = install_hint(e)
+        if hint is None or _state["verbose"]:
+            raise
+        typer.echo(f"error: {hint}", err=True)
+        return 1
     except OSError as e:  # disk full, read-only output, unreadable input: the user's to fix, not a bug
         if _state["verbose"]:
             raise
