@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -294,3 +295,23 @@ def test_missing_onnxruntime_says_how_to_install(export_dir: Path, monkeypatch: 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
     with pytest.raises(BackendError, match=r'needs ONNX Runtime: pip install "clipengine\[onnx\]"'):
         OnnxBackend(export_dir)
+
+
+@pytest.mark.parametrize("name", ["../outside.onnx", "/tmp/outside.onnx", ""])
+def test_engine_and_projection_files_must_be_in_the_folder(
+    export_dir: Path, tmp_path: Path, name: str
+) -> None:
+    """A manifest naming "../x.onnx" loaded a file outside the folder (no checksum covers it)."""
+    folder = tmp_path / "copy"
+    shutil.copytree(export_dir, folder)
+    data = json.loads((folder / "manifest.json").read_text())
+    for engine in data["engines"]:
+        engine["file"] = name
+    (folder / "manifest.json").write_text(json.dumps(data))
+    pixels = np.zeros((1, 3, 32, 32), np.float32)
+    with pytest.raises(BackendError, match=r'engine "file" must be a plain file name'):
+        OnnxBackend(folder).encode_images(pixels)
+    data["text_projection"]["file"] = name
+    (folder / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(BackendError, match=r'text_projection "file" must be a plain file name'):
+        OnnxBackend(folder)

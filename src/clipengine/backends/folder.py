@@ -212,14 +212,23 @@ class ExportFolderBackend(ABC):
         spec = self.manifest.text_projection
         if not spec:
             return None
-        path = self.root / spec["file"]
+        path = self._member(spec["file"], "text_projection")
         if not path.is_file():
             raise BackendError(f"{path}: text projection listed in the manifest is missing")
         projection: np.ndarray = np.load(path).astype(np.float32)  # (W, D)
         return projection
 
+    def _member(self, name: object, what: str) -> Path:
+        """`root / name` for a plain file name: "../x.onnx" or "/abs/x.onnx" would load a file
+        outside the folder, one its checksums were never taken over."""
+        if not isinstance(name, str) or not name or Path(name).name != name:
+            raise BackendError(
+                f'{self.root / MANIFEST_FILE}: {what} "file" must be a plain file name, got {name!r}'
+            )
+        return self.root / name
+
     def _open(self, info: EngineInfo) -> FolderEngine:
-        path = self.root / info.file
+        path = self._member(info.file, "engine")
         if not path.is_file():
             raise BackendError(f"{path}: engine listed in the manifest is missing; re-run the export")
         if self._verify_files and file_sha256(path) != info.sha256:
