@@ -49,6 +49,13 @@ def index() -> Index:
     return clipengine.Index.load("photos.index")
 
 
+def search() -> list[list[tuple[str, float]]]:
+    model = clipengine.load("tiny-synth", pretrained="synthetic")
+    index = Index.load("photos.index")
+    index.search_images(model, "query.jpg", k=10)
+    return index.search_texts(model, "a dog on the beach", k=10)
+
+
 def manifest() -> Manifest:
     return read_manifest("models/tiny")
 """

@@ -33,8 +33,13 @@ Hit = tuple[str, float]  # (id, cosine similarity)
 class QueryModel(Protocol):
     """What searching by text or image needs from a model (clipengine.api.ClipModel satisfies it)."""
 
-    name: str
-    embed_dim: int
+    # Read-only properties: as plain `embed_dim: int` members mypy refused ClipModel, whose
+    # embed_dim is a property ("expected settable variable, got read-only attribute").
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def embed_dim(self) -> int: ...
 
     def encode_texts(self, texts: Sequence[str]) -> FloatArray: ...
 
