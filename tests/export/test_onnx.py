@@ -348,3 +348,34 @@ def test_a_parity_miss_leaves_the_previous_export_published_and_unchanged(
     }
     pixels = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
     assert OnnxBackend(out).encode_images(pixels).shape == (2, 32)  # still the working fp32 export
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"image_batches": ()}, r"image_batches=\(\): give positive integer batch sizes"),
+        ({"text_batches": [0]}, r"text_batches=\[0\]"),
+        ({"image_batches": [1.5]}, r"image_batches=\[1\.5\]"),
+        ({"image_batches": [True]}, r"image_batches=\[True\]"),
+    ],
+)
+def test_bad_batch_sizes_are_refused_before_anything_runs(
+    tmp_path: Path, tiny_model, kwargs, message: str
+) -> None:  # type: ignore[no-untyped-def]
+    """() used to export a dynamic engine, 0 failed inside torch.export, 1.5 was truncated to 1."""
+    with pytest.raises(ValueError, match=message):
+        onnx_export.export_model(tiny_model, tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_repeated_precisions_and_batches_export_each_engine_once(tmp_path: Path, tiny_model) -> None:  # type: ignore[no-untyped-def]
+    manifest = onnx_export.export_model(
+        tiny_model,
+        tmp_path / "out",
+        precisions=("fp32", "fp32"),
+        image_batches=(2, 1, 2),
+        text_batches=(4, 4),
+        verify=False,
+    )
+    files = [e.file for e in manifest.engines]
+    assert files == ["image_fp32_b1.onnx", "image_fp32_b2.onnx", "text_fp32_b4.onnx"]

@@ -75,9 +75,22 @@ def _calibration_pixels(images: Any, cfg: PreprocessConfig) -> np.ndarray | None
     return np.stack([preprocess(source, cfg) for source in images]).astype(np.float32)
 
 
-def _batch_list(batches: Sequence[int] | None) -> list[int | None]:
-    """Fixed batch sizes, or [None] for one dynamic-batch engine."""
-    return [int(b) for b in batches] if batches else [None]
+def _batch_list(batches: Sequence[int] | None, name: str) -> list[int | None]:
+    """Fixed batch sizes (ascending, each once), or [None] for one dynamic-batch engine.
+
+    An empty list used to mean dynamic and a repeated size exported the same engine twice; 0, -1
+    or 1.5 failed deep inside torch.export (or was truncated).
+    """
+    if batches is None:
+        return [None]
+    if (
+        isinstance(batches, (str, bytes))
+        or not all(isinstance(b, (int, np.integer)) and not isinstance(b, bool) and b >= 1 for b in batches)
+        or not batches
+    ):
+        raise ValueError(f"{name}={batches!r}: give positive integer batch sizes, or None for dynamic")
+    sizes: list[int | None] = [int(b) for b in sorted(set(batches))]
+    return sizes
 
 
 def export_model(
@@ -128,6 +141,11 @@ def export_model(
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown or not precisions:
         raise ValueError(f"unknown precision(s) {unknown}; choose from {', '.join(PRECISIONS)}")
+    precisions = list(dict.fromkeys(precisions))  # ("fp32", "fp32") built and listed each engine twice
+    batches = {
+        "image": _batch_list(image_batches, "image_batches"),
+        "text": _batch_list(text_batches, "text_batches"),
+    }
     started = time.perf_counter()
     say = progress or (lambda line: log.info("%s", line))
     model = copy.deepcopy(module).float().eval()
@@ -160,7 +178,6 @@ def export_model(
         if projection is not None:
             np.save(work / projection["file"], model.text_projection.detach().numpy().astype(np.float32))
             projection["sha256"] = file_sha256(work / projection["file"])
-        batches = {"image": _batch_list(image_batches), "text": _batch_list(text_batches)}
         for tower in ("image", "text"):
             for batch in batches[tower]:
                 engines += _build_engines(
