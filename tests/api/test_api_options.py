@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import clipengine
 from clipengine.api import ClipModel, load_export
@@ -98,3 +99,13 @@ def test_encode_images_normalize_false_keeps_the_raw_norm(model: ClipModel) -> N
     unit = model.encode_images(image)
     np.testing.assert_allclose(raw / np.linalg.norm(raw, axis=1, keepdims=True), unit, atol=1e-5)
     assert abs(float(np.linalg.norm(raw)) - 1.0) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "mode", ["1", "L", "LA", "La", "P", "PA", "I", "I;16", "F", "RGBA", "RGBa", "CMYK", "YCbCr", "HSV"]
+)
+def test_pil_images_of_every_mode_encode_to_unit_rows(model: ClipModel, mode: str) -> None:
+    # "La" was Pillow's raw ValueError "conversion from La to L not supported".
+    emb = model.encode_images(Image.new(mode, (20, 30)))
+    assert emb.shape == (1, model.embed_dim) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)

@@ -274,6 +274,8 @@ def to_rgb(im: Image.Image, name: str = "<PIL image>") -> Image.Image:
         # Pillow warns on P -> RGB when the palette has per-entry alpha; via RGBA it does not,
         # and the colours are the same palette entries.
         return im.convert("RGBA").convert("RGB")
+    if im.mode == "La":  # premultiplied grey + alpha: Pillow converts it only to "LA" (else a raw ValueError)
+        im = im.convert("LA")
     return im.convert("RGB")
 
 
