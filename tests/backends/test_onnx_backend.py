@@ -159,6 +159,17 @@ def test_changed_file_is_caught_by_verify_files(export_dir: Path, tmp_path: Path
         OnnxBackend(folder, verify_files=True).encode_images(np.zeros((4, 3, 32, 32), np.float32))
 
 
+def test_changed_projection_file_is_caught_by_verify_files(export_dir: Path, tmp_path: Path) -> None:
+    """The split text projection is as much a part of the text engine as its graph (was unchecked)."""
+    folder = tmp_path / "copy"
+    shutil.copytree(export_dir, folder)
+    projection = next(folder.glob("text_projection_*.npy"))
+    np.save(projection, np.load(projection) * 2)
+    OnnxBackend(folder)  # without verify_files: no hashing
+    with pytest.raises(BackendError, match=r"text_projection_64_32\.npy: SHA-256 differs"):
+        OnnxBackend(folder, verify_files=True)
+
+
 def test_missing_projection_file_is_an_error(export_dir: Path, tmp_path: Path) -> None:
     import shutil
 

@@ -27,6 +27,16 @@ def test_external_data_export_loads_and_records_checksums(tmp_path: Path, tiny_m
     for precision in ("fp32", "fp16", "int8"):
         vectors = load_export(out, precision=precision).encode_texts(["a cat", "a dog"])
         assert vectors.shape == (2, 32) and np.isfinite(vectors).all()
+    # The weights are as much a part of the engine as the graph: verify_files and --verify check
+    # them too (verify_files checked only the .onnx, which no longer holds the weights).
+    from clipengine.errors import BackendError
+    from clipengine.export.verify import verify_folder
+
+    with open(out / "text_fp32_dyn.onnx.data", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(BackendError, match=r"text_fp32_dyn\.onnx\.data: SHA-256 differs"):
+        load_export(out, verify_files=True).encode_texts(["a cat"])
+    assert [p.split(": ", 1)[0] for p in verify_folder(out)[1]] == [str(out / "text_fp32_dyn.onnx.data")]
 
 
 @pytest.mark.parametrize(("size", "external"), [(10, True), (10**9, False)])

@@ -215,6 +215,7 @@ class ExportFolderBackend(ABC):
         path = self._member(spec["file"], "text_projection")
         if not path.is_file():
             raise BackendError(f"{path}: text projection listed in the manifest is missing")
+        self._check_sha256(path, spec.get("sha256"))
         projection: np.ndarray = np.load(path).astype(np.float32)  # (W, D)
         return projection
 
@@ -231,9 +232,16 @@ class ExportFolderBackend(ABC):
         path = self._member(info.file, "engine")
         if not path.is_file():
             raise BackendError(f"{path}: engine listed in the manifest is missing; re-run the export")
-        if self._verify_files and file_sha256(path) != info.sha256:
-            raise BackendError(f"{path}: SHA-256 differs from the manifest (file changed or corrupt)")
+        self._check_sha256(path, info.sha256)
+        if info.external_data:  # the weights of a > 2 GB engine: as much a part of it as the graph
+            self._check_sha256(self._member(info.external_data, "external_data"), info.external_data_sha256)
         return self._engine(path, info, self._projection)
+
+    def _check_sha256(self, path: Path, expected: object) -> None:
+        """With verify_files: the file must be the one the manifest recorded (engines, their external
+        weights and the text projection alike; only engine graphs were checked before)."""
+        if self._verify_files and (not path.is_file() or file_sha256(path) != expected):
+            raise BackendError(f"{path}: SHA-256 differs from the manifest (file changed or corrupt)")
 
     def encode_images(self, pixels: FloatArray, *, normalize: bool = True) -> FloatArray:
         """(N, 3, H, W) float32 -> (N, D) float32, unit L2 norm (`normalize=False`: as the engine gives them)."""
