@@ -92,3 +92,11 @@ def test_search_images_takes_a_preprocessed_batch(clip_model: Any) -> None:
     pixels = np.stack([clip_model.preprocess(im) for im in images])
     assert index.search_images(clip_model, pixels, k=3) == index.search_images(clip_model, images, k=3)
     assert len(index.search_images(clip_model, pixels, k=1)) == 3
+
+
+def test_save_and_load_name_a_path_of_the_wrong_type() -> None:
+    # Were pathlib's "expected str, bytes or os.PathLike object, not NoneType".
+    with pytest.raises(TypeError, match=r"^path must be an index folder path \(str or Path\), got NoneType$"):
+        Index.build(["a", "b", "c"], V, model="m").save(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^path must be an index folder path \(str or Path\), got int$"):
+        Index.load(5)  # type: ignore[arg-type]

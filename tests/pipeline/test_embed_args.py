@@ -1,4 +1,4 @@
-"""embed_folder / partitions name an argument of the wrong type or range before anything is written:
+"""embed_folder / partitions / list_items / read_* name an argument of the wrong type or range before anything is written:
 they were bare errors from deep inside ("'<' not supported between instances of 'str' and 'int'",
 "'NoneType' object has no attribute 'to_dict'", "'NoneType' object is not iterable")."""
 
@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from clipengine.pipeline import embed_folder, partitions
+from clipengine.errors import DatasetError
+from clipengine.pipeline import embed_folder, list_items, partitions, read_embeddings, read_failures
 
 
 @pytest.mark.parametrize(
@@ -60,3 +61,24 @@ def test_numpy_integer_sizes_are_accepted(
 def test_partition_size_that_is_not_an_integer_is_named() -> None:
     with pytest.raises(TypeError, match=r"^partition size must be an integer >= 1, got '2'$"):
         partitions([], "2")  # type: ignore[arg-type]
+
+
+def test_read_failures_of_a_folder_that_does_not_exist_is_an_error(tmp_path: Path) -> None:
+    # A mistyped folder read as "no failures" ([]), while read_embeddings of it raised.
+    with pytest.raises(DatasetError, match=r"out-typo: no such embed output folder"):
+        read_failures(tmp_path / "out-typo")
+    assert read_failures(tmp_path) == []  # a folder without failures.jsonl: a run with none
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: list_items(None), r"^source must be a folder or file list \(str or Path\), got NoneType$"),
+        (lambda: read_embeddings(None), r"^out_dir must be a folder path \(str or Path\), got NoneType$"),
+        (lambda: read_failures(5), r"^out_dir must be a folder path \(str or Path\), got int$"),
+    ],
+)
+def test_path_arguments_of_the_wrong_type_are_named(call: Any, match: str) -> None:
+    # Were pathlib's "expected str, bytes or os.PathLike object, not NoneType".
+    with pytest.raises(TypeError, match=match):
+        call()

@@ -340,6 +340,7 @@ class Index:
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
         """Write the index folder atomically (see clipengine.index.store); return its path."""
+        _check_path(path)
         header = {**self.extra, **self.describe()}
         header.pop("exact")
         write_files(
@@ -357,6 +358,7 @@ class Index:
         Raises:
             IndexFileError: missing, incomplete or corrupted index. IndexMismatchError: see above.
         """
+        _check_path(path)
         header, rows, index = read_files(Path(path))
         obj = cls(
             index,
@@ -376,3 +378,8 @@ class Index:
         elif dim is not None and dim != obj.dim:
             raise IndexMismatchError(f"index holds {obj.dim}-d embeddings but {dim}-d were expected")
         return obj
+
+
+def _check_path(path: object) -> None:
+    if not isinstance(path, str | Path):  # else pathlib's TypeError, naming no argument
+        raise TypeError(f"path must be an index folder path (str or Path), got {type(path).__name__}")

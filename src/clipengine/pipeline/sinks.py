@@ -210,7 +210,15 @@ def read_run_info(out_dir: str | Path) -> dict[str, Any] | None:
 
 
 def read_failures(out_dir: str | Path) -> list[Failure]:
-    """The failures of a finished run (``OUT/failures.jsonl``)."""
+    """The failures of a finished run (``OUT/failures.jsonl``); [] when it had none.
+
+    Raises:
+        DatasetError: `out_dir` is not a folder (a mistyped path read as "no failures" before).
+    """
+    if not isinstance(out_dir, str | Path):
+        raise TypeError(f"out_dir must be a folder path (str or Path), got {type(out_dir).__name__}")
+    if not Path(out_dir).is_dir():
+        raise DatasetError(f"{out_dir}: no such embed output folder (run `clipengine embed` first)")
     path = Path(out_dir) / FAILURES_FILE
     if not path.is_file():
         return []
@@ -227,6 +235,8 @@ def read_embeddings(out_dir: str | Path) -> tuple[list[str], FloatArray, dict[st
         DatasetError: an unfinished run, no shards, a missing shard, or a shard whose .npy and .jsonl
             disagree.
     """
+    if not isinstance(out_dir, str | Path):  # else pathlib's TypeError, naming no argument
+        raise TypeError(f"out_dir must be a folder path (str or Path), got {type(out_dir).__name__}")
     out_dir = Path(out_dir)
     meta = read_run_info(out_dir) or {}
     if meta.get("status") == "running":  # its shards may mix this run's and an older run's partitions

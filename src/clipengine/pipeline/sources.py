@@ -80,7 +80,10 @@ def list_items(source: str | Path) -> list[ImageItem]:
 
     Raises:
         DatasetError: `source` does not exist, or is an image itself.
+        TypeError: `source` is not a str or Path.
     """
+    if not isinstance(source, str | Path):  # else pathlib's TypeError, naming no argument
+        raise TypeError(f"source must be a folder or file list (str or Path), got {type(source).__name__}")
     path = Path(source)
     if path.is_dir():
         return list_folder(path)
