@@ -45,11 +45,17 @@ def test_disk_full_is_one_line_naming_the_file_and_the_fix(  # type: ignore[no-u
 
 
 def test_an_os_error_names_the_file_the_user_asked_for_not_the_temp_file(  # type: ignore[no-untyped-def]
-    folder: Path, tmp_path: Path, fake_load, capsys
+    folder: Path, tmp_path: Path, fake_load, capsys, monkeypatch
 ) -> None:
     # A parent that is a file: the OS refuses whoever runs it (chmod tests would pass as root).
     (tmp_path / "afile").write_text("")
     out = tmp_path / "afile" / "emb"
+    assert main(["embed", str(folder), "-o", str(out), "--workers", "0", "--no-progress"]) == 1
+    err = capsys.readouterr().err.splitlines()  # refused before the model loads (`check_output`)
+    assert err == [f"error: {tmp_path / 'afile'}: a file, not a folder: the output folder cannot go there"], err
+    # Found by the write itself (the folder changed after the check): the error names `out`, not
+    # the temp file the atomic write used.
+    monkeypatch.setattr("clipengine.pipeline.run_settings._check_writable", lambda out_dir: None)
     assert main(["embed", str(folder), "-o", str(out), "--workers", "0", "--no-progress"]) == 1
     err = capsys.readouterr().err.splitlines()
     assert err == [f"error: {out}: Not a directory"], err
