@@ -68,3 +68,17 @@ def test_failed_report_write_keeps_the_previous_file_and_leaves_no_temp_files(
         write_report(tmp_path, "cifar10", [{**results[0], "top1": 0.1}], "another title", plot=False)
     assert paths[kind].read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar10.json", "cifar10.md"]
+
+
+def test_without_matplotlib_the_reports_are_written_and_the_plot_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`clipengine[onnx]` alone: eval wrote its JSON and Markdown, then failed on the plot's import."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ModuleNotFoundError
+    result = {"model": "m", "dataset": "d", "n": 2, "top1": 0.5, "top5": 1.0, "mean_per_class_recall": 0.5,
+              "chance": 0.5, "per_class": {"cat": 0.5, "dog": 0.5}}  # fmt: skip
+    paths = write_report(tmp_path, "r", [result], "t")
+    assert sorted(paths) == ["json", "markdown"] and all(p.is_file() for p in paths.values())
+    assert "matplotlib is not installed" in caplog.text and not list(tmp_path.glob("*.png"))

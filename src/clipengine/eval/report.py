@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ import numpy as np
 from ..files import atomic_path
 
 __all__ = ["compare_table", "comparison_rows", "markdown_report", "plot_per_class", "write_report"]
+
+log = logging.getLogger(__name__)
 
 
 def _pct(x: float) -> str:
@@ -130,5 +133,10 @@ def write_report(
     with atomic_path(paths["markdown"]) as tmp:
         tmp.write_text(md, encoding="utf-8")
     if plot and results and results[0].get("per_class"):
-        paths["png"] = plot_per_class(results[0]["per_class"], out / f"{stem}_per_class.png", title)
+        try:
+            paths["png"] = plot_per_class(results[0]["per_class"], out / f"{stem}_per_class.png", title)
+        except ModuleNotFoundError as e:  # the plot is extra; the numbers above are written already
+            if e.name is None or not e.name.startswith("matplotlib"):
+                raise
+            log.warning("no per-class plot: matplotlib is not installed (pip install \"clipengine[eval]\")")
     return paths
