@@ -46,6 +46,15 @@ class ClipModel:
         logit_scale: float,
         context_length: int = 77,
     ) -> None:
+        # Checked here: a bad value was an AttributeError ('image_size') or float()'s ValueError, or
+        # (inf, NaN) made every classify() probability NaN.
+        if not isinstance(preprocess_cfg, PreprocessConfig):
+            kind = type(preprocess_cfg).__name__
+            raise InputError(f"preprocess_cfg must be a PreprocessConfig, got {kind}")
+        if isinstance(logit_scale, bool) or not isinstance(logit_scale, int | float | np.number):
+            raise InputError(f"logit_scale must be a finite number, got {logit_scale!r}")
+        if not np.isfinite(logit_scale):
+            raise InputError(f"logit_scale must be a finite number, got {logit_scale!r}")
         if preprocess_cfg.image_size != backend.image_size:
             raise BackendError(
                 f"preprocessing makes {preprocess_cfg.image_size} px images but the backend expects "
@@ -372,7 +381,8 @@ def load_export(
         preprocess_cfg = PreprocessConfig.from_dict(m.preprocess)
     except (ValueError, TypeError) as e:
         raise BackendError(f'{where}: bad "preprocess" section ({e})') from e
-    if isinstance(m.logit_scale, bool) or not isinstance(m.logit_scale, (int, float)):
-        raise BackendError(f'{where}: "logit_scale" must be a number, got {m.logit_scale!r}')
+    scale = m.logit_scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale):
+        raise BackendError(f'{where}: "logit_scale" must be a finite number, got {m.logit_scale!r}')
     name = m.model if m.pretrained is None else f"{m.model}@{m.pretrained}"
     return ClipModel(engine, preprocess_cfg, name, m.logit_scale, m.context_length)

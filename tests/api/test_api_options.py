@@ -12,7 +12,7 @@ from PIL import Image
 
 import clipengine
 from clipengine.api import ClipModel, load_export
-from clipengine.errors import InputError
+from clipengine.errors import BackendError, InputError
 from clipengine.models.clip import CLIP
 from clipengine.models.saving import save_model
 
@@ -109,3 +109,39 @@ def test_pil_images_of_every_mode_encode_to_unit_rows(model: ClipModel, mode: st
     emb = model.encode_images(Image.new(mode, (20, 30)))
     assert emb.shape == (1, model.embed_dim) and emb.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"preprocess_cfg": None},
+            r"^preprocess_cfg must be a PreprocessConfig, got NoneType$",
+        ),  # was AttributeError
+        (
+            {"logit_scale": "abc"},
+            r"^logit_scale must be a finite number, got 'abc'$",
+        ),  # was float()'s ValueError
+        (
+            {"logit_scale": float("inf")},
+            r"^logit_scale must be a finite number, got inf$",
+        ),  # NaN probabilities
+    ],
+)
+def test_clip_model_refuses_a_bad_preprocess_cfg_or_logit_scale(
+    model: ClipModel, kwargs: Any, match: str
+) -> None:
+    args: dict[str, Any] = {"preprocess_cfg": model.preprocess_cfg, "logit_scale": 100.0, **kwargs}
+    with pytest.raises(InputError, match=match):
+        ClipModel(model.backend, args["preprocess_cfg"], "x", args["logit_scale"])
+
+
+def test_export_with_an_infinite_logit_scale_is_a_broken_folder(export_dir: Path, tmp_path: Path) -> None:
+    from export_copies import copy_with_manifest
+
+    folder = copy_with_manifest(export_dir, tmp_path / "copy", logit_scale=float("inf"))
+    with pytest.raises(
+        BackendError, match=r'manifest\.json: "logit_scale" must be a finite number, got inf'
+    ) as info:
+        clipengine.load(folder)
+    assert not isinstance(info.value, InputError)  # the folder is broken, not an argument
