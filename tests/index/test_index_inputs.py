@@ -100,3 +100,9 @@ def test_save_and_load_name_a_path_of_the_wrong_type() -> None:
         Index.build(["a", "b", "c"], V, model="m").save(None)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"^path must be an index folder path \(str or Path\), got int$"):
         Index.load(5)  # type: ignore[arg-type]
+
+
+def test_k_may_not_be_a_bool() -> None:
+    # k=True searched as k=1 without a word.
+    with pytest.raises(TypeError, match=r"^k must be an integer, got True$"):
+        Index.build(["a", "b", "c"], V, model="m").search_vectors(V[:1], k=True)

@@ -250,6 +250,8 @@ class Index:
                 below 1, or a query row that is all zeros or holds NaN / infinity.
         """
         try:
+            if isinstance(k, bool):  # operator.index(True) is 1: a flag passed where k goes
+                raise TypeError
             k = operator.index(k)  # numpy integers too; faiss' bindings take only a Python int
         except TypeError:
             raise TypeError(f"k must be an integer, got {k!r}") from None
