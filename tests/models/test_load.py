@@ -324,3 +324,11 @@ def test_truncated_state_dict_names_missing_keys(tmp_path: Path, tiny_model: CLI
     torch.save(state, tmp_path / "cut.pt")
     with pytest.raises(CheckpointError, match=r"missing keys: transformer\.resblocks\.1\."):
         load_model(tmp_path / "cut.pt", arch=tiny_model.config)
+
+
+def test_an_arch_that_does_not_fit_a_registered_model_is_refused() -> None:
+    """`load("tiny-synth", arch="ViT-B-32")` ignored arch without a word."""
+    with pytest.raises(CheckpointError, match=r"arch='ViT-B-32' does not fit tiny-synth@synthetic, a tiny-synth"):
+        load_model("tiny-synth", arch="ViT-B-32")
+    with pytest.raises(DownloadNotAllowedError):  # the entry's own architecture passes, -quickgelu too
+        load_model("ViT-B-32@openai", arch="ViT-B-32-quickgelu")

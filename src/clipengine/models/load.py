@@ -82,6 +82,11 @@ def load_model(
     hints = _hints(arch, spec)
     if spec.kind == "registry":
         source = get_source(spec.name, spec.tag)
+        if hints.arch is not None and hints.arch.name.removesuffix("-quickgelu") != source.arch:
+            raise CheckpointError(  # a clipengine-format entry ignored it, the others failed on shapes
+                f"arch={hints.arch.name!r} does not fit {source.key}, a {source.arch}: arch= names the "
+                "architecture of a checkpoint file or folder; drop it for a registered model"
+            )
         path = fetch(source, allow_download=allow_download, progress=progress)
         if source.format == "clipengine":
             return _load_folder(path.parent, hints, spec, tag=source.tag)
