@@ -16,17 +16,6 @@ from clipengine.errors import BackendError, InputError
 from clipengine.image.decode import decode_image
 from clipengine.image.preprocess import PreprocessConfig
 from clipengine.models.clip import CLIP
-from clipengine.models.saving import save_model
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model: CLIP) -> Path:
-    return save_model(tiny_model, tmp_path_factory.mktemp("api") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def model(model_dir: Path) -> ClipModel:
-    return clipengine.load(model_dir)
 
 
 def test_load_returns_model_with_contract_attributes(model: ClipModel, tiny_model: CLIP) -> None:

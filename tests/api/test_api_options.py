@@ -14,17 +14,6 @@ import clipengine
 from clipengine.api import ClipModel, load_export
 from clipengine.errors import BackendError, InputError
 from clipengine.models.clip import CLIP
-from clipengine.models.saving import save_model
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model: CLIP) -> Path:
-    return save_model(tiny_model, tmp_path_factory.mktemp("api_options") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def model(model_dir: Path) -> ClipModel:
-    return clipengine.load(model_dir)
 
 
 @pytest.fixture(scope="module")
