@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,7 +13,7 @@ import pytest
 from disk_full import failing_savefig
 
 from clipengine.cli import model_options
-from clipengine.cli.app import main
+from clipengine.cli.app import EXIT_STDOUT_CLOSED, main
 
 
 @pytest.fixture
@@ -77,3 +80,65 @@ def test_ctrl_c_exits_130_with_one_line(
     monkeypatch.setattr(model_options, "load_clip", interrupted)
     assert main(["embed", str(folder), "-o", str(tmp_path / "out"), "--no-progress"]) == 130
     assert capsys.readouterr().err.splitlines() == ["interrupted"]
+
+
+# A command that prints `n` lines, added to the real app in a child process.
+_PRINTER = """
+import sys
+import typer
+from clipengine.cli.app import app, main
+
+@app.command("lines")
+def lines(n: int) -> None:
+    for i in range(n):
+        typer.echo(f"line {i}")
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_stdout_closed_by_its_reader_is_a_quiet_exit_141() -> None:
+    """`clipengine ... | head -1`: what the shell reports for `yes | head -1`, and no message."""
+    # 2 MB: far more than a pipe holds, so the writes meet the closed pipe.
+    command = [sys.executable, "-c", _PRINTER, "lines", "200000"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as writer:
+        assert writer.stdout is not None and writer.stderr is not None
+        head = subprocess.run(
+            ["head", "-1"], stdin=writer.stdout, capture_output=True, timeout=120, check=True
+        )
+        writer.stdout.close()
+        err = writer.stderr.read()
+        assert (head.stdout, writer.wait(timeout=120), err) == (b"line 0\n", EXIT_STDOUT_CLOSED, b"")
+
+
+def test_stdout_closed_before_buffered_output_is_flushed_is_quiet_too() -> None:
+    # A few lines stay in the buffer until exit; the reader is gone before the child has even started,
+    # so the final flush meets the closed pipe (was "Exception ignored ... BrokenPipeError", exit 120).
+    command = [sys.executable, "-c", _PRINTER, "lines", "3"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as writer:
+        assert writer.stdout is not None
+        writer.stdout.close()
+        _, err = writer.communicate(timeout=120)
+        assert (writer.returncode, err) == (EXIT_STDOUT_CLOSED, b"")
+
+
+def test_a_broken_pipe_inside_a_command_is_an_error_line(  # type: ignore[no-untyped-def]
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """click turned every EPIPE into a silent exit 1, so a dead worker's pipe looked like `| head`."""
+
+    def dead_worker(opts: model_options.ModelOptions) -> None:
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    monkeypatch.setattr(model_options, "load_clip", dead_worker)
+    stdout = sys.stdout
+    args = ["embed", str(folder), "-o", str(tmp_path / "out"), "--workers", "0", "--no-progress"]
+    assert main(args) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "error: Broken pipe: a pipe or connection clipengine was writing to had closed (a worker process "
+        "ended?) (run with -v for the traceback)"
+    ]
+    assert sys.stdout is stdout  # not swapped for click's PacifyFlushWrapper
+    with pytest.raises(BrokenPipeError):
+        main(["-v", *args])

@@ -6,17 +6,69 @@ import errno
 import importlib
 import logging
 import os
+import select
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import typer
+from typer.core import TyperGroup
 
 from ..errors import ClipEngineError
 from ..extras import install_hint
 
 __all__ = ["app", "main"]
 
+# Exit status when the reader of stdout went away (`clipengine models | head -1`): 128 + SIGPIPE,
+# what the shell reports for `yes | head -1` (`set -o pipefail` sees it); quiet, and apart from the
+# 1 of a real error. (signal.SIGPIPE does not exist on Windows, hence the number.)
+EXIT_STDOUT_CLOSED = 128 + 13
+
+
+class _StdoutClosed(Exception):
+    """EPIPE from stdout, whose reader has gone (click would turn any EPIPE into a silent exit 1)."""
+
+
+class _InternalBrokenPipe(Exception):
+    """EPIPE from anything else (a pipe or connection to a worker process that died): a real error."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe or socket whose reader has gone: it polls as an error (POSIX)."""
+    if not hasattr(select, "poll"):
+        return False
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by a non-file (test capture)
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
+class _Group(TyperGroup):
+    """The root group. click (typer's copy included) catches every OSError with errno EPIPE raised
+    by a command, swaps sys.stdout/stderr for wrappers and exits 1 without a word, even outside
+    standalone mode: a worker's broken pipe then looked like `| head`. Every command runs through
+    this `invoke` (sub-groups too), so the error is sorted here, before click sees it."""
+
+    def invoke(self, ctx: Any) -> Any:  # click's Context (typer bundles its own click)
+        try:
+            return super().invoke(ctx)
+        except OSError as e:
+            if e.errno != errno.EPIPE:
+                raise
+            if _stdout_closed():
+                raise _StdoutClosed from e
+            raise _InternalBrokenPipe(e) from e
+
+
 app = typer.Typer(
+    cls=_Group,
     name="clipengine",
     help="CLIP from checkpoint to fast, verified inference: predict, export, embed, eval, search, serve.",
     no_args_is_help=True,
@@ -108,12 +160,37 @@ def _os_error_line(e: OSError) -> str:
     return f"{' -> '.join(paths)}: {reason}" + (f"; {fix}" if fix else "")
 
 
+def _broken_pipe_line(e: OSError) -> str:
+    """A broken pipe that is not stdout's: a process or connection clipengine wrote to had closed."""
+    what = "a pipe or connection clipengine was writing to had closed (a worker process ended?)"
+    return f"{_os_error_line(e) if e.filename else e.strerror or e}: {what} (run with -v for the traceback)"
+
+
+def _quiet_exit() -> int:
+    """stdout's reader has gone: point stdout at os.devnull so that the interpreter's final flush of
+    what is still buffered does not fail ("Exception ignored ... BrokenPipeError", exit 120)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+    return EXIT_STDOUT_CLOSED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; maps ClipEngineError, OSError and a missing optional dependency to a one-line message
-    and exit code 1 (2 for usage)."""
+    and exit code 1 (2 for usage). stdout closed by its reader (`| head`) is a quiet exit 141; any
+    other broken pipe (to a worker process, say) is an error line like the other OS errors."""
     click_errors = _click_exception_types()
     try:
         result = app(args=list(argv) if argv is not None else None, standalone_mode=False)
+    except _StdoutClosed:
+        return _quiet_exit()
+    except _InternalBrokenPipe as e:
+        if _state["verbose"]:
+            raise e.error from None
+        typer.echo(f"error: {_broken_pipe_line(e.error)}", err=True)
+        return 1
     except ClipEngineError as e:
         if _state["verbose"]:
             raise
@@ -141,6 +218,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         typer.echo(f"error: {_os_error_line(e)}", err=True)
         return 1
+    try:  # what is still buffered would meet a closed pipe at exit: "Exception ignored ..."
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return _quiet_exit()
     if isinstance(result, int) and result:
         # typer returns 130 (instead of raising) when a command was interrupted with Ctrl-C.
         if result == 130:
