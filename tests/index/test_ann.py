@@ -55,3 +55,17 @@ def test_ivfpq_with_fewer_vectors_than_pq_centroids_is_refused() -> None:
 def test_parameters_below_one_are_refused(name: str) -> None:
     with pytest.raises(ValueError, match=f"{name} must be >= 1, got -1"):
         choose_params(50_000, 64, "ivf", **{name: -1})
+
+
+def test_default_nprobe_follows_an_explicit_nlist() -> None:
+    # nlist=64 on 1M vectors kept the default nlist's nprobe (256 > 64 lists) in the header
+    assert choose_params(1_000_000, 512, "ivf", nlist=64).nprobe == 16
+    assert choose_params(1_000_000, 512, "ivf", nlist=1024).nprobe == 128  # nlist / 8
+    assert choose_params(1_000_000, 512, "ivf", nlist=8).nprobe == 8  # never more than nlist
+    assert choose_params(1_000_000, 512, "ivf", nlist=64, nprobe=3).nprobe == 3
+
+
+@pytest.mark.parametrize(("dim", "pq_m"), [(512, 128), (768, 192), (100, 25), (90, 18), (97, 97)])
+def test_default_pq_m_is_the_divisor_nearest_a_quarter_of_dim(dim: int, pq_m: int) -> None:
+    # A prime dim has no divisor near D/4: 97 sub-quantizers of 1 dim, not one 97-d codebook (pq_m=1)
+    assert choose_params(20_000, dim, "ivfpq").pq_m == pq_m

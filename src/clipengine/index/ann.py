@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
@@ -19,8 +20,11 @@ __all__ = [
     "IndexParams",
     "choose_params",
     "create_faiss_index",
+    "search",
     "search_parameters",
 ]
+
+log = logging.getLogger(__name__)
 
 KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 # Up to this many vectors an exact IndexFlatIP is both exact and fast enough (~10 ms per query at
@@ -69,12 +73,11 @@ def _default_nprobe(nlist: int) -> int:
 
 
 def _default_pq_m(dim: int) -> int:
-    # ~4 dimensions per sub-quantizer (128 bytes per vector at D=512, 16x smaller than float32), a divisor of dim.
-    target = max(1, dim // 4)
-    for m in range(target, 0, -1):
-        if dim % m == 0:
-            return m
-    return 1
+    # ~4 dimensions per sub-quantizer (128 bytes per vector at D=512, 16x smaller than float32): the
+    # divisor of dim nearest D/4 by ratio. Counting down from D/4 gave pq_m=1 for a prime dim such
+    # as 97 (one 97-d codebook of 256 codes: 1 byte per vector, recall near chance); 97 is nearer.
+    divisors = [m for m in range(1, dim + 1) if dim % m == 0]
+    return min(divisors, key=lambda m: (abs(math.log(m / (dim / 4))), -m))
 
 
 def choose_params(n: int, dim: int, kind: str = "auto", **overrides: int | None) -> IndexParams:
@@ -113,10 +116,13 @@ def choose_params(n: int, dim: int, kind: str = "auto", **overrides: int | None)
         _check_positive(name, value)
     params = replace(params, **explicit)
     if kind in ("ivf", "ivfpq"):
-        assert params.nlist is not None  # set above
-        if n < params.nlist:
+        nlist_in_use = params.nlist
+        assert nlist_in_use is not None  # set above
+        if "nprobe" not in explicit:  # from the nlist in use: nlist=64 kept N=1M's nprobe 256 (> nlist)
+            params = replace(params, nprobe=_default_nprobe(nlist_in_use))
+        if n < nlist_in_use:
             raise ValueError(
-                f"{kind} needs at least nlist={params.nlist} vectors to train, got {n}; "
+                f"{kind} needs at least nlist={nlist_in_use} vectors to train, got {n}; "
                 "use kind='flat' (or 'auto') for small collections, or a smaller nlist"
             )
         if kind == "ivfpq" and params.pq_m is not None and dim % params.pq_m != 0:
@@ -166,20 +172,71 @@ def create_faiss_index(dim: int, params: IndexParams, train_vectors: FloatArray 
             index = faiss.IndexIVFPQ(
                 quantizer, dim, nlist, params.pq_m or _default_pq_m(dim), _PQ_BITS, metric
             )
-        index.train(_training_sample(train_vectors, nlist))
+        sample = _training_sample(train_vectors, nlist, params.kind == "ivfpq")
+        _quiet_kmeans(index, len(sample), nlist)
+        index.train(sample)
         index.nprobe = params.nprobe or 1
     else:
         raise ValueError(f"unknown index kind {params.kind!r}")
     return index
 
 
-def _training_sample(vectors: FloatArray, nlist: int) -> FloatArray:
-    """A deterministic random subset of at most nlist * _TRAIN_POINTS_PER_CENTROID rows."""
+def _training_sample(vectors: FloatArray, nlist: int, pq: bool = False) -> FloatArray:
+    """A deterministic random subset of at most nlist * _TRAIN_POINTS_PER_CENTROID rows.
+
+    IVF-PQ keeps at least _MIN_POINTS_PER_CENTROID * 256 rows: each sub-quantizer trains 256
+    centroids on the same sample, and a small nlist (nlist=1: 64 rows) made faiss abort
+    ("Number of training points (64) should be at least as large as number of clusters (256)").
+    """
     cap = nlist * _TRAIN_POINTS_PER_CENTROID
+    if pq:
+        cap = max(cap, _MIN_POINTS_PER_CENTROID * 2**_PQ_BITS)
     if len(vectors) > cap:
         rows = np.sort(np.random.default_rng(0).choice(len(vectors), cap, replace=False))
         vectors = vectors[rows]
     return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def _quiet_kmeans(index: Any, n_train: int, nlist: int) -> None:
+    """Log, instead of faiss' own stderr line, when k-means gets fewer than ~39 points per centroid."""
+    # faiss prints "WARNING clustering N points to K centroids" from C++ (library code never prints);
+    # min_points_per_centroid only decides whether it warns, not how it clusters.
+    index.cp.min_points_per_centroid = 1
+    if n_train < _MIN_POINTS_PER_CENTROID * nlist:  # info: the index works, only its lists are coarse
+        log.info(
+            "IVF trained on %d vectors for nlist=%d lists (< %d per list): the lists are coarse; "
+            "use a smaller nlist, or kind='flat' for a small collection",
+            n_train, nlist, _MIN_POINTS_PER_CENTROID,
+        )  # fmt: skip
+    pq = getattr(index, "pq", None)
+    if pq is not None:
+        pq.cp.min_points_per_centroid = 1
+        if n_train < _MIN_POINTS_PER_CENTROID * 2**_PQ_BITS:
+            log.warning(
+                "ivfpq codebooks trained on %d vectors (< %d): recall will be low; "
+                "kind='ivf' or 'flat' suits a collection this small",
+                n_train, _MIN_POINTS_PER_CENTROID * 2**_PQ_BITS,
+            )  # fmt: skip
+
+
+def search(
+    index: faiss.Index, params: IndexParams, queries: FloatArray, k: int,
+    nprobe: int | None = None, ef_search: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """faiss search of unit `queries` for min(k, ntotal) hits per row on every kind: (scores, labels).
+
+    IVF fills the rows it leaves short (label -1: the `nprobe` lists visited held fewer than k
+    vectors, e.g. k=1000 over 16 of 51 lists) by visiting every list for those rows.
+    """
+    k = min(k, index.ntotal)
+    if params.kind == "hnsw" and (ef_search is None or ef_search >= 1):
+        ef_search = max(ef_search or params.ef_search or 64, k)  # HNSW returns at most efSearch hits
+    scores, labels = index.search(queries, k, params=search_parameters(params, nprobe, ef_search))
+    short = np.flatnonzero((labels < 0).any(axis=1))
+    if len(short) and params.kind in ("ivf", "ivfpq"):
+        every = search_parameters(params, nprobe=int(index.nlist))  # type: ignore[attr-defined]
+        scores[short], labels[short] = index.search(queries[short], k, params=every)
+    return scores, labels
 
 
 def search_parameters(params: IndexParams, nprobe: int | None = None, ef_search: int | None = None) -> Any:

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import DuplicateIdError, IndexFileError, IndexMismatchError
 from ..text.tokenizer import as_str_list
-from .ann import AUTO_EXACT_MAX, IndexParams, choose_params, create_faiss_index, search_parameters
+from .ann import AUTO_EXACT_MAX, IndexParams, choose_params, create_faiss_index, search
 from .persistence import HEADER_KEYS, read_files, write_files
 from .rows import as_id_list, as_unit_matrix, check_rows, no_vectors, size_row
 
@@ -263,11 +263,7 @@ class Index:
             raise ValueError(f"query row {zero[0]} is all zeros: it has no direction to search by")
         if not len(self._ids) or not len(q):
             return [[] for _ in range(len(q))]
-        kk = min(k, len(self._ids))
-        if self.params.kind == "hnsw" and (ef_search is None or ef_search >= 1):
-            # HNSW returns at most efSearch hits: widen it to k
-            ef_search = max(ef_search or self.params.ef_search or 64, kk)
-        scores, labels = self._faiss.search(q, kk, params=search_parameters(self.params, nprobe, ef_search))
+        scores, labels = search(self._faiss, self.params, q, k, nprobe, ef_search)
         return [
             [(self._ids[j], float(s)) for s, j in zip(srow, lrow, strict=True) if j >= 0]
             for srow, lrow in zip(scores, labels, strict=True)
