@@ -75,7 +75,7 @@ def render_run_stats(stats: RunStats, fmt: str = "text", *, failures_path: str |
     n_failed = max(stats.failed_total, stats.failed)
     fail = f"Failed: {stats.failed} this run, {n_failed} in total" if n_failed != stats.failed else f"Failed: {n_failed}"
     fail += f" (listed in {failures_path})" if n_failed and failures_path else ""
-    if not stats.processed:  # everything resumed: no stage timings to show
+    if not stats.embedded:  # everything resumed or unreadable: no per-image timings to show
         return "\n".join([head, fail])
     table = _table(("stage", "total s", "ms/img"), stage_rows, markdown=fmt == "markdown")
     return "\n".join([head, fail, "", table])
@@ -116,9 +116,10 @@ def render_bench(result: BenchResult, fmt: str = "text") -> str:
     ]
     title = (
         f"{result.model or 'model'} on {result.backend} {result.device} {result.precision}, "
-        f"{result.workers} decode workers"
-        + (f", {result.failed} unreadable images skipped" if result.failed else "")
+        f"{result.workers} decode worker{'' if result.workers == 1 else 's'}"
     )
+    if result.failed:
+        title += f", {result.failed} unreadable image{'' if result.failed == 1 else 's'} skipped"
     block = seed_block(result)
     if fmt == "markdown":
         block = "```\n" + block + "\n```"

@@ -121,3 +121,23 @@ def test_an_unwritable_plot_is_refused_before_the_benchmark(  # type: ignore[no-
     result = CliRunner().invoke(app, ["bench", str(folder), "--plot", str(target)])
     assert result.exit_code == 2 and message in result.output and "--plot" in result.output
     assert loaded == []
+
+
+def test_unreadable_images_are_counted_apart_from_the_averages(folder: Path, fake_load, capsys) -> None:  # type: ignore[no-untyped-def]
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    assert main(["bench", str(folder), "--batch", "4", "--workers", "1", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["images"], data["failed"], data["batches"][0]["images"]) == (10, 1, 10)
+    assert data["avg_ms"] == pytest.approx(data["total_ms"] / 10)  # the 10 embedded, not the 11 inputs
+    assert main(["bench", str(folder), "--batch", "4", "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    _check_seed_block(out, 10)
+    assert ", 1 decode worker, 1 unreadable image skipped" in out  # was "1 decode workers, 1 ... images"
+
+
+def test_one_image(tmp_path: Path, fake_load, capsys) -> None:  # type: ignore[no-untyped-def]
+    pipeline_fakes.write_images(tmp_path / "one", 1)
+    assert main(["bench", str(tmp_path / "one"), "--batch", "1,4", "--workers", "0"]) == 0
+    captured = capsys.readouterr()
+    _check_seed_block(captured.out, 1)
+    assert captured.err.strip() == "note: --batch 4 is more than the 1 image: those passes run batches of 1"

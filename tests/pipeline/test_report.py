@@ -83,7 +83,21 @@ def test_run_stats_summary_names_failures_file(tmp_path: Path) -> None:
     assert "Embedded 8 images" in text and "4.0 img/s" in text
     assert f"Failed: 2 (listed in {tmp_path / 'failures.jsonl'})" in text
     data = json.loads(render_run_stats(stats, "json"))
-    assert data["fps"] == 4.0 and data["per_image_ms"]["infer"] == pytest.approx(50.0)
+    # Per embedded image: 0.5 s / 8 (it was / 10, the 2 failures included, which the backend never saw).
+    assert data["fps"] == 4.0 and data["per_image_ms"]["infer"] == pytest.approx(62.5)
+
+
+def test_a_run_that_embedded_nothing_shows_no_per_image_table() -> None:
+    # Every input unreadable: "write 11.972 ms/img" over 0 embedded images (the failures were the count).
+    stats = RunStats(
+        images=2, embedded=0, failed=2, failed_total=2, write_s=0.024, wall_s=0.1, shards_written=1
+    )
+    assert render_run_stats(stats).splitlines() == [
+        "Embedded 0 images in 0.10s (0.0 img/s); 1 shards written",
+        "Failed: 2",
+    ]
+    data = json.loads(render_run_stats(stats, "json"))
+    assert set(data["per_image_ms"].values()) == {0.0} and data["write_s"] == 0.024
 
 
 def test_run_stats_summary_of_a_resume_tells_this_run_and_total_failures() -> None:

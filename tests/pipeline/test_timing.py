@@ -53,3 +53,28 @@ def test_bench_with_only_unreadable_images_is_an_error(mixed_folder, preprocess_
     # Nothing was embedded: a "0 images, N ms, 0 FPS" report would be a measurement of nothing.
     with pytest.raises(DatasetError, match="none of the 3 images could be decoded"):
         bench_pipeline(items, fake_backend, preprocess_cfg, [1], warmup=0)
+
+
+def test_per_image_times_are_over_embedded_images_not_failures(monkeypatch, fake_backend) -> None:  # type: ignore[no-untyped-def]
+    """The loaders add no time for an unreadable file, so /(embedded + failed) understated every image."""
+    from clipengine.bench import timing
+    from clipengine.types import Batch, Failure, ImageItem
+
+    def fake_batches(items, cfg, batch_size, *, executor, stats, fast_decode):  # type: ignore[no-untyped-def]
+        stats.read_s, stats.decode_s, stats.preprocess_s = 0.03, 0.21, 0.06  # 3 good images
+        pixels = np.zeros((3, 3, 32, 32), dtype=np.float32)
+        yield Batch(ids=["a", "b", "c"], pixels=pixels, failures=[Failure("bad", "not an image")])
+
+    decoded: list[object] = []
+    monkeypatch.setattr(timing, "iter_batches", fake_batches)
+    monkeypatch.setattr(timing, "load_chunk", lambda pairs, cfg, fast: decoded.append(pairs))
+    items = [ImageItem(i, b"") for i in ("a", "b", "c", "bad")]
+    result = bench_pipeline(items, fake_backend, {}, [4], warmup=0)
+    row = result.batches[0]
+    assert (result.images, result.failed, row.images) == (3, 1, 3)
+    assert row.decode_preprocess_ms_per_image == pytest.approx(100.0)  # 300 ms / 3, was / 4 = 75
+    assert row.infer_ms_per_image == pytest.approx(sum(row.infer_batch.samples_ms) / 3)
+    assert result.avg_ms == pytest.approx(row.wall_ms / 3)
+    # One untimed decode in this process (--workers 0) before the pass, so the first image does not
+    # pay for loading the decoder: a generated JPEG, not a user's file.
+    assert len(decoded) == 1 and [i for i, _ in decoded[0]] == ["warm-up.jpg"]  # type: ignore[attr-defined]

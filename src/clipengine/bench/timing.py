@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import DatasetError
-from ..pipeline.batching import LoadStats, iter_batches, make_executor, warm_executor
+from ..pipeline.batching import LoadStats, iter_batches, load_chunk, make_executor, warm_executor
 from ..pipeline.embed import embed_batch
 from ..types import Backend, ImageItem, IntArray
 
@@ -87,9 +87,9 @@ class BatchBench:
 
     batch_size: int
     images: int  # images embedded per pass (failures excluded)
-    wall_ms: float  # end-to-end time of the pass
-    decode_preprocess_ms_per_image: float  # read + decode + preprocess CPU time / image (all workers)
-    infer_ms_per_image: float  # time inside encode_images / image
+    wall_ms: float  # end-to-end time of the pass (unreadable files' time included)
+    decode_preprocess_ms_per_image: float  # read + decode + preprocess CPU time (all workers) / images
+    infer_ms_per_image: float  # time inside encode_images / images
     infer_batch: Timing  # per-call latency of encode_images
     text: Timing | None  # encode_texts on a batch of 4 texts
 
@@ -179,6 +179,25 @@ def _one_pass(
     return (time.perf_counter() - t0) * 1000.0, embedded, failed, loads, infer_ms
 
 
+def _warm_decoder(cfg: dict[str, Any], executor: Any, workers: int, fast_decode: bool) -> None:
+    """Decode and preprocess a generated JPEG untimed where the passes will decode, so the first timed
+    image does not pay for loading the decoder (with --workers 0 that was 25 ms on a 1-image benchmark
+    whose image then took under 1 ms). Not a user's file: one that crashed a worker here would end
+    the benchmark, where the timed passes would just list it as a failure."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (90, 120, 150)).save(buffer, format="JPEG")
+    pair = [("warm-up.jpg", buffer.getvalue())]
+    if executor is None:
+        load_chunk(pair, cfg, fast_decode)
+        return
+    for fut in [executor.submit(load_chunk, pair, cfg, fast_decode) for _ in range(2 * workers)]:
+        fut.result()
+
+
 def bench_pipeline(
     items: Sequence[ImageItem],
     backend: Backend,
@@ -226,6 +245,7 @@ def bench_pipeline(
     try:
         if executor is not None:
             warm_executor(executor, workers, cfg)
+        _warm_decoder(cfg, executor, workers, fast_decode)
         for b in batch_sizes:
             # No bigger than a pass's batches: --batch 100000 over 6 images ran 2 x 100000 zeros (1.2 GB
             # even at 32 px; 60 GB at 224) through the model for batches that never hold more than 6.
@@ -239,7 +259,6 @@ def bench_pipeline(
             wall_ms, n_images, n_failed, loads, infer_ms = passes[len(passes) // 2]
             if not n_images:
                 raise DatasetError(f"nothing to benchmark: none of the {n_failed} images could be decoded")
-            per = max(n_images + n_failed, 1)
             text = None
             if text_tokens is not None:
                 text = time_call(lambda: backend.encode_texts(text_tokens), warmup=warmup, repeats=10)
@@ -248,10 +267,12 @@ def bench_pipeline(
                     batch_size=b,
                     images=n_images,
                     wall_ms=wall_ms,
+                    # Over the embedded images only: an unreadable file's time is never added to
+                    # `loads` (dividing by all inputs, as it did, understated every image's cost).
                     decode_preprocess_ms_per_image=1000.0
                     * (loads.read_s + loads.decode_s + loads.preprocess_s)
-                    / per,
-                    infer_ms_per_image=sum(infer_ms) / max(n_images, 1),
+                    / n_images,
+                    infer_ms_per_image=sum(infer_ms) / n_images,
                     infer_batch=Timing(tuple(infer_ms)),
                     text=text,
                 )

@@ -19,6 +19,10 @@ _FOLDER_ARG = typer.Argument(..., help="Folder of images (walked recursively) or
 _PLOT_OPT = typer.Option(None, "--plot", help="Write a throughput-vs-batch PNG here.")
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def parse_batch_sizes(text: str) -> list[int]:
     """``"1,8,16,32"`` -> [1, 8, 16, 32]; the first size gives the headline block."""
     try:
@@ -95,7 +99,7 @@ def register(app: typer.Typer) -> None:
         too_big = [s for s in sizes if s > len(items)]
         if too_big:  # the pass still runs, in batches of all the images: say so, the table cannot
             typer.echo(
-                f"note: --batch {', '.join(map(str, too_big))} is more than the {len(items)} images: "
+                f"note: --batch {', '.join(map(str, too_big))} is more than the {_count(len(items), 'image')}: "
                 f"those passes run batches of {len(items)}",
                 err=True,
             )

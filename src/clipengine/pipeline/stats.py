@@ -40,10 +40,14 @@ class RunStats:
         return self.embedded / self.wall_s if self.wall_s > 0 else 0.0
 
     def per_image_ms(self) -> dict[str, float]:
-        """Milliseconds per processed image for each stage."""
-        n = max(self.processed, 1)
+        """Milliseconds per embedded image for each stage (0.0 when none was embedded).
+
+        Failures are not in the count: the loaders add no time for an unreadable file, so dividing
+        by embedded + failed understated every stage (and gave ms/img for runs that embedded nothing).
+        """
+        n = self.embedded
         stages = ("read", "decode", "preprocess", "infer", "write", "wait")
-        return {s: 1000.0 * getattr(self, f"{s}_s") / n for s in stages}
+        return {s: 1000.0 * getattr(self, f"{s}_s") / n if n else 0.0 for s in stages}
 
     def add(self, other: RunStats) -> None:
         """Accumulate another partition's stats into this one (wall time excluded)."""
