@@ -610,3 +610,16 @@ def test_search_ef_search_reaches_an_hnsw_index(
     code, out, _ = _run(capsys, "search", idx, "img-001.jpg", "--ef-search", "5", "-k", "1")
     assert code == 0 and seen == [{"nprobe": None, "ef_search": 5}]
     assert out.split()[1] == str(folder / "img-001.jpg")
+
+
+def test_build_retry_failed_reads_a_fixed_image_again(
+    folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    """A rebuild resumes INDEX.embeddings, whose complete shards keep their failures."""
+    idx = tmp_path / "p.index"
+    args = ["index", "build", folder, "-o", idx, "--model", "fake", "--json"]
+    assert json.loads(_run(capsys, *args)[1])["count"] == 10  # broken.jpg is empty
+    (folder / "broken.jpg").write_bytes((folder / "img-000.jpg").read_bytes())  # fixed
+    assert json.loads(_run(capsys, *args)[1])["count"] == 10  # a plain rerun keeps the failure
+    code, out, _ = _run(capsys, *args, "--retry-failed")
+    assert code == 0 and json.loads(out)["count"] == 11 and "broken.jpg" in Index.load(idx).ids

@@ -144,6 +144,10 @@ _ADD_EMB = typer.Option(
     "saved; a folder named here is kept)."
 )
 _JSON = typer.Option(False, "--json", help="Print JSON.")
+_RETRY = typer.Option(
+    False, "--retry-failed", help="Reuse the kept embeddings but read the images that failed again "
+    "(after fixing or replacing them); a plain rerun keeps their failures."
+)
 _SOURCE_ARG = typer.Argument(..., exists=True, help=_SOURCE_HELP)
 _OUTPUT = typer.Option(..., "--output", "-o", help="Index folder to write (e.g. photos.index).")
 _KIND = typer.Option("auto", "--kind", help=_KINDS_HELP)
@@ -175,6 +179,7 @@ def register(app: typer.Typer) -> None:
         model: str | None = _M, pretrained: str | None = _P, checkpoint: Path | None = _C, backend: str = _B,
         precision: str = _PR, device: str = _D, download: bool = _DL, batch: int = _BATCH, engine: str = _ENGINE,
         workers: int | None = _WORKERS, embeddings: Path | None = _EMB, as_json: bool = _JSON,
+        retry_failed: bool = _RETRY,
     ) -> None:  # fmt: skip
         """Build an index from embeddings (or from images, embedding them first)."""
         import time
@@ -186,8 +191,9 @@ def register(app: typer.Typer) -> None:
         given = {"nlist": nlist, "nprobe": nprobe, "ef_search": ef_search}
         _refuse_unused(kind, given)
         emb_dir, label, _ = sources.embed_source(
-            source, opts, embeddings or output.with_name(output.name + ".embeddings"), batch, engine, workers
-        )
+            source, opts, embeddings or output.with_name(output.name + ".embeddings"), batch, engine, workers,
+            retry_failed=retry_failed,
+        )  # fmt: skip
         if emb_dir is None:
             raise DatasetError(f"{source}: no images to index")
         ids, vectors, model_name, meta = sources.read_vectors(emb_dir, label, opts.label if opts else None)

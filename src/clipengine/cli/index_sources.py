@@ -77,6 +77,7 @@ def embed_source(
     engine: str,
     workers: int | None,
     known: Index | None = None,
+    retry_failed: bool = False,
 ) -> tuple[Path | None, str, int]:
     """The embed folder for `source` (embedding it first when it is images), its model label, and
     how many of its images were left out because `known` (an index) holds their ids already.
@@ -100,6 +101,8 @@ def embed_source(
     if callable(embed_dir):
         embed_dir = embed_dir(items)
     kwargs: dict[str, Any] = {"model": opts.label, "batch_size": batch, "source_label": label}
+    if retry_failed:  # a kept embed folder's shards that list failures are recomputed
+        kwargs["retry_failed"] = True
     if engine == "ray":  # each actor loads the model; the driver holds none
         from ..distributed.ray import embed_with_ray
 
