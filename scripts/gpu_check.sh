@@ -9,6 +9,11 @@
 #   bash scripts/gpu_check.sh assist    # ON THE DEVICE: CPU assist (session 9, never yet on a GPU): its
 #                                       # gpu tests, then gpu_gap rows C L M N G O P Q in turn, then C D with
 #                                       # expandable_segments (~250 s)
+#   bash scripts/gpu_check.sh verify    # ON THE DEVICE: one call for a task lent a single 15-minute budget:
+#                                       # every gpu test, gpu_gap rows C L M N G O P Q, then the issue's
+#                                       # 1280x960 end-to-end benchmark (~480 s)
+#   bash scripts/gpu_check.sh procs     # ON THE DEVICE: GPU decode processes (session 11): their gpu tests,
+#                                       # then gpu_gap rows C R S T over 65536 files (~200 s)
 #
 # Each device mode is one `run` call with carry [".whl"] and timeout_s 590. Session 4 ran both in one
 # 15-minute budget (347 s + 291 s, plus the machine starts). Do not leave the machine warm
@@ -125,8 +130,41 @@ assist)
         --rounds 3 --rows CD > "$OUT/assist_expandable.md" 2>> "$OUT/stderr.log"
     echo "gpu_gap expandable_segments exit $?"; cat "$OUT/assist_expandable.md"
     ;;
+verify)
+    # Session 11: sessions 9 and 10 had no device, so their GPU code (CPU assist, CUDA-graph capture in
+    # thread_local mode while the loader decodes, the decode-fallback warning) is checked here in one call.
+    setup
+    { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nproc; \
+      python3 -c "import sys, torch, torchvision; print(sys.version); print('torch', torch.__version__, torchvision.__version__)"; \
+    } > "$OUT/pytest_gpu.log" 2>&1
+    timeout "${PYTEST_S:-170}" python3 -m pytest -m gpu -v -rP --durations=10 -p no:cacheprovider -o filterwarnings=default \
+        tests/backends/test_accel.py tests/backends/test_fp8.py tests/backends/test_torch_backend.py \
+        tests/image/test_gpu_preprocess.py tests/pipeline/test_gpu_loading.py >> "$OUT/pytest_gpu.log" 2>&1
+    echo "pytest exit $?"; grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest_gpu.log" | tail -12
+    timeout "${GAP_S:-200}" python3 benchmarks/gpu_gap.py --rounds 3 --rows CLMNGOPQ --json "$OUT/assist.json" \
+        > "$OUT/assist.md" 2> "$OUT/stderr.log"
+    echo "gpu_gap exit $?"; cat "$OUT/assist.md"; grep -E "CPU assist|waited|Traceback|Error" "$OUT/stderr.log" | tail -12
+    timeout "${E2E_S:-100}" python3 benchmarks/gpu_e2e.py --count 4096 --large-every 0 --seconds 6 --title "1280x960 only" \
+        --json "$OUT/e2e_uniform.json" > "$OUT/e2e_cuda.md" 2>> "$OUT/stderr.log"
+    echo "gpu_e2e uniform exit $?"; cat "$OUT/e2e_cuda.md"
+    ;;
+procs)
+    # Session 11: GPU decode processes (`embed --gpu-decode-procs N`, pipeline.gpu_procs), built after
+    # benchmarks/gpu_decode_procs.py showed torchvision's decode scaling with processes (8.2k -> 10.3k
+    # img/s raw). Its gpu tests, then gpu_gap rows C R S T over 65536 files (the processes' start-up
+    # is inside each timed row); stderr.log has each run's rate after its first batch.
+    setup
+    nproc > "$OUT/pytest_gpu.log"
+    timeout "${PYTEST_S:-100}" python3 -m pytest -m gpu -v -rP -p no:cacheprovider -o filterwarnings=default \
+        tests/pipeline/test_gpu_procs.py tests/pipeline/test_gpu_loading.py >> "$OUT/pytest_gpu.log" 2>&1
+    echo "pytest exit $?"; grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest_gpu.log" | tail -8
+    timeout "${GAP_S:-200}" python3 benchmarks/gpu_gap.py --count 65536 --rounds 2 --rows CRST --json "$OUT/procs.json" \
+        > "$OUT/procs_gap.md" 2> "$OUT/stderr.log"
+    echo "gpu_gap exit $?"; cat "$OUT/procs_gap.md"
+    grep -E "decode processes|Traceback|Error|failed" "$OUT/stderr.log" | tail -20
+    ;;
 *)
-    echo "usage: bash scripts/gpu_check.sh prepare|run|peers|gap|assist" >&2
+    echo "usage: bash scripts/gpu_check.sh prepare|run|peers|gap|assist|verify|procs" >&2
     exit 2
     ;;
 esac
