@@ -28,6 +28,12 @@ A B C D, ...) so that drift hits all rows alike, on a folder `--count` files lon
     M  uniform: C with a CPU share of 0.2
     N  uniform: C with a CPU share of 0.2, reduced-scale decode in the workers (`fast_decode`)
     O  mix: G with a CPU share of 0.2, reduced-scale decode in the workers
+  GPU decode processes (`gpu_decode_procs`, session 11: torchvision decodes one call at a time per
+  process; each process decodes and preprocesses its blocks, the batches come here by CUDA IPC;
+  the processes start inside each timed row, a few seconds: give these rows a large --count):
+    R  uniform: C with 2 decode processes
+    S  uniform: C with 3 decode processes
+    T  mix: G with 2 decode processes
   PNG mix (every 10th file a 1280x960 PNG, which nvjpeg cannot decode; session 9):
     P  `embed_folder`: the PNGs go to the CPU workers (the default since session 9)
     Q  the same with workers=0: the PNGs decoded on the loader's thread (before session 9;
@@ -132,12 +138,13 @@ def main(argv: list[str] | None = None) -> int:
                                                          decoder=decoder))  # fmt: skip
 
     def pipeline(items: list[Any], ahead: bool = False, one_call: bool = False, share: float = 0.0,
-                 fast: bool = False, workers: int | None = None) -> int:  # fmt: skip
+                 fast: bool = False, workers: int | None = None, procs: int = 1) -> int:  # fmt: skip
         with tempfile.TemporaryDirectory(prefix="clipengine_gpu_gap_out_") as out:
             with one_call_loader() if one_call else contextlib.nullcontext():
                 stats = embed_folder(items, out, backend, cfg, batch_size=args.batch, shard_size=1000,
                                      dtype="float32", gpu_decode="cuda", gpu_decode_ahead=ahead,
-                                     gpu_cpu_share=share, fast_decode=fast, workers=workers)  # fmt: skip
+                                     gpu_cpu_share=share, fast_decode=fast, workers=workers,
+                                     gpu_decode_procs=procs)  # fmt: skip
         if stats.failed:
             raise RuntimeError(f"{stats.failed} images failed")
         return stats.embedded
@@ -161,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         "P PNG mix (every 10th): embed_folder, PNGs on the CPU workers": lambda: pipeline(png_mix),
         "Q PNG mix (every 10th, a quarter of the files): PNGs on the loader thread (workers=0)":
             lambda: pipeline(png_mix[: len(png_mix) // 4], workers=0),
+        "R uniform: embed_folder, 2 GPU decode processes": lambda: pipeline(uniform, procs=2),
+        "S uniform: embed_folder, 3 GPU decode processes": lambda: pipeline(uniform, procs=3),
+        "T mix: embed_folder, 2 GPU decode processes": lambda: pipeline(mix, procs=2),
     }
     if args.rows:
         rows = {name: row for name, row in rows.items() if name[0] in args.rows.upper()}

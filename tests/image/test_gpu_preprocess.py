@@ -607,6 +607,7 @@ def test_import_does_not_import_torch() -> None:
         "import sys\n"
         "import clipengine.image.gpu_decode, clipengine.image.gpu_preprocess, clipengine.image.nvimgcodec_decode\n"
         "import clipengine.pipeline.gpu_batching, clipengine.pipeline.gpu_loading, clipengine.pipeline.cpu_assist\n"
+        "import clipengine.pipeline.gpu_procs\n"
         "leaked = sorted(m for m in ('torch', 'torchvision') if m in sys.modules)\n"
         "assert not leaked, leaked\n"
     )

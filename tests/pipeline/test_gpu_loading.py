@@ -9,57 +9,17 @@ the `gpu` test at the end.
 from __future__ import annotations
 
 import copy
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from gpu_fakes import pil_batch_decode as _pil_batch_decode
+from gpu_fakes import tiny_model_cfg
 
 from clipengine.errors import IndexMismatchError
 from clipengine.pipeline.run import embed_folder
 from clipengine.pipeline.sinks import read_embeddings, read_failures
-
-
-def _pil_batch_decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """Stands in for nvjpeg: RGB as stored (the decoder applies EXIF orientation itself)."""
-    out = []
-    for t in data:
-        with Image.open(io.BytesIO(t.numpy().tobytes())) as im:
-            out.append(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).to(device))
-    return out
-
-
-@pytest.fixture
-def fake_nvjpeg(monkeypatch: pytest.MonkeyPatch) -> None:
-    import clipengine.image.gpu_decode as gd
-
-    monkeypatch.setattr(gd, "_nvjpeg_decode", _pil_batch_decode)
-
-
-@pytest.fixture
-def torch_backend_factory(tiny_model):  # type: ignore[no-untyped-def]
-    from clipengine.backends.torch_backend import TorchBackend
-
-    return lambda: TorchBackend(copy.deepcopy(tiny_model), precision="fp32")
-
-
-@pytest.fixture
-def photo_folder(mixed_folder, fakes):  # type: ignore[no-untyped-def]
-    """mixed_folder (12 JPEGs + 3 bad files) plus a PNG (CPU fallback) and larger JPEGs (a real resize)."""
-    root, good, bad = mixed_folder
-    png = fakes.write_images(root, 1, prefix="png", ext=".png", seed=3)
-    big = []
-    rng = np.random.default_rng(5)
-    for i, (w, h) in enumerate([(160, 90), (70, 200)]):
-        y, x = np.mgrid[0:h, 0:w]
-        smooth = np.stack([x * 255 // w, y * 255 // h, (x + y) * 255 // (w + h)], -1).astype(np.int16)
-        arr = np.clip(smooth + rng.integers(-20, 20, smooth.shape), 0, 255).astype(np.uint8)
-        path = root / f"photo-{i}.jpg"
-        Image.fromarray(arr).save(path, quality=92)
-        big.append(path.name)
-    return root, sorted(good + [p.name for p in png] + big), bad
 
 
 def test_gpu_decode_path_matches_cpu_workers(photo_folder, tmp_path: Path, tiny_model, torch_backend_factory,
@@ -142,12 +102,6 @@ def test_torch_backend_takes_tensors_like_arrays(tiny_model) -> None:  # type: i
                                atol=1e-6)  # fmt: skip
     with pytest.raises(BackendError, match="pixels must be float"):
         backend.encode_images(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
-
-
-def tiny_model_cfg(model):  # type: ignore[no-untyped-def]
-    from clipengine.image.preprocess import PreprocessConfig
-
-    return PreprocessConfig(image_size=model.config.vision.image_size)
 
 
 def _sizes(out: Path) -> dict[str, list[int]]:

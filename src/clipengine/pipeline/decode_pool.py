@@ -22,7 +22,7 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, ParamSpec, TypeVar
 
-__all__ = ["BrokenProcessPool", "DecodePool", "Solo", "make_executor"]
+__all__ = ["BrokenProcessPool", "DecodePool", "Solo", "as_child_process", "make_executor"]
 
 _log = logging.getLogger(__name__)
 
@@ -38,8 +38,13 @@ def make_executor(workers: int) -> DecodePool | None:
 
 
 def _init_worker() -> None:
-    # Ctrl-C reaches the whole process group: let only the parent handle it (it cancels queued work
-    # and shuts the pool down) instead of every worker dying with its own traceback.
+    as_child_process()
+
+
+def as_child_process() -> None:
+    """Set up a helper process: Ctrl-C reaches the whole process group, so let only the parent
+    handle it (it cancels queued work and shuts its helpers down) instead of every helper dying
+    with its own traceback; and end this process when the parent dies."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_with_parent()
 

@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 from ..image.gpu_decode import GpuJpegDecoder
 from ..types import Batch, ImageItem
-from .gpu_batching import assemble_batches, default_decode_group, iter_decoded_chunks, iter_gpu_batches
+from .gpu_batching import (
+    GpuBatch,
+    assemble_batches,
+    default_decode_group,
+    iter_decoded_chunks,
+    iter_gpu_batches,
+)
 from .prefetch import prefetch
 
 if TYPE_CHECKING:
@@ -25,7 +31,7 @@ if TYPE_CHECKING:
     from .batching import LoadStats
     from .cpu_assist import CpuAssist
 
-__all__ = ["iter_gpu_loaded"]
+__all__ = ["iter_gpu_loaded", "loader_batches"]
 
 _log = logging.getLogger(__name__)
 # Warn when the loader spent more than this fraction of its run waiting for CPU assist workers.
@@ -73,15 +79,8 @@ def iter_gpu_loaded(
 
     cfg = preprocess_cfg if isinstance(preprocess_cfg, PreprocessConfig) else PreprocessConfig.from_dict(preprocess_cfg)
     jpeg_decoder = GpuJpegDecoder(device, library=decoder)
-    chunks = None
-    if decode_ahead:
-        decoding = iter_decoded_chunks(items, cfg, jpeg_decoder, group_size=default_decode_group(batch_size),
-                                       read_threads=read_threads, assist=assist)  # fmt: skip
-        chunks = prefetch(decoding, depth=1, name="clipengine-decode")
-        batches = assemble_batches(chunks, cfg, jpeg_decoder, batch_size)
-    else:
-        batches = iter_gpu_batches(items, cfg, batch_size=batch_size, decoder=jpeg_decoder, read_threads=read_threads,
-                                   assist=assist)  # fmt: skip
+    batches = loader_batches(items, cfg, batch_size, jpeg_decoder, read_threads=read_threads,
+                             decode_ahead=decode_ahead, assist=assist)  # fmt: skip
     # A loader thread keeps the next batch decoding while the consumer waits for the model's output.
     loaded = prefetch(batches, depth=2)
     t_start = time.perf_counter()
@@ -101,15 +100,48 @@ def iter_gpu_loaded(
                 failures=gpu_batch.failures,
             )
     finally:
-        loaded.close()  # stops and joins the loader thread first, so its stats are final
-        if chunks is not None:
-            chunks.close()  # and the decode thread (closed already, unless the loader stopped early)
+        loaded.close()  # stops and joins the loader thread (and the decode thread) first, so its stats are final
         done = jpeg_decoder.stats
         stats.read_s += done.read_s
         stats.decode_s += done.decode_s
         stats.preprocess_s += done.preprocess_s
         if assist is not None:
             _report_assist(done.cpu_assist, done.nvjpeg, done.assist_wait_s, time.perf_counter() - t_start, assist)
+
+
+def loader_batches(
+    items: Sequence[ImageItem],
+    cfg: PreprocessConfig,
+    batch_size: int,
+    jpeg_decoder: GpuJpegDecoder,
+    *,
+    read_threads: int,
+    decode_ahead: bool,
+    assist: CpuAssist | None,
+) -> Iterator[GpuBatch]:
+    """The loader's batches, not yet run ahead: decode and preprocessing on the consuming thread, or
+    with `decode_ahead` the decode calls on a thread of their own (see `iter_gpu_loaded`)."""
+    if not decode_ahead:
+        return iter_gpu_batches(items, cfg, batch_size=batch_size, decoder=jpeg_decoder, read_threads=read_threads,
+                                assist=assist)  # fmt: skip
+    return _decoded_ahead(items, cfg, batch_size, jpeg_decoder, read_threads, assist)
+
+
+def _decoded_ahead(
+    items: Sequence[ImageItem],
+    cfg: PreprocessConfig,
+    batch_size: int,
+    jpeg_decoder: GpuJpegDecoder,
+    read_threads: int,
+    assist: CpuAssist | None,
+) -> Iterator[GpuBatch]:
+    decoding = iter_decoded_chunks(items, cfg, jpeg_decoder, group_size=default_decode_group(batch_size),
+                                   read_threads=read_threads, assist=assist)  # fmt: skip
+    chunks = prefetch(decoding, depth=1, name="clipengine-decode")
+    try:
+        yield from assemble_batches(chunks, cfg, jpeg_decoder, batch_size)
+    finally:
+        chunks.close()  # the decode thread (closed already, unless the loader stopped early)
 
 
 def _report_assist(assisted: int, on_gpu: int, waited_s: float, wall_s: float, assist: CpuAssist) -> None:

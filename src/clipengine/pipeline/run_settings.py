@@ -17,7 +17,7 @@ from typing import Any
 from ..errors import IndexMismatchError
 from .sinks import read_run_info
 
-__all__ = ["check_compatible", "check_cpu_share", "check_output", "model_files"]
+__all__ = ["check_compatible", "check_cpu_share", "check_decode_procs", "check_output", "model_files"]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json", ".onnx")
 _SAMPLES, _SAMPLE_BYTES = 16, 64 << 10  # blocks read per file for its digest
@@ -31,6 +31,14 @@ def check_cpu_share(share: float, gpu_decode: str | None, workers: int | None) -
         raise ValueError("gpu_cpu_share is the CPU's share of a GPU decode: it needs gpu_decode")
     if share > 0 and workers == 0:
         raise ValueError("gpu_cpu_share needs CPU decode workers (workers >= 1, or None for the default)")
+
+
+def check_decode_procs(procs: int, gpu_decode: str | None) -> None:
+    """Refuse a `gpu_decode_procs` that `embed_folder` cannot run, before anything is written."""
+    if isinstance(procs, bool) or not isinstance(procs, int) or procs < 1:
+        raise ValueError(f"gpu_decode_procs must be an integer >= 1, got {procs!r}")
+    if procs > 1 and gpu_decode is None:
+        raise ValueError("gpu_decode_procs are GPU decode processes: they need gpu_decode")
 
 
 def check_output(out_dir: str | Path, **settings: Any) -> None:

@@ -1,0 +1,182 @@
+"""The GPU loader in several processes (pipeline.gpu_procs), on the CPU: Pillow stands in for nvjpeg
+in the spawned processes, and CPU tensors cross through shared memory where CUDA ones use CUDA IPC."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import gpu_fakes
+import numpy as np
+import pytest
+from gpu_fakes import tiny_model_cfg
+
+from clipengine.pipeline import gpu_procs
+from clipengine.pipeline.batching import LoadStats
+from clipengine.pipeline.gpu_loading import iter_gpu_loaded
+from clipengine.pipeline.gpu_procs import DecodeProcesses, iter_gpu_loaded_procs, split_blocks
+from clipengine.pipeline.run import embed_folder
+from clipengine.pipeline.sinks import read_embeddings, read_failures
+from clipengine.pipeline.sources import list_items
+
+torch = pytest.importorskip("torch")
+
+
+def _setup(procs: int = 2, **kw) -> DecodeProcesses:  # type: ignore[no-untyped-def]
+    return DecodeProcesses(procs, decode_batch=gpu_fakes.pil_batch_decode, **kw)
+
+
+def test_blocks_go_round_robin_and_each_item_once() -> None:
+    items = list(range(10))
+    shares = split_blocks(items, 3, 2)  # type: ignore[arg-type]
+    assert shares == [[0, 1, 6, 7], [2, 3, 8, 9], [4, 5]]
+    assert sorted(x for s in shares for x in s) == items
+    assert split_blocks(items[:3], 4, 2) == [[0, 1], [2], [], []]  # type: ignore[arg-type]
+
+
+def test_one_process_is_refused() -> None:
+    with pytest.raises(ValueError, match="decode processes must be >= 2"):
+        DecodeProcesses(1)
+
+
+def test_processes_give_the_in_process_loaders_pixels(photo_folder, tiny_model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import clipengine.image.gpu_decode as gd
+
+    monkeypatch.setattr(gd, "_nvjpeg_decode", gpu_fakes.pil_batch_decode)
+    root, good, bad = photo_folder
+    items = list_items(root)
+    cfg = tiny_model_cfg(tiny_model)
+    one, many = LoadStats(), LoadStats()
+    expected = {}
+    expected_failures = []
+    for batch in iter_gpu_loaded(items, cfg, 3, "cpu", one):
+        expected.update(zip(batch.ids, batch.pixels.numpy(), strict=True))
+        expected_failures += [f.id for f in batch.failures]
+    got = {}
+    got_failures = []
+    # A decode group of 256 would give one process every file: 2 files per block spreads them.
+    monkeypatch.setattr(gpu_procs, "default_decode_group", lambda batch_size: 2)
+    for batch in iter_gpu_loaded_procs(items, cfg, 3, "cpu", many, "torchvision", _setup(procs=3)):
+        assert len(batch.ids) <= 3
+        got.update(zip(batch.ids, batch.pixels.numpy(), strict=True))
+        got_failures += [f.id for f in batch.failures]
+    assert sorted(got) == sorted(expected) == good
+    for item_id, pixels in expected.items():
+        np.testing.assert_array_equal(got[item_id], pixels, err_msg=item_id)
+    assert sorted(got_failures) == sorted(expected_failures) == bad
+    assert (many.images, many.failures) == (one.images, one.failures) == (len(good), len(bad))
+    assert many.read_s > 0 and many.decode_s > 0 and many.preprocess_s > 0  # summed from the processes
+
+
+def test_embed_folder_with_decode_processes_writes_the_same_output(  # type: ignore[no-untyped-def]
+    photo_folder, tmp_path: Path, tiny_model, torch_backend_factory, fake_nvjpeg, monkeypatch
+) -> None:
+    """Batches arrive in whatever order the processes finish them; every shard is still written in
+    input order, with the same rows as one loader thread."""
+    real = gpu_procs.iter_gpu_loaded_procs
+
+    calls = []
+
+    def with_fake_nvjpeg(*args, **kw):  # type: ignore[no-untyped-def]
+        *rest, setup = args
+        calls.append(setup.procs)
+        return real(*rest, dataclasses.replace(setup, decode_batch=gpu_fakes.pil_batch_decode), **kw)
+
+    monkeypatch.setattr(gpu_procs, "iter_gpu_loaded_procs", with_fake_nvjpeg)
+    monkeypatch.setattr(gpu_procs, "default_decode_group", lambda batch_size: 3)
+    root, good, bad = photo_folder
+    cfg = tiny_model_cfg(tiny_model)
+    kw = dict(model="tiny", batch_size=3, shard_size=5, dtype="float32", gpu_decode="cpu", workers=2)
+    one = embed_folder(root, tmp_path / "one", torch_backend_factory, cfg, **kw)  # type: ignore[arg-type]
+    two = embed_folder(root, tmp_path / "two", torch_backend_factory, cfg, gpu_decode_procs=2, **kw)  # type: ignore[arg-type]
+    ids_1, vec_1, _ = read_embeddings(tmp_path / "one")
+    ids_2, vec_2, _ = read_embeddings(tmp_path / "two")
+    assert ids_2 == ids_1 == good
+    assert float((vec_1 * vec_2).sum(axis=1).min()) >= 0.99999  # batches differ: float summation order
+    assert [f.id for f in read_failures(tmp_path / "two")] == [f.id for f in read_failures(tmp_path / "one")]
+    assert (two.embedded, two.failed, two.shards_written) == (one.embedded, one.failed, one.shards_written)
+    assert calls == [2]  # the second run, and only it, loaded through decode processes
+    # The decode processes do not change pixels: a resume with another count is allowed (nothing to do).
+    again = embed_folder(root, tmp_path / "two", torch_backend_factory, cfg, **kw)  # type: ignore[arg-type]
+    assert again.skipped == len(good) + len(bad)
+
+
+def test_a_decode_process_that_dies_fails_the_run(photo_folder, tiny_model) -> None:  # type: ignore[no-untyped-def]
+    root, _, _ = photo_folder
+    setup = DecodeProcesses(2, decode_batch=gpu_fakes.exit_at_decode)
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"GPU decode process \d exited with code 3 before it finished"):
+        list(iter_gpu_loaded_procs(list_items(root), tiny_model_cfg(tiny_model), 4, "cpu", LoadStats(),
+                                   "torchvision", setup))  # fmt: skip
+    assert time.perf_counter() - t0 < 120
+
+
+def test_an_error_in_a_decode_process_is_raised_with_its_traceback(photo_folder) -> None:  # type: ignore[no-untyped-def]
+    root, _, _ = photo_folder
+    with pytest.raises(RuntimeError, match=r"(?s)GPU decode process \d failed: .*Traceback"):
+        list(iter_gpu_loaded_procs(list_items(root), {"image_size": "big"}, 4, "cpu", LoadStats(), "torchvision",
+                                   _setup()))  # fmt: skip
+
+
+def test_a_consumer_that_stops_early_stops_the_processes(photo_folder, tiny_model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import multiprocessing
+
+    monkeypatch.setattr(gpu_procs, "default_decode_group", lambda batch_size: 1)
+    root, _, _ = photo_folder
+    batches = iter_gpu_loaded_procs(list_items(root), tiny_model_cfg(tiny_model), 1, "cpu", LoadStats(), "torchvision",
+                                    _setup())  # fmt: skip
+    first = next(batches)
+    assert len(first.ids) + len(first.failures) >= 1
+    assert [p.name for p in multiprocessing.active_children() if p.name.startswith("clipengine-gpu-decode")]
+    t0 = time.perf_counter()
+    batches.close()  # the processes are asked to stop, and joined
+    assert time.perf_counter() - t0 < 30
+    assert not [
+        p.name for p in multiprocessing.active_children() if p.name.startswith("clipengine-gpu-decode")
+    ]
+
+
+@pytest.mark.gpu
+def test_real_nvjpeg_in_decode_processes_matches_one_loader(
+    photo_folder, tmp_path: Path, tiny_model, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """`embed --gpu-decode --gpu-decode-procs 2 --compile` on CUDA: batches reach this process through
+    CUDA IPC and feed the model under CUDA graphs; the output equals one loader thread's, and the
+    CPU workers' within nvjpeg's chroma differences."""
+    import copy
+
+    from clipengine.backends.torch_backend import TorchBackend
+
+    monkeypatch.setattr(gpu_procs, "default_decode_group", lambda batch_size: 2)  # every process gets files
+    root, good, bad = photo_folder
+    cfg = tiny_model_cfg(tiny_model)
+
+    def graphs() -> TorchBackend:
+        return TorchBackend(copy.deepcopy(tiny_model), device="cuda", precision="fp16", cuda_graphs=True)
+
+    embed_folder(root, tmp_path / "cpu", graphs, cfg, model="tiny", workers=0, dtype="float32")
+    kw = dict(model="tiny", dtype="float32", gpu_decode="cuda", workers=2, batch_size=2, shard_size=5)
+    embed_folder(root, tmp_path / "one", graphs, cfg, **kw)  # type: ignore[arg-type]
+    stats = embed_folder(root, tmp_path / "two", graphs, cfg, gpu_decode_procs=2, **kw)  # type: ignore[arg-type]
+    ids_c, vec_c, _ = read_embeddings(tmp_path / "cpu")
+    ids_1, vec_1, _ = read_embeddings(tmp_path / "one")
+    ids_2, vec_2, _ = read_embeddings(tmp_path / "two")
+    assert ids_2 == ids_1 == ids_c == good and stats.embedded == len(good)
+    assert float((vec_2 * vec_1).sum(axis=1).min()) >= 0.99999
+    assert float((vec_2 * vec_c).sum(axis=1).min()) >= 0.99
+    assert sorted(f.id for f in read_failures(tmp_path / "two")) == bad
+
+
+@pytest.mark.parametrize(
+    ("procs", "gpu_decode", "message"),
+    [(0, "cpu", "must be an integer >= 1"), (True, "cpu", "must be an integer >= 1"), (2.0, "cpu", "must be an integer"),
+     (2, None, "need gpu_decode")],
+)  # fmt: skip
+def test_bad_decode_process_counts_are_refused_before_anything_is_written(  # type: ignore[no-untyped-def]
+    image_folder, tmp_path: Path, fake_factory, preprocess_cfg, procs, gpu_decode, message
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        embed_folder(image_folder, tmp_path / "out", fake_factory, preprocess_cfg, gpu_decode=gpu_decode,
+                     gpu_decode_procs=procs)  # fmt: skip
+    assert not (tmp_path / "out").exists()

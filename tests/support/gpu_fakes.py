@@ -1,0 +1,31 @@
+"""Stand-ins for nvjpeg that spawned processes can import (tests/support is on every test process's path)."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def pil_batch_decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Stands in for nvjpeg: RGB as stored (the decoder applies EXIF orientation itself)."""
+    out = []
+    for t in data:
+        with Image.open(io.BytesIO(t.numpy().tobytes())) as im:
+            out.append(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).to(device))
+    return out
+
+
+def exit_at_decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """A decode process that dies mid-run (a driver crash, the OOM killer)."""
+    os._exit(3)
+
+
+def tiny_model_cfg(model):  # type: ignore[no-untyped-def]
+    """The preprocessing of the test suite's tiny ClipModel."""
+    from clipengine.image.preprocess import PreprocessConfig
+
+    return PreprocessConfig(image_size=model.config.vision.image_size)
