@@ -86,7 +86,8 @@ GPU_CPU_SHARE_OPT = typer.Option(
     max=0.95,
     help="Experimental, with --gpu-decode: decode this share of the files (chosen by file name) in "
     "--workers CPU processes (default: the cores less 4) while the GPU decodes the rest; they get the "
-    "exact path's pixels (or --fast-decode's). 0 (default): off. Unmeasured on a GPU so far.",
+    "exact path's pixels (or --fast-decode's). 0 (default): off. On an H200 it cost 23-57 %: the CPU "
+    "workers decode far slower than nvjpeg (docs/performance.md).",
 )
 WORKERS_HELP = "Decode processes (default: one per core; 0 decodes in the main process)."
 _EMBED_WORKERS_HELP = ("Decode processes (default: one per core; with --gpu-decode the cores less 4, for the files nvjpeg "
