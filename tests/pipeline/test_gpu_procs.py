@@ -112,11 +112,35 @@ def test_a_decode_process_that_dies_fails_the_run(photo_folder, tiny_model) -> N
     assert time.perf_counter() - t0 < 120
 
 
-def test_an_error_in_a_decode_process_is_raised_with_its_traceback(photo_folder) -> None:  # type: ignore[no-untyped-def]
+def test_an_error_in_a_decode_process_is_raised_with_its_traceback(photo_folder, tiny_model) -> None:  # type: ignore[no-untyped-def]
     root, _, _ = photo_folder
-    with pytest.raises(RuntimeError, match=r"(?s)GPU decode process \d failed: .*Traceback"):
+    with pytest.raises(RuntimeError, match=r"(?s)GPU decode process \d failed: .*bogus.*Traceback"):
+        list(iter_gpu_loaded_procs(list_items(root), tiny_model_cfg(tiny_model), 4, "bogus", LoadStats(),
+                                   "torchvision", _setup()))  # fmt: skip
+
+
+def test_a_bad_preprocess_config_is_refused_before_any_process_starts(photo_folder) -> None:  # type: ignore[no-untyped-def]
+    import multiprocessing
+
+    root, _, _ = photo_folder
+    with pytest.raises((TypeError, ValueError), match="image_size"):
         list(iter_gpu_loaded_procs(list_items(root), {"image_size": "big"}, 4, "cpu", LoadStats(), "torchvision",
                                    _setup()))  # fmt: skip
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("clipengine-gpu-decode")]
+
+
+def test_failure_only_batches_carry_no_shared_pixels(tmp_path: Path, fakes, tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """A process whose files all fail sends no tensor (an empty one has no memory to share)."""
+    root = tmp_path / "bad"
+    root.mkdir()
+    for i in range(3):
+        (root / f"bad-{i}.jpg").write_bytes(b"not a jpeg")
+    stats = LoadStats()
+    batches = list(iter_gpu_loaded_procs(list_items(root), tiny_model_cfg(tiny_model), 4, "cpu", stats,
+                                         "torchvision", _setup()))  # fmt: skip
+    assert sorted(f.id for b in batches for f in b.failures) == ["bad-0.jpg", "bad-1.jpg", "bad-2.jpg"]
+    assert all(not b.ids and b.pixels.shape[0] == 0 for b in batches)
+    assert (stats.images, stats.failures) == (0, 3)
 
 
 def test_a_consumer_that_stops_early_stops_the_processes(photo_folder, tiny_model, monkeypatch) -> None:  # type: ignore[no-untyped-def]

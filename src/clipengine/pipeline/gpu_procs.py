@@ -41,6 +41,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from ..types import Batch, ImageItem
 from .gpu_batching import default_decode_group
 
@@ -106,7 +108,14 @@ def iter_gpu_loaded_procs(
     docstring); stage seconds are summed over the processes into `stats`."""
     import torch.multiprocessing as tmp
 
-    cfg = preprocess_cfg if isinstance(preprocess_cfg, dict) else preprocess_cfg.to_dict()
+    from ..image.preprocess import PreprocessConfig
+
+    config = (
+        preprocess_cfg
+        if isinstance(preprocess_cfg, PreprocessConfig)
+        else PreprocessConfig.from_dict(preprocess_cfg)
+    )
+    cfg = config.to_dict()  # checked here, sent as plain data
     shares = [s for s in split_blocks(items, setup.procs, default_decode_group(batch_size)) if s]
     if not shares:
         return
@@ -144,6 +153,8 @@ def iter_gpu_loaded_procs(
                     )
                 stats.images += len(ids)
                 stats.failures += len(failures)
+                if pixels is None:  # failures only: no rows, so no device memory to share
+                    pixels = np.zeros((0, 3, config.image_size, config.image_size), np.float32)
                 yield Batch(ids=ids, pixels=pixels, sizes=sizes, failures=failures)
                 del pixels, msg  # this process's last reference: the sender may reuse the memory
             elif kind == "done":
@@ -234,9 +245,10 @@ def _decode_process(
         loaded = prefetch(batches, depth=2)
         try:
             for b in loaded:
-                if not _put(out, ("batch", rank, b.ids, b.pixels, b.failures, b.sizes), release):
+                pixels = b.pixels if b.ids else None  # an empty tensor has no memory to share
+                if not _put(out, ("batch", rank, b.ids, pixels, b.failures, b.sizes), release):
                     return  # the consumer stopped early
-                del b
+                del b, pixels
                 if cuda:
                     torch.cuda.ipc_collect()  # type: ignore[no-untyped-call]  # frees the batches the consumer dropped
         finally:
