@@ -195,12 +195,13 @@ def test_real_nvjpeg_in_decode_processes_matches_one_loader(
 @pytest.mark.parametrize(
     ("procs", "gpu_decode", "message"),
     [(0, "cpu", "must be an integer >= 1"), (True, "cpu", "must be an integer >= 1"), (2.0, "cpu", "must be an integer"),
-     (2, None, "need gpu_decode")],
+     (2, None, "need gpu_decode"), (2, "ahead", "cannot be combined")],
 )  # fmt: skip
 def test_bad_decode_process_counts_are_refused_before_anything_is_written(  # type: ignore[no-untyped-def]
     image_folder, tmp_path: Path, fake_factory, preprocess_cfg, procs, gpu_decode, message
 ) -> None:
+    ahead = gpu_decode == "ahead"
     with pytest.raises(ValueError, match=message):
-        embed_folder(image_folder, tmp_path / "out", fake_factory, preprocess_cfg, gpu_decode=gpu_decode,
-                     gpu_decode_procs=procs)  # fmt: skip
+        embed_folder(image_folder, tmp_path / "out", fake_factory, preprocess_cfg, gpu_decode="cpu" if ahead else gpu_decode,
+                     gpu_decode_procs=procs, gpu_decode_ahead=ahead)  # fmt: skip
     assert not (tmp_path / "out").exists()

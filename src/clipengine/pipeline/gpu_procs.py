@@ -1,5 +1,5 @@
 """Experimental: the GPU loader in several processes. Each decodes and preprocesses its own blocks of
-files on the same GPU, and hands its batches to this process through CUDA IPC (no copy).
+files on the same GPU, and hands its batches to this process through CUDA IPC.
 
 Status (session 11, H200, `benchmarks/gpu_gap.py` rows C / R / S over 65,536 1280x960 JPEGs): it
 does not pay, and stays a library option (`embed_folder(gpu_decode_procs=N)`) with no CLI flag.
@@ -7,10 +7,15 @@ does not pay, and stays a library option (`embed_folder(gpu_decode_procs=N)`) wi
   (+16 %), but the processes took 7.5-11.3 s to send their first batch (spawn, torch and CUDA
   start-up in each): at that rate the start-up is repaid only after about 370,000 images.
 - In 3 of 4 runs over 65,536 files one decode process died of SIGSEGV (exit code -11) after 5-7 s
-  of decoding; runs over 4,096 files and the gpu tests passed. The crash is not located: the raw
-  decode in 4 processes without IPC (`benchmarks/gpu_decode_procs.py`) never crashed, so torch's
-  CUDA IPC reference counting (`torch.cuda.ipc_collect` beside the queue's feeder thread) is the
-  first suspect. Each process now enables `faulthandler`, so the next crash prints its stacks.
+  of decoding; runs over 4,096 files and the gpu tests passed. The likely cause, found by reading
+  torch's `CudaIPCTypes.cpp` after that run: sharing a CUDA tensor (`GetNewRefCountedSentData`)
+  uses its reference-counter file outside the lock, while `CudaIPCCollect`, which the caching
+  allocator calls on any cache miss on any thread, may delete that file when no shared tensor is
+  outstanding. That run's processes sent from one thread (a queue's feeder) while a loader thread
+  allocated. Since then each process does all its CUDA work, sends included, on one thread, with
+  a pipe of its own (a crash mid-message is an EOF here, not a hang) and two batches of credit;
+  the consumer gets a copy of each batch on its own device memory, so no batch outlives its
+  sender. Unmeasured on a GPU so far; `faulthandler` prints the stacks of any further crash.
 - On the mix with 12 MP photos 2 processes ran 2,473-2,758 img/s once started, no faster than one
   loader thread (2,677).
 A run that loses a process fails with a clear error and resumes like any other.
@@ -28,15 +33,17 @@ whatever order the processes finish them. `shard_assembly` routes rows to their 
 writes each shard in input order, so the output is the same as with one process.
 
 The sending process keeps a batch's device memory until this process drops the tensor (torch's CUDA
-IPC reference counting); it is asked to exit only once the consumer is done with every batch.
+IPC reference counting). This process copies each batch on the device and drops the shared tensor
+once the copy has run, and lets the senders exit only after that.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import queue
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -68,7 +75,6 @@ class DecodeProcesses:
             share); 0: those files are decoded on the process's loader thread.
         cpu_share: the CPU assist share (`pipeline.cpu_assist`), 0: off.
         fast_decode: reduced-scale decode in those workers.
-        decode_ahead: `gpu_loading.iter_gpu_loaded`'s option, in each process.
         read_threads: reader threads per process.
         decode_batch: a stand-in for nvjpeg (tests; a top-level function, so it pickles).
     """
@@ -77,7 +83,6 @@ class DecodeProcesses:
     workers: int = 0
     cpu_share: float = 0.0
     fast_decode: bool = False
-    decode_ahead: bool = False
     read_threads: int = 2
     decode_batch: Callable[..., Any] | None = None
 
@@ -120,86 +125,143 @@ def iter_gpu_loaded_procs(
     if not shares:
         return
     ctx = tmp.get_context("spawn")
-    out = ctx.Queue(maxsize=_QUEUED_PER_PROCESS * len(shares))
     release = ctx.Event()
-    procs = [
-        ctx.Process(
-            target=_decode_process,
-            name=f"clipengine-gpu-decode-{rank}",
-            daemon=False,
-            args=(rank, share, cfg, batch_size, device, decoder, setup, out, release),
-        )
-        for rank, share in enumerate(shares)
-    ]
-    for p in procs:
-        p.start()
-    pending = set(range(len(procs)))
-    started = time.perf_counter()
+    children: list[_Child] = []
+    try:
+        for rank, share in enumerate(shares):
+            reader, writer = ctx.Pipe(duplex=False)
+            credits = ctx.Semaphore(_QUEUED_PER_PROCESS)
+            process = ctx.Process(
+                target=_decode_process,
+                name=f"clipengine-gpu-decode-{rank}",
+                daemon=False,
+                args=(rank, share, cfg, batch_size, device, decoder, setup, writer, credits, release),
+            )
+            process.start()
+            # Only the child holds the write end now: its exit, even a crash mid-message, is an EOF
+            # here rather than a read that waits for ever.
+            writer.close()
+            children.append(_Child(rank, process, reader, credits))
+        yield from _receive(children, config.image_size, stats)
+    finally:
+        _stop(children, release)
+
+
+@dataclass
+class _Child:
+    """A decode process as its consumer sees it."""
+
+    rank: int
+    process: Any  # multiprocessing's SpawnProcess
+    conn: Any  # the read end of its pipe
+    credits: Any  # a semaphore: the batches it may send ahead of the consumer
+
+
+def _receive(children: list[_Child], image_size: int, stats: LoadStats) -> Iterator[Batch]:
+    """The children's batches as they come, each in memory of this process (see `_own_copy`)."""
+    pending = {c.rank: c for c in children}
     heard: set[int] = set()
+    held: deque[tuple[Any, Any]] = deque()
+    started = time.perf_counter()
     first: float | None = None
     try:
         while pending:
             t0 = time.perf_counter()
-            msg = _next_message(out, procs, pending, heard, started)
+            child, msg = _next_message(pending, heard, started)
             stats.wait_s += time.perf_counter() - t0
-            kind, rank = msg[0], msg[1]
-            heard.add(rank)
-            if kind == "batch":
-                _, _, ids, pixels, failures, sizes = msg
+            if msg[0] == "batch":
+                _, ids, pixels, failures, sizes = msg
+                del msg
                 if first is None:
                     first = time.perf_counter()
                     _log.info(
-                        "%d GPU decode processes: first batch after %.1f s", len(procs), first - started
+                        "%d GPU decode processes: first batch after %.1f s", len(children), first - started
                     )
                 stats.images += len(ids)
                 stats.failures += len(failures)
-                if pixels is None:  # failures only: no rows, so no device memory to share
-                    pixels = np.zeros((0, 3, config.image_size, config.image_size), np.float32)
+                pixels = _own_copy(pixels, image_size, held)
                 yield Batch(ids=ids, pixels=pixels, sizes=sizes, failures=failures)
-                del pixels, msg  # this process's last reference: the sender may reuse the memory
-            elif kind == "done":
-                pending.discard(rank)
-                done = msg[2]
+                del pixels
+                child.credits.release()  # the consumer is done with it: the child may send another
+            elif msg[0] == "done":
+                del pending[child.rank]
+                done = msg[1]
                 stats.read_s += done["read_s"]
                 stats.decode_s += done["decode_s"]
                 stats.preprocess_s += done["preprocess_s"]
-            else:  # "error": the process's traceback, raised here as the in-process loader would
-                raise RuntimeError(f"GPU decode process {rank} failed: {msg[2]}\n{msg[3]}")
+            else:  # "error": the child's traceback, raised here as the in-process loader would
+                raise RuntimeError(f"GPU decode process {child.rank} failed: {msg[1]}\n{msg[2]}")
         if first is not None:  # the rate once started: what a long run gets (start-up is a fixed cost)
             steady = time.perf_counter() - first
             _log.info("%d GPU decode processes: %d images in %.2f s after the first batch (%.0f img/s)",
-                      len(procs), stats.images, steady, stats.images / steady if steady > 0 else 0.0)  # fmt: skip
+                      len(children), stats.images, steady, stats.images / steady if steady > 0 else 0.0)  # fmt: skip
     finally:
-        release.set()
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():  # stuck (a hung driver call): it holds nothing this process still needs
-                p.terminate()
-                p.join(timeout=5)
-        out.close()
+        for event, _ in held:  # the copies still reading a child's memory finish before it may go
+            event.synchronize()
+        held.clear()
+
+
+def _own_copy(pixels: Any, image_size: int, held: deque[tuple[Any, Any]]) -> Any:
+    """A batch's pixels in this process's memory.
+
+    A CUDA tensor from a child is the child's memory: the consumer (and a traceback or loop
+    variable holding the last batch) could keep it past the child's exit, which CUDA leaves
+    undefined. So it is copied on the device, and the child's tensor is dropped once the copy has
+    run (`held`: the copy's event and the shared tensor, oldest first). CPU tensors come through
+    shared memory, which stays valid after the sender exits.
+    """
+    if pixels is None:  # failures only: the child sends no tensor
+        return np.zeros((0, 3, image_size, image_size), np.float32)
+    if not getattr(pixels, "is_cuda", False):
+        return pixels
+    import torch
+
+    own = pixels.clone()
+    event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+    event.record(torch.cuda.current_stream(pixels.device))
+    held.append((event, pixels))
+    while held and held[0][0].query():
+        held.popleft()
+    return own
 
 
 def _next_message(
-    out: Any, procs: list[Any], pending: set[int], heard: set[int], started: float
-) -> tuple[Any, ...]:
-    """The next message from the decode processes; raises when one died or never started."""
+    pending: dict[int, _Child], heard: set[int], started: float
+) -> tuple[_Child, tuple[Any, ...]]:
+    """The next message from a pending child; raises when one died or never started."""
+    from multiprocessing.connection import wait
+
     while True:
-        try:
-            return out.get(timeout=_POLL_S)  # type: ignore[no-any-return]
-        except queue.Empty:
-            pass
-        for rank in sorted(pending):
-            code = procs[rank].exitcode
-            if code is not None:
-                try:  # it may have sent its last words just before it went
-                    return out.get(timeout=_POLL_S)  # type: ignore[no-any-return]
-                except queue.Empty:
-                    raise RuntimeError(
-                        f"GPU decode process {rank} exited with code {code} before it finished; "
-                        "the files it had not sent are not embedded (run again to resume)"
-                    ) from None
-            if rank not in heard and time.perf_counter() - started > _START_S:
-                raise RuntimeError(f"GPU decode process {rank} sent nothing in {_START_S:.0f} s")
+        by_conn = {c.conn: c for c in pending.values()}
+        ready = wait(list(by_conn), timeout=_POLL_S)
+        for ready_conn in ready:
+            child = by_conn[ready_conn]
+            conn: Any = child.conn
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):  # it exited (or crashed) before its last message
+                child.process.join(timeout=5)
+                raise RuntimeError(
+                    f"GPU decode process {child.rank} exited with code {child.process.exitcode} before it "
+                    "finished; the files it had not sent are not embedded (run again to resume)"
+                ) from None
+            heard.add(child.rank)
+            return child, msg
+        silent = sorted(set(pending) - heard)
+        if silent and time.perf_counter() - started > _START_S:
+            raise RuntimeError(f"GPU decode process {silent[0]} sent nothing in {_START_S:.0f} s")
+
+
+def _stop(children: list[_Child], release: Any) -> None:
+    """Let the children go, and wait for them (a stuck one is terminated)."""
+    release.set()
+    for c in children:
+        c.conn.close()  # a child blocked sending to us gets a broken pipe and ends
+    for c in children:
+        c.process.join(timeout=30)
+        if c.process.is_alive():  # stuck (a hung driver call): it holds nothing this process still needs
+            c.process.terminate()
+            c.process.join(timeout=5)
 
 
 def _decode_process(
@@ -210,26 +272,32 @@ def _decode_process(
     device: str,
     decoder: str,
     setup: DecodeProcesses,
-    out: Any,
+    conn: Any,
+    credits: Any,
     release: Any,
 ) -> None:
-    """A decode process's main: its files through the in-process loader, each batch sent as it is ready."""
+    """A decode process's main: its files through the in-process loader, each batch sent as it is ready.
+
+    One thread does all the CUDA work here, the sends included: torch's CUDA IPC bookkeeping is
+    not safe against an allocation on another thread while a tensor is being shared (module
+    docstring), so there is no loader thread and no decode thread in these processes.
+    """
     import faulthandler
 
     from .decode_pool import as_child_process
 
-    faulthandler.enable()  # a crash in native code (see the module docstring) prints every thread's stack
+    faulthandler.enable()  # a crash in native code prints every thread's stack
     as_child_process()  # Ctrl-C is the parent's to handle; a parent that dies takes this process with it
     executor = None
     try:
         import torch
+        import torch.multiprocessing  # registers tensor pickling (CUDA IPC) for the pipe
 
         from ..image.gpu_decode import GpuJpegDecoder
         from ..image.preprocess import PreprocessConfig
         from .cpu_assist import CpuAssist
         from .decode_pool import make_executor
         from .gpu_loading import loader_batches
-        from .prefetch import prefetch
 
         config = PreprocessConfig.from_dict(cfg)
         jpeg = (GpuJpegDecoder(device, library=decoder) if setup.decode_batch is None
@@ -239,38 +307,38 @@ def _decode_process(
                   if executor is not None else None)  # fmt: skip
         if assist is not None and setup.cpu_share > 0:
             assist.prime()
-        batches = loader_batches(items, config, batch_size, jpeg, read_threads=setup.read_threads,
-                                 decode_ahead=setup.decode_ahead, assist=assist)  # fmt: skip
         cuda = torch.device(device).type == "cuda"
-        loaded = prefetch(batches, depth=2)
+        batches = loader_batches(items, config, batch_size, jpeg, read_threads=setup.read_threads,
+                                 decode_ahead=False, assist=assist)  # fmt: skip
         try:
-            for b in loaded:
-                pixels = b.pixels if b.ids else None  # an empty tensor has no memory to share
-                if not _put(out, ("batch", rank, b.ids, pixels, b.failures, b.sizes), release):
+            for b in batches:
+                if not _acquire(credits, release):
                     return  # the consumer stopped early
-                del b, pixels
+                conn.send(("batch", b.ids, b.pixels if b.ids else None, b.failures, b.sizes))
+                del b
                 if cuda:
-                    torch.cuda.ipc_collect()  # type: ignore[no-untyped-call]  # frees the batches the consumer dropped
+                    torch.cuda.ipc_collect()  # type: ignore[no-untyped-call]  # frees what the consumer dropped
         finally:
-            loaded.close()
-        done = asdict(jpeg.stats)
-        _put(out, ("done", rank, done), release)
+            close = getattr(batches, "close", None)  # stops the reader threads
+            if close is not None:
+                close()
+        conn.send(("done", asdict(jpeg.stats)))
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the consumer has gone: nobody to tell
     except BaseException as e:
-        _put(out, ("error", rank, f"{type(e).__name__}: {e}", traceback.format_exc()), release)
+        with contextlib.suppress(OSError):
+            conn.send(("error", f"{type(e).__name__}: {e}", traceback.format_exc()))
     finally:
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
-        # The consumer may still hold this process's device memory: stay until it is done with it.
+        # The consumer may still be copying from this process's device memory: stay until it is done.
         release.wait()
-        out.cancel_join_thread()  # what is left unread is not wanted
+        conn.close()
 
 
-def _put(out: Any, msg: tuple[Any, ...], release: Any) -> bool:
-    """Queue `msg` unless the consumer has gone (`release` set); whether it was queued."""
+def _acquire(credits: Any, release: Any) -> bool:
+    """Wait for the consumer to take a batch (a credit), unless it has gone; whether one was got."""
     while not release.is_set():
-        try:
-            out.put(msg, timeout=_POLL_S)
+        if credits.acquire(timeout=_POLL_S):
             return True
-        except queue.Full:
-            continue
     return False

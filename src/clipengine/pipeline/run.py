@@ -160,7 +160,8 @@ def embed_folder(
             the GPU, each a share of the files (`pipeline.gpu_procs`; the same pixels, so a resume
             may change it). 1 (default): a loader thread in this process. On an H200 3 processes
             ran 16 % faster once started but took 7.5-11 s to start, and one process crashed
-            (SIGSEGV) in 3 of 4 runs over 65,536 files: see `pipeline.gpu_procs`.
+            (SIGSEGV) in 3 of 4 runs over 65,536 files; changed since to avoid the likely cause,
+            unmeasured: see `pipeline.gpu_procs`. Not with `gpu_decode_ahead`.
         retry_failed: recompute the complete shards that list failures too (files fixed since).
 
     Returns:
@@ -179,7 +180,7 @@ def embed_folder(
     batch_size, shard_size = operator.index(batch_size), operator.index(shard_size)
     workers = None if workers is None else operator.index(workers)
     check_cpu_share(gpu_cpu_share, gpu_decode, workers)
-    check_decode_procs(gpu_decode_procs, gpu_decode)
+    check_decode_procs(gpu_decode_procs, gpu_decode, gpu_decode_ahead)
     out_dir = Path(out_dir)
     items = list(source) if not isinstance(source, (str, Path)) else list_items(source)
     check_unique_ids(items)  # all of them, before run.json is touched (a resume routes only some)

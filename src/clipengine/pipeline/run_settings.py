@@ -33,12 +33,14 @@ def check_cpu_share(share: float, gpu_decode: str | None, workers: int | None) -
         raise ValueError("gpu_cpu_share needs CPU decode workers (workers >= 1, or None for the default)")
 
 
-def check_decode_procs(procs: int, gpu_decode: str | None) -> None:
+def check_decode_procs(procs: int, gpu_decode: str | None, decode_ahead: bool) -> None:
     """Refuse a `gpu_decode_procs` that `embed_folder` cannot run, before anything is written."""
     if isinstance(procs, bool) or not isinstance(procs, int) or procs < 1:
         raise ValueError(f"gpu_decode_procs must be an integer >= 1, got {procs!r}")
     if procs > 1 and gpu_decode is None:
         raise ValueError("gpu_decode_procs are GPU decode processes: they need gpu_decode")
+    if procs > 1 and decode_ahead:  # CUDA work on a second thread of a sending process (`gpu_procs`)
+        raise ValueError("gpu_decode_ahead cannot be combined with gpu_decode_procs > 1")
 
 
 def check_output(out_dir: str | Path, **settings: Any) -> None:

@@ -58,8 +58,7 @@ class Loading:
             # pool `executor` of this process then stays unused, and starts no process.
             workers = max(1, self.workers // self.gpu_decode_procs) if self.executor is not None else 0
             setup = DecodeProcesses(self.gpu_decode_procs, workers=workers, cpu_share=self.gpu_cpu_share,
-                                    fast_decode=self.fast_decode, decode_ahead=self.gpu_decode_ahead,
-                                    read_threads=self.gpu_read_threads)  # fmt: skip
+                                    fast_decode=self.fast_decode, read_threads=self.gpu_read_threads)  # fmt: skip
             return iter_gpu_loaded_procs(items, self.preprocess_cfg, self.batch_size, self.gpu_decode, stats,
                                          self.gpu_decoder, setup)  # fmt: skip
         if self.gpu_decode is not None:
