@@ -117,6 +117,59 @@ def test_corrupt_pickle_is_a_dataset_error(tmp_path: Path) -> None:
         cifar.load_cifar10(tmp_path)
 
 
+class _RunsCode:
+    """Unpickling this calls builtins.print: what a hostile "CIFAR" file could do with os.system."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (print, ("code from a dataset pickle ran",))
+
+
+def test_cifar_pickle_naming_other_code_is_refused_not_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    (d / "batches.meta").write_bytes(pickle.dumps({b"label_names": _RunsCode()}, protocol=2))
+    with pytest.raises(DatasetError, match=r"batches\.meta: not a CIFAR pickle .*builtin_*\.print"):
+        cifar.load_cifar10(tmp_path)
+    assert "ran" not in capsys.readouterr().out
+
+
+def test_cifar_pickle_from_numpy_1_reads(tmp_path: Path) -> None:
+    """The official files name numpy.core.multiarray (NumPy < 2), NumPy 2 names numpy._core: both load."""
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    img = np.arange(2 * 32 * 32 * 3, dtype=np.uint8).reshape(2, 32, 32, 3)
+    blob = pickle.dumps(_py2_style_batch(img, [0, 1]), protocol=2)
+    old = blob.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+    assert old != blob or b"numpy.core.multiarray\n" in blob
+    (d / "test_batch").write_bytes(old)
+    (d / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"a", b"b"]}, protocol=2))
+    data = cifar.load_cifar10(tmp_path)
+    np.testing.assert_array_equal(np.stack(data.images()), img)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_corrupt_cifar_batch_is_always_a_dataset_error(tmp_path: Path, cifar10_root: Path, seed: int) -> None:
+    """Bytes flipped in a batch: each corruption fails as a DatasetError naming the file (was a bare
+    TypeError, AttributeError, LookupError, ModuleNotFoundError or MemoryError for some)."""
+    import random
+    import shutil
+
+    d = shutil.copytree(cifar10_root / "cifar-10-batches-py", tmp_path / "cifar-10-batches-py")
+    good = (d / "test_batch").read_bytes()
+    rng = random.Random(seed)
+    for _ in range(60):
+        blob = bytearray(good)
+        for _ in range(3):
+            blob[rng.randrange(400)] = rng.randrange(256)  # the header: opcodes, globals, sizes
+        (d / "test_batch").write_bytes(bytes(blob))
+        try:
+            cifar.load_cifar10(tmp_path)
+        except DatasetError as e:  # a flipped label value or count: the split's own checks
+            assert "test_batch" in str(e) or str(e).startswith("cifar10-test: ")
+
+
 def test_imagefolder_sorted_classes_and_names(imagefolder_root: Path) -> None:
     data = folders.load_imagefolder(imagefolder_root)
     assert data.classnames == sorted(synthetic.SHAPES)  # folder order is alphabetical

@@ -22,15 +22,50 @@ _CIFAR10_LAYOUT = "cifar-10-batches-py/{data_batch_1..5, test_batch, batches.met
 _CIFAR100_LAYOUT = "cifar-100-python/{train, test, meta}"
 
 
+# The only callables a CIFAR pickle names: NumPy's array reconstruction (numpy.core before NumPy 2,
+# numpy._core after) and the codec Python 3 pickles bytes with at protocol 2. Anything else (os.system,
+# builtins.eval, ...) is refused before it is looked up, so reading a dataset never runs its code.
+_CIFAR_GLOBALS = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+)
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that resolves only `_CIFAR_GLOBALS`."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"refers to {module}.{name}, which a CIFAR pickle never does")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path, layout: str) -> dict[str, Any]:
-    """Load a CIFAR pickle; keys come back as str whether written by Python 2 (bytes) or 3."""
+    """Load a CIFAR pickle; keys come back as str whether written by Python 2 (bytes) or 3.
+
+    Only NumPy arrays and plain containers are rebuilt (`_CifarUnpickler`): a pickle naming any
+    other callable is refused, never run.
+    """
     if not path.is_file():
         raise DatasetError(f"missing {path}; expected the official layout {layout}")
     try:
         with path.open("rb") as f:
-            raw = pickle.load(f, encoding="bytes")
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
-        raise DatasetError(f"{path}: not a CIFAR pickle ({e}); expected the layout {layout}") from e
+            raw = _CifarUnpickler(f, encoding="bytes").load()
+    except MemoryError as e:  # a corrupt length field asks for a huge allocation
+        raise DatasetError(
+            f"{path}: not a CIFAR pickle (a corrupt size field); expected the layout {layout}"
+        ) from e
+    except Exception as e:  # a corrupt pickle fails in many ways: KeyError, TypeError, LookupError, ...
+        raise DatasetError(
+            f"{path}: not a CIFAR pickle ({type(e).__name__}: {e}); expected the layout {layout}"
+        ) from e
     if not isinstance(raw, dict):
         raise DatasetError(f"{path}: expected a dict, got {type(raw).__name__}")
     return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in raw.items()}
