@@ -14,7 +14,10 @@ if TYPE_CHECKING:
     from .pipeline.run import RunStats
 
 __all__ = [
+    "DOCUMENTED_DEVIATION",
     "FORMATS",
+    "fidelity",
+    "fidelity_line",
     "plot_throughput",
     "render_bench",
     "render_run_stats",
@@ -30,6 +33,129 @@ _BENCH_COLUMNS = (
     "end-to-end img/s",
     "text x4 ms",
 )
+
+
+# What docs/performance.md (and docs/embed_bench.md) measured for the paths that are not checked per
+# model: a PyTorch precision is cast at load time and never compared with fp32, so these are the
+# measurements of one model, stated as such, not bounds for the user's (tests/test_fidelity.py
+# keeps each one in its document).
+DOCUMENTED_DEVIATION = {
+    "torch-bf16": "docs/performance.md, ViT-B/32 on a CPU: min cosine 0.99994 image, 0.99991 text",
+    "torch-fp16": "docs/performance.md, ViT-B/32 image tower on an H100 and an H200: cos >= 0.999999",
+    "torch-fp8": "docs/performance.md, ViT-B/32 with random weights: 0.9991 on an H200; "
+    "CPU reference: image 0.9993, text 0.9986",
+    "fast_decode": "docs/performance.md, camera-size JPEGs: cosine 0.9999 to the exact path",
+    "gpu_decode-torchvision": "docs/embed_bench.md, 1280x960 JPEGs on an H200: cosine >= 0.99999 to the exact path",
+}
+
+
+def _tower_parity(engines: Sequence[Any], key: str | None) -> dict[str, Any] | None:
+    """The worst parity over one tower's engines (`key`: a runtime_parity entry, None: the export's
+    own ONNX Runtime check), or None when no engine of it was measured there."""
+    measured = [e.parity if key is None else e.runtime_parity.get(key) for e in engines]
+    found = [p for p in measured if p is not None]
+    if not found:
+        return None
+    out: dict[str, Any] = {
+        "min_cos": min(p.min_cos for p in found),
+        "max_abs": max(p.max_abs for p in found),
+        "samples": sum(p.samples for p in found),
+        "passed": all(p.passed for p in found),
+    }
+    unmeasured = [e.file for e, p in zip(engines, measured, strict=True) if p is None]
+    if unmeasured:
+        out["unmeasured_engines"] = unmeasured
+    return out
+
+
+def fidelity(
+    backend: Any, *, fast_decode: bool = False, gpu_decoder: str | None = None
+) -> dict[str, Any] | None:
+    """What a run's lower-precision parts deviate from fp32 by: measured where it was, else "unmeasured".
+
+    Args:
+        backend: the run's Backend; an export-folder backend (onnx, openvino) carries the parity its
+            export measured per engine in its manifest, a torch one nothing (cast at load time).
+        fast_decode: reduced-scale JPEG decoding was on.
+        gpu_decoder: the GPU JPEG decoder ("torchvision", "nvimgcodec") when decoding on the GPU.
+
+    Returns:
+        None for an fp32 model on the exact decoder (nothing to state). Else a JSON-able dict:
+        `precision`, `backend`, `towers` ({"image", "text"}: the worst `min_cos`, `max_abs`, `samples`
+        and `passed` over the engines run, None where unmeasured; None for fp32), `measured` (where
+        the tower numbers come from, or "unmeasured ..."), `reference` (a documented measurement of
+        another model, or None) and `decode` (None, or {"mode", "reference"}).
+    """
+    from .export.manifest import Manifest
+
+    precision = str(getattr(backend, "precision", "fp32"))
+    name = str(getattr(backend, "name", "?"))
+    out: dict[str, Any] = {"backend": name, "precision": precision, "towers": None, "measured": None,
+                           "reference": None, "decode": None}  # fmt: skip
+    manifest = getattr(backend, "manifest", None)
+    if precision != "fp32" and isinstance(manifest, Manifest):
+        engines = str(getattr(backend, "engine_precision", precision))
+        key = None if name != "openvino" else ("openvino-bf16" if precision == "bf16" else "openvino")
+        towers = {t: _tower_parity(manifest.select(t, engines), key) for t in ("image", "text")}
+        where = {None: "under ONNX Runtime", "openvino": "under OpenVINO"}.get(key, "under OpenVINO in bf16")
+        out["towers"] = towers
+        if all(v is None for v in towers.values()):
+            out["measured"] = f"unmeasured {where}: the export did not measure these engines there"
+            if key is not None:  # what ONNX Runtime measured for the same files, as a hint
+                ort = {t: _tower_parity(manifest.select(t, engines), None) for t in ("image", "text")}
+                out["reference"] = "the export's ONNX Runtime check of the same engines: " + _cosines(ort)
+        else:
+            out["measured"] = f"at export {where} against fp32 PyTorch, manifest.json"
+    elif precision != "fp32":
+        out["towers"] = {"image": None, "text": None}
+        out["measured"] = "unmeasured for this model"
+        out["reference"] = DOCUMENTED_DEVIATION.get(f"{name}-{precision}")
+    if gpu_decoder is not None:
+        ref = DOCUMENTED_DEVIATION.get(f"gpu_decode-{gpu_decoder}")
+        out["decode"] = {"mode": f"gpu_decode ({gpu_decoder})", "reference": ref}
+    elif fast_decode:
+        out["decode"] = {"mode": "fast_decode", "reference": DOCUMENTED_DEVIATION["fast_decode"]}
+    if out["towers"] is None and out["decode"] is None:
+        return None
+    return out
+
+
+def _cosines(towers: dict[str, dict[str, Any] | None]) -> str:
+    parts = []
+    for tower, p in towers.items():
+        if p is None:
+            parts.append(f"{tower} unmeasured")
+        else:
+            flag = "" if p["passed"] else " (below its bound)"
+            partial = f" (unmeasured: {', '.join(p['unmeasured_engines'])})" if "unmeasured_engines" in p else ""
+            parts.append(f"{tower} {p['min_cos']:.5f}{flag}{partial}")
+    return "min cosine " + ", ".join(parts)
+
+
+def fidelity_line(info: dict[str, Any] | None) -> str | None:
+    """One line for a CLI's stderr from `fidelity()`'s dict (None when there is nothing to state)."""
+    if info is None:
+        return None
+    parts = []
+    towers = info.get("towers")
+    if towers is not None:
+        what = f"{info['backend']} {info['precision']} is not fp32"
+        measured = str(info.get("measured") or "unmeasured")
+        if any(v is not None for v in towers.values()):
+            text = f"{what}: {_cosines(towers)} to fp32 (measured {measured})"
+        else:
+            text = f"{what}: deviation from fp32 {measured}"
+        if info.get("reference"):
+            text += f" [{info['reference']}]"
+        parts.append(text)
+    decode = info.get("decode")
+    if decode is not None:
+        ref = decode.get("reference")
+        parts.append(
+            f"{decode['mode']} is not the exact decode: unmeasured for this model"
+            + (f" [{ref}]" if ref else "")
+        )
+    return "note: " + "; ".join(parts)
 
 
 def _check_format(fmt: str) -> None:
@@ -99,11 +225,15 @@ def seed_block(result: BenchResult) -> str:
     )
 
 
-def render_bench(result: BenchResult, fmt: str = "text") -> str:
-    """The seed block then one row per batch size (text/Markdown), or the full result as JSON."""
+def render_bench(result: BenchResult, fmt: str = "text", *, fidelity: dict[str, Any] | None = None) -> str:
+    """The seed block then one row per batch size (text/Markdown), or the full result as JSON.
+
+    `fidelity`: the run's `fidelity()` (None: an fp32 model on the exact decoder); JSON carries it as
+    "fidelity", text and Markdown as a line under the table.
+    """
     _check_format(fmt)
     if fmt == "json":
-        return json.dumps(result.to_dict(), indent=2, sort_keys=True)
+        return json.dumps({**result.to_dict(), "fidelity": fidelity}, indent=2, sort_keys=True)
     rows = [
         (
             str(b.batch_size),
@@ -123,7 +253,11 @@ def render_bench(result: BenchResult, fmt: str = "text") -> str:
     block = seed_block(result)
     if fmt == "markdown":
         block = "```\n" + block + "\n```"
-    return "\n".join([block, "", title, _table(_BENCH_COLUMNS, rows, markdown=fmt == "markdown")])
+    lines = [block, "", title, _table(_BENCH_COLUMNS, rows, markdown=fmt == "markdown")]
+    note = fidelity_line(fidelity)
+    if note:
+        lines += ["", note]
+    return "\n".join(lines)
 
 
 def plot_throughput(result: BenchResult, path: str | Path) -> Path:

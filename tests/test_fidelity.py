@@ -1,0 +1,131 @@
+"""`report.fidelity`: every lower-precision path states its deviation from fp32, measured or "unmeasured"."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from clipengine.export.manifest import EngineInfo, Manifest, Parity
+from clipengine.report import DOCUMENTED_DEVIATION, fidelity, fidelity_line
+
+_ROOT = Path(__file__).parents[1]
+
+
+def _parity(min_cos: float, *, passed: bool = True, samples: int = 4) -> Parity:
+    return Parity(max_abs=1 - min_cos, min_cos=min_cos, bound={"min_cos": 0.99}, passed=passed, samples=samples)
+
+
+def _engine(tower: str, precision: str, batch: int | None, parity: Parity | None, **runtime: Parity) -> EngineInfo:
+    name = f"{tower}_{precision}_{'dyn' if batch is None else f'b{batch}'}.onnx"
+    return EngineInfo(tower=tower, precision=precision, batch=batch, file=name, sha256="0" * 64, inputs=[],
+                      outputs=[], parity=parity, runtime_parity=dict(runtime))  # fmt: skip
+
+
+def _backend(name: str, precision: str, engines: list[EngineInfo], engine_precision: str | None = None) -> Any:
+    manifest = Manifest(model="tiny", pretrained=None, architecture={}, preprocess={}, context_length=77,
+                        logit_scale=100.0, embed_dim=8, image_size=32, engines=engines)  # fmt: skip
+    return SimpleNamespace(name=name, precision=precision, manifest=manifest,
+                           engine_precision=engine_precision or precision)  # fmt: skip
+
+
+def test_fp32_on_the_exact_decoder_states_nothing() -> None:
+    assert fidelity(SimpleNamespace(name="torch", precision="fp32")) is None
+    assert fidelity(_backend("onnx", "fp32", [_engine("image", "fp32", None, _parity(1.0))])) is None
+    assert fidelity_line(None) is None
+
+
+def test_onnx_int8_states_the_worst_engine_measured_at_export() -> None:
+    engines = [
+        _engine("image", "int8", 1, _parity(0.9995)),
+        _engine("image", "int8", 8, _parity(0.9991, samples=8)),
+        _engine("text", "int8", None, _parity(0.9987)),
+        _engine("image", "fp32", None, _parity(1.0)),  # another precision: not what runs
+    ]
+    info = fidelity(_backend("onnx", "int8", engines))
+    assert info is not None and info["precision"] == "int8"
+    assert info["towers"]["image"] == {"min_cos": 0.9991, "max_abs": pytest.approx(1 - 0.9991), "samples": 12,
+                                       "passed": True}  # fmt: skip
+    assert info["towers"]["text"]["min_cos"] == 0.9987
+    assert "under ONNX Runtime" in info["measured"]
+    line = fidelity_line(info)
+    assert line == ("note: onnx int8 is not fp32: min cosine image 0.99910, text 0.99870 to fp32 (measured at "
+                    "export under ONNX Runtime against fp32 PyTorch, manifest.json)")  # fmt: skip
+
+
+def test_a_failed_or_partly_measured_tower_says_so() -> None:
+    engines = [
+        _engine("image", "fp16", 1, _parity(0.95, passed=False)),
+        _engine("image", "fp16", 4, None),
+        _engine("text", "fp16", None, None),
+    ]
+    info = fidelity(_backend("onnx", "fp16", engines))
+    assert info is not None and info["towers"]["text"] is None
+    assert info["towers"]["image"]["unmeasured_engines"] == ["image_fp16_b4.onnx"]
+    line = fidelity_line(info)
+    assert line is not None
+    assert "image 0.95000 (below its bound) (unmeasured: image_fp16_b4.onnx)" in line and "text unmeasured" in line
+
+
+def test_openvino_uses_its_own_runtime_parity_bf16_on_the_fp32_engines() -> None:
+    engines = [
+        _engine("image", "fp32", None, _parity(1.0), openvino=_parity(1.0), **{"openvino-bf16": _parity(0.9993)}),
+        _engine("text", "fp32", None, _parity(1.0), openvino=_parity(1.0), **{"openvino-bf16": _parity(0.9990)}),
+    ]
+    info = fidelity(_backend("openvino", "bf16", engines, engine_precision="fp32"))
+    assert info is not None
+    assert (info["towers"]["image"]["min_cos"], info["towers"]["text"]["min_cos"]) == (0.9993, 0.9990)
+    assert "under OpenVINO in bf16" in info["measured"]
+
+
+def test_openvino_unmeasured_there_says_unmeasured_and_gives_ort_as_a_hint() -> None:
+    engines = [_engine("image", "int8", None, _parity(0.9994)), _engine("text", "int8", None, _parity(0.9981))]
+    info = fidelity(_backend("openvino", "int8", engines))
+    assert info is not None and info["towers"] == {"image": None, "text": None}
+    assert info["measured"].startswith("unmeasured under OpenVINO")
+    line = fidelity_line(info)
+    assert line is not None and "deviation from fp32 unmeasured under OpenVINO" in line
+    assert "ONNX Runtime check of the same engines: min cosine image 0.99940, text 0.99810" in line
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp8"])
+def test_torch_lower_precision_is_unmeasured_with_the_documented_reference(precision: str) -> None:
+    info = fidelity(SimpleNamespace(name="torch", precision=precision, device="cpu"))
+    assert info is not None and info["towers"] == {"image": None, "text": None}
+    assert info["measured"] == "unmeasured for this model"
+    assert info["reference"] == DOCUMENTED_DEVIATION[f"torch-{precision}"]
+    line = fidelity_line(info)
+    assert line == (f"note: torch {precision} is not fp32: deviation from fp32 unmeasured for this model "
+                    f"[{DOCUMENTED_DEVIATION[f'torch-{precision}']}]")  # fmt: skip
+
+
+def test_an_unknown_backend_at_lower_precision_is_unmeasured_without_a_reference() -> None:
+    info = fidelity(SimpleNamespace(name="custom", precision="int8"))
+    assert info is not None and info["reference"] is None and info["measured"] == "unmeasured for this model"
+
+
+def test_reduced_decoding_is_stated_even_at_fp32() -> None:
+    fast = fidelity(SimpleNamespace(name="torch", precision="fp32"), fast_decode=True)
+    assert fast is not None and fast["towers"] is None
+    assert fast["decode"] == {"mode": "fast_decode", "reference": DOCUMENTED_DEVIATION["fast_decode"]}
+    assert fidelity_line(fast) == (
+        f"note: fast_decode is not the exact decode: unmeasured for this model [{DOCUMENTED_DEVIATION['fast_decode']}]"
+    )
+    gpu = fidelity(SimpleNamespace(name="torch", precision="fp16"), gpu_decoder="nvimgcodec")
+    assert gpu is not None and gpu["decode"] == {"mode": "gpu_decode (nvimgcodec)", "reference": None}
+    line = fidelity_line(gpu)
+    assert line is not None and "torch fp16 is not fp32" in line and "gpu_decode (nvimgcodec) is not" in line
+
+
+@pytest.mark.parametrize("key", sorted(DOCUMENTED_DEVIATION))
+def test_every_documented_deviation_is_in_the_document_it_names(key: str) -> None:
+    """The numbers the CLI quotes are the docs' own: each one appears in the file named."""
+    text = DOCUMENTED_DEVIATION[key]
+    doc = (_ROOT / text.split(",")[0]).read_text(encoding="utf-8")
+    numbers = re.findall(r"0\.\d{4,}", text)
+    assert numbers
+    for number in numbers:
+        assert number in doc, f"{key}: {number} is not in {text.split(',')[0]}"
