@@ -84,7 +84,7 @@ def register(app: typer.Typer) -> None:
         from ..errors import DatasetError
         from ..pipeline.batching import default_workers
         from ..pipeline.sources import list_items
-        from ..report import plot_throughput, render_bench
+        from ..report import fidelity, plot_throughput, render_bench
         from ..text.tokenizer import tokenize
 
         sizes = parse_batch_sizes(batch)
@@ -110,7 +110,8 @@ def register(app: typer.Typer) -> None:
             workers=default_workers() if workers is None else workers,
             warmup=warmup, repeats=repeats, text_tokens=tokens, model=opts.label, fast_decode=fast_decode,
         )  # fmt: skip
-        typer.echo(render_bench(result, "json" if as_json else "text"))
+        measured = fidelity(clip.backend, fast_decode=fast_decode)  # a lower precision's deviation
+        typer.echo(render_bench(result, "json" if as_json else "text", fidelity=measured))
         if plot is not None:
             path = plot_throughput(result, plot)
             if not as_json:

@@ -45,6 +45,36 @@ def _run_engine(
     return embed_folder(items, output, lambda: clip.backend, preprocess, **kwargs)
 
 
+def _fidelity(clip: ClipModel | None, opts: mo.ModelOptions, **decode: Any) -> dict[str, Any] | None:
+    """`report.fidelity` of this run: of the loaded backend, or on Ray (no model in this process) of
+    what the options name: the export folder's manifest is read, not its engines."""
+    from types import SimpleNamespace
+
+    from ..report import fidelity
+
+    if clip is not None:
+        return fidelity(clip.backend, **decode)
+    described = SimpleNamespace(name=opts.backend, precision=opts.precision, engine_precision=opts.precision)
+    if opts.backend != "torch" and opts.precision != "fp32":
+        from ..export.manifest import read_manifest
+
+        described.manifest = read_manifest(opts.source)
+        if opts.backend == "openvino":  # bf16 runs the fp32 engines
+            from ..backends.openvino_backend import openvino_config
+
+            described.engine_precision = openvino_config(opts.precision)[0]
+    return fidelity(described, **decode)
+
+
+def _record_fidelity(output: Path, measured: dict[str, Any] | None) -> None:
+    """Add the run's `fidelity` to OUT/run.json (atomically), null for fp32 on the exact decoder."""
+    from ..pipeline.sinks import RUN_FILE, atomic_write_json, read_run_info
+
+    info = read_run_info(output)
+    if info is not None:
+        atomic_write_json(output / RUN_FILE, {**info, "fidelity": measured})
+
+
 _SOURCE_ARG = typer.Argument(
     ...,
     help="Folder (walked recursively) or text file with one path per line; with --engine ray also a "
@@ -173,7 +203,7 @@ def register(app: typer.Typer) -> None:
         from ..pipeline.run import check_output
         from ..pipeline.sinks import DTYPES, FAILURES_FILE
         from ..pipeline.sources import list_items
-        from ..report import render_run_stats
+        from ..report import fidelity_line, render_run_stats
 
         if dtype not in DTYPES:
             raise typer.BadParameter(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -216,6 +246,9 @@ def register(app: typer.Typer) -> None:
         )  # fmt: skip
         clip = mo.load_clip(opts) if engine == "local" else None
         preprocess = clip.preprocess_cfg if clip is not None else mo.preprocess_only(opts)
+        measured = _fidelity(clip, opts, fast_decode=fast_decode, gpu_decoder=gpu_decoder if gpu_decode else None)
+        if measured is not None:  # a lower precision (or decode) states its measured deviation
+            typer.echo(fidelity_line(measured), err=True)
         run_kwargs: dict[str, Any] = dict(
             model=opts.label, batch_size=batch, workers=workers, shard_size=shard_size, dtype=dtype,
             source_label=str(source.resolve()),
@@ -231,6 +264,7 @@ def register(app: typer.Typer) -> None:
             stats = _run_engine(
                 engine, items, output, clip, preprocess, opts, progress=bar.update, **run_kwargs
             )
+        _record_fidelity(output, measured)
         fmt = "json" if as_json else "text"
         typer.echo(render_run_stats(stats, fmt, failures_path=output / FAILURES_FILE))
         if stats.images and stats.failed_total >= stats.images:

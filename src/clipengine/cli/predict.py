@@ -111,6 +111,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Rank TEXTS by how well they describe each image (softmax over CLIP similarities)."""
         from ..errors import DecodeError
+        from ..report import fidelity, fidelity_line
         from . import model_options as mo
 
         texts = [*text, *ctx.args]  # values after a single --text arrive as extra arguments
@@ -119,6 +120,9 @@ def register(app: typer.Typer) -> None:
             raise DecodeError(str(target), "no image files (jpg, png, webp, bmp, gif, tiff) found")
         opts = mo.parse_model_options(model, pretrained, checkpoint, backend, precision, device, download)
         clip = mo.load_clip(opts)
+        note = fidelity_line(fidelity(clip.backend))  # a lower precision states its measured deviation
+        if note:
+            typer.echo(note, err=True)
         ranked, failures, timings = _predict(clip, paths, texts)
         for name, reason in failures:
             typer.echo(f"Skipped: {shown_name(name)}: {reason}", err=True)

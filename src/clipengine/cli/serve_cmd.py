@@ -237,6 +237,11 @@ def register(app: typer.Typer) -> None:
             typer.echo(
                 f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True
             )
+        from ..report import fidelity_line
+
+        note = fidelity_line(web_app.state.clipengine.fidelity)  # a lower precision's deviation (/v1/info too)
+        if note:
+            typer.echo(note, err=True)
         where = f"{len(index)} images" if index is not None else "none"
         typer.echo(f"serving {clip.name} on http://{host}:{port}  (index: {where}; docs: /docs)")
         _run_server(web_app, host, port, log_level, settings.drain_timeout_s)

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from starlette.requests import ClientDisconnect
 
+from ..report import fidelity
 from .engine import InferenceService, SearchableIndex, ServableModel
 from .http_errors import ApiError
 from .inputs import (
@@ -54,6 +55,8 @@ class ApiHandlers:
         )
         self.roots = image_roots(index.image_roots) if index is not None else []
         self.ready = False
+        backend = getattr(model, "backend", None)  # a ClipModel's; a bare ServableModel states none
+        self.fidelity = fidelity(backend) if backend is not None else None
 
     # ---- helpers -------------------------------------------------------------------------------
     async def timed(self, work: Coroutine[Any, Any, T], request: Request) -> T:
@@ -300,6 +303,8 @@ class ApiHandlers:
             "embed_dim": int(self.model.embed_dim),
             "image_size": int(getattr(self.model, "image_size", 0)),
             "index": index,
+            # A lower precision states its deviation from fp32: measured (export parity) or "unmeasured".
+            "fidelity": self.fidelity,
             "limits": {
                 "max_upload_bytes": s.max_upload_bytes,
                 "max_pixels": s.max_pixels,

@@ -92,6 +92,11 @@ class InfoResponse(BaseModel):
     embed_dim: int
     image_size: int
     index: dict[str, object] | None
+    fidelity: dict[str, object] | None = Field(
+        default=None,
+        description="null for an fp32 model; else its precision and deviation from fp32 as measured "
+        "at export (min cosine per tower), or 'unmeasured' (see clipengine.report.fidelity).",
+    )
     limits: dict[str, object]
 
 
