@@ -380,3 +380,67 @@ def test_prompt_json_of_the_wrong_shape_is_a_dataset_error(tmp_path: Path, conte
     path.write_text(json.dumps(content))
     with pytest.raises(DatasetError, match=r"p\.json"):
         datasets.prompt_set("X", path)
+
+
+@pytest.mark.parametrize(
+    ("entry", "match"),
+    [
+        ({"classes": "cat,dog", "templates": ["a {}"]}, "'classes' must be a JSON list of strings, got str"),
+        ({"classes": None, "templates": ["a {}"]}, "'classes' must be a JSON list of strings, got NoneType"),
+        (
+            {"classes": {"cat": 0}, "templates": ["a {}"]},
+            "'classes' must be a JSON list of strings, got dict",
+        ),
+        ({"classes": ["cat", 2], "templates": ["a {}"]}, r"classes\[1\] is 2, not a string"),
+        ({"classes": ["cat"], "templates": [["a {}"]]}, r"templates\[0\] is \['a \{\}'\], not a string"),
+        ({"classes": ["cat", " "], "templates": ["a {}"]}, r"empty class names at positions \[1\]"),
+    ],
+)
+def test_prompt_json_classes_and_templates_must_be_lists_of_strings(
+    tmp_path: Path, entry: dict[str, object], match: str
+) -> None:
+    """A string of classes was one class per character, a dict its keys, null a bare TypeError, a
+    nested list a template "['a cat']", "" a class prompted as "a ."."""
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(entry))
+    with pytest.raises(DatasetError, match=match):
+        datasets.prompt_set("x", path)
+
+
+def test_prompt_json_empty_entry_is_found_not_reported_missing(tmp_path: Path) -> None:
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"CIFAR10": {}, "other": {"templates": ["a {}"]}}))
+    assert datasets.prompt_set("cifar10", path) == ([], ["a photo of a {}."])
+
+
+def test_json_files_with_a_utf8_bom_read(tmp_path: Path) -> None:
+    """Windows editors save UTF-8 with a BOM; json.loads refused it ("Unexpected UTF-8 BOM")."""
+    path = tmp_path / "p.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"classes": ["caf\u00e9"], "templates": ["a {}"]}).encode())
+    assert datasets.prompt_set("x", path) == (["caf\u00e9"], ["a {}"])
+
+
+@pytest.mark.parametrize(
+    ("names", "match"),
+    [
+        ("ab", "got str"),  # was the class names "a" and "b", one per character
+        ({"a": None, "b": "y"}, r"\['a'\] is None"),  # was an AttributeError in the CLI
+        ({"a": "", "b": "y"}, r"\['a'\] is ''"),  # was a class prompted as "a photo of a ."
+        (["x", " "], r"\[1\] is ' '"),
+    ],
+)
+def test_imagefolder_class_names_must_be_non_empty_strings(tmp_path: Path, names: object, match: str) -> None:
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / folder / "i.png")
+    with pytest.raises(DatasetError, match=match):
+        folders.load_imagefolder(tmp_path, names)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("names", [{"0": "cat"}, "cat", ["cat", ""]])
+def test_flat_folder_classnames_json_must_be_a_list_of_names(tmp_path: Path, names: object) -> None:
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    (tmp_path / "labels.txt").write_text("a.png 0\n")
+    (tmp_path / "classnames.json").write_text(json.dumps(names))
+    with pytest.raises(DatasetError, match=r"classnames\.json"):
+        folders.load_flat_folder(tmp_path, "labels.txt")

@@ -52,18 +52,41 @@ def prompt_set(key: str, path: str | Path | None = None) -> tuple[list[str], lis
         entry: Any = data
     else:
         wanted = _PROMPT_KEYS.get(key.lower(), key)
-        entry = data.get(wanted) or data.get(key)
-        if entry is None:
+        found = next((k for k in (wanted, key) if k in data), None)  # an empty {} entry is found too
+        if found is None:
             raise DatasetError(f"no prompt set {key!r} in {source}; has: {', '.join(data)}")
+        entry = data[found]
     if not isinstance(entry, dict) or not isinstance(entry.get("templates", []), list):
         raise DatasetError(f"{source}: prompt set {key!r} must be {shape}")
-    templates = [str(t) for t in entry.get("templates", ["a photo of a {}."])]
+    templates = _str_items(entry.get("templates", ["a photo of a {}."]), "templates", key, source)
     if not templates:
         raise DatasetError(f"{source}: prompt set {key!r} has an empty template list")
     bad = [t for t in templates if "{}" not in t]
     if bad:
         raise DatasetError(f"prompt templates must contain '{{}}' for the class name: {bad[:3]}")
-    return [str(c) for c in entry.get("classes", [])], templates
+    classes = _str_items(entry.get("classes", []), "classes", key, source)
+    blank = [i for i, c in enumerate(classes) if not c.strip()]
+    if blank:  # "a photo of a ." would be a class: a stray "" in the list, not a name
+        raise DatasetError(f"{source}: prompt set {key!r} has empty class names at positions {blank[:5]}")
+    return classes, templates
+
+
+def _str_items(value: object, field: str, key: str, source: str | Path) -> list[str]:
+    """A prompt set's "classes" or "templates": a JSON list of strings, else a DatasetError.
+
+    Not str() of whatever is there: a string would be one class per character, a dict its keys, a
+    nested list its repr ("['a {}']" as a template), null a bare TypeError.
+    """
+    if not isinstance(value, list):
+        raise DatasetError(
+            f"{source}: prompt set {key!r}: {field!r} must be a JSON list of strings, got {type(value).__name__}"
+        )
+    wrong = [i for i, item in enumerate(value) if not isinstance(item, str)]
+    if wrong:
+        raise DatasetError(
+            f"{source}: prompt set {key!r}: {field}[{wrong[0]}] is {value[wrong[0]]!r:.40}, not a string"
+        )
+    return list(value)
 
 
 def load_imagenet(

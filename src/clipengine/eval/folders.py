@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import DatasetError
 from ..image.files import walk_images
-from .labelled import LabelledImages, checked, read_json
+from .labelled import LabelledImages, checked, class_names, read_json
 
 __all__ = ["find_labels_file", "load_flat_folder", "load_imagefolder"]
 
@@ -39,6 +39,8 @@ def load_imagefolder(
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise DatasetError(f"{root} has no class sub-folders; expected {root}/<class name>/<image files>")
+    if classnames is not None:
+        classnames = class_names(classnames, "class map")
     if isinstance(classnames, dict):
         missing = [f.name for f in folders if f.name not in classnames]
         if missing:
@@ -85,8 +87,13 @@ def load_flat_folder(
         labels_path = root / labels_path
     if not labels_path.is_file():
         raise DatasetError(f"labels file {labels_path} not found; expected lines '<file name> <label>'")
+    source: object = "class names"
     if classnames is None:
-        classnames = read_json(labels_path.parent / "classnames.json", "a JSON list of class names")
+        source = labels_path.parent / "classnames.json"
+        classnames = read_json(source, "a JSON list of class names")
+    names = class_names(classnames, source)
+    if isinstance(names, dict):  # labels are indices: names by index, not by folder
+        raise DatasetError(f"{source}: expected a list of class names (labels index it), got an object")
     image_dir = root / "images" if (root / "images").is_dir() else root
     files = {p.name: p for p in _image_files(image_dir)}
     entries = _parse_labels(labels_path, sorted(files))
@@ -95,7 +102,7 @@ def load_flat_folder(
         raise DatasetError(f"{labels_path} names {len(missing)} files not in {image_dir}, e.g. {missing[0]}")
     paths = [files[n] for n, _ in entries]
     labels = np.asarray([lab for _, lab in entries], dtype=np.int64)
-    return checked(f"flat-{root.name}", list(classnames), labels, paths=paths)
+    return checked(f"flat-{root.name}", names, labels, paths=paths)
 
 
 def _parse_labels(path: Path, sorted_names: list[str]) -> list[tuple[str, int]]:

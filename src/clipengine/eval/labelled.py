@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import DatasetError
 
-__all__ = ["LabelledImages", "checked", "read_json"]
+__all__ = ["LabelledImages", "checked", "class_names", "read_json"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,26 @@ def read_json(path: Path, expected: str) -> Any:
     if not path.is_file():
         raise DatasetError(f"{path} not found; expected {expected}")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8-sig"))  # JSON is UTF-8; Notepad adds a BOM
     except (OSError, ValueError) as e:
         raise DatasetError(f"{path}: not valid JSON ({e}); expected {expected}") from e
+
+
+def class_names(value: object, source: object) -> list[str] | dict[str, str]:
+    """Class names as given (a list by class index, or a dict folder -> name), each a non-empty str.
+
+    A JSON string would otherwise be one class per character, null a bare AttributeError later, and
+    "" an empty class scored as "a photo of a ."; `source` names the file or argument in the error.
+    """
+    if isinstance(value, dict):
+        items = [(f"[{k!r}]", v) for k, v in value.items()]
+    elif isinstance(value, list | tuple):
+        items = [(f"[{i}]", v) for i, v in enumerate(value)]
+    else:
+        raise DatasetError(
+            f"{source}: class names must be a list of names or a {{folder: name}} object, got {type(value).__name__}"
+        )
+    for where, name in items:
+        if not isinstance(name, str) or not name.strip():
+            raise DatasetError(f"{source}: class name {where} is {name!r:.40}; expected a non-empty string")
+    return dict(value) if isinstance(value, dict) else list(value)
