@@ -444,3 +444,26 @@ def test_flat_folder_classnames_json_must_be_a_list_of_names(tmp_path: Path, nam
     (tmp_path / "classnames.json").write_text(json.dumps(names))
     with pytest.raises(DatasetError, match=r"classnames\.json"):
         folders.load_flat_folder(tmp_path, "labels.txt")
+
+
+@pytest.mark.parametrize("content", [b"\xef\xbb\xbfa.png 0\nb.png 1\n", b"\xef\xbb\xbf0\n1\n"])
+def test_flat_labels_file_with_a_utf8_bom_reads(tmp_path: Path, content: bytes) -> None:
+    """The BOM was read as part of the first file name ("names 1 files not in") or label (int())."""
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (4, 4)).save(tmp_path / name)
+    (tmp_path / "labels.txt").write_bytes(content)
+    data = folders.load_flat_folder(tmp_path, "labels.txt", ["x", "y"])
+    assert [p.name for p in data.paths or ()] == ["a.png", "b.png"] and data.labels.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [("labels.txt", "a.png 0\nb.png 1\na.png 1\n"), ("labels.json", '{"x/a.png": 0, "y/a.png": 1}')],
+)
+def test_flat_labels_file_listing_an_image_twice_is_refused(tmp_path: Path, name: str, content: str) -> None:
+    """The image was scored once per line, under each of its (here contradictory) labels."""
+    for image in ("a.png", "b.png"):
+        Image.new("RGB", (4, 4)).save(tmp_path / image)
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DatasetError, match=r"more than once, e\.g\. a\.png \(2 times\)"):
+        folders.load_flat_folder(tmp_path, name, ["x", "y"])

@@ -97,6 +97,14 @@ def load_flat_folder(
     image_dir = root / "images" if (root / "images").is_dir() else root
     files = {p.name: p for p in _image_files(image_dir)}
     entries = _parse_labels(labels_path, sorted(files))
+    seen: dict[str, int] = {}
+    for n, _ in entries:
+        seen[n] = seen.get(n, 0) + 1
+    twice = [n for n, count in seen.items() if count > 1]
+    if twice:  # else the image is scored once per entry, under each of its labels
+        raise DatasetError(
+            f"{labels_path} lists {len(twice)} image(s) more than once, e.g. {twice[0]} ({seen[twice[0]]} times)"
+        )
     missing = [n for n, _ in entries if n not in files]
     if missing:
         raise DatasetError(f"{labels_path} names {len(missing)} files not in {image_dir}, e.g. {missing[0]}")
@@ -114,7 +122,7 @@ def _parse_labels(path: Path, sorted_names: list[str]) -> list[tuple[str, int]]:
                     f"{path}: expected JSON {{file name: int label}}, got a {type(data).__name__}"
                 )
             return [(Path(k).name, int(v)) for k, v in sorted(data.items())]
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM would start the first file name
         lines = [ln.split() for ln in text.splitlines() if ln.strip()]
         if all(len(p) == 1 for p in lines):
             if len(lines) != len(sorted_names):
