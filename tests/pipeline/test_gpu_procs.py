@@ -161,6 +161,24 @@ def test_a_consumer_that_stops_early_stops_the_processes(photo_folder, tiny_mode
     ]
 
 
+def test_many_small_batches_from_three_processes_each_arrive_once(tmp_path: Path, fakes, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Batch 1 and blocks of 2 over 3 processes: ~90 messages, each process held to two batches
+    ahead of a slow consumer (its credits), every item exactly once."""
+    from clipengine.image.preprocess import PreprocessConfig
+
+    monkeypatch.setattr(gpu_procs, "default_decode_group", lambda batch_size: 2)
+    fakes.write_images(tmp_path / "many", 90)
+    items = list_items(tmp_path / "many")
+    seen = []
+    for i, batch in enumerate(iter_gpu_loaded_procs(items, PreprocessConfig(image_size=16), 1, "cpu", LoadStats(),
+                                                     "torchvision", _setup(procs=3))):  # fmt: skip
+        assert len(batch.ids) == 1 and tuple(batch.pixels.shape) == (1, 3, 16, 16)
+        seen += batch.ids
+        if i % 30 == 0:
+            time.sleep(0.3)  # the processes fill their credits and wait
+    assert sorted(seen) == sorted(item.id for item in items) and len(seen) == 90
+
+
 @pytest.mark.gpu
 def test_real_nvjpeg_in_decode_processes_matches_one_loader(
     photo_folder, tmp_path: Path, tiny_model, monkeypatch
