@@ -467,3 +467,20 @@ def test_flat_labels_file_listing_an_image_twice_is_refused(tmp_path: Path, name
     (tmp_path / name).write_text(content)
     with pytest.raises(DatasetError, match=r"more than once, e\.g\. a\.png \(2 times\)"):
         folders.load_flat_folder(tmp_path, name, ["x", "y"])
+
+
+def test_imagefolder_empty_class_folder_stays_a_class_and_is_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A class folder with no images (or only hidden / non-image files) is still a candidate class;
+    the warning says so (it was silent, and torchvision's ImageFolder refuses such a tree)."""
+    for folder in ("cat", "dog", "emu"):
+        (tmp_path / folder).mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "cat" / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "dog" / "b.png")
+    (tmp_path / "emu" / "notes.txt").write_text("no images here")
+    Image.new("RGB", (8, 8)).save(tmp_path / "emu" / ".hidden.png")
+    with caplog.at_level("WARNING", logger="clipengine.eval.folders"):
+        data = folders.load_imagefolder(tmp_path)
+    assert data.classnames == ["cat", "dog", "emu"] and data.labels.tolist() == [0, 1]
+    assert "1 of 3 class folders hold no images (emu)" in caplog.text

@@ -6,6 +6,7 @@ ImageNet's layouts through these two); images are listed as `clipengine embed` l
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from ..image.files import walk_images
 from .labelled import LabelledImages, checked, class_names, read_json
 
 __all__ = ["find_labels_file", "load_flat_folder", "load_imagefolder"]
+
+log = logging.getLogger(__name__)
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -56,10 +59,19 @@ def load_imagefolder(
         names = [f.name.replace("_", " ") for f in folders]
     paths: list[Path] = []
     labels: list[int] = []
+    empty = []
     for i, folder in enumerate(folders):
         files = _image_files(folder)
         paths += files
         labels += [i] * len(files)
+        if not files:
+            empty.append(folder.name)
+    if empty and paths:  # torchvision's ImageFolder refuses these; here they stay classes, said once
+        log.warning(
+            "%s: %d of %d class folders hold no images (%s): they stay candidate classes, so every image "
+            "is also scored against them, but have no recall of their own",
+            root, len(empty), len(folders), ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else ""),
+        )  # fmt: skip
     return checked(name or f"folder-{root.name}", names, np.asarray(labels, dtype=np.int64), paths=paths)
 
 
