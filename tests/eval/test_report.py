@@ -82,3 +82,34 @@ def test_without_matplotlib_the_reports_are_written_and_the_plot_is_skipped(
     paths = write_report(tmp_path, "r", [result], "t")
     assert sorted(paths) == ["json", "markdown"] and all(p.is_file() for p in paths.values())
     assert "matplotlib is not installed" in caplog.text and not list(tmp_path.glob("*.png"))
+
+
+def test_markdown_tables_hold_names_with_pipes_and_newlines(tmp_path: Path) -> None:
+    """Class folder names are free text: a "|" ended the table cell and a newline the row."""
+    per_class = {"ring|circle": 0.0, "new\nline": 0.25, "a\u2215b": 0.5}
+    results = [
+        {"model": "m", "engine": "torch|fp32", "dataset": "folder-x", "n": 3, "top1": 0.5, "top5": 0.9,
+         "mean_per_class_recall": 0.25, "chance": 0.3, "per_class": per_class,
+         "unreadable": [{"path": "bad\n.png", "reason": "not an image"}]}
+    ]  # fmt: skip
+    md = write_report(tmp_path, "x", results, "title", plot=False)["markdown"].read_text(encoding="utf-8")
+    rows = [line for line in md.splitlines() if line.startswith("|")]
+    assert "| ring\\|circle | 0.00 |" in md and "| new\\nline | 25.00 |" in md
+    assert "| a\u2215b | 50.00 |" in md
+    assert "| torch\\|fp32 | folder-x |" in md and "- bad\\n.png: not an image" in md
+    for header, *body in [rows[:3], rows[3:]]:
+        cells = header.replace("\\|", "").count("|")
+        assert all(line.replace("\\|", "").count("|") == cells for line in body)
+
+
+def test_plot_draws_class_names_as_text_not_mathtext(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A name "$x^2$" was drawn as a formula, and "a $\\frac$" raised matplotlib's
+    ParseSyntaxException, failing the eval after its numbers were computed; a missing glyph (emoji) is
+    one log record, not a UserWarning per character (an error under this suite's warning filter)."""
+    names = {"$x^2$": 0.5, "a $\\frac$ b": 0.25, "star \U0001f642": 0.1}
+    with caplog.at_level("WARNING", logger="clipengine.eval.report"):
+        path = plot_per_class(names, tmp_path / "recall.png", "title $\\frac$")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "lacks 1 character(s)" in caplog.text and "SMILING FACE" in caplog.text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,13 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
 
+def _cell(text: object) -> str:
+    """`text` for one Markdown table cell or list line: a "|" in a class or file name ended the cell,
+    a newline the row; control characters are written as escapes ("\\n")."""
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+    return shown.replace("|", "\\|")
+
+
 def markdown_report(results: Sequence[dict[str, Any]], title: str) -> str:
     """A Markdown summary: one row per result, then the worst classes of the first result."""
     lines = [
@@ -31,18 +39,18 @@ def markdown_report(results: Sequence[dict[str, Any]], title: str) -> str:
     ]
     for r in results:
         lines.append(
-            f"| {r.get('engine') or r['model']} | {r['dataset']} | {r.get('n', r.get('n_test'))} | {_pct(r['top1'])} "
+            f"| {_cell(r.get('engine') or r['model'])} | {_cell(r['dataset'])} | {r.get('n', r.get('n_test'))} | {_pct(r['top1'])} "
             f"| {_pct(r['top5'])} | {_pct(r['mean_per_class_recall'])} | {_pct(r['chance'])} |"
         )
     unreadable = results[0].get("unreadable") if results else None
     if unreadable:
         lines += ["", f"{len(unreadable)} images could not be decoded and are left out of every metric"
                   + (" (the first 20; all in the JSON report):" if len(unreadable) > 20 else ":"), ""]  # fmt: skip
-        lines += [f"- {u['path']}: {u['reason']}" for u in unreadable[:20]]
+        lines += [f"- {_cell(u['path'])}: {_cell(u['reason'])}" for u in unreadable[:20]]
     if results and results[0].get("per_class"):
         worst = sorted(results[0]["per_class"].items(), key=lambda kv: kv[1])[:10]
         lines += ["", "Lowest per-class recall (first engine):", "", "| class | recall % |", "|---|---:|"]
-        lines += [f"| {name} | {_pct(v)} |" for name, v in worst]
+        lines += [f"| {_cell(name)} | {_pct(v)} |" for name, v in worst]
     return "\n".join(lines) + "\n"
 
 
@@ -58,20 +66,39 @@ def plot_per_class(per_class: dict[str, float], path: str | Path, title: str) ->
     height = max(3.0, 0.18 * len(names) + 1.0)
     fig, ax = plt.subplots(figsize=(7, min(height, 60.0)))
     try:
-        ax.barh(np.arange(len(names)), values, color="#4c72b0")
-        ax.set_yticks(np.arange(len(names)), labels=names, fontsize=max(4, 9 - len(names) // 40))
-        ax.invert_yaxis()
-        ax.set_xlim(0, 100)
-        ax.set_xlabel("recall (%)")
-        ax.set_title(title)
-        fig.tight_layout()
-        # Through a temp file renamed over `path`: a failed save never leaves a truncated plot over
-        # a previous one. The temp name ends in .tmp, so the format comes from the final name.
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=100, format=Path(path).suffix[1:].lower() or "png")
+        # Names and title are text, never mathtext: "$x^2$" was drawn as a formula and a class
+        # named "a $\\frac$" made the whole report fail with matplotlib's ParseSyntaxException.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ax.barh(np.arange(len(names)), values, color="#4c72b0")
+            ax.set_yticks(
+                np.arange(len(names)), labels=names, fontsize=max(4, 9 - len(names) // 40), parse_math=False
+            )
+            ax.invert_yaxis()
+            ax.set_xlim(0, 100)
+            ax.set_xlabel("recall (%)")
+            ax.set_title(title, parse_math=False)
+            fig.tight_layout()
+            # Through a temp file renamed over `path`: a failed save never leaves a truncated plot over
+            # a previous one. The temp name ends in .tmp, so the format comes from the final name.
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, dpi=100, format=Path(path).suffix[1:].lower() or "png")
+        _pass_on(caught, path)
     finally:
         plt.close(fig)
     return Path(path)
+
+
+def _pass_on(caught: list[warnings.WarningMessage], path: str | Path) -> None:
+    """matplotlib's "Glyph ... missing from font" warnings (an emoji or a script its font lacks, one
+    per character and draw) as one log record; any other warning re-issued as it was."""
+    glyphs = sorted({str(w.message) for w in caught if "missing from font" in str(w.message)})
+    if glyphs:
+        log.warning("%s: the plot font lacks %d character(s) of the class names, drawn as boxes: %s",
+                    path, len(glyphs), "; ".join(glyphs[:3]))  # fmt: skip
+    for w in caught:
+        if "missing from font" not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
 
 
 def comparison_rows(
@@ -96,12 +123,12 @@ def comparison_rows(
 def compare_table(rows: Sequence[dict[str, Any]]) -> str:
     """The seed's precision-test table as Markdown: accuracy per engine and its delta vs the first."""
     lines = [
-        "| engine | top-1 % | top-5 % | Δ top-1 (pts) | agreement with " + rows[0]["engine"] + " % |",
+        "| engine | top-1 % | top-5 % | Δ top-1 (pts) | agreement with " + _cell(rows[0]["engine"]) + " % |",
         "|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['engine']} | {_pct(r['top1'])} | {_pct(r['top5'])} | {100 * r['delta_top1']:+.2f} "
+            f"| {_cell(r['engine'])} | {_pct(r['top1'])} | {_pct(r['top5'])} | {100 * r['delta_top1']:+.2f} "
             f"| {_pct(r['agreement'])} |"
         )
     return "\n".join(lines) + "\n"
