@@ -67,11 +67,13 @@ def _fidelity(clip: ClipModel | None, opts: mo.ModelOptions, **decode: Any) -> d
 
 
 def _record_fidelity(output: Path, measured: dict[str, Any] | None) -> None:
-    """Add the run's `fidelity` to OUT/run.json (atomically), null for fp32 on the exact decoder."""
+    """Add the run's `fidelity` to OUT/run.json (atomically); fp32 on the exact decoder adds nothing.
+
+    A resume cannot change what it describes: another precision or decode setting is refused."""
     from ..pipeline.sinks import RUN_FILE, atomic_write_json, read_run_info
 
     info = read_run_info(output)
-    if info is not None:
+    if info is not None and measured is not None:
         atomic_write_json(output / RUN_FILE, {**info, "fidelity": measured})
 
 
@@ -242,7 +244,7 @@ def register(app: typer.Typer) -> None:
         check_output(
             output, model=opts.label, dtype=dtype, shard_size=shard_size, fast_decode=fast_decode,
             gpu_decode=gpu_decode, gpu_decoder=gpu_decoder if gpu_decode else None,
-            gpu_cpu_share=gpu_cpu_share if gpu_decode else None,
+            gpu_cpu_share=gpu_cpu_share if gpu_decode else None, precision=opts.precision,
         )  # fmt: skip
         clip = mo.load_clip(opts) if engine == "local" else None
         preprocess = clip.preprocess_cfg if clip is not None else mo.preprocess_only(opts)

@@ -208,14 +208,18 @@ def embed_folder(
     if previous is not None:
         check_compatible(out_dir, previous, info)
         info["embed_dim"] = previous.get("embed_dim")
+        info["precision"] = previous.get("precision")
     out_dir.mkdir(parents=True, exist_ok=True)
     sink.clean_temp_files()
     atomic_write_json(out_dir / RUN_FILE, info)
 
     def on_load(backend: Backend) -> None:
-        check_compatible(out_dir, info, {"embed_dim": backend.embed_dim})
-        if info["embed_dim"] is None:
-            info["embed_dim"] = backend.embed_dim
+        # The precision too: an export folder's label is the same at fp32 and int8, and a resume at
+        # another --precision mixed the two in one folder without a word.
+        loaded = {"embed_dim": backend.embed_dim, "precision": getattr(backend, "precision", None)}
+        check_compatible(out_dir, info, loaded)
+        if info["embed_dim"] is None or info.get("precision") is None:
+            info.update({k: info.get(k) or v for k, v in loaded.items()})
             atomic_write_json(out_dir / RUN_FILE, info)
 
     lazy = LazyBackend(backend_factory, on_load=on_load)

@@ -134,6 +134,7 @@ def check_compatible(out_dir: Path, previous: dict[str, Any], current: dict[str,
     hints: dict[str, Callable[[Any], str]] = {
         "model": lambda old: f"--model {old}",
         "embed_dim": lambda old: f"the model that gives {old}-d embeddings",
+        "precision": lambda old: f"--precision {old}",
         "dtype": lambda old: f"--dtype {old}",
         "shard_size": lambda old: f"--shard-size {old}",
         "fast_decode": lambda old: "--fast-decode" if old else "no --fast-decode",
