@@ -9,7 +9,13 @@ import pytest
 
 from clipengine.errors import BackendError, DatasetError
 from clipengine.eval import cifar, datasets, folders, labelled
-from clipengine.eval.zeroshot import accuracy_metrics, build_classifier, encode_dataset, evaluate_zeroshot
+from clipengine.eval.zeroshot import (
+    accuracy_metrics,
+    build_classifier,
+    encode_dataset,
+    evaluate_zeroshot,
+    tied_classes,
+)
 
 # Measured with the committed checkpoint on these held-out sets: shape 91.75%, colour x shape 95.4%,
 # 64 px folder 94.5% (docs/eval.md). Thresholds keep a wide margin and sit far above chance (10% / 1%).
@@ -245,3 +251,32 @@ def test_bundled_prompts_are_clips_and_match_the_official_cifar_names() -> None:
     clip100 = datasets.prompt_set("cifar100")[0]
     official = sorted(name.replace(" ", "_") for name in clip100)  # e.g. aquarium_fish, maple_tree
     assert [name.replace("_", " ") for name in official] == clip100 and "aquarium fish" in clip100
+
+
+def test_tied_classes_finds_equal_rows_only() -> None:
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((300, 16))
+    w /= np.linalg.norm(w, axis=1, keepdims=True)
+    w[7] = w[250]
+    w[40] = w[250] + 1e-7  # the same text encoded at another batch position
+    w[9] = w[2]
+    w[11] = w[12] + 1e-3  # close, but two classes
+    assert tied_classes(w) == [[2, 9], [7, 40, 250]]
+    assert tied_classes(w[:1]) == [] and tied_classes(w[100:200]) == []
+
+
+def test_classes_equal_after_tokenizer_cleanup_are_named_in_a_warning(
+    tiny_synth, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    """Folders "Heart" and "heart" tokenize alike: their scores always tie and "heart" is never
+    predicted (per-class recall 0, as if the model failed on it). This was silent."""
+    with caplog.at_level("WARNING", logger="clipengine.eval.zeroshot"):
+        w = build_classifier(tiny_synth.encode_texts, ["Heart", "ring", "heart", "star"], ["a {}.", "{}"])
+    np.testing.assert_allclose(w[:, 0], w[:, 2], atol=1e-5)
+    assert "1 group(s) of classes get the same class weights, e.g. 'Heart' (class 0), 'heart' (class 2)" in (
+        caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="clipengine.eval.zeroshot"):
+        build_classifier(tiny_synth.encode_texts, ["heart", "ring", "star"], ["a {}.", "{}"])
+    assert "same class weights" not in caplog.text

@@ -33,6 +33,7 @@ __all__ = [
     "build_classifier",
     "encode_dataset",
     "evaluate_zeroshot",
+    "tied_classes",
 ]
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,50 @@ def build_classifier(
         return emb
 
     weights = class_embeddings(checked, classnames, templates, batch_labels=batch_classes)
+    tied = tied_classes(weights)
+    if tied:
+        first = tied[0]
+        log.warning(
+            "%d group(s) of classes get the same class weights, e.g. %s: their names are equal once CLIP's "
+            "tokenizer lowercases them and collapses spacing, so their scores tie and the first of each "
+            "group always wins top-1 (the others are never predicted)",
+            len(tied), ", ".join(f"{classnames[c]!r} (class {c})" for c in first[:4]),
+        )  # fmt: skip
     return weights.T.copy()  # (D, C)
+
+
+def tied_classes(weights: np.ndarray, tol: float = 1e-5) -> list[list[int]]:
+    """Groups (ascending class indices) of rows of (C, D) unit `weights` that are equal within `tol`.
+
+    Such classes ("Heart" and "heart", or CLIP's two ImageNet "missile"s) always score the same.
+    Sorted by a projection, so only rows whose projections are within `tol` are compared: O(C log C)
+    for the 20k classes of ImageNet-21k, not the C x C similarity matrix.
+    """
+    if len(weights) < 2:
+        return []
+    w = np.asarray(weights, dtype=np.float64)
+    direction = np.random.default_rng(0).standard_normal(w.shape[1])
+    proj = w @ direction
+    window = tol * np.abs(direction).sum()  # rows within `tol` everywhere project within this
+    order = np.argsort(proj, kind="stable")
+    parent = list(range(len(w)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for a in range(len(order)):
+        for b in range(a + 1, len(order)):
+            i, j = int(order[a]), int(order[b])
+            if proj[j] - proj[i] > window:
+                break
+            if np.abs(w[i] - w[j]).max() <= tol:
+                parent[max(root(i), root(j))] = min(root(i), root(j))
+    groups: dict[int, list[int]] = {}
+    for i in range(len(w)):
+        groups.setdefault(root(i), []).append(i)
+    return [g for g in groups.values() if len(g) > 1]
 
 
 def _degenerate_rows(x: np.ndarray) -> np.ndarray:
