@@ -284,3 +284,20 @@ def test_compare_with_an_empty_or_repeated_entry_is_a_usage_error(shapes_folder:
     args = ["eval", "zeroshot", "-d", "folder", "--root", str(shapes_folder), "-m", str(TINY_SYNTH)]
     result = CliRunner().invoke(app, [*args, "--compare", compare])
     assert result.exit_code == 2 and "--compare" in result.output and "distinct precisions" in result.output
+
+
+def test_unreadable_file_name_with_a_newline_and_escape_is_one_escaped_line(
+    shapes_folder: Path, tmp_path: Path
+) -> None:
+    """The name went to the terminal raw: a newline split the message, an ESC reached the terminal."""
+    import shutil
+
+    root = shutil.copytree(shapes_folder, tmp_path / "data")
+    first_class = sorted(p for p in root.iterdir() if p.is_dir())[0]
+    (first_class / "evil\x1b[31mred\nx.png").write_bytes(b"not an image")
+    args = ["eval", "zeroshot", "-d", "folder", "--root", str(root), "-m", str(TINY_SYNTH),
+            "--out", str(tmp_path / "r")]  # fmt: skip
+    result = CliRunner().invoke(app, args, color=True)
+    assert result.exit_code == 0, result.output
+    (line,) = [ln for ln in result.stderr.splitlines() if "left out:" in ln]
+    assert "evil\\x1b[31mred\\nx.png: " in line and "\x1b" not in result.stderr.split("left out:")[1]

@@ -89,10 +89,12 @@ def register(app: typer.Typer) -> None:
     app.add_typer(eval_app, name="eval")
 
     def _echo_unreadable(unreadable: list[dict[str, str]]) -> None:
+        from .predict import shown_name  # a newline or terminal escape in a file name stays one line
+
         if unreadable:
             first = unreadable[0]
             typer.echo(f"  left out: {len(unreadable)} unreadable image(s), listed in the report; "
-                       f"e.g. {first['path']}: {first['reason']}", err=True)  # fmt: skip
+                       f"e.g. {shown_name(first['path'])}: {first['reason']}", err=True)  # fmt: skip
 
     @eval_app.command("zeroshot")
     def zeroshot(
