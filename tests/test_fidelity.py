@@ -129,3 +129,56 @@ def test_every_documented_deviation_is_in_the_document_it_names(key: str) -> Non
     assert numbers
     for number in numbers:
         assert number in doc, f"{key}: {number} is not in {text.split(',')[0]}"
+
+
+class _HalfWrongIndex:
+    """Exact search whose last `wrong` hits of each query are swapped for the worst rows."""
+
+    def __init__(self, vectors: Any, ids: list[str], wrong: int) -> None:
+        self.v, self.ids, self.wrong = vectors, ids, wrong
+        self.params = SimpleNamespace(exact=False, to_dict=lambda: {"kind": "ivf", "nlist": 4, "nprobe": 1})
+
+    def search_vectors(self, q: Any, k: int) -> list[list[tuple[str, float]]]:
+        import numpy as np
+
+        out = []
+        for row in q @ self.v.T:
+            order = np.argsort(-row)
+            picked = list(order[: k - self.wrong]) + list(order[::-1][: self.wrong])
+            out.append([(self.ids[i], float(row[i])) for i in picked])
+        return out
+
+
+@pytest.mark.parametrize(("wrong", "expected"), [(0, 1.0), (5, 0.5), (11, 0.0)])
+def test_index_recall_counts_the_exact_neighbours_found(wrong: int, expected: float) -> None:
+    import numpy as np
+
+    from clipengine.report import index_recall, recall_line
+
+    v = np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    ids = [f"img{i}" for i in range(300)]
+    # k+1 hits asked and the query's own row (the best) dropped: wrong=5 leaves 5 of the 10 right.
+    recall = index_recall(_HalfWrongIndex(v, ids, wrong), v, ids, k=10, queries=50)
+    assert recall == {"k": 10, "recall": pytest.approx(expected), "queries": 50, "params": {"nlist": 4, "nprobe": 1}}
+    assert recall_line("ivf", recall) == (
+        f"note: ivf is an approximate index: recall@10 {expected:.3f} against exact search, measured at build "
+        "on 50 of its own vectors (nlist=4, nprobe=1)"
+    )
+    assert "recall unmeasured" in recall_line("hnsw", None)
+
+
+def test_index_recall_of_real_indexes() -> None:
+    import numpy as np
+
+    pytest.importorskip("faiss")
+    from clipengine.index import Index
+    from clipengine.report import index_recall
+
+    v = np.random.default_rng(1).standard_normal((2000, 32)).astype(np.float32)
+    ids = [str(i) for i in range(len(v))]
+    assert index_recall(Index.build(ids, v, model="m", kind="flat"), v, ids) is None  # exact: nothing to state
+    ivf = index_recall(Index.build(ids, v, model="m", kind="ivf", nlist=32, nprobe=1), v, ids)
+    assert ivf is not None and 0.0 < ivf["recall"] < 0.9  # one list of 32 on uniform data misses most
+    full = index_recall(Index.build(ids, v, model="m", kind="ivf", nlist=32, nprobe=32), v, ids)
+    assert full is not None and full["recall"] == 1.0  # every list visited: exact

@@ -18,7 +18,9 @@ __all__ = [
     "FORMATS",
     "fidelity",
     "fidelity_line",
+    "index_recall",
     "plot_throughput",
+    "recall_line",
     "render_bench",
     "render_run_stats",
     "seed_block",
@@ -156,6 +158,55 @@ def fidelity_line(info: dict[str, Any] | None) -> str | None:
             + (f" [{ref}]" if ref else "")
         )
     return "note: " + "; ".join(parts)
+
+
+def index_recall(
+    index: Any, vectors: Any, ids: Sequence[str], *, k: int = 10, queries: int = 256, seed: int = 0
+) -> dict[str, Any] | None:
+    """Recall@k of an approximate index, measured: `queries` of its own vectors (a seeded sample)
+    searched in it and exactly over `vectors`, each query's own row left out on both sides.
+
+    A hit counts when its exact cosine reaches the k-th best exact one (ties are no misses).
+
+    Args:
+        index: a built `clipengine.index.Index`.
+        vectors, ids: the (N, D) embeddings it was built from and their ids, in the same order.
+
+    Returns:
+        None for an exact index (or one of fewer than two vectors): nothing to state. Else
+        {"k", "recall", "queries", "params"} (the search parameters it was measured at).
+    """
+    import numpy as np
+
+    n = len(ids)
+    if index.params.exact or n < 2:
+        return None
+    v = np.asarray(vectors, dtype=np.float32)
+    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    k = min(k, n - 1)
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=min(queries, n), replace=False))
+    row_of = {id_: i for i, id_ in enumerate(ids)}
+    hits = index.search_vectors(v[rows], k + 1)
+    found = 0
+    for start in range(0, len(rows), 32):  # (32, N) exact scores at a time
+        chunk = rows[start : start + 32]
+        scores = v[chunk] @ v.T
+        scores[np.arange(len(chunk)), chunk] = -np.inf  # the query itself is no neighbour
+        kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1]
+        for j, row in enumerate(chunk):
+            got = [row_of[h] for h, _ in hits[start + j] if row_of[h] != row][:k]
+            found += int((scores[j, got] >= kth[j] - 1e-6).sum())
+    params = {key: val for key, val in index.params.to_dict().items() if key != "kind" and val is not None}
+    return {"k": k, "recall": found / (k * len(rows)), "queries": len(rows), "params": params}
+
+
+def recall_line(kind: str, recall: dict[str, Any] | None) -> str:
+    """One stderr line on an approximate index: its measured recall, or that it is unmeasured."""
+    if recall is None:
+        return f"note: {kind} is an approximate index: recall unmeasured (measured by `index build`; not after `index add`)"
+    params = ", ".join(f"{k}={v}" for k, v in recall.get("params", {}).items())
+    return (f"note: {kind} is an approximate index: recall@{recall['k']} {recall['recall']:.3f} against exact "
+            f"search, measured at build on {recall['queries']} of its own vectors" + (f" ({params})" if params else ""))
 
 
 def _check_format(fmt: str) -> None:

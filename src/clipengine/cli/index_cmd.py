@@ -85,7 +85,12 @@ def _opts(model: str | None, pretrained: str | None, checkpoint: Path | None, ba
 
 
 def _echo_index(index: Index, path: Path, as_json: bool, **extra: Any) -> None:
+    from ..report import recall_line
+
     info = {"path": str(path), **index.describe(), **extra}
+    if not index.params.exact:  # approximate: its measured recall (null: unmeasured), as a note too
+        info["recall"] = index.extra.get("recall")
+        typer.echo(recall_line(index.kind, info["recall"]), err=True)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
@@ -214,6 +219,11 @@ def register(app: typer.Typer) -> None:
                                 nprobe=given["nprobe"], ef_search=given["ef_search"])  # fmt: skip
         except ValueError as e:
             raise typer.BadParameter(str(e)) from e
+        from ..report import index_recall
+
+        recall = index_recall(index, vectors, ids)  # an approximate kind states what it costs
+        if recall is not None:
+            index.extra["recall"] = recall
         index.save(output)
         failed = sources.report_failures(emb_dir, index, as_json, kept=True)
         _echo_index(index, output, as_json, build_s=round(time.perf_counter() - t0, 3), **failed)
@@ -252,6 +262,8 @@ def register(app: typer.Typer) -> None:
         if not ids and not indexed:
             _refuse_unreadable(index, index_path, source, emb_dir, own_dir, as_json)
         added = index.add(ids, vectors, sizes=sources.image_sizes(emb_dir, ids), on_duplicate="skip")
+        if added:  # the build's measured recall no longer describes it (IVF lists trained without them)
+            index.extra.pop("recall", None)
         roots = [r for r in sources.image_roots(meta) if r not in index.image_roots]
         index.image_roots += roots
         if added or roots:  # else (e.g. a retry whose files still fail) a save would rewrite it all
@@ -315,6 +327,12 @@ def register(app: typer.Typer) -> None:
         if mismatched:
             raise mismatch
         clip = mo.load_clip(opts)
+        from ..report import fidelity, fidelity_line, recall_line
+
+        for note in (fidelity_line(fidelity(clip.backend)), None if index.params.exact else
+                     recall_line(index.kind, index.extra.get("recall"))):  # fmt: skip
+            if note:
+                typer.echo(note, err=True)
         if mismatched is None and not (same_model(opts.label, index.model) or same_model(clip.name, index.model)):
             raise mismatch
         q = clip.encode_images([image]) if image is not None else clip.encode_texts([query or ""])

@@ -109,8 +109,12 @@ def embed_source(
         embed_with_ray(items, embed_dir, mo.BackendFactory(opts), mo.preprocess_only(opts), **kwargs)
     else:
         from ..pipeline.run import embed_folder
+        from ..report import fidelity, fidelity_line
 
         clip = mo.load_clip(opts)
+        note = fidelity_line(fidelity(clip.backend))  # a lower precision states its deviation, as embed
+        if note:
+            typer.echo(note, err=True)
         embed_folder(items, embed_dir, lambda: clip.backend, clip.preprocess_cfg, workers=workers, **kwargs)
     return embed_dir, opts.label, len(listed) - len(items)
 
