@@ -33,3 +33,22 @@ def test_serve_prints_the_deviation_note_at_start(
     note = "note: torch bf16 is not fp32: deviation from fp32 unmeasured for this model [docs/performance.md"
     assert (note in result.stderr) == (precision == "bf16")
     assert (seen["app"].state.clipengine.fidelity is None) == (precision == "fp32")
+
+
+def test_info_states_an_approximate_indexs_measured_recall(make_client: Any, fake_model: FakeModel) -> None:
+    import numpy as np
+
+    pytest.importorskip("faiss")
+    from clipengine.index import Index
+    from clipengine.report import index_recall
+
+    from .conftest import DIM
+
+    vectors = np.random.default_rng(0).standard_normal((300, DIM)).astype(np.float32)
+    ids = [f"{i}.png" for i in range(300)]
+    index = Index.build(ids, vectors, model=fake_model.name, kind="ivf", nlist=8, nprobe=1)
+    index.extra["recall"] = index_recall(index, vectors, ids)
+    info = make_client(index=index).get("/v1/info").json()["index"]
+    assert info["kind"] == "ivf" and info["recall"] == index.extra["recall"] and info["recall"]["recall"] < 1.0
+    del index.extra["recall"]  # an index whose recall nobody measured says so: null
+    assert make_client(index=index).get("/v1/info").json()["index"]["recall"] is None

@@ -298,6 +298,9 @@ class ApiHandlers:
         index = None
         if self.index is not None:
             index = {"model": self.index.model, "dim": int(self.index.dim), "size": _len_or_none(self.index)}
+            kind = getattr(self.index, "kind", None)
+            if kind is not None:  # a clipengine Index: approximate ones carry the recall `index build` measured
+                index.update(kind=kind, recall=(getattr(self.index, "extra", None) or {}).get("recall"))
         return {
             "model": self.model.name,
             "embed_dim": int(self.model.embed_dim),
