@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from clipengine.errors import DatasetError
-from clipengine.eval import cifar, datasets, folders, synthetic
+from clipengine.eval import cifar, datasets, folders, labelled, synthetic
 
 
 def _py2_style_batch(images: np.ndarray, labels: list[int]) -> dict[bytes, object]:
@@ -484,3 +484,19 @@ def test_imagefolder_empty_class_folder_stays_a_class_and_is_named(
         data = folders.load_imagefolder(tmp_path)
     assert data.classnames == ["cat", "dog", "emu"] and data.labels.tolist() == [0, 1]
     assert "1 of 3 class folders hold no images (emu)" in caplog.text
+
+
+def test_subset_spreads_over_the_split_and_keeps_every_class(tmp_path: Path) -> None:
+    """--limit's subset took the first n rows: for a folder (listed class by class) the first 8 of
+    4 x 5 images were classes 0 and 1 only, a biased "quick check"; a probe's train split one class."""
+    for c in "abcd":
+        (tmp_path / c).mkdir()
+        for i in range(5):
+            Image.new("RGB", (4, 4)).save(tmp_path / c / f"{i}.png")
+    data = folders.load_imagefolder(tmp_path)
+    sub = data.subset(8)
+    assert sub.labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3] and len(sub) == 8
+    assert [p.parent.name for p in sub.paths or ()] == list("aabbccdd")
+    assert sub.name == f"{data.name}-8of20" and data.subset(20) is data
+    arrays = labelled.checked("x", ["a", "b"], np.array([0, 0, 1, 1]), arrays=np.arange(4).reshape(4, 1, 1, 1))
+    assert arrays.subset(2).labels.tolist() == [0, 1] and arrays.subset(2).arrays.ravel().tolist() == [0, 2]  # type: ignore[union-attr]

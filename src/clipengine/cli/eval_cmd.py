@@ -133,7 +133,10 @@ def register(app: typer.Typer) -> None:
         ] = "fp32",
         device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N.")] = "cpu",
         batch: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 64,
-        limit: Annotated[int | None, typer.Option(min=1, help="Evaluate only the first N images.")] = None,
+        limit: Annotated[
+            int | None,
+            typer.Option(min=1, help="Evaluate only N images, every k-th of the split (all its classes)."),
+        ] = None,
         out: Annotated[Path, _OUT] = Path("eval_reports"),
         download: Annotated[bool, typer.Option("--download", help="Download missing weights.")] = False,
     ) -> None:
@@ -181,7 +184,8 @@ def register(app: typer.Typer) -> None:
         device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N.")] = "cpu",
         batch: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 64,
         limit: Annotated[
-            int | None, typer.Option(min=1, help="Use only the first N train and test images.")
+            int | None,
+            typer.Option(min=1, help="Use only N train and N test images, every k-th of each split."),
         ] = None,
         out: Annotated[Path, _OUT] = Path("eval_reports"),
         download: Annotated[bool, typer.Option("--download", help="Download missing weights.")] = False,
