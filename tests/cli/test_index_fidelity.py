@@ -80,3 +80,16 @@ def test_exact_index_states_nothing_and_an_add_drops_the_stale_recall(
     code, _, err = _run(capsys, "index", "add", idx, more, "--precision", "int8")
     assert code == 0 and "recall" not in Index.load(idx).extra
     assert "note: ivf is an approximate index: recall unmeasured" in err
+
+
+def test_build_from_a_lower_precision_embed_folder_states_and_keeps_its_deviation(
+    folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("faiss")
+    monkeypatch.setattr(model_options, "load_clip", lambda opts: _Clip(folder, opts.precision))
+    emb, idx = tmp_path / "emb", tmp_path / "f.index"
+    assert _run(capsys, "embed", folder, "-o", emb, "--model", "fake", "--precision", "bf16", "--workers", "0",
+                "--no-progress")[0] == 0  # fmt: skip
+    code, _, err = _run(capsys, "index", "build", emb, "-o", idx, "--kind", "flat")
+    assert code == 0 and "note: fake bf16 is not fp32: deviation from fp32 unmeasured for this model" in err
+    assert Index.load(idx).extra["fidelity"]["precision"] == "bf16"

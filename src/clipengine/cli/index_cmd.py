@@ -219,11 +219,15 @@ def register(app: typer.Typer) -> None:
                                 nprobe=given["nprobe"], ef_search=given["ef_search"])  # fmt: skip
         except ValueError as e:
             raise typer.BadParameter(str(e)) from e
-        from ..report import index_recall
+        from ..report import fidelity_line, index_recall
 
         recall = index_recall(index, vectors, ids)  # an approximate kind states what it costs
         if recall is not None:
             index.extra["recall"] = recall
+        if meta.get("fidelity"):
+            # embedded by `clipengine embed` at a lower precision: its note, kept in the header
+            index.extra["fidelity"] = meta["fidelity"]
+            typer.echo(fidelity_line(meta["fidelity"]), err=True)
         index.save(output)
         failed = sources.report_failures(emb_dir, index, as_json, kept=True)
         _echo_index(index, output, as_json, build_s=round(time.perf_counter() - t0, 3), **failed)
