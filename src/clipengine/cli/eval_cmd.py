@@ -29,9 +29,14 @@ _BACKEND = typer.Option(
 
 
 def _load(model: str, backend: str, precision: str, device: str, download: bool) -> ClipModel:
+    from ..report import fidelity, fidelity_line
     from . import model_options as mo
 
-    return mo.load_clip(mo.parse_model_options(model, None, None, backend, precision, device, download))
+    clip = mo.load_clip(mo.parse_model_options(model, None, None, backend, precision, device, download))
+    note = fidelity_line(fidelity(clip.backend))  # a lower precision states its deviation from fp32
+    if note:
+        typer.echo(note, err=True)
+    return clip
 
 
 def _prompts(
