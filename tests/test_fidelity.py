@@ -118,6 +118,11 @@ def test_reduced_decoding_is_stated_even_at_fp32() -> None:
     assert gpu is not None and gpu["decode"] == {"mode": "gpu_decode (nvimgcodec)", "reference": None}
     line = fidelity_line(gpu)
     assert line is not None and "torch fp16 is not fp32" in line and "gpu_decode (nvimgcodec) is not" in line
+    both = fidelity(SimpleNamespace(name="torch", precision="fp32"), fast_decode=True, gpu_decoder="torchvision")
+    assert both is not None and both["decode"] == {
+        "mode": "gpu_decode (torchvision) + fast_decode on the CPU share",
+        "reference": f"{DOCUMENTED_DEVIATION['gpu_decode-torchvision']}; {DOCUMENTED_DEVIATION['fast_decode']}",
+    }
 
 
 @pytest.mark.parametrize("key", sorted(DOCUMENTED_DEVIATION))

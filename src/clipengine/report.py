@@ -115,6 +115,10 @@ def fidelity(
     if gpu_decoder is not None:
         ref = DOCUMENTED_DEVIATION.get(f"gpu_decode-{gpu_decoder}")
         out["decode"] = {"mode": f"gpu_decode ({gpu_decoder})", "reference": ref}
+        if fast_decode:  # the CPU share (--gpu-cpu-share) decodes at reduced scale
+            out["decode"]["mode"] += " + fast_decode on the CPU share"
+            refs = [r for r in (ref, DOCUMENTED_DEVIATION["fast_decode"]) if r]
+            out["decode"]["reference"] = "; ".join(refs)
     elif fast_decode:
         out["decode"] = {"mode": "fast_decode", "reference": DOCUMENTED_DEVIATION["fast_decode"]}
     if out["towers"] is None and out["decode"] is None:
