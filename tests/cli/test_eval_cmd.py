@@ -301,3 +301,22 @@ def test_unreadable_file_name_with_a_newline_and_escape_is_one_escaped_line(
     assert result.exit_code == 0, result.output
     (line,) = [ln for ln in result.stderr.splitlines() if "left out:" in ln]
     assert "evil\\x1b[31mred\\nx.png: " in line and "\x1b" not in result.stderr.split("left out:")[1]
+
+
+def test_folder_of_wordnet_id_class_names_is_refused(tmp_path: Path) -> None:
+    """`-d folder` on an ImageNet subset prompted "a photo of a n01440764." for every class: a
+    near-chance top-1 reported as the model's. Refused, naming the ways to give real names."""
+    from PIL import Image
+
+    for wnid in ("n01440764", "n01443537"):
+        (tmp_path / "data" / wnid).mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(tmp_path / "data" / wnid / "a.png")
+    args = ["eval", "zeroshot", "-d", "folder", "--root", str(tmp_path / "data"), "-m", str(TINY_SYNTH),
+            "--out", str(tmp_path / "r")]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert "WordNet ids (n01440764, n01443537, ...)" in str(result.exception)
+    assert "--class-map" in str(result.exception) and not (tmp_path / "r").exists()
+    class_map = tmp_path / "map.json"
+    class_map.write_text(json.dumps({"n01440764": "tench", "n01443537": "goldfish"}))
+    result = CliRunner().invoke(app, [*args, "--class-map", str(class_map)])
+    assert result.exit_code == 0, result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -56,6 +57,12 @@ def _prompts(
     names, templates = read_prompt_set(key, prompts)
     own = [n.replace("_", " ") for n in data.classnames]
     if (prompt_set is None and prompts is None) or not names:
+        if all(re.fullmatch(r"n\d{8}", n) for n in own):  # "a photo of a n01440764.": chance, not a result
+            raise DatasetError(
+                f"the class names of {data.name} are WordNet ids ({', '.join(own[:3])}, ...), which the model "
+                "cannot read: pass --class-map JSON {folder: class name}, --prompts FILE.json with "
+                '{"classes": [...]}, or --dataset imagenet for all 1000 ImageNet classes'
+            )
         return own, templates
     if len(names) != len(own):
         where = prompts or "bundled zeroshot_prompts.json"
