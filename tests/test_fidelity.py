@@ -50,10 +50,10 @@ def test_onnx_int8_states_the_worst_engine_measured_at_export() -> None:
     assert info["towers"]["image"] == {"min_cos": 0.9991, "max_abs": pytest.approx(1 - 0.9991), "samples": 12,
                                        "passed": True}  # fmt: skip
     assert info["towers"]["text"]["min_cos"] == 0.9987
-    assert "under ONNX Runtime" in info["measured"]
+    assert "under ONNX Runtime (CPU)" in info["measured"]
     line = fidelity_line(info)
     assert line == ("note: onnx int8 is not fp32: min cosine image 0.99910, text 0.99870 to fp32 (measured at "
-                    "export under ONNX Runtime against fp32 PyTorch, manifest.json)")  # fmt: skip
+                    "export under ONNX Runtime (CPU) against fp32 PyTorch, manifest.json)")  # fmt: skip
 
 
 def test_a_failed_or_partly_measured_tower_says_so() -> None:
@@ -78,7 +78,14 @@ def test_openvino_uses_its_own_runtime_parity_bf16_on_the_fp32_engines() -> None
     info = fidelity(_backend("openvino", "bf16", engines, engine_precision="fp32"))
     assert info is not None
     assert (info["towers"]["image"]["min_cos"], info["towers"]["text"]["min_cos"]) == (0.9993, 0.9990)
-    assert "under OpenVINO in bf16" in info["measured"]
+    assert info["measured"] == "at export under OpenVINO (CPU) in bf16 against fp32 PyTorch, manifest.json"
+
+
+def test_a_run_off_the_cpu_says_the_exports_cpu_measurement_does_not_cover_it() -> None:
+    backend = _backend("onnx", "fp16", [_engine("image", "fp16", None, _parity(0.9999))])
+    backend.device = "cuda:0"
+    info = fidelity(backend)
+    assert info is not None and info["measured"].endswith("manifest.json; unmeasured on cuda:0, where this runs")
 
 
 def test_openvino_unmeasured_there_says_unmeasured_and_gives_ort_as_a_hint() -> None:

@@ -99,7 +99,9 @@ def fidelity(
         engines = str(getattr(backend, "engine_precision", precision))
         key = None if name != "openvino" else ("openvino-bf16" if precision == "bf16" else "openvino")
         towers = {t: _tower_parity(manifest.select(t, engines), key) for t in ("image", "text")}
-        where = {None: "under ONNX Runtime", "openvino": "under OpenVINO"}.get(key, "under OpenVINO in bf16")
+        where = {None: "under ONNX Runtime (CPU)", "openvino": "under OpenVINO (CPU)"}.get(
+            key, "under OpenVINO (CPU) in bf16"
+        )
         out["towers"] = towers
         if all(v is None for v in towers.values()):
             out["measured"] = f"unmeasured {where}: the export did not measure these engines there"
@@ -108,6 +110,9 @@ def fidelity(
                 out["reference"] = "the export's ONNX Runtime check of the same engines: " + _cosines(ort)
         else:
             out["measured"] = f"at export {where} against fp32 PyTorch, manifest.json"
+            device = str(getattr(backend, "device", "cpu"))
+            if device != "cpu":  # the export measures on the CPU only
+                out["measured"] += f"; unmeasured on {device}, where this runs"
     elif precision != "fp32":
         out["towers"] = {"image": None, "text": None}
         out["measured"] = "unmeasured for this model"
