@@ -244,7 +244,11 @@ class ExportFolderBackend(ABC):
             raise BackendError(f"{path}: SHA-256 differs from the manifest (file changed or corrupt)")
 
     def encode_images(self, pixels: FloatArray, *, normalize: bool = True) -> FloatArray:
-        """(N, 3, H, W) float32 -> (N, D) float32, unit L2 norm (`normalize=False`: as the engine gives them)."""
+        """(N, 3, H, W) float32 -> (N, D) float32, unit L2 norm (`normalize=False`: as the engine gives them).
+
+        Raises:
+            InputError: not float, not (N, 3, S, S), or NaN / infinite values (the rows are named).
+        """
         if not np.issubdtype(np.asarray(pixels).dtype, np.floating):  # uint8 would run un-normalised
             raise InputError(f"images must be float (preprocessed), got {np.asarray(pixels).dtype}")
         x = np.ascontiguousarray(pixels, dtype=np.float32)
@@ -253,6 +257,15 @@ class ExportFolderBackend(ABC):
             raise InputError(f"images must be (N, {', '.join(map(str, expected))}), got {x.shape}")
         if x.shape[0] == 0:
             return np.zeros((0, self.embed_dim), np.float32)
+        # A NaN row came back as an all-zero "embedding" (l2_normalize keeps zero rows), and under
+        # dynamic INT8 it moved the other rows of its batch too (one activation scale per batch).
+        finite = np.isfinite(x).reshape(x.shape[0], -1).all(axis=1)
+        if not finite.all():
+            rows = np.flatnonzero(~finite)
+            raise InputError(
+                f"images contain NaN or infinite values (rows {', '.join(map(str, rows[:10]))}"
+                f"{', ...' if rows.size > 10 else ''} of {x.shape[0]})"
+            )
         features = self._image.run(x)
         return l2_normalize(features) if normalize else np.asarray(features, dtype=np.float32)
 
