@@ -236,18 +236,27 @@ def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]], markdown: b
     return "\n".join([fmt_row(header), fmt_row(tuple("-" * w for w in widths)), *map(fmt_row, rows)])
 
 
-def render_run_stats(stats: RunStats, fmt: str = "text", *, failures_path: str | Path | None = None) -> str:
+def render_run_stats(
+    stats: RunStats,
+    fmt: str = "text",
+    *,
+    failures_path: str | Path | None = None,
+    fidelity: dict[str, Any] | None = None,
+) -> str:
     """Summary of an embedding run: counts, FPS, per-stage ms per image.
 
     Args:
         stats: the run's stats.
         fmt: "text", "markdown" or "json".
         failures_path: where the failures are listed (named in the summary when there are any).
+        fidelity: the run's `fidelity()`: the JSON's "fidelity" (null: fp32 on the exact decoder;
+            the CLI prints it as a note line, so text and Markdown leave it out).
     """
     _check_format(fmt)
     if fmt == "json":
         d: dict[str, Any] = stats.to_dict()
         d["failures_file"] = str(failures_path) if failures_path else None
+        d["fidelity"] = fidelity
         return json.dumps(d, indent=2, sort_keys=True)
     per = stats.per_image_ms()
     stage_rows = [(s, f"{getattr(stats, f'{s}_s'):.3f}", f"{per[s]:.3f}") for s in per]

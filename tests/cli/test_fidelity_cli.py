@@ -83,9 +83,11 @@ def test_embed_records_the_deviation_in_run_json(
     assert info["fidelity"]["precision"] == "int8" and info["status"] == "complete"
     assert towers["image"]["min_cos"] == _min_cos(export_dir, "image", "int8")
     assert towers["text"]["min_cos"] == _min_cos(export_dir, "text", "int8")
-    assert main([*base, "-o", str(tmp_path / "fp32"), "--fast-decode"]) == 0
+    assert main([*base, "-o", str(tmp_path / "fp32"), "--fast-decode", "--json"]) == 0
     info = json.loads((tmp_path / "fp32" / "run.json").read_text())
+    assert json.loads(capsys.readouterr().out)["fidelity"] == info["fidelity"]
     assert info["fidelity"]["towers"] is None and info["fidelity"]["decode"]["mode"] == "fast_decode"
+    assert main([*base, "-o", str(tmp_path / "fp32"), "--fast-decode"]) == 0  # a resume: same settings
     assert "note: fast_decode is not the exact decode" in capsys.readouterr().err
     assert main([*base, "-o", str(tmp_path / "exact")]) == 0
     exact = json.loads((tmp_path / "exact" / "run.json").read_text())

@@ -268,7 +268,7 @@ def register(app: typer.Typer) -> None:
             )
         _record_fidelity(output, measured)
         fmt = "json" if as_json else "text"
-        typer.echo(render_run_stats(stats, fmt, failures_path=output / FAILURES_FILE))
+        typer.echo(render_run_stats(stats, fmt, failures_path=output / FAILURES_FILE, fidelity=measured))
         if stats.images and stats.failed_total >= stats.images:
             # A folder of only unreadable files is not a successful run (predict and bench agree): a
             # script would go on to index nothing. The output folder is complete all the same.
