@@ -4,13 +4,15 @@ PyTorch reference, non-finite pixels, damaged manifests, engines that are not wh
 from __future__ import annotations
 
 import importlib.util
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from clipengine.backends import create_backend
-from clipengine.errors import InputError
+from clipengine.errors import BackendError, InputError
 
 KINDS = ["onnx", pytest.param("openvino", marks=pytest.mark.skipif(
     importlib.util.find_spec("openvino") is None, reason="openvino not installed"))]  # fmt: skip
@@ -65,3 +67,22 @@ def test_non_finite_pixels_are_an_input_error_naming_the_rows(
     with pytest.raises(InputError, match="NaN or infinite"):
         backend.encode_images(bad, normalize=False)
     assert np.isfinite(backend.encode_images(pixels[:9])).all()  # the backend still works
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("batch", [0, -4, "4", 2.5, True])
+def test_engine_batch_that_is_not_a_positive_integer_is_a_backend_error(
+    fixed: Path, tmp_path: Path, pixels: np.ndarray, kind: str, batch: object
+) -> None:
+    """Batch 0 or below made plan_batches loop forever (no b1 engine) or run nonsense pieces; "4" and
+    2.5 failed as TypeErrors ("bad options []" from create_backend, a slice error at the first call)."""
+    folder = tmp_path / "copy"
+    shutil.copytree(fixed, folder)
+    data = json.loads((folder / "manifest.json").read_text())
+    for engine in data["engines"]:
+        if engine["file"] == "image_fp32_b4.onnx":
+            engine["batch"] = batch
+    (folder / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(BackendError, match=r"manifest\.json: engine 'image_fp32_b4\.onnx': \"batch\" must be"):
+        create_backend(kind, folder).encode_images(pixels[:9])
+    assert create_backend(kind, folder, precision="int8").encode_images(pixels[:9]).shape == (9, 32)

@@ -151,7 +151,8 @@ class ExportFolderBackend(ABC):
                 the fp32 engines).
 
         Raises:
-            BackendError: no manifest, engines of that precision missing, projection file missing.
+            BackendError: no manifest, engines of that precision missing or with a bad batch size,
+                projection file missing.
         """
         if isinstance(folder, Manifest):
             if root is None:
@@ -192,6 +193,16 @@ class ExportFolderBackend(ABC):
         vocab = text_arch.get("vocab_size") if isinstance(text_arch, dict) else None
         self.vocab_size: int | None = vocab if isinstance(vocab, int) and vocab > 0 else None
         self._projection = self._load_projection()
+        for info in (e for e in m.engines if e.precision == engines):  # before select() sorts them
+            # A batch of 0 or less made plan_batches loop forever or slice backwards; "8" or 2.5 failed
+            # as a TypeError far from the manifest.
+            if info.batch is not None and (
+                isinstance(info.batch, bool) or not isinstance(info.batch, int) or info.batch < 1
+            ):
+                raise BackendError(
+                    f'{self.root / MANIFEST_FILE}: engine {info.file!r}: "batch" must be a positive '
+                    f"integer or null (dynamic), got {info.batch!r}; re-export it"
+                )
         self._image = _Tower(self, m.select("image", engines))
         self._text = _Tower(self, m.select("text", engines))
         for tower, label in ((self._image, "image"), (self._text, "text")):
