@@ -1,4 +1,5 @@
-"""Render run and benchmark results as plain text, Markdown or JSON, and plot throughput (no printing)."""
+"""Render run and benchmark results as plain text, Markdown or JSON, plot throughput, and state what a
+lower-precision path or an approximate index costs: `fidelity` (deviation from fp32), `index_recall` (no printing)."""
 
 from __future__ import annotations
 
