@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -14,8 +15,8 @@ import pytest
 from clipengine.backends import create_backend
 from clipengine.errors import BackendError, InputError
 
-KINDS = ["onnx", pytest.param("openvino", marks=pytest.mark.skipif(
-    importlib.util.find_spec("openvino") is None, reason="openvino not installed"))]  # fmt: skip
+NEEDS_OPENVINO = pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino not installed")
+KINDS = ["onnx", pytest.param("openvino", marks=NEEDS_OPENVINO)]
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +87,20 @@ def test_engine_batch_that_is_not_a_positive_integer_is_a_backend_error(
     with pytest.raises(BackendError, match=r"manifest\.json: engine 'image_fp32_b4\.onnx': \"batch\" must be"):
         create_backend(kind, folder).encode_images(pixels[:9])
     assert create_backend(kind, folder, precision="int8").encode_images(pixels[:9]).shape == (9, 32)
+
+
+@pytest.mark.parametrize(
+    ("kind", "option"), [("onnx", "intra_op_threads"), pytest.param("openvino", "threads", marks=NEEDS_OPENVINO)]
+)
+@pytest.mark.parametrize("value", [True, "too many", 2**40])
+def test_thread_counts_that_are_booleans_or_far_above_the_cpus_are_refused(
+    dynamic: Path, kind: str, option: str, value: object
+) -> None:
+    """ONNX Runtime starts every thread when it opens an engine: 1,000 on 2 cores took 51 s, 10**6 never
+    finished, 2**40 was a pybind TypeError reported as "bad options"; True ran as 1 thread."""
+    too_many = 4 * (os.cpu_count() or 1) + 1
+    count = too_many if value == "too many" else value
+    with pytest.raises(InputError, match=rf"^{option}"):
+        create_backend(kind, dynamic, **{option: count})
+    backend = create_backend(kind, dynamic, **{option: os.cpu_count()})
+    assert backend.encode_images(np.zeros((2, 3, 32, 32), np.float32)).shape == (2, 32)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -12,6 +13,7 @@ from ..types import Backend, FloatArray
 
 __all__ = [
     "TEXT_LENGTH_BUCKET",
+    "THREADS_PER_CPU",
     "Backend",
     "check_thread_count",
     "l2_normalize",
@@ -19,6 +21,7 @@ __all__ = [
     "truncated_text_length",
 ]
 
+THREADS_PER_CPU = 4  # a thread-count option above this many per CPU is refused (see check_thread_count)
 TEXT_LENGTH_BUCKET = 8  # truncated text lengths are rounded up to a multiple of this (few shapes)
 
 
@@ -35,19 +38,28 @@ def truncated_text_length(tokens: np.ndarray, bucket: int = TEXT_LENGTH_BUCKET) 
 
 
 def check_thread_count(option: str, value: object) -> int | None:
-    """A runtime thread-count option: None or an integer >= 0 (0 and None: the runtime's choice).
+    """A runtime thread-count option: None or an integer >= 0 (0 and None: the runtime's choice), at
+    most THREADS_PER_CPU x the CPUs here.
 
     Raises:
-        InputError: a negative or non-integer count (runtimes fail late or obscurely on those).
+        InputError: a negative, non-integer or boolean count (runtimes fail late or obscurely on
+            those), or one above the limit: ONNX Runtime starts every thread when it opens an engine
+            (1,000 on 2 cores took 51 s per engine, 10**6 never finished, 2**40 was a TypeError).
     """
     if value is None:
         return None
     try:
-        count = operator.index(value)  # type: ignore[arg-type]
+        count = -1 if isinstance(value, bool | np.bool_) else operator.index(value)  # type: ignore[arg-type]
     except TypeError:
         count = -1
     if count < 0:
         raise InputError(f"{option} must be an integer >= 0 (0: the runtime's choice), got {value!r}")
+    cpus = os.cpu_count() or 1
+    if count > THREADS_PER_CPU * cpus:
+        raise InputError(
+            f"{option}={count} is more than {THREADS_PER_CPU} threads per CPU ({cpus} CPUs here); "
+            "use at most the CPU count, or 0 for the runtime's choice"
+        )
     return count
 
 

@@ -135,7 +135,7 @@ class OnnxBackend(ExportFolderBackend):
             device: "cpu", "cuda" or "cuda:N".
             precision: one of the precisions the folder holds ("fp32", "fp16", "int8", "int8w").
             providers: explicit ORT providers, e.g. ["CUDAExecutionProvider", "CPUExecutionProvider"].
-            intra_op_threads: ORT threads per session (default: ORT's choice, all cores).
+            intra_op_threads: ORT threads per session (default: ORT's choice, all cores; at most 4 per CPU).
             tensorrt: on CUDA, try TensorRT first.
             verify_files: check every engine's SHA-256 against the manifest before loading.
 

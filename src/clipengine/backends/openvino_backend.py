@@ -144,7 +144,7 @@ class OpenVinoBackend(ExportFolderBackend):
             precision: "fp32", "fp16", "int8" (engines the folder holds, computed in f32),
                 "bf16" (the fp32 engines computed in bf16: fast on CPUs with AMX / AVX512-BF16), or
                 "int8w" (int8-weight engines, activations quantized per token group at run time).
-            threads: INFERENCE_NUM_THREADS per engine (default: OpenVINO's choice, all cores).
+            threads: INFERENCE_NUM_THREADS per engine (default: OpenVINO's choice, all cores; at most 4 per CPU).
             verify_files: check every engine's SHA-256 against the manifest before loading.
 
         Raises:
