@@ -500,3 +500,52 @@ def test_subset_spreads_over_the_split_and_keeps_every_class(tmp_path: Path) -> 
     assert sub.name == f"{data.name}-8of20" and data.subset(20) is data
     arrays = labelled.checked("x", ["a", "b"], np.array([0, 0, 1, 1]), arrays=np.arange(4).reshape(4, 1, 1, 1))
     assert arrays.subset(2).labels.tolist() == [0, 1] and arrays.subset(2).arrays.ravel().tolist() == [0, 2]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("names", "match"),
+    [
+        ([b"\xff\xfe", b"b"], "class name 0 .* is not UTF-8"),  # was a bare UnicodeDecodeError
+        (None, "class names must be a list, got NoneType"),  # was a bare TypeError
+        (b"ab", "class names must be a list, got bytes"),  # was the classes "97" and "98"
+        ([b"a", None], "class name 1 is None"),  # was the class "None"
+        ([b"a", b""], "class name 1 is b''"),
+    ],
+)
+def test_cifar_class_names_must_be_a_list_of_names(tmp_path: Path, names: object, match: str) -> None:
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    img = np.zeros((2, 32, 32, 3), dtype=np.uint8)
+    (d / "test_batch").write_bytes(pickle.dumps(_py2_style_batch(img, [0, 1]), protocol=2))
+    (d / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}, protocol=2))
+    with pytest.raises(DatasetError, match=r"batches\.meta: " + match):
+        cifar.load_cifar10(tmp_path)
+
+
+@pytest.mark.parametrize("labels", [[0, 1.5], [0, "1"], [[0], [1]]])
+def test_cifar_labels_must_be_integers(tmp_path: Path, labels: object) -> None:
+    """1.5 was read as class 1 and "1" as 1, without a word."""
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    batch = _py2_style_batch(np.zeros((2, 32, 32, 3), dtype=np.uint8), [0, 1])
+    batch[b"labels"] = labels
+    (d / "test_batch").write_bytes(pickle.dumps(batch, protocol=2))
+    (d / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"a", b"b"]}, protocol=2))
+    with pytest.raises(DatasetError, match=r"test_batch: labels must be a list of integers"):
+        cifar.load_cifar10(tmp_path)
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_cifar_files_re_pickled_by_python_3_read_at_every_protocol(tmp_path: Path, protocol: int) -> None:
+    """The restricted unpickler must still read what Python 3 tools write: b"" at protocol 2 is
+    builtins.bytes(), a NumPy array at protocol 5 numpy._core.numeric._frombuffer."""
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    img = np.arange(2 * 32 * 32 * 3, dtype=np.uint8).reshape(2, 32, 32, 3)
+    batch = {**_py2_style_batch(img, [1, 0]), b"batch_label": b"", b"filenames": [b"", b"x.png"]}
+    (d / "test_batch").write_bytes(pickle.dumps(batch, protocol=protocol))
+    meta = {b"label_names": [b"a", "b"], b"num_vis": np.int64(3072), b"tags": {1, 2}, b"f": frozenset()}
+    (d / "batches.meta").write_bytes(pickle.dumps(meta, protocol=protocol))
+    data = cifar.load_cifar10(tmp_path)
+    assert data.classnames == ["a", "b"] and data.labels.tolist() == [1, 0]
+    np.testing.assert_array_equal(np.stack(data.images()), img)

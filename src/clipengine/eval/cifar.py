@@ -7,7 +7,6 @@ memory, and the checks here are about pickle keys and pixel shapes, not files on
 from __future__ import annotations
 
 import pickle
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +22,21 @@ _CIFAR100_LAYOUT = "cifar-100-python/{train, test, meta}"
 
 
 # The only callables a CIFAR pickle names: NumPy's array reconstruction (numpy.core before NumPy 2,
-# numpy._core after) and the codec Python 3 pickles bytes with at protocol 2. Anything else (os.system,
-# builtins.eval, ...) is refused before it is looked up, so reading a dataset never runs its code.
+# numpy._core after; _frombuffer at protocol 5), the codec Python 3 pickles bytes with at protocol 2,
+# and the constructors of b"", set and frozenset. Anything else (os.system, builtins.eval, ...) is
+# refused before it is looked up, so reading a dataset never runs its code.
 _CIFAR_GLOBALS = frozenset(
     {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
+        *(
+            (f"numpy.{core}.multiarray", name)
+            for core in ("core", "_core")
+            for name in ("_reconstruct", "scalar")
+        ),
+        *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("_codecs", "encode"),
+        *((module, name) for module in ("builtins", "__builtin__") for name in ("bytes", "set", "frozenset")),
     }
 )
 
@@ -79,14 +82,30 @@ def _field(batch: dict[str, Any], key: str, path: Path) -> Any:
 
 
 def _int_labels(values: Any, path: Path) -> np.ndarray:
+    """A list of int labels as int64; a float (1.5 was read as 1), a str or a nested list is refused."""
     try:
-        return np.asarray(values, dtype=np.int64)
-    except (TypeError, ValueError, OverflowError) as e:
-        raise DatasetError(f"{path}: labels must be integers ({e})") from e
+        labels = np.asarray(values)
+    except (TypeError, ValueError, OverflowError) as e:  # ragged nesting
+        raise DatasetError(f"{path}: labels must be a list of integers ({e})") from e
+    if labels.ndim != 1 or (labels.size and labels.dtype.kind not in "iu"):
+        raise DatasetError(f"{path}: labels must be a list of integers, got {labels.dtype} {labels.shape}")
+    return labels.astype(np.int64)
 
 
-def _names(values: Sequence[Any]) -> list[str]:
-    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+def _names(values: Any, path: Path) -> list[str]:
+    """Class names: a list of non-empty bytes (UTF-8, as the official files hold) or str."""
+    if not isinstance(values, list | tuple):
+        raise DatasetError(f"{path}: class names must be a list, got {type(values).__name__}")
+    names = []
+    for i, v in enumerate(values):
+        try:
+            name = v.decode("utf-8") if isinstance(v, bytes) else v
+        except UnicodeDecodeError as e:
+            raise DatasetError(f"{path}: class name {i} ({v!r:.40}) is not UTF-8 ({e})") from e
+        if not isinstance(name, str) or not name.strip():
+            raise DatasetError(f"{path}: class name {i} is {v!r:.40}; expected a non-empty string")
+        names.append(name)
+    return names
 
 
 def _cifar_images(batch: dict[str, Any], path: Path) -> np.ndarray:
@@ -116,7 +135,8 @@ def load_cifar10(root: str | Path, split: str = "test") -> LabelledImages:
     if split not in ("train", "test"):
         raise DatasetError(f"CIFAR-10 split must be 'train' or 'test', got {split!r}")
     d = _cifar_dir(root, "cifar-10-batches-py", "batches.meta", "cifar10", _CIFAR10_LAYOUT)
-    names = _names(_field(_unpickle(d / "batches.meta", _CIFAR10_LAYOUT), "label_names", d / "batches.meta"))
+    meta = d / "batches.meta"
+    names = _names(_field(_unpickle(meta, _CIFAR10_LAYOUT), "label_names", meta), meta)
     files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     images, labels = [], []
     for f in files:
@@ -134,7 +154,7 @@ def load_cifar100(root: str | Path, split: str = "test", label: str = "fine") ->
         )
     d = _cifar_dir(root, "cifar-100-python", "meta", "cifar100", _CIFAR100_LAYOUT)
     meta = _unpickle(d / "meta", _CIFAR100_LAYOUT)
-    names = _names(_field(meta, f"{label}_label_names", d / "meta"))
+    names = _names(_field(meta, f"{label}_label_names", d / "meta"), d / "meta")
     batch = _unpickle(d / split, _CIFAR100_LAYOUT)
     labels = _int_labels(_field(batch, f"{label}_labels", d / split), d / split)
     suffix = "" if label == "fine" else "-coarse"
