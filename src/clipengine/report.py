@@ -191,23 +191,34 @@ def index_recall(
     n = len(ids)
     if index.params.exact or n < 2:
         return None
-    v = np.asarray(vectors, dtype=np.float32)
-    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    v = np.asarray(vectors)  # as given (float16 shards stay float16): converted a block at a time
     k = min(k, n - 1)
     rows = np.sort(np.random.default_rng(seed).choice(n, size=min(queries, n), replace=False))
+    q = _unit(v[rows])
     row_of = {id_: i for i, id_ in enumerate(ids)}
-    hits = index.search_vectors(v[rows], k + 1)
+    hits = index.search_vectors(q, k + 1)
+    best = np.full((len(rows), k), -np.inf, dtype=np.float32)  # each query's exact top-k scores so far
+    for start in range(0, n, 65536):  # (queries, 65536) scores at a time: memory bounded at any N
+        scores = q @ _unit(v[start : start + 65536]).T
+        own = (rows >= start) & (rows < start + scores.shape[1])
+        scores[own, rows[own] - start] = -np.inf  # the query itself is no neighbour
+        both = np.concatenate([best, scores], axis=1)
+        best = -np.partition(-both, k - 1, axis=1)[:, :k]
+    kth = best.min(axis=1)
     found = 0
-    for start in range(0, len(rows), 32):  # (32, N) exact scores at a time
-        chunk = rows[start : start + 32]
-        scores = v[chunk] @ v.T
-        scores[np.arange(len(chunk)), chunk] = -np.inf  # the query itself is no neighbour
-        kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1]
-        for j, row in enumerate(chunk):
-            got = [row_of[h] for h, _ in hits[start + j] if row_of[h] != row][:k]
-            found += int((scores[j, got] >= kth[j] - 1e-6).sum())
+    for j, row in enumerate(rows):
+        got = [row_of[h] for h, _ in hits[j] if row_of[h] != row][:k]
+        if got:
+            found += int((_unit(v[got]) @ q[j] >= kth[j] - 1e-6).sum())
     params = {key: val for key, val in index.params.to_dict().items() if key != "kind" and val is not None}
     return {"k": k, "recall": found / (k * len(rows)), "queries": len(rows), "params": params}
+
+
+def _unit(rows: Any) -> Any:
+    import numpy as np
+
+    x = np.asarray(rows, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def recall_line(kind: str, recall: dict[str, Any] | None) -> str:
