@@ -549,3 +549,29 @@ def test_cifar_files_re_pickled_by_python_3_read_at_every_protocol(tmp_path: Pat
     data = cifar.load_cifar10(tmp_path)
     assert data.classnames == ["a", "b"] and data.labels.tolist() == [1, 0]
     np.testing.assert_array_equal(np.stack(data.images()), img)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        np.full((1, 3072), 300, dtype=np.int64),  # was wrapped to 44
+        np.full((1, 3072), 0.5, dtype=np.float32),  # 0-1 floats were truncated to a black image
+        np.full((1, 3072), -1, dtype=np.int16),
+    ],
+)
+def test_cifar_pixels_that_are_not_bytes_are_refused(tmp_path: Path, data: np.ndarray) -> None:
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    (d / "test_batch").write_bytes(pickle.dumps({b"data": data, b"labels": [0]}, protocol=2))
+    (d / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"a"]}, protocol=2))
+    with pytest.raises(DatasetError, match=r"test_batch: b'data' must be .* not all integers in \[0, 255\]"):
+        cifar.load_cifar10(tmp_path)
+
+
+def test_cifar_pixels_held_as_wider_integers_in_range_read(tmp_path: Path) -> None:
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    data = np.arange(3072, dtype=np.int64)[None] % 256
+    (d / "test_batch").write_bytes(pickle.dumps({b"data": data, b"labels": [0]}, protocol=2))
+    (d / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"a"]}, protocol=2))
+    assert cifar.load_cifar10(tmp_path).image(0)[0, 1].tolist() == [1, 1, 1]

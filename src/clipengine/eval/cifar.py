@@ -109,8 +109,16 @@ def _names(values: Any, path: Path) -> list[str]:
 
 
 def _cifar_images(batch: dict[str, Any], path: Path) -> np.ndarray:
+    """(N, 32, 32, 3) uint8 from b'data'. Pixels held as another dtype are taken only when they are
+    integers in [0, 255]: casting wrapped 300 to 44 and truncated 0-1 floats to black images."""
     try:
-        data = np.asarray(_field(batch, "data", path), dtype=np.uint8)
+        raw = np.asarray(_field(batch, "data", path))
+        exact = raw.dtype == np.uint8 or (
+            raw.dtype.kind in "iuf" and bool(np.all((raw >= 0) & (raw <= 255) & (raw == np.round(raw))))
+        )
+        if not exact:
+            raise ValueError(f"{raw.dtype} values that are not all integers in [0, 255]")
+        data = raw.astype(np.uint8)
     except (TypeError, ValueError, OverflowError) as e:
         raise DatasetError(f"{path}: b'data' must be (N, 3072) uint8 pixel values ({e})") from e
     if data.ndim != 2 or data.shape[1] != 3072:
