@@ -194,3 +194,19 @@ def test_index_recall_of_real_indexes() -> None:
     assert ivf is not None and 0.0 < ivf["recall"] < 0.9  # one list of 32 on uniform data misses most
     full = index_recall(Index.build(ids, v, model="m", kind="ivf", nlist=32, nprobe=32), v, ids)
     assert full is not None and full["recall"] == 1.0  # every list visited: exact
+
+
+def test_index_recall_in_blocks_equals_one_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exact search runs over row blocks (bounded memory at any N): the same figure in blocks of 7."""
+    import numpy as np
+
+    from clipengine import report
+
+    v = np.random.default_rng(2).standard_normal((200, 8)).astype(np.float16)
+    ids = [f"img{i}" for i in range(200)]
+    index = _HalfWrongIndex(v.astype(np.float32) / np.linalg.norm(v.astype(np.float32), axis=1, keepdims=True),
+                            ids, wrong=3)  # fmt: skip
+    whole = report.index_recall(index, v, ids, k=5, queries=40)
+    monkeypatch.setattr(report, "_RECALL_BLOCK", 7)
+    assert report.index_recall(index, v, ids, k=5, queries=40) == whole
+    assert whole is not None and whole["recall"] == pytest.approx(2 / 5)  # self + 2 right, 3 worst, of k+1

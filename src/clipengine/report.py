@@ -170,6 +170,9 @@ def fidelity_line(info: dict[str, Any] | None) -> str | None:
     return "note: " + "; ".join(parts)
 
 
+_RECALL_BLOCK = 65536  # rows of the exact search per step in `index_recall`
+
+
 def index_recall(
     index: Any, vectors: Any, ids: Sequence[str], *, k: int = 10, queries: int = 256, seed: int = 0
 ) -> dict[str, Any] | None:
@@ -198,8 +201,8 @@ def index_recall(
     row_of = {id_: i for i, id_ in enumerate(ids)}
     hits = index.search_vectors(q, k + 1)
     best = np.full((len(rows), k), -np.inf, dtype=np.float32)  # each query's exact top-k scores so far
-    for start in range(0, n, 65536):  # (queries, 65536) scores at a time: memory bounded at any N
-        scores = q @ _unit(v[start : start + 65536]).T
+    for start in range(0, n, _RECALL_BLOCK):  # (queries, block) scores at a time: bounded at any N
+        scores = q @ _unit(v[start : start + _RECALL_BLOCK]).T
         own = (rows >= start) & (rows < start + scores.shape[1])
         scores[own, rows[own] - start] = -np.inf  # the query itself is no neighbour
         both = np.concatenate([best, scores], axis=1)
