@@ -575,3 +575,15 @@ def test_cifar_pixels_held_as_wider_integers_in_range_read(tmp_path: Path) -> No
     (d / "test_batch").write_bytes(pickle.dumps({b"data": data, b"labels": [0]}, protocol=2))
     (d / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"a"]}, protocol=2))
     assert cifar.load_cifar10(tmp_path).image(0)[0, 1].tolist() == [1, 1, 1]
+
+
+def test_prompt_set_key_matches_a_user_file_in_any_case(tmp_path: Path) -> None:
+    """--prompt-set ImageNet (the bundled file's spelling) was "no prompt set" for a file keyed "imagenet"."""
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"imagenet": {"templates": ["a {}."]}, "cifar": {"templates": ["b {}."]}}))
+    assert datasets.prompt_set("ImageNet", path) == ([], ["a {}."])
+    assert datasets.prompt_set("CIFAR", path) == ([], ["b {}."])
+    path.write_text(json.dumps({"x": {"templates": ["a {}."]}, "X": {"templates": ["b {}."]}}))
+    assert datasets.prompt_set("X", path) == ([], ["b {}."])
+    with pytest.raises(DatasetError, match="no prompt set 'x2'"):
+        datasets.prompt_set("x2", path)

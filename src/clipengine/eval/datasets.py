@@ -53,6 +53,9 @@ def prompt_set(key: str, path: str | Path | None = None) -> tuple[list[str], lis
     else:
         wanted = _PROMPT_KEYS.get(key.lower(), key)
         found = next((k for k in (wanted, key) if k in data), None)  # an empty {} entry is found too
+        if found is None:  # "imagenet" in a user's file for --prompt-set ImageNet: the one key in any case
+            folded = [k for k in data if k.lower() == key.lower()]
+            found = folded[0] if len(folded) == 1 else None
         if found is None:
             raise DatasetError(f"no prompt set {key!r} in {source}; has: {', '.join(data)}")
         entry = data[found]
