@@ -43,11 +43,34 @@
     return "server " + serverMs.toFixed(1) + " ms · round trip " + roundTripMs.toFixed(1) + " ms";
   }
 
+  function fidelityText(f) {
+    if (!f) return null;
+    const parts = [];
+    if (f.towers) {
+      const measured = Object.entries(f.towers).filter(([, p]) => p);
+      const worst = measured.length ? Math.min(...measured.map(([, p]) => p.min_cos)) : null;
+      parts.push(f.precision + (worst != null ? " · min cos " + worst.toFixed(5) : " · deviation unmeasured"));
+    }
+    if (f.decode) parts.push(f.decode.mode);
+    const towers = f.towers ? Object.entries(f.towers).map(([t, p]) => t + " " + (p ? p.min_cos.toFixed(5) : "unmeasured")).join(", ") : "";
+    const full = (f.towers ? f.backend + " " + f.precision + " vs fp32: min cosine " + towers + " (" + f.measured + ")" : "") +
+      (f.reference ? " [" + f.reference + "]" : "") + (f.decode ? " " + f.decode.mode + " [" + (f.decode.reference || "unmeasured") + "]" : "");
+    return { short: parts.join(" · "), full: full.trim() };
+  }
+
+  function recallText(index) {
+    if (!index || !index.kind || index.kind === "flat") return null;
+    return index.recall ? index.kind + " recall@" + index.recall.k + " " + index.recall.recall.toFixed(3) : index.kind + " recall unmeasured";
+  }
+
   async function loadInfo() {
     try {
       const { body } = await callApi("/v1/info");
-      $("model-badge").textContent = body.model + " · " + body.embed_dim + "-d";
-      $("index-badge").textContent = body.index ? "index: " + (body.index.size != null ? body.index.size + " images" : "loaded") : "no index";
+      const fidelity = fidelityText(body.fidelity);  // a lower precision states its deviation from fp32
+      $("model-badge").textContent = body.model + " · " + body.embed_dim + "-d" + (fidelity ? " · " + fidelity.short : "");
+      $("model-badge").title = fidelity ? fidelity.full : "Model served (fp32)";
+      const recall = recallText(body.index);  // an approximate index states its measured recall
+      $("index-badge").textContent = body.index ? "index: " + (body.index.size != null ? body.index.size + " images" : "loaded") + (recall ? " · " + recall : "") : "no index";
       $("no-index").hidden = !!body.index;
       $("search-btn").disabled = !body.index;
     } catch (err) {
