@@ -6,6 +6,7 @@ import html
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import ftfy
 import numpy as np
@@ -227,3 +228,31 @@ def test_import_does_not_import_torch() -> None:
         "import sys, clipengine.text.tokenizer as t; t.tokenize('a dog'); assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (None, "No such file"),  # was a bare FileNotFoundError
+        (b"not gzip", "Not a gzipped file"),  # was gzip.BadGzipFile
+        (b"gz-utf8", "can't decode"),  # was UnicodeDecodeError
+        (b"gz-cut", "end-of-stream"),  # was EOFError
+        (b"gz-short", "expected 48894 merge lines"),
+    ],
+)
+def test_unreadable_vocabulary_file_is_an_input_error_naming_it(
+    tmp_path: Path, content: bytes | None, match: str
+) -> None:
+    import gzip
+
+    path = tmp_path / "vocab.txt.gz"
+    data = {
+        b"gz-utf8": gzip.compress(b"\xff\xfe"),
+        b"gz-cut": gzip.compress(b"#version\na b\n" * 100)[:-12],
+        b"gz-short": gzip.compress(b"#version\na b\n"),
+    }
+    if content is not None:
+        path.write_bytes(data.get(content, content))
+    with pytest.raises(InputError, match=match) as info:
+        Tokenizer(path)
+    assert "vocab.txt.gz" in str(info.value) and isinstance(info.value, ValueError)

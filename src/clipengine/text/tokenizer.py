@@ -9,6 +9,7 @@ import logging
 import operator
 import re
 import threading
+import zlib
 from collections.abc import Sequence
 from functools import lru_cache
 from itertools import pairwise
@@ -105,16 +106,25 @@ def _clean(text: str) -> str:
 
 
 def _read_bpe_file(path: str | Path | None) -> list[str]:
-    """Lines of the gzipped merges file; the bundled vocabulary unless `path` is given."""
-    if path is not None:
-        data = Path(path).read_bytes()
-    else:
+    """Lines of the gzipped merges file; the bundled vocabulary unless `path` is given.
+
+    Raises:
+        InputError: `path` cannot be read, or is not gzipped UTF-8 text (was a bare OSError,
+            BadGzipFile, EOFError or UnicodeDecodeError).
+    """
+    if path is None:
         data = (
             importlib.resources.files("clipengine.assets")
             .joinpath("bpe_simple_vocab_16e6.txt.gz")
             .read_bytes()
         )
-    return gzip.decompress(data).decode("utf-8").split("\n")
+        return gzip.decompress(data).decode("utf-8").split("\n")
+    try:
+        return gzip.decompress(Path(path).read_bytes()).decode("utf-8").split("\n")
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:  # BadGzipFile is an OSError
+        raise InputError(
+            f"{path}: not a readable gzipped CLIP merges file such as bpe_simple_vocab_16e6.txt.gz ({e})"
+        ) from e
 
 
 class Tokenizer:
@@ -122,6 +132,10 @@ class Tokenizer:
 
     Args:
         bpe_path: gzipped merges file; defaults to the vocabulary bundled with clipengine.
+
+    Raises:
+        InputError: `bpe_path` cannot be read, is not gzipped UTF-8, or does not hold the 48894
+            merge lines of CLIP's vocabulary (an InputError is a ValueError, as this was).
 
     Example:
         >>> tok = Tokenizer()
@@ -135,7 +149,7 @@ class Tokenizer:
         lines = _read_bpe_file(bpe_path)
         merges = [tuple(line.split()) for line in lines[1 : _N_MERGES + 1]]
         if len(merges) != _N_MERGES or any(len(m) != 2 for m in merges):
-            raise ValueError(
+            raise InputError(
                 f"{bpe_path or 'bundled vocabulary'}: expected {_N_MERGES} merge lines of two symbols"
             )
         byte_symbols = list(_BYTES_TO_SYMBOLS.values())
