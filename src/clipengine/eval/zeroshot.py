@@ -100,9 +100,10 @@ def build_classifier(
     if tied:
         first = tied[0]
         log.warning(
-            "%d group(s) of classes get the same class weights, e.g. %s: their names are equal once CLIP's "
-            "tokenizer lowercases them and collapses spacing, so their scores tie and the first of each "
-            "group always wins top-1 (the others are never predicted)",
+            "%d group(s) of classes get the same class weights, e.g. %s: their prompts tokenize alike (names "
+            "equal once CLIP's tokenizer lowercases them and collapses spacing, or cut at the same point "
+            "by the context length), so their scores tie and the first of each group wins top-1 (the "
+            "others are never predicted)",
             len(tied), ", ".join(f"{classnames[c]!r} (class {c})" for c in first[:4]),
         )  # fmt: skip
     return weights.T.copy()  # (D, C)
