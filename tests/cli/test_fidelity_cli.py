@@ -146,6 +146,10 @@ def test_serve_info_states_the_deviation(export_dir: Path, tiny_model: CLIP) -> 
     int8 = _info(clipengine.load(str(export_dir), backend="onnx", precision="int8"))["fidelity"]
     assert int8["precision"] == "int8" and int8["towers"]["text"]["min_cos"] == _min_cos(export_dir, "text", "int8")
     assert _info(clipengine.load(str(export_dir), backend="onnx"))["fidelity"] is None
-    bf16 = ClipModel(create_backend("torch", tiny_model, precision="bf16"), PreprocessConfig(image_size=32), "t", 100.0)
+    import copy
+
+    # A copy: TorchBackend casts the module it is given in place (the session's tiny model stays fp32).
+    backend = create_backend("torch", copy.deepcopy(tiny_model), precision="bf16")
+    bf16 = ClipModel(backend, PreprocessConfig(image_size=32), "t", 100.0)
     fidelity = _info(bf16)["fidelity"]
     assert fidelity["precision"] == "bf16" and fidelity["measured"] == "unmeasured for this model"

@@ -43,11 +43,15 @@ def _badges(app: Any) -> tuple[tuple[str, str], str]:
 
 @pytest.fixture
 def bf16_clip(tiny_model: Any) -> Iterator[Any]:
+    import copy
+
     from clipengine.api import ClipModel
     from clipengine.backends import create_backend
     from clipengine.image.preprocess import PreprocessConfig
 
-    yield ClipModel(create_backend("torch", tiny_model, precision="bf16"), PreprocessConfig(image_size=32), "tiny", 100.0)
+    # A copy: TorchBackend casts the module it is given in place (the session's tiny model stays fp32).
+    backend = create_backend("torch", copy.deepcopy(tiny_model), precision="bf16")
+    yield ClipModel(backend, PreprocessConfig(image_size=32), "tiny", 100.0)
 
 
 def test_page_shows_the_precision_deviation_and_the_index_recall(bf16_clip: Any, tmp_path: Path) -> None:
