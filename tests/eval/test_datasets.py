@@ -587,3 +587,38 @@ def test_prompt_set_key_matches_a_user_file_in_any_case(tmp_path: Path) -> None:
     assert datasets.prompt_set("X", path) == ([], ["b {}."])
     with pytest.raises(DatasetError, match="no prompt set 'x2'"):
         datasets.prompt_set("x2", path)
+
+
+def test_imagenet_flat_folder_refuses_a_folder_class_map(tmp_path: Path) -> None:
+    """A {folder: name} map names no folder of a flat layout: it was ignored without a word."""
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    (tmp_path / "labels.txt").write_text("a.png 0\n")
+    class_map = tmp_path / "map.json"
+    class_map.write_text(json.dumps({"n01440764": "tench"}))
+    with pytest.raises(DatasetError, match=r"map\.json: a flat folder with labels\.txt takes --class-map as a JSON list"):
+        datasets.load_imagenet(tmp_path, class_map=class_map)
+    class_map.write_text(json.dumps(["tench"]))
+    assert datasets.load_imagenet(tmp_path, class_map=class_map).classnames == ["tench"]
+
+
+def test_flat_folder_class_map_is_used_not_ignored(tmp_path: Path) -> None:
+    """With --labels, --class-map was ignored: imagenet took CLIP's 1000 names, folder classnames.json."""
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (4, 4)).save(tmp_path / name)
+    (tmp_path / "labels.txt").write_text("a.png 0\nb.png 1\n")
+    class_map = tmp_path / "names.json"
+    class_map.write_text(json.dumps(["tench", "goldfish"]))
+    for key in ("imagenet", "folder"):
+        data = datasets.load_dataset(key, tmp_path, class_map=class_map, labels_file="labels.txt")
+        assert data.classnames == ["tench", "goldfish"]
+    class_map.write_text(json.dumps({"n01440764": "tench"}))
+    with pytest.raises(DatasetError, match="takes --class-map as a JSON list"):
+        datasets.load_dataset("folder", tmp_path, class_map=class_map, labels_file="labels.txt")
+
+
+@pytest.mark.parametrize("option", ["class_map", "labels_file"])
+def test_cifar_refuses_folder_options_instead_of_ignoring_them(
+    tmp_path: Path, cifar10_root: Path, option: str
+) -> None:
+    with pytest.raises(DatasetError, match="--class-map and --labels are for imagenet and folder"):
+        datasets.load_dataset("cifar10", cifar10_root, **{option: tmp_path / "x.json"})  # type: ignore[arg-type]

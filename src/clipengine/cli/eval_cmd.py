@@ -129,7 +129,11 @@ def register(app: typer.Typer) -> None:
             )
         ] = None,
         class_map: Annotated[
-            Path | None, typer.Option(help="JSON {folder: class name} for folder datasets.")
+            Path | None,
+            typer.Option(
+                help="JSON {folder: class name} for folder / imagenet datasets; with --labels, a JSON list of "
+                "class names by label index."
+            ),
         ] = None,
         labels: Annotated[Path | None, typer.Option(help="Labels file for a flat image folder.")] = None,
         compare: Annotated[

@@ -114,7 +114,7 @@ def load_imagenet(
                 f"no ImageNet data under {root}: expected {root}/{split}/<wnid>/*.JPEG (1000 folders n01440764..) "
                 f"or a flat folder with labels.txt ('<file name> <label 0-999>' per line)"
             )
-        names = mapping if isinstance(mapping, list) else prompt_set("imagenet")[0]
+        names = _flat_class_names(Path(class_map), labels_file) if class_map else prompt_set("imagenet")[0]
         return load_flat_folder(root, labels_file, names)
     if mapping is not None:
         return load_imagefolder(base, mapping, name=f"imagenet-{split}")
@@ -127,6 +127,18 @@ def load_imagenet(
     return load_imagefolder(base, prompt_set("imagenet")[0], name=f"imagenet-{split}")
 
 
+def _flat_class_names(class_map: Path, labels_file: Path) -> Any:
+    """A flat folder's --class-map: a JSON list of class names by label index (checked as names by
+    `load_flat_folder`); a {folder: name} map names no folder of that layout and is refused."""
+    mapping = read_json(class_map, "a JSON list of class names by label index")
+    if isinstance(mapping, dict):
+        raise DatasetError(
+            f"{class_map}: a flat folder with {labels_file.name} takes --class-map as a JSON list of class "
+            "names by label index, not {folder: name}"
+        )
+    return mapping
+
+
 def load_dataset(
     dataset: str,
     root: str | Path,
@@ -137,17 +149,24 @@ def load_dataset(
 ) -> LabelledImages:
     """Dispatch on a dataset key: cifar10 | cifar100 | imagenet | folder (any ImageFolder)."""
     key = dataset.lower()
+    if key in ("cifar10", "cifar100") and (class_map is not None or labels_file is not None):
+        raise DatasetError(  # it was ignored: CIFAR's names and labels are in its pickles
+            f"{dataset}: --class-map and --labels are for imagenet and folder datasets; CIFAR's class names "
+            "and labels come from its own files"
+        )
     if key == "cifar10":
         return load_cifar10(root, split)
     if key == "cifar100":
         return load_cifar100(root, split)
+    if labels_file is not None and key in ("imagenet", "folder"):
+        # A flat folder: --class-map (was ignored here) is its list of class names by label index.
+        names = _flat_class_names(Path(class_map), Path(labels_file)) if class_map is not None else None
+        if names is None and key == "imagenet":
+            names = prompt_set("imagenet")[0]
+        return load_flat_folder(root, labels_file, names)
     if key == "imagenet":
-        if labels_file is not None:
-            return load_flat_folder(root, labels_file, prompt_set("imagenet")[0])
         return load_imagenet(root, "val" if split == "test" else split, class_map)
     if key == "folder":
-        if labels_file is not None:
-            return load_flat_folder(root, labels_file)
         mapping = read_json(Path(class_map), "JSON {folder: class name}") if class_map else None
         base = Path(root)
         if split == "test":  # ROOT/test, else ROOT/val, else ROOT itself holds the class folders
