@@ -159,3 +159,29 @@ def test_onnx_runtime_and_openvino_agree_on_the_same_engines(
     for n in (1, 7, 70):
         np.testing.assert_allclose(onnx.encode_images(pixels[:n]), openvino.encode_images(pixels[:n]), atol=bound)
         np.testing.assert_allclose(onnx.encode_texts(tokens[:n]), openvino.encode_texts(tokens[:n]), atol=bound)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    ("layout", "target", "source", "message"),
+    [
+        ("fixed", "image_fp32_b4.onnx", "image_fp32_b1.onnx", r"takes image input \(1, 3, 32, 32\), the manifest lists \(4, 3, 32, 32\)"),
+        ("fixed", "text_fp32_b2.onnx", "image_fp32_b1.onnx", r"takes text input \(1, 3, 32, 32\), the manifest lists \(2, 77\)"),
+        ("dynamic", "image_fp32_dyn.onnx", "image_fp32_b4.onnx", r"takes image input \(4, 3, 32, 32\), the manifest lists \(N, 3, 32, 32\)"),
+    ],
+)  # fmt: skip
+def test_an_engine_file_that_is_not_the_one_listed_is_a_backend_error_naming_it(
+    request: pytest.FixtureRequest, fixed: Path, tmp_path: Path, pixels: np.ndarray, kind: str, layout: str,
+    target: str, source: str, message: str,
+) -> None:  # fmt: skip
+    """An engine swapped for another export's (no verify_files) failed inside the runtime at the first
+    call ("Got invalid dimensions for input: pixels", "Check 'is_dynamic || ...' failed"), naming no file."""
+    folder = tmp_path / "copy"
+    shutil.copytree(_folder(request, layout), folder)
+    shutil.copyfile(fixed / source, folder / target)
+    backend = create_backend(kind, folder)
+    with pytest.raises(BackendError, match=rf"{target}: the graph {message}; the file is not this export's engine"):
+        if target.startswith("text"):
+            backend.encode_texts(np.zeros((2, 77), np.int64))
+        else:
+            backend.encode_images(pixels[:8])

@@ -53,6 +53,10 @@ class FolderEngine(ABC):
     def infer(self, x: np.ndarray) -> np.ndarray:
         """The runtime's call: the graph's first output for input `x` (rows = the engine batch)."""
 
+    def input_dims(self) -> list[int | None] | None:
+        """The graph input's shape as the runtime loaded it (None: a dynamic axis), or None if unknown."""
+        return None
+
     def run(self, x: np.ndarray) -> np.ndarray:
         if self.truncates_text:
             x = x[:, : truncated_text_length(x)]
@@ -246,7 +250,30 @@ class ExportFolderBackend(ABC):
         self._check_sha256(path, info.sha256)
         if info.external_data:  # the weights of a > 2 GB engine: as much a part of it as the graph
             self._check_sha256(self._member(info.external_data, "external_data"), info.external_data_sha256)
-        return self._engine(path, info, self._projection)
+        engine = self._engine(path, info, self._projection)
+        self._check_input_dims(engine, info)
+        return engine
+
+    def _check_input_dims(self, engine: FolderEngine, info: EngineInfo) -> None:
+        """The loaded graph must take what the manifest says: an engine file from another export (a
+        b4 engine listed as b8, a fixed-batch one listed as dynamic) failed inside the runtime at the
+        first call, with an error naming no file."""
+        dims = engine.input_dims()
+        if dims is None:
+            return
+        size = self.image_size
+        expected = [info.batch, 3, size, size] if info.tower == "image" else [info.batch, self.context_length]
+        # A dynamic graph axis (None) takes any size; a fixed one must be the size listed (a fixed
+        # graph batch listed as dynamic, None, is a mismatch too).
+        if len(dims) != len(expected) or not all(d is None or d == e for d, e in zip(dims, expected, strict=True)):
+
+            def show(shape: list[int | None]) -> str:
+                return "(" + ", ".join("N" if d is None else str(d) for d in shape) + ")"
+
+            raise BackendError(
+                f"{engine.path}: the graph takes {info.tower} input {show(dims)}, the manifest lists "
+                f"{show(expected)}; the file is not this export's engine, re-run the export"
+            )
 
     def _check_sha256(self, path: Path, expected: object) -> None:
         """With verify_files: the file must be the one the manifest recorded (engines, their external

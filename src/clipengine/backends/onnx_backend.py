@@ -104,6 +104,9 @@ class OnnxEngine(FolderEngine):
     def infer(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(self.session.run(None, {self.input_name: x})[0])
 
+    def input_dims(self) -> list[int | None]:
+        return [d if isinstance(d, int) else None for d in self.session.get_inputs()[0].shape]
+
 
 class OnnxBackend(ExportFolderBackend):
     """Backend over a `clipengine export` folder; returns L2-normalised float32 (N, D).

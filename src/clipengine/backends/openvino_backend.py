@@ -114,6 +114,10 @@ class OpenVinoEngine(FolderEngine):
         outputs = request.infer({0: x})  # copies the output out of the request's buffer
         return np.asarray(outputs[0])
 
+    def input_dims(self) -> list[int | None]:
+        shape = self.compiled.inputs[0].get_partial_shape()
+        return [int(d.get_length()) if d.is_static else None for d in shape]
+
 
 class OpenVinoBackend(ExportFolderBackend):
     """Backend over a `clipengine export` folder run by OpenVINO; returns L2-normalised float32 (N, D).
