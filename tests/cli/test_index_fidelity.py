@@ -93,3 +93,23 @@ def test_build_from_a_lower_precision_embed_folder_states_and_keeps_its_deviatio
     code, _, err = _run(capsys, "index", "build", emb, "-o", idx, "--kind", "flat")
     assert code == 0 and "note: fake bf16 is not fp32: deviation from fp32 unmeasured for this model" in err
     assert Index.load(idx).extra["fidelity"]["precision"] == "bf16"
+
+
+def test_add_at_another_precision_than_the_build_is_refused_and_changes_nothing(
+    folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An export folder is one model label at fp32 and int8: an add at another --precision would mix
+    two precisions' vectors in one index without a word."""
+    monkeypatch.setattr(model_options, "load_clip", lambda opts: _Clip(folder, opts.precision))
+    idx = tmp_path / "p.index"
+    assert _run(capsys, "index", "build", folder, "-o", idx, "--model", "fake")[0] == 0
+    assert Index.load(idx).extra["precision"] == "fp32"
+    distributed_fakes.write_images(folder / "new", 3, seed=5)
+    code, _, err = _run(capsys, "index", "add", idx, folder, "--precision", "bf16")
+    assert code == 2 and "built from embeddings at precision fp32, these are at bf16" in err
+    assert "--precision fp32" in err
+    kept = Index.load(idx)
+    assert len(kept) == 40 and not [i for i in kept.ids if i.startswith("new/")]
+    assert not list(tmp_path.glob("p.index.embeddings-add-*"))  # its wrong-precision vectors: gone
+    code, out, _ = _run(capsys, "index", "add", idx, folder, "--json")  # at the build's precision
+    assert code == 0 and json.loads(out)["added"] == 3

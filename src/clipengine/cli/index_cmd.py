@@ -228,6 +228,8 @@ def register(app: typer.Typer) -> None:
             # embedded by `clipengine embed` at a lower precision: its note, kept in the header
             index.extra["fidelity"] = meta["fidelity"]
             typer.echo(fidelity_line(meta["fidelity"]), err=True)
+        if meta.get("precision"):  # an `index add` must embed at the same one (`_check_add_precision`)
+            index.extra["precision"] = meta["precision"]
         index.save(output)
         failed = sources.report_failures(emb_dir, index, as_json, kept=True)
         _echo_index(index, output, as_json, build_s=round(time.perf_counter() - t0, 3), **failed)
@@ -263,6 +265,7 @@ def register(app: typer.Typer) -> None:
             _echo_index(index, index_path, as_json, added=0, skipped=indexed)
             return
         ids, vectors, _, meta = sources.read_vectors(emb_dir, label, index.model)
+        _check_add_precision(index, meta, emb_dir if own_dir else None)
         if not ids and not indexed:
             _refuse_unreadable(index, index_path, source, emb_dir, own_dir, as_json)
         added = index.add(ids, vectors, sizes=sources.image_sizes(emb_dir, ids), on_duplicate="skip")
@@ -279,6 +282,18 @@ def register(app: typer.Typer) -> None:
             sources.remove_add_dir(emb_dir)
         sources.remove_done_add_dirs(index_path, index)  # those of adds killed after their save
         _echo_index(index, index_path, as_json, added=added, skipped=indexed + len(ids) - added, **failed)
+
+    def _check_add_precision(index: Index, meta: dict[str, Any], own_dir: Path | None) -> None:
+        """Refuse vectors embedded at another precision than the index's: an export folder is the
+        same model label at fp32 and int8, and the two would mix in one index without a word."""
+        built, now = index.extra.get("precision"), meta.get("precision")
+        if built and now and built != now:
+            if own_dir is not None:  # ours, and of no use: a rerun at the right precision starts afresh
+                sources.remove_add_dir(own_dir)
+            raise typer.BadParameter(
+                f"the index was built from embeddings at precision {built}, these are at {now}: vectors of "
+                f"two precisions would mix in one index; add with --precision {built}"
+            )
 
     @index_app.command("info")
     def info_cmd(index_path: Path = _INDEX_ARG, as_json: bool = _JSON) -> None:
