@@ -185,3 +185,35 @@ def test_an_engine_file_that_is_not_the_one_listed_is_a_backend_error_naming_it(
             backend.encode_texts(np.zeros((2, 77), np.int64))
         else:
             backend.encode_images(pixels[:8])
+
+
+def _damage_engines(source: Path, folder: Path, **changes: object) -> Path:
+    shutil.copytree(source, folder)
+    data = json.loads((folder / "manifest.json").read_text())
+    for engine in data["engines"]:
+        engine.update(changes)
+    (folder / "manifest.json").write_text(json.dumps(data))
+    return folder
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_text_truncation_follows_the_loaded_graph_not_the_manifest_record(
+    dynamic: Path, tmp_path: Path, tokens: np.ndarray, reference: tuple[np.ndarray, np.ndarray], kind: str
+) -> None:
+    """A manifest input record with "shape": 5 was a TypeError (len of an int) at the first call."""
+    folder = _damage_engines(dynamic, tmp_path / "copy", inputs=[{"name": "x", "shape": 5, "dtype": "int64"}])
+    backend = create_backend(kind, folder)
+    texts = reference[1][:5] / np.linalg.norm(reference[1][:5], axis=1, keepdims=True)
+    np.testing.assert_allclose(backend.encode_texts(tokens[:5]), texts, atol=2e-6)
+    assert backend._text.engine(None).truncates_text  # the graph's length axis is dynamic
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("value", ["yes", 1, True])
+def test_split_projection_other_than_false_or_true_on_a_text_engine_is_a_backend_error(
+    dynamic: Path, tmp_path: Path, pixels: np.ndarray, kind: str, value: object
+) -> None:
+    """"yes" (or true on an image engine) pooled image features as text token states: an IndexError."""
+    folder = _damage_engines(dynamic, tmp_path / "copy", split_projection=value)
+    with pytest.raises(BackendError, match=r"manifest\.json: engine 'image_fp32_dyn\.onnx' \(tower 'image'\): \"split"):
+        create_backend(kind, folder).encode_images(pixels[:2])

@@ -46,8 +46,14 @@ class FolderEngine(ABC):
         self.projection = projection
         # Dynamic engines exported with a symbolic text length: each call runs only up to the
         # batch's last EOT (exact under the causal mask; zero-shot prompts use ~16 of 77 positions).
-        spec = info.inputs[0].shape if info.inputs else []
-        self.truncates_text = info.tower == "text" and len(spec) == 2 and isinstance(spec[1], str)
+        # The graph as loaded says so; the manifest's record of it only where the runtime does not.
+        dims = self.input_dims()
+        if dims is not None:
+            dynamic_length = len(dims) == 2 and dims[1] is None
+        else:
+            spec = info.inputs[0].shape if info.inputs else []
+            dynamic_length = isinstance(spec, list) and len(spec) == 2 and isinstance(spec[1], str)
+        self.truncates_text = info.tower == "text" and dynamic_length
 
     @abstractmethod
     def infer(self, x: np.ndarray) -> np.ndarray:
@@ -206,6 +212,12 @@ class ExportFolderBackend(ABC):
                 raise BackendError(
                     f'{self.root / MANIFEST_FILE}: engine {info.file!r}: "batch" must be a positive '
                     f"integer or null (dynamic), got {info.batch!r}; re-export it"
+                )
+            split = info.split_projection  # a truthy "yes" pooled image features as text token states
+            if not isinstance(split, bool) or (split and info.tower != "text"):
+                raise BackendError(
+                    f'{self.root / MANIFEST_FILE}: engine {info.file!r} (tower {info.tower!r}): '
+                    f'"split_projection" must be false, or true on a text engine, got {split!r}; re-export it'
                 )
         self._image = _Tower(self, m.select("image", engines))
         self._text = _Tower(self, m.select("text", engines))
