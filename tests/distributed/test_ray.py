@@ -70,6 +70,26 @@ def test_ray_run_equals_local_run_and_resumes(
     assert read_failures(out) == read_failures(local) and read_embeddings(out)[0] == ids_l
 
 
+@pytest.mark.integration
+def test_ray_records_the_precision_and_a_resume_at_another_is_refused(
+    ray_local: None, fakes: ModuleType, mixed_folder: Path, tmp_path: Path, preprocess_cfg
+) -> None:  # type: ignore[no-untyped-def]
+    """An export folder is one model label at fp32 and int8: as the local engine, Ray records the
+    backend's precision, and a resume at another (by either engine) is refused, not mixed in."""
+    out = tmp_path / "ray"
+    embed_with_ray(mixed_folder, out, fakes.FakeFactory(), preprocess_cfg, model="fake", shard_size=5, num_actors=1)
+    assert read_run_info(out)["precision"] == "fp32"
+    (out / "shards" / "part-00001.jsonl").unlink()  # an unfinished shard: a rerun has work to do
+    with pytest.raises(IndexMismatchError, match=r"precision='fp32'.*precision='int8'.*--precision fp32"):
+        embed_with_ray(mixed_folder, out, fakes.FakeFactory(precision="int8"), preprocess_cfg, model="fake",
+                       shard_size=5, num_actors=1)  # fmt: skip
+    assert not (out / "shards" / "part-00001.jsonl").exists()  # the refused actor embedded nothing
+    with pytest.raises(IndexMismatchError, match="precision"):
+        embed_folder(mixed_folder, out, fakes.FakeFactory(precision="int8"), preprocess_cfg, model="fake",
+                     shard_size=5, workers=0)  # fmt: skip
+    assert not (out / "shards" / "part-00001.jsonl").exists()  # nothing embedded at int8
+
+
 def test_pure_resume_keeps_the_timings_of_the_run_that_did_the_work(
     fakes: ModuleType, mixed_folder: Path, tmp_path: Path, preprocess_cfg
 ) -> None:  # type: ignore[no-untyped-def]
@@ -256,6 +276,7 @@ def test_a_model_an_actor_cannot_load_is_the_load_error_itself(
         embed_with_ray(
             mixed_folder, out, fakes.FakeFactory(embed_dim=16), preprocess_cfg, model="fake", shard_size=5
         )
+    assert not (out / "shards" / "part-00001.jsonl").exists()  # no 16-d shard among the 8-d ones
 
 
 @pytest.mark.integration

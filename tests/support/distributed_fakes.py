@@ -43,6 +43,7 @@ class FakeFactory:
     crash_on: tuple[str, ...] = ()  # decoding these files ends the process decoding them (`crash_decoder`)
     crashes_dir: str | None = None  # with crash_on: one file per crash
     exit_on_encode: bool = False  # the backend ends its process on its first batch
+    precision: str = "fp32"  # what the backend says it runs at (run.json records it)
 
     def __call__(self) -> FakeBackend:
         if self.calls_dir is not None:
@@ -57,7 +58,9 @@ class FakeFactory:
             import distributed_fakes  # by name (not this by-value copy): decode processes pickle its functions
 
             distributed_fakes.crash_decoders(self.crash_on, str(self.crashes_dir))
-        return FakeBackend(self.embed_dim, exit_on_encode=self.exit_on_encode)
+        backend = FakeBackend(self.embed_dim, exit_on_encode=self.exit_on_encode)
+        backend.precision = self.precision
+        return backend
 
 
 def crash_decoders(names: tuple[str, ...], crashes_dir: str) -> None:

@@ -87,6 +87,7 @@ class _PartitionEmbedder:
         batch_size: int,
         expected_dim: int | None,
         fast_decode: bool = False,
+        expected_precision: str | None = None,
     ) -> None:
         self.backend: Backend | None = None
         self.load_s, self.init_error = 0.0, b""
@@ -97,8 +98,19 @@ class _PartitionEmbedder:
                 raise IndexMismatchError(
                     f"{out_dir} holds {expected_dim}-d embeddings but the model makes {self.backend.embed_dim}-d"
                 )
+            precision = getattr(self.backend, "precision", None)
+            if expected_precision is not None and precision is not None and precision != expected_precision:
+                # an export folder is one model label at fp32 and int8: never two precisions in one folder
+                raise IndexMismatchError(
+                    f"{out_dir} holds embeddings made with precision={expected_precision!r}, but this run "
+                    f"uses precision={precision!r}; use another output folder, delete {out_dir}, or use "
+                    f"--precision {expected_precision}"
+                )
         except Exception as e:  # raised as itself on the driver; failing here, Ray gave a remote traceback
             self.init_error = _pickled(e)
+            # A model that loaded but does not match the folder (its embed_dim or precision) embeds
+            # nothing: with the backend kept, each partition was written before the driver raised.
+            self.backend = None
         self.load_s = time.perf_counter() - t0
         self.sink = ShardSink(out_dir, dtype)
         self.cfg, self.batch_size, self.fast_decode = preprocess_cfg, batch_size, fast_decode
@@ -133,6 +145,7 @@ class _PartitionEmbedder:
             "partition_id": np.asarray(batch["partition_id"]),
             "stats": np.asarray(stats_out, dtype=object),
             "embed_dim": np.full(n, self.backend.embed_dim if self.backend is not None else 0),
+            "precision": np.asarray([str(getattr(self.backend, "precision", None) or "")] * n, dtype=object),
             "error": np.asarray(errors, dtype=object),
             "init_error": np.asarray([self.init_error] * n, dtype=object),
         }
@@ -275,6 +288,7 @@ def embed_with_ray(
     if previous is not None:
         check_compatible(out, previous, info)  # the local engine's rule: never mix runs in one folder
         info["embed_dim"] = previous.get("embed_dim")
+        info["precision"] = previous.get("precision")  # the actors check theirs against it
     out.mkdir(parents=True, exist_ok=True)
     sink.clean_temp_files()
     atomic_write_json(out / RUN_FILE, info)
@@ -359,7 +373,7 @@ def _run_job(
                 fn_constructor_kwargs={
                     "backend_factory": factory, "preprocess_cfg": cfg, "out_dir": str(out.resolve()),
                     "dtype": dtype, "batch_size": batch_size, "expected_dim": info["embed_dim"],
-                    "fast_decode": fast_decode,
+                    "fast_decode": fast_decode, "expected_precision": info.get("precision"),
                 },
             )  # fmt: skip
         for row in ds.iter_rows():
@@ -372,8 +386,9 @@ def _run_job(
             stats = RunStats(**json.loads(row["stats"]))
             total.add(stats)
             dim = int(row["embed_dim"])
-            if info["embed_dim"] is None:
-                info["embed_dim"] = dim
+            if info["embed_dim"] is None or (info.get("precision") is None and row["precision"]):
+                info["embed_dim"] = info["embed_dim"] or dim
+                info["precision"] = info.get("precision") or row["precision"] or None
                 atomic_write_json(out / RUN_FILE, info)
             if progress is not None:
                 progress(stats.images)
