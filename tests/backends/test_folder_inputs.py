@@ -217,3 +217,33 @@ def test_split_projection_other_than_false_or_true_on_a_text_engine_is_a_backend
     folder = _damage_engines(dynamic, tmp_path / "copy", split_projection=value)
     with pytest.raises(BackendError, match=r"manifest\.json: engine 'image_fp32_dyn\.onnx' \(tower 'image'\): \"split"):
         create_backend(kind, folder).encode_images(pixels[:2])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_type_error_inside_the_backend_is_not_reported_as_bad_options(
+    dynamic: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """create_backend turned every TypeError raised while building the backend into "bad options []"
+    (a manifest batch of "4" read so): only options the constructor does not take are that."""
+
+    def broken(folder: object) -> None:
+        raise TypeError("a bug far from the options")
+
+    monkeypatch.setattr("clipengine.backends.folder.read_manifest", broken)
+    with pytest.raises(TypeError, match="a bug far from the options"):
+        create_backend(kind, dynamic)
+    with pytest.raises(InputError, match=r"^backend '\w+': bad options \['warp_speed'\]"):
+        create_backend(kind, dynamic, warp_speed=True)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("device", [5, None])
+def test_a_device_that_is_not_a_string_is_an_input_error(dynamic: Path, kind: str, device: object) -> None:
+    with pytest.raises(InputError, match=r"^device must be a device name \(str\)"):  # was AttributeError
+        create_backend(kind, dynamic, device=device)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("providers", [[5], [("CPUExecutionProvider", {})]])
+def test_onnx_providers_that_are_not_names_are_an_input_error(dynamic: Path, providers: list[object]) -> None:
+    with pytest.raises(InputError, match=r"^providers must be provider names \(str\)"):  # was "bad options"
+        create_backend("onnx", dynamic, providers=providers)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +30,12 @@ def create_backend(
         **opts: backend-specific options, passed through.
 
     Raises:
-        InputError (a BackendError): unknown kind, wrong model type, or options the backend rejects.
+        InputError (a BackendError): unknown kind, wrong model type, a device that is not a str,
+            or options the backend does not take (or rejects).
         BackendError: the backend cannot be created (see each backend).
     """
+    if not isinstance(device, str):  # else AttributeError 'int' object has no attribute 'startswith'
+        raise InputError(f"device must be a device name (str), e.g. 'cpu' or 'cuda', got {device!r}")
     if kind == "torch":
         from ..models.clip import CLIP
         from .torch_backend import TorchBackend
@@ -39,10 +44,7 @@ def create_backend(
             raise InputError(
                 f"backend 'torch' needs a clipengine CLIP module, got {type(model_or_path).__name__}"
             )
-        try:
-            return TorchBackend(model_or_path, device=device, precision=precision, **opts)
-        except TypeError as e:
-            raise InputError(f"backend 'torch': bad options {sorted(opts)} ({e})") from e
+        return _construct(kind, TorchBackend, model_or_path, device=device, precision=precision, **opts)
     if kind in FOLDER_BACKENDS:
         if not isinstance(model_or_path, (str, Path)):
             raise InputError(
@@ -51,14 +53,20 @@ def create_backend(
         if kind == "onnx":
             from .onnx_backend import OnnxBackend  # optional dependency: onnxruntime
 
-            try:
-                return OnnxBackend(model_or_path, device=device, precision=precision, **opts)
-            except TypeError as e:
-                raise InputError(f"backend 'onnx': bad options {sorted(opts)} ({e})") from e
+            return _construct(kind, OnnxBackend, model_or_path, device=device, precision=precision, **opts)
         from .openvino_backend import OpenVinoBackend  # optional dependency: openvino
 
-        try:
-            return OpenVinoBackend(model_or_path, device=device, precision=precision, **opts)
-        except TypeError as e:
-            raise InputError(f"backend 'openvino': bad options {sorted(opts)} ({e})") from e
+        return _construct(kind, OpenVinoBackend, model_or_path, device=device, precision=precision, **opts)
     raise InputError(f"unknown backend {kind!r}; choose one of {', '.join(BACKEND_KINDS)}")
+
+
+def _construct(kind: str, cls: Callable[..., Backend], *args: Any, **kwargs: Any) -> Backend:
+    """`cls(*args, **kwargs)`, options it does not take an InputError. Only the call's signature is
+    checked: a TypeError from inside the constructor was reported as "bad options []" (the options
+    were fine; e.g. a manifest batch of "4"), so it now propagates as what it is."""
+    try:
+        inspect.signature(cls).bind(*args, **kwargs)
+    except TypeError as e:
+        options = sorted(k for k in kwargs if k not in ("device", "precision"))
+        raise InputError(f"backend {kind!r}: bad options {options} ({e})") from e
+    return cls(*args, **kwargs)

@@ -65,6 +65,8 @@ def resolve_providers(
         raise InputError(f"providers must be a list of provider names, got one string; pass [{providers!r}]")
     if providers is not None and not providers:
         raise InputError("providers is empty; name at least one, or pass None for the device's default")
+    if providers is not None and not all(isinstance(p, str) for p in providers):
+        raise InputError(f"providers must be provider names (str), e.g. ['CPUExecutionProvider'], got {providers!r}")
     if providers is None:
         if device == "cpu":
             providers = [_CPU]
