@@ -247,3 +247,12 @@ def test_a_device_that_is_not_a_string_is_an_input_error(dynamic: Path, kind: st
 def test_onnx_providers_that_are_not_names_are_an_input_error(dynamic: Path, providers: list[object]) -> None:
     with pytest.raises(InputError, match=r"^providers must be provider names \(str\)"):  # was "bad options"
         create_backend("onnx", dynamic, providers=providers)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_manifest_file_itself_opens_its_folder(dynamic: Path, pixels: np.ndarray, kind: str) -> None:
+    """read_manifest takes the manifest file too, but the backend then took that file as the folder
+    ("manifest.json/text_projection_64_32.npy: text projection listed in the manifest is missing")."""
+    backend = create_backend(kind, dynamic / "manifest.json")
+    assert backend.root == dynamic
+    np.testing.assert_array_equal(backend.encode_images(pixels[:3]), create_backend(kind, dynamic).encode_images(pixels[:3]))

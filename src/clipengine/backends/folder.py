@@ -152,7 +152,8 @@ class ExportFolderBackend(ABC):
         """Read the manifest and pick the engines; nothing is opened until first use.
 
         Args:
-            folder: the export folder (or an already read Manifest, with `root` = its folder).
+            folder: the export folder, its manifest file, or an already read Manifest (with
+                `root` = its folder).
             device: the device as the caller named it (recorded; the subclass interprets it).
             precision: the precision this backend reports.
             root: the export folder when `folder` is a Manifest.
@@ -169,8 +170,10 @@ class ExportFolderBackend(ABC):
                 raise InputError(f"{type(self).__name__}(manifest) needs root=<export folder>")
             self.manifest, self.root = folder, Path(root)
         else:
-            self.root = Path(folder)
-            self.manifest = read_manifest(self.root)
+            self.manifest = read_manifest(folder)  # the folder, or its manifest file itself
+            # The engines lie beside the manifest: a manifest path taken as the root looked for
+            # "manifest.json/image_fp32_b1.onnx" and called the engines missing.
+            self.root = Path(folder).parent if Path(folder).is_file() else Path(folder)
         m = self.manifest
         for key in ("embed_dim", "image_size", "context_length"):
             value = getattr(m, key)
