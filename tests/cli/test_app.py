@@ -142,3 +142,23 @@ def test_a_broken_pipe_inside_a_command_is_an_error_line(  # type: ignore[no-unt
     assert sys.stdout is stdout  # not swapped for click's PacifyFlushWrapper
     with pytest.raises(BrokenPipeError):
         main(["-v", *args])
+
+
+def test_log_lines_escape_control_characters_but_keep_tracebacks() -> None:
+    """Log messages name files: a newline in a file name split a log line into a second line that
+    read as a log record of its own, and a terminal escape reached the terminal raw."""
+    import logging
+
+    from clipengine.cli.app import _PrintableFormatter
+
+    fmt = _PrintableFormatter("%(levelname)s %(name)s: %(message)s")
+    record = logging.LogRecord("clipengine.x", logging.WARNING, __file__, 1, "skipped %s", ("a\nb\x1b[2J.jpg",), None)
+    assert fmt.format(record) == "WARNING clipengine.x: skipped a\\nb\\x1b[2J.jpg"
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        import sys
+
+        failed = logging.LogRecord("clipengine.x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    lines = fmt.format(failed).splitlines()
+    assert lines[0] == "ERROR clipengine.x: failed" and lines[1].startswith("Traceback") and len(lines) > 2

@@ -150,3 +150,15 @@ def test_control_characters_in_file_names_are_escaped(
     assert sorted(_blocks(result.stdout)) == ["esc\\x1b[31m.png", "new\\nline.png", "été 日本.png"]
     assert "Skipped: bad\\tone.png: empty file (0 bytes)" in result.stderr
     assert "\x1b" not in result.output
+
+
+def test_labels_with_control_characters_are_printed_escaped(checkpoint: Path, clip_png: Path) -> None:
+    """A label is one field of a one-line-per-field output: a newline in it must not start a line
+    that reads as a label of its own, nor a terminal escape reach the terminal raw."""
+    result = CliRunner().invoke(
+        app, ["predict", str(clip_png), "--text", "a cat\nText: a dog", "\x1b[31mred", "--checkpoint", str(checkpoint)]
+    )
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "Text: a cat\\nText: a dog, Similarity:" in out and "Text: \\x1b[31mred, Similarity:" in out
+    assert "\x1b" not in out and sum(line.startswith("Text: ") for line in out.splitlines()) == 2

@@ -92,15 +92,23 @@ _COMMAND_MODULES = (
 _state = {"verbose": False}
 
 
+class _PrintableFormatter(logging.Formatter):
+    """Log lines with the message's control characters escaped: messages name files, and a newline in
+    a file name split the line, a terminal escape reached the terminal raw (tracebacks are kept as
+    they are)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in super().formatMessage(record))
+
+
 @app.callback()
 def _root(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging and full tracebacks."),
 ) -> None:
     _state["verbose"] = verbose
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(_PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, handlers=[handler])
 
 
 def _register_all() -> None:

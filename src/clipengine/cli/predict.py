@@ -131,7 +131,7 @@ def register(app: typer.Typer) -> None:
         for name, scores in ranked:
             typer.echo(f"Filename: {shown_name(name)}")
             for label, prob in scores:
-                typer.echo(f"Text: {label}, Similarity: {prob:.4f}")
+                typer.echo(f"Text: {shown_name(label)}, Similarity: {prob:.4f}")
             typer.echo("")
         n = len(ranked)
         typer.echo(f"Average preprocess time: {_ms(sum(timings.preprocess_s), n)} per image")
