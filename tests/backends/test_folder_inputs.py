@@ -15,7 +15,9 @@ import pytest
 from clipengine.backends import create_backend
 from clipengine.errors import BackendError, InputError
 
-NEEDS_OPENVINO = pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino not installed")
+NEEDS_OPENVINO = pytest.mark.skipif(
+    importlib.util.find_spec("openvino") is None, reason="openvino not installed"
+)
 KINDS = ["onnx", pytest.param("openvino", marks=NEEDS_OPENVINO)]
 
 
@@ -84,13 +86,16 @@ def test_engine_batch_that_is_not_a_positive_integer_is_a_backend_error(
         if engine["file"] == "image_fp32_b4.onnx":
             engine["batch"] = batch
     (folder / "manifest.json").write_text(json.dumps(data))
-    with pytest.raises(BackendError, match=r"manifest\.json: engine 'image_fp32_b4\.onnx': \"batch\" must be"):
+    with pytest.raises(
+        BackendError, match=r"manifest\.json: engine 'image_fp32_b4\.onnx': \"batch\" must be"
+    ):
         create_backend(kind, folder).encode_images(pixels[:9])
     assert create_backend(kind, folder, precision="int8").encode_images(pixels[:9]).shape == (9, 32)
 
 
 @pytest.mark.parametrize(
-    ("kind", "option"), [("onnx", "intra_op_threads"), pytest.param("openvino", "threads", marks=NEEDS_OPENVINO)]
+    ("kind", "option"),
+    [("onnx", "intra_op_threads"), pytest.param("openvino", "threads", marks=NEEDS_OPENVINO)],
 )
 @pytest.mark.parametrize("value", [True, "too many", 2**40])
 def test_thread_counts_that_are_booleans_or_far_above_the_cpus_are_refused(
@@ -106,7 +111,15 @@ def test_thread_counts_that_are_booleans_or_far_above_the_cpus_are_refused(
     assert backend.encode_images(np.zeros((2, 3, 32, 32), np.float32)).shape == (2, 32)
 
 
-TEXTS = ["", "a cat", "a photo of a red bus", "x " * 100, "CLIP", "  ", "a diagram of a diagram"]  # "x " * 100: 102 tokens
+TEXTS = [
+    "",
+    "a cat",
+    "a photo of a red bus",
+    "x " * 100,
+    "CLIP",
+    "  ",
+    "a diagram of a diagram",
+]  # "x " * 100: 102 tokens
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +151,10 @@ def test_every_batch_size_from_0_to_70_matches_torch_row_by_row(
     images, texts = (r / np.linalg.norm(r, axis=1, keepdims=True) for r in reference)
     for n in range(71):
         out_images, out_texts = backend.encode_images(pixels[:n]), backend.encode_texts(tokens[:n])
-        assert out_images.shape == out_texts.shape == (n, 32) and out_images.dtype == out_texts.dtype == np.float32
+        assert (
+            out_images.shape == out_texts.shape == (n, 32)
+            and out_images.dtype == out_texts.dtype == np.float32
+        )
         np.testing.assert_allclose(out_images, images[:n], atol=2e-6, err_msg=f"{n} images")
         np.testing.assert_allclose(out_texts, texts[:n], atol=2e-6, err_msg=f"{n} texts")
     raw = backend.encode_images(pixels[:13], normalize=False)  # 4 + 4 + 4 + 1 on the fixed engines
@@ -157,8 +173,12 @@ def test_onnx_runtime_and_openvino_agree_on_the_same_engines(
     onnx, openvino = (create_backend(k, folder, precision=precision) for k in ("onnx", "openvino"))
     bound = 1e-5 if precision == "fp32" else 1e-2
     for n in (1, 7, 70):
-        np.testing.assert_allclose(onnx.encode_images(pixels[:n]), openvino.encode_images(pixels[:n]), atol=bound)
-        np.testing.assert_allclose(onnx.encode_texts(tokens[:n]), openvino.encode_texts(tokens[:n]), atol=bound)
+        np.testing.assert_allclose(
+            onnx.encode_images(pixels[:n]), openvino.encode_images(pixels[:n]), atol=bound
+        )
+        np.testing.assert_allclose(
+            onnx.encode_texts(tokens[:n]), openvino.encode_texts(tokens[:n]), atol=bound
+        )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -180,7 +200,9 @@ def test_an_engine_file_that_is_not_the_one_listed_is_a_backend_error_naming_it(
     shutil.copytree(_folder(request, layout), folder)
     shutil.copyfile(fixed / source, folder / target)
     backend = create_backend(kind, folder)
-    with pytest.raises(BackendError, match=rf"{target}: the graph {message}; the file is not this export's engine"):
+    with pytest.raises(
+        BackendError, match=rf"{target}: the graph {message}; the file is not this export's engine"
+    ):
         if target.startswith("text"):
             backend.encode_texts(np.zeros((2, 77), np.int64))
         else:
@@ -213,9 +235,11 @@ def test_text_truncation_follows_the_loaded_graph_not_the_manifest_record(
 def test_split_projection_other_than_false_or_true_on_a_text_engine_is_a_backend_error(
     dynamic: Path, tmp_path: Path, pixels: np.ndarray, kind: str, value: object
 ) -> None:
-    """"yes" (or true on an image engine) pooled image features as text token states: an IndexError."""
+    """ "yes" (or true on an image engine) pooled image features as text token states: an IndexError."""
     folder = _damage_engines(dynamic, tmp_path / "copy", split_projection=value)
-    with pytest.raises(BackendError, match=r"manifest\.json: engine 'image_fp32_dyn\.onnx' \(tower 'image'\): \"split"):
+    with pytest.raises(
+        BackendError, match=r"manifest\.json: engine 'image_fp32_dyn\.onnx' \(tower 'image'\): \"split"
+    ):
         create_backend(kind, folder).encode_images(pixels[:2])
 
 
@@ -255,4 +279,6 @@ def test_the_manifest_file_itself_opens_its_folder(dynamic: Path, pixels: np.nda
     ("manifest.json/text_projection_64_32.npy: text projection listed in the manifest is missing")."""
     backend = create_backend(kind, dynamic / "manifest.json")
     assert backend.root == dynamic
-    np.testing.assert_array_equal(backend.encode_images(pixels[:3]), create_backend(kind, dynamic).encode_images(pixels[:3]))
+    np.testing.assert_array_equal(
+        backend.encode_images(pixels[:3]), create_backend(kind, dynamic).encode_images(pixels[:3])
+    )
