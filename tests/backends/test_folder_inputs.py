@@ -282,3 +282,30 @@ def test_the_manifest_file_itself_opens_its_folder(dynamic: Path, pixels: np.nda
     np.testing.assert_array_equal(
         backend.encode_images(pixels[:3]), create_backend(kind, dynamic).encode_images(pixels[:3])
     )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (np.ones((64, 16), np.float32), r"is \(64, 16\), the manifest needs \(64, 32\)"),
+        (np.ones((64,), np.float32), r"is \(64,\), the manifest needs \(64, 32\)"),
+        (np.ones((32, 32), np.float32), r"is \(32, 32\), the manifest needs \(64, 32\)"),
+        (b"not a numpy file", "cannot be read as a float array"),
+        (np.array([{"a": 1}], dtype=object), "cannot be read as a float array"),
+    ],
+)
+def test_a_text_projection_of_the_wrong_shape_or_format_is_a_backend_error(
+    dynamic: Path, tmp_path: Path, kind: str, content: object, message: str
+) -> None:
+    """A (64, 16) projection for a D = 32 manifest gave 16-wide text embeddings and a (64,) one 1-D
+    output, silently; (32, 32) and unreadable files were numpy ValueErrors naming no file."""
+    folder = tmp_path / "copy"
+    shutil.copytree(dynamic, folder)
+    path = folder / "text_projection_64_32.npy"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        np.save(path, content)
+    with pytest.raises(BackendError, match=rf"text_projection_64_32\.npy: the text projection {message}"):
+        create_backend(kind, folder).encode_texts(np.zeros((2, 77), np.int64))

@@ -246,7 +246,18 @@ class ExportFolderBackend(ABC):
         if not path.is_file():
             raise BackendError(f"{path}: text projection listed in the manifest is missing")
         self._check_sha256(path, spec.get("sha256"))
-        projection: np.ndarray = np.load(path).astype(np.float32)  # (W, D)
+        try:
+            projection: np.ndarray = np.load(path).astype(np.float32)  # (W, D)
+        except (OSError, ValueError, TypeError) as e:  # not a .npy, pickled objects, strings
+            raise BackendError(f"{path}: the text projection cannot be read as a float array ({e})") from e
+        # A (W, 16) file for a D = 32 manifest gave 16-wide text embeddings, a (W,) one 1-D output.
+        recorded = spec.get("shape")
+        width = recorded[0] if isinstance(recorded, list) and len(recorded) == 2 else None
+        if projection.ndim != 2 or projection.shape[1] != self.embed_dim or width not in (None, projection.shape[0]):
+            raise BackendError(
+                f"{path}: the text projection is {projection.shape}, the manifest needs "
+                f"({width or 'W'}, {self.embed_dim}); the file is not this export's, re-run the export"
+            )
         return projection
 
     def _member(self, name: object, what: str) -> Path:
