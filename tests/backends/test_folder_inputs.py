@@ -309,3 +309,42 @@ def test_a_text_projection_of_the_wrong_shape_or_format_is_a_backend_error(
         np.save(path, content)
     with pytest.raises(BackendError, match=rf"text_projection_64_32\.npy: the text projection {message}"):
         create_backend(kind, folder).encode_texts(np.zeros((2, 77), np.int64))
+
+
+@pytest.fixture(scope="module")
+def other_width(tmp_path_factory: pytest.TempPathFactory, tiny_config) -> Path:  # type: ignore[no-untyped-def]
+    """Another tiny ViT with the same inputs (32 px, 77 tokens) but 16-wide embeddings, dynamic fp32."""
+    import dataclasses
+
+    import torch
+
+    from clipengine.export.onnx import export_model
+    from clipengine.models.clip import build_model
+
+    torch.manual_seed(1)
+    model = build_model(dataclasses.replace(tiny_config, embed_dim=16))
+    out = tmp_path_factory.mktemp("folder_inputs") / "other"
+    export_model(model, out, precisions=("fp32",), image_batches=None, text_batches=None)
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("layout", "target", "source"), [
+    ("dynamic", "image_fp32_dyn.onnx", "image_fp32_dyn.onnx"), ("fixed", "text_fp32_b2.onnx", "text_fp32_dyn.onnx"),
+])  # fmt: skip
+def test_an_engine_of_another_embedding_width_is_a_backend_error(
+    request: pytest.FixtureRequest, other_width: Path, tmp_path: Path, pixels: np.ndarray, tokens: np.ndarray,
+    kind: str, layout: str, target: str, source: str,
+) -> None:  # fmt: skip
+    """Same inputs, another model: its 16-wide embeddings came back under this manifest's embed_dim 32."""
+    folder = tmp_path / "copy"
+    shutil.copytree(_folder(request, layout), folder)
+    shutil.copyfile(other_width / source, folder / target)
+    backend = create_backend(kind, folder)
+    with pytest.raises(
+        BackendError, match=rf"{target}: returned \(2, 16\) for 2 rows, the manifest needs \(2, 32\)"
+    ):
+        if target.startswith("text"):
+            backend.encode_texts(tokens[:2])
+        else:
+            backend.encode_images(pixels[:2])

@@ -126,9 +126,20 @@ class _Tower:
     def run(self, x: np.ndarray) -> np.ndarray:
         if x.shape[0] in self.fixed or self.dynamic is None:
             pieces = plan_batches(x.shape[0], list(self.fixed))
-            outs = [self.engine(b).run_padded(x[s : s + r]) for s, r, b in pieces]
-            return np.concatenate(outs, axis=0)
-        return self.engine(None).run_padded(x)
+            return np.concatenate([self._run(b, x[s : s + r]) for s, r, b in pieces], axis=0)
+        return self._run(None, x)
+
+    def _run(self, batch: int | None, x: np.ndarray) -> np.ndarray:
+        engine = self.engine(batch)
+        out = engine.run_padded(x)
+        # Another model's engine with the same input (ViT-L/14 beside ViT-B/32: both 224 px) gave
+        # embeddings of its own width under this manifest's embed_dim, silently.
+        if out.shape != (x.shape[0], self._backend.embed_dim):
+            raise BackendError(
+                f"{engine.path}: returned {out.shape} for {x.shape[0]} rows, the manifest needs "
+                f"({x.shape[0]}, {self._backend.embed_dim}); the file is not this export's engine, re-run the export"
+            )
+        return out
 
 
 class ExportFolderBackend(ABC):
