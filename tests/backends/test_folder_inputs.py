@@ -348,3 +348,17 @@ def test_an_engine_of_another_embedding_width_is_a_backend_error(
             backend.encode_texts(tokens[:2])
         else:
             backend.encode_images(pixels[:2])
+
+
+@pytest.mark.parametrize(
+    ("kind", "precision"), [("onnx", "fp32"), pytest.param("openvino", "bf16", marks=NEEDS_OPENVINO)]
+)
+def test_a_manifest_without_engines_says_so(dynamic: Path, tmp_path: Path, kind: str, precision: str) -> None:
+    """Was "no fp32 engines in this export (has: ); ... or pick one of those"."""
+    folder = tmp_path / "copy"
+    shutil.copytree(dynamic, folder)
+    data = json.loads((folder / "manifest.json").read_text())
+    data["engines"] = []
+    (folder / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(BackendError, match=r"\(has: no engines\); re-export with --precision fp32"):
+        create_backend(kind, folder, precision=precision)

@@ -203,11 +203,11 @@ class ExportFolderBackend(ABC):
         if engines not in m.precisions and engines != precision:
             raise BackendError(
                 f"{self.root}: precision {precision} runs the {engines} engines, and this export has "
-                f"none (has: {', '.join(m.precisions)}); re-export with --precision {engines}"
+                f"none (has: {', '.join(m.precisions) or 'no engines'}); re-export with --precision {engines}"
             )
         if engines not in m.precisions:
             raise BackendError(
-                f"{self.root}: no {engines} engines in this export (has: {', '.join(m.precisions)}); "
+                f"{self.root}: no {engines} engines in this export (has: {', '.join(m.precisions) or 'no engines'}); "
                 f"re-export with --precision {engines} or pick one of those"
             )
         self.device, self.precision, self.engine_precision = device, precision, engines
