@@ -362,3 +362,27 @@ def test_a_manifest_without_engines_says_so(dynamic: Path, tmp_path: Path, kind:
     (folder / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(BackendError, match=r"\(has: no engines\); re-export with --precision fp32"):
         create_backend(kind, folder, precision=precision)
+
+
+def _tensor_numpy_refuses() -> object:
+    import torch
+
+    return torch.zeros((2, 3, 32, 32), requires_grad=True)  # as a CUDA tensor: "can't convert"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    ("tower", "make"),
+    [
+        ("images", _tensor_numpy_refuses),
+        ("images", lambda: [np.zeros((3, 32, 32)), np.zeros((3, 31, 32))]),
+        ("tokens", lambda: [np.zeros(77, np.int64), np.zeros(70, np.int64)]),
+    ],
+)
+def test_inputs_numpy_cannot_read_are_an_input_error(dynamic: Path, kind: str, tower: str, make) -> None:  # type: ignore[no-untyped-def]
+    """A tensor that needs grad (or is on a GPU) and ragged lists were torch's RuntimeError / numpy's
+    ValueError ("setting an array element with a sequence"), naming no argument."""
+    backend = create_backend(kind, dynamic)
+    encode = backend.encode_images if tower == "images" else backend.encode_texts
+    with pytest.raises(InputError, match=rf"^{tower} must be a NumPy array in host memory"):
+        encode(make())

@@ -102,6 +102,18 @@ def plan_batches(n: int, batches: list[int]) -> list[tuple[int, int, int]]:
     return pieces
 
 
+def _host_array(value: object, what: str, expected: str) -> np.ndarray:
+    """`value` as a NumPy array, or an InputError: a CUDA or autograd tensor, or a ragged list, was
+    numpy's or torch's own TypeError / RuntimeError / ValueError, naming no argument."""
+    try:
+        return np.asarray(value)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise InputError(
+            f"{what} must be a NumPy array in host memory, {expected}; got a {type(value).__name__} "
+            f"numpy cannot read ({e})"
+        ) from e
+
+
 class _Tower:
     """The engines of one tower at one precision, each opened on first use."""
 
@@ -324,9 +336,10 @@ class ExportFolderBackend(ABC):
         Raises:
             InputError: not float, not (N, 3, S, S), or NaN / infinite values (the rows are named).
         """
-        if not np.issubdtype(np.asarray(pixels).dtype, np.floating):  # uint8 would run un-normalised
-            raise InputError(f"images must be float (preprocessed), got {np.asarray(pixels).dtype}")
-        x = np.ascontiguousarray(pixels, dtype=np.float32)
+        arr = _host_array(pixels, "images", "float (N, 3, S, S)")
+        if not np.issubdtype(arr.dtype, np.floating):  # uint8 would run un-normalised
+            raise InputError(f"images must be float (preprocessed), got {arr.dtype}")
+        x = np.ascontiguousarray(arr, dtype=np.float32)
         expected = (3, self.image_size, self.image_size)
         if x.ndim != 4 or x.shape[1:] != expected:
             raise InputError(f"images must be (N, {', '.join(map(str, expected))}), got {x.shape}")
@@ -346,9 +359,10 @@ class ExportFolderBackend(ABC):
 
     def encode_texts(self, tokens: IntArray) -> FloatArray:
         """(N, L) int64 token ids -> (N, D) float32, unit L2 norm."""
-        if not np.issubdtype(np.asarray(tokens).dtype, np.integer):  # floats would be truncated
-            raise InputError(f"tokens must be integer ids, got {np.asarray(tokens).dtype}")
-        x = np.ascontiguousarray(tokens, dtype=np.int64)
+        arr = _host_array(tokens, "tokens", f"integer (N, {self.context_length})")
+        if not np.issubdtype(arr.dtype, np.integer):  # floats would be truncated
+            raise InputError(f"tokens must be integer ids, got {arr.dtype}")
+        x = np.ascontiguousarray(arr, dtype=np.int64)
         if x.ndim != 2 or x.shape[1] != self.context_length:
             raise InputError(f"tokens must be (N, {self.context_length}), got {x.shape}")
         if x.shape[0] == 0:
