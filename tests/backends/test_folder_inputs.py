@@ -386,3 +386,43 @@ def test_inputs_numpy_cannot_read_are_an_input_error(dynamic: Path, kind: str, t
     encode = backend.encode_images if tower == "images" else backend.encode_texts
     with pytest.raises(InputError, match=rf"^{tower} must be a NumPy array in host memory"):
         encode(make())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("layout", ["fixed", "dynamic"])
+def test_one_backend_from_four_threads_gives_the_serial_results(
+    request: pytest.FixtureRequest, pixels: np.ndarray, tokens: np.ndarray, kind: str, layout: str
+) -> None:
+    """The server calls one backend from several threads: engines opened once under a lock, ORT
+    sessions shared, one OpenVINO infer request per thread; every slice must equal the serial call."""
+    import threading
+
+    one_thread = (
+        {"intra_op_threads": 1} if kind == "onnx" else {"threads": 1}
+    )  # 4 x 2 spinning on 2 cores: 11 s
+    backend = create_backend(kind, _folder(request, layout), **one_thread)
+    serial = create_backend(kind, _folder(request, layout), **one_thread)
+    images, texts = serial.encode_images(pixels), serial.encode_texts(tokens)
+    failures: list[str] = []
+
+    def work(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for _ in range(15):
+            n = int(rng.integers(1, 40))
+            s = int(rng.integers(0, 70 - n))
+            try:
+                np.testing.assert_allclose(
+                    backend.encode_images(pixels[s : s + n]), images[s : s + n], atol=1e-6
+                )
+                np.testing.assert_allclose(
+                    backend.encode_texts(tokens[s : s + n]), texts[s : s + n], atol=1e-6
+                )
+            except Exception as e:  # reported below, from the main thread
+                failures.append(f"{seed}: {n} rows at {s}: {e}")
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures[:2]
