@@ -33,11 +33,11 @@ def fixed(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> Path:  # type
 
 @pytest.fixture(scope="module")
 def dynamic(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> Path:  # type: ignore[no-untyped-def]
-    """Tiny ViT, fp32 and dynamic int8, dynamic batch axis, text projection split off."""
+    """Tiny ViT, fp32, fp16 and dynamic int8, dynamic batch axis, text projection split off."""
     from clipengine.export.onnx import export_model
 
     out = tmp_path_factory.mktemp("folder_inputs") / "dynamic"
-    export_model(tiny_model, out, precisions=("fp32", "int8"), image_batches=None, text_batches=None,
+    export_model(tiny_model, out, precisions=("fp32", "fp16", "int8"), image_batches=None, text_batches=None,
                  split_text_projection=True)  # fmt: skip
     return out
 
@@ -426,3 +426,20 @@ def test_one_backend_from_four_threads_gives_the_serial_results(
     for t in threads:
         t.join()
     assert not failures, failures[:2]
+
+
+def test_an_engine_that_overflows_is_a_backend_error_not_a_zero_embedding(
+    dynamic: Path, pixels: np.ndarray
+) -> None:
+    """ORT's fp16 image engine returns NaN for pixels scaled by 1e6 (finite inputs): the row came back
+    as an all-zero "embedding" (l2_normalize keeps zero rows), silently."""
+    backend = create_backend("onnx", dynamic, precision="fp16")
+    bad = pixels[:4].copy()
+    bad[1] *= 1e6
+    assert np.isfinite(bad).all()
+    with pytest.raises(
+        BackendError,
+        match=r"image_fp16_dyn\.onnx: the engine returned NaN or infinite features for rows 1 of 4",
+    ):
+        backend.encode_images(bad)
+    np.testing.assert_allclose(np.linalg.norm(backend.encode_images(pixels[:4]), axis=1), 1.0, atol=1e-5)

@@ -151,6 +151,16 @@ class _Tower:
                 f"{engine.path}: returned {out.shape} for {x.shape[0]} rows, the manifest needs "
                 f"({x.shape[0]}, {self._backend.embed_dim}); the file is not this export's engine, re-run the export"
             )
+        # Finite inputs, non-finite features: an fp16 engine overflowed (ORT, pixels x 1e6). The NaN
+        # rows came back as all-zero "embeddings" (l2_normalize keeps zero rows), silently.
+        finite = np.isfinite(out).all(axis=1)
+        if not finite.all():
+            rows = np.flatnonzero(~finite)
+            raise BackendError(
+                f"{engine.path}: the engine returned NaN or infinite features for rows "
+                f"{', '.join(map(str, rows[:10]))}{', ...' if rows.size > 10 else ''} of {x.shape[0]} "
+                f"(finite inputs; an overflow at {engine.info.precision}?); use fp32 engines for these inputs"
+            )
         return out
 
 
