@@ -307,6 +307,13 @@ def test_engine_that_failed_under_openvino_is_refused(fixed_split: Path, tmp_pat
     with pytest.raises(BackendError, match=r"missed its bound at export .*min cosine 0\.900000"):
         backend.encode_images(pixels[:4])
     OpenVinoBackend(folder, precision="fp32").encode_images(pixels[:4])  # other engines still load
+    # A damaged manifest's "passed": "no" (a truthy string) is no pass either.
+    (folder / "manifest.json").unlink()
+    damaged = replace(failed, passed="no", min_cos=0.95)  # type: ignore[arg-type]
+    write_manifest(replace(manifest, engines=[replace(e, runtime_parity={**e.runtime_parity, "openvino": damaged})
+                                              if e.precision == "int8" else e for e in manifest.engines]), folder)  # fmt: skip
+    with pytest.raises(BackendError, match=r"missed its bound at export .*min cosine 0\.950000"):
+        OpenVinoBackend(folder, precision="int8").encode_images(pixels[:4])
 
 
 def test_int8w_quantizes_activations_at_run_time_within_bound(fixed_split: Path, pixels: np.ndarray,

@@ -113,6 +113,21 @@ def test_non_float_pixels_and_out_of_vocabulary_tokens_are_rejected(model: CLIP)
             backend.encode_texts(tokens)
 
 
+def test_nan_pixels_are_an_error_naming_the_rows_as_in_the_folder_backends(model: CLIP) -> None:
+    """A NaN image gave a NaN "embedding" (the folder backends refuse it): from NumPy it is caught
+    on the input; a device tensor is checked on the features, which are on the host anyway."""
+    backend = TorchBackend(model)
+    pixels = np.zeros((4, 3, 32, 32), np.float32)
+    pixels[2, 0, 5, 5] = np.nan
+    with pytest.raises(InputError, match=r"images contain NaN or infinite values \(rows 2 of 4\)"):
+        backend.encode_images(pixels)
+    pixels[2, 0, 5, 5] = np.inf
+    with pytest.raises(InputError, match=r"NaN or infinite features \(rows 2 of 4\).*overflow at fp32"):
+        backend.encode_images(torch.from_numpy(pixels))
+    pixels[2, 0, 5, 5] = 0.0
+    assert np.isfinite(backend.encode_images(pixels)).all()
+
+
 def test_create_backend_errors(model: CLIP) -> None:
     with pytest.raises(InputError, match="unknown backend 'tensorrt'; choose one of torch, onnx"):
         create_backend("tensorrt", model)

@@ -121,6 +121,9 @@ class TorchBackend:
             raise InputError(f"pixels must be (N, {', '.join(map(str, expected))}); got {arr.shape}")
         if not np.issubdtype(arr.dtype, np.floating):  # uint8 would run un-normalised, silently wrong
             raise InputError(f"pixels must be float (preprocessed); got {arr.dtype}")
+        finite = np.isfinite(arr).reshape(arr.shape[0], -1).all(axis=1) if arr.size else np.ones(0, bool)
+        if not finite.all():  # as the folder backends: a NaN image gave a NaN "embedding", silently
+            raise InputError(f"images contain NaN or infinite values ({_rows(~finite)})")
         x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(self.device, self.dtype)
         return self._run(self._encode_image_fn, x, normalize)
 
@@ -147,4 +150,21 @@ class TorchBackend:
             if normalize:
                 features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         out: FloatArray = features.cpu().numpy().astype(np.float32, copy=False)
+        finite = np.isfinite(out).all(axis=1)
+        if not finite.all():
+            # Checked here, on the host copy, not on the input: a check of a device tensor would
+            # wait for the GPU before every batch. Either NaN / infinite pixels (a tensor input) or
+            # an overflow of the model at this precision.
+            raise InputError(
+                f"the model returned NaN or infinite features ({_rows(~finite)}): NaN or infinite pixels, "
+                f"or an overflow at {self.precision}"
+            )
         return out
+
+
+def _rows(bad: object) -> str:
+    """'rows 0, 3 of 8' for a boolean mask of bad rows (at most 10 named)."""
+    mask = np.asarray(bad, dtype=bool)
+    rows = np.flatnonzero(mask)
+    more = ", ..." if rows.size > 10 else ""
+    return f"rows {', '.join(map(str, rows[:10]))}{more} of {mask.size}"
