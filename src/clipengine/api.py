@@ -362,17 +362,16 @@ def load_export(
         raise InputError(f"backend {backend!r} does not run export folders; use 'onnx' or 'openvino'")
     _check_option(device, "device", str, "a device name (str), e.g. 'cpu' or 'cuda'")
     _check_option(precision, "precision", str, "a precision name (str), e.g. 'fp32' or 'int8'")
-    try:
-        if backend == "onnx":
-            from .backends.onnx_backend import OnnxBackend
+    from .backends import construct_backend  # options it does not take: InputError; other errors as they are
 
-            engine = OnnxBackend(folder, device=device, precision=precision, **opts)
-        else:
-            from .backends.openvino_backend import OpenVinoBackend
+    if backend == "onnx":
+        from .backends.onnx_backend import OnnxBackend
 
-            engine = OpenVinoBackend(folder, device=device, precision=precision, **opts)
-    except TypeError as e:
-        raise InputError(f"backend {backend!r}: bad options {sorted(opts)} ({e})") from e
+        engine = construct_backend(backend, OnnxBackend, folder, device=device, precision=precision, **opts)  # type: ignore[assignment]
+    else:
+        from .backends.openvino_backend import OpenVinoBackend
+
+        engine = construct_backend(backend, OpenVinoBackend, folder, device=device, precision=precision, **opts)  # type: ignore[assignment]
     m = engine.manifest
     where = engine.root / _EXPORT_MANIFEST
     if not isinstance(m.preprocess, dict):

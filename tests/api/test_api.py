@@ -200,8 +200,21 @@ def test_load_export_refuses_a_folder_that_is_neither_str_nor_path(value: object
 
 
 def test_unknown_export_backend_option_is_a_backend_error(export_dir: Path) -> None:
-    with pytest.raises(InputError, match="bad options"):
+    with pytest.raises(InputError, match=r"bad options \['warp_speed'\]"):
         clipengine.load(export_dir, warp_speed=True)
+
+
+def test_an_error_inside_the_export_backend_is_not_called_bad_options(export_dir: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Only options the constructor does not take are 'bad options' (as `create_backend` does): a
+    TypeError from inside it was reported as "bad options []", hiding what went wrong."""
+    from clipengine.backends import onnx_backend
+
+    def broken(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise TypeError("a bug inside the backend")
+
+    monkeypatch.setattr(onnx_backend.OnnxBackend, "__init__", broken)
+    with pytest.raises(TypeError, match=r"^a bug inside the backend$"):
+        load_export(export_dir, backend="onnx")
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.bool_, np.complex64, object])

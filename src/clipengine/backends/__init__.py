@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import InputError
 from ..types import Backend
 
-__all__ = ["BACKEND_KINDS", "FOLDER_BACKENDS", "Backend", "create_backend"]
+__all__ = ["BACKEND_KINDS", "FOLDER_BACKENDS", "Backend", "construct_backend", "create_backend"]
 
 BACKEND_KINDS = ("torch", "onnx", "openvino")
 FOLDER_BACKENDS = ("onnx", "openvino")  # the kinds that run `clipengine export` folders
@@ -44,7 +44,7 @@ def create_backend(
             raise InputError(
                 f"backend 'torch' needs a clipengine CLIP module, got {type(model_or_path).__name__}"
             )
-        return _construct(kind, TorchBackend, model_or_path, device=device, precision=precision, **opts)
+        return construct_backend(kind, TorchBackend, model_or_path, device=device, precision=precision, **opts)
     if kind in FOLDER_BACKENDS:
         if not isinstance(model_or_path, (str, Path)):
             raise InputError(
@@ -53,14 +53,14 @@ def create_backend(
         if kind == "onnx":
             from .onnx_backend import OnnxBackend  # optional dependency: onnxruntime
 
-            return _construct(kind, OnnxBackend, model_or_path, device=device, precision=precision, **opts)
+            return construct_backend(kind, OnnxBackend, model_or_path, device=device, precision=precision, **opts)
         from .openvino_backend import OpenVinoBackend  # optional dependency: openvino
 
-        return _construct(kind, OpenVinoBackend, model_or_path, device=device, precision=precision, **opts)
+        return construct_backend(kind, OpenVinoBackend, model_or_path, device=device, precision=precision, **opts)
     raise InputError(f"unknown backend {kind!r}; choose one of {', '.join(BACKEND_KINDS)}")
 
 
-def _construct(kind: str, cls: Callable[..., Backend], *args: Any, **kwargs: Any) -> Backend:
+def construct_backend(kind: str, cls: Callable[..., Backend], *args: Any, **kwargs: Any) -> Backend:
     """`cls(*args, **kwargs)`, options it does not take an InputError. Only the call's signature is
     checked: a TypeError from inside the constructor was reported as "bad options []" (the options
     were fine; e.g. a manifest batch of "4"), so it now propagates as what it is."""
