@@ -14,7 +14,7 @@ from clipengine.api import load_export
 from clipengine.errors import ExportParityError
 from clipengine.export import onnx as onnx_export
 from clipengine.export.manifest import file_sha256, read_manifest
-from clipengine.export.verify import BOUNDS, sample_texts
+from clipengine.export.verify import BOUNDS, sample_texts, verify_folder
 from clipengine.text.tokenizer import tokenize
 
 TEXTS = ["a photo of a cat", "a diagram", "a dog", "an illustration of a red bus in the rain", "CLIP"]
@@ -300,8 +300,9 @@ onnx_export.export_model(module, sys.argv[2], image_batches=None, text_batches=N
 
 
 def test_export_killed_midway_leaves_no_litter_after_the_rerun(tmp_path: Path, tiny_model) -> None:  # type: ignore[no-untyped-def]
-    """A SIGKILL mid-export leaves no manifest (so nothing trusts the folder); the rerun removes
-    the killed run's temp folder and the engines of the export before it, as an unkilled one would."""
+    """A SIGKILL mid-export leaves the export before it published and whole (its files keep their
+    bytes: the new ones have other names); the rerun removes the killed run's temp folder and the
+    engines of the export before it, as an unkilled one would."""
     import signal
     import subprocess
     import sys
@@ -314,7 +315,7 @@ def test_export_killed_midway_leaves_no_litter_after_the_rerun(tmp_path: Path, t
     (out / "notes.txt").write_text("mine")
     killed = subprocess.run([sys.executable, "-c", _KILLED_EXPORT, str(checkpoint), str(out)], check=False)
     assert killed.returncode == -signal.SIGKILL
-    assert not (out / "manifest.json").exists()
+    assert verify_folder(out) == (2, [])  # the old export, intact
     onnx_export.export_model(tiny_model, out, image_batches=None, text_batches=None, verify=False)
     assert sorted(p.name for p in out.iterdir()) == [
         "image_fp32_dyn.onnx", "manifest.json", "notes.txt", "text_fp32_dyn.onnx"

@@ -188,9 +188,10 @@ def export_model(
         failed = [e for e in engines if e.parity is not None and not e.parity.passed]
         if not failed:
             # Only now does the folder change: a failed export leaves the previous one published.
-            previous = rewrite.begin_rewrite(out)
             names = [n for e in engines for n in (e.file, e.external_data)]
-            rewrite.move_files(work, out, [*names, projection["file"] if projection else None])
+            names.append(projection["file"] if projection else None)
+            previous = rewrite.begin_rewrite(out, work, names)
+            rewrite.move_files(work, out, names)
 
     manifest = Manifest(
         model=model_name or cfg.name,
