@@ -332,3 +332,39 @@ def test_an_arch_that_does_not_fit_a_registered_model_is_refused() -> None:
         load_model("tiny-synth", arch="ViT-B-32")
     with pytest.raises(DownloadNotAllowedError):  # the entry's own architecture passes, -quickgelu too
         load_model("ViT-B-32@openai", arch="ViT-B-32-quickgelu")
+
+
+def test_a_bare_open_clip_file_of_an_architecture_with_other_preprocessing_is_warned(
+    small_vit_bin: Checkpoint, small_rn_openai_state_dict: Checkpoint, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A weights file names no tag, so it gets OpenAI's preprocessing; ViT-L-14 laion2b was trained
+    with mean = std = 0.5, and such a file exported or embedded with OpenAI's values said nothing."""
+    import dataclasses
+    import logging
+
+    from clipengine.models import load as load_module
+    from clipengine.models import registry
+
+    caplog.set_level(logging.WARNING, logger="clipengine.models.load")
+    load_module._warn_unnamed_preprocessing(Path("big.bin"), "ViT-L-14", PreprocessConfig(image_size=224))
+    assert "laion2b_s32b_b82k weights of ViT-L-14 were trained with other values" in caplog.text
+    caplog.clear()
+    load_module._warn_unnamed_preprocessing(Path("b32.bin"), "ViT-B-32", PreprocessConfig(image_size=224))
+    assert not caplog.records  # every ViT-B-32 tag uses OpenAI's values: nothing to say
+    # Through a load: the small ViT is named ViT-B-32; give that name a tag trained with other values.
+    real = registry.get_source
+
+    def other_norm(arch: str, tag: str | None = None):  # type: ignore[no-untyped-def]
+        source = real(arch, tag)
+        if arch == "ViT-B-32" and tag == "laion2b_s34b_b79k":
+            return dataclasses.replace(source, preprocess=dataclasses.replace(source.preprocess, mean=(0.5,) * 3))
+        return source
+
+    monkeypatch.setattr(registry, "get_source", other_norm)
+    loaded = load_model(small_vit_bin.path, arch=_small_cfg())
+    assert loaded.preprocess == PreprocessConfig(image_size=32)  # still OpenAI's: a warning, not a guess
+    assert "laion2b_s34b_b79k weights of ViT-B-32 were trained with other values" in caplog.text
+    caplog.clear()
+    load_model(small_rn_openai_state_dict.path)  # OpenAI's own file: OpenAI's preprocessing, no warning
+    assert not caplog.records

@@ -14,6 +14,7 @@ QuickGELU, any other plain state dict -> GELU, open_clip's convention).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ from .registry import get_source
 from .saving import CONFIG_FILE, WEIGHTS_FILE, save_model
 from .spec import ModelSpec, parse_spec
 from .weights import ProgressCallback, fetch, fetch_hub
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["LoadedModel", "load_model", "read_checkpoint", "save_model"]
 
@@ -141,8 +144,29 @@ def _load_file(path: Path, hints: _Hints, preprocess: PreprocessConfig | None) -
     cfg = hints.arch.with_quick_gelu(quick) if hints.arch else infer_config(state, quick, source=str(path))
     module = _load(cfg, state, str(path))
     name = cfg.name if cfg.name != "custom" else path.stem
-    preprocess = preprocess or PreprocessConfig(image_size=cfg.vision.image_size)
+    if preprocess is None:
+        preprocess = PreprocessConfig(image_size=cfg.vision.image_size)
+        if not openai:  # OpenAI's files mean OpenAI's preprocessing; an open_clip / HF file says nothing
+            _warn_unnamed_preprocessing(path, cfg.name, preprocess)
     return LoadedModel(module, cfg, preprocess, name, None, str(path))
+
+
+def _warn_unnamed_preprocessing(path: Path, arch: str, used: PreprocessConfig) -> None:
+    """A bare weights file names no tag, so it gets OpenAI's preprocessing. Where registered weights
+    of its architecture were trained with other values (ViT-L-14 laion2b: mean = std = 0.5), they
+    would be used with the wrong ones without a word: say so, and how to load them with theirs."""
+    from . import registry
+
+    if arch not in registry.architectures():
+        return
+    other = [tag for tag in registry.tags(arch) if registry.get_source(arch, tag).preprocess != used]
+    if other:
+        _log.warning(
+            "%s: a weights file names no pretrained tag, so it gets OpenAI's preprocessing (mean %s, std %s); "
+            "%s weights of %s were trained with other values. If these are those weights, load them as "
+            "%s@TAG once the file is in the cache (`clipengine download %s@TAG` names the path), or as an "
+            "open_clip hub folder.", path, used.mean, used.std, ", ".join(other), arch, arch, arch,
+        )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- folders
