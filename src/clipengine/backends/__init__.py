@@ -26,7 +26,9 @@ def create_backend(
             (an export folder, run by ONNX Runtime / OpenVINO).
         device: "cpu", "cuda" or "cuda:N" (openvino: "cpu" or an OpenVINO device name, no CUDA).
         precision: "fp32", "bf16", "fp16", "fp8" (torch), or what the export folder holds (onnx;
-            openvino also "bf16", computed on the fp32 engines).
+            openvino also "bf16", computed on the fp32 engines). The torch backend casts and moves
+            the module it is given in place (no copy of a large model): pass `copy.deepcopy(model)`
+            to keep the caller's module at fp32 on its device.
         **opts: backend-specific options, passed through.
 
     Raises:
