@@ -145,6 +145,31 @@ def test_dynamic_int8_warns_to_recalibrate(dynamic: Path, pixels: np.ndarray, ca
     assert _cos(backend.encode_images(pixels), OpenVinoBackend(dynamic).encode_images(pixels)) >= INT8_MIN_COS
 
 
+def test_dynamic_int8_warning_says_whose_speeds_it_quotes(dynamic: Path, tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """The speeds quoted were measured on ViT-B/32: the warning says so, and that another model's are
+    unmeasured (it quoted them bare for every architecture)."""
+    import shutil
+
+    def warning(folder: Path) -> str:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="clipengine.backends.openvino_backend"):
+            OpenVinoBackend(folder, precision="int8")
+        (message,) = [r.getMessage() for r in caplog.records if "dynamically quantized" in r.getMessage()]
+        return message
+
+    model = json.loads((dynamic / "manifest.json").read_text())["model"]
+    assert model != "ViT-B-32"
+    tiny = warning(dynamic)
+    assert "measured on ViT-B/32's image tower" in tiny and "18.7 img/s" in tiny
+    assert f"unmeasured for {model}" in tiny
+    vit_b = tmp_path / "vit_b"
+    shutil.copytree(dynamic, vit_b)
+    manifest = json.loads((vit_b / "manifest.json").read_text())
+    (vit_b / "manifest.json").write_text(json.dumps({**manifest, "model": "ViT-B-32"}))
+    message = warning(vit_b)
+    assert "measured on ViT-B/32's image tower" in message and "unmeasured" not in message
+
+
 def test_missing_and_unknown_precision(dynamic: Path) -> None:
     with pytest.raises(BackendError, match=r"no fp16 engines.*has: fp32, int8"):
         OpenVinoBackend(dynamic, precision="fp16")
