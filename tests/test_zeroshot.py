@@ -56,6 +56,35 @@ def test_rank_labels_sorts_by_probability_and_sums_to_one() -> None:
         assert [p for _, p in row] == sorted((p for _, p in row), reverse=True)
 
 
+def test_rank_labels_top_k_is_the_head_of_the_full_ranking_ties_and_nan_included() -> None:
+    """top_k partitions instead of sorting all C labels: the k it keeps, their order (equal
+    probabilities by label order, NaN last) and their probabilities are the full ranking's first k."""
+    rng = np.random.default_rng(0)
+    labels = [f"l{i}" for i in range(300)]
+    classes = rng.integers(-2, 3, (300, 8)).astype(np.float32)  # small integers: exact dot products, ties
+    classes[100:200] = classes[5]  # 100 labels tied with label 5 (and with each other)
+    classes[250:] = classes[40]
+    classes[[7, 60, 299]] = -classes[2]  # ties with one another, in the middle of the ranking
+    images = np.concatenate([classes[[5, 40, 2, 7]], rng.integers(-2, 3, (4, 8))]).astype(np.float32)
+    full = rank_labels(images, classes, 100.0, labels)
+    for k in (1, 2, 3, 5, 50, 101, 150, 299, 300, 1000):
+        assert rank_labels(images, classes, 100.0, labels, top_k=k) == [row[:k] for row in full]
+    assert rank_labels(images, classes, 100.0, labels, top_k=np.int64(3)) == [row[:3] for row in full]
+    assert [label for label, _ in full[0][:4]] == ["l5", "l100", "l101", "l102"]  # ties: label order
+    # A NaN row (a NaN image vector): every probability NaN, ranked as the full sort ranks NaN.
+    nan_images = images.copy()
+    nan_images[0, 0] = np.nan
+    full_nan = rank_labels(nan_images, classes, 100.0, labels)
+    got = rank_labels(nan_images, classes, 100.0, labels, top_k=3)
+    assert [[lbl for lbl, _ in row] for row in got] == [[lbl for lbl, _ in row[:3]] for row in full_nan]
+
+
+@pytest.mark.parametrize("top_k", [0, -1, 2.0, True, "3", [1]])
+def test_rank_labels_refuses_a_top_k_that_is_not_a_count(top_k: Any) -> None:
+    with pytest.raises(InputError, match=r"^top_k must be None or an integer >= 1, got "):
+        rank_labels(np.ones((1, 4)), np.ones((2, 4)), 100.0, ["a", "b"], top_k=top_k)
+
+
 @pytest.mark.parametrize(
     ("images", "classes", "labels", "scale", "match"),
     [

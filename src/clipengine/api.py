@@ -17,7 +17,7 @@ from .extras import install_hint
 from .image.preprocess import PreprocessConfig, preprocess
 from .text.tokenizer import as_str_list, tokenize
 from .types import Backend, FloatArray, ImageInput
-from .zeroshot import class_embeddings, rank_labels
+from .zeroshot import check_top_k, class_embeddings, rank_labels
 
 if TYPE_CHECKING:
     from .backends.folder import ExportFolderBackend
@@ -168,17 +168,22 @@ class ClipModel:
         images: ImageInput | Sequence[ImageInput],
         labels: Sequence[str],
         templates: Sequence[str] | None = None,
+        top_k: int | None = None,
     ) -> list[list[tuple[str, float]]]:
         """Zero-shot: per image, (label, probability) sorted by probability, highest first.
 
-        probs = softmax(logit_scale * cosine(image, label)).
+        probs = softmax(logit_scale * cosine(image, label)), over all labels; `top_k` keeps only the
+        `top_k` most probable per image (None: all; `zeroshot.rank_labels`).
 
         Raises:
-            InputError: bad `images`, `labels` or `templates` (see `encode_images`, `text_classifier`).
+            InputError: bad `images`, `labels`, `templates` (see `encode_images`, `text_classifier`)
+                or `top_k` (not None or an integer >= 1; checked before anything is encoded).
         """
         label_list, template_list = _classifier_args(labels, templates)
+        if top_k is not None:
+            check_top_k(top_k)
         classifier = class_embeddings(self.encode_texts, label_list, template_list)
-        return rank_labels(self.encode_images(images), classifier, self.logit_scale, label_list)
+        return rank_labels(self.encode_images(images), classifier, self.logit_scale, label_list, top_k)
 
 
 def _batch_size(value: object) -> int:

@@ -11,12 +11,13 @@ import operator
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from .backends.base import l2_normalize
 from .errors import InputError
 from .types import FloatArray
 
-__all__ = ["class_embeddings", "fill_template", "label_prompts", "mean_unit", "rank_labels"]
+__all__ = ["check_top_k", "class_embeddings", "fill_template", "label_prompts", "mean_unit", "rank_labels"]
 
 
 def fill_template(template: str, label: str) -> str:
@@ -76,13 +77,26 @@ def class_embeddings(
 
 
 def rank_labels(
-    image_vectors: FloatArray, class_vectors: FloatArray, logit_scale: float, labels: Sequence[str]
+    image_vectors: FloatArray,
+    class_vectors: FloatArray,
+    logit_scale: float,
+    labels: Sequence[str],
+    top_k: int | None = None,
 ) -> list[list[tuple[str, float]]]:
     """Per image (row of (N, D)), (label, probability) pairs sorted by probability, highest first.
 
+    Probabilities are the softmax over all C labels, whatever `top_k`. Equal probabilities keep the
+    labels' order.
+
+    Args:
+        top_k: keep only the `top_k` most probable labels per image (None, or more than C: all C).
+            Exactly the first `top_k` pairs of the full ranking (ties at the cut ordered as there),
+            without sorting all C labels (a partition per image, then a sort of the k best).
+
     Raises:
-        InputError: not (N, D) and (C, D) matrices of one D with C labels, or a `logit_scale` that is
-            not a finite number (inf made every probability NaN); numpy's own errors named neither.
+        InputError: not (N, D) and (C, D) matrices of one D with C labels, a `logit_scale` that is
+            not a finite number (inf made every probability NaN; numpy's own errors named neither),
+            or a `top_k` that is not None or an integer >= 1.
     """
     image_vectors, class_vectors = np.asarray(image_vectors), np.asarray(class_vectors)
     if image_vectors.ndim != 2 or class_vectors.ndim != 2 or image_vectors.shape[1] != class_vectors.shape[1]:
@@ -96,12 +110,33 @@ def rank_labels(
         raise InputError(f"logit_scale must be a finite number, got {logit_scale!r}")
     if not math.isfinite(float(logit_scale)):
         raise InputError(f"logit_scale must be a finite number, got {logit_scale!r}")
+    k = len(labels) if top_k is None else check_top_k(top_k)
     logits = float(logit_scale) * (image_vectors @ class_vectors.T).astype(np.float64)  # (N, C)
     logits -= logits.max(axis=1, keepdims=True)
     probs = np.exp(logits)
     probs /= probs.sum(axis=1, keepdims=True)
-    ranked = []
-    for row in probs:
-        order = np.argsort(-row, kind="stable")
-        ranked.append([(labels[i], float(row[i])) for i in order])
-    return ranked
+    return [[(labels[i], float(row[i])) for i in _top_order(row, k)] for row in probs]
+
+
+def check_top_k(top_k: object) -> int:
+    """`top_k` as an int >= 1 (NumPy integers too), else an InputError naming it."""
+    try:
+        k = operator.index(top_k)  # type: ignore[arg-type]
+    except TypeError:
+        k = 0
+    if isinstance(top_k, bool) or k < 1:
+        raise InputError(f"top_k must be None or an integer >= 1, got {top_k!r}")
+    return k
+
+
+def _top_order(row: npt.NDArray[np.float64], k: int) -> npt.NDArray[np.intp]:
+    """Indices of the `k` highest values of `row` (C,), in the order of the first `k` of
+    ``np.argsort(-row, kind="stable")``: highest first, equal values by index, NaN last."""
+    neg = -row
+    if k >= len(row):
+        return np.argsort(neg, kind="stable")
+    kth = np.partition(neg, k - 1)[k - 1]  # minus the k-th highest value (NaN sorts last, as in argsort)
+    candidates = np.flatnonzero(neg <= kth)  # every value tied with the k-th too, in index order
+    if len(candidates) < k:  # NaN among the k best (kth is NaN): nothing compares; sort them all
+        return np.argsort(neg, kind="stable")[:k]
+    return candidates[np.argsort(neg[candidates], kind="stable")[:k]]

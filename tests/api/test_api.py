@@ -65,6 +65,15 @@ def test_classify_is_softmax_of_scaled_similarities(model: ClipModel, clip_png: 
     assert sum(p for _, p in result) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_classify_top_k_keeps_the_most_probable_labels(model: ClipModel, clip_png: Path) -> None:
+    labels = ["a diagram", "a dog", "a cat", "a tree", "a car"]
+    (full,) = model.classify(clip_png, labels)
+    (top,) = model.classify(clip_png, labels, top_k=2)
+    assert top == full[:2]  # probabilities still over all five labels
+    with pytest.raises(InputError, match=r"^top_k must be None or an integer >= 1, got 0$"):
+        model.classify(clip_png, labels, top_k=0)
+
+
 def test_classify_with_templates_ensembles_prompts(model: ClipModel, clip_png: Path) -> None:
     labels, templates = ["dog", "diagram"], ["a photo of a {}.", "a drawing of a {}."]
     classifier = model.text_classifier(labels, templates)
