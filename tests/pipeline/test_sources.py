@@ -74,16 +74,48 @@ def test_partitions_are_fixed_slices_of_the_sorted_list() -> None:
 
 
 def test_symlinked_folders_are_followed_without_looping(tmp_path: Path) -> None:
-    _touch(tmp_path, "real/a.jpg")
-    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
-    (tmp_path / "real" / "loop").symlink_to(tmp_path, target_is_directory=True)  # back to the root
-    _touch(tmp_path, "x/b.png", "y/c.png")
-    (tmp_path / "x" / "to_y").symlink_to(tmp_path / "y", target_is_directory=True)
-    (tmp_path / "y" / "to_x").symlink_to(tmp_path / "x", target_is_directory=True)  # mutual loop
-    ids = [i.id for i in list_items(tmp_path)]
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    _touch(outside, "real/a.jpg", "x/b.png", "y/c.png")
+    (root / "link").parent.mkdir()
+    (root / "link").symlink_to(outside / "real", target_is_directory=True)
+    (outside / "real" / "loop").symlink_to(root, target_is_directory=True)  # back to the root
+    (root / "x").symlink_to(outside / "x", target_is_directory=True)
+    (outside / "x" / "to_y").symlink_to(outside / "y", target_is_directory=True)
+    (outside / "y" / "to_x").symlink_to(outside / "x", target_is_directory=True)  # mutual loop
+    ids = [i.id for i in list_items(root)]
     assert ids == sorted(set(ids))
-    assert {"link/a.jpg", "real/a.jpg", "x/b.png", "x/to_y/c.png", "y/c.png", "y/to_x/b.png"} <= set(ids)
+    assert {"link/a.jpg", "x/b.png", "x/to_y/c.png"} <= set(ids)
     assert len(ids) < 20
+
+
+def test_a_symlinked_folder_listed_anyway_is_skipped_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """cat/more -> dog listed dog's images twice, once under cat/ (eval: under both labels)."""
+    _touch(tmp_path, "cat/1.jpg", "dog/2.jpg", "dog/deep/3.jpg", ".store/4.jpg")
+    (tmp_path / "cat" / "more").symlink_to(tmp_path / "dog", target_is_directory=True)
+    (tmp_path / "cat" / "deep").symlink_to(tmp_path / "dog" / "deep", target_is_directory=True)
+    (tmp_path / "cat" / "kept").symlink_to(tmp_path / ".store", target_is_directory=True)  # not listed otherwise
+    with caplog.at_level("WARNING", logger="clipengine.image.files"):
+        ids = [i.id for i in list_items(tmp_path)]
+    assert ids == ["cat/1.jpg", "cat/kept/4.jpg", "dog/2.jpg", "dog/deep/3.jpg"]
+    warned = sorted(r.getMessage() for r in caplog.records)
+    assert len(warned) == 2
+    assert "symlinked folder cat/deep: it points to" in warned[0] and "dog/deep" in warned[0]
+    assert "symlinked folder cat/more: it points to" in warned[1]
+    assert warned[1].endswith(f"{(tmp_path / 'dog').resolve()}, whose images are listed from there")
+
+
+def test_imagefolder_class_with_a_link_to_another_class_counts_its_images_once(tmp_path: Path) -> None:
+    """The ImageFolder reader walks one class folder at a time: the link points outside that folder
+    but inside the dataset, whose walk lists those images under their own class."""
+    from clipengine.eval.folders import load_imagefolder
+
+    _touch(tmp_path, "cat/1.jpg", "dog/2.jpg", "dog/3.jpg")
+    (tmp_path / "cat" / "dogs").symlink_to(tmp_path / "dog", target_is_directory=True)
+    data = load_imagefolder(tmp_path)
+    assert [Path(p).relative_to(tmp_path).as_posix() for p in data.paths or ()] == ["cat/1.jpg", "dog/2.jpg", "dog/3.jpg"]
+    assert list(data.labels) == [0, 1, 1]
 
 
 def test_file_list_lines_are_split_at_newlines_only(tmp_path: Path) -> None:

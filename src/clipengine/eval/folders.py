@@ -21,10 +21,11 @@ __all__ = ["find_labels_file", "load_flat_folder", "load_imagefolder"]
 log = logging.getLogger(__name__)
 
 
-def _image_files(folder: Path) -> list[Path]:
+def _image_files(folder: Path, within: Path | None = None) -> list[Path]:
     """Image files under `folder`, as `clipengine embed` lists a folder (`image.files.walk_images`):
-    recursive, sorted by relative path, hidden files and folders (`._x.jpg`, `.cache/`) skipped."""
-    return [path for _, path in walk_images(folder)]
+    recursive, sorted by relative path, hidden files and folders (`._x.jpg`, `.cache/`) skipped.
+    `within`: the dataset folder, for a class folder (a link to another class's folder is skipped)."""
+    return [path for _, path in walk_images(folder, within=within)]
 
 
 def load_imagefolder(
@@ -61,7 +62,7 @@ def load_imagefolder(
     labels: list[int] = []
     empty = []
     for i, folder in enumerate(folders):
-        files = _image_files(folder)
+        files = _image_files(folder, within=root)
         paths += files
         labels += [i] * len(files)
         if not files:

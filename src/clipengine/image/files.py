@@ -7,12 +7,15 @@ metadata, not a JPEG) or a README beside the pictures is skipped, not decoded.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from ..errors import DatasetError
 
 __all__ = ["IMAGE_EXTENSIONS", "folder_images", "is_image_name", "walk_images"]
+
+_log = logging.getLogger(__name__)
 
 # Compared lower-cased, so "PHOTO.JPG" counts. Files with other extensions are ignored, not failures.
 IMAGE_EXTENSIONS = frozenset(
@@ -25,12 +28,20 @@ def is_image_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def walk_images(root: str | Path) -> list[tuple[str, Path]]:
+def walk_images(root: str | Path, *, within: str | Path | None = None) -> list[tuple[str, Path]]:
     """All images under `root`, recursively, as (POSIX path relative to `root`, path) sorted by the former.
 
     Hidden files and folders are skipped, and so are files whose names are not image names
     (`is_image_name`). Symlinked folders are followed, except links back to an ancestor (which would
-    loop forever).
+    loop forever) and links to a folder that is listed anyway: one inside `within` reached through
+    folders that are neither hidden nor links (``cat/more -> ../dog``). Followed, its images were
+    listed twice, under two paths (for eval, under two labels); it is skipped with a warning naming
+    it. A link to a folder outside `within`, or inside a hidden folder of it, is followed.
+
+    Args:
+        root: the folder to list.
+        within: the folder whose images are listed anyway (default `root`); eval's ImageFolder
+            reader walks one class folder at a time and passes the dataset folder.
 
     Raises:
         DatasetError: `root` is not a folder.
@@ -39,16 +50,26 @@ def walk_images(root: str | Path) -> list[tuple[str, Path]]:
     if not root.is_dir():
         raise DatasetError(f"{root}: not a folder")
     found: list[tuple[str, Path]] = []
+    real_root = root.resolve()
+    real_within = real_root if within is None else Path(within).resolve()
     # Resolved folders from the root down to each walked folder: a symlink into that chain is a loop.
-    chains: dict[str, frozenset[Path]] = {os.fspath(root): frozenset({root.resolve()})}
+    chains: dict[str, frozenset[Path]] = {os.fspath(root): frozenset({real_root})}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         chain = chains.pop(dirpath)
         kept = []
         for d in dirnames:
-            target = (Path(dirpath) / d).resolve()
-            if not d.startswith(".") and target not in chain:  # skip hidden folders and loops
-                kept.append(d)
-                chains[os.path.join(dirpath, d)] = chain | {target}
+            link = Path(dirpath) / d
+            target = link.resolve()
+            if d.startswith(".") or target in chain:  # skip hidden folders and loops
+                continue
+            if link.is_symlink() and _listed_anyway(target, real_within):
+                _log.warning(
+                    "%s: skipping the symlinked folder %s: it points to %s, whose images are listed from there",
+                    root, link.relative_to(root).as_posix(), target,
+                )
+                continue
+            kept.append(d)
+            chains[os.path.join(dirpath, d)] = chain | {target}
         dirnames[:] = kept
         base = Path(dirpath)
         for name in filenames:
@@ -57,6 +78,14 @@ def walk_images(root: str | Path) -> list[tuple[str, Path]]:
                 found.append((path.relative_to(root).as_posix(), path))
     found.sort(key=lambda pair: pair[0])
     return found
+
+
+def _listed_anyway(target: Path, real_within: Path) -> bool:
+    """True when the resolved folder `target` is one a walk of the resolved `real_within` reaches
+    without a link: inside it, no hidden folder on the way (a resolved path holds no link)."""
+    if not target.is_relative_to(real_within):
+        return False
+    return not any(part.startswith(".") for part in target.relative_to(real_within).parts)
 
 
 def folder_images(folder: str | Path, what: str = "image folder", fix: str = "") -> list[Path]:

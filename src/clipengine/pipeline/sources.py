@@ -35,7 +35,8 @@ class Partition:
 def list_folder(root: str | Path) -> list[ImageItem]:
     """All images under `root`, recursively, hidden files and folders skipped (`image.files.walk_images`).
 
-    Symlinked folders are followed, except links back to an ancestor (which would loop forever).
+    Symlinked folders are followed, except links back to an ancestor (which would loop forever) and
+    links to a folder under `root` that is listed anyway (its images would be listed twice).
 
     Ids are POSIX relative paths (``"cats/01.jpg"``), sorted so every run sees the same order.
 
