@@ -322,3 +322,46 @@ def test_an_output_folder_that_cannot_be_made_is_refused_before_the_model_loads(
     code = main(["embed", str(folder), "-o", str(tmp_path / "afile" / "out"), "--workers", "0", "--no-progress"])
     assert code == 1 and fake_load == []  # the first shard write found it, after the model load
     assert f"error: {tmp_path / 'afile'}: a file, not a folder" in capsys.readouterr().err
+
+
+def test_gpu_decode_procs_start_before_the_model_loads(folder: Path, tmp_path: Path, fake_load, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`--gpu-decode-procs 2`: the processes start (torch, the device, a decoder warm-up) before the
+    model loads, so that start-up overlaps it; the run then loads through them, and the output is the
+    CPU workers' (Pillow stands in for nvjpeg in the processes, on the CPU)."""
+    import dataclasses
+
+    import gpu_fakes
+
+    from clipengine.cli import embed as embed_cli
+    from clipengine.pipeline import gpu_procs
+
+    events: list[str] = []
+    real_start, real_load = gpu_procs.start_decode_processes, model_options.load_clip
+
+    def start(setup, device, decoder):  # type: ignore[no-untyped-def]
+        events.append(f"start {setup.procs} {device} {decoder} workers={setup.workers}")
+        return real_start(dataclasses.replace(setup, decode_batch=gpu_fakes.pil_batch_decode), device, decoder)
+
+    def load(opts):  # type: ignore[no-untyped-def]
+        events.append("load")
+        return real_load(opts)
+
+    monkeypatch.setattr(gpu_procs, "start_decode_processes", start)
+    monkeypatch.setattr(model_options, "load_clip", load)
+    monkeypatch.setattr(embed_cli, "_check_gpu_decode", lambda *a: None)  # --device cpu stands in for cuda
+    monkeypatch.setattr(gpu_procs, "default_decode_group", lambda batch_size: 2)  # both processes get files
+    out = tmp_path / "procs"
+    args = ["embed", str(folder), "-o", str(out), "--backend", "torch", "--device", "cpu", "--batch", "3",
+            "--dtype", "float32", "--no-progress"]  # fmt: skip
+    result = CliRunner().invoke(app, [*args, "--gpu-decode", "--gpu-decode-procs", "2", "--workers", "4"])
+    assert result.exit_code == 0, result.output
+    assert events == ["start 2 cpu torchvision workers=2", "load"]  # started first; the 4 workers shared
+    assert CliRunner().invoke(app, [*args[:3], str(tmp_path / "cpu"), *args[4:], "--workers", "0"]).exit_code == 0
+    ids, vectors, _ = read_embeddings(out)
+    cpu_ids, cpu_vectors, _ = read_embeddings(tmp_path / "cpu")
+    assert ids == cpu_ids and len(ids) == 11
+    np.testing.assert_allclose(vectors, cpu_vectors, atol=1e-5)
+    assert [f.id for f in read_failures(out)] == ["empty.jpg"]
+    assert not [p for p in __import__("multiprocessing").active_children() if p.name.startswith("clipengine-gpu")]
+    alone = CliRunner().invoke(app, [*args, "--gpu-decode-procs", "2"])
+    assert alone.exit_code == 2 and "--gpu-decode-procs needs --gpu-decode" in alone.output

@@ -223,3 +223,38 @@ def test_bad_decode_process_counts_are_refused_before_anything_is_written(  # ty
         embed_folder(image_folder, tmp_path / "out", fake_factory, preprocess_cfg, gpu_decode="cpu" if ahead else gpu_decode,
                      gpu_decode_procs=procs, gpu_decode_ahead=ahead)  # fmt: skip
     assert not (tmp_path / "out").exists()
+
+
+def _decode_children() -> list[str]:
+    import multiprocessing
+
+    return [p.name for p in multiprocessing.active_children() if p.name.startswith("clipengine-gpu-decode")]
+
+
+def test_processes_started_ahead_load_once_and_stop_unused(photo_folder, tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """`start_decode_processes` starts them before their files are known (while a model loads); they
+    run one load, and processes closed without work stop at once."""
+    root, good, bad = photo_folder
+    cfg = tiny_model_cfg(tiny_model)
+    with gpu_procs.start_decode_processes(_setup(), "cpu", "torchvision") as started:
+        assert len(_decode_children()) == 2
+        stats = LoadStats()
+        batches = list(started.load(list_items(root), cfg, 4, stats))
+        assert sorted(i for b in batches for i in b.ids) == good and (stats.images, stats.failures) == (len(good), len(bad))
+        assert not _decode_children()  # the load closed them
+        with pytest.raises(RuntimeError, match="have run already"):
+            list(started.load(list_items(root), cfg, 4, LoadStats()))
+    t0 = time.perf_counter()
+    with gpu_procs.start_decode_processes(_setup(), "cpu", "torchvision"):
+        pass  # never used: each is told to stop while it starts, or while it waits for files
+    assert not _decode_children() and time.perf_counter() - t0 < 30
+
+
+def test_processes_started_with_other_settings_are_refused(image_folder, tmp_path: Path, fake_factory, preprocess_cfg) -> None:  # type: ignore[no-untyped-def]
+    with gpu_procs.start_decode_processes(_setup(), "cpu", "torchvision") as started:
+        with pytest.raises(ValueError, match=r"gpu_decoder 'torchvision' \(the run: 'nvimgcodec'\)"):
+            embed_folder(image_folder, tmp_path / "out", fake_factory, preprocess_cfg, gpu_decode="cpu",
+                         gpu_decoder="nvimgcodec", gpu_decode_procs=started)  # fmt: skip
+        with pytest.raises(ValueError, match="need gpu_decode"):
+            embed_folder(image_folder, tmp_path / "out", fake_factory, preprocess_cfg, gpu_decode_procs=started)
+    assert not (tmp_path / "out").exists() and not _decode_children()

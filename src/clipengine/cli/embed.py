@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,6 +14,7 @@ from . import model_options as mo
 if TYPE_CHECKING:
     from ..api import ClipModel
     from ..image.preprocess import PreprocessConfig
+    from ..pipeline.gpu_procs import StartedDecodeProcesses
     from ..pipeline.run import RunStats
     from ..types import ImageItem
 
@@ -121,9 +123,39 @@ GPU_CPU_SHARE_OPT = typer.Option(
     "exact path's pixels (or --fast-decode's). 0 (default): off. On an H200 it cost 23-57 %: the CPU "
     "workers decode far slower than nvjpeg (docs/performance.md).",
 )
+GPU_DECODE_PROCS_OPT = typer.Option(
+    1,
+    "--gpu-decode-procs",
+    min=1,
+    help="Experimental, with --gpu-decode: processes decoding and preprocessing on the GPU, each a share "
+    "of the files (the same pixels). They start while the model loads. 1 (default): one loader thread. "
+    "On an H200, 2-3 ran 6.4-6.7k img/s once started against 5.7k for one thread, but took 6.5-7.9 s to "
+    "start (docs/performance.md).",
+)
 WORKERS_HELP = "Decode processes (default: one per core; 0 decodes in the main process)."
 _EMBED_WORKERS_HELP = ("Decode processes (default: one per core; with --gpu-decode the cores less 4, for the files nvjpeg "
                        "cannot decode and --gpu-cpu-share; 0 decodes in the main process).")
+
+
+def _start_decode_procs(
+    procs: int,
+    device: str,
+    decoder: str,
+    workers: int | None,
+    cpu_share: float,
+    fast_decode: bool,
+    read_threads: int | None,
+) -> StartedDecodeProcesses:
+    """GPU decode processes for `embed --gpu-decode-procs`, with the CPU decode workers `embed_folder`
+    would start (`--workers`, default the cores less 4) shared among them."""
+    from ..pipeline.batching import default_workers
+    from ..pipeline.cpu_assist import default_assist_workers
+    from ..pipeline.gpu_procs import DecodeProcesses, start_decode_processes
+
+    total = workers if workers is not None else default_assist_workers(default_workers())
+    setup = DecodeProcesses.for_run(procs, total, cpu_share=cpu_share, fast_decode=fast_decode,
+                                    read_threads=read_threads if read_threads is not None else 2)  # fmt: skip
+    return start_decode_processes(setup, device, decoder)
 
 
 def _check_gpu_decoder(gpu_decode: bool, gpu_decoder: str) -> None:
@@ -186,6 +218,7 @@ def register(app: typer.Typer) -> None:
         gpu_decoder: str = GPU_DECODER_OPT,
         gpu_read_threads: int | None = GPU_READ_THREADS_OPT,
         gpu_cpu_share: float = GPU_CPU_SHARE_OPT,
+        gpu_decode_procs: int = GPU_DECODE_PROCS_OPT,
         retry_failed: bool = typer.Option(
             False, "--retry-failed", help="On a rerun, recompute the shards that list unreadable files too "
             "(after fixing or replacing them); a plain rerun only resumes the unfinished shards.",
@@ -221,6 +254,8 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter("--gpu-cpu-share needs --gpu-decode")
         if gpu_cpu_share > 0 and workers == 0:
             raise typer.BadParameter("--gpu-cpu-share needs CPU decode workers: --workers 1 or more")
+        if gpu_decode_procs > 1 and not gpu_decode:
+            raise typer.BadParameter("--gpu-decode-procs needs --gpu-decode")
         if gpu_decode:
             _check_gpu_decode(opts, engine, fast_decode, gpu_cpu_share)
         if compile and opts.device.startswith("cuda"):
@@ -246,26 +281,33 @@ def register(app: typer.Typer) -> None:
             gpu_decode=gpu_decode, gpu_decoder=gpu_decoder if gpu_decode else None,
             gpu_cpu_share=gpu_cpu_share if gpu_decode else None, precision=opts.precision,
         )  # fmt: skip
-        clip = mo.load_clip(opts) if engine == "local" else None
-        preprocess = clip.preprocess_cfg if clip is not None else mo.preprocess_only(opts)
-        measured = _fidelity(clip, opts, fast_decode=fast_decode, gpu_decoder=gpu_decoder if gpu_decode else None)
-        if measured is not None:  # a lower precision (or decode) states its measured deviation
-            typer.echo(fidelity_line(measured), err=True)
-        run_kwargs: dict[str, Any] = dict(
-            model=opts.label, batch_size=batch, workers=workers, shard_size=shard_size, dtype=dtype,
-            source_label=str(source.resolve()),
-        )  # fmt: skip
-        run_kwargs.update(fast_decode=fast_decode, retry_failed=retry_failed)
-        if gpu_decode:
-            run_kwargs.update(gpu_decode=opts.device, gpu_decoder=gpu_decoder, gpu_cpu_share=gpu_cpu_share)
-            if gpu_read_threads is not None:
-                run_kwargs["gpu_read_threads"] = gpu_read_threads
-        if engine == "ray":
-            run_kwargs.update(address=address, num_actors=actors, num_gpus=gpus_per_actor)
-        with tqdm(total=len(items), unit="img", disable=not progress or as_json, leave=False) as bar:
-            stats = _run_engine(
-                engine, items, output, clip, preprocess, opts, progress=bar.update, **run_kwargs
-            )
+        with ExitStack() as stack:
+            procs = None
+            if gpu_decode_procs > 1:  # their start-up (torch, CUDA, nvjpeg) runs while the model loads
+                procs = stack.enter_context(_start_decode_procs(gpu_decode_procs, opts.device, gpu_decoder, workers,
+                                                                gpu_cpu_share, fast_decode, gpu_read_threads))  # fmt: skip
+            clip = mo.load_clip(opts) if engine == "local" else None
+            preprocess = clip.preprocess_cfg if clip is not None else mo.preprocess_only(opts)
+            measured = _fidelity(clip, opts, fast_decode=fast_decode, gpu_decoder=gpu_decoder if gpu_decode else None)
+            if measured is not None:  # a lower precision (or decode) states its measured deviation
+                typer.echo(fidelity_line(measured), err=True)
+            run_kwargs: dict[str, Any] = dict(
+                model=opts.label, batch_size=batch, workers=workers, shard_size=shard_size, dtype=dtype,
+                source_label=str(source.resolve()),
+            )  # fmt: skip
+            run_kwargs.update(fast_decode=fast_decode, retry_failed=retry_failed)
+            if gpu_decode:
+                run_kwargs.update(gpu_decode=opts.device, gpu_decoder=gpu_decoder, gpu_cpu_share=gpu_cpu_share)
+                if gpu_read_threads is not None:
+                    run_kwargs["gpu_read_threads"] = gpu_read_threads
+                if procs is not None:
+                    run_kwargs["gpu_decode_procs"] = procs
+            if engine == "ray":
+                run_kwargs.update(address=address, num_actors=actors, num_gpus=gpus_per_actor)
+            with tqdm(total=len(items), unit="img", disable=not progress or as_json, leave=False) as bar:
+                stats = _run_engine(
+                    engine, items, output, clip, preprocess, opts, progress=bar.update, **run_kwargs
+                )
         _record_fidelity(output, measured)
         fmt = "json" if as_json else "text"
         typer.echo(render_run_stats(stats, fmt, failures_path=output / FAILURES_FILE, fidelity=measured))

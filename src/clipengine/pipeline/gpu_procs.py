@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 import traceback
 from collections import deque
@@ -57,7 +58,13 @@ if TYPE_CHECKING:
     from ..image.preprocess import PreprocessConfig
     from .batching import LoadStats
 
-__all__ = ["DecodeProcesses", "iter_gpu_loaded_procs", "split_blocks"]
+__all__ = [
+    "DecodeProcesses",
+    "StartedDecodeProcesses",
+    "iter_gpu_loaded_procs",
+    "split_blocks",
+    "start_decode_processes",
+]
 
 _log = logging.getLogger(__name__)
 _POLL_S = 0.2  # how often a waiting side checks whether the other has gone
@@ -90,6 +97,15 @@ class DecodeProcesses:
         if self.procs < 2:
             raise ValueError(f"decode processes must be >= 2 (1 is the in-process loader), got {self.procs}")
 
+    @classmethod
+    def for_run(
+        cls, procs: int, workers: int, *, cpu_share: float = 0.0, fast_decode: bool = False, read_threads: int = 2
+    ) -> DecodeProcesses:  # fmt: skip
+        """`procs` processes sharing a run's `workers` CPU decode workers (at least one each, 0: none;
+        they decode what nvjpeg cannot, and the CPU share)."""
+        per_process = max(1, workers // procs) if workers > 0 else 0
+        return cls(procs, per_process, cpu_share, fast_decode, read_threads)
+
 
 def split_blocks(items: Sequence[ImageItem], procs: int, block: int) -> list[list[ImageItem]]:
     """Block k of `block` items goes to process k mod `procs`: each gets a share of every part of the
@@ -110,41 +126,108 @@ def iter_gpu_loaded_procs(
     setup: DecodeProcesses,
 ) -> Iterator[Batch]:
     """`gpu_loading.iter_gpu_loaded`'s batches, loaded by `setup.procs` processes (see the module
-    docstring); stage seconds are summed over the processes into `stats`."""
-    import torch.multiprocessing as tmp
+    docstring); stage seconds are summed over the processes into `stats`. The processes start here:
+    `start_decode_processes` starts them ahead, while the model loads."""
+    _check_config(preprocess_cfg)  # before any process starts
+    if not items:
+        return
+    with start_decode_processes(setup, device, decoder) as started:
+        yield from started.load(items, preprocess_cfg, batch_size, stats)
 
+
+def start_decode_processes(setup: DecodeProcesses, device: str, decoder: str) -> StartedDecodeProcesses:
+    """Start `setup.procs` decode processes now, before their files are known.
+
+    Each imports torch, opens `device` and warms its decoder up (one small JPEG decoded and
+    preprocessed) while the caller goes on, e.g. to load the model: that start-up is what made the
+    processes slower than the one loader thread over 65,536 files (see the module docstring).
+    Close the result (it is a context manager) when it is not used; `load` closes it when done.
+    """
+    return StartedDecodeProcesses(setup, device, decoder)
+
+
+def _check_config(preprocess_cfg: PreprocessConfig | dict[str, Any]) -> dict[str, Any]:
+    """The preprocessing as plain data for the processes, checked here."""
     from ..image.preprocess import PreprocessConfig
 
-    config = (
-        preprocess_cfg
-        if isinstance(preprocess_cfg, PreprocessConfig)
-        else PreprocessConfig.from_dict(preprocess_cfg)
-    )
-    cfg = config.to_dict()  # checked here, sent as plain data
-    shares = [s for s in split_blocks(items, setup.procs, default_decode_group(batch_size)) if s]
-    if not shares:
-        return
-    ctx = tmp.get_context("spawn")
-    release = ctx.Event()
-    children: list[_Child] = []
-    try:
-        for rank, share in enumerate(shares):
-            reader, writer = ctx.Pipe(duplex=False)
-            credits = ctx.Semaphore(_QUEUED_PER_PROCESS)
-            process = ctx.Process(
-                target=_decode_process,
-                name=f"clipengine-gpu-decode-{rank}",
-                daemon=False,
-                args=(rank, share, cfg, batch_size, device, decoder, setup, writer, credits, release),
-            )
-            process.start()
-            # Only the child holds the write end now: its exit, even a crash mid-message, is an EOF
-            # here rather than a read that waits for ever.
-            writer.close()
-            children.append(_Child(rank, process, reader, credits))
-        yield from _receive(children, config.image_size, stats)
-    finally:
-        _stop(children, release)
+    if isinstance(preprocess_cfg, PreprocessConfig):
+        return preprocess_cfg.to_dict()
+    return PreprocessConfig.from_dict(preprocess_cfg).to_dict()
+
+
+class StartedDecodeProcesses:
+    """Decode processes started ahead of their files (`start_decode_processes`); `load` runs them once."""
+
+    def __init__(self, setup: DecodeProcesses, device: str, decoder: str) -> None:
+        import torch.multiprocessing as tmp
+
+        self.setup, self.device, self.decoder = setup, device, decoder
+        self._used = False
+        ctx = tmp.get_context("spawn")
+        self._release = ctx.Event()
+        self._children: list[_Child] = []
+        self._started = time.perf_counter()
+        try:
+            for rank in range(setup.procs):
+                ours, theirs = ctx.Pipe(duplex=True)
+                credits = ctx.Semaphore(_QUEUED_PER_PROCESS)
+                process = ctx.Process(
+                    target=_decode_process,
+                    name=f"clipengine-gpu-decode-{rank}",
+                    daemon=False,
+                    args=(rank, device, decoder, setup, theirs, credits, self._release, time.time()),
+                )
+                process.start()
+                # Only the child holds its end now: its exit, even a crash mid-message, is an EOF
+                # here rather than a read that waits for ever.
+                theirs.close()
+                self._children.append(_Child(rank, process, ours, credits))
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def procs(self) -> int:
+        return self.setup.procs
+
+    def load(
+        self,
+        items: Sequence[ImageItem],
+        preprocess_cfg: PreprocessConfig | dict[str, Any],
+        batch_size: int,
+        stats: LoadStats,
+    ) -> Iterator[Batch]:
+        """`items` in batches of `batch_size` rows from the processes (once; closes them at the end)."""
+        if self._used:
+            raise RuntimeError("these decode processes have run already: start new ones")
+        self._used = True
+        try:
+            cfg = _check_config(preprocess_cfg)
+            shares = split_blocks(items, self.procs, default_decode_group(batch_size))
+            for child, share in zip(self._children, shares, strict=True):
+                # From a thread: a process still starting does not read yet, and a large share
+                # fills the pipe; this thread goes on to wait for the first batch meanwhile.
+                work = ("work", share, cfg, batch_size)
+                threading.Thread(target=_send_quietly, args=(child.conn, work), daemon=True).start()
+            yield from _receive(self._children, cfg["image_size"], stats, self._started)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Let the processes go, and wait for them (a stuck one is terminated)."""
+        _stop(self._children, self._release)
+        self._children = []
+
+    def __enter__(self) -> StartedDecodeProcesses:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _send_quietly(conn: Any, msg: tuple[Any, ...]) -> None:
+    with contextlib.suppress(OSError, ValueError):  # the process has gone: `_receive` says why
+        conn.send(msg)
 
 
 @dataclass
@@ -153,14 +236,15 @@ class _Child:
 
     rank: int
     process: Any  # multiprocessing's SpawnProcess
-    conn: Any  # the read end of its pipe
+    conn: Any  # our end of its pipe: work goes out, its messages come in
     credits: Any  # a semaphore: the batches it may send ahead of the consumer
 
 
-def _receive(children: list[_Child], image_size: int, stats: LoadStats) -> Iterator[Batch]:
+def _receive(children: list[_Child], image_size: int, stats: LoadStats, spawned: float) -> Iterator[Batch]:
     """The children's batches as they come, each in memory of this process (see `_own_copy`)."""
     pending = {c.rank: c for c in children}
     heard: set[int] = set()
+    ready: dict[int, dict[str, float]] = {}
     held: deque[tuple[Any, Any]] = deque()
     started = time.perf_counter()
     first: float | None = None
@@ -174,15 +258,18 @@ def _receive(children: list[_Child], image_size: int, stats: LoadStats) -> Itera
                 del msg
                 if first is None:
                     first = time.perf_counter()
-                    _log.info(
-                        "%d GPU decode processes: first batch after %.1f s", len(children), first - started
-                    )
+                    _log.info("%d GPU decode processes: first batch %.1f s after their start, %.1f s after "
+                              "their files were sent", len(children), first - spawned, first - started)  # fmt: skip
                 stats.images += len(ids)
                 stats.failures += len(failures)
                 pixels = _own_copy(pixels, image_size, held)
                 yield Batch(ids=ids, pixels=pixels, sizes=sizes, failures=failures)
                 del pixels
                 child.credits.release()  # the consumer is done with it: the child may send another
+            elif msg[0] == "ready":
+                ready[child.rank] = msg[1]
+                if len(ready) == len(children):
+                    _log_ready(ready)
             elif msg[0] == "done":
                 del pending[child.rank]
                 done = msg[1]
@@ -199,6 +286,15 @@ def _receive(children: list[_Child], image_size: int, stats: LoadStats) -> Itera
         for event, _ in held:  # the copies still reading a child's memory finish before it may go
             event.synchronize()
         held.clear()
+
+
+def _log_ready(ready: dict[int, dict[str, float]]) -> None:
+    """Where the start-up went, for the slowest process of each phase (the next device session reads it)."""
+    phases = ("spawn_s", "import_s", "device_s", "warm_s", "ready_s")
+    slowest = {k: max(r.get(k, 0.0) for r in ready.values()) for k in phases}
+    _log.info("%d GPU decode processes ready %.1f s after their start (slowest: spawn %.1f s, imports %.1f s, "
+              "device %.1f s, decoder warm-up %.1f s)", len(ready), slowest["ready_s"], slowest["spawn_s"],
+              slowest["import_s"], slowest["device_s"], slowest["warm_s"])  # fmt: skip
 
 
 def _own_copy(pixels: Any, image_size: int, held: deque[tuple[Any, Any]]) -> Any:
@@ -266,17 +362,16 @@ def _stop(children: list[_Child], release: Any) -> None:
 
 def _decode_process(
     rank: int,
-    items: list[ImageItem],
-    cfg: dict[str, Any],
-    batch_size: int,
     device: str,
     decoder: str,
     setup: DecodeProcesses,
     conn: Any,
     credits: Any,
     release: Any,
+    spawned_at: float,
 ) -> None:
-    """A decode process's main: its files through the in-process loader, each batch sent as it is ready.
+    """A decode process's main: start up (imports, the device, a decoder warm-up), then take its files
+    and send each batch as it is ready.
 
     One thread does all the CUDA work here, the sends included: torch's CUDA IPC bookkeeping is
     not safe against an allocation on another thread while a tensor is being shared (module
@@ -286,9 +381,11 @@ def _decode_process(
 
     from .decode_pool import as_child_process
 
+    entered = time.time()
     faulthandler.enable()  # a crash in native code prints every thread's stack
     as_child_process()  # Ctrl-C is the parent's to handle; a parent that dies takes this process with it
     executor = None
+    working = False  # set once the files came: only then may the consumer hold this process's memory
     try:
         import torch
         import torch.multiprocessing  # registers tensor pickling (CUDA IPC) for the pipe
@@ -299,15 +396,31 @@ def _decode_process(
         from .decode_pool import make_executor
         from .gpu_loading import loader_batches
 
+        imported = time.time()
+        cuda = torch.device(device).type == "cuda"
+        if cuda:
+            torch.zeros(1, device=device)  # the CUDA context: the slow part of a process's start
+        opened = time.time()
+
+        def new_decoder() -> GpuJpegDecoder:
+            if setup.decode_batch is None:
+                return GpuJpegDecoder(device, library=decoder)
+            return GpuJpegDecoder(device, decode_batch=setup.decode_batch)
+
+        _warm_up(new_decoder())  # a decoder of its own: its stats are not the run's
+        warm = time.time()
+        conn.send(("ready", {"spawn_s": entered - spawned_at, "import_s": imported - entered,
+                             "device_s": opened - imported, "warm_s": warm - opened, "ready_s": warm - spawned_at}))  # fmt: skip
+        msg = conn.recv()  # ("work", items, preprocess config, batch size)
+        working = True
+        _, items, cfg, batch_size = msg
         config = PreprocessConfig.from_dict(cfg)
-        jpeg = (GpuJpegDecoder(device, library=decoder) if setup.decode_batch is None
-                else GpuJpegDecoder(device, decode_batch=setup.decode_batch))  # fmt: skip
+        jpeg = new_decoder()
         executor = make_executor(setup.workers) if setup.workers > 0 else None
         assist = (CpuAssist(executor, setup.workers, setup.cpu_share, cfg, fast_decode=setup.fast_decode)
                   if executor is not None else None)  # fmt: skip
         if assist is not None and setup.cpu_share > 0:
             assist.prime()
-        cuda = torch.device(device).type == "cuda"
         batches = loader_batches(items, config, batch_size, jpeg, read_threads=setup.read_threads,
                                  decode_ahead=False, assist=assist)  # fmt: skip
         try:
@@ -323,17 +436,35 @@ def _decode_process(
             if close is not None:
                 close()
         conn.send(("done", asdict(jpeg.stats)))
-    except (BrokenPipeError, ConnectionResetError):
-        pass  # the consumer has gone: nobody to tell
+    except (BrokenPipeError, ConnectionResetError, EOFError):
+        pass  # the consumer has gone (or stopped before sending the files): nobody to tell
     except BaseException as e:
         with contextlib.suppress(OSError):
             conn.send(("error", f"{type(e).__name__}: {e}", traceback.format_exc()))
     finally:
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
-        # The consumer may still be copying from this process's device memory: stay until it is done.
-        release.wait()
+        if working:  # the consumer may still copy from this process's device memory: stay until it is done
+            release.wait()
         conn.close()
+
+
+def _warm_up(jpeg: Any) -> None:
+    """Decode and preprocess one small JPEG: the decoder's and the resize's first calls set up their
+    libraries (nvjpeg, cuBLAS), which would otherwise delay the first batch."""
+    import io
+
+    from PIL import Image
+
+    from ..image.gpu_preprocess import preprocess_tensors
+    from ..image.preprocess import PreprocessConfig
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (120, 60, 30)).save(buffer, format="JPEG")
+    cfg = PreprocessConfig(image_size=32)
+    decoded = jpeg.decode([("warm-up.jpg", buffer.getvalue())], cfg)
+    if decoded.images:
+        preprocess_tensors(decoded.images, cfg)
 
 
 def _acquire(credits: Any, release: Any) -> bool:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from concurrent.futures import Executor
 
     from ..image.preprocess import PreprocessConfig
+    from .gpu_procs import StartedDecodeProcesses
 
 __all__ = ["ProgressCallback", "RunStats", "check_output", "embed_folder", "run_partition"]
 
@@ -119,7 +120,7 @@ def embed_folder(
     gpu_read_threads: int = 2,
     gpu_decode_ahead: bool = False,
     gpu_cpu_share: float = 0.0,
-    gpu_decode_procs: int = 1,
+    gpu_decode_procs: int | StartedDecodeProcesses = 1,
     retry_failed: bool = False,
 ) -> RunStats:
     """Embed every image of a folder or file list into ``out_dir`` (see `sinks` for the layout).
@@ -158,10 +159,11 @@ def embed_folder(
             A resume must use the same share.
         gpu_decode_procs: experimental: with `gpu_decode`, processes decoding and preprocessing on
             the GPU, each a share of the files (`pipeline.gpu_procs`; the same pixels, so a resume
-            may change it). 1 (default): a loader thread in this process. On an H200 3 processes
-            ran 16 % faster once started but took 7.5-11 s to start, and one process crashed
-            (SIGSEGV) in 3 of 4 runs over 65,536 files; changed since to avoid the likely cause,
-            unmeasured: see `pipeline.gpu_procs`. Not with `gpu_decode_ahead`.
+            may change it). 1 (default): a loader thread in this process. Or processes started
+            ahead with `gpu_procs.start_decode_processes`, so their start-up runs while the model
+            loads (the caller closes them: a `with` block). On an H200 (session 12), 2-3 processes
+            ran 6.4-6.7k img/s once started against 5.7k for one loader thread, but took 6.5-7.9 s
+            to start: see `pipeline.gpu_procs`. Not with `gpu_decode_ahead`.
         retry_failed: recompute the complete shards that list failures too (files fixed since).
 
     Returns:
@@ -180,7 +182,8 @@ def embed_folder(
     batch_size, shard_size = operator.index(batch_size), operator.index(shard_size)
     workers = None if workers is None else operator.index(workers)
     check_cpu_share(gpu_cpu_share, gpu_decode, workers)
-    check_decode_procs(gpu_decode_procs, gpu_decode, gpu_decode_ahead)
+    check_decode_procs(gpu_decode_procs, gpu_decode, gpu_decode_ahead, gpu_decoder=gpu_decoder,
+                       gpu_cpu_share=gpu_cpu_share, fast_decode=fast_decode)  # fmt: skip
     out_dir = Path(out_dir)
     items = list(source) if not isinstance(source, (str, Path)) else list_items(source)
     check_unique_ids(items)  # all of them, before run.json is touched (a resume routes only some)

@@ -33,10 +33,26 @@ def check_cpu_share(share: float, gpu_decode: str | None, workers: int | None) -
         raise ValueError("gpu_cpu_share needs CPU decode workers (workers >= 1, or None for the default)")
 
 
-def check_decode_procs(procs: int, gpu_decode: str | None, decode_ahead: bool) -> None:
-    """Refuse a `gpu_decode_procs` that `embed_folder` cannot run, before anything is written."""
+def check_decode_procs(procs: object, gpu_decode: str | None, decode_ahead: bool, **run: Any) -> None:
+    """Refuse a `gpu_decode_procs` that `embed_folder` cannot run, before anything is written: a count,
+    or processes started ahead (`gpu_procs.start_decode_processes`) for this run's `gpu_decoder`,
+    `gpu_cpu_share` and `fast_decode` (given in `run`)."""
+    from .gpu_procs import StartedDecodeProcesses
+
+    if isinstance(procs, StartedDecodeProcesses):
+        if gpu_decode is None:
+            raise ValueError("gpu_decode_procs are GPU decode processes: they need gpu_decode")
+        if decode_ahead:
+            raise ValueError("gpu_decode_ahead cannot be combined with gpu_decode_procs")
+        started = {"gpu_decode": procs.device, "gpu_decoder": procs.decoder, "gpu_cpu_share": procs.setup.cpu_share,
+                   "fast_decode": procs.setup.fast_decode}  # fmt: skip
+        wanted = {"gpu_decode": gpu_decode, **run}
+        differ = [f"{k} {started[k]!r} (the run: {v!r})" for k, v in wanted.items() if started.get(k, v) != v]
+        if differ:
+            raise ValueError("the decode processes were started with other settings: " + ", ".join(differ))
+        return
     if isinstance(procs, bool) or not isinstance(procs, int) or procs < 1:
-        raise ValueError(f"gpu_decode_procs must be an integer >= 1, got {procs!r}")
+        raise ValueError(f"gpu_decode_procs must be an integer >= 1 (or started processes), got {procs!r}")
     if procs > 1 and gpu_decode is None:
         raise ValueError("gpu_decode_procs are GPU decode processes: they need gpu_decode")
     if procs > 1 and decode_ahead:  # CUDA work on a second thread of a sending process (`gpu_procs`)

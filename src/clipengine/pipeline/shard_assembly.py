@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from concurrent.futures import Executor
 
     from ..image.preprocess import PreprocessConfig
+    from .gpu_procs import StartedDecodeProcesses
 
 __all__ = ["Loading", "ProgressCallback", "embed_partitions"]
 
@@ -48,17 +49,21 @@ class Loading:
     gpu_read_threads: int = 2
     gpu_decode_ahead: bool = False
     gpu_cpu_share: float = 0.0  # with gpu_decode: the share of files `executor` decodes (`cpu_assist`)
-    gpu_decode_procs: int = 1  # with gpu_decode: loader processes (`gpu_procs`); 1: this process's loader thread
+    # With gpu_decode: loader processes (`gpu_procs`), or processes started ahead; 1: this process's loader thread.
+    gpu_decode_procs: int | StartedDecodeProcesses = 1
 
     def batches(self, items: Sequence[ImageItem], stats: LoadStats) -> Iterator[Batch]:
-        if self.gpu_decode is not None and self.gpu_decode_procs > 1:
+        procs = self.gpu_decode_procs
+        if not isinstance(procs, int):  # started ahead, while the model loaded (`run_settings` checks them)
+            return procs.load(items, self.preprocess_cfg, self.batch_size, stats)
+        if self.gpu_decode is not None and procs > 1:
             from .gpu_procs import DecodeProcesses, iter_gpu_loaded_procs
 
             # Each process gets its part of the CPU workers (they decode what nvjpeg cannot); the
             # pool `executor` of this process then stays unused, and starts no process.
-            workers = max(1, self.workers // self.gpu_decode_procs) if self.executor is not None else 0
-            setup = DecodeProcesses(self.gpu_decode_procs, workers=workers, cpu_share=self.gpu_cpu_share,
-                                    fast_decode=self.fast_decode, read_threads=self.gpu_read_threads)  # fmt: skip
+            setup = DecodeProcesses.for_run(procs, self.workers if self.executor is not None else 0,
+                                            cpu_share=self.gpu_cpu_share, fast_decode=self.fast_decode,
+                                            read_threads=self.gpu_read_threads)  # fmt: skip
             return iter_gpu_loaded_procs(items, self.preprocess_cfg, self.batch_size, self.gpu_decode, stats,
                                          self.gpu_decoder, setup)  # fmt: skip
         if self.gpu_decode is not None:

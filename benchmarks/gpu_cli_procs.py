@@ -1,0 +1,145 @@
+"""`clipengine embed --gpu-decode` as a user runs it, whole commands timed: one loader thread against
+`--gpu-decode-procs N`, whose processes start while the model loads (session 12).
+
+Session 11-12 measured the decode processes inside `benchmarks/gpu_gap.py`, where the model is loaded
+before the clock starts: there their 6.5-7.9 s start-up was all cost, and 2-3 processes lost to the one
+loader thread over 65,536 files (3.2-3.5k vs 5.7k img/s) although they ran 6.4-6.7k img/s once started.
+A command loads its model too (torch, the checkpoint, the device); the processes now start first. This
+times the whole command, `python -m clipengine embed ...` from start to exit, rows in turn, on random
+ViT-B/32 weights saved as a checkpoint file (speed does not depend on the values) and N 1280x960 JPEGs.
+
+Each row's stderr is kept: with `-v` the decode processes log where their start-up went ("ready ...
+slowest: spawn, imports, device, decoder warm-up") and their rate after the first batch.
+
+Usage (device): python benchmarks/gpu_cli_procs.py [--count 65536] [--rounds 2] [--procs 2,3,4] [--out DIR]
+Prints a markdown table: per row the median whole-command seconds and img/s, and embed_folder's own
+seconds (from `--json`). `--device cpu` runs the same commands without --gpu-decode (a smoke test of
+this script on a machine without a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger("gpu_cli_procs")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--count", type=int, default=65536, help="1280x960 JPEGs (64 distinct, linked)")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--procs", default="2,3", help="--gpu-decode-procs values, each a row beside the default")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--device", default="cuda", help="cuda; cpu: a smoke test of this script (no GPU decode)")
+    p.add_argument("--folder", type=Path, default=Path(tempfile.gettempdir()) / "clipengine_gpu_cli")
+    p.add_argument("--out", type=Path, default=None, help="keep each row's stderr here")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gpu_e2e import SEED, ensure_jpegs
+
+    folder = ensure_jpegs(args.folder / "photos", args.count, 64, 0, 16)[0].parent
+    checkpoint = _checkpoint(args.folder / "vit-b-32-random.pt", SEED)
+    common = ["embed", str(folder), "--model", "ViT-B-32", "--checkpoint", str(checkpoint), "--backend", "torch",
+              "--device", args.device, "--batch", str(args.batch), "--no-progress", "--json"]  # fmt: skip
+    if args.device != "cpu":
+        common += ["--precision", "fp16", "--gpu-decode"]
+    rows = {"A one loader thread (default)": []} | {
+        f"{chr(ord('B') + i)} --gpu-decode-procs {n}": ["--gpu-decode-procs", n]
+        for i, n in enumerate(args.procs.split(","))
+        if n
+    }
+    if args.device == "cpu":  # no GPU decode, so no decode processes: the rows only exercise this script
+        rows = {name: [] for name in rows}
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in rows}
+    for r in range(args.rounds):
+        for name, extra in rows.items():
+            out = Path(tempfile.mkdtemp(prefix="clipengine_gpu_cli_out_"))
+            cmd = [sys.executable, "-m", "clipengine", "-v", *common, "-o", str(out / "emb"), *extra]
+            t0 = time.perf_counter()
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            wall = time.perf_counter() - t0
+            if args.out is not None:
+                args.out.mkdir(parents=True, exist_ok=True)
+                (args.out / f"round{r}_{name.split()[0]}.stderr.log").write_text(done.stderr)
+            if done.returncode != 0:
+                log.error("round %d %s: exit %d\n%s", r, name, done.returncode, done.stderr[-3000:])
+                continue
+            stats = json.loads(done.stdout[done.stdout.index("{") :])
+            embedded = int(stats.get("embedded", stats.get("images", 0)))
+            row = {"command_s": wall, "embed_s": float(stats.get("wall_s", 0.0)), "images": embedded}
+            row.update(_process_lines(done.stderr))
+            results[name].append(row)
+            log.info("round %d %s: %d images, command %.1f s (%.0f img/s), embed_folder %.1f s; %s", r, name,
+                     embedded, wall, embedded / wall, row["embed_s"], _summary(done.stderr))  # fmt: skip
+            subprocess.run(["rm", "-rf", str(out)], check=False)
+    print(f"{args.count} 1280x960 JPEGs, random ViT-B/32 weights (fp16), batch {args.batch}, "
+          f"{args.rounds} rounds in turn, whole `clipengine embed` commands\n")  # fmt: skip
+    print("| row | command s (median) | img/s (command) | embed_folder s | processes ready s | first batch s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, runs in results.items():
+        if not runs:
+            print(f"| {name} | failed | | | | |")
+            continue
+        med = {k: statistics.median(r.get(k, float("nan")) for r in runs) for k in runs[0]}
+        ready = f"{med['ready_s']:.1f}" if "ready_s" in med else ""
+        first = f"{med['first_s']:.1f}" if "first_s" in med else ""
+        print(f"| {name} | {med['command_s']:.1f} | {med['images'] / med['command_s']:.0f} | "
+              f"{med['embed_s']:.1f} | {ready} | {first} |")  # fmt: skip
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def _checkpoint(path: Path, seed: int) -> Path:
+    """Random ViT-B/32 weights saved as a state dict, as `--checkpoint` reads them (made once)."""
+    if path.exists():
+        return path
+    import torch
+
+    from clipengine.models.clip import build_model
+    from clipengine.models.config import get_config
+
+    torch.manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(build_model(get_config("ViT-B-32")).state_dict(), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+_READY = re.compile(r"GPU decode processes ready ([\d.]+) s after their start \(slowest: ([^)]*)\)")
+_FIRST = re.compile(r"GPU decode processes: first batch ([\d.]+) s after their start")
+_STEADY = re.compile(r"GPU decode processes: \d+ images in [\d.]+ s after the first batch \((\d+) img/s\)")
+
+
+def _process_lines(stderr: str) -> dict[str, float]:
+    found: dict[str, float] = {}
+    if m := _READY.search(stderr):
+        found["ready_s"] = float(m.group(1))
+    if m := _FIRST.search(stderr):
+        found["first_s"] = float(m.group(1))
+    if m := _STEADY.search(stderr):
+        found["steady_img_s"] = float(m.group(1))
+    return found
+
+
+def _summary(stderr: str) -> str:
+    lines = [line.split(" ", 2)[-1] for line in stderr.splitlines() if "GPU decode processes" in line]
+    return "; ".join(lines) or "one loader thread"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
