@@ -258,7 +258,8 @@ def render_run_stats(
     failures_path: str | Path | None = None,
     fidelity: dict[str, Any] | None = None,
 ) -> str:
-    """Summary of an embedding run: counts, FPS, per-stage ms per image.
+    """Summary of an embedding run: counts, FPS, per-stage ms per image, and what float16 storage
+    cost (`RunStats.storage_min_cos`, measured on the shards this run wrote; JSON: its own key).
 
     Args:
         stats: the run's stats.
@@ -285,10 +286,24 @@ def render_run_stats(
     n_failed = max(stats.failed_total, stats.failed)
     fail = f"Failed: {stats.failed} this run, {n_failed} in total" if n_failed != stats.failed else f"Failed: {n_failed}"
     fail += f" (listed in {failures_path})" if n_failed and failures_path else ""
+    lines = [head, fail]
+    if stats.storage_min_cos is not None:
+        lines.append(_storage_line(stats.storage_min_cos, stats))
     if not stats.embedded:  # everything resumed or unreadable: no per-image timings to show
-        return "\n".join([head, fail])
+        return "\n".join(lines)
     table = _table(("stage", "total s", "ms/img"), stage_rows, markdown=fmt == "markdown")
-    return "\n".join([head, fail, "", table])
+    return "\n".join([*lines, "", table])
+
+
+def _storage_line(cos: float, stats: RunStats) -> str:
+    """What float16 storage cost the rows this run wrote (`cos`: their worst cosine to float32)."""
+    line = (
+        f"Stored as float16: min cosine {cos:.8f} (1 - {1.0 - cos:.1e}) to the float32 rows, "
+        f"measured over the {stats.embedded} rows this run wrote"
+    )
+    if stats.skipped:
+        line += f" (not the {stats.skipped} resumed inputs)"
+    return line
 
 
 def seed_block(result: BenchResult) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,26 @@ def test_run_stats_summary_of_a_resume_tells_this_run_and_total_failures() -> No
     assert (data["failed"], data["failed_total"]) == (0, 2)
     stats = RunStats(images=10, embedded=3, failed=1, skipped=6, failed_total=1, shards_skipped=1, wall_s=0.1)
     assert "Failed: 1 (listed in failures.jsonl)" in render_run_stats(stats, failures_path="failures.jsonl")
+
+
+def test_run_stats_carry_and_render_the_float16_storage_cosine() -> None:
+    """The worst cosine of a float16 row on disk to its float32 row: merged as the worst over
+    partitions (the Ray engine adds theirs), in the JSON and run.json timings, and a text line."""
+    total = RunStats(images=10, embedded=6, skipped=4, shards_skipped=1, wall_s=1.0, shards_written=2)
+    total.add(RunStats(embedded=3, storage_min_cos=0.99999995))
+    total.add(RunStats(embedded=3))  # a partition measured nothing (resumed, or float32)
+    total.add(RunStats(embedded=0, storage_min_cos=0.99999991))
+    assert total.storage_min_cos == 0.99999991
+    assert RunStats(**json.loads(json.dumps(asdict(total)))) == total  # as Ray actors send their stats
+    data = json.loads(render_run_stats(total, "json"))
+    assert data["storage_min_cos"] == 0.99999991
+    lines = render_run_stats(total).splitlines()
+    assert lines[2] == (
+        "Stored as float16: min cosine 0.99999991 (1 - 9.0e-08) to the float32 rows, measured over the "
+        "12 rows this run wrote (not the 4 resumed inputs)"
+    )
+    plain = RunStats(images=2, embedded=2, wall_s=1.0, shards_written=1)
+    assert "float16" not in render_run_stats(plain) and json.loads(render_run_stats(plain, "json"))["storage_min_cos"] is None
 
 
 def test_plot_writes_a_png(tmp_path: Path) -> None:

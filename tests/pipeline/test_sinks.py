@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from clipengine.errors import DatasetError
-from clipengine.pipeline.sinks import ShardSink, atomic_write_bytes, read_embeddings, read_failures
+from clipengine.pipeline.sinks import (
+    ShardSink,
+    atomic_write_bytes,
+    float16_min_cos,
+    read_embeddings,
+    read_failures,
+)
 from clipengine.types import Failure
 
 
@@ -56,6 +62,49 @@ def test_float16_shards_read_back_as_float32(tmp_path: Path) -> None:
     _, vectors, _ = read_embeddings(tmp_path)
     assert vectors.dtype == np.float32
     np.testing.assert_allclose(vectors, _vectors(1), atol=1e-3)
+
+
+def test_float16_min_cos_is_the_worst_row_cosine_measured_in_float64() -> None:
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal((64, 512)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    stored = v.astype(np.float16)
+    x, y = v.astype(np.float64), stored.astype(np.float64)
+    expected = ((x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)).min()
+    got = float16_min_cos(v, stored)
+    assert got is not None and got == pytest.approx(expected, abs=1e-12)
+    assert 0.9999999 < got < 1.0  # float16 loses ~1e-8 of cosine on unit rows: float32 would read 1.0
+    assert float16_min_cos(v[:0], stored[:0]) is None
+    # NaN input: no direction to lose (left out); a row that overflowed (|x| > 65504) keeps none.
+    bad = np.array([[np.nan, 1.0], [3.0, 4.0], [1e5, 1.0], [0.0, 0.0]], dtype=np.float32)
+    assert float16_min_cos(bad[[0, 1, 3]], bad[[0, 1, 3]].astype(np.float16)) == pytest.approx(1.0)
+    with np.errstate(over="ignore"):
+        overflowed = bad.astype(np.float16)
+    assert float16_min_cos(bad, overflowed) == 0.0
+    assert float16_min_cos(bad[:1], bad[:1].astype(np.float16)) is None
+
+
+def test_a_float16_sink_keeps_the_worst_cosine_of_the_shards_it_wrote(tmp_path: Path) -> None:
+    """Storage in float16 states its loss (no silent accuracy loss): measured per shard as written."""
+    rng = np.random.default_rng(1)
+    blocks = [rng.standard_normal((n, 64)).astype(np.float32) for n in (5, 7, 3)]
+    blocks = [b / np.linalg.norm(b, axis=1, keepdims=True) for b in blocks]
+    sink = ShardSink(tmp_path, dtype="float16")
+    assert sink.min_cos_written() is None
+    for pid, block in enumerate(blocks):
+        sink.write(pid, [f"{pid}-{i}" for i in range(len(block))], block, [(1, 1)] * len(block), [])
+    per_shard = [float16_min_cos(b, b.astype(np.float16)) for b in blocks]
+    _, stored, _ = read_embeddings(tmp_path)
+    on_disk = float16_min_cos(np.concatenate(blocks), stored.astype(np.float16))
+    assert sink.min_cos_written() == min(c for c in per_shard if c is not None) < 1.0
+    assert on_disk == pytest.approx(sink.min_cos_written(), abs=1e-15)  # the rows on disk
+    assert sink.min_cos_written([1, 2]) == min(per_shard[1:])  # type: ignore[type-var]
+    assert sink.min_cos_written([9]) is None
+    sink.write(0, [], np.zeros((0, 64), np.float32), [], [])  # rewritten empty: shard 0 measures nothing now
+    assert sink.min_cos_written([0]) is None
+    f32 = ShardSink(tmp_path / "f32", dtype="float32")
+    f32.write(0, ["a"], blocks[0][:1], [(1, 1)], [])
+    assert f32.min_cos_written() is None  # nothing lost: nothing to state
 
 
 def test_is_complete_checks_ids_counts_dtype_and_dim(tmp_path: Path) -> None:

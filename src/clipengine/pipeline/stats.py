@@ -28,6 +28,9 @@ class RunStats:
     wait_s: float = 0.0  # time the backend sat idle waiting for decoded images
     load_s: float = 0.0  # building the backend (model load)
     wall_s: float = 0.0
+    # float16 storage: the worst cosine of a row as written to the float32 row it came from, over
+    # the shards this run wrote (`sinks.float16_min_cos`); None: float32 storage, or no shard written.
+    storage_min_cos: float | None = None
 
     @property
     def processed(self) -> int:
@@ -50,11 +53,15 @@ class RunStats:
         return {s: 1000.0 * getattr(self, f"{s}_s") / n if n else 0.0 for s in stages}
 
     def add(self, other: RunStats) -> None:
-        """Accumulate another partition's stats into this one (wall time excluded)."""
+        """Accumulate another partition's stats into this one (wall time excluded; the worst
+        `storage_min_cos` of the two kept)."""
         for name, value in asdict(other).items():
             if name == "wall_s":
                 continue
-            if isinstance(value, list):
+            if name == "storage_min_cos":
+                measured = [c for c in (self.storage_min_cos, value) if c is not None]
+                self.storage_min_cos = min(measured) if measured else None
+            elif isinstance(value, list):
                 getattr(self, name).extend(value)
             else:
                 setattr(self, name, getattr(self, name) + value)
