@@ -377,3 +377,24 @@ def test_embedding_into_the_image_folder_keeps_images_named_like_temp_files(
     odd = good.rename(root / "beach.tmp-2.jpg")
     stats = embed_folder(root, root, fakes.FakeBackendFactory(), preprocess_cfg, model="fake", workers=0)
     assert odd.is_file() and stats.embedded == 1 and stats.failed == 0
+
+
+def test_float16_storage_states_its_measured_loss(image_folder: Path, tmp_path: Path, preprocess_cfg, fake_factory) -> None:  # type: ignore[no-untyped-def]
+    """float16 shards (the default) were stored with no figure for their rounding; the run now
+    states the worst cosine of a stored row to its float32 row, over the rows it wrote."""
+    half = embed_folder(image_folder, tmp_path / "f16", fake_factory, preprocess_cfg, workers=0, shard_size=4)
+    assert half.storage_min_cos is not None and 0.9999 < half.storage_min_cos < 1.0
+    _, stored, _ = read_embeddings(tmp_path / "f16")
+    full = embed_folder(image_folder, tmp_path / "f32", fake_factory, preprocess_cfg, workers=0, shard_size=4,
+                        dtype="float32")  # fmt: skip
+    assert full.storage_min_cos is None
+    _, exact, _ = read_embeddings(tmp_path / "f32")
+    a, b = stored.astype(np.float64), exact.astype(np.float64)
+    cos = (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert half.storage_min_cos == pytest.approx(float(cos.min()), abs=1e-9)  # what it says is what was stored
+    timings = json.loads((tmp_path / "f16" / "run.json").read_text())["timings"]
+    assert timings["storage_min_cos"] == half.storage_min_cos
+    items = list_items(image_folder)
+    part = run_partition(items[:3], fake_factory, ShardSink(tmp_path / "one"), partition_id=0,
+                         preprocess_cfg=preprocess_cfg)  # fmt: skip
+    assert part.storage_min_cos is not None and 0.9999 < part.storage_min_cos < 1.0

@@ -97,6 +97,7 @@ def run_partition(
     loading = Loading(preprocess_cfg, batch_size, workers=workers, executor=executor, fast_decode=fast_decode,
                        gpu_decode=gpu_decode, gpu_decoder=gpu_decoder, gpu_read_threads=gpu_read_threads)  # fmt: skip
     embed_partitions([Partition(partition_id, tuple(items))], lazy, sink, stats, loading, progress)
+    stats.storage_min_cos = sink.min_cos_written([partition_id])  # float16 storage's measured loss
     stats.wall_s = time.perf_counter() - t_start
     return stats
 
@@ -256,6 +257,7 @@ def embed_folder(
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
     total.failed_total = sink.write_failures(len(parts))
+    total.storage_min_cos = sink.min_cos_written()  # float16 storage's measured loss, over the rows written here
     total.wall_s = time.perf_counter() - t_start
     info.update(status="complete", counts=total.counts(), timings=total.to_dict())
     if not total.processed and previous is not None and "timings" in previous:
