@@ -4,7 +4,8 @@
 Session 11-12 measured the decode processes inside `benchmarks/gpu_gap.py`, where the model is loaded
 before the clock starts: there their 6.5-7.9 s start-up was all cost, and 2-3 processes lost to the one
 loader thread over 65,536 files (3.2-3.5k vs 5.7k img/s) although they ran 6.4-6.7k img/s once started.
-A command loads its model too (torch, the checkpoint, the device); the processes now start first. This
+A command loads its model too (torch, the checkpoint, the device); the processes now start first, and
+this process's loader thread loads from the start beside them (`pipeline.gpu_procs`). This
 times the whole command, `python -m clipengine embed ...` from start to exit, rows in turn, on random
 ViT-B/32 weights saved as a checkpoint file (speed does not depend on the values) and N 1280x960 JPEGs.
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--count", type=int, default=65536, help="1280x960 JPEGs (64 distinct, linked)")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--procs", default="2,3", help="--gpu-decode-procs values, each a row beside the default")
+    p.add_argument("--procs", default="3,4", help="--gpu-decode-procs values, each a row beside the default")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--device", default="cuda", help="cuda; cpu: a smoke test of this script (no GPU decode)")
     p.add_argument("--folder", type=Path, default=Path(tempfile.gettempdir()) / "clipengine_gpu_cli")
@@ -122,7 +123,7 @@ def _checkpoint(path: Path, seed: int) -> Path:
 
 _READY = re.compile(r"GPU decode processes ready ([\d.]+) s after their start \(slowest: ([^)]*)\)")
 _FIRST = re.compile(r"GPU decode processes: first batch ([\d.]+) s after their start")
-_STEADY = re.compile(r"GPU decode processes: \d+ images in [\d.]+ s after the first batch \((\d+) img/s\)")
+_LOADERS = re.compile(r"GPU loaders: \d+ images in [\d.]+ s \((\d+) img/s\); images per loader \(0: this process's thread\): (.*)")
 
 
 def _process_lines(stderr: str) -> dict[str, float]:
@@ -131,13 +132,14 @@ def _process_lines(stderr: str) -> dict[str, float]:
         found["ready_s"] = float(m.group(1))
     if m := _FIRST.search(stderr):
         found["first_s"] = float(m.group(1))
-    if m := _STEADY.search(stderr):
-        found["steady_img_s"] = float(m.group(1))
+    if m := _LOADERS.search(stderr):
+        found["loaders_img_s"] = float(m.group(1))
+        found["own_thread_images"] = float(m.group(2).split(", ")[0].split(": ")[1])
     return found
 
 
 def _summary(stderr: str) -> str:
-    lines = [line.split(" ", 2)[-1] for line in stderr.splitlines() if "GPU decode processes" in line]
+    lines = [line.split(" ", 2)[-1] for line in stderr.splitlines() if "GPU decode processes" in line or "GPU loaders" in line]
     return "; ".join(lines) or "one loader thread"
 
 

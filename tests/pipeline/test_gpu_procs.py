@@ -15,7 +15,7 @@ from gpu_fakes import tiny_model_cfg
 from clipengine.pipeline import gpu_procs
 from clipengine.pipeline.batching import LoadStats
 from clipengine.pipeline.gpu_loading import iter_gpu_loaded
-from clipengine.pipeline.gpu_procs import DecodeProcesses, iter_gpu_loaded_procs, split_blocks
+from clipengine.pipeline.gpu_procs import DecodeProcesses, claimed_items, iter_gpu_loaded_procs
 from clipengine.pipeline.run import embed_folder
 from clipengine.pipeline.sinks import read_embeddings, read_failures
 from clipengine.pipeline.sources import list_items
@@ -24,15 +24,20 @@ torch = pytest.importorskip("torch")
 
 
 def _setup(procs: int = 2, **kw) -> DecodeProcesses:  # type: ignore[no-untyped-def]
-    return DecodeProcesses(procs, decode_batch=gpu_fakes.pil_batch_decode, **kw)
+    return DecodeProcesses(procs, **{"decode_batch": gpu_fakes.pil_batch_decode, **kw})
 
 
-def test_blocks_go_round_robin_and_each_item_once() -> None:
+def test_loaders_claim_whole_blocks_in_order_and_each_once() -> None:
+    import multiprocessing
+
+    counter, claims = multiprocessing.Value("q", 0), multiprocessing.Array("q", 3, lock=False)
     items = list(range(10))
-    shares = split_blocks(items, 3, 2)  # type: ignore[arg-type]
-    assert shares == [[0, 1, 6, 7], [2, 3, 8, 9], [4, 5]]
-    assert sorted(x for s in shares for x in s) == items
-    assert split_blocks(items[:3], 4, 2) == [[0, 1], [2], [], []]  # type: ignore[arg-type]
+    first, second = claimed_items(items, 4, counter, claims, 0), claimed_items(items, 4, counter, claims, 2)  # type: ignore[arg-type]
+    got = [next(first) for _ in range(4)] + [next(second) for _ in range(4)] + list(first) + list(second)
+    assert got == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]  # loader 0 took blocks 0 and 2, loader 2 block 1
+    assert list(claims) == [2, 0, 1] and counter.value == 3
+    assert gpu_procs._unneeded(1, 3, counter, claims) and not gpu_procs._unneeded(0, 3, counter, claims)
+    assert list(claimed_items([], 4, multiprocessing.Value("q", 0), claims, 1)) == [] and claims[1] == 0  # type: ignore[arg-type]
 
 
 def test_one_process_is_refused() -> None:
@@ -102,7 +107,11 @@ def test_embed_folder_with_decode_processes_writes_the_same_output(  # type: ign
     assert again.skipped == len(good) + len(bad)
 
 
-def test_a_decode_process_that_dies_fails_the_run(photo_folder, tiny_model) -> None:  # type: ignore[no-untyped-def]
+def test_a_decode_process_that_dies_fails_the_run(photo_folder, tiny_model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # Blocks of one file, one file per decode call in this process's (slow) loader thread: files are
+    # left unclaimed when the process dies.
+    monkeypatch.setattr(gpu_procs, "default_decode_group", lambda batch_size: 1)
+    monkeypatch.setattr("clipengine.pipeline.gpu_batching.default_decode_group", lambda batch_size: 1)
     root, _, _ = photo_folder
     setup = DecodeProcesses(2, decode_batch=gpu_fakes.exit_at_decode)
     t0 = time.perf_counter()
@@ -114,7 +123,7 @@ def test_a_decode_process_that_dies_fails_the_run(photo_folder, tiny_model) -> N
 
 def test_an_error_in_a_decode_process_is_raised_with_its_traceback(photo_folder, tiny_model) -> None:  # type: ignore[no-untyped-def]
     root, _, _ = photo_folder
-    with pytest.raises(RuntimeError, match=r"(?s)GPU decode process \d failed: .*bogus.*Traceback"):
+    with pytest.raises(RuntimeError, match=r"(?s)(GPU decode process \d|the loader thread) failed: .*bogus.*Traceback"):
         list(iter_gpu_loaded_procs(list_items(root), tiny_model_cfg(tiny_model), 4, "bogus", LoadStats(),
                                    "torchvision", _setup()))  # fmt: skip
 
@@ -236,8 +245,8 @@ def test_processes_started_ahead_load_once_and_stop_unused(photo_folder, tiny_mo
     run one load, and processes closed without work stop at once."""
     root, good, bad = photo_folder
     cfg = tiny_model_cfg(tiny_model)
-    with gpu_procs.start_decode_processes(_setup(), "cpu", "torchvision") as started:
-        assert len(_decode_children()) == 2
+    with gpu_procs.start_decode_processes(_setup(procs=3), "cpu", "torchvision") as started:
+        assert len(_decode_children()) == 2  # and this process's loader thread: 3 loaders
         stats = LoadStats()
         batches = list(started.load(list_items(root), cfg, 4, stats))
         assert sorted(i for b in batches for i in b.ids) == good and (stats.images, stats.failures) == (len(good), len(bad))
@@ -258,3 +267,35 @@ def test_processes_started_with_other_settings_are_refused(image_folder, tmp_pat
         with pytest.raises(ValueError, match="need gpu_decode"):
             embed_folder(image_folder, tmp_path / "out", fake_factory, preprocess_cfg, gpu_decode_procs=started)
     assert not (tmp_path / "out").exists() and not _decode_children()
+
+
+def test_decode_processes_take_blocks_as_they_come(tmp_path: Path, fakes, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Blocks are claimed, not dealt: with this process's loader slow, the processes load most of
+    the files once started, and each file arrives once."""
+    import logging
+
+    from clipengine.image.preprocess import PreprocessConfig
+
+    monkeypatch.setattr(gpu_procs, "default_decode_group", lambda batch_size: 1)
+    monkeypatch.setattr("clipengine.pipeline.gpu_batching.default_decode_group", lambda batch_size: 1)
+    fakes.write_images(tmp_path / "many", 40)
+    items = list_items(tmp_path / "many")
+    with caplog.at_level(logging.INFO, logger="clipengine.pipeline.gpu_procs"):
+        got = [i for b in iter_gpu_loaded_procs(items, PreprocessConfig(image_size=16), 2, "cpu", LoadStats(),
+                                                 "torchvision", _setup(procs=3, decode_batch=gpu_fakes.slow_here))
+               for i in b.ids]  # fmt: skip
+    assert sorted(got) == sorted(item.id for item in items) and len(got) == 40
+    line = next(r.getMessage() for r in caplog.records if "images per loader" in r.getMessage())
+    per_loader = {int(k): int(v) for k, v in (part.split(": ") for part in line.split("thread): ")[1].split(", "))}
+    assert sum(per_loader.values()) == 40 and per_loader[1] + per_loader[2] > per_loader[0], line
+
+
+def test_a_process_still_starting_when_the_files_are_done_does_not_hold_the_run(photo_folder, tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """This process's loader thread loads from the start; a process that is still starting when every
+    file is claimed is not waited for (it is terminated)."""
+    root, good, _ = photo_folder
+    t0 = time.perf_counter()
+    batches = list(iter_gpu_loaded_procs(list_items(root), tiny_model_cfg(tiny_model), 4, "cpu", LoadStats(),
+                                         "torchvision", _setup(decode_batch=gpu_fakes.slow_in_children)))  # fmt: skip
+    assert sorted(i for b in batches for i in b.ids) == good
+    assert time.perf_counter() - t0 < 30 and not _decode_children()  # the process sleeps 60 s in its start-up

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 
 import numpy as np
 import torch
@@ -20,8 +21,14 @@ def pil_batch_decode(data: list[torch.Tensor], device: torch.device) -> list[tor
 
 
 def exit_at_decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """A decode process that dies mid-run (a driver crash, the OOM killer)."""
-    os._exit(3)
+    """A decode process that dies mid-run (a driver crash, the OOM killer). In the test's own process
+    (its loader thread) it decodes, slowly, so files are still unclaimed when the process dies."""
+    import multiprocessing
+
+    if multiprocessing.parent_process() is not None:
+        os._exit(3)
+    time.sleep(1.0)
+    return pil_batch_decode(data, device)
 
 
 def tiny_model_cfg(model):  # type: ignore[no-untyped-def]
@@ -29,3 +36,21 @@ def tiny_model_cfg(model):  # type: ignore[no-untyped-def]
     from clipengine.image.preprocess import PreprocessConfig
 
     return PreprocessConfig(image_size=model.config.vision.image_size)
+
+
+def slow_in_children(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Decode processes that take a minute to start (their warm-up decode); this process decodes at once."""
+    import multiprocessing
+
+    if multiprocessing.parent_process() is not None:
+        time.sleep(60)
+    return pil_batch_decode(data, device)
+
+
+def slow_here(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """This process's loader thread decodes slowly (0.5 s a call); the decode processes at once."""
+    import multiprocessing
+
+    if multiprocessing.parent_process() is None:
+        time.sleep(0.5)
+    return pil_batch_decode(data, device)

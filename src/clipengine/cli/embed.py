@@ -127,10 +127,10 @@ GPU_DECODE_PROCS_OPT = typer.Option(
     1,
     "--gpu-decode-procs",
     min=1,
-    help="Experimental, with --gpu-decode: processes decoding and preprocessing on the GPU, each a share "
-    "of the files (the same pixels). They start while the model loads. 1 (default): one loader thread. "
-    "On an H200, 2-3 ran 6.4-6.7k img/s once started against 5.7k for one thread, but took 6.5-7.9 s to "
-    "start (docs/performance.md).",
+    help="Experimental, with --gpu-decode: GPU loaders in all, this process's loader thread and N-1 "
+    "processes, each decoding and preprocessing the next block of files (the same pixels). The processes "
+    "start while the model loads and join when ready. 1 (default): the loader thread alone. Measured on "
+    "an H200 in docs/performance.md.",
 )
 WORKERS_HELP = "Decode processes (default: one per core; 0 decodes in the main process)."
 _EMBED_WORKERS_HELP = ("Decode processes (default: one per core; with --gpu-decode the cores less 4, for the files nvjpeg "

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..image.gpu_decode import GpuJpegDecoder
@@ -110,7 +110,7 @@ def iter_gpu_loaded(
 
 
 def loader_batches(
-    items: Sequence[ImageItem],
+    items: Iterable[ImageItem],
     cfg: PreprocessConfig,
     batch_size: int,
     jpeg_decoder: GpuJpegDecoder,
@@ -128,7 +128,7 @@ def loader_batches(
 
 
 def _decoded_ahead(
-    items: Sequence[ImageItem],
+    items: Iterable[ImageItem],
     cfg: PreprocessConfig,
     batch_size: int,
     jpeg_decoder: GpuJpegDecoder,

@@ -1,24 +1,6 @@
-"""Experimental: the GPU loader in several processes. Each decodes and preprocesses its own blocks of
-files on the same GPU, and hands its batches to this process through CUDA IPC.
-
-Status (session 11, H200, `benchmarks/gpu_gap.py` rows C / R / S over 65,536 1280x960 JPEGs): it
-does not pay, and stays a library option (`embed_folder(gpu_decode_procs=N)`) with no CLI flag.
-- Once running, 3 processes embedded 6,553 img/s against 5,572-5,707 for the one loader thread
-  (+16 %), but the processes took 7.5-11.3 s to send their first batch (spawn, torch and CUDA
-  start-up in each): at that rate the start-up is repaid only after about 370,000 images.
-- In 3 of 4 runs over 65,536 files one decode process died of SIGSEGV (exit code -11) after 5-7 s
-  of decoding; runs over 4,096 files and the gpu tests passed. The likely cause, found by reading
-  torch's `CudaIPCTypes.cpp` after that run: sharing a CUDA tensor (`GetNewRefCountedSentData`)
-  uses its reference-counter file outside the lock, while `CudaIPCCollect`, which the caching
-  allocator calls on any cache miss on any thread, may delete that file when no shared tensor is
-  outstanding. That run's processes sent from one thread (a queue's feeder) while a loader thread
-  allocated. Since then each process does all its CUDA work, sends included, on one thread, with
-  a pipe of its own (a crash mid-message is an EOF here, not a hang) and two batches of credit;
-  the consumer gets a copy of each batch on its own device memory, so no batch outlives its
-  sender. Unmeasured on a GPU so far; `faulthandler` prints the stacks of any further crash.
-- On the mix with 12 MP photos 2 processes ran 2,473-2,758 img/s once started, no faster than one
-  loader thread (2,677).
-A run that loses a process fails with a clear error and resumes like any other.
+"""Experimental: the GPU loader in several processes. A loader thread of this process and `procs - 1`
+spawned processes decode and preprocess on the same GPU, each taking the next block of files when it
+wants more; the processes hand their batches to this process through CUDA IPC.
 
 Why processes: torchvision's batched nvjpeg call holds one process-wide mutex and synchronises its
 stream before and after, so one process decodes one call at a time, with the host work around each
@@ -27,20 +9,38 @@ call (header checks, orientation, queuing the resize) in series with it. On an H
 the JPEG engines 57 % busy; two processes 10.3k together, four 11.0k. The whole per-process loader
 (decode + preprocess) went from 5.1k img/s in one process to 7.3k in two and 7.6k in four.
 
-Each process runs `gpu_loading.loader_batches` on every `procs`-th block of `default_decode_group`
-files (block k to process k mod procs) and sends each batch as it is ready; batches arrive here in
-whatever order the processes finish them. `shard_assembly` routes rows to their shard by id and
-writes each shard in input order, so the output is the same as with one process.
+History (H200, 65,536 1280x960 JPEGs; docs/performance.md):
+- Session 11: processes only, each dealt every `procs`-th block. Once running, 3 processes embedded
+  6,553 img/s against 5,572-5,707 for the one loader thread, but they took 7.5-11.3 s to send their
+  first batch, and in 3 of 4 runs one died of SIGSEGV. The likely cause (torch's `CudaIPCTypes.cpp`):
+  sharing a CUDA tensor uses its reference-counter file outside the lock while `CudaIPCCollect`, which
+  the caching allocator calls on a cache miss on any thread, may delete that file. Since then each
+  process does all its CUDA work, sends included, on one thread, with a pipe of its own (a crash
+  mid-message is an EOF here, not a hang) and two batches of credit, and this process copies each
+  batch on the device before the sender may exit.
+- Session 12, that design: no crash in 6 runs of 2-3 processes (4 over 65,536 files), 6.2-6.8k img/s
+  once started. Whole `clipengine embed` commands, with the processes started while the model loads
+  (`start_decode_processes`), still lost to one loader thread (27.1 s; 2 processes 30.1 s, 3 28.8 s):
+  each process needed 9-12 s to be ready (imports 3.4-4.2 s, its decoder's first calls 4.7-7.0 s).
+- So now (session 12) this process loads too, from the start, on a thread as `iter_gpu_loaded` does,
+  and the processes join as they become ready: blocks are claimed, not dealt (`claimed_items`), and a
+  process still starting when every block is claimed is not waited for.
+
+`shard_assembly` routes rows to their shard by id and writes each shard in input order, so the output
+is the same as with one loader, whichever loader took which block.
 
 The sending process keeps a batch's device memory until this process drops the tensor (torch's CUDA
 IPC reference counting). This process copies each batch on the device and drops the shared tensor
 once the copy has run, and lets the senders exit only after that.
+A run that loses a process fails with a clear error and resumes like any other.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
+import queue
 import threading
 import time
 import traceback
@@ -55,34 +55,37 @@ from ..types import Batch, ImageItem
 from .gpu_batching import default_decode_group
 
 if TYPE_CHECKING:
+    from ..image.gpu_decode import GpuJpegDecoder
     from ..image.preprocess import PreprocessConfig
     from .batching import LoadStats
+    from .gpu_batching import GpuBatch
 
 __all__ = [
     "DecodeProcesses",
     "StartedDecodeProcesses",
+    "claimed_items",
     "iter_gpu_loaded_procs",
-    "split_blocks",
     "start_decode_processes",
 ]
 
 _log = logging.getLogger(__name__)
 _POLL_S = 0.2  # how often a waiting side checks whether the other has gone
 _START_S = 300.0  # most seconds a decode process may take to send its first message (CUDA start-up)
-_QUEUED_PER_PROCESS = 2  # batches each process may have sent ahead of the consumer
+_QUEUED_PER_PROCESS = 2  # batches each loader may have sent ahead of the consumer
 
 
 @dataclass(frozen=True)
 class DecodeProcesses:
-    """What each GPU decode process runs, less its files (picklable: it is sent to each process).
+    """What each GPU loader runs, less its files (picklable: it is sent to each process).
 
     Args:
-        procs: decode processes, >= 2 (one process is `gpu_loading.iter_gpu_loaded` itself).
-        workers: CPU decode workers per process for the files nvjpeg cannot decode (and the CPU
-            share); 0: those files are decoded on the process's loader thread.
+        procs: GPU loaders in all, >= 2: a loader thread in this process and `procs - 1` spawned
+            processes (1 is `gpu_loading.iter_gpu_loaded` alone).
+        workers: CPU decode workers per loader for the files nvjpeg cannot decode (and the CPU
+            share); 0: those files are decoded on the loader's thread.
         cpu_share: the CPU assist share (`pipeline.cpu_assist`), 0: off.
         fast_decode: reduced-scale decode in those workers.
-        read_threads: reader threads per process.
+        read_threads: reader threads per loader.
         decode_batch: a stand-in for nvjpeg (tests; a top-level function, so it pickles).
     """
 
@@ -101,19 +104,33 @@ class DecodeProcesses:
     def for_run(
         cls, procs: int, workers: int, *, cpu_share: float = 0.0, fast_decode: bool = False, read_threads: int = 2
     ) -> DecodeProcesses:  # fmt: skip
-        """`procs` processes sharing a run's `workers` CPU decode workers (at least one each, 0: none;
+        """`procs` loaders sharing a run's `workers` CPU decode workers (at least one each, 0: none;
         they decode what nvjpeg cannot, and the CPU share)."""
         per_process = max(1, workers // procs) if workers > 0 else 0
         return cls(procs, per_process, cpu_share, fast_decode, read_threads)
 
 
-def split_blocks(items: Sequence[ImageItem], procs: int, block: int) -> list[list[ImageItem]]:
-    """Block k of `block` items goes to process k mod `procs`: each gets a share of every part of the
-    list, so the shards fill from the start at all processes' pace."""
-    shares: list[list[ImageItem]] = [[] for _ in range(procs)]
-    for k, start in enumerate(range(0, len(items), block)):
-        shares[k % procs].extend(items[start : start + block])
-    return shares
+def claimed_items(items: Sequence[ImageItem], block: int, counter: Any, claims: Any, rank: int) -> Iterator[ImageItem]:
+    """The blocks of `block` items loader `rank` claims, in claim order: each loader takes the next
+    unclaimed block (`counter`, a shared integer with a lock) when its read-ahead wants more files,
+    so a loader that starts late or runs slow takes fewer, and every block goes to one loader.
+    `claims[rank]` counts its blocks (under the same lock): a process still starting when every
+    block is gone need not be waited for."""
+    blocks = -(-len(items) // block)
+    while True:
+        with counter.get_lock():
+            k = counter.value
+            if k >= blocks:
+                return
+            counter.value = k + 1
+            claims[rank] += 1
+        yield from items[k * block : (k + 1) * block]
+
+
+def _unneeded(rank: int, blocks: int, counter: Any, claims: Any) -> bool:
+    """Whether loader `rank` has no block and will get none (every block is claimed)."""
+    with counter.get_lock():
+        return bool(counter.value >= blocks and claims[rank] == 0)
 
 
 def iter_gpu_loaded_procs(
@@ -125,8 +142,8 @@ def iter_gpu_loaded_procs(
     decoder: str,
     setup: DecodeProcesses,
 ) -> Iterator[Batch]:
-    """`gpu_loading.iter_gpu_loaded`'s batches, loaded by `setup.procs` processes (see the module
-    docstring); stage seconds are summed over the processes into `stats`. The processes start here:
+    """`gpu_loading.iter_gpu_loaded`'s batches, loaded by `setup.procs` loaders (see the module
+    docstring); stage seconds are summed over them into `stats`. The processes start here:
     `start_decode_processes` starts them ahead, while the model loads."""
     _check_config(preprocess_cfg)  # before any process starts
     if not items:
@@ -136,12 +153,11 @@ def iter_gpu_loaded_procs(
 
 
 def start_decode_processes(setup: DecodeProcesses, device: str, decoder: str) -> StartedDecodeProcesses:
-    """Start `setup.procs` decode processes now, before their files are known.
+    """Start the `setup.procs - 1` decode processes now, before their files are known.
 
     Each imports torch, opens `device` and warms its decoder up (one small JPEG decoded and
-    preprocessed) while the caller goes on, e.g. to load the model: that start-up is what made the
-    processes slower than the one loader thread over 65,536 files (see the module docstring).
-    Close the result (it is a context manager) when it is not used; `load` closes it when done.
+    preprocessed) while the caller goes on, e.g. to load the model. Close the result (it is a
+    context manager) when it is not used; `load` closes it when done.
     """
     return StartedDecodeProcesses(setup, device, decoder)
 
@@ -156,7 +172,8 @@ def _check_config(preprocess_cfg: PreprocessConfig | dict[str, Any]) -> dict[str
 
 
 class StartedDecodeProcesses:
-    """Decode processes started ahead of their files (`start_decode_processes`); `load` runs them once."""
+    """Decode processes started ahead of their files (`start_decode_processes`); `load` runs them,
+    with a loader thread of this process, once."""
 
     def __init__(self, setup: DecodeProcesses, device: str, decoder: str) -> None:
         import torch.multiprocessing as tmp
@@ -165,17 +182,20 @@ class StartedDecodeProcesses:
         self._used = False
         ctx = tmp.get_context("spawn")
         self._release = ctx.Event()
+        self._counter = ctx.Value("q", 0)  # the next unclaimed block (`claimed_items`)
+        self._claims = ctx.Array("q", setup.procs, lock=False)  # blocks per loader, under the counter's lock
         self._children: list[_Child] = []
         self._started = time.perf_counter()
         try:
-            for rank in range(setup.procs):
+            for rank in range(1, setup.procs):  # rank 0 is this process's loader thread
                 ours, theirs = ctx.Pipe(duplex=True)
                 credits = ctx.Semaphore(_QUEUED_PER_PROCESS)
                 process = ctx.Process(
                     target=_decode_process,
                     name=f"clipengine-gpu-decode-{rank}",
                     daemon=False,
-                    args=(rank, device, decoder, setup, theirs, credits, self._release, time.time()),
+                    args=(rank, device, decoder, setup, theirs, credits, self._release, self._counter, self._claims,
+                          time.time()),
                 )
                 process.start()
                 # Only the child holds its end now: its exit, even a crash mid-message, is an EOF
@@ -197,20 +217,25 @@ class StartedDecodeProcesses:
         batch_size: int,
         stats: LoadStats,
     ) -> Iterator[Batch]:
-        """`items` in batches of `batch_size` rows from the processes (once; closes them at the end)."""
+        """`items` in batches of `batch_size` rows from all loaders (once; closes the processes at the end)."""
         if self._used:
             raise RuntimeError("these decode processes have run already: start new ones")
         self._used = True
+        own: _OwnLoader | None = None
         try:
             cfg = _check_config(preprocess_cfg)
-            shares = split_blocks(items, self.procs, default_decode_group(batch_size))
-            for child, share in zip(self._children, shares, strict=True):
-                # From a thread: a process still starting does not read yet, and a large share
-                # fills the pipe; this thread goes on to wait for the first batch meanwhile.
-                work = ("work", share, cfg, batch_size)
+            block = default_decode_group(batch_size)
+            for child in self._children:
+                # From a thread: a process still starting does not read yet, and the item list
+                # fills the pipe; this thread goes on to load meanwhile.
+                work = ("work", items, cfg, batch_size, block)
                 threading.Thread(target=_send_quietly, args=(child.conn, work), daemon=True).start()
-            yield from _receive(self._children, cfg["image_size"], stats, self._started)
+            claiming = _Claims(self._counter, self._claims, -(-len(items) // block))
+            own = _OwnLoader(items, cfg, batch_size, block, claiming, self.device, self.decoder, self.setup)
+            yield from _receive(self._children, own, cfg["image_size"], stats, self._started, claiming)
         finally:
+            if own is not None:
+                own.close()
             self.close()
 
     def close(self) -> None:
@@ -230,6 +255,21 @@ def _send_quietly(conn: Any, msg: tuple[Any, ...]) -> None:
         conn.send(msg)
 
 
+@dataclass(frozen=True)
+class _Claims:
+    """The shared block counter, the blocks each loader claimed, and how many blocks there are."""
+
+    counter: Any
+    per_loader: Any
+    blocks: int
+
+    def items(self, items: Sequence[ImageItem], block: int, rank: int) -> Iterator[ImageItem]:
+        return claimed_items(items, block, self.counter, self.per_loader, rank)
+
+    def unneeded(self, rank: int) -> bool:
+        return _unneeded(rank, self.blocks, self.counter, self.per_loader)
+
+
 @dataclass
 class _Child:
     """A decode process as its consumer sees it."""
@@ -238,50 +278,119 @@ class _Child:
     process: Any  # multiprocessing's SpawnProcess
     conn: Any  # our end of its pipe: work goes out, its messages come in
     credits: Any  # a semaphore: the batches it may send ahead of the consumer
+    heard: bool = False  # a message came: it has started (`_stop` lets it end by itself)
 
 
-def _receive(children: list[_Child], image_size: int, stats: LoadStats, spawned: float) -> Iterator[Batch]:
-    """The children's batches as they come, each in memory of this process (see `_own_copy`)."""
-    pending = {c.rank: c for c in children}
-    heard: set[int] = set()
+class _OwnLoader:
+    """This process's loader: what a decode process runs, on a thread, its messages through a queue
+    (its batches stay in this process: no CUDA IPC). It loads from the start, while the processes
+    are still starting, so the run never waits for them."""
+
+    def __init__(self, items: Sequence[ImageItem], cfg: dict[str, Any], batch_size: int, block: int,
+                 claiming: _Claims, device: str, decoder: str, setup: DecodeProcesses) -> None:  # fmt: skip
+        self.messages: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=_QUEUED_PER_PROCESS)
+        # One byte per message, so the consumer can wait on it beside the processes' pipes.
+        self.signal, self._signal_out = multiprocessing.Pipe(duplex=False)
+        self._stop = threading.Event()
+        args = (claiming.items(items, block, 0), cfg, batch_size, device, decoder, setup)
+        self._thread = threading.Thread(target=self._run, args=args, name="clipengine-gpu-decode-0", daemon=True)
+        self._thread.start()
+
+    def _run(self, items: Iterator[ImageItem], cfg: dict[str, Any], batch_size: int, device: str, decoder: str,
+             setup: DecodeProcesses) -> None:  # fmt: skip
+        try:
+            jpeg = _new_decoder(device, decoder, setup)
+            done = _load_claimed(items, cfg, batch_size, jpeg, setup, lambda b: self._put(("batch", b)))
+            if done is not None:
+                self._put(("done", done))
+        except BaseException as e:  # raised in the consumer, as the in-process loader's errors are
+            self._put(("error", f"{type(e).__name__}: {e}", traceback.format_exc()))
+
+    def _put(self, msg: tuple[Any, ...]) -> bool:
+        while not self._stop.is_set():
+            try:
+                self.messages.put(msg, timeout=_POLL_S)
+            except queue.Full:
+                continue
+            self._signal_out.send_bytes(b"")
+            return True
+        return False
+
+    def next_message(self) -> tuple[Any, ...]:
+        """The next message, once `signal` is readable."""
+        self.signal.recv_bytes()
+        return self.messages.get_nowait()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)  # it stops after the decode call it is in
+        self.signal.close()
+        self._signal_out.close()
+
+
+def _receive(
+    children: list[_Child], own: _OwnLoader, image_size: int, stats: LoadStats, spawned: float, claiming: _Claims
+) -> Iterator[Batch]:
+    """The loaders' batches as they come, each in memory of this process (see `_own_copy`)."""
+    pending: dict[int, _Child | _OwnLoader] = {c.rank: c for c in children}
+    pending[0] = own
+    heard: set[int] = {0}
     ready: dict[int, dict[str, float]] = {}
     held: deque[tuple[Any, Any]] = deque()
+    sent = {0: 0, **{c.rank: 0 for c in children}}  # images per loader
     started = time.perf_counter()
     first: float | None = None
     try:
         while pending:
             t0 = time.perf_counter()
-            child, msg = _next_message(pending, heard, started)
+            got = _next_message(pending, heard, started)
             stats.wait_s += time.perf_counter() - t0
-            if msg[0] == "batch":
+            if got is None:  # nothing for a while: stop waiting for processes that will get no files
+                for rank in [r for r in pending if r not in heard and claiming.unneeded(r)]:
+                    del pending[rank]  # still starting: `_stop` terminates it
+                continue
+            rank, msg = got
+            source = pending[rank]
+            if msg[0] == "batch" and isinstance(source, _OwnLoader):
+                gpu_batch: GpuBatch = msg[1]
+                del msg
+                sent[0] += len(gpu_batch.ids)
+                stats.images += len(gpu_batch.ids)
+                stats.failures += len(gpu_batch.failures)
+                yield Batch(ids=gpu_batch.ids, pixels=gpu_batch.pixels, sizes=gpu_batch.sizes,  # type: ignore[arg-type]
+                            failures=gpu_batch.failures)  # fmt: skip
+                del gpu_batch
+            elif msg[0] == "batch":
                 _, ids, pixels, failures, sizes = msg
                 del msg
                 if first is None:
                     first = time.perf_counter()
-                    _log.info("%d GPU decode processes: first batch %.1f s after their start, %.1f s after "
-                              "their files were sent", len(children), first - spawned, first - started)  # fmt: skip
+                    _log.info("GPU decode processes: first batch %.1f s after their start, %.1f s after their files "
+                              "were sent", first - spawned, first - started)  # fmt: skip
+                sent[rank] += len(ids)
                 stats.images += len(ids)
                 stats.failures += len(failures)
                 pixels = _own_copy(pixels, image_size, held)
                 yield Batch(ids=ids, pixels=pixels, sizes=sizes, failures=failures)
                 del pixels
-                child.credits.release()  # the consumer is done with it: the child may send another
+                source.credits.release()  # type: ignore[union-attr]  # the consumer is done with it: one more
             elif msg[0] == "ready":
-                ready[child.rank] = msg[1]
+                ready[rank] = msg[1]
                 if len(ready) == len(children):
                     _log_ready(ready)
             elif msg[0] == "done":
-                del pending[child.rank]
+                del pending[rank]
                 done = msg[1]
                 stats.read_s += done["read_s"]
                 stats.decode_s += done["decode_s"]
                 stats.preprocess_s += done["preprocess_s"]
-            else:  # "error": the child's traceback, raised here as the in-process loader would
-                raise RuntimeError(f"GPU decode process {child.rank} failed: {msg[1]}\n{msg[2]}")
-        if first is not None:  # the rate once started: what a long run gets (start-up is a fixed cost)
-            steady = time.perf_counter() - first
-            _log.info("%d GPU decode processes: %d images in %.2f s after the first batch (%.0f img/s)",
-                      len(children), stats.images, steady, stats.images / steady if steady > 0 else 0.0)  # fmt: skip
+            else:  # "error": the loader's traceback, raised here as the in-process loader would
+                where = "the loader thread" if rank == 0 else f"GPU decode process {rank}"
+                raise RuntimeError(f"{where} failed: {msg[1]}\n{msg[2]}")
+        wall = time.perf_counter() - started
+        _log.info("%d GPU loaders: %d images in %.2f s (%.0f img/s); images per loader (0: this process's "
+                  "thread): %s", len(children) + 1, stats.images, wall, stats.images / wall if wall > 0 else 0.0,
+                  ", ".join(f"{k}: {v}" for k, v in sorted(sent.items())))  # fmt: skip
     finally:
         for event, _ in held:  # the copies still reading a child's memory finish before it may go
             event.synchronize()
@@ -290,11 +399,12 @@ def _receive(children: list[_Child], image_size: int, stats: LoadStats, spawned:
 
 def _log_ready(ready: dict[int, dict[str, float]]) -> None:
     """Where the start-up went, for the slowest process of each phase (the next device session reads it)."""
-    phases = ("spawn_s", "import_s", "device_s", "warm_s", "ready_s")
+    phases = ("spawn_s", "import_s", "device_s", "warm_decode_s", "warm_preprocess_s", "ready_s")
     slowest = {k: max(r.get(k, 0.0) for r in ready.values()) for k in phases}
     _log.info("%d GPU decode processes ready %.1f s after their start (slowest: spawn %.1f s, imports %.1f s, "
-              "device %.1f s, decoder warm-up %.1f s)", len(ready), slowest["ready_s"], slowest["spawn_s"],
-              slowest["import_s"], slowest["device_s"], slowest["warm_s"])  # fmt: skip
+              "device %.1f s, decoder warm-up %.1f s, resize warm-up %.1f s)", len(ready), slowest["ready_s"],
+              slowest["spawn_s"], slowest["import_s"], slowest["device_s"], slowest["warm_decode_s"],
+              slowest["warm_preprocess_s"])  # fmt: skip
 
 
 def _own_copy(pixels: Any, image_size: int, held: deque[tuple[Any, Any]]) -> Any:
@@ -322,37 +432,45 @@ def _own_copy(pixels: Any, image_size: int, held: deque[tuple[Any, Any]]) -> Any
 
 
 def _next_message(
-    pending: dict[int, _Child], heard: set[int], started: float
-) -> tuple[_Child, tuple[Any, ...]]:
-    """The next message from a pending child; raises when one died or never started."""
+    pending: dict[int, _Child | _OwnLoader], heard: set[int], started: float
+) -> tuple[int, tuple[Any, ...]] | None:
+    """The next message from a pending loader (by rank), or None after `_POLL_S` without one; raises
+    when a process died or never started."""
     from multiprocessing.connection import wait
 
-    while True:
-        by_conn = {c.conn: c for c in pending.values()}
-        ready = wait(list(by_conn), timeout=_POLL_S)
-        for ready_conn in ready:
-            child = by_conn[ready_conn]
-            conn: Any = child.conn
-            try:
-                msg = conn.recv()
-            except (EOFError, OSError):  # it exited (or crashed) before its last message
-                child.process.join(timeout=5)
-                raise RuntimeError(
-                    f"GPU decode process {child.rank} exited with code {child.process.exitcode} before it "
-                    "finished; the files it had not sent are not embedded (run again to resume)"
-                ) from None
-            heard.add(child.rank)
-            return child, msg
-        silent = sorted(set(pending) - heard)
-        if silent and time.perf_counter() - started > _START_S:
-            raise RuntimeError(f"GPU decode process {silent[0]} sent nothing in {_START_S:.0f} s")
+    by_conn = {(s.signal if isinstance(s, _OwnLoader) else s.conn): rank for rank, s in pending.items()}
+    ready = wait(list(by_conn), timeout=_POLL_S)
+    for ready_conn in ready:
+        rank = by_conn[ready_conn]
+        source = pending[rank]
+        if isinstance(source, _OwnLoader):
+            return rank, source.next_message()
+        conn: Any = source.conn
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):  # it exited (or crashed) before its last message
+            source.process.join(timeout=5)
+            raise RuntimeError(
+                f"GPU decode process {rank} exited with code {source.process.exitcode} before it "
+                "finished; the files it had not sent are not embedded (run again to resume)"
+            ) from None
+        heard.add(rank)
+        source.heard = True
+        return rank, msg
+    silent = sorted(set(pending) - heard)
+    if silent and time.perf_counter() - started > _START_S:
+        raise RuntimeError(f"GPU decode process {silent[0]} sent nothing in {_START_S:.0f} s")
+    return None
 
 
 def _stop(children: list[_Child], release: Any) -> None:
-    """Let the children go, and wait for them (a stuck one is terminated)."""
+    """Let the children go, and wait for them (a stuck one is terminated). One still starting (not
+    heard from) is terminated at once: it has shared nothing yet, and its start-up takes seconds."""
     release.set()
     for c in children:
         c.conn.close()  # a child blocked sending to us gets a broken pipe and ends
+        if not c.heard and c.process.is_alive():
+            c.process.terminate()
     for c in children:
         c.process.join(timeout=30)
         if c.process.is_alive():  # stuck (a hung driver call): it holds nothing this process still needs
@@ -368,10 +486,12 @@ def _decode_process(
     conn: Any,
     credits: Any,
     release: Any,
+    counter: Any,
+    claims: Any,
     spawned_at: float,
 ) -> None:
-    """A decode process's main: start up (imports, the device, a decoder warm-up), then take its files
-    and send each batch as it is ready.
+    """A decode process's main: start up (imports, the device, a decoder warm-up), then take the file
+    list, load the blocks it claims, and send each batch as it is ready.
 
     One thread does all the CUDA work here, the sends included: torch's CUDA IPC bookkeeping is
     not safe against an allocation on another thread while a tensor is being shared (module
@@ -384,74 +504,97 @@ def _decode_process(
     entered = time.time()
     faulthandler.enable()  # a crash in native code prints every thread's stack
     as_child_process()  # Ctrl-C is the parent's to handle; a parent that dies takes this process with it
-    executor = None
     working = False  # set once the files came: only then may the consumer hold this process's memory
     try:
         import torch
         import torch.multiprocessing  # registers tensor pickling (CUDA IPC) for the pipe
 
-        from ..image.gpu_decode import GpuJpegDecoder
-        from ..image.preprocess import PreprocessConfig
-        from .cpu_assist import CpuAssist
-        from .decode_pool import make_executor
-        from .gpu_loading import loader_batches
-
         imported = time.time()
         cuda = torch.device(device).type == "cuda"
         if cuda:
-            torch.zeros(1, device=device)  # the CUDA context: the slow part of a process's start
+            torch.zeros(1, device=device)  # the CUDA context
         opened = time.time()
-
-        def new_decoder() -> GpuJpegDecoder:
-            if setup.decode_batch is None:
-                return GpuJpegDecoder(device, library=decoder)
-            return GpuJpegDecoder(device, decode_batch=setup.decode_batch)
-
-        _warm_up(new_decoder())  # a decoder of its own: its stats are not the run's
+        decode_s, preprocess_s = _warm_up(_new_decoder(device, decoder, setup))  # its stats are not the run's
         warm = time.time()
         conn.send(("ready", {"spawn_s": entered - spawned_at, "import_s": imported - entered,
-                             "device_s": opened - imported, "warm_s": warm - opened, "ready_s": warm - spawned_at}))  # fmt: skip
-        msg = conn.recv()  # ("work", items, preprocess config, batch size)
+                             "device_s": opened - imported, "warm_decode_s": decode_s,
+                             "warm_preprocess_s": preprocess_s, "ready_s": warm - spawned_at}))  # fmt: skip
+        _, items, cfg, batch_size, block = conn.recv()  # ("work", ...)
         working = True
-        _, items, cfg, batch_size = msg
-        config = PreprocessConfig.from_dict(cfg)
-        jpeg = new_decoder()
-        executor = make_executor(setup.workers) if setup.workers > 0 else None
-        assist = (CpuAssist(executor, setup.workers, setup.cpu_share, cfg, fast_decode=setup.fast_decode)
-                  if executor is not None else None)  # fmt: skip
-        if assist is not None and setup.cpu_share > 0:
-            assist.prime()
-        batches = loader_batches(items, config, batch_size, jpeg, read_threads=setup.read_threads,
-                                 decode_ahead=False, assist=assist)  # fmt: skip
-        try:
-            for b in batches:
-                if not _acquire(credits, release):
-                    return  # the consumer stopped early
-                conn.send(("batch", b.ids, b.pixels if b.ids else None, b.failures, b.sizes))
-                del b
-                if cuda:
-                    torch.cuda.ipc_collect()  # type: ignore[no-untyped-call]  # frees what the consumer dropped
-        finally:
-            close = getattr(batches, "close", None)  # stops the reader threads
-            if close is not None:
-                close()
-        conn.send(("done", asdict(jpeg.stats)))
+
+        def send(b: GpuBatch) -> bool:
+            if not _acquire(credits, release):
+                return False  # the consumer stopped early
+            conn.send(("batch", b.ids, b.pixels if b.ids else None, b.failures, b.sizes))
+            del b
+            if cuda:
+                torch.cuda.ipc_collect()  # type: ignore[no-untyped-call]  # frees what the consumer dropped
+            return True
+
+        mine = claimed_items(items, block, counter, claims, rank)
+        done = _load_claimed(mine, cfg, batch_size, _new_decoder(device, decoder, setup), setup, send)
+        if done is not None:
+            conn.send(("done", done))
     except (BrokenPipeError, ConnectionResetError, EOFError):
         pass  # the consumer has gone (or stopped before sending the files): nobody to tell
     except BaseException as e:
         with contextlib.suppress(OSError):
             conn.send(("error", f"{type(e).__name__}: {e}", traceback.format_exc()))
     finally:
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
         if working:  # the consumer may still copy from this process's device memory: stay until it is done
             release.wait()
         conn.close()
 
 
-def _warm_up(jpeg: Any) -> None:
+def _new_decoder(device: str, decoder: str, setup: DecodeProcesses) -> GpuJpegDecoder:
+    from ..image.gpu_decode import GpuJpegDecoder
+
+    if setup.decode_batch is None:
+        return GpuJpegDecoder(device, library=decoder)
+    return GpuJpegDecoder(device, decode_batch=setup.decode_batch)
+
+
+def _load_claimed(
+    items: Iterator[ImageItem],
+    cfg: dict[str, Any],
+    batch_size: int,
+    jpeg: GpuJpegDecoder,
+    setup: DecodeProcesses,
+    emit: Callable[[GpuBatch], bool],
+) -> dict[str, Any] | None:
+    """One loader's work, in a decode process or on this process's loader thread: the blocks it
+    claims (`items`) through `gpu_loading.loader_batches`, each batch to `emit` (False: the consumer has
+    gone). Returns the decoder's stats, or None when stopped early."""
+    from ..image.preprocess import PreprocessConfig
+    from .cpu_assist import CpuAssist
+    from .decode_pool import make_executor
+    from .gpu_loading import loader_batches
+
+    executor = make_executor(setup.workers) if setup.workers > 0 else None
+    try:
+        assist = (CpuAssist(executor, setup.workers, setup.cpu_share, cfg, fast_decode=setup.fast_decode)
+                  if executor is not None else None)  # fmt: skip
+        if assist is not None and setup.cpu_share > 0:
+            assist.prime()
+        batches = loader_batches(items, PreprocessConfig.from_dict(cfg), batch_size, jpeg,
+                                 read_threads=setup.read_threads, decode_ahead=False, assist=assist)  # fmt: skip
+        try:
+            for b in batches:
+                if not emit(b):
+                    return None
+        finally:
+            close = getattr(batches, "close", None)  # stops the reader threads
+            if close is not None:
+                close()
+        return asdict(jpeg.stats)
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _warm_up(jpeg: GpuJpegDecoder) -> tuple[float, float]:
     """Decode and preprocess one small JPEG: the decoder's and the resize's first calls set up their
-    libraries (nvjpeg, cuBLAS), which would otherwise delay the first batch."""
+    libraries (nvjpeg, cuBLAS), which would otherwise delay the first batch. Returns their seconds."""
     import io
 
     from PIL import Image
@@ -462,9 +605,12 @@ def _warm_up(jpeg: Any) -> None:
     buffer = io.BytesIO()
     Image.new("RGB", (64, 48), (120, 60, 30)).save(buffer, format="JPEG")
     cfg = PreprocessConfig(image_size=32)
+    t0 = time.perf_counter()
     decoded = jpeg.decode([("warm-up.jpg", buffer.getvalue())], cfg)
+    t1 = time.perf_counter()
     if decoded.images:
-        preprocess_tensors(decoded.images, cfg)
+        preprocess_tensors(decoded.images, cfg).sum().item()  # .item(): the kernels have run
+    return t1 - t0, time.perf_counter() - t1
 
 
 def _acquire(credits: Any, release: Any) -> bool:

@@ -158,13 +158,13 @@ def embed_folder(
             `pipeline.cpu_assist`) is decoded by `workers` CPU processes (default: the cores less
             four) on the exact path (or `fast_decode`'s) while the GPU decodes the rest. 0: off.
             A resume must use the same share.
-        gpu_decode_procs: experimental: with `gpu_decode`, processes decoding and preprocessing on
-            the GPU, each a share of the files (`pipeline.gpu_procs`; the same pixels, so a resume
-            may change it). 1 (default): a loader thread in this process. Or processes started
+        gpu_decode_procs: experimental: with `gpu_decode`, GPU loaders in all: a loader thread in
+            this process and `gpu_decode_procs - 1` processes, each decoding and preprocessing the
+            next block of files when it wants more (`pipeline.gpu_procs`; the same pixels, so a
+            resume may change it). 1 (default): the loader thread alone. Or processes started
             ahead with `gpu_procs.start_decode_processes`, so their start-up runs while the model
-            loads (the caller closes them: a `with` block). On an H200 (session 12), 2-3 processes
-            ran 6.4-6.7k img/s once started against 5.7k for one loader thread, but took 6.5-7.9 s
-            to start: see `pipeline.gpu_procs`. Not with `gpu_decode_ahead`.
+            loads (the caller closes them: a `with` block). Not with `gpu_decode_ahead`. Measured:
+            docs/performance.md (session 12).
         retry_failed: recompute the complete shards that list failures too (files fixed since).
 
     Returns:
