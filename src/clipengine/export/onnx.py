@@ -1,7 +1,8 @@
 """Export a CLIP module to ONNX engines (per tower, precision and batch size), verified against PyTorch.
 
 The graph of each tower and the exporter call live in `export.graphs`; how the folder is rewritten
-safely (work folder, unpublished manifest, stale engines) in `export.rewrite`.
+safely (work folder, names that change no published file, the manifest as the commit, stale engines)
+in `export.rewrite`.
 """
 
 from __future__ import annotations
@@ -113,8 +114,11 @@ def export_model(
 
     Args:
         module: an fp32 CLIP (a copy is exported; the module is not changed).
-        out_dir: the export folder (created); an old manifest.json there is removed first.
-        precisions: any of "fp32", "fp16", "int8".
+        out_dir: the export folder (created). An export published there stays so, whole, until the
+            new manifest replaces it; an engine whose bytes differ from the published one of the
+            same name gets a content-tagged name (`image_fp32_dyn.3f2a9c1b.onnx`): read file
+            names from the manifest.
+        precisions: any of "fp32", "fp16", "int8", "int8w".
         image_batches / text_batches: fixed batch sizes, or None for one dynamic-batch engine.
         split_text_projection: the text graph returns (N, L, W) token states and the (W, D)
             projection is saved as `text_projection_<W>_<D>.npy` (the seed's layout).
@@ -166,6 +170,7 @@ def export_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rewrite.remove_stale_work(out)
+    placement = rewrite.Placement(out)  # names under which moving the new files in changes no file there
     projection: dict[str, Any] | None = None
     if split_text_projection:
         w, d = model.text_projection.shape
@@ -177,12 +182,13 @@ def export_model(
         work = Path(tmp)
         if projection is not None:
             np.save(work / projection["file"], model.text_projection.detach().numpy().astype(np.float32))
+            projection["file"], _ = placement.place(work, projection["file"], None, "text_projection")
             projection["sha256"] = file_sha256(work / projection["file"])
         for tower in ("image", "text"):
             for batch in batches[tower]:
                 engines += _build_engines(
-                    model, tower, batch, precisions, split_text_projection and tower == "text",
-                    work, samples[tower], reference[tower], calibration[tower], verify, say,
+                    model, tower, batch, precisions, projection["file"] if projection and tower == "text" else None,
+                    work, placement, samples[tower], reference[tower], calibration[tower], verify, say,
                 )
         engines.sort(key=lambda e: (e.tower != "image", e.batch is None, e.batch or 0, PRECISIONS.index(e.precision)))
         failed = [e for e in engines if e.parity is not None and not e.parity.passed]
@@ -247,24 +253,26 @@ def _build_engines(
     tower: str,
     batch: int | None,
     precisions: Sequence[str],
-    split: bool,
+    projection_file: str | None,
     work: Path,
+    placement: rewrite.Placement,
     inputs: np.ndarray,
     reference: np.ndarray,
     calibration: np.ndarray | None,
     verify: bool,
     say: Progress,
 ) -> list[EngineInfo]:
-    """Export one tower at one batch size in fp32, derive the other precisions and verify them, in `work`."""
+    """Export one tower at one batch size in fp32, derive the other precisions and verify them, in
+    `work`, each under the name `placement` gives it (`projection_file`: split text tower's projection)."""
     from ..backends.onnx_backend import OnnxEngine
 
+    split = projection_file is not None
     fp32 = work / engine_file_name(tower, "fp32", batch)
     label = f"{tower} {'dynamic batch' if batch is None else f'batch {batch}'}"
     t0 = time.perf_counter()
     fp32_data = export_graph(model, tower, batch, split, fp32)
     say(f"exported {label} in {time.perf_counter() - t0:.1f} s")
-    projection_path = work / projection_file_name(*model.text_projection.shape)
-    projection = np.load(projection_path) if split else None
+    projection = np.load(work / projection_file) if projection_file is not None else None
     engines = []
     # fp32 last: the others are derived from its file.
     for precision in sorted(precisions, key=lambda p: p == "fp32"):
@@ -279,6 +287,9 @@ def _build_engines(
             )
         elif precision == "int8w":
             quant, data = quantize.quantize_weights_int8(fp32, path)
+        # Its name in the folder (fp32 comes last: the others were derived from it by its own name).
+        name, data = placement.place(work, path.name, data, (tower, precision, batch))
+        path = work / name
         inputs_spec, outputs_spec = tensor_specs(path)
         info = EngineInfo(
             tower=tower, precision=precision, batch=batch, file=path.name, sha256=file_sha256(path),
