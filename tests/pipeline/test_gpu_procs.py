@@ -278,8 +278,12 @@ def test_decode_processes_take_blocks_as_they_come(tmp_path: Path, fakes, monkey
 
     monkeypatch.setattr(gpu_procs, "default_decode_group", lambda batch_size: 1)
     monkeypatch.setattr("clipengine.pipeline.gpu_batching.default_decode_group", lambda batch_size: 1)
+    from clipengine.types import ImageItem
+
     fakes.write_images(tmp_path / "many", 40)
     items = list_items(tmp_path / "many")
+    # Half of them in memory (bytes), half as str paths: the processes get both as plain lists.
+    items = [ImageItem(it.id, Path(it.source).read_bytes() if k % 2 else str(it.source)) for k, it in enumerate(items)]  # type: ignore[arg-type]
     with caplog.at_level(logging.INFO, logger="clipengine.pipeline.gpu_procs"):
         got = [i for b in iter_gpu_loaded_procs(items, PreprocessConfig(image_size=16), 2, "cpu", LoadStats(),
                                                  "torchvision", _setup(procs=3, decode_batch=gpu_fakes.slow_here))

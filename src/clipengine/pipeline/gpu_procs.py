@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import os
 import queue
 import threading
 import time
@@ -47,7 +48,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
@@ -110,7 +111,9 @@ class DecodeProcesses:
         return cls(procs, per_process, cpu_share, fast_decode, read_threads)
 
 
-def claimed_items(items: Sequence[ImageItem], block: int, counter: Any, claims: Any, rank: int) -> Iterator[ImageItem]:
+def claimed_items(
+    items: Sequence[ImageItem], block: int, counter: Any, claims: Any, rank: int
+) -> Iterator[ImageItem]:
     """The blocks of `block` items loader `rank` claims, in claim order: each loader takes the next
     unclaimed block (`counter`, a shared integer with a lock) when its read-ahead wants more files,
     so a loader that starts late or runs slow takes fewer, and every block goes to one loader.
@@ -194,8 +197,8 @@ class StartedDecodeProcesses:
                     target=_decode_process,
                     name=f"clipengine-gpu-decode-{rank}",
                     daemon=False,
-                    args=(rank, device, decoder, setup, theirs, credits, self._release, self._counter, self._claims,
-                          time.time()),
+                    args=(rank, device, decoder, setup, theirs, credits, self._release, self._counter,
+                          self._claims, time.time()),
                 )
                 process.start()
                 # Only the child holds its end now: its exit, even a crash mid-message, is an EOF
@@ -225,10 +228,13 @@ class StartedDecodeProcesses:
         try:
             cfg = _check_config(preprocess_cfg)
             block = default_decode_group(batch_size)
+            if self._children:
+                # Plain lists: Path objects pickle ~10x slower, on this process's GIL, while it loads.
+                ids, sources = [i.id for i in items], [_plain(i.source) for i in items]
             for child in self._children:
                 # From a thread: a process still starting does not read yet, and the item list
                 # fills the pipe; this thread goes on to load meanwhile.
-                work = ("work", items, cfg, batch_size, block)
+                work = ("work", ids, sources, cfg, batch_size, block)
                 threading.Thread(target=_send_quietly, args=(child.conn, work), daemon=True).start()
             claiming = _Claims(self._counter, self._claims, -(-len(items) // block))
             own = _OwnLoader(items, cfg, batch_size, block, claiming, self.device, self.decoder, self.setup)
@@ -248,6 +254,30 @@ class StartedDecodeProcesses:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _plain(source: str | os.PathLike[str] | bytes) -> str | bytes:
+    return source if isinstance(source, bytes) else os.fspath(source)
+
+
+class _ItemList(Sequence[ImageItem]):
+    """ImageItems rebuilt from plain id and source lists, slice by slice (a process builds only the
+    blocks it claims)."""
+
+    def __init__(self, ids: list[str], sources: list[str | bytes]) -> None:
+        self.ids, self.sources = ids, sources
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @overload
+    def __getitem__(self, index: int) -> ImageItem: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[ImageItem]: ...
+    def __getitem__(self, index: int | slice) -> ImageItem | list[ImageItem]:
+        if isinstance(index, slice):
+            return [ImageItem(i, s) for i, s in zip(self.ids[index], self.sources[index], strict=True)]
+        return ImageItem(self.ids[index], self.sources[index])
 
 
 def _send_quietly(conn: Any, msg: tuple[Any, ...]) -> None:
@@ -519,7 +549,8 @@ def _decode_process(
         conn.send(("ready", {"spawn_s": entered - spawned_at, "import_s": imported - entered,
                              "device_s": opened - imported, "warm_decode_s": decode_s,
                              "warm_preprocess_s": preprocess_s, "ready_s": warm - spawned_at}))  # fmt: skip
-        _, items, cfg, batch_size, block = conn.recv()  # ("work", ...)
+        _, ids, sources, cfg, batch_size, block = conn.recv()  # ("work", ...)
+        items = _ItemList(ids, sources)
         working = True
 
         def send(b: GpuBatch) -> bool:
