@@ -24,7 +24,9 @@ History (H200, 65,536 1280x960 JPEGs; docs/performance.md):
   each process needed 9-12 s to be ready (imports 3.4-4.2 s, its decoder's first calls 4.7-7.0 s).
 - So now (session 12) this process loads too, from the start, on a thread as `iter_gpu_loaded` does,
   and the processes join as they become ready: blocks are claimed, not dealt (`claimed_items`), and a
-  process still starting when every block is claimed is not waited for.
+  process still starting when every block is claimed is not waited for. Measured the same way: over
+  196,608 files 4 loaders ran 7,613 img/s and the command took 44.5 s against 49.7 s for one loader
+  thread; over 65,536 files 24.1 s (4 loaders) and 25.9 s (3) against 23.8 s. No crash.
 
 `shard_assembly` routes rows to their shard by id and writes each shard in input order, so the output
 is the same as with one loader, whichever loader took which block.
