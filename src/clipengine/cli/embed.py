@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +21,8 @@ if TYPE_CHECKING:
     from ..types import ImageItem
 
 __all__ = ["register"]
+
+_log = logging.getLogger(__name__)
 
 _ENGINES = ("local", "ray")
 _RAY_ONLY_SOURCES = (".parquet", ".tar")  # path lists and WebDataset shards: `distributed.ray.list_source`
@@ -233,6 +237,7 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Embed every image of a folder or file list into sharded .npy + .jsonl files (resumable)."""
+        t_start = time.perf_counter()
         from tqdm import tqdm
 
         from ..errors import DatasetError
@@ -276,6 +281,7 @@ def register(app: typer.Typer) -> None:
             items = list_items(source)
         if not items:  # a mistyped folder is not a successful run (predict, bench, index build agree)
             raise DatasetError(f"{source}: no images to embed")
+        _log.info("listed %d files in %.1f s", len(items), time.perf_counter() - t_start)
         # Refuse a mismatched output folder before the (possibly slow) model load.
         check_output(
             output, model=opts.label, dtype=dtype, shard_size=shard_size, fast_decode=fast_decode,
@@ -287,7 +293,11 @@ def register(app: typer.Typer) -> None:
             if gpu_decode_procs > 1:  # their start-up (torch, CUDA, nvjpeg) runs while the model loads
                 procs = stack.enter_context(_start_decode_procs(gpu_decode_procs, opts.device, gpu_decoder, workers,
                                                                 gpu_cpu_share, fast_decode, gpu_read_threads))  # fmt: skip
+            t_load = time.perf_counter()
             clip = mo.load_clip(opts) if engine == "local" else None
+            if clip is not None:  # with -v: where a command's time goes outside the embedding (performance.md)
+                _log.info("model loaded in %.1f s (%.1f s since the command started)", time.perf_counter() - t_load,
+                          time.perf_counter() - t_start)  # fmt: skip
             preprocess = clip.preprocess_cfg if clip is not None else mo.preprocess_only(opts)
             measured = _fidelity(clip, opts, fast_decode=fast_decode, gpu_decoder=gpu_decoder if gpu_decode else None)
             if measured is not None:  # a lower precision (or decode) states its measured deviation
@@ -309,6 +319,7 @@ def register(app: typer.Typer) -> None:
                 stats = _run_engine(
                     engine, items, output, clip, preprocess, opts, progress=bar.update, **run_kwargs
                 )
+        _log.info("embedding done %.1f s after the command started", time.perf_counter() - t_start)
         _record_fidelity(output, measured)
         fmt = "json" if as_json else "text"
         typer.echo(render_run_stats(stats, fmt, failures_path=output / FAILURES_FILE, fidelity=measured))
