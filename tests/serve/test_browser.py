@@ -131,6 +131,15 @@ def test_page_classifies_an_upload_and_searches_the_index(
     assert "ms" in page.inner_text("#classify-time")
     assert page.is_hidden("#classify-error")
 
+    # "Show the top 2 labels": the first two bars of the full ranking, probabilities unchanged.
+    page.fill("#top-k", "2")
+    page.click("#classify-btn")
+    page.wait_for_function("document.querySelectorAll('#chart .bar-row').length === 2")
+    rows = page.query_selector_all("#chart .bar-row")
+    top = [float(r.get_attribute("data-probability")) for r in rows]
+    assert [r.query_selector(".bar-label").inner_text() for r in rows] == [w["label"] for w in want[:2]]
+    assert top == pytest.approx([w["probability"] for w in want[:2]], abs=1e-6)
+
     page.fill("#search-text", "a red square")
     page.select_option("#search-k", "6")
     page.click("#search-btn")

@@ -34,7 +34,7 @@ JSON = st.recursive(
 FIELDS = {
     "/v1/embeddings/texts": ["texts"],
     "/v1/embeddings/images": ["images"],
-    "/v1/classify": ["images", "labels", "templates"],
+    "/v1/classify": ["images", "labels", "templates", "top_k"],
     "/v1/search": ["text", "image", "k"],
 }
 
@@ -54,6 +54,7 @@ def bodies(draw: st.DrawFn) -> tuple[str, Any]:
         "text": TEXT,
         "image": st.sampled_from(IMAGES),
         "k": st.integers(-2, 120),
+        "top_k": st.integers(-2, 5) | st.integers(min_value=-(10**30), max_value=10**30),
     }
     body: dict[str, Any] = {}
     for key in FIELDS[route]:

@@ -210,6 +210,12 @@ def _add_routes(app: FastAPI, s: ApiHandlers) -> None:
                     "type": "string",
                     "description": "Templates with '{}', one per line (optional).",
                 },
+                "top_k": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "description": "Only the top_k most probable labels per image (optional; default: "
+                    "all). Probabilities stay the softmax over all the labels.",
+                },
             },
         ),
     )

@@ -171,13 +171,18 @@ class InferenceService:
         return mean_unit(np.stack([[known[p] for p in prompts[label]] for label in labels]))
 
     async def classify(
-        self, images: Sequence[NamedImage], labels: Sequence[str], templates: Sequence[str] | None
+        self,
+        images: Sequence[NamedImage],
+        labels: Sequence[str],
+        templates: Sequence[str] | None,
+        top_k: int | None = None,
     ) -> list[list[tuple[str, float]]]:
-        """Per image, (label, probability) sorted by probability descending (softmax over labels)."""
+        """Per image, (label, probability) sorted by probability descending: the softmax over all the
+        labels, of which only the `top_k` most probable are kept (None: all)."""
         image_vectors, weights = await asyncio.gather(
             self.embed_images(images), self.label_weights(labels, templates)
         )
-        return rank_labels(image_vectors, weights, float(self.model.logit_scale), labels)
+        return rank_labels(image_vectors, weights, float(self.model.logit_scale), labels, top_k)
 
     async def search(self, index: SearchableIndex, query: np.ndarray, k: int) -> list[tuple[str, float]]:
         """Top-k (id, score) for one (D,) query vector."""

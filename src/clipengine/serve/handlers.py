@@ -205,12 +205,13 @@ class ApiHandlers:
         if self.is_json(request):
             body = await parse_json_body(request, ClassifyRequest)
             images = [decode_base64_image(s, f"images[{i}]") for i, s in enumerate(body.images)]
-            labels, templates = [s.strip() for s in body.labels], body.templates
+            labels, templates, top_k = [s.strip() for s in body.labels], body.templates, body.top_k
         else:
-            images, fields = await self.read_images_and_fields(request, {"labels", "templates"})
-            self.reject_unknown(fields, {"labels", "templates"})
+            images, fields = await self.read_images_and_fields(request, {"labels", "templates", "top_k"})
+            self.reject_unknown(fields, {"labels", "templates", "top_k"})
             labels = split_fields(fields.get("labels", []), "labels", ",")
             templates = split_fields(fields.get("templates", []), "templates", "\n") or None
+            top_k = _parse_top_k(fields.get("top_k", []))
         self.check_images(images)
         if not labels or any(not label for label in labels):
             raise ApiError(422, "invalid_request", "labels: give at least one non-empty label")
@@ -224,7 +225,7 @@ class ApiHandlers:
                 raise ApiError(
                     422, "invalid_request", f"templates: each needs '{{}}' where the label goes: {bad}"
                 )
-        ranked = await self.timed(self.service.classify(images, labels, templates), request)
+        ranked = await self.timed(self.service.classify(images, labels, templates, top_k), request)
         results = [
             {"index": i, "name": img.name, "labels": [{"label": lab, "probability": p} for lab, p in row]}
             for i, (img, row) in enumerate(zip(images, ranked, strict=True))
@@ -384,6 +385,20 @@ def _parse_int(value: Any, field: str) -> int:
     if len(text) > 18:  # past any limit; int() of over 4300 digits would raise
         raise ApiError(422, "invalid_request", f"{field}: {shown!r} is out of range")
     return int(text)
+
+
+def _parse_top_k(values: list[Any]) -> int | None:
+    """classify's optional form field `top_k` -> None (absent: every label) or an int >= 1."""
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ApiError(422, "invalid_request", f"top_k: give it once, got {len(values)} values")
+    top_k = _parse_int(values[0], "top_k")
+    if top_k < 1:
+        raise ApiError(
+            422, "invalid_request", f"top_k: {top_k} is not >= 1 (leave top_k out to get every label)"
+        )
+    return top_k
 
 
 def _len_or_none(obj: Any) -> int | None:

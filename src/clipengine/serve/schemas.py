@@ -36,6 +36,12 @@ class ClassifyRequest(_Strict):
     templates: list[str] | None = Field(
         default=None, description="Prompt templates with '{}' for the label, e.g. 'a photo of a {}.'"
     )
+    top_k: int | None = Field(
+        default=None,
+        ge=1,
+        description="Return only the top_k most probable labels per image (default: all; more than the "
+        "labels: all). Probabilities stay the softmax over all the labels.",
+    )
 
 
 class SearchRequest(_Strict):
@@ -65,7 +71,10 @@ class LabelProbability(BaseModel):
 class ClassifyResult(BaseModel):
     index: int
     name: str
-    labels: list[LabelProbability] = Field(description="Sorted by probability, highest first.")
+    labels: list[LabelProbability] = Field(
+        description="Sorted by probability, highest first: every label, or the top_k most probable "
+        "(probabilities are the softmax over all the labels either way)."
+    )
 
 
 class ClassifyResponse(BaseModel):

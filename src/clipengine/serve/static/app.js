@@ -139,6 +139,8 @@
     form.append("labels", labels.join(","));
     const templates = $("templates").value.trim();
     if (templates) form.append("templates", templates);
+    const topK = $("top-k").value.trim();  // empty: every label; the server refuses 0, -1, 2.5
+    if (topK) form.append("top_k", topK);
     const button = $("classify-btn");
     button.disabled = true;
     try {
