@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -162,3 +164,59 @@ def test_labels_with_control_characters_are_printed_escaped(checkpoint: Path, cl
     out = result.stdout
     assert "Text: a cat\\nText: a dog, Similarity:" in out and "Text: \\x1b[31mred, Similarity:" in out
     assert "\x1b" not in out and sum(line.startswith("Text: ") for line in out.splitlines()) == 2
+
+
+def _run(*args: str) -> Any:
+    result = CliRunner().invoke(app, ["predict", *args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_top_k_prints_the_first_k_of_the_full_ranking_per_image(
+    checkpoint: Path, clip_png: Path, tmp_path: Path
+) -> None:
+    shutil.copy(clip_png, tmp_path / "a.png")
+    (tmp_path / "b.png").write_bytes(b"")  # empty: skipped
+    shutil.copy(clip_png, tmp_path / "c.png")
+    full = _blocks(_run(str(tmp_path), "--text", *TEXTS, "--checkpoint", str(checkpoint)).stdout)
+    # --top-k after the --text values: they still end at the next option.
+    cut = _run(str(tmp_path), "--text", *TEXTS, "--top-k", "2", "--checkpoint", str(checkpoint))
+    top2 = _blocks(cut.stdout)
+    assert list(top2) == ["a.png", "c.png"] and all(len(scores) == 2 for scores in top2.values())
+    assert top2 == {name: scores[:2] for name, scores in full.items()}  # probabilities over all 3 texts
+    assert "Skipped: b.png" in cut.stderr
+    assert re.search(r"^Average text-encode time: \d+\.\d ms per text$", cut.stdout, re.M)
+    more = _run(str(tmp_path), "--top-k", "4", "--checkpoint", str(checkpoint), "-t", *TEXTS)
+    assert _blocks(more.stdout) == full  # more than the texts: all of them
+
+
+def test_json_output_with_and_without_top_k(checkpoint: Path, clip_png: Path, tmp_path: Path) -> None:
+    shutil.copy(clip_png, tmp_path / "a.png")
+    (tmp_path / "b.jpg").write_text("not a JPEG")
+    args = [str(tmp_path), "--checkpoint", str(checkpoint), "--json", "--text", *TEXTS]
+    full = json.loads(_run(*args).stdout)
+    assert set(full) == {"model", "top_k", "fidelity", "results", "skipped", "timings_ms"}
+    assert full["top_k"] is None and full["fidelity"] is None  # fp32: no deviation to state
+    assert full["model"] == str(checkpoint.resolve())
+    (result,) = full["results"]
+    probs = [x["probability"] for x in result["labels"]]
+    assert result["name"] == "a.png" and sorted(x["label"] for x in result["labels"]) == sorted(TEXTS)
+    assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1.0)
+    (skipped,) = full["skipped"]
+    assert skipped["name"] == "b.jpg" and skipped["reason"]
+    stages = {"preprocess_per_image", "image_encode_per_image", "text_encode_per_text"}
+    assert set(full["timings_ms"]) == stages
+    top1 = json.loads(_run(*args, "--top-k", "1").stdout)
+    assert top1["top_k"] == 1 and len(top1["results"][0]["labels"]) == 1
+    (best,) = top1["results"][0]["labels"]
+    assert best["label"] == result["labels"][0]["label"]
+    assert best["probability"] == pytest.approx(result["labels"][0]["probability"], rel=1e-6)  # not 1.0
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", "1.5"])
+def test_a_bad_top_k_is_a_usage_error_before_any_model_load(clip_png: Path, value: str) -> None:
+    # ViT-B-32@openai is not cached here: reaching the load would fail with another message.
+    args = ["predict", str(clip_png), "-t", "a", "--pretrained", "openai", "--top-k", value]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "Invalid value for '--top-k'" in result.output, result.output
+    assert "not in the cache" not in result.output

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -36,9 +37,10 @@ Ranked = list[tuple[str, list[tuple[str, float]]]]  # per image: (file name, [(t
 
 
 def _predict(
-    model: ClipModel, paths: list[tuple[str, Path]], texts: list[str]
+    model: ClipModel, paths: list[tuple[str, Path]], texts: list[str], top_k: int | None = None
 ) -> tuple[Ranked, list[tuple[str, str]], _Timings]:
-    """Preprocess each image (bad ones reported, not fatal), encode, rank texts per image."""
+    """Preprocess each image (bad ones reported, not fatal), encode, rank texts per image (the
+    `top_k` most probable, None: all; probabilities over all the texts either way)."""
     import numpy as np
 
     from ..errors import DecodeError
@@ -65,7 +67,7 @@ def _predict(
     start = time.perf_counter()
     image_emb = model.encode_images(np.stack(pixels))
     timings.image_s = time.perf_counter() - start
-    scores = rank_labels(image_emb, text_emb, model.logit_scale, texts)
+    scores = rank_labels(image_emb, text_emb, model.logit_scale, texts, top_k)
     return list(zip(names, scores, strict=True)), failures, timings
 
 
@@ -77,6 +79,35 @@ def shown_name(name: str) -> str:
 
 def _ms(total_s: float, count: int) -> str:
     return f"{1000 * total_s / max(count, 1):.1f} ms"
+
+
+def _as_json(
+    model: str,
+    top_k: int | None,
+    measured: dict[str, Any] | None,
+    ranked: Ranked,
+    failures: list[tuple[str, str]],
+    timings: _Timings,
+    n_texts: int,
+) -> str:
+    """The --json document: names and texts as they are (JSON escapes them), timings in ms."""
+    n = len(ranked)
+    doc = {
+        "model": model,
+        "top_k": top_k,
+        "fidelity": measured,
+        "results": [
+            {"name": name, "labels": [{"label": label, "probability": p} for label, p in scores]}
+            for name, scores in ranked
+        ],
+        "skipped": [{"name": name, "reason": reason} for name, reason in failures],
+        "timings_ms": {
+            "preprocess_per_image": 1000 * sum(timings.preprocess_s) / max(n, 1),
+            "image_encode_per_image": 1000 * timings.image_s / max(n, 1),
+            "text_encode_per_text": 1000 * timings.text_s / max(n_texts, 1),
+        },
+    }
+    return json.dumps(doc, indent=2)
 
 
 def register(app: typer.Typer) -> None:
@@ -108,6 +139,23 @@ def register(app: typer.Typer) -> None:
         ] = "fp32",
         device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N.")] = "cpu",
         download: Annotated[bool, typer.Option("--download", help="Download missing weights.")] = False,
+        top_k: Annotated[
+            int | None,
+            typer.Option(
+                "--top-k",
+                min=1,
+                help="Show only the K most probable texts per image (default: all). Probabilities stay "
+                "the softmax over all the texts, not renormalised over the K shown.",
+            ),
+        ] = None,
+        as_json: Annotated[
+            bool,
+            typer.Option(
+                "--json",
+                help='Print JSON: {"model", "top_k", "fidelity", "results": [{"name", "labels": [{"label", '
+                '"probability"}]}], "skipped": [{"name", "reason"}], "timings_ms"}.',
+            ),
+        ] = False,
     ) -> None:
         """Rank TEXTS by how well they describe each image (softmax over CLIP similarities)."""
         from ..errors import DecodeError
@@ -120,14 +168,18 @@ def register(app: typer.Typer) -> None:
             raise DecodeError(str(target), "no image files (jpg, png, webp, bmp, gif, tiff) found")
         opts = mo.parse_model_options(model, pretrained, checkpoint, backend, precision, device, download)
         clip = mo.load_clip(opts)
-        note = fidelity_line(fidelity(clip.backend))  # a lower precision states its measured deviation
+        measured = fidelity(clip.backend)  # a lower precision states its measured deviation from fp32
+        note = fidelity_line(measured)
         if note:
             typer.echo(note, err=True)
-        ranked, failures, timings = _predict(clip, paths, texts)
+        ranked, failures, timings = _predict(clip, paths, texts, top_k)
         for name, reason in failures:
             typer.echo(f"Skipped: {shown_name(name)}: {reason}", err=True)
         if not ranked:  # before the timing lines: averages over no image would read 0.0 ms
             raise DecodeError(str(target), "no readable images")
+        if as_json:
+            typer.echo(_as_json(opts.label, top_k, measured, ranked, failures, timings, len(texts)))
+            return
         for name, scores in ranked:
             typer.echo(f"Filename: {shown_name(name)}")
             for label, prob in scores:
