@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DatasetError
-from ..image.files import IMAGE_EXTENSIONS, is_image_name, walk_images  # the first two re-exported
+from ..image.files import IMAGE_EXTENSIONS, is_image_name, walk_image_paths  # the first two re-exported
 from ..types import ImageItem
 
 __all__ = [
@@ -43,7 +43,7 @@ def list_folder(root: str | Path) -> list[ImageItem]:
     Raises:
         DatasetError: `root` is not a folder.
     """
-    return [ImageItem(id=rel, source=str(path)) for rel, path in walk_images(root)]
+    return [ImageItem(id=rel, source=path) for rel, path in walk_image_paths(root)]  # source: str(path)
 
 
 def read_file_list(list_file: str | Path) -> list[ImageItem]:
