@@ -88,17 +88,19 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(["rm", "-rf", str(out)], check=False)
     print(f"{args.count} 1280x960 JPEGs, random ViT-B/32 weights (fp16), batch {args.batch}, "
           f"{args.rounds} rounds in turn, whole `clipengine embed` commands\n")  # fmt: skip
-    print("| row | command s (median) | img/s (command) | embed_folder s | processes ready s | first batch s |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| row | command s (median) | img/s (command) | embed_folder s | processes ready s | first batch s "
+          "| listing s | model load s | model ready at s | embedding done at s |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, runs in results.items():
         if not runs:
             print(f"| {name} | failed | | | | |")
             continue
         med = {k: statistics.median(r.get(k, float("nan")) for r in runs) for k in runs[0]}
-        ready = f"{med['ready_s']:.1f}" if "ready_s" in med else ""
-        first = f"{med['first_s']:.1f}" if "first_s" in med else ""
-        print(f"| {name} | {med['command_s']:.1f} | {med['images'] / med['command_s']:.0f} | "
-              f"{med['embed_s']:.1f} | {ready} | {first} |")  # fmt: skip
+        cell = {k: f"{med[k]:.1f}" if k in med else "" for k in
+                ("ready_s", "first_s", "list_s", "load_s", "loaded_at_s", "done_at_s")}  # fmt: skip
+        print(f"| {name} | {med['command_s']:.1f} | {med['images'] / med['command_s']:.0f} | {med['embed_s']:.1f} | "
+              f"{cell['ready_s']} | {cell['first_s']} | {cell['list_s']} | {cell['load_s']} | {cell['loaded_at_s']} | "
+              f"{cell['done_at_s']} |")  # fmt: skip
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
@@ -121,6 +123,9 @@ def _checkpoint(path: Path, seed: int) -> Path:
     return path
 
 
+_LISTED = re.compile(r"listed \d+ files in ([\d.]+) s")
+_LOADED = re.compile(r"model loaded in ([\d.]+) s \(([\d.]+) s since the command started\)")
+_DONE = re.compile(r"embedding done ([\d.]+) s after the command started")
 _READY = re.compile(r"GPU decode processes ready ([\d.]+) s after their start \(slowest: ([^)]*)\)")
 _FIRST = re.compile(r"GPU decode processes: first batch ([\d.]+) s after their start")
 _LOADERS = re.compile(r"GPU loaders: \d+ images in [\d.]+ s \((\d+) img/s\); images per loader \(0: this process's thread\): (.*)")
@@ -128,6 +133,12 @@ _LOADERS = re.compile(r"GPU loaders: \d+ images in [\d.]+ s \((\d+) img/s\); ima
 
 def _process_lines(stderr: str) -> dict[str, float]:
     found: dict[str, float] = {}
+    if m := _LISTED.search(stderr):  # the command's own timeline (embed -v, session 12 on)
+        found["list_s"] = float(m.group(1))
+    if m := _LOADED.search(stderr):
+        found["load_s"], found["loaded_at_s"] = float(m.group(1)), float(m.group(2))
+    if m := _DONE.search(stderr):
+        found["done_at_s"] = float(m.group(1))
     if m := _READY.search(stderr):
         found["ready_s"] = float(m.group(1))
     if m := _FIRST.search(stderr):
