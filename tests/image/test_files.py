@@ -184,7 +184,8 @@ def test_unreadable_and_missing_folders_as_before(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A folder that cannot be listed, or fails part-way (an I/O error), is skipped whole, as os.walk
-    skips it (os.walk calls os.scandir, so both walks see the same failures)."""
+    skips it (os.walk calls os.scandir, so both walks see the same failures), with a warning that
+    names it and the reason (os.walk said nothing)."""
     _touch(tmp_path / "a.jpg")
     _touch(tmp_path / "locked" / "b.jpg")
     for i in range(5):
@@ -217,8 +218,17 @@ def test_unreadable_and_missing_folders_as_before(
         return Failing(folder) if name == "flaky" else scandir(folder)
 
     monkeypatch.setattr(os, "scandir", failing_scandir)
-    got, _ = _both(caplog, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="clipengine.image.files"):
+        caplog.clear()
+        got = walk_images(tmp_path)
+        warnings = sorted(r.getMessage() for r in caplog.records)
+    assert got == reference_walk(tmp_path)
     assert [rel for rel, _ in got] == ["a.jpg"]
+    # The same list as os.walk, but not without a word: the images in those folders are lost.
+    assert warnings == [
+        f"{tmp_path}: cannot list the folder flaky (Input/output error); the images in it are left out",
+        f"{tmp_path}: cannot list the folder locked (Permission denied); the images in it are left out",
+    ]
     monkeypatch.undo()
     for bad in (tmp_path / "nope", tmp_path / "a.jpg"):
         with pytest.raises(DatasetError) as raised:

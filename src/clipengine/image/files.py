@@ -37,7 +37,8 @@ def walk_images(root: str | Path, *, within: str | Path | None = None) -> list[t
     folders that are neither hidden nor links (``cat/more -> ../dog``). Followed, its images were
     listed twice, under two paths (for eval, under two labels); it is skipped with a warning naming
     it. A link to a folder outside `within`, or inside a hidden folder of it, is followed. A folder
-    that cannot be listed (no permission) is skipped, as `os.walk` skips it.
+    that cannot be listed (no permission, an I/O error) is skipped, as `os.walk` skips it, with a
+    warning naming it and the reason: its images are not listed.
 
     Args:
         root: the folder to list.
@@ -78,7 +79,9 @@ def walk_image_paths(root: str | Path, *, within: str | Path | None = None) -> l
         try:
             with os.scandir(folder) as scan:
                 entries = list(scan)
-        except OSError:  # as os.walk: a folder that cannot be listed is skipped
+        except OSError as e:  # skipped, as os.walk skips it, but never without a word: its images are lost
+            what = f"the folder {rel.rstrip('/')}" if rel else "it"
+            _log.warning("%s: cannot list %s (%s); the images in it are left out", root, what, e.strerror or e)
             continue
         children = []
         for entry in entries:
