@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import operator
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 from PIL import Image
 
-from .errors import BackendError, InputError
+from .errors import BackendError, InputError, positive_int
 from .extras import install_hint
 from .image.preprocess import PreprocessConfig, preprocess
 from .text.tokenizer import as_str_list, tokenize
@@ -187,15 +186,7 @@ class ClipModel:
 
 
 def _batch_size(value: object) -> int:
-    """`batch_size` as an int >= 1 (NumPy integers too); anything else is an InputError, not the
-    bare TypeError that `range()` or `<` would raise."""
-    try:
-        size = operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        size = 0
-    if isinstance(value, bool) or size < 1:
-        raise InputError(f"batch_size must be an integer >= 1, got {value!r}")
-    return size
+    return positive_int(value, "batch_size")
 
 
 def _classifier_args(labels: object, templates: object) -> tuple[list[str], list[str] | None]:

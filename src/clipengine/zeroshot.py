@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .backends.base import l2_normalize
-from .errors import InputError
+from .errors import InputError, positive_int
 from .types import FloatArray
 
 __all__ = ["check_top_k", "class_embeddings", "fill_template", "label_prompts", "mean_unit", "rank_labels"]
@@ -120,13 +120,7 @@ def rank_labels(
 
 def check_top_k(top_k: object) -> int:
     """`top_k` as an int >= 1 (NumPy integers too), else an InputError naming it."""
-    try:
-        k = operator.index(top_k)  # type: ignore[arg-type]
-    except TypeError:
-        k = 0
-    if isinstance(top_k, bool) or k < 1:
-        raise InputError(f"top_k must be None or an integer >= 1, got {top_k!r}")
-    return k
+    return positive_int(top_k, "top_k", "None or an integer >= 1")
 
 
 def _top_order(row: npt.NDArray[np.float64], k: int) -> npt.NDArray[np.intp]:
