@@ -365,3 +365,33 @@ def test_gpu_decode_procs_start_before_the_model_loads(folder: Path, tmp_path: P
     assert not [p for p in __import__("multiprocessing").active_children() if p.name.startswith("clipengine-gpu")]
     alone = CliRunner().invoke(app, [*args, "--gpu-decode-procs", "2"])
     assert alone.exit_code == 2 and "--gpu-decode-procs needs --gpu-decode" in alone.output
+
+
+def test_gpu_decode_procs_stop_when_the_model_load_fails(folder: Path, tmp_path: Path, fake_load, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    """The processes start before the model loads; a load that fails stops them (none is left
+    running, and the command does not wait out their start-up)."""
+    import dataclasses
+    import multiprocessing
+    import time
+
+    import gpu_fakes
+
+    from clipengine.cli import embed as embed_cli
+    from clipengine.errors import CheckpointError
+    from clipengine.pipeline import gpu_procs
+
+    real_start = gpu_procs.start_decode_processes
+    monkeypatch.setattr(gpu_procs, "start_decode_processes", lambda setup, device, decoder: real_start(
+        dataclasses.replace(setup, decode_batch=gpu_fakes.slow_in_children), device, decoder))  # fmt: skip
+
+    def bad_load(opts):  # type: ignore[no-untyped-def]
+        raise CheckpointError("model.pt: not a checkpoint")
+
+    monkeypatch.setattr(model_options, "load_clip", bad_load)
+    monkeypatch.setattr(embed_cli, "_check_gpu_decode", lambda *a: None)
+    t0 = time.perf_counter()
+    code = main(["embed", str(folder), "-o", str(tmp_path / "out"), "--device", "cpu", "--gpu-decode",
+                 "--gpu-decode-procs", "3", "--no-progress"])  # fmt: skip
+    assert code == 1 and "model.pt: not a checkpoint" in capsys.readouterr().err
+    assert time.perf_counter() - t0 < 30  # their start-up sleeps 60 s: they were terminated, not joined
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("clipengine-gpu")]
