@@ -303,3 +303,33 @@ def test_a_process_still_starting_when_the_files_are_done_does_not_hold_the_run(
                                          "torchvision", _setup(decode_batch=gpu_fakes.slow_in_children)))  # fmt: skip
     assert sorted(i for b in batches for i in b.ids) == good
     assert time.perf_counter() - t0 < 30 and not _decode_children()  # the process sleeps 60 s in its start-up
+
+
+def test_a_file_list_still_being_sent_to_a_process_that_is_dropped_ends_quietly(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Files in memory fill the pipe to a process still starting; when it is dropped (every block
+    claimed) the thread sending them must end by itself, not write on after its pipe was closed
+    (it raised a TypeError, printed on stderr, and could write into a reused file descriptor)."""
+    import io
+    import threading
+
+    from PIL import Image
+
+    from clipengine.image.preprocess import PreprocessConfig
+    from clipengine.types import ImageItem
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 120, 200)).save(buffer, format="JPEG")
+    # ~4 MB for the process's pipe (distinct objects: pickle sends a repeated one once); a JPEG
+    # reader stops at its end marker.
+    items = [ImageItem(f"mem-{k}.jpg", buffer.getvalue() + bytes(200_000)) for k in range(20)]
+    errors: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
+    before = set(threading.enumerate())
+    got = [i for b in iter_gpu_loaded_procs(items, PreprocessConfig(image_size=16), 4, "cpu", LoadStats(), "torchvision",
+                                            _setup(decode_batch=gpu_fakes.slow_in_children)) for i in b.ids]  # fmt: skip
+    assert sorted(got) == sorted(item.id for item in items) and not _decode_children()
+    deadline = time.perf_counter() + 10
+    while time.perf_counter() < deadline and [t for t in set(threading.enumerate()) - before if t.is_alive()]:
+        time.sleep(0.05)
+    assert errors == []
+

@@ -235,9 +235,11 @@ class StartedDecodeProcesses:
                 ids, sources = [i.id for i in items], [_plain(i.source) for i in items]
             for child in self._children:
                 # From a thread: a process still starting does not read yet, and the item list
-                # fills the pipe; this thread goes on to load meanwhile.
+                # fills the pipe; this thread goes on to load meanwhile. `_stop` waits for it.
                 work = ("work", ids, sources, cfg, batch_size, block)
-                threading.Thread(target=_send_quietly, args=(child.conn, work), daemon=True).start()
+                child.sender = threading.Thread(target=_send_quietly, args=(child.conn, work),
+                                                name=f"clipengine-gpu-decode-send-{child.rank}", daemon=True)  # fmt: skip
+                child.sender.start()
             claiming = _Claims(self._counter, self._claims, -(-len(items) // block))
             own = _OwnLoader(items, cfg, batch_size, block, claiming, self.device, self.decoder, self.setup)
             yield from _receive(self._children, own, cfg["image_size"], stats, self._started, claiming)
@@ -311,6 +313,7 @@ class _Child:
     conn: Any  # our end of its pipe: work goes out, its messages come in
     credits: Any  # a semaphore: the batches it may send ahead of the consumer
     heard: bool = False  # a message came: it has started (`_stop` lets it end by itself)
+    sender: threading.Thread | None = None  # the thread sending it the file list (`load`)
 
 
 class _OwnLoader:
@@ -500,9 +503,19 @@ def _stop(children: list[_Child], release: Any) -> None:
     heard from) is terminated at once: it has shared nothing yet, and its start-up takes seconds."""
     release.set()
     for c in children:
-        c.conn.close()  # a child blocked sending to us gets a broken pipe and ends
         if not c.heard and c.process.is_alive():
             c.process.terminate()
+    for c in children:
+        # The thread sending its file list ends first: its write fails once the child has gone
+        # (or completes, the child reading it). Closed under it, the pipe's descriptor could be
+        # reused by another file, which that write would then go on to.
+        if c.sender is not None:
+            c.sender.join(timeout=30)
+            if c.sender.is_alive():  # started, yet not reading its files: stuck
+                c.process.terminate()
+                c.sender.join(timeout=5)
+        if c.sender is None or not c.sender.is_alive():  # else the pipe closes once that thread ends
+            c.conn.close()  # a child blocked sending to us gets a broken pipe and ends
     for c in children:
         c.process.join(timeout=30)
         if c.process.is_alive():  # stuck (a hung driver call): it holds nothing this process still needs
