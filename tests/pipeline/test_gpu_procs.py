@@ -333,3 +333,16 @@ def test_a_file_list_still_being_sent_to_a_process_that_is_dropped_ends_quietly(
         time.sleep(0.05)
     assert errors == []
 
+
+def test_a_process_that_never_started_does_not_fail_a_run_it_is_not_needed_for(  # type: ignore[no-untyped-def]
+    photo_folder, tiny_model, monkeypatch
+) -> None:
+    """A process silent for longer than the start-up limit fails the run only while it could still
+    take files; once every block is claimed it is dropped, however long the run took."""
+    monkeypatch.setattr(gpu_procs, "_START_S", 0.0)  # every run outlasts it
+    # The first quiet poll comes after this process's loader sent its last batch.
+    monkeypatch.setattr(gpu_procs, "_POLL_S", 3.0)
+    root, good, _ = photo_folder
+    batches = list(iter_gpu_loaded_procs(list_items(root), tiny_model_cfg(tiny_model), 4, "cpu", LoadStats(),
+                                         "torchvision", _setup(decode_batch=gpu_fakes.slow_in_children)))  # fmt: skip
+    assert sorted(i for b in batches for i in b.ids) == good and not _decode_children()

@@ -378,11 +378,16 @@ def _receive(
     try:
         while pending:
             t0 = time.perf_counter()
-            got = _next_message(pending, heard, started)
+            got = _next_message(pending, heard)
             stats.wait_s += time.perf_counter() - t0
             if got is None:  # nothing for a while: stop waiting for processes that will get no files
                 for rank in [r for r in pending if r not in heard and claiming.unneeded(r)]:
                     del pending[rank]  # still starting: `_stop` terminates it
+                # Only then the start-up limit: a process dropped above holds up nothing, however
+                # long the run took.
+                silent = sorted(set(pending) - heard)
+                if silent and time.perf_counter() - started > _START_S:
+                    raise RuntimeError(f"GPU decode process {silent[0]} sent nothing in {_START_S:.0f} s")
                 continue
             rank, msg = got
             source = pending[rank]
@@ -467,10 +472,10 @@ def _own_copy(pixels: Any, image_size: int, held: deque[tuple[Any, Any]]) -> Any
 
 
 def _next_message(
-    pending: dict[int, _Child | _OwnLoader], heard: set[int], started: float
+    pending: dict[int, _Child | _OwnLoader], heard: set[int]
 ) -> tuple[int, tuple[Any, ...]] | None:
     """The next message from a pending loader (by rank), or None after `_POLL_S` without one; raises
-    when a process died or never started."""
+    when a process died."""
     from multiprocessing.connection import wait
 
     by_conn = {(s.signal if isinstance(s, _OwnLoader) else s.conn): rank for rank, s in pending.items()}
@@ -492,9 +497,6 @@ def _next_message(
         heard.add(rank)
         source.heard = True
         return rank, msg
-    silent = sorted(set(pending) - heard)
-    if silent and time.perf_counter() - started > _START_S:
-        raise RuntimeError(f"GPU decode process {silent[0]} sent nothing in {_START_S:.0f} s")
     return None
 
 
