@@ -346,3 +346,22 @@ def test_a_process_that_never_started_does_not_fail_a_run_it_is_not_needed_for( 
     batches = list(iter_gpu_loaded_procs(list_items(root), tiny_model_cfg(tiny_model), 4, "cpu", LoadStats(),
                                          "torchvision", _setup(decode_batch=gpu_fakes.slow_in_children)))  # fmt: skip
     assert sorted(i for b in batches for i in b.ids) == good and not _decode_children()
+
+
+def test_a_file_list_that_cannot_be_sent_fails_the_run_instead_of_hanging(  # type: ignore[no-untyped-def]
+    photo_folder, tiny_model, monkeypatch
+) -> None:
+    """A process that never gets its files (their list does not pickle here; a MemoryError would do
+    the same) would wait for them for ever, and the run for it once it has started."""
+    from clipengine.types import ImageItem
+
+    class LocalId(str):  # a class of a function's own does not pickle
+        pass
+
+    monkeypatch.setattr(gpu_procs, "default_decode_group", lambda batch_size: 1)
+    monkeypatch.setattr("clipengine.pipeline.gpu_batching.default_decode_group", lambda batch_size: 1)
+    items = [ImageItem(LocalId(item.id), item.source) for item in list_items(photo_folder[0])]
+    with pytest.raises(RuntimeError, match=r"could not send GPU decode process 1 its files: .*LocalId"):
+        list(iter_gpu_loaded_procs(items, tiny_model_cfg(tiny_model), 2, "cpu", LoadStats(), "torchvision",
+                                   _setup(decode_batch=gpu_fakes.slow_here)))  # fmt: skip
+    assert not _decode_children()

@@ -237,7 +237,7 @@ class StartedDecodeProcesses:
                 # From a thread: a process still starting does not read yet, and the item list
                 # fills the pipe; this thread goes on to load meanwhile. `_stop` waits for it.
                 work = ("work", ids, sources, cfg, batch_size, block)
-                child.sender = threading.Thread(target=_send_quietly, args=(child.conn, work),
+                child.sender = threading.Thread(target=_send_work, args=(child, work),
                                                 name=f"clipengine-gpu-decode-send-{child.rank}", daemon=True)  # fmt: skip
                 child.sender.start()
             claiming = _Claims(self._counter, self._claims, -(-len(items) // block))
@@ -284,9 +284,13 @@ class _ItemList(Sequence[ImageItem]):
         return ImageItem(self.ids[index], self.sources[index])
 
 
-def _send_quietly(conn: Any, msg: tuple[Any, ...]) -> None:
-    with contextlib.suppress(OSError, ValueError):  # the process has gone: `_receive` says why
-        conn.send(msg)
+def _send_work(child: _Child, msg: tuple[Any, ...]) -> None:
+    """Send a process its files; why that failed goes to `child.send_error` (`_receive` raises it
+    while the process lives: it would wait for its files for ever)."""
+    try:
+        child.conn.send(msg)
+    except BaseException as e:  # an id that does not pickle, a MemoryError; or the process has gone
+        child.send_error = f"{type(e).__name__}: {e}"
 
 
 @dataclass(frozen=True)
@@ -314,6 +318,7 @@ class _Child:
     credits: Any  # a semaphore: the batches it may send ahead of the consumer
     heard: bool = False  # a message came: it has started (`_stop` lets it end by itself)
     sender: threading.Thread | None = None  # the thread sending it the file list (`load`)
+    send_error: str | None = None  # why that send failed
 
 
 class _OwnLoader:
@@ -388,6 +393,11 @@ def _receive(
                 silent = sorted(set(pending) - heard)
                 if silent and time.perf_counter() - started > _START_S:
                     raise RuntimeError(f"GPU decode process {silent[0]} sent nothing in {_START_S:.0f} s")
+                for c in children:  # one that has gone is an EOF above, with its exit code
+                    if c.rank in pending and c.send_error is not None and c.process.is_alive():
+                        raise RuntimeError(
+                            f"could not send GPU decode process {c.rank} its files: {c.send_error}"
+                        )
                 continue
             rank, msg = got
             source = pending[rank]
