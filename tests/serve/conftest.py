@@ -183,16 +183,21 @@ def free_port() -> int:
 
 
 class ThreadedServer:
-    """uvicorn running `app` on 127.0.0.1:<free port> in a daemon thread; `stop()` = what SIGTERM does."""
+    """uvicorn running `app` on 127.0.0.1:<free port> in a daemon thread; `stop()` = what SIGTERM does.
 
-    def __init__(self, app: Any) -> None:
+    `options` go to `uvicorn.Config` (e.g. `serve.protocol.uvicorn_options(settings)`).
+    """
+
+    def __init__(self, app: Any, **options: Any) -> None:
         import time
 
         import uvicorn
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on", **options
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

@@ -148,10 +148,39 @@ def test_a_port_in_use_is_refused_before_the_model_loads(monkeypatch: pytest.Mon
     assert loads == [] and "serving" not in result.output
 
 
-@pytest.mark.parametrize("name", ["max_wait_ms", "request_timeout_s", "drain_timeout_s"])
+@pytest.mark.parametrize(
+    "name", ["max_wait_ms", "request_timeout_s", "drain_timeout_s", "head_timeout_s", "min_upload_rate"]
+)
 @pytest.mark.parametrize("value", [float("inf"), float("nan")])
 def test_settings_refuse_non_finite_times(name: str, value: float) -> None:
     from clipengine.serve import ServeSettings
 
     with pytest.raises(ValueError, match=f"ServeSettings.{name} must be a finite number"):
         ServeSettings(**{name: value})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("head_timeout_s", 0), ("min_upload_rate", -1), ("max_head_bytes", 0)]
+)
+def test_settings_refuse_connection_limits_that_cannot_work(name: str, value: float) -> None:
+    from clipengine.serve import ServeSettings
+
+    with pytest.raises(ValueError, match=name):
+        ServeSettings(**{name: value})
+
+
+def test_the_server_runs_with_the_request_head_limits(
+    monkeypatch: pytest.MonkeyPatch, fake_model: FakeModel
+) -> None:
+    import uvicorn
+
+    from clipengine.serve import ServeSettings, create_app
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: seen.update(options))
+    web_app = create_app(fake_model, None, ServeSettings(head_timeout_s=3, max_head_bytes=5000))
+    serve_cmd._run_server(web_app, "127.0.0.1", 8123, "info", 7)
+    # Was uvicorn's own protocol: a client that never finished its headers held its connection for ever.
+    assert (seen["http"].head_timeout_s, seen["http"].max_head_bytes) == (3, 5000)
+    assert seen["h11_max_incomplete_event_size"] == 5000
+    assert (seen["port"], seen["timeout_graceful_shutdown"]) == (8123, 7)

@@ -142,10 +142,16 @@ def _load_index(path: Path) -> Index:
 
 
 def _run_server(app: Any, host: str, port: int, log_level: str, graceful_s: float) -> None:
-    """Run uvicorn until SIGINT/SIGTERM; it stops accepting, waits for in-flight requests, then drains."""
+    """Run uvicorn until SIGINT/SIGTERM; it stops accepting, waits for in-flight requests, then drains.
+
+    The app's settings also bound each request head in time and size (serve.protocol).
+    """
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(graceful_s))
+    from ..serve import uvicorn_options
+
+    options = {**uvicorn_options(app.state.clipengine.settings), "timeout_graceful_shutdown": int(graceful_s)}
+    uvicorn.run(app, host=host, port=port, log_level=log_level, **options)
 
 
 def _is_loopback(host: str) -> bool:

@@ -94,7 +94,12 @@ def create_app(
     _add_routes(app, state)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # Added innermost first: the body limit sits inside the key check, tracking wraps everything.
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes, idle_s=settings.request_timeout_s)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limit=settings.max_upload_bytes,
+        idle_s=settings.request_timeout_s,
+        min_rate=settings.min_upload_rate,
+    )
     app.add_middleware(
         ApiKeyMiddleware, api_key=settings.api_key, public=PUBLIC_PATHS, public_prefixes=("/static/",)
     )

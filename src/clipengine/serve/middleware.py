@@ -177,18 +177,33 @@ class BodyStalledError(ApiError):
         super().__init__(408, "request_timeout", f"no request body data for {idle_s:g} s; send the whole body")
 
 
+class BodyTooSlowError(ApiError):
+    def __init__(self, seen: int, elapsed_s: float, min_rate: float) -> None:
+        super().__init__(
+            408,
+            "request_timeout",
+            f"request body too slow: {seen} bytes in {elapsed_s:.0f} s, under the minimum of {min_rate:g} "
+            "bytes/s; send the whole body faster",
+        )
+
+
 class BodyLimitMiddleware:
     """Refuse bodies over `limit` bytes: at once from Content-Length, else as soon as the stream passes it.
 
     A body that stops arriving for `idle_s` seconds is refused with 408: the request timeout covers
     the work done for a request, and without this a client that sends part of a body would hold its
-    connection and handler for as long as it liked. A slow upload that keeps sending is not cut off.
+    connection and handler for as long as it liked. A body that keeps trickling in is held to a
+    minimum average rate (as Apache's mod_reqtimeout does): `idle_s` seconds, plus one second for
+    every `min_rate` bytes received; a byte every few seconds held a handler for hours before.
     """
 
-    def __init__(self, app: ASGIApp, limit: int, idle_s: float | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, limit: int, idle_s: float | None = None, min_rate: float | None = None
+    ) -> None:
         self.app = app
         self.limit = limit
         self.idle_s = idle_s
+        self.min_rate = min_rate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -214,16 +229,14 @@ class BodyLimitMiddleware:
                 return
         seen = 0
         body_done = False
+        started = time.monotonic()
 
         async def limited_receive() -> Message:
             nonlocal seen, body_done
             if body_done or self.idle_s is None:  # after the body, receive() waits for a disconnect
                 message = await receive()
             else:
-                try:
-                    message = await asyncio.wait_for(receive(), self.idle_s)
-                except asyncio.TimeoutError as e:
-                    raise BodyStalledError(self.idle_s) from e
+                message = await self._receive_in_time(receive, self.idle_s, seen, started)
             if message["type"] == "http.request":
                 body_done = not message.get("more_body", False)
                 seen += len(message.get("body", b""))
@@ -234,3 +247,18 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+    async def _receive_in_time(self, receive: Receive, idle_s: float, seen: int, started: float) -> Message:
+        """The next body message within `idle_s`, and before the minimum-rate deadline (408 otherwise)."""
+        wait_s, slow = idle_s, False
+        if self.min_rate is not None:
+            left = started + idle_s + seen / self.min_rate - time.monotonic()
+            wait_s, slow = min(wait_s, left), left < wait_s
+        try:
+            if wait_s <= 0:
+                raise asyncio.TimeoutError
+            return await asyncio.wait_for(receive(), wait_s)
+        except asyncio.TimeoutError as e:
+            if slow and self.min_rate is not None:
+                raise BodyTooSlowError(seen, time.monotonic() - started, self.min_rate) from e
+            raise BodyStalledError(idle_s) from e

@@ -24,6 +24,9 @@ class ServeSettings:
     max_k: int = 100  # most search results
     request_timeout_s: float = 30.0  # inference routes answer 504 after this
     drain_timeout_s: float = 30.0  # shutdown waits this long for in-flight requests
+    head_timeout_s: float = 10.0  # request line + headers must arrive within this (408, then closed)
+    max_head_bytes: int = 64 * 1024  # request line + headers (431 above; 400 with uvicorn's h11 parser)
+    min_upload_rate: float = 500.0  # bytes/s a body must average past its first request_timeout_s (408)
     retry_after_s: int = 1  # Retry-After on 429/503
     preprocess_threads: int = 4  # thread pool for decode + preprocess
     thumbnail_size: int = 256  # longest side of a thumbnail, pixels
@@ -43,13 +46,22 @@ class ServeSettings:
             "max_k",
             "preprocess_threads",
             "thumbnail_size",
+            "max_head_bytes",
         ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"ServeSettings.{name} must be >= 1, got {getattr(self, name)!r}")
         if self.max_wait_ms < 0 or self.request_timeout_s <= 0 or self.drain_timeout_s < 0:
             raise ValueError("max_wait_ms and drain_timeout_s must be >= 0, request_timeout_s > 0")
+        if self.head_timeout_s <= 0 or self.min_upload_rate <= 0:
+            raise ValueError("head_timeout_s and min_upload_rate must be > 0")
         # NaN passes the comparisons above; with an infinite max_wait_ms a batch can wait forever.
-        for name in ("max_wait_ms", "request_timeout_s", "drain_timeout_s"):
+        for name in (
+            "max_wait_ms",
+            "request_timeout_s",
+            "drain_timeout_s",
+            "head_timeout_s",
+            "min_upload_rate",
+        ):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"ServeSettings.{name} must be a finite number, got {getattr(self, name)!r}")
         if self.api_key is not None and not self.api_key.strip():

@@ -1,0 +1,172 @@
+"""uvicorn's HTTP/1.1 protocol with a deadline and a size cap on each request's head (slow, hostile clients).
+
+uvicorn times out only idle keep-alive connections, and only until the next byte arrives: a client
+that opens connections and sends part of a request line or headers (or nothing, or a blank line
+every few seconds) held each connection, and its file descriptor, for ever. With httptools (the
+`serve` extra) the headers had no size limit either: a 50 MB header was read into memory whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any, cast
+
+import h11
+
+from .http_errors import error_body
+from .settings import ServeSettings
+
+__all__ = ["guarded_protocol", "uvicorn_options"]
+
+log = logging.getLogger(__name__)
+
+_REASONS = {408: "Request Timeout", 431: "Request Header Fields Too Large"}
+
+
+class _HeadGuard(asyncio.Protocol):
+    """Mixin placed before uvicorn's protocol: the request head must arrive in time and within a size.
+
+    The clock starts when the connection opens, and again when bytes arrive while no request is in
+    progress (uvicorn's keep-alive timer stops at the first byte of the next request); it stops when
+    a request's head is complete. The body is the app's to time (BodyLimitMiddleware).
+    """
+
+    head_timeout_s: float = 10.0  # request line + headers must be complete this long after they start
+    max_head_bytes: int = 64 * 1024  # request line + headers; 431 above (httptools; h11 has its own cap)
+
+    # uvicorn's own attributes, as the guard uses them
+    cycle: Any
+    transport: asyncio.Transport
+    loop: asyncio.AbstractEventLoop
+    server_state: Any
+
+    _head_timer: asyncio.TimerHandle | None = None
+    _in_head = False  # part of a request head has arrived
+    _head_bytes = 0  # bytes read since the head began (counted only where the parser has no cap)
+    _counts_head_bytes = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._start_clock()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_clock()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._awaiting_head():
+            self._start_clock()
+            self._note_bytes()
+        super().data_received(data)
+        if self.transport.is_closing():
+            return
+        if not self._awaiting_head():
+            self._stop_clock()
+        elif self._in_head and self._counts_head_bytes:
+            self._head_bytes += len(data)  # whole reads: exact to within one read of the limit
+            if self._head_bytes > self.max_head_bytes:
+                self._refuse(
+                    431, "headers_too_large", f"request line and headers exceed {self.max_head_bytes} bytes"
+                )
+
+    def _note_bytes(self) -> None:
+        """Bytes arrived while no request is in progress: say whether they start a request head."""
+        raise NotImplementedError
+
+    def _awaiting_head(self) -> bool:
+        return self.cycle is None or bool(self.cycle.response_complete)
+
+    def _start_clock(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def _stop_clock(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_timer = None
+        self._in_head = False
+        self._head_bytes = 0
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing() or not self._awaiting_head():
+            return
+        if not self._in_head:  # nothing of a request arrived (as uvicorn's keep-alive timeout: no answer)
+            self.transport.close()
+            return
+        self._refuse(
+            408,
+            "request_timeout",
+            f"the request line and headers did not arrive within {self.head_timeout_s:g} s",
+        )
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        """Answer with the API's JSON error shape and close (uvicorn's own 400s are written the same way)."""
+        level = logging.INFO if status == 408 else logging.WARNING  # slow links are common, huge heads not
+        log.log(level, "%s to %s: %s", status, getattr(self, "client", None), message)
+        body = json.dumps(error_body(code, message)).encode()
+        head = [f"HTTP/1.1 {status} {_REASONS[status]}".encode()]
+        head += [name + b": " + value for name, value in self.server_state.default_headers]
+        head += [b"content-type: application/json", b"content-length: %d" % len(body), b"connection: close"]
+        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        self.transport.close()
+        self._stop_clock()
+
+
+class _H11HeadGuard(_HeadGuard):
+    """h11 caps the head itself (`h11_max_incomplete_event_size`, a 400 above it)."""
+
+    conn: h11.Connection
+
+    def _note_bytes(self) -> None:
+        # Not the rest of a body the app answered without reading (h11 swallows that).
+        self._in_head = self.conn.their_state is not h11.SEND_BODY
+
+
+class _HttpToolsHeadGuard(_HeadGuard):
+    """httptools reports where a request starts and where its headers end: only those bytes count."""
+
+    _counts_head_bytes = True  # httptools itself has no limit
+
+    def _note_bytes(self) -> None:
+        pass  # leftover body of an answered request, or blank lines: not a request head yet
+
+    def on_message_begin(self) -> None:
+        cast(Any, super()).on_message_begin()
+        self._in_head = True
+        self._head_bytes = 0
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        cast(Any, super()).on_headers_complete()
+
+
+def guarded_protocol(head_timeout_s: float, max_head_bytes: int) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol class (httptools when installed, as uvicorn picks, else h11) with the guard."""
+    base: type[asyncio.Protocol]
+    guard: type[_HeadGuard]
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # no httptools: uvicorn's pure-Python h11 stack
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+
+        base, guard = H11Protocol, _H11HeadGuard
+    else:
+        base, guard = HttpToolsProtocol, _HttpToolsHeadGuard
+    attrs = {"head_timeout_s": head_timeout_s, "max_head_bytes": max_head_bytes}
+    return type(f"Guarded{base.__name__}", (guard, base), attrs)
+
+
+def uvicorn_options(settings: ServeSettings) -> dict[str, Any]:
+    """Keyword arguments for `uvicorn.run` / `uvicorn.Config` that apply the settings' connection limits.
+
+    Example:
+        >>> uvicorn.run(app, host="127.0.0.1", port=8000, **uvicorn_options(settings))
+    """
+    return {
+        "http": guarded_protocol(settings.head_timeout_s, settings.max_head_bytes),
+        "h11_max_incomplete_event_size": settings.max_head_bytes,  # h11's own cap (a 400 above it)
+        "timeout_graceful_shutdown": int(settings.drain_timeout_s),
+    }
