@@ -74,8 +74,9 @@ def create_app(
         IndexMismatchError: the index was built with another model or embedding size.
 
     Example:
-        >>> app = create_app(clipengine.load("ViT-B-32", pretrained="openai"))
-        >>> uvicorn.run(app, host="127.0.0.1", port=8000)
+        >>> settings = ServeSettings()
+        >>> app = create_app(clipengine.load("ViT-B-32", pretrained="openai"), None, settings)
+        >>> uvicorn.run(app, host="127.0.0.1", port=8000, **uvicorn_options(settings))  # head limits
     """
     settings = settings or ServeSettings()
     if index is not None:
