@@ -45,6 +45,16 @@ def test_one_process_is_refused() -> None:
         DecodeProcesses(1)
 
 
+def test_a_cpu_share_without_cpu_workers_is_refused() -> None:
+    """Without workers the loaders have no CPU assist: the share was dropped without a word (the run
+    recorded it, and a resume through one loader thread honours it)."""
+    with pytest.raises(ValueError, match=r"CPU share of the GPU decode needs CPU decode workers.*workers=0"):
+        DecodeProcesses(2, workers=0, cpu_share=0.25)
+    with pytest.raises(ValueError, match="needs CPU decode workers"):
+        DecodeProcesses.for_run(3, 0, cpu_share=0.25)
+    assert DecodeProcesses.for_run(3, 2, cpu_share=0.25).workers == 1  # each loader gets at least one
+
+
 def test_processes_give_the_in_process_loaders_pixels(photo_folder, tiny_model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import clipengine.image.gpu_decode as gd
 

@@ -102,6 +102,9 @@ class DecodeProcesses:
     def __post_init__(self) -> None:
         if self.procs < 2:
             raise ValueError(f"decode processes must be >= 2 (1 is the in-process loader), got {self.procs}")
+        if self.cpu_share > 0 and self.workers == 0:  # the loaders would decode every file on the GPU
+            raise ValueError(f"a CPU share of the GPU decode needs CPU decode workers (workers >= 1), got "
+                             f"cpu_share={self.cpu_share} with workers=0")  # fmt: skip
 
     @classmethod
     def for_run(
