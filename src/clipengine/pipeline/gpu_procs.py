@@ -385,6 +385,11 @@ def _receive(
     first: float | None = None
     try:
         while pending:
+            for c in children:  # one that has gone is an EOF (`_next_message`), with its exit code
+                if c.send_error is not None and c.rank in pending and c.process.is_alive():
+                    raise RuntimeError(
+                        f"could not send GPU decode process {c.rank} its files: {c.send_error}"
+                    )
             t0 = time.perf_counter()
             got = _next_message(pending, heard)
             stats.wait_s += time.perf_counter() - t0
@@ -396,11 +401,6 @@ def _receive(
                 silent = sorted(set(pending) - heard)
                 if silent and time.perf_counter() - started > _START_S:
                     raise RuntimeError(f"GPU decode process {silent[0]} sent nothing in {_START_S:.0f} s")
-                for c in children:  # one that has gone is an EOF above, with its exit code
-                    if c.rank in pending and c.send_error is not None and c.process.is_alive():
-                        raise RuntimeError(
-                            f"could not send GPU decode process {c.rank} its files: {c.send_error}"
-                        )
                 continue
             rank, msg = got
             source = pending[rank]
