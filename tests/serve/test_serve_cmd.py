@@ -178,9 +178,10 @@ def test_the_server_runs_with_the_request_head_limits(
 
     seen: dict[str, Any] = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: seen.update(options))
-    web_app = create_app(fake_model, None, ServeSettings(head_timeout_s=3, max_head_bytes=5000))
-    serve_cmd._run_server(web_app, "127.0.0.1", 8123, "info", 7)
+    settings = ServeSettings(head_timeout_s=3, max_head_bytes=5000, request_timeout_s=4)
+    serve_cmd._run_server(create_app(fake_model, None, settings), "127.0.0.1", 8123, "info", 7)
     # Was uvicorn's own protocol: a client that never finished its headers held its connection for ever.
-    assert (seen["http"].head_timeout_s, seen["http"].max_head_bytes) == (3, 5000)
+    protocol = seen["http"]
+    assert (protocol.head_timeout_s, protocol.max_head_bytes, protocol.send_timeout_s) == (3, 5000, 4)
     assert seen["h11_max_incomplete_event_size"] == 5000
     assert (seen["port"], seen["timeout_graceful_shutdown"]) == (8123, 7)

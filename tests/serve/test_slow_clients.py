@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 
 from clipengine.serve import ServeSettings, create_app
@@ -210,3 +211,29 @@ def test_a_slow_body_above_the_minimum_rate_is_served(fake_model: FakeModel) -> 
             reply = sock.recv(65536)
         assert time.monotonic() - started > 0.3
         assert b" 200 OK" in reply.split(b"\r\n")[0], reply
+
+
+class _WideModel(FakeModel):
+    """1024-d text embeddings: an answer for 256 texts is about 2 MB of JSON, enough to fill the buffers."""
+
+    embed_dim = 1024
+
+    def encode_texts(self, texts: Any) -> np.ndarray:
+        return np.full((len(texts), self.embed_dim), 1 / 32, dtype=np.float32)
+
+
+@pytest.mark.usefixtures("parser")
+def test_a_client_that_stops_reading_its_answers_is_cut_off() -> None:
+    for server in _server(_WideModel(), request_timeout_s=0.5):
+        body = json.dumps({"texts": [f"text {i}" for i in range(256)]}).encode()
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", server.port))
+            sock.sendall(_texts_request(body) * 5)  # pipelined, and never read
+            state, started = server.server.server_state, time.monotonic()
+            while (state.connections or state.tasks) and time.monotonic() - started < 10:
+                time.sleep(0.05)
+            # Was: the answer waited for the client to read for ever, holding the connection, the
+            # request (in flight in /metrics) and a graceful shutdown for its whole drain timeout.
+            assert not state.connections and not state.tasks
+        assert server.server.config.app.state.clipengine.tracker.in_flight == 0

@@ -1,9 +1,10 @@
-"""uvicorn's HTTP/1.1 protocol with a deadline and a size cap on each request's head (slow, hostile clients).
+"""uvicorn's HTTP/1.1 protocol with deadlines on each request's head and answer, and a cap on the head's size.
 
 uvicorn times out only idle keep-alive connections, and only until the next byte arrives: a client
 that opens connections and sends part of a request line or headers (or nothing, or a blank line
 every few seconds) held each connection, and its file descriptor, for ever. With httptools (the
 `serve` extra) the headers had no size limit either: a 50 MB header was read into memory whole.
+And a client that stopped reading its answers held its connection and request for ever.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class _HeadGuard(asyncio.Protocol):
     """
 
     head_timeout_s: float = 10.0  # request line + headers must be complete this long after they start
+    send_timeout_s: float = 30.0  # a client that reads none of its answer for this long is cut off
     max_head_bytes: int = 64 * 1024  # request line + headers; 431 above (httptools; h11 has its own cap)
 
     # uvicorn's own attributes, as the guard uses them
@@ -43,6 +45,7 @@ class _HeadGuard(asyncio.Protocol):
     server_state: Any
 
     _head_timer: asyncio.TimerHandle | None = None
+    _send_timer: asyncio.TimerHandle | None = None
     _in_head = False  # part of a request head has arrived
     _head_bytes = 0  # bytes read since the head began (counted only where the parser has no cap)
     _counts_head_bytes = False
@@ -53,7 +56,34 @@ class _HeadGuard(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_clock()
+        self._stop_send_clock()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """The answer fills the send buffer: the client has this long to read some of it."""
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(self.send_timeout_s, self._send_timed_out)
+
+    def resume_writing(self) -> None:
+        self._stop_send_clock()
+        super().resume_writing()
+
+    def _stop_send_clock(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+        self._send_timer = None
+
+    def _send_timed_out(self) -> None:
+        # uvicorn's answer waited for the buffer to drain for ever, holding the request (and a graceful
+        # shutdown). close() would wait for the buffer too: abort() drops it and ends the request.
+        self._send_timer = None
+        log.info(
+            "closed %s: it read none of its answer for %g s",
+            getattr(self, "client", None),
+            self.send_timeout_s,
+        )
+        self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self._awaiting_head():
@@ -143,7 +173,9 @@ class _HttpToolsHeadGuard(_HeadGuard):
         cast(Any, super()).on_headers_complete()
 
 
-def guarded_protocol(head_timeout_s: float, max_head_bytes: int) -> type[asyncio.Protocol]:
+def guarded_protocol(
+    head_timeout_s: float, max_head_bytes: int, send_timeout_s: float = 30.0
+) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol class (httptools when installed, as uvicorn picks, else h11) with the guard."""
     base: type[asyncio.Protocol]
     guard: type[_HeadGuard]
@@ -155,7 +187,11 @@ def guarded_protocol(head_timeout_s: float, max_head_bytes: int) -> type[asyncio
         base, guard = H11Protocol, _H11HeadGuard
     else:
         base, guard = HttpToolsProtocol, _HttpToolsHeadGuard
-    attrs = {"head_timeout_s": head_timeout_s, "max_head_bytes": max_head_bytes}
+    attrs = {
+        "head_timeout_s": head_timeout_s,
+        "max_head_bytes": max_head_bytes,
+        "send_timeout_s": send_timeout_s,
+    }
     return type(f"Guarded{base.__name__}", (guard, base), attrs)
 
 
@@ -166,7 +202,9 @@ def uvicorn_options(settings: ServeSettings) -> dict[str, Any]:
         >>> uvicorn.run(app, host="127.0.0.1", port=8000, **uvicorn_options(settings))
     """
     return {
-        "http": guarded_protocol(settings.head_timeout_s, settings.max_head_bytes),
+        "http": guarded_protocol(
+            settings.head_timeout_s, settings.max_head_bytes, settings.request_timeout_s
+        ),
         "h11_max_incomplete_event_size": settings.max_head_bytes,  # h11's own cap (a 400 above it)
         "timeout_graceful_shutdown": int(settings.drain_timeout_s),
     }
