@@ -375,3 +375,16 @@ def test_a_file_list_that_cannot_be_sent_fails_the_run_instead_of_hanging(  # ty
         list(iter_gpu_loaded_procs(items, tiny_model_cfg(tiny_model), 2, "cpu", LoadStats(), "torchvision",
                                    _setup(decode_batch=gpu_fakes.slow_here)))  # fmt: skip
     assert not _decode_children()
+
+
+def test_starting_the_processes_does_not_import_torch_here() -> None:
+    """The processes start before the model loads so that their start-up overlaps it; importing
+    torch first (3-4 s on a GPU host) would delay them by that much."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom clipengine.pipeline.gpu_procs import DecodeProcesses, start_decode_processes\n"
+            "started = start_decode_processes(DecodeProcesses(2), 'cpu', 'torchvision')\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\nstarted.close()\n")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr

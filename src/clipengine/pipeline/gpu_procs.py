@@ -184,11 +184,13 @@ class StartedDecodeProcesses:
     with a loader thread of this process, once."""
 
     def __init__(self, setup: DecodeProcesses, device: str, decoder: str) -> None:
-        import torch.multiprocessing as tmp
-
         self.setup, self.device, self.decoder = setup, device, decoder
         self._used = False
-        ctx = tmp.get_context("spawn")
+        # Plain multiprocessing, not torch's: this process need not import torch (3-4 s on a GPU
+        # host) before the processes start. Each process imports torch.multiprocessing itself, which
+        # registers the CUDA tensor pickling its sends use; unpickling here finds torch's rebuild
+        # functions by name.
+        ctx = multiprocessing.get_context("spawn")
         self._release = ctx.Event()
         self._counter = ctx.Value("q", 0)  # the next unclaimed block (`claimed_items`)
         self._claims = ctx.Array("q", setup.procs, lock=False)  # blocks per loader, under the counter's lock
@@ -230,17 +232,24 @@ class StartedDecodeProcesses:
             raise RuntimeError("these decode processes have run already: start new ones")
         self._used = True
         own: _OwnLoader | None = None
+        payload: bytes | None = None
+        error: str | None = None
         try:
             cfg = _check_config(preprocess_cfg)
             block = default_decode_group(batch_size)
             if self._children:
-                # Plain lists: Path objects pickle ~10x slower, on this process's GIL, while it loads.
+                # Plain lists (Path objects pickle ~10x slower, on this process's GIL, while it
+                # loads), pickled once for all the processes (files in memory are not copied per process).
                 ids, sources = [i.id for i in items], [_plain(i.source) for i in items]
+                payload, error = _pickled(("work", ids, sources, cfg, batch_size, block))
+                del ids, sources
             for child in self._children:
+                if payload is None:  # `_receive` raises it while the process lives
+                    child.send_error = error
+                    continue
                 # From a thread: a process still starting does not read yet, and the item list
                 # fills the pipe; this thread goes on to load meanwhile. `_stop` waits for it.
-                work = ("work", ids, sources, cfg, batch_size, block)
-                child.sender = threading.Thread(target=_send_work, args=(child, work),
+                child.sender = threading.Thread(target=_send_work, args=(child, payload),
                                                 name=f"clipengine-gpu-decode-send-{child.rank}", daemon=True)  # fmt: skip
                 child.sender.start()
             claiming = _Claims(self._counter, self._claims, -(-len(items) // block))
@@ -287,12 +296,24 @@ class _ItemList(Sequence[ImageItem]):
         return ImageItem(self.ids[index], self.sources[index])
 
 
-def _send_work(child: _Child, msg: tuple[Any, ...]) -> None:
-    """Send a process its files; why that failed goes to `child.send_error` (`_receive` raises it
-    while the process lives: it would wait for its files for ever)."""
+def _pickled(msg: tuple[Any, ...]) -> tuple[bytes, None] | tuple[None, str]:
+    """`msg` as `Connection.send` would pickle it, or why it does not pickle (an id that does not,
+    a MemoryError)."""
+    from multiprocessing.reduction import ForkingPickler
+
     try:
-        child.conn.send(msg)
-    except BaseException as e:  # an id that does not pickle, a MemoryError; or the process has gone
+        return bytes(ForkingPickler.dumps(msg)), None
+    except Exception as e:
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _send_work(child: _Child, payload: bytes) -> None:
+    """Send a process its files (`_pickled`; its `recv` unpickles them); why that failed goes to
+    `child.send_error` (`_receive` raises it while the process lives: it would wait for its files
+    for ever)."""
+    try:
+        child.conn.send_bytes(payload)
+    except BaseException as e:  # the process has gone (its exit code is reported), or a MemoryError
         child.send_error = f"{type(e).__name__}: {e}"
 
 
@@ -392,7 +413,8 @@ def _receive(
                     )
             t0 = time.perf_counter()
             got = _next_message(pending, heard)
-            stats.wait_s += time.perf_counter() - t0
+            if got is not None and got[1][0] == "batch":  # waiting for the "done"s is not the model starving
+                stats.wait_s += time.perf_counter() - t0
             if got is None:  # nothing for a while: stop waiting for processes that will get no files
                 for rank in [r for r in pending if r not in heard and claiming.unneeded(r)]:
                     del pending[rank]  # still starting: `_stop` terminates it
@@ -580,6 +602,11 @@ def _decode_process(
                              "device_s": opened - imported, "warm_decode_s": decode_s,
                              "warm_preprocess_s": preprocess_s, "ready_s": warm - spawned_at}))  # fmt: skip
         _, ids, sources, cfg, batch_size, block = conn.recv()  # ("work", ...)
+        with counter.get_lock():
+            none_left = counter.value >= -(-len(ids) // block)
+        if none_left:  # ready after every block was claimed: done, without setting up a loader
+            conn.send(("done", {"read_s": 0.0, "decode_s": 0.0, "preprocess_s": 0.0}))
+            return
         items = _ItemList(ids, sources)
         working = True
 
