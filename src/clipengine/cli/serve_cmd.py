@@ -202,7 +202,11 @@ def register(app: typer.Typer) -> None:
         ),
         max_texts: int = typer.Option(256, "--max-texts", min=1, help="Most texts or labels per request."),
         request_timeout: float = typer.Option(
-            30.0, "--request-timeout", min=0.001, help="Seconds before a 504 (and a 408 for a body that stops arriving)."
+            30.0,
+            "--request-timeout",
+            min=0.001,
+            help="Seconds before a 504; also before a 408 for a body that stops arriving or trickles "
+            "(under 500 bytes/s), and before a client that reads none of its answer is cut off.",
         ),
         api_key: str | None = typer.Option(
             None,
