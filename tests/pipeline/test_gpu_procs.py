@@ -276,6 +276,9 @@ def test_processes_started_with_other_settings_are_refused(image_folder, tmp_pat
                          gpu_decoder="nvimgcodec", gpu_decode_procs=started)  # fmt: skip
         with pytest.raises(ValueError, match="need gpu_decode"):
             embed_folder(image_folder, tmp_path / "out", fake_factory, preprocess_cfg, gpu_decode_procs=started)
+        with pytest.raises(ValueError, match=r"gpu_read_threads 2 \(the run: 4\)"):  # it used to be ignored
+            embed_folder(image_folder, tmp_path / "out", fake_factory, preprocess_cfg, gpu_decode="cpu",
+                         gpu_read_threads=4, gpu_decode_procs=started)  # fmt: skip
     assert not (tmp_path / "out").exists() and not _decode_children()
 
 
@@ -388,3 +391,34 @@ def test_starting_the_processes_does_not_import_torch_here() -> None:
             "assert 'torch' not in sys.modules, 'torch imported'\nstarted.close()\n")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_broken_pipe_inside_the_work_is_an_error_not_a_silent_wait(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A BrokenPipeError (or EOFError) from the work itself, e.g. a CPU decode worker's pipe, was
+    taken for the consumer going away: the process said nothing and waited for its release, and
+    the run for it. Only with the consumer gone (`release` set) is it silent."""
+    import multiprocessing
+    import threading
+
+    from clipengine.pipeline import decode_pool
+
+    monkeypatch.setattr(decode_pool, "as_child_process", lambda: None)  # run here, in a thread
+
+    def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise BrokenPipeError(32, "a CPU decode worker's pipe")
+
+    monkeypatch.setattr(gpu_procs, "_load_claimed", broken)
+    ours, theirs = multiprocessing.Pipe(duplex=True)
+    release = threading.Event()
+    counter, claims = multiprocessing.Value("q", 0), multiprocessing.Array("q", 2, lock=False)
+    child = threading.Thread(target=gpu_procs._decode_process, args=(
+        1, "cpu", "torchvision", _setup(), theirs, threading.Semaphore(2), release, counter, claims, time.time()))  # fmt: skip
+    child.start()
+    assert ours.recv()[0] == "ready"
+    ours.send(("work", ["a.jpg"], ["a.jpg"], {"image_size": 16}, 1, 1))
+    assert ours.poll(60)
+    msg = ours.recv()
+    assert msg[0] == "error" and "BrokenPipeError" in msg[1] and "a CPU decode worker's pipe" in msg[1]
+    release.set()
+    child.join(timeout=30)
+    assert not child.is_alive()

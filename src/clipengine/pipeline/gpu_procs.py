@@ -623,8 +623,10 @@ def _decode_process(
         done = _load_claimed(mine, cfg, batch_size, _new_decoder(device, decoder, setup), setup, send)
         if done is not None:
             conn.send(("done", done))
-    except (BrokenPipeError, ConnectionResetError, EOFError):
-        pass  # the consumer has gone (or stopped before sending the files): nobody to tell
+    except (BrokenPipeError, ConnectionResetError, EOFError) as e:
+        if not release.is_set():  # not the consumer going away (it sets `release` first): an error like any other
+            with contextlib.suppress(OSError):
+                conn.send(("error", f"{type(e).__name__}: {e}", traceback.format_exc()))
     except BaseException as e:
         with contextlib.suppress(OSError):
             conn.send(("error", f"{type(e).__name__}: {e}", traceback.format_exc()))

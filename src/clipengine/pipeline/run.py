@@ -185,7 +185,7 @@ def embed_folder(
     workers = None if workers is None else operator.index(workers)
     check_cpu_share(gpu_cpu_share, gpu_decode, workers)
     check_decode_procs(gpu_decode_procs, gpu_decode, gpu_decode_ahead, gpu_decoder=gpu_decoder,
-                       gpu_cpu_share=gpu_cpu_share, fast_decode=fast_decode)  # fmt: skip
+                       gpu_cpu_share=gpu_cpu_share, fast_decode=fast_decode, gpu_read_threads=gpu_read_threads)  # fmt: skip
     out_dir = Path(out_dir)
     items = list(source) if not isinstance(source, (str, Path)) else list_items(source)
     check_unique_ids(items)  # all of them, before run.json is touched (a resume routes only some)

@@ -45,7 +45,7 @@ def check_decode_procs(procs: object, gpu_decode: str | None, decode_ahead: bool
         if decode_ahead:
             raise ValueError("gpu_decode_ahead cannot be combined with gpu_decode_procs")
         started = {"gpu_decode": procs.device, "gpu_decoder": procs.decoder, "gpu_cpu_share": procs.setup.cpu_share,
-                   "fast_decode": procs.setup.fast_decode}  # fmt: skip
+                   "fast_decode": procs.setup.fast_decode, "gpu_read_threads": procs.setup.read_threads}  # fmt: skip
         wanted = {"gpu_decode": gpu_decode, **run}
         differ = [f"{k} {started[k]!r} (the run: {v!r})" for k, v in wanted.items() if started.get(k, v) != v]
         if differ:
