@@ -39,7 +39,7 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from clipengine.serve import ServeSettings, create_app
+    from clipengine.serve import ServeSettings, create_app, uvicorn_options
 
     if args.random_arch:
         import torch
@@ -66,7 +66,9 @@ def _serve(args: argparse.Namespace) -> None:
         max_queue=4096,
         request_timeout_s=args.request_timeout,
     )
-    uvicorn.run(create_app(model, None, settings), host="127.0.0.1", port=args.port, log_level="warning")
+    # As `clipengine serve` runs it: with its connection limits (its own protocol class).
+    uvicorn.run(create_app(model, None, settings), host="127.0.0.1", port=args.port, log_level="warning",
+                **uvicorn_options(settings))  # fmt: skip
 
 
 def _TINY() -> Any:
