@@ -422,3 +422,33 @@ def test_a_broken_pipe_inside_the_work_is_an_error_not_a_silent_wait(monkeypatch
     release.set()
     child.join(timeout=30)
     assert not child.is_alive()
+
+
+def test_the_cpu_assist_is_reported_over_all_loaders(tmp_path: Path, fakes, caplog) -> None:  # type: ignore[no-untyped-def]
+    """The one loader thread logs what its CPU workers decoded and warns when it waited for them;
+    with decode processes nothing was said (helper 62's review). Now the loaders' figures are summed."""
+    import logging
+
+    from clipengine.image.preprocess import PreprocessConfig
+
+    fakes.write_images(tmp_path / "mix", 6)
+    fakes.write_images(tmp_path / "mix", 4, prefix="png", ext=".png")  # nvjpeg cannot: the CPU workers decode them
+    with caplog.at_level(logging.INFO, logger="clipengine.pipeline"):
+        batches = list(iter_gpu_loaded_procs(list_items(tmp_path / "mix"), PreprocessConfig(image_size=16), 4, "cpu",
+                                             LoadStats(), "torchvision", _setup(procs=2, workers=1)))  # fmt: skip
+    assert sum(len(b.ids) for b in batches) == 10
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("CPU assist:"))
+    assert line.startswith("CPU assist: 4 images on 2 CPU workers, 6 on the GPU decoder; the 2 loaders waited"), line
+
+
+def test_report_assist_warns_when_the_loaders_waited_for_their_workers(caplog) -> None:  # type: ignore[no-untyped-def]
+    import logging
+
+    from clipengine.pipeline.gpu_loading import report_assist
+
+    with caplog.at_level(logging.INFO, logger="clipengine.pipeline"):
+        report_assist(40, 960, 3.0, 10.0, 2, 0.0, loaders=4)  # 0.75 s each of 10 s: under a tenth
+        report_assist(40, 960, 6.0, 10.0, 2, 0.2, loaders=4)  # 1.5 s each: over
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["the GPU loaders (4) waited 1.5 s of 10.0 s for their 8 CPU decode workers: a CPU share of "
+                        "0.2 is more than they keep up with; a lower one will be faster"]  # fmt: skip

@@ -106,7 +106,8 @@ def iter_gpu_loaded(
         stats.decode_s += done.decode_s
         stats.preprocess_s += done.preprocess_s
         if assist is not None:
-            _report_assist(done.cpu_assist, done.nvjpeg, done.assist_wait_s, time.perf_counter() - t_start, assist)
+            report_assist(done.cpu_assist, done.nvjpeg, done.assist_wait_s, time.perf_counter() - t_start,
+                          assist.workers, assist.share)  # fmt: skip
 
 
 def loader_batches(
@@ -144,14 +145,19 @@ def _decoded_ahead(
         chunks.close()  # the decode thread (closed already, unless the loader stopped early)
 
 
-def _report_assist(assisted: int, on_gpu: int, waited_s: float, wall_s: float, assist: CpuAssist) -> None:
+def report_assist(assisted: int, on_gpu: int, waited_s: float, wall_s: float, workers: int, share: float,
+                  loaders: int = 1) -> None:  # fmt: skip
+    """Log how the CPU assist went, and warn when the GPU loader(s) waited for its workers for more
+    than a tenth of the run (`waited_s` summed over `loaders`, each with `workers` workers)."""
     if not assisted:
         return
-    _log.info("CPU assist: %d images on %d CPU workers, %d on the GPU decoder; the loader waited %.2f s of %.2f s "
-              "for the workers", assisted, assist.workers, on_gpu, waited_s, wall_s)  # fmt: skip
-    if wall_s > 0 and waited_s > _ASSIST_WAIT_WARNING * wall_s:
-        advice = (f"a CPU share of {assist.share:g} is more than they keep up with; a lower one will be faster"
-                  if assist.share > 0 else "they decode the files nvjpeg cannot (PNG, CMYK, ...): more --workers, "
+    who = "the loader" if loaders == 1 else f"the {loaders} loaders"
+    _log.info("CPU assist: %d images on %d CPU workers, %d on the GPU decoder; %s waited %.2f s of %.2f s "
+              "for the workers", assisted, workers * loaders, on_gpu, who, waited_s, wall_s)  # fmt: skip
+    if wall_s > 0 and waited_s > _ASSIST_WAIT_WARNING * wall_s * loaders:
+        advice = (f"a CPU share of {share:g} is more than they keep up with; a lower one will be faster"
+                  if share > 0 else "they decode the files nvjpeg cannot (PNG, CMYK, ...): more --workers, "
                   "or CPU decode workers alone (no --gpu-decode), suit such a folder")  # fmt: skip
-        _log.warning("the GPU loader waited %.1f s of %.1f s for its %d CPU decode workers: %s", waited_s, wall_s,
-                     assist.workers, advice)  # fmt: skip
+        _log.warning("the GPU %s waited %.1f s of %.1f s for %s %d CPU decode workers: %s",
+                     "loader" if loaders == 1 else f"loaders ({loaders})", waited_s / loaders, wall_s,
+                     "its" if loaders == 1 else "their", workers * loaders, advice)  # fmt: skip

@@ -56,6 +56,7 @@ import numpy as np
 
 from ..types import Batch, ImageItem
 from .gpu_batching import default_decode_group
+from .gpu_loading import report_assist
 
 if TYPE_CHECKING:
     from ..image.gpu_decode import GpuJpegDecoder
@@ -254,7 +255,7 @@ class StartedDecodeProcesses:
                 child.sender.start()
             claiming = _Claims(self._counter, self._claims, -(-len(items) // block))
             own = _OwnLoader(items, cfg, batch_size, block, claiming, self.device, self.decoder, self.setup)
-            yield from _receive(self._children, own, cfg["image_size"], stats, self._started, claiming)
+            yield from _receive(self._children, own, cfg["image_size"], stats, self._started, claiming, self.setup)
         finally:
             if own is not None:
                 own.close()
@@ -393,11 +394,18 @@ class _OwnLoader:
 
 
 def _receive(
-    children: list[_Child], own: _OwnLoader, image_size: int, stats: LoadStats, spawned: float, claiming: _Claims
+    children: list[_Child],
+    own: _OwnLoader,
+    image_size: int,
+    stats: LoadStats,
+    spawned: float,
+    claiming: _Claims,
+    setup: DecodeProcesses,
 ) -> Iterator[Batch]:
     """The loaders' batches as they come, each in memory of this process (see `_own_copy`)."""
     pending: dict[int, _Child | _OwnLoader] = {c.rank: c for c in children}
     pending[0] = own
+    assist = {"cpu_assist": 0.0, "nvjpeg": 0.0, "assist_wait_s": 0.0}  # summed over the loaders' "done"
     heard: set[int] = {0}
     ready: dict[int, dict[str, float]] = {}
     held: deque[tuple[Any, Any]] = deque()
@@ -459,10 +467,14 @@ def _receive(
                 stats.read_s += done["read_s"]
                 stats.decode_s += done["decode_s"]
                 stats.preprocess_s += done["preprocess_s"]
+                for key in assist:
+                    assist[key] += done.get(key, 0)
             else:  # "error": the loader's traceback, raised here as the in-process loader would
                 where = "the loader thread" if rank == 0 else f"GPU decode process {rank}"
                 raise RuntimeError(f"{where} failed: {msg[1]}\n{msg[2]}")
         wall = time.perf_counter() - started
+        report_assist(int(assist["cpu_assist"]), int(assist["nvjpeg"]), assist["assist_wait_s"], wall, setup.workers,
+                      setup.cpu_share, loaders=len(children) + 1)  # fmt: skip
         _log.info("%d GPU loaders: %d images in %.2f s (%.0f img/s); images per loader (0: this process's "
                   "thread): %s", len(children) + 1, stats.images, wall, stats.images / wall if wall > 0 else 0.0,
                   ", ".join(f"{k}: {v}" for k, v in sorted(sent.items())))  # fmt: skip
