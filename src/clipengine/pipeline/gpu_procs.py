@@ -389,6 +389,8 @@ class _OwnLoader:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=60)  # it stops after the decode call it is in
+        if self._thread.is_alive():  # stuck in a driver call: it may still signal, so its pipe stays open
+            return
         self.signal.close()
         self._signal_out.close()
 
