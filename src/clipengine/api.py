@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 from PIL import Image
 
-from .errors import BackendError, InputError, positive_int
+from .arguments import positive_int
+from .errors import BackendError, InputError
 from .extras import install_hint
 from .image.preprocess import PreprocessConfig, preprocess
 from .text.tokenizer import as_str_list, tokenize

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import operator
-
 __all__ = [
     "BackendError",
     "CheckpointError",
@@ -19,7 +17,6 @@ __all__ = [
     "InputError",
     "TextTooLongError",
     "UnknownModelError",
-    "positive_int",
 ]
 
 
@@ -95,14 +92,3 @@ class InputError(BackendError, ValueError):
     BackendError.
     """
 
-
-def positive_int(value: object, name: str, expected: str = "an integer >= 1") -> int:
-    """`value` as an int >= 1 (NumPy integers too, not bools); anything else is an InputError naming
-    `name` and what it must be, not the bare TypeError that `range()` or `<` would raise."""
-    try:
-        number = operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        number = 0
-    if isinstance(value, bool) or number < 1:
-        raise InputError(f"{name} must be {expected}, got {value!r}")
-    return number

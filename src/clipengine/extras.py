@@ -24,6 +24,7 @@ EXTRA_FOR_MODULE = {
     "multipart": "serve",
     "python_multipart": "serve",
     "uvicorn": "serve",
+    "h11": "serve",  # serve/protocol.py (uvicorn's HTTP/1.1 parser; declared, as it is imported directly)
     "faiss": "index",
     "ray": "ray",
     "pyarrow": "ray",

@@ -13,8 +13,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 
+from .arguments import positive_int
 from .backends.base import l2_normalize
-from .errors import InputError, positive_int
+from .errors import InputError
 from .types import FloatArray
 
 __all__ = ["check_top_k", "class_embeddings", "fill_template", "label_prompts", "mean_unit", "rank_labels"]
