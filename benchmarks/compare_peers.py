@@ -21,6 +21,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -608,41 +609,47 @@ def run_e2e(args: argparse.Namespace, oc: Any, model: CLIP, log: Callable[[str],
     t0 = time.perf_counter()
     paths = make_jpegs(folder, count)
     log(f"e2e: {count} JPEGs in {folder} ({time.perf_counter() - t0:.0f}s to generate)")
+    # The copies, the saved model and every row's output (~580 MB): removed however the run ends.
     work = Path(tempfile.mkdtemp(prefix="clipengine_e2e_"))
-    long_folder = repeated_folder(paths, repeat, work / "jpegs") if repeat > 1 else folder
-    preprocess = open_clip.image_transform(224, is_train=False)
-    oc16 = bf16_copy(oc)
-    lines = [f"\n### End to end: JPEG folder -> embeddings (half 4032x3024, half 1920x1080; batch 32; decode and model share the cores; pipeline rows: {count * repeat} files, each JPEG {repeat}x)", "",
-             "| path | img/s | x naive | min cos vs naive | ms/img per stage (summed over workers) |", "| --- | ---: | ---: | ---: | --- |"]  # fmt: skip
-    e2e_naive(paths[:2], oc16, preprocess, 32)  # warm-up
-    naive, ref = e2e_naive(paths, oc16, preprocess, 32)
-    lines.append(f"| naive loop: PIL + open_clip preprocess + open_clip eager bf16, one process | {naive:.1f} | 1.00 | 1.0000 | |")
-    from clipengine.models.saving import save_model
+    try:
+        # Always a folder of exactly `paths` (linked): --jpeg-dir may hold more files from an earlier
+        # run (96 after a full one), which a --quick run embedded and compared with the wrong rows.
+        long_folder = repeated_folder(paths, repeat, work / "jpegs")
+        preprocess = open_clip.image_transform(224, is_train=False)
+        oc16 = bf16_copy(oc)
+        lines = [f"\n### End to end: JPEG folder -> embeddings (half 4032x3024, half 1920x1080; batch 32; decode and model share the cores; pipeline rows: {count * repeat} files, each JPEG {repeat}x)", "",
+                 "| path | img/s | x naive | min cos vs naive | ms/img per stage (summed over workers) |", "| --- | ---: | ---: | ---: | --- |"]  # fmt: skip
+        e2e_naive(paths[:2], oc16, preprocess, 32)  # warm-up
+        naive, ref = e2e_naive(paths, oc16, preprocess, 32)
+        lines.append(f"| naive loop: PIL + open_clip preprocess + open_clip eager bf16, one process | {naive:.1f} | 1.00 | 1.0000 | |")
+        from clipengine.models.saving import save_model
 
-    save_model(model, work / "model")  # the same random weights, loaded by the subprocess
-    threads = ["--threads", str(args.threads)]
-    rows = [
-        ("clipengine embed_folder, exact decode + accel compile bf16", "torch_exact",
-         ["--backend", "torch", "--model", str(work / "model"), "--precision", "bf16", "--compile", *threads]),
-        ("clipengine embed_folder, --fast-decode + accel compile bf16", "torch_fast",
-         ["--backend", "torch", "--model", str(work / "model"), "--precision", "bf16", "--compile", "--fast-decode", *threads]),
-    ]  # fmt: skip
-    if "folder" in OPENVINO_EXPORT:
-        rows.append(("clipengine embed_folder, --fast-decode + openvino int8", "openvino_fast",
-                     ["--backend", "openvino", "--model", str(OPENVINO_EXPORT["folder"]), "--precision", "int8",
-                      "--fast-decode", *threads]))  # fmt: skip
-    for label, key, cli in rows:
-        try:
-            fps, vecs, ms = e2e_pipeline(long_folder, work, key, *cli)
-        except RuntimeError as e:
-            log(str(e))
-            lines.append(f"| {label} | - | - | - | failed (see log) |")
-            continue
-        cos = min_cos_repeated(vecs, ref)
-        stages = ", ".join(f"{k} {v:.1f}" for k, v in ms.items() if v >= 0.05)
-        lines.append(f"| {label} | {fps:.1f} | {fps / naive:.2f} | {cos:.4f} | {stages} |")
-        log(lines[-1])
-    return "\n".join(lines)
+        save_model(model, work / "model")  # the same random weights, loaded by the subprocess
+        threads = ["--threads", str(args.threads)]
+        rows = [
+            ("clipengine embed_folder, exact decode + accel compile bf16", "torch_exact",
+             ["--backend", "torch", "--model", str(work / "model"), "--precision", "bf16", "--compile", *threads]),
+            ("clipengine embed_folder, --fast-decode + accel compile bf16", "torch_fast",
+             ["--backend", "torch", "--model", str(work / "model"), "--precision", "bf16", "--compile", "--fast-decode", *threads]),
+        ]  # fmt: skip
+        if "folder" in OPENVINO_EXPORT:
+            rows.append(("clipengine embed_folder, --fast-decode + openvino int8", "openvino_fast",
+                         ["--backend", "openvino", "--model", str(OPENVINO_EXPORT["folder"]), "--precision", "int8",
+                          "--fast-decode", *threads]))  # fmt: skip
+        for label, key, cli in rows:
+            try:
+                fps, vecs, ms = e2e_pipeline(long_folder, work, key, *cli)
+            except RuntimeError as e:
+                log(str(e))
+                lines.append(f"| {label} | - | - | - | failed (see log) |")
+                continue
+            cos = min_cos_repeated(vecs, ref)
+            stages = ", ".join(f"{k} {v:.1f}" for k, v in ms.items() if v >= 0.05)
+            lines.append(f"| {label} | {fps:.1f} | {fps / naive:.2f} | {cos:.4f} | {stages} |")
+            log(lines[-1])
+        return "\n".join(lines)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- main
