@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             wall = time.perf_counter() - t0
+            shutil.rmtree(out, ignore_errors=True)  # 65,536 rows of embeddings per run, failed or not
             if args.out is not None:
                 args.out.mkdir(parents=True, exist_ok=True)
                 (args.out / f"round{r}_{name.split()[0]}.stderr.log").write_text(done.stderr)
@@ -85,7 +87,6 @@ def main(argv: list[str] | None = None) -> int:
             results[name].append(row)
             log.info("round %d %s: %d images, command %.1f s (%.0f img/s), embed_folder %.1f s; %s", r, name,
                      embedded, wall, embedded / wall, row["embed_s"], _summary(done.stderr))  # fmt: skip
-            subprocess.run(["rm", "-rf", str(out)], check=False)
     print(f"{args.count} 1280x960 JPEGs, random ViT-B/32 weights (fp16), batch {args.batch}, "
           f"{args.rounds} rounds in turn, whole `clipengine embed` commands\n")  # fmt: skip
     print("| row | command s (median) | img/s (command) | embed_folder s | processes ready s | first batch s "
