@@ -211,6 +211,14 @@ def test_imagenet_subset_without_class_map_is_refused(tmp_path: Path) -> None:
         datasets.load_imagenet(tmp_path)
 
 
+def test_imagenet_subset_error_names_a_way_for_the_linear_probe(tmp_path: Path) -> None:
+    """`eval linear-probe` has no --class-map: the error named only that option, so it also says
+    that the probe (which needs no class names) reads a subset as `--dataset folder`."""
+    (tmp_path / "val" / "n01440764").mkdir(parents=True)
+    with pytest.raises(DatasetError, match=r"--class-map.*linear probe.*--dataset folder"):
+        datasets.load_imagenet(tmp_path)
+
+
 def test_flat_folder_with_labels_file(tmp_path: Path) -> None:
     ds = synthetic.generate(12, seed=3, task="shape")
     synthetic.write_flat_folder(tmp_path, ds)
@@ -351,6 +359,28 @@ def test_folder_dataset_missing_named_split_is_refused(tmp_path: Path, split: st
     Image.new("RGB", (4, 4)).save(tmp_path / "test" / "cat" / "a.png")
     with pytest.raises(DatasetError, match=rf"no {split}/ folder"):
         datasets.load_dataset("folder", tmp_path, split)
+
+
+@pytest.mark.parametrize("splits", [("train",), ("train", "validation")])
+def test_folder_dataset_root_holding_only_split_folders_is_refused(
+    tmp_path: Path, splits: tuple[str, ...]
+) -> None:
+    """ROOT/train/ without test/ or val/: the test split fell back to ROOT, whose split folders
+    became the classes (train/ alone: one class "train", every image a hit, top-1 100 %)."""
+    for split in splits:
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.new("RGB", (4, 4)).save(tmp_path / split / cls / "a.png")
+    with pytest.raises(DatasetError, match=r"no test/ or val/ folder.*split folders"):
+        datasets.load_dataset("folder", tmp_path, "test")
+
+
+def test_folder_dataset_root_with_a_class_named_train_still_reads(tmp_path: Path) -> None:
+    """A class folder that happens to be called "train" (vehicles: bus, train) is not a split folder."""
+    for cls in ("bus", "train"):
+        (tmp_path / cls).mkdir()
+        Image.new("RGB", (4, 4)).save(tmp_path / cls / "a.png")
+    assert datasets.load_dataset("folder", tmp_path, "test").classnames == ["bus", "train"]
 
 
 def test_flat_folder_file_names_with_spaces(tmp_path: Path) -> None:

@@ -122,7 +122,8 @@ def load_imagenet(
     if len(wnids) != 1000 or len(folders) != 1000:
         raise DatasetError(
             f"{base} has {len(folders)} class folders ({len(wnids)} wnids); the standard class order needs "
-            f"all 1000 wnid folders. Pass --class-map JSON {{folder: class name}} for a subset."
+            f"all 1000 wnid folders. Pass --class-map JSON {{folder: class name}} for a subset (a linear "
+            "probe, which needs no class names, reads a subset with --dataset folder)."
         )
     return load_imagefolder(base, prompt_set("imagenet")[0], name=f"imagenet-{split}")
 
@@ -137,6 +138,28 @@ def _flat_class_names(class_map: Path, labels_file: Path) -> Any:
             "names by label index, not {folder: name}"
         )
     return mapping
+
+
+_SPLIT_FOLDERS = frozenset({"train", "training", "val", "valid", "validation", "test", "testing", "dev"})
+
+
+def _refuse_split_folders_as_classes(root: Path) -> None:
+    """A folder dataset's test split read from ROOT itself: refused when every sub-folder is named
+    like a split (train/ alone, or train/ + validation/). Those would be the classes: ROOT/train/
+    alone was one class "train" that every image "hit", a top-1 of 100 %. A class that merely
+    shares such a name (bus/, train/) is read."""
+    folders = (
+        sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if root.is_dir()
+        else []
+    )
+    if folders and all(name.lower() in _SPLIT_FOLDERS for name in folders):
+        shown = ", ".join(f"{name}/" for name in folders)
+        raise DatasetError(
+            f"{root}: no test/ or val/ folder, and its sub-folders ({shown}) are split folders, not classes; "
+            "the test split of a folder dataset is ROOT/test/ or ROOT/val/ (eval zeroshot also reads ROOT/NAME/ "
+            "with --split NAME)"
+        )
 
 
 def load_dataset(
@@ -171,6 +194,8 @@ def load_dataset(
         base = Path(root)
         if split == "test":  # ROOT/test, else ROOT/val, else ROOT itself holds the class folders
             base = next((base / sub for sub in ("test", "val") if (base / sub).is_dir()), base)
+            if base == Path(root):
+                _refuse_split_folders_as_classes(base)
         elif (base / split).is_dir():
             base = base / split
         else:
