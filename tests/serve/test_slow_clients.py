@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import sys
 import time
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from clipengine.serve import ServeSettings, create_app
+from clipengine.serve.metrics import CONNECTION_REJECTIONS
 from clipengine.serve.protocol import uvicorn_options
 
 from .conftest import FakeModel, ThreadedServer
@@ -82,6 +84,22 @@ def _texts_request(body: bytes, length: int | None = None) -> bytes:
     ) + body
 
 
+def _rejections(server: ThreadedServer) -> dict[str, float]:
+    """clipengine_http_rejected_total by reason, scraped from GET /metrics over a socket."""
+    with _connect(server) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        reply = _read_until_closed(sock)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert b" 200 " in head.split(b"\r\n")[0], reply
+    found = re.findall(r'^clipengine_http_rejected_total\{reason="(\w+)"\} (\S+)$', body.decode(), re.M)
+    return {reason: float(value) for reason, value in found}
+
+
+def _only(reason: str, count: float) -> dict[str, float]:
+    """The rejections expected when `count` of one reason happened and nothing else."""
+    return {**dict.fromkeys(CONNECTION_REJECTIONS, 0.0), reason: count}
+
+
 def _good_request(server: ThreadedServer) -> tuple[int, float]:
     started = time.monotonic()
     with _connect(server) as sock:
@@ -95,6 +113,7 @@ def _good_request(server: ThreadedServer) -> tuple[int, float]:
 @pytest.mark.usefixtures("parser")
 def test_stalled_request_heads_get_408_and_are_closed_while_others_are_served(fake_model: FakeModel) -> None:
     for server in _server(fake_model, head_timeout_s=2):  # room for a loaded machine to answer first
+        assert _rejections(server) == _only("head_timeout", 0)  # every reason shows from the start
         stalled = [_connect(server) for _ in range(50)]
         for sock in stalled:
             sock.sendall(b"POST /v1/embeddings/texts HTTP/1.1\r\nHost: t\r\nContent-Ty")
@@ -110,6 +129,7 @@ def test_stalled_request_heads_get_408_and_are_closed_while_others_are_served(fa
                 "message": "the request line and headers did not arrive within 2 s",
             }
         assert not server.server.server_state.connections
+        assert _rejections(server) == _only("head_timeout", 50)  # was: not in /metrics at all
 
 
 def test_a_connection_that_sends_nothing_is_closed_without_an_answer(server: ThreadedServer) -> None:
@@ -117,6 +137,15 @@ def test_a_connection_that_sends_nothing_is_closed_without_an_answer(server: Thr
     with _connect(server) as sock:
         assert _read_until_closed(sock) == b""
     assert HEAD_TIMEOUT * 0.8 < time.monotonic() - started < HEAD_TIMEOUT + 5
+    assert _rejections(server) == _only("no_request", 1)
+
+
+def test_a_request_the_parser_refuses_is_counted(server: ThreadedServer) -> None:
+    with _connect(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nBad Header\r\n\r\n")
+        reply = _read_until_closed(sock)
+    assert _status_and_error(reply) == (400, "Invalid HTTP request received."), reply
+    assert _rejections(server) == _only("invalid_request", 1)
 
 
 def _trickle_until_closed(sock: socket.socket, byte: bytes) -> tuple[float | None, bytes]:
@@ -177,6 +206,7 @@ def test_a_request_head_over_the_size_limit_is_refused(fake_model: FakeModel, pa
             )
         else:  # h11's own cap, which uvicorn answers with its plain 400
             assert status == 400, reply
+        assert _rejections(server) == _only("head_too_large", 1)  # h11's 400 too: not invalid_request
 
 
 @pytest.mark.usefixtures("parser")
@@ -233,9 +263,15 @@ def test_a_client_that_stops_reading_its_answers_is_cut_off() -> None:
             sock.connect(("127.0.0.1", server.port))
             sock.sendall(_texts_request(body) * 5)  # pipelined, and never read
             state, started = server.server.server_state, time.monotonic()
+            # The server sees the connection only after a moment: waiting for it to go first was
+            # over at once, and the socket closed before the server ever blocked on it.
+            while not state.tasks and time.monotonic() - started < 10:
+                time.sleep(0.01)
+            assert state.tasks, "the server never started answering"
             while (state.connections or state.tasks) and time.monotonic() - started < 10:
                 time.sleep(0.05)
             # Was: the answer waited for the client to read for ever, holding the connection, the
             # request (in flight in /metrics) and a graceful shutdown for its whole drain timeout.
             assert not state.connections and not state.tasks
         assert server.server.config.app.state.clipengine.tracker.in_flight == 0
+        assert _rejections(server) == _only("send_timeout", 1)

@@ -28,7 +28,7 @@ from .inputs import (
     split_fields,
     uploads_to_images,
 )
-from .metrics import ServeMetrics
+from .metrics import STATE_KEY, ServeMetrics
 from .middleware import RequestTracker
 from .schemas import ClassifyRequest, ImagesRequest, SearchRequest, TextsRequest
 from .settings import ServeSettings
@@ -340,14 +340,15 @@ class ApiHandlers:
         await asyncio.to_thread(self.model.encode_texts, ["warm-up"])
 
     @asynccontextmanager
-    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        """Start the batchers, serve, then drain; the yielded state reaches every connection (STATE_KEY)."""
         self.tracker.draining = False
         self.service.start()
         await self.warm_up()
         self.ready = True
         log.info("serving %s (index: %s)", self.model.name, "yes" if self.index is not None else "no")
         try:
-            yield
+            yield {STATE_KEY: self.metrics}
         finally:
             self.ready = False
             if not await self.tracker.drain(self.settings.drain_timeout_s):

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 __all__ = [
     "CONTENT_TYPE",
+    "STATE_KEY",
     "Counter",
     "Gauge",
     "Histogram",
@@ -20,6 +21,20 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 LabelValues = tuple[str, ...]
+
+# The app's lifespan yields its ServeMetrics under this key: the ASGI server hands that "state" to every
+# connection (uvicorn: the protocol's `app_state`), which is how serve.protocol, built by uvicorn per
+# connection and never given the app, counts what it refuses into the metrics of the app it serves.
+STATE_KEY = "clipengine.serve.metrics"
+
+# What the connection layer (serve.protocol) refuses or drops before a request reaches the app.
+CONNECTION_REJECTIONS = (
+    "head_timeout",  # 408: the request line and headers did not arrive in time
+    "head_too_large",  # 431 (h11: its own 400): the request line and headers are over the size limit
+    "invalid_request",  # uvicorn's own 400: the HTTP parser refused the request line or a header
+    "no_request",  # closed without an answer: nothing of a request arrived in time
+    "send_timeout",  # dropped: the client read none of its answer for the request timeout
+)
 
 
 def _escape(value: str) -> str:
@@ -200,6 +215,13 @@ class ServeMetrics:
         self.rejected = Counter(
             "clipengine_rejected_total", "Items refused because a queue was full, by queue.", ("queue",)
         )
+        self.http_rejected = Counter(
+            "clipengine_http_rejected_total",
+            "Requests and connections refused or dropped by the connection layer, before the app, by reason.",
+            ("reason",),
+        )
+        for reason in CONNECTION_REJECTIONS:  # every reason shows, at 0, from the first scrape
+            self.http_rejected.inc(0, reason=reason)
         for metric in (
             self.requests,
             self.latency,
@@ -208,6 +230,7 @@ class ServeMetrics:
             self.queue_depth,
             self.in_flight,
             self.rejected,
+            self.http_rejected,
         ):
             self.registry.register(metric)
 

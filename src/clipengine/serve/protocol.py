@@ -5,6 +5,9 @@ that opens connections and sends part of a request line or headers (or nothing, 
 every few seconds) held each connection, and its file descriptor, for ever. With httptools (the
 `serve` extra) the headers had no size limit either: a 50 MB header was read into memory whole.
 And a client that stopped reading its answers held its connection and request for ever.
+
+Each refusal or drop is counted in the served app's `clipengine_http_rejected_total{reason}`: the
+protocol finds the app's metrics in the lifespan state uvicorn hands every connection (STATE_KEY).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any, cast
 import h11
 
 from .http_errors import error_body
+from .metrics import STATE_KEY
 from .settings import ServeSettings
 
 __all__ = ["guarded_protocol", "uvicorn_options"]
@@ -43,6 +47,7 @@ class _HeadGuard(asyncio.Protocol):
     transport: asyncio.Transport
     loop: asyncio.AbstractEventLoop
     server_state: Any
+    app_state: dict[str, Any]  # the app's lifespan state: its ServeMetrics under STATE_KEY
 
     _head_timer: asyncio.TimerHandle | None = None
     _send_timer: asyncio.TimerHandle | None = None
@@ -78,6 +83,7 @@ class _HeadGuard(asyncio.Protocol):
         # uvicorn's answer waited for the buffer to drain for ever, holding the request (and a graceful
         # shutdown). close() would wait for the buffer too: abort() drops it and ends the request.
         self._send_timer = None
+        self._count("send_timeout")
         log.info(
             "closed %s: it read none of its answer for %g s",
             getattr(self, "client", None),
@@ -98,7 +104,10 @@ class _HeadGuard(asyncio.Protocol):
             self._head_bytes += len(data)  # whole reads: exact to within one read of the limit
             if self._head_bytes > self.max_head_bytes:
                 self._refuse(
-                    431, "headers_too_large", f"request line and headers exceed {self.max_head_bytes} bytes"
+                    431,
+                    "headers_too_large",
+                    f"request line and headers exceed {self.max_head_bytes} bytes",
+                    reason="head_too_large",
                 )
 
     def _note_bytes(self) -> None:
@@ -124,16 +133,34 @@ class _HeadGuard(asyncio.Protocol):
         if self.transport.is_closing() or not self._awaiting_head():
             return
         if not self._in_head:  # nothing of a request arrived (as uvicorn's keep-alive timeout: no answer)
+            self._count("no_request")
             self.transport.close()
             return
         self._refuse(
             408,
             "request_timeout",
             f"the request line and headers did not arrive within {self.head_timeout_s:g} s",
+            reason="head_timeout",
         )
 
-    def _refuse(self, status: int, code: str, message: str) -> None:
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's plain-text 400 for a request its parser refuses: counted, then sent as uvicorn does."""
+        self._count(self._parser_refusal())
+        cast(Any, super()).send_400_response(msg)
+
+    def _parser_refusal(self) -> str:
+        """The rejection reason of a 400 from uvicorn's parser."""
+        return "invalid_request"
+
+    def _count(self, reason: str) -> None:
+        """One more refusal in the served app's metrics (none when its lifespan did not run)."""
+        metrics = self.app_state.get(STATE_KEY)
+        if metrics is not None:
+            metrics.http_rejected.inc(reason=reason)
+
+    def _refuse(self, status: int, code: str, message: str, *, reason: str) -> None:
         """Answer with the API's JSON error shape and close (uvicorn's own 400s are written the same way)."""
+        self._count(reason)
         level = logging.INFO if status == 408 else logging.WARNING  # slow links are common, huge heads not
         log.log(level, "%s to %s: %s", status, getattr(self, "client", None), message)
         body = json.dumps(error_body(code, message)).encode()
@@ -153,6 +180,11 @@ class _H11HeadGuard(_HeadGuard):
     def _note_bytes(self) -> None:
         # Not the rest of a body the app answered without reading (h11 swallows that).
         self._in_head = self.conn.their_state is not h11.SEND_BODY
+
+    def _parser_refusal(self) -> str:
+        # h11 refuses a head over its cap with the same 400 as a malformed one; what it holds tells them apart.
+        too_large = len(self.conn.trailing_data[0]) > self.max_head_bytes
+        return "head_too_large" if too_large else "invalid_request"
 
 
 class _HttpToolsHeadGuard(_HeadGuard):
