@@ -251,3 +251,56 @@ def test_hub_download_killed_midway_is_finished_by_the_rerun(
     assert sorted(p.name for p in folder.iterdir()) == [
         "config.json", "model.safetensors", "preprocessor_config.json"
     ]
+
+
+class _CutChunkedHandler(_Handler):
+    """Promises a 4096-byte chunk of a chunked (no Content-Length) answer, sends 100 bytes and
+    closes: a proxy or CDN dropping the connection mid-file."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.write(b"1000\r\n" + b"x" * 100)
+        self.close_connection = True
+
+
+def test_a_connection_cut_inside_a_chunk_is_a_download_error(tmp_path: Path) -> None:
+    """http.client raises IncompleteRead (an HTTPException, not an OSError) there: it escaped as a
+    traceback instead of the one line that says to rerun or where to put the file."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _CutChunkedHandler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/model.bin"
+    target = tmp_path / "model.bin"
+    try:
+        with pytest.raises(DownloadError, match=rf"download failed: {url}: .*put the file at {target} by hand"):
+            download(url, target)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+    assert not target.exists()  # only the .part, which the next run resumes or restarts
+
+
+def test_a_verified_file_in_a_read_only_cache_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shared, read-only cache whose files were placed by hand (no `.sha256` sidecars): the file
+    matched its checksum, but writing the sidecar that remembers it failed the whole load."""
+    from clipengine.models import weights
+
+    src = _source("http://127.0.0.1:9/unused")
+    path = cache_path(src)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(PAYLOAD)
+
+    def read_only(target: object, data: bytes) -> None:
+        raise PermissionError(13, "Read-only file system", str(target))
+
+    monkeypatch.setattr(weights, "atomic_write_bytes", read_only)
+    assert fetch(src) == path
+    assert not path.with_name("model.bin.sha256").exists()  # checked again next time: still correct
+    path.write_bytes(b"not the release")
+    with pytest.raises(CheckpointError, match="delete it and download again"):
+        fetch(src)

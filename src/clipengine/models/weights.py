@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import urllib.error
 import urllib.request
@@ -72,7 +73,10 @@ def _verify_cached(path: Path, expected: str) -> None:
             f"{path} has SHA-256 {actual}, expected {expected}: the file is corrupt or a different "
             "release; delete it and download again"
         )
-    _write_marker(path, expected)
+    try:
+        _write_marker(path, expected)
+    except OSError as e:  # a shared read-only cache: the file is good, it is only re-hashed next time
+        log.debug("cannot remember that %s was verified (%s)", path, e)
 
 
 def _write_marker(path: Path, sha256: str) -> None:
@@ -133,7 +137,9 @@ def download(
     except urllib.error.HTTPError as e:
         e.close()  # an HTTPError holds the open response
         raise DownloadError(f"download failed: {url}: HTTP {e.code} {e.reason}; {by_hand}") from e
-    except (urllib.error.URLError, OSError, ValueError) as e:
+    # HTTPException: http.client's IncompleteRead (a connection cut inside a chunk) and malformed
+    # answers are not OSErrors.
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", None) or e
         raise DownloadError(f"download failed: {url}: {reason}; {by_hand}") from e
     if sha256 and digest != sha256:
