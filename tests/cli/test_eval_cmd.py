@@ -157,6 +157,8 @@ def test_missing_dataset_is_one_line_error(tmp_path: Path, capsys: pytest.Captur
         ["linear-probe", "--batch", "0"],
         ["linear-probe", "--C", "0"],
         ["linear-probe", "--C", "-1"],
+        ["linear-probe", "--C", "inf"],  # the report's JSON held "C": Infinity, which JSON parsers refuse
+        ["linear-probe", "--C", "nan"],
     ],
 )
 def test_bad_numbers_or_report_file_are_usage_errors(tmp_path: Path, extra: list[str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -210,8 +211,11 @@ def register(app: typer.Typer) -> None:
         from ..eval.linear_probe import evaluate_linear_probe
         from ..eval.report import write_report
 
-        if not c > 0:
-            raise typer.BadParameter(f"must be a positive number, got {c}", param_hint="--C")
+        if not 0 < c < math.inf:  # inf: the JSON report would hold "C": Infinity, which parsers refuse
+            raise typer.BadParameter(
+                f"must be a finite positive number, got {c} (for almost no regularisation: a large C, e.g. 1e6)",
+                param_hint="--C",
+            )
         train = _dataset(dataset, root, "train", None, None, limit)
         test = _dataset(dataset, root, "test", None, None, limit)
         clip = _load(model, backend, precision, device, download)
