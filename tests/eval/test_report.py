@@ -113,3 +113,12 @@ def test_plot_draws_class_names_as_text_not_mathtext(
         path = plot_per_class(names, tmp_path / "recall.png", "title $\\frac$")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "lacks 1 character(s)" in caplog.text and "SMILING FACE" in caplog.text
+
+
+def test_plot_draws_names_that_are_not_valid_utf8(tmp_path: Path) -> None:
+    """A class folder named in Latin-1 (b"caf\\xe9") is the str "caf\\udce9": matplotlib's font code
+    raised TypeError on the lone surrogate, ending the eval with a traceback after its JSON and
+    Markdown were written. Such characters are drawn as escapes, as the Markdown report writes them."""
+    name = b"caf\xe9".decode("utf-8", "surrogateescape")
+    path = plot_per_class({name: 0.5, "cat": 1.0}, tmp_path / "recall.png", f"on folder-{name}")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -22,11 +22,16 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
 
+def _printable(text: object) -> str:
+    """`text` with control characters and lone surrogates (a file name that is not valid UTF-8,
+    b"caf\\xe9" -> "caf\\udce9") written as escapes ("\\n", "\\udce9")."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def _cell(text: object) -> str:
     """`text` for one Markdown table cell or list line: a "|" in a class or file name ended the cell,
     a newline the row; control characters are written as escapes ("\\n")."""
-    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
-    return shown.replace("|", "\\|")
+    return _printable(text).replace("|", "\\|")
 
 
 def markdown_report(results: Sequence[dict[str, Any]], title: str) -> str:
@@ -63,6 +68,9 @@ def plot_per_class(per_class: dict[str, float], path: str | Path, title: str) ->
 
     names = list(per_class)
     values = [100 * per_class[n] for n in names]
+    # Escaped: matplotlib's font code raises TypeError on a lone surrogate (a class folder named in
+    # Latin-1), which ended the eval with a traceback after its JSON and Markdown were written.
+    labels, title = [_printable(n) for n in names], _printable(title)
     height = max(3.0, 0.18 * len(names) + 1.0)
     fig, ax = plt.subplots(figsize=(7, min(height, 60.0)))
     try:
@@ -72,7 +80,7 @@ def plot_per_class(per_class: dict[str, float], path: str | Path, title: str) ->
             warnings.simplefilter("always")
             ax.barh(np.arange(len(names)), values, color="#4c72b0")
             ax.set_yticks(
-                np.arange(len(names)), labels=names, fontsize=max(4, 9 - len(names) // 40), parse_math=False
+                np.arange(len(names)), labels=labels, fontsize=max(4, 9 - len(names) // 40), parse_math=False
             )
             ax.invert_yaxis()
             ax.set_xlim(0, 100)
