@@ -294,6 +294,28 @@ def test_text_limits(make_client: Any) -> None:
     assert c.post("/v1/embeddings/texts", json={"texts": ["a", "b", "x" * 10]}).status_code == 200
 
 
+def test_a_template_that_repeats_its_placeholder_cannot_multiply_a_label(
+    make_client: Any, fake_model: FakeModel
+) -> None:
+    """Each '{}' takes the whole label: 500 of them in a 1000-character template made one label of
+    1000 characters a prompt of 500,000 (about 95 s to tokenize, one per label and template, held in
+    memory together: 256 labels x 32 templates is 4 GB), all within the limits on each field."""
+    c = make_client()
+    warm_up = list(fake_model.text_batches)
+    label = "x" * 1000
+    r = c.post("/v1/classify", json={"images": [_b64(png_bytes(1))], "labels": [label], "templates": ["{}" * 500]})
+    message = _error(r, 422, "text_too_long")
+    assert message == (
+        "templates[0] with labels[0]: the prompt is 500000 characters, at most 1000 allowed"
+    ), message
+    assert fake_model.text_batches == warm_up  # refused before any text was embedded
+    ok = {"images": [_b64(png_bytes(1))], "labels": ["cat", "x" * 990], "templates": ["a {}", "{} or {}"]}
+    message = _error(c.post("/v1/classify", json=ok), 422, "text_too_long")
+    assert message.startswith("templates[1] with labels[1]: the prompt is 1984 characters"), message
+    ok["labels"] = ["cat", "x" * 498]
+    assert c.post("/v1/classify", json=ok).status_code == 200  # 1000 characters: within the limit
+
+
 def test_too_many_images(make_client: Any) -> None:
     c = make_client(max_images=2)
     _error(

@@ -102,6 +102,25 @@ class ApiHandlers:
                     f"{field}[{i}]: {len(text)} characters, at most {self.settings.max_text_chars} allowed",
                 )
 
+    def check_prompts(self, labels: Sequence[str], templates: Sequence[str]) -> None:
+        """Each prompt (a template, every '{}' filled with a label) is a text: at most max_text_chars.
+
+        Why: each '{}' takes the whole label, so a template that repeats it multiplied the limits on
+        labels and templates (500 of them made a 1000-character label a prompt of 500,000).
+        Measured without building the prompts.
+        """
+        longest = max(range(len(labels)), key=lambda i: len(labels[i]))
+        for i, template in enumerate(templates):
+            slots = template.count("{}")
+            length = len(template) - 2 * slots + slots * len(labels[longest])
+            if length > self.settings.max_text_chars:
+                raise ApiError(
+                    422,
+                    "text_too_long",
+                    f"templates[{i}] with labels[{longest}]: the prompt is {length} characters, "
+                    f"at most {self.settings.max_text_chars} allowed",
+                )
+
     def check_images(self, images: Sequence[NamedImage]) -> None:
         if not images:
             raise ApiError(422, "invalid_request", "no image given: send file parts or base64 'images'")
@@ -225,6 +244,7 @@ class ApiHandlers:
                 raise ApiError(
                     422, "invalid_request", f"templates: each needs '{{}}' where the label goes: {bad}"
                 )
+            self.check_prompts(labels, templates)
         ranked = await self.timed(self.service.classify(images, labels, templates, top_k), request)
         results = [
             {"index": i, "name": img.name, "labels": [{"label": lab, "probability": p} for lab, p in row]}
