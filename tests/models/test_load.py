@@ -264,6 +264,19 @@ def test_garbage_file_is_a_checkpoint_error(tmp_path: Path, content: bytes) -> N
         load_model(path)
 
 
+@pytest.mark.parametrize(
+    "content",
+    [{}, [1, 2], {"epoch": 3, "name": "run"}, torch.zeros(3)],
+    ids=["empty dict", "list", "no tensors", "a tensor"],
+)
+def test_a_pickle_holding_no_state_dict_names_the_file(tmp_path: Path, content: Any) -> None:
+    """The message ("checkpoint holds no state dict", "entry 'x' is a int") named no file: with
+    several --checkpoint files in a script, the user could not tell which one."""
+    torch.save(content, tmp_path / "odd.bin")
+    with pytest.raises(CheckpointError, match=r"odd\.bin( holds no state dict|: entry 'epoch' is a int)"):
+        load_model(tmp_path / "odd.bin")
+
+
 @pytest.mark.parametrize("cut", [0, 4, 100, -100])
 def test_unreadable_safetensors_is_a_checkpoint_error(tmp_path: Path, tiny_model: CLIP, cut: int) -> None:
     from safetensors.torch import save_file

@@ -57,11 +57,11 @@ def read_checkpoint(path: Path) -> tuple[StateDict, bool]:
                 tensors = load_file(str(path))
             except SafetensorError as e:  # empty, truncated or not a safetensors file
                 raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(e)})") from e
-            return unwrap_state_dict(tensors), False
+            return unwrap_state_dict(tensors, str(path)), False
         if _is_torchscript(path):
             archive = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
             raw: Any = archive.state_dict()
-            return unwrap_state_dict(dict(raw)), True
+            return unwrap_state_dict(dict(raw), str(path)), True
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
@@ -79,4 +79,4 @@ def read_checkpoint(path: Path) -> tuple[StateDict, bool]:
     ) as e:  # torch's unpickler on text: "hello" -> memo KeyError, "a" -> empty stack
         raise CheckpointError(f"{path}: not a readable checkpoint (not a tensor pickle)") from e
     openai = isinstance(raw, dict) and any(k in raw for k in OPENAI_METADATA_KEYS)
-    return unwrap_state_dict(raw), openai
+    return unwrap_state_dict(raw, str(path)), openai

@@ -37,14 +37,14 @@ _IGNORED_KEYS = re.compile(r"(^|\.)(position_ids|attn_mask)$")
 _MAX_LISTED = 8  # keys named per category in an error message
 
 
-def unwrap_state_dict(obj: Any) -> StateDict:
+def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> StateDict:
     """Reduce a loaded checkpoint to a flat {key: tensor} dict with OpenAI-style keys.
 
     Handles training checkpoints ({"state_dict": ...} / {"model": ...}), DataParallel's "module."
     prefix, and drops OpenAI's TorchScript metadata and rebuildable buffers.
 
     Raises:
-        CheckpointError: the object holds no tensor dict.
+        CheckpointError: the object holds no tensor dict (the message names `source`).
     """
     if isinstance(obj, Mapping):
         for wrapper in ("state_dict", "model", "module"):
@@ -53,11 +53,11 @@ def unwrap_state_dict(obj: Any) -> StateDict:
                 obj = inner
                 break
     if not isinstance(obj, Mapping) or not obj:
-        raise CheckpointError(f"checkpoint holds no state dict (got {type(obj).__name__})")
+        raise CheckpointError(f"{source} holds no state dict (got {type(obj).__name__})")
     out: StateDict = {}
     for key, value in obj.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise CheckpointError(f"checkpoint entry {key!r} is a {type(value).__name__}, not a tensor")
+            raise CheckpointError(f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor")
         key = key.removeprefix("module.")
         if key in OPENAI_METADATA_KEYS or _IGNORED_KEYS.search(key):
             continue
