@@ -230,6 +230,16 @@ def test_flat_folder_with_labels_file(tmp_path: Path) -> None:
     assert data.paths is not None and data.paths[0].name == "SYNTH_val_00000001.png"
 
 
+def test_imagenet_flat_folder_with_an_images_subfolder_is_found_without_labels_option(tmp_path: Path) -> None:
+    """`ROOT/images/` + `ROOT/labels.txt` (the flat layout `load_flat_folder` reads, as
+    `write_flat_folder` writes it): found like a flat ROOT, not refused as "1 class folders (0 wnids)"."""
+    ds = synthetic.generate(6, seed=3, task="shape")
+    synthetic.write_flat_folder(tmp_path, ds)
+    data = datasets.load_dataset("imagenet", tmp_path, "test")
+    np.testing.assert_array_equal(data.labels, ds.labels)
+    assert data.classnames[0] == "tench" and len(data.classnames) == 1000
+
+
 def test_flat_folder_label_only_lines_align_with_sorted_files(tmp_path: Path) -> None:
     for name in ("b.png", "a.png"):
         Image.new("RGB", (4, 4)).save(tmp_path / name)

@@ -107,7 +107,7 @@ def load_imagenet(
         if base.is_dir()
         else []
     )
-    if not folders:
+    if not folders or (folders == ["images"] and find_labels_file(root)):  # flat: ROOT/ or ROOT/images/
         labels_file = find_labels_file(root)
         if labels_file is None:
             raise DatasetError(
