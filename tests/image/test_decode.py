@@ -48,6 +48,42 @@ def test_bad_bytes_raise_the_same_errors_with_given_name(filename: str) -> None:
     assert info.value.reason == from_file.value.reason
 
 
+def _png_with_bad_header_crc() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (30, 20), (10, 20, 30)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    data[29] ^= 0xFF  # the IHDR chunk's CRC (8 signature + 8 length/type + 13 IHDR bytes)
+    return bytes(data)
+
+
+def _gif_header_only() -> bytes:
+    buf = io.BytesIO()
+    Image.new("P", (30, 20)).save(buf, "GIF")
+    return buf.getvalue()[:16]  # the signature and screen descriptor, no image
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (_png_with_bad_header_crc(), "corrupt image header: broken PNG file (bad header checksum in b'IHDR') (a PNG"),
+        (_gif_header_only(), "corrupt image header: no more images in GIF file (a GIF"),
+    ],
+    ids=["png-bad-ihdr-crc", "gif-header-only"],
+)
+def test_damaged_header_of_a_known_format_says_so(tmp_path: Path, data: bytes, reason: str) -> None:
+    """A PNG whose header fails its checksum is a damaged PNG, not "not a recognised image format":
+    Pillow drops the PNG reader's reason and reports every format as unidentified (docs: damaged
+    header -> corrupt image header). The file and its bytes get the same reason."""
+    path = tmp_path / "photo.png"
+    path.write_bytes(data)
+    with pytest.raises(DecodeError) as from_file:
+        decode_image(path)
+    with pytest.raises(DecodeError) as from_bytes:
+        decode_image(data, name="upload")
+    assert from_file.value.reason.startswith(reason)
+    assert from_bytes.value.reason == from_file.value.reason
+
+
 def test_own_pixel_limit_applies_without_leaking_pillows_warning(monkeypatch: pytest.MonkeyPatch) -> None:
     # 12000x12000 is past Pillow's warning threshold but under its error threshold; with warnings
     # as errors (our pytest config) a leaked DecompressionBombWarning would fail this test.

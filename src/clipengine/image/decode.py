@@ -47,6 +47,7 @@ _EXIF_ORIENTATION = 0x0112
 # One reason for a zero-byte file and empty bytes: `embed` decodes the bytes it read, `predict` the
 # path, and their failure lists (and the server's errors) must say the same thing.
 EMPTY_FILE = "empty file (0 bytes)"
+_UNRECOGNISED = "not a recognised image format"
 _CLOSED = (
     "the PIL image was closed before use; pass it inside its `with Image.open(...)` block, or pass "
     "a .copy() made before closing it"
@@ -181,7 +182,7 @@ def _decode_stream(fp: IO[bytes], label: str, draft_size: tuple[int, int] | None
         with _quiet_pil(), _pillow_limit_at_least(MAX_IMAGE_PIXELS):
             im = Image.open(fp)
     except UnidentifiedImageError as e:
-        raise DecodeError(label, "not a recognised image format") from e
+        raise DecodeError(label, _unidentified_reason(fp)) from e
     except Image.DecompressionBombError as e:  # Pillow's own limit (2x its warning limit) came first
         raise DecodeError(label, f"decompression bomb: {e}") from e
     except (OSError, SyntaxError, ValueError) as e:  # Pillow plugins signal bad headers all three ways
@@ -207,6 +208,36 @@ def _decode_stream(fp: IO[bytes], label: str, draft_size: tuple[int, int] | None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise DecodeError(label, f"truncated or corrupt image data: {e}") from e
     return _oriented(im, copy=False)
+
+
+def _unidentified_reason(fp: IO[bytes]) -> str:
+    """Why Pillow identified no format: a damaged header when a format claims the first bytes.
+
+    Pillow tries every format reader and, when each refuses, drops their reasons: a PNG failing
+    its header checksum read "not a recognised image format", like a text file. The reader whose
+    signature check accepts the bytes is run again here (the failure path only) for its reason.
+    """
+    try:
+        fp.seek(0)
+        prefix = fp.read(16)  # what Image.open hands the signature checks
+    except (OSError, ValueError):
+        return _UNRECOGNISED
+    for format_id in Image.ID:
+        factory, accept = Image.OPEN[format_id]
+        try:
+            claimed = accept is not None and accept(prefix)
+        except Exception:  # a signature check can fail on a short prefix (struct.error)
+            continue
+        if not claimed or isinstance(claimed, str):  # a str is Pillow's "maybe": only a warning
+            continue
+        try:
+            fp.seek(0)
+            with _quiet_pil():
+                factory(fp, "")
+        except Exception as e:  # the reason Pillow dropped; any type: this only words the error
+            return f"corrupt image header: {e} (a {format_id} file by its first bytes)"
+        return _UNRECOGNISED  # read this time: not a header Pillow refused
+    return _UNRECOGNISED
 
 
 def _loaded(im: Image.Image, label: str) -> Image.Image:
