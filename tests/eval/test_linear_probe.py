@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from clipengine.eval import cifar, datasets, folders, labelled, linear_probe
+from clipengine.eval import cifar, datasets, folders, labelled, linear_probe, synthetic
 
 MIN_PROBE_TOP1 = 0.80  # 100-class colour x shape, 1000 train / 500 test: measured 93.0%, chance 1%
 
@@ -107,6 +107,25 @@ def test_train_split_with_one_class_is_a_dataset_error(shape_sets) -> None:  # t
     train = _split(train_ds, "one-class-train", train_ds.labels == 0)
     with pytest.raises(DatasetError, match=r"one-class-train.*at least 2 classes.*'circle'"):
         linear_probe.evaluate_linear_probe(_fake_model(), train, _split(test_ds, "t", slice(0, 20)))
+
+
+def test_test_classes_without_train_images_are_named_in_a_warning(shape_sets, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A class with test images but no readable train image is never predicted, so every one of its
+    test images is a miss; that was silent (a recall of 0 read as the model's failure)."""
+    train_ds, test_ds = shape_sets
+    test = _split(test_ds, "t", slice(0, 100))
+    hearts = int((test.labels == synthetic.SHAPES.index("heart")).sum())
+    assert hearts > 0
+    with caplog.at_level("WARNING", logger="clipengine.eval.linear_probe"):
+        linear_probe.evaluate_linear_probe(_fake_model(), _split(train_ds, "all-train", slice(None)), test)
+        assert "no readable image in" not in caplog.text
+        no_hearts = _split(train_ds, "no-hearts-train", train_ds.labels != synthetic.SHAPES.index("heart"))
+        r = linear_probe.evaluate_linear_probe(_fake_model(), no_hearts, test)
+    assert r.per_class["heart"] == 0.0
+    assert (
+        f"1 class(es) with test images have no readable image in no-hearts-train: 'heart' ({hearts} test"
+        in caplog.text
+    )
 
 
 def test_train_and_test_with_other_class_lists_are_refused(shape_sets) -> None:  # type: ignore[no-untyped-def]

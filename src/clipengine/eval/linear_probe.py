@@ -192,6 +192,7 @@ def evaluate_linear_probe(
     y_train, y_test = train.labels[fit_rows], test.labels[test_rows]
     if np.unique(y_train).size < 2:
         raise DatasetError(f"{train.name}: its readable images cover fewer than 2 classes; a linear probe needs 2")
+    _warn_unseen_classes(train, y_train, test.classnames, y_test)
     clf = LogisticRegression(C=C, max_iter=MAX_ITER, random_state=0)
     converged = _fit(clf, train_split.features[fit_rows], y_train)
     decision = clf.decision_function(test_split.features[test_rows])
@@ -220,6 +221,22 @@ def evaluate_linear_probe(
         converged=converged,
         unreadable=train_split.unreadable() + test_split.unreadable(),
     )
+
+
+def _warn_unseen_classes(
+    train: LabelledImages, y_train: np.ndarray, classnames: list[str], y_test: np.ndarray
+) -> None:
+    """Name the classes that have test images but no readable train image (an empty or all-corrupt
+    train folder): the fit never predicts them, so each of their test images is a miss, which a
+    per-class recall of 0 alone would pass off as the model's failure."""
+    unseen = np.setdiff1d(np.unique(y_test), y_train)
+    if unseen.size:
+        shown = ", ".join(f"{classnames[int(c)]!r} ({int((y_test == c).sum())} test)" for c in unseen[:5])
+        log.warning(
+            "%d class(es) with test images have no readable image in %s: %s%s; the probe never predicts "
+            "them, so all %d of their test images count as misses",
+            unseen.size, train.name, shown, ", ..." if unseen.size > 5 else "", int(np.isin(y_test, unseen).sum()),
+        )  # fmt: skip
 
 
 def _fit(clf: Any, x: np.ndarray, y: np.ndarray) -> bool:
