@@ -180,6 +180,20 @@ def test_imagefolder_sorted_classes_and_names(imagefolder_root: Path) -> None:
     )
 
 
+def test_folder_read_as_dot_is_named_after_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--root .` (or `..`) named the dataset "folder-" / "flat-" (Path(".").name is ""), so its reports
+    were zeroshot_folder-.json, whatever folder was read, and overwrote each other's."""
+    shapes = tmp_path / "shapes"
+    synthetic.write_imagefolder(shapes, synthetic.generate(4, seed=3, task="shape"))
+    synthetic.write_flat_folder(tmp_path / "flat", synthetic.generate(4, seed=3, task="shape"))
+    monkeypatch.chdir(shapes)
+    assert folders.load_imagefolder(".").name == "folder-shapes"
+    monkeypatch.chdir(tmp_path / "flat" / "images")
+    assert folders.load_flat_folder("..", "labels.txt").name == "flat-flat"
+
+
 def test_imagefolder_class_map(tmp_path: Path) -> None:
     for folder in ("n001", "n002"):
         (tmp_path / folder).mkdir()

@@ -28,6 +28,12 @@ def _image_files(folder: Path, within: Path | None = None) -> list[Path]:
     return [path for _, path in walk_images(folder, within=within)]
 
 
+def _folder_name(root: Path) -> str:
+    """The name of the folder `root` is, for the dataset's name (and so its report files): "." and
+    ".." have none of their own (Path(".").name is ""), so every `--root .` was "folder-"."""
+    return root.name if root.name not in ("", "..") else root.resolve().name
+
+
 def load_imagefolder(
     root: str | Path, classnames: Sequence[str] | dict[str, str] | None = None, name: str | None = None
 ) -> LabelledImages:
@@ -73,7 +79,9 @@ def load_imagefolder(
             "is also scored against them, but have no recall of their own",
             root, len(empty), len(folders), ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else ""),
         )  # fmt: skip
-    return checked(name or f"folder-{root.name}", names, np.asarray(labels, dtype=np.int64), paths=paths)
+    return checked(
+        name or f"folder-{_folder_name(root)}", names, np.asarray(labels, dtype=np.int64), paths=paths
+    )
 
 
 def find_labels_file(root: Path) -> Path | None:
@@ -123,7 +131,7 @@ def load_flat_folder(
         raise DatasetError(f"{labels_path} names {len(missing)} files not in {image_dir}, e.g. {missing[0]}")
     paths = [files[n] for n, _ in entries]
     labels = np.asarray([lab for _, lab in entries], dtype=np.int64)
-    return checked(f"flat-{root.name}", names, labels, paths=paths)
+    return checked(f"flat-{_folder_name(root)}", names, labels, paths=paths)
 
 
 def _parse_labels(path: Path, sorted_names: list[str]) -> list[tuple[str, int]]:
