@@ -200,6 +200,18 @@ def test_k_above_n_returns_every_vector_on_every_kind(kind: str) -> None:
     assert [len(h) for h in index.search_vectors(x[:3], k=1000)] == [1000] * 3
 
 
+def test_hnsw_with_many_copies_of_one_image_still_returns_every_vector() -> None:
+    # Copies of one photo are one point in the HNSW graph's space: with 1500 of 3000 vectors equal,
+    # k=N returned 75 hits for some queries (the graph never reached the rest), not "every image".
+    x = clustered(3000, 32, seed=6)
+    x[1500:] = x[0]
+    ids = [str(i) for i in range(len(x))]
+    index = Index.build(ids, x, model="fake", kind="hnsw")
+    for hits in index.search_vectors(x[:5], k=len(x)):
+        scores = [s for _, s in hits]
+        assert {h for h, _ in hits} == set(ids) and scores == sorted(scores, reverse=True)
+
+
 def test_ivfpq_trains_with_a_small_nlist() -> None:
     # nlist=1 trained on 64 rows: faiss aborted (RuntimeError "Number of training points (64) should
     # be at least as large as number of clusters (256)")

@@ -226,7 +226,8 @@ def search(
     """faiss search of unit `queries` for min(k, ntotal) hits per row on every kind: (scores, labels).
 
     IVF fills the rows it leaves short (label -1: the `nprobe` lists visited held fewer than k
-    vectors, e.g. k=1000 over 16 of 51 lists) by visiting every list for those rows.
+    vectors, e.g. k=1000 over 16 of 51 lists) by visiting every list for those rows; HNSW (whose
+    graph may not reach every vector) by an exact search of its stored vectors.
     """
     k = min(k, index.ntotal)
     if params.kind == "hnsw" and (ef_search is None or ef_search >= 1):
@@ -236,6 +237,13 @@ def search(
     if len(short) and params.kind in ("ivf", "ivfpq"):
         every = search_parameters(params, nprobe=int(index.nlist))  # type: ignore[attr-defined]
         scores[short], labels[short] = index.search(queries[short], k, params=every)
+    elif len(short) and params.kind == "hnsw":
+        # HNSW can leave vectors unreachable however large efSearch is: many copies of one image
+        # (equal vectors) made k=N return 75 of 3000. Those rows get an exact search of its vectors.
+        import faiss
+
+        storage = faiss.downcast_index(index.storage)  # type: ignore[attr-defined]
+        scores[short], labels[short] = storage.search(queries[short], k)
     return scores, labels
 
 
