@@ -327,6 +327,97 @@ def test_damaged_folder_config_is_a_checkpoint_error(
         load_model(folder)
 
 
+def _edit_json(path: Path, edit: Any) -> None:
+    values = json.loads(path.read_text())
+    edit(values)
+    path.write_text(json.dumps(values))
+
+
+# Values a hand-edited config.json may hold. They failed inside CLIP's constructor (a TypeError or
+# ZeroDivisionError traceback naming neither file nor setting), or, for heads that do not divide
+# the width, loaded and failed at the first image with a reshape error.
+@pytest.mark.parametrize(
+    ("tower", "setting", "value", "reason"),
+    [
+        ("vision", "layers", "2", r"vision\.layers must be a positive integer, got '2'"),
+        ("vision", "layers", [1, 1, 1], r"vision\.layers must be one depth \(ViT\) or 4 \(ModifiedResNet\)"),
+        ("vision", "width", 0, r"vision\.width must be a positive integer, got 0"),
+        ("vision", "head_width", 20, r"vision: 3 heads do not divide its width 64"),
+        ("text", "heads", 3, r"text: 3 heads do not divide its width 64"),
+        ("text", "mlp_ratio", 0, r"text\.mlp_ratio must be a positive number, got 0"),
+        (None, "embed_dim", -1, r"embed_dim must be a positive integer, got -1"),
+    ],
+)
+def test_unbuildable_architecture_settings_name_the_file_and_the_setting(
+    tmp_path: Path, tiny_model: CLIP, tower: str | None, setting: str, value: Any, reason: str
+) -> None:
+    folder = save_model(tiny_model, tmp_path / "edited")
+    _edit_json(folder / "config.json", lambda c: (c[tower] if tower else c).update({setting: value}))
+    with pytest.raises(CheckpointError, match=r"edited/config\.json: bad architecture settings \(.*" + reason):
+        load_model(folder)
+
+
+def test_unbuildable_settings_from_other_sources_are_checkpoint_errors(
+    tmp_path: Path, tiny_model: CLIP, small_hf_folder: Checkpoint
+) -> None:
+    hf = shutil.copytree(small_hf_folder.path, tmp_path / "hf")
+    _edit_json(hf / "config.json", lambda c: c["text_config"].update(num_attention_heads=3))
+    with pytest.raises(CheckpointError, match=r"hf/config\.json: .*text: 3 heads do not divide its width 128"):
+        load_model(hf)
+    torch.save(tiny_model.state_dict(), tmp_path / "tiny.pt")  # a CLIPConfig given as arch=
+    bad = replace(tiny_model.config, text=replace(tiny_model.config.text, heads=5))
+    with pytest.raises(CheckpointError, match=r"tiny\.pt: .*text: 5 heads do not divide its width 64"):
+        load_model(tmp_path / "tiny.pt", arch=bad)
+
+
+@pytest.mark.parametrize("preprocess_cfg", [None, "bicubic", [0.5]])
+def test_open_clip_folder_with_a_malformed_preprocess_cfg(
+    small_vit_safetensors: Checkpoint, tmp_path: Path, preprocess_cfg: Any
+) -> None:
+    """`"preprocess_cfg": null` (or a non-object) raised AttributeError from `.items()`."""
+    folder = tmp_path / "oc"
+    folder.mkdir()
+    shutil.copy(small_vit_safetensors.path, folder / "open_clip_model.safetensors")
+    model_cfg = {"embed_dim": 64, "vision_cfg": SMALL_VIT, "text_cfg": SMALL_TEXT}
+    meta = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+    (folder / "open_clip_config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"oc/open_clip_config\.json: preprocess_cfg is not a JSON object"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("crop_size", "abc"),
+        ("crop_size", [32, 32]),
+        ("crop_size", {"height": "tall"}),
+        ("crop_size", {"height": None}),
+        ("resample", [3]),
+    ],
+)
+def test_hf_preprocessor_config_with_a_malformed_setting(
+    small_hf_folder: Checkpoint, tmp_path: Path, setting: str, value: Any
+) -> None:
+    """int() of these crop sizes raised ValueError / TypeError tracebacks, a list resample an
+    unhashable-type TypeError."""
+    hf = shutil.copytree(small_hf_folder.path, tmp_path / "hf")
+    _edit_json(hf / "preprocessor_config.json", lambda pp: pp.update({setting: value}))
+    with pytest.raises(
+        CheckpointError, match=rf"hf/preprocessor_config\.json: bad preprocessing settings \({setting}"
+    ):
+        load_model(hf)
+
+
+def test_hf_preprocessor_config_with_a_null_crop_size_uses_the_model_size(
+    small_hf_folder: Checkpoint, tmp_path: Path
+) -> None:
+    """transformers' CLIPImageProcessor reads `"crop_size": null` as its default; ours is the
+    model's own input size (the only size it runs at)."""
+    hf = shutil.copytree(small_hf_folder.path, tmp_path / "hf")
+    _edit_json(hf / "preprocessor_config.json", lambda pp: pp.update(crop_size=None))
+    assert load_model(hf).preprocess.image_size == 32
+
+
 def test_folder_without_config_says_what_it_expected(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"no config\.json or open_clip_config\.json"):
         load_model(tmp_path)

@@ -15,6 +15,7 @@ __all__ = [
     "TextConfig",
     "VisionConfig",
     "architecture_names",
+    "config_problems",
     "get_config",
 ]
 
@@ -91,6 +92,53 @@ class CLIPConfig:
 
     def with_quick_gelu(self, quick_gelu: bool) -> CLIPConfig:
         return replace(self, quick_gelu=quick_gelu)
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_positive_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def config_problems(cfg: CLIPConfig) -> list[str]:
+    """What keeps CLIP(cfg) from being built and run; empty when nothing does.
+
+    Configs read from files (a hand-edited config.json) are user input. CLIP's constructor fails on
+    bad values with a TypeError or ZeroDivisionError deep in a layer, and heads that do not divide
+    a width pass it and fail at the first forward with a reshape error: neither names the setting.
+    """
+    problems: list[str] = []
+
+    def positive_int(where: str, value: object) -> None:
+        if not _is_positive_int(value):
+            problems.append(f"{where} must be a positive integer, got {value!r}")
+
+    v, t = cfg.vision, cfg.text
+    positive_int("embed_dim", cfg.embed_dim)
+    positive_int("vision.image_size", v.image_size)
+    positive_int("vision.width", v.width)
+    if isinstance(v.layers, tuple):
+        if len(v.layers) != 4 or not all(_is_positive_int(n) for n in v.layers):
+            problems.append(f"vision.layers must be one depth (ViT) or 4 (ModifiedResNet), got {list(v.layers)}")
+    else:
+        positive_int("vision.layers", v.layers)
+        positive_int("vision.patch_size", v.patch_size)
+        positive_int("vision.head_width", v.head_width)
+        if not _is_positive_number(v.mlp_ratio):
+            problems.append(f"vision.mlp_ratio must be a positive number, got {v.mlp_ratio!r}")
+    for name in ("context_length", "vocab_size", "width", "heads", "layers"):
+        positive_int(f"text.{name}", getattr(t, name))
+    if not _is_positive_number(t.mlp_ratio):
+        problems.append(f"text.mlp_ratio must be a positive number, got {t.mlp_ratio!r}")
+    if problems:  # the checks below divide by these values
+        return problems
+    vision_width = v.width * 32 if v.is_resnet else v.width  # the ResNet's attention pool runs at width*32
+    for tower, width, heads in (("vision", vision_width, v.heads), ("text", t.width, t.heads)):
+        if heads < 1 or width % heads:
+            problems.append(f"{tower}: {heads} heads do not divide its width {width}")
+    return problems
 
 
 _CONFIG_PACKAGE = "clipengine.models.configs"

@@ -25,7 +25,7 @@ from ..errors import CheckpointError
 from ..image.preprocess import PreprocessConfig
 from .checkpoint import StateDict, read_checkpoint
 from .clip import CLIP, causal_mask
-from .config import CLIPConfig, get_config
+from .config import CLIPConfig, config_problems, get_config
 from .convert import config_from_hf, hf_to_openai, infer_config, load_into
 from .registry import get_source
 from .saving import CONFIG_FILE, WEIGHTS_FILE, save_model
@@ -126,9 +126,17 @@ def _empty_model(cfg: CLIPConfig) -> CLIP:
         return CLIP(cfg)
 
 
+def _checked(cfg: CLIPConfig, where: str | Path) -> CLIPConfig:
+    """`cfg`, or a CheckpointError naming `where` (the file the settings came from) and each bad setting."""
+    problems = config_problems(cfg)
+    if problems:
+        raise CheckpointError(f"{where}: bad architecture settings ({'; '.join(problems)})")
+    return cfg
+
+
 def _load(cfg: CLIPConfig, state: StateDict, source: str) -> CLIP:
     """Strictly load `state` into a fresh CLIP(cfg); rebuild the non-persistent causal mask."""
-    module = load_into(_empty_model(cfg), state, source)
+    module = load_into(_empty_model(_checked(cfg, source)), state, source)
     module.attn_mask = causal_mask(cfg.text.context_length)  # non-persistent: not in checkpoints
     stray = [name for name, buf in module.named_buffers() if buf.is_meta]
     if stray:
@@ -208,9 +216,10 @@ def _load_folder(folder: Path, hints: _Hints, spec: ModelSpec, tag: str | None =
 
 def _config(path: Path, values: dict[str, Any], name: str) -> CLIPConfig:
     try:
-        return CLIPConfig.from_dict(values, name=name)
+        cfg = CLIPConfig.from_dict(values, name=name)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path}: bad architecture settings ({e!r})") from e
+    return _checked(cfg, path)
 
 
 def _existing(*candidates: Path) -> Path:
@@ -228,6 +237,8 @@ def _load_open_clip_folder(folder: Path, hints: _Hints) -> LoadedModel:
     cfg = hints.arch or _config(folder / _OPEN_CLIP_CONFIG, model_cfg, folder.name.split("--")[-1])
     quick = hints.quick_gelu if hints.quick_gelu is not None else bool(model_cfg.get("quick_gelu", False))
     pp = meta.get("preprocess_cfg", {})
+    if not isinstance(pp, dict):
+        raise CheckpointError(f"{folder / _OPEN_CLIP_CONFIG}: preprocess_cfg is not a JSON object")
     pp = {"image_size": cfg.vision.image_size, **{k: v for k, v in pp.items() if k in _PP_KEYS}}
     preprocess = _preprocess(folder / _OPEN_CLIP_CONFIG, pp)
     weights = _existing(folder / "open_clip_model.safetensors", folder / "open_clip_pytorch_model.bin")
@@ -238,7 +249,7 @@ _PP_KEYS = ("mean", "std", "interpolation", "resize_mode")
 
 
 def _load_hf_folder(folder: Path, config: dict[str, Any], hints: _Hints) -> LoadedModel:
-    cfg = hints.arch or config_from_hf(config, name=folder.name)
+    cfg = hints.arch or _checked(config_from_hf(config, name=folder.name), folder / CONFIG_FILE)
     if hints.quick_gelu is not None:
         cfg = cfg.with_quick_gelu(hints.quick_gelu)
     state = _read_hf_weights(folder)
@@ -264,16 +275,32 @@ def _hf_preprocess(folder: Path, cfg: CLIPConfig) -> PreprocessConfig:
     if not path.is_file():
         return PreprocessConfig(image_size=cfg.vision.image_size)
     pp = _read_json(path)
-    crop = pp.get("crop_size", cfg.vision.image_size)
-    size = crop.get("height", cfg.vision.image_size) if isinstance(crop, dict) else int(crop)
-    kwargs: dict[str, Any] = {"image_size": int(size)}
+    kwargs: dict[str, Any] = {"image_size": _hf_crop_size(path, pp.get("crop_size"), cfg.vision.image_size)}
     if "image_mean" in pp:
         kwargs["mean"] = pp["image_mean"]
     if "image_std" in pp:
         kwargs["std"] = pp["image_std"]
-    if pp.get("resample") in _HF_RESAMPLE:
-        kwargs["interpolation"] = _HF_RESAMPLE[pp["resample"]]
+    resample = pp.get("resample")
+    if resample is not None and not isinstance(resample, int):  # a list or dict is no key of _HF_RESAMPLE
+        raise CheckpointError(f"{path}: bad preprocessing settings (resample {resample!r} is not a PIL code)")
+    if resample in _HF_RESAMPLE:
+        kwargs["interpolation"] = _HF_RESAMPLE[resample]
     return _preprocess(path, kwargs)
+
+
+def _hf_crop_size(path: Path, crop: Any, default: int) -> int:
+    """`crop_size` as CLIPImageProcessor writes it: {"height": H, "width": W}, or an int in older files;
+    absent or null means the default (transformers' own; here the model's input size)."""
+    if crop is None:
+        return default
+    size = crop.get("height", default) if isinstance(crop, dict) else crop
+    try:
+        pixels = int(size)
+    except (TypeError, ValueError):
+        pixels = 0
+    if pixels <= 0:
+        raise CheckpointError(f"{path}: bad preprocessing settings (crop_size {crop!r} is not a size in pixels)")
+    return pixels
 
 
 def _preprocess(path: Path, values: dict[str, Any]) -> PreprocessConfig:
