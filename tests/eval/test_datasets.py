@@ -233,6 +233,15 @@ def test_imagenet_subset_error_names_a_way_for_the_linear_probe(tmp_path: Path) 
         datasets.load_imagenet(tmp_path)
 
 
+def test_imagenet_train_split_without_a_train_folder_is_refused(tmp_path: Path) -> None:
+    """The probe's train split of a ROOT holding only val/ read ROOT itself, val/ as its one class:
+    the error was "1 class folders (0 wnids) ... needs all 1000", not that train/ is missing."""
+    (tmp_path / "val" / "n01440764").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(tmp_path / "val" / "n01440764" / "a.JPEG")
+    with pytest.raises(DatasetError, match=r"no train/ folder.*ROOT/train/<wnid>"):
+        datasets.load_dataset("imagenet", tmp_path, "train")
+
+
 def test_flat_folder_with_labels_file(tmp_path: Path) -> None:
     ds = synthetic.generate(12, seed=3, task="shape")
     synthetic.write_flat_folder(tmp_path, ds)

@@ -100,6 +100,11 @@ def load_imagenet(
     folder with a labels file (see `load_flat_folder`). `class_map`: JSON folder -> class name.
     """
     root = Path(root)
+    if split != "val" and not (root / split).is_dir():
+        # Only val/ may be ROOT itself (`root/<wnid>/`): a train split read from ROOT took val/ as a class.
+        raise DatasetError(
+            f"{root}: no {split}/ folder; ImageNet's {split!r} split is ROOT/{split}/<wnid>/*.JPEG"
+        )
     base = root / split if (root / split).is_dir() else root
     mapping = read_json(Path(class_map), "JSON {folder: class name}") if class_map else None
     folders = (
