@@ -304,3 +304,24 @@ def test_a_verified_file_in_a_read_only_cache_loads(tmp_path: Path, monkeypatch:
     path.write_bytes(b"not the release")
     with pytest.raises(CheckpointError, match="delete it and download again"):
         fetch(src)
+
+
+def test_an_unreachable_hub_names_every_file_to_put_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline, `clipengine download hf-hub:org/clip` said to put open_clip_config.json by hand, and
+    only the next try named a weights file: the message now names the whole set, as the
+    not-allowed message does."""
+    from clipengine.models import weights
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(weights, "_HUB_URL", f"http://127.0.0.1:{port}/{{repo}}/{{filename}}")
+    with pytest.raises(DownloadError) as info:
+        weights.fetch_hub("org/clip", allow_download=True)
+    message = str(info.value)
+    assert f"download failed: http://127.0.0.1:{port}/org/clip/open_clip_config.json: " in message
+    assert message.endswith(
+        "put the repo's open_clip_config.json + open_clip_model.safetensors (or config.json + "
+        f"model.safetensors) in {weights.hub_dir('org/clip')} by hand"
+    )
+    assert "\n" not in message

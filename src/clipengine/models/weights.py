@@ -122,16 +122,19 @@ def download(
     sha256: str | None = None,
     progress: ProgressCallback | None = None,
     timeout: float = _TIMEOUT_S,
+    by_hand: str | None = None,
 ) -> Path:
     """Download `url` to `target` via `target.part` (resumed with an HTTP Range request when the
     server supports it), check the SHA-256 if known, then rename atomically.
+
+    `by_hand` ends the error message: what to put where instead (default: the file at `target`).
 
     Raises:
         DownloadError: one line naming the URL, the reason and where to put the file by hand.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
-    by_hand = f"put the file at {target} by hand"
+    by_hand = by_hand or f"put the file at {target} by hand"
     try:
         digest = _stream(url, part, progress, timeout)
     except urllib.error.HTTPError as e:
@@ -186,15 +189,18 @@ def fetch_hub(repo: str, *, allow_download: bool = False, progress: ProgressCall
     folder = hub_dir(repo)
     if _hub_complete(folder):
         return folder
+    # A download failing on its first file must not say to put that one file there: the set is needed.
+    by_hand = (
+        "put the repo's open_clip_config.json + open_clip_model.safetensors (or config.json + "
+        f"model.safetensors) in {folder} by hand"
+    )
     if not allow_download:
         raise DownloadNotAllowedError(
-            f"hf-hub:{repo} is not in the cache; pass --download / allow_download=True, or put the repo's "
-            f"open_clip_config.json + open_clip_model.safetensors (or config.json + model.safetensors) "
-            f"in {folder} by hand"
+            f"hf-hub:{repo} is not in the cache; pass --download / allow_download=True, or {by_hand}"
         )
     for layout in _HUB_LAYOUTS:
         try:
-            _download_group(repo, folder, layout[0], progress)
+            _download_group(repo, folder, layout[0], progress, by_hand)
         except DownloadError as e:
             if _is_404(e):
                 continue
@@ -202,8 +208,8 @@ def fetch_hub(repo: str, *, allow_download: bool = False, progress: ProgressCall
         # Weights last: a config plus weights is what marks the folder complete (`_hub_complete`),
         # so a run killed before the optional preprocessor config must not look finished.
         for group in layout[2:]:
-            _download_group(repo, folder, group, progress, optional=True)
-        _download_group(repo, folder, layout[1], progress)
+            _download_group(repo, folder, group, progress, by_hand, optional=True)
+        _download_group(repo, folder, layout[1], progress, by_hand)
         return folder
     raise DownloadError(
         f"hf-hub:{repo} has neither open_clip_config.json nor config.json; put files in {folder}"
@@ -220,12 +226,17 @@ def _hub_complete(folder: Path) -> bool:
 
 
 def _download_group(
-    repo: str, folder: Path, names: tuple[str, ...], progress: ProgressCallback | None, optional: bool = False
+    repo: str,
+    folder: Path,
+    names: tuple[str, ...],
+    progress: ProgressCallback | None,
+    by_hand: str,
+    optional: bool = False,
 ) -> None:
     """Download the first of `names` that exists on the hub (404 -> try the next)."""
     for name in names:
         try:
-            download(_HUB_URL.format(repo=repo, filename=name), folder / name, progress=progress)
+            download(_HUB_URL.format(repo=repo, filename=name), folder / name, progress=progress, by_hand=by_hand)
             return
         except DownloadError as e:
             if not _is_404(e):
