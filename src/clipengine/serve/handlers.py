@@ -54,6 +54,9 @@ class ApiHandlers:
             model, settings, self.metrics, in_flight=lambda: self.tracker.in_flight
         )
         self.roots = image_roots(index.image_roots) if index is not None else []
+        # (most items, error code) of the JSON list fields, checked before their items are validated
+        self.image_limit = (settings.max_images, "too_many_images")
+        self.text_limit = (settings.max_texts, "too_many_texts")
         self.ready = False
         backend = getattr(model, "backend", None)  # a ClipModel's; a bare ServableModel states none
         self.fidelity = fidelity(backend) if backend is not None else None
@@ -182,7 +185,7 @@ class ApiHandlers:
     async def embed_images(self, request: Request) -> JSONResponse:
         started = time.perf_counter()
         if self.is_json(request):
-            body = await parse_json_body(request, ImagesRequest)
+            body = await parse_json_body(request, ImagesRequest, {"images": self.image_limit})
             images = [decode_base64_image(s, f"images[{i}]") for i, s in enumerate(body.images)]
         else:
             images, fields = await self.read_images_and_fields(request)
@@ -202,7 +205,7 @@ class ApiHandlers:
             raise ApiError(
                 415, "unsupported_media_type", f"content type {ctype or '(none)'!r}: send application/json"
             )
-        body: TextsRequest = await parse_json_body(request, TextsRequest)
+        body: TextsRequest = await parse_json_body(request, TextsRequest, {"texts": self.text_limit})
         self.check_texts(body.texts, "texts", self.settings.max_texts)
         vectors = await self.timed(self.service.embed_texts(body.texts), request)
         return self._embeddings(
@@ -222,7 +225,12 @@ class ApiHandlers:
     async def classify(self, request: Request) -> JSONResponse:
         started = time.perf_counter()
         if self.is_json(request):
-            body = await parse_json_body(request, ClassifyRequest)
+            limits = {
+                "images": self.image_limit,
+                "labels": self.text_limit,
+                "templates": (self.settings.max_templates, "too_many_texts"),
+            }
+            body = await parse_json_body(request, ClassifyRequest, limits)
             images = [decode_base64_image(s, f"images[{i}]") for i, s in enumerate(body.images)]
             labels, templates, top_k = [s.strip() for s in body.labels], body.templates, body.top_k
         else:
