@@ -428,6 +428,8 @@ def test_flat_folder_file_names_with_spaces(tmp_path: Path) -> None:
     [
         ("labels.json", b"[0, 1]"),
         ("labels.json", b'{"a.png": "cat"}'),
+        ("labels.json", b'{"a.png": 1.5}'),  # was read as label 1
+        ("labels.json", b'{"a.png": true}'),  # was read as label 1
         ("labels.txt", b"a.png 0\n\xff\xfe.png 1\n"),
     ],
 )

@@ -142,7 +142,7 @@ def _parse_labels(path: Path, sorted_names: list[str]) -> list[tuple[str, int]]:
                 raise DatasetError(
                     f"{path}: expected JSON {{file name: int label}}, got a {type(data).__name__}"
                 )
-            return [(Path(k).name, int(v)) for k, v in sorted(data.items())]
+            return [(Path(k).name, _json_label(v)) for k, v in sorted(data.items())]
         text = path.read_text(encoding="utf-8-sig")  # a BOM would start the first file name
         lines = [ln.split() for ln in text.splitlines() if ln.strip()]
         if all(len(p) == 1 for p in lines):
@@ -159,3 +159,13 @@ def _parse_labels(path: Path, sorted_names: list[str]) -> list[tuple[str, int]]:
         return entries
     except (ValueError, TypeError) as e:  # UnicodeDecodeError is a ValueError
         raise DatasetError(f"{path}: expected '<file name> <int label>' or '<int label>' lines ({e})") from e
+
+
+def _json_label(value: object) -> int:
+    """A label of a JSON labels file: an integer (3.0 too, as pandas writes it, or "3", as text lines
+    hold it). int() alone read 1.5 and true as label 1."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"label {value!r} is not an integer")
+    return int(value)
