@@ -38,7 +38,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-C_DEFAULT = 0.316  # the seed's (and CLIP paper's sweep-found) inverse regularisation strength
+C_DEFAULT = 0.316  # the seed's C, from CLIP's README example (the paper sweeps C per dataset on a validation split)
 MAX_ITER = 1000
 
 
