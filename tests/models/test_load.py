@@ -418,6 +418,25 @@ def test_hf_preprocessor_config_with_a_null_crop_size_uses_the_model_size(
     assert load_model(hf).preprocess.image_size == 32
 
 
+def test_hf_folder_with_sharded_safetensors(small_hf_folder: Checkpoint, tmp_path: Path) -> None:
+    """The documented "model.safetensors [sharded ok]": transformers' own shards and index."""
+    small_hf_folder.reference.save_pretrained(tmp_path / "sharded", max_shard_size="300KB")
+    shards = sorted(p.name for p in (tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 1 and not (tmp_path / "sharded" / "model.safetensors").exists()
+    assert_parity(small_hf_folder, load_model(tmp_path / "sharded"))
+
+
+@pytest.mark.parametrize("weight_map", [["model-00001.safetensors"], {"w": 1}, None])
+def test_hf_shard_index_with_a_malformed_weight_map(
+    small_hf_folder: Checkpoint, tmp_path: Path, weight_map: Any
+) -> None:
+    """A list or non-string shard names raised AttributeError / TypeError tracebacks."""
+    hf = shutil.copytree(small_hf_folder.path, tmp_path / "hf")
+    (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=r"hf/model\.safetensors\.index\.json: weight_map is not"):
+        load_model(hf)
+
+
 def test_folder_without_config_says_what_it_expected(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"no config\.json or open_clip_config\.json"):
         load_model(tmp_path)

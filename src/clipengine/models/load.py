@@ -261,7 +261,10 @@ def _load_hf_folder(folder: Path, config: dict[str, Any], hints: _Hints) -> Load
 def _read_hf_weights(folder: Path) -> StateDict:
     index = folder / f"{WEIGHTS_FILE}.index.json"
     if index.is_file():  # sharded safetensors
-        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map is not an object of tensor name -> shard file name")
+        shards = sorted(set(weight_map.values()))
         state: StateDict = {}
         for shard in shards:
             state.update(read_checkpoint(folder / shard)[0])
