@@ -22,3 +22,21 @@ def test_compile_with_onnx_is_a_usage_error() -> None:
 def test_unknown_backend_is_a_usage_error() -> None:
     with pytest.raises(typer.BadParameter, match=r"one of torch, onnx, openvino, got .tensorflow."):
         parse_model_options("tiny-synth", None, None, "tensorflow", "fp32", "cpu", False)
+
+
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_download_with_an_export_backend_fetches_no_torch_weights(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`embed --backend onnx --model ViT-L-14 --download` downloaded the 890 MB torch checkpoint,
+    then failed: onnx and openvino run export folders only, which are never downloaded."""
+    from clipengine.cli import downloads
+    from clipengine.cli.model_options import load_clip
+    from clipengine.errors import InputError
+
+    fetched: list[str] = []
+    monkeypatch.setattr(downloads, "fetch_with_progress", lambda name, pretrained=None: fetched.append(name))
+    opts = parse_model_options("ViT-L-14", None, None, backend, "fp32", "cpu", True)
+    with pytest.raises(InputError, match=f"backend '{backend}' runs export folders"):
+        load_clip(opts)
+    assert fetched == []

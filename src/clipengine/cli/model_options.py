@@ -66,11 +66,13 @@ def load_clip(opts: ModelOptions) -> ClipModel:
     """Load the model described by `opts` through the public API (the hook CLI tests replace).
 
     With `--download`, registered weights missing from the cache are fetched first with a progress
-    bar (`downloads.fetch_with_progress`); the load then finds them cached.
+    bar (`downloads.fetch_with_progress`); the load then finds them cached. Only for the torch
+    backend: onnx and openvino run export folders, which are never downloaded, so a registry name
+    there fails in `load` at once rather than after fetching a checkpoint nothing would use.
     """
     from ..api import load
 
-    if opts.allow_download:
+    if opts.allow_download and opts.backend == "torch":
         from .downloads import fetch_with_progress
 
         fetch_with_progress(opts.source, opts.pretrained)
