@@ -82,11 +82,35 @@ def check_image_header(image: NamedImage, max_pixels: int) -> None:
     if kind in EXTERNAL_DECODERS:  # refused by the decoder too; said here before the upload queues
         why = EXTERNAL_DECODERS[kind]
         raise ApiError(400, "invalid_image", f"{image.name}: {kind} images are not accepted ({why})")
+    if kind in ("JPEG", "MPO"):
+        _check_jpeg_scans(image)
     if width * height > max_pixels:
         raise ApiError(
             413,
             "image_too_large",
             f"{image.name}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}",
+        )
+
+
+# Encoders write 1 scan (baseline) to about 10 (progressive); libjpeg-turbo's own tools cap it at 500.
+MAX_JPEG_SCANS = 500
+_JPEG_SCAN_START = b"\xff\xda"  # SOS; entropy-coded data escapes 0xFF, so these bytes are a marker
+
+
+def _check_jpeg_scans(image: NamedImage) -> None:
+    """Refuse a JPEG with more scans than any encoder writes, before it reaches the decoder.
+
+    Why: libjpeg makes a pass over every block of the image for each scan, even one that holds no
+    data (14 bytes): 10,000 of them in a 6000x6000 JPEG of 350 KB took 60 s to decode, and a decode
+    thread cannot be stopped. Markers inside metadata (an EXIF thumbnail) count too: an upper bound.
+    """
+    scans = image.data.count(_JPEG_SCAN_START)
+    if scans > MAX_JPEG_SCANS:
+        raise ApiError(
+            400,
+            "invalid_image",
+            f"{image.name}: a JPEG of {scans} scans, at most {MAX_JPEG_SCANS} accepted (each scan is a "
+            "pass over every block: such files take minutes to decode)",
         )
 
 
