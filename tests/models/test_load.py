@@ -449,6 +449,15 @@ def test_truncated_state_dict_names_missing_keys(tmp_path: Path, tiny_model: CLI
         load_model(tmp_path / "cut.pt", arch=tiny_model.config)
 
 
+def test_a_vit_state_dict_without_its_projection_names_that_key(tmp_path: Path, tiny_model: CLIP) -> None:
+    """The ViT/ResNet decision looked at visual.proj alone, so a ViT file lacking it was read as a
+    ResNet and refused for lacking 'visual.layer1.0.conv1.weight', a key it never had."""
+    state = {k: v for k, v in tiny_model.state_dict().items() if k != "visual.proj"}
+    torch.save(state, tmp_path / "noproj.pt")
+    with pytest.raises(CheckpointError, match=r"noproj\.pt does not fit .*missing keys: visual\.proj$"):
+        load_model(tmp_path / "noproj.pt")
+
+
 def test_an_arch_that_does_not_fit_a_registered_model_is_refused() -> None:
     """`load("tiny-synth", arch="ViT-B-32")` ignored arch without a word."""
     with pytest.raises(CheckpointError, match=r"arch='ViT-B-32' does not fit tiny-synth@synthetic, a tiny-synth"):

@@ -152,7 +152,7 @@ def _ratio(hidden: int, width: int) -> float:
 
 
 def _vision_from_shapes(state: Mapping[str, torch.Tensor], source: str) -> VisionConfig:
-    if "visual.proj" in state:  # ViT
+    if "visual.class_embedding" in state or "visual.proj" in state:  # ViT (either: a lost one is then named)
         conv = _need(state, "visual.conv1.weight", source)  # (W, 3, P, P)
         width, patch = int(conv.shape[0]), int(conv.shape[-1])
         grid = round((int(_need(state, "visual.positional_embedding", source).shape[0]) - 1) ** 0.5)
