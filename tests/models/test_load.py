@@ -437,6 +437,20 @@ def test_hf_shard_index_with_a_malformed_weight_map(
         load_model(hf)
 
 
+def test_a_folder_named_like_a_registered_model_says_how_to_load_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`clipengine predict` (default --model ViT-B-32) run beside a folder named ViT-B-32 (say, an
+    output folder) loads that folder; the error said only that it lacks a config.json."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ViT-B-32").mkdir()
+    with pytest.raises(CheckpointError, match=r"ViT-B-32: no config\.json .*write ViT-B-32@openai"):
+        load_model("ViT-B-32")
+    with pytest.raises(CheckpointError) as info:  # a path the user wrote as one: no such hint
+        load_model(tmp_path / "ViT-B-32")
+    assert "@openai" not in str(info.value)
+
+
 def test_folder_without_config_says_what_it_expected(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"no config\.json or open_clip_config\.json"):
         load_model(tmp_path)

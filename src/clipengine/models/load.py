@@ -197,7 +197,7 @@ def _load_folder(folder: Path, hints: _Hints, spec: ModelSpec, tag: str | None =
     if not config_path.is_file():
         raise CheckpointError(
             f"{folder}: no {CONFIG_FILE} or {_OPEN_CLIP_CONFIG}; expected a transformers CLIPModel folder, "
-            "an open_clip hub folder, or a clipengine model folder"
+            "an open_clip hub folder, or a clipengine model folder" + _registered_name_hint(spec)
         )
     config = _read_json(config_path)
     if "vision_config" in config:
@@ -212,6 +212,18 @@ def _load_folder(folder: Path, hints: _Hints, spec: ModelSpec, tag: str | None =
     preprocess = preprocess or PreprocessConfig(image_size=cfg.vision.image_size)
     name = spec.name if spec.kind == "registry" else cfg.name
     return LoadedModel(module, cfg, preprocess, name, tag, str(folder))
+
+
+def _registered_name_hint(spec: ModelSpec) -> str:
+    """A bare name ("ViT-B-32", the CLI's default --model) is a path first: beside a folder of that
+    name (an output folder, say) it loads the folder. Where the name is also registered, say how to
+    get the registered weights."""
+    from . import registry
+
+    name = spec.raw.strip()
+    if spec.kind != "folder" or name not in registry.architectures():
+        return ""
+    return f"; {name!r} named this folder, not the registered model: write {name}@{registry.default_tag(name)} for that"
 
 
 def _config(path: Path, values: dict[str, Any], name: str) -> CLIPConfig:
