@@ -122,3 +122,13 @@ def test_plot_draws_names_that_are_not_valid_utf8(tmp_path: Path) -> None:
     name = b"caf\xe9".decode("utf-8", "surrogateescape")
     path = plot_per_class({name: 0.5, "cat": 1.0}, tmp_path / "recall.png", f"on folder-{name}")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reports_are_written_for_a_dataset_name_that_is_not_valid_utf8(tmp_path: Path) -> None:
+    """A dataset folder named in Latin-1 (b"caf\\xe9") puts "caf\\udce9" in the title: writing the
+    Markdown raised UnicodeEncodeError, a traceback after the JSON was written."""
+    name = "folder-" + b"caf\xe9".decode("utf-8", "surrogateescape")
+    result = {"model": "m", "dataset": name, "n": 2, "top1": 0.5, "top5": 1.0, "mean_per_class_recall": 0.5,
+              "chance": 0.5, "per_class": {"cat": 0.5, "dog": 0.5}}  # fmt: skip
+    paths = write_report(tmp_path, "r", [result], f"Zero-shot m on {name}", plot=False)
+    assert paths["markdown"].read_text(encoding="utf-8").startswith("# Zero-shot m on folder-caf\\udce9\n")

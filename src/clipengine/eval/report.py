@@ -37,7 +37,7 @@ def _cell(text: object) -> str:
 def markdown_report(results: Sequence[dict[str, Any]], title: str) -> str:
     """A Markdown summary: one row per result, then the worst classes of the first result."""
     lines = [
-        f"# {title}",
+        f"# {_printable(title)}",  # a folder name that is not UTF-8 ("caf\\udce9") could not be written
         "",
         "| engine | dataset | n | top-1 % | top-5 % | mean per-class recall % | chance % |",
         "|---|---|---:|---:|---:|---:|---:|",
