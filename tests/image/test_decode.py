@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,35 @@ def test_pil_image_closed_before_use_is_a_decode_error(loaded: bool) -> None:
 def test_directory_is_reported(tmp_path: Path) -> None:
     with pytest.raises(DecodeError, match="is a directory"):
         decode_image(tmp_path)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+@pytest.mark.timeout(60)
+def test_named_pipe_is_refused_without_blocking(tmp_path: Path) -> None:
+    """A FIFO named like an image (a messy folder, a file list): opening it for reading waited
+    for a writer forever, so `predict` and `embed` hung. Only regular files are read."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(decode_image, fifo)
+        try:
+            error = future.exception(timeout=10)
+        finally:
+            if not future.done():  # unblock the reader so the test ends (a writer end opens it)
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert isinstance(error, DecodeError)
+    assert error.source == str(fifo)
+    assert error.reason == "not a regular file but a named pipe (FIFO); only files are read"
+
+
+def test_character_device_is_refused(tmp_path: Path) -> None:
+    """A link to /dev/zero named like an image was read until memory ran out; /dev/null read as empty."""
+    link = tmp_path / "zero.jpg"
+    link.symlink_to(os.devnull)
+    with pytest.raises(DecodeError, match=r"zero\.jpg: not a regular file but a character device"):
+        decode_image(link)
 
 
 def test_wrong_type_is_a_type_error() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -58,6 +59,25 @@ def test_missing_file_and_bytes_sources(tmp_path: Path, image_folder: Path, prep
     reasons = {f.id: f.reason for f in chunk.failures}
     assert set(reasons) == {"gone.jpg", "junk"}
     assert reasons["gone.jpg"] == "file not found"  # as predict (decode_image) words it
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+@pytest.mark.timeout(60)
+def test_named_pipe_becomes_a_failure_without_blocking(tmp_path: Path, image_folder: Path, preprocess_cfg) -> None:  # type: ignore[no-untyped-def]
+    """A FIFO named like an image in the folder: the loader waited for a writer forever and
+    `embed` hung. It is this file's failure; the others load."""
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    good = next(image_folder.glob("*.jpg"))
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(load_chunk, [("pipe.jpg", str(fifo)), ("good.jpg", str(good))], preprocess_cfg.to_dict())
+        try:
+            chunk = future.result(timeout=10)
+        finally:
+            if not future.done():  # unblock the reader so the test ends
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert chunk.ids == ["good.jpg"]
+    assert chunk.failures == [Failure("pipe.jpg", "not a regular file but a named pipe (FIFO); only files are read")]
 
 
 def test_workers_ship_uint8_and_batches_equal_the_exact_path(image_folder: Path, preprocess_cfg) -> None:  # type: ignore[no-untyped-def]

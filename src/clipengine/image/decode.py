@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
+import stat
 import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -25,6 +27,7 @@ __all__ = [
     "MAX_IMAGE_PIXELS",
     "decode_image",
     "open_image",
+    "open_image_file",
     "read_error_reason",
     "source_name",
     "to_8bit",
@@ -48,6 +51,9 @@ _EXIF_ORIENTATION = 0x0112
 # path, and their failure lists (and the server's errors) must say the same thing.
 EMPTY_FILE = "empty file (0 bytes)"
 _UNRECOGNISED = "not a recognised image format"
+# open_image_file: binary on Windows; non-blocking where pipes exist, so opening one returns at once.
+_O_BINARY = getattr(os, "O_BINARY", 0)
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _CLOSED = (
     "the PIL image was closed before use; pass it inside its `with Image.open(...)` block, or pass "
     "a .copy() made before closing it"
@@ -156,12 +162,54 @@ def open_image(
 
 def _decode_file(path: Path, label: str, draft_size: tuple[int, int] | None) -> Image.Image:
     try:
-        with path.open("rb") as f:
+        with open_image_file(path, label) as f:
             if os.fstat(f.fileno()).st_size == 0:
                 raise DecodeError(label, EMPTY_FILE)
             return _decode_stream(f, label, draft_size)
     except OSError as e:
         raise DecodeError(label, read_error_reason(e)) from e
+
+
+def open_image_file(path: str | os.PathLike[str], name: str | None = None) -> BinaryIO:
+    """Open a file for reading its image bytes: regular files only, refused before any read.
+
+    A named pipe (or a link to one, or to a device) named like an image is listed with the
+    photos; opening a pipe for reading waits for a writer forever, and /dev/zero never ends.
+    The file is opened non-blocking (a pipe then opens at once), checked, and made blocking.
+
+    Raises:
+        DecodeError: not a regular file (a named pipe, device or socket), naming `name` or the path.
+        OSError: the file cannot be opened (`read_error_reason` words it); a folder is
+            IsADirectoryError, as `open` raises it.
+    """
+    fd = os.open(path, os.O_RDONLY | _O_BINARY | _O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
+        if not stat.S_ISREG(mode):
+            raise DecodeError(
+                name if name is not None else os.fspath(path),
+                f"not a regular file but {_file_kind(mode)}; only files are read",
+            )
+        if _O_NONBLOCK:
+            os.set_blocking(fd, True)
+        return open(fd, "rb")  # the caller closes it
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a special file"
 
 
 def read_error_reason(error: OSError) -> str:
