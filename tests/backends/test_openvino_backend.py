@@ -306,13 +306,33 @@ def test_export_records_openvino_parity_per_engine(fixed_split: Path) -> None:
     from clipengine.export.manifest import read_manifest
 
     manifest = read_manifest(fixed_split)
+    fp32 = next(e for e in manifest.engines if e.precision == "fp32")
+    # OpenVINO computes bf16 only on CPUs with it (else f32): only there is a bf16 entry recorded.
+    computes_bf16 = OpenVinoBackend(fixed_split, precision="bf16")._open(fp32).inference_precision == "bf16"  # type: ignore[attr-defined]
     for e in manifest.engines:
-        keys = {"openvino", "openvino-bf16"} if e.precision == "fp32" else {"openvino"}
+        keys = {"openvino", "openvino-bf16"} if e.precision == "fp32" and computes_bf16 else {"openvino"}
         assert set(e.runtime_parity) == keys, e.file
         assert all(p.passed and p.samples > 0 for p in e.runtime_parity.values()), e.file
         if e.precision == "fp32":
             assert e.runtime_parity["openvino"].max_abs <= 1e-4
-            assert e.runtime_parity["openvino-bf16"].min_cos >= 0.999
+            assert not computes_bf16 or e.runtime_parity["openvino-bf16"].min_cos >= 0.999
+
+
+def test_bf16_parity_is_not_recorded_from_an_f32_run(dynamic: Path, pixels: np.ndarray,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenVINO ignores the bf16 hint on a CPU without bf16 (AVX2-only x86, ARM) and computes in f32:
+    that measurement was recorded as "openvino-bf16" (cos 1.000000), which a bf16 CPU then trusted."""
+    from clipengine.backends.openvino_backend import OpenVinoEngine
+    from clipengine.export.manifest import read_manifest
+    from clipengine.export.onnx import _openvino_parity
+
+    info = next(e for e in read_manifest(dynamic).engines if e.tower == "image" and e.precision == "fp32")
+    reference = OnnxBackend(dynamic).encode_images(pixels[:6])
+    monkeypatch.setattr(OpenVinoEngine, "inference_precision", property(lambda self: "f32"))  # such a CPU
+    lines: list[str] = []
+    measured = _openvino_parity(dynamic / info.file, info, pixels[:6], reference, None, lines.append)
+    assert set(measured) == {"openvino"} and measured["openvino"].passed
+    assert lines == [f"  {info.file} under openvino-bf16: not measured (OpenVINO computes f32 on this CPU)"]
 
 
 def test_engine_that_failed_under_openvino_is_refused(fixed_split: Path, tmp_path: Path, pixels: np.ndarray) -> None:

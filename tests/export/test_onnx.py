@@ -380,3 +380,30 @@ def test_repeated_precisions_and_batches_export_each_engine_once(tmp_path: Path,
     )
     files = [e.file for e in manifest.engines]
     assert files == ["image_fp32_b1.onnx", "image_fp32_b2.onnx", "text_fp32_b4.onnx"]
+
+
+@pytest.mark.parametrize(
+    ("missing", "kwargs"),
+    [
+        ("onnxruntime", {"precisions": ("fp32",)}),  # verification runs the engines under ONNX Runtime
+        ("onnxruntime", {"precisions": ("int8",), "verify": False}),  # its quantizer
+        ("onnxconverter_common", {"precisions": ("fp16",), "verify": False}),
+    ],
+)
+def test_a_missing_tool_is_named_before_any_graph_is_exported(
+    tmp_path: Path, tiny_model, monkeypatch, missing: str, kwargs: dict[str, object]
+) -> None:  # type: ignore[no-untyped-def]
+    """Without onnxruntime the export failed only after torch.export of the first graph (minutes for
+    a large model), leaving an empty output folder."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, missing, None)  # as if not installed: importing it fails
+
+    def exported(*args: object, **kw: object) -> None:
+        raise AssertionError("a graph was exported before the missing tool was noticed")
+
+    monkeypatch.setattr(onnx_export, "export_graph", exported)
+    with pytest.raises(ModuleNotFoundError) as caught:
+        onnx_export.export_model(tiny_model, tmp_path / "out", image_batches=None, text_batches=None, **kwargs)
+    assert caught.value.name == missing
+    assert not (tmp_path / "out").exists()

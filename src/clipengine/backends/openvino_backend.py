@@ -196,8 +196,9 @@ class OpenVinoBackend(ExportFolderBackend):
                 "use the onnx backend or another precision"
             )
         if parity is None:
-            log.info("%s: not measured under OpenVINO at export (openvino was not installed then); "
-                     "re-export to record its deviation", path.name)
+            why = "openvino was not installed then, or --no-verify"
+            why += ", or that CPU computes no bf16" if self.precision == "bf16" else ""
+            log.info("%s: not measured under OpenVINO at export (%s); re-export to record its deviation", path.name, why)
         engine = OpenVinoEngine(path, info, self._core, self.ov_device, self._config, projection)
         actual = engine.inference_precision
         if actual != self.inference_precision:
