@@ -128,6 +128,23 @@ def test_test_classes_without_train_images_are_named_in_a_warning(shape_sets, ca
     )
 
 
+def test_cache_key_of_file_names_that_are_not_valid_utf8(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A file or class folder named in Latin-1 (b"caf\\xe9" -> "caf\\udce9"): hashing its path raised
+    UnicodeEncodeError, so such a dataset's linear probe ended with a traceback."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / b"caf\xe9".decode("utf-8", "surrogateescape")
+    folder.mkdir()
+    Image.new("RGB", (4, 4)).save(folder / "a.png")
+    data = labelled.LabelledImages("latin1", ["x"], np.zeros(1, dtype=np.int64), paths=(folder / "a.png",))
+    renamed = tmp_path / "cafe"
+    folder.rename(renamed)
+    moved = labelled.LabelledImages("latin1", ["x"], np.zeros(1, dtype=np.int64), paths=(renamed / "a.png",))
+    model = _fake_model()
+    assert linear_probe.feature_cache_path(model, data) != linear_probe.feature_cache_path(model, moved)
+
+
 def test_train_and_test_with_other_class_lists_are_refused(shape_sets) -> None:  # type: ignore[no-untyped-def]
     """ImageFolder train/ and test/ with different class folders: label 3 would mean two classes."""
     from clipengine.errors import DatasetError

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import time
 import warnings
@@ -111,7 +112,8 @@ def _images_digest(data: LabelledImages) -> str:
             stamp = f"{st.st_size}:{st.st_mtime_ns}"
         except OSError as e:  # unreadable: encoding lists it as a failure; a later fix changes this
             stamp = type(e).__name__
-        h.update(f"{path.absolute()}\0{stamp}\n".encode())
+        # os.fsencode: the name's own bytes; str.encode() raised on one that is not UTF-8 ("caf\udce9").
+        h.update(os.fsencode(path.absolute()) + f"\0{stamp}\n".encode())
     return h.hexdigest()
 
 
