@@ -148,6 +148,18 @@ def test_a_request_the_parser_refuses_is_counted(server: ThreadedServer) -> None
     assert _rejections(server) == _only("invalid_request", 1)
 
 
+@pytest.mark.usefixtures("parser")
+def test_a_malformed_head_with_more_bytes_behind_it_is_not_counted_as_too_large(
+    fake_model: FakeModel,
+) -> None:
+    for server in _server(fake_model, max_head_bytes=4096):
+        with _connect(server) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nBad Header\r\n\r\n" + b"x" * 8192)
+            reply = _read_until_closed(sock)
+        assert _status_and_error(reply) == (400, "Invalid HTTP request received."), reply
+        assert _rejections(server) == _only("invalid_request", 1)
+
+
 def _trickle_until_closed(sock: socket.socket, byte: bytes) -> tuple[float | None, bytes]:
     """Send `byte` every 50 ms until the server closes; (seconds it took or None after 10 s, what came)."""
     started, got = time.monotonic(), b""

@@ -181,10 +181,25 @@ class _H11HeadGuard(_HeadGuard):
         # Not the rest of a body the app answered without reading (h11 swallows that).
         self._in_head = self.conn.their_state is not h11.SEND_BODY
 
+    _refusal = "invalid_request"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # uvicorn answers every error h11 raises with the same 400 and drops the error; h11's own
+        # status hint (431 for a head over its cap) is kept here for the metrics.
+        parse = self.conn.next_event
+
+        def next_event() -> Any:
+            try:
+                return parse()
+            except h11.RemoteProtocolError as e:
+                self._refusal = "head_too_large" if e.error_status_hint == 431 else "invalid_request"
+                raise
+
+        self.conn.next_event = next_event  # type: ignore[method-assign]
+
     def _parser_refusal(self) -> str:
-        # h11 refuses a head over its cap with the same 400 as a malformed one; what it holds tells them apart.
-        too_large = len(self.conn.trailing_data[0]) > self.max_head_bytes
-        return "head_too_large" if too_large else "invalid_request"
+        return self._refusal
 
 
 class _HttpToolsHeadGuard(_HeadGuard):
