@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from clipengine.serve.metrics import Counter, Gauge, Histogram, Registry, ServeMetrics
+from clipengine.serve.metrics import (
+    CONNECTION_REJECTIONS,
+    Counter,
+    Gauge,
+    Histogram,
+    Registry,
+    ServeMetrics,
+)
 
 
 def test_counter_renders_labels_and_escapes_values() -> None:
@@ -58,5 +65,9 @@ def test_serve_metrics_has_every_family_the_issue_asks_for() -> None:
         "clipengine_http_request_duration_seconds histogram",
         "clipengine_batch_size histogram",
         "clipengine_queue_depth gauge",
+        "clipengine_http_rejected_total counter",
     ):
         assert f"# TYPE {family}" in text
+    # The connection layer's reasons show at 0 before the first refusal, so rate() has a series.
+    for reason in CONNECTION_REJECTIONS:
+        assert f'clipengine_http_rejected_total{{reason="{reason}"}} 0\n' in text
