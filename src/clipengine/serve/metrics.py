@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 
 __all__ = [
+    "CONNECTION_REJECTIONS",
     "CONTENT_TYPE",
     "STATE_KEY",
     "Counter",
