@@ -304,7 +304,17 @@ def test_tensorrt_provider_when_installed(export_dir: Path, pixels) -> None:  # 
 def test_missing_onnxruntime_says_how_to_install(export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """onnxruntime is an optional dependency: without it the CLI printed a ModuleNotFoundError traceback."""
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
-    with pytest.raises(BackendError, match=r'needs ONNX Runtime: pip install "clipengine\[onnx\]"'):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # nor OpenVINO
+    with pytest.raises(BackendError, match=r'needs ONNX Runtime: pip install "clipengine\[onnx\]"$'):
+        OnnxBackend(export_dir)
+
+
+def test_missing_onnxruntime_points_to_an_installed_openvino(export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With only the openvino extra installed, the folder's default backend told the user to install
+    ONNX Runtime, not that the runtime they have runs it."""
+    pytest.importorskip("openvino")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(BackendError, match=r'pip install "clipengine\[onnx\]"; or run .* --backend openvino'):
         OnnxBackend(export_dir)
 
 

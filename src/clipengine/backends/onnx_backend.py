@@ -6,6 +6,7 @@ runtimes (`folder.py`); this module only resolves ORT providers and opens sessio
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,12 @@ def _import_onnxruntime() -> Any:
     try:
         import onnxruntime
     except ImportError as e:
-        raise BackendError('the onnx backend needs ONNX Runtime: pip install "clipengine[onnx]"') from e
+        hint = 'the onnx backend needs ONNX Runtime: pip install "clipengine[onnx]"'
+        # The onnx backend is an export folder's default: with only the openvino extra installed the
+        # user was sent to install a second runtime for a folder the first one runs.
+        if importlib.util.find_spec("openvino") is not None:
+            hint += '; or run it with OpenVINO, installed here: --backend openvino (backend="openvino")'
+        raise BackendError(hint) from e
     return onnxruntime
 
 
