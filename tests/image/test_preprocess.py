@@ -172,6 +172,23 @@ def test_batch_raises_for_bad_item(clip_png: Path) -> None:
         preprocess_batch([clip_png, BAD / "text.jpg"])
 
 
+def test_errors_after_decoding_name_the_input(tmp_path: Path) -> None:
+    """An "F" TIFF holding 0..255 decodes but is refused when scaled to 8 bits: `preprocess` named
+    it "<PIL image>" where `decode_image` names the file (docs: the path, or the name= passed)."""
+    path = tmp_path / "float.tif"
+    Image.fromarray(np.full((4, 5), 200.0, np.float32), "F").save(path)
+    with pytest.raises(DecodeError) as info:
+        preprocess(path)
+    assert info.value.source == str(path)
+    assert info.value.reason.startswith("float pixel values must be finite and in [0, 1]")
+    with pytest.raises(DecodeError) as named:
+        preprocess(path.read_bytes(), name="upload-3")
+    assert named.value.source == "upload-3"
+    with pytest.raises(DecodeError) as in_batch:
+        preprocess_batch([path])
+    assert in_batch.value.source == str(path)
+
+
 def test_fast_path_is_close_to_exact_for_large_jpeg(images: Factories) -> None:
     jpeg = images["jpeg"](1920, 1280)
     exact, fast = preprocess(jpeg), preprocess(jpeg, fast=True)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from clipengine.image.decode import open_image, to_8bit, to_rgb
+from clipengine.image.decode import open_image, source_name, to_8bit, to_rgb
 from clipengine.types import FloatArray, ImageInput
 
 __all__ = [
@@ -202,8 +202,11 @@ def preprocess_image(img: Image.Image, cfg: PreprocessConfig | None = None) -> F
     return _transform(img, cfg)
 
 
-def _transform(img: Image.Image, cfg: PreprocessConfig, out: FloatArray | None = None) -> FloatArray:
-    return _normalise(to_rgb(resize_and_crop(to_8bit(img), cfg)), cfg, out)
+def _transform(
+    img: Image.Image, cfg: PreprocessConfig, out: FloatArray | None = None, name: str = "<PIL image>"
+) -> FloatArray:
+    """`name`: how an error names the input (a float image out of range is refused by `to_8bit`)."""
+    return _normalise(to_rgb(resize_and_crop(to_8bit(img, name), cfg), name), cfg, out)
 
 
 def _draft_size(cfg: PreprocessConfig, fast: bool) -> tuple[int, int] | None:
@@ -230,7 +233,8 @@ def preprocess(
         DecodeError: the input cannot be decoded.
     """
     cfg = cfg or PreprocessConfig()
-    return _transform(open_image(source, name, draft_size=_draft_size(cfg, fast)), cfg)
+    label = name if name is not None else source_name(source)
+    return _transform(open_image(source, label, draft_size=_draft_size(cfg, fast)), cfg, name=label)
 
 
 def preprocess_batch(
@@ -246,5 +250,6 @@ def preprocess_batch(
     size = cfg.image_size
     out = np.empty((len(sources), 3, size, size), dtype=np.float32)
     for i, source in enumerate(sources):
-        _transform(open_image(source, draft_size=_draft_size(cfg, fast)), cfg, out=out[i])
+        label = source_name(source)
+        _transform(open_image(source, label, draft_size=_draft_size(cfg, fast)), cfg, out=out[i], name=label)
     return out
