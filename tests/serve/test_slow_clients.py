@@ -6,6 +6,7 @@ import json
 import re
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -84,14 +85,19 @@ def _texts_request(body: bytes, length: int | None = None) -> bytes:
     ) + body
 
 
-def _rejections(server: ThreadedServer) -> dict[str, float]:
-    """clipengine_http_rejected_total by reason, scraped from GET /metrics over a socket."""
+def _metrics(server: ThreadedServer) -> str:
+    """GET /metrics over a socket."""
     with _connect(server) as sock:
         sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
         reply = _read_until_closed(sock)
     head, _, body = reply.partition(b"\r\n\r\n")
     assert b" 200 " in head.split(b"\r\n")[0], reply
-    found = re.findall(r'^clipengine_http_rejected_total\{reason="(\w+)"\} (\S+)$', body.decode(), re.M)
+    return body.decode()
+
+
+def _rejections(server: ThreadedServer) -> dict[str, float]:
+    """clipengine_http_rejected_total by reason, scraped from GET /metrics."""
+    found = re.findall(r'^clipengine_http_rejected_total\{reason="(\w+)"\} (\S+)$', _metrics(server), re.M)
     return {reason: float(value) for reason, value in found}
 
 
@@ -287,3 +293,24 @@ def test_a_client_that_stops_reading_its_answers_is_cut_off() -> None:
             assert not state.connections and not state.tasks
         assert server.server.config.app.state.clipengine.tracker.in_flight == 0
         assert _rejections(server) == _only("send_timeout", 1)
+
+
+@pytest.mark.usefixtures("parser")
+def test_a_client_that_hangs_up_on_pipelined_requests_ends_the_one_running(fake_model: FakeModel) -> None:
+    for server in _server(fake_model, request_timeout_s=20):
+        gate = fake_model.gate = threading.Event()
+        fake_model.entered.clear()
+        try:
+            with _connect(server) as sock:
+                sock.sendall(_texts_request(b'{"texts": ["first"]}') + _texts_request(b'{"texts": ["second"]}'))
+                assert fake_model.entered.wait(timeout=10)  # the first is in the backend, the second queued
+            tracker = server.server.config.app.state.clipengine.tracker
+            deadline = time.monotonic() + 5
+            while tracker.in_flight and time.monotonic() < deadline:
+                time.sleep(0.02)
+            # Was (httptools): uvicorn told only the queued second request that the client had gone;
+            # the first went on in flight, for nobody, until the backend returned.
+            assert tracker.in_flight == 0
+            assert 'route="/v1/embeddings/texts",status="499"} 1' in _metrics(server)
+        finally:
+            gate.set()

@@ -4,7 +4,8 @@ uvicorn times out only idle keep-alive connections, and only until the next byte
 that opens connections and sends part of a request line or headers (or nothing, or a blank line
 every few seconds) held each connection, and its file descriptor, for ever. With httptools (the
 `serve` extra) the headers had no size limit either: a 50 MB header was read into memory whole.
-And a client that stopped reading its answers held its connection and request for ever.
+And a client that stopped reading its answers held its connection and request for ever; one that
+hung up on pipelined requests (httptools) left the one running unaware of it.
 
 Each refusal or drop is counted in the served app's `clipengine_http_rejected_total{reason}`: the
 protocol finds the app's metrics in the lifespan state uvicorn hands every connection (STATE_KEY).
@@ -206,6 +207,11 @@ class _HttpToolsHeadGuard(_HeadGuard):
     """httptools reports where a request starts and where its headers end: only those bytes count."""
 
     _counts_head_bytes = True  # httptools itself has no limit
+    _cycles: list[Any]  # this connection's requests not answered yet: running, then pipelined
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._cycles = []
+        super().connection_made(transport)
 
     def _note_bytes(self) -> None:
         pass  # leftover body of an answered request, or blank lines: not a request head yet
@@ -218,6 +224,20 @@ class _HttpToolsHeadGuard(_HeadGuard):
     def on_headers_complete(self) -> None:
         self._in_head = False
         cast(Any, super()).on_headers_complete()
+        # uvicorn keeps only the newest request's cycle; pipelined ones wait behind the one running.
+        self._cycles = [c for c in self._cycles if not c.response_complete]
+        if self.cycle is not None and self.cycle not in self._cycles:
+            self._cycles.append(self.cycle)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # uvicorn tells only the newest cycle that the client is gone: with pipelined requests, the
+        # one running never saw the disconnect (its work went on for nobody, in flight, and with
+        # uvloop its answer raised writing to the closed socket). Tell every unfinished one.
+        for cycle in self._cycles:
+            if not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+        super().connection_lost(exc)
 
 
 def guarded_protocol(
