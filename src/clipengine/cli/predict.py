@@ -36,6 +36,12 @@ class _Timings:
 Ranked = list[tuple[str, list[tuple[str, float]]]]  # per image: (file name, [(text, probability)])
 
 
+# Readable images preprocessed before they are encoded and their pixels let go: memory stays one
+# batch (1.2 MB per image at 224 px with the stacked copy) whatever the folder's size. A multiple
+# of encode_images' batch of 32, so the backend sees the batches it saw with the whole folder at once.
+_PREDICT_BATCH = 256
+
+
 def _predict(
     model: ClipModel, paths: list[tuple[str, Path]], texts: list[str], top_k: int | None = None
 ) -> tuple[Ranked, list[tuple[str, str]], _Timings]:
@@ -46,28 +52,33 @@ def _predict(
     from ..errors import DecodeError
     from ..zeroshot import rank_labels
 
-    timings, pixels, names, failures = _Timings(), [], [], []
-    for name, path in paths:
+    timings, names, failures = _Timings(), [], []
+    model.encode_texts(texts[:1])  # warm-up: first calls pay one-off allocation / kernel selection
+    start = time.perf_counter()
+    text_emb = model.encode_texts(texts)
+    timings.text_s = time.perf_counter() - start
+    pixels: list[Any] = []
+    image_emb: list[Any] = []
+    for i, (name, path) in enumerate(paths):
         start = time.perf_counter()
         try:
             pixels.append(model.preprocess(path))
         except DecodeError as e:
             failures.append((name, e.reason))
-            continue
-        timings.preprocess_s.append(time.perf_counter() - start)
-        names.append(name)
-    model.encode_texts(texts[:1])  # warm-up: first calls pay one-off allocation / kernel selection
-    if pixels:
-        model.encode_images(pixels[0][None])
-    start = time.perf_counter()
-    text_emb = model.encode_texts(texts)
-    timings.text_s = time.perf_counter() - start
+        else:
+            timings.preprocess_s.append(time.perf_counter() - start)
+            names.append(name)
+        if pixels and (len(pixels) == _PREDICT_BATCH or i == len(paths) - 1):
+            batch = np.stack(pixels)
+            pixels.clear()  # only the stacked batch holds them now
+            if not image_emb:
+                model.encode_images(batch[:1])  # warm-up, as for the texts
+            start = time.perf_counter()
+            image_emb.append(model.encode_images(batch))
+            timings.image_s += time.perf_counter() - start
     if not names:
         return [], failures, timings
-    start = time.perf_counter()
-    image_emb = model.encode_images(np.stack(pixels))
-    timings.image_s = time.perf_counter() - start
-    scores = rank_labels(image_emb, text_emb, model.logit_scale, texts, top_k)
+    scores = rank_labels(np.concatenate(image_emb), text_emb, model.logit_scale, texts, top_k)
     return list(zip(names, scores, strict=True)), failures, timings
 
 
