@@ -277,6 +277,33 @@ def test_a_pickle_holding_no_state_dict_names_the_file(tmp_path: Path, content: 
         load_model(tmp_path / "odd.bin")
 
 
+@pytest.mark.parametrize("entries", [["config.json", "model.safetensors"], ["x/data.txt"]])
+def test_a_zip_that_is_no_torch_checkpoint_says_so(tmp_path: Path, entries: list[str]) -> None:
+    """torch's own reasons ("[enforce fail at inline_container.cc:180] . file in archive is not in a
+    subdirectory", "Expected hasRecord("version") to be true ... report an enhancement request to
+    PyTorch") did not tell the user the file is a plain zip, such as a zipped model folder."""
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "model.zip", "w") as z:
+        for name in entries:
+            z.writestr(name, "{}")
+    with pytest.raises(CheckpointError) as info:
+        load_model(tmp_path / "model.zip")
+    assert str(info.value) == (
+        f"{tmp_path / 'model.zip'}: not a readable checkpoint (a zip archive, but not one torch.save or "
+        "torch.jit.save writes: no data.pkl); if it holds a model folder, unzip it and pass the folder"
+    )
+
+
+def test_a_torchscript_archive_of_another_module_is_a_checkpoint_error(tmp_path: Path) -> None:
+    torch.jit.script(torch.nn.Linear(3, 4)).save(str(tmp_path / "linear.pt"))
+    with pytest.raises(CheckpointError, match=r"linear\.pt: cannot infer the architecture, key 'text_projection'"):
+        load_model(tmp_path / "linear.pt")
+    torch.jit.script(torch.nn.Identity()).save(str(tmp_path / "identity.pt"))
+    with pytest.raises(CheckpointError, match=r"identity\.pt holds no state dict"):
+        load_model(tmp_path / "identity.pt")
+
+
 @pytest.mark.parametrize("cut", [0, 4, 100, -100])
 def test_unreadable_safetensors_is_a_checkpoint_error(tmp_path: Path, tiny_model: CLIP, cut: int) -> None:
     from safetensors.torch import save_file

@@ -28,12 +28,16 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def _is_torchscript(path: Path) -> bool:
-    """OpenAI's .pt releases are TorchScript zip archives (they carry a code/ folder)."""
+def _zip_kind(path: Path) -> str | None:
+    """For a zip archive: "torchscript" (OpenAI's .pt releases carry a code/ folder), "torch" (a
+    torch.save file), or "other" (no data.pkl, which both of those hold); None for any other file."""
     if not zipfile.is_zipfile(path):
-        return False
+        return None
     with zipfile.ZipFile(path) as z:
-        return any("/code/" in n or n.endswith("constants.pkl") for n in z.namelist())
+        names = z.namelist()
+    if not any(n.endswith("data.pkl") for n in names):
+        return "other"
+    return "torchscript" if any("/code/" in n or n.endswith("constants.pkl") for n in names) else "torch"
 
 
 def read_checkpoint(path: Path) -> tuple[StateDict, bool]:
@@ -58,7 +62,13 @@ def read_checkpoint(path: Path) -> tuple[StateDict, bool]:
             except SafetensorError as e:  # empty, truncated or not a safetensors file
                 raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(e)})") from e
             return unwrap_state_dict(tensors, str(path)), False
-        if _is_torchscript(path):
+        zip_kind = _zip_kind(path)
+        if zip_kind == "other":  # torch's own reasons here are its internals ("enforce fail at ...")
+            raise CheckpointError(
+                f"{path}: not a readable checkpoint (a zip archive, but not one torch.save or torch.jit.save "
+                "writes: no data.pkl); if it holds a model folder, unzip it and pass the folder"
+            )
+        if zip_kind == "torchscript":
             archive = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
             raw: Any = archive.state_dict()
             return unwrap_state_dict(dict(raw), str(path)), True
