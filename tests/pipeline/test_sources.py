@@ -128,6 +128,17 @@ def test_file_list_lines_are_split_at_newlines_only(tmp_path: Path) -> None:
     assert all(Path(str(i.source)).is_file() for i in items)
 
 
+def test_file_list_saved_with_a_byte_order_mark_names_its_first_file(tmp_path: Path) -> None:
+    """Notepad saves UTF-8 with a BOM: the first path read "\ufeffa.jpg", which is no file, so the
+    first image failed as "file not found"."""
+    _touch(tmp_path, "a.jpg", "b.jpg")
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(b"\xef\xbb\xbfa.jpg\r\nb.jpg\r\n")
+    items = list_items(listing)
+    assert [i.id for i in items] == ["a.jpg", "b.jpg"]
+    assert all(Path(str(i.source)).is_file() for i in items)
+
+
 def test_image_name_rule_is_the_image_package_s() -> None:
     """`embed` and `export` share one rule: sources re-exports it from clipengine.image.files."""
     from clipengine.image import files

@@ -57,7 +57,8 @@ def read_file_list(list_file: str | Path) -> list[ImageItem]:
     """
     list_file = Path(list_file)
     try:
-        lines = list_file.read_text(encoding="utf-8").split("\n")  # not splitlines(): names may hold U+2028
+        # utf-8-sig: a list saved with a byte order mark (Notepad) names its first file without it
+        lines = list_file.read_text(encoding="utf-8-sig").split("\n")  # not splitlines(): names may hold U+2028
     except (OSError, UnicodeDecodeError) as e:
         raise DatasetError(f"{list_file}: cannot read file list ({e})") from e
     items: list[ImageItem] = []
