@@ -210,6 +210,43 @@ def test_load_racing_a_save_reads_the_new_generation(saved: Path, monkeypatch: p
     assert len(index) == 3 and calls == [1]
 
 
+def test_a_save_over_a_generation_saved_since_the_load_is_refused(saved: Path) -> None:
+    # Two `index add` at once: both loaded generation 1 and both wrote generation 2 under the same
+    # names; the index came out unreadable ("holds 101000 vectors, header says 100999"), or with one
+    # add's vectors under the other's ids. Now the later save is refused and loses nothing.
+    first, second = Index.load(saved), Index.load(saved)
+    first.add(["a"], np.ones((1, 32)))
+    first.save(saved)
+    second.add(["b"], -np.ones((1, 32)))
+    with pytest.raises(IndexFileError, match="saved by another process since it was loaded"):
+        second.save(saved)
+    again = Index.load(saved)
+    assert len(again) == 101 and "a" in again and "b" not in again
+    first.add(["c"], np.eye(1, 32))  # the index that saved last saves again
+    first.save(saved)
+    Index.build(["d"], np.eye(1, 32), model="fake").save(saved)  # a new index replaces it, as before
+    assert Index.load(saved).ids == ["d"]
+
+
+def test_a_save_waits_while_another_writer_holds_the_folder(saved: Path) -> None:
+    import threading
+
+    fcntl = pytest.importorskip("fcntl")  # folders are locked where the OS has flock
+    index = Index.load(saved)
+    index.add(["new"], np.ones((1, 32)))
+    fd = os.open(saved, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another writer in the middle of its save
+    try:
+        saving = threading.Thread(target=index.save, args=(saved,))
+        saving.start()
+        saving.join(0.5)
+        assert saving.is_alive() and store.peek_generation(saved) == 1
+    finally:
+        os.close(fd)
+    saving.join(30)
+    assert not saving.is_alive() and len(Index.load(saved)) == 101
+
+
 def test_ids_and_roots_that_are_not_utf8_round_trip(tmp_path: Path, vectors: np.ndarray) -> None:
     ids = ["bad\udcff.jpg", "caf\u00e9 \u2028\n.jpg"]  # os.fsdecode of a Latin-1 name; odd but valid UTF-8
     roots = [str(tmp_path / "ph\udce9otos")]

@@ -17,6 +17,7 @@ from ..text.tokenizer import as_str_list
 from .ann import AUTO_EXACT_MAX, IndexParams, choose_params, create_faiss_index, search
 from .persistence import HEADER_KEYS, read_files, write_files
 from .rows import as_id_list, as_unit_matrix, check_rows, no_vectors, size_row
+from .store import generation_of
 
 if TYPE_CHECKING:
     import faiss
@@ -107,6 +108,9 @@ class Index:
         self.created = created or _now()
         self.updated = self.created
         self.extra = dict(extra or {})  # free-form header fields (e.g. precision) kept across save/load
+        # The folder this index was loaded from or last saved to, and that generation: a save there
+        # is refused once another process has saved a newer one (its changes would be dropped).
+        self._origin: tuple[Path, int] | None = None
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -337,16 +341,25 @@ class Index:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
-        """Write the index folder atomically (see clipengine.index.store); return its path."""
+        """Write the index folder atomically (see clipengine.index.store); return its path.
+
+        Raises:
+            IndexFileError: `path` holds something else than an index, or another process saved
+                the index at `path` since this one was loaded from it (or last saved there).
+        """
         _check_path(path)
         header = {**self.extra, **self.describe()}
         header.pop("exact")
-        write_files(
+        folder = Path(path).resolve()
+        loaded = self._origin[1] if self._origin is not None and self._origin[0] == folder else None
+        generation = write_files(
             Path(path),
             self._faiss,
             header,
             (size_row(i, s) for i, s in zip(self._ids, self._sizes, strict=True)),
+            loaded_generation=loaded,
         )
+        self._origin = (folder, generation)
         return Path(path)
 
     @classmethod
@@ -371,6 +384,7 @@ class Index:
             extra={k: v for k, v in header.items() if k not in HEADER_KEYS},
         )
         obj.updated = header.get("updated", obj.created)
+        obj._origin = (Path(path).resolve(), generation_of(header))
         if model is not None:
             obj.check_model(model, dim)
         elif dim is not None and dim != obj.dim:

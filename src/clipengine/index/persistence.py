@@ -42,12 +42,20 @@ HEADER_KEYS = frozenset(
 
 
 def write_files(
-    path: Path, faiss_index: faiss.Index, header: dict[str, Any], rows: Iterator[dict[str, Any]]
-) -> None:
-    """Write a new generation of the index folder at `path` (atomically, see clipengine.index.store)."""
+    path: Path,
+    faiss_index: faiss.Index,
+    header: dict[str, Any],
+    rows: Iterator[dict[str, Any]],
+    loaded_generation: int | None = None,
+) -> int:
+    """Write a new generation of the index folder at `path` (atomically, see clipengine.index.store);
+    return its number. `loaded_generation`: see store.write_generation."""
     import faiss
 
-    store.write_generation(path, header, lambda tmp: faiss.write_index(faiss_index, str(tmp)), rows)
+    written = store.write_generation(
+        path, header, lambda tmp: faiss.write_index(faiss_index, str(tmp)), rows, loaded_generation
+    )
+    return int(written["generation"])
 
 
 def _read_once(root: Path) -> tuple[dict[str, Any], list[dict[str, Any]], faiss.Index]:

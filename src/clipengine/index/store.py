@@ -11,7 +11,9 @@ moment leaves either the old header with its complete files or the new one with 
 Files of older generations and temp leftovers are removed after the commit (or on the next save).
 A brand-new index is assembled in a hidden sibling folder and renamed into place (its files and
 entries flushed by then, the parent folder flushed after), so a half-written index folder is never
-visible under the final name; one left by a killed save goes at the next save.
+visible under the final name; one left by a killed save goes at the next save. Saves of an existing
+folder hold an exclusive lock on it (`_one_writer`), and one from an index loaded at an older
+generation than the folder's is refused: two writers never mix or drop each other's files.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "HEADER_NAME",
+    "generation_of",
     "peek_generation",
     "read_header",
     "read_meta",
@@ -88,11 +92,48 @@ def _check_target(root: Path) -> None:
         )
 
 
+@contextmanager
+def _one_writer(root: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the existing folder `root` while a save or a sweep changes it;
+    another writer waits. Two `index add` at once both wrote generation N+1 under the same names
+    and swept each other's files: the index came out unreadable, or with one add's vectors under
+    the other's ids."""
+    fd = _lock_folder(root)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def _lock_folder(root: Path) -> int | None:
+    """An open descriptor of `root` holding flock(LOCK_EX) on it: the folder itself, so no lock
+    file sits in the index. None where folders cannot be locked (no fcntl on Windows, some network
+    filesystems): writers are not kept apart there."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as e:
+        log.debug("could not open %s to lock it (%s): concurrent saves are not kept apart", root, e)
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as e:
+        os.close(fd)
+        log.debug("could not lock %s (%s): concurrent saves are not kept apart", root, e)
+        return None
+    return fd
+
+
 def write_generation(
     root: Path,
     header: dict[str, Any],
     write_faiss: Callable[[Path], None],
     meta_rows: Iterator[dict[str, Any]],
+    loaded_generation: int | None = None,
 ) -> dict[str, Any]:
     """Save one generation of the index at `root` atomically; return the header as written.
 
@@ -101,11 +142,37 @@ def write_generation(
         header: header fields; "generation", "files", "format" and "version" are filled in here.
         write_faiss: writes the faiss structure to the path it is given.
         meta_rows: one JSON-able dict per vector, in faiss order.
+        loaded_generation: the generation of `root` the index being saved was read from (None: a
+            new index, which replaces whatever is there).
+
+    Raises:
+        IndexFileError: `root` is no index folder, or another process saved it since generation
+            `loaded_generation` (saving over that would drop its changes).
     """
     root = Path(root)
     _check_target(root)
-    fresh = not root.exists()
-    previous = peek_generation(root) if not fresh else 0
+    if not root.exists():
+        return _write(root, header, write_faiss, meta_rows, fresh=True)
+    with _one_writer(root):
+        current = peek_generation(root)
+        if loaded_generation is not None and current != loaded_generation:
+            raise IndexFileError(
+                f"{root} was saved by another process since it was loaded (generation {current}, "
+                f"loaded at {loaded_generation}); saving would drop those changes: load it again "
+                "and redo yours (`clipengine index add`: rerun it)"
+            )
+        return _write(root, header, write_faiss, meta_rows, fresh=False, previous=current)
+
+
+def _write(
+    root: Path,
+    header: dict[str, Any],
+    write_faiss: Callable[[Path], None],
+    meta_rows: Iterator[dict[str, Any]],
+    *,
+    fresh: bool,
+    previous: int = 0,
+) -> dict[str, Any]:
     generation = previous + 1
     # Named like atomic_path's temp files: one temp-name pattern for everything renamed into place.
     workdir = root.with_name(f".{root.name}.{uuid.uuid4().hex[:8]}.tmp") if fresh else root
@@ -141,16 +208,25 @@ def remove_leftovers(root: Path) -> None:
     """Remove what a save killed after its commit left: older generations' files, temp files and
     first-save work folders. A writer that ends without a save of its own calls it (a save does
     this itself); readers never do, since another process may be saving meanwhile."""
-    files = read_header(root)["files"]
-    _remove_stale(root, keep=set(files.values()) | {HEADER_NAME})
+    with _one_writer(Path(root)):  # not the files of a save in progress
+        files = read_header(root)["files"]
+        _remove_stale(root, keep=set(files.values()) | {HEADER_NAME})
     _remove_work_folders(root)
 
 
 def peek_generation(root: Path) -> int:
     """The generation number header.json names now (0 when there is no readable header)."""
     try:
-        return int(json.loads((root / HEADER_NAME).read_text(encoding="utf-8")).get("generation", 0))
-    except (OSError, ValueError, AttributeError):
+        return generation_of(json.loads((root / HEADER_NAME).read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return 0
+
+
+def generation_of(header: Any) -> int:
+    """The generation number a parsed header names (0 when it names none, or not as a number)."""
+    try:
+        return int(header.get("generation", 0))
+    except (TypeError, ValueError, AttributeError):
         return 0
 
 
