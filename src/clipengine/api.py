@@ -292,7 +292,10 @@ def load(
     _check_option(device, "device", str, "a device name (str), e.g. 'cpu' or 'cuda'")
     _check_option(precision, "precision", str, "a precision name (str), e.g. 'fp32' or 'bf16'")
     path = Path(name_or_path).expanduser()
-    if path.is_dir() and (path / _EXPORT_MANIFEST).is_file():
+    from .export.manifest import unfinished_export  # torch-free
+
+    # A folder an interrupted export left: read_manifest says so (as a model folder: "no config.json").
+    if path.is_dir() and ((path / _EXPORT_MANIFEST).is_file() or unfinished_export(path)):
         if pretrained is not None:
             _check_export_tag(path, pretrained)
         if backend != "torch":  # "torch" or "onnx" on an export folder: ONNX Runtime

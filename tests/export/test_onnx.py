@@ -322,6 +322,29 @@ def test_export_killed_midway_leaves_no_litter_after_the_rerun(tmp_path: Path, t
     ]
 
 
+def test_a_first_export_killed_midway_is_named_as_unfinished(tmp_path: Path, tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """A folder whose only export was killed said "no export manifest here; create one", as if
+    nothing had been exported into it, beside the killed run's work folder."""
+    import signal
+    import subprocess
+    import sys
+
+    from clipengine.errors import BackendError
+    from clipengine.models.saving import save_model
+
+    checkpoint = save_model(tiny_model, tmp_path / "tiny")
+    out = tmp_path / "export"
+    killed = subprocess.run([sys.executable, "-c", _KILLED_EXPORT, str(checkpoint), str(out)], check=False)
+    assert killed.returncode == -signal.SIGKILL
+    import clipengine
+
+    for load in (load_export, clipengine.load):  # load() took it for a model folder: "no config.json"
+        with pytest.raises(BackendError, match=r"an export into .* did not finish \(it left \.export-.*\); re-run"):
+            load(out)
+    onnx_export.export_model(tiny_model, out, image_batches=None, text_batches=None, verify=False)
+    assert sorted(p.name for p in out.iterdir()) == ["image_fp32_dyn.onnx", "manifest.json", "text_fp32_dyn.onnx"]
+
+
 def test_a_parity_miss_leaves_the_previous_export_published_and_unchanged(
     tmp_path: Path, tiny_model, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]

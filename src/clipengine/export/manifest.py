@@ -24,7 +24,9 @@ __all__ = [
     "MANIFEST_FILE",
     "MANIFEST_VERSION",
     "PRECISIONS",
+    "PREVIOUS_FILE",
     "TOWERS",
+    "WORK_PREFIX",
     "EngineInfo",
     "Manifest",
     "Parity",
@@ -34,10 +36,15 @@ __all__ = [
     "file_sha256",
     "projection_file_name",
     "read_manifest",
+    "unfinished_export",
     "write_manifest",
 ]
 
 MANIFEST_FILE = "manifest.json"
+# What an export writes before its manifest (export.rewrite): its work folder, and its note of the
+# files it moves in. Left behind, they mark an export that did not finish.
+WORK_PREFIX = ".export-"
+PREVIOUS_FILE = ".previous-engines.json"
 MANIFEST_VERSION = 1
 PRECISIONS = ("fp32", "fp16", "int8", "int8w")  # int8w: int8 weights only (activations at run time)
 TOWERS = ("image", "text")
@@ -173,6 +180,14 @@ def write_manifest(manifest: Manifest, folder: str | Path, name: str = MANIFEST_
     return final
 
 
+def unfinished_export(folder: Path) -> list[str]:
+    """What an export killed before its manifest's rename left in `folder` (none: []): a folder
+    without a manifest that is one export short of being an export folder."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(WORK_PREFIX) or p.name == PREVIOUS_FILE)
+
+
 def read_manifest(folder: str | Path) -> Manifest:
     """Read `folder/manifest.json` (or the manifest file itself).
 
@@ -183,6 +198,11 @@ def read_manifest(folder: str | Path) -> Manifest:
     if path.is_dir():
         path = path / MANIFEST_FILE
     if not path.is_file():
+        if left := unfinished_export(path.parent):
+            raise BackendError(
+                f"{path}: missing: an export into {path.parent} did not finish (it left {', '.join(left)}); "
+                "re-run `clipengine export` into it, which completes it and removes those"
+            )
         raise BackendError(f"{path}: no export manifest here; create one with `clipengine export`")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

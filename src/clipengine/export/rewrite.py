@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 from ..files import atomic_write_bytes, fsync_dir, fsync_file, temp_target
-from .manifest import MANIFEST_FILE, file_sha256
+from .manifest import MANIFEST_FILE, PREVIOUS_FILE, WORK_PREFIX, file_sha256
 
 __all__ = [
     "PARITY_REPORT_FILE",
@@ -36,11 +36,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-WORK_PREFIX = ".export-"  # the work folder inside the export folder (same filesystem: renames)
+# WORK_PREFIX: the work folder inside the export folder (same filesystem: renames)
 _WORK_DIR = re.compile(re.escape(WORK_PREFIX) + r"[a-z0-9_]{8}")  # as tempfile names it
 PARITY_REPORT_FILE = "parity_report.json"  # a failed export's manifest, under another name
-_PREVIOUS_FILE = ".previous-engines.json"  # files of the export being replaced, until it is
-_OWN_FILES = (MANIFEST_FILE, PARITY_REPORT_FILE, _PREVIOUS_FILE)  # written here through atomic temp files
+# PREVIOUS_FILE: the files of the export being replaced, until it is
+_OWN_FILES = (MANIFEST_FILE, PARITY_REPORT_FILE, PREVIOUS_FILE)  # written here through atomic temp files
 
 
 def _listed_files(folder: Path) -> set[str]:
@@ -193,10 +193,10 @@ def begin_rewrite(out: Path, work: Path, names: Sequence[str | None]) -> set[str
     named the new files so that none has the name of a listed one with other bytes. Should one
     still (the folder changed during the export; a damaged manifest), its manifest is removed
     first, so that a half-rewritten folder never looks complete. The old manifest's files and the
-    incoming ones are noted in `_PREVIOUS_FILE` first, so an export killed midway still leaves the
+    incoming ones are noted in `PREVIOUS_FILE` first, so an export killed midway still leaves the
     next one the list of files to remove once it succeeds.
     """
-    noted = out / _PREVIOUS_FILE
+    noted = out / PREVIOUS_FILE
     incoming = _plain_names(names)
     previous = _listed_files(out)
     try:
@@ -249,5 +249,5 @@ def finish_rewrite(out: Path, previous: set[str]) -> None:
     current = _listed_files(out)
     for stale in sorted(previous - current):  # engines of an earlier export that this one replaced
         (out / stale).unlink(missing_ok=True)
-    (out / _PREVIOUS_FILE).unlink(missing_ok=True)
+    (out / PREVIOUS_FILE).unlink(missing_ok=True)
     (out / PARITY_REPORT_FILE).unlink(missing_ok=True)  # an earlier failed export's: not about this one
