@@ -15,6 +15,7 @@ from clipengine.pipeline.sinks import (
     float16_min_cos,
     read_embeddings,
     read_failures,
+    read_run_info,
 )
 from clipengine.types import Failure
 
@@ -167,3 +168,12 @@ def test_clean_temp_files_keeps_the_users_files_in_the_output_folder(tmp_path: P
         p.write_bytes(b"x")
     assert sink.clean_temp_files() == len(ours)
     assert all(p.exists() for p in theirs) and not any(p.exists() for p in ours)
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '"complete"', "null"])
+def test_a_run_file_that_is_not_a_json_object_is_a_clear_error(tmp_path: Path, text: str) -> None:
+    """A run.json holding valid JSON of another kind (hand-edited, or another tool's file) ended a
+    rerun of `embed` with "AttributeError: 'list' object has no attribute 'get'"."""
+    (tmp_path / "run.json").write_text(text, encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"run\.json: unreadable run file \(not a JSON object\)"):
+        read_run_info(tmp_path)

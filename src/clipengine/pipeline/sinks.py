@@ -280,9 +280,11 @@ def read_run_info(out_dir: str | Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        info: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise DatasetError(f"{path}: unreadable run file ({e})") from e
+    if not isinstance(info, dict):  # valid JSON of another kind: every reader calls .get on it
+        raise DatasetError(f"{path}: unreadable run file (not a JSON object)")
     return info
 
 
