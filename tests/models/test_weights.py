@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -325,3 +326,59 @@ def test_an_unreachable_hub_names_every_file_to_put_by_hand(monkeypatch: pytest.
         f"model.safetensors) in {weights.hub_dir('org/clip')} by hand"
     )
     assert "\n" not in message
+
+
+class _SlowHandler(_Handler):
+    """Streams PAYLOAD in 64 KiB pieces, 20 ms apart, honouring "Range: bytes=N-"."""
+
+    def do_GET(self) -> None:
+        self.requests.append(self.headers.get("Range") or "")
+        start = int((self.headers.get("Range") or "bytes=0-").removeprefix("bytes=").rstrip("-"))
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(PAYLOAD) - start))
+        self.end_headers()
+        for i in range(start, len(PAYLOAD), 1 << 16):
+            self.wfile.write(PAYLOAD[i : i + (1 << 16)])
+            self.wfile.flush()
+            time.sleep(0.02)
+
+
+@pytest.mark.parametrize("sha256", [PAYLOAD_SHA, None], ids=["checksum", "no-checksum"])
+def test_two_processes_downloading_the_same_weights_leave_one_whole_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sha256: str | None
+) -> None:
+    """Ray actors on one node (or two shells) fetching the same weights wrote into one .part file at
+    once: the second resumed or truncated it while the first was writing, and the first renamed the
+    mix into place (with a sidecar saying it was verified: its digest covered the bytes it received,
+    not the file). Now the second waits for the first and takes its file."""
+    from clipengine.models import weights
+
+    monkeypatch.setattr(weights, "_CHUNK", 1 << 16)  # several writes per download, as for real sizes
+    handler = type("Slow", (_SlowHandler,), {"requests": []})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    serving = threading.Thread(target=httpd.serve_forever, daemon=True)
+    serving.start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/model.bin"
+    target = tmp_path / "w" / "model.bin"
+    results: list[object] = []
+
+    def fetch_after(delay: float) -> None:
+        time.sleep(delay)
+        try:
+            results.append(download(url, target, sha256=sha256))
+        except Exception as e:  # kept for the assertion below, which shows it
+            results.append(e)
+
+    try:
+        threads = [threading.Thread(target=fetch_after, args=(d,)) for d in (0.0, 0.1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        serving.join()
+    assert results == [target, target]
+    assert target.read_bytes() == PAYLOAD and handler.requests == [""]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model.bin"] + (["model.bin.sha256"] if sha256 else [])

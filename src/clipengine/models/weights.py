@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import http.client
 import logging
+import os
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -133,6 +135,54 @@ def download(
         DownloadError: one line naming the URL, the reason and where to put the file by hand.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
+    with _download_lock(target.parent) as waited:
+        if waited and target.is_file():  # the process this one waited for fetched this very file
+            if sha256:
+                _verify_cached(target, sha256)
+            return target
+        return _download_locked(url, target, sha256, progress, timeout, by_hand)
+
+
+@contextmanager
+def _download_lock(folder: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on `folder` while downloading into it; yield whether another process
+    held it first (its download may have brought the file meanwhile).
+
+    Two processes fetching the same weights at once (Ray actors on one node, two shells) wrote into
+    one .part file: the second resumed or truncated it while the first was writing, and the first
+    renamed the mix into place, with a sidecar saying it was verified (its digest covered the bytes
+    it received, not the file). A lock on the folder, not a lock file: nothing is left behind.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock, so downloads there are not serialised
+        yield False
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        waited = False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("waiting for another process downloading into %s", folder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            waited = True
+        except OSError as e:  # a file system without flock (some NFS mounts): go on unserialised
+            log.debug("cannot lock %s (%s); downloading without a lock", folder, e)
+        yield waited
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _download_locked(
+    url: str,
+    target: Path,
+    sha256: str | None,
+    progress: ProgressCallback | None,
+    timeout: float,
+    by_hand: str | None,
+) -> Path:
+    """`download`'s work, run while this process alone downloads into `target`'s folder."""
     part = target.with_name(target.name + ".part")
     by_hand = by_hand or f"put the file at {target} by hand"
     try:
