@@ -118,6 +118,53 @@ def test_fuzz_encode_equals_openai(fuzz_corpus: list[str], openai_tokenizer) -> 
     assert not mismatches, f"{len(mismatches)} of {len(fuzz_corpus)} texts differ, e.g. {mismatches[:3]!r}"
 
 
+def _long_words(n: int, seed: int) -> list[str]:
+    """Single pre-tokens of 25-400 letters (the heap merge's range, `_HEAP_MERGE_SYMBOLS`): random
+    letters, few-letter alphabets (repeats: overlapping pairs, "a a a"), real words run together,
+    accented and CJK letters (several byte symbols each)."""
+    rng = random.Random(seed)
+    alphabets = ["abcdefghijklmnopqrstuvwxyz", "ab", "aeiou", "etaoinshrdlu", "xyzq", "éüñøßàç", "日本語中文한국"]
+    words = "photo dog cat the of tench antidisestablishment quick brown".split()
+    out = []
+    for _ in range(n):
+        length = rng.choice([25, 26, 40, 77, 150, 400])
+        if rng.random() < 0.2:
+            run = ""
+            while len(run) <= length:
+                run += rng.choice(words)
+            out.append(run)
+        else:
+            alphabet = rng.choice(alphabets)
+            out.append("".join(rng.choice(alphabet) for _ in range(length)))
+    return out
+
+
+def test_long_words_encode_equals_openai(openai_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """Long pre-tokens take the heap merge (O(n log n)); the reference rescans the word per round."""
+    from clipengine.text import tokenizer as tokenizer_module
+
+    tok = tokenizer_module.Tokenizer()  # its own caches: every word is merged here, not looked up
+    texts = _long_words(300, seed=7)
+    assert all(len(t.encode()) > tokenizer_module._HEAP_MERGE_SYMBOLS for t in texts)  # byte symbols
+    mismatches = [t for t in texts if tok.encode(t) != openai_tokenizer.encode(t)]
+    assert not mismatches, f"{len(mismatches)} of {len(texts)} long words differ, e.g. {mismatches[:2]!r}"
+
+
+def test_heap_merge_equals_the_plain_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same symbols from both merge loops, on words around the switch-over length too."""
+    from clipengine.text import tokenizer as tokenizer_module
+
+    tok = tokenizer_module.Tokenizer()
+    rng = random.Random(11)
+    words = _long_words(200, seed=3)
+    words += ["".join(rng.choice("abc") for _ in range(k)) for k in range(2, 40)]
+    symbol_lists = [[*w[:-1], w[-1] + "</w>"] for w in words]
+    heap = [tok._merge_long(list(symbols)) for symbols in symbol_lists]
+    monkeypatch.setattr(tokenizer_module, "_HEAP_MERGE_SYMBOLS", 10**9)  # the plain rounds only
+    plain = [tok._merge(list(symbols)) for symbols in symbol_lists]
+    assert heap == plain
+
+
 @pytest.mark.parametrize("context_length", [77, 9])
 def test_fuzz_tokenize_equals_openai_including_truncation(
     fuzz_corpus: list[str],
