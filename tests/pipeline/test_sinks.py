@@ -177,3 +177,17 @@ def test_a_run_file_that_is_not_a_json_object_is_a_clear_error(tmp_path: Path, t
     (tmp_path / "run.json").write_text(text, encoding="utf-8")
     with pytest.raises(DatasetError, match=r"run\.json: unreadable run file \(not a JSON object\)"):
         read_run_info(tmp_path)
+
+
+@pytest.mark.parametrize("line", ["[1]", "not json"])
+def test_a_damaged_shard_is_recomputed_on_resume_and_named_when_read(tmp_path: Path, line: str) -> None:
+    """A shard .jsonl line that is not a row object ended a resume in AttributeError ("'list' object
+    has no attribute 'get'"), and `read_embeddings` in a raw JSONDecodeError; a resume recomputes
+    the shard, and reading names it."""
+    sink = ShardSink(tmp_path)
+    sink.write(0, ["a"], _vectors(1), [(1, 1)], [])
+    (tmp_path / "run.json").write_text('{"status": "complete", "partitions": 1}')
+    sink.paths(0)[1].write_text(line + "\n", encoding="utf-8")
+    assert not sink.is_complete(0, ["a"])
+    with pytest.raises(DatasetError, match=r"shard part-00000 is unreadable \(.+\); rerun `clipengine embed`"):
+        read_embeddings(tmp_path)

@@ -93,8 +93,12 @@ def _jsonl(rows: Iterable[dict[str, Any]]) -> bytes:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The objects of a .jsonl file. Raises ValueError (and OSError) for a damaged one."""
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    if not all(isinstance(row, dict) for row in rows):  # valid JSON of another kind is damage too
+        raise ValueError(f"{path.name}: a line is not a JSON object")
+    return rows
 
 
 def float16_min_cos(vectors: FloatArray, stored: npt.NDArray[np.float16]) -> float | None:
@@ -337,11 +341,17 @@ def read_embeddings(out_dir: str | Path) -> tuple[list[str], FloatArray, dict[st
         npy, rows_path = shards_dir / f"{stem}.npy", shards_dir / f"{stem}.jsonl"
         if not (npy.is_file() and rows_path.is_file()):
             raise DatasetError(f"{out_dir}: shard {stem} is missing; rerun `clipengine embed` to finish it")
-        rows = _read_jsonl(rows_path)
-        vectors = np.load(npy, allow_pickle=False)
+        try:
+            rows = _read_jsonl(rows_path)
+            shard_ids = [r["path"] for r in rows]
+            vectors = np.load(npy, allow_pickle=False)
+        except (OSError, ValueError, KeyError) as e:  # damaged since the run: a rerun recomputes it
+            raise DatasetError(
+                f"{out_dir}: shard {stem} is unreadable ({e}); rerun `clipengine embed` to recompute it"
+            ) from e
         if vectors.ndim != 2 or vectors.shape[0] != len(rows):
             raise DatasetError(f"{npy}: {vectors.shape[0]} vectors but {len(rows)} rows in {rows_path.name}")
-        ids.extend(r["path"] for r in rows)
+        ids.extend(shard_ids)
         blocks.append(vectors.astype(np.float32))
     dim = blocks[0].shape[1] if blocks else int(meta.get("embed_dim", 0))
     vectors = np.concatenate(blocks) if blocks else np.zeros((0, dim), dtype=np.float32)
