@@ -105,6 +105,24 @@ def test_model_source_defaults_to_the_index_model(
         serve_cmd._load_model(None, None, None, None, "torch", "cpu", "fp32", False, None)
 
 
+@pytest.mark.parametrize(("backend", "engine"), [("onnx", None), ("openvino", None), ("torch", Path("export"))])
+def test_download_fetches_torch_weights_only(
+    monkeypatch: pytest.MonkeyPatch, backend: str, engine: Path | None
+) -> None:
+    """`serve --backend onnx --model ViT-L-14 --download` fetched the 890 MB torch checkpoint, then
+    failed: onnx / openvino (and --engine) run export folders, which are never downloaded."""
+    from clipengine import api
+    from clipengine.cli import downloads
+
+    fetched: list[Any] = []
+    monkeypatch.setattr(downloads, "fetch_with_progress", lambda *a, **k: fetched.append(a))
+    monkeypatch.setattr(api, "load", lambda *a, **k: "model")
+    serve_cmd._load_model("ViT-L-14", "openai", None, engine, backend, "cpu", "fp32", True, None)
+    assert fetched == []
+    serve_cmd._load_model("ViT-L-14", "openai", None, None, "torch", "cpu", "fp32", True, None)
+    assert fetched == [("ViT-L-14", "openai")]  # the torch backend still gets its progress bar
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -60,7 +60,9 @@ def _load_model(
         raise typer.BadParameter(
             "give --model, --checkpoint or --engine (or --index to use the index's model)"
         )
-    if download:  # the bar `clipengine download` draws; the load then finds the file cached
+    # The bar `clipengine download` draws; the load then finds the file cached. Torch checkpoints
+    # only: onnx / openvino run export folders, never downloaded (`model_options.load_clip` agrees).
+    if download and backend == "torch" and engine is None:
         from .downloads import fetch_with_progress
 
         fetch_with_progress(source, pretrained)
