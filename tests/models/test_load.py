@@ -373,6 +373,8 @@ def _edit_json(path: Path, edit: Any) -> None:
         ("text", "heads", 3, r"text: 3 heads do not divide its width 64"),
         ("text", "mlp_ratio", 0, r"text\.mlp_ratio must be a positive number, got 0"),
         (None, "embed_dim", -1, r"embed_dim must be a positive integer, got -1"),
+        # bool("false") is True: the string picked QuickGELU without a word.
+        (None, "quick_gelu", "false", r"quick_gelu must be true or false, got 'false'"),
     ],
 )
 def test_unbuildable_architecture_settings_name_the_file_and_the_setting(

@@ -86,7 +86,8 @@ class CLIPConfig:
             embed_dim=int(d["embed_dim"]),
             vision=VisionConfig(**{k: v for k, v in vis.items() if k in vis_fields and v is not None}),
             text=TextConfig(**{k: v for k, v in txt.items() if k in txt_fields and v is not None}),
-            quick_gelu=bool(d.get("quick_gelu", False)),
+            # As read, not bool(): "false" (a string) was True; `config_problems` names a non-bool.
+            quick_gelu=False if d.get("quick_gelu") is None else d["quick_gelu"],
             name=name or d.get("name", "custom"),
         )
 
@@ -116,6 +117,8 @@ def config_problems(cfg: CLIPConfig) -> list[str]:
             problems.append(f"{where} must be a positive integer, got {value!r}")
 
     v, t = cfg.vision, cfg.text
+    if not isinstance(cfg.quick_gelu, bool):
+        problems.append(f"quick_gelu must be true or false, got {cfg.quick_gelu!r}")
     positive_int("embed_dim", cfg.embed_dim)
     positive_int("vision.image_size", v.image_size)
     positive_int("vision.width", v.width)
