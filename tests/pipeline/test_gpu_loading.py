@@ -348,3 +348,31 @@ def test_embed_folder_with_decode_ahead_writes_the_same_output(photo_folder, tmp
     assert ids == ids_ahead == good
     np.testing.assert_array_equal(vectors, vectors_ahead)
     assert sorted(f.id for f in read_failures(tmp_path / "True")) == bad
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="named pipes are POSIX")
+@pytest.mark.timeout(60)
+def test_gpu_reader_fails_a_named_pipe_without_blocking(photo_folder, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The GPU loader's reader threads read with np.fromfile(path), which waited for a writer on a
+    FIFO named like a JPEG forever (`embed --gpu-decode` hung); it is now that file's failure."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from clipengine.image.gpu_decode import EncodedImage
+    from clipengine.pipeline import gpu_batching as gb
+    from clipengine.types import Failure, ImageItem
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    root, good, _ = photo_folder
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(gb._read, ImageItem("pipe.jpg", str(fifo)))
+        try:
+            result = future.result(timeout=10)
+        finally:
+            if not future.done():  # unblock the reader so the test ends
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert result == Failure("pipe.jpg", "not a regular file but a named pipe (FIFO); only files are read")
+    read = gb._read(ImageItem(good[0], str(root / good[0])))
+    assert isinstance(read, EncodedImage)
+    assert bytes(read.data) == (root / good[0]).read_bytes()
