@@ -23,6 +23,7 @@ from pathlib import Path
 __all__ = [
     "atomic_path",
     "atomic_write_bytes",
+    "check_writable_folder",
     "fsync_dir",
     "fsync_file",
     "fsync_tree",
@@ -48,6 +49,30 @@ _LEGACY_TEMP_NAMES = (
     re.compile(r"\.tmp-(?P<final>.+)\.[a-z0-9_]+"),
     re.compile(r"(?P<final>.+)\.tmp-[0-9a-f]{8}"),
 )
+
+
+def check_writable_folder(folder: str | Path) -> None:
+    """Refuse an output folder that cannot be made or written, before the long work that fills it.
+
+    The first write would find these only after a model load or a whole evaluation. The nearest
+    existing folder on the path is checked: a file in the way, or no write permission (os.access:
+    root passes it; the write itself still reports what the check cannot see).
+
+    Raises:
+        NotADirectoryError: a file where the folder (or one above it) would go.
+        PermissionError: the nearest existing folder is not writable.
+    """
+    existing = Path(folder)
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(
+            errno.ENOTDIR, "a file, not a folder: the output folder cannot go there", str(existing)
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(
+            errno.EACCES, "not writable: the output folder cannot be made or filled", str(existing)
+        )
 
 
 def umask() -> int:

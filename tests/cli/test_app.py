@@ -58,7 +58,7 @@ def test_an_os_error_names_the_file_the_user_asked_for_not_the_temp_file(  # typ
     assert err == [f"error: {tmp_path / 'afile'}: a file, not a folder: the output folder cannot go there"], err
     # Found by the write itself (the folder changed after the check): the error names `out`, not
     # the temp file the atomic write used.
-    monkeypatch.setattr("clipengine.pipeline.run_settings._check_writable", lambda out_dir: None)
+    monkeypatch.setattr("clipengine.pipeline.run_settings.check_writable_folder", lambda out_dir: None)
     assert main(["embed", str(folder), "-o", str(out), "--workers", "0", "--no-progress"]) == 1
     err = capsys.readouterr().err.splitlines()
     assert err == [f"error: {out}: Not a directory"], err

@@ -322,3 +322,16 @@ def test_folder_of_wordnet_id_class_names_is_refused(tmp_path: Path) -> None:
     class_map.write_text(json.dumps({"n01440764": "tench", "n01443537": "goldfish"}))
     result = CliRunner().invoke(app, [*args, "--class-map", str(class_map)])
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("command", ["zeroshot", "linear-probe"])
+def test_a_report_folder_that_cannot_be_made_is_refused_before_evaluating(
+    shapes_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """A file in the way of --out was found only by the report's write, after the whole evaluation
+    (or the features and the fit): the result was lost. (A file as --out itself typer refuses.)"""
+    (tmp_path / "afile").write_text("")
+    args = ["eval", command, "-d", "folder", "--root", str(tmp_path / "no-data"), "-m", str(TINY_SYNTH)]
+    assert main([*args, "--out", str(tmp_path / "afile" / "reports")]) == 1
+    _, err = capsys.readouterr()  # refused before the (missing) dataset is even looked at
+    assert err == f"error: {tmp_path / 'afile'}: a file, not a folder: the output folder cannot go there\n", err

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from ..files import check_writable_folder
+
 if TYPE_CHECKING:
     from ..api import ClipModel
     from ..eval.datasets import LabelledImages
@@ -162,6 +164,7 @@ def register(app: typer.Typer) -> None:
         from ..eval.zeroshot import evaluate_zeroshot
 
         engines = _compare_list(compare) if compare else [precision]
+        check_writable_folder(out)  # not after the evaluation, whose result would then be lost
         data = _dataset(dataset, root, split, class_map, labels, limit)
         names, templates = _prompts(dataset, data, prompts, prompt_set)
         # Every engine loaded before any is evaluated: a precision the model lacks is refused at
@@ -216,6 +219,7 @@ def register(app: typer.Typer) -> None:
                 f"must be a finite positive number, got {c} (for almost no regularisation: a large C, e.g. 1e6)",
                 param_hint="--C",
             )
+        check_writable_folder(out)  # not after the features and the fit, whose result would be lost
         train = _dataset(dataset, root, "train", None, None, limit)
         test = _dataset(dataset, root, "test", None, None, limit)
         clip = _load(model, backend, precision, device, download)

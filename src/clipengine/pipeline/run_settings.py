@@ -6,15 +6,14 @@ here before writing anything; `check_output` lets the CLI do it before loading a
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..errors import IndexMismatchError
+from ..files import check_writable_folder
 from .sinks import read_run_info
 
 __all__ = ["check_compatible", "check_cpu_share", "check_decode_procs", "check_output", "model_files"]
@@ -71,27 +70,12 @@ def check_output(out_dir: str | Path, **settings: Any) -> None:
         NotADirectoryError, PermissionError: ``out_dir`` (or the folder it would be made in) is a
             file, or not writable.
     """
-    _check_writable(Path(out_dir))
+    check_writable_folder(Path(out_dir))
     previous = read_run_info(out_dir)
     if previous is not None:
         if "model" in settings and "model_files" not in settings:
             settings = {**settings, "model_files": model_files(settings["model"])}
         check_compatible(Path(out_dir), previous, settings)
-
-
-def _check_writable(out_dir: Path) -> None:
-    """The first write would find these only after the model load (seconds to minutes)."""
-    existing = out_dir
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise NotADirectoryError(
-            errno.ENOTDIR, "a file, not a folder: the output folder cannot go there", str(existing)
-        )
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(
-            errno.EACCES, "not writable: the output folder cannot be made or filled", str(existing)
-        )
 
 
 def model_files(model: str | None) -> dict[str, str] | None:
