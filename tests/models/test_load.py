@@ -543,3 +543,15 @@ def test_a_bare_open_clip_file_of_an_architecture_with_other_preprocessing_is_wa
     caplog.clear()
     load_model(small_rn_openai_state_dict.path)  # OpenAI's own file: OpenAI's preprocessing, no warning
     assert not caplog.records
+
+
+def test_an_export_folder_is_named_as_one(tmp_path: Path) -> None:
+    """`clipengine export EXPORT_FOLDER` said only that config.json was missing."""
+    from clipengine.export.manifest import MANIFEST_FILE
+
+    folder = tmp_path / "exported"
+    folder.mkdir()
+    (folder / MANIFEST_FILE).write_text("{}")  # load.py names the file itself (models does not import export)
+    (folder / "image_fp32_b1.onnx").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"exported: an export folder .*--backend onnx or openvino"):
+        load_model(folder)

@@ -194,6 +194,13 @@ def _load_folder(folder: Path, hints: _Hints, spec: ModelSpec, tag: str | None =
     if (folder / _OPEN_CLIP_CONFIG).is_file():
         return _load_open_clip_folder(folder, hints)
     config_path = folder / CONFIG_FILE
+    # export.manifest.MANIFEST_FILE (models does not import export): `clipengine export EXPORT_FOLDER`
+    # said only that config.json is missing.
+    if not config_path.is_file() and (folder / "manifest.json").is_file():
+        raise CheckpointError(
+            f"{folder}: an export folder (ONNX engines and manifest.json), not weights PyTorch loads: run it "
+            "with --backend onnx or openvino; to export again, export the checkpoint or model folder it came from"
+        )
     if not config_path.is_file():
         raise CheckpointError(
             f"{folder}: no {CONFIG_FILE} or {_OPEN_CLIP_CONFIG}; expected a transformers CLIPModel folder, "
