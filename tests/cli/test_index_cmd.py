@@ -623,3 +623,25 @@ def test_build_retry_failed_reads_a_fixed_image_again(
     assert json.loads(_run(capsys, *args)[1])["count"] == 10  # a plain rerun keeps the failure
     code, out, _ = _run(capsys, *args, "--retry-failed")
     assert code == 0 and json.loads(out)["count"] == 11 and "broken.jpg" in Index.load(idx).ids
+
+
+def test_search_and_add_refuse_a_model_path_whose_files_changed_since_the_build(
+    folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    # The index names its model by path: weights saved over it (a fine-tune) kept the name, and
+    # searches went on ranking the old embeddings by the new model's queries, with no error.
+    model = tmp_path / "my-model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights v1")
+    idx = tmp_path / "p.index"
+    assert _run(capsys, "index", "build", folder, "-o", idx, "--model", model)[0] == 0
+    assert _run(capsys, "search", idx, "img-001.jpg", "-k", "1")[0] == 0
+    (model / "model.safetensors").write_bytes(b"weights v2")
+    more = tmp_path / "more"
+    distributed_fakes.write_images(more, 2)
+    for args in (("search", idx, "img-001.jpg"), ("index", "add", idx, more)):
+        code, _, err = _run(capsys, *args)
+        assert code == 1 and "model.safetensors differs" in err and "rebuild the index" in err, err
+    assert len(Index.load(idx)) == 10
+    (model / "model.safetensors").write_bytes(b"weights v1")  # the weights it was built with again
+    assert _run(capsys, "search", idx, "img-001.jpg", "-k", "1")[0] == 0

@@ -16,7 +16,7 @@ import typer
 from . import embed as embed_cli
 from . import index_sources as sources
 from . import model_options as mo
-from .index_models import add_pretrained, mismatch_before_loading, with_default_tag
+from .index_models import add_pretrained, check_model_files, mismatch_before_loading, with_default_tag
 from .predict import shown_name
 
 if TYPE_CHECKING:
@@ -230,6 +230,8 @@ def register(app: typer.Typer) -> None:
             typer.echo(fidelity_line(meta["fidelity"]), err=True)
         if meta.get("precision"):  # an `index add` must embed at the same one (`_check_add_precision`)
             index.extra["precision"] = meta["precision"]
+        if meta.get("model_files"):  # a model path: search / add refuse it once its files change
+            index.extra["model_files"] = meta["model_files"]
         index.save(output)
         failed = sources.report_failures(emb_dir, index, as_json, kept=True)
         _echo_index(index, output, as_json, build_s=round(time.perf_counter() - t0, 3), **failed)
@@ -246,11 +248,13 @@ def register(app: typer.Typer) -> None:
         from ..errors import DatasetError
         from ..index import Index
         from ..index.store import remove_leftovers
+        from ..pipeline.run_settings import model_files
 
         index = Index.load(index_path)
         opts = mo.parse_model_options(
             index.model, add_pretrained(index.model, pretrained), None, backend, precision, device, download
         )
+        check_model_files(index, index_path, opts.label, model_files(opts.label))
         # Only the default INDEX.embeddings-add-<hash> is ours to delete after the save: a folder
         # named with --embeddings, or given as the source, is the user's.
         own_dir = embeddings is None and not sources.is_embed_dir(source)
@@ -266,6 +270,7 @@ def register(app: typer.Typer) -> None:
             return
         ids, vectors, _, meta = sources.read_vectors(emb_dir, label, index.model)
         _check_add_precision(index, meta, emb_dir if own_dir else None)
+        check_model_files(index, index_path, str(meta.get("model") or label), meta.get("model_files"))
         if not ids and not indexed:
             _refuse_unreadable(index, index_path, source, emb_dir, own_dir, as_json)
         added = index.add(ids, vectors, sizes=sources.image_sizes(emb_dir, ids), on_duplicate="skip")
@@ -316,6 +321,7 @@ def register(app: typer.Typer) -> None:
         """Print the k best matches (score, path) for a text or an image query."""
         from ..errors import IndexMismatchError
         from ..index import Index, same_model
+        from ..pipeline.run_settings import model_files
 
         if (query is None) == (image is None):
             raise typer.BadParameter("give a text query or --image (exactly one)")
@@ -345,6 +351,7 @@ def register(app: typer.Typer) -> None:
         mismatched = mismatch_before_loading(opts, index.model) if override else False  # None: not known yet
         if mismatched:
             raise mismatch
+        check_model_files(index, index_path, opts.label, model_files(opts.label))
         clip = mo.load_clip(opts)
         from ..report import fidelity, fidelity_line, recall_line
 

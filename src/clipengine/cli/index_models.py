@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING
 import typer
 
 if TYPE_CHECKING:
+    from ..index import Index
     from ..models.spec import ModelSpec
     from .model_options import ModelOptions
 
-__all__ = ["add_pretrained", "mismatch_before_loading", "with_default_tag"]
+__all__ = ["add_pretrained", "check_model_files", "mismatch_before_loading", "with_default_tag"]
 
 
 def with_default_tag(model: str) -> str:
@@ -112,3 +113,28 @@ def mismatch_before_loading(opts: ModelOptions, index_model: str) -> bool | None
         theirs = index_model
     # A tagless index model (what ClipModel.name gives the API) matches any tag of its architecture.
     return not (same_model(mine, theirs) or same_model(mine, index_model))
+
+
+def check_model_files(index: Index, index_path: Path, label: str, now: dict[str, str] | None) -> None:
+    """Refuse `label`, the index's own model path, when its files are not the ones the index was
+    built with (`now`: their digests, `pipeline.run_settings.model_files`, from the model folder or
+    from an embed folder's run.json). The path alone does not tell: weights saved over it (a
+    fine-tune, a re-export) keep the name, and the new model's queries ranked the old embeddings
+    with no error. Nothing to judge without both records, or for another label (judged by name).
+
+    Raises:
+        IndexMismatchError: a file the index's model had differs, or is gone.
+    """
+    from ..errors import IndexMismatchError
+
+    built = index.extra.get("model_files")
+    if label != index.model or not isinstance(built, dict) or not built or not now:
+        return
+    changed = sorted(f for f in built.keys() & now.keys() if built[f] != now[f])
+    changed = changed or sorted(built.keys() - now.keys())
+    if changed:
+        raise IndexMismatchError(
+            f"{index_path} was built with the model at {label}, whose files have changed since "
+            f"({changed[0]} differs): its embeddings would not match the indexed ones; rebuild the "
+            "index, or restore the model it was built with"
+        )
