@@ -212,6 +212,20 @@ def test_hnsw_with_many_copies_of_one_image_still_returns_every_vector() -> None
         assert {h for h, _ in hits} == set(ids) and scores == sorted(scores, reverse=True)
 
 
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq"])
+def test_scores_are_float64_cosines_within_float16_storage_error(kind: str) -> None:
+    # As `index build` gets them: float16 shards of embeddings that were not quite unit length.
+    x = clustered(3000, 64, seed=7) * np.random.default_rng(8).uniform(0.5, 2.0, (3000, 1))
+    q = clustered(20, 64, seed=9)
+    index = Index.build([str(i) for i in range(len(x))], x.astype(np.float16), model="fake", kind=kind)
+    x64 = x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+    q64 = q.astype(np.float64) / np.linalg.norm(q.astype(np.float64), axis=1, keepdims=True)
+    errors = [abs(s - x64[int(i)] @ q64[j]) for j, hits in enumerate(index.search_vectors(q, 10)) for i, s in hits]
+    # float16 keeps 11 significant bits: a cosine moves by < 1e-3; ivfpq scores its compressed
+    # vectors (docs/search_scale.md: off by up to 0.15)
+    assert len(errors) == 200 and max(errors) < (0.2 if kind == "ivfpq" else 1e-3)
+
+
 def test_ivfpq_trains_with_a_small_nlist() -> None:
     # nlist=1 trained on 64 rows: faiss aborted (RuntimeError "Number of training points (64) should
     # be at least as large as number of clusters (256)")

@@ -244,6 +244,9 @@ class Index:
     ) -> list[list[Hit]]:
         """Top-k (id, cosine) per query row of a (M, D) matrix (or one (D,) vector), best first.
 
+        On an ivfpq index the scores are the cosines with its compressed vectors: approximate
+        (off by up to ~0.15 at D=64), where the other kinds give the cosine itself.
+
         Args:
             queries: (M, D) query embeddings from the index's model.
             k: hits per query (fewer if the index is smaller).
