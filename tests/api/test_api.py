@@ -12,7 +12,7 @@ from PIL import Image
 
 import clipengine
 from clipengine.api import ClipModel, load_export
-from clipengine.errors import BackendError, InputError
+from clipengine.errors import BackendError, DecodeError, InputError
 from clipengine.image.decode import decode_image
 from clipengine.image.preprocess import PreprocessConfig
 from clipengine.models.clip import CLIP
@@ -363,3 +363,13 @@ def test_encode_images_checks_every_item_before_decoding_any(
     with pytest.raises(BackendError, match=r"images\[2\] is int"):
         model.encode_images([clip_png, clip_png, 3], batch_size=1)
     assert decoded == []  # a bad last item fails fast, not after decoding and encoding the rest
+
+
+@pytest.mark.parametrize("size", [(0, 0), (5, 0), (0, 5)])
+def test_a_pil_image_without_pixels_is_a_decode_error(model: ClipModel, clip_png: Path, size: tuple[int, int]) -> None:
+    # What an empty crop box gives (`im.crop((10, 10, 10, 50))`); it was a ZeroDivisionError from the resize.
+    empty = Image.new("RGB", size)
+    with pytest.raises(DecodeError, match=rf"^<PIL image RGB {size[0]}x{size[1]}>: .*no pixels"):
+        model.encode_images([clip_png, empty])
+    with pytest.raises(DecodeError, match="no pixels"):
+        model.preprocess(empty)

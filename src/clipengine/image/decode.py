@@ -305,6 +305,8 @@ def _loaded(im: Image.Image, label: str) -> Image.Image:
         raise DecodeError(label, f"truncated or corrupt image data: {e}") from e
     except (OSError, SyntaxError, EOFError) as e:
         raise DecodeError(label, f"truncated or corrupt image data: {e}") from e
+    if im.width == 0 or im.height == 0:  # an empty crop box gives one; the resize divided by zero
+        raise DecodeError(label, f"image size {im.width}x{im.height} has no pixels")
     return im
 
 
