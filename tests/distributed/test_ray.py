@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from clipengine.distributed.ray import ModelSpec, SpecBackendFactory, embed_with_ray, list_source
-from clipengine.errors import BackendError, DatasetError, IndexMismatchError
+from clipengine.errors import BackendError, DatasetError, IndexMismatchError, InputError
 from clipengine.files import is_temp_name
 from clipengine.pipeline import embed_folder, read_embeddings, read_failures
 from clipengine.pipeline.sinks import read_run_info
@@ -349,6 +349,23 @@ def test_an_id_listed_twice_is_refused_before_ray_starts(
     with pytest.raises(DatasetError, match=r"'s.tar/img-001.jpg' is listed twice"):
         embed_with_ray(tar, out, fakes.FakeFactory(), preprocess_cfg, model="fake", shard_size=10)
     assert not (out / "run.json").exists()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("resources", "named"), [({"num_gpus": 1.5}, "num_gpus=1.5"), ({"num_cpus": 2.5}, "num_cpus=2.5"),
+                             ({"num_gpus": -1}, "num_gpus=-1"), ({"num_gpus": float("nan")}, "num_gpus=nan")],
+)  # fmt: skip
+def test_resources_ray_cannot_reserve_are_refused_before_ray_starts(
+    fakes: ModuleType, mixed_folder: Path, tmp_path: Path, preprocess_cfg, resources, named
+) -> None:  # type: ignore[no-untyped-def]
+    """Ray reserves a fraction of one GPU or CPU, or whole ones: `--gpus-per-actor 1.5` on a
+    cluster with GPUs ended in Ray Data's ValueError and its traceback, after Ray had started."""
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=rf"^{named} per actor: ") as e:
+        embed_with_ray(mixed_folder, out, fakes.FakeFactory(), preprocess_cfg, model="fake", **resources)
+    assert "\n" not in str(e.value)
+    assert not out.exists()
 
 
 def test_parquet_source_resolves_relative_paths(tmp_path: Path, fakes: ModuleType) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import pickle
 import re
 import socket
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import BackendError, IndexMismatchError
+from ..errors import BackendError, IndexMismatchError, InputError
 from ..pipeline.embed import LazyBackend
 from ..pipeline.run import RunStats, run_partition
 from ..pipeline.run_settings import check_compatible, model_files
@@ -204,6 +205,17 @@ def _check_reachable(address: str) -> None:
         ) from e
 
 
+def _check_resources(**per_actor: float) -> None:
+    """Refuse what Ray cannot reserve per actor (a fraction of one, or whole ones) before Ray starts:
+    Ray Data raised its own ValueError for 1.5 GPUs, with a traceback, once the job was under way."""
+    for name, value in per_actor.items():
+        value = float(value)  # an int has no is_integer() before Python 3.12
+        if not (math.isfinite(value) and value >= 0 and (value <= 1 or value.is_integer())):
+            raise InputError(
+                f"{name}={value:g} per actor: Ray reserves 0, a fraction of one (e.g. 0.5) or a whole number"
+            )
+
+
 def _as_factory(
     model: Callable[[], Backend] | ModelSpec | Mapping[str, Any], num_gpus: float
 ) -> Callable[[], Backend]:
@@ -265,11 +277,13 @@ def embed_with_ray(
     Raises:
         IndexMismatchError: out_dir holds a run with another model, dim, dtype or shard size.
         DatasetError: unreadable source, or an id listed twice. BackendError: the Ray job failed.
+        InputError: num_cpus / num_gpus that Ray cannot reserve (negative, or above 1 and not whole).
     """
     t_start = time.perf_counter()
     unknown = set(compat) - {"workers"}
     if unknown:
         raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
+    _check_resources(num_cpus=num_cpus, num_gpus=num_gpus)
     out = Path(out_dir)
     items = list_source(source, path_column)
     check_unique_ids(items)  # before Ray starts: the actors see one partition each
