@@ -32,9 +32,9 @@ _IMAGE_TYPES = (str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.
 class ClipModel:
     """A CLIP model behind any Backend: preprocess, encode, classify. Embeddings are unit-norm (N, D).
 
-    Example:
-        >>> model = clipengine.load("ViT-B-32")
-        >>> model.classify("cat.jpg", ["a cat", "a dog"])
+    Example (needs the ViT-B-32 weights in the cache and a cat.jpg, hence not run by doctest):
+        >>> model = clipengine.load("ViT-B-32")  # doctest: +SKIP
+        >>> model.classify("cat.jpg", ["a cat", "a dog"])  # doctest: +SKIP
         [[('a cat', 0.98), ('a dog', 0.02)]]
     """
 
