@@ -27,6 +27,7 @@ HEADER_KEYS = frozenset(
         "generation",
         "files",
         "sizes",
+        "sha256",
         "kind",
         "exact",
         "params",
@@ -64,6 +65,7 @@ def _read_once(root: Path) -> tuple[dict[str, Any], list[dict[str, Any]], faiss.
     header = store.read_header(root)
     rows = store.read_meta(root, header)
     vec_path = root / header["files"]["vectors"]
+    store.check_digest(root, header, "vectors")
     try:
         index = faiss.read_index(str(vec_path))
     except RuntimeError as e:
