@@ -1,7 +1,7 @@
 """The docs name only things that exist: every `clipengine ...` line in a code block or inline code
 span of README.md and docs/*.md is resolved against the typer app; every relative link and its
-#anchor resolves; every `clipengine.…` Python name imports; every `benchmarks/` / `scripts/` call's
-options are the script's own."""
+#anchor resolves; every `clipengine.…` Python name imports; every repository path exists; and
+every `benchmarks/` / `scripts/` call's options are the script's own."""
 
 from __future__ import annotations
 
@@ -282,4 +282,53 @@ def test_script_problems_names_a_missing_script_and_an_unknown_option() -> None:
     assert _script_problems(snippet) == [
         "benchmarks/index_scale.py has no option --bogus",
         "benchmarks/gone.py: no such script",
+    ]
+
+
+# Repository paths the docs name (`tests/index/test_search_quality.py`, `benchmarks/e2e_stage_costs.py`,
+# `models/pooled.py` inside the package): a moved or renamed file leaves the docs pointing at nothing.
+_PACKAGE_DIRS = "models|text|image|backends|export|pipeline|index|eval|bench|serve|distributed|cli|assets"
+_REPO_PATH = re.compile(
+    rf"(?<![\w./~$<-])((?:src|tests|benchmarks|scripts|docs)/[\w./*-]*[\w/*]"
+    rf"|(?:{_PACKAGE_DIRS})/[\w./-]*\.(?:py|json|txt\.gz|txt))"
+)
+
+
+def _missing_paths(text: str, page_dir: Path) -> list[str]:
+    """Each path of `text` that is neither in the repository nor (short form) in src/clipengine/."""
+    missing = []
+    for path in sorted(set(_REPO_PATH.findall(text))):
+        roots = (ROOT, ROOT / "src" / "clipengine", page_dir)
+        if "*" in path:
+            found = any(any(root.glob(path)) for root in roots)
+        else:
+            found = any((root / path).exists() for root in roots)
+        if not found:
+            missing.append(path)
+    return missing
+
+
+def test_every_documented_repository_path_exists() -> None:
+    problems, checked = [], 0
+    for doc in DOCS:
+        text = doc.read_text(encoding="utf-8")
+        checked += len(_REPO_PATH.findall(text))
+        problems += [
+            f"{doc.relative_to(ROOT)}: {path}: no such file or folder"
+            for path in _missing_paths(text, doc.parent)
+        ]
+    assert not problems, "\n".join(problems)
+    assert checked > 80, f"only {checked} repository paths found in the docs: is the extraction broken?"
+
+
+def test_missing_paths_reads_repository_and_package_paths() -> None:
+    text = (
+        "See `tests/test_docs.py`, models/pooled.py, src/clipengine/eval/prompts/*.json and "
+        "`benchmarks/gone.py`; `backends/nothing.py` and tests/no_such_dir/. Not paths: "
+        "~/tests/x.py, $HOME/docs/y, models/ViT-B-32/ (an export folder named in an example)."
+    )
+    assert _missing_paths(text, ROOT / "docs") == [
+        "backends/nothing.py",
+        "benchmarks/gone.py",
+        "tests/no_such_dir/",
     ]
