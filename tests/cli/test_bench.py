@@ -109,7 +109,12 @@ def test_a_batch_bigger_than_the_folder_never_reaches_the_backend_bigger(  # typ
 
 @pytest.mark.parametrize(
     ("plot", "message"),
-    [("FOLDER", "is a folder; name a file"), ("bench.txt", "matplotlib cannot write .txt files")],
+    [
+        ("FOLDER", "is a folder; name a file"),
+        ("bench.txt", "matplotlib cannot write .txt files"),
+        # was "error: a-file: File exists", from the plot's mkdir after the whole benchmark
+        ("a-file/bench.png", "a file, not a folder"),
+    ],
 )
 def test_an_unwritable_plot_is_refused_before_the_benchmark(  # type: ignore[no-untyped-def]
     folder: Path, tmp_path: Path, monkeypatch, plot: str, message: str
@@ -117,6 +122,7 @@ def test_an_unwritable_plot_is_refused_before_the_benchmark(  # type: ignore[no-
     loaded: list[object] = []
     monkeypatch.setattr(model_options, "load_clip", loaded.append)
     target = tmp_path if plot == "FOLDER" else tmp_path / plot
+    (tmp_path / "a-file").write_text("in the way of a folder")
     # Both were a traceback after the whole benchmark had run.
     result = CliRunner().invoke(app, ["bench", str(folder), "--plot", str(target)])
     assert result.exit_code == 2 and message in result.output and "--plot" in result.output

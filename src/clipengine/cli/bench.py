@@ -46,6 +46,12 @@ def check_plot_path(plot: Path) -> None:
         raise typer.BadParameter(
             f"{plot} is a folder; name a file, e.g. {plot / 'bench.png'}", param_hint="--plot"
         )
+    from ..files import check_writable_folder
+
+    try:  # a file in the way of its folder, or a read-only one: found by the save, after the benchmark
+        check_writable_folder(plot.parent)
+    except OSError as e:
+        raise typer.BadParameter(f"{e.filename}: {e.strerror}", param_hint="--plot") from e
     kind = plot.suffix[1:].lower() or "png"  # as report.plot_throughput picks it
     formats = FigureCanvasBase.get_supported_filetypes()
     if kind not in formats:
