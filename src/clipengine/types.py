@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Union, runtime_checkable
@@ -26,7 +27,9 @@ __all__ = [
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
 # What the public API accepts as "an image": a path, encoded bytes, a PIL image or an HxWxC / HxW array.
-ImageInput = Union[str, Path, bytes, "Image.Image", npt.NDArray[Any]]
+# As `image.decode.open_image` takes them: any os.PathLike (a Path, an os.DirEntry) and bytes-like
+# buffers, so a script passing a bytearray type-checks as it runs.
+ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, "Image.Image", npt.NDArray[Any]]
 
 
 @dataclass(frozen=True)

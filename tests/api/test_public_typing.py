@@ -16,6 +16,7 @@ import clipengine
 USER_SCRIPT = """
 from __future__ import annotations
 
+import os
 from typing import assert_type
 
 import numpy as np
@@ -31,6 +32,13 @@ def images(paths: list[str]) -> npt.NDArray[np.float32]:
     model = clipengine.load("tiny-synth", pretrained="synthetic")
     assert_type(model, ClipModel)
     return model.encode_images(paths)
+
+
+def images_of_every_accepted_kind(entry: os.DirEntry[str], data: bytearray) -> npt.NDArray[np.float32]:
+    # What encode_images takes at run time: any os.PathLike, bytes-like buffers as well as bytes.
+    model = clipengine.load("tiny-synth")
+    model.preprocess(memoryview(data))
+    return model.encode_images([entry, data, memoryview(data), b"...", "a.jpg", np.zeros((4, 4, 3), np.uint8)])
 
 
 def texts() -> npt.NDArray[np.float32]:
