@@ -169,6 +169,8 @@ def _broken_links(page: Path) -> list[str]:
 def test_every_relative_link_and_anchor_resolves() -> None:
     problems = [f"{doc.relative_to(ROOT)}: {p}" for doc in DOCS for p in _broken_links(doc)]
     assert not problems, "\n".join(problems)
+    links = sum(len(_LINK.findall(_FENCE.sub("", doc.read_text(encoding="utf-8")))) for doc in DOCS)
+    assert links > 15, f"only {links} links found in the docs: is the extraction broken?"
 
 
 def test_broken_links_reports_a_missing_page_and_a_missing_anchor(tmp_path: Path) -> None:
