@@ -147,3 +147,27 @@ def test_one_image(tmp_path: Path, fake_load, capsys) -> None:  # type: ignore[n
     captured = capsys.readouterr()
     _check_seed_block(captured.out, 1)
     assert captured.err.strip() == "note: --batch 4 is more than the 1 image: those passes run batches of 1"
+
+
+def test_the_seed_block_counts_the_images_of_the_pass_it_times(  # type: ignore[no-untyped-def]
+    folder: Path, fake_load, monkeypatch, capsys
+) -> None:
+    """A file still being written when the first pass read it, whole by the second: the block took
+    `Total time use` from the first pass but `Total images` from the last, so avg and FPS were off."""
+    from clipengine.bench import timing
+
+    late = folder / "late.jpg"
+    late.write_bytes(b"")  # being copied in: empty at the first pass
+    one_pass = timing._one_pass
+
+    def pass_then_finish_copy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        result = one_pass(*args, **kwargs)
+        late.write_bytes((folder / "img-0000.jpg").read_bytes())
+        return result
+
+    monkeypatch.setattr(timing, "_one_pass", pass_then_finish_copy)
+    assert main(["bench", str(folder), "--batch", "2,4", "--workers", "0", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [b["images"] for b in data["batches"]] == [10, 11]
+    assert (data["images"], data["failed"]) == (10, 1)
+    assert data["avg_ms"] == pytest.approx(data["batches"][0]["wall_ms"] / 10)

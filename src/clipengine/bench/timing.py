@@ -115,8 +115,8 @@ class BatchBench:
 class BenchResult:
     """A whole benchmark. The seed's headline is the pass at `batches[0].batch_size`."""
 
-    images: int
-    failed: int
+    images: int  # embedded by the headline pass (total_ms is its time)
+    failed: int  # unreadable in that pass
     backend: str
     device: str
     precision: str
@@ -241,7 +241,7 @@ def bench_pipeline(
     size = backend.image_size
     executor = make_executor(workers)
     rows: list[BatchBench] = []
-    n_images = n_failed = 0
+    head_images = head_failed = 0
     try:
         if executor is not None:
             warm_executor(executor, workers, cfg)
@@ -259,6 +259,8 @@ def bench_pipeline(
             wall_ms, n_images, n_failed, loads, infer_ms = passes[len(passes) // 2]
             if not n_images:
                 raise DatasetError(f"nothing to benchmark: none of the {n_failed} images could be decoded")
+            if not rows:  # the headline's counts are its own pass's: a file may be readable by a later one
+                head_images, head_failed = n_images, n_failed
             text = None
             if text_tokens is not None:
                 text = time_call(lambda: backend.encode_texts(text_tokens), warmup=warmup, repeats=10)
@@ -283,8 +285,8 @@ def bench_pipeline(
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
     return BenchResult(
-        images=n_images,
-        failed=n_failed,
+        images=head_images,
+        failed=head_failed,
         backend=backend.name,
         device=backend.device,
         precision=backend.precision,
