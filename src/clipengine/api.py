@@ -271,7 +271,8 @@ def load(
 
     Raises:
         UnknownModelError, CheckpointError, DownloadNotAllowedError, DownloadError, BackendError
-        (InputError, a BackendError, for a `name_or_path` that is not a str or Path, a backend that
+        (InputError, a BackendError, for a `name_or_path` that is not a str or Path or is the
+        manifest or an engine of an export folder rather than the folder, a backend that
         cannot run it, bad options, an empty `pretrained`, or an option of the wrong type: `device`,
         `precision`, `pretrained` not a str, `allow_download` not a bool).
     """
@@ -292,6 +293,7 @@ def load(
     _check_option(device, "device", str, "a device name (str), e.g. 'cpu' or 'cuda'")
     _check_option(precision, "precision", str, "a precision name (str), e.g. 'fp32' or 'bf16'")
     path = Path(name_or_path).expanduser()
+    _refuse_export_file(path)
     from .export.manifest import unfinished_export  # torch-free
 
     # A folder an interrupted export left: read_manifest says so (as a model folder: "no config.json").
@@ -320,6 +322,18 @@ def load(
     logit_scale = float(loaded.module.logit_scale.detach().float().exp())
     engine = create_backend("torch", loaded.module, device=device, precision=precision, **opts)
     return ClipModel(engine, loaded.preprocess, loaded.name, logit_scale, loaded.config.text.context_length)
+
+
+def _refuse_export_file(path: Path) -> None:
+    """An export folder's manifest or one of its engines, given for the folder: read as a checkpoint
+    it was 'not a tensor pickle', and backend onnx said to create an export with `clipengine export`."""
+    if path.suffix != ".onnx" and path.name != _EXPORT_MANIFEST:
+        return
+    if path.is_file() and (path.parent / _EXPORT_MANIFEST).is_file():
+        raise InputError(
+            f"{path} is a file of the export folder {path.parent}; pass the folder itself "
+            "(its manifest picks the engines for the precision asked for)"
+        )
 
 
 def _check_export_tag(folder: Path, pretrained: str) -> None:

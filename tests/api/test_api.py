@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -373,3 +374,14 @@ def test_a_pil_image_without_pixels_is_a_decode_error(model: ClipModel, clip_png
         model.encode_images([clip_png, empty])
     with pytest.raises(DecodeError, match="no pixels"):
         model.preprocess(empty)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx", "openvino"])
+@pytest.mark.parametrize("which", ["manifest.json", "an engine"])
+def test_a_file_inside_an_export_folder_points_to_the_folder(export_dir: Path, backend: str, which: str) -> None:
+    # Was 'not a readable checkpoint (not a tensor pickle)', or for onnx: 'is not one: create it with
+    # `clipengine export`', though it came from one.
+    inner = export_dir / "manifest.json" if which == "manifest.json" else sorted(export_dir.glob("*.onnx"))[0]
+    with pytest.raises(InputError, match=rf"^{re.escape(str(inner))} is a file of the export folder "
+                       rf"{re.escape(str(export_dir))}; pass the folder itself"):  # fmt: skip
+        clipengine.load(inner, backend=backend)
