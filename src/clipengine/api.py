@@ -118,7 +118,7 @@ class ClipModel:
 
         Raises:
             DecodeError: an image cannot be decoded (the message names it).
-            InputError: `images` (or an item of the list) is none of the kinds above, or a
+            InputError: `images` (or an item of the list) is none of the kinds above or an empty path, or a
                 preprocessed batch is not float (N, 3, S, S) with finite values; `batch_size` is not an integer >= 1.
         """
         batch_size = _batch_size(batch_size)
@@ -226,12 +226,14 @@ def _image_items(images: object, *, several: bool = True) -> list[ImageInput]:
     many = several and isinstance(images, (list, tuple))
     items = list(cast(Sequence[object], images)) if many else [images]
     for i, item in enumerate(items):
+        where = f"images[{i}]" if many else ("images" if several else "image")
         if not isinstance(item, _IMAGE_TYPES):
-            where = f"images[{i}]" if many else ("images" if several else "image")
             expected = "or a list of them" if several else "one image"
             raise InputError(
                 f"{where} is {type(item).__name__}; expected a path, bytes, PIL image or array, {expected}"
             )
+        if isinstance(item, str) and not item:  # Path("") is the working folder: "is a directory"
+            raise InputError(f"{where} is an empty path ('')")
     return cast(list[ImageInput], items)
 
 

@@ -385,3 +385,12 @@ def test_a_file_inside_an_export_folder_points_to_the_folder(export_dir: Path, b
     with pytest.raises(InputError, match=rf"^{re.escape(str(inner))} is a file of the export folder "
                        rf"{re.escape(str(export_dir))}; pass the folder itself"):  # fmt: skip
         clipengine.load(inner, backend=backend)
+
+
+@pytest.mark.parametrize(("images", "where"), [("", "images"), ([Path("x.png"), ""], r"images\[1\]")])
+def test_an_empty_path_is_named_as_such(model: ClipModel, images: Any, where: str) -> None:
+    # Path("") is the working folder: this was a DecodeError ': is a directory, not an image file'.
+    with pytest.raises(InputError, match=rf"^{where} is an empty path"):
+        model.encode_images(images)
+    with pytest.raises(InputError, match=r"^image is an empty path"):
+        model.preprocess("")
