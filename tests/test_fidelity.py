@@ -210,3 +210,14 @@ def test_index_recall_in_blocks_equals_one_block(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(report, "_RECALL_BLOCK", 7)
     assert report.index_recall(index, v, ids, k=5, queries=40) == whole
     assert whole is not None and whole["recall"] == pytest.approx(2 / 5)  # self + 2 right, 3 worst, of k+1
+
+
+def test_something_that_is_not_a_backend_is_refused_not_called_fp32() -> None:
+    # fidelity(model) for an int8 model returned None, "fp32, nothing to state": a ClipModel has no
+    # precision of its own, and a missing one read as fp32.
+    from clipengine.errors import InputError
+
+    model = SimpleNamespace(backend=_backend("onnx", "int8", [_engine("image", "int8", None, _parity(0.999))]))
+    for wrong in (model, None, "int8"):
+        with pytest.raises(InputError, match=r"^fidelity takes a Backend \(e\.g\. model\.backend\), got "):
+            fidelity(wrong)

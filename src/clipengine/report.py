@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import InputError
 from .files import atomic_path
 
 if TYPE_CHECKING:
@@ -82,6 +83,9 @@ def fidelity(
         fast_decode: reduced-scale JPEG decoding was on.
         gpu_decoder: the GPU JPEG decoder ("torchvision", "nvimgcodec") when decoding on the GPU.
 
+    Raises:
+        InputError: `backend` has no `precision` str (a ClipModel: pass its `.backend`).
+
     Returns:
         None for an fp32 model on the exact decoder (nothing to state). Else a JSON-able dict:
         `precision`, `backend`, `towers` ({"image", "text"}: the worst `min_cos`, `max_abs`, `samples`
@@ -91,7 +95,9 @@ def fidelity(
     """
     from .export.manifest import Manifest
 
-    precision = str(getattr(backend, "precision", "fp32"))
+    if not isinstance(getattr(backend, "precision", None), str):  # else read as fp32: None, "nothing to state"
+        raise InputError(f"fidelity takes a Backend (e.g. model.backend), got {type(backend).__name__}")
+    precision = str(backend.precision)
     name = str(getattr(backend, "name", "?"))
     out: dict[str, Any] = {"backend": name, "precision": precision, "towers": None, "measured": None,
                            "reference": None, "decode": None}  # fmt: skip
