@@ -368,6 +368,22 @@ def test_resources_ray_cannot_reserve_are_refused_before_ray_starts(
     assert not out.exists()
 
 
+@pytest.mark.timeout(120)
+def test_an_unreachable_ray_address_in_the_environment_is_a_one_line_error_not_a_wait(
+    fakes: ModuleType, mixed_folder: Path, tmp_path: Path, preprocess_cfg, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """RAY_ADDRESS is --address by another name (docs/search_scale.md); nothing listening there,
+    `ray.init` tried it for minutes, where --address is refused after a 10 s connect."""
+    ray = pytest.importorskip("ray")
+    inits: list[object] = []
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # a test module's instance may be up
+    monkeypatch.setattr(ray, "init", lambda *a, **k: inits.append(k))
+    with pytest.raises(BackendError, match=r"^cannot reach the Ray cluster at 127\.0\.0\.1:1 \(.*RAY_ADDRESS") as e:
+        embed_with_ray(mixed_folder, tmp_path / "out", fakes.FakeFactory(), preprocess_cfg, model="fake")
+    assert "\n" not in str(e.value) and inits == []
+
+
 def test_parquet_source_resolves_relative_paths(tmp_path: Path, fakes: ModuleType) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import pickle
 import re
 import socket
@@ -182,18 +183,23 @@ def _ensure_ray(address: str | None) -> bool:
         return False
     try:
         if address is None:
+            if os.environ.get("RAY_ADDRESS"):  # ray.init joins it: tried for minutes if nothing listens
+                _check_reachable(os.environ["RAY_ADDRESS"], "RAY_ADDRESS")
             ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
         else:
             _check_reachable(address)
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     except (ConnectionError, ValueError, RuntimeError) as e:  # what ray.init raises for a bad address
-        where = "a local Ray instance" if address is None else f"the Ray cluster at {address}"
+        env = os.environ.get("RAY_ADDRESS")
+        where = f"the Ray cluster at {address}" if address else f"the Ray cluster at RAY_ADDRESS={env}" if env else "a local Ray instance"
         raise BackendError(f"cannot start or join {where}: {' '.join(str(e).split())}") from e
     return True
 
 
-def _check_reachable(address: str) -> None:
-    """Fail fast on a host:port that accepts no connection: `ray.init` retries such an address for ever."""
+def _check_reachable(address: str, given_as: str = "--address") -> None:
+    """Fail fast on a host:port that accepts no connection: `ray.init` retries such an address for ever.
+
+    `given_as`: where the address came from, named in the error (the option, or RAY_ADDRESS)."""
     host, sep, port = address.removeprefix("ray://").rpartition(":")
     if not sep or not host or not port.isdigit():
         return  # "auto", "local": Ray finds the cluster itself
@@ -201,7 +207,7 @@ def _check_reachable(address: str) -> None:
         socket.create_connection((host.strip("[]"), int(port)), timeout=_CONNECT_TIMEOUT_S).close()
     except OSError as e:
         raise BackendError(
-            f"cannot reach the Ray cluster at {address} ({e}); check --address (`ray status` on the head node)"
+            f"cannot reach the Ray cluster at {address} ({e}); check {given_as} (`ray status` on the head node)"
         ) from e
 
 
