@@ -645,3 +645,25 @@ def test_search_and_add_refuse_a_model_path_whose_files_changed_since_the_build(
     assert len(Index.load(idx)) == 10
     (model / "model.safetensors").write_bytes(b"weights v1")  # the weights it was built with again
     assert _run(capsys, "search", idx, "img-001.jpg", "-k", "1")[0] == 0
+
+
+def test_build_reads_sizes_from_the_runs_own_shards_not_an_older_runs(
+    folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    """A rerun over fewer files leaves the older run's last shards behind (read_embeddings skips
+    them); the sizes were read from every shard file, so a stale row's old size won."""
+    from PIL import Image
+
+    names = sorted(p.name for p in folder.glob("*.jpg"))
+    emb, idx = tmp_path / "emb", tmp_path / "p.index"
+    embed = ("embed", folder, "-o", emb, "--model", "fake", "--workers", "0", "--no-progress", "--shard-size", "1")
+    assert _run(capsys, *embed)[0] == 0
+    (folder / names[0]).unlink()  # one partition fewer: the last shard file is now stale
+    last = folder / names[-1]
+    with Image.open(last) as im:
+        resized = im.resize((im.width + 7, im.height + 3))
+    resized.save(last)  # its row in the stale shard holds the old size
+    assert _run(capsys, *embed)[0] == 0
+    assert (emb / "shards" / f"part-{len(names) - 1:05d}.jsonl").is_file()  # the stale shard is there
+    assert _run(capsys, "index", "build", emb, "-o", idx)[0] == 0
+    assert Index.load(idx).size_of(names[-1]) == resized.size

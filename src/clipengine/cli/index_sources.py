@@ -43,9 +43,14 @@ def is_embed_dir(path: Path) -> bool:
 
 
 def _shard_rows(embed_dir: Path) -> Iterator[dict[str, Any]]:
-    """The rows of every shard .jsonl (pipeline shard format): {"path", "index", "width", "height"}."""
-    for rows in sorted((embed_dir / "shards").glob("part-*.jsonl")):
-        if rows.name.endswith(".failures.jsonl"):
+    """The rows of the run's shard .jsonl files (pipeline shard format): {"path", "index", "width",
+    "height"}. Only the run's own shards (`shard_stems`): a rerun over fewer files leaves older ones
+    behind, whose rows (an older size of a file, ids no longer listed) are not this run's."""
+    from ..pipeline.sinks import shard_stems
+
+    for stem in shard_stems(embed_dir):
+        rows = embed_dir / "shards" / f"{stem}.jsonl"
+        if not rows.is_file():
             continue
         for line in rows.read_text(encoding="utf-8").split("\n"):  # not splitlines(): ids may hold U+2028
             if line:

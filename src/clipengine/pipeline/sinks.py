@@ -49,6 +49,7 @@ __all__ = [
     "read_failures",
     "read_run_info",
     "shard_stem",
+    "shard_stems",
 ]
 
 _log = logging.getLogger(__name__)
@@ -308,6 +309,18 @@ def read_failures(out_dir: str | Path) -> list[Failure]:
     return [Failure(r["path"], r["reason"]) for r in _read_jsonl(path)]
 
 
+def shard_stems(out_dir: str | Path, meta: dict[str, Any] | None = None) -> list[str]:
+    """The shards of the run in `out_dir`, in partition order: the partitions its run.json counts
+    (`meta`, read when None). A rerun over fewer files leaves the older run's shards past them,
+    which are not this run's; without a run.json, every shard in the folder."""
+    if meta is None:
+        meta = read_run_info(out_dir) or {}
+    if "partitions" in meta:
+        return [shard_stem(i) for i in range(int(meta["partitions"]))]
+    shards_dir = Path(out_dir) / SHARDS_DIR
+    return sorted(p.stem for p in shards_dir.glob("part-*.jsonl") if not p.name.endswith(".failures.jsonl"))
+
+
 def read_embeddings(out_dir: str | Path) -> tuple[list[str], FloatArray, dict[str, Any]]:
     """Read every shard of an output folder back, in partition order.
 
@@ -327,12 +340,7 @@ def read_embeddings(out_dir: str | Path) -> tuple[list[str], FloatArray, dict[st
             f"{out_dir}: the embed run has not finished; rerun `clipengine embed` to finish it"
         )
     shards_dir = out_dir / SHARDS_DIR
-    if "partitions" in meta:
-        stems = [shard_stem(i) for i in range(int(meta["partitions"]))]
-    else:
-        stems = sorted(
-            p.stem for p in shards_dir.glob("part-*.jsonl") if not p.name.endswith(".failures.jsonl")
-        )
+    stems = shard_stems(out_dir, meta)
     if not stems:
         raise DatasetError(f"{out_dir}: no embedding shards found (run `clipengine embed` first)")
     ids: list[str] = []
