@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image
 
 from .arguments import positive_int
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
 __all__ = ["ClipModel", "load", "load_export"]
 
 _EXPORT_MANIFEST = "manifest.json"
+# What a list of texts (texts, labels, templates) may be: a 1-D array of str too, e.g. a DataFrame
+# column's .to_numpy() (`text.tokenizer.as_str_list`).
+_Texts = Sequence[str] | npt.NDArray[Any]
 # What one image may be (see `image.decode.decode_image`).
 _IMAGE_TYPES = (str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray)
 
@@ -136,14 +140,15 @@ class ClipModel:
             outs.append(encode(pixels))
         return np.concatenate(outs, axis=0).astype(np.float32, copy=False)
 
-    def encode_texts(self, texts: str | Sequence[str], batch_size: int = 256) -> FloatArray:
+    def encode_texts(self, texts: str | _Texts, batch_size: int = 256) -> FloatArray:
         """Texts -> (N, D) float32 unit-norm embeddings (long texts are cut with a warning).
 
         Raises:
-            InputError: `texts` is not a str or a list of str (checked by the tokenizer); `batch_size` is not an integer >= 1.
+            InputError: `texts` is not a str or a list (tuple, 1-D array) of str (checked by the tokenizer); `batch_size` is not an integer >= 1.
         """
         batch_size = _batch_size(batch_size)
-        tokens = tokenize(texts, context_length=self.context_length)
+        # cast: tokenize takes a 1-D array of str too (`as_str_list`), though typed for lists
+        tokens = tokenize(cast("str | Sequence[str]", texts), context_length=self.context_length)
         return self._in_batches(self._backend.encode_texts, tokens, batch_size)
 
     def _in_batches(self, fn: Any, inputs: np.ndarray, batch_size: int) -> FloatArray:
@@ -152,7 +157,7 @@ class ClipModel:
         outs = [fn(inputs[i : i + batch_size]) for i in range(0, inputs.shape[0], batch_size)]
         return np.concatenate(outs, axis=0).astype(np.float32, copy=False)
 
-    def text_classifier(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> FloatArray:
+    def text_classifier(self, labels: _Texts, templates: _Texts | None = None) -> FloatArray:
         """(C, D) unit-norm class embeddings; with templates, the renormalised mean over prompts.
 
         Templates use "{}" for the label (e.g. "a photo of a {}.").
@@ -166,8 +171,8 @@ class ClipModel:
     def classify(
         self,
         images: ImageInput | Sequence[ImageInput],
-        labels: Sequence[str],
-        templates: Sequence[str] | None = None,
+        labels: _Texts,
+        templates: _Texts | None = None,
         top_k: int | None = None,
     ) -> list[list[tuple[str, float]]]:
         """Zero-shot: per image, (label, probability) sorted by probability, highest first.

@@ -41,6 +41,14 @@ def images_of_every_accepted_kind(entry: os.DirEntry[str], data: bytearray) -> n
     return model.encode_images([entry, data, memoryview(data), b"...", "a.jpg", np.zeros((4, 4, 3), np.uint8)])
 
 
+def texts_from_an_array(column: npt.NDArray[np.str_]) -> list[list[tuple[str, float]]]:
+    # A 1-D array of str (a DataFrame column's .to_numpy()) is taken wherever a list of str is.
+    model = clipengine.load("tiny-synth")
+    model.encode_texts(column)
+    model.text_classifier(column, np.array(["a photo of a {}."]))
+    return model.classify("cat.jpg", column, templates=np.array(["a photo of a {}."]))
+
+
 def texts() -> npt.NDArray[np.float32]:
     return clipengine.load("tiny-synth@synthetic", backend="torch", precision="bf16").encode_texts(["a cat"])
 
