@@ -90,6 +90,7 @@ class FakeIndex:
 
     def __init__(self, model: FakeModel, root: Path) -> None:
         self.model = model.name
+        self.extra: dict[str, Any] = {}  # as Index: model_files etc.
         self.dim = DIM
         self.image_roots = [root]
         self.ids = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))

@@ -203,3 +203,26 @@ def test_the_server_runs_with_the_request_head_limits(
     assert (protocol.head_timeout_s, protocol.max_head_bytes, protocol.send_timeout_s) == (3, 5000, 4)
     assert seen["h11_max_incomplete_event_size"] == 5000
     assert (seen["port"], seen["timeout_graceful_shutdown"]) == (8123, 7)
+
+
+def test_an_index_whose_model_files_changed_is_refused_before_the_model_loads(
+    captured: dict[str, Any], fake_model: FakeModel, fake_index: FakeIndex, tmp_path: Path
+) -> None:
+    """`search` and `index add` refuse an index's own model path once its files change (weights
+    saved over it); `serve --index` ranked the old embeddings by the new model's queries."""
+    from clipengine.pipeline.run_settings import model_files
+
+    weights = tmp_path / "model.pt"
+    weights.write_bytes(b"weights the index was built with")
+    fake_index.model = fake_model.name = str(weights)
+    fake_index.extra["model_files"] = model_files(str(weights))
+    args = ["serve", "--index", str(tmp_path), "--port", "8123"]
+    result = CliRunner().invoke(app, args)  # unchanged: served
+    assert result.exit_code == 0, result.output
+    assert captured["load_args"][0] is None  # no --model: the index's model is loaded
+    captured.clear()
+    weights.write_bytes(b"fine-tuned weights saved over them")
+    result = CliRunner().invoke(app, args)  # main() prints it as one "error:" line
+    assert result.exit_code == 1
+    assert "whose files have changed since (model.pt differs)" in str(result.exception)
+    assert "load_args" not in captured

@@ -137,6 +137,19 @@ def _check_limits(
         )
 
 
+def _check_index_model_files(
+    index: Index, index_path: Path, model: str | None, checkpoint: Path | None, engine: Path | None
+) -> None:
+    """The model path the index was built with must still hold the same files (as `search` and
+    `index add` check): weights saved over it would embed queries the indexed vectors do not match."""
+    from ..pipeline.run_settings import model_files
+    from .index_models import check_model_files
+
+    source = engine or checkpoint or model or index.model  # the source `_load_model` picks
+    if source:
+        check_model_files(index, index_path, str(source), model_files(str(source)))
+
+
 def _load_index(path: Path) -> Index:
     from ..index import Index
 
@@ -243,6 +256,8 @@ def register(app: typer.Typer) -> None:
             api_key=api_key or None,
         )
         index = _load_index(index_path) if index_path is not None else None
+        if index is not None and index_path is not None:
+            _check_index_model_files(index, index_path, model, checkpoint, engine)
         clip = _load_model(model, pretrained, checkpoint, engine, backend, device, precision, download, index)
         web_app = create_app(clip, index, settings)
         if not _is_loopback(host) and settings.api_key is None:
