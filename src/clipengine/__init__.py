@@ -33,3 +33,8 @@ def __getattr__(name: str) -> Any:
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'clipengine' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # The lazy names too: dir() and IPython's tab completion list only what is imported otherwise.
+    return sorted({*globals(), *_LAZY})

@@ -71,9 +71,12 @@ class Index:
     a vector in place. Build with `Index.build`, extend with `add`, persist with `save`/`load`.
 
     Example:
+        >>> import numpy as np
+        >>> ids = ["a.jpg", "b.jpg", "c.jpg"]
+        >>> vectors = np.eye(3, 4, dtype=np.float32)  # (N, D) embeddings, e.g. from encode_images
         >>> idx = Index.build(ids, vectors, model="tiny-synth")
-        >>> idx.search_vectors(vectors[:1], k=5)[0][0][0] == ids[0]
-        True
+        >>> idx.search_vectors(vectors[:1], k=2)[0][0]
+        ('a.jpg', 1.0)
     """
 
     def __init__(
