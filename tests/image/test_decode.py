@@ -278,3 +278,38 @@ def test_eps_is_refused_before_pillow_runs_ghostscript_on_it(tmp_path: Path) -> 
     eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nnewpath 0 0 moveto 16 16 lineto stroke\n")
     with pytest.raises(DecodeError, match=r"doc.eps: EPS images are not decoded \(Pillow renders them with"):
         decode_image(eps)
+
+
+def _progressive_jpeg(extra_scans: int, size: int = 64) -> bytes:
+    """A progressive JPEG with `extra_scans` more scans that hold no data (14 bytes each): libjpeg
+    still makes a pass over every block for each one (a "scan bomb")."""
+    import io
+    import re
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (size, size), (120, 30, 200)).save(out, format="JPEG", progressive=True)
+    data = out.getvalue()
+    last = [m.start() for m in re.finditer(b"\xff\xda", data)][-1]
+    empty_scan = data[last : last + 2 + int.from_bytes(data[last + 2 : last + 4], "big")]  # header only
+    end = data.rfind(b"\xff\xd9")
+    return data[:end] + empty_scan * extra_scans + data[end:]
+
+
+def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding(tmp_path: Path) -> None:
+    """The server refused these uploads; embed / predict decoded them: 10,000 empty scans in a
+    6000x6000 JPEG of 350 KB took 60 s in one decode worker."""
+    from clipengine.image.decode import MAX_JPEG_SCANS, open_image
+
+    bomb = _progressive_jpeg(MAX_JPEG_SCANS + 100)
+    reason = f"a progressive JPEG of {MAX_JPEG_SCANS + 110} scans, at most {MAX_JPEG_SCANS} decoded"
+    with pytest.raises(DecodeError, match=f"^bomb.jpg: {reason}"):
+        open_image(bomb, name="bomb.jpg")
+    (tmp_path / "bomb.jpg").write_bytes(bomb)  # a file is read in blocks, the same count
+    with pytest.raises(DecodeError, match=reason):
+        decode_image(tmp_path / "bomb.jpg")
+    ordinary = _progressive_jpeg(0)  # 10 scans, as encoders write them
+    assert open_image(ordinary, name="ok.jpg").size == (64, 64)
+    (tmp_path / "ok.jpg").write_bytes(ordinary)
+    assert decode_image(tmp_path / "ok.jpg").size == (64, 64)

@@ -25,7 +25,9 @@ __all__ = [
     "EMPTY_FILE",
     "EXTERNAL_DECODERS",
     "MAX_IMAGE_PIXELS",
+    "MAX_JPEG_SCANS",
     "decode_image",
+    "jpeg_scan_count",
     "open_image",
     "open_image_file",
     "read_error_reason",
@@ -45,6 +47,11 @@ MAX_IMAGE_PIXELS = 2 * 89_478_485
 # it (Ghostscript has a long record of code execution from crafted PostScript). Refused after the
 # header is read, before any pixel is decoded: `embed` on a downloaded folder, the server's uploads.
 EXTERNAL_DECODERS = {"EPS": "Pillow renders them with Ghostscript"}
+# Encoders write 1 scan (baseline) to about 10 (progressive); libjpeg-turbo's own tools cap it at 500.
+# libjpeg makes a pass over every block of the image for each scan, even one holding no data (14
+# bytes): 10,000 of them in a 6000x6000 JPEG of 350 KB took 60 s to decode (a "scan bomb").
+MAX_JPEG_SCANS = 500
+_JPEG_SCAN_START = b"\xff\xda"  # SOS; entropy-coded data escapes 0xFF, so these bytes are a marker
 
 _EXIF_ORIENTATION = 0x0112
 # One reason for a zero-byte file and empty bytes: `embed` decodes the bytes it read, `predict` the
@@ -244,6 +251,12 @@ def _decode_stream(fp: IO[bytes], label: str, draft_size: tuple[int, int] | None
             f"decompression bomb: {width}x{height} = {width * height} pixels is more than "
             f"MAX_IMAGE_PIXELS = {MAX_IMAGE_PIXELS}",
         )
+    # Only a progressive JPEG holds more scans than components (a baseline one decodes in one pass).
+    if im.format in ("JPEG", "MPO") and im.info.get("progressive"):
+        scans = _stream_scan_count(fp)
+        if scans > MAX_JPEG_SCANS:
+            raise DecodeError(label, f"a progressive JPEG of {scans} scans, at most {MAX_JPEG_SCANS} decoded "
+                                     "(each scan is a pass over every block: such files take minutes)")  # fmt: skip
     if draft_size is not None and im.format == "JPEG":
         im.draft("RGB", draft_size)  # picks the largest DCT reduction keeping both sides >= draft_size
     try:
@@ -256,6 +269,23 @@ def _decode_stream(fp: IO[bytes], label: str, draft_size: tuple[int, int] | None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise DecodeError(label, f"truncated or corrupt image data: {e}") from e
     return _oriented(im, copy=False)
+
+
+def jpeg_scan_count(data: bytes | bytearray) -> int:
+    """An upper bound of a JPEG's scans: its SOS markers (metadata such as an EXIF thumbnail may add some)."""
+    return data.count(_JPEG_SCAN_START)
+
+
+def _stream_scan_count(fp: IO[bytes]) -> int:
+    """`jpeg_scan_count` of a whole stream, read in blocks; its position is kept for the decoder."""
+    position = fp.tell()
+    fp.seek(0)
+    count, last = 0, b""
+    while block := fp.read(1 << 20):
+        count += (last + block).count(_JPEG_SCAN_START)  # `last`: a marker split between two blocks
+        last = block[-1:]
+    fp.seek(position)
+    return count
 
 
 def _unidentified_reason(fp: IO[bytes]) -> str:

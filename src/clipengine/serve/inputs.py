@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..image.decode import EMPTY_FILE, EXTERNAL_DECODERS, _quiet_pil
+from ..image.decode import EMPTY_FILE, EXTERNAL_DECODERS, MAX_JPEG_SCANS, _quiet_pil, jpeg_scan_count
 from .http_errors import ApiError
 
 __all__ = [
@@ -92,11 +92,6 @@ def check_image_header(image: NamedImage, max_pixels: int) -> None:
         )
 
 
-# Encoders write 1 scan (baseline) to about 10 (progressive); libjpeg-turbo's own tools cap it at 500.
-MAX_JPEG_SCANS = 500
-_JPEG_SCAN_START = b"\xff\xda"  # SOS; entropy-coded data escapes 0xFF, so these bytes are a marker
-
-
 def _check_jpeg_scans(image: NamedImage) -> None:
     """Refuse a JPEG with more scans than any encoder writes, before it reaches the decoder.
 
@@ -104,7 +99,7 @@ def _check_jpeg_scans(image: NamedImage) -> None:
     data (14 bytes): 10,000 of them in a 6000x6000 JPEG of 350 KB took 60 s to decode, and a decode
     thread cannot be stopped. Markers inside metadata (an EXIF thumbnail) count too: an upper bound.
     """
-    scans = image.data.count(_JPEG_SCAN_START)
+    scans = jpeg_scan_count(image.data)
     if scans > MAX_JPEG_SCANS:
         raise ApiError(
             400,
