@@ -22,8 +22,9 @@ from clipengine.image.jpeg_header import JpegHeader, scan_jpeg_header
 BAD = Path(__file__).parents[1] / "data" / "bad"
 
 
-def pillow_view(data: bytes) -> tuple[int, int, bool, object] | None:
-    """What the loader's Pillow path reads: (width, height, usable by nvjpeg, orientation), or None if Pillow fails."""
+def pillow_view(data: bytes) -> tuple[int, int, bool, object, bool] | None:
+    """What the loader's Pillow path reads: (width, height, usable by nvjpeg, orientation,
+    progressive), or None if Pillow fails."""
     try:
         return gpu_decode._read_header(memoryview(data))
     except Exception:
@@ -33,7 +34,7 @@ def pillow_view(data: bytes) -> tuple[int, int, bool, object] | None:
 def agrees(data: bytes) -> JpegHeader | None:
     fast = scan_jpeg_header(memoryview(data))
     if fast is not None and fast.width * fast.height <= MAX_IMAGE_PIXELS:  # bombs: CPU path either way
-        assert pillow_view(data) == (fast.width, fast.height, True, fast.orientation), data[:64]
+        assert pillow_view(data) == (fast.width, fast.height, True, fast.orientation, fast.progressive), data[:64]
     return fast
 
 
@@ -155,3 +156,23 @@ def test_inspect_uses_the_scan_and_keeps_its_answers(monkeypatch: pytest.MonkeyP
         got = with_scan[name]
         assert (got.nvjpeg, got.orientation, got.pixels) == (
             pillow_only.nvjpeg, pillow_only.orientation, pillow_only.pixels), name  # fmt: skip
+
+
+def test_a_progressive_scan_bomb_goes_to_the_cpu_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """nvjpeg took progressive JPEGs of any scan count; one of thousands of empty scans (each a pass
+    over the image) now goes to the CPU decoder, which refuses it by name (image.decode)."""
+    from clipengine.image.decode import MAX_JPEG_SCANS
+
+    data = CORPUS["progressive"]
+    last = data.rindex(b"\xff\xda")
+    empty_scan = data[last : last + 2 + struct.unpack(">H", data[last + 2 : last + 4])[0]]  # header only
+    end = data.rindex(b"\xff\xd9")
+    bomb = data[:end] + empty_scan * MAX_JPEG_SCANS + data[end:]
+    assert scan_jpeg_header(memoryview(data)).progressive  # type: ignore[union-attr]
+    assert not scan_jpeg_header(memoryview(CORPUS["rgb"])).progressive  # type: ignore[union-attr]
+    for reader in ("scan", "pillow"):
+        if reader == "pillow":
+            monkeypatch.setattr(gpu_decode, "scan_jpeg_header", lambda view: None)
+        assert gpu_decode.inspect_encoded("ok.jpg", data).nvjpeg, reader
+        assert not gpu_decode.inspect_encoded("bomb.jpg", bomb).nvjpeg, reader
+        assert not gpu_decode.inspect_encoded("bomb.jpg", np.frombuffer(bomb, np.uint8)).nvjpeg, reader

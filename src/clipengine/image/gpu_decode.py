@@ -92,26 +92,32 @@ def inspect_encoded(item_id: str, data: bytes | bytearray | np.ndarray) -> Encod
     orientation: object
     if fast is not None:  # a plain header, read as Pillow would (jpeg_header.py); else Pillow reads it
         width, height, usable, orientation = fast.width, fast.height, True, fast.orientation
+        progressive = fast.progressive
     else:
         try:
-            width, height, usable, orientation = _read_header(view[:_HEADER_BYTES])
+            width, height, usable, orientation, progressive = _read_header(view[:_HEADER_BYTES])
         except Exception:
             try:  # markers past the prefix (big APP segments): read the whole file's
-                width, height, usable, orientation = _read_header(view)
+                width, height, usable, orientation, progressive = _read_header(view)
             except Exception:  # any header problem: the CPU decoder decides, and names the reason
                 return EncodedImage(item_id, data, nvjpeg=False)
     if not usable or width * height > _decode.MAX_IMAGE_PIXELS:
+        return EncodedImage(item_id, data, nvjpeg=False)
+    # A scan bomb (thousands of empty scans, each a pass over the image) goes to the CPU decoder,
+    # which refuses it by name; counted for progressive files only (baseline ones are the bulk).
+    if progressive and _decode.jpeg_scan_count(bytes(view)) > _decode.MAX_JPEG_SCANS:
         return EncodedImage(item_id, data, nvjpeg=False)
     if not isinstance(orientation, int) or not 1 <= orientation <= 8:
         orientation = 1  # unreadable tag: as stored, like image.decode
     return EncodedImage(item_id, data, orientation=orientation, pixels=width * height)
 
 
-def _read_header(data: memoryview) -> tuple[int, int, bool, object]:
-    """(width, height, nvjpeg can take it, EXIF orientation) from the markers before the scan."""
+def _read_header(data: memoryview) -> tuple[int, int, bool, object, bool]:
+    """(width, height, nvjpeg can take it, EXIF orientation, progressive) from the markers before the scan."""
     with _decode._quiet_pil(), Image.open(io.BytesIO(data)) as header:  # parses markers, not pixels
         usable = header.format in ("JPEG", "MPO") and header.mode in _NVJPEG_MODES
-        return header.width, header.height, usable, header.getexif().get(_decode._EXIF_ORIENTATION, 1)
+        orientation = header.getexif().get(_decode._EXIF_ORIENTATION, 1)
+        return header.width, header.height, usable, orientation, bool(header.info.get("progressive"))
 
 
 def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:

@@ -35,6 +35,7 @@ class JpegHeader(NamedTuple):
     height: int
     components: int  # 1 (grey) or 3 (YCbCr / RGB): the ones Pillow opens as "L" / "RGB"
     orientation: int  # the EXIF tag as stored (1 when absent); the caller sanitises it
+    progressive: bool = False  # SOF2: may hold many scans (`image.decode.MAX_JPEG_SCANS`)
 
 
 def scan_jpeg_header(data: memoryview) -> JpegHeader | None:
@@ -52,6 +53,7 @@ def _scan(data: memoryview) -> JpegHeader | None:
     pos = 2
     exif: bytes | None = None
     frame: tuple[int, int, int] | None = None
+    progressive = False
     while pos + 4 <= end:
         if data[pos] != 0xFF:
             return None  # junk between segments (Pillow skips it byte by byte): not modelled
@@ -64,7 +66,8 @@ def _scan(data: memoryview) -> JpegHeader | None:
             if frame is None:
                 return None
             width, height, components = frame
-            return JpegHeader(width, height, components, _orientation(exif) if exif is not None else 1)
+            orientation = _orientation(exif) if exif is not None else 1
+            return JpegHeader(width, height, components, orientation, progressive)
         body = data[body_start:body_end]
         if 0xE0 <= marker <= 0xEF:
             exif = _app(marker, body, exif)
@@ -79,6 +82,7 @@ def _scan(data: memoryview) -> JpegHeader | None:
             frame = _sof(body)
             if frame is None:
                 return None
+            progressive = marker == 0xC2
         elif marker not in _SKIPPED and marker != 0xFE:  # COM (0xFE) is only stored by Pillow
             return None
         pos = body_end
