@@ -88,7 +88,7 @@ def test_bad_settings_raise_backend_error(model: CLIP, kwargs: dict[str, str], m
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
 def test_cuda_without_gpu_is_a_clear_error(model: CLIP) -> None:
-    with pytest.raises(BackendError, match="CUDA is not available; use --device cpu"):
+    with pytest.raises(BackendError, match=r"CUDA is not available; use device .cpu. \(--device cpu\)"):
         TorchBackend(model, device="cuda")
 
 

@@ -30,7 +30,7 @@ def _resolve_device(device: str) -> torch.device:
         raise InputError(f"bad device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'") from e
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise BackendError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+            raise BackendError(f"device {device!r} requested but CUDA is not available; use device 'cpu' (--device cpu)")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise BackendError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
     elif dev.type != "cpu":
