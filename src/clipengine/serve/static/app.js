@@ -13,8 +13,15 @@
     loadInfo();
   });
 
+  // fetch() refuses a header value outside Latin-1 (a key typed with another keyboard layout) with a
+  // TypeError that reads like a network failure: name the key as the problem instead.
   function authHeaders() {
     const key = keyInput.value.trim();
+    if (/[\0\r\n]|[^\u0000-\u00ff]/.test(key)) {
+      const err = new Error("The API key holds a character an HTTP header cannot carry (only Latin-1 letters): retype it.");
+      err.name = "ApiKeyError";
+      throw err;
+    }
     return key ? { Authorization: "Bearer " + key } : {};
   }
 
@@ -23,7 +30,12 @@
     const opts = Object.assign({}, options || {});
     opts.headers = Object.assign({}, authHeaders(), opts.headers || {});
     const started = performance.now();
-    const response = await fetch(path, opts);
+    let response;
+    try {
+      response = await fetch(path, opts);
+    } catch (err) {  // a rejected fetch is "Failed to fetch" in Chromium: say what it means
+      throw new Error("No answer from the server: is it running and reachable? (" + err.message + ")");
+    }
     const roundTrip = performance.now() - started;
     let body = null;
     try { body = await response.json(); } catch (e) { body = null; }
@@ -74,7 +86,7 @@
       $("no-index").hidden = !!body.index;
       $("search-btn").disabled = !body.index;
     } catch (err) {
-      $("model-badge").textContent = /unauthorized/.test(err.message) ? "API key needed" : "offline";
+      $("model-badge").textContent = err.name === "ApiKeyError" ? "API key unusable" : /unauthorized/.test(err.message) ? "API key needed" : "offline";
     }
   }
 
@@ -127,6 +139,19 @@
     }
   }
 
+  // The "top N" field as the server's top_k, or null for every label. The number field also takes
+  // "1e3", "2.0" and 20-digit values as valid, which top_k (ASCII digits, up to 18) refuses: send the
+  // integer, and nothing when N keeps every label anyway. Anything else (0, -1, 2.5) goes as typed,
+  // for the server to refuse with its reason.
+  function topKField(labelCount) {
+    const field = $("top-k");
+    const typed = field.value.trim();
+    if (!typed) return null;
+    const n = field.valueAsNumber;
+    if (!Number.isInteger(n) || n < 1) return typed;
+    return n >= labelCount ? null : String(n);
+  }
+
   $("classify-form").addEventListener("submit", async (e) => {
     e.preventDefault();
     const errorBox = $("classify-error");
@@ -139,7 +164,7 @@
     form.append("labels", labels.join(","));
     const templates = $("templates").value.trim();
     if (templates) form.append("templates", templates);
-    const topK = $("top-k").value.trim();  // empty: every label; the server refuses 0, -1, 2.5
+    const topK = topKField(labels.length);
     if (topK) form.append("top_k", topK);
     const button = $("classify-btn");
     button.disabled = true;
