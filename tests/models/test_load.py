@@ -555,3 +555,14 @@ def test_an_export_folder_is_named_as_one(tmp_path: Path) -> None:
     (folder / "image_fp32_b1.onnx").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"exported: an export folder .*--backend onnx or openvino"):
         load_model(folder)
+
+
+def test_arch_applies_to_a_clipengine_model_folder_as_to_other_folders(tmp_path: Path, tiny_model: CLIP) -> None:
+    """`load(folder, arch=...)` applied arch to open_clip and transformers folders but ignored it for
+    a clipengine folder (its config.json won without a word)."""
+    folder = save_model(tiny_model, tmp_path / "tiny")
+    flipped = tiny_model.config.with_quick_gelu(not tiny_model.config.quick_gelu)
+    assert load_model(folder, arch=flipped).config.quick_gelu is flipped.quick_gelu
+    with pytest.raises(CheckpointError, match=r"tiny/model\.safetensors"):  # ViT-B-32's shapes do not fit
+        load_model(folder, arch="ViT-B-32")
+    assert load_model(folder).config == tiny_model.config

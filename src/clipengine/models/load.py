@@ -209,7 +209,8 @@ def _load_folder(folder: Path, hints: _Hints, spec: ModelSpec, tag: str | None =
     config = _read_json(config_path)
     if "vision_config" in config:
         return _load_hf_folder(folder, config, hints)
-    cfg = _config(config_path, config, config.get("name") or folder.name)
+    # arch= applies as to open_clip and transformers folders (it was ignored here without a word).
+    cfg = hints.arch or _config(config_path, config, config.get("name") or folder.name)
     if hints.quick_gelu is not None:
         cfg = cfg.with_quick_gelu(hints.quick_gelu)
     preprocess = _preprocess(config_path, config["preprocess"]) if "preprocess" in config else None
