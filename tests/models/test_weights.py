@@ -382,3 +382,17 @@ def test_two_processes_downloading_the_same_weights_leave_one_whole_file(
     assert results == [target, target]
     assert target.read_bytes() == PAYLOAD and handler.requests == [""]
     assert sorted(p.name for p in target.parent.iterdir()) == ["model.bin"] + (["model.bin.sha256"] if sha256 else [])
+
+
+def test_cache_status_tells_a_checked_file_from_one_placed_by_hand(server: tuple[str, type[_Handler]]) -> None:
+    """`clipengine models` said "yes" for any file present, a damaged or wrong one included."""
+    from clipengine.models.weights import cache_status
+
+    url, _ = server
+    source = _source(f"{url}/model.bin")
+    assert cache_status(source) == "no"
+    path = fetch(source, allow_download=True)  # downloaded and checked
+    assert cache_status(source) == "yes"
+    path.write_bytes(PAYLOAD + b"!")  # changed since its check
+    assert cache_status(source) == "unchecked"
+    assert cache_status(replace(source, sha256=None)) == "yes"  # nothing published to check against

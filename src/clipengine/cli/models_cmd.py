@@ -12,13 +12,16 @@ __all__ = ["register"]
 def _models() -> None:
     from ..models.config import architecture_names
     from ..models.registry import architectures, sources
-    from ..models.weights import cache_path, is_cached
+    from ..models.weights import cache_path, cache_status
     from ..paths import weights_dir
 
-    typer.echo(f"{'MODEL':<32} {'FORMAT':<10} {'CACHED':<7} FILE")
+    typer.echo(f"{'MODEL':<32} {'FORMAT':<10} {'CACHED':<9} FILE")
+    states = {source.key: cache_status(source) for source in sources()}
     for source in sources():
-        cached = "yes" if is_cached(source) else "no"
-        typer.echo(f"{source.key:<32} {source.format:<10} {cached:<7} {cache_path(source)}")
+        typer.echo(f"{source.key:<32} {source.format:<10} {states[source.key]:<9} {cache_path(source)}")
+    if "unchecked" in states.values():  # a file placed by hand (or damaged) was listed as "yes"
+        typer.echo("\nunchecked: present, its SHA-256 not checked yet; the next load (or clipengine download "
+                   "NAME@TAG) checks it")  # fmt: skip
     bare = [name for name in architecture_names() if name not in architectures()]
     if bare:
         typer.echo(f"\nArchitectures without registered weights (use --checkpoint): {', '.join(bare)}")

@@ -21,6 +21,7 @@ from .registry import WeightSource
 __all__ = [
     "ProgressCallback",
     "cache_path",
+    "cache_status",
     "download",
     "fetch",
     "fetch_hub",
@@ -48,6 +49,22 @@ def cache_path(source: WeightSource) -> Path:
 def is_cached(source: WeightSource) -> bool:
     """True if the file is present locally (not checksummed here)."""
     return cache_path(source).is_file()
+
+
+def cache_status(source: WeightSource) -> str:
+    """"no"; "yes" (present, and its SHA-256 checked since it last changed, or none is published);
+    or "unchecked" (present, checked at its next load: a hand-placed or damaged file). No hashing."""
+    path = cache_path(source)
+    if not path.is_file():
+        return "no"
+    if source.sha256 is None:
+        return "yes"
+    marker = path.with_name(path.name + _VERIFIED_SUFFIX)
+    try:
+        verified = marker.read_text().strip() == f"{source.sha256} {_stamp(path)}"
+    except (OSError, UnicodeDecodeError):
+        verified = False
+    return "yes" if verified else "unchecked"
 
 
 def sha256_file(path: Path) -> str:
