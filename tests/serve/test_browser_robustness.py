@@ -158,3 +158,19 @@ def test_a_server_that_is_gone_is_named_as_such(tiny_clip: Any, clip_png: Path) 
         message = page.inner_text("#classify-error")
         browser.close()
     assert "no answer from the server" in message.lower(), message
+
+
+def test_a_failed_classify_clears_the_last_answers_bars(page: Any, clip_png: Path, tmp_path: Path) -> None:
+    """The previous image's bars stayed on screen beside the error, reading as this image's answer."""
+    page.set_input_files("#file-input", str(clip_png))
+    page.fill("#labels", "a diagram, a dog")
+    page.click("#classify-btn")
+    page.wait_for_function("document.querySelectorAll('#chart .bar-row').length === 2")
+    big = tmp_path / "big.png"
+    big.write_bytes(clip_png.read_bytes() + b"\0" * 3_000_000)
+    page.set_input_files("#file-input", str(big))
+    page.click("#classify-btn")
+    page.wait_for_selector("#classify-error:not([hidden])")
+    assert "HTTP 413" in page.inner_text("#classify-error")
+    assert page.query_selector_all("#chart .bar-row") == []
+    assert page.inner_text("#classify-time") == ""

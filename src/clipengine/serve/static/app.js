@@ -43,6 +43,9 @@
       const err = body && body.error ? body.error : { code: "http_" + response.status, message: response.statusText };
       throw new Error(err.message + " (" + err.code + ", HTTP " + response.status + ")");
     }
+    if (body === null || typeof body !== "object") {  // e.g. a proxy's HTML page: not our API's answer
+      throw new Error("The answer was not the API's JSON (HTTP " + response.status + "): is a proxy in between?");
+    }
     return { body: body, roundTrip: roundTrip };
   }
 
@@ -173,6 +176,9 @@
       renderChart(body.results[0].labels);
       $("classify-time").textContent = formatTime(body.elapsed_ms, roundTrip);
     } catch (err) {
+      // The last answer's bars would read as this image's: the error replaces them.
+      $("chart").textContent = "";
+      $("classify-time").textContent = "";
       showError(errorBox, err);
     } finally {
       button.disabled = false;
@@ -181,11 +187,15 @@
 
   // ---- search -----------------------------------------------------------------------------
   async function loadThumbnail(img, url) {
-    const response = await fetch(url, { headers: authHeaders() });
-    if (!response.ok) { img.alt = "unavailable"; return; }
-    const objectUrl = URL.createObjectURL(await response.blob());
-    objectUrls.push(objectUrl);
-    img.src = objectUrl;
+    try {
+      const response = await fetch(url, { headers: authHeaders() });
+      if (!response.ok) { img.alt = "unavailable"; return; }
+      const objectUrl = URL.createObjectURL(await response.blob());
+      objectUrls.push(objectUrl);
+      img.src = objectUrl;
+    } catch (err) {  // the server went away mid-grid: say so on the tile, not as an unhandled rejection
+      img.alt = "unavailable";
+    }
   }
 
   $("search-form").addEventListener("submit", async (e) => {
@@ -227,6 +237,8 @@
       }
       $("search-time").textContent = body.results.length + " results · " + formatTime(body.elapsed_ms, roundTrip);
     } catch (err) {
+      $("results").textContent = "";  // the last query's hits would read as this one's
+      $("search-time").textContent = "";
       showError(errorBox, err);
     } finally {
       button.disabled = false;
