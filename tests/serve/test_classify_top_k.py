@@ -114,4 +114,4 @@ def test_the_web_page_sends_top_k_from_its_own_input(make_client: Any) -> None:
     c = make_client()
     page, script = c.get("/").text, c.get("/static/app.js").text
     assert 'id="top-k" type="number" min="1"' in page
-    assert 'form.append("top_k", topK)' in script and '$("top-k").value' in script
+    assert 'form.append("top_k", topK)' in script and 'const field = $("top-k");' in script
