@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import operator
+import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -18,7 +19,40 @@ from .backends.base import l2_normalize
 from .errors import InputError
 from .types import FloatArray
 
-__all__ = ["check_top_k", "class_embeddings", "fill_template", "label_prompts", "mean_unit", "rank_labels"]
+__all__ = [
+    "check_top_k",
+    "check_utf8_texts",
+    "class_embeddings",
+    "fill_template",
+    "label_prompts",
+    "mean_unit",
+    "rank_labels",
+]
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_utf8_texts(texts: Sequence[str], what: str) -> None:
+    """Refuse a text holding a lone surrogate: bytes that were not UTF-8, as Python carries them in
+    a str ("surrogateescape": command-line arguments, file and folder names; b"caf\\xe9" ->
+    "caf\\udce9"). The tokenizer's cleanup (ftfy) made each one U+FFFD without a word, so the
+    model ranked "caf\\ufffd", not "café", and the user saw only worse results.
+
+    Raises:
+        InputError: naming `what`, the text, and the byte (or surrogate) at fault, with the fix.
+    """
+    for i, text in enumerate(texts):
+        found = _SURROGATE.search(text) if isinstance(text, str) else None
+        if found is None:
+            continue
+        code, at = ord(found.group()), found.start()
+        if 0xDC80 <= code <= 0xDCFF:  # surrogateescape: the byte itself
+            why = f"byte 0x{code - 0xDC00:02X} at character {at} (text in another encoding, Latin-1 / cp1252?)"
+            fix = "save the file, script or folder name it came from as UTF-8"
+        else:  # e.g. a JSON "\ud83d" escape without the other half of its pair
+            why = f"lone surrogate U+{code:04X} at character {at} (half of a UTF-16 pair)"
+            fix = "write the whole character"
+        raise InputError(f"{what} [{i}] {text!r:.80} is not UTF-8 text: {why}; {fix}")
 
 
 def fill_template(template: str, label: str) -> str:
@@ -56,8 +90,8 @@ def class_embeddings(
         batch_labels: labels encoded per call (T * batch_labels texts at a time).
 
     Raises:
-        InputError: `labels` is one str (it would be one label per character), or `batch_labels`
-            is not an integer >= 1.
+        InputError: `labels` is one str (it would be one label per character), a label or
+            template is not UTF-8 text (`check_utf8_texts`), or `batch_labels` is not an integer >= 1.
     """
     if isinstance(labels, str):
         raise InputError(f"labels must be a list of labels, not one string ({labels!r:.60})")
@@ -67,6 +101,8 @@ def class_embeddings(
         batch_labels = 0
     if batch_labels < 1:
         raise InputError(f"batch_labels must be an integer >= 1, got {batch_labels!r}")
+    check_utf8_texts(labels, "label")
+    check_utf8_texts(templates or (), "template")
     per_label = label_prompts(labels, templates)
     n_prompts = len(per_label[0]) if per_label else 0
     rows = []

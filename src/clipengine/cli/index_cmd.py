@@ -322,11 +322,14 @@ def register(app: typer.Typer) -> None:
         from ..errors import IndexMismatchError
         from ..index import Index, same_model
         from ..pipeline.run_settings import model_files
+        from ..zeroshot import check_utf8_texts
 
         if (query is None) == (image is None):
             raise typer.BadParameter("give a text query or --image (exactly one)")
         if query is not None and not query.strip():  # "" would embed as a text and rank every image
             raise typer.BadParameter("the text query is empty")
+        if query is not None:  # bytes that are not UTF-8 would be searched as U+FFFD
+            check_utf8_texts([query], "the query")
         index = Index.load(index_path)
         tuning = {"nprobe": nprobe, "ef_search": ef_search}
         for name, value in tuning.items():

@@ -171,9 +171,11 @@ def register(app: typer.Typer) -> None:
         """Rank TEXTS by how well they describe each image (softmax over CLIP similarities)."""
         from ..errors import DecodeError
         from ..report import fidelity, fidelity_line
+        from ..zeroshot import check_utf8_texts
         from . import model_options as mo
 
         texts = [*text, *ctx.args]  # values after a single --text arrive as extra arguments
+        check_utf8_texts(texts, "--text")  # `--text $(cat classes.txt)` of a Latin-1 file: refused, not U+FFFD
         paths = list_images(target)
         if not paths:
             raise DecodeError(str(target), "no image files (jpg, png, webp, bmp, gif, tiff) found")
