@@ -15,6 +15,7 @@ __all__ = [
     "IndexFileError",
     "IndexMismatchError",
     "InputError",
+    "OutputBusyError",
     "TextTooLongError",
     "UnknownModelError",
 ]
@@ -75,6 +76,11 @@ class DatasetError(ClipEngineError):
 
 class IndexFileError(ClipEngineError):
     """An index folder is missing, incomplete or corrupted (a file absent, truncated or unreadable)."""
+
+
+class OutputBusyError(ClipEngineError):
+    """An output folder is being written by another clipengine run (another process holds its lock);
+    retry once that run has ended."""
 
 
 class DuplicateIdError(ClipEngineError, ValueError):
