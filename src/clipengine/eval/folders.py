@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import DatasetError
 from ..image.files import walk_images
-from .labelled import LabelledImages, checked, class_names, read_json
+from .labelled import LabelledImages, checked, class_names, read_json, read_utf8
 
 __all__ = ["find_labels_file", "load_flat_folder", "load_imagefolder"]
 
@@ -143,7 +143,7 @@ def _parse_labels(path: Path, sorted_names: list[str]) -> list[tuple[str, int]]:
                     f"{path}: expected JSON {{file name: int label}}, got a {type(data).__name__}"
                 )
             return [(Path(k).name, _json_label(v)) for k, v in sorted(data.items())]
-        text = path.read_text(encoding="utf-8-sig")  # a BOM would start the first file name
+        text = read_utf8(path)  # a BOM would start the first file name
         lines = [ln.split() for ln in text.splitlines() if ln.strip()]
         if all(len(p) == 1 for p in lines):
             if len(lines) != len(sorted_names):
@@ -157,7 +157,7 @@ def _parse_labels(path: Path, sorted_names: list[str]) -> list[tuple[str, int]]:
                 name = Path(head).name  # a file name with spaces: everything before the label
                 entries.append((name if name in names else Path(head.split()[0]).name, int(label)))
         return entries
-    except (ValueError, TypeError) as e:  # UnicodeDecodeError is a ValueError
+    except (ValueError, TypeError) as e:
         raise DatasetError(f"{path}: expected '<file name> <int label>' or '<int label>' lines ({e})") from e
 
 

@@ -6,6 +6,7 @@ the type without importing the others, and from `eval.datasets`, the registry th
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import numpy as np
 
 from ..errors import DatasetError
 
-__all__ = ["LabelledImages", "checked", "class_names", "read_json"]
+__all__ = ["LabelledImages", "checked", "class_names", "read_json", "read_utf8"]
 
 
 @dataclass(frozen=True)
@@ -85,10 +86,35 @@ def read_json(path: Path, expected: str) -> Any:
     """The JSON in `path`, or a DatasetError naming the file and what was `expected`."""
     if not path.is_file():
         raise DatasetError(f"{path} not found; expected {expected}")
+    text = read_utf8(path)  # JSON is UTF-8 (RFC 8259)
     try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))  # JSON is UTF-8; Notepad adds a BOM
-    except (OSError, ValueError) as e:
+        return json.loads(text)
+    except ValueError as e:
         raise DatasetError(f"{path}: not valid JSON ({e}); expected {expected}") from e
+
+
+def read_utf8(path: Path) -> str:
+    """The text of `path`, decoded strictly as UTF-8 (a leading BOM, as Notepad writes, dropped).
+
+    Raises:
+        DatasetError: the file cannot be read, or is not UTF-8: a class list saved as Latin-1 /
+            cp1252 ("café" as the byte 0xE9) is named with the line and byte offset at fault, not
+            read with replacement characters the text model would embed instead of the names.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read it ({e.strerror or e})") from e
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = bom + e.start
+        line = data.count(b"\n", 0, at) + 1
+        raise DatasetError(
+            f"{path}: line {line}: byte 0x{data[at]:02X} at offset {at} is not UTF-8 ({e.reason}); "
+            "the file is in another encoding (Latin-1 / cp1252?): save it as UTF-8"
+        ) from e
 
 
 def class_names(value: object, source: object) -> list[str] | dict[str, str]:
