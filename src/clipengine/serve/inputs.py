@@ -7,8 +7,8 @@ import binascii
 import heapq
 import io
 import re
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,8 +16,9 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ValidationError
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from ..image.decode import EMPTY_FILE, EXTERNAL_DECODERS, MAX_JPEG_SCANS, _quiet_pil, jpeg_scan_count
 from .http_errors import ApiError
@@ -114,19 +115,89 @@ async def read_form(request: Request, max_files: int) -> AsyncIterator[Any]:
     """`async with read_form(...) as form`: parse a multipart/urlencoded body, closing its files after.
 
     The upload size limit applies while the body streams in (BodyLimitMiddleware).
+
+    Raises:
+        ApiError: 400 `invalid_multipart` for a multipart body that is malformed, has no boundary, or
+            ends before its closing boundary (a cut-off upload); 422 `too_many_images`.
     """
     try:
-        form = await request.form(max_files=max_files, max_fields=1000)
+        form = await _parse_form(request, max_files)
     except ApiError:  # the upload size limit, raised while the body streamed in
         raise
-    except StarletteHTTPException as e:  # Starlette reports multipart problems as plain 400s
-        if "too many files" in str(e.detail).lower():
+    except (StarletteHTTPException, MultiPartException) as e:  # urlencoded, multipart problems
+        detail = str(e.detail) if isinstance(e, StarletteHTTPException) else e.message
+        if "too many files" in detail.lower():
             raise ApiError(422, "too_many_images", f"more than {max_files} images in one request") from e
-        raise ApiError(400, "invalid_multipart", str(e.detail)) from e
+        raise ApiError(400, "invalid_multipart", _multipart_problem(detail, e.__cause__)) from e
     try:
         yield form
     finally:
         await form.close()
+
+
+_MISSING_BOUNDARY = (
+    "the Content-Type multipart/form-data has no boundary parameter: let the HTTP client write the "
+    "header (curl -F, requests' files=, a browser's FormData) rather than setting it by hand"
+)
+
+
+def _multipart_problem(detail: str, cause: BaseException | None) -> str:
+    """Starlette's terse multipart message -> one that says what is wrong with the body and how to fix it."""
+    if detail == "Missing boundary in multipart.":
+        return _MISSING_BOUNDARY
+    if detail == "Invalid multipart data.":  # python-multipart's parse error is the cause
+        why = f" ({cause})" if cause is not None else ""
+        return (
+            f"malformed multipart body{why}: its parts must be delimited by '--' and the boundary "
+            "named in the Content-Type header"
+        )
+    return detail
+
+
+async def _parse_form(request: Request, max_files: int) -> FormData:
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "multipart/form-data":
+        return await request.form(max_files=max_files, max_fields=1000)
+    async with aclosing(request.stream()) as stream:  # as Starlette's request.form() reads it
+        parser = _WholeMultiPartParser(request.headers, stream, max_files=max_files, max_fields=1000)
+        return await parser.parse()
+
+
+def _incomplete(received: int) -> str:
+    if not received:
+        return "empty multipart body: a multipart/form-data body holds at least its closing boundary"
+    return (
+        f"incomplete multipart body: it ended after {received} bytes, before its closing boundary; "
+        "the upload was cut off (send the whole body)"
+    )
+
+
+class _WholeMultiPartParser(MultiPartParser):
+    """Starlette's multipart parser, which also refuses a body that ends before its closing boundary.
+
+    Why: python-multipart's `finalize()` does not check that the parser reached the end, so a body
+    cut off mid-upload parsed as a shorter form (a part dropped, or none at all): the client was told
+    a field was missing ("no image given") instead of that its upload was incomplete.
+    """
+
+    def __init__(self, headers: Headers, stream: AsyncIterator[bytes], **limits: Any) -> None:
+        super().__init__(headers, self._checked(stream), **limits)
+        self.complete = False
+        self.received = 0
+
+    def on_end(self) -> None:  # python-multipart calls it at the closing boundary, only there
+        self.complete = True
+
+    async def _checked(self, stream: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
+        """The body's chunks; at its end, an error if the parser has not met the closing boundary.
+
+        Raised from inside the stream so that the parser closes the files of the parts it began.
+        """
+        async for chunk in stream:
+            self.received += len(chunk)
+            yield chunk
+        if not self.complete:
+            raise MultiPartException(_incomplete(self.received))
 
 
 async def uploads_to_images(values: list[Any], field: str) -> list[NamedImage]:
