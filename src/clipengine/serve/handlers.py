@@ -296,7 +296,9 @@ class ApiHandlers:
             return await self.service.search(index, query, k)
 
         hits = await self.timed(run(), request)
-        results = [{"id": i, "score": s, "thumbnail_url": f"/v1/thumbnails/{quote(i)}"} for i, s in hits]
+        # Under a Mount or uvicorn's --root-path the service's routes start at root_path (as url_for's).
+        thumbnails = f"{request.scope.get('root_path', '')}/v1/thumbnails/"
+        results = [{"id": i, "score": s, "thumbnail_url": thumbnails + quote(i)} for i, s in hits]
         return JSONResponse(
             {"model": self.model.name, "k": k, "results": results, "elapsed_ms": _ms(started)}
         )

@@ -21,6 +21,16 @@ __all__ = ["ApiKeyMiddleware", "BodyLimitMiddleware", "RequestTracker", "Trackin
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
+def _route_path(scope: Scope) -> str:
+    """The path inside the app: ASGI's `path` starts with `root_path` (under a Mount, or uvicorn's
+    --root-path behind a proxy), so "/clip/v1/search" is the app's "/v1/search" (as Starlette routes it)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
+        return path[len(root) :] or "/"
+    return path
+
+
 async def _send_json(
     send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
 ) -> None:
@@ -93,7 +103,7 @@ class TrackingMiddleware:
                 status["code"] = message["status"]
             await send(message)
 
-        is_api = scope["path"].startswith(self.api_prefix)
+        is_api = _route_path(scope).startswith(self.api_prefix)
         try:
             if is_api and self.tracker.draining:
                 await _send_json(
@@ -144,7 +154,7 @@ class ApiKeyMiddleware:
         if scope["type"] != "http" or self.key is None:
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
+        path = _route_path(scope)
         if path in self.public or path.startswith(self.public_prefixes) or scope.get("method") == "OPTIONS":
             await self.app(scope, receive, send)
             return

@@ -25,6 +25,8 @@
     return key ? { Authorization: "Bearer " + key } : {};
   }
 
+  // Every URL is relative to this page (served at the service's root): behind a reverse proxy that
+  // mounts the service under a sub-path (https://host/clip/), a path from the host's root leaves it.
   // fetch + JSON with the API error shape {"error": {"code", "message"}} turned into an Error.
   async function callApi(path, options) {
     const opts = Object.assign({}, options || {});
@@ -80,7 +82,7 @@
 
   async function loadInfo() {
     try {
-      const { body } = await callApi("/v1/info");
+      const { body } = await callApi("v1/info");
       const fidelity = fidelityText(body.fidelity);  // a lower precision states its deviation from fp32
       $("model-badge").textContent = body.model + " · " + body.embed_dim + "-d" + (fidelity ? " · " + fidelity.short : "");
       $("model-badge").title = fidelity ? fidelity.full : "Model served (fp32)";
@@ -172,7 +174,7 @@
     const button = $("classify-btn");
     button.disabled = true;
     try {
-      const { body, roundTrip } = await callApi("/v1/classify", { method: "POST", body: form });
+      const { body, roundTrip } = await callApi("v1/classify", { method: "POST", body: form });
       renderChart(body.results[0].labels);
       $("classify-time").textContent = formatTime(body.elapsed_ms, roundTrip);
     } catch (err) {
@@ -208,7 +210,7 @@
     button.disabled = true;
     try {
       const k = parseInt($("search-k").value, 10);
-      const { body, roundTrip } = await callApi("/v1/search", {
+      const { body, roundTrip } = await callApi("v1/search", {
         method: "POST",
         headers: { "Content-Type": "application/json" },
         body: JSON.stringify({ text: text, k: k }),
@@ -233,7 +235,9 @@
         cap.append(id, score);
         fig.append(img, cap);
         grid.appendChild(fig);
-        loadThumbnail(img, hit.thumbnail_url);
+        // Not hit.thumbnail_url: the server writes it from the host's root as it sees it, which is
+        // not this page's behind a proxy that strips a sub-path.
+        loadThumbnail(img, "v1/thumbnails/" + hit.id.split("/").map(encodeURIComponent).join("/"));
       }
       $("search-time").textContent = body.results.length + " results · " + formatTime(body.elapsed_ms, roundTrip);
     } catch (err) {
