@@ -156,6 +156,38 @@ def _load_index(path: Path) -> Index:
     return Index.load(path)
 
 
+# Descriptors the process keeps for itself beside its connections: model and index files, thumbnails
+# being read, the event loop, thread pools and libraries.
+_OWN_FDS = 100
+
+
+def _fit_fd_limit(max_connections: int) -> str | None:
+    """Raise the soft file-descriptor limit (up to the hard one) to hold `max_connections` connections.
+
+    Why: each connection is a descriptor; with the common soft limit of 1024 the default cap of 1000
+    was never reached: accept() and file opens failed first. Returns a warning when it cannot fit.
+    """
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    need = max_connections + _OWN_FDS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return None
+    target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        target = soft
+    if target >= need:
+        return None
+    return (
+        f"warning: --max-connections {max_connections} needs about {need} file descriptors, the limit "
+        f"is {target} (ulimit -n): raise it, or lower --max-connections to {max(1, target - _OWN_FDS)}"
+    )
+
+
 def _run_server(app: Any, host: str, port: int, log_level: str, graceful_s: float) -> None:
     """Run uvicorn until SIGINT/SIGTERM; it stops accepting, waits for in-flight requests, then drains.
 
@@ -230,6 +262,12 @@ def register(app: typer.Typer) -> None:
             help="Require this key (Bearer or X-API-Key).",
             show_default=False,
         ),
+        max_connections: int = typer.Option(
+            1000,
+            "--max-connections",
+            min=1,
+            help="Most open connections; one over it is answered 503 (too_many_connections) and closed.",
+        ),
         log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
     ) -> None:
         """Serve embeddings, zero-shot classification and image search over HTTP, with a web page at /."""
@@ -253,6 +291,7 @@ def register(app: typer.Typer) -> None:
             max_pixels=max_pixels,
             max_texts=max_texts,
             request_timeout_s=request_timeout,
+            max_connections=max_connections,
             api_key=api_key or None,
         )
         index = _load_index(index_path) if index_path is not None else None
@@ -264,6 +303,9 @@ def register(app: typer.Typer) -> None:
             typer.echo(
                 f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True
             )
+        fd_warning = _fit_fd_limit(max_connections)
+        if fd_warning:
+            typer.echo(fd_warning, err=True)
         from ..report import fidelity_line
 
         note = fidelity_line(web_app.state.clipengine.fidelity)  # a lower precision's deviation (/v1/info too)

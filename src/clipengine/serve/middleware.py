@@ -14,7 +14,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .http_errors import ApiError, error_body
 from .metrics import ServeMetrics
 
-__all__ = ["ApiKeyMiddleware", "BodyLimitMiddleware", "RequestTracker", "TrackingMiddleware"]
+__all__ = [
+    "OVER_CAP_KEY",
+    "ApiKeyMiddleware",
+    "BodyLimitMiddleware",
+    "RequestTracker",
+    "TrackingMiddleware",
+]
+
+# In a request's scope["state"] when its connection opened over the server's connection cap: the
+# (open connections, cap) the protocol (serve.protocol) saw. The app then answers 503, never the route.
+OVER_CAP_KEY = "clipengine.serve.over_connection_cap"
 
 # Metric label values for the method: clients can send any token as a method, so anything else is
 # counted as "other" (one new series per made-up method would grow the registry without bound).
@@ -103,8 +113,13 @@ class TrackingMiddleware:
                 status["code"] = message["status"]
             await send(message)
 
-        is_api = _route_path(scope).startswith(self.api_prefix)
+        path = _route_path(scope)
+        is_api = path.startswith(self.api_prefix)
+        over_cap = (scope.get("state") or {}).get(OVER_CAP_KEY)
         try:
+            if over_cap is not None and path != "/healthz":  # liveness: the process still answers
+                await self._refuse_over_cap(send_wrapper, *over_cap)
+                return
             if is_api and self.tracker.draining:
                 await _send_json(
                     send_wrapper,
@@ -127,6 +142,16 @@ class TrackingMiddleware:
             method = method if method in _METHODS else "other"
             self.metrics.requests.inc(method=method, route=template, status=str(status["code"]))
             self.metrics.latency.observe(time.perf_counter() - started, method=method, route=template)
+
+
+    async def _refuse_over_cap(self, send: Send, open_connections: int, cap: int) -> None:
+        """503 and close: the connection stays open only while it is answered, freeing its descriptor."""
+        message = (
+            f"too many connections: {open_connections} open, over the server's limit of {cap} "
+            "(clipengine serve --max-connections); retry later"
+        )
+        headers = {**self.retry_after, "Connection": "close"}
+        await _send_json(send, 503, error_body("too_many_connections", message), headers)
 
 
 class ApiKeyMiddleware:

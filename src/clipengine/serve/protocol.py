@@ -7,6 +7,12 @@ every few seconds) held each connection, and its file descriptor, for ever. With
 And a client that stopped reading its answers held its connection and request for ever; one that
 hung up on pipelined requests (httptools) left the one running unaware of it.
 
+And nothing capped the number of open connections: each holds a file descriptor, so a flood of
+them ran the process out (accept failing, files not opening). One over `max_connections` is
+answered 503 by the app (OVER_CAP_KEY in its request's state) and closed, or closed within
+OVER_CAP_HEAD_TIMEOUT_S if it sends nothing; uvicorn's own `limit_concurrency` kept such an idle
+connection for the whole head timeout and answered a plain "Service Unavailable" without a reason.
+
 Each refusal or drop is counted in the served app's `clipengine_http_rejected_total{reason}`: the
 protocol finds the app's metrics in the lifespan state uvicorn hands every connection (STATE_KEY).
 """
@@ -22,6 +28,7 @@ import h11
 
 from .http_errors import error_body
 from .metrics import STATE_KEY
+from .middleware import OVER_CAP_KEY
 from .settings import ServeSettings
 
 __all__ = ["guarded_protocol", "uvicorn_options"]
@@ -29,6 +36,10 @@ __all__ = ["guarded_protocol", "uvicorn_options"]
 log = logging.getLogger(__name__)
 
 _REASONS = {408: "Request Timeout", 431: "Request Header Fields Too Large"}
+
+# A connection opened over the cap has this long to send its request head (to be told 503), not the
+# full head timeout: idle ones would hold a descriptor each for that long, the cap notwithstanding.
+OVER_CAP_HEAD_TIMEOUT_S = 1.0
 
 
 class _HeadGuard(asyncio.Protocol):
@@ -42,12 +53,14 @@ class _HeadGuard(asyncio.Protocol):
     head_timeout_s: float = 10.0  # request line + headers must be complete this long after they start
     send_timeout_s: float = 30.0  # a client that reads none of its answer for this long is cut off
     max_head_bytes: int = 64 * 1024  # request line + headers; 431 above (httptools; h11 has its own cap)
+    max_connections: int | None = None  # open connections; one over it is answered 503 and closed
 
     # uvicorn's own attributes, as the guard uses them
     cycle: Any
     transport: asyncio.Transport
     loop: asyncio.AbstractEventLoop
     server_state: Any
+    connections: set[Any]  # the server's open connections, this one included once it is made
     app_state: dict[str, Any]  # the app's lifespan state: its ServeMetrics under STATE_KEY
 
     _head_timer: asyncio.TimerHandle | None = None
@@ -55,9 +68,16 @@ class _HeadGuard(asyncio.Protocol):
     _in_head = False  # part of a request head has arrived
     _head_bytes = 0  # bytes read since the head began (counted only where the parser has no cap)
     _counts_head_bytes = False
+    _over_cap = False  # opened over max_connections
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        if self.max_connections is not None and len(self.connections) > self.max_connections:
+            # This connection's requests are answered 503 by the app, which reads the mark from the
+            # state uvicorn copies into each request's scope; a copy, so other connections lack it.
+            self.app_state = {**self.app_state, OVER_CAP_KEY: (len(self.connections), self.max_connections)}
+            self.head_timeout_s = min(self.head_timeout_s, OVER_CAP_HEAD_TIMEOUT_S)
+            self._over_cap = True
         self._start_clock()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -134,7 +154,7 @@ class _HeadGuard(asyncio.Protocol):
         if self.transport.is_closing() or not self._awaiting_head():
             return
         if not self._in_head:  # nothing of a request arrived (as uvicorn's keep-alive timeout: no answer)
-            self._count("no_request")
+            self._count("too_many_connections" if self._over_cap else "no_request")
             self.transport.close()
             return
         self._refuse(
@@ -241,7 +261,10 @@ class _HttpToolsHeadGuard(_HeadGuard):
 
 
 def guarded_protocol(
-    head_timeout_s: float, max_head_bytes: int, send_timeout_s: float = 30.0
+    head_timeout_s: float,
+    max_head_bytes: int,
+    send_timeout_s: float = 30.0,
+    max_connections: int | None = None,
 ) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol class (httptools when installed, as uvicorn picks, else h11) with the guard."""
     base: type[asyncio.Protocol]
@@ -258,6 +281,7 @@ def guarded_protocol(
         "head_timeout_s": head_timeout_s,
         "max_head_bytes": max_head_bytes,
         "send_timeout_s": send_timeout_s,
+        "max_connections": max_connections,
     }
     return type(f"Guarded{base.__name__}", (guard, base), attrs)
 
@@ -270,7 +294,10 @@ def uvicorn_options(settings: ServeSettings) -> dict[str, Any]:
     """
     return {
         "http": guarded_protocol(
-            settings.head_timeout_s, settings.max_head_bytes, settings.request_timeout_s
+            settings.head_timeout_s,
+            settings.max_head_bytes,
+            settings.request_timeout_s,
+            settings.max_connections,
         ),
         "h11_max_incomplete_event_size": settings.max_head_bytes,  # h11's own cap (a 400 above it)
         "timeout_graceful_shutdown": int(settings.drain_timeout_s),

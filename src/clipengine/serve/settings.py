@@ -27,6 +27,7 @@ class ServeSettings:
     head_timeout_s: float = 10.0  # request line + headers must arrive within this (408, then closed)
     max_head_bytes: int = 64 * 1024  # request line + headers (431 above; 400 with uvicorn's h11 parser)
     min_upload_rate: float = 500.0  # bytes/s a body must average past its first request_timeout_s (408)
+    max_connections: int = 1000  # open connections; one over it gets a 503 (or closes within 1 s if idle)
     retry_after_s: int = 1  # Retry-After on 429/503
     preprocess_threads: int = 4  # thread pool for decode + preprocess
     thumbnail_size: int = 256  # longest side of a thumbnail, pixels
@@ -47,6 +48,7 @@ class ServeSettings:
             "preprocess_threads",
             "thumbnail_size",
             "max_head_bytes",
+            "max_connections",
         ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"ServeSettings.{name} must be >= 1, got {getattr(self, name)!r}")
