@@ -31,6 +31,7 @@ STATE_KEY = "clipengine.serve.metrics"
 # What the connection layer (serve.protocol) refuses or drops before a request reaches the app.
 CONNECTION_REJECTIONS = (
     "head_timeout",  # 408: the request line and headers did not arrive in time
+    "incomplete_body",  # 400: the client shut its side of the connection before its whole body
     "head_too_large",  # 431 (h11: its own 400): the request line and headers are over the size limit
     "invalid_request",  # uvicorn's own 400: the HTTP parser refused the request line or a header
     "no_request",  # closed without an answer: nothing of a request arrived in time

@@ -35,7 +35,7 @@ __all__ = ["guarded_protocol", "uvicorn_options"]
 
 log = logging.getLogger(__name__)
 
-_REASONS = {408: "Request Timeout", 431: "Request Header Fields Too Large"}
+_REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large"}
 
 # A connection opened over the cap has this long to send its request head (to be told 503), not the
 # full head timeout: idle ones would hold a descriptor each for that long, the cap notwithstanding.
@@ -84,6 +84,27 @@ class _HeadGuard(asyncio.Protocol):
         self._stop_clock()
         self._stop_send_clock()
         super().connection_lost(exc)
+
+    def eof_received(self) -> None:
+        """The client shut its sending side: if that cut its request body short, say so, then close.
+
+        uvicorn closed the connection without a word (the app saw a disconnect, a 499). A client
+        that half-closes (`shutdown(SHUT_WR)`, `nc -N`) reads the 400; one that closed outright
+        does not, as before. With the whole request in, the connection closes as uvicorn does:
+        a closed socket reads the same as a half-closed one, and a client that hangs up must
+        have its queued work dropped at once (the answer would find nobody).
+        """
+        cycle = self.cycle
+        body_cut = cycle is not None and cycle.more_body and not cycle.response_started
+        if body_cut and not self.transport.is_closing():
+            self._refuse(
+                400,
+                "incomplete_body",
+                "the request body ended early: the client closed its side of the connection before "
+                "sending all of it (Content-Length or the last chunk); send the whole body",
+                reason="incomplete_body",
+            )
+        super().eof_received()
 
     def pause_writing(self) -> None:
         """The answer fills the send buffer: the client has this long to read some of it."""
@@ -182,7 +203,7 @@ class _HeadGuard(asyncio.Protocol):
     def _refuse(self, status: int, code: str, message: str, *, reason: str) -> None:
         """Answer with the API's JSON error shape and close (uvicorn's own 400s are written the same way)."""
         self._count(reason)
-        level = logging.INFO if status == 408 else logging.WARNING  # slow links are common, huge heads not
+        level = logging.WARNING if status == 431 else logging.INFO  # slow or cut links are common, huge heads not
         log.log(level, "%s to %s: %s", status, getattr(self, "client", None), message)
         body = json.dumps(error_body(code, message)).encode()
         head = [f"HTTP/1.1 {status} {_REASONS[status]}".encode()]
