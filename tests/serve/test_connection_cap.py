@@ -16,6 +16,7 @@ from clipengine.serve import ServeSettings, create_app
 
 from .conftest import FakeIndex, FakeModel
 from .test_slow_clients import (
+    HEAD_TIMEOUT,
     _connect,
     _good_request,
     _read_until_closed,
@@ -23,6 +24,7 @@ from .test_slow_clients import (
     _server,
     _status_and_error,
     _texts_request,
+    _trickle_until_closed,
     parser,  # noqa: F401  (the fixture: both of uvicorn's HTTP stacks)
 )
 
@@ -76,6 +78,20 @@ def _check_the_cap(server: Any, idle: list[socket.socket]) -> None:
     with _connect(server) as sock:  # liveness answers even over the cap
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
         assert _read_until_closed(sock).startswith(b"HTTP/1.1 200 ")
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("parser")
+def test_a_head_sent_byte_by_byte_is_cut_off_at_the_head_timeout(fake_model: FakeModel) -> None:
+    # Slowloris: a header byte every 50 ms, never ending. Each byte would restart a per-read timer;
+    # the head's deadline runs from its first byte, so such connections cannot pile up.
+    for server in _server(fake_model):
+        with _connect(server) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Slow: ")
+            ended, got = _trickle_until_closed(sock, b"a")
+        assert ended is not None and ended < HEAD_TIMEOUT + 3, ended
+        assert got.startswith(b"HTTP/1.1 408 ") and b"request_timeout" in got, got[:200]
+        assert _rejections(server)["head_timeout"] == 1
 
 
 def test_the_cap_comes_from_the_option_and_reaches_the_protocol(
