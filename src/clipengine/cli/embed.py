@@ -242,6 +242,7 @@ def register(app: typer.Typer) -> None:
 
         from ..errors import DatasetError
         from ..pipeline.run import check_output
+        from ..pipeline.run_lock import exclusive_output
         from ..pipeline.sinks import DTYPES, FAILURES_FILE
         from ..pipeline.sources import list_items
         from ..report import fidelity_line, render_run_stats
@@ -289,6 +290,9 @@ def register(app: typer.Typer) -> None:
             gpu_cpu_share=gpu_cpu_share if gpu_decode else None, precision=opts.precision,
         )  # fmt: skip
         with ExitStack() as stack:
+            # Held to the fidelity write: a second run into `output` meanwhile is refused now, before
+            # its model load, not after (`embed_folder` holds it too, for library callers).
+            stack.enter_context(exclusive_output(output))
             procs = None
             if gpu_decode_procs > 1:  # their start-up (torch, CUDA, nvjpeg) runs while the model loads
                 procs = stack.enter_context(_start_decode_procs(gpu_decode_procs, opts.device, gpu_decoder, workers,
@@ -319,8 +323,8 @@ def register(app: typer.Typer) -> None:
                 stats = _run_engine(
                     engine, items, output, clip, preprocess, opts, progress=bar.update, **run_kwargs
                 )
+            _record_fidelity(output, measured)
         _log.info("embedding done %.1f s after the command started", time.perf_counter() - t_start)
-        _record_fidelity(output, measured)
         fmt = "json" if as_json else "text"
         typer.echo(render_run_stats(stats, fmt, failures_path=output / FAILURES_FILE, fidelity=measured))
         if stats.images and stats.failed_total >= stats.images:

@@ -34,6 +34,7 @@ import numpy as np
 from ..errors import BackendError, IndexMismatchError, InputError
 from ..pipeline.embed import LazyBackend
 from ..pipeline.run import RunStats, run_partition
+from ..pipeline.run_lock import exclusive_output
 from ..pipeline.run_settings import check_compatible, model_files
 from ..pipeline.sinks import RUN_FILE, ShardSink, atomic_write_json, read_run_info
 from ..pipeline.sources import check_unique_ids, partitions
@@ -304,39 +305,40 @@ def embed_with_ray(
         "engine": "ray", "status": "running", "fast_decode": fast_decode,
         "gpu_decode": False, "gpu_decoder": None,  # actors decode on the CPU
     }  # fmt: skip
-    previous = read_run_info(out)
-    if previous is not None:
-        check_compatible(out, previous, info)  # the local engine's rule: never mix runs in one folder
-        info["embed_dim"] = previous.get("embed_dim")
-        info["precision"] = previous.get("precision")  # the actors check theirs against it
-    out.mkdir(parents=True, exist_ok=True)
-    sink.clean_temp_files()
-    atomic_write_json(out / RUN_FILE, info)
+    with exclusive_output(out):  # one run at a time into a folder, as the local engine (`run_lock`)
+        previous = read_run_info(out)
+        if previous is not None:
+            check_compatible(out, previous, info)  # the local engine's rule: never mix runs in one folder
+            info["embed_dim"] = previous.get("embed_dim")
+            info["precision"] = previous.get("precision")  # the actors check theirs against it
+        out.mkdir(parents=True, exist_ok=True)
+        sink.clean_temp_files()
+        atomic_write_json(out / RUN_FILE, info)
 
-    total = RunStats()
-    todo, retried = [], set[int]()
-    for p in parts:
-        retry = retry_failed and sink.has_failures(p.id)
-        if retry:
-            retried.add(p.id)
-        if not retry and sink.is_complete(p.id, [i.id for i in p.items], embed_dim=info["embed_dim"]):
-            total.add(RunStats(images=len(p.items), skipped=len(p.items), shards_skipped=1))
-            if progress is not None:
-                progress(len(p.items))
-        else:
-            todo.append(p)
-    log.info("ray embed: %d partitions, %d already complete", len(parts), len(parts) - len(todo))
-    if todo:
-        _run_job(todo, out, _as_factory(backend_factory, num_gpus), cfg, info, total, progress,
-                 address=address, num_actors=num_actors, num_cpus=num_cpus, num_gpus=num_gpus,
-                 dtype=dtype, batch_size=batch_size, fast_decode=fast_decode, retried=frozenset(retried))  # fmt: skip
-    total.failed_total = sink.write_failures(len(parts))
-    total.wall_s = time.perf_counter() - t_start
-    info.update(status="complete", counts=total.counts(), timings=total.to_dict())
-    if not total.processed and previous is not None and "timings" in previous:
-        info["timings"] = previous["timings"]  # a pure resume keeps the timings of the run that did the work
-    atomic_write_json(out / RUN_FILE, info)
-    return total
+        total = RunStats()
+        todo, retried = [], set[int]()
+        for p in parts:
+            retry = retry_failed and sink.has_failures(p.id)
+            if retry:
+                retried.add(p.id)
+            if not retry and sink.is_complete(p.id, [i.id for i in p.items], embed_dim=info["embed_dim"]):
+                total.add(RunStats(images=len(p.items), skipped=len(p.items), shards_skipped=1))
+                if progress is not None:
+                    progress(len(p.items))
+            else:
+                todo.append(p)
+        log.info("ray embed: %d partitions, %d already complete", len(parts), len(parts) - len(todo))
+        if todo:
+            _run_job(todo, out, _as_factory(backend_factory, num_gpus), cfg, info, total, progress,
+                     address=address, num_actors=num_actors, num_cpus=num_cpus, num_gpus=num_gpus,
+                     dtype=dtype, batch_size=batch_size, fast_decode=fast_decode, retried=frozenset(retried))  # fmt: skip
+        total.failed_total = sink.write_failures(len(parts))
+        total.wall_s = time.perf_counter() - t_start
+        info.update(status="complete", counts=total.counts(), timings=total.to_dict())
+        if not total.processed and previous is not None and "timings" in previous:
+            info["timings"] = previous["timings"]  # a pure resume keeps the timings of the run that did the work
+        atomic_write_json(out / RUN_FILE, info)
+        return total
 
 
 def _run_job(

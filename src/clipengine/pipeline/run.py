@@ -16,6 +16,7 @@ from ..types import Backend, ImageItem
 from .batching import default_workers, make_executor
 from .cpu_assist import default_assist_workers
 from .embed import BackendSource, LazyBackend
+from .run_lock import exclusive_output
 from .run_settings import check_compatible, check_cpu_share, check_decode_procs, check_output, model_files
 from .shard_assembly import Loading, ProgressCallback, embed_partitions
 from .sinks import RUN_FILE, ShardSink, atomic_write_json, read_run_info
@@ -192,80 +193,83 @@ def embed_folder(
     cfg = preprocess_cfg if isinstance(preprocess_cfg, dict) else preprocess_cfg.to_dict()
     parts = partitions(items, shard_size)
     sink = ShardSink(out_dir, dtype)
-    previous = read_run_info(out_dir)
-    info: dict[str, Any] = {
-        "model": model,
-        "model_files": model_files(model),
-        "embed_dim": None,
-        "dtype": dtype,
-        "shard_size": shard_size,
-        "batch_size": batch_size,
-        "source": str(Path(source).resolve()) if isinstance(source, (str, Path)) else source_label,
-        "preprocess": cfg,
-        "fast_decode": fast_decode,
-        "gpu_decode": gpu_decode is not None,
-        "gpu_decoder": gpu_decoder if gpu_decode is not None else None,
-        "gpu_cpu_share": gpu_cpu_share if gpu_decode is not None else None,
-        "partitions": len(parts),
-        "images": len(items),
-        "status": "running",
-    }
-    if previous is not None:
-        check_compatible(out_dir, previous, info)
-        info["embed_dim"] = previous.get("embed_dim")
-        info["precision"] = previous.get("precision")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sink.clean_temp_files()
-    atomic_write_json(out_dir / RUN_FILE, info)
+    # Held from before run.json is read to the last write: a second run into the folder meanwhile
+    # passed the resume check and mixed its shards with this run's (`run_lock`).
+    with exclusive_output(out_dir):
+        previous = read_run_info(out_dir)
+        info: dict[str, Any] = {
+            "model": model,
+            "model_files": model_files(model),
+            "embed_dim": None,
+            "dtype": dtype,
+            "shard_size": shard_size,
+            "batch_size": batch_size,
+            "source": str(Path(source).resolve()) if isinstance(source, (str, Path)) else source_label,
+            "preprocess": cfg,
+            "fast_decode": fast_decode,
+            "gpu_decode": gpu_decode is not None,
+            "gpu_decoder": gpu_decoder if gpu_decode is not None else None,
+            "gpu_cpu_share": gpu_cpu_share if gpu_decode is not None else None,
+            "partitions": len(parts),
+            "images": len(items),
+            "status": "running",
+        }
+        if previous is not None:
+            check_compatible(out_dir, previous, info)
+            info["embed_dim"] = previous.get("embed_dim")
+            info["precision"] = previous.get("precision")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        sink.clean_temp_files()
+        atomic_write_json(out_dir / RUN_FILE, info)
 
-    def on_load(backend: Backend) -> None:
-        # The precision too: an export folder's label is the same at fp32 and int8, and a resume at
-        # another --precision mixed the two in one folder without a word.
-        loaded = {"embed_dim": backend.embed_dim, "precision": getattr(backend, "precision", None)}
-        check_compatible(out_dir, info, loaded)
-        if info["embed_dim"] is None or info.get("precision") is None:
-            info.update({k: info.get(k) or v for k, v in loaded.items()})
-            atomic_write_json(out_dir / RUN_FILE, info)
+        def on_load(backend: Backend) -> None:
+            # The precision too: an export folder's label is the same at fp32 and int8, and a resume at
+            # another --precision mixed the two in one folder without a word.
+            loaded = {"embed_dim": backend.embed_dim, "precision": getattr(backend, "precision", None)}
+            check_compatible(out_dir, info, loaded)
+            if info["embed_dim"] is None or info.get("precision") is None:
+                info.update({k: info.get(k) or v for k, v in loaded.items()})
+                atomic_write_json(out_dir / RUN_FILE, info)
 
-    lazy = LazyBackend(backend_factory, on_load=on_load)
-    total = RunStats(images=len(items))
-    todo = []
-    for part in parts:  # complete shards are kept (a resume); the rest go through one loader
-        ids = [item.id for item in part.items]
-        retry = retry_failed and sink.has_failures(part.id)
-        if not retry and sink.is_complete(part.id, ids, embed_dim=info["embed_dim"]):
-            total.skipped += len(part.items)
-            total.shards_skipped += 1
-            if progress is not None:
-                progress(len(part.items))
+        lazy = LazyBackend(backend_factory, on_load=on_load)
+        total = RunStats(images=len(items))
+        todo = []
+        for part in parts:  # complete shards are kept (a resume); the rest go through one loader
+            ids = [item.id for item in part.items]
+            retry = retry_failed and sink.has_failures(part.id)
+            if not retry and sink.is_complete(part.id, ids, embed_dim=info["embed_dim"]):
+                total.skipped += len(part.items)
+                total.shards_skipped += 1
+                if progress is not None:
+                    progress(len(part.items))
+            else:
+                todo.append(part)
+        if workers is not None:
+            n_workers = workers
         else:
-            todo.append(part)
-    if workers is not None:
-        n_workers = workers
-    else:
-        n_workers = default_assist_workers(default_workers()) if gpu_decode is not None else default_workers()
-    # With gpu_decode the pool decodes what nvjpeg cannot (and the CPU share); its processes start
-    # only when a task comes (`DecodePool`), so a folder of plain JPEGs starts none.
-    executor = make_executor(n_workers) if todo else None
-    try:
-        if todo:
-            loading = Loading(cfg, batch_size, workers=n_workers, executor=executor, fast_decode=fast_decode,
-                               gpu_decode=gpu_decode, gpu_decoder=gpu_decoder, gpu_read_threads=gpu_read_threads,
-                               gpu_decode_ahead=gpu_decode_ahead, gpu_cpu_share=gpu_cpu_share,
-                              gpu_decode_procs=gpu_decode_procs)  # fmt: skip
-            embed_partitions(todo, lazy, sink, total, loading, progress)
-    finally:
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
-    total.failed_total = sink.write_failures(len(parts))
-    total.storage_min_cos = sink.min_cos_written()  # float16 storage's measured loss, over the rows written here
-    total.wall_s = time.perf_counter() - t_start
-    info.update(status="complete", counts=total.counts(), timings=total.to_dict())
-    if not total.processed and previous is not None and "timings" in previous:
-        info["timings"] = previous["timings"]  # a pure resume keeps the timings of the run that did the work
-    atomic_write_json(out_dir / RUN_FILE, info)
-    _log.info("embedded %d images (%d failed) into %s", total.embedded, total.failed, out_dir)
-    return total
+            n_workers = default_assist_workers(default_workers()) if gpu_decode is not None else default_workers()
+        # With gpu_decode the pool decodes what nvjpeg cannot (and the CPU share); its processes start
+        # only when a task comes (`DecodePool`), so a folder of plain JPEGs starts none.
+        executor = make_executor(n_workers) if todo else None
+        try:
+            if todo:
+                loading = Loading(cfg, batch_size, workers=n_workers, executor=executor, fast_decode=fast_decode,
+                                   gpu_decode=gpu_decode, gpu_decoder=gpu_decoder, gpu_read_threads=gpu_read_threads,
+                                   gpu_decode_ahead=gpu_decode_ahead, gpu_cpu_share=gpu_cpu_share,
+                                  gpu_decode_procs=gpu_decode_procs)  # fmt: skip
+                embed_partitions(todo, lazy, sink, total, loading, progress)
+        finally:
+            if executor is not None:
+                executor.shutdown(wait=True, cancel_futures=True)
+        total.failed_total = sink.write_failures(len(parts))
+        total.storage_min_cos = sink.min_cos_written()  # float16 storage's measured loss, over the rows written here
+        total.wall_s = time.perf_counter() - t_start
+        info.update(status="complete", counts=total.counts(), timings=total.to_dict())
+        if not total.processed and previous is not None and "timings" in previous:
+            info["timings"] = previous["timings"]  # a pure resume keeps the timings of the run that did the work
+        atomic_write_json(out_dir / RUN_FILE, info)
+        _log.info("embedded %d images (%d failed) into %s", total.embedded, total.failed, out_dir)
+        return total
 
 
 def _check_embed_args(source: object, out_dir: object, preprocess_cfg: object, **counts: object) -> None:

@@ -7,6 +7,7 @@ Layout of an output folder OUT::
     OUT/shards/part-00000.npy               (n, D) float16|float32, unit-norm rows
     OUT/shards/part-00000.jsonl             {"path", "index", "width", "height"} per row; index = row in .npy
     OUT/shards/part-00000.failures.jsonl    this partition's failures (so a rerun never duplicates them)
+    OUT/.clipengine.lock                    held by the run writing OUT (`run_lock`): one at a time
 
 Stored as float16 (the default), each row loses precision: `ShardSink.write` measures, per shard, the
 worst cosine of a row as written to the float32 row it came from (`float16_min_cos`), and
