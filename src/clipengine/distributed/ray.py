@@ -283,6 +283,7 @@ def embed_with_ray(
 
     Raises:
         IndexMismatchError: out_dir holds a run with another model, dim, dtype or shard size.
+        OutputBusyError: another run is writing into out_dir (`pipeline.run_lock`), before Ray starts.
         DatasetError: unreadable source, or an id listed twice. BackendError: the Ray job failed.
         InputError: num_cpus / num_gpus that Ray cannot reserve (negative, or above 1 and not whole).
     """

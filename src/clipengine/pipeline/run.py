@@ -174,6 +174,7 @@ def embed_folder(
 
     Raises:
         IndexMismatchError: ``out_dir`` holds a run with another model, embed_dim, dtype or shard size.
+        OutputBusyError: another run (process, or thread) is writing into ``out_dir`` (`run_lock`).
         DatasetError: the source does not exist, or lists an id twice.
         TypeError / ValueError: an argument of the wrong type or range (named), before anything is written.
     """
