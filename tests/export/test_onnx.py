@@ -278,10 +278,11 @@ def test_image_folders_are_listed_as_embed_lists_them(tmp_path: Path, tiny_model
     for kwargs in ({"calibration_images": empty}, {"sample_images_from": empty}):
         name = next(iter(kwargs))
         with pytest.raises(DatasetError, match=rf"{name} {empty}: no images found \(files ending in .*\.jpg.*\)"):
-            onnx_export.export_model(tiny_model, tmp_path / "out2", image_batches=None, text_batches=None, **kwargs)
+            onnx_export.export_model(tiny_model, tmp_path / "out2", precisions=("int8",), image_batches=None,
+                                     text_batches=None, **kwargs)
     with pytest.raises(DatasetError, match=rf"calibration_images {tmp_path / 'missing'}: not a folder"):
-        onnx_export.export_model(tiny_model, tmp_path / "out2", image_batches=None, text_batches=None,
-                                 calibration_images=tmp_path / "missing")
+        onnx_export.export_model(tiny_model, tmp_path / "out2", precisions=("int8",), image_batches=None,
+                                 text_batches=None, calibration_images=tmp_path / "missing")
     assert not (tmp_path / "out2").exists()
 
 

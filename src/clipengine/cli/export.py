@@ -112,9 +112,49 @@ def _verify_folder(folder: Path) -> None:
     typer.echo(f"{folder}: ok ({checked} files match their SHA-256; {parity})")
 
 
+# The options that shape an export, by parameter name: `--verify FOLDER` builds nothing, so each one
+# given beside it would be ignored.
+_EXPORT_OPTIONS = {
+    "pretrained": "--pretrained", "checkpoint": "--checkpoint", "precision": "--precision",
+    "image_batch": "--image-batch", "text_batch": "--text-batch", "dynamic": "--dynamic",
+    "split_text_projection": "--split-text-projection", "calibration_dir": "--calibration-dir",
+    "sample_dir": "--sample-dir", "no_verify": "--no-verify", "download": "--download",
+}
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user gave option `name` (command line or environment), not left it at its default:
+    --image-batch's default must not count as a request for fixed batches beside --dynamic."""
+    source = ctx.get_parameter_source(name)
+    # By name: typer runs on its own copy of click, whose ParameterSource is not click's.
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _refuse_ignored_options(ctx: typer.Context, *, dynamic: bool, precisions: list[str], verify: bool) -> None:
+    """A usage error for each option this export would ignore without a word: the user would believe
+    they got fixed-batch engines, a static INT8 calibration, or parity checked on their images."""
+    for name in ("image_batch", "text_batch"):
+        if dynamic and _given(ctx, name):
+            flag = _EXPORT_OPTIONS[name]
+            raise typer.BadParameter(
+                f"{flag} gives fixed batch sizes and --dynamic one dynamic-batch engine per tower instead; "
+                f"give one or the other"
+            )
+    if _given(ctx, "calibration_dir") and "int8" not in precisions:
+        raise typer.BadParameter(
+            f"--calibration-dir calibrates int8 engines (static INT8), and --precision {','.join(precisions)} "
+            "builds none; add int8 to --precision or leave --calibration-dir out"
+        )
+    if _given(ctx, "sample_dir") and not verify:
+        raise typer.BadParameter(
+            "--sample-dir adds images to the parity check, which --no-verify skips; give one or the other"
+        )
+
+
 def register(app: typer.Typer) -> None:
     @app.command("export")
     def export(
+        ctx: typer.Context,
         model: str | None = typer.Argument(
             None, help="Model name (ViT-B-32, RN50@openai, ...), checkpoint or folder."
         ),
@@ -136,6 +176,10 @@ def register(app: typer.Typer) -> None:
         if verify is not None:
             if model is not None or output is not None:
                 raise typer.BadParameter("--verify FOLDER checks an export; give no MODEL or --output")
+            if given := [flag for name, flag in _EXPORT_OPTIONS.items() if _given(ctx, name)]:
+                raise typer.BadParameter(
+                    f"--verify FOLDER checks an export and builds none; drop {', '.join(given)}"
+                )
             _verify_folder(verify)
             return
         if model is None or output is None:
@@ -145,6 +189,7 @@ def register(app: typer.Typer) -> None:
         from .downloads import fetch_with_progress
 
         precisions = parse_precisions(precision)
+        _refuse_ignored_options(ctx, dynamic=dynamic, precisions=precisions, verify=not no_verify)
         image_batches = None if dynamic else parse_batches(image_batch)
         text_batches = None if dynamic else parse_batches(text_batch)
         samples = _folder_images(sample_dir, "--sample-dir")

@@ -106,6 +106,21 @@ def _require_tools(precisions: Sequence[str], verify: bool) -> None:
             raise ModuleNotFoundError(f"No module named {name!r} (needed to export {', '.join(precisions)})", name=name)
 
 
+def _refuse_unused_images(precisions: Sequence[str], verify: bool, calibration: object, samples: object) -> None:
+    """ValueError for images this export would not use: they were dropped without a word, so a
+    caller believed its int8 engines were calibrated on them, or its engines checked on them."""
+    if calibration is not None and "int8" not in precisions:
+        raise ValueError(
+            f"calibration_images calibrate int8 engines (static INT8), and precisions {', '.join(precisions)} "
+            "hold none: add 'int8' or leave calibration_images out"
+        )
+    if samples is not None and not verify:
+        raise ValueError(
+            "sample_images_from adds images to the parity check, which verify=False skips: "
+            "leave one of them out"
+        )
+
+
 def export_model(
     module: CLIP,
     out_dir: str | Path,
@@ -135,9 +150,9 @@ def export_model(
         split_text_projection: the text graph returns (N, L, W) token states and the (W, D)
             projection is saved as `text_projection_<W>_<D>.npy` (the seed's layout).
         calibration_images: a folder, image inputs or (N, 3, H, W) pixels: INT8 image engines are
-            then quantized statically (QDQ) with these; otherwise dynamically.
+            then quantized statically (QDQ) with these; otherwise dynamically. Only with "int8".
         sample_images_from: a folder or image inputs: extra verification images (each adds 4 views:
-            as is, mirrored, cropped, grayscale) beside random and synthetic ones.
+            as is, mirrored, cropped, grayscale) beside random and synthetic ones. Only with verify.
             A folder (either argument) is listed as `clipengine embed` lists one
             (`image.files.walk_images`: recursive, sorted, hidden files and non-images skipped).
         model_name / pretrained / preprocess_cfg: recorded in the manifest.
@@ -151,6 +166,8 @@ def export_model(
         ExportParityError: an engine misses its precision's bound (see verify.BOUNDS); the message
             names each engine and its measured error; `parity_report.json` holds the details.
         DatasetError: a calibration or sample folder is not a folder or holds no images.
+        ValueError: an unknown precision or bad batch sizes; calibration images without "int8", or
+            sample images with verify=False (they would go unused).
         ModuleNotFoundError: a tool this export needs (onnxruntime, onnxscript, ...) is not
             installed; raised before anything is exported or the folder is made.
     """
@@ -160,6 +177,7 @@ def export_model(
     if unknown or not precisions:
         raise ValueError(f"unknown precision(s) {unknown}; choose from {', '.join(PRECISIONS)}")
     precisions = list(dict.fromkeys(precisions))  # ("fp32", "fp32") built and listed each engine twice
+    _refuse_unused_images(precisions, verify, calibration_images, sample_images_from)
     _require_tools(precisions, verify)
     batches = {
         "image": _batch_list(image_batches, "image_batches"),
