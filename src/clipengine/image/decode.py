@@ -19,17 +19,20 @@ import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clipengine.errors import DecodeError
+from clipengine.image.files import file_kind
 from clipengine.types import ImageInput
 
 __all__ = [
     "EMPTY_FILE",
     "EXTERNAL_DECODERS",
+    "MAX_FILE_BYTES",
     "MAX_IMAGE_PIXELS",
     "MAX_JPEG_SCANS",
     "decode_image",
     "jpeg_scan_count",
     "open_image",
     "open_image_file",
+    "open_image_file_to_read_whole",
     "read_error_reason",
     "source_name",
     "to_8bit",
@@ -42,6 +45,18 @@ logger = logging.getLogger(__name__)
 # 2 x Pillow's default warning threshold: the size at which Pillow itself raises
 # DecompressionBombError. Read at call time, so it can be changed (e.g. in tests).
 MAX_IMAGE_PIXELS = 2 * 89_478_485
+
+# `embed` reads each file whole before decoding it (`open_image_file_to_read_whole`); a larger file
+# is refused before any read. 2 GiB is above any single image within MAX_IMAGE_PIXELS stored
+# uncompressed (16-bit RGBA or CMYK TIFF: 8 bytes a pixel, 1.43 GB), and still bounds what 4
+# decode workers can hold at once. Read at call time; raise it to allow larger files.
+MAX_FILE_BYTES = 2 * 1024**3
+# A file to be read whole and larger than this is first checked by its first bytes: a multi-GB
+# video, disk image or random data named like a JPEG was read whole, by every worker that met one,
+# before the decoder refused it. Smaller files are read at once, as before (no extra read per
+# photo); holding one that is not an image costs at most this much.
+_CHECK_ABOVE_BYTES = 16 * 1024 * 1024
+_SIGNATURE_BYTES = 16  # what Image.open hands each format's signature check
 
 # Formats Pillow decodes by running another program on the bytes: untrusted files must not reach
 # it (Ghostscript has a long record of code execution from crafted PostScript). Refused after the
@@ -189,34 +204,117 @@ def open_image_file(path: str | os.PathLike[str], name: str | None = None) -> Bi
         OSError: the file cannot be opened (`read_error_reason` words it); a folder is
             IsADirectoryError, as `open` raises it.
     """
+    return _open_regular(path, name)[0]
+
+
+def _open_regular(path: str | os.PathLike[str], name: str | None) -> tuple[BinaryIO, int]:
+    """`open_image_file`, and the file's size from the same fstat."""
     fd = os.open(path, os.O_RDONLY | _O_BINARY | _O_NONBLOCK)
     try:
-        mode = os.fstat(fd).st_mode
+        info = os.fstat(fd)
+        mode = info.st_mode
         if stat.S_ISDIR(mode):
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
         if not stat.S_ISREG(mode):
             raise DecodeError(
                 name if name is not None else os.fspath(path),
-                f"not a regular file but {_file_kind(mode)}; only files are read",
+                f"not a regular file but {file_kind(mode)}; only files are read",
             )
         if _O_NONBLOCK:
             os.set_blocking(fd, True)
-        return open(fd, "rb")  # the caller closes it
+        return open(fd, "rb"), info.st_size  # the caller closes it
     except BaseException:
         os.close(fd)
         raise
 
 
-def _file_kind(mode: int) -> str:
-    if stat.S_ISFIFO(mode):
-        return "a named pipe (FIFO)"
-    if stat.S_ISCHR(mode):
-        return "a character device"
-    if stat.S_ISBLK(mode):
-        return "a block device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "a special file"
+def open_image_file_to_read_whole(path: str | os.PathLike[str], name: str | None = None) -> BinaryIO:
+    """`open_image_file` for a reader that reads the file whole (`embed`'s decode workers and GPU
+    reader threads): a file no image could be is refused first, at position 0 on return.
+
+    A file over 16 MiB whose first bytes no format Pillow decodes claims (see `_unrecognised_reason`)
+    is refused by those bytes, with the reason the decoder gives for the same file; then one over
+    `MAX_FILE_BYTES` by its size. Smaller files are left to the decoder: no extra read.
+
+    Raises:
+        DecodeError: not a regular file, too large, or not an image by its first bytes.
+        OSError: as `open_image_file`.
+    """
+    label = name if name is not None else os.fspath(path)
+    f, size = _open_regular(path, label)
+    try:
+        if size > _CHECK_ABOVE_BYTES:  # first: a video named .jpg is named as no image, as predict names it
+            reason = _unrecognised_reason(f)
+            if reason is not None:
+                raise DecodeError(label, reason)
+        if size > MAX_FILE_BYTES:
+            raise DecodeError(
+                label,
+                f"file of {size:,} bytes is larger than MAX_FILE_BYTES = {MAX_FILE_BYTES:,} (files are read "
+                "whole to be decoded; raise clipengine.image.decode.MAX_FILE_BYTES to allow larger ones)",
+            )
+        return f
+    except BaseException:
+        f.close()
+        raise
+
+
+def _unrecognised_reason(fp: IO[bytes]) -> str | None:
+    """The reason the decoder gives for a file no image format starts like; None when one may.
+
+    Derived from Pillow's registered formats as `Image.open` tries them: a format whose signature
+    check claims the first 16 bytes, or one with no signature (TGA, ...) whose header reader takes
+    the file. Reads only headers; `fp` is left at position 0.
+    """
+    head = _head(fp)
+    if head.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")):  # JPEG, PNG: most files, decided at once
+        return None
+    Image.init()  # every format plugin, as Image.open loads them when the common five fail
+    unsigned = []
+    for format_id in Image.ID:
+        factory, accept = Image.OPEN[format_id]
+        if accept is None:
+            unsigned.append(factory)
+            continue
+        try:
+            claimed = accept(head)
+        except Exception:  # a signature check can fail on a short prefix (struct.error)
+            continue
+        if claimed and not isinstance(claimed, str):  # a str is Pillow's "maybe": it does not open those
+            return None
+    try:
+        for factory in unsigned:
+            fp.seek(0)
+            try:
+                with _quiet_pil():
+                    factory(fp, "")
+            except Exception:  # Image.open's test for these formats: their header reader refuses the bytes
+                continue
+            return None
+    finally:
+        fp.seek(0)
+    return _unrecognised(head)
+
+
+def _unrecognised(head: bytes) -> str:
+    """The reason for bytes no format claims, with their start: "starts with b'\\x00\\x00\\x00 ftypisom'"
+    names a video, b'<!DOCTYPE html>' a saved web page. Worded once: the check before a whole
+    read and the decoder's failure must say the same of one file."""
+    return f"{_UNRECOGNISED}: starts with {head!r}"
+
+
+def _head(fp: IO[bytes]) -> bytes:
+    """The first `_SIGNATURE_BYTES` of a file; its position and read buffer untouched where the OS allows."""
+    if hasattr(os, "pread") and hasattr(fp, "fileno"):  # one pread: no buffered data left before the whole read
+        try:
+            return os.pread(fp.fileno(), _SIGNATURE_BYTES, 0)
+        except (OSError, io.UnsupportedOperation):
+            pass  # an in-memory or special stream: read it instead
+    position = fp.tell()
+    fp.seek(0)
+    head = fp.read(_SIGNATURE_BYTES)
+    fp.seek(position)
+    return head
 
 
 def read_error_reason(error: OSError) -> str:
@@ -315,7 +413,7 @@ def _unidentified_reason(fp: IO[bytes]) -> str:
         except Exception as e:  # the reason Pillow dropped; any type: this only words the error
             return f"corrupt image header: {e} (a {format_id} file by its first bytes)"
         return _UNRECOGNISED  # read this time: not a header Pillow refused
-    return _UNRECOGNISED
+    return _unrecognised(prefix)
 
 
 def _loaded(im: Image.Image, label: str) -> Image.Image:

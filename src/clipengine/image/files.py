@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from pathlib import Path
 
 from ..errors import DatasetError
 
-__all__ = ["IMAGE_EXTENSIONS", "folder_images", "is_image_name", "walk_image_paths", "walk_images"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "file_kind",
+    "folder_images",
+    "is_image_name",
+    "special_file_kind",
+    "walk_image_paths",
+    "walk_images",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -26,6 +35,32 @@ IMAGE_EXTENSIONS = frozenset(
 def is_image_name(name: str) -> bool:
     """True when a file name has an image extension (case-insensitive) and is not hidden."""
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def special_file_kind(path: str | os.PathLike[str]) -> str | None:
+    """What `path` is when it exists but is neither a regular file nor a folder (``"a named pipe
+    (FIFO)"``, ...), else None. Links are followed; the file is never opened (opening a pipe waits
+    for a writer), so a command can name it instead of calling it "not a folder" or "no such file"."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):  # missing, unreadable, a NUL in the name: the caller's usual error
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return file_kind(mode)
+
+
+def file_kind(mode: int) -> str:
+    """Names a file that is not a regular one by its `st_mode`: "a named pipe (FIFO)", "a character device", ..."""
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a special file"
 
 
 def walk_images(root: str | Path, *, within: str | Path | None = None) -> list[tuple[str, Path]]:

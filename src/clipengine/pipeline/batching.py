@@ -150,14 +150,16 @@ def _load_one(
     normalise: bool = True,
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """One image -> ((3, H, W) pixels, original (width, height)); stage times added to `chunk`."""
-    from ..image.decode import open_image, open_image_file
+    from ..image.decode import open_image, open_image_file_to_read_whole
     from ..image.preprocess import crop_uint8, preprocess_image
 
     t0 = time.perf_counter()
     if isinstance(source, bytes):
         data = source
     else:
-        with open_image_file(source, item_id) as f:  # regular files only: a named pipe would block
+        # Regular files only (a named pipe would block), and a multi-GB one that is no image (a
+        # video named .jpg) is refused by its first bytes instead of being read whole.
+        with open_image_file_to_read_whole(source, item_id) as f:
             data = f.read()
     t1 = time.perf_counter()
     # open_image keeps the decoded mode: preprocessing resizes before converting to RGB, as

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from clipengine.errors import DecodeError
-from clipengine.image.decode import open_image_file, read_error_reason
+from clipengine.image.decode import open_image_file_to_read_whole, read_error_reason
 from clipengine.image.gpu_decode import Decoded, EncodedImage, GpuDecodeStats, GpuJpegDecoder, inspect_encoded
 from clipengine.image.gpu_preprocess import preprocess_tensors
 from clipengine.image.preprocess import PreprocessConfig
@@ -65,8 +65,9 @@ def _read(item: ImageItem) -> EncodedImage | Failure:
         # np.fromfile: no zero-filled buffer, and the read runs without the GIL, so reader threads
         # scale (550 kB files, 2 cores: 10k files/s on 2 threads vs 2.1k with bytearray + readinto,
         # which did not scale); torch.from_numpy then wraps it without a copy. Opened through
-        # `open_image_file`: regular files only (a named pipe named like a JPEG blocked forever).
-        with open_image_file(item.source, item.id) as f:
+        # `open_image_file_to_read_whole`: regular files only (a named pipe named like a JPEG
+        # blocked forever), and a multi-GB one that is no image is refused before it is read.
+        with open_image_file_to_read_whole(item.source, item.id) as f:
             data = np.fromfile(f, dtype=np.uint8)
     except DecodeError as e:
         return Failure(item.id, e.reason)
