@@ -18,11 +18,20 @@ __all__ = ["list_images", "register", "shown_name"]
 
 def list_images(target: Path) -> list[tuple[str, Path]]:
     """(display name, path): the image itself, or a folder's images walked recursively in the
-    pipeline's stable order (relative paths as names, hidden files skipped)."""
+    pipeline's stable order (relative paths as names, hidden files skipped).
+
+    Raises:
+        DecodeError: `target` is a named pipe, device or socket (it was "not a folder").
+    """
+    from ..errors import DecodeError
+    from ..image.files import special_file_kind
     from ..pipeline.sources import list_folder
 
     if target.is_file():
         return [(target.name, target)]
+    kind = special_file_kind(target)
+    if kind is not None:  # refused unopened: reading a pipe waits for a writer
+        raise DecodeError(str(target), f"not a regular file but {kind}; pass an image file or a folder")
     return [(item.id, Path(str(item.source))) for item in list_folder(target)]
 
 

@@ -7,7 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DatasetError
-from ..image.files import IMAGE_EXTENSIONS, is_image_name, walk_image_paths  # the first two re-exported
+from ..image.files import (  # the first two re-exported
+    IMAGE_EXTENSIONS,
+    is_image_name,
+    special_file_kind,
+    walk_image_paths,
+)
 from ..types import ImageItem
 
 __all__ = [
@@ -93,6 +98,9 @@ def list_items(source: str | Path) -> list[ImageItem]:
         raise DatasetError(f"{source}: an image, not a folder or file list: pass its folder, or a .txt file that names it")
     if path.is_file():
         return read_file_list(path)
+    kind = special_file_kind(path)
+    if kind is not None:  # it exists: "no such" misled; refused unopened, as reading a pipe waits for a writer
+        raise DatasetError(f"{source}: not a folder or file list but {kind}; pass a folder or a regular file")
     raise DatasetError(f"{source}: no such folder or file list")
 
 
