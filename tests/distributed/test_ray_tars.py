@@ -190,3 +190,61 @@ def test_an_actor_reads_a_partition_a_chunk_at_a_time(
         and vectors.shape == (n, 8)
         and not read_failures(tmp_path / "out")
     )
+
+
+def _spy_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes asked of the tars' streams, as the decode process reads members."""
+    sizes: list[int] = []
+    real_stream = tar_members._tar_stream
+
+    class _Counting:
+        def __init__(self, stream: io.BufferedIOBase) -> None:
+            self._stream = stream
+
+        def seek(self, offset: int) -> int:
+            return self._stream.seek(offset)
+
+        def read(self, size: int) -> bytes:
+            sizes.append(size)
+            return self._stream.read(size)
+
+    monkeypatch.setattr(tar_members, "_tar_stream", lambda ref: _Counting(real_stream(ref)))
+    return sizes
+
+
+def test_a_large_member_that_is_no_image_is_refused_by_its_first_bytes(
+    tmp_path: Path, preprocess_cfg, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A multi-GB video named .jpg in a shard was read whole into the decode process before the
+    decoder refused it; now it is refused by its first bytes, as a loose file is (and with the
+    same reason), and the shard's other members are embedded."""
+    video = b"\x00\x00\x00\x18ftypisom" + b"\x00" * (17 * 1024 * 1024)  # over the 16 MiB check
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * (17 * 4096)  # looks like an image: read whole
+    tar = tmp_path / "s.tar"
+    with tarfile.open(tar, "w") as tf:
+        _add(tf, "clip.jpg", video)
+        _add(tf, "big.png", png)
+    items = list_source(tar)
+    sizes = _spy_reads(monkeypatch)
+    chunk = load_member_chunk([(i.id, i.source) for i in items[:1]], preprocess_cfg.to_dict())
+    assert [(f.id, f.reason) for f in chunk.failures] == [
+        ("s.tar/clip.jpg", "not a recognised image format: starts with " + repr(video[:16]))
+    ]
+    assert max(sizes) <= 1 << 16, sizes  # the head only, not 17 MiB
+    assert read_member(MemberRef.decode(items[1].source)) == png  # type: ignore[arg-type]
+
+
+def test_a_member_over_max_file_bytes_is_refused_by_its_size(
+    tmp_path: Path, preprocess_cfg, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    from clipengine.image import decode
+
+    monkeypatch.setattr(decode, "MAX_FILE_BYTES", 100_000)
+    tar = tmp_path / "s.tar"
+    with tarfile.open(tar, "w") as tf:
+        _add(tf, "huge.jpg", b"\xff\xd8\xff\xe0" + b"\x00" * 200_000)
+    items = list_source(tar)
+    sizes = _spy_reads(monkeypatch)
+    chunk = load_member_chunk([(i.id, i.source) for i in items], preprocess_cfg.to_dict())
+    assert len(chunk.failures) == 1 and "larger than MAX_FILE_BYTES = 100,000" in chunk.failures[0].reason
+    assert sizes == [1 << 16]

@@ -16,6 +16,7 @@ is read as that member, as `tar -x` would extract it.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import tarfile
@@ -27,7 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
-from ..errors import DatasetError
+from ..errors import DatasetError, DecodeError
+from ..image.decode import check_whole_read
 from ..pipeline.batching import load_chunk
 from ..pipeline.decode_pool import DecodePool, Solo
 from ..pipeline.sources import is_image_name
@@ -202,11 +204,23 @@ def close_tars() -> None:
         _open.popitem()[1][0].close()
 
 
+_HEAD_BYTES = 1 << 16  # what `check_whole_read` may look at: the formats' signatures and headers
+
+
 def read_member(ref: MemberRef) -> bytes:
-    """The member's bytes (fewer than `ref.size` when the tar ends early)."""
+    """The member's bytes (fewer than `ref.size` when the tar ends early).
+
+    Raises:
+        DecodeError: a member no image could be, by its first bytes, or one over `MAX_FILE_BYTES`:
+            refused before the rest is read, as a loose file is (a 4 GB video named .jpg in a shard).
+    """
     stream = _tar_stream(ref)
     stream.seek(ref.offset)
-    return stream.read(ref.size)
+    head = stream.read(min(ref.size, _HEAD_BYTES))
+    check_whole_read(ref.member, ref.size, io.BytesIO(head))
+    if len(head) < _HEAD_BYTES:  # the whole member (or all the tar still holds)
+        return head
+    return head + stream.read(ref.size - len(head))
 
 
 def load_member_chunk(
@@ -232,6 +246,9 @@ def load_member_chunk(
             data = read_member(ref)
         except (OSError, EOFError) as e:  # this member's failure, as an unreadable file is (EOFError: gzip)
             failures.append(Failure(item_id, f"cannot read tar member: {e}"))
+            continue
+        except DecodeError as e:  # refused by its first bytes or its size, as a loose file is
+            failures.append(Failure(item_id, e.reason))
             continue
         if len(data) < ref.size:  # the tar was cut short after it was listed
             failures.append(Failure(item_id, f"tar member is cut short: {len(data)} of its {ref.size} bytes"))

@@ -28,6 +28,7 @@ __all__ = [
     "MAX_FILE_BYTES",
     "MAX_IMAGE_PIXELS",
     "MAX_JPEG_SCANS",
+    "check_whole_read",
     "decode_image",
     "jpeg_scan_count",
     "open_image",
@@ -243,20 +244,34 @@ def open_image_file_to_read_whole(path: str | os.PathLike[str], name: str | None
     label = name if name is not None else os.fspath(path)
     f, size = _open_regular(path, label)
     try:
-        if size > _CHECK_ABOVE_BYTES:  # first: a video named .jpg is named as no image, as predict names it
-            reason = _unrecognised_reason(f)
-            if reason is not None:
-                raise DecodeError(label, reason)
-        if size > MAX_FILE_BYTES:
-            raise DecodeError(
-                label,
-                f"file of {size:,} bytes is larger than MAX_FILE_BYTES = {MAX_FILE_BYTES:,} (files are read "
-                "whole to be decoded; raise clipengine.image.decode.MAX_FILE_BYTES to allow larger ones)",
-            )
+        check_whole_read(label, size, f)
         return f
     except BaseException:
         f.close()
         raise
+
+
+def check_whole_read(label: str, size: int, fp: IO[bytes]) -> None:
+    """Refuse `size` bytes a reader is about to read whole, when no image could be in them.
+
+    `fp` holds the data from its start (a file, or the first bytes of a tar member); it is read only
+    for data over 16 MiB, whose first bytes no format Pillow decodes may claim (see
+    `_unrecognised_reason`): refused with the reason the decoder gives for the same file. Then data
+    over `MAX_FILE_BYTES` is refused by its size.
+
+    Raises:
+        DecodeError: naming `label` and the reason.
+    """
+    if size > _CHECK_ABOVE_BYTES:  # first: a video named .jpg is named as no image, as predict names it
+        reason = _unrecognised_reason(fp)
+        if reason is not None:
+            raise DecodeError(label, reason)
+    if size > MAX_FILE_BYTES:
+        raise DecodeError(
+            label,
+            f"file of {size:,} bytes is larger than MAX_FILE_BYTES = {MAX_FILE_BYTES:,} (files are read "
+            "whole to be decoded; raise clipengine.image.decode.MAX_FILE_BYTES to allow larger ones)",
+        )
 
 
 def _unrecognised_reason(fp: IO[bytes]) -> str | None:
