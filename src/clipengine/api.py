@@ -18,7 +18,7 @@ from .extras import install_hint
 from .image.preprocess import PreprocessConfig, preprocess
 from .text.tokenizer import as_str_list, tokenize
 from .types import Backend, FloatArray, ImageInput
-from .zeroshot import check_top_k, class_embeddings, rank_labels
+from .zeroshot import check_top_k, check_utf8_texts, class_embeddings, rank_labels
 
 if TYPE_CHECKING:
     from .backends.folder import ExportFolderBackend
@@ -144,11 +144,15 @@ class ClipModel:
         """Texts -> (N, D) float32 unit-norm embeddings (long texts are cut with a warning).
 
         Raises:
-            InputError: `texts` is not a str or a list (tuple, 1-D array) of str (checked by the tokenizer); `batch_size` is not an integer >= 1.
+            InputError: `texts` is not a str or a list (tuple, 1-D array) of str (checked by the tokenizer); `batch_size` is not an integer >= 1;
+                a text holds bytes that were not UTF-8 (a lone surrogate: "caf\\udce9").
         """
         batch_size = _batch_size(batch_size)
         # cast: tokenize takes a 1-D array of str too (`as_str_list`), though typed for lists
         tokens = tokenize(cast("str | Sequence[str]", texts), context_length=self.context_length)
+        # After tokenize has checked the types: bytes that were not UTF-8 (a Latin-1 file name or
+        # argument) would reach the model as U+FFFD without a word, as the CLI and server refuse them.
+        check_utf8_texts([texts] if isinstance(texts, str) else list(texts), "texts")
         return self._in_batches(self._backend.encode_texts, tokens, batch_size)
 
     def _in_batches(self, fn: Any, inputs: np.ndarray, batch_size: int) -> FloatArray:

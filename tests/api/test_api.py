@@ -341,6 +341,17 @@ def test_encode_texts_refuses_what_is_not_text(model: ClipModel, texts: Any, mat
 
 
 @pytest.mark.parametrize(
+    "texts", [b"caf\xe9".decode("utf-8", "surrogateescape"), ["a dog", b"caf\xe9".decode("utf-8", "surrogateescape")]]
+)
+def test_encode_texts_refuses_bytes_that_were_not_utf8(model: ClipModel, texts: Any) -> None:
+    """A Latin-1 file name or argument reaches Python as "caf\\udce9"; the tokenizer's cleanup made it
+    U+FFFD without a word. The CLI and the server refused it, the Python API did not."""
+    with pytest.raises(InputError, match=r"is not UTF-8 text: byte 0xE9 at character 3"):
+        model.encode_texts(texts)
+    assert model.encode_texts(["café"]).shape == (1, model.embed_dim)
+
+
+@pytest.mark.parametrize(
     ("images", "match"),
     [
         (None, "images is NoneType"),
