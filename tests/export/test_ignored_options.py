@@ -113,3 +113,27 @@ def test_export_model_refuses_images_it_would_not_use(tmp_path: Path, tiny_model
     with pytest.raises(ValueError, match=message):
         export_model(tiny_model, out, image_batches=None, text_batches=None, **given)  # type: ignore[arg-type]
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("pixels", "message"),
+    [
+        (np.zeros((0, 3, 32, 32), np.float32), r"shape \(0, 3, 32, 32\); expected \(N, 3, 32, 32\)"),
+        (np.zeros((4, 3, 64, 64), np.float32), r"shape \(4, 3, 64, 64\)"),
+        (np.zeros((4, 32, 32, 3), np.float32), r"shape \(4, 32, 32, 3\)"),
+        (np.zeros((4, 3, 32, 32), np.uint8), r"dtype uint8"),
+        (np.where(np.arange(4)[:, None, None, None] == 2, np.nan, np.zeros((4, 3, 32, 32))), r"rows \[2\] hold NaN"),
+        ([], r"no images given"),
+    ],
+)
+@pytest.mark.parametrize("image_batches", [None, (2,)])
+def test_bad_calibration_pixels_are_refused_naming_the_argument(tmp_path: Path, tiny_model, pixels: object, message: str, image_batches: tuple[int] | None) -> None:  # type: ignore[no-untyped-def]
+    """Zero rows calibrated a fixed-batch int8 engine on zeros (np.resize of nothing) and failed in
+    ORT's calibration reader for a dynamic one; other shapes failed in ORT after the fp32 export."""
+    from clipengine.export.onnx import export_model
+
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=rf"calibration_images: {message}"):
+        export_model(tiny_model, out, precisions=("int8",), image_batches=image_batches, text_batches=None,
+                     calibration_images=pixels, verify=False)  # type: ignore[arg-type]
+    assert not out.exists()

@@ -68,12 +68,31 @@ def _calibration_pixels(images: Any, cfg: PreprocessConfig) -> np.ndarray | None
     if images is None:
         return None
     if isinstance(images, np.ndarray):
-        return images.astype(np.float32)
+        return _checked_pixels(images, cfg.image_size)
     from ..image.preprocess import preprocess
 
     if isinstance(images, (str, Path)):
         images = folder_images(images, "calibration_images")
-    return np.stack([preprocess(source, cfg) for source in images]).astype(np.float32)
+    pixels = [preprocess(source, cfg) for source in images]
+    if not pixels:  # np.stack's "need at least one array to stack" named nothing
+        raise ValueError("calibration_images: no images given; give some, or None for dynamic INT8")
+    return np.stack(pixels).astype(np.float32)
+
+
+def _checked_pixels(pixels: np.ndarray, size: int) -> np.ndarray:
+    """Calibration pixels as given: (N >= 1, 3, size, size), float, finite. Zero rows calibrated the
+    int8 engine on zero pixels (fixed batch) or failed inside ORT (dynamic); another shape failed
+    in ORT's calibration run after the fp32 graph was exported; uint8 0-255 gave scales for
+    pixels the engine never sees."""
+    expected = f"(N, 3, {size}, {size}) float pixels, as the model's preprocessing gives them"
+    if pixels.ndim != 4 or pixels.shape[1:] != (3, size, size) or len(pixels) == 0:
+        raise ValueError(f"calibration_images: shape {pixels.shape}; expected {expected} (N >= 1), or images")
+    if not np.issubdtype(pixels.dtype, np.floating):
+        raise ValueError(f"calibration_images: dtype {pixels.dtype}; expected {expected}, or images")
+    if not np.isfinite(pixels).all():
+        rows = sorted({int(r) for r in np.nonzero(~np.isfinite(pixels))[0]})
+        raise ValueError(f"calibration_images: rows {rows[:10]} hold NaN or infinity")
+    return pixels.astype(np.float32)
 
 
 def _batch_list(batches: Sequence[int] | None, name: str) -> list[int | None]:
