@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,36 @@ def test_file_list_saved_with_a_byte_order_mark_names_its_first_file(tmp_path: P
     items = list_items(listing)
     assert [i.id for i in items] == ["a.jpg", "b.jpg"]
     assert all(Path(str(i.source)).is_file() for i in items)
+
+
+def test_file_list_naming_files_by_bytes_that_are_not_utf8_lists_them_as_a_folder_walk_does(
+    tmp_path: Path,
+) -> None:
+    """`find . > list.txt` over Latin-1 file names writes their bytes as they are: the list was refused
+    whole ("'utf-8' codec can't decode byte 0xe9"), while a walk of the same folder embeds them."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    latin1 = os.fsdecode(b"caf\xe9.jpg")  # "caf\udce9.jpg", the name Python gives that file
+    _touch(folder, latin1, "ok.jpg")
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(b"imgs/caf\xe9.jpg\nimgs/ok.jpg\n")
+    listed = list_items(listing)
+    assert [Path(str(i.source)) for i in listed] == [folder / latin1, folder / "ok.jpg"]
+    assert all(Path(str(i.source)).is_file() for i in listed)
+    assert [i.id for i in list_items(folder)] == [latin1, "ok.jpg"]
+
+
+def test_a_binary_file_given_as_a_file_list_is_refused_unread(tmp_path: Path) -> None:
+    """A video passed as the source was decoded as a list of garbage paths (or, strictly, refused
+    with a codec error after being read whole)."""
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"\x00\x00\x00\x18ftypisom" + b"\x00" * 100)
+    with pytest.raises(DatasetError) as raised:
+        list_items(video)
+    assert str(raised.value) == (
+        f"{video}: not a file list (it holds NUL bytes: a binary file?); pass a folder, "
+        "or a text file with one path per line"
+    )
 
 
 def test_image_name_rule_is_the_image_package_s() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,14 +59,26 @@ def read_file_list(list_file: str | Path) -> list[ImageItem]:
     missing or unreadable file still gets a stable id (it becomes a Failure later, not an error here).
 
     Raises:
-        DatasetError: the list file cannot be read, or names the same path twice.
+        DatasetError: the list file cannot be read, is binary (NUL bytes), or names the same path twice.
     """
     list_file = Path(list_file)
     try:
-        # utf-8-sig: a list saved with a byte order mark (Notepad) names its first file without it
-        lines = list_file.read_text(encoding="utf-8-sig").split("\n")  # not splitlines(): names may hold U+2028
-    except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{list_file}: cannot read file list ({e})") from e
+        with open(list_file, "rb") as f:
+            head = f.read(1 << 16)
+            if b"\0" in head:  # no path holds one: a video or archive passed as the source, not read whole
+                raise DatasetError(
+                    f"{list_file}: not a file list (it holds NUL bytes: a binary file?); pass a folder, "
+                    "or a text file with one path per line"
+                )
+            data = head + f.read()
+    except OSError as e:
+        raise DatasetError(f"{list_file}: cannot read file list ({e.strerror or e})") from e
+    # A byte order mark (Notepad) is dropped, or the first file is not found. Bytes that are not
+    # UTF-8 are a file name's own bytes (`find > list.txt` over Latin-1 names): decoded as Python
+    # decodes file names (surrogateescape), so they open the same file and get the id a folder walk
+    # gives it, where a strict decode refused the whole list.
+    text = data.removeprefix(codecs.BOM_UTF8).decode("utf-8", "surrogateescape")
+    lines = text.split("\n")  # not splitlines(): names may hold U+2028
     items: list[ImageItem] = []
     seen: set[str] = set()
     for line in lines:
