@@ -205,6 +205,31 @@ def test_the_server_runs_with_the_request_head_limits(
     assert (seen["port"], seen["timeout_graceful_shutdown"]) == (8123, 7)
 
 
+def test_the_server_does_not_log_each_malformed_multipart_body(
+    monkeypatch: pytest.MonkeyPatch, fake_model: FakeModel
+) -> None:
+    """python-multipart logged every malformed body as a WARNING line naming no request ("Expected
+    boundary character 88, got 65 at index 4"): any client could fill the server's log. The client
+    gets the reason in its 400 (tests/serve/test_truncated_uploads.py)."""
+    import logging
+
+    import uvicorn
+
+    from clipengine.serve import ServeSettings, create_app
+
+    parser_log, package_log = logging.getLogger("python_multipart.multipart"), logging.getLogger("python_multipart")
+    level = package_log.level
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: None)
+    try:
+        package_log.setLevel(logging.NOTSET)  # setLevel, not setattr: it clears the loggers' cached answers
+        assert parser_log.isEnabledFor(logging.WARNING)
+        serve_cmd._run_server(create_app(fake_model, None, ServeSettings()), "127.0.0.1", 8123, "info", 7)
+        assert not parser_log.isEnabledFor(logging.WARNING)
+        assert parser_log.isEnabledFor(logging.ERROR)
+    finally:
+        package_log.setLevel(level)
+
+
 def test_an_index_whose_model_files_changed_is_refused_before_the_model_loads(
     captured: dict[str, Any], fake_model: FakeModel, fake_index: FakeIndex, tmp_path: Path
 ) -> None:

@@ -193,10 +193,16 @@ def _run_server(app: Any, host: str, port: int, log_level: str, graceful_s: floa
 
     The app's settings also bound each request head in time and size (serve.protocol).
     """
+    import logging
+
     import uvicorn
 
     from ..serve import uvicorn_options
 
+    # The multipart parser logs each malformed body it meets as a WARNING line with no request in it:
+    # any client could fill the log. The client gets that reason in its 400 (`invalid_multipart`),
+    # and the rejection is counted in the metrics.
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
     options = {**uvicorn_options(app.state.clipengine.settings), "timeout_graceful_shutdown": int(graceful_s)}
     uvicorn.run(app, host=host, port=port, log_level=log_level, **options)
 
