@@ -137,3 +137,14 @@ def test_bad_calibration_pixels_are_refused_naming_the_argument(tmp_path: Path, 
         export_model(tiny_model, out, precisions=("int8",), image_batches=image_batches, text_batches=None,
                      calibration_images=pixels, verify=False)  # type: ignore[arg-type]
     assert not out.exists()
+
+
+def test_a_preprocess_cfg_for_another_image_size_is_refused(tmp_path: Path, tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """It failed in the model's forward ("size of tensor a (65) must match ... (17)"), naming nothing."""
+    from clipengine.export.onnx import export_model
+    from clipengine.image.preprocess import PreprocessConfig
+
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"preprocess_cfg.image_size=64, but the model takes 32 px images"):
+        export_model(tiny_model, out, image_batches=(1,), text_batches=(4,), preprocess_cfg=PreprocessConfig(image_size=64))
+    assert not out.exists()

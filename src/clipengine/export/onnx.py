@@ -174,7 +174,8 @@ def export_model(
             as is, mirrored, cropped, grayscale) beside random and synthetic ones. Only with verify.
             A folder (either argument) is listed as `clipengine embed` lists one
             (`image.files.walk_images`: recursive, sorted, hidden files and non-images skipped).
-        model_name / pretrained / preprocess_cfg: recorded in the manifest.
+        model_name / pretrained / preprocess_cfg: recorded in the manifest (preprocess_cfg's image
+            size must be the model's).
         verify: compare every engine with the fp32 PyTorch reference (strongly recommended).
         progress: called with one line per step (the CLI prints them).
 
@@ -186,7 +187,8 @@ def export_model(
             names each engine and its measured error; `parity_report.json` holds the details.
         DatasetError: a calibration or sample folder is not a folder or holds no images.
         ValueError: an unknown precision or bad batch sizes; calibration images without "int8", or
-            sample images with verify=False (they would go unused).
+            sample images with verify=False (they would go unused); calibration pixels not shaped
+            (N, 3, S, S) float; a preprocess_cfg for another image size.
         ModuleNotFoundError: a tool this export needs (onnxruntime, onnxscript, ...) is not
             installed; raised before anything is exported or the folder is made.
     """
@@ -207,6 +209,11 @@ def export_model(
     model = copy.deepcopy(module).float().eval()
     cfg = model.config
     pre = preprocess_cfg or PreprocessConfig(image_size=cfg.vision.image_size)
+    if pre.image_size != cfg.vision.image_size:  # was torch's "size of tensor a (65) must match ... (17)"
+        raise ValueError(
+            f"preprocess_cfg.image_size={pre.image_size}, but the model takes {cfg.vision.image_size} px images: "
+            "give the model's preprocessing, or None for its default"
+        )
     # Sample and calibration images first: a bad one fails the export before the folder changes.
     if isinstance(sample_images_from, (str, Path)):
         sample_images_from = folder_images(sample_images_from, "sample_images_from")
