@@ -102,6 +102,15 @@ def plan_batches(n: int, batches: list[int]) -> list[tuple[int, int, int]]:
     return pieces
 
 
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """(inode, mtime, size) of `path`, None when it is missing: a file replaced by rename changes it."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def _host_array(value: object, what: str, expected: str) -> np.ndarray:
     """`value` as a NumPy array, or an InputError: a CUDA or autograd tensor, or a ragged list, was
     numpy's or torch's own TypeError / RuntimeError / ValueError, naming no argument."""
@@ -207,6 +216,10 @@ class ExportFolderBackend(ABC):
             # The engines lie beside the manifest: a manifest path taken as the root looked for
             # "manifest.json/image_fp32_b1.onnx" and called the engines missing.
             self.root = Path(folder).parent if Path(folder).is_file() else Path(folder)
+        # Engines open on first use, maybe hours later (a server): a re-export in between gave its
+        # engines the old names back (docs/export.md: names), and one model's image embeddings met
+        # another's text embeddings, silently. The manifest is replaced by a rename on every export.
+        self._manifest_stamp = _file_stamp(self.root / MANIFEST_FILE)
         m = self.manifest
         for key in ("embed_dim", "image_size", "context_length"):
             value = getattr(m, key)
@@ -303,6 +316,11 @@ class ExportFolderBackend(ABC):
         return self.root / name
 
     def _open(self, info: EngineInfo) -> FolderEngine:
+        if _file_stamp(self.root / MANIFEST_FILE) != self._manifest_stamp:
+            raise BackendError(
+                f"{self.root}: exported again since this backend read its manifest; its engine "
+                f"{info.file!r} may now be another model's: load the folder again"
+            )
         path = self._member(info.file, "engine")
         if not path.is_file():
             raise BackendError(f"{path}: engine listed in the manifest is missing; re-run the export")

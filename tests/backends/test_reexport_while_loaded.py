@@ -1,0 +1,66 @@
+"""A backend opens its engines on first use, maybe hours after it read the manifest (a server). A
+re-export in between could give its engines the old names back, and then one model's engines ran
+under another's backend without a word (found by helper 77: cosine 1.0 to the new weights' image
+embeddings, 0.13 to the loaded ones')."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipengine.backends import create_backend
+from clipengine.errors import BackendError
+from clipengine.export.manifest import MANIFEST_FILE
+
+
+def _export(model, out: Path) -> None:  # type: ignore[no-untyped-def]
+    from clipengine.export.onnx import export_model
+
+    export_model(model, out, image_batches=(1,), text_batches=(1,), verify=False)
+
+
+def _reweighted(model, seed: int):  # type: ignore[no-untyped-def]
+    import torch
+
+    other = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+    return other
+
+
+def test_engines_opened_after_a_reexport_are_refused_not_mixed(tmp_path: Path, tiny_model) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "export"
+    _export(tiny_model, out)
+    backend = create_backend("onnx", out)  # reads the manifest; opens no engine yet
+    # Two re-exports: the first tags its names (the old files are still published), the second
+    # takes the plain names back, with other weights behind them.
+    _export(_reweighted(tiny_model, 1), out)
+    _export(_reweighted(tiny_model, 2), out)
+    pixels = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    with pytest.raises(BackendError, match=r"exported again since this backend read its manifest.*load the folder again"):
+        backend.encode_images(pixels)
+    fresh = create_backend("onnx", out)  # loading again is the fix the message names
+    assert fresh.encode_images(pixels).shape == (1, fresh.embed_dim)
+
+
+def test_a_manifest_replaced_by_rename_is_seen_and_engines_opened_before_keep_running(
+    tmp_path: Path, tiny_model
+) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "export"
+    _export(tiny_model, out)
+    backend = create_backend("onnx", out)
+    pixels = np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    before = backend.encode_images(pixels)  # the image engine is open now
+    manifest = out / MANIFEST_FILE
+    replacement = out / "manifest.json.new"
+    replacement.write_bytes(manifest.read_bytes())  # same content, a new file: what an export does
+    os.replace(replacement, manifest)
+    np.testing.assert_array_equal(backend.encode_images(pixels), before)  # an engine it holds
+    with pytest.raises(BackendError, match="exported again"):
+        backend.encode_texts(np.zeros((1, 77), dtype=np.int64))  # would open a text engine now
