@@ -64,3 +64,23 @@ def test_a_manifest_replaced_by_rename_is_seen_and_engines_opened_before_keep_ru
     np.testing.assert_array_equal(backend.encode_images(pixels), before)  # an engine it holds
     with pytest.raises(BackendError, match="exported again"):
         backend.encode_texts(np.zeros((1, 77), dtype=np.int64))  # would open a text engine now
+
+
+def test_open_engines_opens_every_engine_so_a_reexport_after_it_changes_nothing(
+    tmp_path: Path, tiny_model
+) -> None:  # type: ignore[no-untyped-def]
+    """What the server calls at start: the engines it will ever run are the ones it loaded."""
+    from clipengine.export.onnx import export_model
+
+    out = tmp_path / "export"
+    export_model(tiny_model, out, image_batches=(1, 4), text_batches=(2,), verify=False)
+    backend = create_backend("onnx", out)
+    backend.open_engines()  # type: ignore[attr-defined]
+    pixels = np.random.default_rng(2).standard_normal((5, 3, 32, 32)).astype(np.float32)  # b4 + b1
+    tokens = np.zeros((3, 77), dtype=np.int64)  # b2 twice
+    before = backend.encode_images(pixels), backend.encode_texts(tokens)
+    _export(_reweighted(tiny_model, 3), out)
+    _export(_reweighted(tiny_model, 4), out)
+    after = backend.encode_images(pixels), backend.encode_texts(tokens)
+    np.testing.assert_array_equal(after[0], before[0])
+    np.testing.assert_array_equal(after[1], before[1])

@@ -144,6 +144,10 @@ class _Tower:
     def first(self) -> FolderEngine:
         return self.engine(None if self.dynamic is not None else max(self.fixed))
 
+    def open_all(self) -> None:
+        for batch in [*self.fixed, *([None] if self.dynamic is not None else [])]:
+            self.engine(batch)
+
     def run(self, x: np.ndarray) -> np.ndarray:
         if x.shape[0] in self.fixed or self.dynamic is None:
             pieces = plan_batches(x.shape[0], list(self.fixed))
@@ -357,6 +361,17 @@ class ExportFolderBackend(ABC):
         weights and the text projection alike; only engine graphs were checked before)."""
         if self._verify_files and (not path.is_file() or file_sha256(path) != expected):
             raise BackendError(f"{path}: SHA-256 differs from the manifest (file changed or corrupt)")
+
+    def open_engines(self) -> None:
+        """Open every engine of both towers now, not on first use: a long-lived process (the server,
+        at start) then fails at once on a broken engine, and keeps running this export's engines
+        after the folder is exported again (engines opened later would be refused then).
+
+        Raises:
+            BackendError: as the first use of an engine would.
+        """
+        self._image.open_all()
+        self._text.open_all()
 
     def encode_images(self, pixels: FloatArray, *, normalize: bool = True) -> FloatArray:
         """(N, 3, H, W) float32 -> (N, D) float32, unit L2 norm (`normalize=False`: as the engine gives them).
