@@ -24,8 +24,10 @@ def captured(monkeypatch: pytest.MonkeyPatch, fake_model: FakeModel, fake_index:
         seen["load_args"] = args
         return fake_model
 
-    def run_server(web_app: Any, host: str, port: int, log_level: str, graceful_s: float) -> None:
-        seen.update(app=web_app, host=host, port=port, graceful_s=graceful_s)
+    def run_server(
+        web_app: Any, host: str, port: int, log_level: str, graceful_s: float, root_path: str = ""
+    ) -> None:
+        seen.update(app=web_app, host=host, port=port, graceful_s=graceful_s, root_path=root_path)
 
     monkeypatch.setattr(serve_cmd, "_load_model", load_model)
     monkeypatch.setattr(serve_cmd, "_load_index", lambda path: fake_index)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import math
+import string
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -188,10 +189,13 @@ def _fit_fd_limit(max_connections: int) -> str | None:
     )
 
 
-def _run_server(app: Any, host: str, port: int, log_level: str, graceful_s: float) -> None:
+def _run_server(
+    app: Any, host: str, port: int, log_level: str, graceful_s: float, root_path: str = ""
+) -> None:
     """Run uvicorn until SIGINT/SIGTERM; it stops accepting, waits for in-flight requests, then drains.
 
-    The app's settings also bound each request head in time and size (serve.protocol).
+    The app's settings also bound each request head in time and size (serve.protocol). `root_path`
+    is uvicorn's: each request's path gets it in front, as a prefix-stripping proxy took it off.
     """
     import logging
 
@@ -204,7 +208,34 @@ def _run_server(app: Any, host: str, port: int, log_level: str, graceful_s: floa
     # and the rejection is counted in the metrics.
     logging.getLogger("python_multipart").setLevel(logging.ERROR)
     options = {**uvicorn_options(app.state.clipengine.settings), "timeout_graceful_shutdown": int(graceful_s)}
-    uvicorn.run(app, host=host, port=port, log_level=log_level, **options)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, root_path=root_path, **options)
+
+
+# What a --root-path may hold: uvicorn writes it into each request's raw path as ASCII (anything
+# else failed every request), and it is the decoded path, so no '%' escapes; '?' and '#' end a path.
+_ROOT_PATH_CHARS = frozenset(string.ascii_letters + string.digits + "-._~!$&'()*+,;=:@/")
+
+
+def _check_root_path(root_path: str) -> str:
+    """--root-path as uvicorn wants it: "" for none, else "/" and segments, with no trailing slash.
+
+    Why: a value without the leading slash made the URLs /docs and thumbnail_url give relative
+    ("clip/openapi.json": under /clip/docs, /clip/clip/openapi.json); a non-ASCII one made uvicorn
+    refuse every request (400); a trailing slash is dropped, as FastAPI drops it.
+    """
+    stripped = root_path.rstrip("/")
+    if not stripped:
+        return ""
+    problem = None
+    if not stripped.startswith("/"):
+        problem = "it must start with '/', e.g. /clip"
+    elif bad := sorted(set(stripped) - _ROOT_PATH_CHARS):
+        problem = f"{''.join(bad)!r} cannot be in it: give the path as the proxy sends it, e.g. /clip"
+    elif any(part in ("", ".", "..") for part in stripped[1:].split("/")):
+        problem = "it has an empty, '.' or '..' segment"
+    if problem:
+        raise typer.BadParameter(f"{root_path!r}: {problem}", param_hint="--root-path")
+    return stripped
 
 
 def _is_loopback(host: str) -> bool:
@@ -274,6 +305,14 @@ def register(app: typer.Typer) -> None:
             min=1,
             help="Most open connections; one over it is answered 503 (too_many_connections) and closed.",
         ),
+        root_path: str = typer.Option(
+            "",
+            "--root-path",
+            help="The path a reverse proxy serves this under and strips (e.g. /clip for nginx's "
+            "location /clip/ { proxy_pass http://127.0.0.1:8000/; }): /docs, the OpenAPI servers "
+            "and thumbnail_url then name it.",
+            show_default=False,
+        ),
         log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
     ) -> None:
         """Serve embeddings, zero-shot classification and image search over HTTP, with a web page at /."""
@@ -287,6 +326,7 @@ def register(app: typer.Typer) -> None:
             )
         _check_sources(model, checkpoint, engine)
         _check_limits(max_upload_mb, max_wait_ms, request_timeout, api_key)
+        root_path = _check_root_path(root_path)
         if port:  # 0: the OS picks a free one
             _check_bindable(host, port)
         settings = ServeSettings(
@@ -318,5 +358,6 @@ def register(app: typer.Typer) -> None:
         if note:
             typer.echo(note, err=True)
         where = f"{len(index)} images" if index is not None else "none"
-        typer.echo(f"serving {clip.name} on http://{host}:{port}  (index: {where}; docs: /docs)")
-        _run_server(web_app, host, port, log_level, settings.drain_timeout_s)
+        docs = f"{root_path}/docs through the proxy" if root_path else "/docs"  # its page fetches from there
+        typer.echo(f"serving {clip.name} on http://{host}:{port}  (index: {where}; docs: {docs})")
+        _run_server(web_app, host, port, log_level, settings.drain_timeout_s, root_path)

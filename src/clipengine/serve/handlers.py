@@ -297,7 +297,8 @@ class ApiHandlers:
 
         hits = await self.timed(run(), request)
         # Under a Mount or uvicorn's --root-path the service's routes start at root_path (as url_for's).
-        thumbnails = f"{request.scope.get('root_path', '')}/v1/thumbnails/"
+        # Its trailing slash dropped, as FastAPI's /docs drops it ("/clip/" gave "/clip//v1/...").
+        thumbnails = f"{request.scope.get('root_path', '').rstrip('/')}/v1/thumbnails/"
         results = [{"id": i, "score": s, "thumbnail_url": thumbnails + quote(i)} for i, s in hits]
         return JSONResponse(
             {"model": self.model.name, "k": k, "results": results, "elapsed_ms": _ms(started)}
