@@ -202,14 +202,22 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+# On the answers given before the body was read to its end (too large, stalled, too slow): the server
+# then closes the connection. Without it the connection stayed open for the keep-alive timeout,
+# though the rest of the body, if it ever came, was only read to be thrown away.
+_CLOSE = {"Connection": "close"}
+
+
 class BodyTooLargeError(ApiError):
     def __init__(self, limit: int) -> None:
-        super().__init__(413, "payload_too_large", f"request body exceeds the limit of {limit} bytes")
+        super().__init__(413, "payload_too_large", f"request body exceeds the limit of {limit} bytes", _CLOSE)
 
 
 class BodyStalledError(ApiError):
     def __init__(self, idle_s: float) -> None:
-        super().__init__(408, "request_timeout", f"no request body data for {idle_s:g} s; send the whole body")
+        super().__init__(
+            408, "request_timeout", f"no request body data for {idle_s:g} s; send the whole body", _CLOSE
+        )
 
 
 class BodyTooSlowError(ApiError):
@@ -219,6 +227,7 @@ class BodyTooSlowError(ApiError):
             "request_timeout",
             f"request body too slow: {seen} bytes in {elapsed_s:.0f} s, under the minimum of {min_rate:g} "
             "bytes/s; send the whole body faster",
+            _CLOSE,
         )
 
 
@@ -260,6 +269,7 @@ class BodyLimitMiddleware:
                         "payload_too_large",
                         f"request body of {int(declared)} bytes exceeds the limit of {self.limit} bytes",
                     ),
+                    _CLOSE,
                 )
                 return
         seen = 0
