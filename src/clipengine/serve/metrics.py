@@ -36,7 +36,7 @@ CONNECTION_REJECTIONS = (
     "invalid_request",  # uvicorn's own 400: the HTTP parser refused the request line or a header
     "no_request",  # closed without an answer: nothing of a request arrived in time
     "send_timeout",  # dropped: the client read none of its answer for the request timeout
-    "too_many_connections",  # closed: opened over max_connections and sent nothing within 1 s
+    "too_many_connections",  # opened over max_connections: its request answered 503, or closed if it sent nothing within 1 s
 )
 
 

@@ -105,6 +105,14 @@ class TrackingMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path = _route_path(scope)
+        over_cap = (scope.get("state") or {}).get(OVER_CAP_KEY)
+        if over_cap is not None and path != "/healthz":  # liveness: the process still answers
+            # Refused for its connection, not its route: counted with the connection layer's own
+            # refusals (those over the cap that send nothing), not as a request to route "unmatched".
+            self.metrics.http_rejected.inc(reason="too_many_connections")
+            await self._refuse_over_cap(send, *over_cap)
+            return
         started = time.perf_counter()
         status = {"code": 500}
 
@@ -113,13 +121,8 @@ class TrackingMiddleware:
                 status["code"] = message["status"]
             await send(message)
 
-        path = _route_path(scope)
         is_api = path.startswith(self.api_prefix)
-        over_cap = (scope.get("state") or {}).get(OVER_CAP_KEY)
         try:
-            if over_cap is not None and path != "/healthz":  # liveness: the process still answers
-                await self._refuse_over_cap(send_wrapper, *over_cap)
-                return
             if is_api and self.tracker.draining:
                 await _send_json(
                     send_wrapper,
