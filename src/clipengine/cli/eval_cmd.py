@@ -27,6 +27,20 @@ _OUT = typer.Option(
 )
 
 
+_NO_CACHE = typer.Option(
+    "--no-cache",
+    help="Encode every image afresh: neither read nor write the feature cache in $CLIPENGINE_HOME/features "
+    "(no resume of an interrupted run either).",
+)
+
+
+def _echo_resume(done: int, total: int, partial: Path) -> None:
+    """Tell the user that the features of a killed or interrupted run are reused (stderr)."""
+    from .predict import shown_name
+
+    typer.echo(f"resuming: {done:,} of {total:,} images from a previous run ({shown_name(str(partial))})", err=True)
+
+
 _BACKEND = typer.Option(
     "--backend", help="torch (checkpoints), or onnx / openvino (export folders; an export folder defaults to onnx)."
 )
@@ -158,6 +172,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
         out: Annotated[Path, _OUT] = Path("eval_reports"),
         download: Annotated[bool, typer.Option("--download", help="Download missing weights.")] = False,
+        no_cache: Annotated[bool, _NO_CACHE] = False,
     ) -> None:
         """Zero-shot top-1 / top-5 / mean per-class recall with prompt-ensembled class weights."""
         from ..eval.report import compare_table, comparison_rows, write_report
@@ -174,7 +189,8 @@ def register(app: typer.Typer) -> None:
         while clips:
             clip = clips.pop(0)  # released once evaluated
             label = f"{clip.backend.name} {clip.backend.precision}"
-            results.append(evaluate_zeroshot(clip, data, templates, names, batch_size=batch, engine=label))
+            results.append(evaluate_zeroshot(clip, data, templates, names, batch_size=batch, engine=label,
+                                             cache=not no_cache, on_resume=_echo_resume))  # fmt: skip
             r = results[-1]
             typer.echo(
                 f"{label}: top-1 {100 * r.top1:.2f}%  top-5 {100 * r.top5:.2f}%  mean per-class recall "
@@ -209,6 +225,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
         out: Annotated[Path, _OUT] = Path("eval_reports"),
         download: Annotated[bool, typer.Option("--download", help="Download missing weights.")] = False,
+        no_cache: Annotated[bool, _NO_CACHE] = False,
     ) -> None:
         """Logistic regression on frozen image features (cached: a second run skips the encoder)."""
         from ..eval.linear_probe import evaluate_linear_probe
@@ -224,7 +241,9 @@ def register(app: typer.Typer) -> None:
         test = _dataset(dataset, root, "test", None, None, limit)
         clip = _load(model, backend, precision, device, download)
         label = f"{clip.backend.name} {clip.backend.precision}"
-        r = evaluate_linear_probe(clip, train, test, C=c, batch_size=batch, engine=label)
+        r = evaluate_linear_probe(
+            clip, train, test, C=c, batch_size=batch, engine=label, cache=not no_cache, on_resume=_echo_resume
+        )
         typer.echo(
             f"{label}: linear-probe top-1 {100 * r.top1:.2f}%  top-5 {100 * r.top5:.2f}%  (chance "
             f"{100 * r.chance:.2f}%, train {r.n_train}, test {r.n_test}, features {r.feature_seconds:.1f}s, "

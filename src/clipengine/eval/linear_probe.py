@@ -1,28 +1,28 @@
 """Linear probe: frozen image features + scikit-learn logistic regression (C=0.316, max_iter=1000).
 
 Features are cached under `$CLIPENGINE_HOME/features/` keyed by model, engine, dataset and split,
-so a second run skips the image tower entirely.
+so a second run skips the image tower entirely, and an interrupted run resumes (`eval.features`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import DatasetError
-from ..files import atomic_path
-from ..paths import cache_dir
-from ..types import Failure
-from .zeroshot import EncodedSplit, accuracy_metrics, encode_dataset
+from .features import (
+    ResumeCallback,
+    cached_features,
+    checkpointed_features,
+    feature_cache_path,
+    model_fingerprint,
+)
+from .zeroshot import accuracy_metrics
 
 if TYPE_CHECKING:
     from ..api import ClipModel
@@ -62,94 +62,11 @@ class LinearProbeResult:
     engine: str = ""
     # Images that could not be decoded (train and test): left out of the fit and the metrics.
     unreadable: list[dict[str, str]] = field(default_factory=list)
+    resumed: int = 0  # images whose features came from the checkpoints of an interrupted run
     converged: bool = True  # False: L-BFGS stopped at max_iter (as CLIP's recipe allows), logged
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def model_fingerprint(model: ClipModel) -> str:
-    """12 hex digits that change with the weights: embeddings of two fixed inputs, rounded.
-
-    Names alone are not enough (a retrained checkpoint keeps its name); this works for any backend.
-    """
-    size = model.image_size
-    pixels = np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)
-    probe = np.concatenate([model.encode_images(pixels), model.encode_texts(["a photo of a cat."])])
-    return hashlib.sha256(np.round(probe, 3).tobytes()).hexdigest()[:12]
-
-
-def feature_cache_path(model: ClipModel, data: LabelledImages, engine: str = "") -> Path:
-    """`<cache>/features/<model>__<engine>__<dataset>__<fingerprint>.npy` for this model and split.
-
-    The fingerprint covers the weights (`model_fingerprint`), the preprocessing, the engine, the
-    labels and every image (`_images_digest`), so a retrained model, other preprocessing or a changed
-    dataset never reads stale features.
-    """
-    b = model.backend
-    engine = engine or f"{b.name}-{b.precision}"
-    images = _images_digest(data)
-    weights, preprocessing = model_fingerprint(model), repr(model.preprocess_cfg)
-    labels = data.labels.tobytes()
-    # "raw": unnormalised features (caches of unit rows, from before, are never read)
-    key = (model.name, weights, preprocessing, engine, data.name, len(data), labels, images, "raw")
-    fp = hashlib.sha256(repr(key).encode()).hexdigest()[:12]
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{model.name}__{engine}__{data.name}")
-    return cache_dir() / "features" / f"{safe}__{fp}.npy"
-
-
-def _images_digest(data: LabelledImages) -> str:
-    """A digest of the split's images: every pixel of in-memory arrays (CIFAR's 50 000 train images:
-    0.2 s), or every file's path, size and modification time (a file replaced or repaired since, e.g.
-    one that could not be decoded before, is read again). The first item alone missed both."""
-    h = hashlib.sha256()
-    if data.arrays is not None:
-        h.update(repr((data.arrays.shape, data.arrays.dtype.str)).encode())
-        h.update(np.ascontiguousarray(data.arrays).data)
-    for path in data.paths or ():
-        try:
-            st = path.stat()
-            stamp = f"{st.st_size}:{st.st_mtime_ns}"
-        except OSError as e:  # unreadable: encoding lists it as a failure; a later fix changes this
-            stamp = type(e).__name__
-        # os.fsencode: the name's own bytes; str.encode() raised on one that is not UTF-8 ("caf\udce9").
-        h.update(os.fsencode(path.absolute()) + f"\0{stamp}\n".encode())
-    return h.hexdigest()
-
-
-def cached_features(
-    model: ClipModel, data: LabelledImages, batch_size: int = 64, engine: str = ""
-) -> tuple[EncodedSplit, bool]:
-    """Image features of `data`, read from the cache when present; returns (features, hit).
-
-    Rows of images that could not be decoded are NaN (`encode_dataset`), in the cache too; read
-    back from it, they are listed without their original reason.
-    """
-    path = feature_cache_path(model, data, engine)
-    if path.is_file():
-        try:
-            feats = np.load(path)
-        except (OSError, ValueError, EOFError) as e:  # cut short or foreign: a miss, rewritten below
-            log.warning("ignoring unreadable feature cache %s (%s)", path, e)
-        else:
-            if feats.shape == (len(data), model.embed_dim):
-                log.info("features from cache %s", path)
-                return _from_cache(feats, data), True
-    # Not unit-normalised: CLIP's README fits its C = 0.316 on `encode_image` as it is (ViT-B/32's
-    # image features have norms near 10), and unit rows would make that C ~100x stronger.
-    split = encode_dataset(model, data, batch_size, normalize=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique temp file beside the cache file, then os.replace: two runs at once never share a temp
-    # name, and a failed save leaves neither a truncated cache file nor a temp file behind.
-    with atomic_path(path) as tmp, tmp.open("wb") as f:
-        np.save(f, split.features)  # a file object: np.save would add ".npy" to a temp name without it
-    return split, False
-
-
-def _from_cache(features: np.ndarray, data: LabelledImages) -> EncodedSplit:
-    missing = np.flatnonzero(~np.isfinite(features).all(axis=1))
-    reason = "could not be decoded when the feature cache was written"
-    return EncodedSplit(features, [Failure(str(data.paths[i]) if data.paths else f"image {i}", reason) for i in missing])
 
 
 def _check_splits(train: LabelledImages, test: LabelledImages) -> None:
@@ -181,14 +98,22 @@ def evaluate_linear_probe(
     C: float = C_DEFAULT,
     batch_size: int = 64,
     engine: str = "",
+    *,
+    cache: bool = True,
+    on_resume: ResumeCallback | None = None,
 ) -> LinearProbeResult:
-    """Fit logistic regression on train features, report test top-1 / top-5 / per-class recall."""
+    """Fit logistic regression on train features, report test top-1 / top-5 / per-class recall.
+
+    Features come from `checkpointed_features`: cached, and resumed after an interrupted run
+    (`on_resume` is told); `cache=False` encodes afresh and writes nothing.
+    """
     from sklearn.linear_model import LogisticRegression
 
     _check_splits(train, test)
     t0 = time.perf_counter()
-    train_split, hit_train = cached_features(model, train, batch_size, engine)
-    test_split, hit_test = cached_features(model, test, batch_size, engine)
+    runs = [checkpointed_features(model, split, batch_size, engine, cache=cache, on_resume=on_resume)
+            for split in (train, test)]  # fmt: skip
+    train_split, test_split = runs[0].split, runs[1].split
     t1 = time.perf_counter()
     fit_rows, test_rows = train_split.readable, test_split.readable  # unreadable images are left out
     y_train, y_test = train.labels[fit_rows], test.labels[test_rows]
@@ -216,7 +141,8 @@ def evaluate_linear_probe(
         chance=1.0 / len(test.classnames),
         per_class=m["per_class"],
         C=C,
-        cache_hits=int(hit_train) + int(hit_test),
+        cache_hits=sum(r.hit for r in runs),
+        resumed=sum(r.resumed for r in runs),
         feature_seconds=round(t1 - t0, 3),
         fit_seconds=round(t2 - t1, 3),
         engine=engine,

@@ -18,12 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..backends.base import l2_normalize
 from ..errors import BackendError, DatasetError, DecodeError
 from ..types import Failure
 from ..zeroshot import class_embeddings
 
 if TYPE_CHECKING:
     from ..api import ClipModel
+    from .features import ResumeCallback
     from .labelled import LabelledImages
 
 __all__ = [
@@ -32,7 +34,9 @@ __all__ = [
     "accuracy_metrics",
     "build_classifier",
     "encode_dataset",
+    "encode_rows",
     "evaluate_zeroshot",
+    "report_failures",
     "tied_classes",
 ]
 
@@ -58,6 +62,7 @@ class ZeroShotResult:
     predictions: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64), repr=False)
     # Images that could not be decoded: left out of `n` and of every metric, listed here.
     unreadable: list[dict[str, str]] = field(default_factory=list)
+    resumed: int = 0  # images whose features came from the checkpoints of an interrupted run
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -186,23 +191,45 @@ def encode_dataset(
         DatasetError: no image of `data` could be decoded.
         BackendError: the model gave NaN, inf or all-zero embeddings for a decoded image.
     """
+    split = encode_rows(model, data, 0, len(data), batch_size, workers, normalize=normalize)
+    report_failures(data, split.failures)
+    return split
+
+
+def encode_rows(
+    model: ClipModel,
+    data: LabelledImages,
+    start: int,
+    stop: int,
+    batch_size: int = 64,
+    workers: int | None = None,
+    *,
+    normalize: bool = True,
+) -> EncodedSplit:
+    """`encode_dataset` of images [start, stop) only (row 0 is image `start`), without the checks
+    of the whole split (`report_failures`): a chunk of a checkpointed run may be all unreadable.
+
+    Raises:
+        BackendError: the model gave NaN, inf or all-zero embeddings for a decoded image.
+    """
     workers = workers or min(8, os.cpu_count() or 1)
-    out = np.full((len(data), model.embed_dim), np.nan, dtype=np.float32)
-    decoded = np.zeros(len(data), dtype=bool)
+    out = np.full((stop - start, model.embed_dim), np.nan, dtype=np.float32)
+    decoded = np.zeros(stop - start, dtype=bool)
     failures: list[Failure] = []
-    starts = list(range(0, len(data), batch_size))
+    starts = list(range(start, stop, batch_size))
     with ThreadPoolExecutor(max_workers=workers) as pool:
 
-        def submit(start: int) -> list[Future[np.ndarray]]:
-            return [pool.submit(model.preprocess, img) for img in data.images(start, start + batch_size)]
+        def submit(first: int) -> list[Future[np.ndarray]]:
+            last = min(first + batch_size, stop)
+            return [pool.submit(model.preprocess, img) for img in data.images(first, last)]
 
         pending = submit(starts[0]) if starts else []
-        for k, start in enumerate(starts):
+        for k, first in enumerate(starts):
             rows, pixels = [], []
-            for i, fut in enumerate(pending, start):
+            for i, fut in enumerate(pending, first):
                 try:
                     pixels.append(fut.result())  # (3, H, W)
-                    rows.append(i)
+                    rows.append(i - start)
                 except DecodeError as e:  # this image's failure, never the run's
                     failures.append(Failure(str(data.paths[i]) if data.paths else f"image {i}", e.reason))
             if k + 1 < len(starts):
@@ -210,21 +237,32 @@ def encode_dataset(
             if rows:
                 out[rows] = model.encode_images(np.stack(pixels), batch_size=batch_size, normalize=normalize)
                 decoded[rows] = True
-    if failures:
-        if len(failures) == len(data):
-            raise DatasetError(f"{data.name}: none of its {len(data)} images could be decoded, e.g. "
-                               f"{failures[0].id}: {failures[0].reason}")  # fmt: skip
-        log.warning("%s: %d of %d images could not be decoded and are left out of the metrics, e.g. %s",
-                    data.name, len(failures), len(data),
-                    "; ".join(f"{f.id}: {f.reason}" for f in failures[:3]))  # fmt: skip
     bad = _degenerate_rows(out[decoded])
     if bad.size:  # such rows would all "predict" class 0 and fake an accuracy
-        i = int(np.flatnonzero(decoded)[bad[0]])
+        i = start + int(np.flatnonzero(decoded)[bad[0]])
         raise BackendError(
-            f"{data.name}: {bad.size} of {len(data)} image embeddings are NaN, inf or all zero, "
+            f"{data.name}: {bad.size} of {stop - start} image embeddings"
+            + (f" (images {start}-{stop - 1})" if (start, stop) != (0, len(data)) else "")
+            + " are NaN, inf or all zero, "
             f"e.g. image {i}" + (f" ({data.paths[i]})" if data.paths else "")
         )
     return EncodedSplit(out, failures)
+
+
+def report_failures(data: LabelledImages, failures: Sequence[Failure]) -> None:
+    """Warn about the images of `data` that could not be decoded (count and the first ones).
+
+    Raises:
+        DatasetError: none of them could be decoded.
+    """
+    if not failures:
+        return
+    if len(failures) == len(data):
+        raise DatasetError(f"{data.name}: none of its {len(data)} images could be decoded, e.g. "
+                           f"{failures[0].id}: {failures[0].reason}")  # fmt: skip
+    log.warning("%s: %d of %d images could not be decoded and are left out of the metrics, e.g. %s",
+                data.name, len(failures), len(data),
+                "; ".join(f"{f.id}: {f.reason}" for f in failures[:3]))  # fmt: skip
 
 
 def accuracy_metrics(logits: np.ndarray, labels: np.ndarray, classnames: Sequence[str]) -> dict[str, Any]:
@@ -268,12 +306,20 @@ def evaluate_zeroshot(
     classnames: Sequence[str] | None = None,
     batch_size: int = 64,
     engine: str = "",
+    *,
+    cache: bool = True,
+    on_resume: ResumeCallback | None = None,
 ) -> ZeroShotResult:
     """Zero-shot top-1 / top-5 / mean per-class recall of `model` on `data`.
+
+    The image features come from `eval.features.checkpointed_features` (raw, normalised here, which
+    gives the logits of unit embeddings): cached, so another prompt set skips the image tower, and
+    resumed after an interrupted run (`on_resume` is told). `cache=False` encodes afresh, writes nothing.
 
     Args:
         classnames: names to prompt with (default: the dataset's own); must match its class count.
     """
+    from .features import checkpointed_features  # it builds on this module
     names = list(classnames) if classnames else list(data.classnames)
     if len(names) != len(data.classnames):
         raise DatasetError(
@@ -281,9 +327,10 @@ def evaluate_zeroshot(
         )
     t0 = time.perf_counter()
     weights = build_classifier(lambda texts: model.encode_texts(texts), names, templates)
-    split = encode_dataset(model, data, batch_size)
+    run = checkpointed_features(model, data, batch_size, engine, cache=cache, on_resume=on_resume)
+    split = run.split
     readable = split.readable
-    m = accuracy_metrics(split.features[readable] @ weights, data.labels[readable], names)
+    m = accuracy_metrics(l2_normalize(split.features[readable]) @ weights, data.labels[readable], names)
     seconds = time.perf_counter() - t0
     n = int(readable.sum())
     log.info("zero-shot %s on %s: top1 %.4f (%d images, %.1fs)", model.name, data.name, m["top1"], n, seconds)
@@ -302,4 +349,5 @@ def evaluate_zeroshot(
         engine=engine,
         predictions=m["predictions"],
         unreadable=split.unreadable(),
+        resumed=run.resumed,
     )
