@@ -180,8 +180,9 @@ def checkpointed_features(
         chunks[start] = encode_rows(model, data, start, stop, batch_size, normalize=False)
         if checkpoints and stop < len(data):  # the last chunk goes straight into the complete file
             checkpoints = _saved(_write_chunk, partial / _chunk_name(start, stop), chunks[start], data)
+    empty = np.zeros((0, model.embed_dim), dtype=np.float32)  # np.concatenate refuses an empty list
     split = EncodedSplit(
-        np.concatenate([chunks[s].features for s in starts]), [f for s in starts for f in chunks[s].failures]
+        np.concatenate([empty] + [chunks[s].features for s in starts]), [f for s in starts for f in chunks[s].failures]
     )
     report_failures(data, split.failures)
     if _saved(_write_complete, path, split, data):
