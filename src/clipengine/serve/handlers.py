@@ -365,6 +365,12 @@ class ApiHandlers:
     # ---- lifecycle -----------------------------------------------------------------------------
     async def warm_up(self) -> None:
         """One tiny call per tower so the first real request does not pay for lazy initialisation."""
+        # An export folder's engines open on first use: open them all now, so a broken one fails the
+        # start, not a request, and a re-export of the folder while serving changes nothing served
+        # (the backend refuses to open another export's engines then).
+        open_engines = getattr(getattr(self.model, "backend", None), "open_engines", None)
+        if callable(open_engines):
+            await asyncio.to_thread(open_engines)
         size = int(getattr(self.model, "image_size", 0))
         if size > 0:
             await asyncio.to_thread(self.model.encode_images, np.zeros((1, 3, size, size), np.float32))
