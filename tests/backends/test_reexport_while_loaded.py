@@ -5,12 +5,12 @@ embeddings, 0.13 to the loaded ones')."""
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from reweighted import reweighted
 
 from clipengine.backends import create_backend
 from clipengine.errors import BackendError
@@ -23,16 +23,6 @@ def _export(model, out: Path) -> None:  # type: ignore[no-untyped-def]
     export_model(model, out, image_batches=(1,), text_batches=(1,), verify=False)
 
 
-def _reweighted(model, seed: int):  # type: ignore[no-untyped-def]
-    import torch
-
-    other = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in other.parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * 0.05)
-    return other
-
 
 def test_engines_opened_after_a_reexport_are_refused_not_mixed(tmp_path: Path, tiny_model) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "export"
@@ -40,8 +30,8 @@ def test_engines_opened_after_a_reexport_are_refused_not_mixed(tmp_path: Path, t
     backend = create_backend("onnx", out)  # reads the manifest; opens no engine yet
     # Two re-exports: the first tags its names (the old files are still published), the second
     # takes the plain names back, with other weights behind them.
-    _export(_reweighted(tiny_model, 1), out)
-    _export(_reweighted(tiny_model, 2), out)
+    _export(reweighted(tiny_model, 1), out)
+    _export(reweighted(tiny_model, 2), out)
     pixels = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
     with pytest.raises(BackendError, match=r"exported again since this backend read its manifest.*load the folder again"):
         backend.encode_images(pixels)
@@ -79,8 +69,8 @@ def test_open_engines_opens_every_engine_so_a_reexport_after_it_changes_nothing(
     pixels = np.random.default_rng(2).standard_normal((5, 3, 32, 32)).astype(np.float32)  # b4 + b1
     tokens = np.zeros((3, 77), dtype=np.int64)  # b2 twice
     before = backend.encode_images(pixels), backend.encode_texts(tokens)
-    _export(_reweighted(tiny_model, 3), out)
-    _export(_reweighted(tiny_model, 4), out)
+    _export(reweighted(tiny_model, 3), out)
+    _export(reweighted(tiny_model, 4), out)
     after = backend.encode_images(pixels), backend.encode_texts(tokens)
     np.testing.assert_array_equal(after[0], before[0])
     np.testing.assert_array_equal(after[1], before[1])

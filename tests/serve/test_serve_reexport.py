@@ -4,26 +4,15 @@ answers. Before, engines opened on first use could be another export's (same nam
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from reweighted import reweighted
 
 from clipengine.api import load_export
 from clipengine.export.onnx import export_model
-
-
-def _reweighted(model: Any, seed: int) -> Any:
-    import torch
-
-    other = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in other.parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * 0.05)
-    return other
 
 
 def _texts(client: Any, texts: list[str]) -> np.ndarray:
@@ -42,7 +31,7 @@ def test_a_reexport_while_serving_changes_no_answer(tmp_path: Path, tiny_model: 
     served = load_export(out)
     client = make_client(index=None, model=served)  # its warm-up embeds one text: engine b1
     for seed in (1, 2):  # the second re-export gives the engines their plain names back
-        export_model(_reweighted(tiny_model, seed), out, image_batches=(1,), text_batches=(1, 4), verify=False)
+        export_model(reweighted(tiny_model, seed), out, image_batches=(1,), text_batches=(1, 4), verify=False)
     # Four texts in one call run the b4 engine, which only the start can have opened (the server's
     # micro-batcher may cut a request into smaller calls, so the model is called directly too).
     np.testing.assert_allclose(served.encode_texts(texts), expected, atol=1e-6)
