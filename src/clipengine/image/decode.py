@@ -81,6 +81,10 @@ _CLOSED = (
     "the PIL image was closed before use; pass it inside its `with Image.open(...)` block, or pass "
     "a .copy() made before closing it"
 )
+_FILE_CLOSED = (
+    "the file the PIL image was opened from was closed before its pixels were read; pass the image "
+    "while the file is open, or call .load() on it before closing the file"
+)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 # warnings.catch_warnings swaps process-global state; the lock keeps concurrent decodes from
 # restoring each other's filters. It is held only for header and EXIF parsing (microseconds).
@@ -445,6 +449,8 @@ def _loaded(im: Image.Image, label: str) -> Image.Image:
     except ValueError as e:
         if "closed image" in str(e):  # "Operation on closed image": close()d
             raise DecodeError(label, _CLOSED) from e
+        if getattr(getattr(im, "fp", None), "closed", False):  # Image.open(f), then f closed, unread
+            raise DecodeError(label, _FILE_CLOSED) from e
         raise DecodeError(label, f"truncated or corrupt image data: {e}") from e
     except (OSError, SyntaxError, EOFError) as e:
         raise DecodeError(label, f"truncated or corrupt image data: {e}") from e

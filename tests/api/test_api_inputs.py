@@ -1,0 +1,53 @@
+"""`ClipModel` with the inputs users really pass: what is accepted gives the same embedding as the
+path, and what is refused is an InputError / DecodeError that names the input and the fix."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipengine.api import ClipModel
+from clipengine.errors import DecodeError
+
+
+def _png(tmp_path: Path) -> Path:
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    path = tmp_path / "a.png"
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def _closed_stream(path: Path, kind: str) -> io.IOBase:
+    if kind == "file":
+        return open(path, "rb")  # the test closes it before the image is used
+    return io.BytesIO(path.read_bytes())
+
+
+@pytest.mark.parametrize("kind", ["file", "bytesio"])
+def test_pil_image_whose_file_was_closed_unread_is_named_as_such(
+    model: ClipModel, tmp_path: Path, kind: str
+) -> None:
+    # Image.open(f) reads only the header; with `f` closed before the pixels were read, Pillow 13
+    # raises "seek of closed file" / "I/O operation on closed file", which read as a damaged image
+    # ("truncated or corrupt image data") though the file is fine.
+    stream = _closed_stream(_png(tmp_path), kind)
+    with stream:
+        im = Image.open(stream)
+    with pytest.raises(DecodeError) as info:
+        model.encode_images(im)
+    assert info.value.source == "<PIL image RGB 50x40>"
+    assert "corrupt" not in info.value.reason
+    assert "was closed before its pixels were read" in info.value.reason
+    assert ".load()" in info.value.reason  # the fix
+
+
+def test_pil_image_loaded_before_its_file_was_closed_is_encoded(model: ClipModel, tmp_path: Path) -> None:
+    path = _png(tmp_path)
+    with open(path, "rb") as f:
+        im = Image.open(f)
+        im.load()
+    np.testing.assert_array_equal(model.encode_images(im), model.encode_images(path))
