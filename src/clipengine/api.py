@@ -31,6 +31,12 @@ _EXPORT_MANIFEST = "manifest.json"
 _Texts = Sequence[str] | npt.NDArray[Any]
 # What one image may be (see `image.decode.decode_image`).
 _IMAGE_TYPES = (str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray)
+# A 4-D array is read as preprocessed pixels; a stack of raw frames (video, a dataset) is one too,
+# and the refusal must say how to pass those instead.
+_RAW_STACK_FIX = (
+    "to encode raw pixels, pass list(images) for (N, H, W, 3) arrays, "
+    "or list(images.transpose(0, 2, 3, 1)) for (N, 3, H, W)"
+)
 
 
 class ClipModel:
@@ -100,11 +106,13 @@ class ClipModel:
         expected = (3, self.image_size, self.image_size)
         if pixels.shape[1:] != expected:
             raise InputError(
-                f"preprocessed images must be (N, 3, {self.image_size}, {self.image_size}); got {pixels.shape}"
+                f"preprocessed images must be (N, 3, {self.image_size}, {self.image_size}); got {pixels.shape}; "
+                f"{_RAW_STACK_FIX}"
             )
         if not np.issubdtype(pixels.dtype, np.floating):  # uint8 would run un-normalised, silently wrong
             raise InputError(
-                f"preprocessed images must be float (normalised by model.preprocess); got {pixels.dtype}"
+                f"preprocessed images must be float (normalised by model.preprocess); got {pixels.dtype}; "
+                f"{_RAW_STACK_FIX}"
             )
         out = np.asarray(pixels, dtype=np.float32)
         if not np.isfinite(out).all():

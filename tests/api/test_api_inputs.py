@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from clipengine.api import ClipModel
-from clipengine.errors import DecodeError
+from clipengine.errors import DecodeError, InputError
 
 
 def _png(tmp_path: Path) -> Path:
@@ -51,3 +51,21 @@ def test_pil_image_loaded_before_its_file_was_closed_is_encoded(model: ClipModel
         im = Image.open(f)
         im.load()
     np.testing.assert_array_equal(model.encode_images(im), model.encode_images(path))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_stack_of_raw_images_is_refused_with_the_list_to_pass(model: ClipModel, dtype: type) -> None:
+    # (N, H, W, 3) is how video frames and datasets hold images; a 4-D array is read as already
+    # preprocessed pixels, and the refusal named only that form, not how to pass raw pixels.
+    frames = np.zeros((2, 40, 50, 3), dtype=dtype)
+    with pytest.raises(InputError, match=r"got \(2, 40, 50, 3\).*pass list\(images\)"):
+        model.encode_images(frames)
+    assert model.encode_images(list(frames)).shape == (2, model.embed_dim)  # the fix it names works
+
+
+def test_uint8_batch_of_model_size_is_refused_with_the_list_to_pass(model: ClipModel) -> None:
+    size = model.image_size
+    crops = np.zeros((2, 3, size, size), dtype=np.uint8)  # the shape of preprocessed pixels, not their dtype
+    with pytest.raises(InputError, match=r"must be float.*got uint8.*pass list\(images\)"):
+        model.encode_images(crops)
+    assert model.encode_images(list(crops.transpose(0, 2, 3, 1))).shape == (2, model.embed_dim)
