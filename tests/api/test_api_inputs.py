@@ -4,6 +4,7 @@ path, and what is refused is an InputError / DecodeError that names the input an
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -69,3 +70,35 @@ def test_uint8_batch_of_model_size_is_refused_with_the_list_to_pass(model: ClipM
     with pytest.raises(InputError, match=r"must be float.*got uint8.*pass list\(images\)"):
         model.encode_images(crops)
     assert model.encode_images(list(crops.transpose(0, 2, 3, 1))).shape == (2, model.embed_dim)
+
+
+class Series:
+    """What matters here of a pandas Series (a DataFrame column): iterable, `tolist()`, no Sequence."""
+
+    def __init__(self, values: list[str]) -> None:
+        self._values = values
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def tolist(self) -> list[str]:
+        return list(self._values)
+
+
+def test_pandas_column_of_texts_is_refused_with_tolist(model: ClipModel) -> None:
+    # A DataFrame column is a Series, not a Sequence: refused (its .to_numpy() is taken), but the
+    # refusal said "decode bytes first and wrap one text in a list", which does not apply.
+    captions = Series(["a cat", "a dog"])
+    with pytest.raises(InputError, match=r"texts must be .*got Series; .*\.tolist\(\)"):
+        model.encode_texts(captions)
+    with pytest.raises(InputError, match=r"labels must be .*got Series; .*\.tolist\(\)"):
+        model.text_classifier(captions)
+    assert model.encode_texts(captions.tolist()).shape == (2, model.embed_dim)
+
+
+def test_generator_of_texts_is_refused_with_list(model: ClipModel) -> None:
+    with pytest.raises(InputError, match=r"texts must be .*got generator; pass list\(texts\)"):
+        model.encode_texts(t for t in ["a cat", "a dog"])

@@ -11,7 +11,7 @@ import operator
 import re
 import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from itertools import pairwise
 from pathlib import Path
@@ -402,7 +402,9 @@ def as_str_list(value: object, name: str, expected: str, fix: str) -> list[str]:
             TypeError), or an item that is not a str (named by its position).
     """
     if isinstance(value, bytes | bytearray | memoryview) or not isinstance(value, Sequence | np.ndarray):
-        raise InputError(f"{name} must be {expected}, got {type(value).__name__}; {fix}")
+        raise InputError(
+            f"{name} must be {expected}, got {type(value).__name__}; {_whole_value_fix(value, name, fix)}"
+        )
     if isinstance(value, np.ndarray) and value.ndim != 1:
         raise InputError(f"{name} must be {expected}, got a {value.ndim}-D array {value.shape}; {fix}")
     items = list(value)
@@ -410,6 +412,16 @@ def as_str_list(value: object, name: str, expected: str, fix: str) -> list[str]:
         if not isinstance(item, str):
             raise InputError(f"{name}[{i}] is {type(item).__name__} ({item!r:.40}), not a str")
     return [str(item) for item in items]  # NumPy's str_ items as plain str
+
+
+def _whole_value_fix(value: object, name: str, fix: str) -> str:
+    """The fix for a refused `value`; `fix` ("decode bytes first") does not fit a pandas column or a
+    generator, which hold the right items in a container that is not a Sequence."""
+    if hasattr(value, "tolist") and not isinstance(value, memoryview):  # a pandas Series / Index
+        return f"pass {name}.tolist()"
+    if isinstance(value, Iterator):  # a generator; consumed once, so list() it where it is made
+        return f"pass list({name})"
+    return fix
 
 
 def _quote(text: str) -> str:
