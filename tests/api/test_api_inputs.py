@@ -4,11 +4,13 @@ path, and what is refused is an InputError / DecodeError that names the input an
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from clipengine.api import ClipModel
@@ -102,3 +104,40 @@ def test_pandas_column_of_texts_is_refused_with_tolist(model: ClipModel) -> None
 def test_generator_of_texts_is_refused_with_list(model: ClipModel) -> None:
     with pytest.raises(InputError, match=r"texts must be .*got generator; pass list\(texts\)"):
         model.encode_texts(t for t in ["a cat", "a dog"])
+
+
+def _png_bytes() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 6), (200, 30, 40)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("images", "kind", "fix"),
+    [
+        (lambda: (b for b in [_png_bytes()]), "generator", "list(images)"),
+        (lambda: io.BytesIO(_png_bytes()), "BytesIO", "its bytes (.getvalue(), or .read() of a file)"),
+        (lambda: torch.zeros(3, 6, 8), "Tensor", "a NumPy array: t.permute(1, 2, 0).numpy()"),
+    ],
+)
+def test_image_containers_that_are_refused_name_the_fix(
+    model: ClipModel, images: Callable[[], object], kind: str, fix: str
+) -> None:
+    with pytest.raises(InputError, match=rf"images is {kind};.*pass {re.escape(fix)}"):
+        model.encode_images(images())  # type: ignore[arg-type]
+
+
+def test_channels_first_array_is_refused_with_the_transpose(model: ClipModel) -> None:
+    # (3, H, W) is how torch and torchvision hold an image; refused (it would read as H=3), but the
+    # refusal listed the shapes taken without the transpose that gives one.
+    pixels = np.zeros((3, 40, 50), dtype=np.uint8)
+    with pytest.raises(DecodeError, match=r"array shape \(3, 40, 50\).*\.transpose\(1, 2, 0\)"):
+        model.encode_images(pixels)
+    assert model.encode_images(pixels.transpose(1, 2, 0)).shape == (1, model.embed_dim)
+
+
+def test_float_array_on_the_0_255_scale_is_refused_with_the_division(model: ClipModel) -> None:
+    pixels = np.full((4, 5, 3), 200.0, dtype=np.float32)
+    with pytest.raises(DecodeError, match=r"got range \[200, 200\].*divide an array by 255"):
+        model.encode_images(pixels)
+    assert model.encode_images(pixels / 255).shape == (1, model.embed_dim)

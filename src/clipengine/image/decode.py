@@ -514,8 +514,11 @@ def _from_array(array: npt.NDArray[Any], label: str) -> Image.Image:
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     elif array.ndim != 2 and not (array.ndim == 3 and array.shape[2] in (3, 4)):
+        # (3, H, W) is how torch holds an image: name the transpose that makes it one of ours
+        channels_first = array.ndim == 3 and array.shape[0] in (1, 3)  # (4, H, W) could be H=4 as well
+        fix = "; for channels first, pass array.transpose(1, 2, 0)" if channels_first else ""
         raise DecodeError(
-            label, f"array shape {array.shape} is not (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)"
+            label, f"array shape {array.shape} is not (H, W), (H, W, 1), (H, W, 3) or (H, W, 4){fix}"
         )
     if array.size == 0:
         raise DecodeError(label, f"array shape {array.shape} has no pixels")
@@ -534,8 +537,11 @@ def _to_uint8(array: npt.NDArray[Any], label: str) -> npt.NDArray[np.uint8]:
     if array.dtype.kind == "f":
         lo, hi = float(np.min(array)), float(np.max(array))
         if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0.0 or hi > 1.0:
+            # 0-255 floats are common (a uint8 image after astype(float)): say what makes them [0, 1]
+            on_255_scale = lo >= 0.0 and 1.0 < hi <= 255.0
+            fix = "; for 0-255 values, divide an array by 255 or .convert('L') a PIL image" if on_255_scale else ""
             raise DecodeError(
-                label, f"float pixel values must be finite and in [0, 1], got range [{lo:g}, {hi:g}]"
+                label, f"float pixel values must be finite and in [0, 1], got range [{lo:g}, {hi:g}]{fix}"
             )
         return np.rint(array * 255.0).astype(np.uint8)
     raise DecodeError(
