@@ -50,6 +50,30 @@ def _stdout_closed() -> bool:
     return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
 
 
+def _expand_home(value: Any) -> Any:
+    """`~/x` as the shell would have expanded it unquoted: `--output=~/x` and `"~/my photos"` reach us as
+    they are, and `~/x` made a folder named `~` in the working directory (or 'does not exist')."""
+    if isinstance(value, str) and value.startswith("~"):
+        return os.path.expanduser(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_expand_home(item) for item in value)
+    return value
+
+
+def _expand_home_in_paths(command: Any) -> None:
+    """Expand `~` in every path parameter of `command` and its sub-commands, before typer checks the
+    path (exists=, file_okay=): the library already expands it in model names and file lists."""
+    for param in command.params:
+        descriptor = getattr(param, "type_descriptor", None)
+        if descriptor is None or not descriptor.is_path or getattr(param, "_expands_home", False):
+            continue
+        process_value = param.process_value
+        param.process_value = lambda ctx, value, process=process_value: process(ctx, _expand_home(value))
+        param._expands_home = True
+    for sub in getattr(command, "commands", {}).values():
+        _expand_home_in_paths(sub)
+
+
 class _Group(TyperGroup):
     """The root group. click (typer's copy included) catches every OSError with errno EPIPE raised
     by a command, swaps sys.stdout/stderr for wrappers and exits 1 without a word, even outside
@@ -57,6 +81,8 @@ class _Group(TyperGroup):
     this `invoke` (sub-groups too), so the error is sorted here, before click sees it."""
 
     def invoke(self, ctx: Any) -> Any:  # click's Context (typer bundles its own click)
+        if ctx.parent is None:
+            _expand_home_in_paths(self)
         try:
             return super().invoke(ctx)
         except OSError as e:
