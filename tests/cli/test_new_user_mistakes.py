@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,3 +39,28 @@ def test_a_tilde_the_shell_left_alone_is_the_home_folder(  # type: ignore[no-unt
     assert code == 0
     assert (home / "emb" / "run.json").is_file()
     assert not (cwd / "~").exists()  # not a folder named `~` (which `rm -rf ~` would then "clean up")
+
+
+def test_a_second_image_is_refused_not_ranked_as_a_text(  # type: ignore[no-untyped-def]
+    tmp_path: Path, fake_load, capsys
+) -> None:
+    pipeline_fakes.write_images(tmp_path, 2)
+    first, second = sorted(str(p) for p in tmp_path.glob("*.jpg"))
+
+    code = main(["predict", first, second, "--text", "a dog", "a cat", "-m", "RN50"])
+
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{second!r} is an image, not a text" in err and "pass their folder" in err
+
+
+def test_texts_after_a_single_text_option_are_still_texts(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    pipeline_fakes.write_images(tmp_path, 1)
+    (image,) = tmp_path.glob("*.jpg")
+    (tmp_path / "dog").mkdir()  # a folder named like a text is no image: still a text
+
+    code = main(["predict", str(image), "--text", "dog", "cat.png", "-m", "tiny-synth", "--json"])
+
+    assert code == 0
+    labels = {label["label"] for label in json.loads(capsys.readouterr().out)["results"][0]["labels"]}
+    assert labels == {"dog", "cat.png"}

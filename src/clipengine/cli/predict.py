@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,23 @@ if TYPE_CHECKING:
     from ..api import ClipModel
 
 __all__ = ["list_images", "register", "shown_name"]
+
+
+def _refuse_images_as_texts(extra_args: list[str]) -> None:
+    """`predict a.jpg b.jpg --text dog cat` ranked "b.jpg" as one of the texts: an extra argument that
+    is an image file is a second image, which predict does not take one by one (a folder it does).
+
+    Raises:
+        typer.BadParameter: an extra argument names an existing image file (a usage error, exit 2).
+    """
+    from ..image.files import is_image_name
+
+    for arg in extra_args:
+        if is_image_name(os.path.basename(arg)) and os.path.isfile(arg):
+            raise typer.BadParameter(
+                f"{arg!r} is an image, not a text: predict takes one IMAGE_OR_FOLDER; "
+                "for several images pass their folder (texts go after --text)"
+            )
 
 
 def list_images(target: Path) -> list[tuple[str, Path]]:
@@ -183,6 +201,7 @@ def register(app: typer.Typer) -> None:
         from ..zeroshot import check_utf8_texts
         from . import model_options as mo
 
+        _refuse_images_as_texts(ctx.args)
         texts = [*text, *ctx.args]  # values after a single --text arrive as extra arguments
         check_utf8_texts(texts, "--text")  # `--text $(cat classes.txt)` of a Latin-1 file: refused, not U+FFFD
         paths = list_images(target)
