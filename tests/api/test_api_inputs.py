@@ -141,3 +141,12 @@ def test_float_array_on_the_0_255_scale_is_refused_with_the_division(model: Clip
     with pytest.raises(DecodeError, match=r"got range \[200, 200\].*divide an array by 255"):
         model.encode_images(pixels)
     assert model.encode_images(pixels / 255).shape == (1, model.embed_dim)
+
+
+def test_stack_of_grey_images_is_refused_with_the_list_to_pass(model: ClipModel) -> None:
+    # (N, H, W) is how MNIST-like datasets hold grey images; refused (no such image shape), but the
+    # refusal listed the shapes taken without saying that a stack goes in as a list.
+    digits = np.zeros((10, 28, 28), dtype=np.uint8)
+    with pytest.raises(DecodeError, match=r"array shape \(10, 28, 28\).*pass list\(array\)"):
+        model.encode_images(digits)
+    assert model.encode_images(list(digits)).shape == (10, model.embed_dim)

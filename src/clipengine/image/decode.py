@@ -514,9 +514,12 @@ def _from_array(array: npt.NDArray[Any], label: str) -> Image.Image:
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     elif array.ndim != 2 and not (array.ndim == 3 and array.shape[2] in (3, 4)):
-        # (3, H, W) is how torch holds an image: name the transpose that makes it one of ours
-        channels_first = array.ndim == 3 and array.shape[0] in (1, 3)  # (4, H, W) could be H=4 as well
-        fix = "; for channels first, pass array.transpose(1, 2, 0)" if channels_first else ""
+        # (3, H, W) is how torch holds an image, (N, H, W) how datasets hold grey ones: name the fix
+        fix = ""
+        if array.ndim == 3 and array.shape[0] in (1, 3):  # (4, H, W) could be H=4 as well
+            fix = "; for channels first, pass array.transpose(1, 2, 0)"
+        elif array.ndim == 3:
+            fix = f"; for a stack of {array.shape[0]} grey images, pass list(array)"
         raise DecodeError(
             label, f"array shape {array.shape} is not (H, W), (H, W, 1), (H, W, 3) or (H, W, 4){fix}"
         )
