@@ -15,6 +15,7 @@ from PIL import Image
 
 from clipengine.api import ClipModel
 from clipengine.errors import DecodeError, InputError
+from clipengine.image.preprocess import preprocess_batch
 
 
 def _png(tmp_path: Path) -> Path:
@@ -150,3 +151,17 @@ def test_stack_of_grey_images_is_refused_with_the_list_to_pass(model: ClipModel)
     with pytest.raises(DecodeError, match=r"array shape \(10, 28, 28\).*pass list\(array\)"):
         model.encode_images(digits)
     assert model.encode_images(list(digits)).shape == (10, model.embed_dim)
+
+
+@pytest.mark.parametrize("one_image", ["cat.jpg", Path("cat.jpg"), b"\x89PNG", "PIL"])
+def test_preprocess_batch_of_one_image_instead_of_a_list_is_refused(one_image: object) -> None:
+    # A str is a Sequence: "cat.jpg" was the paths "c", "a", "t", ... ("c: file not found"), and
+    # bytes the ints of their bytes (a bare TypeError).
+    image = Image.new("RGB", (4, 4)) if one_image == "PIL" else one_image
+    with pytest.raises(InputError, match=r"sources must be a list of images, got one .*; pass \[image\]"):
+        preprocess_batch(image)  # type: ignore[arg-type]
+
+
+def test_preprocess_batch_of_a_generator_is_refused_with_list() -> None:
+    with pytest.raises(InputError, match=r"sources must be a list of images, got generator; pass list\(sources\)"):
+        preprocess_batch(image for image in [Image.new("RGB", (4, 4))])  # type: ignore[arg-type]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from clipengine.errors import InputError
 from clipengine.image.decode import open_image, source_name, to_8bit, to_rgb
 from clipengine.types import FloatArray, ImageInput
 
@@ -245,7 +247,9 @@ def preprocess_batch(
     Raises:
         DecodeError: for the first input that cannot be decoded (pipelines that must go on past
             bad images call `preprocess` per item and record failures instead).
+        InputError: `sources` is one image (a path, bytes or PIL image) or not a list (a generator).
     """
+    _check_sources(sources)
     cfg = cfg or PreprocessConfig()
     size = cfg.image_size
     out = np.empty((len(sources), 3, size, size), dtype=np.float32)
@@ -253,3 +257,14 @@ def preprocess_batch(
         label = source_name(source)
         _transform(open_image(source, label, draft_size=_draft_size(cfg, fast)), cfg, out=out[i], name=label)
     return out
+
+
+def _check_sources(sources: object) -> None:
+    """A str is a Sequence too: one path was read as the paths "c", "a", "t" ("c: file not found"),
+    and bytes as their ints; a generator has no len() for the output array."""
+    if isinstance(sources, str | os.PathLike | bytes | bytearray | memoryview | Image.Image):
+        raise InputError(
+            f"sources must be a list of images, got one ({source_name(sources)}); pass [image], or call preprocess"
+        )
+    if not isinstance(sources, Sequence | np.ndarray):
+        raise InputError(f"sources must be a list of images, got {type(sources).__name__}; pass list(sources)")
