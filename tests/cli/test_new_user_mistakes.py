@@ -64,3 +64,25 @@ def test_texts_after_a_single_text_option_are_still_texts(tmp_path: Path, capsys
     assert code == 0
     labels = {label["label"] for label in json.loads(capsys.readouterr().out)["results"][0]["labels"]}
     assert labels == {"dog", "cat.png"}
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["predict", "{image}", "--text", "a dog", "-m", "RN50"],
+        ["embed", "{folder}", "-o", "{out}", "-m", "RN50"],
+        ["serve", "-m", "RN50"],
+    ],
+)
+def test_a_precision_no_backend_has_is_a_usage_error(  # type: ignore[no-untyped-def]
+    command: list[str], tmp_path: Path, fake_load, capsys
+) -> None:
+    # As export's --precision: exit 2 naming the choices, not the backend's exit 1 after the model load.
+    pipeline_fakes.write_images(tmp_path / "imgs", 1)
+    (image,) = (tmp_path / "imgs").glob("*.jpg")
+    where = {"image": str(image), "folder": str(tmp_path / "imgs"), "out": str(tmp_path / "out")}
+
+    code = main([arg.format(**where) for arg in command] + ["--precision", "fp64"])
+
+    assert code == 2
+    assert "--precision must be one of fp32, fp16, bf16, int8, int8w, fp8, got 'fp64'" in capsys.readouterr().err

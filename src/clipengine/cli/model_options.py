@@ -108,6 +108,11 @@ class BackendFactory:
         return load_clip(self.opts).backend
 
 
+# Every backend's precisions together; each backend refuses the ones it lacks (torch has no int8) with its own
+# line. Listed here, not imported: the backends' lists live beside torch / onnxruntime imports.
+ANY_BACKEND_PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8w", "fp8")
+
+
 def parse_model_options(
     model: str,
     pretrained: str | None,
@@ -122,6 +127,8 @@ def parse_model_options(
         raise typer.BadParameter(f"--backend must be one of {', '.join(BACKEND_CHOICES)}, got {backend!r}")
     if compile and backend != "torch":
         raise typer.BadParameter("--compile applies to --backend torch only")
+    if precision not in ANY_BACKEND_PRECISIONS:  # a typo is a usage error (exit 2), as export's --precision
+        raise typer.BadParameter(f"--precision must be one of {', '.join(ANY_BACKEND_PRECISIONS)}, got {precision!r}")
     return ModelOptions(
         model=model,
         pretrained=pretrained,

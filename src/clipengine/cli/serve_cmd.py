@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from .model_options import BACKEND_CHOICES
+from .model_options import ANY_BACKEND_PRECISIONS, BACKEND_CHOICES
 
 if TYPE_CHECKING:
     from ..api import ClipModel
@@ -320,6 +320,8 @@ def register(app: typer.Typer) -> None:
 
         if backend not in BACKEND_CHOICES:
             raise typer.BadParameter(f"--backend must be one of {', '.join(BACKEND_CHOICES)}, got {backend!r}")
+        if precision not in ANY_BACKEND_PRECISIONS:
+            raise typer.BadParameter(f"--precision must be one of {', '.join(ANY_BACKEND_PRECISIONS)}, got {precision!r}")
         if log_level.lower() not in LOG_LEVELS:  # uvicorn's KeyError traceback, after the model load
             raise typer.BadParameter(
                 f"{log_level!r}: use one of {', '.join(LOG_LEVELS)}", param_hint="--log-level"
