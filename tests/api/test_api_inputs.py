@@ -15,7 +15,7 @@ from PIL import Image
 
 from clipengine.api import ClipModel
 from clipengine.errors import DecodeError, InputError
-from clipengine.image.preprocess import preprocess_batch
+from clipengine.image.preprocess import preprocess_batch, preprocess_image
 
 
 def _png(tmp_path: Path) -> Path:
@@ -165,3 +165,9 @@ def test_preprocess_batch_of_one_image_instead_of_a_list_is_refused(one_image: o
 def test_preprocess_batch_of_a_generator_is_refused_with_list() -> None:
     with pytest.raises(InputError, match=r"sources must be a list of images, got generator; pass list\(sources\)"):
         preprocess_batch(image for image in [Image.new("RGB", (4, 4))])  # type: ignore[arg-type]
+
+
+def test_preprocess_image_of_a_path_is_refused_naming_preprocess(tmp_path: Path) -> None:
+    # Was AttributeError: 'str' object has no attribute 'mode'.
+    with pytest.raises(InputError, match=r"preprocess_image takes a PIL image, got str; .*use preprocess"):
+        preprocess_image(str(_png(tmp_path)))  # type: ignore[arg-type]

@@ -199,7 +199,14 @@ def preprocess_image(img: Image.Image, cfg: PreprocessConfig | None = None) -> F
     last: that order matters for alpha (Pillow resizes RGBA premultiplied) and palettes (Pillow
     resizes them nearest-neighbour). Only 16-bit/float images are scaled to 8 bits first, where
     the reference would clip them. EXIF orientation is not applied here (`preprocess` does).
+
+    Raises:
+        InputError: `img` is not a PIL image (`preprocess` takes paths, bytes and arrays).
     """
+    if not isinstance(img, Image.Image):  # else "'str' object has no attribute 'mode'"
+        raise InputError(
+            f"preprocess_image takes a PIL image, got {type(img).__name__}; for a path, bytes or array use preprocess"
+        )
     cfg = cfg or PreprocessConfig()
     return _transform(img, cfg)
 
