@@ -248,18 +248,19 @@ def _image_items(images: object, *, several: bool = True) -> list[ImageInput]:
             expected = "or a list of them" if several else "one image"
             raise InputError(
                 f"{where} is {type(item).__name__}; expected a path, bytes, PIL image or array, {expected}"
-                f"{_refused_image_fix(item, where)}"
+                f"{_refused_image_fix(item, where, several)}"
             )
         if isinstance(item, str) and not item:  # Path("") is the working folder: "is a directory"
             raise InputError(f"{where} is an empty path ('')")
     return cast(list[ImageInput], items)
 
 
-def _refused_image_fix(item: object, where: str) -> str:
-    """How to pass a refused `item` that holds images in a form users reach for first ("" if none)."""
+def _refused_image_fix(item: object, where: str, several: bool) -> str:
+    """How to pass a refused `item` that holds images in a form users reach for first ("" if none);
+    `several`: a list is taken (not by `ClipModel.preprocess`)."""
     if hasattr(item, "read"):  # Image.open takes file objects, and so users expect encode_images to
         return "; pass its bytes (.getvalue(), or .read() of a file)"
-    if isinstance(item, Iterator):  # a generator (after files: those iterate too, by lines)
+    if several and isinstance(item, Iterator):  # a generator (after files: those iterate too, by lines)
         return f"; pass list({where})"
     if type(item).__module__.split(".")[0] == "torch":  # torchvision's ToTensor gives (3, H, W) floats
         return "; pass a NumPy array: t.permute(1, 2, 0).numpy() of a (3, H, W) uint8 or [0, 1] float tensor"

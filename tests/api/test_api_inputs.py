@@ -171,3 +171,9 @@ def test_preprocess_image_of_a_path_is_refused_naming_preprocess(tmp_path: Path)
     # Was AttributeError: 'str' object has no attribute 'mode'.
     with pytest.raises(InputError, match=r"preprocess_image takes a PIL image, got str; .*use preprocess"):
         preprocess_image(str(_png(tmp_path)))  # type: ignore[arg-type]
+
+
+def test_preprocess_of_a_generator_does_not_name_a_list(model: ClipModel) -> None:
+    # preprocess takes one image: "pass list(image)" would be refused next as a list.
+    with pytest.raises(InputError, match=r"^image is generator; expected a path, bytes, PIL image or array, one image$"):
+        model.preprocess(image for image in [b"x"])  # type: ignore[arg-type]
