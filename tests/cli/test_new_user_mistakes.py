@@ -86,3 +86,10 @@ def test_a_precision_no_backend_has_is_a_usage_error(  # type: ignore[no-untyped
 
     assert code == 2
     assert "--precision must be one of fp32, fp16, bf16, int8, int8w, fp8, got 'fp64'" in capsys.readouterr().err
+
+
+def test_version_prints_the_version_not_a_suggestion_of_verbose(capsys) -> None:  # type: ignore[no-untyped-def]
+    from clipengine import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"clipengine {__version__}\n"

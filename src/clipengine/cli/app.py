@@ -127,9 +127,21 @@ class _PrintableFormatter(logging.Formatter):
         return "".join(c if c.isprintable() else repr(c)[1:-1] for c in super().formatMessage(record))
 
 
+def _print_version(asked: bool) -> None:
+    """`clipengine --version`, which a new user tries first: click offered '--verbose' for it."""
+    if asked:
+        from .. import __version__
+
+        typer.echo(f"clipengine {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging and full tracebacks."),
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     _state["verbose"] = verbose
     handler = logging.StreamHandler()
