@@ -93,3 +93,14 @@ def test_version_prints_the_version_not_a_suggestion_of_verbose(capsys) -> None:
 
     assert main(["--version"]) == 0
     assert capsys.readouterr().out == f"clipengine {__version__}\n"
+
+
+def test_a_compare_precision_no_backend_has_is_named_as_compare(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    pipeline_fakes.write_images(tmp_path / "dogs", 1)
+    args = ["eval", "zeroshot", "-d", "folder", "--root", str(tmp_path), "-m", "tiny-synth", "--compare", "fp32,fp64"]
+
+    code = main([*args, "--no-cache", "--out", str(tmp_path / "reports")])
+
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--compare" in err and "'fp64' is no precision" in err and "--precision" not in err

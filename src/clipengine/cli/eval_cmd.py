@@ -99,6 +99,13 @@ def _compare_list(compare: str) -> list[str]:
             f"{compare!r}: give distinct precisions separated by commas, e.g. fp32,fp16,int8",
             param_hint="--compare",
         )
+    from .model_options import ANY_BACKEND_PRECISIONS
+
+    unknown = [engine for engine in engines if engine not in ANY_BACKEND_PRECISIONS]
+    if unknown:  # named here, not as --precision when its turn to load comes
+        raise typer.BadParameter(
+            f"{unknown[0]!r} is no precision; use {', '.join(ANY_BACKEND_PRECISIONS)}", param_hint="--compare"
+        )
     return engines
 
 
