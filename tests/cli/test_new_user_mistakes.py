@@ -104,3 +104,14 @@ def test_a_compare_precision_no_backend_has_is_named_as_compare(tmp_path: Path, 
     assert code == 2
     err = capsys.readouterr().err
     assert "--compare" in err and "'fp64' is no precision" in err and "--precision" not in err
+
+
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_an_empty_text_is_refused_not_ranked(blank: str, tmp_path: Path, fake_load, capsys) -> None:  # type: ignore[no-untyped-def]
+    pipeline_fakes.write_images(tmp_path, 1)
+    (image,) = tmp_path.glob("*.jpg")
+
+    code = main(["predict", str(image), "--text", "a dog", blank, "-m", "RN50"])
+
+    assert code == 2
+    assert "--text" in (err := capsys.readouterr().err) and "a text is empty" in err

@@ -34,6 +34,16 @@ def _refuse_images_as_texts(extra_args: list[str]) -> None:
             )
 
 
+def _refuse_blank_texts(texts: list[str]) -> None:
+    """`--text "$LABEL"` with LABEL unset ranked an empty text as a candidate ("Text: , Similarity: 0.16").
+
+    Raises:
+        typer.BadParameter: a text is empty or only spaces (a usage error, exit 2), as `search ""` is.
+    """
+    if any(not text.strip() for text in texts):
+        raise typer.BadParameter("a text is empty (an unset shell variable?): give each candidate some words", param_hint="--text")
+
+
 def list_images(target: Path) -> list[tuple[str, Path]]:
     """(display name, path): the image itself, or a folder's images walked recursively in the
     pipeline's stable order (relative paths as names, hidden files skipped).
@@ -203,6 +213,7 @@ def register(app: typer.Typer) -> None:
 
         _refuse_images_as_texts(ctx.args)
         texts = [*text, *ctx.args]  # values after a single --text arrive as extra arguments
+        _refuse_blank_texts(texts)
         check_utf8_texts(texts, "--text")  # `--text $(cat classes.txt)` of a Latin-1 file: refused, not U+FFFD
         paths = list_images(target)
         if not paths:
