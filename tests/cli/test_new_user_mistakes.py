@@ -115,3 +115,12 @@ def test_an_empty_text_is_refused_not_ranked(blank: str, tmp_path: Path, fake_lo
 
     assert code == 2
     assert "--text" in (err := capsys.readouterr().err) and "a text is empty" in err
+
+
+@pytest.mark.parametrize("flag", ["-v", "--verbose"])
+def test_verbose_after_the_command_says_where_it_goes(flag: str, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    code = main(["index", "info", str(tmp_path), flag])
+
+    assert code == 2
+    err = capsys.readouterr().err  # the program's name is pytest's here
+    assert f"No such option: {flag}; {flag} goes before the command: " in err and f" {flag} index info ...\n" in err

@@ -212,6 +212,17 @@ def _broken_pipe_line(e: OSError) -> str:
     return f"{_os_error_line(e) if e.filename else e.strerror or e}: {what} (run with -v for the traceback)"
 
 
+def _hint_misplaced_verbose(error: Any) -> None:
+    """`clipengine predict ... -v` said only "No such option: -v" of the option README names: say where it goes."""
+    option = getattr(error, "option_name", None)
+    ctx = getattr(error, "ctx", None)
+    if option not in ("-v", "--verbose") or ctx is None or ctx.parent is None:
+        return
+    root = ctx.find_root().command_path  # "clipengine", or "python -m clipengine"
+    command = ctx.command_path.removeprefix(root).strip()
+    error.message = f"{error.message}; {option} goes before the command: {root} {option} {command} ..."
+
+
 def _quiet_exit() -> int:
     """stdout's reader has gone: point stdout at os.devnull so that the interpreter's final flush of
     what is still buffered does not fail ("Exception ignored ... BrokenPipeError", exit 120)."""
@@ -251,6 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         typer.echo("interrupted", err=True)
         return 130
     except click_errors as e:  # usage errors (bad option values, missing arguments)
+        _hint_misplaced_verbose(e)
         e.show()  # type: ignore[attr-defined]
         return int(getattr(e, "exit_code", 2))
     except ModuleNotFoundError as e:  # an optional dependency this command needs: name its extra
