@@ -124,3 +124,12 @@ def test_verbose_after_the_command_says_where_it_goes(flag: str, tmp_path: Path,
     assert code == 2
     err = capsys.readouterr().err  # the program's name is pytest's here
     assert f"No such option: {flag}; {flag} goes before the command: " in err and f" {flag} index info ...\n" in err
+
+
+def test_download_data_into_a_file_names_the_file(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "data").write_bytes(b"not a folder")
+
+    code = main(["download-data", "cifar10", "--root", str(tmp_path / "data")])
+
+    assert code == 2  # refused before any download (was "error: <root>: File exists")
+    assert f"'{tmp_path / 'data'}' is a file" in capsys.readouterr().err

@@ -266,7 +266,7 @@ def register(app: typer.Typer) -> None:
     def download_data(
         name: Annotated[str, typer.Argument(help="cifar10 | cifar100")],
         root: Annotated[
-            Path | None, typer.Option(help="Target folder (default: $CLIPENGINE_HOME/data).")
+            Path | None, typer.Option(file_okay=False, help="Target folder (default: $CLIPENGINE_HOME/data).")
         ] = None,
     ) -> None:
         """Fetch an official dataset archive (md5-checked, resumable) and extract it."""
