@@ -61,7 +61,7 @@ def test_an_os_error_names_the_file_the_user_asked_for_not_the_temp_file(  # typ
     monkeypatch.setattr("clipengine.pipeline.run_settings.check_writable_folder", lambda out_dir: None)
     assert main(["embed", str(folder), "-o", str(out), "--workers", "0", "--no-progress"]) == 1
     err = capsys.readouterr().err.splitlines()
-    assert err == [f"error: {out}: Not a directory"], err
+    assert err == [f"error: {out}: Not a directory; a folder on that path is a file; use another path"], err
 
 
 def test_verbose_shows_the_traceback_of_an_os_error(folder: Path, tmp_path: Path, fake_load: None) -> None:

@@ -133,3 +133,13 @@ def test_download_data_into_a_file_names_the_file(tmp_path: Path, capsys) -> Non
 
     assert code == 2  # refused before any download (was "error: <root>: File exists")
     assert f"'{tmp_path / 'data'}' is a file" in capsys.readouterr().err
+
+
+def test_an_output_under_a_file_says_a_folder_on_the_path_is_a_file(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "photo.png").write_bytes(b"a file")
+    output = tmp_path / "photo.png" / "eval"
+
+    code = main(["download-data", "cifar10", "--root", str(output)])
+
+    assert code == 1
+    assert capsys.readouterr().err == f"error: {output}: Not a directory; a folder on that path is a file; use another path\n"

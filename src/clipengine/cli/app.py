@@ -181,6 +181,7 @@ _OS_ERROR_FIXES = {
     errno.EROFS: "write somewhere else",
     errno.EACCES: "check its permissions or use another path",
     errno.EPERM: "check its permissions or use another path",
+    errno.ENOTDIR: "a folder on that path is a file; use another path",
 }
 
 
@@ -201,6 +202,8 @@ def _os_error_line(e: OSError) -> str:
         paths.append(os.path.join(os.path.dirname(text), final) if final else text)
     reason = e.strerror or str(e)
     fix = _OS_ERROR_FIXES.get(e.errno or 0)
+    if e.errno == errno.ENOTDIR and reason != os.strerror(errno.ENOTDIR):
+        fix = None  # files.py's own words already say it ("a file, not a folder: ...")
     if not paths:  # nothing names what failed: say where the details are
         return f"{reason}{f'; {fix}' if fix else ''} (run with -v for the traceback)"
     return f"{' -> '.join(paths)}: {reason}" + (f"; {fix}" if fix else "")
