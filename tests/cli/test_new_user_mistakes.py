@@ -143,3 +143,19 @@ def test_an_output_under_a_file_says_a_folder_on_the_path_is_a_file(tmp_path: Pa
 
     assert code == 1
     assert capsys.readouterr().err == f"error: {output}: Not a directory; a folder on that path is a file; use another path\n"
+
+
+def test_an_export_folder_under_a_file_is_refused_before_the_model_loads(  # type: ignore[no-untyped-def]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    def no_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded (or downloaded) before the output was checked")
+
+    monkeypatch.setattr("clipengine.models.load.load_model", no_load)
+    (tmp_path / "photo.png").write_bytes(b"a file")
+
+    code = main(["export", "tiny-synth", "-o", str(tmp_path / "photo.png" / "export")])
+
+    assert code == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"error: {tmp_path / 'photo.png'}: a file, not a folder: the output folder cannot go there\n"
