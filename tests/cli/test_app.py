@@ -6,7 +6,6 @@ import errno
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pipeline_fakes
 import pytest
@@ -14,17 +13,6 @@ from disk_full import failing_savefig
 
 from clipengine.cli import model_options
 from clipengine.cli.app import EXIT_STDOUT_CLOSED, main
-
-
-@pytest.fixture
-def fake_load(monkeypatch: pytest.MonkeyPatch) -> None:
-    from clipengine.image.preprocess import PreprocessConfig
-
-    def load(opts: model_options.ModelOptions) -> SimpleNamespace:
-        backend = pipeline_fakes.FakeBackend(embed_dim=8, image_size=32)
-        return SimpleNamespace(backend=backend, preprocess_cfg=PreprocessConfig(image_size=32), name="fake")
-
-    monkeypatch.setattr(model_options, "load_clip", load)
 
 
 @pytest.fixture

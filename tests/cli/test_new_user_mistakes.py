@@ -4,24 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pipeline_fakes
 import pytest
 
-from clipengine.cli import model_options
 from clipengine.cli.app import main
-
-
-@pytest.fixture
-def fake_load(monkeypatch: pytest.MonkeyPatch) -> None:
-    from clipengine.image.preprocess import PreprocessConfig
-
-    def load(opts: model_options.ModelOptions) -> SimpleNamespace:
-        backend = pipeline_fakes.FakeBackend(embed_dim=8, image_size=32)
-        return SimpleNamespace(backend=backend, preprocess_cfg=PreprocessConfig(image_size=32), name="fake")
-
-    monkeypatch.setattr(model_options, "load_clip", load)
 
 
 def test_a_tilde_the_shell_left_alone_is_the_home_folder(  # type: ignore[no-untyped-def]
