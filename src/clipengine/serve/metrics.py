@@ -28,7 +28,8 @@ LabelValues = tuple[str, ...]
 # connection and never given the app, counts what it refuses into the metrics of the app it serves.
 STATE_KEY = "clipengine.serve.metrics"
 
-# What the connection layer (serve.protocol) refuses or drops before a request reaches the app.
+# What is refused or dropped before a request is routed: by the connection layer (serve.protocol), or
+# by the app's outermost middleware (a connection over the cap, a server draining).
 CONNECTION_REJECTIONS = (
     "head_timeout",  # 408: the request line and headers did not arrive in time
     "incomplete_body",  # 400: the client shut its side of the connection before its whole body
@@ -37,6 +38,7 @@ CONNECTION_REJECTIONS = (
     "no_request",  # closed without an answer: nothing of a request arrived in time
     "send_timeout",  # dropped: the client read none of its answer for the request timeout
     "too_many_connections",  # opened over max_connections: its request answered 503, or closed if it sent nothing within 1 s
+    "shutting_down",  # 503 to an API request while the server drains (answered by the app, before routing)
 )
 
 
@@ -220,7 +222,7 @@ class ServeMetrics:
         )
         self.http_rejected = Counter(
             "clipengine_http_rejected_total",
-            "Requests and connections refused or dropped by the connection layer, before the app, by reason.",
+            "Requests and connections refused or dropped before routing, by reason.",
             ("reason",),
         )
         for reason in CONNECTION_REJECTIONS:  # every reason shows, at 0, from the first scrape

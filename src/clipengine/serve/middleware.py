@@ -113,6 +113,15 @@ class TrackingMiddleware:
             self.metrics.http_rejected.inc(reason="too_many_connections")
             await self._refuse_over_cap(send, *over_cap)
             return
+        is_api = path.startswith(self.api_prefix)
+        if is_api and self.tracker.draining:
+            # Refused for the server's state, before routing: counted as a refusal (like the over-cap
+            # 503), not as a request to route "unmatched".
+            self.metrics.http_rejected.inc(reason="shutting_down")
+            await _send_json(
+                send, 503, error_body("shutting_down", "the server is stopping; retry later"), self.retry_after
+            )
+            return
         started = time.perf_counter()
         status = {"code": 500}
 
@@ -121,16 +130,7 @@ class TrackingMiddleware:
                 status["code"] = message["status"]
             await send(message)
 
-        is_api = path.startswith(self.api_prefix)
         try:
-            if is_api and self.tracker.draining:
-                await _send_json(
-                    send_wrapper,
-                    503,
-                    error_body("shutting_down", "the server is stopping; retry later"),
-                    self.retry_after,
-                )
-                return
             if is_api:
                 self.tracker.enter()
             try:
