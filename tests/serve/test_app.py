@@ -388,14 +388,13 @@ def test_arguments_the_model_refuses_are_a_422_not_a_500(
 
 
 # ---- API key -----------------------------------------------------------------------------------
-def test_api_key_guards_everything_but_health_and_the_page(make_client: Any) -> None:
+def test_api_key_guards_everything_but_health_the_page_and_the_docs(make_client: Any) -> None:
     c = make_client(api_key="s3cret")
-    for path in ("/healthz", "/readyz", "/", "/static/app.js", "/static/style.css"):
+    for path in ("/healthz", "/readyz", "/", "/static/app.js", "/static/style.css", "/docs", "/openapi.json"):
         assert c.get(path).status_code == 200, path
     guarded = [
         ("get", "/v1/info"),
         ("get", "/metrics"),
-        ("get", "/openapi.json"),
         ("get", "/v1/thumbnails/img0.png"),
         ("post", "/v1/embeddings/texts"),
         ("post", "/v1/classify"),

@@ -101,8 +101,12 @@ def create_app(
         idle_s=settings.request_timeout_s,
         min_rate=settings.min_upload_rate,
     )
+    # The schema and its docs pages are public like the page: a browser opening /docs cannot send the
+    # key (it was a 401), the schema holds no secret, and Swagger UI's "Authorize" then takes the key.
+    docs_paths = (app.openapi_url, app.docs_url, app.swagger_ui_oauth2_redirect_url, app.redoc_url)
+    public = (*PUBLIC_PATHS, *(path for path in docs_paths if path))
     app.add_middleware(
-        ApiKeyMiddleware, api_key=settings.api_key, public=PUBLIC_PATHS, public_prefixes=("/static/",)
+        ApiKeyMiddleware, api_key=settings.api_key, public=public, public_prefixes=("/static/",)
     )
     app.add_middleware(
         TrackingMiddleware,
