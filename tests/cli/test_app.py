@@ -41,18 +41,25 @@ def test_an_os_error_names_the_file_the_user_asked_for_not_the_temp_file(  # typ
     # A parent that is a file: the OS refuses whoever runs it (chmod tests would pass as root).
     (tmp_path / "afile").write_text("")
     out = tmp_path / "afile" / "emb"
-    assert main(["embed", str(folder), "-o", str(out), "--workers", "0", "--no-progress"]) == 1
-    err = capsys.readouterr().err.splitlines()  # refused before the model loads (`check_output`)
-    assert err == [f"error: {tmp_path / 'afile'}: a file, not a folder: the output folder cannot go there"], err
-    # Found by the write itself (the folder changed after the check): the error names `out`, not
+    assert main(["embed", str(folder), "-o", str(out), "--workers", "0", "--no-progress"]) == 2  # usage
+    err = capsys.readouterr().err.splitlines()  # refused before the model loads
+    assert err[-1] == (
+        f"Error: Invalid value for --output: {tmp_path / 'afile'}: a file, not a folder: the output folder cannot go there"
+    ), err
+    # Found by the write itself (the folder changed after the checks): the error names `out`, not
     # the temp file the atomic write used.
+    monkeypatch.setattr("clipengine.cli.output_paths.check_writable_folder", lambda folder: None)
     monkeypatch.setattr("clipengine.pipeline.run_settings.check_writable_folder", lambda out_dir: None)
     assert main(["embed", str(folder), "-o", str(out), "--workers", "0", "--no-progress"]) == 1
     err = capsys.readouterr().err.splitlines()
     assert err == [f"error: {out}: Not a directory; a folder on that path is a file; use another path"], err
 
 
-def test_verbose_shows_the_traceback_of_an_os_error(folder: Path, tmp_path: Path, fake_load: None) -> None:
+def test_verbose_shows_the_traceback_of_an_os_error(
+    folder: Path, tmp_path: Path, fake_load: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Past the CLI's own check (a usage error), as a folder changed after it: the library's OS error.
+    monkeypatch.setattr("clipengine.cli.output_paths.check_writable_folder", lambda folder: None)
     (tmp_path / "afile").write_text("")
     out = tmp_path / "afile" / "emb"
     with pytest.raises(NotADirectoryError):

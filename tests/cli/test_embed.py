@@ -320,8 +320,8 @@ def test_an_output_folder_that_cannot_be_made_is_refused_before_the_model_loads(
 ) -> None:  # type: ignore[no-untyped-def]
     (tmp_path / "afile").write_text("x")
     code = main(["embed", str(folder), "-o", str(tmp_path / "afile" / "out"), "--workers", "0", "--no-progress"])
-    assert code == 1 and fake_load == []  # the first shard write found it, after the model load
-    assert f"error: {tmp_path / 'afile'}: a file, not a folder" in capsys.readouterr().err
+    assert code == 2 and fake_load == []  # was found by the first shard write, after the model load
+    assert f"--output: {tmp_path / 'afile'}: a file, not a folder" in capsys.readouterr().err
 
 
 def test_gpu_decode_procs_start_before_the_model_loads(folder: Path, tmp_path: Path, fake_load, monkeypatch) -> None:  # type: ignore[no-untyped-def]

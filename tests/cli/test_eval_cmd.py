@@ -332,6 +332,8 @@ def test_a_report_folder_that_cannot_be_made_is_refused_before_evaluating(
     (or the features and the fit): the result was lost. (A file as --out itself typer refuses.)"""
     (tmp_path / "afile").write_text("")
     args = ["eval", command, "-d", "folder", "--root", str(tmp_path / "no-data"), "-m", str(TINY_SYNTH)]
-    assert main([*args, "--out", str(tmp_path / "afile" / "reports")]) == 1
+    assert main([*args, "--out", str(tmp_path / "afile" / "reports")]) == 2  # a usage error, as --out afile
     _, err = capsys.readouterr()  # refused before the (missing) dataset is even looked at
-    assert err == f"error: {tmp_path / 'afile'}: a file, not a folder: the output folder cannot go there\n", err
+    assert err.endswith(
+        f"Error: Invalid value for --out: {tmp_path / 'afile'}: a file, not a folder: the output folder cannot go there\n"
+    ), err

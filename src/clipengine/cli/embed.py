@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from . import model_options as mo
+from .output_paths import check_output_folder
 
 if TYPE_CHECKING:
     from ..api import ClipModel
@@ -284,6 +285,7 @@ def register(app: typer.Typer) -> None:
             raise DatasetError(f"{source}: no images to embed")
         _log.info("listed %d files in %.1f s", len(items), time.perf_counter() - t_start)
         # Refuse a mismatched output folder before the (possibly slow) model load.
+        check_output_folder(output, "--output")
         check_output(
             output, model=opts.label, dtype=dtype, shard_size=shard_size, fast_decode=fast_decode,
             gpu_decode=gpu_decode, gpu_decoder=gpu_decoder if gpu_decode else None,

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ..files import check_writable_folder
+from .output_paths import check_output_folder
 
 if TYPE_CHECKING:
     from ..api import ClipModel
@@ -186,7 +186,7 @@ def register(app: typer.Typer) -> None:
         from ..eval.zeroshot import evaluate_zeroshot
 
         engines = _compare_list(compare) if compare else [precision]
-        check_writable_folder(out)  # not after the evaluation, whose result would then be lost
+        check_output_folder(out, "--out")  # not after the evaluation, whose result would then be lost
         data = _dataset(dataset, root, split, class_map, labels, limit)
         names, templates = _prompts(dataset, data, prompts, prompt_set)
         # Every engine loaded before any is evaluated: a precision the model lacks is refused at
@@ -243,7 +243,7 @@ def register(app: typer.Typer) -> None:
                 f"must be a finite positive number, got {c} (for almost no regularisation: a large C, e.g. 1e6)",
                 param_hint="--C",
             )
-        check_writable_folder(out)  # not after the features and the fit, whose result would be lost
+        check_output_folder(out, "--out")  # not after the features and the fit, whose result would be lost
         train = _dataset(dataset, root, "train", None, None, limit)
         test = _dataset(dataset, root, "test", None, None, limit)
         clip = _load(model, backend, precision, device, download)
@@ -277,6 +277,8 @@ def register(app: typer.Typer) -> None:
 
         if name not in ARCHIVES:  # before the bar is drawn: the error is then the only output
             raise DatasetError(f"unknown dataset {name!r}; downloadable: {', '.join(ARCHIVES)}")
+        if root is not None:
+            check_output_folder(root, "--root")
         # Drawn on the first chunk: offline, the one error line is then all a terminal shows.
         bars: list[tqdm[Any]] = []
 

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from .output_paths import check_output_folder
+
 if TYPE_CHECKING:
     from ..export.manifest import EngineInfo, Manifest
 
@@ -185,7 +187,6 @@ def register(app: typer.Typer) -> None:
         if model is None or output is None:
             raise typer.BadParameter("give MODEL and --output FOLDER (or --verify FOLDER to check an export)")
         from ..export.onnx import export_model
-        from ..files import check_writable_folder
         from ..models.load import load_model
         from .downloads import fetch_with_progress
 
@@ -195,7 +196,7 @@ def register(app: typer.Typer) -> None:
         text_batches = None if dynamic else parse_batches(text_batch)
         samples = _folder_images(sample_dir, "--sample-dir")
         calibration = _folder_images(calibration_dir, "--calibration-dir")
-        check_writable_folder(output)  # before a download and a model load that the first write would waste
+        check_output_folder(output, "--output")  # before a download and a model load that the first write would waste
         typer.echo(f"loading {checkpoint or model}" + (f" @ {pretrained}" if pretrained else ""))
         if download:  # the bar `clipengine download` draws; the load then finds the file cached
             fetch_with_progress(str(checkpoint or model), pretrained)

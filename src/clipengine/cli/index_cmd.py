@@ -17,6 +17,7 @@ from . import embed as embed_cli
 from . import index_sources as sources
 from . import model_options as mo
 from .index_models import add_pretrained, check_model_files, mismatch_before_loading, with_default_tag
+from .output_paths import check_output_folder
 from .predict import shown_name
 
 if TYPE_CHECKING:
@@ -208,6 +209,9 @@ def register(app: typer.Typer) -> None:
         opts = _opts(model, pretrained, checkpoint, backend, precision, device, download)
         given = {"nlist": nlist, "nprobe": nprobe, "ef_search": ef_search}
         _refuse_unused(kind, given)
+        check_output_folder(output, "--output")  # found by the save, after embedding every image
+        if embeddings is not None:
+            check_output_folder(embeddings, "--embeddings")
         emb_dir, label, _ = sources.embed_source(
             source, opts, embeddings or output.with_name(output.name + ".embeddings"), batch, engine, workers,
             retry_failed=retry_failed,
@@ -263,6 +267,8 @@ def register(app: typer.Typer) -> None:
         from ..index.store import remove_leftovers
         from ..pipeline.run_settings import model_files
 
+        if embeddings is not None:
+            check_output_folder(embeddings, "--embeddings")
         index = Index.load(index_path)
         opts = mo.parse_model_options(
             index.model, add_pretrained(index.model, pretrained), None, backend, precision, device, download
