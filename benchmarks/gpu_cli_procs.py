@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--procs", default="3,4", help="--gpu-decode-procs values, each a row beside the default")
     p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--variants", default="", help="each row once per variant, in turn: comma list of LABEL=ENV "
+                   "where ENV is KEY=VALUE[+KEY=VALUE...] or empty, e.g. 'old=CLIPENGINE_GPU_KERNELS=torch"
+                   "+CLIPENGINE_GPU_RESIZE_BAND=0,new=' (session 15: the GPU preprocessing A/B)")  # fmt: skip
     p.add_argument("--device", default="cuda", help="cuda; cpu: a smoke test of this script (no GPU decode)")
     p.add_argument("--folder", type=Path, default=Path(tempfile.gettempdir()) / "clipengine_gpu_cli")
     p.add_argument("--out", type=Path, default=None, help="keep each row's stderr here")
@@ -65,18 +68,25 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.device == "cpu":  # no GPU decode, so no decode processes: the rows only exercise this script
         rows = {name: [] for name in rows}
+    variants = dict(_variant(v) for v in args.variants.split(",") if v)
+    envs: dict[str, dict[str, str]] = {name: {} for name in rows}
+    tags = {name: "" for name in rows}
+    if variants:
+        envs = {f"{name} [{label}]": env for name in rows for label, env in variants.items()}
+        tags = {f"{name} [{label}]": f"_{label}" for name in rows for label in variants}
+        rows = {f"{name} [{label}]": extra for name, extra in rows.items() for label in variants}
     results: dict[str, list[dict[str, float]]] = {name: [] for name in rows}
     for r in range(args.rounds):
         for name, extra in rows.items():
             out = Path(tempfile.mkdtemp(prefix="clipengine_gpu_cli_out_"))
             cmd = [sys.executable, "-m", "clipengine", "-v", *common, "-o", str(out / "emb"), *extra]
             t0 = time.perf_counter()
-            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=os.environ | envs[name])
             wall = time.perf_counter() - t0
             shutil.rmtree(out, ignore_errors=True)  # 65,536 rows of embeddings per run, failed or not
             if args.out is not None:
                 args.out.mkdir(parents=True, exist_ok=True)
-                (args.out / f"round{r}_{name.split()[0]}.stderr.log").write_text(done.stderr)
+                (args.out / f"round{r}_{name.split()[0]}{tags[name]}.stderr.log").write_text(done.stderr)
             if done.returncode != 0:
                 log.error("round %d %s: exit %d\n%s", r, name, done.returncode, done.stderr[-3000:])
                 continue
@@ -90,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.count} 1280x960 JPEGs, random ViT-B/32 weights (fp16), batch {args.batch}, "
           f"{args.rounds} rounds in turn, whole `clipengine embed` commands\n")  # fmt: skip
     print("| row | command s (median) | img/s (command) | embed_folder s | processes ready s | first batch s "
-          "| listing s | model load s | model ready at s | embedding done at s |")  # fmt: skip
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| listing s | model load s | model ready at s | embedding done at s | loaders' own img/s |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, runs in results.items():
         if not runs:
             print(f"| {name} | failed | | | | |")
@@ -99,12 +109,20 @@ def main(argv: list[str] | None = None) -> int:
         med = {k: statistics.median(r.get(k, float("nan")) for r in runs) for k in runs[0]}
         cell = {k: f"{med[k]:.1f}" if k in med else "" for k in
                 ("ready_s", "first_s", "list_s", "load_s", "loaded_at_s", "done_at_s")}  # fmt: skip
+        loaders = f"{med['loaders_img_s']:.0f}" if "loaders_img_s" in med else ""
         print(f"| {name} | {med['command_s']:.1f} | {med['images'] / med['command_s']:.0f} | {med['embed_s']:.1f} | "
               f"{cell['ready_s']} | {cell['first_s']} | {cell['list_s']} | {cell['load_s']} | {cell['loaded_at_s']} | "
-              f"{cell['done_at_s']} |")  # fmt: skip
+              f"{cell['done_at_s']} | {loaders} |")  # fmt: skip
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
+
+
+def _variant(text: str) -> tuple[str, dict[str, str]]:
+    """'old=A=1+B=2' -> ('old', {'A': '1', 'B': '2'}); 'new=' -> ('new', {})."""
+    label, _, env = text.partition("=")
+    pairs = [pair.partition("=") for pair in env.split("+") if pair]
+    return label, {key: value for key, _, value in pairs}
 
 
 def _checkpoint(path: Path, seed: int) -> Path:

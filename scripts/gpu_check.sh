@@ -17,6 +17,9 @@
 #   bash scripts/gpu_check.sh cli       # ON THE DEVICE: whole `clipengine embed --gpu-decode` commands, one
 #                                       # loader thread vs --gpu-decode-procs 4 / 6, with the commands'
 #                                       # timelines (session 12; ~330 s, timeout_s 370)
+#   bash scripts/gpu_check.sh fused     # ON THE DEVICE: session 15's fused preprocessing kernels and banded
+#                                       # resize: preprocess_tensors alone, every gpu test, then whole embed
+#                                       # commands before / now, 1 and 4 loaders, 196,608 files (~330 s)
 #
 # Each device mode is one `run` call with carry [".whl"] and timeout_s 590. Session 4 ran both in one
 # 15-minute budget (347 s + 291 s, plus the machine starts). Do not leave the machine warm
@@ -188,8 +191,32 @@ cli)
     grep -E "round|Traceback|Error" "$OUT/stderr.log" | cut -c1-400 | tail -12
     grep -hE "GPU loaders" "$OUT"/cli_logs_big/*.log | cut -c1-240
     ;;
+fused)
+    # Session 15: the GPU preprocessing's fused Triton kernels and banded resize GEMMs (image.gpu_triton,
+    # gpu_resample.axis_bands), built without a GPU. preprocess_tensors alone, every variant in turn
+    # (benchmarks/gpu_preprocess_bench.py), then every gpu test (the kernels against the torch ops, the
+    # whole preprocessing against the exact CPU path), then whole `embed` commands over 196,608 files:
+    # one loader thread and --gpu-decode-procs 4, each before (torch ops, one GEMM) and now (~330 s).
+    setup
+    { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nproc; \
+      python3 -c "import sys, torch, torchvision, triton; print(sys.version); print('torch', torch.__version__, \
+torchvision.__version__, 'triton', triton.__version__)"; } > "$OUT/pytest_gpu.log" 2>&1
+    timeout "${BENCH_S:-80}" python3 benchmarks/gpu_preprocess_bench.py --seconds 0.6 > "$OUT/preprocess.md" 2> "$OUT/stderr.log"
+    echo "gpu_preprocess_bench exit $?"; cat "$OUT/preprocess.md"; grep -E "Traceback|Error|failed" "$OUT/stderr.log" | tail -5
+    timeout "${PYTEST_S:-120}" python3 -m pytest -m gpu -v -rP --durations=10 -p no:cacheprovider -o filterwarnings=default \
+        tests/image/test_gpu_fused.py tests/image/test_gpu_preprocess.py tests/pipeline/test_gpu_loading.py \
+        tests/pipeline/test_gpu_procs.py tests/backends/test_torch_backend.py tests/backends/test_accel.py \
+        tests/backends/test_fp8.py >> "$OUT/pytest_gpu.log" 2>&1
+    echo "pytest exit $?"; grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest_gpu.log" | tail -12
+    timeout "${CLI_S:-230}" python3 benchmarks/gpu_cli_procs.py --count 196608 --rounds 1 --procs 4 \
+        --variants "before=CLIPENGINE_GPU_KERNELS=torch+CLIPENGINE_GPU_RESIZE_BAND=0,now=" \
+        --out "$OUT/cli_logs" > "$OUT/cli.md" 2>> "$OUT/stderr.log"
+    echo "gpu_cli_procs 196608 exit $?"; cat "$OUT/cli.md"
+    grep -E "round|Traceback|Error" "$OUT/stderr.log" | cut -c1-400 | tail -8
+    grep -hE "GPU loaders|kernel failed" "$OUT"/cli_logs/*.log | cut -c1-240
+    ;;
 *)
-    echo "usage: bash scripts/gpu_check.sh prepare|run|peers|gap|assist|verify|procs|cli" >&2
+    echo "usage: bash scripts/gpu_check.sh prepare|run|peers|gap|assist|verify|procs|cli|fused" >&2
     exit 2
     ;;
 esac

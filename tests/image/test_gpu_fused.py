@@ -1,0 +1,147 @@
+"""The GPU preprocessing's Triton kernels (`image.gpu_triton`) and when they are used (`image.gpu_fused`).
+
+The kernels replace torch ops with the same arithmetic; the `gpu` tests here compare them with those
+ops on a CUDA device, and tests/image/test_gpu_preprocess.py's `gpu` tests compare the whole GPU
+preprocessing (kernels on by default) with the exact CPU path, pixel for pixel. The CPU tests check
+the choice between the two and the fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipengine.image import gpu_fused
+from clipengine.image.gpu_fused import KERNELS_ENV, fused_or_torch, triton_kernels
+from clipengine.image.preprocess import PreprocessConfig
+
+torch = pytest.importorskip("torch")
+
+from clipengine.image.gpu_preprocess import _device_table, _normalise, preprocess_tensors  # noqa: E402
+from clipengine.image.gpu_resample import _combine_digit_sums, device_weights  # noqa: E402
+from clipengine.image.pillow_resample import axis_weights  # noqa: E402
+
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def fresh_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gpu_fused, "_unavailable", False)
+    monkeypatch.delenv(KERNELS_ENV, raising=False)
+
+
+def test_cpu_tensors_use_the_torch_ops() -> None:
+    assert triton_kernels(torch.device("cpu")) is None
+    assert fused_or_torch(torch.device("cpu"), lambda k: pytest.fail("kernel on a CPU tensor"), lambda: "torch") == "torch"
+
+
+def test_env_torch_turns_the_kernels_off_and_a_bad_value_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KERNELS_ENV, "torch")
+    assert triton_kernels(CUDA) is None
+    monkeypatch.setenv(KERNELS_ENV, "cuda-graphs")
+    with pytest.raises(ValueError, match=r"CLIPENGINE_GPU_KERNELS='cuda-graphs': use one of triton, torch"):
+        triton_kernels(CUDA)
+
+
+def test_missing_triton_means_torch_ops_without_a_warning(monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton -> ImportError
+    monkeypatch.delitem(sys.modules, "clipengine.image.gpu_triton", raising=False)
+    with caplog.at_level(logging.WARNING):
+        assert fused_or_torch(CUDA, lambda k: pytest.fail("no triton"), lambda: "torch") == "torch"
+    assert gpu_fused._unavailable and not caplog.records
+
+
+def test_a_failing_kernel_falls_back_for_good_with_one_warning(monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    calls: list[str] = []
+
+    def broken(kernels: Any) -> str:
+        calls.append("kernel")
+        raise RuntimeError("PTX JIT compilation failed")
+
+    monkeypatch.setattr(gpu_fused, "triton_kernels", lambda device: None if gpu_fused._unavailable else SimpleNamespace())
+    with caplog.at_level(logging.WARNING):
+        assert fused_or_torch(CUDA, broken, lambda: "torch") == "torch"
+        assert fused_or_torch(CUDA, broken, lambda: "torch") == "torch"
+    assert calls == ["kernel"]  # not retried
+    assert [r.getMessage() for r in caplog.records] == [
+        "GPU preprocessing kernel failed (RuntimeError: PTX JIT compilation failed); using torch ops instead "
+        "(same values, slower)"]  # fmt: skip
+
+
+def test_out_of_memory_in_a_kernel_is_raised_not_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
+    def oom(kernels: Any) -> str:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(gpu_fused, "triton_kernels", lambda device: SimpleNamespace())
+    with pytest.raises(torch.OutOfMemoryError):
+        fused_or_torch(CUDA, oom, lambda: "torch")
+    assert not gpu_fused._unavailable
+
+
+# ---------------------------------------------------------------------------------------------
+# On a CUDA device: the kernels against the torch ops
+
+
+def digit_sums(src: int, dst: int, interpolation: str, pixels: Any) -> tuple[Any, Any, int]:
+    """A pass's int32 digit sums for `pixels` (rows, src) uint8 on CUDA, as `resample_last_axis` makes them."""
+    weights = device_weights(axis_weights(src, dst, interpolation), CUDA)
+    rows = int(pixels.shape[0])
+    operand = torch.zeros((max(rows, 17), int(weights.digits.shape[0])), dtype=torch.uint8, device=CUDA)
+    operand[:rows, : weights.span] = pixels[:, weights.first : weights.first + weights.span] ^ 0x80
+    return torch._int_mm(operand.view(torch.int8), weights.digits)[:rows], weights.offset, weights.n_out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("src", "dst", "interpolation"), [(1280, 298, "bicubic"), (960, 224, "bicubic"),
+                         (100, 224, "bicubic"), (7, 224, "bilinear"), (4000, 224, "bicubic"), (3, 1, "bicubic")])  # fmt: skip
+@pytest.mark.parametrize("content", ["noise", "edges"])
+def test_cuda_combine_kernel_equals_torch_ops(src: int, dst: int, interpolation: str, content: str) -> None:
+    """Edges (0 / 255 alternating) overshoot with bicubic: the clamp at both ends is exercised."""
+    from clipengine.image import gpu_triton
+
+    gen = torch.Generator().manual_seed(src + dst)
+    values = torch.randint(0, 256, (333, src), generator=gen) if content == "noise" else \
+        torch.randint(0, 2, (333, src), generator=gen) * 255  # fmt: skip
+    sums, offset, n_out = digit_sums(src, dst, interpolation, values.to(torch.uint8).to(CUDA))
+    expected = _combine_digit_sums(sums, offset, n_out)
+    got = gpu_triton.combine_digit_sums(sums, offset, n_out, 14)
+    assert got.dtype == torch.uint8 and torch.equal(got, expected)
+    if content == "edges" and dst < src:
+        assert bool((expected == 0).any()) and bool((expected == 255).any())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_cuda_normalise_kernel_equals_torch_ops(dtype: str) -> None:
+    from clipengine.image import gpu_triton
+
+    out_dtype = getattr(torch, dtype)
+    crops = torch.randint(0, 256, (5, 3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(3)).to(CUDA)
+    table = _device_table((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711), CUDA)
+    offsets = torch.arange(0, 3 * 256, 256, device=CUDA).view(1, 3, 1, 1)
+    expected = table[crops.long() + offsets].to(out_dtype)
+    got = gpu_triton.normalise_by_table(crops, table, out_dtype)
+    assert got.dtype == out_dtype and torch.equal(got, expected)
+    assert torch.equal(_normalise(crops, PreprocessConfig(), out_dtype), expected)  # the dispatch took the kernel
+
+
+@pytest.mark.gpu
+def test_cuda_preprocess_with_and_without_kernels_is_identical(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Photos of several sizes (both pass orders, an upscale, a no-resize) through `preprocess_tensors`."""
+    rng = np.random.default_rng(5)
+    sizes = [(1280, 960), (1280, 960), (960, 1280), (100, 50), (224, 224), (333, 777), (3, 500)]
+    images = [torch.from_numpy(np.asarray(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))))
+              .permute(2, 0, 1).contiguous().to(CUDA) for w, h in sizes]  # fmt: skip
+    cfg = PreprocessConfig()
+    with_kernels = preprocess_tensors(images, cfg, out_dtype=torch.float16)
+    assert not gpu_fused._unavailable  # the kernels ran: no fallback
+    monkeypatch.setenv(KERNELS_ENV, "torch")
+    assert torch.equal(preprocess_tensors(images, cfg, out_dtype=torch.float16), with_kernels)
