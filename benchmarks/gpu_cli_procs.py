@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--procs", default="3,4", help="--gpu-decode-procs values, each a row beside the default")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--variants", default="", help="each row once per variant, in turn: comma list of LABEL=ENV "
-                   "where ENV is KEY=VALUE[+KEY=VALUE...] or empty, e.g. 'old=CLIPENGINE_GPU_KERNELS=torch"
-                   "+CLIPENGINE_GPU_RESIZE_BAND=0,new=' (session 15: the GPU preprocessing A/B)")  # fmt: skip
+                   "where ENV is KEY=VALUE[+KEY=VALUE...] or empty, e.g. 'torch=CLIPENGINE_GPU_KERNELS=torch,default=' "
+                   "(session 15: the GPU preprocessing kernels A/B)")  # fmt: skip
     p.add_argument("--device", default="cuda", help="cuda; cpu: a smoke test of this script (no GPU decode)")
     p.add_argument("--folder", type=Path, default=Path(tempfile.gettempdir()) / "clipengine_gpu_cli")
     p.add_argument("--out", type=Path, default=None, help="keep each row's stderr here")

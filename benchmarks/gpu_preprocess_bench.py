@@ -7,12 +7,14 @@ time. Session 15 fused its memory-bound steps (`image.gpu_triton`). This script 
 for --rounds rounds (medians), on --count decoded images already on the GPU (random pixels: the
 resize does the same work whatever the values):
 
-- kernels: `CLIPENGINE_GPU_KERNELS` = triton (default) / torch
+- kernels: `CLIPENGINE_GPU_KERNELS` = triton / torch
 - `gpu_preprocess._GROUP_ELEMENTS` (same-size images per resize call): 128 Mi (default, ~36
   1280x960 photos), 512 Mi, 1 Gi
 - the same on a mix (every 8th image 4000x3000)
 
 then one call per kernels setting under torch.profiler: each kernel's GPU time per image.
+(Session 15 ran this at 6ba1ddf with a third setting, one resize GEMM per band of 64 or 32 outputs:
+slower, 32.9k / 22.1k against 38.6k img/s with the kernels, so the bands were removed.)
 Markdown on stdout. `--device cpu` is a smoke test of this script (no kernels there).
 
 Usage (device): python benchmarks/gpu_preprocess_bench.py [--count 256] [--rounds 3] [--seconds 1]
@@ -30,27 +32,23 @@ from contextlib import contextmanager
 from typing import Any
 
 GROUPS = {"128 Mi": 1 << 27, "1 Gi": 1 << 30}
-BANDS = (64, 32, 0)
 
 
 @contextmanager
-def setting(kernels: str, band: int, group: int) -> Any:
+def setting(kernels: str, group: int) -> Any:
     from clipengine.image import gpu_preprocess
 
-    old_env = {k: os.environ.get(k) for k in ("CLIPENGINE_GPU_KERNELS", "CLIPENGINE_GPU_RESIZE_BAND")}
-    old_group = gpu_preprocess._GROUP_ELEMENTS
+    old_env, old_group = os.environ.get("CLIPENGINE_GPU_KERNELS"), gpu_preprocess._GROUP_ELEMENTS
     os.environ["CLIPENGINE_GPU_KERNELS"] = kernels
-    os.environ["CLIPENGINE_GPU_RESIZE_BAND"] = str(band)
     gpu_preprocess._GROUP_ELEMENTS = group
     try:
         yield
     finally:
         gpu_preprocess._GROUP_ELEMENTS = old_group
-        for key, value in old_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        if old_env is None:
+            os.environ.pop("CLIPENGINE_GPU_KERNELS", None)
+        else:
+            os.environ["CLIPENGINE_GPU_KERNELS"] = old_env
 
 
 def rate(fn: Callable[[], int], seconds: float, sync: Callable[[], None]) -> float:
@@ -92,32 +90,31 @@ def main(argv: list[str] | None = None) -> int:
     sets = {"1280x960": images(0), "mix (every 8th 4000x3000)": images(8)}
     cfg = PreprocessConfig()
     kernels = ["triton", "torch"] if cuda else ["torch"]
-    rows = [(s, k, b, g) for s in sets for k in kernels for b in BANDS for g in GROUPS
-            if s == "1280x960" or g == "128 Mi"]  # fmt: skip
-    results: dict[tuple[str, str, int, str], list[float]] = {row: [] for row in rows}
+    rows = [(s, k, g) for s in sets for k in kernels for g in GROUPS if s == "1280x960" or g == "128 Mi"]
+    results: dict[tuple[str, str, str], list[float]] = {row: [] for row in rows}
     for _ in range(args.rounds):
         for row in rows:
-            name, k, b, g = row
-            with setting(k, b, GROUPS[g]):
+            name, k, g = row
+            with setting(k, GROUPS[g]):
                 results[row].append(rate(lambda x=sets[name]: len(preprocess_tensors(x, cfg, out_dtype=torch.float16)),
                                          args.seconds, sync))  # fmt: skip
     where = torch.cuda.get_device_name(0) if cuda else "CPU (smoke test)"
     print(f"`preprocess_tensors` on {where}, {args.count} images per call, fp16 out, {args.rounds} rounds in turn "
-          f"(median img/s; us per image). Before session 15: torch ops, no bands, 128 Mi.\n")  # fmt: skip
-    print("| images | kernels | outputs per band (0: one GEMM) | resize call holds | img/s | us/img | x before |")
-    print("| --- | --- | ---: | --- | ---: | ---: | ---: |")
+          f"(median img/s; us per image). Before session 15: torch ops, 128 Mi.\n")  # fmt: skip
+    print("| images | kernels | resize call holds | img/s | us/img | x before |")
+    print("| --- | --- | --- | ---: | ---: | ---: |")
     for row in rows:
-        name, k, b, g = row
+        name, k, g = row
         med = statistics.median(results[row])
-        base = statistics.median(results[(name, "torch", 0, "128 Mi")])
-        print(f"| {name} | {k} | {b} | {g} | {med:.0f} | {1e6 / med:.1f} | {med / base:.2f} |")
+        base = statistics.median(results[(name, "torch", "128 Mi")])
+        print(f"| {name} | {k} | {g} | {med:.0f} | {1e6 / med:.1f} | {med / base:.2f} |")
     if gpu_fused._unavailable:
         print("\n**The Triton kernels failed here: the triton rows ran the torch ops (see stderr).**")
     if cuda:
         from torch.profiler import ProfilerActivity, profile
 
-        for k, b in [("torch", 0), *((k, b) for k in kernels for b in BANDS if b)]:
-            with setting(k, b, GROUPS["128 Mi"]):
+        for k in kernels:
+            with setting(k, GROUPS["128 Mi"]):
                 preprocess_tensors(sets["1280x960"], cfg, out_dtype=torch.float16)
                 sync()
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -126,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             events = [e for e in prof.key_averages() if e.device_time_total > 0]
             events.sort(key=lambda e: -e.device_time_total)
             total = sum(e.device_time_total for e in events)
-            print(f"\nkernels = {k}, outputs per band {b}, 1280x960, one call: GPU time {total / args.count:.1f} us per image "
+            print(f"\nkernels = {k}, 1280x960, one call: GPU time {total / args.count:.1f} us per image "
                   f"in {sum(e.count for e in events)} kernel launches\n")  # fmt: skip
             print("| kernel | launches | us per image | share |\n| --- | ---: | ---: | ---: |")
             for e in events[:10]:

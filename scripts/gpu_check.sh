@@ -17,9 +17,9 @@
 #   bash scripts/gpu_check.sh cli       # ON THE DEVICE: whole `clipengine embed --gpu-decode` commands, one
 #                                       # loader thread vs --gpu-decode-procs 4 / 6, with the commands'
 #                                       # timelines (session 12; ~330 s, timeout_s 370)
-#   bash scripts/gpu_check.sh fused     # ON THE DEVICE: session 15's fused preprocessing kernels and banded
-#                                       # resize: preprocess_tensors alone, every gpu test, then whole embed
-#                                       # commands before / now, 1 and 4 loaders, 196,608 files (~330 s)
+#   bash scripts/gpu_check.sh fused     # ON THE DEVICE: session 15's fused preprocessing kernels:
+#                                       # preprocess_tensors alone, every gpu test, then whole embed commands
+#                                       # with / without them, 1 and 4 loaders, 196,608 files (~330 s)
 #
 # Each device mode is one `run` call with carry [".whl"] and timeout_s 590. Session 4 ran both in one
 # 15-minute budget (347 s + 291 s, plus the machine starts). Do not leave the machine warm
@@ -192,11 +192,11 @@ cli)
     grep -hE "GPU loaders" "$OUT"/cli_logs_big/*.log | cut -c1-240
     ;;
 fused)
-    # Session 15: the GPU preprocessing's fused Triton kernels and banded resize GEMMs (image.gpu_triton,
-    # gpu_resample.axis_bands), built without a GPU. preprocess_tensors alone, every variant in turn
+    # Session 15: the GPU preprocessing's fused Triton kernels (image.gpu_triton; used by default in
+    # multi-loader runs, image.gpu_fused). preprocess_tensors alone, kernels vs torch ops in turn
     # (benchmarks/gpu_preprocess_bench.py), then every gpu test (the kernels against the torch ops, the
     # whole preprocessing against the exact CPU path), then whole `embed` commands over 196,608 files:
-    # one loader thread and --gpu-decode-procs 4, each before (torch ops, one GEMM) and now (~330 s).
+    # one loader thread and --gpu-decode-procs 4, each with the kernels and without (~330 s).
     setup
     { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nproc; \
       python3 -c "import sys, torch, torchvision, triton; print(sys.version); print('torch', torch.__version__, \
@@ -209,7 +209,7 @@ torchvision.__version__, 'triton', triton.__version__)"; } > "$OUT/pytest_gpu.lo
         tests/backends/test_fp8.py >> "$OUT/pytest_gpu.log" 2>&1
     echo "pytest exit $?"; grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest_gpu.log" | tail -12
     timeout "${CLI_S:-230}" python3 benchmarks/gpu_cli_procs.py --count 196608 --rounds 1 --procs 4 \
-        --variants "before=CLIPENGINE_GPU_KERNELS=torch+CLIPENGINE_GPU_RESIZE_BAND=0,now=" \
+        --variants "torch=CLIPENGINE_GPU_KERNELS=torch,triton=CLIPENGINE_GPU_KERNELS=triton" \
         --out "$OUT/cli_logs" > "$OUT/cli.md" 2>> "$OUT/stderr.log"
     echo "gpu_cli_procs 196608 exit $?"; cat "$OUT/cli.md"
     grep -E "round|Traceback|Error" "$OUT/stderr.log" | cut -c1-400 | tail -8

@@ -19,13 +19,7 @@ from clipengine.image.pillow_resample import PRECISION_BITS, AxisWeights, axis_w
 
 torch = pytest.importorskip("torch")
 
-from clipengine.image.gpu_resample import (  # noqa: E402
-    BAND_ENV,
-    axis_bands,
-    device_weights,
-    resample_axis,
-    resample_last_axis,
-)
+from clipengine.image.gpu_resample import device_weights, resample_last_axis  # noqa: E402
 
 FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
@@ -120,43 +114,6 @@ def test_strided_views_and_origin() -> None:
     np.testing.assert_array_equal(ours.numpy(), expected)
     with pytest.raises(ValueError, match="the axis holds"):
         resample_last_axis(window, device_weights(axis, torch.device("cpu")), origin=axis.first + 1)
-
-
-@pytest.mark.parametrize(("in_size", "out_size", "keep"), [(1280, 298, (37, 261)), (960, 224, None), (4000, 224, None),
-                         (3000, 2000, None), (2000, 224, (10, 214))])  # fmt: skip
-@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
-def test_bands_give_the_dense_gemms_integers(in_size: int, out_size: int, keep: tuple[int, int] | None,
-                                             interpolation: str, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    """One GEMM per band of outputs reads a fraction of the span and gives every output the same value."""
-    axis = axis_weights(in_size, out_size, interpolation, keep=keep)
-    bands = axis_bands(axis, 64)
-    assert 2 <= len(bands) <= 8 and sum(b.n_out for b in bands) == axis.n_out
-    assert 2 * sum(b.span * b.n_out for b in bands) <= axis.span * axis.n_out
-    assert all(axis.first <= b.first and b.first + b.span <= axis.first + axis.span for b in bands)
-    rng = np.random.default_rng(in_size)
-    pixels = torch.from_numpy(rng.integers(0, 256, (2, 3, 5, in_size), dtype=np.uint8))
-    pixels[0, 0, 0, ::2] = 0  # sharp edges: bicubic overshoots, so both ends of the clamp are hit
-    pixels[0, 0, 0, 1::2] = 255
-    view = pixels[..., axis.first : axis.first + axis.span]
-    dense = resample_last_axis(view, device_weights(axis, torch.device("cpu")), origin=axis.first)
-    np.testing.assert_array_equal(dense.numpy(), reference(pixels.reshape(-1, in_size).numpy(), axis).reshape(dense.shape))
-    for outputs in ("", "0", "17", "64", "1000"):
-        monkeypatch.setenv(BAND_ENV, outputs)
-        assert torch.equal(resample_axis(view, axis, origin=axis.first), dense), outputs
-
-
-def test_bands_only_where_they_halve_the_work(monkeypatch: pytest.MonkeyPatch) -> None:
-    upscale = axis_weights(100, 224, "bicubic")  # an upscale too: a band of 64 outputs reads ~30 of the 100 pixels
-    assert len(axis_bands(upscale, 64)) == 4
-    narrow = axis_weights(30, 100, "bilinear")  # bands of 64 outputs would read 20 of 30 pixels: not worth it
-    assert axis_bands(narrow, 64) == (narrow,)
-    few = axis_weights(1280, 298, "bicubic", keep=(0, 60))  # fewer outputs than a band
-    assert axis_bands(few, 64) == (few,) and axis_bands(axis_weights(1280, 298, "bicubic"), 0) == (axis_weights(1280, 298, "bicubic"),)
-    same = axis_weights(224, 220, "bicubic")  # each output reads ~4 of 224: bands of 64 read ~68 each
-    assert len(axis_bands(same, 64)) == 4
-    monkeypatch.setenv(BAND_ENV, "sixty-four")
-    with pytest.raises(ValueError, match="CLIPENGINE_GPU_RESIZE_BAND='sixty-four': give the outputs per band"):
-        resample_axis(torch.zeros((1, 224), dtype=torch.uint8), same)
 
 
 def test_sums_that_could_overflow_int32_are_refused() -> None:

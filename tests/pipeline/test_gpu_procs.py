@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import gpu_fakes
@@ -19,6 +20,7 @@ from clipengine.pipeline.gpu_procs import DecodeProcesses, claimed_items, iter_g
 from clipengine.pipeline.run import embed_folder
 from clipengine.pipeline.sinks import read_embeddings, read_failures
 from clipengine.pipeline.sources import list_items
+from clipengine.types import Batch
 
 torch = pytest.importorskip("torch")
 
@@ -82,6 +84,34 @@ def test_processes_give_the_in_process_loaders_pixels(photo_folder, tiny_model, 
     assert sorted(got_failures) == sorted(expected_failures) == bad
     assert (many.images, many.failures) == (one.images, one.failures) == (len(good), len(bad))
     assert many.read_s > 0 and many.decode_s > 0 and many.preprocess_s > 0  # summed from the processes
+
+
+def pixels_by_id(batches: Iterator[Batch]) -> dict[str, np.ndarray]:
+    return {i: p for b in batches for i, p in zip(b.ids, b.pixels.numpy(), strict=True)}
+
+
+def test_every_loader_of_a_multi_loader_run_asks_for_the_fused_kernels(photo_folder, tiny_model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Its processes and its loader thread decode (and preprocess) under `gpu_fused.prefer_kernels`
+    (the fake decoder gives black images anywhere else); one loader thread alone does not ask."""
+    import clipengine.image.gpu_decode as gd
+
+    root, good, _ = photo_folder
+    items = list_items(root)
+    cfg = tiny_model_cfg(tiny_model)
+    monkeypatch.setattr(gd, "_nvjpeg_decode", gpu_fakes.pil_batch_decode)
+    expected = pixels_by_id(iter_gpu_loaded(items, cfg, 3, "cpu", LoadStats()))
+    monkeypatch.setattr(gd, "_nvjpeg_decode", gpu_fakes.black_unless_kernels_preferred)
+    alone = pixels_by_id(iter_gpu_loaded(items, cfg, 3, "cpu", LoadStats()))
+    black = [i for i, p in alone.items() if (p == p[:, :1, :1]).all()]  # the JPEGs it sent to (fake) nvjpeg
+    assert sorted(alone) == good and len(black) >= len(good) // 2
+    monkeypatch.setattr(gpu_procs, "default_decode_group", lambda batch_size: 2)  # blocks for every loader
+    setup = _setup(procs=3, decode_batch=gpu_fakes.black_unless_kernels_preferred)
+    counts = LoadStats()
+    many = pixels_by_id(iter_gpu_loaded_procs(items, cfg, 3, "cpu", counts, "torchvision", setup))
+    assert sorted(many) == good
+    for item_id, pixels in expected.items():
+        np.testing.assert_array_equal(many[item_id], pixels, err_msg=item_id)
+    assert counts.images == len(good)
 
 
 def test_embed_folder_with_decode_processes_writes_the_same_output(  # type: ignore[no-untyped-def]

@@ -20,6 +20,16 @@ def pil_batch_decode(data: list[torch.Tensor], device: torch.device) -> list[tor
     return out
 
 
+def black_unless_kernels_preferred(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """`pil_batch_decode` in a thread that asked for the fused preprocessing kernels
+    (`gpu_fused.prefer_kernels`, as every loader of a multi-loader run does); black images elsewhere
+    (not an error: the decoder would hand the files to the CPU path and hide it)."""
+    from clipengine.image import gpu_fused
+
+    decoded = pil_batch_decode(data, device)
+    return decoded if getattr(gpu_fused._thread, "preferred", False) else [torch.zeros_like(t) for t in decoded]
+
+
 def exit_at_decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """A decode process that dies mid-run (a driver crash, the OOM killer). In the test's own process
     (its loader thread) it decodes, slowly, so files are still unclaimed when the process dies."""

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from clipengine.image.gpu_fused import fused_or_torch
-from clipengine.image.gpu_resample import resample_axis
+from clipengine.image.gpu_resample import device_weights, resample_last_axis
 from clipengine.image.pillow_resample import RESAMPLE_FILTERS, AxisWeights, axis_weights
 from clipengine.image.preprocess import (
     _MAX_RESIZED_PIXELS,
@@ -151,6 +151,7 @@ def _exact_resize_crop(batch: torch.Tensor, width: int, height: int, cfg: Prepro
         vertical = None if new_h == height else axis_weights(height, new_h, interpolation, keep=(top, bottom))
         vertical_first = _pillow_vertical_first(width, height, new_w, new_h)
         cols, rows = slice(left, right), slice(top, bottom)
+    device = batch.device
     # A pass Pillow skips is a plain crop; before the first pass, the other axis is cut to what
     # the second pass reads (Pillow does the same for the rows of its horizontal pass).
     if horizontal is None:
@@ -165,21 +166,21 @@ def _exact_resize_crop(batch: torch.Tensor, width: int, height: int, cfg: Prepro
         if vertical is not None:
             batch = _vertical_pass(batch, vertical)
         if horizontal is not None:
-            batch = resample_axis(batch, horizontal, origin=x_origin)
+            batch = resample_last_axis(batch, device_weights(horizontal, device), origin=x_origin)
     else:
         y_origin = 0
         if horizontal is not None and vertical is not None:
             batch = batch[:, :, vertical.first : vertical.first + vertical.span, :]
             y_origin = vertical.first
         if horizontal is not None:
-            batch = resample_axis(batch, horizontal)
+            batch = resample_last_axis(batch, device_weights(horizontal, device))
         if vertical is not None:
             batch = _vertical_pass(batch, vertical, origin=y_origin)
     return batch.contiguous()
 
 
 def _vertical_pass(batch: torch.Tensor, vertical: AxisWeights, origin: int = 0) -> torch.Tensor:
-    transposed = resample_axis(batch.transpose(2, 3), vertical, origin=origin)
+    transposed = resample_last_axis(batch.transpose(2, 3), device_weights(vertical, batch.device), origin=origin)
     return transposed.transpose(2, 3)
 
 

@@ -19,7 +19,6 @@ read uint8 and use tensor cores instead of converting whole photos to float32 fi
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -32,16 +31,10 @@ from clipengine.image.pillow_resample import PRECISION_BITS, AxisWeights
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BAND_ENV", "DeviceWeights", "axis_bands", "device_weights", "resample_axis", "resample_last_axis"]
+__all__ = ["DeviceWeights", "device_weights", "resample_last_axis"]
 
 _MIN_ROWS = 17  # cuBLAS' int8 GEMM wants more than 16 rows
 _INT32_MAX = (1 << 31) - 1
-
-# Outputs per band (`axis_bands`); `CLIPENGINE_GPU_RESIZE_BAND=0` makes one dense GEMM per pass
-# (the benchmarks' A/B, benchmarks/gpu_preprocess_bench.py).
-BAND_ENV = "CLIPENGINE_GPU_RESIZE_BAND"
-_BAND_OUTPUTS = 64
-_MAX_BANDS = 8
 
 
 def _ceil8(n: int) -> int:
@@ -85,7 +78,7 @@ def device_weights(axis: AxisWeights, device: torch.device) -> DeviceWeights:
     return _device_weights(axis, device)
 
 
-@lru_cache(maxsize=128)  # a few MB each at most (4000-px axes; bands far less): bounded device memory
+@lru_cache(maxsize=32)  # a few MB each at most (4000-px axes): bounded device memory for folders of many sizes
 def _device_weights(axis: AxisWeights, device: torch.device) -> DeviceWeights:
     import torch
 
@@ -109,57 +102,6 @@ def _device_weights(axis: AxisWeights, device: torch.device) -> DeviceWeights:
         digits=torch.from_numpy(digits).to(device).t(),
         offset=torch.from_numpy(offsets).to(device),
     )
-
-
-def resample_axis(pixels: torch.Tensor, axis: AxisWeights, origin: int = 0) -> torch.Tensor:
-    """(..., L) uint8 -> (..., axis.n_out) uint8: one Pillow pass, as `resample_last_axis`, one
-    int8 GEMM per band of outputs (`axis_bands`)."""
-    bands = axis_bands(axis, _band_outputs())
-    device = pixels.device
-    if len(bands) == 1:
-        return resample_last_axis(pixels, device_weights(bands[0], device), origin=origin)
-    import torch
-
-    parts = [resample_last_axis(pixels, device_weights(band, device), origin=origin) for band in bands]
-    return torch.cat(parts, dim=-1)
-
-
-def _band_outputs() -> int:
-    value = os.environ.get(BAND_ENV, "").strip()
-    if not value:
-        return _BAND_OUTPUTS
-    if not value.isdigit():
-        raise ValueError(f"{BAND_ENV}={value!r}: give the outputs per band as a whole number (0: no bands)")
-    return int(value)
-
-
-@lru_cache(maxsize=512)  # keyed on the axis' identity, as `axis_weights` caches them
-def axis_bands(axis: AxisWeights, outputs: int) -> tuple[AxisWeights, ...]:
-    """`axis` cut into runs of `outputs` consecutive outputs, each over the source span it reads;
-    or `(axis,)` where that does not at least halve the GEMM's work (or `outputs` is 0).
-
-    A pass's weights are a band: an output reads a few dozen source pixels (bicubic: 4 x the
-    shrink factor), but one dense GEMM multiplies every output by every source pixel of the span,
-    zeros included: for 1280 -> 224 columns of a 1280x960 photo, 1280 x 224 products where each
-    output has ~18 taps. Cut into 64-output bands, each band reads ~290 pixels: ~4x fewer
-    products, the same integers (every output's sum is over the same taps).
-    """
-    n_out, width = axis.n_out, int(axis.taps.shape[1])
-    if outputs <= 0 or n_out <= outputs:
-        return (axis,)
-    outputs = max(outputs, -(-n_out // _MAX_BANDS))  # each band costs its own launches
-    bands = []
-    for lo in range(0, n_out, outputs):
-        starts = axis.starts[lo : lo + outputs]
-        first = int(starts.min())
-        stop = min(int(starts.max()) + width, axis.span)
-        band_starts = starts - first
-        band_starts.setflags(write=False)
-        bands.append(AxisWeights(first=axis.first + first, span=max(1, stop - first), starts=band_starts,
-                                 taps=axis.taps[lo : lo + outputs]))  # fmt: skip
-    dense_work = _ceil8(axis.span) * _ceil8(n_out)
-    band_work = sum(_ceil8(band.span) * _ceil8(band.n_out) for band in bands)
-    return tuple(bands) if 2 * band_work <= dense_work else (axis,)
 
 
 def resample_last_axis(pixels: torch.Tensor, weights: DeviceWeights, origin: int = 0) -> torch.Tensor:

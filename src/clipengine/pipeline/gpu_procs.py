@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
+from ..image.gpu_fused import prefer_kernels
 from ..types import Batch, ImageItem
 from .gpu_batching import default_decode_group
 from .gpu_loading import report_assist
@@ -365,7 +366,8 @@ class _OwnLoader:
              setup: DecodeProcesses) -> None:  # fmt: skip
         try:
             jpeg = _new_decoder(device, decoder, setup)
-            done = _load_claimed(items, cfg, batch_size, jpeg, setup, lambda b: self._put(("batch", b)))
+            with prefer_kernels():  # several loaders share the GPU: the fused kernels pay (gpu_fused)
+                done = _load_claimed(items, cfg, batch_size, jpeg, setup, lambda b: self._put(("batch", b)))
             if done is not None:
                 self._put(("done", done))
         except BaseException as e:  # raised in the consumer, as the in-process loader's errors are
@@ -610,7 +612,8 @@ def _decode_process(
         if cuda:
             torch.zeros(1, device=device)  # the CUDA context
         opened = time.time()
-        decode_s, preprocess_s = _warm_up(_new_decoder(device, decoder, setup))  # its stats are not the run's
+        with prefer_kernels():  # warmed up too: their first use compiles them (or loads them from triton's cache)
+            decode_s, preprocess_s = _warm_up(_new_decoder(device, decoder, setup))  # its stats are not the run's
         warm = time.time()
         conn.send(("ready", {"spawn_s": entered - spawned_at, "import_s": imported - entered,
                              "device_s": opened - imported, "warm_decode_s": decode_s,
@@ -634,7 +637,8 @@ def _decode_process(
             return True
 
         mine = claimed_items(items, block, counter, claims, rank)
-        done = _load_claimed(mine, cfg, batch_size, _new_decoder(device, decoder, setup), setup, send)
+        with prefer_kernels():
+            done = _load_claimed(mine, cfg, batch_size, _new_decoder(device, decoder, setup), setup, send)
         if done is not None:
             conn.send(("done", done))
     except (BrokenPipeError, ConnectionResetError, EOFError) as e:
