@@ -32,7 +32,7 @@ class ServeSettings:
     preprocess_threads: int = 4  # thread pool for decode + preprocess
     thumbnail_size: int = 256  # longest side of a thumbnail, pixels
     label_cache_size: int = 1024  # label/template embeddings kept between classify requests
-    api_key: str | None = None  # when set, every route except /, /static, /healthz, /readyz needs it
+    api_key: str | None = None  # when set, every route needs it but /, /static, /healthz, /readyz, /docs, /redoc, /openapi.json
 
     def __post_init__(self) -> None:
         for name in (
