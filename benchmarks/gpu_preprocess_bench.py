@@ -7,7 +7,8 @@ time. Session 15 fused its memory-bound steps (`image.gpu_triton`). This script 
 for --rounds rounds (medians), on --count decoded images already on the GPU (random pixels: the
 resize does the same work whatever the values):
 
-- kernels: `CLIPENGINE_GPU_KERNELS` = triton / torch
+- kernels: `CLIPENGINE_GPU_KERNELS` = triton / torch, and triton without the operand kernel
+  (`CLIPENGINE_GPU_KERNEL_SKIP=operand`: what session 15 measured; the operand kernel came after)
 - `gpu_preprocess._GROUP_ELEMENTS` (same-size images per resize call): 128 Mi (default, ~36
   1280x960 photos), 512 Mi, 1 Gi
 - the same on a mix (every 8th image 4000x3000)
@@ -36,19 +37,23 @@ GROUPS = {"128 Mi": 1 << 27, "1 Gi": 1 << 30}
 
 @contextmanager
 def setting(kernels: str, group: int) -> Any:
+    """`kernels`: "torch", "triton", or "triton-no-operand"."""
     from clipengine.image import gpu_preprocess
 
-    old_env, old_group = os.environ.get("CLIPENGINE_GPU_KERNELS"), gpu_preprocess._GROUP_ELEMENTS
-    os.environ["CLIPENGINE_GPU_KERNELS"] = kernels
+    env = {"CLIPENGINE_GPU_KERNELS": kernels.split("-")[0],
+           "CLIPENGINE_GPU_KERNEL_SKIP": "operand" if kernels.endswith("no-operand") else ""}  # fmt: skip
+    old_env, old_group = {k: os.environ.get(k) for k in env}, gpu_preprocess._GROUP_ELEMENTS
+    os.environ.update(env)
     gpu_preprocess._GROUP_ELEMENTS = group
     try:
         yield
     finally:
         gpu_preprocess._GROUP_ELEMENTS = old_group
-        if old_env is None:
-            os.environ.pop("CLIPENGINE_GPU_KERNELS", None)
-        else:
-            os.environ["CLIPENGINE_GPU_KERNELS"] = old_env
+        for key, value in old_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def rate(fn: Callable[[], int], seconds: float, sync: Callable[[], None]) -> float:
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sets = {"1280x960": images(0), "mix (every 8th 4000x3000)": images(8)}
     cfg = PreprocessConfig()
-    kernels = ["triton", "torch"] if cuda else ["torch"]
+    kernels = ["triton", "triton-no-operand", "torch"] if cuda else ["torch"]
     rows = [(s, k, g) for s in sets for k in kernels for g in GROUPS if s == "1280x960" or g == "128 Mi"]
     results: dict[tuple[str, str, str], list[float]] = {row: [] for row in rows}
     for _ in range(args.rounds):

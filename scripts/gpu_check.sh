@@ -19,7 +19,7 @@
 #                                       # timelines (session 12; ~330 s, timeout_s 370)
 #   bash scripts/gpu_check.sh fused     # ON THE DEVICE: session 15's fused preprocessing kernels:
 #                                       # preprocess_tensors alone, every gpu test, then whole embed commands
-#                                       # with / without them, 1 and 4 loaders, 196,608 files (~330 s)
+#                                       # with / without them, 1 and 4 loaders, 196,608 files (~470 s)
 #
 # Each device mode is one `run` call with carry [".whl"] and timeout_s 590. Session 4 ran both in one
 # 15-minute budget (347 s + 291 s, plus the machine starts). Do not leave the machine warm
@@ -196,7 +196,8 @@ fused)
     # multi-loader runs, image.gpu_fused). preprocess_tensors alone, kernels vs torch ops in turn
     # (benchmarks/gpu_preprocess_bench.py), then every gpu test (the kernels against the torch ops, the
     # whole preprocessing against the exact CPU path), then whole `embed` commands over 196,608 files:
-    # one loader thread and --gpu-decode-procs 4, each with the kernels and without (~330 s).
+    # one loader thread and --gpu-decode-procs 4, each with torch ops, with session 15's kernels (no
+    # operand kernel), and as the default (~470 s: timeout_s 540).
     setup
     { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nproc; \
       python3 -c "import sys, torch, torchvision, triton; print(sys.version); print('torch', torch.__version__, \
@@ -208,8 +209,8 @@ torchvision.__version__, 'triton', triton.__version__)"; } > "$OUT/pytest_gpu.lo
         tests/pipeline/test_gpu_procs.py tests/backends/test_torch_backend.py tests/backends/test_accel.py \
         tests/backends/test_fp8.py >> "$OUT/pytest_gpu.log" 2>&1
     echo "pytest exit $?"; grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest_gpu.log" | tail -12
-    timeout "${CLI_S:-230}" python3 benchmarks/gpu_cli_procs.py --count 196608 --rounds 1 --procs 4 \
-        --variants "torch=CLIPENGINE_GPU_KERNELS=torch,triton=CLIPENGINE_GPU_KERNELS=triton" \
+    timeout "${CLI_S:-320}" python3 benchmarks/gpu_cli_procs.py --count 196608 --rounds 1 --procs 4 \
+        --variants "torch=CLIPENGINE_GPU_KERNELS=torch,s15=CLIPENGINE_GPU_KERNEL_SKIP=operand,default=" \
         --out "$OUT/cli_logs" > "$OUT/cli.md" 2>> "$OUT/stderr.log"
     echo "gpu_cli_procs 196608 exit $?"; cat "$OUT/cli.md"
     grep -E "round|Traceback|Error" "$OUT/stderr.log" | cut -c1-400 | tail -8

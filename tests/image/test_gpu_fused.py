@@ -19,7 +19,7 @@ import pytest
 
 import clipengine.image
 from clipengine.image import gpu_fused
-from clipengine.image.gpu_fused import KERNELS_ENV, fused_or_torch, prefer_kernels, triton_kernels
+from clipengine.image.gpu_fused import KERNELS_ENV, SKIP_ENV, fused_or_torch, prefer_kernels, triton_kernels
 from clipengine.image.preprocess import PreprocessConfig
 
 torch = pytest.importorskip("torch")
@@ -49,7 +49,7 @@ def fake_triton(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
 def test_cpu_tensors_use_the_torch_ops() -> None:
     with prefer_kernels():
         assert triton_kernels(torch.device("cpu")) is None
-        assert fused_or_torch(torch.device("cpu"), lambda k: pytest.fail("kernel on a CPU tensor"), lambda: "torch") == "torch"
+        assert fused_or_torch(torch.device("cpu"), lambda k: pytest.fail("kernel on a CPU tensor"), lambda: "torch", name="combine") == "torch"
 
 
 def test_auto_uses_the_kernels_only_in_threads_that_ask(fake_triton: SimpleNamespace) -> None:
@@ -81,6 +81,16 @@ def test_env_forces_either_way_and_a_bad_value_is_refused(monkeypatch: pytest.Mo
         triton_kernels(CUDA)
 
 
+def test_single_kernels_can_be_left_out(monkeypatch: pytest.MonkeyPatch, fake_triton: SimpleNamespace) -> None:
+    monkeypatch.setenv(KERNELS_ENV, "triton")
+    monkeypatch.setenv(SKIP_ENV, " operand , Normalise")
+    ran = [fused_or_torch(CUDA, lambda k: "kernel", lambda: "torch", name=name) for name in ("operand", "combine", "normalise")]
+    assert ran == ["torch", "kernel", "torch"]
+    monkeypatch.setenv(SKIP_ENV, "operand,epilogue")
+    with pytest.raises(ValueError, match="CLIPENGINE_GPU_KERNEL_SKIP: unknown kernel epilogue; the kernels are operand, combine, normalise"):
+        fused_or_torch(CUDA, lambda k: "kernel", lambda: "torch", name="combine")
+
+
 def test_missing_triton_means_torch_ops_without_a_warning(monkeypatch: pytest.MonkeyPatch,
                                                           caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
     monkeypatch.setenv(KERNELS_ENV, "triton")
@@ -88,7 +98,7 @@ def test_missing_triton_means_torch_ops_without_a_warning(monkeypatch: pytest.Mo
     monkeypatch.delitem(sys.modules, "clipengine.image.gpu_triton", raising=False)
     monkeypatch.delattr(clipengine.image, "gpu_triton", raising=False)
     with caplog.at_level(logging.WARNING):
-        assert fused_or_torch(CUDA, lambda k: pytest.fail("no triton"), lambda: "torch") == "torch"
+        assert fused_or_torch(CUDA, lambda k: pytest.fail("no triton"), lambda: "torch", name="combine") == "torch"
     assert gpu_fused._unavailable and not caplog.records
 
 
@@ -102,8 +112,8 @@ def test_a_failing_kernel_falls_back_for_good_with_one_warning(monkeypatch: pyte
 
     monkeypatch.setattr(gpu_fused, "triton_kernels", lambda device: None if gpu_fused._unavailable else SimpleNamespace())
     with caplog.at_level(logging.WARNING):
-        assert fused_or_torch(CUDA, broken, lambda: "torch") == "torch"
-        assert fused_or_torch(CUDA, broken, lambda: "torch") == "torch"
+        assert fused_or_torch(CUDA, broken, lambda: "torch", name="combine") == "torch"
+        assert fused_or_torch(CUDA, broken, lambda: "torch", name="combine") == "torch"
     assert calls == ["kernel"]  # not retried
     assert [r.getMessage() for r in caplog.records] == [
         "GPU preprocessing kernel failed (RuntimeError: PTX JIT compilation failed); using torch ops instead "
@@ -116,7 +126,7 @@ def test_out_of_memory_in_a_kernel_is_raised_not_hidden(monkeypatch: pytest.Monk
 
     monkeypatch.setattr(gpu_fused, "triton_kernels", lambda device: SimpleNamespace())
     with pytest.raises(torch.OutOfMemoryError):
-        fused_or_torch(CUDA, oom, lambda: "torch")
+        fused_or_torch(CUDA, oom, lambda: "torch", name="combine")
     assert not gpu_fused._unavailable
 
 
@@ -150,6 +160,20 @@ def test_cuda_combine_kernel_equals_torch_ops(src: int, dst: int, interpolation:
     assert got.dtype == torch.uint8 and torch.equal(got, expected)
     if content == "edges" and dst < src <= 1280:  # a 4000 -> 224 shrink averages the edges away
         assert bool((expected == 0).any()) and bool((expected == 255).any())
+
+
+@pytest.mark.gpu
+def test_cuda_operand_kernel_equals_torch_ops() -> None:
+    """Crops of a batch, a transposed crop (the vertical pass), 2-D and 1-D views, rows under 17."""
+    from clipengine.image import gpu_triton
+
+    batch = torch.randint(0, 256, (3, 3, 50, 70), dtype=torch.uint8, generator=torch.Generator().manual_seed(4)).to(CUDA)
+    for source in (batch[..., 5:66], batch[:, :, 3:40, 7:20].transpose(2, 3), batch[1, 2, :, 9:30], batch[0, 0, 0, :33]):
+        rows, span = source[..., 0].numel(), int(source.shape[-1])
+        ours = torch.full((max(rows, 17), span + 5), 7, dtype=torch.uint8, device=CUDA)
+        gpu_triton.write_operand(source, ours)
+        assert torch.equal(ours[:rows, :span], (source ^ 0x80).reshape(rows, span))
+        assert bool((ours[:, span:] == 7).all()) and bool((ours[rows:] == 7).all())  # pads untouched
 
 
 @pytest.mark.gpu

@@ -89,3 +89,59 @@ def test_normalise_kernel_equals_the_torch_ops() -> None:
         assert torch.equal(gpu_triton.normalise_by_table(strided, table, torch.float32),
                            table[strided.long() + offsets])
     """)
+
+
+@needs_triton
+def test_operand_kernel_equals_the_torch_ops_on_strided_views() -> None:
+    run_interpreted("""
+        import torch
+        from clipengine.image import gpu_triton
+
+        batch = torch.randint(0, 256, (3, 3, 50, 70), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+        views = (batch[..., 5:66], batch[:, :, 3:40, 7:20].transpose(2, 3), batch[1, 2, :, 9:30], batch[0, 0, 0, :33],
+                 batch[:, 1:, ::2, 3:50])
+        for source in views:
+            rows, span = source[..., 0].numel(), int(source.shape[-1])
+            ours = torch.full((max(rows, 17), span + 5), 7, dtype=torch.uint8)
+            gpu_triton.write_operand(source, ours)
+            assert torch.equal(ours[:rows, :span], (source ^ 0x80).reshape(rows, span)), source.shape
+            assert bool((ours[:, span:] == 7).all()) and bool((ours[rows:] == 7).all())  # pads untouched
+        try:
+            gpu_triton.write_operand(batch[None], torch.empty((2000, 80), dtype=torch.uint8))
+        except ValueError as err:
+            assert "at most 4 dimensions" in str(err)
+        else:
+            raise AssertionError("5 dimensions accepted")
+    """)
+
+
+@needs_triton
+def test_the_whole_preprocessing_with_the_kernels_equals_the_exact_path() -> None:
+    """`preprocess_tensors` with every kernel (CLIPENGINE_GPU_KERNELS=triton: CPU tensors take them
+    under the interpreter) against Pillow's exact path: photos of both pass orders, a size that
+    needs no resize, an extreme aspect ratio, squash, bilinear."""
+    out = run_interpreted("""
+        import os
+        import numpy as np
+        import torch
+        from PIL import Image
+        from clipengine.image import gpu_fused
+        from clipengine.image.gpu_preprocess import preprocess_tensors
+        from clipengine.image.preprocess import PreprocessConfig, preprocess_image
+
+        os.environ["CLIPENGINE_GPU_KERNELS"] = "triton"
+        calls = []
+        real = gpu_fused.triton_kernels
+        gpu_fused.triton_kernels = lambda device: calls.append(device.type) or real(device)
+        rng = np.random.default_rng(0)
+        sizes = [(640, 480), (300, 400), (224, 224), (3, 700), (333, 77)]
+        images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+        for cfg in (PreprocessConfig(), PreprocessConfig(interpolation="bilinear", resize_mode="squash")):
+            tensors = [torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous() for img in images]
+            ours = preprocess_tensors(tensors, cfg).numpy()
+            exact = np.stack([preprocess_image(img, cfg) for img in images])
+            np.testing.assert_array_equal(ours, exact)
+        assert not gpu_fused._unavailable and calls and set(calls) == {"cpu"}
+        print(len(calls))
+    """)
+    assert int(out.split()[-1]) >= 3 * 2  # operand, combine and normalise, for both settings

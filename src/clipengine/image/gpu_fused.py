@@ -13,7 +13,8 @@ thread, which is what the same session measured over 196,608 1280x960 JPEGs:
 Hence the default, "auto": the kernels run in the threads that ask for them (`prefer_kernels`),
 which the multi-loader path (`pipeline.gpu_procs`) does for its loader thread and its processes,
 and nowhere else. `CLIPENGINE_GPU_KERNELS=triton` uses them everywhere, `torch` nowhere (benchmarks
-compare the two that way; decode processes inherit the environment).
+compare the two that way; decode processes inherit the environment). `CLIPENGINE_GPU_KERNEL_SKIP`
+(a comma list of `KERNEL_NAMES`) leaves single kernels out, for the benchmarks' A/B of each.
 
 If triton is missing (it ships with PyTorch's CUDA wheels), or a kernel fails to compile or launch
 (no C compiler for its launcher, an old driver), this process falls back to the torch ops for good,
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, TypeVar
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["KERNELS_ENV", "fused_or_torch", "prefer_kernels", "triton_kernels"]
+__all__ = ["KERNELS_ENV", "KERNEL_NAMES", "SKIP_ENV", "fused_or_torch", "prefer_kernels", "triton_kernels"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ _unavailable = False  # triton missing, or one of its kernels failed in this pro
 _thread = threading.local()  # .preferred: this thread asked for the kernels (`prefer_kernels`)
 
 T = TypeVar("T")
+
+SKIP_ENV = "CLIPENGINE_GPU_KERNEL_SKIP"
+KERNEL_NAMES = ("operand", "combine", "normalise")
 
 
 @contextmanager
@@ -66,7 +70,10 @@ def triton_kernels(device: torch.device) -> ModuleType | None:
         raise ValueError(f"{KERNELS_ENV}={os.environ[KERNELS_ENV]!r}: use one of {', '.join(_CHOICES)}")
     if choice == "auto":
         choice = "triton" if getattr(_thread, "preferred", False) else "torch"
-    if _unavailable or choice == "torch" or device.type != "cuda":
+    # Under triton's interpreter (TRITON_INTERPRET=1: the kernels run in numpy) CPU tensors take them
+    # too: tests/image/test_gpu_triton_interp.py runs the whole preprocessing that way in CI.
+    on_device = device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    if _unavailable or choice == "torch" or not on_device:
         return None
     try:
         from clipengine.image import gpu_triton
@@ -77,11 +84,14 @@ def triton_kernels(device: torch.device) -> ModuleType | None:
     return gpu_triton
 
 
-def fused_or_torch(device: torch.device, fused: Callable[[ModuleType], T], torch_ops: Callable[[], T]) -> T:
-    """`fused(gpu_triton)` where the kernels are to run on `device`, else (or if they fail) `torch_ops()`."""
+def fused_or_torch(device: torch.device, fused: Callable[[ModuleType], T], torch_ops: Callable[[], T], *,
+                   name: str) -> T:  # fmt: skip
+    """`fused(gpu_triton)` where the kernels are to run on `device`, else (or if they fail) `torch_ops()`.
+
+    `name` is the kernel's, for `CLIPENGINE_GPU_KERNEL_SKIP` (a comma list: those use torch ops)."""
     global _unavailable
     kernels = triton_kernels(device)
-    if kernels is None:
+    if kernels is None or name in _skipped():
         return torch_ops()
     try:
         return fused(kernels)
@@ -92,3 +102,11 @@ def fused_or_torch(device: torch.device, fused: Callable[[ModuleType], T], torch
         logger.warning("GPU preprocessing kernel failed (%s: %s); using torch ops instead (same values, "
                        "slower)", type(err).__name__, err)  # fmt: skip
         return torch_ops()
+
+
+def _skipped() -> set[str]:
+    names = {n.strip().lower() for n in os.environ.get(SKIP_ENV, "").split(",") if n.strip()}
+    unknown = names - set(KERNEL_NAMES)
+    if unknown:
+        raise ValueError(f"{SKIP_ENV}: unknown kernel {', '.join(sorted(unknown))}; the kernels are {', '.join(KERNEL_NAMES)}")
+    return names

@@ -316,7 +316,7 @@ def _normalise(crops: torch.Tensor, cfg: PreprocessConfig, dtype: torch.dtype) -
         return table[crops.long() + offsets].to(dtype)
 
     normalised: torch.Tensor = fused_or_torch(
-        crops.device, lambda kernels: kernels.normalise_by_table(crops, table, dtype), torch_ops
+        crops.device, lambda kernels: kernels.normalise_by_table(crops, table, dtype), torch_ops, name="normalise"
     )
     return normalised
 

@@ -126,12 +126,18 @@ def resample_last_axis(pixels: torch.Tensor, weights: DeviceWeights, origin: int
     # p - 128 as int8 is p XOR 0x80 reinterpreted; written straight into the padded GEMM operand.
     # Pad columns meet zero weights and pad rows are dropped, so neither needs clearing.
     operand = torch.empty((max(rows, _MIN_ROWS), k_pad), dtype=torch.uint8, device=pixels.device)
-    torch.bitwise_xor(source, 0x80, out=operand[:rows, :span].view(*lead, span))
+    fused_or_torch(
+        pixels.device,
+        lambda kernels: kernels.write_operand(source, operand),
+        lambda: torch.bitwise_xor(source, 0x80, out=operand[:rows, :span].view(*lead, span)),
+        name="operand",
+    )
     sums = torch._int_mm(operand.view(torch.int8), weights.digits)[:rows]  # (rows, 3 n_pad) int32
     combined: torch.Tensor = fused_or_torch(
         sums.device,
         lambda kernels: kernels.combine_digit_sums(sums, weights.offset, n_out, PRECISION_BITS - 8),
         lambda: _combine_digit_sums(sums, weights.offset, n_out),
+        name="combine",
     )
     return combined.view(*lead, n_out)
 

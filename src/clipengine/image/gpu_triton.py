@@ -9,7 +9,11 @@ per operator:
   kernels that each read and write the whole int32 sums (~36 MB per 1280x960 photo in the
   horizontal pass); `combine_digit_sums` reads them once and writes uint8;
 - the normalisation by table lookup (`gpu_preprocess._normalise`): int64 indices, an add, a gather
-  and a cast (~6 MB per image); `normalise_by_table` is one gather from uint8 to the output dtype.
+  and a cast (~6 MB per image); `normalise_by_table` is one gather from uint8 to the output dtype;
+- the copy that builds each GEMM's operand (p XOR 0x80 from a strided crop): 10 us per photo in
+  torch's generic strided kernel (session 15's profile), a quarter of the time the kernels above
+  left; `write_operand` reads the crop in tiles (added after that session's run: unmeasured on a
+  GPU; `CLIPENGINE_GPU_KERNEL_SKIP=operand` compares).
 
 Both give the same integers / table values as the torch code they replace (tests/image's `gpu`
 tests compare them, and the whole preprocessing with the exact CPU path). Measured on the H200 in
@@ -29,11 +33,13 @@ import triton.language as tl
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["combine_digit_sums", "normalise_by_table"]
+__all__ = ["combine_digit_sums", "normalise_by_table", "write_operand"]
 
 _COMBINE_ROWS = 64
 _COMBINE_COLS = 64
 _NORMALISE_BLOCK = 2048
+_OPERAND_ROWS = 16
+_OPERAND_COLS = 256
 
 
 # Row and element counts change from call to call: not specialised on, so one compile serves them all.
@@ -62,6 +68,39 @@ def _normalise_kernel(crops_ptr, table_ptr, out_ptr, total, plane, BLOCK: tl.con
     channel = ((i // plane) % 3).to(tl.int32)
     value = tl.load(table_ptr + channel * 256 + pixel, mask=inside, other=0.0)
     tl.store(out_ptr + i, value.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit(do_not_specialize=["rows"])  # type: ignore[untyped-decorator]
+def _operand_kernel(src_ptr, out_ptr, rows, span, d1, d2, s0, s1, s2, s3, out_stride,  # type: ignore[no-untyped-def]
+                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+    inside = (r < rows) & (c < span)
+    # row r of the (rows, span) operand is source[i0, i1, i2, :], r = (i0 * d1 + i1) * d2 + i2
+    at = src_ptr + (r // (d1 * d2)) * s0 + (r // d2 % d1) * s1 + (r % d2) * s2 + c.to(tl.int64) * s3
+    pixel = tl.load(at, mask=inside, other=0)
+    tl.store(out_ptr + r * out_stride + c, (pixel ^ 0x80).to(tl.uint8), mask=inside)
+
+
+def write_operand(source: torch.Tensor, operand: torch.Tensor) -> None:
+    """operand[r, :span] = source's row r XOR 0x80, for a (..., span) uint8 view of up to 4
+    dimensions, any strides (`gpu_resample.resample_last_axis`'s int8 GEMM operand: p - 128)."""
+    span = int(source.shape[-1])
+    lead = [int(n) for n in source.shape[:-1]]
+    strides = [int(st) for st in source.stride()]
+    if len(lead) > 3:
+        raise ValueError(f"expected at most 4 dimensions, got {tuple(source.shape)}")
+    while len(lead) < 3:  # (span,) or (r, span): leading axes of size 1
+        lead.insert(0, 1)
+        strides.insert(0, 0)
+    rows = lead[0] * lead[1] * lead[2]
+    if operand.stride(1) != 1 or operand.shape[0] < rows or operand.shape[1] < span:
+        raise ValueError(f"operand {tuple(operand.shape)} {operand.stride()} cannot take {rows} rows of {span}")
+    if rows == 0 or span == 0:
+        return
+    grid = (triton.cdiv(rows, _OPERAND_ROWS), triton.cdiv(span, _OPERAND_COLS))
+    _operand_kernel[grid](source, operand, rows, span, lead[1], lead[2], *strides, operand.stride(0),
+                          BLOCK_R=_OPERAND_ROWS, BLOCK_C=_OPERAND_COLS)  # fmt: skip
 
 
 def combine_digit_sums(sums: torch.Tensor, offset: torch.Tensor, n_out: int, shift: int) -> torch.Tensor:
