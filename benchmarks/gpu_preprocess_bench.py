@@ -7,8 +7,9 @@ time. Session 15 fused its memory-bound steps (`image.gpu_triton`). This script 
 for --rounds rounds (medians), on --count decoded images already on the GPU (random pixels: the
 resize does the same work whatever the values):
 
-- kernels: `CLIPENGINE_GPU_KERNELS` = triton / torch, and triton without the operand kernel
-  (`CLIPENGINE_GPU_KERNEL_SKIP=operand`: what session 15 measured; the operand kernel came after)
+- kernels: `CLIPENGINE_GPU_KERNELS` = triton with every kernel (`CLIPENGINE_GPU_KERNEL_SKIP=`),
+  triton without the operand kernel (what session 15 measured and the default; the operand kernel
+  came after), torch
 - `gpu_preprocess._GROUP_ELEMENTS` (same-size images per resize call): 128 Mi (default, ~36
   1280x960 photos), 512 Mi, 1 Gi
 - the same on a mix (every 8th image 4000x3000)

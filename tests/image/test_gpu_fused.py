@@ -35,6 +35,7 @@ CUDA = torch.device("cuda")
 def fresh_state(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gpu_fused, "_unavailable", False)
     monkeypatch.delenv(KERNELS_ENV, raising=False)
+    monkeypatch.delenv(SKIP_ENV, raising=False)
 
 
 @pytest.fixture
@@ -83,6 +84,10 @@ def test_env_forces_either_way_and_a_bad_value_is_refused(monkeypatch: pytest.Mo
 
 def test_single_kernels_can_be_left_out(monkeypatch: pytest.MonkeyPatch, fake_triton: SimpleNamespace) -> None:
     monkeypatch.setenv(KERNELS_ENV, "triton")
+    monkeypatch.delenv(SKIP_ENV, raising=False)  # the default leaves out the operand kernel (unmeasured)
+    assert [fused_or_torch(CUDA, lambda k: "kernel", lambda: "torch", name=n) for n in ("operand", "combine")] == ["torch", "kernel"]
+    monkeypatch.setenv(SKIP_ENV, "")
+    assert fused_or_torch(CUDA, lambda k: "kernel", lambda: "torch", name="operand") == "kernel"
     monkeypatch.setenv(SKIP_ENV, " operand , Normalise")
     ran = [fused_or_torch(CUDA, lambda k: "kernel", lambda: "torch", name=name) for name in ("operand", "combine", "normalise")]
     assert ran == ["torch", "kernel", "torch"]
@@ -201,6 +206,7 @@ def test_cuda_preprocess_with_and_without_kernels_is_identical(monkeypatch: pyte
     images = [torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)).to(CUDA) for w, h in sizes]
     cfg = PreprocessConfig()
     monkeypatch.setenv(KERNELS_ENV, "triton")
+    monkeypatch.setenv(SKIP_ENV, "")  # every kernel, the operand's too
     with_kernels = preprocess_tensors(images, cfg, out_dtype=torch.float16)
     assert not gpu_fused._unavailable  # the kernels ran: no fallback
     monkeypatch.setenv(KERNELS_ENV, "torch")

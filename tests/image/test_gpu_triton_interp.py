@@ -130,6 +130,7 @@ def test_the_whole_preprocessing_with_the_kernels_equals_the_exact_path() -> Non
         from clipengine.image.preprocess import PreprocessConfig, preprocess_image
 
         os.environ["CLIPENGINE_GPU_KERNELS"] = "triton"
+        os.environ["CLIPENGINE_GPU_KERNEL_SKIP"] = ""  # the operand kernel too (left out by default)
         calls = []
         real = gpu_fused.triton_kernels
         gpu_fused.triton_kernels = lambda device: calls.append(device.type) or real(device)
