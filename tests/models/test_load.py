@@ -566,3 +566,41 @@ def test_arch_applies_to_a_clipengine_model_folder_as_to_other_folders(tmp_path:
     with pytest.raises(CheckpointError, match=r"tiny/model\.safetensors"):  # ViT-B-32's shapes do not fit
         load_model(folder, arch="ViT-B-32")
     assert load_model(folder).config == tiny_model.config
+
+
+def test_building_the_empty_model_does_not_import_torch_dynamo() -> None:
+    """The meta-device build a load starts with: `scale * tensor`, nn.Embedding's normal_ and the
+    causal mask's triu_ each imported torch._dynamo through meta decompositions (1.0-1.6 s of
+    every model load, session 15)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from clipengine.models.config import get_config\n"
+        "from clipengine.models.load import _empty_model\n"
+        "for name in ('ViT-B-32', 'RN50'):\n"
+        "    model = _empty_model(get_config(name))\n"
+        "    assert all(p.is_meta for p in model.parameters())\n"
+        "assert 'torch._dynamo' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_random_init_on_a_real_device_is_unchanged() -> None:
+    """In-place scaling and the token embedding's explicit normal_ draw what they drew before:
+    every parameter with CLIP's own init, in the same order from the same seed."""
+    from clipengine.models.clip import build_model, causal_mask
+    from clipengine.models.config import get_config
+
+    cfg = get_config("ViT-B-32")
+    torch.manual_seed(7)
+    model = build_model(cfg)
+    torch.manual_seed(7)
+    width = cfg.vision.width
+    torch.nn.Conv2d(3, width, kernel_size=cfg.vision.patch_size, stride=cfg.vision.patch_size, bias=False)
+    assert torch.equal(model.visual.class_embedding, width**-0.5 * torch.randn(width))
+    token = model.token_embedding.weight.detach()
+    assert 0.98 < float(token.std()) < 1.02 and abs(float(token.mean())) < 0.01  # normal_(0, 1), not torch.empty
+    assert torch.equal(model.attn_mask, torch.full((77, 77), -1e4).triu(1))
+    assert torch.equal(causal_mask(3), torch.tensor([[0.0, -1e4, -1e4], [0.0, 0.0, -1e4], [0.0, 0.0, 0.0]]))

@@ -24,7 +24,10 @@ def causal_mask(length: int) -> torch.Tensor:
 
     A finite value (not -inf) keeps FP16/BF16 graphs free of inf - inf = NaN.
     """
-    return torch.full((length, length), -1e4).triu_(1)
+    mask = torch.full((length, length), -1e4)
+    # On the meta device (`models.load` rebuilds the mask on a real one) triu_'s meta decomposition
+    # would import torch._dynamo, over a second; a meta tensor has no values to mask anyway.
+    return mask if mask.is_meta else mask.triu_(1)
 
 
 class QuickGELU(nn.Module):
@@ -97,14 +100,17 @@ class VisionTransformer(nn.Module):
         self.input_resolution = cfg.image_size
         self.conv1 = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
         scale = width**-0.5
-        self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
+        # In-place scaling: on the meta device (`models.load` builds the model there, then assigns the
+        # checkpoint) `scale * tensor` goes through a meta decomposition that imports torch._dynamo,
+        # 1.0-1.6 s of a model load; `mul_` does not. Same values on a real device.
+        self.class_embedding = nn.Parameter(torch.randn(width).mul_(scale))
+        self.positional_embedding = nn.Parameter(torch.randn(grid * grid + 1, width).mul_(scale))
         self.ln_pre = nn.LayerNorm(width)
         if not isinstance(cfg.layers, int):
             raise TypeError("VisionTransformer needs an int depth; a 4-tuple means ModifiedResNet")
         self.transformer = Transformer(width, cfg.layers, cfg.heads, cfg.mlp_width, quick_gelu)
         self.ln_post = nn.LayerNorm(width)
-        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+        self.proj = nn.Parameter(torch.randn(width, output_dim).mul_(scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)  # (N, W, grid, grid)
@@ -158,7 +164,7 @@ class AttentionPool2d(nn.Module):
     def __init__(self, spacial_dim: int, embed_dim: int, num_heads: int, output_dim: int) -> None:
         super().__init__()
         self.positional_embedding = nn.Parameter(
-            torch.randn(spacial_dim**2 + 1, embed_dim) / embed_dim**0.5
+            torch.randn(spacial_dim**2 + 1, embed_dim).div_(embed_dim**0.5)
         )
         self.k_proj = nn.Linear(embed_dim, embed_dim)
         self.q_proj = nn.Linear(embed_dim, embed_dim)
@@ -233,10 +239,15 @@ class CLIP(nn.Module):
         t: TextConfig = cfg.text
         self.context_length = t.context_length
         self.transformer = Transformer(t.width, t.layers, t.heads, t.mlp_width, cfg.quick_gelu)
-        self.token_embedding = nn.Embedding(t.vocab_size, t.width)
-        self.positional_embedding = nn.Parameter(torch.randn(t.context_length, t.width) * 0.01)
+        # nn.Embedding's own init (normal_), skipped on the meta device, where it too would import
+        # torch._dynamo (see VisionTransformer): same random values on a real device.
+        token_weight = torch.empty(t.vocab_size, t.width)
+        if not token_weight.is_meta:
+            nn.init.normal_(token_weight)
+        self.token_embedding = nn.Embedding(t.vocab_size, t.width, _weight=token_weight)
+        self.positional_embedding = nn.Parameter(torch.randn(t.context_length, t.width).mul_(0.01))
         self.ln_final = nn.LayerNorm(t.width)
-        self.text_projection = nn.Parameter(torch.randn(t.width, cfg.embed_dim) * t.width**-0.5)
+        self.text_projection = nn.Parameter(torch.randn(t.width, cfg.embed_dim).mul_(t.width**-0.5))
         self.logit_scale = nn.Parameter(torch.tensor(4.6052))  # log(1/0.01), OpenAI's init
         self.register_buffer("attn_mask", causal_mask(t.context_length), persistent=False)
 
