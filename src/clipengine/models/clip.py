@@ -26,8 +26,26 @@ def causal_mask(length: int) -> torch.Tensor:
     """
     mask = torch.full((length, length), -1e4)
     # On the meta device (`models.load` rebuilds the mask on a real one) triu_'s meta decomposition
-    # would import torch._dynamo, over a second; a meta tensor has no values to mask anyway.
+    # would import torch._dynamo (see `_init_randn`); a meta tensor has no values to mask anyway.
     return mask if mask.is_meta else mask.triu_(1)
+
+
+def _init_randn(*shape: int, times: float = 1.0, over: float = 1.0) -> torch.Tensor:
+    """torch.randn(shape) * times / over, CLIP's random init; on the meta device an empty tensor.
+
+    `models.load` builds the model on the meta device and then assigns the checkpoint's tensors.
+    There, randn's meta path imports sympy, and `*`, normal_ and triu_ go through decompositions
+    that import torch._dynamo: 1.0-1.6 s of every model load (session 15), for values never kept.
+    """
+    empty = torch.empty(shape)
+    if empty.is_meta:
+        return empty
+    values = torch.randn(shape)
+    if times != 1.0:
+        values.mul_(times)  # scale * randn(...) as before: the same products
+    if over != 1.0:
+        values.div_(over)
+    return values
 
 
 class QuickGELU(nn.Module):
@@ -100,17 +118,14 @@ class VisionTransformer(nn.Module):
         self.input_resolution = cfg.image_size
         self.conv1 = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
         scale = width**-0.5
-        # In-place scaling: on the meta device (`models.load` builds the model there, then assigns the
-        # checkpoint) `scale * tensor` goes through a meta decomposition that imports torch._dynamo,
-        # 1.0-1.6 s of a model load; `mul_` does not. Same values on a real device.
-        self.class_embedding = nn.Parameter(torch.randn(width).mul_(scale))
-        self.positional_embedding = nn.Parameter(torch.randn(grid * grid + 1, width).mul_(scale))
+        self.class_embedding = nn.Parameter(_init_randn(width, times=scale))
+        self.positional_embedding = nn.Parameter(_init_randn(grid * grid + 1, width, times=scale))
         self.ln_pre = nn.LayerNorm(width)
         if not isinstance(cfg.layers, int):
             raise TypeError("VisionTransformer needs an int depth; a 4-tuple means ModifiedResNet")
         self.transformer = Transformer(width, cfg.layers, cfg.heads, cfg.mlp_width, quick_gelu)
         self.ln_post = nn.LayerNorm(width)
-        self.proj = nn.Parameter(torch.randn(width, output_dim).mul_(scale))
+        self.proj = nn.Parameter(_init_randn(width, output_dim, times=scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)  # (N, W, grid, grid)
@@ -164,7 +179,7 @@ class AttentionPool2d(nn.Module):
     def __init__(self, spacial_dim: int, embed_dim: int, num_heads: int, output_dim: int) -> None:
         super().__init__()
         self.positional_embedding = nn.Parameter(
-            torch.randn(spacial_dim**2 + 1, embed_dim).div_(embed_dim**0.5)
+            _init_randn(spacial_dim**2 + 1, embed_dim, over=embed_dim**0.5)
         )
         self.k_proj = nn.Linear(embed_dim, embed_dim)
         self.q_proj = nn.Linear(embed_dim, embed_dim)
@@ -239,15 +254,14 @@ class CLIP(nn.Module):
         t: TextConfig = cfg.text
         self.context_length = t.context_length
         self.transformer = Transformer(t.width, t.layers, t.heads, t.mlp_width, cfg.quick_gelu)
-        # nn.Embedding's own init (normal_), skipped on the meta device, where it too would import
-        # torch._dynamo (see VisionTransformer): same random values on a real device.
+        # nn.Embedding's own init (normal_), skipped on the meta device (see `_init_randn`).
         token_weight = torch.empty(t.vocab_size, t.width)
         if not token_weight.is_meta:
             nn.init.normal_(token_weight)
         self.token_embedding = nn.Embedding(t.vocab_size, t.width, _weight=token_weight)
-        self.positional_embedding = nn.Parameter(torch.randn(t.context_length, t.width).mul_(0.01))
+        self.positional_embedding = nn.Parameter(_init_randn(t.context_length, t.width, times=0.01))
         self.ln_final = nn.LayerNorm(t.width)
-        self.text_projection = nn.Parameter(torch.randn(t.width, cfg.embed_dim).mul_(t.width**-0.5))
+        self.text_projection = nn.Parameter(_init_randn(t.width, cfg.embed_dim, times=t.width**-0.5))
         self.logit_scale = nn.Parameter(torch.tensor(4.6052))  # log(1/0.01), OpenAI's init
         self.register_buffer("attn_mask", causal_mask(t.context_length), persistent=False)
 
