@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any
 
@@ -94,6 +96,44 @@ def test_single_kernels_can_be_left_out(monkeypatch: pytest.MonkeyPatch, fake_tr
     monkeypatch.setenv(SKIP_ENV, "operand,epilogue")
     with pytest.raises(ValueError, match="CLIPENGINE_GPU_KERNEL_SKIP: unknown kernel epilogue; the kernels are operand, combine, normalise"):
         fused_or_torch(CUDA, lambda k: "kernel", lambda: "torch", name="combine")
+
+
+def test_a_bad_environment_value_is_an_error_the_cli_reports_in_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                                         fake_triton: SimpleNamespace) -> None:  # fmt: skip
+    """A ClipEngineError, raised from the preprocessing of any GPU decode run (CPU tensors here): a
+    bare ValueError reached the CLI as a traceback."""
+    from clipengine.errors import ClipEngineError
+
+    image = torch.zeros((3, 40, 50), dtype=torch.uint8)
+    monkeypatch.setenv(KERNELS_ENV, "tirton")
+    with pytest.raises(ClipEngineError, match=r"CLIPENGINE_GPU_KERNELS='tirton': use one of auto, triton, torch"):
+        preprocess_tensors([image], PreprocessConfig())
+    monkeypatch.setenv(KERNELS_ENV, "triton")
+    monkeypatch.setenv(SKIP_ENV, "epilogue")
+    with pytest.raises(ClipEngineError, match=r"CLIPENGINE_GPU_KERNEL_SKIP: unknown kernel epilogue"):
+        fused_or_torch(CUDA, lambda k: "kernel", lambda: "torch", name="combine")
+
+
+def test_kernels_launch_with_their_tensors_device_current(monkeypatch: pytest.MonkeyPatch,
+                                                          fake_triton: SimpleNamespace) -> None:  # fmt: skip
+    """triton launches on the current CUDA device (and its stream), torch ops on their tensors': for
+    "cuda:1" the kernels ran on cuda:0 unless the device is made current around them."""
+    events: list[object] = []
+
+    @contextmanager
+    def current(device: Any) -> Iterator[None]:
+        events.append(("enter", device))
+        yield
+        events.append("exit")
+
+    monkeypatch.setattr(torch.cuda, "device", current)
+    monkeypatch.setenv(KERNELS_ENV, "triton")
+    second = torch.device("cuda", 1)
+    assert fused_or_torch(second, lambda k: events.append("kernel") or "kernel", lambda: "torch", name="combine") == "kernel"
+    assert events == [("enter", second), "kernel", "exit"]
+    events.clear()
+    assert fused_or_torch(second, lambda k: "kernel", lambda: events.append("torch") or "torch", name="operand") == "torch"
+    assert events == ["torch"]  # the torch ops follow their tensors by themselves
 
 
 def test_missing_triton_means_torch_ops_without_a_warning(monkeypatch: pytest.MonkeyPatch,
@@ -211,3 +251,20 @@ def test_cuda_preprocess_with_and_without_kernels_is_identical(monkeypatch: pyte
     assert not gpu_fused._unavailable  # the kernels ran: no fallback
     monkeypatch.setenv(KERNELS_ENV, "torch")
     assert torch.equal(preprocess_tensors(images, cfg, out_dtype=torch.float16), with_kernels)
+
+
+@pytest.mark.gpu
+def test_cuda_kernels_on_a_second_gpu_equal_torch_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels on "cuda:1" while cuda:0 is current (a `--gpu-decode cuda:1` loader)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA GPUs")
+    second = torch.device("cuda", 1)
+    rng = np.random.default_rng(6)
+    images = [torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)).to(second) for w, h in [(640, 480), (300, 700)]]
+    monkeypatch.setenv(KERNELS_ENV, "torch")
+    expected = preprocess_tensors(images, PreprocessConfig(), out_dtype=torch.float16)
+    monkeypatch.setenv(KERNELS_ENV, "triton")
+    monkeypatch.setenv(SKIP_ENV, "")
+    with torch.cuda.device(0):
+        got = preprocess_tensors(images, PreprocessConfig(), out_dtype=torch.float16)
+    assert not gpu_fused._unavailable and torch.equal(got, expected)

@@ -28,9 +28,11 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from types import ModuleType
 from typing import TYPE_CHECKING, TypeVar
+
+from clipengine.errors import InputError
 
 if TYPE_CHECKING:
     import torch
@@ -71,7 +73,8 @@ def triton_kernels(device: torch.device) -> ModuleType | None:
     global _unavailable
     choice = os.environ.get(KERNELS_ENV, "").strip().lower() or "auto"
     if choice not in _CHOICES:
-        raise ValueError(f"{KERNELS_ENV}={os.environ[KERNELS_ENV]!r}: use one of {', '.join(_CHOICES)}")
+        # InputError (a ValueError): the CLI reports it in one line, not as a loader's traceback.
+        raise InputError(f"{KERNELS_ENV}={os.environ[KERNELS_ENV]!r}: use one of {', '.join(_CHOICES)}")
     if choice == "auto":
         choice = "triton" if getattr(_thread, "preferred", False) else "torch"
     # Under triton's interpreter (TRITON_INTERPRET=1: the kernels run in numpy) CPU tensors take them
@@ -98,7 +101,8 @@ def fused_or_torch(device: torch.device, fused: Callable[[ModuleType], T], torch
     if kernels is None or name in _skipped():
         return torch_ops()
     try:
-        return fused(kernels)
+        with _launching_on(device):
+            return fused(kernels)
     except Exception as err:  # triton raises its own types for compile and launch failures
         if type(err).__name__ == "OutOfMemoryError":  # the torch ops would need more memory still
             raise
@@ -112,5 +116,16 @@ def _skipped() -> set[str]:
     names = {n.strip().lower() for n in os.environ.get(SKIP_ENV, _DEFAULT_SKIP).split(",") if n.strip()}
     unknown = names - set(KERNEL_NAMES)
     if unknown:
-        raise ValueError(f"{SKIP_ENV}: unknown kernel {', '.join(sorted(unknown))}; the kernels are {', '.join(KERNEL_NAMES)}")
+        raise InputError(f"{SKIP_ENV}: unknown kernel {', '.join(sorted(unknown))}; the kernels are {', '.join(KERNEL_NAMES)}")
     return names
+
+
+def _launching_on(device: torch.device) -> AbstractContextManager[object]:
+    """`device` as the current CUDA device while its kernels launch: triton launches on the current
+    device and that device's current stream, not on its tensors' device as torch ops do. Without it,
+    for a "cuda:1" loader the kernels ran on cuda:0, on another stream than the GEMM between them."""
+    if device.type != "cuda" or device.index is None:  # plain "cuda" is the current device already
+        return nullcontext()
+    import torch
+
+    return torch.cuda.device(device)
