@@ -9,4 +9,6 @@ DEST=.venv/triton-interp
 if [ -f "$DEST/triton/__init__.py" ]; then exit 0; fi
 rm -rf "$DEST.tmp"
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --target "$DEST.tmp" "triton==3.6.0"
+# An incomplete $DEST (no triton/__init__.py) goes first: mv would put the new one inside it.
+rm -rf "$DEST"
 mv "$DEST.tmp" "$DEST"
