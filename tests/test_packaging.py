@@ -48,8 +48,9 @@ _DISTRIBUTION = {
     "pydantic": "fastapi",
 }
 # Third-party imports that no extra provides on purpose: installed by hand for the GPU decode path
-# (torchvision: scripts/setup.sh pins it next to torch; nvidia: the CUDA-specific [gpu-decode] extra).
-_NOT_IN_AN_EXTRA = {"torchvision", "nvidia"}
+# (torchvision: scripts/setup.sh pins it next to torch; nvidia: the CUDA-specific [gpu-decode] extra;
+# triton: comes with PyTorch's CUDA wheels, and its absence only means torch ops, image.gpu_fused).
+_NOT_IN_AN_EXTRA = {"torchvision", "nvidia", "triton"}
 
 
 def _pyproject() -> dict[str, Any]:
