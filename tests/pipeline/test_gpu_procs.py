@@ -114,6 +114,18 @@ def test_every_loader_of_a_multi_loader_run_asks_for_the_fused_kernels(photo_fol
     assert counts.images == len(good)
 
 
+@pytest.mark.parametrize(("name", "value"), [("CLIPENGINE_GPU_KERNELS", "tirton"), ("CLIPENGINE_GPU_KERNEL_SKIP", "gemm")])
+def test_a_bad_kernel_setting_fails_before_any_process_starts(monkeypatch, name: str, value: str) -> None:  # type: ignore[no-untyped-def]
+    from clipengine.errors import InputError
+
+    monkeypatch.setenv(name, value)
+    started = []
+    monkeypatch.setattr(gpu_procs, "StartedDecodeProcesses", lambda *a: started.append(a))
+    with pytest.raises(InputError, match=name):
+        gpu_procs.start_decode_processes(DecodeProcesses(2), "cpu", "torchvision")
+    assert not started
+
+
 def test_embed_folder_with_decode_processes_writes_the_same_output(  # type: ignore[no-untyped-def]
     photo_folder, tmp_path: Path, tiny_model, torch_backend_factory, fake_nvjpeg, monkeypatch
 ) -> None:

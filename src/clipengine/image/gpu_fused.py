@@ -37,7 +37,8 @@ from clipengine.errors import InputError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["KERNELS_ENV", "KERNEL_NAMES", "SKIP_ENV", "fused_or_torch", "prefer_kernels", "triton_kernels"]
+__all__ = ["KERNELS_ENV", "KERNEL_NAMES", "SKIP_ENV", "check_environment", "fused_or_torch", "prefer_kernels",
+           "triton_kernels"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,13 +69,25 @@ def prefer_kernels() -> Iterator[None]:
         _thread.preferred = before
 
 
-def triton_kernels(device: torch.device) -> ModuleType | None:
-    """`image.gpu_triton` where its kernels are to run on `device`, else None (use the torch ops)."""
-    global _unavailable
+def check_environment() -> None:
+    """Raise InputError for a bad `CLIPENGINE_GPU_KERNELS` or `CLIPENGINE_GPU_KERNEL_SKIP` now: the
+    multi-loader path calls it before its processes start, whose errors would come back as tracebacks."""
+    _choice()
+    _skipped()
+
+
+def _choice() -> str:
     choice = os.environ.get(KERNELS_ENV, "").strip().lower() or "auto"
     if choice not in _CHOICES:
         # InputError (a ValueError): the CLI reports it in one line, not as a loader's traceback.
         raise InputError(f"{KERNELS_ENV}={os.environ[KERNELS_ENV]!r}: use one of {', '.join(_CHOICES)}")
+    return choice
+
+
+def triton_kernels(device: torch.device) -> ModuleType | None:
+    """`image.gpu_triton` where its kernels are to run on `device`, else None (use the torch ops)."""
+    global _unavailable
+    choice = _choice()
     if choice == "auto":
         choice = "triton" if getattr(_thread, "preferred", False) else "torch"
     # Under triton's interpreter (TRITON_INTERPRET=1: the kernels run in numpy) CPU tensors take them

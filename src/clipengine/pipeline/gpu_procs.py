@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
-from ..image.gpu_fused import prefer_kernels
+from ..image.gpu_fused import check_environment, prefer_kernels
 from ..types import Batch, ImageItem
 from .gpu_batching import default_decode_group
 from .gpu_loading import report_assist
@@ -169,6 +169,7 @@ def start_decode_processes(setup: DecodeProcesses, device: str, decoder: str) ->
     preprocessed) while the caller goes on, e.g. to load the model. Close the result (it is a
     context manager) when it is not used; `load` closes it when done.
     """
+    check_environment()  # a bad kernel setting fails here, in one line, not in each process
     return StartedDecodeProcesses(setup, device, decoder)
 
 
