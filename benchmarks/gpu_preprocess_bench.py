@@ -11,7 +11,7 @@ resize does the same work whatever the values):
   triton without the operand kernel (what session 15 measured and the default; the operand kernel
   came after), torch
 - `gpu_preprocess._GROUP_ELEMENTS` (same-size images per resize call): 128 Mi (default, ~36
-  1280x960 photos), 512 Mi, 1 Gi
+  1280x960 photos), 1 Gi (all 256 in one call)
 - the same on a mix (every 8th image 4000x3000)
 
 then one call per kernels setting under torch.profiler: each kernel's GPU time per image.

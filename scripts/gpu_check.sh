@@ -197,7 +197,7 @@ fused)
     # (benchmarks/gpu_preprocess_bench.py), then every gpu test (the kernels against the torch ops, the
     # whole preprocessing against the exact CPU path), then whole `embed` commands over 196,608 files:
     # one loader thread and --gpu-decode-procs 4, each with torch ops, as the default (session 15's
-    # kernels), and with the operand kernel too (~470 s: timeout_s 540).
+    # kernels), and with every kernel, the operand one too, also in the one loader thread (~470 s: timeout_s 540).
     setup
     { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nproc; \
       python3 -c "import sys, torch, torchvision, triton; print(sys.version); print('torch', torch.__version__, \
@@ -210,7 +210,7 @@ torchvision.__version__, 'triton', triton.__version__)"; } > "$OUT/pytest_gpu.lo
         tests/backends/test_fp8.py >> "$OUT/pytest_gpu.log" 2>&1
     echo "pytest exit $?"; grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest_gpu.log" | tail -12
     timeout "${CLI_S:-320}" python3 benchmarks/gpu_cli_procs.py --count 196608 --rounds 1 --procs 4 \
-        --variants "torch=CLIPENGINE_GPU_KERNELS=torch,default=,operand=CLIPENGINE_GPU_KERNEL_SKIP=" \
+        --variants "torch=CLIPENGINE_GPU_KERNELS=torch,default=,operand=CLIPENGINE_GPU_KERNELS=triton+CLIPENGINE_GPU_KERNEL_SKIP=" \
         --out "$OUT/cli_logs" > "$OUT/cli.md" 2>> "$OUT/stderr.log"
     echo "gpu_cli_procs 196608 exit $?"; cat "$OUT/cli.md"
     grep -E "round|Traceback|Error" "$OUT/stderr.log" | cut -c1-400 | tail -8

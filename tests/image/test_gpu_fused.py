@@ -147,6 +147,30 @@ def test_missing_triton_means_torch_ops_without_a_warning(monkeypatch: pytest.Mo
     assert gpu_fused._unavailable and not caplog.records
 
 
+def test_a_triton_that_fails_to_import_falls_back_with_one_warning(monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    import builtins
+
+    real_import = builtins.__import__
+
+    def broken(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "clipengine.image" and args and args[2] and "gpu_triton" in args[2]:
+            raise RuntimeError("triton was built for another torch")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setenv(KERNELS_ENV, "triton")
+    monkeypatch.delitem(sys.modules, "clipengine.image.gpu_triton", raising=False)
+    monkeypatch.delattr(clipengine.image, "gpu_triton", raising=False)
+    monkeypatch.setattr(builtins, "__import__", broken)
+    with caplog.at_level(logging.WARNING):
+        assert fused_or_torch(CUDA, lambda k: pytest.fail("no kernels"), lambda: "torch", name="combine") == "torch"
+        assert fused_or_torch(CUDA, lambda k: pytest.fail("no kernels"), lambda: "torch", name="combine") == "torch"
+    assert gpu_fused._unavailable
+    assert [r.getMessage() for r in caplog.records] == [
+        "triton failed to import (RuntimeError: triton was built for another torch); GPU preprocessing uses torch "
+        "ops (same values, slower)"]  # fmt: skip
+
+
 def test_a_failing_kernel_falls_back_for_good_with_one_warning(monkeypatch: pytest.MonkeyPatch,
                                                                caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
     calls: list[str] = []

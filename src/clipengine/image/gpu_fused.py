@@ -101,6 +101,11 @@ def triton_kernels(device: torch.device) -> ModuleType | None:
         _unavailable = True
         logger.debug("triton is not importable (%s): GPU preprocessing uses torch ops", err)
         return None
+    except Exception as err:  # a triton that imports but breaks (another torch's build, say)
+        _unavailable = True
+        logger.warning("triton failed to import (%s: %s); GPU preprocessing uses torch ops (same values, "
+                       "slower)", type(err).__name__, err)  # fmt: skip
+        return None
     return gpu_triton
 
 
