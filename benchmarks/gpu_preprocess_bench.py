@@ -28,10 +28,12 @@ import argparse
 import os
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gpu_decode_bench import rate  # items per second after one untimed call
 
 GROUPS = {"128 Mi": 1 << 27, "1 Gi": 1 << 30}
 
@@ -55,16 +57,6 @@ def setting(kernels: str, group: int) -> Any:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-def rate(fn: Callable[[], int], seconds: float, sync: Callable[[], None]) -> float:
-    fn()
-    sync()
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        n += fn()
-    sync()
-    return n / (time.perf_counter() - t0)
 
 
 def main(argv: list[str] | None = None) -> int:
