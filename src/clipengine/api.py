@@ -343,6 +343,7 @@ def load(
     from .backends import create_backend
 
     try:
+        from .backends.torch_backend import check_device_precision
         from .models.load import load_model
     except ModuleNotFoundError as e:  # no torch ([onnx] installs): the extra to add, not a bare import error
         hint = install_hint(e)
@@ -350,6 +351,9 @@ def load(
             raise
         raise BackendError(f"loading {name_or_path}: {hint}") from e
 
+    # Before the checkpoint is read or downloaded: no CUDA, or fp16 on CPU, was refused only once
+    # the whole model had loaded (0.5 s for ViT-B/32, tens of seconds for the largest, or a download).
+    check_device_precision(device, precision)
     loaded = load_model(name_or_path, pretrained, allow_download=allow_download, arch=opts.pop("arch", None))
     logit_scale = float(loaded.module.logit_scale.detach().float().exp())
     engine = create_backend("torch", loaded.module, device=device, precision=precision, **opts)

@@ -15,7 +15,7 @@ from ..types import FloatArray, IntArray
 if TYPE_CHECKING:
     from ..models.clip import CLIP
 
-__all__ = ["PRECISIONS", "TorchBackend"]
+__all__ = ["PRECISIONS", "TorchBackend", "check_device_precision"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,27 @@ def _resolve_device(device: str) -> torch.device:
             raise BackendError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
     elif dev.type != "cpu":
         raise InputError(f"unsupported device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+    return dev
+
+
+def check_device_precision(device: str, precision: str) -> torch.device:
+    """The device `TorchBackend` would run on, or the error it would raise for `device` / `precision`.
+
+    Also called by `api.load` before the checkpoint is read (or downloaded): a machine without CUDA,
+    or fp16 on CPU, was refused only once the whole model had been loaded.
+    """
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    dev = _resolve_device(device)
+    if precision == "fp16" and dev.type != "cuda":
+        raise BackendError(
+            "fp16 needs a CUDA device (CPU kernels for fp16 are slow or missing); use bf16"
+        )
+    if precision == "fp8" and dev.type != "cuda":
+        raise BackendError(
+            "fp8 needs a CUDA GPU with FP8 tensor cores (L4, H100, ...); on CPU use bf16, "
+            "or the ONNX / OpenVINO int8 engines"
+        )
     return dev
 
 
@@ -68,18 +89,7 @@ class TorchBackend:
         prune: bool = True,
         truncate_text: bool = True,
     ) -> None:
-        if precision not in PRECISIONS:
-            raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-        dev = _resolve_device(device)
-        if precision == "fp16" and dev.type != "cuda":
-            raise BackendError(
-                "fp16 needs a CUDA device (CPU kernels for fp16 are slow or missing); use bf16"
-            )
-        if precision == "fp8" and dev.type != "cuda":
-            raise BackendError(
-                "fp8 needs a CUDA GPU with FP8 tensor cores (L4, H100, ...); on CPU use bf16, "
-                "or the ONNX / OpenVINO int8 engines"
-            )
+        dev = check_device_precision(device, precision)
         self.device = str(dev)
         self.precision = precision
         self.dtype = PRECISIONS[precision]

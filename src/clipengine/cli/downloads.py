@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["fetch_with_progress"]
+__all__ = ["check_before_download", "fetch_with_progress"]
 
 
 def fetch_with_progress(name: str, pretrained: str | None = None) -> Path | None:
@@ -52,3 +52,30 @@ def fetch_with_progress(name: str, pretrained: str | None = None) -> Path | None
     finally:
         for bar in bars:
             bar.close()
+
+
+def check_before_download(name: str, pretrained: str | None, device: str, precision: str) -> None:
+    """Refuse, before `fetch_with_progress` downloads `name`, a device or precision the torch load
+    after it would refuse (no CUDA, fp16 on CPU): that error came only once the whole checkpoint had
+    been downloaded and read. Only for what would be downloaded (a registry name or hub id): a local
+    path, an export folder included, is judged by its load.
+
+    Raises:
+        BackendError: as `TorchBackend` would (InputError for an unknown device or precision), or
+            torch is not installed (the extra to add, as `api.load` says it).
+        UnknownModelError: as `fetch_with_progress` would, for an unknown name or tag.
+    """
+    from ..errors import BackendError
+    from ..extras import install_hint
+    from ..models.spec import parse_spec
+
+    if parse_spec(name, pretrained).kind not in ("registry", "hf-hub"):
+        return
+    try:
+        from ..backends.torch_backend import check_device_precision
+    except ModuleNotFoundError as e:  # no torch: what the load would say, without the download
+        hint = install_hint(e)
+        if hint is None:
+            raise
+        raise BackendError(f"loading {name}: {hint}") from e
+    check_device_precision(device, precision)

@@ -73,8 +73,9 @@ def load_clip(opts: ModelOptions) -> ClipModel:
     from ..api import load
 
     if opts.allow_download and opts.backend == "torch":
-        from .downloads import fetch_with_progress
+        from .downloads import check_before_download, fetch_with_progress
 
+        check_before_download(opts.source, opts.pretrained, opts.device, opts.precision)
         fetch_with_progress(opts.source, opts.pretrained)
 
     return load(

@@ -64,8 +64,9 @@ def _load_model(
     # The bar `clipengine download` draws; the load then finds the file cached. Torch checkpoints
     # only: onnx / openvino run export folders, never downloaded (`model_options.load_clip` agrees).
     if download and backend == "torch" and engine is None:
-        from .downloads import fetch_with_progress
+        from .downloads import check_before_download, fetch_with_progress
 
+        check_before_download(source, pretrained, device, precision)
         fetch_with_progress(source, pretrained)
     return load(
         source,
