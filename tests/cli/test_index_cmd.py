@@ -558,6 +558,17 @@ def test_an_option_the_given_kind_does_not_use_is_refused_before_embedding(
     assert fake_load == [] and not list(tmp_path.glob("p.index*"))  # refused before the model or any file
 
 
+def test_an_unknown_kind_is_refused_before_embedding(
+    folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    """`--kind hnws` loaded the model and embedded every image (hours for a large folder) before
+    `Index.build` named the valid kinds."""
+    idx = tmp_path / "p.index"
+    code, _, err = _run(capsys, "index", "build", folder, "-o", idx, "--model", "fake", "--kind", "hnws")
+    assert code == 2 and "unknown index kind 'hnws'; choose 'auto' or one of flat, ivf, ivfpq, hnsw" in err
+    assert fake_load == [] and not list(tmp_path.glob("p.index*"))
+
+
 def test_auto_warns_of_options_its_kind_does_not_use_and_applies_those_it_does(
     folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,

@@ -43,10 +43,13 @@ def _unused(kind: str, given: dict[str, int | None]) -> list[str]:
 
 
 def _refuse_unused(kind: str, given: dict[str, int | None]) -> None:
-    """A kind given explicitly with an option it does not use: a usage error, before anything is
-    embedded. An unknown kind is left to `Index.build`, which lists the valid ones."""
+    """A kind given explicitly with an option it does not use, or an unknown kind: a usage error,
+    before anything is embedded (an unknown kind was left to `Index.build`, after the model had
+    been loaded and every image embedded)."""
     from ..index.ann import KINDS
 
+    if kind != "auto" and kind not in KINDS:  # the words of `ann.choose_params`
+        raise typer.BadParameter(f"unknown index kind {kind!r}; choose 'auto' or one of {', '.join(KINDS)}")
     for name in _unused(kind, given) if kind in KINDS else []:
         raise typer.BadParameter(
             f"{_flag(name)} applies to --kind {' / '.join(_KIND_OPTIONS[name])}, not {kind}"
