@@ -95,3 +95,26 @@ def test_cli_download_check_leaves_local_paths_to_their_load(
     opts = parse_model_options(str(tmp_path), None, None, "torch", "fp32", "cuda", True)
     assert load_clip(opts) == "model"  # type: ignore[comparison-overlap]
     assert asked[0][1]["device"] == "cuda"
+
+
+def test_export_usage_errors_come_before_torch_is_imported(tmp_path: Path) -> None:
+    """`export` imported torch and torch.export (1.3 s on this CPU) before checking its options: a
+    mistyped precision or batch list, or an empty calibration folder, waited for them."""
+    import subprocess
+    import sys
+
+    (tmp_path / "empty").mkdir()
+    code = (
+        "import sys\n"
+        "from clipengine.cli.app import main\n"
+        "out = sys.argv[1]\n"
+        "for args in (['--precision', 'fp64'], ['--image-batch', 'a'],\n"
+        "             ['--precision', 'int8', '--calibration-dir', out + '/empty']):\n"
+        "    assert main(['export', 'ViT-B-32', '-o', out + '/export', *args]) != 0, args\n"
+        "leaked = [m for m in ('torch', 'clipengine.export.onnx') if m in sys.modules]\n"
+        "assert not leaked, leaked\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "'fp64': use a comma list of fp32, fp16, int8, int8w" in done.stderr
+    assert "--calibration-dir" in done.stderr and not (tmp_path / "export").exists()

@@ -186,10 +186,6 @@ def register(app: typer.Typer) -> None:
             return
         if model is None or output is None:
             raise typer.BadParameter("give MODEL and --output FOLDER (or --verify FOLDER to check an export)")
-        from ..export.onnx import export_model
-        from ..models.load import load_model
-        from .downloads import fetch_with_progress
-
         precisions = parse_precisions(precision)
         _refuse_ignored_options(ctx, dynamic=dynamic, precisions=precisions, verify=not no_verify)
         image_batches = None if dynamic else parse_batches(image_batch)
@@ -197,6 +193,11 @@ def register(app: typer.Typer) -> None:
         samples = _folder_images(sample_dir, "--sample-dir")
         calibration = _folder_images(calibration_dir, "--calibration-dir")
         check_output_folder(output, "--output")  # before a download and a model load that the first write would waste
+        # Imported once the options are checked: torch and torch.export, 1.3 s before a usage error.
+        from ..export.onnx import export_model
+        from ..models.load import load_model
+        from .downloads import fetch_with_progress
+
         typer.echo(f"loading {checkpoint or model}" + (f" @ {pretrained}" if pretrained else ""))
         if download:  # the bar `clipengine download` draws; the load then finds the file cached
             fetch_with_progress(str(checkpoint or model), pretrained)
