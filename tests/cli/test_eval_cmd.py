@@ -281,6 +281,20 @@ def test_compare_refuses_a_precision_before_evaluating_any(
     assert out == "" and err.startswith("error: unknown precision 'int8'") and err.count("\n") == 1
 
 
+def test_compare_refuses_fp16_on_cpu_before_loading_fp32(
+    shapes_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fp16 needs CUDA: refused before the fp32 engine is loaded (it was read and built first)."""
+    from clipengine.cli import eval_cmd
+
+    loads: list[str] = []
+    monkeypatch.setattr(eval_cmd, "_load", lambda model, backend, precision, *a: loads.append(precision))
+    args = ["eval", "zeroshot", "-d", "folder", "--root", str(shapes_folder), "-m", str(TINY_SYNTH), "--device", "cpu"]
+    assert main([*args, "--compare", "fp32,fp16", "--out", str(tmp_path / "r")]) == 1
+    out, err = capsys.readouterr()
+    assert loads == [] and out == "" and err.startswith("error: fp16 needs a CUDA device") and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("compare", ["fp32,,bf16", "fp32,", "fp32,fp32"])
 def test_compare_with_an_empty_or_repeated_entry_is_a_usage_error(shapes_folder: Path, compare: str) -> None:
     args = ["eval", "zeroshot", "-d", "folder", "--root", str(shapes_folder), "-m", str(TINY_SYNTH)]

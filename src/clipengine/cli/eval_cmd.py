@@ -91,6 +91,23 @@ def _prompts(
     return names, templates
 
 
+def _refuse_torch_precisions(model: str, backend: str, device: str, engines: list[str]) -> None:
+    """A precision the torch load would refuse (fp16 on CPU, no CUDA), refused before the first engine
+    loads: `--compare fp32,fp16` on a CPU read and built the whole fp32 model first. Export folders
+    (ONNX Runtime / OpenVINO engines, whatever --backend says) are left to their loads."""
+    from ..export.manifest import unfinished_export  # torch-free
+
+    folder = Path(model).expanduser()
+    if backend != "torch" or len(engines) < 2 or (folder / "manifest.json").is_file() or unfinished_export(folder):
+        return
+    try:
+        from ..backends.torch_backend import check_device_precision
+    except ModuleNotFoundError:  # no torch: the first load says which extra to install
+        return
+    for precision in engines:
+        check_device_precision(device, precision)
+
+
 def _compare_list(compare: str) -> list[str]:
     """`--compare fp32,fp16,int8` -> ["fp32", "fp16", "int8"]; an empty or repeated entry is a typo."""
     engines = [p.strip() for p in compare.split(",")]
@@ -191,6 +208,7 @@ def register(app: typer.Typer) -> None:
         names, templates = _prompts(dataset, data, prompts, prompt_set)
         # Every engine loaded before any is evaluated: a precision the model lacks is refused at
         # once, not after a long evaluation of the ones before it whose results it would then lose.
+        _refuse_torch_precisions(model, backend, device, engines)  # and before the first load
         clips = [_load(model, backend, prec, device, download) for prec in engines]
         results = []
         while clips:
