@@ -77,6 +77,25 @@ def test_export_command_prints_progress_and_summary(tmp_path: Path, tiny_model, 
     assert (out / "manifest.json").is_file()
 
 
+def test_a_missing_export_tool_is_named_before_the_download_and_load(tmp_path: Path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Without onnxruntime (needed by the parity check) the export failed only after the model had
+    been downloaded and loaded."""
+    import sys
+
+    from clipengine.cli import downloads
+    from clipengine.cli.app import main
+    from clipengine.models import load
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+    called: list[str] = []
+    monkeypatch.setattr(load, "load_model", lambda *a, **k: called.append("load"))
+    monkeypatch.setattr(downloads, "fetch_with_progress", lambda *a, **k: called.append("download"))
+    assert main(["export", "ViT-B-32", "-o", str(tmp_path / "out"), "--dynamic", "--download"]) == 1
+    err = capsys.readouterr().err
+    assert called == [] and err.startswith('error: onnxruntime is not installed: pip install "clipengine[onnx]"')
+    assert not (tmp_path / "out").exists()
+
+
 def test_summary_shows_openvino_parity_and_flags_a_failure() -> None:
     from clipengine.cli.export import format_summary
     from clipengine.export.manifest import EngineInfo, Manifest, Parity

@@ -194,10 +194,11 @@ def register(app: typer.Typer) -> None:
         calibration = _folder_images(calibration_dir, "--calibration-dir")
         check_output_folder(output, "--output")  # before a download and a model load that the first write would waste
         # Imported once the options are checked: torch and torch.export, 1.3 s before a usage error.
-        from ..export.onnx import export_model
+        from ..export.onnx import export_model, require_tools
         from ..models.load import load_model
         from .downloads import fetch_with_progress
 
+        require_tools(precisions, not no_verify)  # a missing onnx / onnxruntime: before the download and load
         typer.echo(f"loading {checkpoint or model}" + (f" @ {pretrained}" if pretrained else ""))
         if download:  # the bar `clipengine download` draws; the load then finds the file cached
             fetch_with_progress(str(checkpoint or model), pretrained)

@@ -113,10 +113,10 @@ def _batch_list(batches: Sequence[int] | None, name: str) -> list[int | None]:
     return sizes
 
 
-def _require_tools(precisions: Sequence[str], verify: bool) -> None:
+def require_tools(precisions: Sequence[str], verify: bool) -> None:
     """Raise ModuleNotFoundError (the CLI names the extra to install) for a tool this export needs
     and lacks, before the folder is made: onnxruntime was found missing only after the first
-    graph's torch.export (minutes for a large model)."""
+    graph's torch.export (minutes for a large model). The CLI calls it before the model loads too."""
     needed = ["onnx", "onnxscript"]  # every graph: torch.onnx.export(dynamo=True), then onnx to read it
     needed += ["onnxruntime"] if verify or "int8" in precisions else []  # the parity runs; its quantizer
     needed += ["onnxconverter_common"] if "fp16" in precisions else []
@@ -199,7 +199,7 @@ def export_model(
         raise ValueError(f"unknown precision(s) {unknown}; choose from {', '.join(PRECISIONS)}")
     precisions = list(dict.fromkeys(precisions))  # ("fp32", "fp32") built and listed each engine twice
     _refuse_unused_images(precisions, verify, calibration_images, sample_images_from)
-    _require_tools(precisions, verify)
+    require_tools(precisions, verify)
     batches = {
         "image": _batch_list(image_batches, "image_batches"),
         "text": _batch_list(text_batches, "text_batches"),
