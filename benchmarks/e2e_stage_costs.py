@@ -53,12 +53,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from clipengine.backends import create_backend
     from clipengine.image.decode import open_image
-    from clipengine.image.preprocess import PreprocessConfig, _draft_size, preprocess_image
+    from clipengine.image.preprocess import PreprocessConfig, draft_size, preprocess_image
 
     threads = {"threads": 1} if args.backend == "openvino" else {"intra_op_threads": 1}
     backend = create_backend(args.backend, args.model, precision=args.precision, **threads)
     cfg = PreprocessConfig(image_size=backend.image_size)
-    draft = _draft_size(cfg, args.fast_decode)
+    draft = draft_size(cfg, args.fast_decode)
     decode_ms: dict[str, list[float]] = defaultdict(list)
     prep_ms: dict[str, list[float]] = defaultdict(list)
     files = sorted(f for f in args.folder.iterdir() if f.suffix.lower() in (".jpg", ".jpeg"))

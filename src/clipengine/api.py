@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -24,6 +26,8 @@ if TYPE_CHECKING:
     from .backends.folder import ExportFolderBackend
 
 __all__ = ["ClipModel", "load", "load_export"]
+
+_log = logging.getLogger(__name__)
 
 _EXPORT_MANIFEST = "manifest.json"
 # What a list of texts (texts, labels, templates) may be: a 1-D array of str too, e.g. a DataFrame
@@ -342,6 +346,7 @@ def load(
         )
     from .backends import create_backend
 
+    t_start = time.perf_counter()
     try:
         from .backends.torch_backend import check_device_precision
         from .models.load import load_model
@@ -354,9 +359,17 @@ def load(
     # Before the checkpoint is read or downloaded: no CUDA, or fp16 on CPU, was refused only once
     # the whole model had loaded (0.5 s for ViT-B/32, tens of seconds for the largest, or a download).
     check_device_precision(device, precision)
+    t_read = time.perf_counter()
     loaded = load_model(name_or_path, pretrained, allow_download=allow_download, arch=opts.pop("arch", None))
     logit_scale = float(loaded.module.logit_scale.detach().float().exp())
+    t_engine = time.perf_counter()
     engine = create_backend("torch", loaded.module, device=device, precision=precision, **opts)
+    # Where a load's seconds go (shown with `-v`): on an H200 a whole ViT-B/32 load took 7-10 s
+    # against ~2 s on this project's CPU, and which step grows there is unmeasured (performance.md).
+    _log.info(
+        "load %s: torch import %.2f s, checkpoint read and model built %.2f s, %s %s engine %.2f s",
+        loaded.name, t_read - t_start, t_engine - t_read, device, precision, time.perf_counter() - t_engine,
+    )  # fmt: skip
     return ClipModel(engine, loaded.preprocess, loaded.name, logit_scale, loaded.config.text.context_length)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -405,3 +406,15 @@ def test_an_empty_path_is_named_as_such(model: ClipModel, images: Any, where: st
         model.encode_images(images)
     with pytest.raises(InputError, match=r"^image is an empty path"):
         model.preprocess("")
+
+
+def test_load_logs_where_its_seconds_go(model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`embed -v` shows this line: which step of a load grows on a GPU machine (performance.md)."""
+    with caplog.at_level(logging.INFO, logger="clipengine.api"):
+        clipengine.load(model_dir)
+    lines = [r.getMessage() for r in caplog.records if r.name == "clipengine.api"]
+    assert len(lines) == 1, lines
+    step = r"\d+\.\d\d s"
+    assert re.fullmatch(
+        rf"load \S+: torch import {step}, checkpoint read and model built {step}, cpu fp32 engine {step}", lines[0]
+    ), lines[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -93,6 +94,10 @@ class TorchBackend:
         self.device = str(dev)
         self.precision = precision
         self.dtype = PRECISIONS[precision]
+        if dev.type == "cuda":  # timed apart from the weights' copy: see `clipengine.load`'s log line
+            t0 = time.perf_counter()
+            torch.zeros(1, device=dev)  # creates the CUDA context (the first kernel launch)
+            log.info("CUDA start-up on %s: %.2f s", dev, time.perf_counter() - t0)
         self.model = model.eval().to(device=dev, dtype=self.dtype).requires_grad_(False)
         cfg = model.config
         self.embed_dim = cfg.embed_dim

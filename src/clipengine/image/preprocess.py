@@ -23,6 +23,7 @@ __all__ = [
     "RESIZE_MODES",
     "PreprocessConfig",
     "crop_uint8",
+    "draft_size",
     "normalise_uint8",
     "preprocess",
     "preprocess_batch",
@@ -218,7 +219,9 @@ def _transform(
     return _normalise(to_rgb(resize_and_crop(to_8bit(img, name), cfg), name), cfg, out)
 
 
-def _draft_size(cfg: PreprocessConfig, fast: bool) -> tuple[int, int] | None:
+def draft_size(cfg: PreprocessConfig, fast: bool) -> tuple[int, int] | None:
+    """The `draft_size` of `open_image` for `fast` (None: the exact full-size decode). One rule for
+    `preprocess` and the pipeline's decode workers, which must agree (docs/tokenizer_preprocess.md)."""
     if not fast:
         return None
     side = cfg.image_size * _DRAFT_OVERSAMPLE
@@ -243,7 +246,7 @@ def preprocess(
     """
     cfg = cfg or PreprocessConfig()
     label = name if name is not None else source_name(source)
-    return _transform(open_image(source, label, draft_size=_draft_size(cfg, fast)), cfg, name=label)
+    return _transform(open_image(source, label, draft_size=draft_size(cfg, fast)), cfg, name=label)
 
 
 def preprocess_batch(
@@ -262,7 +265,7 @@ def preprocess_batch(
     out = np.empty((len(sources), 3, size, size), dtype=np.float32)
     for i, source in enumerate(sources):
         label = source_name(source)
-        _transform(open_image(source, label, draft_size=_draft_size(cfg, fast)), cfg, out=out[i], name=label)
+        _transform(open_image(source, label, draft_size=draft_size(cfg, fast)), cfg, out=out[i], name=label)
     return out
 
 

@@ -48,8 +48,6 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-# fast_decode keeps at least this multiple of the model resolution (as image.preprocess's fast path).
-_DRAFT_OVERSAMPLE = 2
 # Chunks in flight per worker: one being decoded, one waiting, so a worker never idles between chunks.
 _PREFETCH_PER_WORKER = 2
 
@@ -117,8 +115,10 @@ def load_chunk(
     Returns:
         A chunk with the stacked pixels of the good items and a Failure per bad one.
     """
+    from ..image.preprocess import draft_size
+
     config = _config_from_json(json.dumps(cfg, sort_keys=True))  # parsed once per worker
-    draft = (_DRAFT_OVERSAMPLE * config.image_size,) * 2 if fast_decode else None
+    draft = draft_size(config, fast_decode)
     dtype = np.float32 if normalise else np.uint8
     chunk = _Chunk(ids=[], pixels=np.zeros((0, 3, 0, 0), dtype=dtype), sizes=[])
     rows: list[np.ndarray] = []
