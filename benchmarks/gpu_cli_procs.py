@@ -113,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {med['command_s']:.1f} | {med['images'] / med['command_s']:.0f} | {med['embed_s']:.1f} | "
               f"{cell['ready_s']} | {cell['first_s']} | {cell['list_s']} | {cell['load_s']} | {cell['loaded_at_s']} | "
               f"{cell['done_at_s']} | {loaders} |")  # fmt: skip
+    steps = ("torch_import_s", "checkpoint_s", "engine_s", "cuda_start_s")
+    print("\nThe model load's steps (medians, s; `CUDA start-up` is part of `engine`):\n")
+    print("| row | torch import | checkpoint read, model built | engine | CUDA start-up |\n| --- | ---: | ---: | ---: | ---: |")
+    for name, runs in results.items():
+        cells = [f"{statistics.median(r[k] for r in runs):.2f}" if runs and all(k in r for r in runs) else "" for k in steps]
+        print(f"| {name} | {' | '.join(cells)} |")
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
@@ -147,6 +153,8 @@ _LOADED = re.compile(r"model loaded in ([\d.]+) s \(([\d.]+) s since the command
 _DONE = re.compile(r"embedding done ([\d.]+) s after the command started")
 _READY = re.compile(r"GPU decode processes ready ([\d.]+) s after their start \(slowest: ([^)]*)\)")
 _FIRST = re.compile(r"GPU decode processes: first batch ([\d.]+) s after their start")
+_LOAD_STEPS = re.compile(r"load \S+: torch import ([\d.]+) s, checkpoint read and model built ([\d.]+) s, \S+ \S+ engine ([\d.]+) s")
+_CUDA_START = re.compile(r"CUDA start-up on \S+: ([\d.]+) s")
 _LOADERS = re.compile(r"GPU loaders: \d+ images in [\d.]+ s \((\d+) img/s\); images per loader \(0: this process's thread\): (.*)")
 
 
@@ -162,6 +170,10 @@ def _process_lines(stderr: str) -> dict[str, float]:
         found["ready_s"] = float(m.group(1))
     if m := _FIRST.search(stderr):
         found["first_s"] = float(m.group(1))
+    if m := _LOAD_STEPS.search(stderr):  # the model load's own steps (session 16 on)
+        found["torch_import_s"], found["checkpoint_s"], found["engine_s"] = (float(g) for g in m.groups())
+    if m := _CUDA_START.search(stderr):
+        found["cuda_start_s"] = float(m.group(1))
     if m := _LOADERS.search(stderr):
         found["loaders_img_s"] = float(m.group(1))
         found["own_thread_images"] = float(m.group(2).split(", ")[0].split(": ")[1])
