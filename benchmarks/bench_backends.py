@@ -16,6 +16,7 @@ of the normalised embeddings to the fp32 PyTorch reference, and the ORT provider
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import tempfile
@@ -114,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---:|---:|---:|---:|---|")
     rows: list[dict[str, Any]] = []
     for precision in [p for p in args.torch_precisions.split(",") if p]:
-        backend = create_backend("torch", model, device=args.device, precision=precision)
+        # A copy: the torch backend casts and moves the module it gets in place, and `model` must
+        # stay the fp32 CPU reference for the cosines and the export (bf16 here broke both).
+        backend = create_backend("torch", copy.deepcopy(model), device=args.device, precision=precision)
         rows += _rows("torch", backend, model, batches, args.repeats)
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.export
