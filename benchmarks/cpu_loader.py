@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32)
     args = p.parse_args(argv)
 
+    from clipengine.errors import ClipEngineError
     from clipengine.image.preprocess import PreprocessConfig
     from clipengine.pipeline.batching import LoadStats, iter_batches, make_executor, warm_executor
     from clipengine.pipeline.sources import list_folder
@@ -39,7 +40,12 @@ def main(argv: list[str] | None = None) -> int:
 
             folder = Path(tmp)
             ensure_jpegs(folder, args.count, 64, 0, min(8, multiprocessing.cpu_count()))
-        items = list_folder(folder)
+        try:
+            items = list_folder(folder)
+        except ClipEngineError as e:  # not a folder, unreadable
+            p.error(f"--folder: {e}")
+        if not items:  # else a ZeroDivisionError after the table's header
+            p.error(f"--folder {folder}: no image files to load")
         cfg = PreprocessConfig().to_dict()
         print(f"CPU loader alone: {len(items)} files from {folder}, {args.workers} workers, batch {args.batch}\n")
         print("| decode | img/s | ideal img/s | read / decode / preprocess ms per image (summed over workers) |")

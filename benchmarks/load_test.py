@@ -240,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     if args._serve:
         _serve(args)
         return 0
+    if args.route == "search" and not args.url:
+        # The server started here has no index: every search would be a 404, timed as if served.
+        raise SystemExit("--route search needs --url of a running server started with --index")
     proc = None
     if args.url:
         if urlparse(args.url).hostname not in LOOPBACK:
