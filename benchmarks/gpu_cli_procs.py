@@ -53,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from gpu_e2e import SEED, ensure_jpegs
+    from gpu_e2e import SEED, cuda_missing, ensure_jpegs
 
+    if args.device != "cpu" and cuda_missing("gpu_cli_procs.py", "; --device cpu is a smoke test of this script"):
+        return 2
     folder = ensure_jpegs(args.folder / "photos", args.count, 64, 0, 16)[0].parent
     checkpoint = _checkpoint(args.folder / "vit-b-32-random.pt", SEED)
     common = ["embed", str(folder), "--model", "ViT-B-32", "--checkpoint", str(checkpoint), "--backend", "torch",
@@ -121,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {' | '.join(cells)} |")
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1))
-    return 0
+    # Non-zero when a row never ran: gpu_check.sh reports this exit status (every command failing
+    # printed a table of "failed" rows and exited 0).
+    return 1 if any(not runs for runs in results.values()) else 0
 
 
 def _variant(text: str) -> tuple[str, dict[str, str]]:

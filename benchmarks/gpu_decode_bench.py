@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from gpu_e2e import SMALL, float_resize, make_jpeg
+    from gpu_e2e import SMALL, cuda_missing, float_resize, make_jpeg
 
     from clipengine.image import nvimgcodec_decode
     from clipengine.image.gpu_decode import GpuJpegDecoder, _nvjpeg_decode, inspect_encoded
@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    if cuda and cuda_missing("gpu_decode_bench.py", "; --device cpu is a smoke test"):
+        return 2
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [(i, *SMALL, str(Path(tmp) / f"{i}.jpg")) for i in range(args.distinct)]
         with multiprocessing.get_context("spawn").Pool(min(16, multiprocessing.cpu_count())) as pool:

@@ -125,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(Path(__file__).parent))
     import torch
-    from gpu_e2e import SMALL, make_jpeg
+    from gpu_e2e import SMALL, cuda_missing, make_jpeg
 
+    if cuda_missing("gpu_decode_procs.py"):
+        return 2
     name = torch.cuda.get_device_name(0)
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [(i, *SMALL, str(Path(tmp) / f"{i}.jpg")) for i in range(args.distinct)]

@@ -89,6 +89,17 @@ def make_jpeg(job: tuple[int, int, int, str] | tuple[int, int, int, str, bool]) 
     return len(buf.getvalue())
 
 
+def cuda_missing(script: str, hint: str = "") -> bool:
+    """True, after saying so on stderr, when torch sees no CUDA device: the GPU rows would end in a
+    traceback (some after minutes spent writing their JPEG folders)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    print(f"{script} needs a CUDA GPU: torch.cuda.is_available() is False on this machine{hint}", file=sys.stderr)
+    return True
+
+
 def ensure_jpegs(
     folder: Path, count: int, distinct: int, large_every: int, procs: int, progressive_every: int = 0
 ) -> list[Path]:
@@ -144,10 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
 
-    import torch
-
-    if not torch.cuda.is_available():
-        print("gpu_e2e.py needs a CUDA GPU: torch.cuda.is_available() is False on this machine", file=sys.stderr)
+    if cuda_missing("gpu_e2e.py"):
         return 2
     try:
         from torchvision.io import decode_jpeg  # noqa: F401 - the nvjpeg entry point

@@ -80,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(Path(__file__).parent))
     import torch
-    from gpu_e2e import SEED, ensure_jpegs
+    from gpu_e2e import SEED, cuda_missing, ensure_jpegs
 
+    if cuda_missing("gpu_gap.py"):
+        return 2
     from clipengine.backends.torch_backend import TorchBackend
     from clipengine.image.gpu_decode import GpuJpegDecoder
     from clipengine.image.preprocess import PreprocessConfig

@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import torch
+    from gpu_e2e import cuda_missing
 
     from clipengine.image import gpu_fused
     from clipengine.image.gpu_preprocess import preprocess_tensors
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    if cuda and cuda_missing("gpu_preprocess_bench.py", "; --device cpu is a smoke test"):
+        return 2
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     gen = torch.Generator().manual_seed(0)
     small, large = (960, 1280), (3000, 4000)

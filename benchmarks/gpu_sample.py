@@ -99,12 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from gpu_e2e import SEED, ensure_jpegs
+    from gpu_e2e import SEED, cuda_missing, ensure_jpegs
 
     from clipengine.image.preprocess import PreprocessConfig
     from clipengine.pipeline.run import embed_folder
     from clipengine.pipeline.sources import list_folder
 
+    if args.device != "cpu" and cuda_missing("gpu_sample.py", "; --device cpu checks this script with stand-ins"):
+        return 2
     ensure_jpegs(args.folder, args.count, 64, 0, 16)
     items = list_folder(args.folder)
     cfg = PreprocessConfig()
