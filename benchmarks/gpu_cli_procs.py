@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             results[name].append(row)
             log.info("round %d %s: %d images, command %.1f s (%.0f img/s), embed_folder %.1f s; %s", r, name,
                      embedded, wall, embedded / wall, row["embed_s"], _summary(done.stderr))  # fmt: skip
-    print(f"{args.count} 1280x960 JPEGs, random ViT-B/32 weights (fp16), batch {args.batch}, "
+    print(f"{args.count} 1280x960 JPEGs, random ViT-B/32 weights ({'fp32' if args.device == 'cpu' else 'fp16'}), batch {args.batch}, "
           f"{args.rounds} rounds in turn, whole `clipengine embed` commands\n")  # fmt: skip
     print("| row | command s (median) | img/s (command) | embed_folder s | processes ready s | first batch s "
           "| listing s | model load s | model ready at s | embedding done at s | loaders' own img/s |")  # fmt: skip
