@@ -141,3 +141,41 @@ def tiny_model(tiny_config):  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def tiny_resnet_model(tiny_resnet_config):  # type: ignore[no-untyped-def]
     return _seeded_model(tiny_resnet_config)
+
+
+# Export folders that tests in several folders read (never write: a test that damages one copies it
+# first). Built once per session: each export is seconds of torch.export, the suite's main cost.
+
+
+@pytest.fixture(scope="session")
+def vit_dynamic_split_export(tmp_path_factory: pytest.TempPathFactory, tiny_model):  # type: ignore[no-untyped-def]
+    """Tiny ViT, fp32/fp16/int8, dynamic batch, text projection split off to .npy."""
+    from clipengine.export.onnx import export_model
+
+    out = tmp_path_factory.mktemp("vit_dyn") / "tiny-vit-split"
+    manifest = export_model(
+        tiny_model, out, precisions=("fp32", "fp16", "int8"), image_batches=None, text_batches=None,
+        split_text_projection=True,
+    )
+    return out, manifest
+
+
+@pytest.fixture(scope="session")
+def vit_dynamic_int8_export(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> Path:  # type: ignore[no-untyped-def]
+    """Tiny ViT, fp32 + int8 (dynamic INT8: no calibration images), dynamic batch, projection in the
+    graph, parity measured at export."""
+    from clipengine.export.onnx import export_model
+
+    out = tmp_path_factory.mktemp("vit_dyn_int8") / "tiny"
+    export_model(tiny_model, out, precisions=("fp32", "int8"), image_batches=None, text_batches=None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def vit_b1_export(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> Path:  # type: ignore[no-untyped-def]
+    """Tiny ViT, fp32, image and text engines of batch 1, not verified."""
+    from clipengine.export.onnx import export_model
+
+    out = tmp_path_factory.mktemp("vit_b1") / "tiny"
+    export_model(tiny_model, out, image_batches=(1,), text_batches=(1,), verify=False)
+    return out

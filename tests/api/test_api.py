@@ -134,12 +134,8 @@ def test_packaged_tiny_synth_loads_by_name(clip_png: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model: CLIP) -> Path:
-    from clipengine.export.onnx import export_model
-
-    out = tmp_path_factory.mktemp("api_export") / "tiny"
-    export_model(tiny_model, out, image_batches=(1,), text_batches=(1,), verify=False)
-    return out
+def export_dir(vit_b1_export: Path) -> Path:
+    return vit_b1_export
 
 
 def test_pretrained_naming_other_weights_than_an_exports_is_refused(export_dir: Path) -> None:

@@ -13,16 +13,11 @@ from PIL import Image
 import clipengine
 from clipengine.api import ClipModel, load_export
 from clipengine.errors import BackendError, InputError
-from clipengine.models.clip import CLIP
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model: CLIP) -> Path:
-    from clipengine.export.onnx import export_model
-
-    out = tmp_path_factory.mktemp("api_options_export") / "tiny"
-    export_model(tiny_model, out, image_batches=(1,), text_batches=(1,), verify=False)
-    return out
+def export_dir(vit_b1_export: Path) -> Path:
+    return vit_b1_export
 
 
 @pytest.mark.parametrize(

@@ -32,14 +32,10 @@ def fixed(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> Path:  # type
 
 
 @pytest.fixture(scope="module")
-def dynamic(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> Path:  # type: ignore[no-untyped-def]
+def dynamic(vit_dynamic_split_export) -> Path:  # type: ignore[no-untyped-def]
     """Tiny ViT, fp32, fp16 and dynamic int8, dynamic batch axis, text projection split off."""
-    from clipengine.export.onnx import export_model
-
-    out = tmp_path_factory.mktemp("folder_inputs") / "dynamic"
-    export_model(tiny_model, out, precisions=("fp32", "fp16", "int8"), image_batches=None, text_batches=None,
-                 split_text_projection=True)  # fmt: skip
-    return out
+    folder: Path = vit_dynamic_split_export[0]
+    return folder
 
 
 @pytest.fixture(scope="module")

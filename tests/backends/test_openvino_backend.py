@@ -45,13 +45,9 @@ def fixed_split(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> Path:  
 
 
 @pytest.fixture(scope="module")
-def dynamic(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> Path:  # type: ignore[no-untyped-def]
+def dynamic(vit_dynamic_int8_export: Path) -> Path:
     """Tiny ViT, fp32/int8 (dynamic INT8: no calibration images), dynamic batch, projection in the graph."""
-    from clipengine.export.onnx import export_model
-
-    out = tmp_path_factory.mktemp("openvino_backend") / "dynamic"
-    export_model(tiny_model, out, precisions=("fp32", "int8"), image_batches=None, text_batches=None)
-    return out
+    return vit_dynamic_int8_export
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ embeddings, 0.13 to the loaded ones')."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +25,9 @@ def _export(model, out: Path) -> None:  # type: ignore[no-untyped-def]
 
 
 
-def test_engines_opened_after_a_reexport_are_refused_not_mixed(tmp_path: Path, tiny_model) -> None:  # type: ignore[no-untyped-def]
+def test_engines_opened_after_a_reexport_are_refused_not_mixed(tmp_path: Path, tiny_model, vit_b1_export: Path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "export"
-    _export(tiny_model, out)
+    shutil.copytree(vit_b1_export, out)  # what _export(tiny_model, out) writes
     backend = create_backend("onnx", out)  # reads the manifest; opens no engine yet
     # Two re-exports: the first tags its names (the old files are still published), the second
     # takes the plain names back, with other weights behind them.
@@ -40,10 +41,10 @@ def test_engines_opened_after_a_reexport_are_refused_not_mixed(tmp_path: Path, t
 
 
 def test_a_manifest_replaced_by_rename_is_seen_and_engines_opened_before_keep_running(
-    tmp_path: Path, tiny_model
-) -> None:  # type: ignore[no-untyped-def]
+    tmp_path: Path, vit_b1_export: Path
+) -> None:
     out = tmp_path / "export"
-    _export(tiny_model, out)
+    shutil.copytree(vit_b1_export, out)  # what _export(tiny_model, out) writes
     backend = create_backend("onnx", out)
     pixels = np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)
     before = backend.encode_images(pixels)  # the image engine is open now

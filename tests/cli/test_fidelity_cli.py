@@ -19,13 +19,9 @@ pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model: CLIP) -> Path:
+def export_dir(vit_dynamic_int8_export: Path) -> Path:
     """The tiny model as fp32 + int8 dynamic-batch engines, parity measured at export."""
-    from clipengine.export.onnx import export_model
-
-    out = tmp_path_factory.mktemp("fidelity") / "tiny"
-    export_model(tiny_model, out, precisions=("fp32", "int8"), image_batches=None, text_batches=None)
-    return out
+    return vit_dynamic_int8_export
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Export folders shared by the export tests: built once per session from the tiny fixtures."""
+"""Export folders shared by the export tests: built once per session from the tiny fixtures (those
+that tests elsewhere read too are in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -36,19 +37,6 @@ def vit_fixed_export(tmp_path_factory: pytest.TempPathFactory, tiny_model, clip_
     manifest = export_model(
         tiny_model, out, precisions=("fp32", "fp16", "int8"), image_batches=(1, 4), text_batches=(4,),
         sample_images_from=[clip_png], model_name="tiny-vit", pretrained="test",
-    )
-    return out, manifest
-
-
-@pytest.fixture(scope="session")
-def vit_dynamic_split_export(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> tuple[Path, Manifest]:  # type: ignore[no-untyped-def]
-    """Tiny ViT, fp32/fp16/int8, dynamic batch, text projection split off to .npy."""
-    from clipengine.export.onnx import export_model
-
-    out = tmp_path_factory.mktemp("vit_dyn") / "tiny-vit-split"
-    manifest = export_model(
-        tiny_model, out, precisions=("fp32", "fp16", "int8"), image_batches=None, text_batches=None,
-        split_text_projection=True,
     )
     return out, manifest
 
