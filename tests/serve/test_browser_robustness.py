@@ -53,22 +53,31 @@ def server(tiny_clip: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     srv.stop()
 
 
-@pytest.fixture
-def page(server: ThreadedServer) -> Iterator[Any]:
-    """A page on the server; fails the test on a script error or a dialog (an injected alert())."""
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """One Chromium for the module (a launch costs 1-2 s); each test gets its own context, so no
+    page state, storage or cache passes from one test to the next."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--headless", "--no-sandbox"])
-        pg = browser.new_page()
-        problems: list[str] = []
-        pg.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-        pg.on("dialog", lambda d: (problems.append(f"dialog: {d.message}"), d.dismiss()))
-        pg.goto(server.url + "/")
-        pg.wait_for_function("document.getElementById('model-badge').textContent.includes('tiny-vit')")
-        yield pg
-        browser.close()
-        assert problems == []
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=["--headless", "--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(server: ThreadedServer, browser: Any) -> Iterator[Any]:
+    """A page on the server; fails the test on a script error or a dialog (an injected alert())."""
+    context = browser.new_context()
+    pg = context.new_page()
+    problems: list[str] = []
+    pg.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    pg.on("dialog", lambda d: (problems.append(f"dialog: {d.message}"), d.dismiss()))
+    pg.goto(server.url + "/")
+    pg.wait_for_function("document.getElementById('model-badge').textContent.includes('tiny-vit')")
+    yield pg
+    context.close()
+    assert problems == []
 
 
 def test_index_ids_render_as_text_and_their_thumbnails_load(page: Any) -> None:
@@ -142,21 +151,18 @@ def test_an_api_key_a_header_cannot_carry_is_named_not_taken_for_a_network_failu
     assert "API key" in message and "no answer" not in message.lower(), message
 
 
-def test_a_server_that_is_gone_is_named_as_such(tiny_clip: Any, clip_png: Path) -> None:
-    from playwright.sync_api import sync_playwright
-
+def test_a_server_that_is_gone_is_named_as_such(tiny_clip: Any, clip_png: Path, browser: Any) -> None:
     srv = ThreadedServer(create_app(tiny_clip, None, ServeSettings(max_wait_ms=2)))
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--headless", "--no-sandbox"])
-        page = browser.new_page()
-        page.goto(srv.url + "/")
-        page.wait_for_function("document.getElementById('model-badge').textContent.includes('tiny-vit')")
-        srv.stop()
-        page.set_input_files("#file-input", str(clip_png))
-        page.click("#classify-btn")
-        page.wait_for_selector("#classify-error:not([hidden])")
-        message = page.inner_text("#classify-error")
-        browser.close()
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(srv.url + "/")
+    page.wait_for_function("document.getElementById('model-badge').textContent.includes('tiny-vit')")
+    srv.stop()
+    page.set_input_files("#file-input", str(clip_png))
+    page.click("#classify-btn")
+    page.wait_for_selector("#classify-error:not([hidden])")
+    message = page.inner_text("#classify-error")
+    context.close()
     assert "no answer from the server" in message.lower(), message
 
 
