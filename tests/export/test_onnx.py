@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -286,6 +287,14 @@ def test_image_folders_are_listed_as_embed_lists_them(tmp_path: Path, tiny_model
     assert not (tmp_path / "out2").exists()
 
 
+@pytest.fixture(scope="module")
+def fp32_b1_b4_export(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> Path:  # type: ignore[no-untyped-def]
+    """The export that the re-export tests below start from (each on a copy), built once."""
+    out = tmp_path_factory.mktemp("fp32_b1_b4") / "export"
+    onnx_export.export_model(tiny_model, out, image_batches=(1,), text_batches=(4,), verify=False)
+    return out
+
+
 _KILLED_EXPORT = """
 import os, signal, sys
 from clipengine.export import onnx as onnx_export, rewrite
@@ -300,7 +309,7 @@ onnx_export.export_model(module, sys.argv[2], image_batches=None, text_batches=N
 """
 
 
-def test_export_killed_midway_leaves_no_litter_after_the_rerun(tmp_path: Path, tiny_model) -> None:  # type: ignore[no-untyped-def]
+def test_export_killed_midway_leaves_no_litter_after_the_rerun(tmp_path: Path, tiny_model, fp32_b1_b4_export) -> None:  # type: ignore[no-untyped-def]
     """A SIGKILL mid-export leaves the export before it published and whole (its files keep their
     bytes: the new ones have other names); the rerun removes the killed run's temp folder and the
     engines of the export before it, as an unkilled one would."""
@@ -312,7 +321,7 @@ def test_export_killed_midway_leaves_no_litter_after_the_rerun(tmp_path: Path, t
 
     checkpoint = save_model(tiny_model, tmp_path / "tiny")
     out = tmp_path / "export"
-    onnx_export.export_model(tiny_model, out, image_batches=(1,), text_batches=(4,), verify=False)
+    shutil.copytree(fp32_b1_b4_export, out)
     (out / "notes.txt").write_text("mine")
     killed = subprocess.run([sys.executable, "-c", _KILLED_EXPORT, str(checkpoint), str(out)], check=False)
     assert killed.returncode == -signal.SIGKILL
@@ -347,7 +356,7 @@ def test_a_first_export_killed_midway_is_named_as_unfinished(tmp_path: Path, tin
 
 
 def test_a_parity_miss_leaves_the_previous_export_published_and_unchanged(
-    tmp_path: Path, tiny_model, monkeypatch
+    tmp_path: Path, tiny_model, monkeypatch, fp32_b1_b4_export
 ) -> None:  # type: ignore[no-untyped-def]
     """ExportParityError publishes nothing: the old manifest and every old file stay byte for byte,
     and not even the new engines that passed land in the folder (they were moved in one by one
@@ -355,7 +364,7 @@ def test_a_parity_miss_leaves_the_previous_export_published_and_unchanged(
     from clipengine.backends.onnx_backend import OnnxBackend
 
     out = tmp_path / "export"
-    onnx_export.export_model(tiny_model, out, image_batches=(1,), text_batches=(4,), verify=False)
+    shutil.copytree(fp32_b1_b4_export, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     monkeypatch.setitem(BOUNDS, "int8", {"min_cos": 1.5})  # unreachable: every int8 engine misses it
     with pytest.raises(ExportParityError, match=r"image_int8_b1\.onnx: .*needs cosine >= 1\.5"):
