@@ -15,12 +15,9 @@ from clipengine.export.manifest import read_manifest
 
 
 @pytest.fixture(scope="module")
-def dynamic_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> Path:  # type: ignore[no-untyped-def]
-    from clipengine.export.onnx import export_model
-
-    out = tmp_path_factory.mktemp("truncation") / "dyn"
-    export_model(tiny_model, out, precisions=("fp32",), image_batches=None, text_batches=None)
-    return out
+def dynamic_dir(vit_dynamic_int8_export: Path) -> Path:
+    """The tiny model's dynamic export (fp32, read here, and int8): the session's, not one more."""
+    return vit_dynamic_int8_export
 
 
 def _tokens(ends: list[int], length: int = 77) -> np.ndarray:
