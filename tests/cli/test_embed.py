@@ -324,10 +324,13 @@ def test_an_output_folder_that_cannot_be_made_is_refused_before_the_model_loads(
     assert f"--output: {tmp_path / 'afile'}: a file, not a folder" in capsys.readouterr().err
 
 
-def test_gpu_decode_procs_start_before_the_model_loads(folder: Path, tmp_path: Path, fake_load, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("given", [True, False], ids=["flag", "default-for-a-large-folder"])
+def test_gpu_decode_procs_start_before_the_model_loads(folder: Path, tmp_path: Path, fake_load, monkeypatch, given) -> None:  # type: ignore[no-untyped-def]
     """`--gpu-decode-procs 2`: the processes start (torch, the device, a decoder warm-up) before the
     model loads, so that start-up overlaps it; the run then loads through them, and the output is the
-    CPU workers' (Pillow stands in for nvjpeg in the processes, on the CPU)."""
+    CPU workers' (Pillow stands in for nvjpeg in the processes, on the CPU). Without the flag, a
+    folder of `AUTO_MIN_FILES` files or more on enough cores gets the processes too (here the
+    threshold is this folder's 12 files and the count 2, so that the test stays small)."""
     import dataclasses
 
     import gpu_fakes
@@ -350,10 +353,16 @@ def test_gpu_decode_procs_start_before_the_model_loads(folder: Path, tmp_path: P
     monkeypatch.setattr(model_options, "load_clip", load)
     monkeypatch.setattr(embed_cli, "_check_gpu_decode", lambda *a: None)  # --device cpu stands in for cuda
     monkeypatch.setattr(gpu_procs, "default_decode_group", lambda batch_size: 2)  # both processes get files
+    from clipengine.pipeline import batching
+
+    monkeypatch.setattr(batching, "default_workers", lambda: gpu_procs.AUTO_MIN_CORES)
+    monkeypatch.setattr(gpu_procs, "AUTO_MIN_FILES", 12)
+    monkeypatch.setattr(gpu_procs, "AUTO_PROCS", 2)
     out = tmp_path / "procs"
     args = ["embed", str(folder), "-o", str(out), "--backend", "torch", "--device", "cpu", "--batch", "3",
             "--dtype", "float32", "--no-progress"]  # fmt: skip
-    result = CliRunner().invoke(app, [*args, "--gpu-decode", "--gpu-decode-procs", "2", "--workers", "4"])
+    flag = ["--gpu-decode-procs", "2"] if given else []
+    result = CliRunner().invoke(app, [*args, "--gpu-decode", *flag, "--workers", "4"])
     assert result.exit_code == 0, result.output
     assert events == ["start 2 cpu torchvision workers=2", "load"]  # started first; the 4 workers shared
     assert CliRunner().invoke(app, [*args[:3], str(tmp_path / "cpu"), *args[4:], "--workers", "0"]).exit_code == 0

@@ -494,3 +494,13 @@ def test_report_assist_warns_when_the_loaders_waited_for_their_workers(caplog) -
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == ["the GPU loaders (4) waited 1.5 s of 10.0 s for their 8 CPU decode workers: a CPU share of "
                         "0.2 is more than they keep up with; a lower one will be faster"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("files", "cores", "procs"),
+    [(0, 64, 1), (65_536, 16, 1), (99_999, 16, 1), (100_000, 16, 4), (196_608, 8, 4), (196_608, 7, 1)],
+)
+def test_the_default_loader_count_is_several_only_for_large_folders_on_enough_cores(files: int, cores: int, procs: int) -> None:
+    """`embed --gpu-decode` without `--gpu-decode-procs`: 4 loaders where they were measured faster
+    (196,608 files, 16 cores), one where they tied (65,536 files) or would starve for cores."""
+    assert gpu_procs.default_decode_procs(files, cores) == procs

@@ -1,6 +1,7 @@
-"""Experimental: the GPU loader in several processes. A loader thread of this process and `procs - 1`
-spawned processes decode and preprocess on the same GPU, each taking the next block of files when it
-wants more; the processes hand their batches to this process through CUDA IPC.
+"""The GPU loader in several processes (`embed --gpu-decode` on large folders: `default_decode_procs`).
+A loader thread of this process and `procs - 1` spawned processes decode and preprocess on the same
+GPU, each taking the next block of files when it wants more; the processes hand their batches to
+this process through CUDA IPC.
 
 Why processes: torchvision's batched nvjpeg call holds one process-wide mutex and synchronises its
 stream before and after, so one process decodes one call at a time, with the host work around each
@@ -69,6 +70,7 @@ __all__ = [
     "DecodeProcesses",
     "StartedDecodeProcesses",
     "claimed_items",
+    "default_decode_procs",
     "iter_gpu_loaded_procs",
     "start_decode_processes",
 ]
@@ -77,6 +79,8 @@ _log = logging.getLogger(__name__)
 _POLL_S = 0.2  # how often a waiting side checks whether the other has gone
 _START_S = 300.0  # most seconds a decode process may take to send its first message (CUDA start-up)
 _QUEUED_PER_PROCESS = 2  # batches each loader may have sent ahead of the consumer
+# `default_decode_procs`: where several loaders were measured faster than one (H200, 16 cores)
+AUTO_PROCS, AUTO_MIN_FILES, AUTO_MIN_CORES = 4, 100_000, 8
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,20 @@ class DecodeProcesses:
         they decode what nvjpeg cannot, and the CPU share)."""
         per_process = max(1, workers // procs) if workers > 0 else 0
         return cls(procs, per_process, cpu_share, fast_decode, read_threads)
+
+
+def default_decode_procs(files: int, cores: int) -> int:
+    """The GPU loaders `embed --gpu-decode` runs when `--gpu-decode-procs` is not given: 4 for
+    100,000 files or more on a machine with 8 usable cores or more, else 1 (the loader thread alone).
+
+    Why (H200, 16 cores, 1280x960 JPEGs; docs/performance.md): over 196,608 files 4 loaders took
+    34.6-37.3 s a whole command against 41.6-46.4 s for one loader thread (session 15; 44.5 against
+    49.7 s in session 12), while over 65,536 files they tied (24.1 against 23.8 s, session 12): the
+    processes' start-up is paid once per run, so they pay on large folders only; the threshold lies
+    between the two measured sizes. Each loader keeps about one core busy (session 8: 75 % of the
+    loader thread was in its decode calls), and the CPU decode workers need cores of their own.
+    """
+    return AUTO_PROCS if files >= AUTO_MIN_FILES and cores >= AUTO_MIN_CORES else 1
 
 
 def claimed_items(

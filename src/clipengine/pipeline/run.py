@@ -159,14 +159,15 @@ def embed_folder(
             `pipeline.cpu_assist`) is decoded by `workers` CPU processes (default: the cores less
             four) on the exact path (or `fast_decode`'s) while the GPU decodes the rest. 0: off.
             A resume must use the same share.
-        gpu_decode_procs: experimental: with `gpu_decode`, GPU loaders in all: a loader thread in
+        gpu_decode_procs: with `gpu_decode`, GPU loaders in all: a loader thread in
             this process and `gpu_decode_procs - 1` processes, each decoding and preprocessing the
             next block of files when it wants more (`pipeline.gpu_procs`; the same pixels, so a
             resume may change it). 1 (default): the loader thread alone. Or processes started
             ahead with `gpu_procs.start_decode_processes`, so their start-up runs while the model
             loads (the caller closes them: a `with` block). Not with `gpu_decode_ahead`. On an
-            H200, 4 loaders ran 7.6k img/s over 196,608 files, and tied with one loader over
-            65,536 (the processes take 8-12 s to start; docs/performance.md, session 12).
+            H200, 4 loaders ran 8.3-8.5k img/s over 196,608 files (session 15), and tied with one
+            loader over 65,536 (session 12; docs/performance.md). `gpu_procs.default_decode_procs`
+            is the CLI's default for a file count (4 from 100,000 files on 8+ cores).
         retry_failed: recompute the complete shards that list failures too (files fixed since).
 
     Returns:
