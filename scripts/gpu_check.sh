@@ -19,7 +19,8 @@
 #                                       # timelines (session 12; ~330 s, timeout_s 370)
 #   bash scripts/gpu_check.sh fused     # ON THE DEVICE: session 15's fused preprocessing kernels:
 #                                       # preprocess_tensors alone, every gpu test, then whole embed commands
-#                                       # with / without them, 1 and 4 loaders, 196,608 files (~470 s)
+#                                       # (default kernels / + the operand one, 1 and 4 loaders, 196,608 files;
+#                                       # 1 and 4 loaders over 98,304: the default's threshold) (~450 s)
 #
 # Each device mode is one `run` call with carry [".whl"] and timeout_s 590. Session 4 ran both in one
 # 15-minute budget (347 s + 291 s, plus the machine starts). Do not leave the machine warm
@@ -196,8 +197,12 @@ fused)
     # multi-loader runs, image.gpu_fused). preprocess_tensors alone, kernels vs torch ops in turn
     # (benchmarks/gpu_preprocess_bench.py), then every gpu test (the kernels against the torch ops, the
     # whole preprocessing against the exact CPU path), then whole `embed` commands over 196,608 files:
-    # one loader thread and --gpu-decode-procs 4, each with torch ops, as the default (session 15's
-    # kernels), and with every kernel, the operand one too, also in the one loader thread (~470 s: timeout_s 540).
+    # one loader thread and --gpu-decode-procs 4, each as the default (session 15's kernels) and with
+    # every kernel, the operand one too, also in the one loader thread. (Torch ops against the kernels
+    # was measured three times in session 15; session 17 dropped those rows.) Then 1 against 4 loaders
+    # over 98,304 files: since session 17, 4 loaders are the default from 100,000 files
+    # (gpu_procs.default_decode_procs), set between session 12's tie at 65,536 and the gain at 196,608.
+    # (~450 s: timeout_s 540).
     setup
     { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nproc; \
       python3 -c "import sys, torch, torchvision, triton; print(sys.version); print('torch', torch.__version__, \
@@ -209,12 +214,16 @@ torchvision.__version__, 'triton', triton.__version__)"; } > "$OUT/pytest_gpu.lo
         tests/pipeline/test_gpu_procs.py tests/backends/test_torch_backend.py tests/backends/test_accel.py \
         tests/backends/test_fp8.py >> "$OUT/pytest_gpu.log" 2>&1
     echo "pytest exit $?"; grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest_gpu.log" | tail -12
-    timeout "${CLI_S:-320}" python3 benchmarks/gpu_cli_procs.py --count 196608 --rounds 1 --procs 4 \
-        --variants "torch=CLIPENGINE_GPU_KERNELS=torch,default=,operand=CLIPENGINE_GPU_KERNELS=triton+CLIPENGINE_GPU_KERNEL_SKIP=" \
+    timeout "${CLI_S:-230}" python3 benchmarks/gpu_cli_procs.py --count 196608 --rounds 1 --procs 4 \
+        --variants "default=,operand=CLIPENGINE_GPU_KERNELS=triton+CLIPENGINE_GPU_KERNEL_SKIP=" \
         --out "$OUT/cli_logs" > "$OUT/cli.md" 2>> "$OUT/stderr.log"
     echo "gpu_cli_procs 196608 exit $?"; cat "$OUT/cli.md"
     grep -E "round|Traceback|Error" "$OUT/stderr.log" | cut -c1-400 | tail -8
     grep -hE "GPU loaders|kernel failed" "$OUT"/cli_logs/*.log | cut -c1-240
+    timeout "${CLI_MID_S:-90}" python3 benchmarks/gpu_cli_procs.py --count 98304 --rounds 1 --procs 4 \
+        --folder /tmp/clipengine_gpu_cli_98k --out "$OUT/cli_logs_98k" > "$OUT/cli_98k.md" 2>> "$OUT/stderr.log"
+    echo "gpu_cli_procs 98304 exit $?"; cat "$OUT/cli_98k.md"
+    grep -hE "GPU loaders" "$OUT"/cli_logs_98k/*.log | cut -c1-240
     ;;
 *)
     echo "usage: bash scripts/gpu_check.sh prepare|run|peers|gap|assist|verify|procs|cli|fused" >&2
