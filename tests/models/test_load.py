@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -539,7 +540,8 @@ def test_a_bare_open_clip_file_of_an_architecture_with_other_preprocessing_is_wa
     monkeypatch.setattr(registry, "get_source", other_norm)
     loaded = load_model(small_vit_bin.path, arch=_small_cfg())
     assert loaded.preprocess == PreprocessConfig(image_size=32)  # still OpenAI's: a warning, not a guess
-    assert "laion2b_s34b_b79k weights of ViT-B-32 were trained with other values" in caplog.text
+    # listed among the tags that differ (every one does in size here: the small model's 32 px)
+    assert re.search(r"laion2b_s34b_b79k[\w, ]* weights of ViT-B-32 were trained with other values", caplog.text)
     caplog.clear()
     load_model(small_rn_openai_state_dict.path)  # OpenAI's own file: OpenAI's preprocessing, no warning
     assert not caplog.records

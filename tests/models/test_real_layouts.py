@@ -66,14 +66,17 @@ def _open_clip_meta(open_clip: Any, src: WeightSource) -> Any:
         return open_clip.create_model(src.arch, pretrained=None, device="meta", force_quick_gelu=quick_gelu)
 
 
-def _release_state(open_clip: Any, src: WeightSource) -> dict[str, torch.Tensor]:
-    """The release file's entries: open_clip's state dict; OpenAI's .pt adds fp16 and metadata."""
+def _release_state(open_clip: Any, src: WeightSource) -> dict[str, Any]:
+    """The release file's entries: open_clip's state dict; OpenAI's .pt adds fp16 and metadata;
+    open_clip's GitHub releases are training checkpoints (DataParallel's "module." on every key)."""
     state = dict(_open_clip_meta(open_clip, src).state_dict())
     if src.format == "openai":  # OpenAI ships fp16 weights and three ints beside them
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
         cfg = get_config(src.arch)
         meta = (cfg.vision.image_size, cfg.text.context_length, cfg.text.vocab_size)
         state.update({k: torch.tensor(v) for k, v in zip(OPENAI_METADATA_KEYS, meta, strict=True)})
+    if (src.url or "").startswith("https://github.com/mlfoundations/open_clip/releases/"):
+        return {"epoch": 32, "name": src.tag, "state_dict": {f"module.{k}": v for k, v in state.items()}}
     return state
 
 
@@ -116,8 +119,8 @@ def test_registry_entry_matches_open_clip_pretrained_cfg(open_clip: Any, src: We
         resize_mode=pretrained["resize_mode"],
     )
     assert src.quick_gelu == bool(pretrained.get("quick_gelu", False))
-    if src.format == "openai":
-        assert src.url == pretrained["url"]
+    if src.url is not None and not src.url.startswith("https://huggingface.co/"):
+        assert src.url == pretrained["url"]  # OpenAI's files and open_clip's GitHub releases
     else:
         repo = pretrained["hf_hub"].rstrip("/")
         assert src.url == f"https://huggingface.co/{repo}/resolve/main/{src.filename}"

@@ -396,3 +396,33 @@ def test_cache_status_tells_a_checked_file_from_one_placed_by_hand(server: tuple
     path.write_bytes(PAYLOAD + b"!")  # changed since its check
     assert cache_status(source) == "unchecked"
     assert cache_status(replace(source, sha256=None)) == "yes"  # nothing published to check against
+
+
+# open_clip's GitHub release files carry only the first 8 hex digits of their SHA-256 (in the name).
+PAYLOAD_PREFIX = PAYLOAD_SHA[:8]
+WRONG_PREFIX = f"{(int(PAYLOAD_PREFIX, 16) ^ 1):08x}"  # differs from the payload's in the last digit
+
+
+def test_download_checks_a_checksum_prefix(server: tuple[str, type[_Handler]], tmp_path: Path) -> None:
+    url, _ = server
+    target = download(f"{url}/model.bin", tmp_path / "ok" / "model.bin", sha256=PAYLOAD_PREFIX)
+    assert target.read_bytes() == PAYLOAD
+    with pytest.raises(DownloadError) as info:
+        download(f"{url}/model.bin", tmp_path / "bad" / "model.bin", sha256=WRONG_PREFIX)
+    assert f"got SHA-256 {PAYLOAD_SHA}, expected one starting with {WRONG_PREFIX}" in str(info.value)
+    assert not (tmp_path / "bad" / "model.bin").exists()
+
+
+def test_hand_placed_file_is_checked_against_a_checksum_prefix_once() -> None:
+    from clipengine.models.weights import cache_status
+
+    src = _source("http://127.0.0.1:9/unused", sha256=WRONG_PREFIX)
+    path = cache_path(src)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(PAYLOAD)
+    assert cache_status(src) == "unchecked"
+    with pytest.raises(CheckpointError) as info:
+        fetch(src)
+    assert f"expected one starting with {WRONG_PREFIX}: the file is corrupt" in str(info.value)
+    src = replace(src, sha256=PAYLOAD_PREFIX)
+    assert fetch(src) == path and cache_status(src) == "yes"  # verified, and remembered

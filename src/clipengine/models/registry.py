@@ -20,12 +20,15 @@ __all__ = [
 ]
 
 # "openai": TorchScript archive or plain state dict with OpenAI keys; QuickGELU.
-# "open_clip": plain state dict (.bin / .safetensors) with OpenAI-style keys; GELU unless stated.
+# "open_clip": plain state dict (.bin / .safetensors) with OpenAI-style keys, or an open_clip training
+# checkpoint ({"epoch", "name", "state_dict": {"module.<key>": ...}, ...}: its GitHub releases);
+# GELU unless the entry says otherwise.
 # "hf": transformers CLIPModel folder. "clipengine": our own folder (config.json + model.safetensors).
 WeightFormat = Literal["openai", "open_clip", "hf", "clipengine"]
 
 _OPENAI_URL = "https://openaipublic.azureedge.net/clip/models/{sha256}/{filename}"
 _HF_URL = "https://huggingface.co/{repo}/resolve/main/{filename}"
+_GITHUB_URL = "https://github.com/mlfoundations/open_clip/releases/download/v0.2-weights/{filename}"
 _OPEN_CLIP_FILE = "open_clip_pytorch_model.bin"
 _INCEPTION_MEAN_STD = (0.5, 0.5, 0.5)
 
@@ -37,7 +40,10 @@ class WeightSource:
     arch: str  # architecture config name, e.g. "ViT-B-32"
     tag: str  # pretrained tag, e.g. "openai"
     url: str | None  # where to download from; None for weights shipped inside the package
-    sha256: str | None  # expected SHA-256 of the file; None = unknown (verified only when known)
+    # Expected SHA-256 of the file (hex), or its leading hex digits where only those are published
+    # (open_clip's GitHub releases end their file names in 8, and open_clip checks just those);
+    # None = unknown (verified only when known).
+    sha256: str | None
     filename: str  # file name inside the cache folder (or the package folder)
     format: WeightFormat
     quick_gelu: bool  # activation the weights were trained with (cannot be read from shapes)
@@ -77,6 +83,24 @@ def _laion(arch: str, tag: str, repo: str, inception_norm: bool = False) -> Weig
     )
 
 
+def _open_clip_release(arch: str, tag: str, filename: str, *, quick_gelu: bool) -> WeightSource:
+    """A training checkpoint from open_clip's GitHub release `v0.2-weights`.
+
+    `quick_gelu` is stated per entry, never guessed: open_clip names the file `...-quickgelu-...` and
+    registers the tag with `quick_gelu=True` when the weights were trained with QuickGELU.
+    """
+    return WeightSource(
+        arch=arch,
+        tag=tag,
+        url=_GITHUB_URL.format(filename=filename),
+        sha256=filename.rsplit(".", 1)[0].rsplit("-", 1)[1],  # "...-d867053b.pt": the SHA-256's first 8 digits
+        filename=filename,
+        format="open_clip",
+        quick_gelu=quick_gelu,
+        preprocess=PreprocessConfig(image_size=224),
+    )
+
+
 _SOURCES: tuple[WeightSource, ...] = (
     _openai("RN50", "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762", "RN50.pt"),
     _openai("RN101", "8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599", "RN101.pt"),
@@ -99,6 +123,27 @@ _SOURCES: tuple[WeightSource, ...] = (
     _laion("ViT-H-14", "laion2b_s32b_b79k", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
     _laion("ViT-g-14", "laion2b_s34b_b88k", "laion/CLIP-ViT-g-14-laion2B-s34B-b88K"),
     _laion("ViT-bigG-14", "laion2b_s39b_b160k", "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"),
+    # The rest of open_clip's plain-CLIP weights for these architectures (src/open_clip/pretrained.py).
+    # DataComp-XL (GELU, OpenAI normalisation).
+    _laion("ViT-B-32", "datacomp_xl_s13b_b90k", "laion/CLIP-ViT-B-32-DataComp.XL-s13B-b90K"),
+    _laion("ViT-B-16", "datacomp_xl_s13b_b90k", "laion/CLIP-ViT-B-16-DataComp.XL-s13B-b90K"),
+    _laion("ViT-L-14", "datacomp_xl_s13b_b90k", "laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K"),
+    _laion("ViT-g-14", "laion2b_s12b_b42k", "laion/CLIP-ViT-g-14-laion2B-s12B-b42K"),
+    # GitHub releases. QuickGELU: the YFCC-15M / CC-12M ResNets and the LAION-400M ViT-B-32 (file names
+    # say "quickgelu"; open_clip registers them with quick_gelu=True and, in older releases, under the
+    # "-quickgelu" architecture names; its maintainer on QuickGELU, open_clip issue #510: "one mistake on
+    # the initial laion400m B/32 that used it instead of nn.GELU"). The LAION-400M ViT-B-16 / ViT-L-14 and
+    # LAION-2B ViT-B-32 e16 runs used GELU (no "quickgelu" in their names, registered without the flag).
+    _open_clip_release("RN50", "yfcc15m", "rn50-quickgelu-yfcc15m-455df137.pt", quick_gelu=True),
+    _open_clip_release("RN50", "cc12m", "rn50-quickgelu-cc12m-f000538c.pt", quick_gelu=True),
+    _open_clip_release("RN101", "yfcc15m", "rn101-quickgelu-yfcc15m-3e04b30e.pt", quick_gelu=True),
+    _open_clip_release("ViT-B-32", "laion400m_e31", "vit_b_32-quickgelu-laion400m_e31-d867053b.pt", quick_gelu=True),
+    _open_clip_release("ViT-B-32", "laion400m_e32", "vit_b_32-quickgelu-laion400m_e32-46683a32.pt", quick_gelu=True),
+    _open_clip_release("ViT-B-32", "laion2b_e16", "vit_b_32-laion2b_e16-af8dbd0c.pth", quick_gelu=False),
+    _open_clip_release("ViT-B-16", "laion400m_e31", "vit_b_16-laion400m_e31-00efa78f.pt", quick_gelu=False),
+    _open_clip_release("ViT-B-16", "laion400m_e32", "vit_b_16-laion400m_e32-55e67d44.pt", quick_gelu=False),
+    _open_clip_release("ViT-L-14", "laion400m_e31", "vit_l_14-laion400m_e31-69988bb6.pt", quick_gelu=False),
+    _open_clip_release("ViT-L-14", "laion400m_e32", "vit_l_14-laion400m_e32-3d133497.pt", quick_gelu=False),
     # Tiny model trained on synthetic data and shipped in the package (its config.json is authoritative).
     WeightSource(
         arch="tiny-synth",
