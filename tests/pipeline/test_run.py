@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -398,3 +399,43 @@ def test_float16_storage_states_its_measured_loss(image_folder: Path, tmp_path: 
     part = run_partition(items[:3], fake_factory, ShardSink(tmp_path / "one"), partition_id=0,
                          preprocess_cfg=preprocess_cfg)  # fmt: skip
     assert part.storage_min_cos is not None and 0.9999 < part.storage_min_cos < 1.0
+
+
+def test_a_source_changed_since_the_run_is_warned_about_once_not_per_shard(
+    image_folder: Path, tmp_path: Path, preprocess_cfg, fakes, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    # A file added at the top of the folder moves every shard; at 200,000 files that was 200
+    # warning lines, one per shard, before the run's summary.
+    out = tmp_path / "out"
+    embed_folder(
+        image_folder, out, fakes.FakeBackendFactory(), preprocess_cfg, model="fake", workers=0, shard_size=4
+    )
+    fakes.write_images(image_folder, 1, prefix="aaa")  # sorts first: 7 finished shards no longer match
+    with caplog.at_level("WARNING", logger="clipengine.pipeline"):
+        stats = embed_folder(image_folder, out, fakes.FakeBackendFactory(), preprocess_cfg, model="fake", workers=0, shard_size=4)  # fmt: skip
+    assert (stats.shards_skipped, stats.shards_written) == (0, 7)
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1, warned
+    assert warned[0].startswith(
+        "recomputing 7 finished shard(s): part-00000, part-00001, part-00002 and 4 more"
+    )
+    assert "a file added, removed or renamed" in warned[0]
+    assert read_embeddings(out)[0] == [i.id for i in list_items(image_folder)]
+
+
+def test_a_damaged_shard_is_named_with_its_reason_in_the_one_warning(
+    image_folder: Path, tmp_path: Path, preprocess_cfg, fakes, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "out"
+    embed_folder(
+        image_folder, out, fakes.FakeBackendFactory(), preprocess_cfg, model="fake", workers=0, shard_size=10
+    )
+    (out / "shards" / "part-00001.jsonl").write_text("{not json\n")
+    (out / "shards" / "part-00002.jsonl").unlink()  # never finished: recomputed without a word
+    with caplog.at_level("WARNING", logger="clipengine.pipeline"):
+        stats = embed_folder(image_folder, out, fakes.FakeBackendFactory(), preprocess_cfg, model="fake", workers=0, shard_size=10)  # fmt: skip
+    assert (stats.shards_skipped, stats.shards_written) == (1, 2)
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1, warned
+    assert warned[0].startswith("recomputing 1 finished shard(s): part-00001 (is unreadable (")
+    assert "a file added" not in warned[0]

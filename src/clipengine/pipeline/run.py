@@ -19,7 +19,7 @@ from .embed import BackendSource, LazyBackend
 from .run_lock import exclusive_output
 from .run_settings import check_compatible, check_cpu_share, check_decode_procs, check_output, model_files
 from .shard_assembly import Loading, ProgressCallback, embed_partitions
-from .sinks import RUN_FILE, ShardSink, atomic_write_json, read_run_info
+from .sinks import RUN_FILE, SHARD_MISMATCH, ShardSink, atomic_write_json, read_run_info, shard_stem
 from .sources import Partition, check_unique_ids, list_items, partitions
 from .stats import RunStats
 
@@ -236,16 +236,18 @@ def embed_folder(
         lazy = LazyBackend(backend_factory, on_load=on_load)
         total = RunStats(images=len(items))
         todo = []
+        stale: list[tuple[int, str]] = []  # finished shards that cannot be kept: reported once, below
         for part in parts:  # complete shards are kept (a resume); the rest go through one loader
             ids = [item.id for item in part.items]
             retry = retry_failed and sink.has_failures(part.id)
-            if not retry and sink.is_complete(part.id, ids, embed_dim=info["embed_dim"]):
+            if not retry and sink.is_complete(part.id, ids, embed_dim=info["embed_dim"], stale=stale):
                 total.skipped += len(part.items)
                 total.shards_skipped += 1
                 if progress is not None:
                     progress(len(part.items))
             else:
                 todo.append(part)
+        _warn_stale(stale)
         if workers is not None:
             n_workers = workers
         else:
@@ -272,6 +274,35 @@ def embed_folder(
         atomic_write_json(out_dir / RUN_FILE, info)
         _log.info("embedded %d images (%d failed) into %s", total.embedded, total.failed, out_dir)
         return total
+
+
+# Shards named per reason in the one warning of `_warn_stale`; the rest are counted.
+_STALE_NAMED = 3
+
+
+def _warn_stale(stale: Sequence[tuple[int, str]]) -> None:
+    """One warning for the finished shards a rerun recomputes (`ShardSink.is_complete`'s `stale`),
+    whatever their number: a file added at the top of a 200,000-file folder moves every shard."""
+    if not stale:
+        return
+    by_reason: dict[str, list[int]] = {}
+    for partition_id, reason in stale:
+        by_reason.setdefault(reason, []).append(partition_id)
+    groups = []
+    for reason, ids in list(by_reason.items())[:_STALE_NAMED]:  # damaged shards may each say another thing
+        named = ", ".join(shard_stem(i) for i in ids[:_STALE_NAMED])
+        more = f" and {len(ids) - _STALE_NAMED} more" if len(ids) > _STALE_NAMED else ""
+        groups.append(f"{named}{more} ({reason})")
+    others = sum(len(ids) for ids in list(by_reason.values())[_STALE_NAMED:])
+    if others:
+        groups.append(f"{others} more (other reasons)")
+    hint = (
+        "; the source lists other files than when they were written (a file added, removed or renamed "
+        "moves every later shard)"
+        if SHARD_MISMATCH in by_reason
+        else ""
+    )
+    _log.warning("recomputing %d finished shard(s): %s%s", len(stale), "; ".join(groups), hint)
 
 
 def _check_embed_args(source: object, out_dir: object, preprocess_cfg: object, **counts: object) -> None:

@@ -62,6 +62,10 @@ DTYPES = ("float16", "float32")
 # The files a sink writes, by folder: what its leftover sweep may remove the temp files of.
 _OUT_FILES = re.compile(f"{re.escape(RUN_FILE)}|{re.escape(FAILURES_FILE)}")
 _SHARD_FILE = re.compile(r"part-\d+\.(npy|jsonl|failures\.jsonl)")
+# Why `ShardSink.is_complete` refuses a finished shard whose ids are not its partition's.
+SHARD_MISMATCH = "does not match its partition"
+# `ShardSink._problem` of a shard never finished (its .jsonl, written last, is missing): no warning.
+_UNFINISHED = "was never finished"
 
 
 def shard_stem(partition_id: int) -> str:
@@ -204,23 +208,43 @@ class ShardSink:
         return fail_path.is_file() and fail_path.stat().st_size > 0
 
     def is_complete(
-        self, partition_id: int, expected_ids: Sequence[str], embed_dim: int | None = None
+        self,
+        partition_id: int,
+        expected_ids: Sequence[str],
+        embed_dim: int | None = None,
+        *,
+        stale: list[tuple[int, str]] | None = None,
     ) -> bool:
         """True when the partition's shard exists and accounts for exactly `expected_ids`, in order.
 
         Rows + failures must cover the expected ids once each; the .npy row count must equal the
         .jsonl row count (and its width `embed_dim`, when given) and its dtype this sink's dtype.
+
+        A finished shard that fails the check is logged, or, given `stale`, appended to it as
+        (partition id, why) for the caller to report once: a source changed since the run (one file
+        added at the top of a folder) shifts every later partition, and a warning per shard flooded
+        the terminal (200 lines for 200,000 files).
         """
+        problem = self._problem(partition_id, expected_ids, embed_dim)
+        if problem is None or problem is _UNFINISHED:
+            return problem is None
+        if stale is not None:
+            stale.append((partition_id, problem))
+        else:
+            _log.warning("shard %s %s, recomputing it", shard_stem(partition_id), problem)
+        return False
+
+    def _problem(self, partition_id: int, expected_ids: Sequence[str], embed_dim: int | None) -> str | None:
+        """None for a complete shard, `_UNFINISHED` for one never finished, else why it is stale."""
         npy, rows_path, fail_path = self.paths(partition_id)
         if not (npy.is_file() and rows_path.is_file() and fail_path.is_file()):
-            return False
+            return _UNFINISHED
         try:
             rows = _read_jsonl(rows_path)
             failed = {r["path"] for r in _read_jsonl(fail_path)}
             vectors = np.load(npy, mmap_mode="r")
         except (OSError, ValueError, KeyError) as e:
-            _log.warning("shard %s is unreadable, recomputing it: %s", shard_stem(partition_id), e)
-            return False
+            return f"is unreadable ({e})"
         kept = [i for i in expected_ids if i not in failed]
         ok = (
             [r.get("path") for r in rows] == kept
@@ -230,9 +254,7 @@ class ShardSink:
             and str(vectors.dtype) == self.dtype
             and (embed_dim is None or vectors.shape[1] == embed_dim)
         )
-        if not ok:
-            _log.warning("shard %s does not match its partition, recomputing it", shard_stem(partition_id))
-        return ok
+        return None if ok else SHARD_MISMATCH
 
     def write(
         self,
