@@ -351,8 +351,8 @@ def read_embeddings(out_dir: str | Path) -> tuple[list[str], FloatArray, dict[st
         (ids, vectors (N, D) float32, meta): meta is ``run.json`` ({} if absent).
 
     Raises:
-        DatasetError: an unfinished run, no shards, a missing shard, or a shard whose .npy and .jsonl
-            disagree.
+        DatasetError: an unfinished run, no shards, a missing shard, a shard whose .npy and .jsonl
+            disagree, or shards of different widths.
     """
     if not isinstance(out_dir, str | Path):  # else pathlib's TypeError, naming no argument
         raise TypeError(f"out_dir must be a folder path (str or Path), got {type(out_dir).__name__}")
@@ -367,7 +367,9 @@ def read_embeddings(out_dir: str | Path) -> tuple[list[str], FloatArray, dict[st
     if not stems:
         raise DatasetError(f"{out_dir}: no embedding shards found (run `clipengine embed` first)")
     ids: list[str] = []
-    blocks: list[FloatArray] = []
+    # Each shard memory-mapped first, then copied into one float32 array: a float32 copy per shard
+    # joined by np.concatenate held every vector twice at the end (6 GB for 1,000,000 768-d rows).
+    blocks: list[npt.NDArray[Any]] = []
     for stem in stems:
         npy, rows_path = shards_dir / f"{stem}.npy", shards_dir / f"{stem}.jsonl"
         if not (npy.is_file() and rows_path.is_file()):
@@ -375,15 +377,24 @@ def read_embeddings(out_dir: str | Path) -> tuple[list[str], FloatArray, dict[st
         try:
             rows = _read_jsonl(rows_path)
             shard_ids = [r["path"] for r in rows]
-            vectors = np.load(npy, allow_pickle=False)
+            vectors = np.load(npy, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError, KeyError) as e:  # damaged since the run: a rerun recomputes it
             raise DatasetError(
                 f"{out_dir}: shard {stem} is unreadable ({e}); rerun `clipengine embed` to recompute it"
             ) from e
         if vectors.ndim != 2 or vectors.shape[0] != len(rows):
             raise DatasetError(f"{npy}: {vectors.shape[0]} vectors but {len(rows)} rows in {rows_path.name}")
+        if blocks and vectors.shape[1] != blocks[0].shape[1]:  # was np.concatenate's bare ValueError
+            raise DatasetError(
+                f"{npy}: {vectors.shape[1]}-d vectors, but {blocks[0].shape[1]}-d in {stems[0]}.npy; "
+                "rerun `clipengine embed` into a new folder"
+            )
         ids.extend(shard_ids)
-        blocks.append(vectors.astype(np.float32))
+        blocks.append(vectors)
     dim = blocks[0].shape[1] if blocks else int(meta.get("embed_dim", 0))
-    vectors = np.concatenate(blocks) if blocks else np.zeros((0, dim), dtype=np.float32)
+    vectors = np.empty((len(ids), dim), dtype=np.float32)
+    start = 0
+    for block in blocks:
+        vectors[start : start + len(block)] = block  # float16 -> float32 in place
+        start += len(block)
     return ids, vectors, meta
