@@ -222,3 +222,25 @@ def test_read_embeddings_names_a_shard_of_another_width(tmp_path: Path) -> None:
     sink.write(1, ["b"], _vectors(1, d=8), [(1, 1)], [])
     with pytest.raises(DatasetError, match=r"part-00001\.npy: 8-d vectors, but 4-d in part-00000\.npy"):
         read_embeddings(tmp_path)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts this process's descriptors in /proc")
+def test_read_embeddings_keeps_at_most_one_shard_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each memory-mapped shard holds a file descriptor until dropped: mapping every shard before
+    copying them out held one per shard (a 1,000,000-image run has 1,000 shards, at or above the
+    common limit of 1,024, and the error read "shard is unreadable")."""
+    from clipengine.pipeline import sinks
+
+    sink = ShardSink(tmp_path, dtype="float16")
+    for pid in range(40):
+        sink.write(pid, [f"{pid}.jpg"], _vectors(1, d=4), [(1, 1)], [])
+    real_load, open_fds = np.load, []
+
+    def counting_load(*args, **kwargs):  # type: ignore[no-untyped-def]
+        open_fds.append(len(os.listdir("/proc/self/fd")))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(sinks.np, "load", counting_load)
+    ids, vectors, _ = read_embeddings(tmp_path)
+    assert len(ids) == 40 and vectors.shape == (40, 4)
+    assert max(open_fds) - min(open_fds) <= 2  # was 39: every shard mapped at once

@@ -367,9 +367,12 @@ def read_embeddings(out_dir: str | Path) -> tuple[list[str], FloatArray, dict[st
     if not stems:
         raise DatasetError(f"{out_dir}: no embedding shards found (run `clipengine embed` first)")
     ids: list[str] = []
-    # Each shard memory-mapped first, then copied into one float32 array: a float32 copy per shard
-    # joined by np.concatenate held every vector twice at the end (6 GB for 1,000,000 768-d rows).
-    blocks: list[npt.NDArray[Any]] = []
+    # Two passes: the shards' shapes first, then one float32 array that each shard, memory-mapped, is
+    # copied into. A float32 copy per shard joined by np.concatenate held every vector twice at the
+    # end (6 GB for 1,000,000 768-d rows); keeping every shard mapped until the copy would hold a file
+    # descriptor each (1,000 shards can exceed the common 1,024 limit).
+    sizes: list[tuple[Path, int]] = []
+    dim = int(meta.get("embed_dim", 0))
     for stem in stems:
         npy, rows_path = shards_dir / f"{stem}.npy", shards_dir / f"{stem}.jsonl"
         if not (npy.is_file() and rows_path.is_file()):
@@ -377,24 +380,40 @@ def read_embeddings(out_dir: str | Path) -> tuple[list[str], FloatArray, dict[st
         try:
             rows = _read_jsonl(rows_path)
             shard_ids = [r["path"] for r in rows]
-            vectors = np.load(npy, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError, KeyError) as e:  # damaged since the run: a rerun recomputes it
+            shape = _mapped_shard(out_dir, stem, npy).shape
+        except (OSError, KeyError, ValueError) as e:  # damaged since the run: a rerun recomputes it
+            raise _unreadable(out_dir, stem, e) from e
+        if len(shape) != 2:
+            raise _unreadable(out_dir, stem, f"{npy.name} holds an array of shape {shape}, not vectors")
+        if shape[0] != len(rows):
+            raise DatasetError(f"{npy}: {shape[0]} vectors but {len(rows)} rows in {rows_path.name}")
+        if sizes and shape[1] != dim:  # was np.concatenate's bare ValueError
             raise DatasetError(
-                f"{out_dir}: shard {stem} is unreadable ({e}); rerun `clipengine embed` to recompute it"
-            ) from e
-        if vectors.ndim != 2 or vectors.shape[0] != len(rows):
-            raise DatasetError(f"{npy}: {vectors.shape[0]} vectors but {len(rows)} rows in {rows_path.name}")
-        if blocks and vectors.shape[1] != blocks[0].shape[1]:  # was np.concatenate's bare ValueError
-            raise DatasetError(
-                f"{npy}: {vectors.shape[1]}-d vectors, but {blocks[0].shape[1]}-d in {stems[0]}.npy; "
+                f"{npy}: {shape[1]}-d vectors, but {dim}-d in {stems[0]}.npy; "
                 "rerun `clipengine embed` into a new folder"
             )
+        dim = shape[1]
         ids.extend(shard_ids)
-        blocks.append(vectors)
-    dim = blocks[0].shape[1] if blocks else int(meta.get("embed_dim", 0))
+        sizes.append((npy, shape[0]))
     vectors = np.empty((len(ids), dim), dtype=np.float32)
     start = 0
-    for block in blocks:
-        vectors[start : start + len(block)] = block  # float16 -> float32 in place
-        start += len(block)
+    for npy, count in sizes:
+        block = _mapped_shard(out_dir, npy.stem, npy)
+        if block.shape != (count, dim):  # rewritten since the first pass
+            raise _unreadable(out_dir, npy.stem, f"it changed while being read: {block.shape}")
+        vectors[start : start + count] = block  # float16 -> float32 in place; unmapped when dropped
+        start += count
     return ids, vectors, meta
+
+
+def _mapped_shard(out_dir: Path, stem: str, npy: Path) -> npt.NDArray[Any]:
+    """`npy` memory-mapped (it holds a file descriptor until dropped), or the shard's DatasetError."""
+    try:
+        mapped: npt.NDArray[Any] = np.load(npy, mmap_mode="r", allow_pickle=False)
+        return mapped
+    except (OSError, ValueError) as e:
+        raise _unreadable(out_dir, stem, e) from e
+
+
+def _unreadable(out_dir: Path, stem: str, reason: object) -> DatasetError:
+    return DatasetError(f"{out_dir}: shard {stem} is unreadable ({reason}); rerun `clipengine embed` to recompute it")
