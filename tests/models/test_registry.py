@@ -98,19 +98,22 @@ GITHUB_RELEASES = "https://github.com/mlfoundations/open_clip/releases/download/
 OPEN_CLIP_RELEASES = [s for s in sources() if (s.url or "").startswith(GITHUB_RELEASES)]
 
 
+GITHUB_RELEASE_KEYS = {
+    "RN50@yfcc15m",
+    "RN50@cc12m",
+    "RN101@yfcc15m",
+    "ViT-B-32@laion400m_e31",
+    "ViT-B-32@laion400m_e32",
+    "ViT-B-32@laion2b_e16",
+    "ViT-B-16@laion400m_e31",
+    "ViT-B-16@laion400m_e32",
+    "ViT-L-14@laion400m_e31",
+    "ViT-L-14@laion400m_e32",
+}
+
+
 def test_open_clip_github_releases_are_registered() -> None:
-    assert {s.key for s in OPEN_CLIP_RELEASES} == {
-        "RN50@yfcc15m",
-        "RN50@cc12m",
-        "RN101@yfcc15m",
-        "ViT-B-32@laion400m_e31",
-        "ViT-B-32@laion400m_e32",
-        "ViT-B-32@laion2b_e16",
-        "ViT-B-16@laion400m_e31",
-        "ViT-B-16@laion400m_e32",
-        "ViT-L-14@laion400m_e31",
-        "ViT-L-14@laion400m_e32",
-    }
+    assert {s.key for s in OPEN_CLIP_RELEASES} == GITHUB_RELEASE_KEYS
 
 
 @pytest.mark.parametrize("src", OPEN_CLIP_RELEASES, ids=lambda s: s.key)

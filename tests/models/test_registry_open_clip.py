@@ -21,23 +21,17 @@ from clipengine.models.weights import cache_path, cache_status, sha256_file
 
 from .conftest import Checkpoint, _open_clip_model, open_clip_encode
 from .parity import assert_parity
+from .test_registry import GITHUB_RELEASE_KEYS
 
-NEW_KEYS = [
-    "RN50@yfcc15m",
-    "RN50@cc12m",
-    "RN101@yfcc15m",
-    "ViT-B-32@laion400m_e31",
-    "ViT-B-32@laion400m_e32",
-    "ViT-B-32@laion2b_e16",
-    "ViT-B-32@datacomp_xl_s13b_b90k",
-    "ViT-B-16@laion400m_e31",
-    "ViT-B-16@laion400m_e32",
-    "ViT-B-16@datacomp_xl_s13b_b90k",
-    "ViT-L-14@laion400m_e31",
-    "ViT-L-14@laion400m_e32",
-    "ViT-L-14@datacomp_xl_s13b_b90k",
-    "ViT-g-14@laion2b_s12b_b42k",
-]
+NEW_KEYS = sorted(
+    GITHUB_RELEASE_KEYS
+    | {
+        "ViT-B-32@datacomp_xl_s13b_b90k",
+        "ViT-B-16@datacomp_xl_s13b_b90k",
+        "ViT-L-14@datacomp_xl_s13b_b90k",
+        "ViT-g-14@laion2b_s12b_b42k",
+    }
+)
 
 
 def _source(key: str) -> WeightSource:
