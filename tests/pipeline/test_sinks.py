@@ -244,3 +244,42 @@ def test_read_embeddings_keeps_at_most_one_shard_open(tmp_path: Path, monkeypatc
     ids, vectors, _ = read_embeddings(tmp_path)
     assert len(ids) == 40 and vectors.shape == (40, 4)
     assert max(open_fds) - min(open_fds) <= 2  # was 39: every shard mapped at once
+
+
+@pytest.mark.parametrize("embed_dim", ["null", '"64"', "[4]"])
+def test_read_embeddings_takes_the_width_from_the_shards_not_run_json(tmp_path: Path, embed_dim: str) -> None:
+    """The two-pass reader started from `int(run.json's embed_dim)`: a finished folder whose run.json
+    holds null there (or a damaged value) ended in a bare TypeError / ValueError, where the reader
+    before it never needed that field."""
+    sink = ShardSink(tmp_path, dtype="float32")
+    sink.write(0, ["a", "b"], _vectors(2), [(1, 1)] * 2, [])
+    (tmp_path / "run.json").write_text(f'{{"status": "complete", "partitions": 1, "embed_dim": {embed_dim}}}')
+    ids, vectors, _ = read_embeddings(tmp_path)
+    assert ids == ["a", "b"]
+    np.testing.assert_array_equal(vectors, _vectors(2))
+
+
+@pytest.mark.parametrize(
+    "array",
+    [np.array(1.0, dtype=np.float32), np.zeros(1, dtype=np.float32), np.array([["x", "y", "z", "w"]])],
+    ids=["0-d", "1-d", "strings"],
+)
+def test_read_embeddings_names_a_shard_that_holds_no_vectors(tmp_path: Path, array: np.ndarray) -> None:
+    """A shard .npy replaced by an array that is not (N, D) floats is named, with its shape and
+    dtype; strings were a bare ValueError from the copy into the float32 result."""
+    sink = ShardSink(tmp_path, dtype="float32")
+    sink.write(0, ["a"], _vectors(1), [(1, 1)], [])
+    np.save(sink.paths(0)[0], array)
+    with pytest.raises(DatasetError, match=r"shard part-00000 is unreadable \(part-00000\.npy holds a .+ not vectors\)"):
+        read_embeddings(tmp_path)
+
+
+def test_read_embeddings_reads_empty_shards_of_any_dtype(tmp_path: Path) -> None:
+    """A shard whose every file failed holds (0, D) vectors; beside float16 and float32 shards it
+    adds no rows and keeps the width."""
+    ShardSink(tmp_path, dtype="float16").write(0, ["a"], _vectors(1), [(1, 1)], [])
+    ShardSink(tmp_path, dtype="float32").write(1, [], _vectors(0), [], [Failure("bad.jpg", "empty file")])
+    ShardSink(tmp_path, dtype="float32").write(2, ["c"], _vectors(1), [(1, 1)], [])
+    ids, vectors, _ = read_embeddings(tmp_path)
+    assert ids == ["a", "c"] and vectors.shape == (2, 4) and vectors.dtype == np.float32
+    np.testing.assert_allclose(vectors, np.concatenate([_vectors(1), _vectors(1)]), atol=1e-3)

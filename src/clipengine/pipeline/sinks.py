@@ -372,7 +372,7 @@ def read_embeddings(out_dir: str | Path) -> tuple[list[str], FloatArray, dict[st
     # end (6 GB for 1,000,000 768-d rows); keeping every shard mapped until the copy would hold a file
     # descriptor each (1,000 shards can exceed the common 1,024 limit).
     sizes: list[tuple[Path, int]] = []
-    dim = int(meta.get("embed_dim", 0))
+    dim = 0  # the first shard's width (run.json's embed_dim may be null or damaged: not read here)
     for stem in stems:
         npy, rows_path = shards_dir / f"{stem}.npy", shards_dir / f"{stem}.jsonl"
         if not (npy.is_file() and rows_path.is_file()):
@@ -380,11 +380,13 @@ def read_embeddings(out_dir: str | Path) -> tuple[list[str], FloatArray, dict[st
         try:
             rows = _read_jsonl(rows_path)
             shard_ids = [r["path"] for r in rows]
-            shape = _mapped_shard(out_dir, stem, npy).shape
+            mapped = _mapped_shard(out_dir, stem, npy)
+            shape, dtype = mapped.shape, mapped.dtype
+            del mapped  # unmapped now: one shard mapped at a time (file descriptors)
         except (OSError, KeyError, ValueError) as e:  # damaged since the run: a rerun recomputes it
             raise _unreadable(out_dir, stem, e) from e
-        if len(shape) != 2:
-            raise _unreadable(out_dir, stem, f"{npy.name} holds an array of shape {shape}, not vectors")
+        if len(shape) != 2 or dtype.kind != "f":  # else a bare ValueError or TypeError from the copy below
+            raise _unreadable(out_dir, stem, f"{npy.name} holds a {dtype} array of shape {shape}, not vectors")
         if shape[0] != len(rows):
             raise DatasetError(f"{npy}: {shape[0]} vectors but {len(rows)} rows in {rows_path.name}")
         if sizes and shape[1] != dim:  # was np.concatenate's bare ValueError
