@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import tarfile
 from pathlib import Path
 from types import ModuleType
@@ -24,7 +25,7 @@ def _shard_names(out: Path) -> list[str]:
 
 @pytest.mark.integration
 def test_ray_run_equals_local_run_and_resumes(
-    ray_local: None, fakes: ModuleType, mixed_folder: Path, tmp_path: Path, preprocess_cfg
+    ray_local: None, fakes: ModuleType, mixed_folder: Path, tmp_path: Path, preprocess_cfg, caplog: pytest.LogCaptureFixture
 ) -> None:  # type: ignore[no-untyped-def]
     factory = fakes.FakeFactory()
     local = tmp_path / "local"
@@ -68,6 +69,16 @@ def test_ray_run_equals_local_run_and_resumes(
     retried = embed_with_ray(mixed_folder, out, factory, preprocess_cfg, model="fake", shard_size=5, retry_failed=True)  # fmt: skip
     assert 0 < with_failures == retried.shards_written and retried.shards_skipped == 3 - with_failures
     assert read_failures(out) == read_failures(local) and read_embeddings(out)[0] == ids_l
+
+    # Damaged finished shards are recomputed with one warning for all, as the local engine does (a
+    # warning per shard flooded the terminal when a changed source moved every shard).
+    for stem in ("part-00000", "part-00002"):
+        (out / "shards" / f"{stem}.jsonl").write_text("{not json\n")
+    with caplog.at_level("WARNING", logger="clipengine"):
+        damaged = embed_with_ray(mixed_folder, out, factory, preprocess_cfg, model="fake", shard_size=5)
+    assert damaged.shards_written == 2 and read_embeddings(out)[0] == ids_l
+    warned = [r.getMessage() for r in caplog.records if r.name.startswith("clipengine") and r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and warned[0].startswith("recomputing 2 finished shard(s): part-00000, part-00002"), warned
 
 
 @pytest.mark.integration

@@ -283,3 +283,28 @@ def test_read_embeddings_reads_empty_shards_of_any_dtype(tmp_path: Path) -> None
     ids, vectors, _ = read_embeddings(tmp_path)
     assert ids == ["a", "c"] and vectors.shape == (2, 4) and vectors.dtype == np.float32
     np.testing.assert_allclose(vectors, np.concatenate([_vectors(1), _vectors(1)]), atol=1e-3)
+
+
+def test_read_embeddings_reads_shards_whole_where_they_cannot_be_memory_mapped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some FUSE and network file systems refuse mmap (ENODEV): the shards are read whole there,
+    one at a time, rather than every shard reported as unreadable."""
+    import errno
+
+    from clipengine.pipeline import sinks
+
+    sink = ShardSink(tmp_path, dtype="float16")
+    for pid in range(3):
+        sink.write(pid, [f"{pid}.jpg"], _vectors(1, d=4), [(1, 1)], [])
+    expected = read_embeddings(tmp_path)
+    real_load = np.load
+
+    def no_mmap(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if kwargs.get("mmap_mode"):
+            raise OSError(errno.ENODEV, "No such device")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(sinks.np, "load", no_mmap)
+    ids, vectors, _ = read_embeddings(tmp_path)
+    assert ids == expected[0] and np.array_equal(vectors, expected[1])

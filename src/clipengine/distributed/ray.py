@@ -33,7 +33,7 @@ import numpy as np
 
 from ..errors import BackendError, IndexMismatchError, InputError
 from ..pipeline.embed import LazyBackend
-from ..pipeline.run import RunStats, run_partition
+from ..pipeline.run import RunStats, run_partition, warn_stale_shards
 from ..pipeline.run_lock import exclusive_output
 from ..pipeline.run_settings import check_compatible, model_files
 from ..pipeline.sinks import RUN_FILE, ShardSink, atomic_write_json, read_run_info
@@ -318,16 +318,19 @@ def embed_with_ray(
 
         total = RunStats()
         todo, retried = [], set[int]()
+        stale: list[tuple[int, str]] = []  # finished shards that cannot be kept: one warning, below
         for p in parts:
             retry = retry_failed and sink.has_failures(p.id)
             if retry:
                 retried.add(p.id)
-            if not retry and sink.is_complete(p.id, [i.id for i in p.items], embed_dim=info["embed_dim"]):
+            ids = [i.id for i in p.items]
+            if not retry and sink.is_complete(p.id, ids, embed_dim=info["embed_dim"], stale=stale):
                 total.add(RunStats(images=len(p.items), skipped=len(p.items), shards_skipped=1))
                 if progress is not None:
                     progress(len(p.items))
             else:
                 todo.append(p)
+        warn_stale_shards(stale)
         log.info("ray embed: %d partitions, %d already complete", len(parts), len(parts) - len(todo))
         if todo:
             _run_job(todo, out, _as_factory(backend_factory, num_gpus), cfg, info, total, progress,

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from ..image.preprocess import PreprocessConfig
     from .gpu_procs import StartedDecodeProcesses
 
-__all__ = ["ProgressCallback", "RunStats", "check_output", "embed_folder", "run_partition"]
+__all__ = ["ProgressCallback", "RunStats", "check_output", "embed_folder", "run_partition", "warn_stale_shards"]
 
 _log = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ def embed_folder(
                     progress(len(part.items))
             else:
                 todo.append(part)
-        _warn_stale(stale)
+        warn_stale_shards(stale)
         if workers is not None:
             n_workers = workers
         else:
@@ -276,13 +276,13 @@ def embed_folder(
         return total
 
 
-# Shards named per reason in the one warning of `_warn_stale`; the rest are counted.
+# Shards named per reason in the one warning of `warn_stale_shards`; the rest are counted.
 _STALE_NAMED = 3
 
 
-def _warn_stale(stale: Sequence[tuple[int, str]]) -> None:
+def warn_stale_shards(stale: Sequence[tuple[int, str]]) -> None:
     """One warning for the finished shards a rerun recomputes (`ShardSink.is_complete`'s `stale`),
-    whatever their number: a file added at the top of a 200,000-file folder moves every shard."""
+    whatever their number (both engines): a file added at the top of a 200,000-file folder moves every shard."""
     if not stale:
         return
     by_reason: dict[str, list[int]] = {}

@@ -409,9 +409,13 @@ def read_embeddings(out_dir: str | Path) -> tuple[list[str], FloatArray, dict[st
 
 
 def _mapped_shard(out_dir: Path, stem: str, npy: Path) -> npt.NDArray[Any]:
-    """`npy` memory-mapped (it holds a file descriptor until dropped), or the shard's DatasetError."""
+    """`npy` memory-mapped (it holds a file descriptor until dropped), or read whole where the file
+    system cannot map it (some FUSE and network mounts), or the shard's DatasetError."""
     try:
-        mapped: npt.NDArray[Any] = np.load(npy, mmap_mode="r", allow_pickle=False)
+        try:
+            mapped: npt.NDArray[Any] = np.load(npy, mmap_mode="r", allow_pickle=False)
+        except OSError:  # a damaged or missing file fails the same way again, below
+            mapped = np.load(npy, allow_pickle=False)
         return mapped
     except (OSError, ValueError) as e:
         raise _unreadable(out_dir, stem, e) from e
