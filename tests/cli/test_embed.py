@@ -86,6 +86,46 @@ def test_resumed_run_text_and_json_count_failures_alike(folder: Path, tmp_path: 
     assert (data["failed"], data["failed_total"]) == (0, 1)
 
 
+def test_a_rerun_of_a_finished_folder_loads_no_model(folder: Path, tmp_path: Path, fake_load, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Every shard complete: the rerun says so without loading the model (seconds to minutes for a
+    large one, for nothing); a shard left to compute loads it as before."""
+    out = tmp_path / "out"
+    args = ["embed", str(folder), "-o", str(out), "--workers", "0", "--shard-size", "4", "--no-progress"]
+    assert CliRunner().invoke(app, args).exit_code == 0 and len(fake_load) == 1
+    ids, vectors, _ = read_embeddings(out)
+    with caplog.at_level("INFO", logger="clipengine"):
+        again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and "12 inputs resumed from 3 finished shards" in again.output
+    assert f"{out}: every shard is complete; no model loaded" in caplog.messages and len(fake_load) == 1
+    (out / "shards" / "part-00001.npy").unlink()
+    assert CliRunner().invoke(app, args).exit_code == 0 and len(fake_load) == 2  # 4 files to embed
+    assert CliRunner().invoke(app, [*args, "--retry-failed"]).exit_code == 0 and len(fake_load) == 3
+    ids2, vectors2, _ = read_embeddings(out)
+    assert ids2 == ids
+    np.testing.assert_array_equal(vectors2, vectors)
+
+
+def test_the_default_gpu_loaders_follow_the_files_left(folder: Path, tmp_path: Path, fake_load, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A resume with a few files left is not a large folder: 3 idle decode processes started for it."""
+    from clipengine.cli import embed as embed_cli
+
+    out = tmp_path / "out"
+    args = ["embed", str(folder), "-o", str(out), "--workers", "0", "--shard-size", "4", "--no-progress"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    (out / "shards" / "part-00002.npy").unlink()  # the last shard: 4 of the 12 files
+    info = json.loads((out / "run.json").read_text())  # as a --gpu-decode run records it (no GPU here)
+    (out / "run.json").write_text(json.dumps({**info, "gpu_decode": True, "gpu_decoder": "torchvision", "gpu_cpu_share": 0.0}))
+    asked: list[int] = []
+
+    def default_procs(files: int) -> int:
+        asked.append(files)
+        raise KeyboardInterrupt  # enough: what it was asked for
+
+    monkeypatch.setattr(embed_cli, "_default_decode_procs", default_procs)
+    monkeypatch.setattr(embed_cli, "_check_gpu_decode", lambda *a: None)
+    assert main([*args, "--gpu-decode"]) == 130 and asked == [4]
+
+
 def test_file_list_source(folder: Path, tmp_path: Path, fake_load) -> None:  # type: ignore[no-untyped-def]
     listing = tmp_path / "list.txt"
     listing.write_text(f"{folder / 'img-0003.jpg'}\nphotos/img-0001.jpg\nphotos/missing.jpg\n")
@@ -372,6 +412,9 @@ def test_gpu_decode_procs_start_before_the_model_loads(folder: Path, tmp_path: P
     np.testing.assert_allclose(vectors, cpu_vectors, atol=1e-5)
     assert [f.id for f in read_failures(out)] == ["empty.jpg"]
     assert not [p for p in __import__("multiprocessing").active_children() if p.name.startswith("clipengine-gpu")]
+    before = list(events)
+    rerun = CliRunner().invoke(app, [*args, "--gpu-decode", *flag, "--workers", "4"])
+    assert rerun.exit_code == 0 and events == before  # nothing left: no process started, no model loaded
     alone = CliRunner().invoke(app, [*args, "--gpu-decode-procs", "2"])
     assert alone.exit_code == 2 and "--gpu-decode-procs needs --gpu-decode" in alone.output
 

@@ -79,6 +79,9 @@ def test_embed_records_the_deviation_in_run_json(
     assert info["fidelity"]["precision"] == "int8" and info["status"] == "complete"
     assert towers["image"]["min_cos"] == _min_cos(export_dir, "image", "int8")
     assert towers["text"]["min_cos"] == _min_cos(export_dir, "text", "int8")
+    assert main([*base, "-o", str(tmp_path / "int8"), "--precision", "int8"]) == 0  # finished: no model loaded
+    assert _expected_note(export_dir) in capsys.readouterr().err  # the deviation recorded, stated again
+    assert json.loads((tmp_path / "int8" / "run.json").read_text())["fidelity"] == info["fidelity"]
     assert main([*base, "-o", str(tmp_path / "fp32"), "--fast-decode", "--json"]) == 0
     info = json.loads((tmp_path / "fp32" / "run.json").read_text())
     assert json.loads(capsys.readouterr().out)["fidelity"] == info["fidelity"]

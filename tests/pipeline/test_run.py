@@ -13,7 +13,7 @@ import pytest
 
 from clipengine.errors import DatasetError, IndexMismatchError
 from clipengine.pipeline import sinks
-from clipengine.pipeline.run import RunStats, embed_folder, run_partition
+from clipengine.pipeline.run import RunStats, embed_folder, pending_images, run_partition
 from clipengine.pipeline.sinks import ShardSink, read_embeddings, read_failures
 from clipengine.pipeline.sources import list_items, partitions
 
@@ -77,6 +77,25 @@ def test_rerun_of_a_finished_output_recomputes_nothing(
     assert read_embeddings(out)[2]["timings"]["embedded"] == 25  # the working run's timings are kept
     assert again.built == []  # no model loaded when there is nothing to do
     assert read_embeddings(out)[0] == [i.id for i in list_items(image_folder)]
+
+
+def test_pending_images_counts_what_a_run_would_embed(
+    image_folder: Path, tmp_path: Path, preprocess_cfg, fakes
+) -> None:  # type: ignore[no-untyped-def]
+    """What the CLI asks before loading a model: the same shards `embed_folder` then keeps."""
+    items, out = list_items(image_folder), tmp_path / "out"
+
+    def pending(**kw: bool) -> int:
+        return pending_images(items, out, shard_size=10, **kw)
+
+    assert pending() == 25 and not out.exists()  # no run yet: everything (and nothing written)
+    embed_folder(image_folder, out, fakes.FakeBackendFactory(), preprocess_cfg, model="fake", workers=0, shard_size=10)  # fmt: skip
+    assert pending() == 0 and pending(retry_failed=True) == 0  # no failures to retry
+    (out / "shards" / "part-00002.npy").unlink()
+    assert pending() == 5  # the last partition holds 5
+    assert pending_images(items[1:], out, shard_size=10) == 24  # the source changed: every shard stale
+    stats = embed_folder(image_folder, out, fakes.FakeBackendFactory(), preprocess_cfg, model="fake", workers=0, shard_size=10)  # fmt: skip
+    assert (stats.shards_written, stats.shards_skipped) == (1, 2) and pending() == 0
 
 
 def test_interrupted_run_resumes_to_the_same_result(

@@ -34,13 +34,13 @@ def _run_engine(
     items: list[ImageItem],
     output: Path,
     clip: ClipModel | None,
-    preprocess: PreprocessConfig,
+    preprocess: PreprocessConfig | dict[str, Any],
     opts: mo.ModelOptions,
     **kwargs: Any,
 ) -> RunStats:
-    """Embed in this process (decode workers + the loaded `clip`) or on Ray (one model per actor;
-    the driver holds none: `clip` is None)."""
-    if clip is None:
+    """Embed in this process (decode workers + the loaded `clip`; None when every shard was complete:
+    loaded only if one is not by now) or on Ray (one model per actor; the driver holds none)."""
+    if engine == "ray":
         from ..distributed.ray import embed_with_ray
 
         if kwargs.get("num_gpus", 0) > 0 and opts.device == "cpu":  # GPUs reserved per actor: use them
@@ -49,7 +49,8 @@ def _run_engine(
         return embed_with_ray(items, output, factory, preprocess, **kwargs)
     from ..pipeline.run import embed_folder
 
-    return embed_folder(items, output, lambda: clip.backend, preprocess, **kwargs)
+    backend = (lambda: clip.backend) if clip is not None else (lambda: mo.load_clip(opts).backend)
+    return embed_folder(items, output, backend, preprocess, **kwargs)
 
 
 def _fidelity(clip: ClipModel | None, opts: mo.ModelOptions, **decode: Any) -> dict[str, Any] | None:
@@ -134,7 +135,7 @@ GPU_DECODE_PROCS_OPT = typer.Option(
     min=1,
     help="With --gpu-decode: GPU loaders in all, this process's loader thread and N-1 processes, each "
     "decoding and preprocessing the next block of files (the same pixels). The processes start while the "
-    "model loads and join when ready. Default: 4 for 100,000 files or more on 8 cores or more, else 1 (the "
+    "model loads and join when ready. Default: 4 for 100,000 files or more to embed on 8 cores or more, else 1 (the "
     "loader thread alone). On an H200, 4 loaders took 34.6-37.3 s over 196,608 1280x960 JPEGs against "
     "41.6-46.4 s for one, and tied over 65,536 (their start-up is paid once).",
 )
@@ -165,14 +166,14 @@ def _start_decode_procs(
 
 
 def _default_decode_procs(files: int) -> int:
-    """`--gpu-decode-procs` when not given, from the file count and this machine's cores (logged: it
-    changes how the run loads, not its output)."""
+    """`--gpu-decode-procs` when not given, from the files left to embed (all of them, or a resume's
+    rest) and this machine's cores (logged: it changes how the run loads, not its output)."""
     from ..pipeline.batching import default_workers
     from ..pipeline.gpu_procs import default_decode_procs
 
     cores = default_workers()
     procs = default_decode_procs(files, cores)
-    _log.info("GPU loaders: %d (the default for %d files on %d cores; --gpu-decode-procs sets it)", procs, files, cores)
+    _log.info("GPU loaders: %d (the default for %d files to embed on %d cores; --gpu-decode-procs sets it)", procs, files, cores)
     return procs
 
 
@@ -254,9 +255,9 @@ def register(app: typer.Typer) -> None:
         from tqdm import tqdm
 
         from ..errors import DatasetError
-        from ..pipeline.run import check_output
+        from ..pipeline.run import check_output, pending_images
         from ..pipeline.run_lock import exclusive_output
-        from ..pipeline.sinks import DTYPES, FAILURES_FILE
+        from ..pipeline.sinks import DTYPES, FAILURES_FILE, read_run_info
         from ..pipeline.sources import list_items
         from ..report import fidelity_line, render_run_stats
 
@@ -296,8 +297,6 @@ def register(app: typer.Typer) -> None:
         if not items:  # a mistyped folder is not a successful run (predict, bench, index build agree)
             raise DatasetError(f"{source}: no images to embed")
         _log.info("listed %d files in %.1f s", len(items), time.perf_counter() - t_start)
-        if gpu_decode_procs is None:
-            gpu_decode_procs = _default_decode_procs(len(items)) if gpu_decode else 1
         # Refuse a mismatched output folder before the (possibly slow) model load.
         check_output_folder(output, "--output")
         check_output(
@@ -309,17 +308,31 @@ def register(app: typer.Typer) -> None:
             # Held to the fidelity write: a second run into `output` meanwhile is refused now, before
             # its model load, not after (`embed_folder` holds it too, for library callers).
             stack.enter_context(exclusive_output(output))
+            # A rerun of a finished folder loads no model (seconds to minutes for nothing), and the
+            # default GPU loaders follow the files left, not the folder's size.
+            pending = len(items) if engine == "ray" else pending_images(
+                items, output, shard_size=shard_size, dtype=dtype, retry_failed=retry_failed)  # fmt: skip
+            if gpu_decode_procs is None:
+                gpu_decode_procs = _default_decode_procs(pending) if gpu_decode else 1
             procs = None
-            if gpu_decode_procs > 1:  # their start-up (torch, CUDA, nvjpeg) runs while the model loads
+            if gpu_decode_procs > 1 and pending:  # their start-up (torch, CUDA, nvjpeg) runs while the model loads
                 procs = stack.enter_context(_start_decode_procs(gpu_decode_procs, opts.device, gpu_decoder, workers,
                                                                 gpu_cpu_share, fast_decode, gpu_read_threads))  # fmt: skip
-            t_load = time.perf_counter()
-            clip = mo.load_clip(opts) if engine == "local" else None
-            if clip is not None:  # with -v: where a command's time goes outside the embedding (performance.md)
-                _log.info("model loaded in %.1f s (%.1f s since the command started)", time.perf_counter() - t_load,
-                          time.perf_counter() - t_start)  # fmt: skip
-            preprocess = clip.preprocess_cfg if clip is not None else mo.preprocess_only(opts)
-            measured = _fidelity(clip, opts, fast_decode=fast_decode, gpu_decoder=gpu_decoder if gpu_decode else None)
+            finished = read_run_info(output) if engine == "local" and not pending else None
+            clip = None
+            if finished is not None:
+                _log.info("%s: every shard is complete; no model loaded", output)
+                preprocess: PreprocessConfig | dict[str, Any] = finished["preprocess"]
+                measured = finished.get("fidelity")  # what the run that made them measured
+            else:
+                t_load = time.perf_counter()
+                clip = mo.load_clip(opts) if engine == "local" else None
+                if clip is not None:  # with -v: where a command's time goes outside the embedding (performance.md)
+                    _log.info("model loaded in %.1f s (%.1f s since the command started)",
+                              time.perf_counter() - t_load, time.perf_counter() - t_start)  # fmt: skip
+                preprocess = clip.preprocess_cfg if clip is not None else mo.preprocess_only(opts)
+                measured = _fidelity(clip, opts, fast_decode=fast_decode,
+                                     gpu_decoder=gpu_decoder if gpu_decode else None)  # fmt: skip
             if measured is not None:  # a lower precision (or decode) states its measured deviation
                 typer.echo(fidelity_line(measured), err=True)
             run_kwargs: dict[str, Any] = dict(

@@ -29,7 +29,9 @@ if TYPE_CHECKING:
     from ..image.preprocess import PreprocessConfig
     from .gpu_procs import StartedDecodeProcesses
 
-__all__ = ["ProgressCallback", "RunStats", "check_output", "embed_folder", "run_partition", "warn_stale_shards"]
+__all__ = [
+    "ProgressCallback", "RunStats", "check_output", "embed_folder", "pending_images", "run_partition", "warn_stale_shards",
+]  # fmt: skip
 
 _log = logging.getLogger(__name__)
 
@@ -235,18 +237,15 @@ def embed_folder(
 
         lazy = LazyBackend(backend_factory, on_load=on_load)
         total = RunStats(images=len(items))
-        todo = []
         stale: list[tuple[int, str]] = []  # finished shards that cannot be kept: reported once, below
+        todo = _unfinished(parts, sink, info["embed_dim"], retry_failed, stale)
+        todo_ids = {part.id for part in todo}
         for part in parts:  # complete shards are kept (a resume); the rest go through one loader
-            ids = [item.id for item in part.items]
-            retry = retry_failed and sink.has_failures(part.id)
-            if not retry and sink.is_complete(part.id, ids, embed_dim=info["embed_dim"], stale=stale):
+            if part.id not in todo_ids:
                 total.skipped += len(part.items)
                 total.shards_skipped += 1
                 if progress is not None:
                     progress(len(part.items))
-            else:
-                todo.append(part)
         warn_stale_shards(stale)
         if workers is not None:
             n_workers = workers
@@ -274,6 +273,49 @@ def embed_folder(
         atomic_write_json(out_dir / RUN_FILE, info)
         _log.info("embedded %d images (%d failed) into %s", total.embedded, total.failed, out_dir)
         return total
+
+
+def _unfinished(
+    parts: Sequence[Partition],
+    sink: ShardSink,
+    embed_dim: int | None,
+    retry_failed: bool,
+    stale: list[tuple[int, str]],
+) -> list[Partition]:
+    """The partitions a run must (re)compute: those without a complete shard, and with `retry_failed`
+    those whose shard lists failures. Finished shards that cannot be kept are added to `stale`."""
+    todo = []
+    for part in parts:
+        retry = retry_failed and sink.has_failures(part.id)
+        if retry or not sink.is_complete(part.id, [item.id for item in part.items], embed_dim=embed_dim, stale=stale):
+            todo.append(part)
+    return todo
+
+
+def pending_images(
+    source: Sequence[ImageItem],
+    out_dir: str | Path,
+    *,
+    shard_size: int = 1000,
+    dtype: str = "float16",
+    retry_failed: bool = False,
+) -> int:
+    """How many of `source`'s items a run into `out_dir` would embed: those outside its complete
+    shards (all of them when it holds no run). Reads only; `embed_folder` decides again, under its lock.
+
+    The CLI asks before loading a model: a rerun of a finished folder then loads none, and the
+    default number of GPU loaders follows the files left, not the folder's size.
+
+    Example:
+        >>> pending_images(list_items("photos"), "out")  # doctest: +SKIP
+        0
+    """
+    previous = read_run_info(out_dir)
+    if previous is None:
+        return len(source)
+    todo = _unfinished(partitions(source, shard_size), ShardSink(out_dir, dtype), previous.get("embed_dim"),
+                       retry_failed, stale=[])  # fmt: skip
+    return sum(len(part.items) for part in todo)
 
 
 # Shards named per reason in the one warning of `warn_stale_shards`; the rest are counted.
