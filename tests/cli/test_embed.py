@@ -105,6 +105,25 @@ def test_a_rerun_of_a_finished_folder_loads_no_model(folder: Path, tmp_path: Pat
     np.testing.assert_array_equal(vectors2, vectors)
 
 
+def test_a_finished_folder_rerun_on_ray_starts_no_job(folder: Path, tmp_path: Path, fake_load, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The Ray driver's preprocessing comes from run.json then (it could cost a model load), and no job starts."""
+    pytest.importorskip("ray")
+    import clipengine.distributed.ray as ray_engine
+
+    out = tmp_path / "out"
+    args = ["embed", str(folder), "-o", str(out), "--workers", "0", "--shard-size", "4", "--no-progress"]
+    assert CliRunner().invoke(app, args).exit_code == 0 and len(fake_load) == 1
+
+    def must_not_run(*a: object, **k: object) -> None:
+        raise AssertionError("called for a finished folder")
+
+    monkeypatch.setattr(ray_engine, "_run_job", must_not_run)
+    monkeypatch.setattr(model_options, "preprocess_only", must_not_run)
+    again = CliRunner().invoke(app, [*args, "--engine", "ray"])
+    assert again.exit_code == 0, again.output
+    assert "12 inputs resumed from 3 finished shards" in again.output and len(fake_load) == 1
+
+
 def test_the_default_gpu_loaders_follow_the_files_left(folder: Path, tmp_path: Path, fake_load, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """A resume with a few files left is not a large folder: 3 idle decode processes started for it."""
     from clipengine.cli import embed as embed_cli

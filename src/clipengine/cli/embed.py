@@ -310,15 +310,14 @@ def register(app: typer.Typer) -> None:
             stack.enter_context(exclusive_output(output))
             # A rerun of a finished folder loads no model (seconds to minutes for nothing), and the
             # default GPU loaders follow the files left, not the folder's size.
-            pending = len(items) if engine == "ray" else pending_images(
-                items, output, shard_size=shard_size, dtype=dtype, retry_failed=retry_failed)  # fmt: skip
+            pending = pending_images(items, output, shard_size=shard_size, dtype=dtype, retry_failed=retry_failed)
             if gpu_decode_procs is None:
                 gpu_decode_procs = _default_decode_procs(pending) if gpu_decode else 1
             procs = None
             if gpu_decode_procs > 1 and pending:  # their start-up (torch, CUDA, nvjpeg) runs while the model loads
                 procs = stack.enter_context(_start_decode_procs(gpu_decode_procs, opts.device, gpu_decoder, workers,
                                                                 gpu_cpu_share, fast_decode, gpu_read_threads))  # fmt: skip
-            finished = read_run_info(output) if engine == "local" and not pending else None
+            finished = read_run_info(output) if not pending else None  # Ray then starts no job either
             clip = None
             if finished is not None:
                 _log.info("%s: every shard is complete; no model loaded", output)
