@@ -105,12 +105,11 @@ def test_ray_driver_states_what_the_loaded_backend_would(export_dir: Path, backe
         pytest.importorskip("openvino")
     import clipengine
     from clipengine.cli import model_options as mo
-    from clipengine.cli.embed import _fidelity
 
     opts = mo.parse_model_options(str(export_dir), None, None, backend, precision, "cpu", False)
     loaded = clipengine.load(str(export_dir), backend=backend, precision=precision)
-    assert _fidelity(None, opts, fast_decode=True) == _fidelity(loaded, opts, fast_decode=True)
-    assert _fidelity(None, opts)["towers"]["image"] is not None  # type: ignore[index]
+    assert mo.run_fidelity(None, opts, fast_decode=True) == mo.run_fidelity(loaded, opts, fast_decode=True)
+    assert mo.run_fidelity(None, opts)["towers"]["image"] is not None  # type: ignore[index]
 
 
 def test_bench_json_carries_the_deviation(

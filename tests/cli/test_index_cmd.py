@@ -134,6 +134,22 @@ def test_build_from_images_then_add_new_ones(
     assert code == 0 and out.split()[1] == str(folder / "new" / "img-001.jpg")
 
 
+def test_an_index_built_again_from_kept_embeddings_loads_no_model(
+    folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    """Trying another --kind over the same images reuses the kept embeddings: no model load for that."""
+    idx = tmp_path / "p.index"
+    code, out, _ = _run(capsys, "index", "build", folder, "-o", idx, "--model", "fake", "--kind", "flat", "--json")
+    assert code == 0 and json.loads(out)["count"] == 10 and len(fake_load) == 1
+    code, out, _ = _run(capsys, "index", "build", folder, "-o", idx, "--model", "fake", "--kind", "hnsw", "--json")
+    assert code == 0 and (json.loads(out)["kind"], json.loads(out)["count"]) == ("hnsw", 10)
+    assert len(fake_load) == 1
+    (tmp_path / "p.index.embeddings" / "shards" / "part-00000.npy").unlink()  # left to compute: loaded
+    assert _run(capsys, "index", "build", folder, "-o", idx, "--model", "fake")[0] == 0 and len(fake_load) == 2
+    assert _run(capsys, "index", "build", folder, "-o", idx, "--model", "fake", "--retry-failed")[0] == 0
+    assert len(fake_load) == 3  # broken.jpg's shard is recomputed
+
+
 def test_add_names_images_as_the_index_does_and_refuses_names_taken_by_other_images(
     folder: Path, tmp_path: Path, fake_load, capsys: pytest.CaptureFixture[str]
 ) -> None:  # type: ignore[no-untyped-def]

@@ -76,6 +76,11 @@ def test_exact_index_states_nothing_and_an_add_drops_the_stale_recall(
                         "--precision", "int8")  # fmt: skip
     assert code == 0 and "note: fake int8 is not fp32: deviation from fp32 unmeasured for this model" in err
     assert "recall" in Index.load(idx).extra
+    monkeypatch.setattr(model_options, "load_clip", lambda opts: pytest.fail("loaded for kept embeddings"))
+    code, _, err = _run(capsys, "index", "build", folder, "-o", idx, "--model", "fake", "--kind", "ivf",
+                        "--precision", "int8")  # fmt: skip
+    assert code == 0 and "int8 is not fp32: deviation from fp32 unmeasured for this model" in err  # stated again
+    monkeypatch.setattr(model_options, "load_clip", lambda opts: _Clip(folder, opts.precision))
     pipeline_fakes.write_images(more, 3, prefix="new")
     code, _, err = _run(capsys, "index", "add", idx, more, "--precision", "int8")
     assert code == 0 and "recall" not in Index.load(idx).extra

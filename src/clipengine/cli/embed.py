@@ -53,27 +53,6 @@ def _run_engine(
     return embed_folder(items, output, backend, preprocess, **kwargs)
 
 
-def _fidelity(clip: ClipModel | None, opts: mo.ModelOptions, **decode: Any) -> dict[str, Any] | None:
-    """`report.fidelity` of this run: of the loaded backend, or on Ray (no model in this process) of
-    what the options name: the export folder's manifest is read, not its engines."""
-    from types import SimpleNamespace
-
-    from ..report import fidelity
-
-    if clip is not None:
-        return fidelity(clip.backend, **decode)
-    described = SimpleNamespace(name=opts.backend, precision=opts.precision, engine_precision=opts.precision)
-    if opts.backend != "torch" and opts.precision != "fp32":
-        from ..export.manifest import read_manifest
-
-        described.manifest = read_manifest(opts.source)
-        if opts.backend == "openvino":  # bf16 runs the fp32 engines
-            from ..backends.openvino_backend import openvino_config
-
-            described.engine_precision = openvino_config(opts.precision)[0]
-    return fidelity(described, **decode)
-
-
 def _record_fidelity(output: Path, measured: dict[str, Any] | None) -> None:
     """Add the run's `fidelity` to OUT/run.json (atomically); fp32 on the exact decoder adds nothing.
 
@@ -330,7 +309,7 @@ def register(app: typer.Typer) -> None:
                     _log.info("model loaded in %.1f s (%.1f s since the command started)",
                               time.perf_counter() - t_load, time.perf_counter() - t_start)  # fmt: skip
                 preprocess = clip.preprocess_cfg if clip is not None else mo.preprocess_only(opts)
-                measured = _fidelity(clip, opts, fast_decode=fast_decode,
+                measured = mo.run_fidelity(clip, opts, fast_decode=fast_decode,
                                      gpu_decoder=gpu_decoder if gpu_decode else None)  # fmt: skip
             if measured is not None:  # a lower precision (or decode) states its measured deviation
                 typer.echo(fidelity_line(measured), err=True)

@@ -20,6 +20,7 @@ from . import model_options as mo
 from .predict import shown_name
 
 if TYPE_CHECKING:
+    from ..api import ClipModel
     from ..errors import DatasetError
     from ..index import Index
     from ..types import ImageItem
@@ -113,14 +114,21 @@ def embed_source(
 
         embed_with_ray(items, embed_dir, mo.BackendFactory(opts), mo.preprocess_only(opts), **kwargs)
     else:
-        from ..pipeline.run import embed_folder
-        from ..report import fidelity, fidelity_line
+        from ..pipeline.run import embed_folder, pending_images
+        from ..pipeline.sinks import read_run_info
+        from ..report import fidelity_line
 
-        clip = mo.load_clip(opts)
-        note = fidelity_line(fidelity(clip.backend))  # a lower precision states its deviation, as embed
+        finished = None if pending_images(items, embed_dir, retry_failed=retry_failed) else read_run_info(embed_dir)
+        clip: ClipModel | None = None
+        if finished is None:
+            clip = mo.load_clip(opts)
+            backend, preprocess = (lambda: clip.backend), clip.preprocess_cfg
+        else:  # every shard complete (an index built again, e.g. of another --kind): no model to load
+            backend, preprocess = (lambda: mo.load_clip(opts).backend), finished["preprocess"]
+        note = fidelity_line(mo.run_fidelity(clip, opts))  # a lower precision states its deviation, as embed
         if note:
             typer.echo(note, err=True)
-        embed_folder(items, embed_dir, lambda: clip.backend, clip.preprocess_cfg, workers=workers, **kwargs)
+        embed_folder(items, embed_dir, backend, preprocess, workers=workers, **kwargs)
     return embed_dir, opts.label, len(listed) - len(items)
 
 

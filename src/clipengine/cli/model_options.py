@@ -99,6 +99,28 @@ def preprocess_only(opts: ModelOptions) -> PreprocessConfig:
     return cfg if cfg is not None else load_clip(opts).preprocess_cfg
 
 
+def run_fidelity(clip: ClipModel | None, opts: ModelOptions, **decode: Any) -> dict[str, Any] | None:
+    """`report.fidelity` of a run: of the loaded backend, or, with no model in this process (a Ray
+    driver, a rerun of finished shards), of what the options name: the export folder's manifest is
+    read, not its engines."""
+    from types import SimpleNamespace
+
+    from ..report import fidelity
+
+    if clip is not None:
+        return fidelity(clip.backend, **decode)
+    described = SimpleNamespace(name=opts.backend, precision=opts.precision, engine_precision=opts.precision)
+    if opts.backend != "torch" and opts.precision != "fp32":
+        from ..export.manifest import read_manifest
+
+        described.manifest = read_manifest(opts.source)
+        if opts.backend == "openvino":  # bf16 runs the fp32 engines
+            from ..backends.openvino_backend import openvino_config
+
+            described.engine_precision = openvino_config(opts.precision)[0]
+    return fidelity(described, **decode)
+
+
 @dataclass(frozen=True)
 class BackendFactory:
     """Picklable zero-argument factory: each worker / actor loads the model once from plain options."""
