@@ -82,6 +82,10 @@ def test_embed_records_the_deviation_in_run_json(
     assert main([*base, "-o", str(tmp_path / "int8"), "--precision", "int8"]) == 0  # finished: no model loaded
     assert _expected_note(export_dir) in capsys.readouterr().err  # the deviation recorded, stated again
     assert json.loads((tmp_path / "int8" / "run.json").read_text())["fidelity"] == info["fidelity"]
+    (tmp_path / "int8" / "run.json").write_text(json.dumps({k: v for k, v in info.items() if k != "fidelity"}))
+    assert main([*base, "-o", str(tmp_path / "int8"), "--precision", "int8"]) == 0  # killed before recording it
+    assert _expected_note(export_dir) in capsys.readouterr().err  # described from the options and manifest
+    assert json.loads((tmp_path / "int8" / "run.json").read_text())["fidelity"] == info["fidelity"]
     assert main([*base, "-o", str(tmp_path / "fp32"), "--fast-decode", "--json"]) == 0
     info = json.loads((tmp_path / "fp32" / "run.json").read_text())
     assert json.loads(capsys.readouterr().out)["fidelity"] == info["fidelity"]

@@ -298,10 +298,13 @@ def register(app: typer.Typer) -> None:
                                                                 gpu_cpu_share, fast_decode, gpu_read_threads))  # fmt: skip
             finished = read_run_info(output) if not pending else None  # Ray then starts no job either
             clip = None
+            decode = {"fast_decode": fast_decode, "gpu_decoder": gpu_decoder if gpu_decode else None}
             if finished is not None:
                 _log.info("%s: every shard is complete; no model loaded", output)
                 preprocess: PreprocessConfig | dict[str, Any] = finished["preprocess"]
-                measured = finished.get("fidelity")  # what the run that made them measured
+                # What the run that made them recorded; described from the options (as on Ray) when
+                # it was killed after its last shard, before it recorded anything.
+                measured = finished.get("fidelity") or mo.run_fidelity(None, opts, **decode)
             else:
                 t_load = time.perf_counter()
                 clip = mo.load_clip(opts) if engine == "local" else None
@@ -309,8 +312,7 @@ def register(app: typer.Typer) -> None:
                     _log.info("model loaded in %.1f s (%.1f s since the command started)",
                               time.perf_counter() - t_load, time.perf_counter() - t_start)  # fmt: skip
                 preprocess = clip.preprocess_cfg if clip is not None else mo.preprocess_only(opts)
-                measured = mo.run_fidelity(clip, opts, fast_decode=fast_decode,
-                                     gpu_decoder=gpu_decoder if gpu_decode else None)  # fmt: skip
+                measured = mo.run_fidelity(clip, opts, **decode)
             if measured is not None:  # a lower precision (or decode) states its measured deviation
                 typer.echo(fidelity_line(measured), err=True)
             run_kwargs: dict[str, Any] = dict(
