@@ -33,7 +33,7 @@ import numpy as np
 
 from ..errors import BackendError, IndexMismatchError, InputError
 from ..pipeline.embed import LazyBackend
-from ..pipeline.run import RunStats, run_partition, warn_stale_shards
+from ..pipeline.run import RunStats, run_partition, unfinished_partitions, warn_stale_shards
 from ..pipeline.run_lock import exclusive_output
 from ..pipeline.run_settings import check_compatible, model_files
 from ..pipeline.sinks import RUN_FILE, ShardSink, atomic_write_json, read_run_info
@@ -317,19 +317,16 @@ def embed_with_ray(
         atomic_write_json(out / RUN_FILE, info)
 
         total = RunStats()
-        todo, retried = [], set[int]()
         stale: list[tuple[int, str]] = []  # finished shards that cannot be kept: one warning, below
+        todo = unfinished_partitions(parts, sink, info["embed_dim"], retry_failed, stale)
+        # Complete shards recomputed for `retry_failed`: the actors must not keep them as complete.
+        retried = {p.id for p in todo if retry_failed and sink.has_failures(p.id)}
+        todo_ids = {p.id for p in todo}
         for p in parts:
-            retry = retry_failed and sink.has_failures(p.id)
-            if retry:
-                retried.add(p.id)
-            ids = [i.id for i in p.items]
-            if not retry and sink.is_complete(p.id, ids, embed_dim=info["embed_dim"], stale=stale):
+            if p.id not in todo_ids:
                 total.add(RunStats(images=len(p.items), skipped=len(p.items), shards_skipped=1))
                 if progress is not None:
                     progress(len(p.items))
-            else:
-                todo.append(p)
         warn_stale_shards(stale)
         log.info("ray embed: %d partitions, %d already complete", len(parts), len(parts) - len(todo))
         if todo:

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from .gpu_procs import StartedDecodeProcesses
 
 __all__ = [
-    "ProgressCallback", "RunStats", "check_output", "embed_folder", "pending_images", "run_partition", "warn_stale_shards",
+    "ProgressCallback", "RunStats", "check_output", "embed_folder", "pending_images", "run_partition",
+    "unfinished_partitions", "warn_stale_shards",
 ]  # fmt: skip
 
 _log = logging.getLogger(__name__)
@@ -238,7 +239,7 @@ def embed_folder(
         lazy = LazyBackend(backend_factory, on_load=on_load)
         total = RunStats(images=len(items))
         stale: list[tuple[int, str]] = []  # finished shards that cannot be kept: reported once, below
-        todo = _unfinished(parts, sink, info["embed_dim"], retry_failed, stale)
+        todo = unfinished_partitions(parts, sink, info["embed_dim"], retry_failed, stale)
         todo_ids = {part.id for part in todo}
         for part in parts:  # complete shards are kept (a resume); the rest go through one loader
             if part.id not in todo_ids:
@@ -275,7 +276,7 @@ def embed_folder(
         return total
 
 
-def _unfinished(
+def unfinished_partitions(
     parts: Sequence[Partition],
     sink: ShardSink,
     embed_dim: int | None,
@@ -283,7 +284,8 @@ def _unfinished(
     stale: list[tuple[int, str]],
 ) -> list[Partition]:
     """The partitions a run must (re)compute: those without a complete shard, and with `retry_failed`
-    those whose shard lists failures. Finished shards that cannot be kept are added to `stale`."""
+    those whose shard lists failures. Finished shards that cannot be kept are added to `stale`.
+    One rule for both engines and for `pending_images` (the CLI's check before a model load)."""
     todo = []
     for part in parts:
         retry = retry_failed and sink.has_failures(part.id)
@@ -313,7 +315,7 @@ def pending_images(
     previous = read_run_info(out_dir)
     if previous is None:
         return len(source)
-    todo = _unfinished(partitions(source, shard_size), ShardSink(out_dir, dtype), previous.get("embed_dim"),
+    todo = unfinished_partitions(partitions(source, shard_size), ShardSink(out_dir, dtype), previous.get("embed_dim"),
                        retry_failed, stale=[])  # fmt: skip
     return sum(len(part.items) for part in todo)
 
