@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .run import RunStats, embed_folder, run_partition
+from .run import RunStats, embed_folder, pending_images, run_partition
 from .sinks import ShardSink, read_embeddings, read_failures
 from .sources import list_items, partitions
 
@@ -12,6 +12,7 @@ __all__ = [
     "embed_folder",
     "list_items",
     "partitions",
+    "pending_images",
     "read_embeddings",
     "read_failures",
     "run_partition",
