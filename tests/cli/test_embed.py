@@ -100,6 +100,9 @@ def test_a_rerun_of_a_finished_folder_loads_no_model(folder: Path, tmp_path: Pat
     (out / "shards" / "part-00001.npy").unlink()
     assert CliRunner().invoke(app, args).exit_code == 0 and len(fake_load) == 2  # 4 files to embed
     assert CliRunner().invoke(app, [*args, "--retry-failed"]).exit_code == 0 and len(fake_load) == 3
+    info = json.loads((out / "run.json").read_text())  # edited by hand: no preprocessing recorded
+    (out / "run.json").write_text(json.dumps({k: v for k, v in info.items() if k != "preprocess"}))
+    assert CliRunner().invoke(app, args).exit_code == 0 and len(fake_load) == 4  # loaded, as before
     ids2, vectors2, _ = read_embeddings(out)
     assert ids2 == ids
     np.testing.assert_array_equal(vectors2, vectors)

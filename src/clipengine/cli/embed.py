@@ -234,9 +234,9 @@ def register(app: typer.Typer) -> None:
         from tqdm import tqdm
 
         from ..errors import DatasetError
-        from ..pipeline.run import check_output, pending_images
+        from ..pipeline.run import check_output, pending_images, reusable_run_info
         from ..pipeline.run_lock import exclusive_output
-        from ..pipeline.sinks import DTYPES, FAILURES_FILE, read_run_info
+        from ..pipeline.sinks import DTYPES, FAILURES_FILE
         from ..pipeline.sources import list_items
         from ..report import fidelity_line, render_run_stats
 
@@ -296,7 +296,7 @@ def register(app: typer.Typer) -> None:
             if gpu_decode_procs > 1 and pending:  # their start-up (torch, CUDA, nvjpeg) runs while the model loads
                 procs = stack.enter_context(_start_decode_procs(gpu_decode_procs, opts.device, gpu_decoder, workers,
                                                                 gpu_cpu_share, fast_decode, gpu_read_threads))  # fmt: skip
-            finished = read_run_info(output) if not pending else None  # Ray then starts no job either
+            finished = reusable_run_info(output) if not pending else None  # Ray then starts no job either
             clip = None
             decode = {"fast_decode": fast_decode, "gpu_decoder": gpu_decoder if gpu_decode else None}
             if finished is not None:

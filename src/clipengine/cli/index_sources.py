@@ -114,11 +114,10 @@ def embed_source(
 
         embed_with_ray(items, embed_dir, mo.BackendFactory(opts), mo.preprocess_only(opts), **kwargs)
     else:
-        from ..pipeline.run import embed_folder, pending_images
-        from ..pipeline.sinks import read_run_info
+        from ..pipeline.run import embed_folder, pending_images, reusable_run_info
         from ..report import fidelity_line
 
-        finished = None if pending_images(items, embed_dir, retry_failed=retry_failed) else read_run_info(embed_dir)
+        finished = None if pending_images(items, embed_dir, retry_failed=retry_failed) else reusable_run_info(embed_dir)
         clip: ClipModel | None = None
         if finished is None:
             clip = mo.load_clip(opts)

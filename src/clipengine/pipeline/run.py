@@ -30,8 +30,8 @@ if TYPE_CHECKING:
     from .gpu_procs import StartedDecodeProcesses
 
 __all__ = [
-    "ProgressCallback", "RunStats", "check_output", "embed_folder", "pending_images", "run_partition",
-    "unfinished_partitions", "warn_stale_shards",
+    "ProgressCallback", "RunStats", "check_output", "embed_folder", "pending_images", "reusable_run_info",
+    "run_partition", "unfinished_partitions", "warn_stale_shards",
 ]  # fmt: skip
 
 _log = logging.getLogger(__name__)
@@ -318,6 +318,14 @@ def pending_images(
     todo = unfinished_partitions(partitions(source, shard_size), ShardSink(out_dir, dtype), previous.get("embed_dim"),
                        retry_failed, stale=[])  # fmt: skip
     return sum(len(part.items) for part in todo)
+
+
+def reusable_run_info(out_dir: str | Path) -> dict[str, Any] | None:
+    """OUT/run.json when it records the preprocessing its shards were made with, else None: what a
+    rerun that computes nothing (`pending_images` 0) needs in place of a model. A run.json without it
+    (edited by hand, or damaged) makes the caller load the model as before, not fail on a KeyError."""
+    info = read_run_info(out_dir)
+    return info if info is not None and isinstance(info.get("preprocess"), dict) else None
 
 
 # Shards named per reason in the one warning of `warn_stale_shards`; the rest are counted.
